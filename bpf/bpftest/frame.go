@@ -1,0 +1,111 @@
+// Package bpftest crafts Ethernet frames for running tether's XDP program
+// with BPF_PROG_TEST_RUN, in tests and benchmarks. Checksums are left zero:
+// the program neither checks nor changes them.
+package bpftest
+
+import (
+	"encoding/binary"
+	"net"
+	"net/netip"
+)
+
+// Protocol numbers.
+const (
+	TCP = 6
+	UDP = 17
+)
+
+// TCP flags.
+const (
+	FIN = 0x01
+	SYN = 0x02
+	RST = 0x04
+	PSH = 0x08
+	ACK = 0x10
+)
+
+// Frame describes a frame to build.
+type Frame struct {
+	SrcMAC, DstMAC net.HardwareAddr
+	VLAN           uint16 // 0: untagged
+	Src, Dst       netip.AddrPort
+	Proto          uint8 // TCP or UDP
+	Flags          uint8 // TCP flags; 0 means ACK
+	Payload        []byte
+}
+
+// Default MACs of crafted frames.
+var (
+	ClientMAC = net.HardwareAddr{0x02, 0, 0, 0, 0, 0x01}
+	LBMAC     = net.HardwareAddr{0x02, 0, 0, 0, 0, 0x02}
+)
+
+// Bytes builds the frame.
+func (f Frame) Bytes() []byte {
+	l4 := f.l4()
+	var l3 []byte
+	if f.Src.Addr().Is4() {
+		l3 = make([]byte, 20, 20+len(l4))
+		l3[0] = 0x45
+		binary.BigEndian.PutUint16(l3[2:], uint16(20+len(l4)))
+		l3[6] = 0x40 // DF
+		l3[8] = 64
+		l3[9] = f.Proto
+		s, d := f.Src.Addr().As4(), f.Dst.Addr().As4()
+		copy(l3[12:], s[:])
+		copy(l3[16:], d[:])
+	} else {
+		l3 = make([]byte, 40, 40+len(l4))
+		l3[0] = 0x60
+		binary.BigEndian.PutUint16(l3[4:], uint16(len(l4)))
+		l3[6] = f.Proto
+		l3[7] = 64
+		s, d := f.Src.Addr().As16(), f.Dst.Addr().As16()
+		copy(l3[8:], s[:])
+		copy(l3[24:], d[:])
+	}
+	return append(f.ethernet(f.Src.Addr().Is4()), append(l3, l4...)...)
+}
+
+func (f Frame) ethernet(v4 bool) []byte {
+	src, dst := f.SrcMAC, f.DstMAC
+	if src == nil {
+		src = ClientMAC
+	}
+	if dst == nil {
+		dst = LBMAC
+	}
+	eth := make([]byte, 0, 18)
+	eth = append(eth, dst...)
+	eth = append(eth, src...)
+	if f.VLAN != 0 {
+		eth = binary.BigEndian.AppendUint16(eth, 0x8100)
+		eth = binary.BigEndian.AppendUint16(eth, f.VLAN)
+	}
+	if v4 {
+		return binary.BigEndian.AppendUint16(eth, 0x0800)
+	}
+	return binary.BigEndian.AppendUint16(eth, 0x86dd)
+}
+
+func (f Frame) l4() []byte {
+	var h []byte
+	if f.Proto == UDP {
+		h = make([]byte, 8)
+		binary.BigEndian.PutUint16(h[4:], uint16(8+len(f.Payload)))
+	} else {
+		h = make([]byte, 20)
+		h[12] = 5 << 4
+		h[13] = f.Flags
+		if f.Flags == 0 {
+			h[13] = ACK
+		}
+		binary.BigEndian.PutUint16(h[14:], 65535)
+	}
+	binary.BigEndian.PutUint16(h[0:], f.Src.Port())
+	binary.BigEndian.PutUint16(h[2:], f.Dst.Port())
+	return append(h, f.Payload...)
+}
+
+// L3Offset is where the IP header starts in a frame built without a VLAN tag.
+const L3Offset = 14

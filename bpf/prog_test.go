@@ -1,0 +1,512 @@
+package bpf_test
+
+import (
+	"bytes"
+	"encoding/binary"
+	"math/rand/v2"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/tetherlb/tether/bpf/bpftest"
+	"github.com/tetherlb/tether/maglev"
+	"github.com/tetherlb/tether/maps"
+)
+
+var (
+	vip4 = netip.MustParseAddrPort("203.0.113.10:8765")
+	vip6 = netip.MustParseAddrPort("[2001:db8:f::10]:8765")
+	cli4 = netip.MustParseAddrPort("198.51.100.7:40000")
+	cli6 = netip.MustParseAddrPort("[2001:db8:c::7]:40000")
+)
+
+// fourServices sets up TCP and UDP services over IPv4 and IPv6, source
+// affinity on TCP and connection affinity on UDP, three backends each.
+func fourServices(t *testing.T) (*bpftest.Fixture, []bpftest.Service) {
+	f := bpftest.NewFixture(t, loaderOpts())
+	svcs := []bpftest.Service{
+		{ID: 1, VIP: vip4, Proto: bpftest.TCP, Source: true, Backends: []uint32{1, 2, 3}},
+		{ID: 2, VIP: vip4, Proto: bpftest.UDP, Backends: []uint32{4, 5, 6}},
+		{ID: 3, VIP: vip6, Proto: bpftest.TCP, Source: true, Backends: []uint32{7, 8, 9}},
+		{ID: 4, VIP: vip6, Proto: bpftest.UDP, Backends: []uint32{10, 11, 12}},
+	}
+	for _, s := range svcs {
+		f.AddService(s)
+	}
+	return f, svcs
+}
+
+func TestForwardVIP(t *testing.T) {
+	f, svcs := fourServices(t)
+	payload := []byte("GET /chat HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
+	for _, tc := range []struct {
+		desc string
+		svc  bpftest.Service
+		cli  netip.AddrPort
+		vlan uint16
+	}{
+		{"TCP over IPv4", svcs[0], cli4, 0},
+		{"UDP over IPv4", svcs[1], cli4, 0},
+		{"TCP over IPv6", svcs[2], cli6, 0},
+		{"UDP over IPv6", svcs[3], cli6, 0},
+		{"TCP over IPv4 with a VLAN tag", svcs[0], cli4, 42},
+		{"UDP over IPv6 with a VLAN tag", svcs[3], cli6, 42},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			in := bpftest.Frame{Src: tc.cli, Dst: tc.svc.VIP, Proto: tc.svc.Proto, VLAN: tc.vlan, Payload: payload}.Bytes()
+			verdict, out := f.Run(in)
+			if verdict != bpftest.XDPTx {
+				t.Fatalf("verdict %d, want XDP_TX", verdict)
+			}
+			id, err := bpftest.BackendOf(out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !contains(tc.svc.Backends, id) {
+				t.Fatalf("sent to backend %d, not one of the service's %v", id, tc.svc.Backends)
+			}
+			if !bytes.Equal(out[6:12], bpftest.LBMAC) {
+				t.Errorf("source MAC %x, want the balancer's %x", out[6:12], bpftest.LBMAC)
+			}
+			if !bytes.Equal(out[12:], in[12:]) {
+				t.Errorf("bytes after the MACs changed:\n got %x\nwant %x", out[12:], in[12:])
+			}
+		})
+	}
+}
+
+func TestPassNotForVIP(t *testing.T) {
+	f, _ := fourServices(t)
+	arp := append(append(append([]byte{}, bpftest.LBMAC...), bpftest.ClientMAC...), 0x08, 0x06)
+	arp = append(arp, make([]byte, 28)...)
+	icmp := bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.TCP}.Bytes()
+	icmp[14+9] = 1 // ICMP to the VIP
+	icmp6 := bpftest.Frame{Src: cli6, Dst: vip6, Proto: bpftest.TCP}.Bytes()
+	icmp6[14+6] = 58
+	for _, tc := range []struct {
+		desc   string
+		frame  []byte
+		reason string
+	}{
+		{"TCP to another address", bpftest.Frame{Src: cli4, Dst: netip.MustParseAddrPort("203.0.113.99:8765"), Proto: bpftest.TCP}.Bytes(), "pass_not_vip"},
+		{"TCP to the VIP on another port", bpftest.Frame{Src: cli4, Dst: netip.MustParseAddrPort("203.0.113.10:22"), Proto: bpftest.TCP}.Bytes(), "pass_not_vip"},
+		{"UDP to another IPv6 address", bpftest.Frame{Src: cli6, Dst: netip.MustParseAddrPort("[2001:db8::1]:53"), Proto: bpftest.UDP}.Bytes(), "pass_not_vip"},
+		{"ARP", arp, "pass_not_ip"},
+		{"ICMP to the VIP", icmp, "pass_not_tcp_udp"},
+		{"ICMPv6 to the VIP", icmp6, "pass_not_tcp_udp"},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			before := reasons(t, f)
+			verdict, out := f.Run(tc.frame)
+			if verdict != bpftest.XDPPass {
+				t.Fatalf("verdict %d, want XDP_PASS", verdict)
+			}
+			if !bytes.Equal(out, tc.frame) {
+				t.Fatalf("frame changed:\n got %x\nwant %x", out, tc.frame)
+			}
+			if d := reasons(t, f)[tc.reason] - before[tc.reason]; d != 1 {
+				t.Errorf("counter %s moved by %d, want 1", tc.reason, d)
+			}
+		})
+	}
+}
+
+func TestMalformedNeverForwarded(t *testing.T) {
+	f, _ := fourServices(t)
+	type bad struct {
+		desc   string
+		frame  []byte
+		reason string
+	}
+	var corpus []bad
+	valid := map[string][]byte{
+		"TCP/IPv4":      bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.TCP, Payload: []byte("hello")}.Bytes(),
+		"UDP/IPv4":      bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.UDP, Payload: []byte("hello")}.Bytes(),
+		"TCP/IPv6":      bpftest.Frame{Src: cli6, Dst: vip6, Proto: bpftest.TCP, Payload: []byte("hello")}.Bytes(),
+		"UDP/IPv6":      bpftest.Frame{Src: cli6, Dst: vip6, Proto: bpftest.UDP, Payload: []byte("hello")}.Bytes(),
+		"TCP/IPv4/VLAN": bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.TCP, VLAN: 7, Payload: []byte("hello")}.Bytes(),
+	}
+	// Cut every valid frame at every length the kernel lets us run (the test
+	// run refuses frames shorter than an Ethernet header).
+	for name, frame := range valid {
+		for n := 14; n < len(frame); n++ {
+			corpus = append(corpus, bad{desc: name + " cut", frame: frame[:n], reason: "drop_truncated"})
+		}
+	}
+	mut := func(name string, off int, v byte) []byte {
+		b := bytes.Clone(valid[name])
+		b[off] = v
+		return b
+	}
+	const ip = bpftest.L3Offset
+	withOptions := bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.TCP}.Bytes()
+	withOptions = append(withOptions[:ip+20], append([]byte{1, 1, 1, 0}, withOptions[ip+20:]...)...)
+	withOptions[ip] = 0x46
+	binary.BigEndian.PutUint16(withOptions[ip+2:], uint16(len(withOptions)-ip))
+	qinq := bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.TCP, VLAN: 7}.Bytes()
+	qinq = append(qinq[:16], append([]byte{0x81, 0x00, 0x00, 0x08}, qinq[16:]...)...)
+	corpus = append(corpus,
+		bad{"IHL 4", mut("TCP/IPv4", ip, 0x44), "drop_bad_header"},
+		bad{"IHL 0", mut("TCP/IPv4", ip, 0x40), "drop_bad_header"},
+		bad{"IP version 5 in an IPv4 frame", mut("TCP/IPv4", ip, 0x55), "drop_bad_header"},
+		bad{"IP version 4 in an IPv6 frame", mut("TCP/IPv6", ip, 0x40), "drop_bad_header"},
+		bad{"IPv4 options", withOptions, "pass_ipv4_options"},
+		bad{"IPv4 total length 0", func() []byte { b := mut("TCP/IPv4", ip+2, 0); b[ip+3] = 0; return b }(), "drop_bad_header"},
+		bad{"IPv4 total length past the frame", mut("UDP/IPv4", ip+2, 0x40), "drop_truncated"},
+		bad{"IPv6 payload length past the frame", mut("UDP/IPv6", ip+4, 0x40), "drop_truncated"},
+		bad{"IPv4 fragment with more to come", mut("TCP/IPv4", ip+6, 0x20), "pass_ipv4_fragment"},
+		bad{"IPv4 fragment at an offset", func() []byte { b := mut("UDP/IPv4", ip+6, 0); b[ip+7] = 8; return b }(), "pass_ipv4_fragment"},
+		bad{"IPv6 hop-by-hop header", mut("TCP/IPv6", ip+6, 0), "pass_ipv6_extension"},
+		bad{"IPv6 routing header", mut("TCP/IPv6", ip+6, 43), "pass_ipv6_extension"},
+		bad{"IPv6 fragment header", mut("UDP/IPv6", ip+6, 44), "pass_ipv6_extension"},
+		bad{"IPv6 destination options", mut("TCP/IPv6", ip+6, 60), "pass_ipv6_extension"},
+		bad{"TCP data offset 4", mut("TCP/IPv4", ip+20+12, 0x40), "drop_bad_header"},
+		bad{"two VLAN tags", qinq, "pass_vlan_stack"},
+	)
+	for _, tc := range corpus {
+		before := reasons(t, f)
+		verdict, _ := f.Run(tc.frame)
+		if verdict == bpftest.XDPTx || verdict == bpftest.XDPRedirect || verdict == bpftest.XDPAborted {
+			t.Errorf("%s (%d bytes): verdict %d", tc.desc, len(tc.frame), verdict)
+			continue
+		}
+		after := reasons(t, f)
+		if d := after[tc.reason] - before[tc.reason]; d != 1 {
+			t.Errorf("%s (%d bytes): counter %s moved by %d, want 1 (%v)", tc.desc, len(tc.frame), tc.reason, d, diff(before, after))
+		}
+	}
+	t.Logf("%d malformed or unsupported frames, none forwarded", len(corpus))
+}
+
+// TestChoiceMatchesModel checks the program against the Go model: for
+// random flows the backend it picks is ring[hash % M] computed in Go.
+func TestChoiceMatchesModel(t *testing.T) {
+	f, svcs := fourServices(t)
+	rnd := rand.New(rand.NewPCG(1, 2))
+	const flows = 12000
+	for i := 0; i < flows; i++ {
+		s := svcs[i%len(svcs)]
+		var client netip.Addr
+		if s.VIP.Addr().Is4() {
+			client = netip.AddrFrom4([4]byte{198, 51, 100, byte(rnd.UintN(256))})
+			if i%2 == 0 {
+				client = netip.AddrFrom4([4]byte{byte(rnd.UintN(256)), byte(rnd.UintN(256)), byte(rnd.UintN(256)), byte(rnd.UintN(256))})
+			}
+		} else {
+			var b [16]byte
+			binary.BigEndian.PutUint64(b[:], 0x20010db8_00000000|rnd.Uint64()&0xffffffff)
+			binary.BigEndian.PutUint64(b[8:], rnd.Uint64())
+			client = netip.AddrFrom16(b)
+		}
+		src := netip.AddrPortFrom(client, uint16(1024+rnd.UintN(60000)))
+		// A bare SYN is not recorded, so every flow takes the ring.
+		verdict, out := f.Run(bpftest.Frame{Src: src, Dst: s.VIP, Proto: s.Proto, Flags: bpftest.SYN}.Bytes())
+		if s.Proto == bpftest.UDP {
+			verdict, out = f.Run(bpftest.Frame{Src: src, Dst: s.VIP, Proto: s.Proto}.Bytes())
+		}
+		if verdict != bpftest.XDPTx {
+			t.Fatalf("flow %d: verdict %d", i, verdict)
+		}
+		got, err := bpftest.BackendOf(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var h uint32
+		if s.Source {
+			h = maglev.SourceHash(f.Seed, client)
+		} else {
+			h = maglev.ConnHash(f.Seed, client, src.Port(), s.VIP.Port(), s.Proto)
+		}
+		ring := f.Ring(s.VIP.Addr(), s.Backends...)
+		if want := ring[h%uint32(len(ring))]; got != want {
+			t.Fatalf("flow %d %s → %s/%d: program chose backend %d, model %d", i, src, s.VIP, s.Proto, got, want)
+		}
+		if s.Proto == bpftest.UDP {
+			// UDP flows are recorded on their first packet; keep the table clean
+			// so the next flow is judged by the ring alone.
+			if _, err := f.Maps.FlushFlows(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	t.Logf("%d random flows: program and Go model agree", flows)
+}
+
+func TestSourceAffinityAllPorts(t *testing.T) {
+	f, svcs := fourServices(t)
+	for _, tc := range []struct {
+		svc bpftest.Service
+		cli netip.Addr
+	}{{svcs[0], cli4.Addr()}, {svcs[2], cli6.Addr()}} {
+		seen := map[uint32]int{}
+		for port := uint16(20000); port < 20500; port++ {
+			src := netip.AddrPortFrom(tc.cli, port)
+			for _, flags := range []uint8{bpftest.SYN, bpftest.ACK} {
+				_, out := f.Run(bpftest.Frame{Src: src, Dst: tc.svc.VIP, Proto: bpftest.TCP, Flags: flags}.Bytes())
+				id, err := bpftest.BackendOf(out)
+				if err != nil {
+					t.Fatal(err)
+				}
+				seen[id]++
+			}
+		}
+		if len(seen) != 1 {
+			t.Fatalf("%s: 500 ports of one client reached backends %v, want one", tc.cli, seen)
+		}
+	}
+}
+
+// TestConnectionAffinitySpreads checks that connection affinity does spread
+// one client's connections (it keys by the whole 5-tuple).
+func TestConnectionAffinitySpreads(t *testing.T) {
+	f, _ := fourServices(t)
+	seen := map[uint32]int{}
+	for port := uint16(20000); port < 20300; port++ {
+		_, out := f.Run(bpftest.Frame{Src: netip.AddrPortFrom(cli4.Addr(), port), Dst: vip4, Proto: bpftest.UDP}.Bytes())
+		id, _ := bpftest.BackendOf(out)
+		seen[id]++
+	}
+	if len(seen) != 3 {
+		t.Fatalf("300 connections of one client reached %v, want all three backends", seen)
+	}
+	for id, n := range seen {
+		if n < 60 {
+			t.Errorf("backend %d got %d of 300 connections", id, n)
+		}
+	}
+}
+
+// backendFor sends one packet of flow src→s.VIP and returns the backend.
+func backendFor(t *testing.T, f *bpftest.Fixture, s bpftest.Service, src netip.AddrPort, flags uint8) uint32 {
+	t.Helper()
+	verdict, out := f.Run(bpftest.Frame{Src: src, Dst: s.VIP, Proto: s.Proto, Flags: flags}.Bytes())
+	if verdict != bpftest.XDPTx {
+		t.Fatalf("%s: verdict %d, want XDP_TX", src, verdict)
+	}
+	id, err := bpftest.BackendOf(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+func TestConnEntryOutlivesRingChange(t *testing.T) {
+	f, svcs := fourServices(t)
+	s := svcs[1] // connection affinity: only the connection table remembers
+	src := netip.AddrPortFrom(cli4.Addr(), 33333)
+	first := backendFor(t, f, s, src, 0)
+	others := without(s.Backends, first)
+	f.PublishRing(s.ID, s.VIP.Addr(), others[0]) // every slot → another backend
+	if got := backendFor(t, f, s, src, 0); got != first {
+		t.Fatalf("established flow moved from backend %d to %d after a ring change", first, got)
+	}
+	if got := backendFor(t, f, s, netip.AddrPortFrom(cli4.Addr(), 33334), 0); got != others[0] {
+		t.Fatalf("new flow went to %d, want the new ring's %d", got, others[0])
+	}
+	if _, err := f.Maps.FlushFlows(); err != nil {
+		t.Fatal(err)
+	}
+	if got := backendFor(t, f, s, src, 0); got != others[0] {
+		t.Fatalf("after a flush the flow went to %d, want the ring's %d", got, others[0])
+	}
+}
+
+func TestAffinityOutlivesBackendAddedAndExpires(t *testing.T) {
+	f, svcs := fourServices(t)
+	s := svcs[0]
+	first := backendFor(t, f, s, netip.AddrPortFrom(cli4.Addr(), 1000), 0)
+	// A fourth backend arrives; pretend the new ring hands every slot to it.
+	f.SetBackend(s, 13, maps.StateActive)
+	f.PublishRing(s.ID, s.VIP.Addr(), 13)
+	if got := backendFor(t, f, s, netip.AddrPortFrom(cli4.Addr(), 1001), 0); got != first {
+		t.Fatalf("client's new connection went to %d, want its affinity backend %d", got, first)
+	}
+	// The SYN of a further connection also follows the affinity entry.
+	if got := backendFor(t, f, s, netip.AddrPortFrom(cli4.Addr(), 1002), bpftest.SYN); got != first {
+		t.Fatalf("SYN went to %d, want %d", got, first)
+	}
+	// Age the entry past the service's timeout (1h in the fixture).
+	if err := f.Maps.PutAffinity(s.ID, cli4.Addr(), first, time.Hour+time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if got := backendFor(t, f, s, netip.AddrPortFrom(cli4.Addr(), 1003), 0); got != 13 {
+		t.Fatalf("after the timeout the client went to %d, want the ring's 13", got)
+	}
+	a, ok, err := f.Maps.LookupAffinity(s.ID, cli4.Addr())
+	if err != nil || !ok || a.Backend != 13 || a.Age > time.Minute {
+		t.Fatalf("affinity entry after expiry: %+v ok=%v err=%v, want backend 13, fresh", a, ok, err)
+	}
+	// The established flow of before keeps its backend.
+	if got := backendFor(t, f, s, netip.AddrPortFrom(cli4.Addr(), 1000), 0); got != first {
+		t.Fatalf("established flow moved to %d", got)
+	}
+}
+
+func TestDrainingAndDown(t *testing.T) {
+	for _, tc := range []struct {
+		desc  string
+		state uint8
+	}{{"draining", maps.StateDraining}, {"down", maps.StateDown}} {
+		t.Run(tc.desc, func(t *testing.T) {
+			f, svcs := fourServices(t)
+			s := svcs[0]
+			est := netip.AddrPortFrom(cli4.Addr(), 5000)
+			b := backendFor(t, f, s, est, 0)
+			rest := without(s.Backends, b)
+			// Out of the ring first, then the state: the control plane's order.
+			f.PublishRing(s.ID, s.VIP.Addr(), rest...)
+			f.SetBackend(s, b, tc.state)
+			if got := backendFor(t, f, s, est, 0); got != b {
+				t.Fatalf("established connection moved from %s backend %d to %d", tc.desc, b, got)
+			}
+			got := backendFor(t, f, s, netip.AddrPortFrom(cli4.Addr(), 5001), 0)
+			if got == b || !contains(rest, got) {
+				t.Fatalf("new connection of a client with affinity to %s backend %d went to %d", tc.desc, b, got)
+			}
+			a, _, _ := f.Maps.LookupAffinity(s.ID, cli4.Addr())
+			if a.Backend != got {
+				t.Fatalf("affinity entry points at %d, want %d", a.Backend, got)
+			}
+		})
+	}
+}
+
+func TestRemovedBackendFlowsChooseAgain(t *testing.T) {
+	f, svcs := fourServices(t)
+	s := svcs[1]
+	src := netip.AddrPortFrom(cli4.Addr(), 7000)
+	b := backendFor(t, f, s, src, 0)
+	rest := without(s.Backends, b)
+	f.PublishRing(s.ID, s.VIP.Addr(), rest...)
+	if err := f.Maps.ClearBackend(b); err != nil {
+		t.Fatal(err)
+	}
+	if got := backendFor(t, f, s, src, 0); !contains(rest, got) {
+		t.Fatalf("flow of a removed backend went to %d, want one of %v", got, rest)
+	}
+}
+
+func TestNoBackendDrops(t *testing.T) {
+	f := bpftest.NewFixture(t, loaderOpts())
+	f.AddService(bpftest.Service{ID: 1, VIP: vip4, Proto: bpftest.TCP, Source: true})
+	before := reasons(t, f)
+	verdict, _ := f.Run(bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.TCP, Flags: bpftest.SYN}.Bytes())
+	if verdict != bpftest.XDPDrop {
+		t.Fatalf("verdict %d, want XDP_DROP for a service without backends", verdict)
+	}
+	if d := reasons(t, f)["drop_no_backend"] - before["drop_no_backend"]; d != 1 {
+		t.Fatalf("drop_no_backend moved by %d", d)
+	}
+}
+
+// TestSYNFloodKeepsEstablished fills a small connection table with
+// established flows, then sends ten times its size in spoofed SYNs.
+func TestSYNFloodKeepsEstablished(t *testing.T) {
+	f := bpftest.NewFixture(t, loaderOptsSized(4096, 4096))
+	s := bpftest.Service{ID: 1, VIP: vip4, Proto: bpftest.TCP, Source: true, Backends: []uint32{1, 2, 3}}
+	f.AddService(s)
+	const established = 1000
+	want := map[netip.AddrPort]uint32{}
+	for i := 0; i < established; i++ {
+		src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 51, 100, byte(i % 250)}), uint16(10000+i))
+		want[src] = backendFor(t, f, s, src, 0)
+	}
+	rnd := rand.New(rand.NewPCG(3, 4))
+	for i := 0; i < 40960; i++ {
+		src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{byte(rnd.UintN(223) + 1), byte(rnd.UintN(256)), byte(rnd.UintN(256)), byte(rnd.UintN(256))}), uint16(rnd.UintN(65535)+1))
+		backendFor(t, f, s, src, bpftest.SYN)
+	}
+	for src, b := range want {
+		fl, ok, err := f.Maps.LookupFlow(src, vip4, bpftest.TCP)
+		if err != nil || !ok {
+			t.Fatalf("entry of established flow %s gone after the SYN flood (err %v)", src, err)
+		}
+		if fl.Backend != b {
+			t.Fatalf("flow %s: entry says backend %d, want %d", src, fl.Backend, b)
+		}
+	}
+	flows, err := f.Maps.Flows()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(flows) != established {
+		t.Fatalf("connection table holds %d entries after the flood, want %d", len(flows), established)
+	}
+}
+
+func TestCounters(t *testing.T) {
+	f, svcs := fourServices(t)
+	s := svcs[0]
+	frame := bpftest.Frame{Src: cli4, Dst: s.VIP, Proto: s.Proto, Payload: make([]byte, 100)}.Bytes()
+	var id uint32
+	for i := 0; i < 5; i++ {
+		_, out := f.Run(frame)
+		id, _ = bpftest.BackendOf(out)
+	}
+	bc, err := f.Maps.BackendCounters(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bc.Packets != 5 || bc.Bytes != 5*uint64(len(frame)) || bc.NewConns != 1 {
+		t.Fatalf("backend counters %+v, want 5 packets, %d bytes, 1 connection", bc, 5*len(frame))
+	}
+	sc, err := f.Maps.ServiceCounters(s.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sc.NewConns != 1 || sc.AffinityMisses != 1 || sc.AffinityHits != 0 {
+		t.Fatalf("service counters %+v, want 1 new connection through the ring", sc)
+	}
+	backendFor(t, f, s, netip.AddrPortFrom(cli4.Addr(), 1), 0)
+	sc, _ = f.Maps.ServiceCounters(s.ID)
+	if sc.NewConns != 2 || sc.AffinityHits != 1 {
+		t.Fatalf("service counters %+v, want a second connection by affinity", sc)
+	}
+	r := reasons(t, f)
+	if len(r) != maps.ReasonCount {
+		t.Fatalf("reasons %v: want %d reasons", r, maps.ReasonCount)
+	}
+	for name, n := range r {
+		if n != 0 {
+			t.Errorf("reason %s counted %d packets, want none", name, n)
+		}
+	}
+}
+
+func reasons(t *testing.T, f *bpftest.Fixture) map[string]uint64 {
+	t.Helper()
+	r, err := f.Maps.Reasons()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func diff(a, b map[string]uint64) map[string]uint64 {
+	d := map[string]uint64{}
+	for k := range b {
+		if b[k] != a[k] {
+			d[k] = b[k] - a[k]
+		}
+	}
+	return d
+}
+
+func contains(s []uint32, v uint32) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
+
+func without(s []uint32, v uint32) []uint32 {
+	var out []uint32
+	for _, x := range s {
+		if x != v {
+			out = append(out, x)
+		}
+	}
+	return out
+}

@@ -1,0 +1,165 @@
+//go:build ignore
+
+/* tether.c: the XDP entry point. Per packet, as DESIGN.md describes:
+ *   1. parse; anything that is not TCP/UDP to a VIP goes to the kernel;
+ *   2. a connection-table hit whose backend still exists is forwarded;
+ *   3. a new flow takes its backend from the affinity table (source
+ *      affinity, entry alive, backend active) or else from the service's
+ *      Maglev ring at hash(key) % ring_size;
+ *   4. its choice is recorded (not for a bare SYN: see below), counted,
+ *      and the frame is rewritten and sent. */
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "consts.h"
+#include "maps.h"
+#include "parsing.h"
+#include "hash.h"
+#include "forward.h"
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
+
+/* Load-time settings, written by the loader before the program is loaded. */
+volatile const __u32 ring_size = RING_SIZE; /* slots in every ring, prime */
+volatile const __u32 hash_seed = 0x74657468; /* the same on every tether host */
+
+static __always_inline struct service *lookup_service(const struct packet *pkt)
+{
+	if (pkt->family == AF_INET6) {
+		struct service_key sk = { .port = pkt->key.dport, .proto = pkt->key.proto };
+		__builtin_memcpy(sk.addr, pkt->key.dst, sizeof(sk.addr));
+		return bpf_map_lookup_elem(&services6, &sk);
+	}
+	struct service_key4 sk = { .addr = pkt->key.dst[0], .port = pkt->key.dport, .proto = pkt->key.proto };
+	return bpf_map_lookup_elem(&services4, &sk);
+}
+
+/* affinity_backend returns the backend id remembered for this client if the
+ * entry has not timed out and its backend still takes new connections. */
+static __always_inline __u32 affinity_backend(const struct service *svc, const struct affinity_key *ak,
+					      __u64 now)
+{
+	struct affinity *a = bpf_map_lookup_elem(&affinities, ak);
+	if (!a || now - a->last_seen_ns > svc->affinity_timeout_ns)
+		return 0;
+	struct backend *be = lookup_backend(a->backend, svc->id);
+	if (!be || be->state != BE_ACTIVE)
+		return 0;
+	return a->backend;
+}
+
+/* ring_backend returns the backend id at the flow's slot of the service's ring. */
+static __always_inline __u32 ring_backend(const struct service *svc, const struct packet *pkt)
+{
+	void *ring = bpf_map_lookup_elem(&rings, &svc->id);
+	if (!ring)
+		return 0;
+	__u32 h = (svc->flags & SVC_F_SOURCE_AFFINITY) ? hash_source(hash_seed, &pkt->key)
+						       : hash_conn(hash_seed, &pkt->key);
+	__u32 slot = h % ring_size;
+	__u32 *id = bpf_map_lookup_elem(ring, &slot);
+	return id ? *id : 0;
+}
+
+/* key4 is the compact key of an IPv4 packet's flow. */
+static __always_inline struct flow_key4 key4(const struct packet *pkt)
+{
+	struct flow_key4 k = {
+		.src = pkt->key.src[0],
+		.dst = pkt->key.dst[0],
+		.sport = pkt->key.sport,
+		.dport = pkt->key.dport,
+		.proto = pkt->key.proto,
+	};
+	return k;
+}
+
+/* Each table is named at its own call site: a call that could see either
+ * map would lose the verifier's inlining of the lookup. */
+static __always_inline struct conn *lookup_conn(const struct packet *pkt)
+{
+	if (pkt->family == AF_INET6)
+		return bpf_map_lookup_elem(&conns6, &pkt->key);
+	struct flow_key4 k = key4(pkt);
+	return bpf_map_lookup_elem(&conns4, &k);
+}
+
+static __always_inline void insert_conn(const struct packet *pkt, const struct conn *c)
+{
+	if (pkt->family == AF_INET6) {
+		bpf_map_update_elem(&conns6, &pkt->key, c, BPF_ANY);
+		return;
+	}
+	struct flow_key4 k = key4(pkt);
+	bpf_map_update_elem(&conns4, &k, c, BPF_ANY);
+}
+
+/* record remembers a new flow's backend. A bare SYN is not recorded: the
+ * handshake's next packet is, so a flood of spoofed SYNs cannot push the
+ * entries of established connections out of the LRU tables. The ring and
+ * affinity give that next packet the same backend. */
+static __always_inline void record(const struct service *svc, const struct packet *pkt,
+				   const struct affinity_key *ak, __u32 id, int affinity_hit, __u64 now)
+{
+	struct conn c = { .backend = id, .service = svc->id };
+	insert_conn(pkt, &c);
+	if (svc->flags & SVC_F_SOURCE_AFFINITY) {
+		struct affinity a = { .last_seen_ns = now, .backend = id };
+		bpf_map_update_elem(&affinities, ak, &a, BPF_ANY);
+	}
+	struct service_stats *ss = bpf_map_lookup_elem(&svc_stats, &svc->id);
+	if (ss) {
+		ss->new_conns += 1;
+		if (affinity_hit)
+			ss->affinity_hits += 1;
+		else
+			ss->affinity_miss += 1;
+	}
+	struct backend_stats *bs = bpf_map_lookup_elem(&be_stats, &id);
+	if (bs)
+		bs->new_conns += 1;
+}
+
+static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt)
+{
+	struct service *svc = lookup_service(pkt);
+	if (!svc)
+		return count_reason(R_PASS_NOT_VIP, XDP_PASS);
+
+	struct affinity_key ak = { .service = svc->id };
+	__u64 now = 0;
+	__u32 id = 0;
+	if (svc->flags & SVC_F_SOURCE_AFFINITY) {
+		__builtin_memcpy(ak.addr, pkt->key.src, sizeof(ak.addr));
+		now = bpf_ktime_get_ns();
+		id = affinity_backend(svc, &ak, now);
+	}
+	int affinity_hit = id != 0;
+	if (!id)
+		id = ring_backend(svc, pkt);
+
+	struct backend *be = lookup_backend(id, svc->id);
+	if (!be)
+		return count_reason(R_DROP_NO_BACKEND, XDP_DROP);
+	if (!pkt->syn_only)
+		record(svc, pkt, &ak, id, affinity_hit, now);
+	return forward_dsr(ctx, be, id);
+}
+
+SEC("xdp")
+int tether_xdp(struct xdp_md *ctx)
+{
+	struct packet pkt = {};
+	int reason = parse_packet(ctx, &pkt);
+	if (reason)
+		return count_reason(reason, verdict_of(reason));
+
+	struct conn *c = lookup_conn(&pkt);
+	if (c) {
+		__u32 id = c->backend;
+		struct backend *be = lookup_backend(id, c->service);
+		if (be)
+			return forward_dsr(ctx, be, id);
+	}
+	return new_flow(ctx, &pkt);
+}

@@ -1,0 +1,246 @@
+// Package config is the tether configuration: the YAML schema operators write,
+// the defaults of every optional field, and the validation that refuses a bad
+// configuration as a whole.
+//
+// Parse and Load decode strictly (unknown fields, repeated keys and values of
+// the wrong type are errors), apply the defaults and call Validate. Validate
+// also serves on its own for a Config built in Go, as the control plane does
+// for changes made through its API.
+//
+// Every problem is reported as a *FieldError naming the field by its path in
+// the file (services[0].backends[2].port) and, when decoding, its line. All
+// problems are collected and sorted by their position in the file, so the
+// first line of an error always names the earliest bad field; a file with
+// many problems reports the first twenty.
+package config
+
+import (
+	"net/netip"
+	"strconv"
+	"time"
+
+	"github.com/tetherlb/tether/maglev"
+)
+
+// Datapaths: where packets are forwarded.
+const (
+	// DatapathAuto uses native XDP where the driver supports it, generic XDP
+	// otherwise, and the splice proxy when XDP cannot be loaded at all.
+	DatapathAuto = "auto"
+	// DatapathXDP requires native (driver) XDP on every interface.
+	DatapathXDP = "xdp"
+	// DatapathXDPGeneric attaches XDP in generic (skb) mode, which every
+	// driver supports at a higher cost per packet.
+	DatapathXDPGeneric = "xdp-generic"
+	// DatapathSplice serves every service from the userspace splice(2)
+	// proxy; it needs no interfaces.
+	DatapathSplice = "splice"
+)
+
+// Transport protocols of a service.
+const (
+	ProtocolTCP = "tcp" // IP protocol 6
+	ProtocolUDP = "udp" // IP protocol 17
+)
+
+// Affinity modes: what keeps a client on its backend.
+const (
+	// AffinitySource hashes the client address, so every connection of a
+	// client lands on the same backend, and remembers the choice for the
+	// service's affinity timeout.
+	AffinitySource = "source"
+	// AffinityConnection hashes the whole 5-tuple: each connection stays on
+	// its backend, a new connection may go elsewhere.
+	AffinityConnection = "connection"
+)
+
+// Forwarding modes: how a packet reaches the backend.
+const (
+	// ForwardingDSR rewrites the destination MAC address only (direct server
+	// return): backends share the L2 segment and hold the VIP on loopback.
+	ForwardingDSR = "dsr"
+	// ForwardingIPIP encapsulates in IP-in-IP (L3 DSR). Known, not supported
+	// yet: a configuration that uses it is refused.
+	ForwardingIPIP = "ipip"
+	// ForwardingNAT rewrites the destination address and port. Known, not
+	// supported yet: a configuration that uses it is refused.
+	ForwardingNAT = "nat"
+)
+
+// Backend states.
+const (
+	// StateActive takes new clients in proportion to the backend's weight.
+	StateActive = "active"
+	// StateDraining keeps the clients a backend already has but takes no
+	// new ones.
+	StateDraining = "draining"
+)
+
+// Limits and defaults that callers building a Config in Go may need.
+const (
+	// DefaultAffinityTimeout is how long a client's backend is remembered
+	// with source affinity unless the service says otherwise.
+	DefaultAffinityTimeout = 3 * time.Hour
+	// MaxAffinityTimeout is the longest affinity timeout accepted (30 days).
+	MaxAffinityTimeout = 720 * time.Hour
+	// MaxWeight is the largest backend weight accepted.
+	MaxWeight = 10000
+)
+
+// Table sizes: defaults and the bounds Validate enforces.
+const (
+	defaultTableEntries = 1 << 20
+	minTableEntries     = 1024
+	maxTableEntries     = 1 << 27
+
+	defaultRingSize = 65537
+	minRingSize     = 251
+	maxRingSize     = 1048573
+
+	defaultMaxServices = 1024
+	limitMaxServices   = 65536
+
+	defaultMaxBackends = 4096
+	limitMaxBackends   = 1 << 20
+)
+
+// Config is a whole tether configuration, as read from its YAML file.
+// A Config returned by Parse or Load has its defaults applied and is valid.
+type Config struct {
+	// Interfaces are the network interfaces the XDP program attaches to.
+	// Required unless Datapath is DatapathSplice.
+	Interfaces []string
+	// Datapath is one of DatapathAuto, DatapathXDP, DatapathXDPGeneric or
+	// DatapathSplice.
+	Datapath string
+	// HashSeed seeds the flow hash. Hosts sharing a VIP through ECMP must use
+	// the same seed; the default is maglev.DefaultSeed.
+	HashSeed uint32
+	// Tables sizes the BPF maps.
+	Tables Tables
+	// Services are the load-balanced services, in file order.
+	Services []Service
+}
+
+// Tables sizes the BPF maps. The sizes are fixed when the maps are created:
+// changing them needs the maps recreated, which drops the connection state.
+type Tables struct {
+	// Connections is the number of entries of the LRU connection table.
+	Connections uint32
+	// Affinity is the number of entries of the LRU source-affinity table.
+	Affinity uint32
+	// RingSize is the size of each service's Maglev ring; it must be prime
+	// and should be well above 100 times the largest backend count.
+	RingSize uint32
+	// MaxServices is the number of services the maps hold.
+	MaxServices uint32
+	// MaxBackends is the number of backends the maps hold, over all services.
+	MaxBackends uint32
+}
+
+// Service is one virtual service: a VIP, port and protocol balanced over a
+// set of backends.
+type Service struct {
+	// Name identifies the service in the CLI, the API and the metrics.
+	Name string
+	// VIP is the virtual IP address clients connect to, IPv4 or IPv6.
+	VIP netip.Addr
+	// Port is the service's TCP or UDP port.
+	Port uint16
+	// Protocol is ProtocolTCP or ProtocolUDP.
+	Protocol string
+	// Affinity is AffinitySource or AffinityConnection.
+	Affinity string
+	// AffinityTimeout is how long an idle client keeps its backend with
+	// source affinity; unused with connection affinity.
+	AffinityTimeout time.Duration
+	// Forwarding is the forwarding mode; only ForwardingDSR is supported.
+	Forwarding string
+	// Backends are the servers behind the VIP, in file order. A service may
+	// have none: its traffic is then dropped.
+	Backends []Backend
+}
+
+// Key returns the identity of the service on the wire, "vip:port/protocol",
+// such as "203.0.113.10:8765/tcp" or "[2001:db8::10]:8765/tcp".
+func (s Service) Key() string {
+	return netip.AddrPortFrom(s.VIP, s.Port).String() + "/" + s.Protocol
+}
+
+// ProtoNumber returns the IP protocol number of the service: 6 for TCP, 17
+// for UDP and 0 for an unknown protocol.
+func (s Service) ProtoNumber() uint8 {
+	switch s.Protocol {
+	case ProtocolTCP:
+		return 6
+	case ProtocolUDP:
+		return 17
+	}
+	return 0
+}
+
+// Backend is one server behind a service.
+type Backend struct {
+	// Address is the backend's IP address, of the same family as the VIP.
+	Address netip.Addr
+	// Port is the backend's port; with dsr forwarding it equals the
+	// service port.
+	Port uint16
+	// Weight is the backend's share of new clients, 0..MaxWeight; 0 means
+	// drained: it keeps its clients but takes no new ones.
+	Weight uint32
+	// State is StateActive or StateDraining.
+	State string
+}
+
+// Key returns the identity of the backend, "address:port", such as
+// "192.0.2.11:8765" or "[2001:db8::11]:8765".
+func (b Backend) Key() string {
+	return netip.AddrPortFrom(b.Address, b.Port).String()
+}
+
+// Default returns a configuration with every default applied and no
+// services. It does not validate as it is: it needs interfaces, or the
+// splice datapath.
+func Default() *Config {
+	return &Config{
+		Datapath: DatapathAuto,
+		HashSeed: maglev.DefaultSeed,
+		Tables: Tables{
+			Connections: defaultTableEntries,
+			Affinity:    defaultTableEntries,
+			RingSize:    defaultRingSize,
+			MaxServices: defaultMaxServices,
+			MaxBackends: defaultMaxBackends,
+		},
+	}
+}
+
+// defaultService returns a service with the defaults of its optional fields.
+func defaultService() Service {
+	return Service{
+		Protocol:        ProtocolTCP,
+		Affinity:        AffinitySource,
+		AffinityTimeout: DefaultAffinityTimeout,
+		Forwarding:      ForwardingDSR,
+	}
+}
+
+// defaultBackend returns a backend with the defaults of its optional fields;
+// its port, which defaults to the service port, is filled in later.
+func defaultBackend() Backend {
+	return Backend{Weight: 1, State: StateActive}
+}
+
+// index returns the path of the i-th element of the list at path.
+func index(path string, i int) string {
+	return path + "[" + strconv.Itoa(i) + "]"
+}
+
+// field returns the path of the field name of the mapping at path.
+func field(path, name string) string {
+	if path == "" {
+		return name
+	}
+	return path + "." + name
+}

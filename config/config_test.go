@@ -1,0 +1,779 @@
+package config
+
+import (
+	"errors"
+	"io/fs"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tetherlb/tether/maglev"
+)
+
+// example is the configuration of the schema's documentation.
+const example = `
+interfaces: [eth0]
+datapath: auto
+hash_seed: 0x74657468
+tables:
+  connections: 1048576
+  affinity: 1048576
+  ring_size: 65537
+  max_services: 1024
+  max_backends: 4096
+services:
+  - name: chat
+    vip: 203.0.113.10
+    port: 8765
+    protocol: tcp
+    affinity: source
+    affinity_timeout: 3h
+    forwarding: dsr
+    backends:
+      - address: 192.0.2.11
+        port: 8765
+        weight: 1
+        state: active
+`
+
+// minimal is the smallest useful configuration; the bad cases below are
+// small edits of it.
+const minimal = `
+interfaces: [eth0]
+services:
+  - name: chat
+    vip: 203.0.113.10
+    port: 8765
+    backends:
+      - address: 192.0.2.11
+`
+
+func mustParse(t testing.TB, data string) *Config {
+	t.Helper()
+	c, err := Parse([]byte(data))
+	if err != nil {
+		t.Fatalf("Parse: %v\ninput:\n%s", err, data)
+	}
+	return c
+}
+
+func TestParseExample(t *testing.T) {
+	got := mustParse(t, example)
+	want := &Config{
+		Interfaces: []string{"eth0"},
+		Datapath:   DatapathAuto,
+		HashSeed:   0x74657468,
+		Tables: Tables{
+			Connections: 1 << 20,
+			Affinity:    1 << 20,
+			RingSize:    65537,
+			MaxServices: 1024,
+			MaxBackends: 4096,
+		},
+		Services: []Service{{
+			Name:            "chat",
+			VIP:             netip.MustParseAddr("203.0.113.10"),
+			Port:            8765,
+			Protocol:        ProtocolTCP,
+			Affinity:        AffinitySource,
+			AffinityTimeout: 3 * time.Hour,
+			Forwarding:      ForwardingDSR,
+			Backends: []Backend{{
+				Address: netip.MustParseAddr("192.0.2.11"),
+				Port:    8765,
+				Weight:  1,
+				State:   StateActive,
+			}},
+		}},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("Parse(example) =\n%+v\nwant\n%+v", got, want)
+	}
+	if k := got.Services[0].Key(); k != "203.0.113.10:8765/tcp" {
+		t.Errorf("service Key() = %q", k)
+	}
+	if k := got.Services[0].Backends[0].Key(); k != "192.0.2.11:8765" {
+		t.Errorf("backend Key() = %q", k)
+	}
+	if p := got.Services[0].ProtoNumber(); p != 6 {
+		t.Errorf("ProtoNumber() = %d, want 6", p)
+	}
+}
+
+func TestParseDefaults(t *testing.T) {
+	got := mustParse(t, minimal)
+	want := Default()
+	want.Interfaces = []string{"eth0"}
+	want.Services = []Service{{
+		Name:            "chat",
+		VIP:             netip.MustParseAddr("203.0.113.10"),
+		Port:            8765,
+		Protocol:        ProtocolTCP,
+		Affinity:        AffinitySource,
+		AffinityTimeout: DefaultAffinityTimeout,
+		Forwarding:      ForwardingDSR,
+		Backends: []Backend{{
+			Address: netip.MustParseAddr("192.0.2.11"),
+			Port:    8765, // the service port
+			Weight:  1,
+			State:   StateActive,
+		}},
+	}}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("Parse(minimal) =\n%+v\nwant\n%+v", got, want)
+	}
+	if got.HashSeed != maglev.DefaultSeed {
+		t.Errorf("HashSeed = %#x, want maglev.DefaultSeed %#x", got.HashSeed, maglev.DefaultSeed)
+	}
+	wantTables := Tables{Connections: 1 << 20, Affinity: 1 << 20, RingSize: 65537, MaxServices: 1024, MaxBackends: 4096}
+	if got.Tables != wantTables {
+		t.Errorf("Tables = %+v, want %+v", got.Tables, wantTables)
+	}
+}
+
+func TestParseBackendPortAfterBackends(t *testing.T) {
+	// The default backend port is the service port even when the service
+	// port is written after the backends.
+	c := mustParse(t, `
+interfaces: [eth0]
+services:
+  - name: chat
+    backends:
+      - address: 192.0.2.11
+    vip: 203.0.113.10
+    port: 443
+`)
+	if p := c.Services[0].Backends[0].Port; p != 443 {
+		t.Errorf("backend port = %d, want the service port 443", p)
+	}
+}
+
+func TestParseIPv6(t *testing.T) {
+	c := mustParse(t, `
+interfaces: [eth0, eth1]
+datapath: xdp
+services:
+  - name: chat-v6
+    vip: 2001:db8::10
+    port: 8765
+    protocol: udp
+    affinity: connection
+    backends:
+      - address: 2001:db8::11
+      - address: 2001:db8::12
+        weight: 0
+        state: draining
+`)
+	s := c.Services[0]
+	if s.Key() != "[2001:db8::10]:8765/udp" {
+		t.Errorf("Key() = %q", s.Key())
+	}
+	if s.ProtoNumber() != 17 {
+		t.Errorf("ProtoNumber() = %d, want 17", s.ProtoNumber())
+	}
+	if got := s.Backends[1].Key(); got != "[2001:db8::12]:8765" {
+		t.Errorf("backend Key() = %q", got)
+	}
+	if b := s.Backends[1]; b.Weight != 0 || b.State != StateDraining {
+		t.Errorf("backends[1] = %+v, want weight 0 draining", b)
+	}
+	if s.Affinity != AffinityConnection || s.Protocol != ProtocolUDP {
+		t.Errorf("service = %+v", s)
+	}
+}
+
+func TestParseGood(t *testing.T) {
+	for _, tc := range []struct {
+		desc string
+		yaml string
+	}{
+		{"splice datapath needs no interfaces", "datapath: splice\nservices: []\n"},
+		{"splice with services", `
+datapath: splice
+services:
+  - name: web
+    vip: 198.51.100.1
+    port: 80
+    backends: [{address: 127.0.0.1, port: 80}]
+`},
+		{"service with zero backends", `
+interfaces: [eth0]
+services:
+  - name: empty
+    vip: 203.0.113.10
+    port: 1
+`},
+		{"interfaces only", "interfaces: [eth0]\n"},
+		{"decimal hash seed and extreme values", `
+interfaces: [eth0]
+datapath: xdp-generic
+hash_seed: 4294967295
+tables: {connections: 1024, affinity: 134217728, ring_size: 251, max_services: 1, max_backends: 1}
+services:
+  - name: a
+    vip: 203.0.113.10
+    port: 65535
+    affinity_timeout: 720h
+    backends: [{address: 192.0.2.11, port: 65535, weight: 10000}]
+`},
+		{"largest ring", "interfaces: [eth0]\ntables: {ring_size: 1048573}\n"},
+		{"same vip and port, other protocol", `
+interfaces: [eth0]
+services:
+  - {name: a, vip: 203.0.113.10, port: 53, protocol: udp}
+  - {name: b, vip: 203.0.113.10, port: 53, protocol: tcp}
+`},
+		{"same backend address on another port is another backend", `
+datapath: splice
+services:
+  - name: a
+    vip: 203.0.113.10
+    port: 80
+    backends: [{address: 192.0.2.11}]
+  - name: b
+    vip: 203.0.113.10
+    port: 81
+    backends: [{address: 192.0.2.11}]
+`},
+		{"anchors and aliases", `
+interfaces: [eth0]
+services:
+  - name: a
+    vip: 203.0.113.10
+    port: 80
+    backends: &pool
+      - address: 192.0.2.11
+      - address: 192.0.2.12
+  - name: b
+    vip: 203.0.113.11
+    port: 80
+    backends: *pool
+`},
+		{"null values take the defaults", `
+interfaces: [eth0]
+datapath:
+tables:
+services:
+  - name: a
+    vip: 203.0.113.10
+    port: 80
+    protocol: ~
+`},
+		{"comments and document marker", "# tether\n---\ninterfaces: [eth0] # uplink\n"},
+		{"name of digits", "interfaces: [eth0]\nservices: [{name: 443, vip: 203.0.113.10, port: 443}]\n"},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			mustParse(t, tc.yaml)
+		})
+	}
+}
+
+// badCases are configurations Parse must refuse. path is the field the
+// first line of the error must name ("" for the file as a whole), msg a
+// fragment of what it must say.
+var badCases = []struct {
+	desc string
+	yaml string
+	path string
+	msg  string
+}{
+	// The file as a whole.
+	{"empty file", "", "", "empty"},
+	{"only comments", "# nothing here\n", "", "empty"},
+	{"only a document marker", "---\n", "", "empty"},
+	{"a list at top level", "- interfaces: [eth0]\n", "", "must be a mapping"},
+	{"a string at top level", "tether\n", "", "must be a mapping"},
+	{"two documents", minimal + "---\ninterfaces: [eth1]\n", "", "second YAML document"},
+	{"YAML syntax error", "interfaces: [eth0\n", "", "line 1: did not find expected"},
+	{"tab indentation", "services:\n\t- name: chat\n", "", "line 2: found character that cannot start any token"},
+
+	// Unknown and repeated fields.
+	{"unknown top-level field", "interfaces: [eth0]\nbogus: 1\n", "bogus", `unknown field`},
+	{"unknown service field", strings.Replace(minimal, "vip:", "vipp:", 1), "services[0].vipp", `unknown field (did you mean "vip"?)`},
+	{"unknown backend field", minimal + "        wieght: 2\n", "services[0].backends[0].wieght", `unknown field (did you mean "weight"?)`},
+	{"unknown tables field", "interfaces: [eth0]\ntables: {conections: 2048}\n", "tables.conections", `did you mean "connections"?`},
+	{"repeated field", strings.Replace(minimal, "port: 8765", "port: 8765\n    port: 8766", 1), "services[0].port", "repeated; first given at line"},
+	{"merge key", "interfaces: [eth0]\nservices:\n  - <<: {name: a}\n", "services[0].<<", "merge keys are not supported"},
+
+	// Shapes.
+	{"interfaces as a string", "interfaces: eth0\n", "interfaces", "want a list of interface names"},
+	{"services as a mapping", "interfaces: [eth0]\nservices: {name: chat}\n", "services", "want a list of services"},
+	{"service as a string", "interfaces: [eth0]\nservices: [chat]\n", "services[0]", "want a service"},
+	{"backends as a string", strings.Replace(minimal, "backends:\n      - address: 192.0.2.11", "backends: 192.0.2.11", 1), "services[0].backends", "want a list of backends"},
+	{"tables as a list", "interfaces: [eth0]\ntables: [1024]\n", "tables", "want tables"},
+	{"null interface", "interfaces: [eth0, ~]\n", "interfaces[1]", "want a string, got null"},
+	{"null backend", strings.Replace(minimal, "      - address: 192.0.2.11", "      -", 1), "services[0].backends[0]", "want a backend"},
+	{"vip as a list", strings.Replace(minimal, "203.0.113.10", "[203.0.113.10]", 1), "services[0].vip", "want an IP address, got a list"},
+	{"name as a list", "interfaces: [eth0]\nservices: [{name: [a], vip: 203.0.113.10, port: 80}]\n", "services[0].name", "want a string"},
+
+	// Interfaces and datapath.
+	{"missing interfaces with auto", "services: []\n", "interfaces", "at least one interface is required"},
+	{"empty interfaces with xdp", "interfaces: []\ndatapath: xdp\n", "interfaces", "required with datapath xdp"},
+	{"duplicate interface", "interfaces: [eth0, eth1, eth0]\n", "interfaces[2]", `"eth0" is already listed as interfaces[0]`},
+	{"interface name with a slash", "interfaces: [eth/0]\n", "interfaces[0]", "not an interface name"},
+	{"interface name too long", "interfaces: [abcdefghijklmnop]\n", "interfaces[0]", "not an interface name"},
+	{"interface name with a space", "interfaces: ['eth 0']\n", "interfaces[0]", "not an interface name"},
+	{"empty interface name", "interfaces: ['']\n", "interfaces[0]", "not an interface name"},
+	{"unknown datapath", "interfaces: [eth0]\ndatapath: dpdk\n", "datapath", `unknown datapath "dpdk" (want auto, xdp, xdp-generic or splice)`},
+
+	// Hash seed and tables.
+	{"negative hash seed", "interfaces: [eth0]\nhash_seed: -1\n", "hash_seed", "-1 is out of range 0..4294967295"},
+	{"hash seed over 32 bits", "interfaces: [eth0]\nhash_seed: 0x100000000\n", "hash_seed", "out of range"},
+	{"hash seed not a number", "interfaces: [eth0]\nhash_seed: teth\n", "hash_seed", `"teth" is not a number`},
+	{"ring_size not prime", "interfaces: [eth0]\ntables: {ring_size: 65536}\n", "tables.ring_size", "65536 is not prime"},
+	{"ring_size too small", "interfaces: [eth0]\ntables: {ring_size: 13}\n", "tables.ring_size", "13 is out of range 251..1048573"},
+	{"ring_size too large", "interfaces: [eth0]\ntables: {ring_size: 2000003}\n", "tables.ring_size", "out of range 251..1048573"},
+	{"connections 0", "interfaces: [eth0]\ntables: {connections: 0}\n", "tables.connections", "0 is out of range 1024..134217728"},
+	{"affinity table too large", "interfaces: [eth0]\ntables: {affinity: 268435456}\n", "tables.affinity", "out of range 1024..134217728"},
+	{"connections a float", "interfaces: [eth0]\ntables: {connections: 1.5e6}\n", "tables.connections", "not a whole number"},
+	{"max_services 0", "interfaces: [eth0]\ntables: {max_services: 0}\n", "tables.max_services", "0 is out of range 1..65536"},
+	{"max_backends too large", "interfaces: [eth0]\ntables: {max_backends: 2000000}\n", "tables.max_backends", "out of range 1..1048576"},
+	{"more services than max_services", `
+interfaces: [eth0]
+tables: {max_services: 1}
+services:
+  - {name: a, vip: 203.0.113.10, port: 80}
+  - {name: b, vip: 203.0.113.10, port: 81}
+`, "services", "2 services are more than tables.max_services (1)"},
+	{"more backends than max_backends", `
+interfaces: [eth0]
+tables: {max_backends: 2}
+services:
+  - name: a
+    vip: 203.0.113.10
+    port: 80
+    backends: [{address: 192.0.2.11}, {address: 192.0.2.12}]
+  - name: b
+    vip: 203.0.113.10
+    port: 81
+    backends: [{address: 192.0.2.13}]
+`, "services[1].backends[0]", "more than tables.max_backends (2)"},
+
+	// Service names.
+	{"missing name", strings.Replace(minimal, "  - name: chat\n    vip", "  - vip", 1), "services[0].name", "missing"},
+	{"bad name", strings.Replace(minimal, "name: chat", "name: Chat!", 1), "services[0].name", `"Chat!" is not a service name`},
+	{"name too long", strings.Replace(minimal, "name: chat", "name: "+strings.Repeat("a", 64), 1), "services[0].name", "not a service name"},
+	{"duplicate name", `
+interfaces: [eth0]
+services:
+  - {name: chat, vip: 203.0.113.10, port: 80}
+  - {name: chat, vip: 203.0.113.10, port: 81}
+`, "services[1].name", `"chat" is already the name of services[0]`},
+
+	// VIPs.
+	{"bad vip", strings.Replace(minimal, "203.0.113.10", "203.0.113.300", 1), "services[0].vip", `"203.0.113.300" is not an IP address`},
+	{"vip with a prefix length", strings.Replace(minimal, "203.0.113.10", "203.0.113.10/32", 1), "services[0].vip", "without a prefix length"},
+	{"missing vip", strings.Replace(minimal, "    vip: 203.0.113.10\n", "", 1), "services[0].vip", "missing"},
+	{"multicast vip", strings.Replace(minimal, "203.0.113.10", "224.0.0.1", 1), "services[0].vip", "224.0.0.1 is a multicast address"},
+	{"loopback vip", strings.Replace(minimal, "203.0.113.10", "127.0.0.1", 1), "services[0].vip", "127.0.0.1 is a loopback address"},
+	{"unspecified vip", strings.Replace(minimal, "203.0.113.10", "0.0.0.0", 1), "services[0].vip", "0.0.0.0 is the unspecified address"},
+	{"unspecified IPv6 vip", strings.Replace(minimal, "203.0.113.10", "'::'", 1), "services[0].vip", "is the unspecified address"},
+	{"IPv4-mapped vip", strings.Replace(minimal, "203.0.113.10", "'::ffff:203.0.113.10'", 1), "services[0].vip", "write it as 203.0.113.10"},
+	{"vip with a zone", strings.Replace(minimal, "203.0.113.10", "fe80::1%eth0", 1), "services[0].vip", "zone"},
+	{"duplicate service", `
+interfaces: [eth0]
+services:
+  - {name: a, vip: 203.0.113.10, port: 80}
+  - {name: b, vip: 203.0.113.10, port: 80, protocol: tcp}
+`, "services[1]", `203.0.113.10:80/tcp is already defined by services[0] ("a")`},
+
+	// Ports.
+	{"port 0", strings.Replace(minimal, "port: 8765", "port: 0", 1), "services[0].port", "0 is out of range 1..65535"},
+	{"port -1", strings.Replace(minimal, "port: 8765", "port: -1", 1), "services[0].port", "-1 is out of range 1..65535"},
+	{"port 70000", strings.Replace(minimal, "port: 8765", "port: 70000", 1), "services[0].port", "70000 is out of range 1..65535"},
+	{"port beyond int64", strings.Replace(minimal, "port: 8765", "port: 18446744073709551615", 1), "services[0].port", "out of range 1..65535"},
+	{"port quoted", strings.Replace(minimal, "port: 8765", `port: "8765"`, 1), "services[0].port", "write the number without quotes"},
+	{"port a word", strings.Replace(minimal, "port: 8765", "port: http", 1), "services[0].port", `"http" is not a number`},
+	{"missing port", strings.Replace(minimal, "    port: 8765\n", "", 1), "services[0].port", "missing"},
+	{"backend port 70000", minimal + "        port: 70000\n", "services[0].backends[0].port", "70000 is out of range 1..65535"},
+	{"backend port 0", minimal + "        port: 0\n", "services[0].backends[0].port", "0 is out of range 1..65535"},
+	{"backend port differs in dsr", minimal + "        port: 8080\n", "services[0].backends[0].port", "dsr forwarding rewrites the MAC address only, it cannot change the port"},
+
+	// Modes.
+	{"unknown protocol", strings.Replace(minimal, "port: 8765", "port: 8765\n    protocol: sctp", 1), "services[0].protocol", `unknown protocol "sctp" (want tcp or udp)`},
+	{"unknown affinity", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity: sticky", 1), "services[0].affinity", `unknown mode "sticky" (want source or connection)`},
+	{"unknown forwarding", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: magic", 1), "services[0].forwarding", `unknown mode "magic" (want dsr)`},
+	{"ipip refused", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: ipip", 1), "services[0].forwarding", `"ipip" is not supported yet`},
+	{"nat refused", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: nat", 1), "services[0].forwarding", `"nat" is not supported yet`},
+	{"affinity_timeout in words", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity_timeout: 3 hours", 1), "services[0].affinity_timeout", `"3 hours" is not a duration`},
+	{"affinity_timeout without unit", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity_timeout: 3600", 1), "services[0].affinity_timeout", "3600 has no unit"},
+	{"negative affinity_timeout", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity_timeout: -1h", 1), "services[0].affinity_timeout", "-1h0m0s is out of range"},
+	{"zero affinity_timeout", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity_timeout: 0s", 1), "services[0].affinity_timeout", "out of range"},
+	{"affinity_timeout over 720h", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity_timeout: 721h", 1), "services[0].affinity_timeout", "at most 720h"},
+
+	// Backends.
+	{"vip family mismatch with backend", strings.Replace(minimal, "192.0.2.11", "2001:db8::11", 1), "services[0].backends[0].address", "2001:db8::11 is IPv6 but the vip 203.0.113.10 is IPv4"},
+	{"bad backend address", strings.Replace(minimal, "192.0.2.11", "backend-1", 1), "services[0].backends[0].address", `"backend-1" is not an IP address`},
+	{"missing backend address", minimal + "      - weight: 2\n", "services[0].backends[1].address", "missing"},
+	{"unspecified backend", strings.Replace(minimal, "192.0.2.11", "0.0.0.0", 1), "services[0].backends[0].address", "is the unspecified address"},
+	{"multicast backend", strings.Replace(minimal, "192.0.2.11", "239.1.2.3", 1), "services[0].backends[0].address", "is a multicast address"},
+	{"broadcast backend", strings.Replace(minimal, "192.0.2.11", "255.255.255.255", 1), "services[0].backends[0].address", "broadcast"},
+	{"backend is the service itself", strings.Replace(minimal, "192.0.2.11", "203.0.113.10", 1), "services[0].backends[0]", "203.0.113.10:8765 is the service itself"},
+	{"duplicate backend", minimal + "      - address: 192.0.2.12\n      - address: 192.0.2.11\n        port: 8765\n", "services[0].backends[2]", "192.0.2.11:8765 is already listed as backends[0]"},
+	{"negative weight", minimal + "        weight: -1\n", "services[0].backends[0].weight", "-1 is out of range 0..10000"},
+	{"weight too big", minimal + "        weight: 10001\n", "services[0].backends[0].weight", "10001 is out of range 0..10000"},
+	{"bad state", minimal + "        state: up\n", "services[0].backends[0].state", `unknown state "up" (want active or draining)`},
+}
+
+func TestParseBad(t *testing.T) {
+	if len(badCases) < 30 {
+		t.Fatalf("only %d bad cases", len(badCases))
+	}
+	for _, tc := range badCases {
+		t.Run(tc.desc, func(t *testing.T) {
+			c, err := Parse([]byte(tc.yaml))
+			if err == nil {
+				t.Fatalf("Parse accepted it: %+v\ninput:\n%s", c, tc.yaml)
+			}
+			if c != nil {
+				t.Errorf("Parse returned a Config with its error")
+			}
+			first, _, _ := strings.Cut(err.Error(), "\n")
+			if !strings.HasPrefix(first, "config: ") {
+				t.Errorf("error %q does not start with \"config: \"", first)
+			}
+			if tc.path != "" && !strings.Contains(first, " "+tc.path+": ") {
+				t.Errorf("first error %q does not name %s\nall errors:\n%v", first, tc.path, err)
+			}
+			if !strings.Contains(first, tc.msg) {
+				t.Errorf("first error %q does not say %q\nall errors:\n%v", first, tc.msg, err)
+			}
+			var fe *FieldError
+			if !errors.As(err, &fe) {
+				t.Errorf("error %v is not a *FieldError", err)
+			} else if fe.Path != tc.path {
+				t.Errorf("FieldError.Path = %q, want %q", fe.Path, tc.path)
+			}
+			// The same input gives the same message.
+			if _, again := Parse([]byte(tc.yaml)); again == nil || again.Error() != err.Error() {
+				t.Errorf("second Parse gave %v, first %v", again, err)
+			}
+		})
+	}
+}
+
+func TestParseErrorLine(t *testing.T) {
+	_, err := Parse([]byte(strings.Replace(minimal, "vip:", "vipp:", 1)))
+	var fe *FieldError
+	if !errors.As(err, &fe) {
+		t.Fatalf("error %v is not a *FieldError", err)
+	}
+	// minimal starts with an empty line: vip is on line 5.
+	if fe.Line != 5 {
+		t.Errorf("Line = %d, want 5", fe.Line)
+	}
+	if want := `config: line 5: services[0].vipp: unknown field`; !strings.HasPrefix(err.Error(), want) {
+		t.Errorf("error = %q, want it to start with %q", err, want)
+	}
+}
+
+func TestParseEarliestFirst(t *testing.T) {
+	for _, tc := range []struct {
+		desc  string
+		yaml  string
+		first string   // field the first line names
+		all   []string // fields named on the following lines, in order
+	}{
+		{
+			desc: "a cross-field problem before a decoding problem",
+			yaml: `
+interfaces: [eth0]
+services:
+  - name: a
+    vip: 203.0.113.10
+    port: 80
+    backends: [{address: 192.0.2.11, port: 81}]
+  - name: B!
+    vip: 203.0.113.300
+    port: 70000
+`,
+			first: "services[0].backends[0].port",
+			all:   []string{"services[1].name", "services[1].vip", "services[1].port"},
+		},
+		{
+			desc: "fields in another order than the struct",
+			yaml: `
+interfaces: [eth0]
+services:
+  - port: 0
+    forwarding: nat
+    vip: 224.0.0.1
+    name: "-x"
+`,
+			first: "services[0].port",
+			all:   []string{"services[0].forwarding", "services[0].vip", "services[0].name"},
+		},
+		{
+			desc: "tables after services",
+			yaml: `
+interfaces: [eth0, eth0]
+services:
+  - {name: a, vip: 203.0.113.10, port: 80, backends: [{address: 192.0.2.1}, {address: 192.0.2.2}]}
+tables: {max_backends: 1, ring_size: 100}
+`,
+			first: "interfaces[1]",
+			all:   []string{"services[0].backends[1]", "tables.ring_size"},
+		},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			_, err := Parse([]byte(tc.yaml))
+			if err == nil {
+				t.Fatal("Parse accepted it")
+			}
+			lines := strings.Split(err.Error(), "\n")
+			fields := append([]string{tc.first}, tc.all...)
+			if len(lines) != len(fields) {
+				t.Fatalf("got %d errors, want %d:\n%v", len(lines), len(fields), err)
+			}
+			for i, f := range fields {
+				if !strings.Contains(lines[i], " "+f+": ") {
+					t.Errorf("error %d = %q, want it about %s", i, lines[i], f)
+				}
+			}
+		})
+	}
+}
+
+func TestParseNoEchoes(t *testing.T) {
+	// A field refused while decoding is not reported again, nor are the
+	// fields that depend on it.
+	_, err := Parse([]byte(`
+interfaces: [eth0]
+services:
+  - name: a
+    vip: 203.0.113.300
+    port: 70000
+    affinity_timeout: soon
+    backends: [{address: 2001:db8::1}, {address: 192.0.2.1}]
+`))
+	if err == nil {
+		t.Fatal("Parse accepted it")
+	}
+	lines := strings.Split(err.Error(), "\n")
+	if len(lines) != 3 {
+		t.Errorf("got %d errors, want 3 (vip, port, affinity_timeout):\n%v", len(lines), err)
+	}
+}
+
+func TestParseManyErrors(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("interfaces: [eth0]\nservices:\n")
+	for range 50 {
+		b.WriteString("  - {name: a, vip: 203.0.113.10, port: 0}\n")
+	}
+	_, err := Parse([]byte(b.String()))
+	if err == nil {
+		t.Fatal("Parse accepted it")
+	}
+	lines := strings.Split(err.Error(), "\n")
+	if len(lines) != maxReported+1 || !strings.Contains(lines[maxReported], "further problems not shown") {
+		t.Errorf("got %d lines, want %d and a last line saying more were left out:\n%v", len(lines), maxReported+1, err)
+	}
+}
+
+func TestParseAliasBomb(t *testing.T) {
+	// 2,000 services sharing, by alias, a list of 1,000 backends: the
+	// decoder must stop at the backend limit rather than expand it all.
+	var b strings.Builder
+	b.WriteString("datapath: splice\nservices:\n  - &s\n    name: a\n    vip: 203.0.113.10\n    port: 80\n    backends: &b [")
+	for i := range 1000 {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString("{address: 192.0.2.1}")
+	}
+	b.WriteString("]\n")
+	for range 2000 {
+		b.WriteString("  - *s\n")
+	}
+	start := time.Now()
+	_, err := Parse([]byte(b.String()))
+	if err == nil {
+		t.Fatal("Parse accepted it")
+	}
+	if d := time.Since(start); d > 20*time.Second {
+		t.Errorf("Parse took %v", d)
+	}
+}
+
+func TestMarshalRoundTrip(t *testing.T) {
+	splice := Default()
+	splice.Datapath = DatapathSplice
+	for _, tc := range []struct {
+		desc string
+		c    *Config
+	}{
+		{"example", mustParse(t, example)},
+		{"defaults with splice", splice},
+		{"everything set", mustParse(t, `
+interfaces: [eth0, "eth1"]
+datapath: xdp-generic
+hash_seed: 7
+tables: {connections: 2048, affinity: 4096, ring_size: 251, max_services: 3, max_backends: 10}
+services:
+  - name: v6
+    vip: 2001:db8::10
+    port: 443
+    protocol: udp
+    affinity: connection
+    affinity_timeout: 90m30s
+    backends:
+      - {address: 2001:db8::11, weight: 0, state: draining}
+      - {address: 2001:db8::12, weight: 10000}
+  - name: "0"
+    vip: 203.0.113.10
+    port: 80
+  - name: "true"
+    vip: 198.51.100.7
+    port: 65535
+    backends: [{address: 127.0.0.1}]
+`)},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			out, err := tc.c.Marshal()
+			if err != nil {
+				t.Fatalf("Marshal: %v", err)
+			}
+			back, err := Parse(out)
+			if err != nil {
+				t.Fatalf("Parse(Marshal(c)): %v\nYAML:\n%s", err, out)
+			}
+			if !reflect.DeepEqual(back, tc.c) {
+				t.Errorf("Parse(Marshal(c)) =\n%+v\nwant\n%+v\nYAML:\n%s", back, tc.c, out)
+			}
+		})
+	}
+}
+
+func TestMarshalSchema(t *testing.T) {
+	out, err := mustParse(t, minimal).Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"interfaces: [eth0]\n",
+		"hash_seed: 0x74657468\n",
+		"  ring_size: 65537\n",
+		"    affinity_timeout: 3h0m0s\n",
+		"      - address: 192.0.2.11\n        port: 8765\n        weight: 1\n        state: active\n",
+	} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("Marshal output lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+func TestValidate(t *testing.T) {
+	c := Default()
+	c.Datapath = DatapathSplice
+	if err := c.Validate(); err != nil {
+		t.Fatalf("Validate(Default with splice) = %v", err)
+	}
+	if err := Default().Validate(); err == nil || !strings.Contains(err.Error(), "interfaces: ") {
+		t.Errorf("Validate(Default()) = %v, want interfaces required", err)
+	}
+
+	// A service as the control plane would build it from an API call.
+	s := Service{
+		Name:            "api",
+		VIP:             netip.MustParseAddr("203.0.113.20"),
+		Port:            9000,
+		Protocol:        ProtocolTCP,
+		Affinity:        AffinitySource,
+		AffinityTimeout: time.Hour,
+		Forwarding:      ForwardingDSR,
+		Backends:        []Backend{{Address: netip.MustParseAddr("192.0.2.30"), Port: 9000, Weight: 5, State: StateActive}},
+	}
+	c.Services = []Service{s}
+	if err := c.Validate(); err != nil {
+		t.Fatalf("Validate(good service) = %v", err)
+	}
+	c.Services[0].Port = 0
+	c.Services[0].Backends[0].Weight = MaxWeight + 1
+	err := c.Validate()
+	if err == nil {
+		t.Fatal("Validate accepted port 0 and a weight too big")
+	}
+	var fe *FieldError
+	if !errors.As(err, &fe) || fe.Path != "services[0].port" || fe.Line != 0 {
+		t.Errorf("first FieldError = %+v, want services[0].port without a line", fe)
+	}
+	if !strings.Contains(err.Error(), "services[0].backends[0].weight: 10001 is out of range 0..10000") {
+		t.Errorf("Validate = %v, want the weight named too", err)
+	}
+
+	var nilConfig *Config
+	if nilConfig.Validate() == nil {
+		t.Error("Validate(nil) = nil")
+	}
+	if (&Config{}).Validate() == nil {
+		t.Error("Validate(zero Config) = nil")
+	}
+}
+
+func TestLoad(t *testing.T) {
+	dir := t.TempDir()
+
+	missing := filepath.Join(dir, "missing.yaml")
+	_, err := Load(missing)
+	if err == nil {
+		t.Fatal("Load of a missing file succeeded")
+	}
+	if want := "config: read " + missing + ": "; !strings.HasPrefix(err.Error(), want) {
+		t.Errorf("Load(missing) = %q, want it to start with %q", err, want)
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("Load(missing) = %v, want errors.Is fs.ErrNotExist", err)
+	}
+
+	good := filepath.Join(dir, "good.yaml")
+	if err := os.WriteFile(good, []byte(example), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(good)
+	if err != nil {
+		t.Fatalf("Load(good) = %v", err)
+	}
+	if !reflect.DeepEqual(c, mustParse(t, example)) {
+		t.Errorf("Load and Parse differ")
+	}
+
+	bad := filepath.Join(dir, "bad.yaml")
+	if err := os.WriteFile(bad, []byte(strings.Replace(example, "vip:", "vipp:", 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = Load(bad)
+	if want := "config: " + bad + ": line 13: services[0].vipp: unknown field"; err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Errorf("Load(bad) = %v, want it to start with %q", err, want)
+	}
+}
+
+func TestIsPrime(t *testing.T) {
+	primes := map[uint32]bool{2: true, 3: true, 251: true, 65537: true, 1048573: true}
+	for n := range uint32(300) {
+		want := n >= 2
+		for d := uint32(2); d < n; d++ {
+			if n%d == 0 {
+				want = false
+				break
+			}
+		}
+		if isPrime(n) != want {
+			t.Errorf("isPrime(%d) = %v", n, !want)
+		}
+	}
+	for n := range primes {
+		if !isPrime(n) {
+			t.Errorf("isPrime(%d) = false", n)
+		}
+	}
+	for _, n := range []uint32{65536, 1048575, 1048576, 65535} {
+		if isPrime(n) {
+			t.Errorf("isPrime(%d) = true", n)
+		}
+	}
+}

@@ -1,0 +1,565 @@
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Load reads the configuration file at path and parses it like Parse. Every
+// *FieldError it returns carries the path in its File.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		var pe *fs.PathError
+		if errors.As(err, &pe) {
+			err = pe.Err // the path is already in our message
+		}
+		return nil, fmt.Errorf("config: read %s: %w", path, err)
+	}
+	c, errs, truncated := parse(data)
+	for _, e := range errs {
+		e.File = path
+	}
+	if err := joinErrors(errs, truncated); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Parse decodes a YAML configuration strictly, applies the defaults and
+// validates the result. The configuration is refused as a whole if anything
+// is wrong: the error lists every problem found, earliest in the file
+// first, each a *FieldError naming the field and its line.
+func Parse(data []byte) (*Config, error) {
+	c, errs, truncated := parse(data)
+	if err := joinErrors(errs, truncated); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Field names of each mapping, in the order Marshal writes them.
+var (
+	topFields     = []string{"interfaces", "datapath", "hash_seed", "tables", "services"}
+	tablesFields  = []string{"connections", "affinity", "ring_size", "max_services", "max_backends"}
+	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "backends"}
+	backendFields = []string{"address", "port", "weight", "state"}
+)
+
+// parse decodes data and validates the result. It returns the problems
+// sorted by their position in the file, and whether some were left out.
+func parse(data []byte) (*Config, []*FieldError, bool) {
+	var doc yaml.Node
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(&doc); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, []*FieldError{{Msg: "the file is empty"}}, false
+		}
+		return nil, []*FieldError{yamlError(err)}, false
+	}
+	var next yaml.Node
+	if err := dec.Decode(&next); err == nil {
+		return nil, []*FieldError{{Line: next.Line, Msg: "a second YAML document; the configuration is one document"}}, false
+	} else if !errors.Is(err, io.EOF) {
+		return nil, []*FieldError{yamlError(err)}, false
+	}
+
+	var root *yaml.Node
+	if doc.Kind == yaml.DocumentNode && len(doc.Content) == 1 {
+		root = resolve(doc.Content[0])
+	}
+	if root == nil || isNull(root) {
+		return nil, []*FieldError{{Msg: "the file is empty"}}, false
+	}
+	if root.Kind != yaml.MappingNode {
+		return nil, []*FieldError{{Line: root.Line,
+			Msg: fmt.Sprintf("the file must be a mapping of %s; it is %s", strings.Join(topFields, ", "), describe(root))}}, false
+	}
+
+	d := &decoder{reported: make(map[string]bool)}
+	c := d.config(root)
+	if d.stopped {
+		// Too many problems already: validating the rest adds nothing.
+		return nil, d.errs, true
+	}
+
+	// Validate what was decoded. Problems at a path the decoder has already
+	// reported, or below it, are the same problem seen again through a zero
+	// value: leave them out.
+	var v validator
+	c.validate(&v)
+	errs := d.errs
+	for _, e := range v.errs {
+		if d.covers(e.Path) {
+			continue
+		}
+		// A field that is not in the file is shown at the line of what
+		// should hold it, and sorted after everything that is there.
+		switch n, exact := locate(root, e.Path); {
+		case exact:
+			e.Line, e.at = n.Line, position{n.Line, n.Column}
+		case n != nil:
+			e.Line, e.at = n.Line, end(n)
+		default:
+			e.at = end(root)
+		}
+		errs = append(errs, e)
+	}
+	if len(errs) == 0 {
+		return c, nil, false
+	}
+	slices.SortStableFunc(errs, func(a, b *FieldError) int { return a.at.compare(b.at) })
+	return nil, errs, v.truncated
+}
+
+// yamlError turns a syntax error of the YAML library, "yaml: line N: msg",
+// into a FieldError at line N.
+func yamlError(err error) *FieldError {
+	msg := strings.TrimPrefix(err.Error(), "yaml: ")
+	if rest, ok := strings.CutPrefix(msg, "line "); ok {
+		num, text, ok := strings.Cut(rest, ": ")
+		if line, err := strconv.Atoi(num); ok && err == nil {
+			return &FieldError{Line: line, Msg: text}
+		}
+	}
+	return &FieldError{Msg: msg}
+}
+
+// decoder walks the YAML node tree of a configuration into a Config, in
+// document order. It checks what a Config cannot hold (values of the wrong
+// type, numbers out of the range of their field, unparsable addresses and
+// durations, unknown and repeated fields) and leaves everything else to
+// Validate. A field it refuses is left zero.
+type decoder struct {
+	errs     []*FieldError
+	reported map[string]bool // paths of errs, and of fields not to check again
+	stopped  bool            // maxErrors reached: the rest of the file is skipped
+	services int             // decoded so far, against aliases that multiply them
+	backends int
+}
+
+func (d *decoder) fail(n *yaml.Node, path, format string, args ...any) {
+	d.reported[path] = true
+	if len(d.errs) >= maxErrors {
+		d.stopped = true
+		return
+	}
+	d.errs = append(d.errs, &FieldError{Path: path, Line: n.Line, at: position{n.Line, n.Column}, Msg: fmt.Sprintf(format, args...)})
+}
+
+// covers reports whether path, or a field that contains it, has already
+// been reported.
+func (d *decoder) covers(path string) bool {
+	for i := range len(path) {
+		if (path[i] == '.' || path[i] == '[') && d.reported[path[:i]] {
+			return true
+		}
+	}
+	return d.reported[path]
+}
+
+// mapping checks that n is a mapping of the known fields, each at most once,
+// and calls set for each field whose value is not null, in document order.
+// what names the mapping in messages ("a service").
+func (d *decoder) mapping(n *yaml.Node, path, what string, known []string, set func(name string, v *yaml.Node, path string)) {
+	if n.Kind != yaml.MappingNode {
+		d.fail(n, path, "want %s (a mapping of %s), got %s", what, strings.Join(known, ", "), describe(n))
+		return
+	}
+	seen := make(map[string]int, len(known))
+	for i := 0; i+1 < len(n.Content) && !d.stopped; i += 2 {
+		k, v := resolve(n.Content[i]), resolve(n.Content[i+1])
+		if k.Kind != yaml.ScalarNode {
+			d.fail(k, path, "a key of %s is %s; keys are field names", what, describe(k))
+			continue
+		}
+		name := k.Value
+		p := field(path, name)
+		switch line, dup := seen[name]; {
+		case name == "<<":
+			d.fail(k, p, "merge keys are not supported; write the fields out")
+		case !slices.Contains(known, name):
+			d.fail(k, p, "unknown field%s; %s has %s", suggest(name, known), what, strings.Join(known, ", "))
+		case dup:
+			d.fail(k, p, "repeated; first given at line %d", line)
+		default:
+			seen[name] = k.Line
+			if !isNull(v) {
+				set(name, v, p)
+			}
+		}
+	}
+}
+
+// list checks that n is a list and returns its items, aliases resolved.
+func (d *decoder) list(n *yaml.Node, path, what string) []*yaml.Node {
+	if n.Kind != yaml.SequenceNode {
+		d.fail(n, path, "want a list of %s, got %s", what, describe(n))
+		return nil
+	}
+	items := make([]*yaml.Node, len(n.Content))
+	for i, it := range n.Content {
+		items[i] = resolve(it)
+	}
+	return items
+}
+
+func (d *decoder) config(n *yaml.Node) *Config {
+	c := Default()
+	d.mapping(n, "", "the configuration", topFields, func(name string, v *yaml.Node, p string) {
+		switch name {
+		case "interfaces":
+			c.Interfaces = nil
+			for i, it := range d.list(v, p, "interface names") {
+				c.Interfaces = append(c.Interfaces, d.str(it, index(p, i)))
+			}
+		case "datapath":
+			c.Datapath = d.str(v, p)
+		case "hash_seed":
+			c.HashSeed = uint32(d.integer(v, p, 0, math.MaxUint32))
+		case "tables":
+			d.tables(v, p, &c.Tables)
+		case "services":
+			c.Services = nil
+			for i, it := range d.list(v, p, "services") {
+				if d.stopped {
+					break
+				}
+				if d.services++; d.services > limitMaxServices {
+					d.fail(it, index(p, i), "more than %d services", limitMaxServices)
+					break
+				}
+				c.Services = append(c.Services, d.service(it, index(p, i)))
+			}
+		}
+	})
+	return c
+}
+
+func (d *decoder) tables(n *yaml.Node, path string, t *Tables) {
+	d.mapping(n, path, "tables", tablesFields, func(name string, v *yaml.Node, p string) {
+		switch name {
+		case "connections":
+			t.Connections = uint32(d.integer(v, p, minTableEntries, maxTableEntries))
+		case "affinity":
+			t.Affinity = uint32(d.integer(v, p, minTableEntries, maxTableEntries))
+		case "ring_size":
+			t.RingSize = uint32(d.integer(v, p, minRingSize, maxRingSize))
+		case "max_services":
+			t.MaxServices = uint32(d.integer(v, p, 1, limitMaxServices))
+		case "max_backends":
+			t.MaxBackends = uint32(d.integer(v, p, 1, limitMaxBackends))
+		}
+	})
+}
+
+func (d *decoder) service(n *yaml.Node, path string) Service {
+	s := defaultService()
+	var portGiven []bool
+	d.mapping(n, path, "a service", serviceFields, func(name string, v *yaml.Node, p string) {
+		switch name {
+		case "name":
+			s.Name = d.str(v, p)
+		case "vip":
+			s.VIP = d.addr(v, p)
+		case "port":
+			s.Port = d.port(v, p)
+		case "protocol":
+			s.Protocol = d.str(v, p)
+		case "affinity":
+			s.Affinity = d.str(v, p)
+		case "affinity_timeout":
+			s.AffinityTimeout = d.duration(v, p)
+		case "forwarding":
+			s.Forwarding = d.str(v, p)
+		case "backends":
+			s.Backends, portGiven = nil, nil
+			for i, it := range d.list(v, p, "backends") {
+				if d.stopped {
+					break
+				}
+				if d.backends++; d.backends > limitMaxBackends {
+					d.fail(it, index(p, i), "more than %d backends", limitMaxBackends)
+					break
+				}
+				b, given := d.backend(it, index(p, i))
+				s.Backends = append(s.Backends, b)
+				portGiven = append(portGiven, given)
+			}
+		}
+	})
+	// A backend port defaults to the service port, which may come after the
+	// backends in the file.
+	for i := range s.Backends {
+		if portGiven[i] {
+			continue
+		}
+		if s.Port != 0 {
+			s.Backends[i].Port = s.Port
+		} else {
+			// The service port is missing or wrong, and says so.
+			d.reported[field(index(field(path, "backends"), i), "port")] = true
+		}
+	}
+	return s
+}
+
+// backend decodes one backend and reports whether its port was given.
+func (d *decoder) backend(n *yaml.Node, path string) (Backend, bool) {
+	b := defaultBackend()
+	portGiven := false
+	d.mapping(n, path, "a backend", backendFields, func(name string, v *yaml.Node, p string) {
+		switch name {
+		case "address":
+			b.Address = d.addr(v, p)
+		case "port":
+			b.Port = d.port(v, p)
+			portGiven = true
+		case "weight":
+			b.Weight = uint32(d.integer(v, p, 0, MaxWeight))
+		case "state":
+			b.State = d.str(v, p)
+		}
+	})
+	return b, portGiven
+}
+
+// str returns the text of a scalar. Any scalar is taken as it is written:
+// `name: 443` is the name "443".
+func (d *decoder) str(n *yaml.Node, path string) string {
+	if n.Kind != yaml.ScalarNode || isNull(n) {
+		d.fail(n, path, "want a string, got %s", describe(n))
+		return ""
+	}
+	return n.Value
+}
+
+// integer returns an integer scalar in lo..hi, or 0 after reporting why it
+// is not one.
+func (d *decoder) integer(n *yaml.Node, path string, lo, hi int64) int64 {
+	if n.Kind != yaml.ScalarNode || isNull(n) {
+		d.fail(n, path, "want a number, got %s", describe(n))
+		return 0
+	}
+	switch n.ShortTag() {
+	case "!!int":
+		var i int64
+		if err := n.Decode(&i); err != nil {
+			var u uint64
+			if n.Decode(&u) != nil {
+				d.fail(n, path, "%s is not a number", n.Value)
+				return 0
+			}
+			// Larger than any int64: out of range below.
+			i = math.MaxInt64
+		}
+		if i < lo || i > hi {
+			d.fail(n, path, "%s is out of range %d..%d", n.Value, lo, hi)
+			return 0
+		}
+		return i
+	case "!!float":
+		d.fail(n, path, "%s is not a whole number", n.Value)
+	case "!!str":
+		if _, err := strconv.ParseInt(strings.TrimSpace(n.Value), 0, 64); err == nil {
+			d.fail(n, path, "%q is a string; write the number without quotes", n.Value)
+		} else {
+			d.fail(n, path, "%q is not a number", n.Value)
+		}
+	default:
+		d.fail(n, path, "%s is not a number", n.Value)
+	}
+	return 0
+}
+
+func (d *decoder) port(n *yaml.Node, path string) uint16 {
+	return uint16(d.integer(n, path, 1, math.MaxUint16))
+}
+
+func (d *decoder) addr(n *yaml.Node, path string) netip.Addr {
+	if n.Kind != yaml.ScalarNode || isNull(n) {
+		d.fail(n, path, "want an IP address, got %s", describe(n))
+		return netip.Addr{}
+	}
+	s := n.Value
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		hint := ""
+		if strings.Contains(s, "/") {
+			hint = " (write the address without a prefix length)"
+		}
+		d.fail(n, path, "%q is not an IP address%s", s, hint)
+		return netip.Addr{}
+	}
+	return a
+}
+
+func (d *decoder) duration(n *yaml.Node, path string) time.Duration {
+	if n.Kind != yaml.ScalarNode || isNull(n) {
+		d.fail(n, path, "want a duration such as 3h or 90m, got %s", describe(n))
+		return 0
+	}
+	if tag := n.ShortTag(); tag == "!!int" || tag == "!!float" {
+		d.fail(n, path, "%s has no unit; write a duration such as 3h or 90m", n.Value)
+		return 0
+	}
+	t, err := time.ParseDuration(n.Value)
+	if err != nil {
+		d.fail(n, path, "%q is not a duration (write it as 3h, 90m or 1h30m)", n.Value)
+		return 0
+	}
+	return t
+}
+
+// resolve follows aliases to the node they name.
+func resolve(n *yaml.Node) *yaml.Node {
+	for n.Kind == yaml.AliasNode && n.Alias != nil {
+		n = n.Alias
+	}
+	return n
+}
+
+func isNull(n *yaml.Node) bool {
+	return n.Kind == yaml.ScalarNode && n.ShortTag() == "!!null"
+}
+
+// describe names a node's kind for messages: a mapping, a list, or the
+// quoted text of a scalar.
+func describe(n *yaml.Node) string {
+	switch n.Kind {
+	case yaml.MappingNode:
+		return "a mapping"
+	case yaml.SequenceNode:
+		return "a list"
+	case yaml.ScalarNode:
+		if isNull(n) {
+			return "null"
+		}
+		return strconv.Quote(n.Value)
+	}
+	return "nothing"
+}
+
+// locate finds where a validation path is in the file. For a field that is
+// there it returns its key (the key's line is the field's) or list item, and
+// true. For a field that is not, it returns the deepest mapping or list that
+// should hold it, and false, or nil when that is the top level.
+func locate(root *yaml.Node, path string) (*yaml.Node, bool) {
+	n := root
+	var found *yaml.Node // the key or item path names so far
+	for path != "" {
+		var next *yaml.Node
+		if path[0] == '[' {
+			end := strings.IndexByte(path, ']')
+			if end < 0 || n.Kind != yaml.SequenceNode {
+				break
+			}
+			i, err := strconv.Atoi(path[1:end])
+			if err != nil || i < 0 || i >= len(n.Content) {
+				break
+			}
+			next, path = resolve(n.Content[i]), path[end+1:]
+			found = next
+		} else {
+			path = strings.TrimPrefix(path, ".")
+			end := strings.IndexAny(path, ".[")
+			if end < 0 {
+				end = len(path)
+			}
+			if n.Kind != yaml.MappingNode {
+				break
+			}
+			name := path[:end]
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				if k := resolve(n.Content[i]); k.Kind == yaml.ScalarNode && k.Value == name {
+					found, next = k, resolve(n.Content[i+1])
+					break
+				}
+			}
+			if next == nil {
+				break
+			}
+			path = path[end:]
+		}
+		n = next
+	}
+	switch {
+	case path == "":
+		return found, true
+	case n == root:
+		return nil, false
+	}
+	return n, false
+}
+
+// end returns a position just after the last node below n, or after n
+// itself when it is empty.
+func end(n *yaml.Node) position {
+	for len(n.Content) > 0 {
+		n = resolve(n.Content[len(n.Content)-1])
+	}
+	return position{n.Line, n.Column + 1}
+}
+
+// suggest returns ` (did you mean "x"?)` for the known field nearest to
+// name: within two edits (a swap of neighbours counts as one), or else
+// sharing its first four letters.
+func suggest(name string, known []string) string {
+	best, bestDist := "", 3
+	for _, k := range known {
+		if dist := distance(name, k); dist < bestDist {
+			best, bestDist = k, dist
+		}
+	}
+	if best == "" {
+		for _, k := range known {
+			if len(name) >= 4 && strings.HasPrefix(k, name[:4]) {
+				best = k
+				break
+			}
+		}
+	}
+	if best == "" {
+		return ""
+	}
+	return fmt.Sprintf(" (did you mean %q?)", best)
+}
+
+// distance is the optimal string alignment distance between a and b: the
+// edits (insert, delete, replace, swap of neighbours) that turn one into
+// the other.
+func distance(a, b string) int {
+	prev2 := make([]int, len(b)+1)
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+			if i > 1 && j > 1 && a[i-1] == b[j-2] && a[i-2] == b[j-1] {
+				cur[j] = min(cur[j], prev2[j-2]+1)
+			}
+		}
+		prev2, prev, cur = prev, cur, prev2
+	}
+	return prev[len(b)]
+}

@@ -1,0 +1,98 @@
+package config
+
+import (
+	"bytes"
+	"fmt"
+	"net/netip"
+	"strconv"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Marshal writes the configuration as YAML in the file schema, every field
+// spelled out (defaults included), so that Parse(Marshal(c)) equals c for
+// any c that Parse returns. It writes c as it is, without validating it.
+func (c *Config) Marshal() ([]byte, error) {
+	services := &yaml.Node{Kind: yaml.SequenceNode}
+	for _, s := range c.Services {
+		services.Content = append(services.Content, serviceNode(s))
+	}
+	interfaces := &yaml.Node{Kind: yaml.SequenceNode, Style: yaml.FlowStyle}
+	for _, name := range c.Interfaces {
+		interfaces.Content = append(interfaces.Content, str(name))
+	}
+	t := c.Tables
+	root := mapping(
+		"interfaces", interfaces,
+		"datapath", str(c.Datapath),
+		"hash_seed", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!int", Value: fmt.Sprintf("0x%08x", c.HashSeed)},
+		"tables", mapping(
+			"connections", integer(t.Connections),
+			"affinity", integer(t.Affinity),
+			"ring_size", integer(t.RingSize),
+			"max_services", integer(t.MaxServices),
+			"max_backends", integer(t.MaxBackends),
+		),
+		"services", services,
+	)
+
+	var buf bytes.Buffer
+	enc := yaml.NewEncoder(&buf)
+	enc.SetIndent(2)
+	if err := enc.Encode(root); err != nil {
+		return nil, fmt.Errorf("config: marshal: %w", err)
+	}
+	if err := enc.Close(); err != nil {
+		return nil, fmt.Errorf("config: marshal: %w", err)
+	}
+	return buf.Bytes(), nil
+}
+
+func serviceNode(s Service) *yaml.Node {
+	backends := &yaml.Node{Kind: yaml.SequenceNode}
+	for _, b := range s.Backends {
+		backends.Content = append(backends.Content, mapping(
+			"address", addr(b.Address),
+			"port", integer(b.Port),
+			"weight", integer(b.Weight),
+			"state", str(b.State),
+		))
+	}
+	return mapping(
+		"name", str(s.Name),
+		"vip", addr(s.VIP),
+		"port", integer(s.Port),
+		"protocol", str(s.Protocol),
+		"affinity", str(s.Affinity),
+		"affinity_timeout", str(s.AffinityTimeout.String()),
+		"forwarding", str(s.Forwarding),
+		"backends", backends,
+	)
+}
+
+// mapping builds a mapping node from alternating keys and value nodes.
+func mapping(kv ...any) *yaml.Node {
+	n := &yaml.Node{Kind: yaml.MappingNode}
+	for i := 0; i+1 < len(kv); i += 2 {
+		n.Content = append(n.Content, str(kv[i].(string)), kv[i+1].(*yaml.Node))
+	}
+	return n
+}
+
+// str is a string scalar; the encoder quotes it where it would read back
+// as another type.
+func str(s string) *yaml.Node {
+	return &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Value: s}
+}
+
+func integer[T uint16 | uint32](v T) *yaml.Node {
+	return &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!int", Value: strconv.FormatUint(uint64(v), 10)}
+}
+
+// addr writes an address, or an empty string for the zero Addr.
+func addr(a netip.Addr) *yaml.Node {
+	if !a.IsValid() {
+		return str("")
+	}
+	return str(a.String())
+}

@@ -1,0 +1,331 @@
+package config
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"net/netip"
+	"regexp"
+	"slices"
+	"strings"
+	"unicode"
+)
+
+// FieldError is one problem with a configuration, tied to the field it is
+// about.
+type FieldError struct {
+	// File is the configuration file, when the configuration was loaded
+	// from one.
+	File string
+	// Line is the line of the field in the YAML source, 1-based; 0 when the
+	// configuration was not decoded from YAML or the field is absent.
+	Line int
+	// Path names the field, such as "services[0].backends[2].port"; empty
+	// for a problem with the file as a whole.
+	Path string
+	// Msg says what is wrong and, where it helps, what is wanted instead.
+	Msg string
+
+	at position // where the problem sorts among the others
+}
+
+// position is a place in the YAML source, 1-based.
+type position struct{ line, column int }
+
+func (p position) compare(q position) int {
+	return cmp.Or(cmp.Compare(p.line, q.line), cmp.Compare(p.column, q.column))
+}
+
+// Error formats the problem as "config: FILE: line N: PATH: MSG", leaving
+// out the parts that are not known.
+func (e *FieldError) Error() string {
+	var b strings.Builder
+	b.WriteString("config: ")
+	if e.File != "" {
+		b.WriteString(e.File + ": ")
+	}
+	if e.Line > 0 {
+		fmt.Fprintf(&b, "line %d: ", e.Line)
+	}
+	if e.Path != "" {
+		b.WriteString(e.Path + ": ")
+	}
+	b.WriteString(e.Msg)
+	return b.String()
+}
+
+// maxErrors bounds the problems collected from one configuration, so that
+// a broken file of a million backends costs no more than a short one.
+const maxErrors = 1000
+
+// maxReported is the number of problems an error message lists.
+const maxReported = 20
+
+// joinErrors returns nil for no problem, the *FieldError itself for one, and
+// for several an error whose message lists the first maxReported of them,
+// one per line, and which unwraps to every *FieldError.
+func joinErrors(errs []*FieldError, truncated bool) error {
+	switch {
+	case len(errs) == 0:
+		return nil
+	case len(errs) == 1 && !truncated:
+		return errs[0]
+	}
+	list := make([]error, 0, min(len(errs), maxReported)+1)
+	for _, e := range errs[:min(len(errs), maxReported)] {
+		list = append(list, e)
+	}
+	if len(errs) > maxReported || truncated {
+		more := fmt.Sprintf("%d", len(errs)-maxReported)
+		if truncated {
+			more = "more than " + fmt.Sprint(maxErrors-maxReported)
+		}
+		list = append(list, fmt.Errorf("config: %s further problems not shown", more))
+	}
+	return errors.Join(list...)
+}
+
+// validator collects the problems of a Config in the order of its fields.
+type validator struct {
+	errs      []*FieldError
+	truncated bool
+}
+
+func (v *validator) add(path, format string, args ...any) {
+	if len(v.errs) >= maxErrors {
+		v.truncated = true
+		return
+	}
+	v.errs = append(v.errs, &FieldError{Path: path, Msg: fmt.Sprintf(format, args...)})
+}
+
+// Validate checks a configuration as Parse would after decoding: every
+// field in its range, the cross-field rules (address families, duplicates,
+// table capacity), and the modes that are known but not supported yet. It
+// does not apply defaults: a zero field is checked as it is. The error
+// lists every problem, each a *FieldError (see errors.As).
+func (c *Config) Validate() error {
+	if c == nil {
+		return &FieldError{Msg: "no configuration"}
+	}
+	var v validator
+	c.validate(&v)
+	return joinErrors(v.errs, v.truncated)
+}
+
+func (c *Config) validate(v *validator) {
+	datapathOK := true
+	switch c.Datapath {
+	case DatapathAuto, DatapathXDP, DatapathXDPGeneric, DatapathSplice:
+	default:
+		datapathOK = false
+	}
+
+	if len(c.Interfaces) == 0 && datapathOK && c.Datapath != DatapathSplice {
+		v.add("interfaces", "at least one interface is required with datapath %s (only splice runs without)", c.Datapath)
+	}
+	for i, name := range c.Interfaces {
+		p := index("interfaces", i)
+		if !validIfname(name) {
+			v.add(p, "%q is not an interface name (1-15 characters, none of '/', ':' or whitespace)", name)
+		} else if j := slices.Index(c.Interfaces[:i], name); j >= 0 {
+			v.add(p, "%q is already listed as interfaces[%d]", name, j)
+		}
+	}
+	if !datapathOK {
+		v.add("datapath", "unknown datapath %q (want auto, xdp, xdp-generic or splice)", c.Datapath)
+	}
+
+	t := c.Tables
+	inRange(v, "tables.connections", t.Connections, minTableEntries, maxTableEntries)
+	inRange(v, "tables.affinity", t.Affinity, minTableEntries, maxTableEntries)
+	if inRange(v, "tables.ring_size", t.RingSize, minRingSize, maxRingSize) && !isPrime(t.RingSize) {
+		v.add("tables.ring_size", "%d is not prime (the default is %d)", t.RingSize, defaultRingSize)
+	}
+	maxServicesOK := inRange(v, "tables.max_services", t.MaxServices, 1, limitMaxServices)
+	maxBackendsOK := inRange(v, "tables.max_backends", t.MaxBackends, 1, limitMaxBackends)
+
+	if maxServicesOK && len(c.Services) > int(t.MaxServices) {
+		v.add("services", "%d services are more than tables.max_services (%d)", len(c.Services), t.MaxServices)
+	}
+	names := make(map[string]int, len(c.Services))
+	keys := make(map[string]int, len(c.Services))
+	backends := 0
+	for i := range c.Services {
+		s := &c.Services[i]
+		p := index("services", i)
+		if validName(s.Name) {
+			if j, ok := names[s.Name]; ok {
+				v.add(field(p, "name"), "%q is already the name of services[%d]", s.Name, j)
+			} else {
+				names[s.Name] = i
+			}
+		}
+		if s.validate(v, p) {
+			if j, ok := keys[s.Key()]; ok {
+				v.add(p, "%s is already defined by services[%d] (%q)", s.Key(), j, c.Services[j].Name)
+			} else {
+				keys[s.Key()] = i
+			}
+		}
+		for j := range s.Backends {
+			backends++
+			if maxBackendsOK && backends == int(t.MaxBackends)+1 {
+				v.add(index(field(p, "backends"), j), "more than tables.max_backends (%d) backends over all services", t.MaxBackends)
+			}
+		}
+	}
+}
+
+// validate checks one service and its backends, and reports whether the
+// service's key (VIP, port and protocol) is valid, so that duplicates can
+// be looked for.
+func (s *Service) validate(v *validator, p string) bool {
+	if s.Name == "" {
+		v.add(field(p, "name"), "missing")
+	} else if !validName(s.Name) {
+		v.add(field(p, "name"), "%q is not a service name (lower-case letters, digits, '_', '.' and '-', starting with a letter or digit, at most 63 characters)", s.Name)
+	}
+
+	vipOK := checkAddr(v, field(p, "vip"), s.VIP, true)
+	portOK := checkPort(v, field(p, "port"), s.Port)
+	protoOK := s.ProtoNumber() != 0
+	if !protoOK {
+		v.add(field(p, "protocol"), "unknown protocol %q (want tcp or udp)", s.Protocol)
+	}
+	if s.Affinity != AffinitySource && s.Affinity != AffinityConnection {
+		v.add(field(p, "affinity"), "unknown mode %q (want source or connection)", s.Affinity)
+	}
+	if s.AffinityTimeout <= 0 || s.AffinityTimeout > MaxAffinityTimeout {
+		v.add(field(p, "affinity_timeout"), "%s is out of range (want more than 0 and at most 720h)", s.AffinityTimeout)
+	}
+	dsr := false
+	switch s.Forwarding {
+	case ForwardingDSR:
+		dsr = true
+	case ForwardingIPIP, ForwardingNAT:
+		v.add(field(p, "forwarding"), "%q is not supported yet (use dsr)", s.Forwarding)
+	default:
+		v.add(field(p, "forwarding"), "unknown mode %q (want dsr)", s.Forwarding)
+	}
+
+	keys := make(map[string]int, len(s.Backends))
+	for j, b := range s.Backends {
+		bp := index(field(p, "backends"), j)
+		addrOK := checkAddr(v, field(bp, "address"), b.Address, false)
+		if addrOK && vipOK && b.Address.Is4() != s.VIP.Is4() {
+			v.add(field(bp, "address"), "%s is %s but the vip %s is %s", b.Address, family(b.Address), s.VIP, family(s.VIP))
+			addrOK = false
+		}
+		bportOK := checkPort(v, field(bp, "port"), b.Port)
+		if bportOK && portOK && dsr && b.Port != s.Port {
+			v.add(field(bp, "port"), "%d differs from the service port %d: dsr forwarding rewrites the MAC address only, it cannot change the port (leave the port out or make it %d)", b.Port, s.Port, s.Port)
+			bportOK = false
+		}
+		if addrOK && vipOK && bportOK && portOK && b.Address == s.VIP && b.Port == s.Port {
+			v.add(bp, "%s is the service itself", b.Key())
+			addrOK = false
+		}
+		if b.Weight > MaxWeight {
+			v.add(field(bp, "weight"), "%d is out of range 0..%d", b.Weight, MaxWeight)
+		}
+		if b.State != StateActive && b.State != StateDraining {
+			v.add(field(bp, "state"), "unknown state %q (want active or draining)", b.State)
+		}
+		if addrOK && bportOK {
+			if k, ok := keys[b.Key()]; ok {
+				v.add(bp, "%s is already listed as backends[%d]", b.Key(), k)
+			} else {
+				keys[b.Key()] = j
+			}
+		}
+	}
+	return vipOK && portOK && protoOK
+}
+
+// inRange reports whether n lies in lo..hi, and adds a problem if not.
+func inRange(v *validator, path string, n, lo, hi uint32) bool {
+	if n < lo || n > hi {
+		v.add(path, "%d is out of range %d..%d", n, lo, hi)
+		return false
+	}
+	return true
+}
+
+func checkPort(v *validator, path string, port uint16) bool {
+	if port == 0 {
+		v.add(path, "missing (want 1..65535)")
+		return false
+	}
+	return true
+}
+
+// checkAddr reports whether a is usable as a VIP (vip) or as a backend
+// address, and adds a problem if not.
+func checkAddr(v *validator, path string, a netip.Addr, vip bool) bool {
+	var problem string
+	switch {
+	case !a.IsValid():
+		v.add(path, "missing")
+		return false
+	case a.Zone() != "":
+		problem = "has a zone; zones are not supported"
+	case a.Is4In6():
+		problem = fmt.Sprintf("is an IPv4-mapped IPv6 address; write it as %s", a.Unmap())
+	case a.IsUnspecified():
+		problem = "is the unspecified address"
+	case a.IsMulticast():
+		problem = "is a multicast address"
+	case a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		problem = "is the broadcast address"
+	case vip && a.IsLoopback():
+		problem = "is a loopback address"
+	default:
+		return true
+	}
+	v.add(path, "%s %s", a, problem)
+	return false
+}
+
+func family(a netip.Addr) string {
+	if a.Is4() {
+		return "IPv4"
+	}
+	return "IPv6"
+}
+
+var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_.-]{0,62}$`)
+
+func validName(s string) bool { return nameRE.MatchString(s) }
+
+// validIfname follows the kernel's dev_valid_name: 1 to 15 bytes (IFNAMSIZ
+// less the NUL), not "." or "..", no '/', ':' or whitespace. Control
+// characters are refused too.
+func validIfname(s string) bool {
+	if len(s) == 0 || len(s) > 15 || s == "." || s == ".." {
+		return false
+	}
+	for _, r := range s {
+		if r == '/' || r == ':' || unicode.IsSpace(r) || !unicode.IsPrint(r) {
+			return false
+		}
+	}
+	return true
+}
+
+// isPrime reports whether n is prime by trial division, which is plenty for
+// ring sizes up to a million.
+func isPrime(n uint32) bool {
+	if n < 2 {
+		return false
+	}
+	if n%2 == 0 {
+		return n == 2
+	}
+	for d := uint64(3); d*d <= uint64(n); d += 2 {
+		if uint64(n)%d == 0 {
+			return false
+		}
+	}
+	return true
+}

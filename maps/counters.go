@@ -1,0 +1,112 @@
+package maps
+
+import (
+	"fmt"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/tetherlb/tether/bpf"
+)
+
+// BackendCounters are a backend's counters summed over CPUs.
+type BackendCounters struct {
+	Packets  uint64 `json:"packets"`
+	Bytes    uint64 `json:"bytes"`
+	NewConns uint64 `json:"new_connections"`
+}
+
+// ServiceCounters are a service's counters summed over CPUs.
+type ServiceCounters struct {
+	NewConns       uint64 `json:"new_connections"`
+	AffinityHits   uint64 `json:"affinity_hits"`
+	AffinityMisses uint64 `json:"affinity_misses"`
+}
+
+// BackendCounters sums backend id's per-CPU counters.
+func (m *Maps) BackendCounters(id uint32) (BackendCounters, error) {
+	var per []bpf.TetherBackendStats
+	if err := m.m.BeStats.Lookup(id, &per); err != nil {
+		return BackendCounters{}, fmt.Errorf("read counters of backend %d: %w", id, err)
+	}
+	var c BackendCounters
+	for _, p := range per {
+		c.Packets += p.Packets
+		c.Bytes += p.Bytes
+		c.NewConns += p.NewConns
+	}
+	return c, nil
+}
+
+// ResetBackendCounters zeroes backend id's counters (when its id is reused).
+func (m *Maps) ResetBackendCounters(id uint32) error {
+	n, err := ebpf.PossibleCPU()
+	if err != nil {
+		return fmt.Errorf("reset counters of backend %d: %w", id, err)
+	}
+	per := make([]bpf.TetherBackendStats, n)
+	if err := m.m.BeStats.Put(id, per); err != nil {
+		return fmt.Errorf("reset counters of backend %d: %w", id, err)
+	}
+	return nil
+}
+
+// ServiceCounters sums service id's per-CPU counters.
+func (m *Maps) ServiceCounters(id uint32) (ServiceCounters, error) {
+	var per []bpf.TetherServiceStats
+	if err := m.m.SvcStats.Lookup(id, &per); err != nil {
+		return ServiceCounters{}, fmt.Errorf("read counters of service %d: %w", id, err)
+	}
+	var c ServiceCounters
+	for _, p := range per {
+		c.NewConns += p.NewConns
+		c.AffinityHits += p.AffinityHits
+		c.AffinityMisses += p.AffinityMiss
+	}
+	return c, nil
+}
+
+// Reasons returns the packets passed to the kernel or dropped, by reason:
+// "pass_not_vip", "drop_truncated"... Forwarded packets are counted per
+// backend instead.
+func (m *Maps) Reasons() (map[string]uint64, error) {
+	out := make(map[string]uint64, int(bpf.TetherReasonR_MAX))
+	for r := bpf.TetherReasonR_PARSED + 1; r < bpf.TetherReasonR_MAX; r++ {
+		var per []uint64
+		if err := m.m.Reasons.Lookup(uint32(r), &per); err != nil {
+			return nil, fmt.Errorf("read reason %d: %w", r, err)
+		}
+		var n uint64
+		for _, p := range per {
+			n += p
+		}
+		out[ReasonName(r)] = n
+	}
+	return out, nil
+}
+
+// reasonNames follows enum reason in bpf/consts.h; a test checks the count.
+var reasonNames = [...]string{
+	bpf.TetherReasonR_PARSED:          "",
+	bpf.TetherReasonR_PASS_NOT_IP:     "pass_not_ip",
+	bpf.TetherReasonR_PASS_NOT_VIP:    "pass_not_vip",
+	bpf.TetherReasonR_PASS_NOT_L4:     "pass_not_tcp_udp",
+	bpf.TetherReasonR_PASS_IP_OPTIONS: "pass_ipv4_options",
+	bpf.TetherReasonR_PASS_FRAGMENT:   "pass_ipv4_fragment",
+	bpf.TetherReasonR_PASS_IPV6EXT:    "pass_ipv6_extension",
+	bpf.TetherReasonR_PASS_VLAN_STACK: "pass_vlan_stack",
+	bpf.TetherReasonR_DROP_TRUNCATED:  "drop_truncated",
+	bpf.TetherReasonR_DROP_BAD_HEADER: "drop_bad_header",
+	bpf.TetherReasonR_DROP_NO_BACKEND: "drop_no_backend",
+	bpf.TetherReasonR_DROP_TX_FAILED:  "drop_tx_failed",
+}
+
+// ReasonName is the name of a reason as counters and metrics show it.
+func ReasonName(r bpf.TetherReason) string {
+	if int(r) < len(reasonNames) {
+		return reasonNames[r]
+	}
+	return fmt.Sprintf("reason_%d", r)
+}
+
+// ReasonCount is the number of reasons the program counts.
+const ReasonCount = int(bpf.TetherReasonR_MAX) - 1

@@ -1,0 +1,193 @@
+package maps
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/tetherlb/tether/bpf"
+	"github.com/tetherlb/tether/maglev"
+)
+
+// Flow is one connection-table entry.
+type Flow struct {
+	Client  netip.AddrPort
+	VIP     netip.AddrPort
+	Proto   uint8
+	Service uint32
+	Backend uint32
+}
+
+// flowKey6 is the key of flow client → vip in the IPv6 connection table.
+func flowKey6(client, vip netip.AddrPort, proto uint8) bpf.TetherFlowKey {
+	return bpf.TetherFlowKey{
+		Src:   maglev.AddrWords(client.Addr()),
+		Dst:   maglev.AddrWords(vip.Addr()),
+		Sport: Port(client.Port()),
+		Dport: Port(vip.Port()),
+		Proto: proto,
+	}
+}
+
+// flowKey4 is the key of flow client → vip in the IPv4 connection table.
+func flowKey4(client, vip netip.AddrPort, proto uint8) bpf.TetherFlowKey4 {
+	return bpf.TetherFlowKey4{
+		Src:   maglev.AddrWords(client.Addr())[0],
+		Dst:   maglev.AddrWords(vip.Addr())[0],
+		Sport: Port(client.Port()),
+		Dport: Port(vip.Port()),
+		Proto: proto,
+	}
+}
+
+func flow6(k bpf.TetherFlowKey, v bpf.TetherConn) Flow {
+	return Flow{
+		Client:  netip.AddrPortFrom(addrOf(k.Src, afInet6), HostPort(k.Sport)),
+		VIP:     netip.AddrPortFrom(addrOf(k.Dst, afInet6), HostPort(k.Dport)),
+		Proto:   k.Proto,
+		Service: v.Service,
+		Backend: v.Backend,
+	}
+}
+
+func flow4(k bpf.TetherFlowKey4, v bpf.TetherConn) Flow {
+	return Flow{
+		Client:  netip.AddrPortFrom(addrOf([4]uint32{k.Src}, afInet), HostPort(k.Sport)),
+		VIP:     netip.AddrPortFrom(addrOf([4]uint32{k.Dst}, afInet), HostPort(k.Dport)),
+		Proto:   k.Proto,
+		Service: v.Service,
+		Backend: v.Backend,
+	}
+}
+
+// Flows lists the connection tables, IPv4 then IPv6. The tables change
+// while they are read, so the listing is a best-effort snapshot.
+func (m *Maps) Flows() ([]Flow, error) {
+	out, err := list(m.m.Conns4, flow4)
+	if err != nil {
+		return out, err
+	}
+	out6, err := list(m.m.Conns6, flow6)
+	return append(out, out6...), err
+}
+
+func list[K, V any](mp *ebpf.Map, conv func(K, V) Flow) ([]Flow, error) {
+	var (
+		out []Flow
+		k   K
+		v   V
+	)
+	it := mp.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, conv(k, v))
+	}
+	if err := it.Err(); err != nil {
+		return out, fmt.Errorf("list flows: %w", err)
+	}
+	return out, nil
+}
+
+// LookupFlow reads the connection-table entry of one flow.
+func (m *Maps) LookupFlow(client, vip netip.AddrPort, proto uint8) (Flow, bool, error) {
+	var (
+		v   bpf.TetherConn
+		err error
+		f   Flow
+	)
+	if client.Addr().Unmap().Is4() {
+		k := flowKey4(client, vip, proto)
+		err = m.m.Conns4.Lookup(&k, &v)
+		f = flow4(k, v)
+	} else {
+		k := flowKey6(client, vip, proto)
+		err = m.m.Conns6.Lookup(&k, &v)
+		f = flow6(k, v)
+	}
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return Flow{}, false, nil
+	}
+	if err != nil {
+		return Flow{}, false, fmt.Errorf("lookup flow: %w", err)
+	}
+	return f, true, nil
+}
+
+// FlushFlows empties the connection tables and returns how many entries it removed.
+func (m *Maps) FlushFlows() (int, error) {
+	n4, err := flush[bpf.TetherFlowKey4, bpf.TetherConn](m.m.Conns4)
+	if err != nil {
+		return n4, err
+	}
+	n6, err := flush[bpf.TetherFlowKey, bpf.TetherConn](m.m.Conns6)
+	return n4 + n6, err
+}
+
+// FlushAffinities empties the affinity table and returns how many entries it removed.
+func (m *Maps) FlushAffinities() (int, error) {
+	return flush[bpf.TetherAffinityKey, bpf.TetherAffinity](m.m.Affinities)
+}
+
+func flush[K, V any](mp *ebpf.Map) (int, error) {
+	var (
+		keys []K
+		k    K
+		v    V
+	)
+	it := mp.Iterate()
+	for it.Next(&k, &v) {
+		keys = append(keys, k)
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("flush %s: %w", mp, err)
+	}
+	n := 0
+	for i := range keys {
+		if err := mp.Delete(&keys[i]); err == nil {
+			n++
+		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return n, fmt.Errorf("flush %s: %w", mp, err)
+		}
+	}
+	return n, nil
+}
+
+// Affinity is one affinity-table entry.
+type Affinity struct {
+	Backend uint32
+	Age     time.Duration // since the client's last new connection
+}
+
+// LookupAffinity reads the affinity entry of client for service id.
+func (m *Maps) LookupAffinity(service uint32, client netip.Addr) (Affinity, bool, error) {
+	k := bpf.TetherAffinityKey{Addr: maglev.AddrWords(client), Service: service}
+	var v bpf.TetherAffinity
+	if err := m.m.Affinities.Lookup(&k, &v); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Affinity{}, false, nil
+		}
+		return Affinity{}, false, fmt.Errorf("lookup affinity: %w", err)
+	}
+	return Affinity{Backend: v.Backend, Age: time.Duration(monotonicNow() - v.LastSeenNs)}, true, nil
+}
+
+// PutAffinity writes an affinity entry whose last use lies age in the past.
+// The daemon does not need it; tests use it to age entries.
+func (m *Maps) PutAffinity(service uint32, client netip.Addr, backend uint32, age time.Duration) error {
+	k := bpf.TetherAffinityKey{Addr: maglev.AddrWords(client), Service: service}
+	v := bpf.TetherAffinity{Backend: backend, LastSeenNs: monotonicNow() - uint64(age)}
+	if err := m.m.Affinities.Put(&k, &v); err != nil {
+		return fmt.Errorf("put affinity: %w", err)
+	}
+	return nil
+}
+
+// monotonicNow is bpf_ktime_get_ns: CLOCK_MONOTONIC in nanoseconds.
+func monotonicNow() uint64 {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return uint64(ts.Nano())
+}
