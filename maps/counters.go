@@ -6,21 +6,14 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/tetherlb/tether/bpf"
+	"github.com/tetherlb/tether/datapath"
 )
 
 // BackendCounters are a backend's counters summed over CPUs.
-type BackendCounters struct {
-	Packets  uint64 `json:"packets"`
-	Bytes    uint64 `json:"bytes"`
-	NewConns uint64 `json:"new_connections"`
-}
+type BackendCounters = datapath.BackendCounters
 
 // ServiceCounters are a service's counters summed over CPUs.
-type ServiceCounters struct {
-	NewConns       uint64 `json:"new_connections"`
-	AffinityHits   uint64 `json:"affinity_hits"`
-	AffinityMisses uint64 `json:"affinity_misses"`
-}
+type ServiceCounters = datapath.ServiceCounters
 
 // BackendCounters sums backend id's per-CPU counters.
 func (m *Maps) BackendCounters(id uint32) (BackendCounters, error) {

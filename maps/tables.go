@@ -10,17 +10,12 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tetherlb/tether/bpf"
+	"github.com/tetherlb/tether/datapath"
 	"github.com/tetherlb/tether/maglev"
 )
 
 // Flow is one connection-table entry.
-type Flow struct {
-	Client  netip.AddrPort
-	VIP     netip.AddrPort
-	Proto   uint8
-	Service uint32
-	Backend uint32
-}
+type Flow = datapath.Flow
 
 // flowKey6 is the key of flow client → vip in the IPv6 connection table.
 func flowKey6(client, vip netip.AddrPort, proto uint8) bpf.TetherFlowKey {

@@ -1,0 +1,107 @@
+// Package datapath is the contract between tether's control plane and the
+// datapaths that forward packets: the XDP program (loader.XDP) and the
+// userspace splice proxy. The control plane computes everything (ids,
+// Maglev rings, backend states) and hands a datapath whole services; a
+// datapath applies a service all at once or not at all.
+package datapath
+
+import (
+	"net/netip"
+	"time"
+)
+
+// State is a backend's state as a datapath applies it.
+type State uint8
+
+// Backend states.
+const (
+	// Active backends are in the ring and take new connections.
+	Active State = 1
+	// Draining backends are out of the ring; their established connections
+	// keep flowing, and affinity no longer sends new connections to them.
+	Draining State = 2
+	// Down backends are out of the ring and affinity entries to them are
+	// ignored; established connections keep flowing.
+	Down State = 3
+)
+
+func (s State) String() string {
+	switch s {
+	case Active:
+		return "active"
+	case Draining:
+		return "draining"
+	case Down:
+		return "down"
+	}
+	return "unknown"
+}
+
+// Backend is a backend of one service. Its ID is unique over all services.
+type Backend struct {
+	ID     uint32
+	Addr   netip.Addr
+	Port   uint16
+	Weight uint32
+	State  State
+}
+
+// Service is a service with everything a datapath needs to serve it.
+type Service struct {
+	ID              uint32
+	Name            string
+	VIP             netip.Addr
+	Port            uint16
+	Proto           uint8 // 6 (TCP) or 17 (UDP)
+	SourceAffinity  bool
+	AffinityTimeout time.Duration
+	Backends        []Backend
+	Ring            []uint32 // Maglev ring of backend IDs (0: no backend)
+}
+
+// BackendCounters are a backend's counters since its ID was assigned.
+type BackendCounters struct {
+	Packets  uint64 `json:"packets"`
+	Bytes    uint64 `json:"bytes"`
+	NewConns uint64 `json:"new_connections"`
+}
+
+// ServiceCounters are a service's counters.
+type ServiceCounters struct {
+	NewConns       uint64 `json:"new_connections"`
+	AffinityHits   uint64 `json:"affinity_hits"`
+	AffinityMisses uint64 `json:"affinity_misses"`
+}
+
+// Counters is a snapshot of a datapath's counters.
+type Counters struct {
+	Services map[uint32]ServiceCounters `json:"services"`
+	Backends map[uint32]BackendCounters `json:"backends"`
+	// Reasons counts packets passed to the kernel or dropped, by reason.
+	Reasons map[string]uint64 `json:"reasons"`
+}
+
+// Flow is one tracked connection.
+type Flow struct {
+	Client  netip.AddrPort `json:"client"`
+	VIP     netip.AddrPort `json:"vip"`
+	Proto   uint8          `json:"proto"`
+	Service uint32         `json:"service"`
+	Backend uint32         `json:"backend"`
+}
+
+// Datapath forwards the traffic of services to their backends.
+type Datapath interface {
+	// Modes says how the datapath runs, per interface ("eth0" → "xdp").
+	Modes() map[string]string
+	// UpsertService creates or replaces a service whole.
+	UpsertService(Service) error
+	// DeleteService stops serving a service.
+	DeleteService(Service) error
+	// Counters reads the counters of every service and backend.
+	Counters() (Counters, error)
+	// Flows lists the tracked connections.
+	Flows() ([]Flow, error)
+	// Close stops forwarding and releases the datapath.
+	Close() error
+}
