@@ -1,0 +1,100 @@
+package loader
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// hop is how a backend is reached on L2: out of which interface, from which
+// MAC, to which MAC.
+type hop struct {
+	Ifindex int
+	SrcMAC  net.HardwareAddr
+	DstMAC  net.HardwareAddr
+}
+
+// usableNeigh tells whether a neighbour entry holds a MAC worth using.
+func usableNeigh(n netlink.Neigh) bool {
+	const ok = netlink.NUD_REACHABLE | netlink.NUD_STALE | netlink.NUD_DELAY | netlink.NUD_PROBE |
+		netlink.NUD_PERMANENT | netlink.NUD_NOARP
+	return n.State&ok != 0 && len(n.HardwareAddr) == 6
+}
+
+// resolveHop finds the interface and MACs that reach addr, asking the
+// kernel to resolve the neighbour (ARP/ND) if it does not know it yet, and
+// waiting up to the context's deadline. DSR needs the backend on a directly
+// connected network: a backend behind a gateway is refused.
+func resolveHop(ctx context.Context, addr netip.Addr) (hop, error) {
+	ip := net.IP(addr.AsSlice())
+	routes, err := netlink.RouteGet(ip)
+	if err != nil || len(routes) == 0 {
+		return hop{}, fmt.Errorf("no route to backend %s: %v", addr, err)
+	}
+	r := routes[0]
+	if r.Gw != nil {
+		return hop{}, fmt.Errorf("backend %s is reached through gateway %s: dsr forwarding needs backends on a directly connected network", addr, r.Gw)
+	}
+	link, err := netlink.LinkByIndex(r.LinkIndex)
+	if err != nil {
+		return hop{}, fmt.Errorf("interface of backend %s: %w", addr, err)
+	}
+	h := hop{Ifindex: r.LinkIndex, SrcMAC: link.Attrs().HardwareAddr}
+	if len(h.SrcMAC) != 6 {
+		return hop{}, fmt.Errorf("backend %s is reached through %s, which has no Ethernet address", addr, link.Attrs().Name)
+	}
+	for i := 0; ; i++ {
+		if mac, ok := lookupNeigh(r.LinkIndex, addr); ok {
+			h.DstMAC = mac
+			return h, nil
+		}
+		if i%25 == 0 { // every half second
+			_ = probeNeigh(r.LinkIndex, addr)
+		}
+		select {
+		case <-ctx.Done():
+			return hop{}, fmt.Errorf("backend %s does not answer ARP/ND on %s: is it up and on that network?", addr, link.Attrs().Name)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+func lookupNeigh(ifindex int, addr netip.Addr) (net.HardwareAddr, bool) {
+	fam := unix.AF_INET
+	if addr.Is6() {
+		fam = unix.AF_INET6
+	}
+	neighs, err := netlink.NeighList(ifindex, fam)
+	if err != nil {
+		return nil, false
+	}
+	for _, n := range neighs {
+		if a, ok := netip.AddrFromSlice(n.IP); ok && a.Unmap() == addr && usableNeigh(n) {
+			return n.HardwareAddr, true
+		}
+	}
+	return nil, false
+}
+
+// probeNeigh asks the kernel to resolve addr on ifindex, or to confirm an
+// entry it already has: NTF_USE acts as if the kernel were about to send
+// to it. tether's packets bypass the kernel's neighbour
+// code, which therefore never refreshes backend entries by itself.
+func probeNeigh(ifindex int, addr netip.Addr) error {
+	fam := unix.AF_INET
+	if addr.Is6() {
+		fam = unix.AF_INET6
+	}
+	return netlink.NeighSet(&netlink.Neigh{
+		LinkIndex: ifindex,
+		Family:    fam,
+		State:     netlink.NUD_NONE,
+		Flags:     netlink.NTF_USE,
+		IP:        net.IP(addr.AsSlice()),
+	})
+}

@@ -1,0 +1,318 @@
+package loader
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/tetherlb/tether/datapath"
+	"github.com/tetherlb/tether/maps"
+)
+
+// ResolveTimeout bounds how long an update waits for backends' MAC
+// addresses.
+const ResolveTimeout = 3 * time.Second
+
+// refreshInterval is how often backend neighbour entries are re-probed so
+// that the kernel notices a backend whose MAC changed.
+const refreshInterval = 10 * time.Second
+
+// XDP is the XDP datapath: the program attached to interfaces and its maps
+// driven through the datapath.Datapath interface. Backends' MACs come from
+// the kernel's neighbour table and follow its changes.
+type XDP struct {
+	objs  *Objects
+	modes map[string]string
+	log   *slog.Logger
+
+	mu       sync.Mutex
+	services map[uint32]datapath.Service
+	hops     map[netip.Addr]hop
+
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+var _ datapath.Datapath = (*XDP)(nil)
+
+// NewXDP loads the program, attaches it to every interface in the given
+// mode and starts following the neighbour table. On error nothing stays
+// attached.
+func NewXDP(opts Options, ifaces []string, mode Mode, log *slog.Logger) (*XDP, error) {
+	objs, err := Load(opts)
+	if err != nil {
+		return nil, err
+	}
+	x := &XDP{
+		objs:     objs,
+		modes:    make(map[string]string),
+		log:      log,
+		services: make(map[uint32]datapath.Service),
+		hops:     make(map[netip.Addr]hop),
+	}
+	for _, name := range ifaces {
+		if err := objs.Attach(name, mode); err != nil {
+			objs.Close()
+			return nil, err
+		}
+		x.modes[name] = string(mode)
+		log.Info("attached XDP program", "interface", name, "mode", mode)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	x.cancel = cancel
+	x.wg.Add(1)
+	go func() {
+		defer x.wg.Done()
+		x.followNeighbours(ctx)
+	}()
+	return x, nil
+}
+
+// Maps returns the typed view of the program's maps.
+func (x *XDP) Maps() *maps.Maps { return x.objs.Maps }
+
+// Modes implements datapath.Datapath.
+func (x *XDP) Modes() map[string]string {
+	out := make(map[string]string, len(x.modes))
+	for k, v := range x.modes {
+		out[k] = v
+	}
+	return out
+}
+
+// UpsertService implements datapath.Datapath. Backends are written before
+// the ring that names them, and leave the ring before they are marked
+// draining, down or removed, so that no packet meets a half-made change.
+func (x *XDP) UpsertService(s datapath.Service) error {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if err := x.resolve(s.Backends); err != nil {
+		return fmt.Errorf("service %s: %w", s.Name, err)
+	}
+	old, existed := x.services[s.ID]
+	oldIDs := map[uint32]bool{}
+	for _, b := range old.Backends {
+		oldIDs[b.ID] = true
+	}
+	m := x.objs.Maps
+	for _, b := range s.Backends {
+		if !oldIDs[b.ID] {
+			if err := m.ResetBackendCounters(b.ID); err != nil {
+				return err
+			}
+		}
+		if b.State == datapath.Active {
+			if err := m.PutBackend(b.ID, x.entry(s, b)); err != nil {
+				return err
+			}
+		}
+	}
+	if err := m.PublishRing(s.ID, s.Ring); err != nil {
+		return err
+	}
+	for _, b := range s.Backends {
+		if b.State != datapath.Active {
+			if err := m.PutBackend(b.ID, x.entry(s, b)); err != nil {
+				return err
+			}
+		}
+		delete(oldIDs, b.ID)
+	}
+	err := m.PutService(s.VIP, s.Port, s.Proto, maps.Service{
+		ID:              s.ID,
+		SourceAffinity:  s.SourceAffinity,
+		AffinityTimeout: s.AffinityTimeout,
+	})
+	if err != nil {
+		return err
+	}
+	if existed && (old.VIP != s.VIP || old.Port != s.Port || old.Proto != s.Proto) {
+		if err := m.DeleteService(old.VIP, old.Port, old.Proto); err != nil {
+			return err
+		}
+	}
+	for id := range oldIDs {
+		if err := m.ClearBackend(id); err != nil {
+			return err
+		}
+	}
+	x.services[s.ID] = s
+	return nil
+}
+
+// entry is the map entry of backend b of service s.
+func (x *XDP) entry(s datapath.Service, b datapath.Backend) maps.Backend {
+	e := maps.Backend{Service: s.ID, Addr: b.Addr, Port: b.Port, State: uint8(b.State)}
+	if h, ok := x.hops[b.Addr]; ok {
+		e.MAC, e.SrcMAC, e.Ifindex = h.DstMAC, h.SrcMAC, uint32(h.Ifindex)
+	}
+	return e
+}
+
+// resolve finds the L2 hop of every backend that may take traffic and is
+// not known yet, in parallel, within ResolveTimeout.
+func (x *XDP) resolve(backends []datapath.Backend) error {
+	ctx, cancel := context.WithTimeout(context.Background(), ResolveTimeout)
+	defer cancel()
+	type result struct {
+		addr netip.Addr
+		hop  hop
+		err  error
+	}
+	var todo []netip.Addr
+	for _, b := range backends {
+		if _, ok := x.hops[b.Addr]; !ok && b.State != datapath.Down && !slices.Contains(todo, b.Addr) {
+			todo = append(todo, b.Addr)
+		}
+	}
+	results := make(chan result, len(todo))
+	for _, a := range todo {
+		go func() {
+			h, err := resolveHop(ctx, a)
+			results <- result{a, h, err}
+		}()
+	}
+	var errs []error
+	for range todo {
+		r := <-results
+		if r.err != nil {
+			errs = append(errs, r.err)
+			continue
+		}
+		x.hops[r.addr] = r.hop
+		x.log.Debug("resolved backend", "backend", r.addr, "mac", r.hop.DstMAC, "ifindex", r.hop.Ifindex)
+	}
+	return errors.Join(errs...)
+}
+
+// DeleteService implements datapath.Datapath.
+func (x *XDP) DeleteService(s datapath.Service) error {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	m := x.objs.Maps
+	if err := m.DeleteService(s.VIP, s.Port, s.Proto); err != nil {
+		return err
+	}
+	if err := m.DeleteRing(s.ID); err != nil {
+		return err
+	}
+	for _, b := range x.services[s.ID].Backends {
+		if err := m.ClearBackend(b.ID); err != nil {
+			return err
+		}
+	}
+	delete(x.services, s.ID)
+	return nil
+}
+
+// Counters implements datapath.Datapath.
+func (x *XDP) Counters() (datapath.Counters, error) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	m := x.objs.Maps
+	c := datapath.Counters{
+		Services: make(map[uint32]datapath.ServiceCounters),
+		Backends: make(map[uint32]datapath.BackendCounters),
+	}
+	for id, s := range x.services {
+		sc, err := m.ServiceCounters(id)
+		if err != nil {
+			return c, err
+		}
+		c.Services[id] = sc
+		for _, b := range s.Backends {
+			bc, err := m.BackendCounters(b.ID)
+			if err != nil {
+				return c, err
+			}
+			c.Backends[b.ID] = bc
+		}
+	}
+	var err error
+	c.Reasons, err = m.Reasons()
+	return c, err
+}
+
+// Flows implements datapath.Datapath.
+func (x *XDP) Flows() ([]datapath.Flow, error) { return x.objs.Maps.Flows() }
+
+// Close stops following neighbours, detaches the program and frees the maps.
+func (x *XDP) Close() error {
+	x.cancel()
+	x.wg.Wait()
+	return x.objs.Close()
+}
+
+// followNeighbours keeps backend MACs in step with the kernel's neighbour
+// table: it re-probes backend entries every refreshInterval (the kernel
+// never uses them itself, XDP bypasses it) and rewrites the backends of an
+// address whose MAC changed.
+func (x *XDP) followNeighbours(ctx context.Context) {
+	updates := make(chan netlink.NeighUpdate, 64)
+	done := make(chan struct{})
+	defer close(done)
+	err := netlink.NeighSubscribeWithOptions(updates, done, netlink.NeighSubscribeOptions{
+		ErrorCallback: func(err error) { x.log.Warn("neighbour updates", "err", err) },
+	})
+	if err != nil {
+		x.log.Warn("cannot follow neighbour changes; backend MACs are read once", "err", err)
+		updates = nil
+	}
+	tick := time.NewTicker(refreshInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			x.mu.Lock()
+			for a, h := range x.hops {
+				_ = probeNeigh(h.Ifindex, a)
+			}
+			x.mu.Unlock()
+		case u, ok := <-updates:
+			if !ok {
+				updates = nil
+				continue
+			}
+			if u.Type == unix.RTM_NEWNEIGH && usableNeigh(u.Neigh) {
+				x.neighbourChanged(u.Neigh)
+			}
+		}
+	}
+}
+
+func (x *XDP) neighbourChanged(n netlink.Neigh) {
+	addr, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return
+	}
+	addr = addr.Unmap()
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	h, ok := x.hops[addr]
+	if !ok || h.Ifindex != n.LinkIndex || slices.Equal(h.DstMAC, n.HardwareAddr) {
+		return
+	}
+	h.DstMAC = net.HardwareAddr(slices.Clone(n.HardwareAddr))
+	x.hops[addr] = h
+	x.log.Info("backend MAC changed", "backend", addr, "mac", h.DstMAC)
+	for _, s := range x.services {
+		for _, b := range s.Backends {
+			if b.Addr == addr {
+				if err := x.objs.Maps.PutBackend(b.ID, x.entry(s, b)); err != nil {
+					x.log.Error("update backend MAC", "backend", addr, "err", err)
+				}
+			}
+		}
+	}
+}

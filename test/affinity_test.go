@@ -1,0 +1,326 @@
+package test
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/maps"
+)
+
+const (
+	testRing  = 65537
+	chatPort  = 8765
+	connsPerC = 2 // WebSocket connections per client address
+)
+
+// chatConfig is a configuration with a source-affinity WebSocket service on
+// both VIPs in front of the lab's backends.
+func chatConfig(l *lab.Lab, backends []*lab.Host) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "interfaces: [eth0]\ndatapath: xdp\ntables:\n  connections: 65536\n  affinity: 65536\n  ring_size: %d\nservices:\n", testRing)
+	for _, svc := range []struct {
+		name string
+		vip  netip.Addr
+		v6   bool
+	}{{"chat", l.VIP4, false}, {"chat6", l.VIP6, true}} {
+		fmt.Fprintf(&b, "  - name: %s\n    vip: %s\n    port: %d\n    affinity: source\n    affinity_timeout: 1h\n    backends:\n", svc.name, svc.vip, chatPort)
+		for _, be := range backends {
+			addr := be.Addr4
+			if svc.v6 {
+				addr = be.Addr6
+			}
+			fmt.Fprintf(&b, "      - address: %s\n", addr)
+		}
+	}
+	return b.String()
+}
+
+// serveEcho starts a WebSocket echo server on both VIPs of a backend.
+func serveEcho(t testing.TB, l *lab.Lab, be *lab.Host) []*lab.EchoServer {
+	t.Helper()
+	var out []*lab.EchoServer
+	for _, vip := range []netip.Addr{l.VIP4, l.VIP6} {
+		ln, err := be.Listen("tcp", netip.AddrPortFrom(vip, chatPort).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := lab.ServeEcho(ln, be.Name)
+		t.Cleanup(func() { s.Close() })
+		out = append(out, s)
+	}
+	return out
+}
+
+// conn is one client WebSocket connection and the backend it reached.
+type conn struct {
+	src     netip.Addr
+	ws      *lab.WSClient
+	backend string
+}
+
+// dialAll opens n connections from every source address to vip, eight at a
+// time, and checks each with one echo.
+func dialAll(t *testing.T, l *lab.Lab, srcs []netip.Addr, vip netip.Addr, n int) []*conn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	url := "ws://" + netip.AddrPortFrom(vip, chatPort).String() + "/chat"
+	out := make([]*conn, len(srcs)*n)
+	errs := make(chan error, len(out))
+	sem := make(chan struct{}, 8)
+	var wg sync.WaitGroup
+	for i := range out {
+		src := srcs[i/n]
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			c, err := dial(ctx, l, src, url)
+			if err != nil {
+				errs <- err
+				return
+			}
+			out[i] = c
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, c := range out {
+			c.ws.Close()
+		}
+	})
+	return out
+}
+
+func dial(ctx context.Context, l *lab.Lab, src netip.Addr, url string) (*conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	ws, err := lab.DialWS(ctx, l.Client, src, url)
+	if err != nil {
+		return nil, err
+	}
+	b, err := ws.Echo(ctx, "hello from "+src.String())
+	if err != nil {
+		ws.Close()
+		return nil, fmt.Errorf("%s: %w", src, err)
+	}
+	return &conn{src: src, ws: ws, backend: b}, nil
+}
+
+// echoAll sends one more message on every connection and checks that it
+// comes back from the backend the connection started on.
+func echoAll(t *testing.T, conns []*conn, round string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make(chan error, len(conns))
+	sem := make(chan struct{}, 16)
+	for i, c := range conns {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			b, err := c.ws.Echo(ctx, fmt.Sprintf("%s %d", round, i))
+			if err != nil {
+				errs <- fmt.Errorf("%s: connection %d from %s (backend %s) broke: %w", round, i, c.src, c.backend, err)
+				return
+			}
+			if b != c.backend {
+				errs <- fmt.Errorf("%s: connection %d from %s moved from %s to %s", round, i, c.src, c.backend, b)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+}
+
+// backendsByClient checks that every client address reached exactly one
+// backend and returns that mapping.
+func backendsByClient(t *testing.T, conns []*conn) map[netip.Addr]string {
+	t.Helper()
+	m := map[netip.Addr]string{}
+	for _, c := range conns {
+		if b, ok := m[c.src]; ok && b != c.backend {
+			t.Fatalf("client %s reached two backends: %s and %s", c.src, b, c.backend)
+		}
+		m[c.src] = c.backend
+	}
+	return m
+}
+
+// tcpInSegs reads the TCP segments a host has received.
+func tcpInSegs(t *testing.T, h *lab.Host) uint64 {
+	t.Helper()
+	var n uint64
+	err := h.Do(func() error {
+		data, err := os.ReadFile("/proc/thread-self/net/snmp")
+		if err != nil {
+			return err
+		}
+		lines := strings.Split(string(data), "\n")
+		for i := 0; i+1 < len(lines); i++ {
+			if !strings.HasPrefix(lines[i], "Tcp:") || !strings.HasPrefix(lines[i+1], "Tcp:") {
+				continue
+			}
+			names, vals := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+			for j := range names {
+				if names[j] == "InSegs" {
+					_, err := fmt.Sscan(vals[j], &n)
+					return err
+				}
+			}
+		}
+		return fmt.Errorf("no Tcp InSegs in snmp")
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// TestWebSocketAffinity runs tether in front of three WebSocket backends
+// and checks, with 300 connections from 150 client addresses (and IPv6
+// ones): echoes, source affinity across reconnects, the spread, counters
+// against what backends saw, a flush of the flow tables and a fourth
+// backend, all without breaking a connection.
+func TestWebSocketAffinity(t *testing.T) {
+	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 150})
+	servers := map[string][]*lab.EchoServer{}
+	for _, be := range l.Backends {
+		servers[be.Name] = serveEcho(t, l, be)
+	}
+	segs0 := map[string]uint64{}
+	for _, be := range l.Backends {
+		segs0[be.Name] = tcpInSegs(t, be)
+	}
+	d := startDaemon(t, l, chatConfig(l, l.Backends))
+
+	conns := dialAll(t, l, l.ClientAddrs4, l.VIP4, connsPerC)
+	conns6 := dialAll(t, l, l.ClientAddrs6[:40], l.VIP6, 1)
+	t.Logf("%d IPv4 and %d IPv6 WebSocket connections echo", len(conns), len(conns6))
+
+	// Source affinity: both connections of a client on one backend.
+	owner := backendsByClient(t, conns)
+	// Spread over three backends within ±30% of even.
+	perBackend := map[string]int{}
+	for _, c := range conns {
+		perBackend[c.backend]++
+	}
+	t.Logf("connections per backend: %v", perBackend)
+	even := float64(len(conns)) / float64(len(l.Backends))
+	for _, be := range l.Backends {
+		if n := float64(perBackend[be.Name]); n < 0.7*even || n > 1.3*even {
+			t.Errorf("backend %s holds %v connections, want %.0f±30%%", be.Name, n, even)
+		}
+	}
+
+	// Counters: connections and packets per backend against what each
+	// backend saw.
+	m := daemonMaps(t, l, testRing)
+	ids := backendIDs(t, m)
+	for _, be := range l.Backends {
+		c, err := m.BackendCounters(ids[be.Addr4])
+		if err != nil {
+			t.Fatal(err)
+		}
+		st := servers[be.Name][0].Stats()
+		if int(c.NewConns) != st.Accepted {
+			t.Errorf("%s: tether counted %d new connections, the backend accepted %d", be.Name, c.NewConns, st.Accepted)
+		}
+		c6, _ := m.BackendCounters(ids[be.Addr6])
+		segs := tcpInSegs(t, be) - segs0[be.Name]
+		if got := c.Packets + c6.Packets; got != segs {
+			t.Errorf("%s: tether forwarded %d packets, the backend received %d TCP segments", be.Name, got, segs)
+		}
+	}
+
+	// Reconnect: close one connection per client and open it again.
+	var again []*conn
+	for i := 0; i < len(conns); i += connsPerC {
+		conns[i].ws.Close()
+	}
+	again = dialAll(t, l, l.ClientAddrs4, l.VIP4, 1)
+	for _, c := range again {
+		if owner[c.src] != c.backend {
+			t.Fatalf("client %s reconnected to %s, it was on %s", c.src, c.backend, owner[c.src])
+		}
+	}
+	open := append([]*conn{}, again...)
+	for i := 1; i < len(conns); i += connsPerC {
+		open = append(open, conns[i])
+	}
+	open = append(open, conns6...)
+	echoAll(t, open, "after reconnect")
+
+	// Flush the connection and affinity tables: the ring alone must give
+	// every open connection its backend again.
+	n, err := m.FlushFlows()
+	if err != nil {
+		t.Fatal(err)
+	}
+	na, err := m.FlushAffinities()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("flushed %d flows and %d affinity entries", n, na)
+	if n < len(open) {
+		t.Errorf("flushed %d flows, want at least the %d open connections", n, len(open))
+	}
+	echoAll(t, open, "after flush")
+
+	// A fourth backend: no open connection breaks or moves.
+	be4, err := l.AddBackend()
+	if err != nil {
+		t.Fatal(err)
+	}
+	serveEcho(t, l, be4)
+	d.reload(chatConfig(l, l.Backends))
+	echoAll(t, open, "after adding a backend")
+	fresh := dialAll(t, l, l.ClientAddrs4[:60], l.VIP4, 1)
+	moved := 0
+	for _, c := range fresh {
+		if owner[c.src] != c.backend {
+			moved++
+		}
+	}
+	t.Logf("with 4 backends, %d of 60 returning clients kept their backend (affinity table)", 60-moved)
+	if moved != 0 {
+		t.Errorf("%d returning clients changed backend although their affinity entries hold", moved)
+	}
+}
+
+// backendIDs maps backend addresses to their ids in the backends map.
+func backendIDs(t *testing.T, m *maps.Maps) map[netip.Addr]uint32 {
+	t.Helper()
+	out := map[netip.Addr]uint32{}
+	for id := uint32(1); id < 64; id++ {
+		b, err := m.LookupBackend(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b.State != maps.StateUnused {
+			out[b.Addr] = id
+		}
+	}
+	return out
+}

@@ -1,0 +1,168 @@
+// Package test holds tether's end-to-end tests: the real tether binary run
+// in a lab of network namespaces (see lab/), with real WebSocket clients
+// and backends. They need root; CI sets TETHER_REQUIRE_PRIVILEGED=1 so that
+// they fail instead of skipping.
+package test
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/tetherlb/tether/bpf"
+	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/maps"
+)
+
+// tetherBin is the tether binary under test, built once by TestMain.
+var tetherBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "tether-e2e-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	tetherBin = filepath.Join(dir, "tether")
+	build := exec.Command("go", "build", "-o", tetherBin, "github.com/tetherlb/tether/cmd/tether")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build tether:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// daemon is a `tether run` process on a lab's balancer.
+type daemon struct {
+	t      testing.TB
+	proc   *lab.Proc
+	config string
+}
+
+// startDaemon writes cfg to a file and runs tether on the balancer, and
+// waits until it reports ready.
+func startDaemon(t testing.TB, l *lab.Lab, cfg string) *daemon {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "tether.yaml")
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p, err := l.Balancer.Start(tetherBin, "run", "--config", path, "--log-level", "debug")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &daemon{t: t, proc: p, config: path}
+	t.Cleanup(func() {
+		p.Stop()
+		if t.Failed() {
+			t.Logf("tether output:\n%s", p.Output())
+		}
+	})
+	d.waitLog("msg=ready", 15*time.Second)
+	return d
+}
+
+// waitLog waits until the daemon's output holds s (counting from the
+// start), failing if it exits first or the time runs out.
+func (d *daemon) waitLog(s string, timeout time.Duration) {
+	d.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !strings.Contains(d.proc.Output(), s) {
+		select {
+		case <-d.proc.Done():
+			d.t.Fatalf("tether exited (%v) before logging %q:\n%s", d.proc.Err(), s, d.proc.Output())
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("tether did not log %q within %v:\n%s", s, timeout, d.proc.Output())
+		}
+	}
+}
+
+// reload rewrites the configuration and sends SIGHUP, then waits for the
+// daemon to report the reload.
+func (d *daemon) reload(cfg string) {
+	d.t.Helper()
+	if err := os.WriteFile(d.config, []byte(cfg), 0o600); err != nil {
+		d.t.Fatal(err)
+	}
+	n := strings.Count(d.proc.Output(), "msg=reloaded")
+	if err := d.proc.Cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		d.t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for strings.Count(d.proc.Output(), "msg=reloaded") == n {
+		if strings.Contains(d.proc.Output(), "reload refused") || strings.Contains(d.proc.Output(), "reload failed") || time.Now().After(deadline) {
+			d.t.Fatalf("reload did not succeed:\n%s", d.proc.Output())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// daemonMaps opens the maps of the XDP program attached to the balancer's
+// eth0, the ones the running daemon fills.
+func daemonMaps(t testing.TB, l *lab.Lab, ringSize uint32) *maps.Maps {
+	t.Helper()
+	h, err := l.Balancer.Netlink()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	link, err := h.LinkByName("eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	xdp := link.Attrs().Xdp
+	if xdp == nil || xdp.ProgId == 0 {
+		t.Fatal("no XDP program on the balancer's eth0")
+	}
+	prog, err := ebpf.NewProgramFromID(ebpf.ProgramID(xdp.ProgId))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prog.Close()
+	info, err := prog.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids, _ := info.MapIDs()
+	byName := map[string]*ebpf.Map{}
+	for _, id := range ids {
+		m, err := ebpf.NewMapFromID(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mi, err := m.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		byName[mi.Name] = m
+		t.Cleanup(func() { m.Close() })
+	}
+	tm := &bpf.TetherMaps{
+		Affinities: byName[bpf.TetherMapAffinities],
+		Backends:   byName[bpf.TetherMapBackends],
+		BeStats:    byName[bpf.TetherMapBeStats],
+		Conns4:     byName[bpf.TetherMapConns4],
+		Conns6:     byName[bpf.TetherMapConns6],
+		Reasons:    byName[bpf.TetherMapReasons],
+		Rings:      byName[bpf.TetherMapRings],
+		Services4:  byName[bpf.TetherMapServices4],
+		Services6:  byName[bpf.TetherMapServices6],
+		SvcStats:   byName[bpf.TetherMapSvcStats],
+	}
+	if tm.Conns4 == nil || tm.BeStats == nil || tm.Affinities == nil || tm.Backends == nil {
+		t.Fatalf("maps of the attached program: %v", byName)
+	}
+	return maps.New(tm, ringSize)
+}
