@@ -10,7 +10,7 @@
 #define MAX_SERVICES 1024 /* services (VIP, port, protocol) */
 #endif
 #ifndef MAX_BACKENDS
-#define MAX_BACKENDS 4096 /* backend slots over all services */
+#define MAX_BACKENDS 4096 /* backend slots over all services, at most 65536 (16-bit ids in rings) */
 #endif
 #ifndef CONN_ENTRIES
 #define CONN_ENTRIES (1 << 20) /* connection-table entries */
@@ -21,11 +21,13 @@
 #ifndef RING_SIZE
 #define RING_SIZE 65537 /* Maglev ring slots, prime */
 #endif
+#define RING_SLOTS_PER_ENTRY 4 /* 16-bit backend ids per ring array entry */
+#define RING_ENTRIES(slots)  (((slots) + RING_SLOTS_PER_ENTRY - 1) / RING_SLOTS_PER_ENTRY)
 
 /* Byte-order constants, precomputed for a little-endian target (bpfel). */
-#define ETH_P_IP_BE 0x0008    /* htons(ETH_P_IP) */
-#define ETH_P_IPV6_BE 0xDD86  /* htons(ETH_P_IPV6) */
-#define ETH_P_8021Q_BE 0x0081 /* htons(ETH_P_8021Q) */
+#define ETH_P_IP_BE	0x0008 /* htons(ETH_P_IP) */
+#define ETH_P_IPV6_BE	0xDD86 /* htons(ETH_P_IPV6) */
+#define ETH_P_8021Q_BE	0x0081 /* htons(ETH_P_8021Q) */
 #define ETH_P_8021AD_BE 0xA888 /* htons(ETH_P_8021AD) */
 #define IP_MF_OFFSET_BE 0xFF3F /* htons(IP_MF | IP_OFFSET) */
 
@@ -36,26 +38,26 @@
 #define FWD_DSR 0 /* rewrite MACs only; the backend holds the VIP */
 
 /* backend states (struct backend.state) */
-#define BE_UNUSED 0   /* slot free: entries that point here are stale */
-#define BE_ACTIVE 1   /* in the ring, takes new connections */
+#define BE_UNUSED   0 /* slot free: entries that point here are stale */
+#define BE_ACTIVE   1 /* in the ring, takes new connections */
 #define BE_DRAINING 2 /* out of the ring; established connections keep flowing */
-#define BE_DOWN 3     /* out of the ring; affinity ignored; established keep flowing */
+#define BE_DOWN	    3 /* out of the ring; affinity ignored; established keep flowing */
 
 /* Why a packet was passed to the kernel or dropped; index of the reasons map.
  * Keep in step with maps/reasons.go. */
 enum reason {
-	R_PARSED = 0,       /* not a reason: nothing stopped the packet (never counted) */
-	R_PASS_NOT_IP,      /* not IPv4/IPv6 (ARP, LLDP...): host traffic */
-	R_PASS_NOT_VIP,     /* IP traffic for no service */
-	R_PASS_NOT_L4,      /* neither TCP nor UDP (ICMP, ND...) */
-	R_PASS_IP_OPTIONS,  /* IPv4 header with options: unsupported */
-	R_PASS_FRAGMENT,    /* IPv4 fragment: unsupported (no L4 ports) */
-	R_PASS_IPV6_EXT,    /* IPv6 extension header: unsupported */
-	R_PASS_VLAN_STACK,  /* more than one VLAN tag: unsupported */
-	R_DROP_TRUNCATED,   /* a header runs past the end of the frame */
-	R_DROP_BAD_HEADER,  /* impossible header field (IHL<5, length, version) */
-	R_DROP_NO_BACKEND,  /* VIP traffic but the ring has no backend */
-	R_DROP_TX_FAILED,   /* bpf_redirect refused */
+	R_PARSED = 0,	   /* not a reason: nothing stopped the packet (never counted) */
+	R_PASS_NOT_IP,	   /* not IPv4/IPv6 (ARP, LLDP...): host traffic */
+	R_PASS_NOT_VIP,	   /* IP traffic for no service */
+	R_PASS_NOT_L4,	   /* neither TCP nor UDP (ICMP, ND...) */
+	R_PASS_IP_OPTIONS, /* IPv4 header with options: unsupported */
+	R_PASS_FRAGMENT,   /* IPv4 fragment: unsupported (no L4 ports) */
+	R_PASS_IPV6_EXT,   /* IPv6 extension header: unsupported */
+	R_PASS_VLAN_STACK, /* more than one VLAN tag: unsupported */
+	R_DROP_TRUNCATED,  /* a header runs past the end of the frame */
+	R_DROP_BAD_HEADER, /* impossible header field (IHL<5, length, version) */
+	R_DROP_NO_BACKEND, /* VIP traffic but the ring has no backend */
+	R_DROP_TX_FAILED,  /* bpf_redirect refused */
 	R_MAX,
 };
 

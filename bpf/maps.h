@@ -34,12 +34,12 @@ struct service {
 /* A backend of one service; its index in the backends map is its id. */
 struct backend {
 	__u32 addr[4];
-	__u8 dmac[6];   /* the backend's MAC */
-	__u8 smac[6];   /* the MAC of the interface that reaches it */
-	__u32 ifindex;  /* that interface; the ingress one means XDP_TX */
-	__u32 service;  /* id of the service it belongs to */
-	__u16 port;     /* network byte order */
-	__u8 state;     /* BE_* */
+	__u8 dmac[6];  /* the backend's MAC */
+	__u8 smac[6];  /* the MAC of the interface that reaches it */
+	__u32 ifindex; /* that interface; the ingress one means XDP_TX */
+	__u32 service; /* id of the service it belongs to */
+	__u16 port;    /* network byte order */
+	__u8 state;    /* BE_* */
 	__u8 family;
 };
 
@@ -87,9 +87,9 @@ struct backend_stats {
 };
 
 struct service_stats {
-	__u64 new_conns;      /* flows entered in the connection table */
-	__u64 affinity_hits;  /* new flows sent by a live affinity entry */
-	__u64 affinity_miss;  /* new flows that had to use the ring */
+	__u64 new_conns;     /* flows entered in the connection table */
+	__u64 affinity_hits; /* new flows sent by a live affinity entry */
+	__u64 affinity_miss; /* new flows that had to use the ring */
 };
 
 /* Services by VIP, port and protocol. */
@@ -115,13 +115,16 @@ struct {
 	__type(value, struct backend);
 } backends SEC(".maps");
 
-/* One Maglev ring per service id, each an array of backend ids, replaced
- * whole by the control plane: packets see the old ring or the new one. */
+/* One Maglev ring per service id, replaced whole by the control plane:
+ * packets see the old ring or the new one. Backend ids are 16 bits, four to
+ * an 8-byte entry (the kernel rounds array values up to 8 bytes, so a slot
+ * per entry would waste three quarters): slot s is bits 16*(s%4) and up of
+ * entry s/4. */
 struct ring {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, RING_SIZE);
+	__uint(max_entries, RING_ENTRIES(RING_SIZE));
 	__type(key, __u32);
-	__type(value, __u32);
+	__type(value, __u64);
 };
 
 struct {

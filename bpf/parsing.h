@@ -14,7 +14,7 @@
 #include "consts.h"
 #include "maps.h"
 
-#define AF_INET 2
+#define AF_INET	 2
 #define AF_INET6 10
 
 struct vlan_hdr {
@@ -35,7 +35,7 @@ struct packet {
 static __always_inline int is_ipv6_ext(__u8 nexthdr)
 {
 	switch (nexthdr) {
-	case 0:   /* hop-by-hop */
+	case 0:	  /* hop-by-hop */
 	case 43:  /* routing */
 	case 44:  /* fragment */
 	case 51:  /* authentication */

@@ -1,4 +1,4 @@
-//go:build ignore
+// go:build ignore
 
 /* tether.c: the XDP entry point. Per packet, as DESIGN.md describes:
  *   1. parse; anything that is not TCP/UDP to a VIP goes to the kernel;
@@ -20,17 +20,17 @@
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
 /* Load-time settings, written by the loader before the program is loaded. */
-volatile const __u32 ring_size = RING_SIZE; /* slots in every ring, prime */
+volatile const __u32 ring_size = RING_SIZE;  /* slots in every ring, prime */
 volatile const __u32 hash_seed = 0x74657468; /* the same on every tether host */
 
 static __always_inline struct service *lookup_service(const struct packet *pkt)
 {
 	if (pkt->family == AF_INET6) {
-		struct service_key sk = { .port = pkt->key.dport, .proto = pkt->key.proto };
+		struct service_key sk = {.port = pkt->key.dport, .proto = pkt->key.proto};
 		__builtin_memcpy(sk.addr, pkt->key.dst, sizeof(sk.addr));
 		return bpf_map_lookup_elem(&services6, &sk);
 	}
-	struct service_key4 sk = { .addr = pkt->key.dst[0], .port = pkt->key.dport, .proto = pkt->key.proto };
+	struct service_key4 sk = {.addr = pkt->key.dst[0], .port = pkt->key.dport, .proto = pkt->key.proto};
 	return bpf_map_lookup_elem(&services4, &sk);
 }
 
@@ -57,19 +57,20 @@ static __always_inline __u32 ring_backend(const struct service *svc, const struc
 	__u32 h = (svc->flags & SVC_F_SOURCE_AFFINITY) ? hash_source(hash_seed, &pkt->key)
 						       : hash_conn(hash_seed, &pkt->key);
 	__u32 slot = h % ring_size;
-	__u32 *id = bpf_map_lookup_elem(ring, &slot);
-	return id ? *id : 0;
+	__u32 entry = slot / RING_SLOTS_PER_ENTRY;
+	__u64 *slots = bpf_map_lookup_elem(ring, &entry);
+	return slots ? (*slots >> (16 * (slot % RING_SLOTS_PER_ENTRY))) & 0xffff : 0;
 }
 
 /* key4 is the compact key of an IPv4 packet's flow. */
 static __always_inline struct flow_key4 key4(const struct packet *pkt)
 {
 	struct flow_key4 k = {
-		.src = pkt->key.src[0],
-		.dst = pkt->key.dst[0],
-		.sport = pkt->key.sport,
-		.dport = pkt->key.dport,
-		.proto = pkt->key.proto,
+	    .src = pkt->key.src[0],
+	    .dst = pkt->key.dst[0],
+	    .sport = pkt->key.sport,
+	    .dport = pkt->key.dport,
+	    .proto = pkt->key.proto,
 	};
 	return k;
 }
@@ -101,10 +102,10 @@ static __always_inline void insert_conn(const struct packet *pkt, const struct c
 static __always_inline void record(const struct service *svc, const struct packet *pkt,
 				   const struct affinity_key *ak, __u32 id, int affinity_hit, __u64 now)
 {
-	struct conn c = { .backend = id, .service = svc->id };
+	struct conn c = {.backend = id, .service = svc->id};
 	insert_conn(pkt, &c);
 	if (svc->flags & SVC_F_SOURCE_AFFINITY) {
-		struct affinity a = { .last_seen_ns = now, .backend = id };
+		struct affinity a = {.last_seen_ns = now, .backend = id};
 		bpf_map_update_elem(&affinities, ak, &a, BPF_ANY);
 	}
 	struct service_stats *ss = bpf_map_lookup_elem(&svc_stats, &svc->id);
@@ -126,12 +127,12 @@ static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt
 	if (!svc)
 		return count_reason(R_PASS_NOT_VIP, XDP_PASS);
 
-	struct affinity_key ak = { .service = svc->id };
+	struct affinity_key ak = {.service = svc->id};
 	__u64 now = 0;
 	__u32 id = 0;
 	if (svc->flags & SVC_F_SOURCE_AFFINITY) {
 		__builtin_memcpy(ak.addr, pkt->key.src, sizeof(ak.addr));
-		now = bpf_ktime_get_ns();
+		now = bpf_ktime_get_coarse_ns();
 		id = affinity_backend(svc, &ak, now);
 	}
 	int affinity_hit = id != 0;

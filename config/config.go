@@ -101,7 +101,7 @@ const (
 	limitMaxServices   = 65536
 
 	defaultMaxBackends = 4096
-	limitMaxBackends   = 1 << 20
+	limitMaxBackends   = 1<<16 - 1 // rings hold 16-bit backend ids
 )
 
 // Config is a whole tether configuration, as read from its YAML file.

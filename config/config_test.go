@@ -331,7 +331,7 @@ var badCases = []struct {
 	{"affinity table too large", "interfaces: [eth0]\ntables: {affinity: 268435456}\n", "tables.affinity", "out of range 1024..134217728"},
 	{"connections a float", "interfaces: [eth0]\ntables: {connections: 1.5e6}\n", "tables.connections", "not a whole number"},
 	{"max_services 0", "interfaces: [eth0]\ntables: {max_services: 0}\n", "tables.max_services", "0 is out of range 1..65536"},
-	{"max_backends too large", "interfaces: [eth0]\ntables: {max_backends: 2000000}\n", "tables.max_backends", "out of range 1..1048576"},
+	{"max_backends too large", "interfaces: [eth0]\ntables: {max_backends: 2000000}\n", "tables.max_backends", "out of range 1..65535"},
 	{"more services than max_services", `
 interfaces: [eth0]
 tables: {max_services: 1}

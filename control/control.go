@@ -42,7 +42,7 @@ func New(dp datapath.Datapath, seed, ringSize, maxServices, maxBackends uint32, 
 		seed:     seed,
 		ringSize: ringSize,
 		services: newIDPool(0, maxServices),
-		backends: newIDPool(1, maxBackends), // backend id 0 means "none"
+		backends: newIDPool(1, maxBackends+1), // backend id 0 means "none"
 		applied:  make(map[string]datapath.Service),
 	}
 }

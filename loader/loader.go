@@ -25,7 +25,7 @@ type Options struct {
 	Affinity    uint32 // affinity-table entries
 	RingSize    uint32 // slots per Maglev ring, prime
 	MaxServices uint32
-	MaxBackends uint32
+	MaxBackends uint32 // backends over all services; ids are 1..MaxBackends
 	HashSeed    uint32 // 0 means maglev.DefaultSeed
 }
 
@@ -48,7 +48,7 @@ func Load(opts Options) (*Objects, error) {
 	}
 	ringSize := opts.RingSize
 	if ringSize == 0 {
-		ringSize = spec.Maps[bpf.TetherMapRings].InnerMap.MaxEntries
+		ringSize = maglev.DefaultSize
 	}
 	if !maglev.IsPrime(ringSize) {
 		return nil, fmt.Errorf("ring size %d is not prime", ringSize)
@@ -64,9 +64,15 @@ func Load(opts Options) (*Objects, error) {
 	setSize(spec, bpf.TetherMapServices6, opts.MaxServices)
 	setSize(spec, bpf.TetherMapRings, opts.MaxServices)
 	setSize(spec, bpf.TetherMapSvcStats, opts.MaxServices)
-	setSize(spec, bpf.TetherMapBackends, opts.MaxBackends)
-	setSize(spec, bpf.TetherMapBeStats, opts.MaxBackends)
-	spec.Maps[bpf.TetherMapRings].InnerMap.MaxEntries = ringSize
+	if opts.MaxBackends != 0 {
+		// Backend ids run from 1 to MaxBackends; 0 means "none".
+		setSize(spec, bpf.TetherMapBackends, opts.MaxBackends+1)
+		setSize(spec, bpf.TetherMapBeStats, opts.MaxBackends+1)
+	}
+	if opts.MaxBackends > maps.MaxBackendID {
+		return nil, fmt.Errorf("max backends %d: rings hold backend ids up to %d", opts.MaxBackends, maps.MaxBackendID)
+	}
+	spec.Maps[bpf.TetherMapRings].InnerMap.MaxEntries = maps.RingEntries(ringSize)
 	if err := spec.Variables[bpf.TetherVarRingSize].Set(ringSize); err != nil {
 		return nil, fmt.Errorf("set ring size: %w", err)
 	}

@@ -178,6 +178,18 @@ func (m *Maps) LookupBackend(id uint32) (Backend, error) {
 	}, nil
 }
 
+// slotsPerEntry is RING_SLOTS_PER_ENTRY: 16-bit ring slots per 8-byte
+// array entry, the first in the low bits.
+const slotsPerEntry = 4
+
+// MaxBackendID is the largest backend id a ring can hold (16-bit slots).
+const MaxBackendID = 1<<16 - 1
+
+// RingEntries is the number of array entries of a ring of ringSize slots.
+func RingEntries(ringSize uint32) uint32 {
+	return (ringSize + uint32(slotsPerEntry) - 1) / uint32(slotsPerEntry)
+}
+
 // PublishRing replaces the ring of service id with slots, whole: a new inner
 // map is filled first and then swapped into the outer map in one update, so
 // a packet reads either the old ring or the new one, never a mix.
@@ -185,22 +197,30 @@ func (m *Maps) PublishRing(id uint32, slots []uint32) error {
 	if uint32(len(slots)) != m.ringSize {
 		return fmt.Errorf("publish ring %d: %d slots, want %d", id, len(slots), m.ringSize)
 	}
+	n := RingEntries(m.ringSize)
+	keys := make([]uint32, n)
+	entries := make([]uint64, n)
+	for i, b := range slots {
+		if b > MaxBackendID {
+			return fmt.Errorf("publish ring %d: backend id %d does not fit a ring slot", id, b)
+		}
+		entries[i/slotsPerEntry] |= uint64(b) << (16 * (i % slotsPerEntry))
+	}
+	for i := range keys {
+		keys[i] = uint32(i)
+	}
 	inner, err := ebpf.NewMap(&ebpf.MapSpec{
 		Name:       "tether_ring",
 		Type:       ebpf.Array,
 		KeySize:    4,
-		ValueSize:  4,
-		MaxEntries: m.ringSize,
+		ValueSize:  8,
+		MaxEntries: n,
 	})
 	if err != nil {
 		return fmt.Errorf("create ring %d: %w", id, err)
 	}
 	defer inner.Close() // the outer map holds its own reference
-	keys := make([]uint32, len(slots))
-	for i := range keys {
-		keys[i] = uint32(i)
-	}
-	if _, err := inner.BatchUpdate(keys, slots, nil); err != nil {
+	if _, err := inner.BatchUpdate(keys, entries, nil); err != nil {
 		return fmt.Errorf("fill ring %d: %w", id, err)
 	}
 	if err := m.m.Rings.Put(id, inner); err != nil {
@@ -224,16 +244,19 @@ func (m *Maps) Ring(id uint32) ([]uint32, error) {
 		return nil, fmt.Errorf("lookup ring %d: %w", id, err)
 	}
 	defer inner.Close()
-	keys := make([]uint32, m.ringSize)
-	slots := make([]uint32, m.ringSize)
+	n := RingEntries(m.ringSize)
+	keys := make([]uint32, n)
+	entries := make([]uint64, n)
 	var cursor ebpf.MapBatchCursor
-	n, err := inner.BatchLookup(&cursor, keys, slots, nil)
+	got, err := inner.BatchLookup(&cursor, keys, entries, nil)
 	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return nil, fmt.Errorf("read ring %d: %w", id, err)
 	}
-	out := make([]uint32, m.ringSize)
-	for i := 0; i < n; i++ {
-		out[keys[i]] = slots[i]
+	out := make([]uint32, n*uint32(slotsPerEntry))
+	for i := 0; i < got; i++ {
+		for j := 0; j < slotsPerEntry; j++ {
+			out[int(keys[i])*slotsPerEntry+j] = uint32(entries[i]>>(16*j)) & 0xffff
+		}
 	}
-	return out, nil
+	return out[:m.ringSize], nil
 }

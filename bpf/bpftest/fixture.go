@@ -5,7 +5,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -15,10 +14,20 @@ import (
 	"github.com/tetherlb/tether/maps"
 )
 
+// TB is the part of testing.TB a fixture uses, so that benchmark programs
+// outside `go test` can use fixtures too.
+type TB interface {
+	Helper()
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+	Skip(args ...any)
+	Cleanup(func())
+}
+
 // Fixture is a loaded tether program with helpers to describe services and
 // run frames through it. Nothing is attached to any interface.
 type Fixture struct {
-	TB   testing.TB
+	TB   TB
 	Objs *loader.Objects
 	Maps *maps.Maps
 	Seed uint32
@@ -26,7 +35,7 @@ type Fixture struct {
 
 // RequireBPF skips (or, with TETHER_REQUIRE_PRIVILEGED=1, fails) a test
 // that cannot load BPF programs here.
-func RequireBPF(tb testing.TB) {
+func RequireBPF(tb TB) {
 	tb.Helper()
 	if os.Geteuid() == 0 {
 		return
@@ -40,7 +49,7 @@ func RequireBPF(tb testing.TB) {
 
 // NewFixture loads the program with small tables; it is closed when the
 // test ends.
-func NewFixture(tb testing.TB, opts loader.Options) *Fixture {
+func NewFixture(tb TB, opts loader.Options) *Fixture {
 	tb.Helper()
 	RequireBPF(tb)
 	if opts.Connections == 0 {

@@ -1,0 +1,57 @@
+# tether: the single entry point for building, testing and trying it.
+# Run `make help` for the targets. Privileged targets need root (sudo).
+
+GO       ?= go
+BIN      ?= bin/tether
+VERSION  ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+# Turns the skip of privileged tests into a failure (CI sets it).
+TETHER_REQUIRE_PRIVILEGED ?=
+export TETHER_REQUIRE_PRIVILEGED
+
+# What `make deps` installs (Debian/Ubuntu): clang and llvm-strip for
+# bpf2go, libbpf headers (vendored copies are in bpf/include), kernel UAPI
+# headers, iproute2 for the lab, bpftool to inspect maps.
+APT_PACKAGES = clang llvm libbpf-dev linux-libc-dev iproute2 bpftool clang-format git make ca-certificates
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: deps
+deps: ## install the build and test tools with apt-get (root)
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
+
+.PHONY: generate
+generate: ## rebuild the BPF object and its Go bindings with bpf2go (needs clang)
+	$(GO) generate ./bpf
+
+.PHONY: build
+build: ## build bin/tether (no clang needed: the BPF object is committed)
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/tether
+
+.PHONY: test
+test: ## run every test: vet, unit, BPF_PROG_TEST_RUN and namespace end-to-end (root)
+	$(GO) vet ./...
+	$(GO) test -count=1 ./...
+
+.PHONY: lab
+lab: ## the main job on a lab of namespaces (root)
+	@echo "tether lab (a live view of the whole job) is coming in the lab issue."
+	@echo "Meanwhile, this runs the end-to-end scenario on a lab of namespaces, verbosely:"
+	$(GO) test -count=1 -v -run 'TestWebSocketAffinity' ./test
+
+.PHONY: bench
+bench: ## measure per-packet cost, map memory and Maglev build time (root)
+	$(GO) run ./test/bench/xdpcost -out docs/bench/xdpcost.md
+
+.PHONY: format
+format: ## gofmt the Go code and clang-format the C
+	gofmt -w $$(git ls-files '*.go')
+	clang-format -i bpf/*.c bpf/*.h
+
+.PHONY: clean
+clean: ## remove build output
+	rm -rf bin

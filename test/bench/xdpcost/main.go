@@ -1,0 +1,289 @@
+// Command xdpcost measures what tether's XDP program costs per packet and
+// what its maps cost in kernel memory, on this machine, in one run:
+//
+//   - ns per packet with BPF_PROG_TEST_RUN for a trivial MAC-swap XDP_TX
+//     program (the floor), tether's connection-table hit and tether's
+//     new-flow path, as medians of interleaved rounds, with ratios to the
+//     floor;
+//   - the kernel's memlock accounting of every map with the default table
+//     sizes, with no service and with 1,000 services;
+//   - Maglev table build time.
+//
+// It needs root. `make bench` runs it.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/tetherlb/tether/bpf"
+	"github.com/tetherlb/tether/bpf/bpftest"
+	"github.com/tetherlb/tether/loader"
+	"github.com/tetherlb/tether/maglev"
+	"github.com/tetherlb/tether/maps"
+)
+
+// tb lets bpftest fixtures run outside `go test`: any failure ends the run.
+type tb struct{ cleanups []func() }
+
+func (*tb) Helper()                           {}
+func (*tb) Fatal(args ...any)                 { fail(fmt.Sprint(args...)) }
+func (*tb) Fatalf(format string, args ...any) { fail(fmt.Sprintf(format, args...)) }
+func (*tb) Skip(args ...any)                  { fail(fmt.Sprint(args...)) }
+func (t *tb) Cleanup(f func())                { t.cleanups = append(t.cleanups, f) }
+func (t *tb) close() {
+	for i := len(t.cleanups) - 1; i >= 0; i-- {
+		t.cleanups[i]()
+	}
+	t.cleanups = nil
+}
+
+func fail(msg string) {
+	fmt.Fprintln(os.Stderr, "xdpcost:", msg)
+	os.Exit(1)
+}
+
+var (
+	vip4 = netip.MustParseAddrPort("203.0.113.10:8765")
+	vip6 = netip.MustParseAddrPort("[2001:db8:f::10]:8765")
+	cli4 = netip.MustParseAddrPort("198.51.100.7:40000")
+	cli6 = netip.MustParseAddrPort("[2001:db8:c::7]:40000")
+)
+
+type bench struct {
+	name  string
+	prog  *ebpf.Program
+	frame []byte
+	floor bool
+}
+
+func main() {
+	repeat := flag.Int("repeat", 10_000_000, "packets per measurement")
+	rounds := flag.Int("rounds", 5, "interleaved rounds; the median is reported")
+	out := flag.String("out", "", "also write the report to this `file`")
+	flag.Parse()
+
+	var w io.Writer = os.Stdout
+	if *out != "" {
+		f, err := os.Create(*out)
+		if err != nil {
+			fail(err.Error())
+		}
+		defer f.Close()
+		w = io.MultiWriter(os.Stdout, f)
+	}
+	fmt.Fprintf(w, "# tether XDP cost (%s, %s)\n\n", time.Now().UTC().Format("2006-01-02"), kernel())
+	packetCost(w, *repeat, *rounds)
+	mapMemory(w)
+	maglevBuild(w)
+}
+
+func kernel() string {
+	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return "kernel ?"
+	}
+	return "Linux " + strings.TrimSpace(string(b))
+}
+
+func packetCost(w io.Writer, repeat, rounds int) {
+	t := &tb{}
+	defer t.close()
+	trivial, err := bpftest.TrivialTX()
+	if err != nil {
+		fail(err.Error())
+	}
+	t.Cleanup(func() { trivial.Close() })
+
+	f := bpftest.NewFixture(t, loader.Options{RingSize: maglev.DefaultSize})
+	f.AddService(bpftest.Service{ID: 1, VIP: vip4, Proto: bpftest.TCP, Source: true, Backends: []uint32{1, 2, 3}})
+	f.AddService(bpftest.Service{ID: 2, VIP: vip6, Proto: bpftest.TCP, Source: true, Backends: []uint32{4, 5, 6}})
+	f.AddService(bpftest.Service{ID: 3, VIP: netip.AddrPortFrom(vip4.Addr(), 9000), Proto: bpftest.TCP, Backends: []uint32{7, 8, 9}})
+	hit4 := bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.TCP}.Bytes()
+	hit6 := bpftest.Frame{Src: cli6, Dst: vip6, Proto: bpftest.TCP}.Bytes()
+	f.Run(hit4) // record both flows
+	f.Run(hit6)
+	syn := bpftest.Frame{Src: cli4, Dst: netip.AddrPortFrom(vip4.Addr(), 9000), Proto: bpftest.TCP, Flags: bpftest.SYN}.Bytes()
+	synAff := bpftest.Frame{Src: netip.AddrPortFrom(cli4.Addr(), 40001), Dst: vip4, Proto: bpftest.TCP, Flags: bpftest.SYN}.Bytes()
+	notVIP := bpftest.Frame{Src: cli4, Dst: netip.MustParseAddrPort("203.0.113.99:80"), Proto: bpftest.TCP}.Bytes()
+
+	benches := []bench{
+		{"trivial MAC-swap XDP_TX (floor)", trivial, hit4, true},
+		{"tether: connection-table hit, IPv4", f.Objs.TetherXdp, hit4, false},
+		{"tether: connection-table hit, IPv6", f.Objs.TetherXdp, hit6, false},
+		{"tether: new flow (SYN), ring, IPv4", f.Objs.TetherXdp, syn, false},
+		{"tether: new flow (SYN), affinity hit, IPv4", f.Objs.TetherXdp, synAff, false},
+		{"tether: not for a VIP (XDP_PASS)", f.Objs.TetherXdp, notVIP, false},
+	}
+	samples := make([][]float64, len(benches))
+	for r := 0; r < rounds; r++ {
+		for i, b := range benches {
+			_, d, err := b.prog.Benchmark(b.frame, repeat, nil)
+			if err != nil {
+				fail(fmt.Sprintf("%s: %v", b.name, err))
+			}
+			samples[i] = append(samples[i], float64(d.Nanoseconds()))
+		}
+	}
+	floor := median(samples[0])
+	fmt.Fprintf(w, "## Cost per packet (BPF_PROG_TEST_RUN, %d packets x %d interleaved rounds, median)\n\n", repeat, rounds)
+	fmt.Fprintln(w, "| path | ns/packet | min–max | x floor |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|")
+	for i, b := range benches {
+		med := median(samples[i])
+		fmt.Fprintf(w, "| %s | %.0f | %.0f–%.0f | %.2f |\n", b.name, med, slices.Min(samples[i]), slices.Max(samples[i]), med/floor)
+	}
+	fmt.Fprintln(w, "\nTargets: connection-table hit within 2.5x of the floor, new flow within 3.5x.")
+	fmt.Fprintln(w, "A new flow's first non-SYN packet also inserts into the connection (and affinity) table, once per connection.")
+	fmt.Fprintln(w)
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// mapMemory loads the program with the default table sizes and reports the
+// kernel's memlock accounting per map, then again with 1,000 services.
+func mapMemory(w io.Writer) {
+	objs, err := loader.Load(loader.Options{})
+	if err != nil {
+		fail(err.Error())
+	}
+	defer objs.Close()
+	before := memlock(objs)
+	ring := make([]uint32, objs.Maps.RingSize())
+	for i := range ring {
+		ring[i] = uint32(i%3) + 1
+	}
+	for id := uint32(0); id < 1000; id++ {
+		vip := netip.AddrFrom4([4]byte{203, 0, 113, byte(id % 250)})
+		if err := objs.Maps.PublishRing(id, ring); err != nil {
+			fail(err.Error())
+		}
+		if err := objs.Maps.PutService(vip, uint16(1000+id), 6, mapsService(id)); err != nil {
+			fail(err.Error())
+		}
+	}
+	after := memlock(objs)
+	rings := ringMemlock(objs, 1000)
+
+	fmt.Fprintln(w, "## Map memory (kernel memlock accounting, default table sizes)")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| map | entries | memlock |")
+	fmt.Fprintln(w, "|---|---:|---:|")
+	names := make([]string, 0, len(before))
+	for n := range before {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	var total uint64
+	for _, n := range names {
+		fmt.Fprintf(w, "| %s | %d | %s |\n", n, before[n].entries, mib(before[n].bytes))
+		total += before[n].bytes
+	}
+	var totalAfter uint64
+	for _, n := range names {
+		totalAfter += after[n].bytes
+	}
+	fmt.Fprintf(w, "| **total, no service** | | **%s** |\n", mib(total))
+	fmt.Fprintf(w, "| **total, 1,000 services** (maps above + %d rings of %d slots: %s) | | **%s** |\n\n",
+		1000, objs.Maps.RingSize(), mib(rings), mib(totalAfter+rings))
+}
+
+type mapMem struct {
+	entries uint32
+	bytes   uint64
+}
+
+func memlock(objs *loader.Objects) map[string]mapMem {
+	out := map[string]mapMem{}
+	for name, m := range mapsByName(&objs.TetherMaps) {
+		info, err := m.Info()
+		if err != nil {
+			fail(err.Error())
+		}
+		b, ok := info.Memlock()
+		if !ok {
+			fail("kernel does not report memlock of " + name)
+		}
+		out[name] = mapMem{entries: m.MaxEntries(), bytes: b}
+	}
+	return out
+}
+
+// ringMemlock sums the memlock of the inner ring maps of services 0..n-1.
+func ringMemlock(objs *loader.Objects, n uint32) uint64 {
+	var total uint64
+	for id := uint32(0); id < n; id++ {
+		var inner *ebpf.Map
+		if err := objs.Rings.Lookup(id, &inner); err != nil {
+			fail(err.Error())
+		}
+		info, err := inner.Info()
+		if err != nil {
+			fail(err.Error())
+		}
+		b, _ := info.Memlock()
+		total += b
+		inner.Close()
+	}
+	return total
+}
+
+func mapsByName(m *bpf.TetherMaps) map[string]*ebpf.Map {
+	return map[string]*ebpf.Map{
+		bpf.TetherMapAffinities: m.Affinities,
+		bpf.TetherMapBackends:   m.Backends,
+		bpf.TetherMapBeStats:    m.BeStats,
+		bpf.TetherMapConns4:     m.Conns4,
+		bpf.TetherMapConns6:     m.Conns6,
+		bpf.TetherMapReasons:    m.Reasons,
+		bpf.TetherMapRings:      m.Rings,
+		bpf.TetherMapServices4:  m.Services4,
+		bpf.TetherMapServices6:  m.Services6,
+		bpf.TetherMapSvcStats:   m.SvcStats,
+	}
+}
+
+func mib(b uint64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
+
+func maglevBuild(w io.Writer) {
+	fmt.Fprintln(w, "## Maglev table build (Go, median of 21)")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| slots | backends | build time |")
+	fmt.Fprintln(w, "|---:|---:|---:|")
+	for _, n := range []int{10, 100, 1000} {
+		bs := make([]maglev.Backend, n)
+		for i := range bs {
+			bs[i] = maglev.Backend{ID: uint32(i + 1), Key: fmt.Sprintf("192.0.2.%d:%d", i%250, 8000+i), Weight: 1}
+		}
+		var ds []float64
+		for range 21 {
+			start := time.Now()
+			if _, err := maglev.Build(bs, maglev.DefaultSize, maglev.DefaultSeed); err != nil {
+				fail(err.Error())
+			}
+			ds = append(ds, float64(time.Since(start).Microseconds()))
+		}
+		fmt.Fprintf(w, "| %d | %d | %.2f ms |\n", maglev.DefaultSize, n, median(ds)/1000)
+	}
+	fmt.Fprintln(w)
+}
+
+func mapsService(id uint32) maps.Service {
+	return maps.Service{ID: id, SourceAffinity: true, AffinityTimeout: time.Hour}
+}
