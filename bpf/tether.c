@@ -1,4 +1,4 @@
-// go:build ignore
+//go:build ignore
 
 /* tether.c: the XDP entry point. Per packet, as DESIGN.md describes:
  *   1. parse; anything that is not TCP/UDP to a VIP goes to the kernel;
