@@ -59,6 +59,9 @@ func (c *Controller) Apply(cfg *config.Config) error {
 
 	desired, err := c.plan(cfg)
 	if err != nil {
+		// Give back the ids plan allocated for a configuration that is not
+		// going to be applied.
+		c.releaseUnused(nil)
 		return err
 	}
 	var errs []error
@@ -144,21 +147,26 @@ func (c *Controller) plan(cfg *config.Config) (map[string]datapath.Service, erro
 	return out, nil
 }
 
-// releaseUnused gives back the ids of backends that left a service that
-// stays.
+// releaseUnused gives back the ids that neither the desired services nor
+// the services the datapath still holds use: those of backends that left a
+// service, and those allocated for services that are not applied. The ids
+// of a service whose change or deletion failed stay taken, as the datapath
+// still serves it with them.
 func (c *Controller) releaseUnused(desired map[string]datapath.Service) {
 	keep := map[string]bool{}
-	for k, s := range desired {
-		keep["svc "+k] = true
-		for _, b := range s.Backends {
-			keep[backendKey(k, b.Addr, b.Port)] = true
+	for _, m := range []map[string]datapath.Service{desired, c.applied} {
+		for k, s := range m {
+			keep["svc "+k] = true
+			for _, b := range s.Backends {
+				keep[backendKey(k, b.Addr, b.Port)] = true
+			}
 		}
 	}
 	c.backends.retain(func(key string) bool { return keep[key] })
 	c.services.retain(func(key string) bool { return keep["svc "+key] })
 }
 
-// Services returns the services as applied, sorted by VIP key.
+// Services returns the services as applied, sorted by ID.
 func (c *Controller) Services() []datapath.Service {
 	c.mu.Lock()
 	defer c.mu.Unlock()
