@@ -189,7 +189,7 @@ func (x *XDP) resolve(backends []datapath.Backend) error {
 			continue
 		}
 		x.hops[r.addr] = r.hop
-		x.log.Debug("resolved backend", "backend", r.addr, "mac", r.hop.DstMAC, "ifindex", r.hop.Ifindex)
+		x.log.Debug("resolved backend", "backend", r.addr, "mac", r.hop.DstMAC.String(), "ifindex", r.hop.Ifindex)
 	}
 	return errors.Join(errs...)
 }
@@ -255,38 +255,74 @@ func (x *XDP) Close() error {
 // followNeighbours keeps backend MACs in step with the kernel's neighbour
 // table: it re-probes backend entries every refreshInterval (the kernel
 // never uses them itself, XDP bypasses it) and rewrites the backends of an
-// address whose MAC changed.
+// address whose MAC changed. A subscription that fails is made again, and
+// the table re-read, so that no change is missed for good.
 func (x *XDP) followNeighbours(ctx context.Context) {
-	updates := make(chan netlink.NeighUpdate, 64)
-	done := make(chan struct{})
-	defer close(done)
-	err := netlink.NeighSubscribeWithOptions(updates, done, netlink.NeighSubscribeOptions{
-		ErrorCallback: func(err error) { x.log.Warn("neighbour updates", "err", err) },
-	})
-	if err != nil {
-		x.log.Warn("cannot follow neighbour changes; backend MACs are read once", "err", err)
-		updates = nil
-	}
 	tick := time.NewTicker(refreshInterval)
 	defer tick.Stop()
+	for ctx.Err() == nil {
+		updates := make(chan netlink.NeighUpdate, 256)
+		done := make(chan struct{})
+		err := netlink.NeighSubscribeWithOptions(updates, done, netlink.NeighSubscribeOptions{
+			ErrorCallback: func(err error) {
+				if ctx.Err() == nil {
+					x.log.Warn("neighbour updates interrupted; subscribing again", "err", err)
+				}
+			},
+		})
+		if err != nil {
+			x.log.Warn("cannot follow neighbour changes; retrying", "err", err)
+			updates = nil
+		}
+		x.recheckNeighbours()
+		x.followUpdates(ctx, updates, tick.C)
+		close(done)
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// followUpdates handles neighbour updates until ctx ends or the
+// subscription closes.
+func (x *XDP) followUpdates(ctx context.Context, updates <-chan netlink.NeighUpdate, tick <-chan time.Time) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
+		case <-tick:
 			x.mu.Lock()
 			for a, h := range x.hops {
 				_ = probeNeigh(h.Ifindex, a)
 			}
 			x.mu.Unlock()
+			if updates == nil {
+				return // retry the subscription
+			}
 		case u, ok := <-updates:
 			if !ok {
-				updates = nil
-				continue
+				return
 			}
 			if u.Type == unix.RTM_NEWNEIGH && usableNeigh(u.Neigh) {
 				x.neighbourChanged(u.Neigh)
 			}
+		}
+	}
+}
+
+// recheckNeighbours compares every known backend MAC with the kernel's
+// table, for changes made while no subscription was listening.
+func (x *XDP) recheckNeighbours() {
+	x.mu.Lock()
+	hops := make(map[netip.Addr]hop, len(x.hops))
+	for a, h := range x.hops {
+		hops[a] = h
+	}
+	x.mu.Unlock()
+	for a, h := range hops {
+		if mac, ok := lookupNeigh(h.Ifindex, a); ok {
+			x.neighbourChanged(netlink.Neigh{LinkIndex: h.Ifindex, IP: net.IP(a.AsSlice()), HardwareAddr: mac})
 		}
 	}
 }
@@ -305,7 +341,7 @@ func (x *XDP) neighbourChanged(n netlink.Neigh) {
 	}
 	h.DstMAC = net.HardwareAddr(slices.Clone(n.HardwareAddr))
 	x.hops[addr] = h
-	x.log.Info("backend MAC changed", "backend", addr, "mac", h.DstMAC)
+	x.log.Info("backend MAC changed", "backend", addr, "mac", h.DstMAC.String())
 	for _, s := range x.services {
 		for _, b := range s.Backends {
 			if b.Addr == addr {
