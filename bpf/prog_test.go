@@ -510,3 +510,31 @@ func without(s []uint32, v uint32) []uint32 {
 	}
 	return out
 }
+
+// TestRedirectToOtherInterface checks the choice between XDP_TX (backend
+// behind the interface the packet came in on) and bpf_redirect (behind
+// another one). A test run receives on the loopback device, ifindex 1.
+func TestRedirectToOtherInterface(t *testing.T) {
+	f := bpftest.NewFixture(t, loaderOpts())
+	s := bpftest.Service{ID: 1, VIP: vip4, Proto: bpftest.UDP, Backends: []uint32{1}}
+	f.AddService(s)
+	for _, tc := range []struct {
+		ifindex uint32
+		want    uint32
+	}{{0, bpftest.XDPTx}, {1, bpftest.XDPTx}, {7, bpftest.XDPRedirect}} {
+		err := f.Maps.PutBackend(1, maps.Backend{
+			Service: 1, Addr: bpftest.BackendAddr(vip4.Addr(), 1), Port: vip4.Port(), State: maps.StateActive,
+			MAC: bpftest.BackendMAC(1), SrcMAC: bpftest.LBMAC, Ifindex: tc.ifindex,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		verdict, out := f.Run(bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.UDP}.Bytes())
+		if verdict != tc.want {
+			t.Errorf("backend on ifindex %d: verdict %d, want %d", tc.ifindex, verdict, tc.want)
+		}
+		if id, err := bpftest.BackendOf(out); err != nil || id != 1 {
+			t.Errorf("backend on ifindex %d: frame not rewritten for backend 1 (%v)", tc.ifindex, err)
+		}
+	}
+}
