@@ -751,29 +751,3 @@ func TestLoad(t *testing.T) {
 		t.Errorf("Load(bad) = %v, want it to start with %q", err, want)
 	}
 }
-
-func TestIsPrime(t *testing.T) {
-	primes := map[uint32]bool{2: true, 3: true, 251: true, 65537: true, 1048573: true}
-	for n := range uint32(300) {
-		want := n >= 2
-		for d := uint32(2); d < n; d++ {
-			if n%d == 0 {
-				want = false
-				break
-			}
-		}
-		if isPrime(n) != want {
-			t.Errorf("isPrime(%d) = %v", n, !want)
-		}
-	}
-	for n := range primes {
-		if !isPrime(n) {
-			t.Errorf("isPrime(%d) = false", n)
-		}
-	}
-	for _, n := range []uint32{65536, 1048575, 1048576, 65535} {
-		if isPrime(n) {
-			t.Errorf("isPrime(%d) = true", n)
-		}
-	}
-}

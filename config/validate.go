@@ -9,6 +9,8 @@ import (
 	"slices"
 	"strings"
 	"unicode"
+
+	"github.com/tetherlb/tether/maglev"
 )
 
 // FieldError is one problem with a configuration, tied to the field it is
@@ -139,7 +141,7 @@ func (c *Config) validate(v *validator) {
 	t := c.Tables
 	inRange(v, "tables.connections", t.Connections, minTableEntries, maxTableEntries)
 	inRange(v, "tables.affinity", t.Affinity, minTableEntries, maxTableEntries)
-	if inRange(v, "tables.ring_size", t.RingSize, minRingSize, maxRingSize) && !isPrime(t.RingSize) {
+	if inRange(v, "tables.ring_size", t.RingSize, minRingSize, maxRingSize) && !maglev.IsPrime(t.RingSize) {
 		v.add("tables.ring_size", "%d is not prime (the default is %d)", t.RingSize, defaultRingSize)
 	}
 	maxServicesOK := inRange(v, "tables.max_services", t.MaxServices, 1, limitMaxServices)
@@ -307,23 +309,6 @@ func validIfname(s string) bool {
 	}
 	for _, r := range s {
 		if r == '/' || r == ':' || unicode.IsSpace(r) || !unicode.IsPrint(r) {
-			return false
-		}
-	}
-	return true
-}
-
-// isPrime reports whether n is prime by trial division, which is plenty for
-// ring sizes up to a million.
-func isPrime(n uint32) bool {
-	if n < 2 {
-		return false
-	}
-	if n%2 == 0 {
-		return n == 2
-	}
-	for d := uint64(3); d*d <= uint64(n); d += 2 {
-		if uint64(n)%d == 0 {
 			return false
 		}
 	}

@@ -428,3 +428,29 @@ func BenchmarkBuild(b *testing.B) {
 		}
 	})
 }
+
+func TestIsPrimeAgainstTrialDivision(t *testing.T) {
+	primes := map[uint32]bool{2: true, 3: true, 251: true, 65537: true, 1048573: true}
+	for n := range uint32(300) {
+		want := n >= 2
+		for d := uint32(2); d < n; d++ {
+			if n%d == 0 {
+				want = false
+				break
+			}
+		}
+		if IsPrime(n) != want {
+			t.Errorf("IsPrime(%d) = %v", n, !want)
+		}
+	}
+	for n := range primes {
+		if !IsPrime(n) {
+			t.Errorf("IsPrime(%d) = false", n)
+		}
+	}
+	for _, n := range []uint32{65536, 1048575, 1048576, 65535} {
+		if IsPrime(n) {
+			t.Errorf("IsPrime(%d) = true", n)
+		}
+	}
+}
