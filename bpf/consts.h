@@ -34,6 +34,9 @@
 /* service flags (struct service.flags) */
 #define SVC_F_SOURCE_AFFINITY (1U << 0) /* key the ring and affinity table by client address */
 
+/* connection flags (struct conn.flags) */
+#define CONN_F_CLOSING (1U << 0) /* a FIN or RST was seen: no longer counted as active */
+
 /* forwarding modes (struct service.fwd) */
 #define FWD_DSR 0 /* rewrite MACs only; the backend holds the VIP */
 

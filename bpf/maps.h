@@ -67,6 +67,8 @@ struct flow_key4 {
 struct conn {
 	__u32 backend;
 	__u32 service;
+	__u32 flags; /* CONN_F_* */
+	__u32 pad;
 };
 
 struct affinity_key {

@@ -27,6 +27,7 @@ struct packet {
 	struct flow_key key;
 	__u8 family;
 	__u8 syn_only; /* TCP SYN without ACK: the first packet of a handshake */
+	__u8 closing;  /* TCP FIN or RST: the connection is ending */
 };
 
 /* is_ipv6_ext tells whether an IPv6 next-header value is an extension
@@ -62,6 +63,7 @@ static __always_inline int parse_l4(void *l4, void *data_end, struct packet *pkt
 		pkt->key.sport = tcp->source;
 		pkt->key.dport = tcp->dest;
 		pkt->syn_only = tcp->syn && !tcp->ack;
+		pkt->closing = tcp->fin || tcp->rst;
 		return 0;
 	}
 	if (pkt->key.proto == IPPROTO_UDP) {

@@ -538,3 +538,37 @@ func TestRedirectToOtherInterface(t *testing.T) {
 		}
 	}
 }
+
+// TestClosingFlows checks that a FIN or RST marks the flow's entry closing
+// while the flow keeps its backend, and that a new handshake on the same
+// 5-tuple reopens it.
+func TestClosingFlows(t *testing.T) {
+	f, svcs := fourServices(t)
+	s := svcs[0]
+	for _, flag := range []uint8{bpftest.FIN | bpftest.ACK, bpftest.RST} {
+		src := netip.AddrPortFrom(cli4.Addr(), 2000+uint16(flag))
+		b := backendFor(t, f, s, src, bpftest.ACK)
+		closing := func() bool {
+			fl, ok, err := f.Maps.LookupFlow(src, s.VIP, bpftest.TCP)
+			if err != nil || !ok {
+				t.Fatalf("flow %s not in the table (%v)", src, err)
+			}
+			return fl.Closing
+		}
+		if closing() {
+			t.Fatalf("flow %s closing before any FIN or RST", src)
+		}
+		if got := backendFor(t, f, s, src, flag); got != b {
+			t.Fatalf("flags %#x: went to %d, want %d", flag, got, b)
+		}
+		if !closing() {
+			t.Fatalf("flags %#x: flow not marked closing", flag)
+		}
+		if got := backendFor(t, f, s, src, bpftest.ACK); got != b || !closing() {
+			t.Fatalf("last ACK went to %d (want %d) or reopened the flow", got, b)
+		}
+		if got := backendFor(t, f, s, src, bpftest.SYN); got != b || closing() {
+			t.Fatalf("new SYN on the same 5-tuple went to %d (want %d) or left the flow closing", got, b)
+		}
+	}
+}

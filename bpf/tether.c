@@ -102,7 +102,7 @@ static __always_inline void insert_conn(const struct packet *pkt, const struct c
 static __always_inline void record(const struct service *svc, const struct packet *pkt,
 				   const struct affinity_key *ak, __u32 id, int affinity_hit, __u64 now)
 {
-	struct conn c = {.backend = id, .service = svc->id};
+	struct conn c = {.backend = id, .service = svc->id, .flags = pkt->closing ? CONN_F_CLOSING : 0};
 	insert_conn(pkt, &c);
 	if (svc->flags & SVC_F_SOURCE_AFFINITY) {
 		struct affinity a = {.last_seen_ns = now, .backend = id};
@@ -159,8 +159,16 @@ int tether_xdp(struct xdp_md *ctx)
 	if (c) {
 		__u32 id = c->backend;
 		struct backend *be = lookup_backend(id, c->service);
-		if (be)
+		if (be) {
+			/* Written once per connection end, not per packet: the entry
+			 * stays for the last packets, but no longer counts as active. */
+			if (pkt.closing && !(c->flags & CONN_F_CLOSING))
+				c->flags |= CONN_F_CLOSING;
+			/* A new handshake on the same 5-tuple reopens the entry. */
+			else if (pkt.syn_only && (c->flags & CONN_F_CLOSING))
+				c->flags &= ~CONN_F_CLOSING;
 			return forward_dsr(ctx, be, id);
+		}
 	}
 	return new_flow(ctx, &pkt);
 }

@@ -49,6 +49,8 @@ type TetherConn struct {
 	_       structs.HostLayout
 	Backend uint32
 	Service uint32
+	Flags   uint32
+	Pad     uint32
 }
 
 type TetherFlowKey struct {

@@ -88,6 +88,9 @@ type Flow struct {
 	Proto   uint8          `json:"proto"`
 	Service uint32         `json:"service"`
 	Backend uint32         `json:"backend"`
+	// Closing is set once a FIN or RST was seen: the flow is ending and no
+	// longer counts as an active connection.
+	Closing bool `json:"closing"`
 }
 
 // Datapath forwards the traffic of services to their backends.

@@ -17,6 +17,9 @@ import (
 // Flow is one connection-table entry.
 type Flow = datapath.Flow
 
+// connClosing is CONN_F_CLOSING.
+const connClosing = 1 << 0
+
 // flowKey6 is the key of flow client → vip in the IPv6 connection table.
 func flowKey6(client, vip netip.AddrPort, proto uint8) bpf.TetherFlowKey {
 	return bpf.TetherFlowKey{
@@ -46,6 +49,7 @@ func flow6(k bpf.TetherFlowKey, v bpf.TetherConn) Flow {
 		Proto:   k.Proto,
 		Service: v.Service,
 		Backend: v.Backend,
+		Closing: v.Flags&connClosing != 0,
 	}
 }
 
@@ -56,6 +60,7 @@ func flow4(k bpf.TetherFlowKey4, v bpf.TetherConn) Flow {
 		Proto:   k.Proto,
 		Service: v.Service,
 		Backend: v.Backend,
+		Closing: v.Flags&connClosing != 0,
 	}
 }
 
