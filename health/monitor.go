@@ -1,0 +1,260 @@
+package health
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"maps"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"time"
+)
+
+// ErrClosed is returned by Set on a Monitor that was closed.
+var ErrClosed = errors.New("health: monitor closed")
+
+// Monitor probes a set of targets, one goroutine each, and keeps their
+// state. Its methods are safe for concurrent use. A Monitor lives from New
+// to Close; Close stops every prober and waits for them.
+type Monitor struct {
+	log      *slog.Logger
+	onChange func(Target, Status)
+
+	setMu sync.Mutex // serialises Set and Close
+
+	mu      sync.Mutex // guards the fields below and every prober's state
+	probers map[Target]*prober
+	closed  bool
+}
+
+// prober is the goroutine that probes one target, and the target's state.
+type prober struct {
+	target Target
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the goroutine has returned
+	state  state         // guarded by Monitor.mu
+}
+
+// New returns a Monitor with no targets. log receives the transitions (nil
+// discards them). onChange, when not nil, is called after every transition,
+// from the target's prober goroutine and with no lock held, so that the
+// calls for one target come in order; it must not call Set or Close, but may
+// call Status and All.
+func New(log *slog.Logger, onChange func(Target, Status)) *Monitor {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Monitor{log: log, onChange: onChange, probers: make(map[Target]*prober)}
+}
+
+// Set makes targets the set of probed targets, compared after Check.Defaults:
+// it starts a prober for each new target, stops and forgets those no longer
+// listed, and leaves the others, with their state and counters, untouched.
+// Repeated targets share one prober. A new target starts up (see the package
+// documentation) and is not reported to onChange until it changes.
+//
+// Set refuses an invalid target, changing nothing. When it returns, the
+// removed probers have stopped and their callbacks have returned.
+func (m *Monitor) Set(targets []Target) error {
+	want := make(map[Target]bool, len(targets))
+	for _, t := range targets {
+		t = t.withDefaults()
+		if err := t.validate(); err != nil {
+			return err
+		}
+		want[t] = true
+	}
+
+	m.setMu.Lock()
+	defer m.setMu.Unlock()
+
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return ErrClosed
+	}
+	var stopped []*prober
+	for t, p := range m.probers {
+		if !want[t] {
+			delete(m.probers, t)
+			stopped = append(stopped, p)
+		}
+	}
+	now := time.Now()
+	for t := range want {
+		if m.probers[t] == nil {
+			m.probers[t] = m.start(t, now)
+		}
+	}
+	m.mu.Unlock()
+
+	stop(stopped)
+	return nil
+}
+
+// Status returns the state of target, compared after Check.Defaults, and
+// whether it is probed.
+func (m *Monitor) Status(target Target) (Status, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	p, ok := m.probers[target.withDefaults()]
+	if !ok {
+		return Status{}, false
+	}
+	return p.state.status, true
+}
+
+// All returns the state of every probed target, keyed by the target with
+// its check's defaults applied.
+func (m *Monitor) All() map[Target]Status {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	all := make(map[Target]Status, len(m.probers))
+	for t, p := range m.probers {
+		all[t] = p.state.status
+	}
+	return all
+}
+
+// Close stops every prober and waits until their goroutines, and any
+// callback in progress, have returned. Later calls do nothing; Set then
+// returns ErrClosed.
+func (m *Monitor) Close() {
+	m.setMu.Lock()
+	defer m.setMu.Unlock()
+
+	m.mu.Lock()
+	m.closed = true
+	probers := slices.Collect(maps.Values(m.probers))
+	clear(m.probers)
+	m.mu.Unlock()
+
+	stop(probers)
+}
+
+// stop cancels every prober, then waits for each of them to return.
+func stop(probers []*prober) {
+	for _, p := range probers {
+		p.cancel()
+	}
+	for _, p := range probers {
+		<-p.done
+	}
+}
+
+// start starts the prober of t, which starts up at now. m.mu must be held.
+func (m *Monitor) start(t Target, now time.Time) *prober {
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &prober{
+		target: t,
+		cancel: cancel,
+		done:   make(chan struct{}),
+		state:  state{status: Status{Up: true, Since: now}},
+	}
+	m.log.Debug("health: probing", "target", t.String(), "interval", t.Check.Interval, "timeout", t.Check.Timeout)
+	go m.run(ctx, p)
+	return p
+}
+
+// run probes p's target until ctx is cancelled: first at once, then at a
+// random phase between half an interval and one and a half intervals later,
+// then every interval. A probe that overruns its slot skips the slots it
+// missed rather than bunching up.
+func (m *Monitor) run(ctx context.Context, p *prober) {
+	defer close(p.done)
+	c := p.target.Check
+
+	next := time.Now()
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for first := true; ; first = false {
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		}
+
+		res := probe(ctx, p.target)
+		if ctx.Err() != nil {
+			return // stopped mid-probe: the result says nothing of the backend
+		}
+		m.record(p, res)
+
+		if first {
+			next = next.Add(c.Interval/2 + rand.N(c.Interval))
+		} else {
+			next = next.Add(c.Interval)
+		}
+		now := time.Now()
+		if late := now.Sub(next); late >= 0 {
+			next = next.Add((late/c.Interval + 1) * c.Interval)
+		}
+		timer.Reset(next.Sub(now))
+	}
+}
+
+// record applies the result of a probe to p's state, and logs and reports
+// the transition it causes, if any.
+func (m *Monitor) record(p *prober, res Result) {
+	now := time.Now()
+	m.mu.Lock()
+	if m.probers[p.target] != p {
+		m.mu.Unlock()
+		return // removed while probing
+	}
+	changed := p.state.record(res, p.target.Check, now)
+	st := p.state.status
+	m.mu.Unlock()
+
+	if !res.OK {
+		m.log.Debug("health: probe failed", "target", p.target.String(), "reason", res.Reason, "latency", res.Latency)
+	}
+	if !changed {
+		return
+	}
+	if st.Up {
+		m.log.Info("health: backend up", "target", p.target.String(), "reason", res.Reason,
+			"latency", res.Latency, "transitions", st.Transitions)
+	} else {
+		m.log.Warn("health: backend down", "target", p.target.String(), "reason", res.Reason,
+			"latency", res.Latency, "transitions", st.Transitions)
+	}
+	if m.onChange != nil {
+		m.onChange(p.target, st)
+	}
+}
+
+// state is the verdict on one target and the run of results against it.
+type state struct {
+	status Status
+	streak int // results in a row that disagree with status.Up
+}
+
+// record counts res, made with check c and completed at now, and says
+// whether it changed the verdict: fall failures in a row take an up target
+// down, rise successes in a row bring a down target up.
+func (s *state) record(res Result, c Check, now time.Time) bool {
+	s.status.Probes++
+	if !res.OK {
+		s.status.Failures++
+	}
+	s.status.Result = res
+	if res.OK == s.status.Up {
+		s.streak = 0
+		return false
+	}
+	s.streak++
+	need := c.Fall
+	if !s.status.Up {
+		need = c.Rise
+	}
+	if s.streak < need {
+		return false
+	}
+	s.streak = 0
+	s.status.Up = res.OK
+	s.status.Since = now
+	s.status.Transitions++
+	return true
+}
