@@ -21,7 +21,8 @@
 // balancer), so nothing waits on ARP or ND; the balancer resolves backends
 // itself. The wire's "lb" port carries an XDP_PASS program, without which
 // frames the balancer sends with XDP_TX never reach the bridge (a veth
-// quirk, see DESIGN.md "Test hosts").
+// quirk, see DESIGN.md "Test hosts"). The lab mounts a bpffs of its own
+// (Lab.BPFFS) for the state tether pins.
 package lab
 
 import (
@@ -89,6 +90,14 @@ type Lab struct {
 	// VIP4 and VIP6 are the virtual addresses the backends hold on lo and
 	// the client routes to the balancer.
 	VIP4, VIP6 netip.Addr
+	// BPFFS is a bpffs mounted for this lab alone (at
+	// <tmp>/tether-<id>-bpffs-*/fs), for `tether run --pin-dir
+	// BPFFS/tether`: the processes started in the hosts see it, whereas `ip
+	// netns exec` hides /sys/fs/bpf behind a /sys of the namespace's own.
+	// Close unmounts it, which releases whatever is pinned there.
+	BPFFS string
+
+	bpffsDir string // the shared mount that holds BPFFS
 
 	mu      sync.Mutex
 	closed  bool
@@ -129,6 +138,9 @@ func New(opts Options) (l *Lab, err error) {
 		l.ClientAddrs6 = append(l.ClientAddrs6, hostAddr6(clientNet6, 10+k))
 	}
 
+	if err := l.mountBPFFS(); err != nil {
+		return l, err
+	}
 	if err := l.setupWire(); err != nil {
 		return l, err
 	}
@@ -186,10 +198,11 @@ func (l *Lab) AddBackend() (*Host, error) {
 	return be, nil
 }
 
-// Close stops the processes started in the lab, detaches the XDP program
-// and removes every namespace (which removes their interfaces). It is
-// idempotent; calls after the first return nil. Sockets still open in a
-// namespace keep it alive, unnamed, until they are closed.
+// Close stops the processes started in the lab, unmounts its bpffs,
+// detaches the XDP program and removes every namespace (which removes
+// their interfaces). It is idempotent; calls after the first return nil.
+// Sockets still open in a namespace keep it alive, unnamed, until they are
+// closed.
 func (l *Lab) Close() error {
 	l.mu.Lock()
 	if l.closed {
@@ -218,6 +231,9 @@ func (l *Lab) Close() error {
 		})
 	}
 	wg.Wait()
+	if err := l.unmountBPFFS(); err != nil {
+		errs = append(errs, err)
+	}
 	if l.xdpLink != nil {
 		if err := l.xdpLink.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("detach xdp: %w", err))

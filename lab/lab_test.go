@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -284,8 +285,45 @@ func TestCloseRemovesEverything(t *testing.T) {
 		t.Errorf("second Stop: %v", err)
 	}
 
+	// The lab's bpffs: hosts' processes see it, Close releases its pins.
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Pin(filepath.Join(l.BPFFS, "probe")); err != nil {
+		t.Fatal(err)
+	}
+	info, err := m.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mapID, _ := info.ID()
+	m.Close()
+	fs, err := l.Balancer.Start("stat", "-f", "-c", "%T", l.BPFFS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-fs.Done()
+	if got := strings.TrimSpace(fs.Output()); got != "bpf_fs" {
+		t.Errorf("the lab's bpffs seen from the balancer: %q, want bpf_fs", got)
+	}
+
 	if err := l.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
+	}
+	if left := labLeftovers(t, l.ID); len(left) > 0 {
+		t.Errorf("Close left %v", left)
+	}
+	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		m, err := ebpf.NewMapFromID(mapID)
+		if err != nil {
+			break
+		}
+		m.Close()
+		if time.Now().After(deadline) {
+			t.Error("a map pinned in the lab's bpffs outlives Close")
+			break
+		}
 	}
 	select {
 	case <-left.Done():
@@ -312,7 +350,6 @@ func TestCloseRemovesEverything(t *testing.T) {
 
 func TestNewFailureCleansUp(t *testing.T) {
 	RequirePrivileged(t)
-	before := labNamespaces(t)
 	addHostHook = func(role string) error {
 		if role == "be2" {
 			return errors.New("injected failure")
@@ -328,14 +365,14 @@ func TestNewFailureCleansUp(t *testing.T) {
 	if !strings.Contains(err.Error(), "injected failure") {
 		t.Errorf("New error %v does not carry the cause", err)
 	}
-	if after := labNamespaces(t); !slices.Equal(before, after) {
-		t.Errorf("namespaces before %v, after a failed New %v", before, after)
+	id, _, _ := strings.Cut(strings.TrimPrefix(err.Error(), "lab "), ":")
+	if left := labLeftovers(t, id); len(left) > 0 {
+		t.Errorf("a failed New left %v", left)
 	}
 }
 
 func TestAddBackendFailureCleansUp(t *testing.T) {
 	RequirePrivileged(t)
-	before := labNamespaces(t)
 	l, err := New(Options{Backends: 1, Clients: 1})
 	if err != nil {
 		t.Fatal(err)
@@ -368,25 +405,33 @@ func TestAddBackendFailureCleansUp(t *testing.T) {
 	if err := l.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if after := labNamespaces(t); !slices.Equal(before, after) {
-		t.Errorf("namespaces before %v, after %v", before, after)
+	if left := labLeftovers(t, l.ID); len(left) > 0 {
+		t.Errorf("Close after a failed AddBackend left %v", left)
 	}
 }
 
-// labNamespaces lists the tether lab namespaces present now.
-func labNamespaces(tb testing.TB) []string {
+// labLeftovers lists the namespaces and bpffs directories of lab id
+// present now. (Other labs, of tests running in parallel, do not count.)
+func labLeftovers(tb testing.TB, id string) []string {
 	tb.Helper()
+	if !strings.HasPrefix(id, "t") || len(id) != 6 {
+		tb.Fatalf("%q is not a lab id", id)
+	}
 	ents, err := os.ReadDir(netnsDir)
 	if err != nil && !os.IsNotExist(err) {
 		tb.Fatal(err)
 	}
 	var names []string
 	for _, e := range ents {
-		if strings.HasPrefix(e.Name(), "tether-") {
+		if strings.HasPrefix(e.Name(), "tether-"+id+"-") {
 			names = append(names, e.Name())
 		}
 	}
-	return names
+	dirs, err := filepath.Glob(filepath.Join(os.TempDir(), "tether-"+id+"-bpffs-*"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return append(names, dirs...)
 }
 
 func TestXDPPassOnBalancerPort(t *testing.T) {

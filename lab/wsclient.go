@@ -66,6 +66,31 @@ func (c *WSClient) Echo(ctx context.Context, msg string) (backend string, err er
 	return name, nil
 }
 
+// Send writes msg as a text message without waiting for the reply, so that
+// several can be in flight (see Receive).
+func (c *WSClient) Send(ctx context.Context, msg string) error {
+	if err := c.conn.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+		return fmt.Errorf("send: %w", err)
+	}
+	return nil
+}
+
+// Receive reads the next reply, "<name> <msg>", and returns name and msg.
+func (c *WSClient) Receive(ctx context.Context) (backend, msg string, err error) {
+	typ, reply, err := c.conn.Read(ctx)
+	if err != nil {
+		return "", "", fmt.Errorf("receive: %w", err)
+	}
+	if typ != websocket.MessageText {
+		return "", "", fmt.Errorf("receive: reply is a %v message", typ)
+	}
+	name, rest, ok := strings.Cut(string(reply), " ")
+	if !ok || name == "" {
+		return "", "", fmt.Errorf("receive: reply %q is not \"<name> <msg>\"", reply)
+	}
+	return name, rest, nil
+}
+
 // Backend returns the X-Tether-Backend header of the handshake response.
 func (c *WSClient) Backend() string { return c.backend }
 

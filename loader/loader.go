@@ -1,13 +1,18 @@
 // Package loader owns the lifecycle of tether's XDP datapath: it sizes and
 // loads the program and its maps, attaches it to interfaces (native or
-// generic XDP) and detaches it. It needs a kernel with BPF links for XDP
-// (5.9+) and BTF; the objects live until Close.
+// generic XDP), pins maps and links in bpffs so that the datapath outlives
+// the daemon, adopts what an earlier daemon pinned (replacing its program
+// in place), and detaches it. It needs a kernel with BPF links for XDP
+// (5.9+, which also replace a program in place) and BTF. Without a pin
+// directory the objects live until Close; with one, until Remove or
+// RemovePinned.
 package loader
 
 import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -27,6 +32,11 @@ type Options struct {
 	MaxServices uint32
 	MaxBackends uint32 // backends over all services; ids are 1..MaxBackends
 	HashSeed    uint32 // 0 means maglev.DefaultSeed
+	// PinDir is the bpffs directory where the maps and links are pinned
+	// (see pin.go for the layout). Maps pinned there by an earlier run are
+	// adopted. Empty means nothing is pinned: the datapath lives only as
+	// long as the Objects.
+	PinDir string
 }
 
 // Objects is a loaded program with its maps.
@@ -34,24 +44,53 @@ type Objects struct {
 	bpf.TetherObjects
 	Maps  *maps.Maps
 	links map[string]link.Link
+
+	// With a pin directory:
+	pinDir  string          // as given in Options
+	layout  string          // pinDir/v<LayoutVersion>
+	lock    *os.File        // the pin directory, flock'ed while the Objects live
+	adopted bool            // the maps were pinned by an earlier run
+	fresh   map[string]bool // links attached (not taken over) by these Objects
 }
 
 // Load removes the memlock limit (kernels before 5.11 account BPF memory
 // there), sizes the maps from opts and loads the program into the kernel.
+// With opts.PinDir, the maps an earlier run pinned there are adopted (see
+// Adopted), or else new maps are created and pinned; pinned state this
+// tether cannot adopt is refused with an *IncompatibleError.
 func Load(opts Options) (*Objects, error) {
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("remove memlock limit: %w", err)
 	}
+	spec, ringSize, err := sizedSpec(opts)
+	if err != nil {
+		return nil, err
+	}
+	o := &Objects{links: make(map[string]link.Link), fresh: make(map[string]bool)}
+	if opts.PinDir != "" {
+		err = o.loadPinned(spec, ringSize, opts.PinDir)
+	} else {
+		err = loadSpec(spec, &o.TetherObjects, nil)
+	}
+	if err != nil {
+		return nil, err
+	}
+	o.Maps = maps.New(&o.TetherMaps, ringSize)
+	return o, nil
+}
+
+// sizedSpec reads the embedded program and sizes it from opts.
+func sizedSpec(opts Options) (*ebpf.CollectionSpec, uint32, error) {
 	spec, err := bpf.LoadTether()
 	if err != nil {
-		return nil, fmt.Errorf("read embedded program: %w", err)
+		return nil, 0, fmt.Errorf("read embedded program: %w", err)
 	}
 	ringSize := opts.RingSize
 	if ringSize == 0 {
 		ringSize = maglev.DefaultSize
 	}
 	if !maglev.IsPrime(ringSize) {
-		return nil, fmt.Errorf("ring size %d is not prime", ringSize)
+		return nil, 0, fmt.Errorf("ring size %d is not prime", ringSize)
 	}
 	seed := opts.HashSeed
 	if seed == 0 {
@@ -70,26 +109,28 @@ func Load(opts Options) (*Objects, error) {
 		setSize(spec, bpf.TetherMapBeStats, opts.MaxBackends+1)
 	}
 	if opts.MaxBackends > maps.MaxBackendID {
-		return nil, fmt.Errorf("max backends %d: rings hold backend ids up to %d", opts.MaxBackends, maps.MaxBackendID)
+		return nil, 0, fmt.Errorf("max backends %d: rings hold backend ids up to %d", opts.MaxBackends, maps.MaxBackendID)
 	}
 	spec.Maps[bpf.TetherMapRings].InnerMap.MaxEntries = maps.RingEntries(ringSize)
 	if err := spec.Variables[bpf.TetherVarRingSize].Set(ringSize); err != nil {
-		return nil, fmt.Errorf("set ring size: %w", err)
+		return nil, 0, fmt.Errorf("set ring size: %w", err)
 	}
 	if err := spec.Variables[bpf.TetherVarHashSeed].Set(seed); err != nil {
-		return nil, fmt.Errorf("set hash seed: %w", err)
+		return nil, 0, fmt.Errorf("set hash seed: %w", err)
 	}
+	return spec, ringSize, nil
+}
 
-	o := &Objects{links: make(map[string]link.Link)}
-	if err := spec.LoadAndAssign(&o.TetherObjects, nil); err != nil {
+// loadSpec loads spec into objs, printing a verifier refusal whole.
+func loadSpec(spec *ebpf.CollectionSpec, objs *bpf.TetherObjects, opts *ebpf.CollectionOptions) error {
+	if err := spec.LoadAndAssign(objs, opts); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
-			return nil, fmt.Errorf("load XDP program: verifier refused it:\n%+v", verr)
+			return fmt.Errorf("load XDP program: verifier refused it:\n%+v", verr)
 		}
-		return nil, fmt.Errorf("load XDP program: %w", err)
+		return fmt.Errorf("load XDP program: %w", err)
 	}
-	o.Maps = maps.New(&o.TetherMaps, ringSize)
-	return o, nil
+	return nil
 }
 
 func setSize(spec *ebpf.CollectionSpec, name string, n uint32) {
@@ -107,14 +148,65 @@ const (
 	ModeGeneric Mode = "xdp-generic" // after the sk_buff is built; works on any device, slower
 )
 
+// Attached says how Attach put the program on an interface.
+type Attached int
+
+// Ways of attaching.
+const (
+	// AttachedNew is a new link.
+	AttachedNew Attached = iota
+	// AttachedReplaced is a link pinned by an earlier run, whose program was
+	// replaced in place: the interface never went without XDP.
+	AttachedReplaced
+	// AttachedAgain is a new link in place of a pinned one that was on
+	// another interface of that name or in another mode: the interface went
+	// without XDP for a moment.
+	AttachedAgain
+)
+
+func (a Attached) String() string {
+	switch a {
+	case AttachedReplaced:
+		return "replaced the program of the pinned link in place"
+	case AttachedAgain:
+		return "detached the pinned link (other interface or mode) and attached a new one"
+	}
+	return "attached"
+}
+
 // Attach attaches the program to the interface ifname in the given mode.
-func (o *Objects) Attach(ifname string, mode Mode) error {
+// With a pin directory the link is pinned, and a link an earlier run pinned
+// for ifname is taken over: on the same interface in the same mode its
+// program is replaced in place (link update, no moment without XDP),
+// otherwise it is detached and a new link attached.
+func (o *Objects) Attach(ifname string, mode Mode) (Attached, error) {
 	if _, ok := o.links[ifname]; ok {
-		return fmt.Errorf("attach to %s: already attached", ifname)
+		return 0, fmt.Errorf("attach to %s: already attached", ifname)
 	}
 	iface, err := net.InterfaceByName(ifname)
 	if err != nil {
-		return fmt.Errorf("attach to %s: %w", ifname, err)
+		return 0, fmt.Errorf("attach to %s: %w", ifname, err)
+	}
+	how := AttachedNew
+	if o.layout != "" {
+		old, err := link.LoadPinnedLink(o.linkPin(ifname), nil)
+		switch {
+		case err == nil:
+			if sameAttachment(old, iface.Index, mode) {
+				if err := old.Update(o.TetherXdp); err != nil {
+					old.Close()
+					return 0, fmt.Errorf("replace XDP program on %s: %w", ifname, err)
+				}
+				o.links[ifname] = old
+				return AttachedReplaced, nil
+			}
+			if err := removeLink(old); err != nil {
+				return 0, fmt.Errorf("detach pinned link of %s: %w", ifname, err)
+			}
+			how = AttachedAgain
+		case !errors.Is(err, os.ErrNotExist):
+			return 0, fmt.Errorf("load pinned link of %s: %w", ifname, err)
+		}
 	}
 	flags := link.XDPDriverMode
 	if mode == ModeGeneric {
@@ -130,24 +222,36 @@ func (o *Objects) Attach(ifname string, mode Mode) error {
 		if mode == ModeNative {
 			hint = " (the driver may lack native XDP: try datapath: xdp-generic)"
 		}
-		return fmt.Errorf("attach %s XDP to %s: %w%s", mode, ifname, err, hint)
+		return 0, fmt.Errorf("attach %s XDP to %s: %w%s", mode, ifname, err, hint)
+	}
+	if o.layout != "" {
+		if err := l.Pin(o.linkPin(ifname)); err != nil {
+			l.Close()
+			return 0, fmt.Errorf("pin XDP link of %s: %w", ifname, err)
+		}
 	}
 	o.links[ifname] = l
-	return nil
+	o.fresh[ifname] = true
+	return how, nil
 }
 
-// Close detaches the program from every interface and releases the
-// program and maps.
+// Close releases the program, the maps and the links. Without a pin
+// directory that detaches the program; with one, the program stays attached
+// and forwarding with the pinned maps, for the next run to adopt.
 func (o *Objects) Close() error {
 	var errs []error
 	for name, l := range o.links {
 		if err := l.Close(); err != nil {
-			errs = append(errs, fmt.Errorf("detach from %s: %w", name, err))
+			errs = append(errs, fmt.Errorf("close link of %s: %w", name, err))
 		}
 		delete(o.links, name)
 	}
 	if err := o.TetherObjects.Close(); err != nil {
 		errs = append(errs, err)
+	}
+	if o.lock != nil {
+		o.lock.Close()
+		o.lock = nil
 	}
 	return errors.Join(errs...)
 }

@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -29,6 +30,10 @@ const refreshInterval = 10 * time.Second
 // XDP is the XDP datapath: the program attached to interfaces and its maps
 // driven through the datapath.Datapath interface. Backends' MACs come from
 // the kernel's neighbour table and follow its changes.
+//
+// With a pin directory (Options.PinDir) the datapath outlives the XDP
+// value: Close leaves the program attached and forwarding with its last
+// state, and the next NewXDP adopts it (see Adopted).
 type XDP struct {
 	objs  *Objects
 	modes map[string]string
@@ -37,6 +42,7 @@ type XDP struct {
 	mu       sync.Mutex
 	services map[uint32]datapath.Service
 	hops     map[netip.Addr]hop
+	adopted  []datapath.Service
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -45,9 +51,31 @@ type XDP struct {
 var _ datapath.Datapath = (*XDP)(nil)
 
 // NewXDP loads the program, attaches it to every interface in the given
-// mode and starts following the neighbour table. On error nothing stays
-// attached.
+// mode and starts following the neighbour table.
+//
+// With opts.PinDir (mounting bpffs at /sys/fs/bpf if needed), the state an
+// earlier run pinned there is adopted: its maps replace new ones, with
+// every entry kept; the services they hold are read back (Adopted); the
+// pinned links of the interfaces get the new program in place, and those
+// of interfaces no longer listed are detached. On error, a first start
+// leaves nothing attached or pinned and an adoption leaves the earlier
+// state forwarding.
 func NewXDP(opts Options, ifaces []string, mode Mode, log *slog.Logger) (*XDP, error) {
+	if opts.PinDir != "" {
+		mounted, private, err := EnsureBPFFS(opts.PinDir)
+		if err != nil {
+			return nil, err
+		}
+		if mounted != "" {
+			log.Info("mounted bpffs: it was not mounted", "path", mounted)
+		}
+		if private {
+			log.Warn("bpffs was mounted in a mount namespace that may be this process's own "+
+				"(ip netns exec, systemd PrivateMounts?): the pinned state would end with this process; "+
+				"for restarts to keep connections, mount bpffs in the host's mount namespace or pass a --pin-dir on one",
+				"path", mounted)
+		}
+	}
 	objs, err := Load(opts)
 	if err != nil {
 		return nil, err
@@ -59,13 +87,11 @@ func NewXDP(opts Options, ifaces []string, mode Mode, log *slog.Logger) (*XDP, e
 		services: make(map[uint32]datapath.Service),
 		hops:     make(map[netip.Addr]hop),
 	}
-	for _, name := range ifaces {
-		if err := objs.Attach(name, mode); err != nil {
-			objs.Close()
-			return nil, err
+	if err := x.attach(ifaces, mode); err != nil {
+		if aerr := objs.Abort(); aerr != nil {
+			log.Error("undo a failed start", "err", aerr)
 		}
-		x.modes[name] = string(mode)
-		log.Info("attached XDP program", "interface", name, "mode", mode)
+		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	x.cancel = cancel
@@ -76,6 +102,99 @@ func NewXDP(opts Options, ifaces []string, mode Mode, log *slog.Logger) (*XDP, e
 	}()
 	return x, nil
 }
+
+// attach adopts the pinned state, if any, and attaches the program.
+func (x *XDP) attach(ifaces []string, mode Mode) error {
+	objs := x.objs
+	if objs.Adopted() {
+		if err := x.adopt(); err != nil {
+			return err
+		}
+	}
+	for _, name := range ifaces {
+		how, err := objs.Attach(name, mode)
+		if err != nil {
+			return err
+		}
+		x.modes[name] = string(mode)
+		if how == AttachedNew {
+			x.log.Info("attached XDP program", "interface", name, "mode", mode)
+		} else {
+			x.log.Info("attached XDP program: "+how.String(), "interface", name, "mode", mode)
+		}
+	}
+	gone, err := objs.DetachUnlisted(ifaces)
+	for _, name := range gone {
+		x.log.Info("detached XDP program from an interface no longer configured", "interface", name)
+	}
+	return err
+}
+
+// adopt reads back the services and backends an earlier run left in the
+// pinned maps, so that counters are kept and services no longer configured
+// can be deleted. Backends of no service (a deletion that did not finish)
+// are cleared.
+func (x *XDP) adopt() error {
+	m := x.objs.Maps
+	entries, err := m.Services()
+	if err != nil {
+		return err
+	}
+	backends, err := m.Backends()
+	if err != nil {
+		return err
+	}
+	byService := map[uint32][]datapath.Backend{}
+	for id, b := range backends {
+		byService[b.Service] = append(byService[b.Service], datapath.Backend{ID: id, Addr: b.Addr, Port: b.Port, State: datapath.State(b.State)})
+	}
+	for _, e := range entries {
+		s := datapath.Service{
+			ID:              e.ID,
+			VIP:             e.VIP,
+			Port:            e.Port,
+			Proto:           e.Proto,
+			SourceAffinity:  e.SourceAffinity,
+			AffinityTimeout: e.AffinityTimeout,
+			Backends:        byService[e.ID],
+		}
+		slices.SortFunc(s.Backends, func(a, b datapath.Backend) int { return cmp.Compare(a.ID, b.ID) })
+		if ring, err := m.Ring(e.ID); err == nil {
+			s.Ring = ring
+		}
+		delete(byService, e.ID)
+		x.services[s.ID] = s
+		x.adopted = append(x.adopted, s)
+	}
+	slices.SortFunc(x.adopted, func(a, b datapath.Service) int { return cmp.Compare(a.ID, b.ID) })
+	for svc, bs := range byService {
+		for _, b := range bs {
+			x.log.Info("cleared a pinned backend of no service", "backend", b.ID, "address", b.Addr, "service", svc)
+			if err := m.ClearBackend(b.ID); err != nil {
+				return err
+			}
+		}
+	}
+	conns, affinities, err := m.Entries()
+	if err != nil {
+		return err
+	}
+	x.log.Info("adopted pinned state", "dir", x.objs.PinDir(), "services", len(x.adopted), "backends", len(backends),
+		"connections", conns, "affinities", affinities)
+	return nil
+}
+
+// Adopted says whether the datapath took over state pinned by an earlier
+// run.
+func (x *XDP) Adopted() bool { return x.objs.Adopted() }
+
+// AdoptedServices returns the services found in the pinned maps at start,
+// sorted by id (without names or weights, which the maps do not hold), for
+// the control plane to keep their ids (control.Controller.Adopt).
+func (x *XDP) AdoptedServices() []datapath.Service { return slices.Clone(x.adopted) }
+
+// PinDir is the pin directory, or "" when nothing is pinned.
+func (x *XDP) PinDir() string { return x.objs.PinDir() }
 
 // Maps returns the typed view of the program's maps.
 func (x *XDP) Maps() *maps.Maps { return x.objs.Maps }
@@ -245,11 +364,22 @@ func (x *XDP) Counters() (datapath.Counters, error) {
 // Flows implements datapath.Datapath.
 func (x *XDP) Flows() ([]datapath.Flow, error) { return x.objs.Maps.Flows() }
 
-// Close stops following neighbours, detaches the program and frees the maps.
+// Close stops following neighbours and releases the program and maps.
+// With a pin directory the program stays attached and forwarding with the
+// pinned maps, for the next run to adopt; without one it is detached.
 func (x *XDP) Close() error {
 	x.cancel()
 	x.wg.Wait()
 	return x.objs.Close()
+}
+
+// Remove stops following neighbours, detaches the program from every
+// interface and removes the pinned state: every tracked connection is
+// forgotten.
+func (x *XDP) Remove() error {
+	x.cancel()
+	x.wg.Wait()
+	return x.objs.Remove()
 }
 
 // followNeighbours keeps backend MACs in step with the kernel's neighbour

@@ -167,6 +167,10 @@ func (m *Maps) LookupBackend(id uint32) (Backend, error) {
 	if err := m.m.Backends.Lookup(&id, &v); err != nil {
 		return Backend{}, fmt.Errorf("lookup backend %d: %w", id, err)
 	}
+	return backendOf(v), nil
+}
+
+func backendOf(v bpf.TetherBackend) Backend {
 	return Backend{
 		Service: v.Service,
 		Addr:    addrOf(v.Addr, v.Family),
@@ -175,7 +179,7 @@ func (m *Maps) LookupBackend(id uint32) (Backend, error) {
 		MAC:     net.HardwareAddr(v.Dmac[:]),
 		SrcMAC:  net.HardwareAddr(v.Smac[:]),
 		Ifindex: v.Ifindex,
-	}, nil
+	}
 }
 
 // slotsPerEntry is RING_SLOTS_PER_ENTRY: 16-bit ring slots per 8-byte

@@ -247,9 +247,18 @@ func TestWebSocketAffinity(t *testing.T) {
 		if int(c.NewConns) != st.Accepted {
 			t.Errorf("%s: tether counted %d new connections, the backend accepted %d", be.Name, c.NewConns, st.Accepted)
 		}
-		c6, _ := m.BackendCounters(ids[be.Addr6])
-		segs := tcpInSegs(t, be) - segs0[be.Name]
-		if got := c.Packets + c6.Packets; got != segs {
+		// Delayed ACKs may still be on their way: read both sides until
+		// they agree, for a bounded time.
+		var got, segs uint64
+		for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			c4, _ := m.BackendCounters(ids[be.Addr4])
+			c6, _ := m.BackendCounters(ids[be.Addr6])
+			got, segs = c4.Packets+c6.Packets, tcpInSegs(t, be)-segs0[be.Name]
+			if got == segs || time.Now().After(deadline) {
+				break
+			}
+		}
+		if got != segs {
 			t.Errorf("%s: tether forwarded %d packets, the backend received %d TCP segments", be.Name, got, segs)
 		}
 	}

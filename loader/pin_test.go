@@ -1,0 +1,334 @@
+package loader
+
+import (
+	"errors"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+
+	"github.com/tetherlb/tether/bpf"
+	"github.com/tetherlb/tether/datapath"
+	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/maglev"
+	"github.com/tetherlb/tether/maps"
+)
+
+var (
+	pinVIP     = netip.MustParseAddr("203.0.113.10")
+	pinClient  = netip.MustParseAddr("192.0.2.10")
+	pinBackend = netip.MustParseAddr("198.51.100.11")
+)
+
+const pinRing = 251
+
+// pinOpts are small tables pinned in dir.
+func pinOpts(dir string) Options {
+	return Options{Connections: 8192, Affinity: 1024, RingSize: pinRing, MaxServices: 8, MaxBackends: 16, PinDir: dir}
+}
+
+// xdpProgID returns the id of the XDP program on h's eth0, 0 if none.
+func xdpProgID(t *testing.T, h *lab.Host) uint32 {
+	t.Helper()
+	nh, err := h.Netlink()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nh.Close()
+	lk, err := nh.LinkByName("eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if x := lk.Attrs().Xdp; x != nil && x.Attached {
+		return x.ProgId
+	}
+	return 0
+}
+
+func progID(t *testing.T, p *ebpf.Program) uint32 {
+	t.Helper()
+	info, err := p.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := info.ID()
+	return uint32(id)
+}
+
+// attach attaches o to h's eth0, from h's namespace.
+func attach(t *testing.T, h *lab.Host, o *Objects, mode Mode) Attached {
+	t.Helper()
+	var how Attached
+	if err := h.Do(func() (err error) { how, err = o.Attach("eth0", mode); return err }); err != nil {
+		t.Fatal(err)
+	}
+	return how
+}
+
+// The datapath outlives its Objects: a second load adopts the pinned maps
+// with every entry, replaces the program of the pinned link in place, and
+// reads back the services; other sizes, layouts and versions are refused;
+// Remove and RemovePinned leave nothing.
+func TestPinAndAdopt(t *testing.T) {
+	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 1})
+	dir := filepath.Join(l.BPFFS, "tether")
+	opts := pinOpts(dir)
+
+	first, err := Load(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first.Adopted() {
+		t.Fatal("first load reports adopted maps")
+	}
+	if how := attach(t, l.Balancer, first, ModeNative); how != AttachedNew {
+		t.Errorf("first attach: %v", how)
+	}
+	for _, p := range []string{"v1/meta", "v1/maps/conns4", "v1/maps/rings", "v1/maps/reasons", "v1/links/eth0"} {
+		if _, err := os.Stat(filepath.Join(dir, p)); err != nil {
+			t.Errorf("pinned layout: %v", err)
+		}
+	}
+	if _, err := Load(opts); err == nil || !strings.Contains(err.Error(), "in use by another tether") {
+		t.Errorf("a second load while the first runs: %v, want a refusal", err)
+	}
+
+	// State as a daemon leaves it: a service, its backend and ring, a flow,
+	// an affinity entry, and a backend of no service.
+	m := first.Maps
+	ring, err := maglev.Build([]maglev.Backend{{ID: 3, Key: "b", Weight: 1}}, pinRing, maglev.DefaultSeed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	must(t, m.PutBackend(3, maps.Backend{Service: 2, Addr: pinBackend, Port: 8765, State: maps.StateActive}))
+	must(t, m.PutBackend(9, maps.Backend{Service: 5, Addr: pinBackend, Port: 9000, State: maps.StateActive}))
+	must(t, m.PublishRing(2, ring))
+	must(t, m.PutService(pinVIP, 8765, 6, maps.Service{ID: 2, SourceAffinity: true, AffinityTimeout: time.Hour}))
+	must(t, m.PutAffinity(2, pinClient, 3, time.Minute))
+	k := bpf.TetherFlowKey4{Src: maglev.AddrWords(pinClient)[0], Dst: maglev.AddrWords(pinVIP)[0], Sport: maps.Port(40000), Dport: maps.Port(8765), Proto: 6}
+	must(t, m.Raw().Conns4.Put(&k, &bpf.TetherConn{Backend: 3, Service: 2}))
+	// More flows than one batch of Entries counts.
+	var keys []bpf.TetherFlowKey4
+	var vals []bpf.TetherConn
+	for i := range 5000 {
+		keys = append(keys, bpf.TetherFlowKey4{Src: uint32(i + 1), Dst: k.Dst, Sport: 1, Dport: k.Dport, Proto: 6})
+		vals = append(vals, bpf.TetherConn{Backend: 3, Service: 2})
+	}
+	if _, err := m.Raw().Conns4.BatchUpdate(keys, vals, nil); err != nil {
+		t.Fatal(err)
+	}
+	firstProg := progID(t, first.TetherXdp)
+	must(t, first.Close())
+	if got := xdpProgID(t, l.Balancer); got != firstProg {
+		t.Fatalf("after Close the interface runs program %d, want %d still attached", got, firstProg)
+	}
+
+	// Adoption, through the datapath.
+	var x *XDP
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if err := l.Balancer.Do(func() (err error) { x, err = NewXDP(opts, []string{"eth0"}, ModeNative, log); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if !x.Adopted() {
+		t.Fatal("second load did not adopt the pinned maps")
+	}
+	if got, want := xdpProgID(t, l.Balancer), progID(t, x.objs.TetherXdp); got != want || got == firstProg {
+		t.Errorf("interface runs program %d, want the new one %d (old %d)", got, want, firstProg)
+	}
+	m = x.Maps()
+	if f, ok, err := m.LookupFlow(netip.AddrPortFrom(pinClient, 40000), netip.AddrPortFrom(pinVIP, 8765), 6); err != nil || !ok || f.Backend != 3 {
+		t.Errorf("flow after adoption: %+v %v %v", f, ok, err)
+	}
+	if a, ok, err := m.LookupAffinity(2, pinClient); err != nil || !ok || a.Backend != 3 {
+		t.Errorf("affinity after adoption: %+v %v %v", a, ok, err)
+	}
+	if c, a, err := m.Entries(); err != nil || c != 5001 || a != 1 {
+		t.Errorf("after adoption the tables hold %d flows and %d affinity entries (%v), want 5001 and 1", c, a, err)
+	}
+	if got, err := m.Ring(2); err != nil || !reflect.DeepEqual(got, ring) {
+		t.Errorf("ring after adoption differs (%v)", err)
+	}
+	want := []datapath.Service{{
+		ID: 2, VIP: pinVIP, Port: 8765, Proto: 6, SourceAffinity: true, AffinityTimeout: time.Hour,
+		Backends: []datapath.Backend{{ID: 3, Addr: pinBackend, Port: 8765, State: datapath.Active}},
+		Ring:     ring,
+	}}
+	if got := x.AdoptedServices(); !reflect.DeepEqual(got, want) {
+		t.Errorf("AdoptedServices() = %+v\nwant %+v", got, want)
+	}
+	if b, err := m.LookupBackend(9); err != nil || b.State != maps.StateUnused {
+		t.Errorf("backend of no service after adoption: %+v %v, want cleared", b, err)
+	}
+	must(t, x.Close())
+
+	// Other table sizes, another layout: refused with how to proceed.
+	bigger := opts
+	bigger.Connections = 16384
+	bigger.RingSize = 257
+	_, err = Load(bigger)
+	var ie *IncompatibleError
+	if !errors.As(err, &ie) || !ie.Sizes {
+		t.Fatalf("load with other sizes: %v, want an IncompatibleError about sizes", err)
+	}
+	for _, s := range []string{"tables.connections is 8192 there, 16384 here", "tables.ring_size is 251 there, 257 here", "tether detach --pin-dir " + dir} {
+		if !strings.Contains(err.Error(), s) {
+			t.Errorf("refusal %q lacks %q", err, s)
+		}
+	}
+	meta, err := ebpf.LoadPinnedMap(filepath.Join(dir, "v1", "meta"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mv metaValue
+	must(t, meta.Lookup(uint32(0), &mv))
+	orig := mv
+	mv.Fingerprint++
+	must(t, meta.Put(uint32(0), mv))
+	_, err = Load(opts)
+	if !errors.As(err, &ie) || ie.Sizes || !strings.Contains(err.Error(), "incompatible layout") {
+		t.Errorf("load with another layout: %v, want an incompatible layout", err)
+	}
+	must(t, meta.Put(uint32(0), orig))
+	meta.Close()
+	// A pinned map unlike the program's (what ErrMapIncompatible reports).
+	reasons := filepath.Join(dir, "v1", "maps", bpf.TetherMapReasons)
+	saved := filepath.Join(l.BPFFS, "saved")
+	must(t, os.Rename(reasons, saved))
+	bogus, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: 4, ValueSize: 8, MaxEntries: uint32(bpf.TetherReasonR_MAX)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	must(t, bogus.Pin(reasons))
+	bogus.Close()
+	_, err = Load(opts)
+	if !errors.As(err, &ie) || ie.Sizes || !strings.Contains(err.Error(), "incompatible layout (map reasons: ") {
+		t.Errorf("load over a map of another type: %v, want an incompatible layout naming the map", err)
+	}
+	must(t, os.Remove(reasons))
+	must(t, os.Rename(saved, reasons))
+	other := filepath.Join(l.BPFFS, "other")
+	must(t, os.MkdirAll(filepath.Join(other, "v2"), 0o700))
+	_, err = Load(pinOpts(other))
+	if !errors.As(err, &ie) || !strings.Contains(err.Error(), "v2, this tether reads layout v1") {
+		t.Errorf("load over layout v2: %v, want a refusal", err)
+	}
+	if _, err := RemovePinned(other); err != nil {
+		t.Error(err)
+	}
+
+	// An interface no longer listed is detached and unpinned.
+	third, err := Load(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone, err := third.DetachUnlisted(nil)
+	if err != nil || !reflect.DeepEqual(gone, []string{"eth0"}) {
+		t.Errorf("DetachUnlisted = %v, %v; want [eth0]", gone, err)
+	}
+	if id := xdpProgID(t, l.Balancer); id != 0 {
+		t.Errorf("program %d still attached to an interface no longer listed", id)
+	}
+	if how := attach(t, l.Balancer, third, ModeGeneric); how != AttachedNew {
+		t.Errorf("attach after detach: %v", how)
+	}
+	must(t, third.Close())
+
+	// The mode changed: the pinned link is replaced by a new one.
+	fourth, err := Load(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if how := attach(t, l.Balancer, fourth, ModeNative); how != AttachedAgain {
+		t.Errorf("attach in another mode: %v, want %v", how, AttachedAgain)
+	}
+	must(t, fourth.Close())
+
+	detached, err := RemovePinned(dir)
+	if err != nil || !reflect.DeepEqual(detached, []string{"eth0"}) {
+		t.Errorf("RemovePinned = %v, %v; want [eth0]", detached, err)
+	}
+	if id := xdpProgID(t, l.Balancer); id != 0 {
+		t.Errorf("program %d still attached after RemovePinned", id)
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pin directory after RemovePinned: %v", err)
+	}
+}
+
+// A first start that fails leaves nothing attached or pinned.
+func TestFailedFirstStartLeavesNothing(t *testing.T) {
+	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 1})
+	dir := filepath.Join(l.BPFFS, "tether")
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	err := l.Balancer.Do(func() error {
+		x, err := NewXDP(pinOpts(dir), []string{"eth0", "eth9"}, ModeNative, log)
+		if err == nil {
+			x.Close()
+		}
+		return err
+	})
+	if err == nil || !strings.Contains(err.Error(), "eth9") {
+		t.Fatalf("NewXDP with a missing interface: %v", err)
+	}
+	if id := xdpProgID(t, l.Balancer); id != 0 {
+		t.Errorf("program %d attached after a failed start", id)
+	}
+	if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
+		t.Errorf("pin directory holds %v after a failed first start", entries)
+	}
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The fingerprint of the maps' definitions ignores the sizes a
+// configuration sets and catches any other change.
+func TestFingerprint(t *testing.T) {
+	load := func() *ebpf.CollectionSpec {
+		spec, err := bpf.LoadTether()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return spec
+	}
+	base := fingerprint(load())
+	for _, tc := range []struct {
+		desc   string
+		change func(*ebpf.CollectionSpec)
+		same   bool
+	}{
+		{"connection table size", func(s *ebpf.CollectionSpec) { s.Maps[bpf.TetherMapConns4].MaxEntries *= 2 }, true},
+		{"ring size", func(s *ebpf.CollectionSpec) { s.Maps[bpf.TetherMapRings].InnerMap.MaxEntries++ }, true},
+		{"reason count", func(s *ebpf.CollectionSpec) { s.Maps[bpf.TetherMapReasons].MaxEntries++ }, false},
+		{"map type", func(s *ebpf.CollectionSpec) { s.Maps[bpf.TetherMapConns4].Type = ebpf.Hash }, false},
+		{"a map more", func(s *ebpf.CollectionSpec) { s.Maps["extra"] = s.Maps[bpf.TetherMapReasons].Copy() }, false},
+		{"a map less", func(s *ebpf.CollectionSpec) { delete(s.Maps, bpf.TetherMapSvcStats) }, false},
+		{"global variables", func(s *ebpf.CollectionSpec) { delete(s.Maps, ".rodata") }, true},
+		{"value layout", func(s *ebpf.CollectionSpec) {
+			ms := s.Maps[bpf.TetherMapConns4]
+			st := btf.Copy(ms.Value).(*btf.Struct)
+			st.Members[0], st.Members[1] = st.Members[1], st.Members[0]
+			st.Members[0].Offset, st.Members[1].Offset = st.Members[1].Offset, st.Members[0].Offset
+			st.Members[0].Type = &btf.Int{Size: 2}
+			ms.Value = st
+		}, false},
+	} {
+		spec := load()
+		tc.change(spec)
+		if got := fingerprint(spec) == base; got != tc.same {
+			t.Errorf("%s: fingerprint unchanged = %v, want %v", tc.desc, got, tc.same)
+		}
+	}
+}

@@ -1,0 +1,138 @@
+package maps
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/tetherlb/tether/bpf"
+)
+
+// ServiceEntry is one entry of the services maps: a service's key and its
+// value.
+type ServiceEntry struct {
+	VIP   netip.Addr
+	Port  uint16 // host byte order
+	Proto uint8
+	Service
+}
+
+// Services lists the services maps, IPv4 then IPv6. A daemon that adopts
+// pinned maps reads them to learn the ids the previous one assigned.
+func (m *Maps) Services() ([]ServiceEntry, error) {
+	var out []ServiceEntry
+	var (
+		k4 bpf.TetherServiceKey4
+		v  bpf.TetherService
+	)
+	it := m.m.Services4.Iterate()
+	for it.Next(&k4, &v) {
+		out = append(out, serviceEntry(addrOf([4]uint32{k4.Addr}, afInet), k4.Port, k4.Proto, v))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list IPv4 services: %w", err)
+	}
+	var k6 bpf.TetherServiceKey
+	it = m.m.Services6.Iterate()
+	for it.Next(&k6, &v) {
+		out = append(out, serviceEntry(addrOf(k6.Addr, afInet6), k6.Port, k6.Proto, v))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list IPv6 services: %w", err)
+	}
+	return out, nil
+}
+
+func serviceEntry(vip netip.Addr, port uint16, proto uint8, v bpf.TetherService) ServiceEntry {
+	return ServiceEntry{
+		VIP:   vip,
+		Port:  HostPort(port),
+		Proto: proto,
+		Service: Service{
+			ID:              v.Id,
+			SourceAffinity:  v.Flags&FlagSourceAffinity != 0,
+			AffinityTimeout: time.Duration(v.AffinityTimeoutNs),
+		},
+	}
+}
+
+// Backends lists the backends map entries in use (state not StateUnused),
+// by id.
+func (m *Maps) Backends() (map[uint32]Backend, error) {
+	out := map[uint32]Backend{}
+	var (
+		id uint32
+		v  bpf.TetherBackend
+	)
+	it := m.m.Backends.Iterate()
+	for it.Next(&id, &v) {
+		if v.State == StateUnused {
+			continue
+		}
+		out[id] = backendOf(v)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list backends: %w", err)
+	}
+	return out, nil
+}
+
+// Entries counts the entries of the connection tables (both families) and
+// of the affinity table. The tables change while they are counted.
+func (m *Maps) Entries() (conns, affinities int, err error) {
+	n4, err := count[bpf.TetherFlowKey4, bpf.TetherConn](m.m.Conns4)
+	if err != nil {
+		return 0, 0, err
+	}
+	n6, err := count[bpf.TetherFlowKey, bpf.TetherConn](m.m.Conns6)
+	if err != nil {
+		return 0, 0, err
+	}
+	na, err := count[bpf.TetherAffinityKey, bpf.TetherAffinity](m.m.Affinities)
+	if err != nil {
+		return 0, 0, err
+	}
+	return n4 + n6, na, nil
+}
+
+// count counts a hash table's entries, in batches where the kernel can
+// (5.6+), one by one otherwise.
+func count[K, V any](mp *ebpf.Map) (int, error) {
+	const chunk = 4096
+	keys, vals := make([]K, chunk), make([]V, chunk)
+	var (
+		cursor ebpf.MapBatchCursor
+		n      int
+	)
+	for {
+		got, err := mp.BatchLookup(&cursor, keys, vals, nil)
+		n += got
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			return n, nil
+		case errors.Is(err, ebpf.ErrNotSupported):
+			return countOneByOne[K, V](mp)
+		case err != nil:
+			return n, fmt.Errorf("count %s: %w", mp, err)
+		}
+	}
+}
+
+func countOneByOne[K, V any](mp *ebpf.Map) (int, error) {
+	var (
+		n int
+		k K
+		v V
+	)
+	it := mp.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	if err := it.Err(); err != nil {
+		return n, fmt.Errorf("count %s: %w", mp, err)
+	}
+	return n, nil
+}
