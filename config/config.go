@@ -16,6 +16,7 @@ package config
 
 import (
 	"net/netip"
+	"slices"
 	"strconv"
 	"time"
 
@@ -214,6 +215,21 @@ func Default() *Config {
 			MaxBackends: defaultMaxBackends,
 		},
 	}
+}
+
+// Clone returns a deep copy of c, which the caller may change without
+// touching c.
+func (c *Config) Clone() *Config {
+	if c == nil {
+		return nil
+	}
+	out := *c
+	out.Interfaces = slices.Clone(c.Interfaces)
+	out.Services = slices.Clone(c.Services)
+	for i := range out.Services {
+		out.Services[i].Backends = slices.Clone(out.Services[i].Backends)
+	}
+	return &out
 }
 
 // defaultService returns a service with the defaults of its optional fields.

@@ -751,3 +751,21 @@ func TestLoad(t *testing.T) {
 		t.Errorf("Load(bad) = %v, want it to start with %q", err, want)
 	}
 }
+
+func TestClone(t *testing.T) {
+	c, err := Parse([]byte(example))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := c.Clone()
+	if !reflect.DeepEqual(c, d) {
+		t.Fatalf("clone differs:\n%+v\n%+v", c, d)
+	}
+	d.Interfaces[0] = "eth9"
+	d.Services[0].Name = "other"
+	d.Services[0].Backends[0].Weight = 7
+	d.Services = append(d.Services, Service{Name: "new"})
+	if c.Interfaces[0] == "eth9" || c.Services[0].Name == "other" || c.Services[0].Backends[0].Weight == 7 || len(c.Services) != 1 {
+		t.Fatalf("changing the clone changed the original: %+v", c)
+	}
+}

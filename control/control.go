@@ -2,6 +2,11 @@
 // datapath. It owns service and backend ids and builds the Maglev rings;
 // it talks to the datapath only through datapath.Datapath, so it works the
 // same over the XDP program and the splice proxy.
+//
+// Daemon is what `tether run` serves: the configuration file kept as the
+// source of truth, changes made through the API written back to it, and
+// the HTTP+JSON API on a unix socket (Handler, Listen, Serve) that the CLI
+// reaches with Client.
 package control
 
 import (

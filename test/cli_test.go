@@ -16,6 +16,8 @@ import (
 func runTether(t *testing.T, l *lab.Lab, args ...string) (string, int) {
 	t.Helper()
 	cmd := exec.Command("ip", append([]string{"netns", "exec", l.Balancer.NS, tetherBin}, args...)...)
+	// A socket of its own: never the host's /run/tether/tether.sock.
+	cmd.Env = append(os.Environ(), "TETHER_SOCKET="+filepath.Join(t.TempDir(), "tether.sock"))
 	out, err := cmd.CombinedOutput()
 	var exit *exec.ExitError
 	if errors.As(err, &exit) {

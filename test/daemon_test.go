@@ -47,25 +47,32 @@ type daemon struct {
 	t      testing.TB
 	proc   *lab.Proc
 	config string
+	socket string // its API socket, for the CLI (see cli)
+	args   []string
 }
 
 // startDaemon writes cfg to a file and runs tether on the balancer, and
 // waits until it reports ready.
 func startDaemon(t testing.TB, l *lab.Lab, cfg string) *daemon {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "tether.yaml")
+	dir := t.TempDir()
+	path := filepath.Join(dir, "tether.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	p, err := l.Balancer.Start(tetherBin, "run", "--config", path, "--log-level", "debug")
+	socket := filepath.Join(dir, "tether.sock")
+	// The lab's own bpffs, which the lab unmounts: /sys/fs/bpf is shared
+	// by every lab and hidden from `ip netns exec`.
+	args := []string{"run", "--config", path, "--socket", socket, "--pin-dir", labPinDir(l), "--log-level", "debug"}
+	p, err := l.Balancer.Start(tetherBin, args...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := &daemon{t: t, proc: p, config: path}
+	d := &daemon{t: t, proc: p, config: path, socket: socket, args: args}
 	t.Cleanup(func() {
-		p.Stop()
+		d.proc.Stop() // the last one started (see restart)
 		if t.Failed() {
-			t.Logf("tether output:\n%s", p.Output())
+			t.Logf("tether output:\n%s", d.proc.Output())
 		}
 	})
 	d.waitLog("msg=ready", 15*time.Second)

@@ -20,8 +20,15 @@ var runCommand = &cli.Command{
 	Usage: "run the balancer: attach the XDP program and serve the configured services",
 	Description: `run loads the configuration file, attaches tether's XDP program to the
 interfaces it names, fills the maps and forwards until SIGINT or SIGTERM,
-which detach the program. SIGHUP re-reads the file and applies what changed;
-a file that does not validate is refused whole and the running state stays.
+which leave the program attached and forwarding (see below). SIGHUP (or
+"tether reload") re-reads the file and applies what changed; a file that
+does not validate is refused whole and the running state stays.
+
+The other tether commands (vip, backend, status, stats, flows, reload) talk
+to the daemon over a unix socket, mode 0600 (--socket, default
+/run/tether/tether.sock). Changes made with them are applied at once and
+written back to the configuration file, atomically; the file stays the
+source of truth, but its comments are not kept.
 
 The configuration is YAML; see the README for every field. The smallest one:
 
@@ -36,11 +43,25 @@ The configuration is YAML; see the README for every field. The smallest one:
 
 Backends must be on a network directly connected to one of the interfaces
 (dsr forwarding rewrites MAC addresses only) and hold the VIP on a loopback
-interface, with arp_ignore=1 and arp_announce=2.`,
+interface, with arp_ignore=1 and arp_announce=2.
+
+Restarts and upgrades: the maps and the XDP links are pinned in bpffs under
+--pin-dir (default ` + loader.DefaultPinDir + `; bpffs is mounted at /sys/fs/bpf if
+it is not). Stopping the daemon leaves the program attached and forwarding
+with its last state. The next "tether run", of this version or of a newer
+one with the same map layout, adopts the pinned maps with every connection
+and affinity entry, gives unchanged services and backends their ids again
+and replaces the program in place; interfaces no longer configured are
+detached. Pinned state of another layout or other table sizes is refused:
+"tether detach" (or "tether run --clean") removes it, which drops
+every tracked connection.`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "config", Aliases: []string{"c"}, Usage: "configuration `FILE` (required)"},
+		&cli.StringFlag{Name: "pin-dir", Value: loader.DefaultPinDir, Usage: "bpffs `DIR` of the pinned maps and links, one per balancer"},
+		&cli.BoolFlag{Name: "clean", Usage: "start afresh, removing pinned state first, and detach and remove everything on exit (drops tracked connections)"},
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log format: text or json"},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log level: debug, info, warn or error"},
+		&cli.StringFlag{Name: "socket", Usage: "serve the API on the unix socket `PATH` (default: tether's --socket, " + control.DefaultSocket + ")"},
 	},
 	Action: func(c *cli.Context) error {
 		if c.NArg() > 0 {
@@ -55,7 +76,13 @@ interface, with arp_ignore=1 and arp_announce=2.`,
 		}
 		ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
 		defer stop()
-		return runDaemon(ctx, c.String("config"), log)
+		socket := c.String("socket")
+		for _, parent := range c.Lineage()[1:] { // else the global --socket
+			if socket == "" {
+				socket = parent.String("socket")
+			}
+		}
+		return runDaemon(ctx, c.String("config"), socket, pins{c.String("pin-dir"), c.Bool("clean")}, log)
 	},
 }
 
@@ -85,8 +112,17 @@ func datapathMode(dp string) (loader.Mode, error) {
 	return "", fmt.Errorf("datapath %q is not available in this version of tether: use xdp or xdp-generic", dp)
 }
 
-// runDaemon serves path's configuration until ctx ends.
-func runDaemon(ctx context.Context, path string, log *slog.Logger) error {
+// pins says where the daemon pins its state and whether that state
+// outlives it.
+type pins struct {
+	dir   string
+	clean bool // remove pinned state at start and at exit
+}
+
+// runDaemon serves path's configuration, and the API on socket, until ctx
+// ends. The datapath stays attached and pinned in pins.dir when it returns,
+// unless pins.clean or a first start failed.
+func runDaemon(ctx context.Context, path, socket string, pins pins, log *slog.Logger) error {
 	cfg, err := config.Load(path)
 	if err != nil {
 		return err
@@ -95,6 +131,13 @@ func runDaemon(ctx context.Context, path string, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	// Take the socket before attaching anything: a second daemon must not
+	// replace the first one's program.
+	ln, err := control.Listen(socket)
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
 	opts := loader.Options{
 		Connections: cfg.Tables.Connections,
 		Affinity:    cfg.Tables.Affinity,
@@ -102,52 +145,65 @@ func runDaemon(ctx context.Context, path string, log *slog.Logger) error {
 		MaxServices: cfg.Tables.MaxServices,
 		MaxBackends: cfg.Tables.MaxBackends,
 		HashSeed:    cfg.HashSeed,
+		PinDir:      pins.dir,
+	}
+	if pins.clean {
+		gone, err := loader.RemovePinned(pins.dir)
+		if err != nil {
+			return fmt.Errorf("--clean: %w", err)
+		}
+		log.Info("removed pinned state (--clean)", "pin_dir", pins.dir, "detached", gone)
 	}
 	dp, err := loader.NewXDP(opts, cfg.Interfaces, mode, log)
 	if err != nil {
 		return err
 	}
+	remove := pins.clean
 	defer func() {
+		if remove {
+			if err := dp.Remove(); err != nil {
+				log.Error("detach and remove pinned state", "err", err)
+			}
+			log.Info("stopped; XDP program detached and pinned state removed")
+			return
+		}
 		if err := dp.Close(); err != nil {
 			log.Error("close datapath", "err", err)
 		}
-		log.Info("stopped; XDP program detached")
+		log.Info("stopped; XDP program left attached and forwarding", "pin_dir", pins.dir)
 	}()
 	ctl := control.New(dp, cfg.HashSeed, cfg.Tables.RingSize, cfg.Tables.MaxServices, cfg.Tables.MaxBackends, log)
+	// Services the previous daemon left keep their ids before anything is
+	// applied, so that no connection or affinity entry points at a
+	// backend id given to another backend.
+	if err := ctl.Adopt(dp.AdoptedServices()); err != nil {
+		return err
+	}
 	if err := ctl.Apply(cfg); err != nil {
+		remove = remove || !dp.Adopted() // a first start that never served leaves nothing
 		return fmt.Errorf("apply %s: %w", path, err)
 	}
-	log.Info("ready", "services", len(cfg.Services), "interfaces", cfg.Interfaces, "datapath", cfg.Datapath)
-
+	d := control.NewDaemon(path, cfg, ctl, dp, log)
+	apiCtx, stopAPI := context.WithCancel(ctx)
+	apiDone := make(chan error, 1)
+	go func() { apiDone <- control.Serve(apiCtx, ln, d.Handler(), log) }()
+	defer func() {
+		stopAPI()
+		<-apiDone
+	}()
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	log.Info("ready", "version", version, "services", len(cfg.Services), "interfaces", cfg.Interfaces, "datapath", cfg.Datapath, "socket", socket)
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
+		case err := <-apiDone:
+			apiDone <- nil // for the deferred wait
+			return err
 		case <-hup:
-			reload(ctl, path, cfg.Tables, cfg.HashSeed, log)
+			_, _ = d.Reload() // logs the outcome
 		}
 	}
-}
-
-// reload re-reads the configuration and applies it. Table sizes and the
-// hash seed are fixed when the program is loaded; a change of them needs a
-// restart and is refused.
-func reload(ctl *control.Controller, path string, tables config.Tables, seed uint32, log *slog.Logger) {
-	cfg, err := config.Load(path)
-	if err != nil {
-		log.Error("reload refused; running state unchanged", "err", err)
-		return
-	}
-	if cfg.Tables != tables || cfg.HashSeed != seed {
-		log.Error("reload refused: tables and hash_seed take effect only at start; restart tether to change them")
-		return
-	}
-	if err := ctl.Apply(cfg); err != nil {
-		log.Error("reload failed", "err", err)
-		return
-	}
-	log.Info("reloaded", "services", len(cfg.Services))
 }

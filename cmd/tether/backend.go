@@ -1,0 +1,172 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/control"
+)
+
+var backendCommand = &cli.Command{
+	Name:  "backend",
+	Usage: "add, remove, drain and list the backends of a service",
+	Description: `Backends are named ADDR or ADDR:PORT ([2001:db8::11]:8765 for IPv6); the port
+defaults to the service's, and with dsr forwarding it must equal it. The
+service is named VIP:PORT (see tether vip --help).
+
+Draining a backend takes it out of the Maglev ring: its established
+connections keep flowing and its clients' next connections go elsewhere.
+"tether backend ls VIP:PORT" shows the connections each backend still has,
+so that you know when a drained backend is empty and can be removed.
+
+Changes are applied at once and written back to the daemon's configuration
+file, which stays the source of truth (tether reload re-reads it).`,
+	Subcommands: []*cli.Command{backendAddCommand, backendRmCommand, backendDrainCommand, backendUndrainCommand, backendLsCommand},
+	Action:      groupAction("add, rm, drain, undrain or ls"),
+}
+
+var backendAddCommand = &cli.Command{
+	Name:        "add",
+	Usage:       "add an active backend to a service",
+	ArgsUsage:   "VIP:PORT ADDR[:PORT]",
+	Description: `Example: tether backend add 203.0.113.10:8765 198.51.100.14 --weight 2`,
+	Flags: []cli.Flag{
+		&cli.IntFlag{Name: "weight", Value: 1, Usage: fmt.Sprintf("the backend's share of new clients, `N` in 0..%d (0 takes none)", config.MaxWeight)},
+	},
+	Action: func(c *cli.Context) error {
+		a, done, err := args(c, 2, 2, "VIP:PORT ADDR[:PORT]")
+		if done || err != nil {
+			return err
+		}
+		spec := control.BackendSpec{Service: a[0], Backend: a[1]}
+		if c.IsSet("weight") {
+			w := c.Int("weight")
+			spec.Weight = &w
+		}
+		return backendAdd(c.Context, client(c), c.App.Writer, spec)
+	},
+}
+
+// backendAdd adds a backend and says so.
+func backendAdd(ctx context.Context, cl *control.Client, w io.Writer, spec control.BackendSpec) error {
+	r, err := cl.AddBackend(ctx, spec)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(w, r.Message)
+	return nil
+}
+
+var backendRmCommand = &cli.Command{
+	Name:      "rm",
+	Usage:     "remove a backend from a service",
+	ArgsUsage: "VIP:PORT ADDR[:PORT]",
+	Description: `rm removes the backend at once: its open connections choose a backend again
+on their next packet, which breaks them. Drain it first and wait until
+"tether backend ls" shows no connections left.`,
+	Action: func(c *cli.Context) error {
+		a, done, err := args(c, 2, 2, "VIP:PORT ADDR[:PORT]")
+		if done || err != nil {
+			return err
+		}
+		return backendRm(c.Context, client(c), c.App.Writer, a[0], a[1])
+	},
+}
+
+// backendRm removes a backend and says so.
+func backendRm(ctx context.Context, cl *control.Client, w io.Writer, service, backend string) error {
+	r, err := cl.RemoveBackend(ctx, service, backend)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(w, r.Message)
+	return nil
+}
+
+var backendDrainCommand = &cli.Command{
+	Name:      "drain",
+	Usage:     "stop sending new connections to a backend; its open ones stay",
+	ArgsUsage: "VIP:PORT ADDR[:PORT]",
+	Action: func(c *cli.Context) error {
+		a, done, err := args(c, 2, 2, "VIP:PORT ADDR[:PORT]")
+		if done || err != nil {
+			return err
+		}
+		return backendSetState(c.Context, client(c), c.App.Writer, a[0], a[1], config.StateDraining)
+	},
+}
+
+var backendUndrainCommand = &cli.Command{
+	Name:      "undrain",
+	Usage:     "make a drained backend active again",
+	ArgsUsage: "VIP:PORT ADDR[:PORT]",
+	Action: func(c *cli.Context) error {
+		a, done, err := args(c, 2, 2, "VIP:PORT ADDR[:PORT]")
+		if done || err != nil {
+			return err
+		}
+		return backendSetState(c.Context, client(c), c.App.Writer, a[0], a[1], config.StateActive)
+	},
+}
+
+// backendSetState drains or undrains a backend and says so.
+func backendSetState(ctx context.Context, cl *control.Client, w io.Writer, service, backend, state string) error {
+	r, err := cl.SetBackendState(ctx, control.BackendStateSpec{Service: service, Backend: backend, State: state})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(w, r.Message)
+	return nil
+}
+
+var backendLsCommand = &cli.Command{
+	Name:      "ls",
+	Usage:     "list a service's backends: state, weight and active connections",
+	ArgsUsage: "VIP:PORT[/PROTO]",
+	Description: `CONNECTIONS counts the backend's flows in tether's connection table that have
+not been seen closing (FIN or RST); it drops to 0 once a drained backend's
+clients have gone. A connection that ended without FIN or RST stays counted
+until its table entry is evicted.`,
+	Flags: []cli.Flag{outputFlag},
+	Action: func(c *cli.Context) error {
+		a, done, err := args(c, 1, 1, "VIP:PORT[/PROTO]")
+		if done || err != nil {
+			return err
+		}
+		format, err := outputFormat(c)
+		if err != nil {
+			return err
+		}
+		return backendLs(c.Context, client(c), c.App.Writer, a[0], format)
+	},
+}
+
+// backendLs lists the backends of one service as a table, or the service
+// with its backends as JSON.
+func backendLs(ctx context.Context, cl *control.Client, w io.Writer, service, format string) error {
+	svcs, err := cl.Services(ctx, service)
+	if err != nil {
+		return err
+	}
+	if len(svcs) != 1 {
+		return fmt.Errorf("the daemon returned %d services for %s", len(svcs), service)
+	}
+	s := svcs[0]
+	if format == "json" {
+		return printJSON(w, s)
+	}
+	fmt.Fprintf(w, "%s %s/%s\n", s.Name, s.VIP, s.Protocol)
+	if len(s.Backends) == 0 {
+		fmt.Fprintf(w, "no backends; add one with: tether backend add %s ADDR\n", s.VIP)
+		return nil
+	}
+	t := newTable(w, "BACKEND", "STATE", "WEIGHT", "CONNECTIONS")
+	for _, b := range s.Backends {
+		t.row(b.Address, b.State, fmt.Sprint(b.Weight), fmt.Sprint(b.ActiveConnections))
+	}
+	return t.flush()
+}

@@ -1,0 +1,110 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/tetherlb/tether/control"
+)
+
+// outputFlag is the -o flag of every listing command.
+var outputFlag = &cli.StringFlag{
+	Name:    "output",
+	Aliases: []string{"o"},
+	Value:   "text",
+	Usage:   "output `FORMAT`: text (tables) or json",
+}
+
+// outputFormat returns the -o value, checked.
+func outputFormat(c *cli.Context) (string, error) {
+	switch f := c.String("output"); f {
+	case "text", "json":
+		return f, nil
+	default:
+		return "", usagef("-o: %q is not text or json", f)
+	}
+}
+
+// client returns a client of the daemon at the --socket path.
+func client(c *cli.Context) *control.Client {
+	return control.NewClient(c.String("socket"))
+}
+
+// printJSON writes v as indented JSON.
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// table writes aligned columns; rows are tab-separated.
+type table struct{ tw *tabwriter.Writer }
+
+func newTable(w io.Writer, header ...string) *table {
+	t := &table{tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)}
+	if len(header) > 0 {
+		t.row(header...)
+	}
+	return t
+}
+
+func (t *table) row(cells ...string) { fmt.Fprintln(t.tw, strings.Join(cells, "\t")) }
+
+func (t *table) flush() error { return t.tw.Flush() }
+
+// backendSummary says how many backends of s are active and draining.
+func backendSummary(s control.ServiceStatus) string {
+	active, draining := 0, 0
+	for _, b := range s.Backends {
+		if b.State == "active" {
+			active++
+		} else {
+			draining++
+		}
+	}
+	if draining == 0 {
+		return fmt.Sprintf("%d active", active)
+	}
+	return fmt.Sprintf("%d active, %d draining", active, draining)
+}
+
+// activeConns is the number of active connections of every backend of s.
+func activeConns(s control.ServiceStatus) int {
+	n := 0
+	for _, b := range s.Backends {
+		n += b.ActiveConnections
+	}
+	return n
+}
+
+// count formats a counter with thousands separators.
+func count(n uint64) string {
+	s := fmt.Sprint(n)
+	var b strings.Builder
+	for i, r := range s {
+		if i > 0 && (len(s)-i)%3 == 0 {
+			b.WriteByte(',')
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
+
+// bytesIEC formats a byte count in binary units.
+func bytesIEC(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,278 @@
+package control
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/tetherlb/tether/config"
+)
+
+// DefaultSocket is where the daemon serves its API unless told otherwise.
+const DefaultSocket = "/run/tether/tether.sock"
+
+// APIError is the body of an error response.
+type APIError struct {
+	// Msg says what went wrong.
+	Msg string `json:"error"`
+	// Field names the argument or configuration field at fault, if any.
+	Field string `json:"field,omitempty"`
+	// Code is the HTTP status: 400 for refused input, 500 for a failure.
+	Code int `json:"-"`
+}
+
+func (e *APIError) Error() string { return e.Msg }
+
+// Refused reports whether the daemon refused the request because of its
+// input.
+func (e *APIError) Refused() bool { return e.Code >= 400 && e.Code < 500 }
+
+// maxBody bounds request bodies.
+const maxBody = 1 << 20
+
+// Handler returns the API over d: HTTP with JSON bodies, served on a unix
+// socket (see Listen and Serve), versioned by path:
+//
+//	GET    /v1/status                             Status
+//	GET    /v1/services[?service=VIP:PORT[/PROTO]] []ServiceStatus
+//	POST   /v1/services       ServiceSpec         Result   (tether vip add)
+//	DELETE /v1/services?service=VIP:PORT[/PROTO]  Result   (tether vip rm)
+//	POST   /v1/backends       BackendSpec         Result   (tether backend add)
+//	DELETE /v1/backends?service=...&backend=ADDR[:PORT]  Result
+//	PUT    /v1/backends/state BackendStateSpec    Result   (drain, undrain)
+//	GET    /v1/stats                              Stats
+//	GET    /v1/flows[?service=VIP:PORT[/PROTO]]   []FlowStatus
+//	POST   /v1/reload                             Result
+//
+// Errors are {"error": "...", "field": "..."} with status 400 for a
+// request refused because of its input (nothing changed) and 500 for a
+// failure.
+func (d *Daemon) Handler() http.Handler {
+	mux := http.NewServeMux()
+	get := func(pattern string, params []string, fn func(q url.Values) (any, error)) {
+		mux.HandleFunc("GET "+pattern, func(w http.ResponseWriter, r *http.Request) {
+			if err := checkParams(r.URL.Query(), params...); err != nil {
+				writeError(w, err)
+				return
+			}
+			v, err := fn(r.URL.Query())
+			reply(w, v, err)
+		})
+	}
+	withBody := func(method, pattern string, fn func(r *http.Request) (any, error)) {
+		mux.HandleFunc(method+" "+pattern, func(w http.ResponseWriter, r *http.Request) {
+			v, err := fn(r)
+			if err != nil {
+				d.log.Info("API request refused or failed", "method", r.Method, "path", r.URL.Path, "err", err)
+			}
+			reply(w, v, err)
+		})
+	}
+
+	get("/v1/status", nil, func(url.Values) (any, error) { return d.Status() })
+	get("/v1/services", []string{"service"}, func(q url.Values) (any, error) { return d.Services(q.Get("service")) })
+	get("/v1/stats", nil, func(url.Values) (any, error) { return d.Stats() })
+	get("/v1/flows", []string{"service"}, func(q url.Values) (any, error) { return d.Flows(q.Get("service")) })
+
+	withBody("POST", "/v1/services", func(r *http.Request) (any, error) {
+		var spec ServiceSpec
+		if err := decode(r, &spec); err != nil {
+			return nil, err
+		}
+		return d.AddService(spec)
+	})
+	withBody("DELETE", "/v1/services", func(r *http.Request) (any, error) {
+		q := r.URL.Query()
+		if err := checkParams(q, "service"); err != nil {
+			return nil, err
+		}
+		return d.RemoveService(q.Get("service"))
+	})
+	withBody("POST", "/v1/backends", func(r *http.Request) (any, error) {
+		var spec BackendSpec
+		if err := decode(r, &spec); err != nil {
+			return nil, err
+		}
+		return d.AddBackend(spec)
+	})
+	withBody("DELETE", "/v1/backends", func(r *http.Request) (any, error) {
+		q := r.URL.Query()
+		if err := checkParams(q, "service", "backend"); err != nil {
+			return nil, err
+		}
+		return d.RemoveBackend(q.Get("service"), q.Get("backend"))
+	})
+	withBody("PUT", "/v1/backends/state", func(r *http.Request) (any, error) {
+		var spec BackendStateSpec
+		if err := decode(r, &spec); err != nil {
+			return nil, err
+		}
+		return d.SetBackendState(spec)
+	})
+	withBody("POST", "/v1/reload", func(r *http.Request) (any, error) {
+		if err := checkParams(r.URL.Query()); err != nil {
+			return nil, err
+		}
+		return d.Reload()
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusNotFound, &APIError{Msg: fmt.Sprintf("no API endpoint %s %s (this daemon serves /v1/)", r.Method, r.URL.Path)})
+	})
+	return mux
+}
+
+// checkParams refuses query parameters other than known ones, and
+// repeated ones.
+func checkParams(q url.Values, known ...string) error {
+	for k, v := range q {
+		if !slices.Contains(known, k) {
+			return refusef(k, "unknown parameter")
+		}
+		if len(v) > 1 {
+			return refusef(k, "given %d times", len(v))
+		}
+	}
+	return nil
+}
+
+// decode reads a JSON request body strictly: unknown fields and values of
+// the wrong type are refused with the field named.
+func decode(r *http.Request, v any) error {
+	if err := checkParams(r.URL.Query()); err != nil {
+		return err
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var te *json.UnmarshalTypeError
+		var mbe *http.MaxBytesError
+		switch {
+		case errors.As(err, &te):
+			return refusef(te.Field, "%s is not a JSON %s", te.Value, te.Type)
+		case strings.HasPrefix(err.Error(), "json: unknown field "):
+			name := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
+			return refusef(name, "unknown field")
+		case errors.As(err, &mbe):
+			return refusef("", "the request body is larger than %d bytes", maxBody)
+		case errors.Is(err, io.EOF):
+			return refusef("", "the request has no JSON body")
+		}
+		return refusef("", "the request body is not JSON: %v", err)
+	}
+	if dec.More() {
+		return refusef("", "the request body holds more than one JSON value")
+	}
+	return nil
+}
+
+func reply(w http.ResponseWriter, v any, err error) {
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+// writeError sends err as an APIError: 400 with the field for refused
+// input, 500 otherwise.
+func writeError(w http.ResponseWriter, err error) {
+	var re *RefusedError
+	var fe *config.FieldError
+	switch {
+	case errors.As(err, &re):
+		writeJSON(w, http.StatusBadRequest, &APIError{Msg: err.Error(), Field: re.Field})
+	case errors.As(err, &fe):
+		writeJSON(w, http.StatusBadRequest, &APIError{Msg: err.Error(), Field: fe.Path})
+	default:
+		writeJSON(w, http.StatusInternalServerError, &APIError{Msg: err.Error()})
+	}
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}
+
+// maxSocketPath is the longest path a unix socket address holds (sun_path
+// less its NUL).
+const maxSocketPath = 107
+
+// Listen opens the API socket at path, mode 0600, creating its directory
+// (mode 0700) if missing. It refuses when another daemon answers on path,
+// and removes a stale socket left by a daemon that died.
+func Listen(path string) (net.Listener, error) {
+	if path == "" {
+		return nil, errors.New("no socket path given")
+	}
+	if len(path) > maxSocketPath {
+		return nil, fmt.Errorf("socket %s: the path is longer than %d bytes; choose a shorter one with --socket", path, maxSocketPath)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != fs.ModeSocket {
+			return nil, fmt.Errorf("socket %s: the path exists and is not a socket; remove it or choose another with --socket", path)
+		}
+		c, err := net.DialTimeout("unix", path, time.Second)
+		if err == nil {
+			c.Close()
+			return nil, fmt.Errorf("socket %s: another tether daemon is serving it; stop that one first, or give this one another socket with --socket", path)
+		}
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, fmt.Errorf("socket %s: %w", path, err)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("remove the stale socket %s: %w", path, err)
+		}
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+// Serve serves h on ln until ctx ends, then shuts down, giving requests
+// in flight up to five seconds, and closes ln (which removes the socket).
+func Serve(ctx context.Context, ln net.Listener, h http.Handler, log *slog.Logger) error {
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ln) }()
+	select {
+	case err := <-done:
+		return fmt.Errorf("serve the API: %w", err)
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		srv.Close()
+	}
+	<-done
+	return nil
+}

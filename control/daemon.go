@@ -1,0 +1,783 @@
+package control
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/datapath"
+)
+
+// Daemon is what `tether run` serves its API from: the configuration file,
+// the Controller that applies it and the datapath that forwards. The file
+// stays the source of truth: every change made through the API is written
+// back to it (atomically, by renaming a complete new file over it), and
+// Reload re-reads it.
+//
+// A change is refused whole when its input is wrong (a *RefusedError, or
+// a *config.FieldError naming the field), and undone when the datapath
+// fails to apply it; either way the running state and the file stay as
+// they were. Its methods are safe for concurrent use; changes are applied
+// one at a time. A Daemon lives as long as its datapath.
+type Daemon struct {
+	path string
+	ctl  *Controller
+	dp   datapath.Datapath
+	log  *slog.Logger
+
+	// fixed holds the settings that take effect only at start (interfaces,
+	// datapath, hash seed, tables); its services are unused.
+	fixed *config.Config
+
+	mu sync.Mutex // serialises changes and reloads
+}
+
+// NewDaemon returns the daemon of the configuration file at path. cfg is
+// the configuration the datapath was created with and ctl has applied:
+// its interfaces, datapath, hash seed and table sizes stay fixed for the
+// life of the daemon.
+func NewDaemon(path string, cfg *config.Config, ctl *Controller, dp datapath.Datapath, log *slog.Logger) *Daemon {
+	return &Daemon{path: path, ctl: ctl, dp: dp, log: log, fixed: cfg.Clone()}
+}
+
+// ConfigPath returns the configuration file the daemon serves.
+func (d *Daemon) ConfigPath() string { return d.path }
+
+// RefusedError is a request refused because of its input. Nothing was
+// changed.
+type RefusedError struct {
+	// Field names the argument or configuration field at fault, such as
+	// "weight" or "services[1].backends[0].port"; empty when the request
+	// as a whole is refused.
+	Field string
+	// Msg says what is wrong.
+	Msg string
+
+	named bool // Msg names the field already
+}
+
+func (e *RefusedError) Error() string {
+	if e.Field == "" || e.named {
+		return e.Msg
+	}
+	return e.Field + ": " + e.Msg
+}
+
+func refusef(field, format string, args ...any) error {
+	return &RefusedError{Field: field, Msg: fmt.Sprintf(format, args...)}
+}
+
+// Result is the outcome of a change, in words for the operator.
+type Result struct {
+	Message string `json:"message"`
+}
+
+// Status is the running state: the datapath and every service with its
+// backends.
+type Status struct {
+	// Config is the configuration file.
+	Config string `json:"config"`
+	// Datapath is the configured datapath; Interfaces the mode in force on
+	// each interface ("eth0": "native").
+	Datapath   string            `json:"datapath"`
+	Interfaces map[string]string `json:"interfaces"`
+	Services   []ServiceStatus   `json:"services"`
+}
+
+// ServiceStatus is one service as the datapath serves it.
+type ServiceStatus struct {
+	ID              uint32          `json:"id"`
+	Name            string          `json:"name"`
+	VIP             string          `json:"vip"` // VIP:PORT
+	Protocol        string          `json:"protocol"`
+	Affinity        string          `json:"affinity"`
+	AffinityTimeout string          `json:"affinity_timeout"`
+	Forwarding      string          `json:"forwarding"`
+	Backends        []BackendStatus `json:"backends"`
+}
+
+// BackendStatus is one backend of a service.
+type BackendStatus struct {
+	ID      uint32 `json:"id"`
+	Address string `json:"address"` // ADDR:PORT
+	Weight  uint32 `json:"weight"`
+	// State is the state the datapath applies: "active" (in the ring) or
+	// "draining" (out of the ring: state draining or weight 0).
+	State string `json:"state"`
+	// ActiveConnections counts the backend's flows in the connection table
+	// that have not been seen closing (no FIN or RST yet). A connection
+	// that ended silently stays counted until its entry is evicted.
+	ActiveConnections int `json:"active_connections"`
+}
+
+// Stats are the datapath's counters by service and backend, and the
+// packets passed to the kernel or dropped by reason.
+type Stats struct {
+	Services []ServiceStats `json:"services"`
+	// Reasons counts the packets not forwarded, by reason: "pass_..."
+	// went to the kernel, "drop_..." were dropped.
+	Reasons map[string]uint64 `json:"reasons"`
+}
+
+// ServiceStats are the counters of one service; Packets and Bytes are
+// the sums over its backends.
+type ServiceStats struct {
+	Name     string `json:"name"`
+	VIP      string `json:"vip"`
+	Protocol string `json:"protocol"`
+	datapath.ServiceCounters
+	Packets  uint64         `json:"packets"`
+	Bytes    uint64         `json:"bytes"`
+	Backends []BackendStats `json:"backends"`
+}
+
+// BackendStats are the counters of one backend, since it joined its
+// service.
+type BackendStats struct {
+	Address string `json:"address"`
+	datapath.BackendCounters
+}
+
+// FlowStatus is one connection-table entry.
+type FlowStatus struct {
+	Client   string `json:"client"`
+	VIP      string `json:"vip"`
+	Protocol string `json:"protocol"`
+	// Service is the service's name and Backend the backend's ADDR:PORT;
+	// both are empty for a flow whose backend has been removed (it
+	// chooses again on its next packet).
+	Service string `json:"service"`
+	Backend string `json:"backend"`
+	// Closing is set once a FIN or RST was seen.
+	Closing bool `json:"closing"`
+}
+
+// ServiceSpec is a service to add. VIP is "VIP:PORT" (a "/PROTO" suffix
+// may stand for Protocol); the other fields default as in the
+// configuration file, and the name to "<vip>-<port>".
+type ServiceSpec struct {
+	VIP             string `json:"vip"`
+	Protocol        string `json:"protocol,omitempty"`
+	Name            string `json:"name,omitempty"`
+	Affinity        string `json:"affinity,omitempty"`
+	AffinityTimeout string `json:"affinity_timeout,omitempty"`
+	Forwarding      string `json:"forwarding,omitempty"`
+}
+
+// BackendSpec is a backend to add: Backend is "ADDR" or "ADDR:PORT" (the
+// port defaults to the service's), Weight defaults to 1.
+type BackendSpec struct {
+	Service string `json:"service"`
+	Backend string `json:"backend"`
+	Weight  *int   `json:"weight,omitempty"`
+}
+
+// BackendStateSpec sets the state of a backend: config.StateActive or
+// config.StateDraining.
+type BackendStateSpec struct {
+	Service string `json:"service"`
+	Backend string `json:"backend"`
+	State   string `json:"state"`
+}
+
+// snapshot returns the configuration and the services as applied, taken
+// together.
+func (d *Daemon) snapshot() (*config.Config, []datapath.Service) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.ctl.Config(), d.ctl.Services()
+}
+
+// Status returns the running state, with each backend's active
+// connections counted from the connection table.
+func (d *Daemon) Status() (Status, error) {
+	cfg, _ := d.snapshot()
+	svcs, err := d.Services("")
+	if err != nil {
+		return Status{}, err
+	}
+	return Status{Config: d.path, Datapath: cfg.Datapath, Interfaces: d.dp.Modes(), Services: svcs}, nil
+}
+
+// Services returns the services in file order, or only the one ref names
+// ("VIP:PORT[/PROTO]") if ref is not empty.
+func (d *Daemon) Services(ref string) ([]ServiceStatus, error) {
+	cfg, applied := d.snapshot()
+	services := cfg.Services
+	if ref != "" {
+		r, err := parseServiceRef(ref, "service")
+		if err != nil {
+			return nil, err
+		}
+		i, err := findService(cfg, r, "service")
+		if err != nil {
+			return nil, err
+		}
+		services = services[i : i+1]
+	}
+	flows, err := d.dp.Flows()
+	if err != nil {
+		return nil, fmt.Errorf("read the connection table: %w", err)
+	}
+	type idPair struct{ svc, be uint32 }
+	active := map[idPair]int{}
+	for _, f := range flows {
+		if !f.Closing {
+			active[idPair{f.Service, f.Backend}]++
+		}
+	}
+	byKey := appliedByKey(applied)
+	out := make([]ServiceStatus, 0, len(services))
+	for _, cs := range services {
+		s := ServiceStatus{
+			Name:            cs.Name,
+			VIP:             netip.AddrPortFrom(cs.VIP, cs.Port).String(),
+			Protocol:        cs.Protocol,
+			Affinity:        cs.Affinity,
+			AffinityTimeout: cs.AffinityTimeout.String(),
+			Forwarding:      cs.Forwarding,
+			Backends:        []BackendStatus{},
+		}
+		as, ok := byKey[cs.Key()]
+		if ok {
+			s.ID = as.ID
+		}
+		for _, b := range as.Backends {
+			s.Backends = append(s.Backends, BackendStatus{
+				ID:                b.ID,
+				Address:           netip.AddrPortFrom(b.Addr, b.Port).String(),
+				Weight:            b.Weight,
+				State:             b.State.String(),
+				ActiveConnections: active[idPair{as.ID, b.ID}],
+			})
+		}
+		out = append(out, s)
+	}
+	return out, nil
+}
+
+// appliedByKey indexes applied services by their configuration key.
+func appliedByKey(applied []datapath.Service) map[string]datapath.Service {
+	m := make(map[string]datapath.Service, len(applied))
+	for _, s := range applied {
+		m[netip.AddrPortFrom(s.VIP, s.Port).String()+"/"+protoName(s.Proto)] = s
+	}
+	return m
+}
+
+// Stats reads the datapath's counters.
+func (d *Daemon) Stats() (Stats, error) {
+	cfg, applied := d.snapshot()
+	c, err := d.dp.Counters()
+	if err != nil {
+		return Stats{}, fmt.Errorf("read counters: %w", err)
+	}
+	byKey := appliedByKey(applied)
+	out := Stats{Services: []ServiceStats{}, Reasons: c.Reasons}
+	if out.Reasons == nil {
+		out.Reasons = map[string]uint64{}
+	}
+	for _, cs := range cfg.Services {
+		as := byKey[cs.Key()]
+		s := ServiceStats{
+			Name:            cs.Name,
+			VIP:             netip.AddrPortFrom(cs.VIP, cs.Port).String(),
+			Protocol:        cs.Protocol,
+			ServiceCounters: c.Services[as.ID],
+			Backends:        []BackendStats{},
+		}
+		for _, b := range as.Backends {
+			bc := c.Backends[b.ID]
+			s.Packets += bc.Packets
+			s.Bytes += bc.Bytes
+			s.Backends = append(s.Backends, BackendStats{Address: netip.AddrPortFrom(b.Addr, b.Port).String(), BackendCounters: bc})
+		}
+		out.Services = append(out.Services, s)
+	}
+	return out, nil
+}
+
+// Flows lists the connection table, or only the flows to the service ref
+// names if ref is not empty, sorted by VIP and client.
+func (d *Daemon) Flows(ref string) ([]FlowStatus, error) {
+	cfg, applied := d.snapshot()
+	var r serviceRef
+	if ref != "" {
+		var err error
+		if r, err = parseServiceRef(ref, "service"); err != nil {
+			return nil, err
+		}
+		i, err := findService(cfg, r, "service")
+		if err != nil {
+			return nil, err
+		}
+		r.Proto = cfg.Services[i].Protocol
+	}
+	flows, err := d.dp.Flows()
+	if err != nil {
+		return nil, fmt.Errorf("read the connection table: %w", err)
+	}
+	type backend struct{ service, addr string }
+	names := map[[2]uint32]backend{}
+	for _, s := range applied {
+		for _, b := range s.Backends {
+			names[[2]uint32{s.ID, b.ID}] = backend{s.Name, netip.AddrPortFrom(b.Addr, b.Port).String()}
+		}
+	}
+	sort.Slice(flows, func(i, j int) bool {
+		a, b := flows[i], flows[j]
+		if c := a.VIP.Compare(b.VIP); c != 0 {
+			return c < 0
+		}
+		if a.Proto != b.Proto {
+			return a.Proto < b.Proto
+		}
+		return a.Client.Compare(b.Client) < 0
+	})
+	out := []FlowStatus{}
+	for _, f := range flows {
+		if ref != "" && (f.VIP != netip.AddrPortFrom(r.VIP, r.Port) || protoName(f.Proto) != r.Proto) {
+			continue
+		}
+		be := names[[2]uint32{f.Service, f.Backend}]
+		out = append(out, FlowStatus{
+			Client:   f.Client.String(),
+			VIP:      f.VIP.String(),
+			Protocol: protoName(f.Proto),
+			Service:  be.service,
+			Backend:  be.addr,
+			Closing:  f.Closing,
+		})
+	}
+	return out, nil
+}
+
+// AddService adds a service without backends.
+func (d *Daemon) AddService(spec ServiceSpec) (Result, error) {
+	ref, err := parseServiceRef(spec.VIP, "vip")
+	if err != nil {
+		return Result{}, err
+	}
+	s := config.Service{
+		Name:            spec.Name,
+		VIP:             ref.VIP,
+		Port:            ref.Port,
+		Protocol:        config.ProtocolTCP,
+		Affinity:        config.AffinitySource,
+		AffinityTimeout: config.DefaultAffinityTimeout,
+		Forwarding:      config.ForwardingDSR,
+	}
+	switch {
+	case ref.Proto != "" && spec.Protocol != "" && ref.Proto != spec.Protocol:
+		return Result{}, refusef("protocol", "%q contradicts the protocol %s of %s", spec.Protocol, ref.Proto, spec.VIP)
+	case spec.Protocol != "":
+		s.Protocol = spec.Protocol
+	case ref.Proto != "":
+		s.Protocol = ref.Proto
+	}
+	if spec.Affinity != "" {
+		s.Affinity = spec.Affinity
+	}
+	if spec.Forwarding != "" {
+		s.Forwarding = spec.Forwarding
+	}
+	if spec.AffinityTimeout != "" {
+		if s.AffinityTimeout, err = time.ParseDuration(spec.AffinityTimeout); err != nil {
+			return Result{}, refusef("affinity_timeout", "%q is not a duration (want a number and a unit, such as 90s, 30m or 3h)", spec.AffinityTimeout)
+		}
+	}
+	if s.Name == "" {
+		s.Name = strings.ReplaceAll(s.VIP.String(), ":", "-") + "-" + fmt.Sprint(s.Port)
+		if s.Protocol != config.ProtocolTCP {
+			s.Name += "-" + s.Protocol
+		}
+	}
+	err = d.change("add service "+s.Key(), func(cfg *config.Config) error {
+		for _, o := range cfg.Services {
+			if o.Key() == s.Key() {
+				return refusef("vip", "%s is already the service %s", s.Key(), o.Name)
+			}
+			if o.Name == s.Name {
+				return refusef("name", "%q is already the name of %s", s.Name, o.Key())
+			}
+		}
+		cfg.Services = append(cfg.Services, s)
+		return nil
+	})
+	if err != nil {
+		return Result{}, err
+	}
+	return Result{Message: fmt.Sprintf("added service %s (%s), with no backends yet", s.Name, s.Key())}, nil
+}
+
+// RemoveService removes the service ref names, with its backends. Their
+// flows are no longer forwarded.
+func (d *Daemon) RemoveService(ref string) (Result, error) {
+	r, err := parseServiceRef(ref, "service")
+	if err != nil {
+		return Result{}, err
+	}
+	var gone config.Service
+	err = d.change("remove service "+ref, func(cfg *config.Config) error {
+		i, err := findService(cfg, r, "service")
+		if err != nil {
+			return err
+		}
+		gone = cfg.Services[i]
+		cfg.Services = slices.Delete(cfg.Services, i, i+1)
+		return nil
+	})
+	if err != nil {
+		return Result{}, err
+	}
+	return Result{Message: fmt.Sprintf("removed service %s (%s) and its %d backends", gone.Name, gone.Key(), len(gone.Backends))}, nil
+}
+
+// AddBackend adds an active backend to a service.
+func (d *Daemon) AddBackend(spec BackendSpec) (Result, error) {
+	r, err := parseServiceRef(spec.Service, "service")
+	if err != nil {
+		return Result{}, err
+	}
+	weight := uint32(1)
+	if spec.Weight != nil {
+		if *spec.Weight < 0 || *spec.Weight > config.MaxWeight {
+			return Result{}, refusef("weight", "%d is out of range 0..%d", *spec.Weight, config.MaxWeight)
+		}
+		weight = uint32(*spec.Weight)
+	}
+	var msg string
+	err = d.change("add backend "+spec.Backend+" to "+spec.Service, func(cfg *config.Config) error {
+		i, err := findService(cfg, r, "service")
+		if err != nil {
+			return err
+		}
+		s := &cfg.Services[i]
+		addr, port, err := parseBackendRef(spec.Backend, s.Port, "backend")
+		if err != nil {
+			return err
+		}
+		b := config.Backend{Address: addr, Port: port, Weight: weight, State: config.StateActive}
+		if _, err := findBackend(s, addr, port, "backend"); err == nil {
+			return refusef("backend", "%s is already a backend of %s (%s)", b.Key(), s.Name, s.Key())
+		}
+		s.Backends = append(s.Backends, b)
+		msg = fmt.Sprintf("added backend %s to %s (%s), weight %d", b.Key(), s.Name, s.Key(), weight)
+		return nil
+	})
+	if err != nil {
+		return Result{}, err
+	}
+	return Result{Message: msg}, nil
+}
+
+// RemoveBackend removes a backend from a service. Its flows choose a
+// backend again on their next packet (a TCP connection usually breaks).
+func (d *Daemon) RemoveBackend(service, backend string) (Result, error) {
+	r, err := parseServiceRef(service, "service")
+	if err != nil {
+		return Result{}, err
+	}
+	var msg string
+	err = d.change("remove backend "+backend+" from "+service, func(cfg *config.Config) error {
+		i, err := findService(cfg, r, "service")
+		if err != nil {
+			return err
+		}
+		s := &cfg.Services[i]
+		addr, port, err := parseBackendRef(backend, s.Port, "backend")
+		if err != nil {
+			return err
+		}
+		j, err := findBackend(s, addr, port, "backend")
+		if err != nil {
+			return err
+		}
+		msg = fmt.Sprintf("removed backend %s from %s (%s)", s.Backends[j].Key(), s.Name, s.Key())
+		s.Backends = slices.Delete(s.Backends, j, j+1)
+		return nil
+	})
+	if err != nil {
+		return Result{}, err
+	}
+	return Result{Message: msg}, nil
+}
+
+// SetBackendState drains a backend (config.StateDraining: it keeps its
+// connections and takes no new ones) or makes it active again.
+func (d *Daemon) SetBackendState(spec BackendStateSpec) (Result, error) {
+	r, err := parseServiceRef(spec.Service, "service")
+	if err != nil {
+		return Result{}, err
+	}
+	if spec.State != config.StateActive && spec.State != config.StateDraining {
+		return Result{}, refusef("state", "unknown state %q (want active or draining)", spec.State)
+	}
+	var msg string
+	err = d.change("set backend "+spec.Backend+" of "+spec.Service+" "+spec.State, func(cfg *config.Config) error {
+		i, err := findService(cfg, r, "service")
+		if err != nil {
+			return err
+		}
+		s := &cfg.Services[i]
+		addr, port, err := parseBackendRef(spec.Backend, s.Port, "backend")
+		if err != nil {
+			return err
+		}
+		j, err := findBackend(s, addr, port, "backend")
+		if err != nil {
+			return err
+		}
+		b := &s.Backends[j]
+		switch {
+		case b.State == spec.State:
+			msg = fmt.Sprintf("backend %s of %s (%s) is already %s", b.Key(), s.Name, s.Key(), spec.State)
+		case spec.State == config.StateDraining:
+			msg = fmt.Sprintf("backend %s of %s (%s) is draining: it keeps its connections and takes no new ones; `tether backend ls %s` shows when it has none left",
+				b.Key(), s.Name, s.Key(), s.Key())
+		case b.Weight == 0:
+			msg = fmt.Sprintf("backend %s of %s (%s) is active, but its weight 0 keeps it out of the ring", b.Key(), s.Name, s.Key())
+		default:
+			msg = fmt.Sprintf("backend %s of %s (%s) is active again", b.Key(), s.Name, s.Key())
+		}
+		b.State = spec.State
+		return nil
+	})
+	if err != nil {
+		return Result{}, err
+	}
+	return Result{Message: msg}, nil
+}
+
+// Reload re-reads the configuration file and applies what changed. A file
+// that does not load, or that changes a setting fixed at start, is refused
+// whole; a change the datapath fails to apply is undone. It logs
+// "reloaded" on success, so that SIGHUP and the API report alike.
+func (d *Daemon) Reload() (Result, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	res, err := d.reload()
+	var refused *RefusedError
+	switch {
+	case err == nil:
+		d.log.Info("reloaded", "config", d.path, "services", len(d.ctl.Config().Services))
+	case errors.As(err, &refused):
+		d.log.Error("reload refused; running state unchanged", "err", err)
+	default:
+		d.log.Error("reload failed", "err", err)
+	}
+	return res, err
+}
+
+func (d *Daemon) reload() (Result, error) {
+	next, err := config.Load(d.path)
+	if err != nil {
+		return Result{}, refused(err)
+	}
+	if err := d.checkFixed(next); err != nil {
+		return Result{}, err
+	}
+	cur := d.ctl.Config()
+	if err := d.apply(cur, next); err != nil {
+		return Result{}, err
+	}
+	return Result{Message: fmt.Sprintf("reloaded %s: %d services", d.path, len(next.Services))}, nil
+}
+
+// checkFixed refuses a configuration that changes a setting taking effect
+// only at start.
+func (d *Daemon) checkFixed(next *config.Config) error {
+	const restart = "takes effect only at start; restart tether to change it"
+	f := d.fixed
+	switch {
+	case !slices.Equal(next.Interfaces, f.Interfaces):
+		return refusef("interfaces", "%v differs from the running %v: the interface list %s", next.Interfaces, f.Interfaces, restart)
+	case next.Datapath != f.Datapath:
+		return refusef("datapath", "%q differs from the running %q: the datapath %s", next.Datapath, f.Datapath, restart)
+	case next.HashSeed != f.HashSeed:
+		return refusef("hash_seed", "0x%08x differs from the running 0x%08x: the hash seed %s", next.HashSeed, f.HashSeed, restart)
+	}
+	n, r := next.Tables, f.Tables
+	for _, t := range []struct {
+		name       string
+		next, runs uint32
+	}{
+		{"connections", n.Connections, r.Connections},
+		{"affinity", n.Affinity, r.Affinity},
+		{"ring_size", n.RingSize, r.RingSize},
+		{"max_services", n.MaxServices, r.MaxServices},
+		{"max_backends", n.MaxBackends, r.MaxBackends},
+	} {
+		if t.next != t.runs {
+			return refusef("tables."+t.name, "%d differs from the running %d: table sizes take effect only at start; restart tether to change them", t.next, t.runs)
+		}
+	}
+	return nil
+}
+
+// refused marks a configuration error as refused input, naming the first
+// field at fault.
+func refused(err error) error {
+	var fe *config.FieldError
+	if errors.As(err, &fe) {
+		return &RefusedError{Field: fe.Path, Msg: err.Error(), named: true}
+	}
+	return &RefusedError{Msg: err.Error()}
+}
+
+// change applies edit to a copy of the running configuration, validates
+// the result whole, writes it to a temporary file beside the
+// configuration file, applies it, and renames the temporary file over the
+// configuration file. A refused or failed change leaves the running state
+// and the file as they were.
+func (d *Daemon) change(what string, edit func(*config.Config) error) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	cur := d.ctl.Config()
+	if err := d.checkFile(cur); err != nil {
+		return err
+	}
+	next := cur.Clone()
+	if err := edit(next); err != nil {
+		return err
+	}
+	if err := next.Validate(); err != nil {
+		return refused(err)
+	}
+	data, err := next.Marshal()
+	if err != nil {
+		return err
+	}
+	if old, err := cur.Marshal(); err == nil && bytes.Equal(old, data) {
+		return nil // nothing to do
+	}
+	target, err := filepath.EvalSymlinks(d.path)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", d.path, err)
+	}
+	tmp, err := writeTemp(target, data)
+	if err != nil {
+		return err
+	}
+	if err := d.apply(cur, next); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if err := os.Rename(tmp, target); err != nil {
+		os.Remove(tmp)
+		err = fmt.Errorf("replace %s: %w", target, err)
+		return errors.Join(err, d.rollback(cur, err))
+	}
+	syncDir(filepath.Dir(target))
+	d.log.Info("configuration changed", "change", what, "config", d.path)
+	return nil
+}
+
+// apply applies next, and on failure applies cur again so that the
+// running state is what it was.
+func (d *Daemon) apply(cur, next *config.Config) error {
+	err := d.ctl.Apply(next)
+	if err == nil {
+		return nil
+	}
+	var fe *config.FieldError
+	if errors.As(err, &fe) {
+		return refused(err)
+	}
+	err = fmt.Errorf("apply: %w", err)
+	if rerr := d.rollback(cur, err); rerr != nil {
+		return errors.Join(err, rerr)
+	}
+	return fmt.Errorf("%w; the running state is unchanged", err)
+}
+
+// rollback applies cur again after a failed change.
+func (d *Daemon) rollback(cur *config.Config, cause error) error {
+	if err := d.ctl.Apply(cur); err != nil {
+		d.log.Error("undo of a failed change failed: the running state differs from the configuration file; run tether reload",
+			"cause", cause, "err", err)
+		return fmt.Errorf("undo the change: %w (the running state differs from %s; run tether reload)", err, d.path)
+	}
+	return nil
+}
+
+// checkFile refuses a change made through the API while the
+// configuration file holds something else than the running configuration
+// (an edit not reloaded yet), which writing the file would lose.
+func (d *Daemon) checkFile(cur *config.Config) error {
+	onDisk, err := config.Load(d.path)
+	if err != nil {
+		return refusef("config", "%s no longer holds the running configuration (%v): fix it and run tether reload, or restore it, before changing the configuration through tether", d.path, err)
+	}
+	a, err1 := onDisk.Marshal()
+	b, err2 := cur.Marshal()
+	if err1 != nil || err2 != nil || !bytes.Equal(a, b) {
+		return refusef("config", "%s was edited since tether last read it: run tether reload to apply the edit (or undo it) first, as this change would overwrite it", d.path)
+	}
+	return nil
+}
+
+// writeTemp writes data to a new file beside target, with target's mode
+// and owner, and syncs it. It returns the new file's path.
+func writeTemp(target string, data []byte) (string, error) {
+	fi, err := os.Stat(target)
+	if err != nil {
+		return "", fmt.Errorf("write %s: %w", target, err)
+	}
+	f, err := os.CreateTemp(filepath.Dir(target), "."+filepath.Base(target)+".tmp-*")
+	if err != nil {
+		return "", fmt.Errorf("write %s: %w", target, err)
+	}
+	fail := func(err error) (string, error) {
+		f.Close()
+		os.Remove(f.Name())
+		return "", fmt.Errorf("write %s: %w", f.Name(), err)
+	}
+	if err := f.Chmod(fi.Mode().Perm()); err != nil {
+		return fail(err)
+	}
+	if st, ok := fileOwner(fi); ok {
+		_ = f.Chown(st.uid, st.gid) // best effort: keep the owner when allowed
+	}
+	if _, err := f.Write(data); err != nil {
+		return fail(err)
+	}
+	if err := f.Sync(); err != nil {
+		return fail(err)
+	}
+	if err := f.Close(); err != nil {
+		os.Remove(f.Name())
+		return "", fmt.Errorf("write %s: %w", f.Name(), err)
+	}
+	return f.Name(), nil
+}
+
+// syncDir makes a rename in dir durable; failure only weakens durability.
+func syncDir(dir string) {
+	if f, err := os.Open(dir); err == nil {
+		_ = f.Sync()
+		f.Close()
+	}
+}
+
+type owner struct{ uid, gid int }
+
+// fileOwner returns the owner of a file, where the system says.
+func fileOwner(fi os.FileInfo) (owner, bool) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return owner{}, false
+	}
+	return owner{int(st.Uid), int(st.Gid)}, true
+}
