@@ -33,6 +33,7 @@
 
 /* service flags (struct service.flags) */
 #define SVC_F_SOURCE_AFFINITY (1U << 0) /* key the ring and affinity table by client address */
+#define SVC_F_RESET_ON_DOWN   (1U << 1) /* on_down: reset (backends carry it as BE_DOWN_RESET) */
 
 /* connection flags (struct conn.flags) */
 #define CONN_F_CLOSING (1U << 0) /* a FIN or RST was seen: no longer counted as active */
@@ -41,26 +42,29 @@
 #define FWD_DSR 0 /* rewrite MACs only; the backend holds the VIP */
 
 /* backend states (struct backend.state) */
-#define BE_UNUSED   0 /* slot free: entries that point here are stale */
-#define BE_ACTIVE   1 /* in the ring, takes new connections */
-#define BE_DRAINING 2 /* out of the ring; established connections keep flowing */
-#define BE_DOWN	    3 /* out of the ring; affinity ignored; established keep flowing */
+#define BE_UNUSED     0 /* slot free: entries that point here are stale */
+#define BE_ACTIVE     1 /* in the ring, takes new connections */
+#define BE_DRAINING   2 /* out of the ring; established connections keep flowing */
+#define BE_DOWN	      3 /* out of the ring; affinity ignored; established keep flowing */
+#define BE_DOWN_RESET 4 /* like BE_DOWN, but established connections are reset */
 
 /* Why a packet was passed to the kernel or dropped; index of the reasons map.
  * Keep in step with maps/reasons.go. */
 enum reason {
-	R_PARSED = 0,	   /* not a reason: nothing stopped the packet (never counted) */
-	R_PASS_NOT_IP,	   /* not IPv4/IPv6 (ARP, LLDP...): host traffic */
-	R_PASS_NOT_VIP,	   /* IP traffic for no service */
-	R_PASS_NOT_L4,	   /* neither TCP nor UDP (ICMP, ND...) */
-	R_PASS_IP_OPTIONS, /* IPv4 header with options: unsupported */
-	R_PASS_FRAGMENT,   /* IPv4 fragment: unsupported (no L4 ports) */
-	R_PASS_IPV6_EXT,   /* IPv6 extension header: unsupported */
-	R_PASS_VLAN_STACK, /* more than one VLAN tag: unsupported */
-	R_DROP_TRUNCATED,  /* a header runs past the end of the frame */
-	R_DROP_BAD_HEADER, /* impossible header field (IHL<5, length, version) */
-	R_DROP_NO_BACKEND, /* VIP traffic but the ring has no backend */
-	R_DROP_TX_FAILED,  /* bpf_redirect refused */
+	R_PARSED = 0,	    /* not a reason: nothing stopped the packet (never counted) */
+	R_PASS_NOT_IP,	    /* not IPv4/IPv6 (ARP, LLDP...): host traffic */
+	R_PASS_NOT_VIP,	    /* IP traffic for no service */
+	R_PASS_NOT_L4,	    /* neither TCP nor UDP (ICMP, ND...) */
+	R_PASS_IP_OPTIONS,  /* IPv4 header with options: unsupported */
+	R_PASS_FRAGMENT,    /* IPv4 fragment: unsupported (no L4 ports) */
+	R_PASS_IPV6_EXT,    /* IPv6 extension header: unsupported */
+	R_PASS_VLAN_STACK,  /* more than one VLAN tag: unsupported */
+	R_DROP_TRUNCATED,   /* a header runs past the end of the frame */
+	R_DROP_BAD_HEADER,  /* impossible header field (IHL<5, length, version) */
+	R_DROP_NO_BACKEND,  /* VIP traffic but the ring has no backend */
+	R_DROP_TX_FAILED,   /* bpf_redirect refused */
+	R_RESET_NO_BACKEND, /* TCP to a service with no usable backend: answered with a RST */
+	R_RESET_DOWN,	    /* TCP of a connection whose backend is down (on_down: reset): RST */
 	R_MAX,
 };
 

@@ -28,6 +28,7 @@ struct packet {
 	__u8 family;
 	__u8 syn_only; /* TCP SYN without ACK: the first packet of a handshake */
 	__u8 closing;  /* TCP FIN or RST: the connection is ending */
+	__u8 vlan;     /* one 802.1Q tag sits before the IP header */
 };
 
 /* is_ipv6_ext tells whether an IPv6 next-header value is an extension
@@ -140,6 +141,7 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
 			return R_DROP_TRUNCATED;
 		proto = vlan->proto;
 		l3 = vlan + 1;
+		pkt->vlan = 1;
 		/* QinQ and deeper stacks: unsupported. */
 		if (proto == ETH_P_8021Q_BE || proto == ETH_P_8021AD_BE)
 			return R_PASS_VLAN_STACK;

@@ -386,17 +386,109 @@ func TestRemovedBackendFlowsChooseAgain(t *testing.T) {
 	}
 }
 
-func TestNoBackendDrops(t *testing.T) {
+// TestNoBackendResets checks that TCP to a service without a usable backend
+// is answered with a well-formed RST back to the client (so that it fails
+// at once), and UDP is dropped; both are counted.
+func TestNoBackendResets(t *testing.T) {
 	f := bpftest.NewFixture(t, loaderOpts())
-	f.AddService(bpftest.Service{ID: 1, VIP: vip4, Proto: bpftest.TCP, Source: true})
+	f.AddService(bpftest.Service{ID: 1, VIP: vip4, Proto: bpftest.TCP})
+	f.AddService(bpftest.Service{ID: 2, VIP: vip6, Proto: bpftest.TCP})
+	f.AddService(bpftest.Service{ID: 3, VIP: vip4, Proto: bpftest.UDP})
+	for _, tc := range []struct {
+		desc  string
+		frame bpftest.Frame
+		seq   uint32 // of the RST
+		ack   uint32 // 0: no ACK flag
+	}{
+		{"SYN over IPv4", bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.TCP, Flags: bpftest.SYN, Seq: 1000}, 0, 1001},
+		{"SYN over IPv6", bpftest.Frame{Src: cli6, Dst: vip6, Proto: bpftest.TCP, Flags: bpftest.SYN, Seq: 7}, 0, 8},
+		{"SYN over IPv4 with a VLAN tag", bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.TCP, Flags: bpftest.SYN, VLAN: 9, Seq: 5}, 0, 6},
+		{"data with ACK over IPv4", bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.TCP, Flags: bpftest.ACK | bpftest.PSH, Seq: 10, Ack: 777, Payload: []byte("hello")}, 777, 0},
+		{"FIN without ACK over IPv6", bpftest.Frame{Src: cli6, Dst: vip6, Proto: bpftest.TCP, Flags: bpftest.FIN, Seq: 50, Payload: []byte("abc")}, 0, 54},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			before := reasons(t, f)
+			in := tc.frame.Bytes()
+			verdict, out := f.Run(in)
+			if verdict != bpftest.XDPTx {
+				t.Fatalf("verdict %d, want XDP_TX (a RST back to the client)", verdict)
+			}
+			rst, err := bpftest.ParseTCP(out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := bpftest.VerifyChecksums(out); err != nil {
+				t.Fatal(err)
+			}
+			want := bpftest.TCPSegment{
+				SrcMAC: bpftest.LBMAC.String(), DstMAC: bpftest.ClientMAC.String(), VLAN: tc.frame.VLAN,
+				Src: tc.frame.Dst, Dst: tc.frame.Src, Seq: tc.seq, Ack: tc.ack, Flags: bpftest.RST, PayloadLen: 0,
+			}
+			if tc.ack != 0 {
+				want.Flags |= bpftest.ACK
+			}
+			if rst != want {
+				t.Fatalf("RST\n got %+v\nwant %+v", rst, want)
+			}
+			if d := reasons(t, f)["reset_no_backend"] - before["reset_no_backend"]; d != 1 {
+				t.Errorf("reset_no_backend moved by %d, want 1", d)
+			}
+		})
+	}
+	t.Run("a RST is not answered", func(t *testing.T) {
+		verdict, _ := f.Run(bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.TCP, Flags: bpftest.RST}.Bytes())
+		if verdict != bpftest.XDPDrop {
+			t.Fatalf("verdict %d, want XDP_DROP", verdict)
+		}
+	})
+	t.Run("UDP is dropped", func(t *testing.T) {
+		before := reasons(t, f)
+		verdict, _ := f.Run(bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.UDP}.Bytes())
+		if verdict != bpftest.XDPDrop {
+			t.Fatalf("verdict %d, want XDP_DROP", verdict)
+		}
+		if d := reasons(t, f)["drop_no_backend"] - before["drop_no_backend"]; d != 1 {
+			t.Errorf("drop_no_backend moved by %d, want 1", d)
+		}
+	})
+}
+
+// TestDownReset checks on_down: reset: packets of an established TCP
+// connection to a down backend are answered with a RST, a new handshake on
+// the same 5-tuple and UDP flows choose again.
+func TestDownReset(t *testing.T) {
+	f, svcs := fourServices(t)
+	tcp, udp := svcs[0], svcs[1]
+	src := netip.AddrPortFrom(cli4.Addr(), 4444)
+	b := backendFor(t, f, tcp, src, bpftest.ACK)
+	ub := backendFor(t, f, udp, src, 0)
+	for _, pair := range []struct {
+		s  bpftest.Service
+		id uint32
+	}{{tcp, b}, {udp, ub}} {
+		f.PublishRing(pair.s.ID, pair.s.VIP.Addr(), without(pair.s.Backends, pair.id)...)
+		f.SetBackend(pair.s, pair.id, maps.StateDownReset)
+	}
 	before := reasons(t, f)
-	verdict, _ := f.Run(bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.TCP, Flags: bpftest.SYN}.Bytes())
-	if verdict != bpftest.XDPDrop {
-		t.Fatalf("verdict %d, want XDP_DROP for a service without backends", verdict)
+	verdict, out := f.Run(bpftest.Frame{Src: src, Dst: tcp.VIP, Proto: bpftest.TCP, Flags: bpftest.ACK, Seq: 1, Ack: 99}.Bytes())
+	if verdict != bpftest.XDPTx {
+		t.Fatalf("verdict %d, want a RST", verdict)
 	}
-	if d := reasons(t, f)["drop_no_backend"] - before["drop_no_backend"]; d != 1 {
-		t.Fatalf("drop_no_backend moved by %d", d)
+	rst, err := bpftest.ParseTCP(out)
+	if err != nil || rst.Flags != bpftest.RST || rst.Seq != 99 || rst.Dst != src {
+		t.Fatalf("want a RST with seq 99 to %s, got %+v (%v)", src, rst, err)
 	}
+	if d := reasons(t, f)["reset_backend_down"] - before["reset_backend_down"]; d != 1 {
+		t.Errorf("reset_backend_down moved by %d, want 1", d)
+	}
+	if got := backendFor(t, f, tcp, src, bpftest.SYN); got == b {
+		t.Fatalf("new SYN on the 5-tuple went to the down backend %d", b)
+	}
+	if got := backendFor(t, f, udp, src, 0); got == ub {
+		t.Fatalf("UDP flow stayed on the down backend %d", ub)
+	}
+	// Without on_down: reset (plain down) the connection keeps flowing:
+	// TestDrainingAndDown.
 }
 
 // TestSYNFloodKeepsEstablished fills a small connection table with

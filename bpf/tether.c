@@ -16,6 +16,7 @@
 #include "parsing.h"
 #include "hash.h"
 #include "forward.h"
+#include "reset.h"
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -141,7 +142,7 @@ static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt
 
 	struct backend *be = lookup_backend(id, svc->id);
 	if (!be)
-		return count_reason(R_DROP_NO_BACKEND, XDP_DROP);
+		return reset_tcp(ctx, pkt, R_RESET_NO_BACKEND);
 	if (!pkt->syn_only)
 		record(svc, pkt, &ak, id, affinity_hit, now);
 	return forward_dsr(ctx, be, id);
@@ -159,6 +160,14 @@ int tether_xdp(struct xdp_md *ctx)
 	if (c) {
 		__u32 id = c->backend;
 		struct backend *be = lookup_backend(id, c->service);
+		/* on_down: reset. A TCP connection to a down backend is reset so
+		 * that its client reconnects at once; a new handshake on the same
+		 * 5-tuple, or a UDP flow, chooses a backend again. */
+		if (be && be->state == BE_DOWN_RESET) {
+			if (pkt.key.proto == IPPROTO_TCP && !pkt.syn_only)
+				return reset_tcp(ctx, &pkt, R_RESET_DOWN);
+			be = NULL;
+		}
 		if (be) {
 			/* Written once per connection end, not per packet: the entry
 			 * stays for the last packets, but no longer counts as active. */

@@ -58,7 +58,8 @@ func (m *Maps) ServiceCounters(id uint32) (ServiceCounters, error) {
 	return c, nil
 }
 
-// Reasons returns the packets passed to the kernel or dropped, by reason:
+// Reasons returns the packets passed to the kernel, dropped or answered with
+// a TCP reset instead of being forwarded, by reason:
 // "pass_not_vip", "drop_truncated"... Forwarded packets are counted per
 // backend instead.
 func (m *Maps) Reasons() (map[string]uint64, error) {
@@ -79,18 +80,20 @@ func (m *Maps) Reasons() (map[string]uint64, error) {
 
 // reasonNames follows enum reason in bpf/consts.h; a test checks the count.
 var reasonNames = [...]string{
-	bpf.TetherReasonR_PARSED:          "",
-	bpf.TetherReasonR_PASS_NOT_IP:     "pass_not_ip",
-	bpf.TetherReasonR_PASS_NOT_VIP:    "pass_not_vip",
-	bpf.TetherReasonR_PASS_NOT_L4:     "pass_not_tcp_udp",
-	bpf.TetherReasonR_PASS_IP_OPTIONS: "pass_ipv4_options",
-	bpf.TetherReasonR_PASS_FRAGMENT:   "pass_ipv4_fragment",
-	bpf.TetherReasonR_PASS_IPV6EXT:    "pass_ipv6_extension",
-	bpf.TetherReasonR_PASS_VLAN_STACK: "pass_vlan_stack",
-	bpf.TetherReasonR_DROP_TRUNCATED:  "drop_truncated",
-	bpf.TetherReasonR_DROP_BAD_HEADER: "drop_bad_header",
-	bpf.TetherReasonR_DROP_NO_BACKEND: "drop_no_backend",
-	bpf.TetherReasonR_DROP_TX_FAILED:  "drop_tx_failed",
+	bpf.TetherReasonR_PARSED:           "",
+	bpf.TetherReasonR_PASS_NOT_IP:      "pass_not_ip",
+	bpf.TetherReasonR_PASS_NOT_VIP:     "pass_not_vip",
+	bpf.TetherReasonR_PASS_NOT_L4:      "pass_not_tcp_udp",
+	bpf.TetherReasonR_PASS_IP_OPTIONS:  "pass_ipv4_options",
+	bpf.TetherReasonR_PASS_FRAGMENT:    "pass_ipv4_fragment",
+	bpf.TetherReasonR_PASS_IPV6EXT:     "pass_ipv6_extension",
+	bpf.TetherReasonR_PASS_VLAN_STACK:  "pass_vlan_stack",
+	bpf.TetherReasonR_DROP_TRUNCATED:   "drop_truncated",
+	bpf.TetherReasonR_DROP_BAD_HEADER:  "drop_bad_header",
+	bpf.TetherReasonR_DROP_NO_BACKEND:  "drop_no_backend",
+	bpf.TetherReasonR_DROP_TX_FAILED:   "drop_tx_failed",
+	bpf.TetherReasonR_RESET_NO_BACKEND: "reset_no_backend",
+	bpf.TetherReasonR_RESET_DOWN:       "reset_backend_down",
 }
 
 // ReasonName is the name of a reason as counters and metrics show it.

@@ -31,6 +31,7 @@ type Frame struct {
 	Src, Dst       netip.AddrPort
 	Proto          uint8 // TCP or UDP
 	Flags          uint8 // TCP flags; 0 means ACK
+	Seq, Ack       uint32
 	Payload        []byte
 }
 
@@ -104,6 +105,10 @@ func (f Frame) l4() []byte {
 	}
 	binary.BigEndian.PutUint16(h[0:], f.Src.Port())
 	binary.BigEndian.PutUint16(h[2:], f.Dst.Port())
+	if f.Proto != UDP {
+		binary.BigEndian.PutUint32(h[4:], f.Seq)
+		binary.BigEndian.PutUint32(h[8:], f.Ack)
+	}
 	return append(h, f.Payload...)
 }
 
