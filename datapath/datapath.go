@@ -55,8 +55,12 @@ type Service struct {
 	Proto           uint8 // 6 (TCP) or 17 (UDP)
 	SourceAffinity  bool
 	AffinityTimeout time.Duration
-	Backends        []Backend
-	Ring            []uint32 // Maglev ring of backend IDs (0: no backend)
+	// OnDownReset makes the datapath answer the packets of established
+	// connections to a Down backend with a TCP reset, so that clients
+	// reconnect at once instead of waiting for their own timeouts.
+	OnDownReset bool
+	Backends    []Backend
+	Ring        []uint32 // Maglev ring of backend IDs (0: no backend)
 }
 
 // BackendCounters are a backend's counters since its ID was assigned.

@@ -146,7 +146,11 @@ func (x *XDP) adopt() error {
 	}
 	byService := map[uint32][]datapath.Backend{}
 	for id, b := range backends {
-		byService[b.Service] = append(byService[b.Service], datapath.Backend{ID: id, Addr: b.Addr, Port: b.Port, State: datapath.State(b.State)})
+		state := datapath.State(b.State)
+		if b.State == maps.StateDownReset {
+			state = datapath.Down
+		}
+		byService[b.Service] = append(byService[b.Service], datapath.Backend{ID: id, Addr: b.Addr, Port: b.Port, State: state})
 	}
 	for _, e := range entries {
 		s := datapath.Service{
@@ -156,6 +160,7 @@ func (x *XDP) adopt() error {
 			Proto:           e.Proto,
 			SourceAffinity:  e.SourceAffinity,
 			AffinityTimeout: e.AffinityTimeout,
+			OnDownReset:     e.ResetOnDown,
 			Backends:        byService[e.ID],
 		}
 		slices.SortFunc(s.Backends, func(a, b datapath.Backend) int { return cmp.Compare(a.ID, b.ID) })
@@ -249,6 +254,7 @@ func (x *XDP) UpsertService(s datapath.Service) error {
 	err := m.PutService(s.VIP, s.Port, s.Proto, maps.Service{
 		ID:              s.ID,
 		SourceAffinity:  s.SourceAffinity,
+		ResetOnDown:     s.OnDownReset,
 		AffinityTimeout: s.AffinityTimeout,
 	})
 	if err != nil {
@@ -271,6 +277,9 @@ func (x *XDP) UpsertService(s datapath.Service) error {
 // entry is the map entry of backend b of service s.
 func (x *XDP) entry(s datapath.Service, b datapath.Backend) maps.Backend {
 	e := maps.Backend{Service: s.ID, Addr: b.Addr, Port: b.Port, State: uint8(b.State)}
+	if b.State == datapath.Down && s.OnDownReset {
+		e.State = maps.StateDownReset
+	}
 	if h, ok := x.hops[b.Addr]; ok {
 		e.MAC, e.SrcMAC, e.Ifindex = h.DstMAC, h.SrcMAC, uint32(h.Ifindex)
 	}

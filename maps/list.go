@@ -54,6 +54,7 @@ func serviceEntry(vip netip.Addr, port uint16, proto uint8, v bpf.TetherService)
 		Service: Service{
 			ID:              v.Id,
 			SourceAffinity:  v.Flags&FlagSourceAffinity != 0,
+			ResetOnDown:     v.Flags&FlagResetOnDown != 0,
 			AffinityTimeout: time.Duration(v.AffinityTimeoutNs),
 		},
 	}

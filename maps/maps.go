@@ -27,11 +27,15 @@ const (
 	StateActive   uint8 = 1
 	StateDraining uint8 = 2
 	StateDown     uint8 = 3
+	// StateDownReset is StateDown for a service whose established
+	// connections to a down backend are reset (on_down: reset).
+	StateDownReset uint8 = 4
 )
 
 // Service flags.
 const (
 	FlagSourceAffinity uint32 = 1 << 0
+	FlagResetOnDown    uint32 = 1 << 1
 )
 
 const (
@@ -97,6 +101,7 @@ func (m *Maps) serviceMap(vip netip.Addr, port uint16, proto uint8) (*ebpf.Map, 
 type Service struct {
 	ID              uint32
 	SourceAffinity  bool
+	ResetOnDown     bool
 	AffinityTimeout time.Duration
 }
 
@@ -106,6 +111,9 @@ func (m *Maps) PutService(vip netip.Addr, port uint16, proto uint8, s Service) e
 	v := bpf.TetherService{Id: s.ID, AffinityTimeoutNs: uint64(s.AffinityTimeout)}
 	if s.SourceAffinity {
 		v.Flags |= FlagSourceAffinity
+	}
+	if s.ResetOnDown {
+		v.Flags |= FlagResetOnDown
 	}
 	mp, key := m.serviceMap(vip, port, proto)
 	if err := mp.Put(key, &v); err != nil {
