@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/tetherlb/tether/health"
 	"github.com/tetherlb/tether/maglev"
 )
 
@@ -76,6 +77,28 @@ const (
 	// new ones.
 	StateDraining = "draining"
 )
+
+// HealthNone is the health check type that turns probing off: the
+// service's backends are always taken as up. The probed types are those of
+// the health package: health.TypeTCP, health.TypeHTTP and
+// health.TypeWebSocket.
+const HealthNone = "none"
+
+// What happens to the established connections of a backend that its
+// health check marks down.
+const (
+	// OnDownKeep keeps forwarding them: the backend may still be serving
+	// them, and a client of a dead one sees its connection break (or time
+	// out) by itself.
+	OnDownKeep = "keep"
+	// OnDownReset stops forwarding them: the datapath answers their TCP
+	// packets with a reset, so that clients reconnect at once to a
+	// healthy backend, and UDP flows choose a backend again.
+	OnDownReset = "reset"
+)
+
+// MaxRiseFall bounds a health check's rise and fall.
+const MaxRiseFall = 1000
 
 // Limits and defaults that callers building a Config in Go may need.
 const (
@@ -157,9 +180,32 @@ type Service struct {
 	AffinityTimeout time.Duration
 	// Forwarding is the forwarding mode; only ForwardingDSR is supported.
 	Forwarding string
+	// Health is how the service's backends are probed: a health.Check with
+	// its defaults applied (DefaultHealth when the file has no health
+	// block), or one of Type HealthNone and no other field set, which
+	// probes nothing and takes every backend as up.
+	Health health.Check
+	// OnDown is OnDownKeep or OnDownReset: what becomes of the established
+	// connections of a backend marked down.
+	OnDown string
 	// Backends are the servers behind the VIP, in file order. A service may
-	// have none: its traffic is then dropped.
+	// have none, or none usable: new TCP connections are then refused with
+	// a reset and UDP packets dropped.
 	Backends []Backend
+}
+
+// DefaultHealth is the check of a service whose file has no health block:
+// a TCP connect every 2s with a timeout of 1s, rise 2 and fall 3 (see
+// health.Check.Defaults).
+func DefaultHealth() health.Check { return health.Check{}.Defaults() }
+
+// Target returns the health target that probes backend b of s, or false
+// when s probes nothing (health type none).
+func (s Service) Target(b Backend) (health.Target, bool) {
+	if s.Health.Type == HealthNone {
+		return health.Target{}, false
+	}
+	return health.Target{Addr: netip.AddrPortFrom(b.Address, b.Port), Check: s.Health.Defaults()}, true
 }
 
 // Key returns the identity of the service on the wire, "vip:port/protocol",
@@ -239,6 +285,8 @@ func defaultService() Service {
 		Affinity:        AffinitySource,
 		AffinityTimeout: DefaultAffinityTimeout,
 		Forwarding:      ForwardingDSR,
+		Health:          DefaultHealth(),
+		OnDown:          OnDownKeep,
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tetherlb/tether/health"
 	"github.com/tetherlb/tether/maglev"
 )
 
@@ -33,6 +34,16 @@ services:
     affinity: source
     affinity_timeout: 3h
     forwarding: dsr
+    health:
+      type: websocket
+      path: /ws
+      host: chat.example
+      send: ping
+      interval: 2s
+      timeout: 1s
+      rise: 2
+      fall: 3
+    on_down: reset
     backends:
       - address: 192.0.2.11
         port: 8765
@@ -82,6 +93,17 @@ func TestParseExample(t *testing.T) {
 			Affinity:        AffinitySource,
 			AffinityTimeout: 3 * time.Hour,
 			Forwarding:      ForwardingDSR,
+			Health: health.Check{
+				Type:     health.TypeWebSocket,
+				Path:     "/ws",
+				Host:     "chat.example",
+				Send:     "ping",
+				Interval: 2 * time.Second,
+				Timeout:  time.Second,
+				Rise:     2,
+				Fall:     3,
+			},
+			OnDown: OnDownReset,
 			Backends: []Backend{{
 				Address: netip.MustParseAddr("192.0.2.11"),
 				Port:    8765,
@@ -116,6 +138,8 @@ func TestParseDefaults(t *testing.T) {
 		Affinity:        AffinitySource,
 		AffinityTimeout: DefaultAffinityTimeout,
 		Forwarding:      ForwardingDSR,
+		Health:          health.Check{Type: health.TypeTCP, Interval: 2 * time.Second, Timeout: time.Second, Rise: 2, Fall: 3},
+		OnDown:          OnDownKeep,
 		Backends: []Backend{{
 			Address: netip.MustParseAddr("192.0.2.11"),
 			Port:    8765, // the service port
@@ -417,6 +441,47 @@ services:
 	{"negative weight", minimal + "        weight: -1\n", "services[0].backends[0].weight", "-1 is out of range 0..10000"},
 	{"weight too big", minimal + "        weight: 10001\n", "services[0].backends[0].weight", "10001 is out of range 0..10000"},
 	{"bad state", minimal + "        state: up\n", "services[0].backends[0].state", `unknown state "up" (want active or draining)`},
+
+	// Health checks.
+	{"health as a string", withHealth("tcp"), "services[0].health", "want a health check (a mapping of type, path"},
+	{"unknown health field", withHealth("{type: tcp, intervall: 1s}"), "services[0].health.intervall", `unknown field (did you mean "interval"?)`},
+	{"repeated health field", withHealth("{rise: 2, rise: 3}"), "services[0].health.rise", "repeated"},
+	{"unknown health type", withHealth("{type: icmp}"), "services[0].health.type", `unknown type "icmp" (want tcp, http, websocket or none)`},
+	{"health type as a list", withHealth("{type: [tcp]}"), "services[0].health.type", "want a string, got a list"},
+	{"type none with an interval", withHealth("{type: none, interval: 1s}"), "services[0].health.interval", "type none probes nothing"},
+	{"type none with a path", withHealth("{type: none, path: /}"), "services[0].health.path", "type none probes nothing"},
+	{"timeout as long as the interval", withHealth("{interval: 1s, timeout: 1s}"), "services[0].health.timeout", "must be less than the interval (1s)"},
+	{"timeout longer than the default interval", withHealth("{timeout: 5s}"), "services[0].health.timeout", "must be less than the interval (2s)"},
+	{"interval too short", withHealth("{interval: 5ms}"), "services[0].health.interval", "must be at least 10ms"},
+	{"interval 0", withHealth("{interval: 0s}"), "services[0].health.interval", "0s: must be more than 0"},
+	{"negative timeout", withHealth("{timeout: -1s}"), "services[0].health.timeout", "-1s: must be more than 0"},
+	{"interval without unit", withHealth("{interval: 2}"), "services[0].health.interval", "2 has no unit"},
+	{"interval in words", withHealth("{interval: often}"), "services[0].health.interval", `"often" is not a duration`},
+	{"rise 0", withHealth("{rise: 0}"), "services[0].health.rise", "0 is out of range 1..1000"},
+	{"fall too large", withHealth("{fall: 1001}"), "services[0].health.fall", "1001 is out of range 1..1000"},
+	{"rise a float", withHealth("{rise: 1.5}"), "services[0].health.rise", "not a whole number"},
+	{"path for a tcp check", withHealth("{type: tcp, path: /healthz}"), "services[0].health.path", "only for http and websocket checks"},
+	{"host for a tcp check", withHealth("{host: app.example}"), "services[0].health.host", "only for http and websocket checks"},
+	{"path without a slash", withHealth("{type: http, path: healthz}"), "services[0].health.path", "must start with /"},
+	{"path with a space", withHealth("{type: http, path: '/a b'}"), "services[0].health.path", "must be a request path"},
+	{"empty path", withHealth("{type: http, path: ''}"), "services[0].health.path", "empty; leave the field out"},
+	{"host with a slash", withHealth("{type: http, host: a/b}"), "services[0].health.host", "must be a host name"},
+	{"expect_status for a websocket check", withHealth("{type: websocket, expect_status: 101}"), "services[0].health.expect_status", "only for http checks"},
+	{"expect_status high first", withHealth("{type: http, expect_status: [399, 200]}"), "services[0].health.expect_status", "low first, not 399..200"},
+	{"expect_status of three", withHealth("{type: http, expect_status: [200, 300, 400]}"), "services[0].health.expect_status", "a list of 3 statuses"},
+	{"expect_status out of range", withHealth("{type: http, expect_status: [99, 200]}"), "services[0].health.expect_status[0]", "99 is out of range 100..599"},
+	{"expect_status in words", withHealth("{type: http, expect_status: 2xx}"), "services[0].health.expect_status", `"2xx" is not a number`},
+	{"expect_status as a mapping", withHealth("{type: http, expect_status: {low: 200}}"), "services[0].health.expect_status", "want an HTTP status such as 200"},
+	{"send for an http check", withHealth("{type: http, send: ping}"), "services[0].health.send", "only for websocket checks"},
+	{"send too long", withHealth("{type: websocket, send: " + strings.Repeat("x", 4097) + "}"), "services[0].health.send", "at most 4096 bytes"},
+	{"unknown on_down", strings.Replace(minimal, "port: 8765", "port: 8765\n    on_down: drop", 1), "services[0].on_down", `unknown mode "drop" (want keep or reset)`},
+	{"on_down as a list", strings.Replace(minimal, "port: 8765", "port: 8765\n    on_down: [reset]", 1), "services[0].on_down", "want a string"},
+}
+
+// withHealth is minimal with the health block h (flow style) in its
+// service.
+func withHealth(h string) string {
+	return strings.Replace(minimal, "port: 8765", "port: 8765\n    health: "+h, 1)
 }
 
 func TestParseBad(t *testing.T) {
@@ -613,7 +678,7 @@ func TestMarshalRoundTrip(t *testing.T) {
 interfaces: [eth0, "eth1"]
 datapath: xdp-generic
 hash_seed: 7
-tables: {connections: 2048, affinity: 4096, ring_size: 251, max_services: 3, max_backends: 10}
+tables: {connections: 2048, affinity: 4096, ring_size: 251, max_services: 7, max_backends: 10}
 services:
   - name: v6
     vip: 2001:db8::10
@@ -631,6 +696,24 @@ services:
     vip: 198.51.100.7
     port: 65535
     backends: [{address: 127.0.0.1}]
+  - name: http
+    vip: 198.51.100.8
+    port: 80
+    health: {type: http, path: "/healthz?full=1", host: "app.example:8080", expect_status: [200, 204], interval: 500ms, timeout: 100ms, rise: 1, fall: 1000}
+    on_down: reset
+  - name: ws
+    vip: 198.51.100.9
+    port: 80
+    health: {type: websocket, send: "ping: 1"}
+  - name: ws-plain
+    vip: 198.51.100.9
+    port: 81
+    health: {type: websocket, interval: 15s}
+  - name: unprobed
+    vip: 198.51.100.9
+    port: 82
+    health: {type: none}
+    on_down: keep
 `)},
 	} {
 		t.Run(tc.desc, func(t *testing.T) {
@@ -660,9 +743,55 @@ func TestMarshalSchema(t *testing.T) {
 		"  ring_size: 65537\n",
 		"    affinity_timeout: 3h0m0s\n",
 		"      - address: 192.0.2.11\n        port: 8765\n        weight: 1\n        state: active\n",
+		"    health:\n      type: tcp\n      interval: 2s\n      timeout: 1s\n      rise: 2\n      fall: 3\n    on_down: keep\n",
 	} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("Marshal output lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+func TestParseHealth(t *testing.T) {
+	for _, tc := range []struct {
+		desc   string
+		health string // flow mapping, or "" for none
+		want   health.Check
+	}{
+		{"no health block: a tcp check", "", health.Check{Type: "tcp", Interval: 2 * time.Second, Timeout: time.Second, Rise: 2, Fall: 3}},
+		{"an empty block", "{}", health.Check{Type: "tcp", Interval: 2 * time.Second, Timeout: time.Second, Rise: 2, Fall: 3}},
+		{"a null block", "~", health.Check{Type: "tcp", Interval: 2 * time.Second, Timeout: time.Second, Rise: 2, Fall: 3}},
+		{"a short interval halves the default timeout", "{interval: 200ms, fall: 5}", health.Check{Type: "tcp", Interval: 200 * time.Millisecond, Timeout: 100 * time.Millisecond, Rise: 2, Fall: 5}},
+		{"http with defaults", "{type: http}", health.Check{Type: "http", Path: "/", ExpectStatus: [2]int{200, 399}, Interval: 2 * time.Second, Timeout: time.Second, Rise: 2, Fall: 3}},
+		{"http with one status", "{type: http, path: /healthz, host: app.example, expect_status: 204}", health.Check{Type: "http", Path: "/healthz", Host: "app.example", ExpectStatus: [2]int{204, 204}, Interval: 2 * time.Second, Timeout: time.Second, Rise: 2, Fall: 3}},
+		{"websocket with an echo", "{type: websocket, path: /ws, send: ping, interval: 1s, timeout: 900ms, rise: 1, fall: 1}", health.Check{Type: "websocket", Path: "/ws", Send: "ping", Interval: time.Second, Timeout: 900 * time.Millisecond, Rise: 1, Fall: 1}},
+		{"none", "{type: none}", health.Check{Type: HealthNone}},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			data := minimal
+			if tc.health != "" {
+				data = withHealth(tc.health)
+			}
+			s := mustParse(t, data).Services[0]
+			if s.Health != tc.want {
+				t.Errorf("Health = %+v, want %+v", s.Health, tc.want)
+			}
+			if s.OnDown != OnDownKeep {
+				t.Errorf("OnDown = %q, want %q", s.OnDown, OnDownKeep)
+			}
+			target, ok := s.Target(s.Backends[0])
+			if ok != (tc.want.Type != HealthNone) {
+				t.Fatalf("Target ok = %v for type %s", ok, tc.want.Type)
+			}
+			if ok && (target.Addr.String() != "192.0.2.11:8765" || target.Check != tc.want) {
+				t.Errorf("Target = %+v", target)
+			}
+		})
+	}
+	// Several problems of one check are each named.
+	_, err := Parse([]byte(withHealth("{type: http, path: x, expect_status: [500, 200], send: a}")))
+	for _, f := range []string{"services[0].health.path: ", "services[0].health.expect_status: ", "services[0].health.send: "} {
+		if err == nil || !strings.Contains(err.Error(), f) {
+			t.Errorf("error %v does not name %s", err, f)
 		}
 	}
 }
@@ -686,6 +815,8 @@ func TestValidate(t *testing.T) {
 		Affinity:        AffinitySource,
 		AffinityTimeout: time.Hour,
 		Forwarding:      ForwardingDSR,
+		Health:          DefaultHealth(),
+		OnDown:          OnDownKeep,
 		Backends:        []Backend{{Address: netip.MustParseAddr("192.0.2.30"), Port: 9000, Weight: 5, State: StateActive}},
 	}
 	c.Services = []Service{s}
@@ -764,8 +895,10 @@ func TestClone(t *testing.T) {
 	d.Interfaces[0] = "eth9"
 	d.Services[0].Name = "other"
 	d.Services[0].Backends[0].Weight = 7
+	d.Services[0].Health.Interval = time.Minute
 	d.Services = append(d.Services, Service{Name: "new"})
-	if c.Interfaces[0] == "eth9" || c.Services[0].Name == "other" || c.Services[0].Backends[0].Weight == 7 || len(c.Services) != 1 {
+	if c.Interfaces[0] == "eth9" || c.Services[0].Name == "other" || c.Services[0].Backends[0].Weight == 7 ||
+		c.Services[0].Health.Interval == time.Minute || len(c.Services) != 1 {
 		t.Fatalf("changing the clone changed the original: %+v", c)
 	}
 }

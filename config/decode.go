@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/tetherlb/tether/health"
 )
 
 // Load reads the configuration file at path and parses it like Parse. Every
@@ -54,7 +56,8 @@ func Parse(data []byte) (*Config, error) {
 var (
 	topFields     = []string{"interfaces", "datapath", "hash_seed", "tables", "services"}
 	tablesFields  = []string{"connections", "affinity", "ring_size", "max_services", "max_backends"}
-	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "backends"}
+	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "health", "on_down", "backends"}
+	healthFields  = []string{"type", "path", "host", "expect_status", "send", "interval", "timeout", "rise", "fall"}
 	backendFields = []string{"address", "port", "weight", "state"}
 )
 
@@ -284,6 +287,10 @@ func (d *decoder) service(n *yaml.Node, path string) Service {
 			s.AffinityTimeout = d.duration(v, p)
 		case "forwarding":
 			s.Forwarding = d.str(v, p)
+		case "health":
+			s.Health = d.health(v, p)
+		case "on_down":
+			s.OnDown = d.str(v, p)
 		case "backends":
 			s.Backends, portGiven = nil, nil
 			for i, it := range d.list(v, p, "backends") {
@@ -314,6 +321,80 @@ func (d *decoder) service(n *yaml.Node, path string) Service {
 		}
 	}
 	return s
+}
+
+// health decodes a service's health check and applies the defaults of the
+// fields it leaves out, unless its type is none (which has no other
+// field). Values the defaults would stand for (a rise of 0, an empty path)
+// are refused rather than silently replaced.
+func (d *decoder) health(n *yaml.Node, path string) health.Check {
+	var c health.Check
+	d.mapping(n, path, "a health check", healthFields, func(name string, v *yaml.Node, p string) {
+		switch name {
+		case "type":
+			c.Type = d.str(v, p)
+		case "path":
+			if c.Path = d.str(v, p); c.Path == "" && !d.reported[p] {
+				d.fail(v, p, "empty; leave the field out for %q, or write a path such as /healthz", health.DefaultPath)
+			}
+		case "host":
+			c.Host = d.str(v, p)
+		case "expect_status":
+			c.ExpectStatus = d.statusRange(v, p)
+		case "send":
+			c.Send = d.str(v, p)
+		case "interval":
+			if c.Interval = d.positiveDuration(v, p); c.Interval == 0 {
+				// The timeout's default and bound follow the interval.
+				d.reported[field(path, "timeout")] = true
+			}
+		case "timeout":
+			c.Timeout = d.positiveDuration(v, p)
+		case "rise":
+			c.Rise = int(d.integer(v, p, 1, MaxRiseFall))
+		case "fall":
+			c.Fall = int(d.integer(v, p, 1, MaxRiseFall))
+		}
+	})
+	if c.Type == HealthNone {
+		return c
+	}
+	return c.Defaults()
+}
+
+// statusRange decodes expect_status: a list of two HTTP statuses, low
+// first, or one status standing for a range of one.
+func (d *decoder) statusRange(n *yaml.Node, path string) [2]int {
+	const want = "want an HTTP status such as 200, or a range such as [200, 399]"
+	status := func(n *yaml.Node, p string) int {
+		s := int(d.integer(n, p, 100, 599))
+		if s == 0 {
+			d.reported[path] = true // the range as a whole says nothing more
+		}
+		return s
+	}
+	switch {
+	case n.Kind == yaml.ScalarNode:
+		s := status(n, path)
+		return [2]int{s, s}
+	case n.Kind == yaml.SequenceNode && len(n.Content) == 2:
+		return [2]int{status(resolve(n.Content[0]), index(path, 0)), status(resolve(n.Content[1]), index(path, 1))}
+	case n.Kind == yaml.SequenceNode:
+		d.fail(n, path, "a list of %d statuses; %s", len(n.Content), want)
+	default:
+		d.fail(n, path, "%s, got %s", want, describe(n))
+	}
+	return [2]int{}
+}
+
+// positiveDuration decodes a duration that must be more than zero.
+func (d *decoder) positiveDuration(n *yaml.Node, path string) time.Duration {
+	t := d.duration(n, path)
+	if t <= 0 && !d.reported[path] {
+		d.fail(n, path, "%s: must be more than 0", n.Value)
+		return 0
+	}
+	return t
 }
 
 // backend decodes one backend and reports whether its port was given.

@@ -7,6 +7,8 @@ import (
 	"strconv"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/tetherlb/tether/health"
 )
 
 // Marshal writes the configuration as YAML in the file schema, every field
@@ -66,8 +68,50 @@ func serviceNode(s Service) *yaml.Node {
 		"affinity", str(s.Affinity),
 		"affinity_timeout", str(s.AffinityTimeout.String()),
 		"forwarding", str(s.Forwarding),
+		"health", healthNode(s.Health),
+		"on_down", str(s.OnDown),
 		"backends", backends,
 	)
+}
+
+// healthNode writes a health check with every field its type uses, and any
+// other field that is set (which Validate refuses), so that nothing is
+// lost.
+func healthNode(c health.Check) *yaml.Node {
+	httpLike := c.Type == health.TypeHTTP || c.Type == health.TypeWebSocket
+	probed := c.Type != HealthNone
+	kv := []any{"type", str(c.Type)}
+	if httpLike || c.Path != "" {
+		kv = append(kv, "path", str(c.Path))
+	}
+	if httpLike || c.Host != "" {
+		kv = append(kv, "host", str(c.Host))
+	}
+	if c.Type == health.TypeHTTP || c.ExpectStatus != [2]int{} {
+		status := &yaml.Node{Kind: yaml.SequenceNode, Style: yaml.FlowStyle}
+		status.Content = []*yaml.Node{integer(c.ExpectStatus[0]), integer(c.ExpectStatus[1])}
+		kv = append(kv, "expect_status", status)
+	}
+	if c.Type == health.TypeWebSocket || c.Send != "" {
+		kv = append(kv, "send", str(c.Send))
+	}
+	if probed || c.Interval != 0 {
+		kv = append(kv, "interval", str(c.Interval.String()))
+	}
+	if probed || c.Timeout != 0 {
+		kv = append(kv, "timeout", str(c.Timeout.String()))
+	}
+	if probed || c.Rise != 0 {
+		kv = append(kv, "rise", integer(c.Rise))
+	}
+	if probed || c.Fall != 0 {
+		kv = append(kv, "fall", integer(c.Fall))
+	}
+	n := mapping(kv...)
+	if !probed {
+		n.Style = yaml.FlowStyle // health: {type: none}
+	}
+	return n
 }
 
 // mapping builds a mapping node from alternating keys and value nodes.
@@ -85,8 +129,8 @@ func str(s string) *yaml.Node {
 	return &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Value: s}
 }
 
-func integer[T uint16 | uint32](v T) *yaml.Node {
-	return &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!int", Value: strconv.FormatUint(uint64(v), 10)}
+func integer[T int | uint16 | uint32](v T) *yaml.Node {
+	return &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!int", Value: strconv.FormatInt(int64(v), 10)}
 }
 
 // addr writes an address, or an empty string for the zero Addr.

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"unicode"
 
+	"github.com/tetherlb/tether/health"
 	"github.com/tetherlb/tether/maglev"
 )
 
@@ -210,6 +211,10 @@ func (s *Service) validate(v *validator, p string) bool {
 	default:
 		v.add(field(p, "forwarding"), "unknown mode %q (want dsr)", s.Forwarding)
 	}
+	validateHealth(v, field(p, "health"), s.Health)
+	if s.OnDown != OnDownKeep && s.OnDown != OnDownReset {
+		v.add(field(p, "on_down"), "unknown mode %q (want keep or reset)", s.OnDown)
+	}
 
 	keys := make(map[string]int, len(s.Backends))
 	for j, b := range s.Backends {
@@ -243,6 +248,63 @@ func (s *Service) validate(v *validator, p string) bool {
 		}
 	}
 	return vipOK && portOK && protoOK
+}
+
+// validateHealth checks a service's health check, at path p: type none
+// with no other field, or a check the health package accepts, each of its
+// problems named by its field (services[0].health.timeout).
+func validateHealth(v *validator, p string, c health.Check) {
+	switch c.Type {
+	case HealthNone:
+		for _, f := range []struct {
+			name string
+			set  bool
+		}{
+			{"path", c.Path != ""},
+			{"host", c.Host != ""},
+			{"expect_status", c.ExpectStatus != [2]int{}},
+			{"send", c.Send != ""},
+			{"interval", c.Interval != 0},
+			{"timeout", c.Timeout != 0},
+			{"rise", c.Rise != 0},
+			{"fall", c.Fall != 0},
+		} {
+			if f.set {
+				v.add(field(p, f.name), "type none probes nothing: leave %s out, or choose a type (tcp, http or websocket)", f.name)
+			}
+		}
+		return
+	case health.TypeTCP, health.TypeHTTP, health.TypeWebSocket:
+	default:
+		v.add(field(p, "type"), "unknown type %q (want tcp, http, websocket or none)", c.Type)
+		return
+	}
+	for _, err := range unjoin(c.Validate()) {
+		var fe *health.FieldError
+		if errors.As(err, &fe) {
+			v.add(field(p, fe.Field), "%s", fe.Msg)
+		} else {
+			v.add(p, "%v", err)
+		}
+	}
+	if c.Rise > MaxRiseFall {
+		v.add(field(p, "rise"), "%d is out of range 1..%d", c.Rise, MaxRiseFall)
+	}
+	if c.Fall > MaxRiseFall {
+		v.add(field(p, "fall"), "%d is out of range 1..%d", c.Fall, MaxRiseFall)
+	}
+}
+
+// unjoin returns the errors that errors.Join joined into err, or err
+// alone.
+func unjoin(err error) []error {
+	if err == nil {
+		return nil
+	}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
 }
 
 // inRange reports whether n lies in lo..hi, and adds a problem if not.

@@ -14,16 +14,25 @@ import (
 	"fmt"
 	"log/slog"
 	"reflect"
+	"slices"
 	"sort"
 	"sync"
 
 	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/datapath"
+	"github.com/tetherlb/tether/health"
 	"github.com/tetherlb/tether/maglev"
 )
 
 // Controller applies configurations to one datapath. Its methods are safe
 // for concurrent use.
+//
+// Backend health is an overlay on the configuration: a backend whose
+// health check says down (see SetHealth) gets datapath.Down and leaves its
+// service's ring, unless the configuration drains it (state draining or
+// weight 0), in which case it stays datapath.Draining, out of the ring
+// either way. A service whose backends are all down, drained or absent
+// has an empty ring: the datapath then refuses its new connections.
 type Controller struct {
 	dp  datapath.Datapath
 	log *slog.Logger
@@ -34,7 +43,9 @@ type Controller struct {
 	services *idPool // by service key "vip:port/proto"
 	backends *idPool // by "service key|backend key"
 	applied  map[string]datapath.Service
-	cfg      *config.Config
+	cfg      *config.Config // the last configuration applied in full
+	desired  *config.Config // the last configuration Apply was given and planned
+	up       func(health.Target) bool
 }
 
 // New returns a controller for dp. The hash seed and the ring size are
@@ -49,6 +60,94 @@ func New(dp datapath.Datapath, seed, ringSize, maxServices, maxBackends uint32, 
 		services: newIDPool(0, maxServices),
 		backends: newIDPool(1, maxBackends+1), // backend id 0 means "none"
 		applied:  make(map[string]datapath.Service),
+	}
+}
+
+// SetHealth makes up the source of backend health: up(t) reports whether
+// the backends probed as t are in service (it should say true for a
+// target it does not know, as a new target starts up). With no source, or
+// a nil one, every backend is up. SetHealth changes nothing by itself:
+// the next Apply or Refresh uses it.
+func (c *Controller) SetHealth(up func(health.Target) bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.up = up
+}
+
+// Refresh applies the health of targets: every service of the
+// configuration that probes a backend as one of them is planned again
+// with the current health (see SetHealth), and upserted whole if that
+// changed it. Other services are not touched.
+func (c *Controller) Refresh(targets ...health.Target) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.desired == nil || len(targets) == 0 {
+		return nil
+	}
+	changed := make(map[health.Target]bool, len(targets))
+	for _, t := range targets {
+		t.Check = t.Check.Defaults()
+		changed[t] = true
+	}
+	var errs []error
+	for _, cs := range c.desired.Services {
+		if !slices.ContainsFunc(cs.Backends, func(b config.Backend) bool {
+			t, ok := cs.Target(b)
+			return ok && changed[t]
+		}) {
+			continue
+		}
+		key := cs.Key()
+		s, err := c.planService(cs)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		old, ok := c.applied[key]
+		if ok && reflect.DeepEqual(old, s) {
+			continue
+		}
+		if err := c.dp.UpsertService(s); err != nil {
+			errs = append(errs, fmt.Errorf("apply the health of service %s: %w", cs.Name, err))
+			continue
+		}
+		c.applied[key] = s
+		active, down := countStates(s)
+		c.log.Info("service changed by health", "service", s.Name, "vip", key, "active", active, "down", down)
+		c.noteUsable(old, ok, s)
+	}
+	return errors.Join(errs...)
+}
+
+// countStates counts the active and the down backends of s.
+func countStates(s datapath.Service) (active, down int) {
+	for _, b := range s.Backends {
+		switch b.State {
+		case datapath.Active:
+			active++
+		case datapath.Down:
+			down++
+		}
+	}
+	return active, down
+}
+
+// Usable reports whether s has a backend that takes new connections.
+func Usable(s datapath.Service) bool {
+	return slices.ContainsFunc(s.Backends, func(b datapath.Backend) bool { return b.State == datapath.Active })
+}
+
+// noteUsable logs a service that has lost its last usable backend, or
+// found one again.
+func (c *Controller) noteUsable(old datapath.Service, existed bool, s datapath.Service) {
+	was, is := existed && Usable(old), Usable(s)
+	switch {
+	case is && existed && !was:
+		c.log.Info("service up: it has a usable backend again", "service", s.Name)
+	case !is && (was || !existed) && len(s.Backends) > 0:
+		_, down := countStates(s)
+		c.log.Warn("service down: no usable backend; new TCP connections are refused with a reset, UDP packets dropped",
+			"service", s.Name, "backends", len(s.Backends), "down", down)
 	}
 }
 
@@ -69,6 +168,7 @@ func (c *Controller) Apply(cfg *config.Config) error {
 		c.releaseUnused(nil)
 		return err
 	}
+	c.desired = cfg
 	var errs []error
 	keys := make([]string, 0, len(desired))
 	for k := range desired {
@@ -84,8 +184,10 @@ func (c *Controller) Apply(cfg *config.Config) error {
 			errs = append(errs, err)
 			continue
 		}
+		old, existed := c.applied[k]
 		c.applied[k] = s
 		c.log.Info("service applied", "service", s.Name, "vip", k, "backends", len(s.Backends))
+		c.noteUsable(old, existed, s)
 	}
 	for k, s := range c.applied {
 		if _, ok := desired[k]; ok {
@@ -114,42 +216,67 @@ func (c *Controller) Apply(cfg *config.Config) error {
 func (c *Controller) plan(cfg *config.Config) (map[string]datapath.Service, error) {
 	out := make(map[string]datapath.Service, len(cfg.Services))
 	for _, cs := range cfg.Services {
-		key := cs.Key()
-		id, err := c.services.get(key)
+		s, err := c.planService(cs)
 		if err != nil {
-			return nil, fmt.Errorf("service %s: %w", cs.Name, err)
+			return nil, err
 		}
-		s := datapath.Service{
-			ID:              id,
-			Name:            cs.Name,
-			VIP:             cs.VIP,
-			Port:            cs.Port,
-			Proto:           cs.ProtoNumber(),
-			SourceAffinity:  cs.Affinity == config.AffinitySource,
-			AffinityTimeout: cs.AffinityTimeout,
-		}
-		var ring []maglev.Backend
-		for _, cb := range cs.Backends {
-			bid, err := c.backends.get(backendKey(key, cb.Address, cb.Port))
-			if err != nil {
-				return nil, fmt.Errorf("service %s backend %s: %w", cs.Name, cb.Key(), err)
-			}
-			b := datapath.Backend{ID: bid, Addr: cb.Address, Port: cb.Port, Weight: cb.Weight, State: datapath.Active}
-			if cb.State == config.StateDraining || cb.Weight == 0 {
-				b.State = datapath.Draining
-			}
-			s.Backends = append(s.Backends, b)
-			if b.State == datapath.Active {
-				ring = append(ring, maglev.Backend{ID: bid, Key: cb.Key(), Weight: cb.Weight})
-			}
-		}
-		s.Ring, err = maglev.Build(ring, c.ringSize, c.seed)
-		if err != nil {
-			return nil, fmt.Errorf("service %s: %w", cs.Name, err)
-		}
-		out[key] = s
+		out[cs.Key()] = s
 	}
 	return out, nil
+}
+
+// planService computes the datapath service of cs with the current
+// health of its backends, allocating ids for it and its backends if they
+// have none.
+func (c *Controller) planService(cs config.Service) (datapath.Service, error) {
+	key := cs.Key()
+	id, err := c.services.get(key)
+	if err != nil {
+		return datapath.Service{}, fmt.Errorf("service %s: %w", cs.Name, err)
+	}
+	s := datapath.Service{
+		ID:              id,
+		Name:            cs.Name,
+		VIP:             cs.VIP,
+		Port:            cs.Port,
+		Proto:           cs.ProtoNumber(),
+		SourceAffinity:  cs.Affinity == config.AffinitySource,
+		AffinityTimeout: cs.AffinityTimeout,
+		OnDownReset:     cs.OnDown == config.OnDownReset,
+	}
+	var ring []maglev.Backend
+	for _, cb := range cs.Backends {
+		bid, err := c.backends.get(backendKey(key, cb.Address, cb.Port))
+		if err != nil {
+			return datapath.Service{}, fmt.Errorf("service %s backend %s: %w", cs.Name, cb.Key(), err)
+		}
+		b := datapath.Backend{ID: bid, Addr: cb.Address, Port: cb.Port, Weight: cb.Weight, State: datapath.Active}
+		switch {
+		case cb.State == config.StateDraining || cb.Weight == 0:
+			b.State = datapath.Draining // drained, whatever its health
+		case !c.isUp(cs, cb):
+			b.State = datapath.Down
+		}
+		s.Backends = append(s.Backends, b)
+		if b.State == datapath.Active {
+			ring = append(ring, maglev.Backend{ID: bid, Key: cb.Key(), Weight: cb.Weight})
+		}
+	}
+	s.Ring, err = maglev.Build(ring, c.ringSize, c.seed)
+	if err != nil {
+		return datapath.Service{}, fmt.Errorf("service %s: %w", cs.Name, err)
+	}
+	return s, nil
+}
+
+// isUp reports whether backend b of service s is up by its health check:
+// always with health type none or without a source of health.
+func (c *Controller) isUp(s config.Service, b config.Backend) bool {
+	if c.up == nil {
+		return true
+	}
+	t, ok := s.Target(b)
+	return !ok || c.up(t)
 }
 
 // releaseUnused gives back the ids that neither the desired services nor

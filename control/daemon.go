@@ -12,11 +12,13 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/datapath"
+	"github.com/tetherlb/tether/health"
 )
 
 // Daemon is what `tether run` serves its API from: the configuration file,
@@ -30,6 +32,12 @@ import (
 // fails to apply it; either way the running state and the file stay as
 // they were. Its methods are safe for concurrent use; changes are applied
 // one at a time. A Daemon lives as long as its datapath.
+//
+// After StartHealth the daemon also probes every backend of every service
+// with its service's check (a health.Monitor, whose targets follow every
+// change and reload; a backend shared by services with equal checks is
+// probed once) and feeds the verdicts to the Controller, which takes down
+// backends out of their rings. Close stops the probing.
 type Daemon struct {
 	path string
 	ctl  *Controller
@@ -41,6 +49,15 @@ type Daemon struct {
 	fixed *config.Config
 
 	mu sync.Mutex // serialises changes and reloads
+
+	// Health checking, from StartHealth to Close.
+	mon       atomic.Pointer[health.Monitor]
+	pendingMu sync.Mutex
+	pending   map[health.Target]bool // transitions not yet applied
+	wake      chan struct{}          // a transition is pending (capacity 1)
+	stop      chan struct{}          // closed by Close
+	loopDone  chan struct{}          // closed when the health loop returns
+	closeOnce sync.Once
 }
 
 // NewDaemon returns the daemon of the configuration file at path. cfg is
@@ -53,6 +70,176 @@ func NewDaemon(path string, cfg *config.Config, ctl *Controller, dp datapath.Dat
 
 // ConfigPath returns the configuration file the daemon serves.
 func (d *Daemon) ConfigPath() string { return d.path }
+
+// healthRetry is how long the daemon waits before applying again a health
+// transition the datapath failed to apply.
+const healthRetry = time.Second
+
+// StartHealth starts probing the backends of the running configuration
+// and applying the verdicts: a backend that its check takes down leaves
+// the ring of its service, and comes back when the check takes it up.
+// Every target starts up (see the health package). Transitions are logged
+// through the daemon's logger with the reason of the probe that decided
+// them. Call it once; Close stops it.
+func (d *Daemon) StartHealth() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.mon.Load() != nil {
+		return errors.New("health checking is already running")
+	}
+	d.pending = make(map[health.Target]bool)
+	d.wake = make(chan struct{}, 1)
+	d.stop = make(chan struct{})
+	d.loopDone = make(chan struct{})
+	mon := health.New(d.log, d.healthChanged)
+	if err := mon.Set(targets(d.ctl.Config())); err != nil {
+		mon.Close()
+		return fmt.Errorf("start health checks: %w", err)
+	}
+	d.mon.Store(mon)
+	d.ctl.SetHealth(func(t health.Target) bool {
+		st, ok := mon.Status(t)
+		return !ok || st.Up // a target not probed (yet) is up
+	})
+	go d.healthLoop()
+	return nil
+}
+
+// Close stops the health checks, if they run, and waits for them. The
+// datapath stays as it is. Later calls do nothing.
+func (d *Daemon) Close() {
+	d.closeOnce.Do(func() {
+		d.mu.Lock()
+		mon := d.mon.Load()
+		d.mu.Unlock()
+		if mon == nil {
+			return
+		}
+		mon.Close() // no callback runs after this
+		close(d.stop)
+		<-d.loopDone
+	})
+}
+
+// healthChanged is the monitor's callback. It must not block, nor call the
+// monitor's Set: it notes the target for the health loop and returns.
+func (d *Daemon) healthChanged(t health.Target, _ health.Status) {
+	d.pendingMu.Lock()
+	d.pending[t] = true
+	d.pendingMu.Unlock()
+	select {
+	case d.wake <- struct{}{}:
+	default: // already woken
+	}
+}
+
+// healthLoop applies the pending transitions until Close. The Controller
+// reads each target's state from the monitor when it plans, so a
+// transition applied late, or twice, still ends in the monitor's verdict.
+func (d *Daemon) healthLoop() {
+	defer close(d.loopDone)
+	retry := time.NewTimer(0)
+	<-retry.C
+	for {
+		select {
+		case <-d.stop:
+			retry.Stop()
+			return
+		case <-d.wake:
+		case <-retry.C:
+		}
+		d.pendingMu.Lock()
+		todo := make([]health.Target, 0, len(d.pending))
+		for t := range d.pending {
+			todo = append(todo, t)
+		}
+		clear(d.pending)
+		d.pendingMu.Unlock()
+		if len(todo) == 0 {
+			continue
+		}
+		if err := d.ctl.Refresh(todo...); err != nil {
+			d.log.Error("apply a health transition; retrying", "err", err, "retry_in", healthRetry)
+			d.pendingMu.Lock()
+			for _, t := range todo {
+				d.pending[t] = true
+			}
+			d.pendingMu.Unlock()
+			retry.Reset(healthRetry)
+		}
+	}
+}
+
+// syncTargets makes the monitor probe the backends of the configuration
+// the controller runs: new backends start up, removed ones are forgotten
+// (a backend removed and added again starts afresh).
+func (d *Daemon) syncTargets() {
+	mon := d.mon.Load()
+	if mon == nil {
+		return
+	}
+	if err := mon.Set(targets(d.ctl.Config())); err != nil {
+		d.log.Error("update the health checks", "err", err)
+	}
+}
+
+// targets lists the health targets of cfg: every backend of every
+// service that probes, with its service's check.
+func targets(cfg *config.Config) []health.Target {
+	if cfg == nil {
+		return nil
+	}
+	var out []health.Target
+	for _, s := range cfg.Services {
+		for _, b := range s.Backends {
+			if t, ok := s.Target(b); ok {
+				out = append(out, t)
+			}
+		}
+	}
+	return out
+}
+
+// backendHealth is the health of backend b of s as status shows it.
+func (d *Daemon) backendHealth(s config.Service, b config.Backend) BackendHealth {
+	t, ok := s.Target(b)
+	mon := d.mon.Load()
+	if !ok || mon == nil {
+		return BackendHealth{State: HealthUnchecked}
+	}
+	st, ok := mon.Status(t)
+	if !ok {
+		return BackendHealth{State: HealthUnchecked, Check: t.String()}
+	}
+	h := BackendHealth{
+		State:       HealthUp,
+		Check:       t.String(),
+		Since:       st.Since,
+		Probes:      st.Probes,
+		Failures:    st.Failures,
+		Transitions: st.Transitions,
+	}
+	if !st.Up {
+		h.State = HealthDown
+	}
+	if r := st.Result; !r.At.IsZero() {
+		h.LastResult = r.Reason
+		h.LastLatency = roundLatency(r.Latency).String()
+		h.LastProbe = r.At
+	}
+	return h
+}
+
+// roundLatency rounds a probe's latency to what an operator reads.
+func roundLatency(d time.Duration) time.Duration {
+	switch {
+	case d >= time.Second:
+		return d.Round(time.Millisecond)
+	case d >= time.Millisecond:
+		return d.Round(10 * time.Microsecond)
+	}
+	return d.Round(time.Microsecond)
+}
 
 // RefusedError is a request refused because of its input. Nothing was
 // changed.
@@ -97,14 +284,57 @@ type Status struct {
 
 // ServiceStatus is one service as the datapath serves it.
 type ServiceStatus struct {
-	ID              uint32          `json:"id"`
-	Name            string          `json:"name"`
-	VIP             string          `json:"vip"` // VIP:PORT
-	Protocol        string          `json:"protocol"`
-	Affinity        string          `json:"affinity"`
-	AffinityTimeout string          `json:"affinity_timeout"`
-	Forwarding      string          `json:"forwarding"`
-	Backends        []BackendStatus `json:"backends"`
+	ID              uint32 `json:"id"`
+	Name            string `json:"name"`
+	VIP             string `json:"vip"` // VIP:PORT
+	Protocol        string `json:"protocol"`
+	Affinity        string `json:"affinity"`
+	AffinityTimeout string `json:"affinity_timeout"`
+	Forwarding      string `json:"forwarding"`
+	// State is ServiceUp while a backend takes new connections, and
+	// ServiceDown when none does (no backend, or every one down, draining
+	// or of weight 0): new TCP connections are then refused with a reset
+	// and UDP packets dropped, until a backend is usable again.
+	State string `json:"state"`
+	// Health is the service's health check and OnDown what becomes of the
+	// established connections of a backend it takes down.
+	Health   HealthSpec      `json:"health"`
+	OnDown   string          `json:"on_down"`
+	Backends []BackendStatus `json:"backends"`
+}
+
+// Service states.
+const (
+	ServiceUp   = "up"
+	ServiceDown = "down"
+)
+
+// HealthSpec is a service's health check as the configuration file spells
+// it; Type is "none" when nothing is probed.
+type HealthSpec struct {
+	Type         string `json:"type"`
+	Path         string `json:"path,omitempty"`
+	Host         string `json:"host,omitempty"`
+	ExpectStatus []int  `json:"expect_status,omitempty"`
+	Send         string `json:"send,omitempty"`
+	Interval     string `json:"interval,omitempty"`
+	Timeout      string `json:"timeout,omitempty"`
+	Rise         int    `json:"rise,omitempty"`
+	Fall         int    `json:"fall,omitempty"`
+}
+
+func healthSpec(c health.Check) HealthSpec {
+	h := HealthSpec{Type: c.Type, Path: c.Path, Host: c.Host, Send: c.Send, Rise: c.Rise, Fall: c.Fall}
+	if c.ExpectStatus != [2]int{} {
+		h.ExpectStatus = c.ExpectStatus[:]
+	}
+	if c.Interval != 0 {
+		h.Interval = c.Interval.String()
+	}
+	if c.Timeout != 0 {
+		h.Timeout = c.Timeout.String()
+	}
+	return h
 }
 
 // BackendStatus is one backend of a service.
@@ -112,21 +342,59 @@ type BackendStatus struct {
 	ID      uint32 `json:"id"`
 	Address string `json:"address"` // ADDR:PORT
 	Weight  uint32 `json:"weight"`
-	// State is the state the datapath applies: "active" (in the ring) or
-	// "draining" (out of the ring: state draining or weight 0).
+	// State is the state the datapath applies: "active" (in the ring),
+	// "draining" (out of the ring: state draining or weight 0, whatever
+	// its health) or "down" (out of the ring: its health check failed).
 	State string `json:"state"`
+	// Health is the verdict of the backend's health check.
+	Health BackendHealth `json:"health"`
 	// ActiveConnections counts the backend's flows in the connection table
 	// that have not been seen closing (no FIN or RST yet). A connection
 	// that ended silently stays counted until its entry is evicted.
 	ActiveConnections int `json:"active_connections"`
 }
 
+// Health verdicts of a backend.
+const (
+	HealthUp   = "up"
+	HealthDown = "down"
+	// HealthUnchecked is a backend that is not probed (health type none),
+	// and taken as up.
+	HealthUnchecked = "unchecked"
+)
+
+// BackendHealth is what the health check of one backend has found.
+type BackendHealth struct {
+	// State is HealthUp, HealthDown or HealthUnchecked.
+	State string `json:"state"`
+	// Check is the probe as logs name it, such as "tcp://192.0.2.11:8765".
+	Check string `json:"check,omitempty"`
+	// Since is when the backend last changed state, or when its probing
+	// began.
+	Since time.Time `json:"since,omitzero"`
+	// LastResult is the last probe's outcome, "ok" or why it failed
+	// ("connection refused", "timeout", "status 503", "handshake: status
+	// 200, want 101"...), LastLatency how long it took and LastProbe when
+	// it started; empty before the first probe completes.
+	LastResult  string    `json:"last_result,omitempty"`
+	LastLatency string    `json:"last_latency,omitempty"`
+	LastProbe   time.Time `json:"last_probe,omitzero"`
+	// Probes, Failures and Transitions count the probes, the failed ones
+	// and the changes between up and down since probing began (a change
+	// of the service's check, or the backend's removal, starts afresh).
+	Probes      uint64 `json:"probes"`
+	Failures    uint64 `json:"failures"`
+	Transitions uint64 `json:"transitions"`
+}
+
 // Stats are the datapath's counters by service and backend, and the
-// packets passed to the kernel or dropped by reason.
+// packets passed to the kernel, dropped or answered with a reset, by
+// reason.
 type Stats struct {
 	Services []ServiceStats `json:"services"`
 	// Reasons counts the packets not forwarded, by reason: "pass_..."
-	// went to the kernel, "drop_..." were dropped.
+	// went to the kernel, "drop_..." were dropped, "reset_..." were
+	// answered with a TCP reset.
 	Reasons map[string]uint64 `json:"reasons"`
 }
 
@@ -147,6 +415,12 @@ type ServiceStats struct {
 type BackendStats struct {
 	Address string `json:"address"`
 	datapath.BackendCounters
+	// HealthProbes, HealthFailures and HealthTransitions count the
+	// backend's health probes, the failed ones, and its changes between up
+	// and down, since its probing began (0 when it is not probed).
+	HealthProbes      uint64 `json:"health_probes"`
+	HealthFailures    uint64 `json:"health_failures"`
+	HealthTransitions uint64 `json:"health_transitions"`
 }
 
 // FlowStatus is one connection-table entry.
@@ -247,11 +521,17 @@ func (d *Daemon) Services(ref string) ([]ServiceStatus, error) {
 			Affinity:        cs.Affinity,
 			AffinityTimeout: cs.AffinityTimeout.String(),
 			Forwarding:      cs.Forwarding,
+			State:           ServiceDown,
+			Health:          healthSpec(cs.Health),
+			OnDown:          cs.OnDown,
 			Backends:        []BackendStatus{},
 		}
 		as, ok := byKey[cs.Key()]
 		if ok {
 			s.ID = as.ID
+		}
+		if Usable(as) {
+			s.State = ServiceUp
 		}
 		for _, b := range as.Backends {
 			s.Backends = append(s.Backends, BackendStatus{
@@ -259,6 +539,7 @@ func (d *Daemon) Services(ref string) ([]ServiceStatus, error) {
 				Address:           netip.AddrPortFrom(b.Addr, b.Port).String(),
 				Weight:            b.Weight,
 				State:             b.State.String(),
+				Health:            d.backendHealth(cs, config.Backend{Address: b.Addr, Port: b.Port}),
 				ActiveConnections: active[idPair{as.ID, b.ID}],
 			})
 		}
@@ -301,7 +582,14 @@ func (d *Daemon) Stats() (Stats, error) {
 			bc := c.Backends[b.ID]
 			s.Packets += bc.Packets
 			s.Bytes += bc.Bytes
-			s.Backends = append(s.Backends, BackendStats{Address: netip.AddrPortFrom(b.Addr, b.Port).String(), BackendCounters: bc})
+			h := d.backendHealth(cs, config.Backend{Address: b.Addr, Port: b.Port})
+			s.Backends = append(s.Backends, BackendStats{
+				Address:           netip.AddrPortFrom(b.Addr, b.Port).String(),
+				BackendCounters:   bc,
+				HealthProbes:      h.Probes,
+				HealthFailures:    h.Failures,
+				HealthTransitions: h.Transitions,
+			})
 		}
 		out.Services = append(out.Services, s)
 	}
@@ -377,6 +665,8 @@ func (d *Daemon) AddService(spec ServiceSpec) (Result, error) {
 		Affinity:        config.AffinitySource,
 		AffinityTimeout: config.DefaultAffinityTimeout,
 		Forwarding:      config.ForwardingDSR,
+		Health:          config.DefaultHealth(),
+		OnDown:          config.OnDownKeep,
 	}
 	switch {
 	case ref.Proto != "" && spec.Protocol != "" && ref.Proto != spec.Protocol:
@@ -677,6 +967,7 @@ func (d *Daemon) change(what string, edit func(*config.Config) error) error {
 	if err := os.Rename(tmp, target); err != nil {
 		os.Remove(tmp)
 		err = fmt.Errorf("replace %s: %w", target, err)
+		defer d.syncTargets()
 		return errors.Join(err, d.rollback(cur, err))
 	}
 	syncDir(filepath.Dir(target))
@@ -685,8 +976,9 @@ func (d *Daemon) change(what string, edit func(*config.Config) error) error {
 }
 
 // apply applies next, and on failure applies cur again so that the
-// running state is what it was.
+// running state is what it was. The health checks follow what runs.
 func (d *Daemon) apply(cur, next *config.Config) error {
+	defer d.syncTargets()
 	err := d.ctl.Apply(next)
 	if err == nil {
 		return nil

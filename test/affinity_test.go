@@ -42,11 +42,14 @@ func chatConfig(l *lab.Lab, backends []*lab.Host) string {
 	return b.String()
 }
 
-// serveEcho starts a WebSocket echo server on both VIPs of a backend.
+// serveEcho starts a WebSocket echo server on both VIPs of a backend, for
+// clients, and on both of its own addresses, for tether's health checks
+// (the default tcp check connects to the backend's address). The servers
+// are returned in that order: VIP4, VIP6, then the backend's addresses.
 func serveEcho(t testing.TB, l *lab.Lab, be *lab.Host) []*lab.EchoServer {
 	t.Helper()
 	var out []*lab.EchoServer
-	for _, vip := range []netip.Addr{l.VIP4, l.VIP6} {
+	for _, vip := range []netip.Addr{l.VIP4, l.VIP6, be.Addr4, be.Addr6} {
 		ln, err := be.Listen("tcp", netip.AddrPortFrom(vip, chatPort).String())
 		if err != nil {
 			t.Fatal(err)
@@ -213,7 +216,11 @@ func TestWebSocketAffinity(t *testing.T) {
 	for _, be := range l.Backends {
 		segs0[be.Name] = tcpInSegs(t, be)
 	}
-	d := startDaemon(t, l, chatConfig(l, l.Backends))
+	// No health checks: the test compares the packets tether forwards to
+	// each backend with the TCP segments the backend receives, to which
+	// probes would add theirs. (TestHealthChecks tests them.)
+	const noHealth = "{type: none}"
+	d := startDaemon(t, l, healthConfig(l, l.Backends, noHealth))
 
 	conns := dialAll(t, l, l.ClientAddrs4, l.VIP4, connsPerC)
 	conns6 := dialAll(t, l, l.ClientAddrs6[:40], l.VIP6, 1)
@@ -303,7 +310,7 @@ func TestWebSocketAffinity(t *testing.T) {
 		t.Fatal(err)
 	}
 	serveEcho(t, l, be4)
-	d.reload(chatConfig(l, l.Backends))
+	d.reload(healthConfig(l, l.Backends, noHealth))
 	echoAll(t, open, "after adding a backend")
 	fresh := dialAll(t, l, l.ClientAddrs4[:60], l.VIP4, 1)
 	moved := 0

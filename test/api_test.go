@@ -142,6 +142,9 @@ func ringIDs(t *testing.T, m *maps.Maps, service uint32) []uint32 {
 // backends, rings) and the configuration file are exactly as before.
 func TestCLIRefusesBadInput(t *testing.T) {
 	l := lab.NewT(t, lab.Options{Backends: 2, Clients: 1})
+	for _, be := range l.Backends {
+		serveEcho(t, l, be) // up by their health checks, which then change nothing
+	}
 	cfg := chatConfig(l, l.Backends)
 	d := startDaemon(t, l, cfg)
 	m := daemonMaps(t, l, testRing)

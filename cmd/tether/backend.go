@@ -19,9 +19,15 @@ defaults to the service's, and with dsr forwarding it must equal it. The
 service is named VIP:PORT (see tether vip --help).
 
 Draining a backend takes it out of the Maglev ring: its established
-connections keep flowing and its clients' next connections go elsewhere.
+connections keep flowing and its clients' next connections go elsewhere
+(their affinity no longer holds them to it). Weight 0 does the same.
 "tether backend ls VIP:PORT" shows the connections each backend still has,
 so that you know when a drained backend is empty and can be removed.
+
+Health checks (the service's health block in the configuration) take a
+backend that fails them out of the ring too, and bring it back when it
+passes them again; "tether backend ls" shows their verdict. A drained
+backend stays drained whatever its health.
 
 Changes are applied at once and written back to the daemon's configuration
 file, which stays the source of truth (tether reload re-reads it).`,
@@ -125,12 +131,21 @@ func backendSetState(ctx context.Context, cl *control.Client, w io.Writer, servi
 
 var backendLsCommand = &cli.Command{
 	Name:      "ls",
-	Usage:     "list a service's backends: state, weight and active connections",
+	Usage:     "list a service's backends: state, weight, active connections and health",
 	ArgsUsage: "VIP:PORT[/PROTO]",
-	Description: `CONNECTIONS counts the backend's flows in tether's connection table that have
+	Description: `STATE is what the datapath applies: active (in the ring), draining (drained
+or weight 0: out of the ring, established connections keep flowing) or down
+(the health check failed: out of the ring).
+
+CONNECTIONS counts the backend's flows in tether's connection table that have
 not been seen closing (FIN or RST); it drops to 0 once a drained backend's
 clients have gone. A connection that ended without FIN or RST stays counted
-until its table entry is evicted.`,
+until its table entry is evicted.
+
+HEALTH is the health check's verdict (up, down, or unchecked with health
+type none), LAST PROBE the last probe's result ("ok", "connection refused",
+"timeout", "status 503"...) and latency, TRANSITIONS the changes between up
+and down since the backend's probing began.`,
 	Flags: []cli.Flag{outputFlag},
 	Action: func(c *cli.Context) error {
 		a, done, err := args(c, 1, 1, "VIP:PORT[/PROTO]")
@@ -159,14 +174,10 @@ func backendLs(ctx context.Context, cl *control.Client, w io.Writer, service, fo
 	if format == "json" {
 		return printJSON(w, s)
 	}
-	fmt.Fprintf(w, "%s %s/%s\n", s.Name, s.VIP, s.Protocol)
+	fmt.Fprintf(w, "%s %s/%s: %s\n", s.Name, s.VIP, s.Protocol, serviceState(s))
 	if len(s.Backends) == 0 {
 		fmt.Fprintf(w, "no backends; add one with: tether backend add %s ADDR\n", s.VIP)
 		return nil
 	}
-	t := newTable(w, "BACKEND", "STATE", "WEIGHT", "CONNECTIONS")
-	for _, b := range s.Backends {
-		t.row(b.Address, b.State, fmt.Sprint(b.Weight), fmt.Sprint(b.ActiveConnections))
-	}
-	return t.flush()
+	return backendTable(w, "", s.Backends)
 }

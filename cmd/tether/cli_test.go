@@ -5,12 +5,16 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -79,7 +83,14 @@ func (m *memDP) Close() error { return nil }
 
 // startFake serves the API of a daemon over memDP on a socket in a
 // temporary directory and returns the socket and the configuration file.
+// It does not probe the backends.
 func startFake(t *testing.T, cfgText string) (socket, path string) {
+	t.Helper()
+	return startFakeDaemon(t, cfgText, false)
+}
+
+// startFakeDaemon is startFake, with health checks when probe is set.
+func startFakeDaemon(t *testing.T, cfgText string, probe bool) (socket, path string) {
 	t.Helper()
 	dir := t.TempDir()
 	path = filepath.Join(dir, "tether.yaml")
@@ -101,12 +112,19 @@ func startFake(t *testing.T, cfgText string) (socket, path string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	d := control.NewDaemon(path, cfg, ctl, dp, log)
+	if probe {
+		if err := d.StartHealth(); err != nil {
+			t.Fatal(err)
+		}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- control.Serve(ctx, ln, control.NewDaemon(path, cfg, ctl, dp, log).Handler(), log) }()
+	go func() { done <- control.Serve(ctx, ln, d.Handler(), log) }()
 	t.Cleanup(func() {
 		cancel()
 		<-done
+		d.Close()
 	})
 	return socket, path
 }
@@ -156,9 +174,10 @@ func TestCLICommands(t *testing.T) {
 		{[]string{"backend", "drain", "203.0.113.10:8765", "198.51.100.12"}, 0, []string{"is draining"}},
 		{[]string{"backend", "drain", "203.0.113.10:8765", "198.51.100.12"}, 0, []string{"already draining"}},
 		{[]string{"backend", "undrain", "[2001:db8::10]:8765", "2001:db8::12"}, 0, []string{"already active"}},
-		{[]string{"backend", "ls", "203.0.113.10:8765"}, 0, []string{"198.51.100.11:8765  active    1       1", "198.51.100.12:8765  draining  1       0"}},
-		{[]string{"status"}, 0, []string{"datapath:  xdp (eth0: xdp)", "chat6 [2001:db8::10]:8765/tcp, connection affinity, dsr", "[2001:db8::12]:8765  draining  0"}},
-		{[]string{"stats"}, 0, []string{"SERVICE", "chat", "198.51.100.11:8765", "1,000", "1.0 MiB", "pass_not_vip", "drop_no_backend"}},
+		{[]string{"backend", "ls", "203.0.113.10:8765"}, 0, []string{"chat 203.0.113.10:8765/tcp: up", "HEALTH", "LAST PROBE", "198.51.100.11:8765  active    1       1", "198.51.100.12:8765  draining  1       0"}},
+		{[]string{"status"}, 0, []string{"datapath:  xdp (eth0: xdp)", "chat6 [2001:db8::10]:8765/tcp, connection affinity, dsr", "[2001:db8::12]:8765  draining  0",
+			"  up; tcp check every 2s (timeout 1s, rise 2, fall 3), on_down keep", "unchecked"}},
+		{[]string{"stats"}, 0, []string{"SERVICE", "chat", "198.51.100.11:8765", "1,000", "1.0 MiB", "TRANSITIONS", "pass_not_vip", "drop_no_backend"}},
 		{[]string{"flows", "203.0.113.10:8765"}, 0, []string{"192.0.2.10:40000", "198.51.100.12:8765", "closing", "2 flows, 1 closing"}},
 		{[]string{"vip", "rm", "[2001:db8::10]:8765/tcp"}, 0, []string{"removed service chat6", "2 backends"}},
 		{[]string{"reload"}, 0, []string{"reloaded"}},
@@ -211,6 +230,157 @@ func TestCLIDaemonNotRunning(t *testing.T) {
 	if code != exitFailed || errOut != want {
 		t.Errorf("exit %d, %q\nwant exit 1, %q", code, errOut, want)
 	}
+}
+
+// TestCLIHealth shows health checks at work against backends on loopback
+// addresses: one listening, one not. backend ls, status, vip ls and stats
+// show the down one with its reason; with both down the service is down.
+func TestCLIHealth(t *testing.T) {
+	up, err := net.Listen("tcp", "127.0.0.2:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	go func() {
+		for {
+			c, err := up.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	port := up.Addr().(*net.TCPAddr).Port
+	cfg := fmt.Sprintf(`interfaces: [eth0]
+datapath: xdp
+tables: {ring_size: 251}
+services:
+  - name: web
+    vip: 203.0.113.20
+    port: %d
+    health: {interval: 50ms, timeout: 40ms, rise: 2, fall: 2}
+    on_down: reset
+    backends:
+      - address: 127.0.0.2
+      - address: 127.0.0.3
+`, port)
+	socket, _ := startFakeDaemon(t, cfg, true)
+	vip := fmt.Sprintf("203.0.113.20:%d", port)
+	be2, be3 := fmt.Sprintf("127.0.0.2:%d", port), fmt.Sprintf("127.0.0.3:%d", port)
+	want := func(args []string, re ...string) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			out, errOut, code := run(append([]string{"--socket", socket}, args...)...)
+			ok := code == 0
+			for _, r := range re {
+				ok = ok && regexp.MustCompile(r).MatchString(out)
+			}
+			if ok {
+				t.Logf("tether %s\n%s", strings.Join(args, " "), out)
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("tether %s: exit %d, want %q:\n%s%s", strings.Join(args, " "), code, re, out, errOut)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	want([]string{"backend", "ls", vip},
+		`web `+regexp.QuoteMeta(vip)+`/tcp: up\n`,
+		regexp.QuoteMeta(be2)+` +active +1 +[0-9]+ +up +ok in [0-9.]+[µm]?s +0\n`,
+		regexp.QuoteMeta(be3)+` +down +1 +[0-9]+ +down +connection refused in [0-9.]+[µm]?s +1\n`)
+	want([]string{"status"}, `up; tcp check every 50ms \(timeout 40ms, rise 2, fall 2\), on_down reset`)
+	want([]string{"vip", "ls"}, `web +`+regexp.QuoteMeta(vip)+` +tcp +up +source .* tcp +1 active, 1 down +[0-9]+`)
+	want([]string{"stats"}, regexp.QuoteMeta(be3)+` +[0-9,]+ +[0-9,]+ +[0-9.]+ [KMG]?i?B +1\n`)
+
+	up.Close()
+	want([]string{"status"}, `DOWN: no usable backend, new connections are refused \(TCP reset\)`)
+	want([]string{"backend", "ls", vip}, `web `+regexp.QuoteMeta(vip)+`/tcp: DOWN`)
+	want([]string{"vip", "ls"}, `0 active, 2 down`)
+	var svcs []control.ServiceStatus
+	out, _, _ := run("--socket", socket, "vip", "ls", "-o", "json")
+	if err := json.Unmarshal([]byte(out), &svcs); err != nil || len(svcs) != 1 {
+		t.Fatalf("vip ls -o json: %v\n%s", err, out)
+	}
+	if s := svcs[0]; s.State != "down" || s.OnDown != "reset" || s.Health.Type != "tcp" || s.Backends[0].Health.State != "down" ||
+		s.Backends[0].Health.LastResult != "connection refused" || s.Backends[0].Health.Check != "tcp://"+be2 {
+		t.Errorf("vip ls -o json: %+v", s)
+	}
+}
+
+// TestEcho runs the hidden echo command: refused without a name or an
+// address, hidden from tether --help, and serving until its context ends.
+func TestEcho(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"echo", "--listen", "127.0.0.1:0"}, "echo needs --name NAME"},
+		{[]string{"echo", "--name", "x"}, "echo needs at least one --listen ADDR:PORT"},
+		{[]string{"echo", "--name", "x", "--listen", "localhost:80"}, `--listen "localhost:80" is not ADDR:PORT`},
+		{[]string{"echo", "--name", "x", "extra"}, "echo takes no arguments"},
+	} {
+		if _, errOut, code := run(tc.args...); code != exitUsage || !strings.Contains(errOut, tc.want) {
+			t.Errorf("tether %s: exit %d, %q; want %d and %q", strings.Join(tc.args, " "), code, errOut, exitUsage, tc.want)
+		}
+	}
+	if out, _, _ := run("--help"); strings.Contains(out, "echo") {
+		t.Errorf("tether --help lists echo:\n%s", out)
+	}
+	if out, _, code := run("echo", "--help"); code != 0 || !strings.Contains(out, "X-Tether-Backend: NAME") {
+		t.Errorf("tether echo --help: exit %d\n%s", code, out)
+	}
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	var out syncBuffer
+	done := make(chan error, 1)
+	go func() { done <- echo(ctx, &out, "be9", []string{addr}) }()
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(out.String(), "ready"); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("echo did not say ready")
+		}
+	}
+	resp, err := http.Get("http://" + addr + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(body) != "be9\n" || resp.Header.Get("X-Tether-Backend") != "be9" {
+		t.Errorf("GET /: %q, header %q", body, resp.Header.Get("X-Tether-Backend"))
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("echo: %v", err)
+	}
+	if _, err := net.Dial("tcp", addr); err == nil {
+		t.Error("echo still listens after its context ended")
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for one writer and one reader.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 // TestMain lets the test binary stand for tether itself (see tetherExe),

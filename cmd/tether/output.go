@@ -57,20 +57,20 @@ func (t *table) row(cells ...string) { fmt.Fprintln(t.tw, strings.Join(cells, "\
 
 func (t *table) flush() error { return t.tw.Flush() }
 
-// backendSummary says how many backends of s are active and draining.
+// backendSummary says how many backends of s are active, down and
+// draining.
 func backendSummary(s control.ServiceStatus) string {
-	active, draining := 0, 0
+	n := map[string]int{}
 	for _, b := range s.Backends {
-		if b.State == "active" {
-			active++
-		} else {
-			draining++
+		n[b.State]++
+	}
+	out := fmt.Sprintf("%d active", n["active"])
+	for _, state := range []string{"down", "draining"} {
+		if n[state] > 0 {
+			out += fmt.Sprintf(", %d %s", n[state], state)
 		}
 	}
-	if draining == 0 {
-		return fmt.Sprintf("%d active", active)
-	}
-	return fmt.Sprintf("%d active, %d draining", active, draining)
+	return out
 }
 
 // activeConns is the number of active connections of every backend of s.

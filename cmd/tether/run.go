@@ -45,6 +45,14 @@ Backends must be on a network directly connected to one of the interfaces
 (dsr forwarding rewrites MAC addresses only) and hold the VIP on a loopback
 interface, with arp_ignore=1 and arp_announce=2.
 
+Health checks: the daemon probes every backend with its service's check (a
+TCP connect every 2s by default; http and websocket checks too; "health:
+{type: none}" turns them off) and takes a backend that fails fall probes in
+a row out of the ring until it passes rise in a row. Established
+connections to it keep flowing, or are reset with "on_down: reset". A
+service with no usable backend refuses new TCP connections with a reset.
+Every transition is logged with the reason of the probe that decided it.
+
 Restarts and upgrades: the maps and the XDP links are pinned in bpffs under
 --pin-dir (default ` + loader.DefaultPinDir + `; bpffs is mounted at /sys/fs/bpf if
 it is not). Stopping the daemon leaves the program attached and forwarding
@@ -184,6 +192,10 @@ func runDaemon(ctx context.Context, path, socket string, pins pins, log *slog.Lo
 		return fmt.Errorf("apply %s: %w", path, err)
 	}
 	d := control.NewDaemon(path, cfg, ctl, dp, log)
+	if err := d.StartHealth(); err != nil {
+		return err
+	}
+	defer d.Close() // after the API has stopped
 	apiCtx, stopAPI := context.WithCancel(ctx)
 	apiDone := make(chan error, 1)
 	go func() { apiDone <- control.Serve(apiCtx, ln, d.Handler(), log) }()

@@ -20,8 +20,10 @@ var statsCommand = &cli.Command{
 	Name:  "stats",
 	Usage: "show packets, bytes and new connections per service and backend",
 	Description: `stats shows the XDP program's counters: per service and backend the packets
-and bytes forwarded and the new connections, and the packets not forwarded
-by reason (pass_*: handed to the kernel, drop_*: dropped).
+and bytes forwarded and the new connections, per backend its health
+transitions (changes between up and down), and the packets not forwarded
+by reason (pass_*: handed to the kernel, drop_*: dropped, reset_*: answered
+with a TCP reset).
 
 With --watch it redraws every --interval, with rates, until Ctrl-C; with
 -o json --watch it prints one JSON object per line and interval.`,
@@ -132,17 +134,17 @@ func printStats(w io.Writer, s control.Stats, prev *control.Stats, dt time.Durat
 	if len(s.Services) == 0 {
 		fmt.Fprintln(w, "no services")
 	} else {
-		header := []string{"SERVICE", "BACKEND", "NEW CONNS", "PACKETS", "BYTES"}
+		header := []string{"SERVICE", "BACKEND", "NEW CONNS", "PACKETS", "BYTES", "TRANSITIONS"}
 		if prev != nil {
 			header = append(header, "PACKETS/S", "BYTES/S")
 		}
 		t := newTable(w, header...)
 		for _, sv := range s.Services {
 			key := sv.VIP + "/" + sv.Protocol
-			row := []string{sv.Name, key, count(sv.NewConns), count(sv.Packets), bytesIEC(sv.Bytes)}
+			row := []string{sv.Name, key, count(sv.NewConns), count(sv.Packets), bytesIEC(sv.Bytes), ""}
 			t.row(append(row, perSecond(key, sv.Packets, sv.Bytes)...)...)
 			for _, b := range sv.Backends {
-				row := []string{"", "  " + b.Address, count(b.NewConns), count(b.Packets), bytesIEC(b.Bytes)}
+				row := []string{"", "  " + b.Address, count(b.NewConns), count(b.Packets), bytesIEC(b.Bytes), count(b.HealthTransitions)}
 				t.row(append(row, perSecond(key+" "+b.Address, b.Packets, b.Bytes)...)...)
 			}
 		}
@@ -158,7 +160,7 @@ func printStats(w io.Writer, s control.Stats, prev *control.Stats, dt time.Durat
 		}
 	}
 	slices.SortFunc(reasons, func(a, b string) int {
-		// passes first, then drops, each by name
+		// passes first, then drops, then resets, each by name
 		return strings.Compare(reasonOrder(a), reasonOrder(b))
 	})
 	fmt.Fprintln(w)
@@ -174,8 +176,11 @@ func printStats(w io.Writer, s control.Stats, prev *control.Stats, dt time.Durat
 }
 
 func reasonOrder(r string) string {
-	if strings.HasPrefix(r, "pass_") {
+	switch {
+	case strings.HasPrefix(r, "pass_"):
 		return "0" + r
+	case strings.HasPrefix(r, "drop_"):
+		return "1" + r
 	}
-	return "1" + r
+	return "2" + r
 }

@@ -16,8 +16,17 @@ var statusCommand = &cli.Command{
 	Name:  "status",
 	Usage: "show the datapath and every service with its backends",
 	Description: `status shows the configuration file the daemon serves, the XDP mode in force
-on each interface, and every service with its backends: state, weight and
-active connections (flows in the connection table not seen closing).`,
+on each interface, and every service with its health check and its backends:
+state, weight, active connections (flows in the connection table not seen
+closing), and what the health check found: up or down, the last probe's
+result and latency, and how many times the backend changed state.
+
+A service is "up" while a backend takes new connections and "down" when
+none does (no backend, or all of them down, draining or of weight 0): new
+TCP connections are then refused with a reset and UDP packets dropped,
+until a backend comes back. A backend's STATE is what the datapath applies:
+active (in the ring), draining (drained or weight 0, whatever its health)
+or down (its health check failed); HEALTH is the check's own verdict.`,
 	Flags: []cli.Flag{outputFlag},
 	Action: func(c *cli.Context) error {
 		if _, done, err := args(c, 0, 0, ""); done || err != nil {
@@ -58,17 +67,67 @@ func status(ctx context.Context, cl *control.Client, w io.Writer, format string)
 			fmt.Fprintf(w, " for %s", s.AffinityTimeout)
 		}
 		fmt.Fprintf(w, ", %s forwarding\n", s.Forwarding)
+		fmt.Fprintf(w, "  %s; %s, on_down %s\n", serviceState(s), healthSummary(s.Health), s.OnDown)
 		if len(s.Backends) == 0 {
-			fmt.Fprintln(w, "  no backends: its traffic is dropped")
 			continue
 		}
-		t := newTable(w, "  BACKEND", "STATE", "WEIGHT", "CONNECTIONS")
-		for _, b := range s.Backends {
-			t.row("  "+b.Address, b.State, fmt.Sprint(b.Weight), fmt.Sprint(b.ActiveConnections))
-		}
-		if err := t.flush(); err != nil {
+		if err := backendTable(w, "  ", s.Backends); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// serviceState says whether s takes new connections, and what becomes of
+// them when it does not.
+func serviceState(s control.ServiceStatus) string {
+	if s.State == control.ServiceUp {
+		return "up"
+	}
+	why := "no usable backend"
+	if len(s.Backends) == 0 {
+		why = "no backends"
+	}
+	drop := "new connections are refused (TCP reset)"
+	if s.Protocol == "udp" {
+		drop = "its packets are dropped"
+	}
+	return fmt.Sprintf("DOWN: %s, %s", why, drop)
+}
+
+// healthSummary describes a service's health check in a few words.
+func healthSummary(h control.HealthSpec) string {
+	if h.Type == "none" {
+		return "no health check (backends taken as up)"
+	}
+	var b strings.Builder
+	b.WriteString(h.Type + " check")
+	if h.Path != "" {
+		b.WriteString(" of " + h.Path)
+	}
+	if len(h.ExpectStatus) == 2 {
+		fmt.Fprintf(&b, " expecting %d-%d", h.ExpectStatus[0], h.ExpectStatus[1])
+	}
+	if h.Send != "" {
+		fmt.Fprintf(&b, " echoing %q", h.Send)
+	}
+	fmt.Fprintf(&b, " every %s (timeout %s, rise %d, fall %d)", h.Interval, h.Timeout, h.Rise, h.Fall)
+	return b.String()
+}
+
+// backendTable writes backends as a table, each line starting with
+// indent.
+func backendTable(w io.Writer, indent string, backends []control.BackendStatus) error {
+	t := newTable(w, indent+"BACKEND", "STATE", "WEIGHT", "CONNECTIONS", "HEALTH", "LAST PROBE", "TRANSITIONS")
+	for _, b := range backends {
+		probe, transitions := "-", "-"
+		if b.Health.LastResult != "" {
+			probe = b.Health.LastResult + " in " + b.Health.LastLatency
+		}
+		if b.Health.State != control.HealthUnchecked {
+			transitions = fmt.Sprint(b.Health.Transitions)
+		}
+		t.row(indent+b.Address, b.State, fmt.Sprint(b.Weight), fmt.Sprint(b.ActiveConnections), b.Health.State, probe, transitions)
+	}
+	return t.flush()
 }

@@ -29,8 +29,13 @@ var vipAddCommand = &cli.Command{
 	Usage:     "add a service, with no backends yet",
 	ArgsUsage: "VIP:PORT",
 	Description: `add creates a service on VIP:PORT. Add backends with "tether backend add";
-until then its traffic is dropped. The backends hold the VIP on a loopback
-interface (dsr forwarding: see tether run --help).
+until then new TCP connections are refused with a reset and UDP packets
+dropped. The backends hold the VIP on a loopback interface (dsr forwarding:
+see tether run --help).
+
+The service gets the default health check (a TCP connect to each backend
+every 2s) and on_down keep; change them in the configuration file and run
+"tether reload".
 
 Example: tether vip add 203.0.113.10:8765 --name chat --affinity-timeout 1h`,
 	Flags: []cli.Flag{
@@ -129,13 +134,13 @@ func vipLs(ctx context.Context, cl *control.Client, w io.Writer, format string) 
 		fmt.Fprintln(w, "no services; add one with: tether vip add VIP:PORT")
 		return nil
 	}
-	t := newTable(w, "NAME", "VIP", "PROTO", "AFFINITY", "TIMEOUT", "FORWARDING", "BACKENDS", "CONNECTIONS")
+	t := newTable(w, "NAME", "VIP", "PROTO", "STATE", "AFFINITY", "TIMEOUT", "FORWARDING", "HEALTH", "BACKENDS", "CONNECTIONS")
 	for _, s := range svcs {
 		timeout := s.AffinityTimeout
 		if s.Affinity != "source" {
 			timeout = "-"
 		}
-		t.row(s.Name, s.VIP, s.Protocol, s.Affinity, timeout, s.Forwarding, backendSummary(s), fmt.Sprint(activeConns(s)))
+		t.row(s.Name, s.VIP, s.Protocol, s.State, s.Affinity, timeout, s.Forwarding, s.Health.Type, backendSummary(s), fmt.Sprint(activeConns(s)))
 	}
 	return t.flush()
 }
