@@ -1,0 +1,505 @@
+package userspace
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tetherlb/tether/datapath"
+)
+
+// Defaults of Options.
+const (
+	DefaultDialTimeout     = 5 * time.Second
+	DefaultPipeSize        = defaultPipeSize
+	DefaultMaxIdlePipes    = 64
+	DefaultAffinityEntries = 1 << 20
+
+	defaultPipeSize = 64 << 10 // the kernel's default pipe capacity
+)
+
+// DefaultKeepAlive is the TCP keepalive set on both sockets of every
+// connection unless Options.KeepAlive says otherwise: a peer that vanished
+// without a FIN or RST is found within Idle + Interval·Count (two minutes)
+// of silence, and a quiet connection sends a probe every minute, which keeps
+// NAT and firewall state along the path alive.
+var DefaultKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 60 * time.Second, Interval: 15 * time.Second, Count: 4}
+
+// ErrUDP is the error UpsertService returns for a UDP service: the splice
+// datapath proxies TCP only.
+var ErrUDP = errors.New("udp services need the xdp datapath (the splice datapath proxies TCP only)")
+
+// Options configure a Proxy. Zero values take the defaults.
+type Options struct {
+	// Netns runs fn where the proxy's sockets belong (a network
+	// namespace): listening sockets and the sockets that connect to
+	// backends are created inside it and stay there. Nil runs fn as it is,
+	// in the caller's namespace. lab.Host.Do fits.
+	Netns func(fn func() error) error
+	// DialTimeout bounds the connection to a backend (DefaultDialTimeout).
+	// A client whose backend does not answer in time is reset.
+	DialTimeout time.Duration
+	// KeepAlive is the TCP keepalive of both sockets of every connection
+	// (DefaultKeepAlive when zero). A non-zero KeepAlive with Enable false,
+	// such as {Idle: -1}, turns keepalive off.
+	KeepAlive net.KeepAliveConfig
+	// MaxConns caps the connections proxied at once, over all services;
+	// clients beyond it are reset. 0 means no cap other than the process's
+	// file descriptor limit (each connection takes two, plus up to four
+	// while bytes are in flight).
+	MaxConns int
+	// PipeSize is the capacity of the pipes that carry bytes between the
+	// sockets (DefaultPipeSize, 64 KiB): what one splice(2) call moves and
+	// the most a direction of a connection holds in the proxy. Beyond
+	// /proc/sys/fs/pipe-max-size it stays at the kernel's default.
+	PipeSize int
+	// MaxIdlePipes is how many empty pipes are kept for reuse
+	// (DefaultMaxIdlePipes).
+	MaxIdlePipes int
+	// SocketBuffer, if positive, sets SO_RCVBUF and SO_SNDBUF of both
+	// sockets of every connection, which bounds the kernel memory of a
+	// connection (the kernel doubles the value for its bookkeeping). 0
+	// leaves the buffers to the kernel's autotuning (net.ipv4.tcp_rmem and
+	// tcp_wmem), best for throughput.
+	SocketBuffer int
+	// AffinityEntries is the size of the source-affinity table
+	// (DefaultAffinityEntries); when it is full, the least recently seen of
+	// a few sampled entries makes room.
+	AffinityEntries int
+}
+
+// ServiceOptions are the settings of a service that only the splice
+// datapath has.
+type ServiceOptions struct {
+	// IdleTimeout, if positive, closes a connection through which no byte
+	// moved, either way, for that long. 0 (the default) never does: the
+	// connections tether serves are meant to live for hours, and TCP
+	// keepalive finds dead peers.
+	IdleTimeout time.Duration
+	// ProxyProtocol sends a PROXY protocol version 2 header to the backend
+	// before the client's bytes, so that the backend learns the client's
+	// address and port and the VIP (HAProxy's and nginx's `proxy_protocol`
+	// understand it). The backend must expect it.
+	ProxyProtocol bool
+}
+
+// Reasons a connection was not proxied or was cut, as Counters reports
+// them. The XDP datapath counts packets by reason; the proxy counts
+// connections.
+const (
+	ReasonNoBackend    = "reset_no_backend"   // the service had no backend for the client
+	ReasonBackendDown  = "reset_backend_down" // established, reset when its backend went down (OnDownReset)
+	ReasonDialFailed   = "reset_dial_failed"  // the backend did not accept the connection in time
+	ReasonConnLimit    = "reset_conn_limit"   // Options.MaxConns reached
+	ReasonAcceptFailed = "drop_accept_failed" // accept(2) failed (out of file descriptors...)
+)
+
+var reasonNames = [...]string{ReasonNoBackend, ReasonBackendDown, ReasonDialFailed, ReasonConnLimit, ReasonAcceptFailed}
+
+const (
+	rNoBackend = iota
+	rBackendDown
+	rDialFailed
+	rConnLimit
+	rAcceptFailed
+	rMax
+)
+
+// Proxy is the splice datapath: a TCP proxy that accepts clients on each
+// service's VIP and port, picks their backend exactly as the XDP program
+// would, connects to it and moves the bytes between the two sockets with
+// splice(2), without copying them through userspace. It implements
+// datapath.Datapath. It runs on any Linux kernel Go supports.
+//
+// A Proxy lives until Close, which closes every listener and connection.
+type Proxy struct {
+	log      *slog.Logger
+	seed     uint32
+	opts     Options
+	epoch    time.Time
+	now      func() int64 // monotonic nanoseconds; replaced by tests
+	pipes    *pipePool
+	affinity *affinityTable
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup // accept loops and connections
+
+	reasons [rMax]atomic.Uint64
+	active  atomic.Int64 // connections being proxied or dialled
+
+	mu        sync.Mutex
+	closed    bool
+	listeners map[uint32]*listener // by service ID
+	svcOpts   map[uint32]ServiceOptions
+	conns     map[connKey]*conn // the connection table
+}
+
+// listener is the listening socket of a service and the service's current
+// version, which every new connection reads once.
+type listener struct {
+	ln   *net.TCPListener
+	addr netip.AddrPort
+	svc  atomic.Pointer[service]
+}
+
+var _ datapath.Datapath = (*Proxy)(nil)
+
+// New returns a proxy that serves no service yet. seed is the flow-hash
+// seed, the same as the XDP datapath's (config hash_seed), so that both
+// datapaths and every tether host choose the same backends.
+func New(log *slog.Logger, seed uint32, opts Options) *Proxy {
+	if opts.Netns == nil {
+		opts.Netns = func(fn func() error) error { return fn() }
+	}
+	if opts.DialTimeout <= 0 {
+		opts.DialTimeout = DefaultDialTimeout
+	}
+	if opts.KeepAlive == (net.KeepAliveConfig{}) {
+		opts.KeepAlive = DefaultKeepAlive
+	}
+	if opts.PipeSize <= 0 {
+		opts.PipeSize = DefaultPipeSize
+	}
+	if opts.MaxIdlePipes <= 0 {
+		opts.MaxIdlePipes = DefaultMaxIdlePipes
+	}
+	if opts.AffinityEntries <= 0 {
+		opts.AffinityEntries = DefaultAffinityEntries
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &Proxy{
+		log:       log,
+		seed:      seed,
+		opts:      opts,
+		epoch:     time.Now(),
+		pipes:     &pipePool{size: opts.PipeSize, max: opts.MaxIdlePipes},
+		affinity:  newAffinityTable(opts.AffinityEntries),
+		ctx:       ctx,
+		cancel:    cancel,
+		listeners: make(map[uint32]*listener),
+		svcOpts:   make(map[uint32]ServiceOptions),
+		conns:     make(map[connKey]*conn),
+	}
+	p.now = func() int64 { return int64(time.Since(p.epoch)) }
+	return p
+}
+
+// Modes implements datapath.Datapath: the proxy runs on no interface in
+// particular.
+func (p *Proxy) Modes() map[string]string { return map[string]string{"*": "splice"} }
+
+// SetServiceOptions sets the splice-only settings of the service with
+// this ID, for the connections it accepts from now on (established ones
+// keep theirs). They may be set before the service exists and are kept
+// until DeleteService.
+func (p *Proxy) SetServiceOptions(id uint32, o ServiceOptions) error {
+	if o.IdleTimeout < 0 {
+		return fmt.Errorf("idle timeout %v is negative", o.IdleTimeout)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.svcOpts[id] = o
+	if l := p.listeners[id]; l != nil {
+		cur := l.svc.Load()
+		l.svc.Store(newService(cur.Service, o, cur))
+	}
+	return nil
+}
+
+// UpsertService implements datapath.Datapath. A new service, or one whose
+// VIP or port changed, gets a listening socket first (see listen: the VIP
+// need not be local); if that fails nothing changes. Then the new ring and
+// backends replace the old ones at once for every connection accepted
+// afterwards. Established connections keep their backend whatever
+// happens to it (drained, down, removed from the service), except that
+// with OnDownReset the connections to a Down backend are reset.
+//
+// UDP services are refused with ErrUDP.
+func (p *Proxy) UpsertService(s datapath.Service) error {
+	if err := check(s); err != nil {
+		return fmt.Errorf("service %s: %w", s.Name, err)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return fmt.Errorf("service %s: %w", s.Name, net.ErrClosed)
+	}
+	vip := netip.AddrPortFrom(s.VIP, s.Port)
+	l := p.listeners[s.ID]
+	var old *service
+	if l != nil {
+		old = l.svc.Load()
+	}
+	ns := newService(s, p.svcOpts[s.ID], old)
+	if l != nil && l.addr == vip {
+		l.svc.Store(ns)
+	} else {
+		ln, err := p.listen(vip)
+		if err != nil {
+			return fmt.Errorf("service %s: %w", s.Name, err)
+		}
+		nl := &listener{ln: ln, addr: vip}
+		nl.svc.Store(ns)
+		p.listeners[s.ID] = nl
+		p.wg.Add(1)
+		go p.accept(nl)
+		if l != nil {
+			l.ln.Close()
+		}
+		p.log.Info("splice listener started", "service", s.Name, "vip", vip)
+	}
+	p.resetDownLocked(ns)
+	return nil
+}
+
+// check refuses what the proxy cannot serve.
+func check(s datapath.Service) error {
+	switch {
+	case s.Proto == 17:
+		return ErrUDP
+	case s.Proto != 6:
+		return fmt.Errorf("protocol %d is not TCP", s.Proto)
+	case !s.VIP.IsValid():
+		return errors.New("no VIP")
+	case s.Port == 0:
+		return errors.New("port 0")
+	}
+	return nil
+}
+
+// resetDownLocked resets the established connections of s whose backend is
+// Down, when s asks for it (OnDownReset), like the XDP program's
+// on_down: reset.
+func (p *Proxy) resetDownLocked(s *service) {
+	if !s.OnDownReset {
+		return
+	}
+	for _, c := range p.conns {
+		if c.service != s.ID {
+			continue
+		}
+		if b := s.backends[c.be.ID]; b != nil && b.State == datapath.Down && !c.closing.Load() {
+			p.reasons[rBackendDown].Add(1)
+			c.close(true)
+		}
+	}
+}
+
+// DeleteService implements datapath.Datapath: the service's listener
+// closes, so new clients are refused by the kernel, and its affinity
+// entries are forgotten. Its established connections keep flowing until
+// either side closes them (or Close): a proxied TCP connection is bound to
+// its backend socket, and cutting it is never needed to stop accepting.
+func (p *Proxy) DeleteService(s datapath.Service) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	l := p.listeners[s.ID]
+	if l == nil {
+		return nil
+	}
+	l.ln.Close()
+	delete(p.listeners, s.ID)
+	delete(p.svcOpts, s.ID)
+	p.affinity.deleteService(s.ID)
+	p.log.Info("splice listener stopped", "service", s.Name, "vip", l.addr)
+	return nil
+}
+
+// Counters implements datapath.Datapath for the services served now and
+// their backends. A backend's Bytes are the bytes it sent and received
+// through the proxy, and its Packets the splice(2) calls that read them
+// from either socket (up to PipeSize each), not IP packets. Reasons count
+// connections (see the Reason constants).
+func (p *Proxy) Counters() (datapath.Counters, error) {
+	c := datapath.Counters{
+		Services: make(map[uint32]datapath.ServiceCounters),
+		Backends: make(map[uint32]datapath.BackendCounters),
+		Reasons:  make(map[string]uint64, rMax),
+	}
+	for r, name := range reasonNames {
+		c.Reasons[name] = p.reasons[r].Load()
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for id, l := range p.listeners {
+		s := l.svc.Load()
+		c.Services[id] = datapath.ServiceCounters{
+			NewConns:       s.stats.newConns.Load(),
+			AffinityHits:   s.stats.affinityHits.Load(),
+			AffinityMisses: s.stats.affinityMisses.Load(),
+		}
+		for bid, b := range s.backends {
+			c.Backends[bid] = datapath.BackendCounters{
+				Packets:  b.stats.packets.Load(),
+				Bytes:    b.stats.bytes.Load(),
+				NewConns: b.stats.newConns.Load(),
+			}
+		}
+	}
+	return c, nil
+}
+
+// Flows implements datapath.Datapath: the connections being proxied,
+// sorted by service, VIP and client. Closing is set once either side has
+// ended its stream (FIN) or failed.
+func (p *Proxy) Flows() ([]datapath.Flow, error) {
+	p.mu.Lock()
+	out := make([]datapath.Flow, 0, len(p.conns))
+	for k, c := range p.conns {
+		out = append(out, datapath.Flow{
+			Client:  k.client,
+			VIP:     k.vip,
+			Proto:   6,
+			Service: c.service,
+			Backend: c.be.ID,
+			Closing: c.closing.Load(),
+		})
+	}
+	p.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool {
+		a, b := out[i], out[j]
+		if a.Service != b.Service {
+			return a.Service < b.Service
+		}
+		if a.VIP != b.VIP {
+			return a.VIP.Compare(b.VIP) < 0
+		}
+		return a.Client.Compare(b.Client) < 0
+	})
+	return out, nil
+}
+
+// Close implements datapath.Datapath: it closes every listener and every
+// connection (a proxied connection cannot outlive its process) and returns
+// once all of them are gone. It is idempotent.
+func (p *Proxy) Close() error {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	p.closed = true
+	for _, l := range p.listeners {
+		l.ln.Close()
+	}
+	p.listeners = map[uint32]*listener{}
+	conns := make([]*conn, 0, len(p.conns))
+	for _, c := range p.conns {
+		conns = append(conns, c)
+	}
+	p.mu.Unlock()
+	p.cancel()
+	for _, c := range conns {
+		c.close(false)
+	}
+	p.wg.Wait()
+	p.pipes.close()
+	return nil
+}
+
+// accept serves l until it is closed.
+func (p *Proxy) accept(l *listener) {
+	defer p.wg.Done()
+	var delay time.Duration
+	for {
+		c, err := l.ln.AcceptTCP()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Out of file descriptors or memory: back off as net/http does.
+			p.reasons[rAcceptFailed].Add(1)
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			p.log.Warn("accept failed; retrying", "vip", l.addr, "err", err, "retry_in", delay)
+			select {
+			case <-time.After(delay):
+			case <-p.ctx.Done():
+			}
+			continue
+		}
+		delay = 0
+		p.wg.Add(1)
+		go p.serve(l.svc.Load(), c)
+	}
+}
+
+// serve proxies one accepted client connection of s until it ends.
+func (p *Proxy) serve(s *service, c *net.TCPConn) {
+	defer p.wg.Done()
+	defer p.active.Add(-1)
+	if n := p.active.Add(1); p.opts.MaxConns > 0 && n > int64(p.opts.MaxConns) {
+		p.reasons[rConnLimit].Add(1)
+		reset(c)
+		return
+	}
+	client := clientOf(c)
+	vip := netip.AddrPortFrom(s.VIP, s.Port)
+	now := p.now()
+	b, hit := p.choose(s, client, now)
+	if b == nil {
+		p.reasons[rNoBackend].Add(1)
+		reset(c)
+		return
+	}
+	p.record(s, client, b, hit, now)
+	baddr := netip.AddrPortFrom(b.Addr, b.Port)
+	bc, err := p.dial(p.ctx, baddr)
+	if err == nil && s.opts.ProxyProtocol {
+		err = writeProxyHeader(bc, client, vip, p.opts.DialTimeout)
+		if err != nil {
+			reset(bc)
+		}
+	}
+	if err != nil {
+		p.reasons[rDialFailed].Add(1)
+		p.log.Debug("backend failed; client reset", "service", s.Name, "client", client, "backend", baddr, "err", err)
+		reset(c)
+		return
+	}
+	cn := &conn{p: p, client: c, backend: bc, key: connKey{client, vip}, service: s.ID, be: b}
+	if !p.add(cn) {
+		c.Close()
+		bc.Close()
+		return
+	}
+	defer p.remove(cn)
+	cn.run(s.opts.IdleTimeout)
+}
+
+// writeProxyHeader sends the PROXY v2 header of a connection to its
+// backend, within timeout.
+func writeProxyHeader(bc *net.TCPConn, client, vip netip.AddrPort, timeout time.Duration) error {
+	if err := bc.SetWriteDeadline(time.Now().Add(timeout)); err != nil {
+		return err
+	}
+	if _, err := bc.Write(appendProxyHeader(make([]byte, 0, 52), client, vip)); err != nil {
+		return fmt.Errorf("send PROXY header: %w", err)
+	}
+	return bc.SetWriteDeadline(time.Time{})
+}
+
+// add enters c in the connection table, unless the proxy is closed.
+func (p *Proxy) add(c *conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false
+	}
+	p.conns[c.key] = c
+	return true
+}
+
+func (p *Proxy) remove(c *conn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.conns[c.key] == c {
+		delete(p.conns, c.key)
+	}
+}
