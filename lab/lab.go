@@ -122,6 +122,9 @@ func New(opts Options) (l *Lab, err error) {
 	case opts.Clients < 0 || opts.Clients > MaxClients:
 		return nil, fmt.Errorf("lab: Clients %d out of range 1..%d", opts.Clients, MaxClients)
 	}
+	if err := sweepStale(); err != nil {
+		return nil, fmt.Errorf("lab: remove labs left by dead processes: %w", err)
+	}
 	id, err := newID()
 	if err != nil {
 		return nil, err
@@ -139,6 +142,9 @@ func New(opts Options) (l *Lab, err error) {
 	}
 
 	if err := l.mountBPFFS(); err != nil {
+		return l, err
+	}
+	if err := l.recordOwner(); err != nil {
 		return l, err
 	}
 	if err := l.setupWire(); err != nil {
@@ -254,6 +260,9 @@ func (l *Lab) Close() error {
 		}
 	}
 	l.hosts = nil
+	if len(errs) == 0 {
+		l.forgetOwner()
+	}
 	return errors.Join(errs...)
 }
 
