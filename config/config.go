@@ -26,8 +26,10 @@ import (
 
 // Datapaths: where packets are forwarded.
 const (
-	// DatapathAuto uses native XDP where the driver supports it, generic XDP
-	// otherwise, and the splice proxy when XDP cannot be loaded at all.
+	// DatapathAuto attaches native XDP to every interface and, when a driver
+	// or the kernel refuses it (or the program cannot be loaded), serves
+	// every service through the splice proxy instead, saying why in the log.
+	// Generic XDP is used only when asked for (DatapathXDPGeneric).
 	DatapathAuto = "auto"
 	// DatapathXDP requires native (driver) XDP on every interface.
 	DatapathXDP = "xdp"
@@ -97,6 +99,17 @@ const (
 	OnDownReset = "reset"
 )
 
+// PROXY protocol settings of a service (splice datapath only).
+const (
+	// ProxyProtocolNone, the default, sends the client's bytes to the
+	// backend as they are: the backend sees the balancer as the client.
+	// The file may say "none"; it is kept as "".
+	ProxyProtocolNone = ""
+	// ProxyProtocolV2 sends a PROXY protocol version 2 header first, with
+	// the client's address and port and the VIP.
+	ProxyProtocolV2 = "v2"
+)
+
 // MaxRiseFall bounds a health check's rise and fall.
 const MaxRiseFall = 1000
 
@@ -107,6 +120,8 @@ const (
 	DefaultAffinityTimeout = 3 * time.Hour
 	// MaxAffinityTimeout is the longest affinity timeout accepted (30 days).
 	MaxAffinityTimeout = 720 * time.Hour
+	// MaxIdleTimeout is the longest idle timeout accepted (30 days).
+	MaxIdleTimeout = 720 * time.Hour
 	// MaxWeight is the largest backend weight accepted.
 	MaxWeight = 10000
 )
@@ -188,6 +203,15 @@ type Service struct {
 	// OnDown is OnDownKeep or OnDownReset: what becomes of the established
 	// connections of a backend marked down.
 	OnDown string
+	// IdleTimeout, if positive, closes a connection through which nothing
+	// moved either way for that long. Only the splice datapath honours it
+	// (the XDP datapath tracks flows, it does not end them); 0, the
+	// default, never closes a connection for being idle.
+	IdleTimeout time.Duration
+	// ProxyProtocol is ProxyProtocolNone ("", written none) or ProxyProtocolV2: whether the
+	// splice datapath tells the backend the client's address with a PROXY
+	// protocol v2 header. Only the splice datapath supports v2.
+	ProxyProtocol string
 	// Backends are the servers behind the VIP, in file order. A service may
 	// have none, or none usable: new TCP connections are then refused with
 	// a reset and UDP packets dropped.

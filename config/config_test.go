@@ -429,6 +429,16 @@ services:
 	{"zero affinity_timeout", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity_timeout: 0s", 1), "services[0].affinity_timeout", "out of range"},
 	{"affinity_timeout over 720h", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity_timeout: 721h", 1), "services[0].affinity_timeout", "at most 720h"},
 
+	// Splice-only settings.
+	{"udp with splice", strings.Replace(strings.Replace(minimal, "interfaces: [eth0]", "datapath: splice", 1), "port: 8765", "port: 8765\n    protocol: udp", 1), "services[0].protocol", "udp services need the xdp datapath"},
+	{"idle_timeout without unit", strings.Replace(minimal, "port: 8765", "port: 8765\n    idle_timeout: 600", 1), "services[0].idle_timeout", "600 has no unit"},
+	{"negative idle_timeout", strings.Replace(minimal, "port: 8765", "port: 8765\n    idle_timeout: -1s", 1), "services[0].idle_timeout", "-1s is out of range"},
+	{"idle_timeout over 720h", strings.Replace(minimal, "port: 8765", "port: 8765\n    idle_timeout: 721h", 1), "services[0].idle_timeout", "up to 720h"},
+	{"idle_timeout as a list", strings.Replace(minimal, "port: 8765", "port: 8765\n    idle_timeout: [1h]", 1), "services[0].idle_timeout", "want a duration"},
+	{"unknown proxy_protocol", strings.Replace(strings.Replace(minimal, "interfaces: [eth0]", "datapath: splice", 1), "port: 8765", "port: 8765\n    proxy_protocol: v1", 1), "services[0].proxy_protocol", `unknown version "v1" (want v2 or none)`},
+	{"proxy_protocol as a number", strings.Replace(minimal, "port: 8765", "port: 8765\n    proxy_protocol: 2", 1), "services[0].proxy_protocol", `unknown version "2"`},
+	{"proxy_protocol v2 with xdp", strings.Replace(minimal, "port: 8765", "port: 8765\n    proxy_protocol: v2", 1), "services[0].proxy_protocol", "v2 needs the splice datapath"},
+
 	// Backends.
 	{"vip family mismatch with backend", strings.Replace(minimal, "192.0.2.11", "2001:db8::11", 1), "services[0].backends[0].address", "2001:db8::11 is IPv6 but the vip 203.0.113.10 is IPv4"},
 	{"bad backend address", strings.Replace(minimal, "192.0.2.11", "backend-1", 1), "services[0].backends[0].address", `"backend-1" is not an IP address`},
@@ -714,6 +724,21 @@ services:
     port: 82
     health: {type: none}
     on_down: keep
+`)},
+		{"splice settings", mustParse(t, `
+datapath: splice
+services:
+  - name: chat
+    vip: 2001:db8::10
+    port: 8765
+    idle_timeout: 90m
+    proxy_protocol: v2
+    backends: [{address: 2001:db8::11}]
+  - name: plain
+    vip: 203.0.113.10
+    port: 80
+    idle_timeout: 0s
+    proxy_protocol: none
 `)},
 	} {
 		t.Run(tc.desc, func(t *testing.T) {

@@ -56,7 +56,7 @@ func Parse(data []byte) (*Config, error) {
 var (
 	topFields     = []string{"interfaces", "datapath", "hash_seed", "tables", "services"}
 	tablesFields  = []string{"connections", "affinity", "ring_size", "max_services", "max_backends"}
-	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "health", "on_down", "backends"}
+	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "health", "on_down", "idle_timeout", "proxy_protocol", "backends"}
 	healthFields  = []string{"type", "path", "host", "expect_status", "send", "interval", "timeout", "rise", "fall"}
 	backendFields = []string{"address", "port", "weight", "state"}
 )
@@ -291,6 +291,12 @@ func (d *decoder) service(n *yaml.Node, path string) Service {
 			s.Health = d.health(v, p)
 		case "on_down":
 			s.OnDown = d.str(v, p)
+		case "idle_timeout":
+			s.IdleTimeout = d.duration(v, p)
+		case "proxy_protocol":
+			if s.ProxyProtocol = d.str(v, p); s.ProxyProtocol == "none" {
+				s.ProxyProtocol = ProxyProtocolNone
+			}
 		case "backends":
 			s.Backends, portGiven = nil, nil
 			for i, it := range d.list(v, p, "backends") {

@@ -60,7 +60,7 @@ func serviceNode(s Service) *yaml.Node {
 			"state", str(b.State),
 		))
 	}
-	return mapping(
+	kv := []any{
 		"name", str(s.Name),
 		"vip", addr(s.VIP),
 		"port", integer(s.Port),
@@ -70,8 +70,16 @@ func serviceNode(s Service) *yaml.Node {
 		"forwarding", str(s.Forwarding),
 		"health", healthNode(s.Health),
 		"on_down", str(s.OnDown),
-		"backends", backends,
-	)
+	}
+	// The splice-only settings are written when they are not the
+	// defaults, so that files of the XDP datapath do not grow them.
+	if s.IdleTimeout != 0 {
+		kv = append(kv, "idle_timeout", str(s.IdleTimeout.String()))
+	}
+	if s.ProxyProtocol != ProxyProtocolNone {
+		kv = append(kv, "proxy_protocol", str(s.ProxyProtocol))
+	}
+	return mapping(append(kv, "backends", backends)...)
 }
 
 // healthNode writes a health check with every field its type uses, and any

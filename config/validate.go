@@ -164,6 +164,12 @@ func (c *Config) validate(v *validator) {
 				names[s.Name] = i
 			}
 		}
+		if s.Protocol == ProtocolUDP && c.Datapath == DatapathSplice {
+			v.add(field(p, "protocol"), "udp services need the xdp datapath (the splice datapath proxies TCP only): use datapath auto, xdp or xdp-generic, or protocol tcp")
+		}
+		if s.ProxyProtocol == ProxyProtocolV2 && datapathOK && c.Datapath != DatapathSplice {
+			v.add(field(p, "proxy_protocol"), "v2 needs the splice datapath (datapath %s may forward packets, which cannot carry a header): use datapath splice", c.Datapath)
+		}
 		if s.validate(v, p) {
 			if j, ok := keys[s.Key()]; ok {
 				v.add(p, "%s is already defined by services[%d] (%q)", s.Key(), j, c.Services[j].Name)
@@ -214,6 +220,15 @@ func (s *Service) validate(v *validator, p string) bool {
 	validateHealth(v, field(p, "health"), s.Health)
 	if s.OnDown != OnDownKeep && s.OnDown != OnDownReset {
 		v.add(field(p, "on_down"), "unknown mode %q (want keep or reset)", s.OnDown)
+	}
+
+	if s.IdleTimeout < 0 || s.IdleTimeout > MaxIdleTimeout {
+		v.add(field(p, "idle_timeout"), "%s is out of range (want 0, for none, up to 720h)", s.IdleTimeout)
+	}
+	switch s.ProxyProtocol {
+	case ProxyProtocolNone, ProxyProtocolV2:
+	default:
+		v.add(field(p, "proxy_protocol"), "unknown version %q (want v2 or none)", s.ProxyProtocol)
 	}
 
 	keys := make(map[string]int, len(s.Backends))

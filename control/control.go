@@ -243,6 +243,8 @@ func (c *Controller) planService(cs config.Service) (datapath.Service, error) {
 		SourceAffinity:  cs.Affinity == config.AffinitySource,
 		AffinityTimeout: cs.AffinityTimeout,
 		OnDownReset:     cs.OnDown == config.OnDownReset,
+		IdleTimeout:     cs.IdleTimeout,
+		ProxyProtocol:   cs.ProxyProtocol == config.ProxyProtocolV2,
 	}
 	var ring []maglev.Backend
 	for _, cb := range cs.Backends {

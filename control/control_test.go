@@ -420,6 +420,40 @@ func TestApplySameConfigIsNoop(t *testing.T) {
 	}
 }
 
+// TestSpliceOptions: a service's idle timeout and PROXY protocol reach the
+// datapath; applying them again is no change, changing one upserts that
+// service only.
+func TestSpliceOptions(t *testing.T) {
+	splice := func(idle, pp string) string {
+		return strings.Replace(conf(8, 32, web4, strings.Replace(web4, "web4\n    vip: 203.0.113.10", "web4b\n    vip: 203.0.113.11", 1)),
+			"    affinity_timeout: 30m\n", "    affinity_timeout: 30m\n    idle_timeout: "+idle+"\n    proxy_protocol: "+pp+"\n", 1)
+	}
+	spliceConf := func(idle, pp string) *config.Config {
+		return parse(t, strings.Replace(splice(idle, pp), "interfaces: [eth0]\ndatapath: xdp\n", "datapath: splice\n", 1))
+	}
+	dp := newFakeDP()
+	cfg := spliceConf("10m", "v2")
+	c := newController(dp, cfg)
+	mustApply(t, c, cfg)
+	calls := wantCalls(t, dp.take(), "upsert web4", "upsert web4b")
+	if s := calls["web4"].svc; s.IdleTimeout != 10*time.Minute || !s.ProxyProtocol {
+		t.Errorf("web4: IdleTimeout %v, ProxyProtocol %v; want 10m and true", s.IdleTimeout, s.ProxyProtocol)
+	}
+	if s := calls["web4b"].svc; s.IdleTimeout != 0 || s.ProxyProtocol {
+		t.Errorf("web4b: IdleTimeout %v, ProxyProtocol %v; want none", s.IdleTimeout, s.ProxyProtocol)
+	}
+	mustApply(t, c, spliceConf("10m", "v2"))
+	wantCalls(t, dp.take())
+	mustApply(t, c, spliceConf("10m", "none"))
+	if s := wantCalls(t, dp.take(), "upsert web4")["web4"].svc; s.ProxyProtocol || s.IdleTimeout != 10*time.Minute {
+		t.Errorf("after proxy_protocol none: %+v", s)
+	}
+	mustApply(t, c, spliceConf("0s", "none"))
+	if s := wantCalls(t, dp.take(), "upsert web4")["web4"].svc; s.IdleTimeout != 0 {
+		t.Errorf("after idle_timeout 0s: IdleTimeout %v", s.IdleTimeout)
+	}
+}
+
 // 3. Adding a backend to one service upserts that service only, keeps the
 // ids of the other backends and moves about 1/N of the ring.
 func TestApplyAddBackend(t *testing.T) {

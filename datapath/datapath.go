@@ -59,8 +59,14 @@ type Service struct {
 	// connections to a Down backend with a TCP reset, so that clients
 	// reconnect at once instead of waiting for their own timeouts.
 	OnDownReset bool
-	Backends    []Backend
-	Ring        []uint32 // Maglev ring of backend IDs (0: no backend)
+	// IdleTimeout, if positive, closes a connection idle either way for
+	// that long, and ProxyProtocol sends the backend a PROXY protocol v2
+	// header first. Only the splice datapath has connections of its own
+	// to close or headers to send; the XDP datapath ignores both.
+	IdleTimeout   time.Duration
+	ProxyProtocol bool
+	Backends      []Backend
+	Ring          []uint32 // Maglev ring of backend IDs (0: no backend)
 }
 
 // BackendCounters are a backend's counters since its ID was assigned.

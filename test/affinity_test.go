@@ -5,11 +5,14 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/control"
 	"github.com/tetherlb/tether/lab"
 	"github.com/tetherlb/tether/maps"
 )
@@ -201,13 +204,29 @@ func tcpInSegs(t *testing.T, h *lab.Host) uint64 {
 	return n
 }
 
-// TestWebSocketAffinity runs tether in front of three WebSocket backends
-// and checks, with 300 connections from 150 client addresses (and IPv6
-// ones): echoes, source affinity across reconnects, the spread, counters
-// against what backends saw, a flush of the flow tables and a fourth
-// backend, all without breaking a connection.
+// TestWebSocketAffinity runs tether in front of three WebSocket backends,
+// once per datapath (xdp, splice), and checks, with 300 connections from
+// 150 client addresses (and IPv6 ones): echoes, source affinity across
+// reconnects, the spread, counters against what backends saw, a flush of
+// the flow tables and a fourth backend, all without breaking a connection.
 func TestWebSocketAffinity(t *testing.T) {
+	for _, dp := range []string{config.DatapathXDP, config.DatapathSplice} {
+		t.Run(dp, func(t *testing.T) { testWebSocketAffinity(t, dp) })
+	}
+}
+
+// testWebSocketAffinity is TestWebSocketAffinity on datapath dp. The
+// splice datapath skips what only XDP has: the BPF maps (their packet
+// counters against the backends' TcpInSegs, and the flush of the flow and
+// affinity tables, as a proxied connection is bound to its backend socket
+// and never looked up again). It checks the connections each backend holds
+// in `tether status` instead.
+func testWebSocketAffinity(t *testing.T, dp string) {
 	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 150})
+	splice := dp == config.DatapathSplice
+	if splice {
+		clientRoutes(t, l)
+	}
 	servers := map[string][]*lab.EchoServer{}
 	for _, be := range l.Backends {
 		servers[be.Name] = serveEcho(t, l, be)
@@ -220,7 +239,7 @@ func TestWebSocketAffinity(t *testing.T) {
 	// each backend with the TCP segments the backend receives, to which
 	// probes would add theirs. (TestHealthChecks tests them.)
 	const noHealth = "{type: none}"
-	d := startDaemon(t, l, healthConfig(l, l.Backends, noHealth))
+	d := startDaemon(t, l, withDatapath(healthConfig(l, l.Backends, noHealth), dp))
 
 	conns := dialAll(t, l, l.ClientAddrs4, l.VIP4, connsPerC)
 	conns6 := dialAll(t, l, l.ClientAddrs6[:40], l.VIP6, 1)
@@ -243,6 +262,77 @@ func TestWebSocketAffinity(t *testing.T) {
 
 	// Counters: connections and packets per backend against what each
 	// backend saw.
+	var m *maps.Maps
+	if splice {
+		spliceConnections(t, d, l, perBackend)
+	} else {
+		m = checkXDPCounters(t, l, servers, segs0)
+	}
+
+	// Reconnect: close one connection per client and open it again.
+	var again []*conn
+	for i := 0; i < len(conns); i += connsPerC {
+		conns[i].ws.Close()
+	}
+	again = dialAll(t, l, l.ClientAddrs4, l.VIP4, 1)
+	for _, c := range again {
+		if owner[c.src] != c.backend {
+			t.Fatalf("client %s reconnected to %s, it was on %s", c.src, c.backend, owner[c.src])
+		}
+	}
+	open := append([]*conn{}, again...)
+	for i := 1; i < len(conns); i += connsPerC {
+		open = append(open, conns[i])
+	}
+	open = append(open, conns6...)
+	echoAll(t, open, "after reconnect")
+
+	// Flush the connection and affinity tables: the ring alone must give
+	// every open connection its backend again. (XDP only: the proxy has
+	// no table that its established connections depend on.)
+	if !splice {
+		n, err := m.FlushFlows()
+		if err != nil {
+			t.Fatal(err)
+		}
+		na, err := m.FlushAffinities()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("flushed %d flows and %d affinity entries", n, na)
+		if n < len(open) {
+			t.Errorf("flushed %d flows, want at least the %d open connections", n, len(open))
+		}
+		echoAll(t, open, "after flush")
+	}
+
+	// A fourth backend: no open connection breaks or moves.
+	be4, err := l.AddBackend()
+	if err != nil {
+		t.Fatal(err)
+	}
+	serveEcho(t, l, be4)
+	d.reload(withDatapath(healthConfig(l, l.Backends, noHealth), dp))
+	echoAll(t, open, "after adding a backend")
+	fresh := dialAll(t, l, l.ClientAddrs4[:60], l.VIP4, 1)
+	moved := 0
+	for _, c := range fresh {
+		if owner[c.src] != c.backend {
+			moved++
+		}
+	}
+	t.Logf("with 4 backends, %d of 60 returning clients kept their backend (affinity table)", 60-moved)
+	if moved != 0 {
+		t.Errorf("%d returning clients changed backend although their affinity entries hold", moved)
+	}
+}
+
+// checkXDPCounters compares the XDP datapath's counters of each backend
+// with what the backend saw: new connections with those it accepted, and
+// packets with the TCP segments it received since segs0. It returns the
+// daemon's maps.
+func checkXDPCounters(t *testing.T, l *lab.Lab, servers map[string][]*lab.EchoServer, segs0 map[string]uint64) *maps.Maps {
+	t.Helper()
 	m := daemonMaps(t, l, testRing)
 	ids := backendIDs(t, m)
 	for _, be := range l.Backends {
@@ -269,59 +359,34 @@ func TestWebSocketAffinity(t *testing.T) {
 			t.Errorf("%s: tether forwarded %d packets, the backend received %d TCP segments", be.Name, got, segs)
 		}
 	}
+	return m
+}
 
-	// Reconnect: close one connection per client and open it again.
-	var again []*conn
-	for i := 0; i < len(conns); i += connsPerC {
-		conns[i].ws.Close()
+// spliceConnections checks that `tether status` counts, per backend of
+// the IPv4 service, the connections the test holds open through the proxy.
+func spliceConnections(t *testing.T, d *daemon, l *lab.Lab, want map[string]int) {
+	t.Helper()
+	var st control.Status
+	d.cliJSON(&st, "status")
+	if st.Interfaces["*"] != "splice" {
+		t.Errorf("status: interfaces %v, want *: splice", st.Interfaces)
 	}
-	again = dialAll(t, l, l.ClientAddrs4, l.VIP4, 1)
-	for _, c := range again {
-		if owner[c.src] != c.backend {
-			t.Fatalf("client %s reconnected to %s, it was on %s", c.src, c.backend, owner[c.src])
+	got := map[string]int{}
+	for _, s := range st.Services {
+		if s.Name != "chat" {
+			continue
+		}
+		for _, b := range s.Backends {
+			for _, be := range l.Backends {
+				if b.Address == netip.AddrPortFrom(be.Addr4, chatPort).String() {
+					got[be.Name] = b.ActiveConnections
+				}
+			}
 		}
 	}
-	open := append([]*conn{}, again...)
-	for i := 1; i < len(conns); i += connsPerC {
-		open = append(open, conns[i])
-	}
-	open = append(open, conns6...)
-	echoAll(t, open, "after reconnect")
-
-	// Flush the connection and affinity tables: the ring alone must give
-	// every open connection its backend again.
-	n, err := m.FlushFlows()
-	if err != nil {
-		t.Fatal(err)
-	}
-	na, err := m.FlushAffinities()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("flushed %d flows and %d affinity entries", n, na)
-	if n < len(open) {
-		t.Errorf("flushed %d flows, want at least the %d open connections", n, len(open))
-	}
-	echoAll(t, open, "after flush")
-
-	// A fourth backend: no open connection breaks or moves.
-	be4, err := l.AddBackend()
-	if err != nil {
-		t.Fatal(err)
-	}
-	serveEcho(t, l, be4)
-	d.reload(healthConfig(l, l.Backends, noHealth))
-	echoAll(t, open, "after adding a backend")
-	fresh := dialAll(t, l, l.ClientAddrs4[:60], l.VIP4, 1)
-	moved := 0
-	for _, c := range fresh {
-		if owner[c.src] != c.backend {
-			moved++
-		}
-	}
-	t.Logf("with 4 backends, %d of 60 returning clients kept their backend (affinity table)", 60-moved)
-	if moved != 0 {
-		t.Errorf("%d returning clients changed backend although their affinity entries hold", moved)
+	t.Logf("active connections per backend in tether status: %v", got)
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("tether status counts %v active connections, the clients hold %v", got, want)
 	}
 }
 

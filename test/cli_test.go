@@ -58,7 +58,8 @@ func TestRunRefusesBadInput(t *testing.T) {
 		{"backend port differs in dsr", []string{"run", "-c", write("port.yaml", strings.Replace(good, "      - address: 198.51.100.11\n", "      - address: 198.51.100.11\n        port: 9000\n", 1))}, 1, "services[0].backends[0].port"},
 		{"unknown field", []string{"run", "-c", write("field.yaml", good+"colour: blue\n")}, 1, "colour"},
 		{"interface that does not exist", []string{"run", "-c", write("iface.yaml", strings.Replace(good, "[eth0]", "[eth9]", 1))}, 1, "eth9"},
-		{"splice not built yet", []string{"run", "-c", write("splice.yaml", strings.Replace(good, "datapath: xdp", "datapath: splice", 1))}, 1, "splice"},
+		{"udp with splice", []string{"run", "-c", write("splice.yaml", strings.Replace(strings.Replace(good, "datapath: xdp", "datapath: splice", 1), "    affinity: source\n", "    protocol: udp\n    affinity: source\n", 1))}, 1, "services[0].protocol: udp services need the xdp datapath"},
+		{"proxy_protocol with xdp", []string{"run", "-c", write("pp.yaml", strings.Replace(good, "    affinity: source\n", "    proxy_protocol: v2\n    affinity: source\n", 1))}, 1, "services[0].proxy_protocol: v2 needs the splice datapath"},
 	} {
 		t.Run(tc.desc, func(t *testing.T) {
 			out, code := runTether(t, l, tc.args...)

@@ -12,12 +12,14 @@ import (
 
 	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/control"
+	"github.com/tetherlb/tether/datapath"
 	"github.com/tetherlb/tether/loader"
+	"github.com/tetherlb/tether/userspace"
 )
 
 var runCommand = &cli.Command{
 	Name:  "run",
-	Usage: "run the balancer: attach the XDP program and serve the configured services",
+	Usage: "run the balancer: attach the XDP program (or start the splice proxy) and serve the configured services",
 	Description: `run loads the configuration file, attaches tether's XDP program to the
 interfaces it names, fills the maps and forwards until SIGINT or SIGTERM,
 which leave the program attached and forwarding (see below). SIGHUP (or
@@ -41,7 +43,16 @@ The configuration is YAML; see the README for every field. The smallest one:
           - address: 192.0.2.11
           - address: 192.0.2.12
 
-Backends must be on a network directly connected to one of the interfaces
+Datapaths: "datapath: xdp" (native XDP) and "xdp-generic" attach the program
+to every interface or fail. "auto", the default, attaches native XDP and,
+where a driver or the kernel refuses it, serves every service through the
+splice proxy instead, logging why ("native XDP unavailable, serving through
+the splice proxy"). "splice" always does: a userspace TCP proxy that moves
+bytes with splice(2), needs no interface, and makes each VIP local to the
+host with a route (ip route add local VIP dev lo) that it removes when it
+stops. "tether status" shows the mode in force per interface.
+
+With XDP, backends must be on a network directly connected to one of the interfaces
 (dsr forwarding rewrites MAC addresses only) and hold the VIP on a loopback
 interface, with arp_ignore=1 and arp_announce=2.
 
@@ -109,15 +120,54 @@ func newLogger(w interface{ Write([]byte) (int, error) }, format, level string) 
 	return nil, usagef("--log-format: %q is not text or json", format)
 }
 
-// datapathMode maps the configured datapath to an XDP attach mode.
+// datapathMode maps the configured datapath to an XDP attach mode; splice
+// has none.
 func datapathMode(dp string) (loader.Mode, error) {
 	switch dp {
 	case config.DatapathAuto, config.DatapathXDP:
 		return loader.ModeNative, nil
 	case config.DatapathXDPGeneric:
 		return loader.ModeGeneric, nil
+	case config.DatapathSplice:
+		return "", nil
 	}
-	return "", fmt.Errorf("datapath %q is not available in this version of tether: use xdp or xdp-generic", dp)
+	return "", fmt.Errorf("unknown datapath %q: use auto, xdp, xdp-generic or splice", dp)
+}
+
+// openDatapath starts the configured datapath: the XDP program (xdp is
+// set), or the splice proxy. With datapath auto, an XDP program that
+// cannot be loaded or attached natively to every interface gives way to
+// the proxy, which is logged with the reason.
+func openDatapath(cfg *config.Config, mode loader.Mode, opts loader.Options, log *slog.Logger) (dp datapath.Datapath, xdp *loader.XDP, err error) {
+	proxyOpts := userspace.Options{AffinityEntries: int(cfg.Tables.Affinity)}
+	if cfg.Datapath == config.DatapathSplice {
+		warnPinned(opts.PinDir, log)
+		return newSplice(log, cfg.HashSeed, proxyOpts, nil), nil, nil
+	}
+	x, err := loader.NewXDP(opts, cfg.Interfaces, mode, log)
+	if err == nil {
+		return x, x, nil
+	}
+	if cfg.Datapath != config.DatapathAuto {
+		return nil, nil, err
+	}
+	for i, s := range cfg.Services {
+		if s.Protocol == config.ProtocolUDP {
+			return nil, nil, fmt.Errorf("native XDP unavailable (%w), and the splice proxy cannot stand in: services[%d] (%s) is udp, which needs XDP (datapath xdp-generic attaches it on any driver)", err, i, s.Name)
+		}
+	}
+	log.Warn("native XDP unavailable, serving through the splice proxy", "interfaces", cfg.Interfaces, "err", err)
+	warnPinned(opts.PinDir, log)
+	return newSplice(log, cfg.HashSeed, proxyOpts, cfg.Interfaces), nil, nil
+}
+
+// warnPinned warns about an XDP datapath pinned by an earlier daemon: it
+// goes on forwarding the VIPs' packets ahead of the splice proxy.
+func warnPinned(dir string, log *slog.Logger) {
+	if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
+		log.Warn("an earlier tether left an XDP datapath pinned, which may still forward the VIPs' packets ahead of the splice proxy: "+
+			"`tether detach` (or `tether run --clean`) removes it", "pin_dir", dir)
+	}
 }
 
 // pins says where the daemon pins its state and whether that state
@@ -162,14 +212,21 @@ func runDaemon(ctx context.Context, path, socket string, pins pins, log *slog.Lo
 		}
 		log.Info("removed pinned state (--clean)", "pin_dir", pins.dir, "detached", gone)
 	}
-	dp, err := loader.NewXDP(opts, cfg.Interfaces, mode, log)
+	dp, xdp, err := openDatapath(cfg, mode, opts, log)
 	if err != nil {
 		return err
 	}
 	remove := pins.clean
 	defer func() {
+		if xdp == nil {
+			if err := dp.Close(); err != nil {
+				log.Error("close datapath", "err", err)
+			}
+			log.Info("stopped; splice proxy closed with its connections")
+			return
+		}
 		if remove {
-			if err := dp.Remove(); err != nil {
+			if err := xdp.Remove(); err != nil {
 				log.Error("detach and remove pinned state", "err", err)
 			}
 			log.Info("stopped; XDP program detached and pinned state removed")
@@ -184,11 +241,13 @@ func runDaemon(ctx context.Context, path, socket string, pins pins, log *slog.Lo
 	// Services the previous daemon left keep their ids before anything is
 	// applied, so that no connection or affinity entry points at a
 	// backend id given to another backend.
-	if err := ctl.Adopt(dp.AdoptedServices()); err != nil {
-		return err
+	if xdp != nil {
+		if err := ctl.Adopt(xdp.AdoptedServices()); err != nil {
+			return err
+		}
 	}
 	if err := ctl.Apply(cfg); err != nil {
-		remove = remove || !dp.Adopted() // a first start that never served leaves nothing
+		remove = remove || (xdp != nil && !xdp.Adopted()) // a first start that never served leaves nothing
 		return fmt.Errorf("apply %s: %w", path, err)
 	}
 	d := control.NewDaemon(path, cfg, ctl, dp, log)
@@ -206,7 +265,7 @@ func runDaemon(ctx context.Context, path, socket string, pins pins, log *slog.Lo
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
-	log.Info("ready", "version", version, "services", len(cfg.Services), "interfaces", cfg.Interfaces, "datapath", cfg.Datapath, "socket", socket)
+	log.Info("ready", "version", version, "services", len(cfg.Services), "interfaces", cfg.Interfaces, "datapath", cfg.Datapath, "modes", dp.Modes(), "socket", socket)
 	for {
 		select {
 		case <-ctx.Done():

@@ -15,8 +15,9 @@ import (
 var statusCommand = &cli.Command{
 	Name:  "status",
 	Usage: "show the datapath and every service with its backends",
-	Description: `status shows the configuration file the daemon serves, the XDP mode in force
-on each interface, and every service with its health check and its backends:
+	Description: `status shows the configuration file the daemon serves, the datapath mode in
+force on each interface (native or generic XDP, or splice when the proxy
+serves: "*" with datapath splice), and every service with its health check and its backends:
 state, weight, active connections (flows in the connection table not seen
 closing), and what the health check found: up or down, the last probe's
 result and latency, and how many times the backend changed state.

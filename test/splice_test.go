@@ -1,0 +1,194 @@
+package test
+
+import (
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/control"
+	"github.com/tetherlb/tether/lab"
+)
+
+// withDatapath returns a configuration of chatConfig's (or healthConfig's)
+// served by datapath dp instead of xdp.
+func withDatapath(cfg, dp string) string {
+	return strings.Replace(cfg, "datapath: xdp\n", "datapath: "+dp+"\n", 1)
+}
+
+// clientRoutes gives the lab's balancer its way back to the client
+// addresses, which the splice proxy answers itself (with XDP, the backends
+// answer the clients directly). tether makes the VIPs local by itself.
+func clientRoutes(t testing.TB, l *lab.Lab) {
+	t.Helper()
+	nh, err := l.Balancer.Netlink()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nh.Close()
+	eth, err := nh.LinkByName("eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []struct {
+		dst string
+		via netip.Addr
+	}{{"192.0.2.0/24", l.Client.Addr4}, {"2001:db8:c::/64", l.Client.Addr6}} {
+		p := netip.MustParsePrefix(r.dst)
+		dst := &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+		if err := nh.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Dst: dst, Gw: r.via.AsSlice()}); err != nil {
+			t.Fatalf("balancer: route %s via %s: %v", r.dst, r.via, err)
+		}
+	}
+}
+
+// localRoutes lists the balancer's local routes to the lab's VIPs.
+func localRoutes(t testing.TB, l *lab.Lab) []string {
+	t.Helper()
+	nh, err := l.Balancer.Netlink()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nh.Close()
+	var out []string
+	for _, vip := range []netip.Addr{l.VIP4, l.VIP6} {
+		routes, err := nh.RouteGet(vip.AsSlice())
+		if err == nil && len(routes) > 0 && routes[0].Type == 2 { // RTN_LOCAL
+			out = append(out, vip.String())
+		}
+	}
+	return out
+}
+
+// TestSpliceFallback runs `datapath: auto` on an interface where native
+// XDP cannot attach (a bridge device has no XDP support in its driver): the
+// daemon says why it serves through the splice proxy, `tether status`
+// shows splice on that interface, and WebSocket clients from many source
+// addresses keep their backend across reconnects, their echoes intact.
+// When the daemon stops, the VIPs' local routes it added are gone.
+func TestSpliceFallback(t *testing.T) {
+	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 150})
+	for _, be := range l.Backends {
+		serveEcho(t, l, be)
+	}
+	nh, err := l.Balancer.Netlink()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nh.Close()
+	// A bridge without ports: its driver has no native XDP (no ndo_bpf),
+	// and the lab needs bridges anyway (dummy may not be built).
+	dummy := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "nox0"}}
+	if err := nh.LinkAdd(dummy); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nh.LinkDel(dummy) })
+	if err := nh.LinkSetUp(dummy); err != nil {
+		t.Fatal(err)
+	}
+	clientRoutes(t, l)
+
+	cfg := strings.Replace(chatConfig(l, l.Backends), "interfaces: [eth0]\ndatapath: xdp\n", "interfaces: [nox0]\ndatapath: auto\n", 1)
+	d := startDaemon(t, l, cfg)
+	out := d.proc.Output()
+	line := ""
+	for _, s := range strings.Split(out, "\n") {
+		if strings.Contains(s, "native XDP unavailable, serving through the splice proxy") {
+			line = s
+		}
+	}
+	if !strings.Contains(line, "level=WARN") || !strings.Contains(line, "nox0") || !strings.Contains(line, "err=") {
+		t.Fatalf("no WARN naming the interface and the error of the fallback:\n%s", out)
+	}
+	t.Logf("fallback: %s", line)
+
+	var st control.Status
+	d.cliJSON(&st, "status")
+	if st.Datapath != config.DatapathAuto || len(st.Interfaces) != 1 || st.Interfaces["nox0"] != "splice" {
+		t.Fatalf("status: datapath %q, interfaces %v; want auto with nox0: splice", st.Datapath, st.Interfaces)
+	}
+	if got := localRoutes(t, l); len(got) != 2 {
+		t.Fatalf("local routes of the VIPs on the balancer: %v, want both", got)
+	}
+
+	conns := dialAll(t, l, l.ClientAddrs4, l.VIP4, connsPerC)
+	conns6 := dialAll(t, l, l.ClientAddrs6[:40], l.VIP6, 1)
+	owner := backendsByClient(t, conns)
+	spread := map[string]int{}
+	for _, b := range owner {
+		spread[b]++
+	}
+	t.Logf("%d IPv4 and %d IPv6 connections through the proxy; clients per backend: %v", len(conns), len(conns6), spread)
+	if len(spread) != len(l.Backends) {
+		t.Fatalf("clients reached only %v", spread)
+	}
+	for i := 0; i < len(conns); i += connsPerC {
+		conns[i].ws.Close()
+	}
+	again := dialAll(t, l, l.ClientAddrs4, l.VIP4, 1)
+	for _, c := range again {
+		if owner[c.src] != c.backend {
+			t.Fatalf("client %s reconnected to %s, it was on %s", c.src, c.backend, owner[c.src])
+		}
+	}
+	open := append([]*conn{}, again...)
+	for i := 1; i < len(conns); i += connsPerC {
+		open = append(open, conns[i])
+	}
+	echoAll(t, append(open, conns6...), "after reconnect")
+
+	d.proc.Stop()
+	if got := localRoutes(t, l); len(got) != 0 {
+		t.Fatalf("local routes left after the daemon stopped: %v", got)
+	}
+}
+
+// TestSameChoiceSpliceXDP serves the same backends with the same seed
+// through the XDP datapath, then through the splice proxy, in one lab:
+// every client address, IPv4 and IPv6, reaches the same backend both ways.
+func TestSameChoiceSpliceXDP(t *testing.T) {
+	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 150})
+	for _, be := range l.Backends {
+		serveEcho(t, l, be)
+	}
+	clientRoutes(t, l)
+	cfg := healthConfig(l, l.Backends, "{type: none}")
+
+	choose := func(dp string) (v4, v6 map[netip.Addr]string) {
+		d := startDaemon(t, l, withDatapath(cfg, dp))
+		c4 := dialAll(t, l, l.ClientAddrs4, l.VIP4, 1)
+		c6 := dialAll(t, l, l.ClientAddrs6, l.VIP6, 1)
+		v4, v6 = backendsByClient(t, c4), backendsByClient(t, c6)
+		// Close the connections while the datapath still carries them.
+		closeAll(append(c4, c6...))
+		d.proc.Stop()
+		return v4, v6
+	}
+	x4, x6 := choose(config.DatapathXDP)
+	// The XDP program stays attached when its daemon stops: detach it, or
+	// it would go on forwarding the VIPs ahead of the proxy.
+	if out, code := runTether(t, l, "detach", "--pin-dir", labPinDir(l)); code != 0 {
+		t.Fatalf("tether detach: exit %d\n%s", code, out)
+	}
+	s4, s6 := choose(config.DatapathSplice)
+	for _, fam := range []struct {
+		name     string
+		xdp, spl map[netip.Addr]string
+		addrs    []netip.Addr
+	}{{"IPv4", x4, s4, l.ClientAddrs4}, {"IPv6", x6, s6, l.ClientAddrs6}} {
+		if len(fam.xdp) != len(fam.addrs) || len(fam.spl) != len(fam.addrs) {
+			t.Fatalf("%s: %d clients through XDP, %d through splice, want %d", fam.name, len(fam.xdp), len(fam.spl), len(fam.addrs))
+		}
+		spread := map[string]int{}
+		for _, a := range fam.addrs {
+			if fam.xdp[a] != fam.spl[a] {
+				t.Errorf("%s: client %s reached %s through XDP and %s through splice", fam.name, a, fam.xdp[a], fam.spl[a])
+			}
+			spread[fam.xdp[a]]++
+		}
+		t.Logf("%s: %d clients on the same backend through both datapaths, spread %v", fam.name, len(fam.addrs), spread)
+	}
+}
