@@ -564,27 +564,12 @@ func firstLines(s string, n int) string {
 func TestRunRefusesBusySocket(t *testing.T) {
 	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 1})
 	d := startDaemon(t, l, chatConfig(l, l.Backends))
-	progID := func() uint32 {
-		h, err := l.Balancer.Netlink()
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer h.Close()
-		link, err := h.LinkByName("eth0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if x := link.Attrs().Xdp; x != nil && x.Attached {
-			return x.ProgId
-		}
-		return 0
-	}
-	before := progID()
+	before := balancerXDP(t, l)
 	out, code := runTether(t, l, "run", "--config", d.config, "--socket", d.socket)
 	if code != 1 || !strings.Contains(out, "another tether daemon is serving") || !strings.Contains(out, d.socket) {
 		t.Fatalf("second daemon: exit %d\n%s", code, out)
 	}
-	if after := progID(); after != before || before == 0 {
+	if after := balancerXDP(t, l); after != before || before == 0 {
 		t.Errorf("XDP program id %d before the second daemon, %d after", before, after)
 	}
 	if out := d.mustCLI("vip", "ls"); !strings.Contains(out, "chat6") {

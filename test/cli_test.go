@@ -66,17 +66,8 @@ func TestRunRefusesBadInput(t *testing.T) {
 			if code != tc.code || !strings.Contains(out, tc.want) {
 				t.Fatalf("exit %d, output:\n%s\nwant exit %d and %q", code, out, tc.code, tc.want)
 			}
-			h, err := l.Balancer.Netlink()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer h.Close()
-			link, err := h.LinkByName("eth0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			if x := link.Attrs().Xdp; x != nil && x.Attached {
-				t.Fatalf("an XDP program (id %d) is attached after a refused run", x.ProgId)
+			if id := balancerXDP(t, l); id != 0 {
+				t.Fatalf("an XDP program (id %d) is attached after a refused run", id)
 			}
 		})
 	}

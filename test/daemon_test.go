@@ -116,9 +116,9 @@ func (d *daemon) reload(cfg string) {
 	}
 }
 
-// daemonMaps opens the maps of the XDP program attached to the balancer's
-// eth0, the ones the running daemon fills.
-func daemonMaps(t testing.TB, l *lab.Lab, ringSize uint32) *maps.Maps {
+// balancerXDP returns the id of the XDP program on the balancer's eth0,
+// 0 if none.
+func balancerXDP(t testing.TB, l *lab.Lab) uint32 {
 	t.Helper()
 	h, err := l.Balancer.Netlink()
 	if err != nil {
@@ -129,11 +129,21 @@ func daemonMaps(t testing.TB, l *lab.Lab, ringSize uint32) *maps.Maps {
 	if err != nil {
 		t.Fatal(err)
 	}
-	xdp := link.Attrs().Xdp
-	if xdp == nil || xdp.ProgId == 0 {
+	if x := link.Attrs().Xdp; x != nil && x.Attached {
+		return x.ProgId
+	}
+	return 0
+}
+
+// daemonMaps opens the maps of the XDP program attached to the balancer's
+// eth0, the ones the running daemon fills.
+func daemonMaps(t testing.TB, l *lab.Lab, ringSize uint32) *maps.Maps {
+	t.Helper()
+	id := balancerXDP(t, l)
+	if id == 0 {
 		t.Fatal("no XDP program on the balancer's eth0")
 	}
-	prog, err := ebpf.NewProgramFromID(ebpf.ProgramID(xdp.ProgId))
+	prog, err := ebpf.NewProgramFromID(ebpf.ProgramID(id))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -136,25 +136,6 @@ func tables(t *testing.T, l *lab.Lab) (conns, affinities int) {
 	return conns, affinities
 }
 
-// balancerXDP returns the id of the XDP program on the balancer's eth0,
-// 0 if none.
-func balancerXDP(t *testing.T, l *lab.Lab) uint32 {
-	t.Helper()
-	h, err := l.Balancer.Netlink()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	link, err := h.LinkByName("eth0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if x := link.Attrs().Xdp; x != nil && x.Attached {
-		return x.ProgId
-	}
-	return 0
-}
-
 // buildVersion builds tether with another version string: the "new
 // release" of an upgrade.
 func buildVersion(t *testing.T, version string) string {
