@@ -10,8 +10,9 @@ export TETHER_REQUIRE_PRIVILEGED
 
 # What `make deps` installs (Debian/Ubuntu): clang and llvm-strip for
 # bpf2go, libbpf headers (vendored copies are in bpf/include), kernel UAPI
-# headers, iproute2 for the lab, bpftool to inspect maps.
-APT_PACKAGES = clang llvm libbpf-dev linux-libc-dev iproute2 bpftool clang-format git make ca-certificates
+# headers, iproute2 for the lab, bpftool to inspect maps, strace for the
+# splice zero-copy test.
+APT_PACKAGES = clang llvm libbpf-dev linux-libc-dev iproute2 bpftool clang-format strace git make ca-certificates
 
 .DEFAULT_GOAL := help
 
