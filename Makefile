@@ -45,8 +45,10 @@ lab: ## the main job on a lab of namespaces (root)
 	$(GO) test -count=1 -v -run 'TestWebSocketAffinity' ./test
 
 .PHONY: bench
-bench: ## measure per-packet cost, map memory and Maglev build time (root)
+bench: ## measure per-packet cost, map memory, Maglev build time, and splice against HAProxy (root)
 	$(GO) run ./test/bench/xdpcost -out docs/bench/xdpcost.md
+	command -v haproxy >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy
+	$(GO) run ./test/bench/splicebench -out docs/bench/splice.md
 
 .PHONY: format
 format: ## gofmt the Go code and clang-format the C

@@ -1,0 +1,636 @@
+// Command splicebench measures tether's splice datapath against HAProxy
+// (mode tcp, option splice-auto) on the same lab, in the same run:
+//
+//   - throughput with 1 and 8 streams: the client sends a fixed number of
+//     bytes per stream to a backend that discards them and acknowledges the
+//     end (MiB/s = bytes / elapsed, median of the runs);
+//   - new connections per second: workers connect, write one byte, read its
+//     echo and close, a fixed number of times (median of the runs);
+//
+// through tether (`tether run` with `datapath: splice`), through HAProxy,
+// and directly from the client to the backends, the reference. Runs are
+// interleaved: each round measures direct, tether and HAProxy in turn,
+// starting and stopping each balancer, so that drift of the machine falls
+// on all three alike. It also reports the CPU time each balancer process
+// used per GiB and per 1,000 connections.
+//
+// It needs root, `ip` and haproxy. `make bench` runs it.
+package main
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/tetherlb/tether/lab"
+)
+
+const (
+	port     = 9000
+	modeSink = 'S' // 8-byte big-endian length follows; discard, then ack one byte
+	modeEcho = 'E' // echo one byte, then wait for the peer to close
+	opLimit  = 2 * time.Minute
+)
+
+var (
+	cleanups []func()
+	cleanMu  sync.Mutex
+)
+
+// atExit registers f to run on every exit path (LIFO).
+func atExit(f func()) {
+	cleanMu.Lock()
+	defer cleanMu.Unlock()
+	cleanups = append(cleanups, f)
+}
+
+func cleanup() {
+	cleanMu.Lock()
+	fs := cleanups
+	cleanups = nil
+	cleanMu.Unlock()
+	for i := len(fs) - 1; i >= 0; i-- {
+		fs[i]()
+	}
+}
+
+var exitOnce sync.Once
+
+// fail reports msg, cleans up and exits. The first failure (or signal)
+// wins; a later one, which the first's cleanup may cause, blocks until the
+// process exits rather than exiting before the cleanup is done.
+func fail(msg string) {
+	exitOnce.Do(func() {
+		fmt.Fprintln(os.Stderr, "splicebench:", msg)
+		cleanup()
+		os.Exit(1)
+	})
+	select {}
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "splicebench: "+format+"\n", args...)
+}
+
+type options struct {
+	mib      int
+	conns    int
+	workers  int
+	runs     int
+	backends int
+	clients  int
+	hapThr   int
+}
+
+type balancer struct {
+	name  string
+	start func(round int) (stop func(), pid int) // nil for direct
+}
+
+type sample struct {
+	one, eight, cps            float64
+	cpuOne, cpuEight, cpuConns float64 // balancer CPU seconds
+}
+
+func main() {
+	var o options
+	flag.IntVar(&o.mib, "mib", 512, "MiB sent per throughput measurement (split over the streams)")
+	flag.IntVar(&o.conns, "conns", 5000, "connections per connection-rate measurement")
+	flag.IntVar(&o.workers, "workers", 4, "concurrent workers of the connection-rate measurement")
+	flag.IntVar(&o.runs, "runs", 3, "interleaved rounds; the median is reported")
+	flag.IntVar(&o.backends, "backends", 3, "backends in the lab (1-3)")
+	flag.IntVar(&o.clients, "clients", 16, "client source addresses")
+	flag.IntVar(&o.hapThr, "haproxy-threads", 0, "HAProxy nbthread (0: HAProxy's default, one per CPU)")
+	out := flag.String("out", "", "also write the report to this `file`")
+	flag.Parse()
+	if o.backends < 1 || o.backends > 3 || o.runs < 1 || o.workers < 1 || o.mib < 8 || o.conns < o.workers {
+		fail("bad flags")
+	}
+
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	go func() {
+		s := <-sig
+		fail("interrupted by " + s.String())
+	}()
+	defer cleanup()
+
+	hapVersion := haproxyVersion()
+	tmp, err := os.MkdirTemp("", "splicebench-*")
+	if err != nil {
+		fail(err.Error())
+	}
+	atExit(func() { os.RemoveAll(tmp) })
+	tetherBin := filepath.Join(tmp, "tether")
+	logf("building tether")
+	if b, err := exec.Command("go", "build", "-o", tetherBin, "./cmd/tether").CombinedOutput(); err != nil {
+		fail(fmt.Sprintf("go build ./cmd/tether: %v\n%s", err, b))
+	}
+
+	l, err := lab.New(lab.Options{Backends: o.backends, Clients: o.clients})
+	if err != nil {
+		fail("lab: " + err.Error())
+	}
+	atExit(func() {
+		if err := l.Close(); err != nil {
+			logf("closing the lab: %v", err)
+		}
+	})
+	logf("lab %s: %d backends, %d client addresses", l.ID, len(l.Backends), o.clients)
+	for _, h := range []*lab.Host{l.Client, l.Balancer} {
+		// Many short connections in a row: a wide port range and reuse
+		// of TIME_WAIT ports for the active closer (per namespace, gone
+		// with the lab).
+		sysctl(h, "net.ipv4.ip_local_port_range=1024 65000")
+		sysctl(h, "net.ipv4.tcp_tw_reuse=1")
+	}
+	clientRoutes(l)
+	var backendAddrs []netip.AddrPort
+	for _, be := range l.Backends {
+		a := netip.AddrPortFrom(be.Addr4, port)
+		ln, err := be.Listen("tcp", a.String())
+		if err != nil {
+			fail(err.Error())
+		}
+		atExit(func() { ln.Close() })
+		go serve(ln)
+		backendAddrs = append(backendAddrs, a)
+	}
+	vip := netip.AddrPortFrom(l.VIP4, port)
+
+	bals := []balancer{
+		{name: "direct (no balancer)"},
+		{name: "tether (splice)", start: func(round int) (func(), int) { return startTether(l, tetherBin, tmp, round, vip, backendAddrs) }},
+		{name: "haproxy " + hapVersion + " (splice-auto)", start: func(round int) (func(), int) {
+			return startHAProxy(l, tmp, round, vip, backendAddrs, o.hapThr)
+		}},
+	}
+	samples := make([][]sample, len(bals))
+	for r := 0; r < o.runs; r++ {
+		for i, b := range bals {
+			target := func(k int) netip.AddrPort { return vip }
+			stop, pid := func() {}, 0
+			if b.start == nil {
+				target = func(k int) netip.AddrPort { return backendAddrs[k%len(backendAddrs)] }
+			} else {
+				stop, pid = b.start(r)
+			}
+			var s sample
+			c0 := cpuSeconds(pid)
+			s.one = throughput(l, target, 1, o.mib)
+			c1 := cpuSeconds(pid)
+			s.eight = throughput(l, target, 8, o.mib)
+			c2 := cpuSeconds(pid)
+			s.cps = connRate(l, target, o.conns, o.workers)
+			c3 := cpuSeconds(pid)
+			s.cpuOne, s.cpuEight, s.cpuConns = c1-c0, c2-c1, c3-c2
+			stop()
+			logf("round %d %s: 1 stream %.0f MiB/s, 8 streams %.0f MiB/s, %.0f conns/s", r+1, b.name, s.one, s.eight, s.cps)
+			samples[i] = append(samples[i], s)
+		}
+	}
+	report(out, o, l, bals, samples, hapVersion)
+}
+
+func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sample, hapVersion string) {
+	var w io.Writer = os.Stdout
+	if *out != "" {
+		f, err := os.Create(*out)
+		if err != nil {
+			fail(err.Error())
+		}
+		defer f.Close()
+		w = io.MultiWriter(os.Stdout, f)
+	}
+	med := func(ss []sample, f func(sample) float64) float64 {
+		var xs []float64
+		for _, s := range ss {
+			xs = append(xs, f(s))
+		}
+		return median(xs)
+	}
+	rng := func(ss []sample, f func(sample) float64) string {
+		var xs []float64
+		for _, s := range ss {
+			xs = append(xs, f(s))
+		}
+		return fmt.Sprintf("%.0f–%.0f", slices.Min(xs), slices.Max(xs))
+	}
+	one := func(s sample) float64 { return s.one }
+	eight := func(s sample) float64 { return s.eight }
+	cps := func(s sample) float64 { return s.cps }
+
+	fmt.Fprintf(w, "# tether splice datapath against HAProxy (%s, %s, %d CPUs)\n\n", time.Now().UTC().Format("2006-01-02"), kernel(), cpus())
+	fmt.Fprintf(w, "One lab (client, balancer, %d backends on one bridge), one run, %d interleaved rounds (direct, tether, HAProxy in turn); medians, min–max in parentheses.\n", len(l.Backends), o.runs)
+	fmt.Fprintf(w, "Throughput: the client sends %d MiB in all (1 stream, or 8 streams of %d MiB from 8 source addresses), the backend discards it and acknowledges the end; MiB/s = bytes / elapsed.\n", o.mib, o.mib/8)
+	fmt.Fprintf(w, "Connection rate: %d connections over %d workers, each connect, write 1 byte, read its echo, close.\n\n", o.conns, o.workers)
+	fmt.Fprintln(w, "| balancer | 1 stream MiB/s | 8 streams MiB/s | conns/s |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|")
+	for i, b := range bals {
+		fmt.Fprintf(w, "| %s | %.0f (%s) | %.0f (%s) | %.0f (%s) |\n", b.name,
+			med(samples[i], one), rng(samples[i], one),
+			med(samples[i], eight), rng(samples[i], eight),
+			med(samples[i], cps), rng(samples[i], cps))
+	}
+	t, h := samples[1], samples[2]
+	fmt.Fprintf(w, "| **tether / haproxy** | **%.2f** | **%.2f** | **%.2f** |\n\n",
+		med(t, one)/med(h, one), med(t, eight)/med(h, eight), med(t, cps)/med(h, cps))
+
+	fmt.Fprintln(w, "CPU time of the balancer process (user + system, from /proc/PID/stat; medians):")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| balancer | CPU ms per GiB, 1 stream | CPU ms per GiB, 8 streams | CPU µs per connection |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|")
+	gib := float64(o.mib) / 1024
+	for i, b := range bals[1:] {
+		ss := samples[i+1]
+		fmt.Fprintf(w, "| %s | %.0f | %.0f | %.0f |\n", b.name,
+			med(ss, func(s sample) float64 { return s.cpuOne })*1000/gib,
+			med(ss, func(s sample) float64 { return s.cpuEight })*1000/gib,
+			med(ss, func(s sample) float64 { return s.cpuConns })*1e6/float64(o.conns))
+	}
+	fmt.Fprintln(w)
+	threads := "not set (HAProxy's default: one thread per CPU)"
+	if o.hapThr > 0 {
+		threads = strconv.Itoa(o.hapThr)
+	}
+	fmt.Fprintf(w, "HAProxy %s: `mode tcp`, `option splice-auto`, `balance source`, `maxconn 4000`, timeouts client/server/tunnel 1h, nbthread %s. ", hapVersion, threads)
+	fmt.Fprintln(w, "tether: `datapath: splice`, `affinity: source`, `health: {type: none}`. Both connect to the backends' own addresses (198.51.100.1x:9000).")
+	fmt.Fprintln(w)
+	fmt.Fprintf(w, "All hosts (client, balancer, backends, and this program, which runs the client and the backends) share the same %d CPUs: ", cpus())
+	fmt.Fprintln(w, "the balancer competes with the load it measures, so the figures are compressed toward the direct reference, and the ratios understate differences.")
+}
+
+// serve runs the backend: sink or echo, by the first byte.
+func serve(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(opLimit))
+			var m [1]byte
+			if _, err := io.ReadFull(c, m[:]); err != nil {
+				return
+			}
+			switch m[0] {
+			case modeEcho:
+				if _, err := c.Write(m[:]); err != nil {
+					return
+				}
+				io.Copy(io.Discard, c) // until the client closes
+			case modeSink:
+				var n [8]byte
+				if _, err := io.ReadFull(c, n[:]); err != nil {
+					return
+				}
+				buf := make([]byte, 256<<10)
+				left := int64(binary.BigEndian.Uint64(n[:]))
+				for left > 0 {
+					k := int64(len(buf))
+					if left < k {
+						k = left
+					}
+					r, err := c.Read(buf[:k])
+					left -= int64(r)
+					if err != nil {
+						return
+					}
+				}
+				c.Write([]byte{'A'})
+			}
+		}()
+	}
+}
+
+// dial connects from the client namespace; call it inside Client.Do.
+func dial(src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: src.AsSlice()}, Timeout: 10 * time.Second}
+	c, err := d.Dial("tcp4", dst.String())
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}
+
+// throughput sends mib MiB over streams streams and returns MiB/s.
+func throughput(l *lab.Lab, target func(int) netip.AddrPort, streams, mib int) float64 {
+	per := int64(mib) << 20 / int64(streams)
+	conns := make([]*net.TCPConn, streams)
+	err := l.Client.Do(func() error {
+		for k := range conns {
+			c, err := dial(l.ClientAddrs4[k%len(l.ClientAddrs4)], target(k))
+			if err != nil {
+				for _, c := range conns[:k] {
+					c.Close()
+				}
+				return err
+			}
+			conns[k] = c
+		}
+		return nil
+	})
+	if err != nil {
+		fail("throughput: " + err.Error())
+	}
+	buf := bytes.Repeat([]byte("tether"), (1<<20)/6+1)[:1<<20]
+	errs := make([]error, streams)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for k, c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(opLimit))
+			hdr := make([]byte, 9)
+			hdr[0] = modeSink
+			binary.BigEndian.PutUint64(hdr[1:], uint64(per))
+			if _, err := c.Write(hdr); err != nil {
+				errs[k] = err
+				return
+			}
+			for left := per; left > 0; {
+				n := int64(len(buf))
+				if left < n {
+					n = left
+				}
+				w, err := c.Write(buf[:n])
+				left -= int64(w)
+				if err != nil {
+					errs[k] = err
+					return
+				}
+			}
+			var ack [1]byte
+			if _, err := io.ReadFull(c, ack[:]); err != nil {
+				errs[k] = fmt.Errorf("reading the ack: %w", err)
+			}
+		}()
+	}
+	wg.Wait()
+	el := time.Since(start)
+	if err := errors.Join(errs...); err != nil {
+		fail(fmt.Sprintf("throughput, %d streams: %v", streams, err))
+	}
+	return float64(per*int64(streams)) / (1 << 20) / el.Seconds()
+}
+
+// connRate opens and closes n short connections over workers workers and
+// returns connections per second.
+func connRate(l *lab.Lab, target func(int) netip.AddrPort, n, workers int) float64 {
+	errs := make([]error, workers)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// The sockets are made on a thread in the client namespace.
+			errs[w] = l.Client.Do(func() error {
+				deadline := time.Now().Add(opLimit)
+				for k := w; k < n; k += workers {
+					c, err := dial(l.ClientAddrs4[k%len(l.ClientAddrs4)], target(k))
+					if err != nil {
+						return err
+					}
+					c.SetDeadline(deadline)
+					var b = [1]byte{modeEcho}
+					_, err = c.Write(b[:])
+					if err == nil {
+						_, err = io.ReadFull(c, b[:])
+					}
+					c.Close()
+					if err != nil {
+						return fmt.Errorf("connection %d: %w", k, err)
+					}
+				}
+				return nil
+			})
+		}()
+	}
+	wg.Wait()
+	el := time.Since(start)
+	if err := errors.Join(errs...); err != nil {
+		fail("connection rate: " + err.Error())
+	}
+	return float64(n) / el.Seconds()
+}
+
+// waitServing waits until an echo through vip succeeds or the balancer
+// process ends.
+func waitServing(l *lab.Lab, p *lab.Proc, vip netip.AddrPort, what string) {
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		err := l.Client.Do(func() error {
+			c, err := dial(l.ClientAddrs4[0], vip)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(2 * time.Second))
+			b := [1]byte{modeEcho}
+			if _, err := c.Write(b[:]); err != nil {
+				return err
+			}
+			_, err = io.ReadFull(c, b[:])
+			return err
+		})
+		if err == nil {
+			return
+		}
+		select {
+		case <-p.Done():
+			fail(fmt.Sprintf("%s exited (%v):\n%s", what, p.Err(), p.Output()))
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			fail(fmt.Sprintf("%s does not serve %s after 15s (%v):\n%s", what, vip, err, p.Output()))
+		}
+	}
+}
+
+func startTether(l *lab.Lab, bin, tmp string, round int, vip netip.AddrPort, backends []netip.AddrPort) (func(), int) {
+	dir := filepath.Join(tmp, fmt.Sprintf("tether-%d", round))
+	if err := os.MkdirAll(filepath.Join(dir, "pins"), 0o700); err != nil {
+		fail(err.Error())
+	}
+	var b strings.Builder
+	b.WriteString("datapath: splice\ntables:\n  connections: 65536\n  affinity: 65536\nservices:\n")
+	fmt.Fprintf(&b, "  - name: bench\n    vip: %s\n    port: %d\n    affinity: source\n    affinity_timeout: 1h\n    health: {type: none}\n    backends:\n", vip.Addr(), vip.Port())
+	for _, a := range backends {
+		fmt.Fprintf(&b, "      - address: %s\n", a.Addr())
+	}
+	cfg := filepath.Join(dir, "tether.yaml")
+	if err := os.WriteFile(cfg, []byte(b.String()), 0o600); err != nil {
+		fail(err.Error())
+	}
+	p, err := l.Balancer.Start(bin, "run", "--config", cfg, "--socket", filepath.Join(dir, "tether.sock"),
+		"--pin-dir", filepath.Join(dir, "pins"), "--log-level", "warn")
+	if err != nil {
+		fail("tether run: " + err.Error())
+	}
+	stop := func() {
+		p.Stop()
+		if hasLocalRoute(l, vip.Addr()) {
+			logf("tether left the local route of %s: removing it", vip.Addr())
+			ipIn(l.Balancer, "route", "del", "local", vip.Addr().String()+"/32", "dev", "lo", "table", "local")
+		}
+	}
+	atExit(stop)
+	waitServing(l, p, vip, "tether")
+	return stop, p.Cmd.Process.Pid
+}
+
+func startHAProxy(l *lab.Lab, tmp string, round int, vip netip.AddrPort, backends []netip.AddrPort, threads int) (func(), int) {
+	var b strings.Builder
+	b.WriteString("global\n    maxconn 4000\n")
+	if threads > 0 {
+		fmt.Fprintf(&b, "    nbthread %d\n", threads)
+	}
+	b.WriteString("defaults\n    mode tcp\n    option splice-auto\n    maxconn 4000\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n    timeout tunnel 1h\n")
+	fmt.Fprintf(&b, "frontend bench\n    bind %s\n    default_backend backends\n", vip)
+	b.WriteString("backend backends\n    balance source\n")
+	for i, a := range backends {
+		fmt.Fprintf(&b, "    server be%d %s\n", i+1, a)
+	}
+	cfg := filepath.Join(tmp, fmt.Sprintf("haproxy-%d.cfg", round))
+	if err := os.WriteFile(cfg, []byte(b.String()), 0o600); err != nil {
+		fail(err.Error())
+	}
+	route := []string{"route", "add", "local", vip.Addr().String() + "/32", "dev", "lo", "table", "local"}
+	if err := ipIn(l.Balancer, route...); err != nil {
+		fail(err.Error())
+	}
+	var once sync.Once
+	delRoute := func() {
+		once.Do(func() {
+			route[1] = "del"
+			if err := ipIn(l.Balancer, route...); err != nil {
+				logf("%v", err)
+			}
+		})
+	}
+	atExit(delRoute)
+	p, err := l.Balancer.Start("haproxy", "-db", "-f", cfg)
+	if err != nil {
+		fail("haproxy: " + err.Error())
+	}
+	stop := func() {
+		p.Stop() // by its PID (ip netns exec execs haproxy)
+		delRoute()
+	}
+	atExit(stop)
+	waitServing(l, p, vip, "haproxy")
+	return stop, p.Cmd.Process.Pid
+}
+
+// clientRoutes gives the balancer its way back to the client addresses.
+func clientRoutes(l *lab.Lab) {
+	nh, err := l.Balancer.Netlink()
+	if err != nil {
+		fail(err.Error())
+	}
+	defer nh.Close()
+	eth, err := nh.LinkByName("eth0")
+	if err != nil {
+		fail(err.Error())
+	}
+	for _, r := range []struct {
+		dst string
+		via netip.Addr
+	}{{"192.0.2.0/24", l.Client.Addr4}, {"2001:db8:c::/64", l.Client.Addr6}} {
+		p := netip.MustParsePrefix(r.dst)
+		dst := &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+		if err := nh.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Dst: dst, Gw: r.via.AsSlice()}); err != nil {
+			fail(fmt.Sprintf("balancer: route %s via %s: %v", r.dst, r.via, err))
+		}
+	}
+}
+
+func hasLocalRoute(l *lab.Lab, a netip.Addr) bool {
+	out, err := exec.Command("ip", "netns", "exec", l.Balancer.NS, "ip", "route", "show", "table", "local", a.String()).Output()
+	return err == nil && strings.Contains(string(out), "local")
+}
+
+func ipIn(h *lab.Host, args ...string) error {
+	full := append([]string{"netns", "exec", h.NS, "ip"}, args...)
+	if out, err := exec.Command("ip", full...).CombinedOutput(); err != nil {
+		return fmt.Errorf("ip %s in %s: %v: %s", strings.Join(args, " "), h.Name, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+func sysctl(h *lab.Host, kv string) {
+	if out, err := exec.Command("ip", "netns", "exec", h.NS, "sysctl", "-qw", kv).CombinedOutput(); err != nil {
+		fail(fmt.Sprintf("sysctl %s in %s: %v: %s", kv, h.Name, err, out))
+	}
+}
+
+// cpuSeconds is the user + system CPU time of pid (0 for pid 0).
+func cpuSeconds(pid int) float64 {
+	if pid == 0 {
+		return 0
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	// Fields after the command: state is f[0]; utime, stime are fields 14, 15 of stat.
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (ut + st) / 100 // USER_HZ
+}
+
+func haproxyVersion() string {
+	out, err := exec.Command("haproxy", "-v").Output()
+	if err != nil {
+		fail("haproxy -v: " + err.Error() + " (apt-get install haproxy)")
+	}
+	f := strings.Fields(string(out))
+	if len(f) < 3 {
+		return "?"
+	}
+	return f[2]
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func kernel() string {
+	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return "kernel ?"
+	}
+	return "Linux " + strings.TrimSpace(string(b))
+}
+
+func cpus() int { return runtime.NumCPU() }
