@@ -59,12 +59,7 @@ var backendAddCommand = &cli.Command{
 
 // backendAdd adds a backend and says so.
 func backendAdd(ctx context.Context, cl *control.Client, w io.Writer, spec control.BackendSpec) error {
-	r, err := cl.AddBackend(ctx, spec)
-	if err != nil {
-		return err
-	}
-	fmt.Fprintln(w, r.Message)
-	return nil
+	return report(w)(cl.AddBackend(ctx, spec))
 }
 
 var backendRmCommand = &cli.Command{
@@ -85,12 +80,7 @@ on their next packet, which breaks them. Drain it first and wait until
 
 // backendRm removes a backend and says so.
 func backendRm(ctx context.Context, cl *control.Client, w io.Writer, service, backend string) error {
-	r, err := cl.RemoveBackend(ctx, service, backend)
-	if err != nil {
-		return err
-	}
-	fmt.Fprintln(w, r.Message)
-	return nil
+	return report(w)(cl.RemoveBackend(ctx, service, backend))
 }
 
 var backendDrainCommand = &cli.Command{
@@ -121,12 +111,7 @@ var backendUndrainCommand = &cli.Command{
 
 // backendSetState drains or undrains a backend and says so.
 func backendSetState(ctx context.Context, cl *control.Client, w io.Writer, service, backend, state string) error {
-	r, err := cl.SetBackendState(ctx, control.BackendStateSpec{Service: service, Backend: backend, State: state})
-	if err != nil {
-		return err
-	}
-	fmt.Fprintln(w, r.Message)
-	return nil
+	return report(w)(cl.SetBackendState(ctx, control.BackendStateSpec{Service: service, Backend: backend, State: state}))
 }
 
 var backendLsCommand = &cli.Command{

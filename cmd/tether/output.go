@@ -108,3 +108,15 @@ func bytesIEC(n uint64) string {
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
+
+// report returns a function that prints the daemon's message about a
+// change, or returns the change's error: report(w)(cl.AddBackend(...)).
+func report(w io.Writer) func(control.Result, error) error {
+	return func(r control.Result, err error) error {
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(w, r.Message)
+		return nil
+	}
+}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"io"
 
 	"github.com/urfave/cli/v2"
@@ -28,10 +27,5 @@ and the reason is printed, with the field named.`,
 
 // reload asks the daemon to reload its file and says what it did.
 func reload(ctx context.Context, cl *control.Client, w io.Writer) error {
-	r, err := cl.Reload(ctx)
-	if err != nil {
-		return err
-	}
-	fmt.Fprintln(w, r.Message)
-	return nil
+	return report(w)(cl.Reload(ctx))
 }

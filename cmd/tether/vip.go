@@ -71,12 +71,7 @@ Example: tether vip add 203.0.113.10:8765 --name chat --affinity-timeout 1h`,
 
 // vipAdd adds a service and says so.
 func vipAdd(ctx context.Context, cl *control.Client, w io.Writer, spec control.ServiceSpec) error {
-	r, err := cl.AddService(ctx, spec)
-	if err != nil {
-		return err
-	}
-	fmt.Fprintln(w, r.Message)
-	return nil
+	return report(w)(cl.AddService(ctx, spec))
 }
 
 var vipRmCommand = &cli.Command{
@@ -97,12 +92,7 @@ first and wait for "tether backend ls" to show no connections.`,
 
 // vipRm removes a service and says so.
 func vipRm(ctx context.Context, cl *control.Client, w io.Writer, ref string) error {
-	r, err := cl.RemoveService(ctx, ref)
-	if err != nil {
-		return err
-	}
-	fmt.Fprintln(w, r.Message)
-	return nil
+	return report(w)(cl.RemoveService(ctx, ref))
 }
 
 var vipLsCommand = &cli.Command{
