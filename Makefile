@@ -25,6 +25,18 @@ deps: ## install the build and test tools with apt-get (root)
 	apt-get update -q
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
 
+# Tools the tests and the lab run (ip, strace): installed with apt-get when
+# missing, so that `sudo make test` and `sudo make lab` work on a fresh
+# Debian or Ubuntu machine with Go.
+.PHONY: tools
+tools:
+	@missing=""; for t in ip:iproute2 strace:strace; do \
+		command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
 .PHONY: generate
 generate: ## rebuild the BPF object and its Go bindings with bpf2go (needs clang)
 	$(GO) generate ./bpf
@@ -34,12 +46,12 @@ build: ## build bin/tether (no clang needed: the BPF object is committed)
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/tether
 
 .PHONY: test
-test: ## run every test: vet, unit, BPF_PROG_TEST_RUN and namespace end-to-end (root)
+test: tools ## run every test: vet, unit, BPF_PROG_TEST_RUN and namespace end-to-end (root)
 	$(GO) vet ./...
 	$(GO) test -count=1 ./...
 
 .PHONY: lab
-lab: ## the main job on a lab of namespaces (root)
+lab: tools ## the main job on a lab of namespaces (root)
 	@echo "tether lab (a live view of the whole job) is coming in the lab issue."
 	@echo "Meanwhile, this runs the end-to-end scenario on a lab of namespaces, verbosely:"
 	$(GO) test -count=1 -v -run 'TestWebSocketAffinity' ./test
