@@ -321,13 +321,22 @@ func emptyConfig() string {
 // opened before the drain keep echoing on the drained backend, whose
 // active connections `tether backend ls` shows dropping to 0 once they
 // close; `tether reload` keeps everything.
+//
+// It runs once per datapath. The BPF maps are the XDP datapath's: with
+// splice the checks read `tether status -o json` alone (states, and the
+// active connections per backend), and the traffic checks are the same.
 func TestCLIManagesServices(t *testing.T) {
+	forEachDatapath(t, testCLIManagesServices)
+}
+
+func testCLIManagesServices(t *testing.T, dp string) {
 	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 60})
+	datapathLab(t, l, dp)
 	for _, be := range l.Backends {
 		serveEcho(t, l, be)
 	}
-	d := startDaemon(t, l, emptyConfig())
-	m := daemonMaps(t, l, testRing)
+	d := startDaemon(t, l, withDatapath(emptyConfig(), dp))
+	m := xdpMaps(t, l, dp)
 	be1, be2, be3 := l.Backends[0], l.Backends[1], l.Backends[2]
 	vip := netip.AddrPortFrom(l.VIP4, chatPort).String()
 
@@ -435,22 +444,39 @@ func TestCLIManagesServices(t *testing.T) {
 	if fi, err := os.Stat(d.config); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Errorf("the file's mode is %v (%v), want 0600 as it was", fi.Mode(), err)
 	}
-	before := mapsSnapshot(t, m)
+	var before string
+	if m != nil {
+		before = mapsSnapshot(t, m)
+	}
 	out = d.mustCLI("reload")
 	t.Logf("tether reload\n%s", out)
 	d.waitLog("msg=reloaded", 5*time.Second)
-	if after := mapsSnapshot(t, m); after != before {
-		t.Errorf("reload changed the maps:\nbefore:\n%s\nafter:\n%s", before, after)
+	if m != nil {
+		if after := mapsSnapshot(t, m); after != before {
+			t.Errorf("reload changed the maps:\nbefore:\n%s\nafter:\n%s", before, after)
+		}
 	}
 	if again := checkAgree(t, d, m, map[string]string{be1.Name: "active", be2.Name: "draining"}, l); again.Services[0].ID != status.Services[0].ID {
 		t.Errorf("the service id changed over the reload: %d, then %d", status.Services[0].ID, again.Services[0].ID)
 	}
 }
 
+// xdpMaps returns the maps of the daemon's XDP program, or nil on the
+// splice datapath, which has none.
+func xdpMaps(t *testing.T, l *lab.Lab, dp string) *maps.Maps {
+	t.Helper()
+	if dp == config.DatapathSplice {
+		return nil
+	}
+	return daemonMaps(t, l, testRing)
+}
+
 // checkAgree checks that `tether status -o json` lists the one service on
 // the lab's IPv4 VIP with the backends in want (lab host name → state),
-// and that the maps agree: each backend's entry with its address and
-// state, and the ring holding exactly the active backends.
+// and, with the XDP datapath (m not nil), that the maps agree: each
+// backend's entry with its address and state, and the ring holding exactly
+// the active backends. With splice (m nil) it checks that status shows
+// the proxy serving.
 func checkAgree(t *testing.T, d *daemon, m *maps.Maps, want map[string]string, l *lab.Lab) control.Status {
 	t.Helper()
 	var st control.Status
@@ -458,7 +484,10 @@ func checkAgree(t *testing.T, d *daemon, m *maps.Maps, want map[string]string, l
 	if len(st.Services) != 1 || st.Services[0].VIP != netip.AddrPortFrom(l.VIP4, chatPort).String() {
 		t.Fatalf("status: %+v", st)
 	}
-	if st.Interfaces["eth0"] == "" {
+	switch {
+	case m == nil && st.Interfaces["*"] != config.DatapathSplice:
+		t.Errorf("status: interfaces %v, want *: splice", st.Interfaces)
+	case m != nil && st.Interfaces["eth0"] == "":
 		t.Errorf("status names no XDP mode for eth0: %v", st.Interfaces)
 	}
 	svc := st.Services[0]
@@ -470,6 +499,9 @@ func checkAgree(t *testing.T, d *daemon, m *maps.Maps, want map[string]string, l
 	var active []uint32
 	for _, b := range svc.Backends {
 		got[byAddr[b.Address]] = b.State
+		if m == nil {
+			continue
+		}
 		e, err := m.LookupBackend(b.ID)
 		if err != nil {
 			t.Fatal(err)
@@ -485,6 +517,9 @@ func checkAgree(t *testing.T, d *daemon, m *maps.Maps, want map[string]string, l
 	}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("status shows backends %v, want %v", got, want)
+	}
+	if m == nil {
+		return st
 	}
 	slices.Sort(active)
 	if ring := ringIDs(t, m, svc.ID); !slices.Equal(ring, active) {
@@ -512,17 +547,26 @@ func activeOf(t *testing.T, d *daemon, vip string, be *lab.Host) int {
 // TestCLIReloadKeepsConnections adds a backend to the file and runs
 // `tether reload`: every open connection keeps echoing from its backend,
 // and the new backend enters the ring.
+//
+// It runs once per datapath; the ring is checked in the BPF maps with XDP,
+// and with splice by `tether status -o json` and new connections reaching
+// the new backend.
 func TestCLIReloadKeepsConnections(t *testing.T) {
+	forEachDatapath(t, testCLIReloadKeepsConnections)
+}
+
+func testCLIReloadKeepsConnections(t *testing.T, dp string) {
 	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 60})
+	datapathLab(t, l, dp)
 	for _, be := range l.Backends {
 		serveEcho(t, l, be)
 	}
-	d := startDaemon(t, l, chatConfig(l, l.Backends[:2]))
+	d := startDaemon(t, l, withDatapath(chatConfig(l, l.Backends[:2]), dp))
 	conns := dialAll(t, l, l.ClientAddrs4, l.VIP4, 1)
 	conns = append(conns, dialAll(t, l, l.ClientAddrs6[:20], l.VIP6, 1)...)
 	echoAll(t, conns, "before the reload")
 
-	if err := os.WriteFile(d.config, []byte(chatConfig(l, l.Backends)), 0o600); err != nil {
+	if err := os.WriteFile(d.config, []byte(withDatapath(chatConfig(l, l.Backends), dp)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	out := d.mustCLI("reload")
@@ -534,10 +578,20 @@ func TestCLIReloadKeepsConnections(t *testing.T) {
 
 	var st control.Status
 	d.cliJSON(&st, "status")
-	m := daemonMaps(t, l, testRing)
+	m := xdpMaps(t, l, dp)
 	for _, s := range st.Services {
 		if len(s.Backends) != 3 {
 			t.Errorf("%s has %d backends after the reload, want 3", s.Name, len(s.Backends))
+		}
+		for _, b := range s.Backends {
+			if b.State != "active" {
+				t.Errorf("%s: backend %s is %s after the reload, want active", s.Name, b.Address, b.State)
+			}
+		}
+		if m == nil {
+			// Splice: no ring map to read; the new backend takes new
+			// client addresses instead (below).
+			continue
 		}
 		var ids []uint32
 		for _, b := range s.Backends {
@@ -547,6 +601,16 @@ func TestCLIReloadKeepsConnections(t *testing.T) {
 		if ring := ringIDs(t, m, s.ID); !slices.Equal(ring, ids) {
 			t.Errorf("%s: the ring holds %v, want %v", s.Name, ring, ids)
 		}
+	}
+	// Client addresses without affinity entries reach the new backend.
+	fresh := map[string]int{}
+	for _, c := range dialAll(t, l, l.ClientAddrs6[20:], l.VIP6, 1) {
+		fresh[c.backend]++
+		c.ws.Close()
+	}
+	t.Logf("40 new IPv6 client addresses after the reload: %v", fresh)
+	if fresh[l.Backends[2].Name] == 0 {
+		t.Errorf("no new client address reached the added %s", l.Backends[2].Name)
 	}
 }
 

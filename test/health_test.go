@@ -4,15 +4,18 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/netip"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/control"
 	"github.com/tetherlb/tether/lab"
 )
@@ -328,13 +331,41 @@ func byBackend(states []clientState) map[string]int {
 //  5. every backend is killed: the service is down and new connections
 //     fail at once (a TCP reset); a backend that starts again serves
 //     without anyone doing anything.
+//
+// It runs once per datapath (xdp, splice), as do TestHealthProbeType and
+// TestHealthOnDown.
 func TestHealthChecks(t *testing.T) {
+	forEachDatapath(t, testHealthChecks)
+}
+
+// datapaths are the datapaths the end-to-end scenarios run on.
+var datapaths = []string{config.DatapathXDP, config.DatapathSplice}
+
+// forEachDatapath runs test once per datapath, as a subtest named after it.
+func forEachDatapath(t *testing.T, test func(t *testing.T, dp string)) {
+	for _, dp := range datapaths {
+		t.Run(dp, func(t *testing.T) { test(t, dp) })
+	}
+}
+
+// datapathLab prepares a lab for datapath dp: with splice, the balancer
+// answers the clients itself and needs its routes back to them.
+func datapathLab(t *testing.T, l *lab.Lab, dp string) {
+	t.Helper()
+	if dp == config.DatapathSplice {
+		clientRoutes(t, l)
+	}
+}
+
+func testHealthChecks(t *testing.T, dp string) {
+	splice := dp == config.DatapathSplice
 	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 150})
+	datapathLab(t, l, dp)
 	echo := map[string]*lab.Proc{}
 	for _, be := range l.Backends {
 		echo[be.Name] = startEcho(t, l, be)
 	}
-	d := startDaemon(t, l, healthConfig(l, l.Backends, wsHealth))
+	d := startDaemon(t, l, withDatapath(healthConfig(l, l.Backends, wsHealth), dp))
 	api := control.NewClient(d.socket)
 	be1, be2, be3 := l.Backends[0], l.Backends[1], l.Backends[2]
 	vip := netip.AddrPortFrom(l.VIP4, chatPort).String()
@@ -533,9 +564,15 @@ func TestHealthChecks(t *testing.T) {
 		if b := backendOf(t, s, be1); b.State != "active" {
 			t.Errorf("%s is %s after undrain", be1.Name, b.State)
 		}
-		m := daemonMaps(t, l, testRing)
-		if ring := ringIDs(t, m, s.ID); !slices.Contains(ring, backendOf(t, s, be1).ID) {
-			t.Errorf("the ring holds %v, without the undrained %s", ring, be1.Name)
+		// The ring is a BPF map of the XDP datapath only; with splice,
+		// its state in the API above is what there is to check (every
+		// client address now has an affinity entry elsewhere, so new
+		// connections could not show it back in the ring).
+		if !splice {
+			m := daemonMaps(t, l, testRing)
+			if ring := ringIDs(t, m, s.ID); !slices.Contains(ring, backendOf(t, s, be1).ID) {
+				t.Errorf("the ring holds %v, without the undrained %s", ring, be1.Name)
+			}
 		}
 	}) {
 		return
@@ -564,26 +601,43 @@ func TestHealthChecks(t *testing.T) {
 
 		// New connections fail at once. With the program's reset (counted
 		// as reset_no_backend) a dial is refused; without it, the SYN is
-		// dropped and the dial can only time out.
+		// dropped and the dial can only time out. The splice proxy
+		// differs by nature: the kernel completes the handshake on its
+		// listener, then the proxy, finding no backend, resets the
+		// accepted connection (reset_no_backend): the WebSocket handshake
+		// fails at once instead of the TCP dial.
 		stats, err := api.Stats(context.Background())
 		if err != nil {
 			t.Fatal(err)
 		}
 		_, resets := stats.Reasons["reset_no_backend"]
 		var slowest time.Duration
+		url := "ws://" + vip + "/chat"
 		for _, src := range l.ClientAddrs4[:10] {
 			ctx, cancel := context.WithTimeout(context.Background(), dialTimeout)
 			start := time.Now()
-			c, err := l.Client.Dial(ctx, "tcp4", src, vip)
+			var err error
+			if splice {
+				var c *conn
+				if c, err = dial(ctx, l, src, url); err == nil {
+					c.ws.Close()
+				}
+			} else {
+				var c net.Conn
+				if c, err = l.Client.Dial(ctx, "tcp4", src, vip); err == nil {
+					c.Close()
+				}
+			}
 			took := time.Since(start)
 			cancel()
 			if err == nil {
-				c.Close()
 				t.Fatalf("a connection from %s to the service with every backend down succeeded", src)
 			}
 			slowest = max(slowest, took)
 			switch {
-			case resets && !errors.Is(err, syscall.ECONNREFUSED):
+			case splice && took > 500*time.Millisecond:
+				t.Errorf("connection from %s: %v after %v, want a reset at once", src, err, took)
+			case !splice && resets && !errors.Is(err, syscall.ECONNREFUSED):
 				t.Errorf("connection from %s: %v after %v, want connection refused (a reset)", src, err, took)
 			case !resets && took > dialTimeout+time.Second:
 				t.Errorf("connection from %s failed after %v, want within the dial timeout %v", src, took, dialTimeout)
@@ -628,7 +682,12 @@ func TestHealthChecks(t *testing.T) {
 // and sends every client to the other backend; one with a tcp check keeps
 // it up.
 func TestHealthProbeType(t *testing.T) {
+	forEachDatapath(t, testHealthProbeType)
+}
+
+func testHealthProbeType(t *testing.T, dp string) {
 	l := lab.NewT(t, lab.Options{Backends: 2, Clients: 20})
+	datapathLab(t, l, dp)
 	good, bad := l.Backends[0], l.Backends[1]
 	startEcho(t, l, good)
 	for _, a := range []netip.Addr{l.VIP4, bad.Addr4} {
@@ -656,7 +715,7 @@ func TestHealthProbeType(t *testing.T) {
 		fmt.Fprintf(&cfg, "  - name: %s\n    vip: %s\n    port: %d\n    health: %s\n    backends:\n      - address: %s\n      - address: %s\n",
 			s.name, s.vip, chatPort, s.health, good.Addr4, bad.Addr4)
 	}
-	d := startDaemon(t, l, cfg.String())
+	d := startDaemon(t, l, withDatapath(cfg.String(), dp))
 	api := control.NewClient(d.socket)
 	wsVIP := netip.AddrPortFrom(l.VIP4, chatPort).String()
 	tcpVIP := fmt.Sprintf("203.0.113.11:%d", chatPort)
@@ -703,11 +762,26 @@ func TestHealthProbeType(t *testing.T) {
 // service resets them (on_down: reset): its clients on that backend see a
 // reset at their next packet and reconnect at once to a healthy backend.
 func TestHealthOnDown(t *testing.T) {
+	forEachDatapath(t, testHealthOnDown)
+}
+
+func testHealthOnDown(t *testing.T, dp string) {
 	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 60})
-	var health *lab.Proc
+	datapathLab(t, l, dp)
+	var killHealth func() error
 	for _, be := range l.Backends {
 		if be != l.Backends[1] {
 			startEcho(t, l, be)
+			continue
+		}
+		if dp == config.DatapathSplice {
+			// With splice the proxy connects to the backend's own
+			// address, where the probes go too: the application and its
+			// health endpoint cannot be told apart by address, as they
+			// are with XDP (DSR: clients reach the VIPs on the backend).
+			// be2 is one server whose /health fails once "killed",
+			// while every other path keeps serving.
+			killHealth = serveHealthSwitch(t, l, be)
 			continue
 		}
 		// be2: the application on the VIPs, its health endpoint apart.
@@ -722,11 +796,11 @@ func TestHealthOnDown(t *testing.T) {
 			}
 			waitFor(t, "tether echo ready on "+be.Name, 10*time.Second, func() bool { return strings.Contains(p.Output(), "ready") })
 			if i == 1 {
-				health = p
+				killHealth = p.Kill
 			}
 		}
 	}
-	cfg := healthConfig(l, l.Backends, wsHealth)
+	cfg := withDatapath(healthConfig(l, l.Backends, wsHealth), dp)
 	cfg = strings.Replace(cfg, "  - name: chat6\n", "  - name: chat6\n    on_down: reset\n", 1)
 	d := startDaemon(t, l, cfg)
 	api := control.NewClient(d.socket)
@@ -748,7 +822,7 @@ func TestHealthOnDown(t *testing.T) {
 	}
 
 	killed := time.Now()
-	if err := health.Kill(); err != nil {
+	if err := killHealth(); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, be2.Name+" down in both services", 10*time.Second, func() bool {
@@ -802,4 +876,38 @@ func TestHealthOnDown(t *testing.T) {
 	if resets == 0 {
 		t.Errorf("reset_backend_down counted no reset")
 	}
+}
+
+// serveHealthSwitch serves the echo backend be on both VIPs and both of
+// its own addresses, in the test, and returns a function that makes its
+// health endpoint (/health) fail from then on (503) while every other path
+// keeps serving WebSocket clients.
+func serveHealthSwitch(t *testing.T, l *lab.Lab, be *lab.Host) (kill func() error) {
+	t.Helper()
+	var down atomic.Bool
+	// The echo server's own listener (an ephemeral port nobody uses)
+	// only gives it a life; the listeners below serve its handler.
+	ln0, err := be.Listen("tcp", netip.AddrPortFrom(be.Addr4, 0).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	echo := lab.ServeEcho(ln0, be.Name)
+	t.Cleanup(func() { echo.Close() })
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/health" && down.Load() {
+			http.Error(w, "health endpoint down", http.StatusServiceUnavailable)
+			return
+		}
+		echo.ServeHTTP(w, r)
+	})
+	for _, a := range []netip.Addr{l.VIP4, l.VIP6, be.Addr4, be.Addr6} {
+		ln, err := be.Listen("tcp", netip.AddrPortFrom(a, chatPort).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := &http.Server{Handler: handler}
+		go srv.Serve(ln)
+		t.Cleanup(func() { srv.Close() })
+	}
+	return func() error { down.Store(true); return nil }
 }

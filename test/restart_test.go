@@ -161,6 +161,11 @@ func buildVersion(t *testing.T, version string) string {
 // balancer still forwards; pinned state of other table sizes is refused;
 // `tether detach` removes the program and the pins; `tether run --clean`
 // starts afresh and leaves nothing.
+//
+// XDP only, unlike the datapath, control-plane and health scenarios, which
+// run over both datapaths (forEachDatapath): a splice daemon holds its
+// proxied connections in its own sockets, so a restart of it ends them by
+// nature; pinned maps and `tether detach` are XDP's too.
 func TestRestartKeepsConnections(t *testing.T) {
 	const (
 		clients  = 100
