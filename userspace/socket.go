@@ -1,12 +1,14 @@
 package userspace
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -36,12 +38,17 @@ func (p *Proxy) listen(vip netip.AddrPort) (*net.TCPListener, error) {
 				}
 				// Accepted sockets inherit the buffer sizes, and the
 				// window scale is chosen at the handshake from them.
-				return p.setBuffers(fd)
+				if err := p.setBuffers(fd); err != nil {
+					return err
+				}
+				// They inherit the keepalive settings too: set once
+				// here, they cost no system call per connection.
+				return setKeepAlive(fd, p.opts.KeepAlive)
 			})
 		},
-	}
-	if !p.opts.KeepAlive.Enable {
-		lc.KeepAlive = -1
+		// Keepalive is set on the listening socket (above), not by net
+		// on every accepted one (four setsockopt(2) calls each).
+		KeepAlive: -1,
 	}
 	var ln net.Listener
 	err := p.opts.Netns(func() error {
@@ -73,6 +80,40 @@ func freebind(fd int, v6 bool) error {
 	}
 	if err != nil {
 		return fmt.Errorf("set IPV6_FREEBIND: %w", err)
+	}
+	return nil
+}
+
+// setKeepAlive applies ka to fd as net's SetKeepAliveConfig would: zero
+// fields take net's defaults (15s, 15s, 9 probes), negative ones leave the
+// kernel's value. Sockets accepted from a listening fd inherit them.
+func setKeepAlive(fd int, ka net.KeepAliveConfig) error {
+	if !ka.Enable {
+		return nil
+	}
+	secs := func(d time.Duration) int {
+		if d == 0 {
+			d = 15 * time.Second
+		}
+		return int((d + time.Second - 1) / time.Second)
+	}
+	opts := []struct {
+		level, opt, v int
+		skip          bool
+		name          string
+	}{
+		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1, false, "SO_KEEPALIVE"},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, secs(ka.Idle), ka.Idle < 0, "TCP_KEEPIDLE"},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, secs(ka.Interval), ka.Interval < 0, "TCP_KEEPINTVL"},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, cmp.Or(ka.Count, 9), ka.Count < 0, "TCP_KEEPCNT"},
+	}
+	for _, o := range opts {
+		if o.skip {
+			continue
+		}
+		if err := unix.SetsockoptInt(fd, o.level, o.opt, o.v); err != nil {
+			return fmt.Errorf("set %s: %w", o.name, err)
+		}
 	}
 	return nil
 }
