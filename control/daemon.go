@@ -1073,3 +1073,23 @@ func fileOwner(fi os.FileInfo) (owner, bool) {
 	}
 	return owner{int(st.Uid), int(st.Gid)}, true
 }
+
+// Tables says how full the datapath's tables are: the XDP connection and
+// affinity tables with their capacities, or, for a datapath that cannot
+// say (the splice proxy), its connections counted from its flows, without
+// a capacity. Counting walks the tables (in batches for XDP), so it costs
+// tens of milliseconds with a million entries.
+func (d *Daemon) Tables() ([]datapath.Table, error) {
+	if tr, ok := d.dp.(datapath.TableReader); ok {
+		t, err := tr.Tables()
+		if err != nil {
+			return nil, fmt.Errorf("count table entries: %w", err)
+		}
+		return t, nil
+	}
+	flows, err := d.dp.Flows()
+	if err != nil {
+		return nil, fmt.Errorf("read the connection table: %w", err)
+	}
+	return []datapath.Table{{Name: "connections", Entries: len(flows)}}, nil
+}

@@ -118,3 +118,21 @@ type Datapath interface {
 	// Close stops forwarding and releases the datapath.
 	Close() error
 }
+
+// Table is how full one of a datapath's tables is.
+type Table struct {
+	// Name is the table's name, such as "connections_ipv4" or "affinity".
+	Name string `json:"name"`
+	// Entries is the number of entries now; Capacity the most the table
+	// holds, 0 when it has no fixed size.
+	Entries  int `json:"entries"`
+	Capacity int `json:"capacity"`
+}
+
+// TableReader is a Datapath that can say how full its tables are. A
+// datapath that is not one has its connection table counted from Flows.
+type TableReader interface {
+	// Tables counts the entries of every table. Counting walks each table,
+	// which for a million entries takes tens of milliseconds.
+	Tables() ([]Table, error)
+}

@@ -373,6 +373,10 @@ func (x *XDP) Counters() (datapath.Counters, error) {
 // Flows implements datapath.Datapath.
 func (x *XDP) Flows() ([]datapath.Flow, error) { return x.objs.Maps.Flows() }
 
+// Tables implements datapath.TableReader: the connection tables and the
+// affinity table, counted in batches (see maps.Maps.Tables).
+func (x *XDP) Tables() ([]datapath.Table, error) { return x.objs.Maps.Tables() }
+
 // Close stops following neighbours and releases the program and maps.
 // With a pin directory the program stays attached and forwarding with the
 // pinned maps, for the next run to adopt; without one it is detached.

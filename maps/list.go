@@ -9,6 +9,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/tetherlb/tether/bpf"
+	"github.com/tetherlb/tether/datapath"
 )
 
 // ServiceEntry is one entry of the services maps: a service's key and its
@@ -136,4 +137,34 @@ func countOneByOne[K, V any](mp *ebpf.Map) (int, error) {
 		return n, fmt.Errorf("count %s: %w", mp, err)
 	}
 	return n, nil
+}
+
+// Table names of Tables.
+const (
+	TableConnections4 = "connections_ipv4"
+	TableConnections6 = "connections_ipv6"
+	TableAffinity     = "affinity"
+)
+
+// Tables counts the entries of the connection tables (one per family) and
+// of the affinity table, in batches where the kernel can, and gives each
+// table's capacity. The tables change while they are counted.
+func (m *Maps) Tables() ([]datapath.Table, error) {
+	n4, err := count[bpf.TetherFlowKey4, bpf.TetherConn](m.m.Conns4)
+	if err != nil {
+		return nil, err
+	}
+	n6, err := count[bpf.TetherFlowKey, bpf.TetherConn](m.m.Conns6)
+	if err != nil {
+		return nil, err
+	}
+	na, err := count[bpf.TetherAffinityKey, bpf.TetherAffinity](m.m.Affinities)
+	if err != nil {
+		return nil, err
+	}
+	return []datapath.Table{
+		{Name: TableConnections4, Entries: n4, Capacity: int(m.m.Conns4.MaxEntries())},
+		{Name: TableConnections6, Entries: n6, Capacity: int(m.m.Conns6.MaxEntries())},
+		{Name: TableAffinity, Entries: na, Capacity: int(m.m.Affinities.MaxEntries())},
+	}, nil
 }

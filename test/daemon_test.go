@@ -51,9 +51,9 @@ type daemon struct {
 	args   []string
 }
 
-// startDaemon writes cfg to a file and runs tether on the balancer, and
-// waits until it reports ready.
-func startDaemon(t testing.TB, l *lab.Lab, cfg string) *daemon {
+// startDaemon writes cfg to a file and runs tether on the balancer, with
+// the extra arguments of run, and waits until it reports ready.
+func startDaemon(t testing.TB, l *lab.Lab, cfg string, extra ...string) *daemon {
 	t.Helper()
 	dir := t.TempDir()
 	path := filepath.Join(dir, "tether.yaml")
@@ -64,6 +64,7 @@ func startDaemon(t testing.TB, l *lab.Lab, cfg string) *daemon {
 	// The lab's own bpffs, which the lab unmounts: /sys/fs/bpf is shared
 	// by every lab and hidden from `ip netns exec`.
 	args := []string{"run", "--config", path, "--socket", socket, "--pin-dir", labPinDir(l), "--log-level", "debug"}
+	args = append(args, extra...)
 	p, err := l.Balancer.Start(tetherBin, args...)
 	if err != nil {
 		t.Fatal(err)

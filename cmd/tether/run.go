@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"syscall"
@@ -14,6 +15,7 @@ import (
 	"github.com/tetherlb/tether/control"
 	"github.com/tetherlb/tether/datapath"
 	"github.com/tetherlb/tether/loader"
+	"github.com/tetherlb/tether/metrics"
 	"github.com/tetherlb/tether/userspace"
 )
 
@@ -81,6 +83,7 @@ every tracked connection.`,
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log format: text or json"},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log level: debug, info, warn or error"},
 		&cli.StringFlag{Name: "socket", Usage: "serve the API on the unix socket `PATH` (default: tether's --socket, " + control.DefaultSocket + ")"},
+		&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics at http://`ADDR`/metrics, such as 127.0.0.1:9470 (default off; an address other than loopback is warned about: the metrics name every backend)"},
 	},
 	Action: func(c *cli.Context) error {
 		if c.NArg() > 0 {
@@ -101,7 +104,7 @@ every tracked connection.`,
 				socket = parent.String("socket")
 			}
 		}
-		return runDaemon(ctx, c.String("config"), socket, pins{c.String("pin-dir"), c.Bool("clean")}, log)
+		return runDaemon(ctx, c.String("config"), socket, c.String("metrics"), pins{c.String("pin-dir"), c.Bool("clean")}, log)
 	},
 }
 
@@ -177,10 +180,11 @@ type pins struct {
 	clean bool // remove pinned state at start and at exit
 }
 
-// runDaemon serves path's configuration, and the API on socket, until ctx
-// ends. The datapath stays attached and pinned in pins.dir when it returns,
-// unless pins.clean or a first start failed.
-func runDaemon(ctx context.Context, path, socket string, pins pins, log *slog.Logger) error {
+// runDaemon serves path's configuration, the API on socket and, if
+// metricsAddr is not empty, Prometheus metrics on it, until ctx ends. The
+// datapath stays attached and pinned in pins.dir when it returns, unless
+// pins.clean or a first start failed.
+func runDaemon(ctx context.Context, path, socket, metricsAddr string, pins pins, log *slog.Logger) error {
 	cfg, err := config.Load(path)
 	if err != nil {
 		return err
@@ -196,6 +200,17 @@ func runDaemon(ctx context.Context, path, socket string, pins pins, log *slog.Lo
 		return err
 	}
 	defer ln.Close()
+	// And the metrics address: a taken port fails the start, not later.
+	var mln net.Listener
+	if metricsAddr != "" {
+		if mln, err = net.Listen("tcp", metricsAddr); err != nil {
+			return fmt.Errorf("--metrics: %w", err)
+		}
+		defer mln.Close()
+		if !metrics.IsLoopback(metricsAddr) {
+			log.Warn("metrics served beyond loopback: anyone who reaches the address reads every service and backend", "addr", mln.Addr().String())
+		}
+	}
 	opts := loader.Options{
 		Connections: cfg.Tables.Connections,
 		Affinity:    cfg.Tables.Affinity,
@@ -262,6 +277,15 @@ func runDaemon(ctx context.Context, path, socket string, pins pins, log *slog.Lo
 		stopAPI()
 		<-apiDone
 	}()
+	metricsDone := make(chan error, 1)
+	if mln != nil {
+		go func() { metricsDone <- metrics.Serve(apiCtx, mln, metrics.Handler(d, log)) }()
+		defer func() {
+			stopAPI() // stops the metrics too
+			<-metricsDone
+		}()
+		log.Info("serving metrics", "addr", mln.Addr().String(), "path", "/metrics")
+	}
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -272,6 +296,9 @@ func runDaemon(ctx context.Context, path, socket string, pins pins, log *slog.Lo
 			return nil
 		case err := <-apiDone:
 			apiDone <- nil // for the deferred wait
+			return err
+		case err := <-metricsDone:
+			metricsDone <- nil // for the deferred wait
 			return err
 		case <-hup:
 			_, _ = d.Reload() // logs the outcome
