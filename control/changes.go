@@ -1,0 +1,495 @@
+package control
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/tetherlb/tether/config"
+)
+
+// RefusedError is a request refused because of its input. Nothing was
+// changed.
+type RefusedError struct {
+	// Field names the argument or configuration field at fault, such as
+	// "weight" or "services[1].backends[0].port"; empty when the request
+	// as a whole is refused.
+	Field string
+	// Msg says what is wrong.
+	Msg string
+
+	named bool // Msg names the field already
+}
+
+func (e *RefusedError) Error() string {
+	if e.Field == "" || e.named {
+		return e.Msg
+	}
+	return e.Field + ": " + e.Msg
+}
+
+func refusef(field, format string, args ...any) error {
+	return &RefusedError{Field: field, Msg: fmt.Sprintf(format, args...)}
+}
+
+// Result is the outcome of a change, in words for the operator.
+type Result struct {
+	Message string `json:"message"`
+}
+
+// ServiceSpec is a service to add. VIP is "VIP:PORT" (a "/PROTO" suffix
+// may stand for Protocol); the other fields default as in the
+// configuration file, and the name to "<vip>-<port>".
+type ServiceSpec struct {
+	VIP             string `json:"vip"`
+	Protocol        string `json:"protocol,omitempty"`
+	Name            string `json:"name,omitempty"`
+	Affinity        string `json:"affinity,omitempty"`
+	AffinityTimeout string `json:"affinity_timeout,omitempty"`
+	Forwarding      string `json:"forwarding,omitempty"`
+}
+
+// BackendSpec is a backend to add: Backend is "ADDR" or "ADDR:PORT" (the
+// port defaults to the service's), Weight defaults to 1.
+type BackendSpec struct {
+	Service string `json:"service"`
+	Backend string `json:"backend"`
+	Weight  *int   `json:"weight,omitempty"`
+}
+
+// BackendStateSpec sets the state of a backend: config.StateActive or
+// config.StateDraining.
+type BackendStateSpec struct {
+	Service string `json:"service"`
+	Backend string `json:"backend"`
+	State   string `json:"state"`
+}
+
+// AddService adds a service without backends.
+func (d *Daemon) AddService(spec ServiceSpec) (Result, error) {
+	ref, err := parseServiceRef(spec.VIP, "vip")
+	if err != nil {
+		return Result{}, err
+	}
+	s := config.Service{
+		Name:            spec.Name,
+		VIP:             ref.VIP,
+		Port:            ref.Port,
+		Protocol:        config.ProtocolTCP,
+		Affinity:        config.AffinitySource,
+		AffinityTimeout: config.DefaultAffinityTimeout,
+		Forwarding:      config.ForwardingDSR,
+		Health:          config.DefaultHealth(),
+		OnDown:          config.OnDownKeep,
+	}
+	switch {
+	case ref.Proto != "" && spec.Protocol != "" && ref.Proto != spec.Protocol:
+		return Result{}, refusef("protocol", "%q contradicts the protocol %s of %s", spec.Protocol, ref.Proto, spec.VIP)
+	case spec.Protocol != "":
+		s.Protocol = spec.Protocol
+	case ref.Proto != "":
+		s.Protocol = ref.Proto
+	}
+	if spec.Affinity != "" {
+		s.Affinity = spec.Affinity
+	}
+	if spec.Forwarding != "" {
+		s.Forwarding = spec.Forwarding
+	}
+	if spec.AffinityTimeout != "" {
+		if s.AffinityTimeout, err = time.ParseDuration(spec.AffinityTimeout); err != nil {
+			return Result{}, refusef("affinity_timeout", "%q is not a duration (want a number and a unit, such as 90s, 30m or 3h)", spec.AffinityTimeout)
+		}
+	}
+	if s.Name == "" {
+		s.Name = strings.ReplaceAll(s.VIP.String(), ":", "-") + "-" + fmt.Sprint(s.Port)
+		if s.Protocol != config.ProtocolTCP {
+			s.Name += "-" + s.Protocol
+		}
+	}
+	err = d.change("add service "+s.Key(), func(cfg *config.Config) error {
+		for _, o := range cfg.Services {
+			if o.Key() == s.Key() {
+				return refusef("vip", "%s is already the service %s", s.Key(), o.Name)
+			}
+			if o.Name == s.Name {
+				return refusef("name", "%q is already the name of %s", s.Name, o.Key())
+			}
+		}
+		cfg.Services = append(cfg.Services, s)
+		return nil
+	})
+	if err != nil {
+		return Result{}, err
+	}
+	return Result{Message: fmt.Sprintf("added service %s (%s), with no backends yet", s.Name, s.Key())}, nil
+}
+
+// RemoveService removes the service ref names, with its backends. Their
+// flows are no longer forwarded.
+func (d *Daemon) RemoveService(ref string) (Result, error) {
+	r, err := parseServiceRef(ref, "service")
+	if err != nil {
+		return Result{}, err
+	}
+	var gone config.Service
+	err = d.change("remove service "+ref, func(cfg *config.Config) error {
+		i, err := findService(cfg, r, "service")
+		if err != nil {
+			return err
+		}
+		gone = cfg.Services[i]
+		cfg.Services = slices.Delete(cfg.Services, i, i+1)
+		return nil
+	})
+	if err != nil {
+		return Result{}, err
+	}
+	return Result{Message: fmt.Sprintf("removed service %s (%s) and its %d backends", gone.Name, gone.Key(), len(gone.Backends))}, nil
+}
+
+// AddBackend adds an active backend to a service.
+func (d *Daemon) AddBackend(spec BackendSpec) (Result, error) {
+	r, err := parseServiceRef(spec.Service, "service")
+	if err != nil {
+		return Result{}, err
+	}
+	weight := uint32(1)
+	if spec.Weight != nil {
+		if *spec.Weight < 0 || *spec.Weight > config.MaxWeight {
+			return Result{}, refusef("weight", "%d is out of range 0..%d", *spec.Weight, config.MaxWeight)
+		}
+		weight = uint32(*spec.Weight)
+	}
+	var msg string
+	err = d.change("add backend "+spec.Backend+" to "+spec.Service, func(cfg *config.Config) error {
+		i, err := findService(cfg, r, "service")
+		if err != nil {
+			return err
+		}
+		s := &cfg.Services[i]
+		addr, port, err := parseBackendRef(spec.Backend, s.Port, "backend")
+		if err != nil {
+			return err
+		}
+		b := config.Backend{Address: addr, Port: port, Weight: weight, State: config.StateActive}
+		if _, err := findBackend(s, addr, port, "backend"); err == nil {
+			return refusef("backend", "%s is already a backend of %s (%s)", b.Key(), s.Name, s.Key())
+		}
+		s.Backends = append(s.Backends, b)
+		msg = fmt.Sprintf("added backend %s to %s (%s), weight %d", b.Key(), s.Name, s.Key(), weight)
+		return nil
+	})
+	if err != nil {
+		return Result{}, err
+	}
+	return Result{Message: msg}, nil
+}
+
+// RemoveBackend removes a backend from a service. Its flows choose a
+// backend again on their next packet (a TCP connection usually breaks).
+func (d *Daemon) RemoveBackend(service, backend string) (Result, error) {
+	r, err := parseServiceRef(service, "service")
+	if err != nil {
+		return Result{}, err
+	}
+	var msg string
+	err = d.change("remove backend "+backend+" from "+service, func(cfg *config.Config) error {
+		i, err := findService(cfg, r, "service")
+		if err != nil {
+			return err
+		}
+		s := &cfg.Services[i]
+		addr, port, err := parseBackendRef(backend, s.Port, "backend")
+		if err != nil {
+			return err
+		}
+		j, err := findBackend(s, addr, port, "backend")
+		if err != nil {
+			return err
+		}
+		msg = fmt.Sprintf("removed backend %s from %s (%s)", s.Backends[j].Key(), s.Name, s.Key())
+		s.Backends = slices.Delete(s.Backends, j, j+1)
+		return nil
+	})
+	if err != nil {
+		return Result{}, err
+	}
+	return Result{Message: msg}, nil
+}
+
+// SetBackendState drains a backend (config.StateDraining: it keeps its
+// connections and takes no new ones) or makes it active again.
+func (d *Daemon) SetBackendState(spec BackendStateSpec) (Result, error) {
+	r, err := parseServiceRef(spec.Service, "service")
+	if err != nil {
+		return Result{}, err
+	}
+	if spec.State != config.StateActive && spec.State != config.StateDraining {
+		return Result{}, refusef("state", "unknown state %q (want active or draining)", spec.State)
+	}
+	var msg string
+	err = d.change("set backend "+spec.Backend+" of "+spec.Service+" "+spec.State, func(cfg *config.Config) error {
+		i, err := findService(cfg, r, "service")
+		if err != nil {
+			return err
+		}
+		s := &cfg.Services[i]
+		addr, port, err := parseBackendRef(spec.Backend, s.Port, "backend")
+		if err != nil {
+			return err
+		}
+		j, err := findBackend(s, addr, port, "backend")
+		if err != nil {
+			return err
+		}
+		b := &s.Backends[j]
+		switch {
+		case b.State == spec.State:
+			msg = fmt.Sprintf("backend %s of %s (%s) is already %s", b.Key(), s.Name, s.Key(), spec.State)
+		case spec.State == config.StateDraining:
+			msg = fmt.Sprintf("backend %s of %s (%s) is draining: it keeps its connections and takes no new ones; `tether backend ls %s` shows when it has none left",
+				b.Key(), s.Name, s.Key(), s.Key())
+		case b.Weight == 0:
+			msg = fmt.Sprintf("backend %s of %s (%s) is active, but its weight 0 keeps it out of the ring", b.Key(), s.Name, s.Key())
+		default:
+			msg = fmt.Sprintf("backend %s of %s (%s) is active again", b.Key(), s.Name, s.Key())
+		}
+		b.State = spec.State
+		return nil
+	})
+	if err != nil {
+		return Result{}, err
+	}
+	return Result{Message: msg}, nil
+}
+
+// Reload re-reads the configuration file and applies what changed. A file
+// that does not load, or that changes a setting fixed at start, is refused
+// whole; a change the datapath fails to apply is undone. It logs
+// "reloaded" on success, so that SIGHUP and the API report alike.
+func (d *Daemon) Reload() (Result, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	res, err := d.reload()
+	var refused *RefusedError
+	switch {
+	case err == nil:
+		d.log.Info("reloaded", "config", d.path, "services", len(d.ctl.Config().Services))
+	case errors.As(err, &refused):
+		d.log.Error("reload refused; running state unchanged", "err", err)
+	default:
+		d.log.Error("reload failed", "err", err)
+	}
+	return res, err
+}
+
+func (d *Daemon) reload() (Result, error) {
+	next, err := config.Load(d.path)
+	if err != nil {
+		return Result{}, refused(err)
+	}
+	if err := d.checkFixed(next); err != nil {
+		return Result{}, err
+	}
+	cur := d.ctl.Config()
+	if err := d.apply(cur, next); err != nil {
+		return Result{}, err
+	}
+	return Result{Message: fmt.Sprintf("reloaded %s: %d services", d.path, len(next.Services))}, nil
+}
+
+// checkFixed refuses a configuration that changes a setting taking effect
+// only at start.
+func (d *Daemon) checkFixed(next *config.Config) error {
+	const restart = "takes effect only at start; restart tether to change it"
+	f := d.fixed
+	switch {
+	case !slices.Equal(next.Interfaces, f.Interfaces):
+		return refusef("interfaces", "%v differs from the running %v: the interface list %s", next.Interfaces, f.Interfaces, restart)
+	case next.Datapath != f.Datapath:
+		return refusef("datapath", "%q differs from the running %q: the datapath %s", next.Datapath, f.Datapath, restart)
+	case next.HashSeed != f.HashSeed:
+		return refusef("hash_seed", "0x%08x differs from the running 0x%08x: the hash seed %s", next.HashSeed, f.HashSeed, restart)
+	}
+	n, r := next.Tables, f.Tables
+	for _, t := range []struct {
+		name       string
+		next, runs uint32
+	}{
+		{"connections", n.Connections, r.Connections},
+		{"affinity", n.Affinity, r.Affinity},
+		{"ring_size", n.RingSize, r.RingSize},
+		{"max_services", n.MaxServices, r.MaxServices},
+		{"max_backends", n.MaxBackends, r.MaxBackends},
+	} {
+		if t.next != t.runs {
+			return refusef("tables."+t.name, "%d differs from the running %d: table sizes take effect only at start; restart tether to change them", t.next, t.runs)
+		}
+	}
+	return nil
+}
+
+// refused marks a configuration error as refused input, naming the first
+// field at fault.
+func refused(err error) error {
+	var fe *config.FieldError
+	if errors.As(err, &fe) {
+		return &RefusedError{Field: fe.Path, Msg: err.Error(), named: true}
+	}
+	return &RefusedError{Msg: err.Error()}
+}
+
+// change applies edit to a copy of the running configuration, validates
+// the result whole, writes it to a temporary file beside the
+// configuration file, applies it, and renames the temporary file over the
+// configuration file. A refused or failed change leaves the running state
+// and the file as they were.
+func (d *Daemon) change(what string, edit func(*config.Config) error) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	cur := d.ctl.Config()
+	if err := d.checkFile(cur); err != nil {
+		return err
+	}
+	next := cur.Clone()
+	if err := edit(next); err != nil {
+		return err
+	}
+	if err := next.Validate(); err != nil {
+		return refused(err)
+	}
+	data, err := next.Marshal()
+	if err != nil {
+		return err
+	}
+	if old, err := cur.Marshal(); err == nil && bytes.Equal(old, data) {
+		return nil // nothing to do
+	}
+	target, err := filepath.EvalSymlinks(d.path)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", d.path, err)
+	}
+	tmp, err := writeTemp(target, data)
+	if err != nil {
+		return err
+	}
+	if err := d.apply(cur, next); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if err := os.Rename(tmp, target); err != nil {
+		os.Remove(tmp)
+		err = fmt.Errorf("replace %s: %w", target, err)
+		defer d.syncTargets()
+		return errors.Join(err, d.rollback(cur, err))
+	}
+	syncDir(filepath.Dir(target))
+	d.log.Info("configuration changed", "change", what, "config", d.path)
+	return nil
+}
+
+// apply applies next, and on failure applies cur again so that the
+// running state is what it was. The health checks follow what runs.
+func (d *Daemon) apply(cur, next *config.Config) error {
+	defer d.syncTargets()
+	err := d.ctl.Apply(next)
+	if err == nil {
+		return nil
+	}
+	var fe *config.FieldError
+	if errors.As(err, &fe) {
+		return refused(err)
+	}
+	err = fmt.Errorf("apply: %w", err)
+	if rerr := d.rollback(cur, err); rerr != nil {
+		return errors.Join(err, rerr)
+	}
+	return fmt.Errorf("%w; the running state is unchanged", err)
+}
+
+// rollback applies cur again after a failed change.
+func (d *Daemon) rollback(cur *config.Config, cause error) error {
+	if err := d.ctl.Apply(cur); err != nil {
+		d.log.Error("undo of a failed change failed: the running state differs from the configuration file; run tether reload",
+			"cause", cause, "err", err)
+		return fmt.Errorf("undo the change: %w (the running state differs from %s; run tether reload)", err, d.path)
+	}
+	return nil
+}
+
+// checkFile refuses a change made through the API while the
+// configuration file holds something else than the running configuration
+// (an edit not reloaded yet), which writing the file would lose.
+func (d *Daemon) checkFile(cur *config.Config) error {
+	onDisk, err := config.Load(d.path)
+	if err != nil {
+		return refusef("config", "%s no longer holds the running configuration (%v): fix it and run tether reload, or restore it, before changing the configuration through tether", d.path, err)
+	}
+	a, err1 := onDisk.Marshal()
+	b, err2 := cur.Marshal()
+	if err1 != nil || err2 != nil || !bytes.Equal(a, b) {
+		return refusef("config", "%s was edited since tether last read it: run tether reload to apply the edit (or undo it) first, as this change would overwrite it", d.path)
+	}
+	return nil
+}
+
+// writeTemp writes data to a new file beside target, with target's mode
+// and owner, and syncs it. It returns the new file's path.
+func writeTemp(target string, data []byte) (string, error) {
+	fi, err := os.Stat(target)
+	if err != nil {
+		return "", fmt.Errorf("write %s: %w", target, err)
+	}
+	f, err := os.CreateTemp(filepath.Dir(target), "."+filepath.Base(target)+".tmp-*")
+	if err != nil {
+		return "", fmt.Errorf("write %s: %w", target, err)
+	}
+	fail := func(err error) (string, error) {
+		f.Close()
+		os.Remove(f.Name())
+		return "", fmt.Errorf("write %s: %w", f.Name(), err)
+	}
+	if err := f.Chmod(fi.Mode().Perm()); err != nil {
+		return fail(err)
+	}
+	if st, ok := fileOwner(fi); ok {
+		_ = f.Chown(st.uid, st.gid) // best effort: keep the owner when allowed
+	}
+	if _, err := f.Write(data); err != nil {
+		return fail(err)
+	}
+	if err := f.Sync(); err != nil {
+		return fail(err)
+	}
+	if err := f.Close(); err != nil {
+		os.Remove(f.Name())
+		return "", fmt.Errorf("write %s: %w", f.Name(), err)
+	}
+	return f.Name(), nil
+}
+
+// syncDir makes a rename in dir durable; failure only weakens durability.
+func syncDir(dir string) {
+	if f, err := os.Open(dir); err == nil {
+		_ = f.Sync()
+		f.Close()
+	}
+}
+
+type owner struct{ uid, gid int }
+
+// fileOwner returns the owner of a file, where the system says.
+func fileOwner(fi os.FileInfo) (owner, bool) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return owner{}, false
+	}
+	return owner{int(st.Uid), int(st.Gid)}, true
+}

@@ -1,0 +1,164 @@
+package control
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/health"
+)
+
+// healthRetry is how long the daemon waits before applying again a health
+// transition the datapath failed to apply.
+const healthRetry = time.Second
+
+// StartHealth starts probing the backends of the running configuration
+// and applying the verdicts: a backend that its check takes down leaves
+// the ring of its service, and comes back when the check takes it up.
+// Every target starts up (see the health package). Transitions are logged
+// through the daemon's logger with the reason of the probe that decided
+// them. Call it once; Close stops it.
+func (d *Daemon) StartHealth() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.mon.Load() != nil {
+		return errors.New("health checking is already running")
+	}
+	d.pending = make(map[health.Target]bool)
+	d.wake = make(chan struct{}, 1)
+	d.stop = make(chan struct{})
+	d.loopDone = make(chan struct{})
+	mon := health.New(d.log, d.healthChanged)
+	if err := mon.Set(targets(d.ctl.Config())); err != nil {
+		mon.Close()
+		return fmt.Errorf("start health checks: %w", err)
+	}
+	d.mon.Store(mon)
+	d.ctl.SetHealth(func(t health.Target) bool {
+		st, ok := mon.Status(t)
+		return !ok || st.Up // a target not probed (yet) is up
+	})
+	go d.healthLoop()
+	return nil
+}
+
+// healthChanged is the monitor's callback. It must not block, nor call the
+// monitor's Set: it notes the target for the health loop and returns.
+func (d *Daemon) healthChanged(t health.Target, _ health.Status) {
+	d.pendingMu.Lock()
+	d.pending[t] = true
+	d.pendingMu.Unlock()
+	select {
+	case d.wake <- struct{}{}:
+	default: // already woken
+	}
+}
+
+// healthLoop applies the pending transitions until Close. The Controller
+// reads each target's state from the monitor when it plans, so a
+// transition applied late, or twice, still ends in the monitor's verdict.
+func (d *Daemon) healthLoop() {
+	defer close(d.loopDone)
+	retry := time.NewTimer(0)
+	<-retry.C
+	for {
+		select {
+		case <-d.stop:
+			retry.Stop()
+			return
+		case <-d.wake:
+		case <-retry.C:
+		}
+		d.pendingMu.Lock()
+		todo := make([]health.Target, 0, len(d.pending))
+		for t := range d.pending {
+			todo = append(todo, t)
+		}
+		clear(d.pending)
+		d.pendingMu.Unlock()
+		if len(todo) == 0 {
+			continue
+		}
+		if err := d.ctl.Refresh(todo...); err != nil {
+			d.log.Error("apply a health transition; retrying", "err", err, "retry_in", healthRetry)
+			d.pendingMu.Lock()
+			for _, t := range todo {
+				d.pending[t] = true
+			}
+			d.pendingMu.Unlock()
+			retry.Reset(healthRetry)
+		}
+	}
+}
+
+// syncTargets makes the monitor probe the backends of the configuration
+// the controller runs: new backends start up, removed ones are forgotten
+// (a backend removed and added again starts afresh).
+func (d *Daemon) syncTargets() {
+	mon := d.mon.Load()
+	if mon == nil {
+		return
+	}
+	if err := mon.Set(targets(d.ctl.Config())); err != nil {
+		d.log.Error("update the health checks", "err", err)
+	}
+}
+
+// targets lists the health targets of cfg: every backend of every
+// service that probes, with its service's check.
+func targets(cfg *config.Config) []health.Target {
+	if cfg == nil {
+		return nil
+	}
+	var out []health.Target
+	for _, s := range cfg.Services {
+		for _, b := range s.Backends {
+			if t, ok := s.Target(b); ok {
+				out = append(out, t)
+			}
+		}
+	}
+	return out
+}
+
+// backendHealth is the health of backend b of s as status shows it.
+func (d *Daemon) backendHealth(s config.Service, b config.Backend) BackendHealth {
+	t, ok := s.Target(b)
+	mon := d.mon.Load()
+	if !ok || mon == nil {
+		return BackendHealth{State: HealthUnchecked}
+	}
+	st, ok := mon.Status(t)
+	if !ok {
+		return BackendHealth{State: HealthUnchecked, Check: t.String()}
+	}
+	h := BackendHealth{
+		State:       HealthUp,
+		Check:       t.String(),
+		Since:       st.Since,
+		Probes:      st.Probes,
+		Failures:    st.Failures,
+		Transitions: st.Transitions,
+	}
+	if !st.Up {
+		h.State = HealthDown
+	}
+	if r := st.Result; !r.At.IsZero() {
+		h.LastResult = r.Reason
+		h.LastLatency = roundLatency(r.Latency).String()
+		h.LastProbe = r.At
+	}
+	return h
+}
+
+// roundLatency rounds a probe's latency to what an operator reads.
+func roundLatency(d time.Duration) time.Duration {
+	switch {
+	case d >= time.Second:
+		return d.Round(time.Millisecond)
+	case d >= time.Millisecond:
+		return d.Round(10 * time.Microsecond)
+	}
+	return d.Round(time.Microsecond)
+}
