@@ -51,10 +51,8 @@ test: tools ## run every test: vet, unit, BPF_PROG_TEST_RUN and namespace end-to
 	$(GO) test -count=1 ./...
 
 .PHONY: lab
-lab: tools ## the main job on a lab of namespaces (root)
-	@echo "tether lab (a live view of the whole job) is coming in the lab issue."
-	@echo "Meanwhile, this runs the end-to-end scenario on a lab of namespaces, verbosely:"
-	$(GO) test -count=1 -v -run 'TestWebSocketAffinity' ./test
+lab: tools ## watch tether do its job on a lab of namespaces: steady, kill, drain, scaleout (root)
+	$(GO) run ./cmd/tether lab
 
 .PHONY: bench
 bench: ## measure per-packet cost, map memory, Maglev build time, and splice against HAProxy (root)

@@ -57,7 +57,7 @@ backend", which talk to the daemon over its unix socket (--socket).`,
 		},
 		Commands: []*cli.Command{
 			runCommand, statusCommand, vipCommand, backendCommand, statsCommand,
-			flowsCommand, reloadCommand, detachCommand, completionCommand, versionCommand, echoCommand,
+			flowsCommand, reloadCommand, detachCommand, labCommand, completionCommand, versionCommand, echoCommand,
 		},
 		EnableBashCompletion: true,
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
