@@ -16,10 +16,23 @@ const netnsDir = "/var/run/netns"
 
 // inNetns runs fn on a fresh goroutine whose OS thread is locked and switched
 // into ns, then switched back. The caller's goroutine never changes
-// namespace. If the thread cannot be switched back it stays locked, so the
-// runtime terminates it when the goroutine exits instead of reusing it. A
-// panic in fn is re-raised in the caller.
+// namespace. A panic in fn is re-raised in the caller.
 func inNetns(ns netns.NsHandle, fn func() error) error {
+	return onSwitchedThread(func() error {
+		if err := netns.Set(ns); err != nil {
+			return fmt.Errorf("enter netns: %w", err)
+		}
+		return nil
+	}, fn)
+}
+
+// onSwitchedThread runs fn on a fresh goroutine whose OS thread is locked
+// and moved by enter (setns or unshare), then moved back to the namespace
+// it had. If enter fails it must leave the thread where it was. If the
+// thread cannot be moved back it stays locked, so the runtime terminates
+// it when the goroutine exits instead of reusing it. A panic in fn is
+// re-raised in the caller.
+func onSwitchedThread(enter, fn func() error) error {
 	type result struct {
 		err      error
 		done     bool
@@ -39,10 +52,9 @@ func inNetns(ns netns.NsHandle, fn func() error) error {
 			return
 		}
 		defer origin.Close()
-		if err := netns.Set(ns); err != nil {
-			// setns(2) failed, so the thread is where it was.
+		if err := enter(); err != nil {
 			runtime.UnlockOSThread()
-			r.err = fmt.Errorf("enter netns: %w", err)
+			r.err = err
 			return
 		}
 		defer func() {
@@ -119,44 +131,21 @@ func createNetns(name string) (ns netns.NsHandle, err error) {
 		}
 	}()
 
-	type result struct {
-		mounted bool
-		err     error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		var r result
-		defer func() { ch <- r }()
-		runtime.LockOSThread()
-		origin, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			r.err = fmt.Errorf("get current netns: %w", err)
-			return
-		}
-		defer origin.Close()
+	err = onSwitchedThread(func() error {
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			r.err = fmt.Errorf("unshare netns: %w", err)
-			return
+			return fmt.Errorf("unshare netns: %w", err)
 		}
+		return nil
+	}, func() error {
 		self := fmt.Sprintf("/proc/%d/task/%d/ns/net", os.Getpid(), unix.Gettid())
 		if err := unix.Mount(self, path, "none", unix.MS_BIND, ""); err != nil {
-			r.err = fmt.Errorf("bind mount netns %s: %w", name, err)
-		} else {
-			r.mounted = true
+			return fmt.Errorf("bind mount netns %s: %w", name, err)
 		}
-		if err := netns.Set(origin); err != nil {
-			// Keep the thread locked: it dies with this goroutine.
-			r.err = errors.Join(r.err, fmt.Errorf("restore netns (thread discarded): %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-	}()
-	r := <-ch
-	mounted = r.mounted
-	if r.err != nil {
-		return netns.None(), r.err
+		mounted = true
+		return nil
+	})
+	if err != nil {
+		return netns.None(), err
 	}
 	ns, err = netns.GetFromPath(path)
 	if err != nil {
