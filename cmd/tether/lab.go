@@ -56,11 +56,15 @@ connection breaks. It then plays scenarios, each for --duration:
   scaleout  a backend is added: existing connections stay, about 1/(N+1)
             of new clients' choices move to it
 
-Every second it prints one line per backend (state, active connections from
-the daemon's status, share), and after each scenario one line with the
-connections lost, the clients that changed backend, and what theory expects.
-The output is plain lines; a full-screen live view is not built yet, so
---no-tty changes nothing for now.
+On a terminal it shows the live view of "tether top", redrawn every second
+from the daemon's API (per backend its state, health, active connections,
+share as a bar, packets/s and bytes/s; per service new connections/s and
+affinity hits and misses; packets not forwarded by reason; the datapath
+mode), with the lab's lines below it. Without a terminal, or with --no-tty,
+it prints every second one plain line per scenario with each backend's
+state, active connections from the daemon's status and share. After each
+scenario it prints one line with the connections lost, the clients that
+changed backend, and what theory expects.
 
 Everything is removed at the end, or on Ctrl-C; --keep leaves the lab up
 until Ctrl-C and prints how to reach it. It needs root.`,
@@ -71,7 +75,7 @@ until Ctrl-C and prints how to reach it. It needs root.`,
 		&cli.StringFlag{Name: "datapath", Value: config.DatapathAuto, Usage: "the daemon's datapath: auto (XDP when possible, else splice), xdp, xdp-generic or splice"},
 		&cli.StringFlag{Name: "scenario", Usage: "play only `NAME`: steady, kill, drain or scaleout (default: all, in that order)"},
 		&cli.BoolFlag{Name: "keep", Usage: "leave the lab up at the end, print how to reach it, and wait for Ctrl-C"},
-		&cli.BoolFlag{Name: "no-tty", Usage: "plain periodic lines (the only output for now: the live view is not built)"},
+		&cli.BoolFlag{Name: "no-tty", Usage: "plain periodic lines instead of the live view, even on a terminal"},
 	},
 	Action: func(c *cli.Context) error {
 		if _, done, err := args(c, 0, 0, ""); done || err != nil {
@@ -80,6 +84,9 @@ until Ctrl-C and prints how to reach it. It needs root.`,
 		o := labOptions{
 			backends: c.Int("backends"), clients: c.Int("clients"), duration: c.Duration("duration"),
 			datapath: c.String("datapath"), keep: c.Bool("keep"),
+		}
+		if tty, _ := terminal(c.App.Writer); tty && !c.Bool("no-tty") {
+			o.live = true
 		}
 		switch {
 		case o.backends < 2 || o.backends > lab.MaxBackends-1:
@@ -119,7 +126,44 @@ type labOptions struct {
 	datapath          string
 	scenarios         []string
 	keep              bool
+	live              bool // draw the live view (on a terminal)
 	exe               string
+}
+
+// labLog passes the lab's lines through to the terminal and keeps the
+// last ones, to redraw them under the live view.
+type labLog struct {
+	mu    sync.Mutex
+	w     io.Writer
+	lines []string
+	part  string // an unfinished line
+}
+
+const labLogLines = 12
+
+func (l *labLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	text := l.part + string(p)
+	parts := strings.Split(text, "\n")
+	l.part = parts[len(parts)-1]
+	l.lines = append(l.lines, parts[:len(parts)-1]...)
+	if len(l.lines) > labLogLines {
+		l.lines = l.lines[len(l.lines)-labLogLines:]
+	}
+	return l.w.Write(p)
+}
+
+// redraw clears the screen and draws view, then the last lines.
+func (l *labLog) redraw(view string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var b strings.Builder
+	b.WriteString(clearScreen + view + "\n")
+	for _, line := range l.lines {
+		b.WriteString(line + "\n")
+	}
+	io.WriteString(l.w, b.String())
 }
 
 // labRun is a running lab with its daemon and clients.
@@ -136,7 +180,9 @@ type labRun struct {
 	clients  []*labClient
 	probes   []netip.Addr // fresh client addresses, consumed by probe
 	url      string
-	svc      string // the service's VIP:PORT, as the API names it
+	svc      string       // the service's VIP:PORT, as the API names it
+	log      *labLog      // with o.live
+	prevView viewSnapshot // the live view's last snapshot
 }
 
 // labClient is one client address with one WebSocket connection.
@@ -159,7 +205,12 @@ func runLab(ctx context.Context, w io.Writer, o labOptions) (err error) {
 	if err != nil {
 		return fmt.Errorf("lab: %w (tether lab needs root with network namespaces, bpffs and the ip command: on Debian or Ubuntu, apt-get install iproute2)", err)
 	}
-	r := &labRun{w: w, o: o, l: l, echoes: map[string]*lab.Proc{}, names: map[string]string{},
+	var lg *labLog
+	if o.live {
+		lg = &labLog{w: w}
+		w = lg
+	}
+	r := &labRun{w: w, o: o, l: l, log: lg, echoes: map[string]*lab.Proc{}, names: map[string]string{},
 		backends: slices.Clone(l.Backends), url: "ws://" + netip.AddrPortFrom(l.VIP4, labPort).String() + "/chat",
 		probes: l.ClientAddrs4[o.clients:], svc: netip.AddrPortFrom(l.VIP4, labPort).String()}
 	dir, err := os.MkdirTemp("", "tether-"+l.ID+"-lab-")
@@ -476,6 +527,10 @@ func (r *labRun) report(ctx context.Context, name string, start time.Time) {
 			return
 		case <-tick.C:
 		}
+		if r.o.live {
+			r.drawView(ctx, name, start)
+			continue
+		}
 		svcs, err := r.api.Services(ctx, r.svc)
 		if err != nil || len(svcs) == 0 {
 			continue
@@ -507,6 +562,46 @@ func (r *labRun) report(ctx context.Context, name string, start time.Time) {
 		}
 		fmt.Fprintln(r.w, strings.TrimSuffix(line.String(), " |"))
 	}
+}
+
+// connected counts the clients connected now.
+func (r *labRun) connected() int {
+	up := 0
+	for _, c := range r.clients {
+		if _, ok, _ := c.state(); ok {
+			up++
+		}
+	}
+	return up
+}
+
+// drawView redraws the live view from the daemon's status and counters,
+// with the lab's last lines below it.
+func (r *labRun) drawView(ctx context.Context, name string, start time.Time) {
+	cur, err := takeSnapshot(ctx, r.api)
+	if err != nil {
+		return
+	}
+	var elapsed time.Duration
+	if !r.prevView.At.IsZero() {
+		elapsed = cur.At.Sub(r.prevView.At)
+	}
+	_, width := terminal(r.log.w)
+	// Backends by lab name, for the header.
+	r.mu.Lock()
+	var names []string
+	for _, sv := range cur.Status.Services {
+		for _, b := range sv.Backends {
+			if n := r.names[b.Address]; n != "" {
+				names = append(names, n+"="+b.Address)
+			}
+		}
+	}
+	r.mu.Unlock()
+	head := fmt.Sprintf("tether lab %s: scenario %s %.0fs/%s, clients %d/%d connected (Ctrl-C to stop)\nbackends %s\n",
+		r.l.ID, name, time.Since(start).Seconds(), r.o.duration, r.connected(), len(r.clients), strings.Join(names, " "))
+	r.log.redraw(head + renderView(r.prevView, cur, elapsed, width))
+	r.prevView = cur
 }
 
 // scenario plays one scenario for the duration and prints its line; it

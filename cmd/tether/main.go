@@ -56,7 +56,7 @@ backend", which talk to the daemon over its unix socket (--socket).`,
 			},
 		},
 		Commands: []*cli.Command{
-			runCommand, statusCommand, vipCommand, backendCommand, statsCommand,
+			runCommand, statusCommand, vipCommand, backendCommand, statsCommand, topCommand,
 			flowsCommand, reloadCommand, detachCommand, labCommand, completionCommand, versionCommand, echoCommand,
 		},
 		EnableBashCompletion: true,

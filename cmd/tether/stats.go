@@ -25,8 +25,12 @@ transitions (changes between up and down), and the packets not forwarded
 by reason (pass_*: handed to the kernel, drop_*: dropped, reset_*: answered
 with a TCP reset).
 
-With --watch it redraws every --interval, with rates, until Ctrl-C; with
--o json --watch it prints one JSON object per line and interval.`,
+With --watch it redraws every --interval until Ctrl-C: on a terminal, the
+live view of "tether top" (per backend its state, health, connections,
+share, packets/s and bytes/s; per service new connections/s and affinity
+hits and misses; packets not forwarded by reason; the datapath mode),
+otherwise the tables above with rates. With -o json --watch it prints one
+JSON object per line and interval.`,
 	Flags: []cli.Flag{
 		outputFlag,
 		&cli.BoolFlag{Name: "watch", Aliases: []string{"w"}, Usage: "redraw periodically until interrupted"},
@@ -51,7 +55,36 @@ With --watch it redraws every --interval, with rates, until Ctrl-C; with
 		}
 		ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
 		defer stop()
+		if tty, _ := terminal(c.App.Writer); tty && format == "text" {
+			return viewWatch(ctx, client(c), c.App.Writer, c.Duration("interval"))
+		}
 		return statsWatch(ctx, client(c), c.App.Writer, format, c.Duration("interval"))
+	},
+}
+
+var topCommand = &cli.Command{
+	Name:  "top",
+	Usage: "live view of backends and services, refreshed every second",
+	Description: `top shows the live view of "tether stats --watch" on a terminal, whatever
+its output: the datapath mode; per service its state, new connections,
+affinity hits and misses (totals and per second); per backend its state,
+health, active connections, share of the service's active connections (as
+a percentage and a bar), packets and bytes (totals and per second); and the
+packets not forwarded, by reason. It redraws every --interval until Ctrl-C,
+clearing the screen when the output is a terminal.`,
+	Flags: []cli.Flag{
+		&cli.DurationFlag{Name: "interval", Value: time.Second, Usage: "the `DURATION` between redraws"},
+	},
+	Action: func(c *cli.Context) error {
+		if _, done, err := args(c, 0, 0, ""); done || err != nil {
+			return err
+		}
+		if c.Duration("interval") < 100*time.Millisecond {
+			return usagef("top: --interval %s is shorter than 100ms", c.Duration("interval"))
+		}
+		ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
+		defer stop()
+		return viewWatch(ctx, client(c), c.App.Writer, c.Duration("interval"))
 	},
 }
 
