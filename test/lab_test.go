@@ -13,13 +13,14 @@ import (
 	"github.com/tetherlb/tether/lab"
 )
 
-// TestLabCommand runs a short `tether lab` and checks its scenario lines
-// and that it leaves nothing behind: no namespace, process or bpffs mount.
+// TestLabCommand runs `tether lab --no-tty --duration 30s` (30 s per
+// scenario, the default 30 clients) and checks its scenario lines and that
+// it leaves nothing behind: no namespace, process or bpffs mount.
 func TestLabCommand(t *testing.T) {
 	lab.RequirePrivileged(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, tetherBin, "lab", "--no-tty", "--duration", "3s", "--clients", "20")
+	cmd := exec.CommandContext(ctx, tetherBin, "lab", "--no-tty", "--duration", "30s")
 	out, err := cmd.CombinedOutput()
 	t.Logf("tether lab:\n%s", out)
 	if err != nil {
@@ -31,7 +32,7 @@ func TestLabCommand(t *testing.T) {
 	}
 	id := string(m[1])
 	for _, s := range []string{"steady", "kill", "drain", "scaleout"} {
-		line := regexp.MustCompile(`(?m)^` + s + `: (\d+) connections lost, \d+/20 clients changed backend; .+$`).FindSubmatch(out)
+		line := regexp.MustCompile(`(?m)^` + s + `: (\d+) connections lost, \d+/30 clients changed backend; .+$`).FindSubmatch(out)
 		if line == nil {
 			t.Errorf("no %s line", s)
 			continue
