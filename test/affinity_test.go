@@ -222,17 +222,8 @@ func TestWebSocketAffinity(t *testing.T) {
 // balancer, not the client, as its peer, so the backends' per-client
 // statistics would not apply either, without PROXY protocol v2.)
 func testWebSocketAffinity(t *testing.T, dp string) {
-	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 150})
+	l, servers, segs0 := echoLab(t, dp, 150)
 	splice := dp == config.DatapathSplice
-	datapathLab(t, l, dp)
-	servers := map[string][]*lab.EchoServer{}
-	for _, be := range l.Backends {
-		servers[be.Name] = serveEcho(t, l, be)
-	}
-	segs0 := map[string]uint64{}
-	for _, be := range l.Backends {
-		segs0[be.Name] = tcpInSegs(t, be)
-	}
 	// No health checks: the test compares the packets tether forwards to
 	// each backend with the TCP segments the backend receives, to which
 	// probes would add theirs. (TestHealthChecks tests them.)
@@ -402,4 +393,20 @@ func backendIDs(t *testing.T, m *maps.Maps) map[netip.Addr]uint32 {
 		}
 	}
 	return out
+}
+
+// echoLab builds a lab of three echo backends and the given number of
+// client addresses, set up for datapath dp, and returns it with the echo
+// servers of each backend and each backend's received TCP segments so far.
+func echoLab(t *testing.T, dp string, clients int) (*lab.Lab, map[string][]*lab.EchoServer, map[string]uint64) {
+	t.Helper()
+	l := lab.NewT(t, lab.Options{Backends: 3, Clients: clients})
+	datapathLab(t, l, dp)
+	servers := map[string][]*lab.EchoServer{}
+	segs0 := map[string]uint64{}
+	for _, be := range l.Backends {
+		servers[be.Name] = serveEcho(t, l, be)
+		segs0[be.Name] = tcpInSegs(t, be)
+	}
+	return l, servers, segs0
 }

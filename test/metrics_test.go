@@ -35,17 +35,8 @@ func testMetrics(t *testing.T, dp string) {
 		perC     = 2 // connections per client address
 		messages = 3 // echoes per connection, after dialAll's first
 	)
-	l := lab.NewT(t, lab.Options{Backends: 3, Clients: clients})
+	l, servers, segs0 := echoLab(t, dp, clients)
 	splice := dp == config.DatapathSplice
-	datapathLab(t, l, dp)
-	servers := map[string][]*lab.EchoServer{}
-	for _, be := range l.Backends {
-		servers[be.Name] = serveEcho(t, l, be)
-	}
-	segs0 := map[string]uint64{}
-	for _, be := range l.Backends {
-		segs0[be.Name] = tcpInSegs(t, be)
-	}
 	// No health checks: their probes would add TCP segments that tether
 	// does not forward.
 	d := startDaemon(t, l, withDatapath(healthConfig(l, l.Backends, "{type: none}"), dp), "--metrics", "127.0.0.1:0")
