@@ -104,7 +104,8 @@ type Lab struct {
 	hosts   []*Host // every namespace created, in creation order
 	procs   map[*Proc]struct{}
 	xdpProg *ebpf.Program
-	xdpLink link.Link
+	// portXDP holds the XDP_PASS attachments of wire ports, by host.
+	portXDP map[*Host]link.Link
 }
 
 // New builds a lab. It needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN and
@@ -129,7 +130,7 @@ func New(opts Options) (l *Lab, err error) {
 	if err != nil {
 		return nil, err
 	}
-	l = &Lab{ID: id, VIP4: vip4, VIP6: vip6, procs: map[*Proc]struct{}{}}
+	l = &Lab{ID: id, VIP4: vip4, VIP6: vip6, procs: map[*Proc]struct{}{}, portXDP: map[*Host]link.Link{}}
 	defer func() {
 		if err != nil {
 			err = errors.Join(fmt.Errorf("lab %s: %w", id, err), l.Close())
@@ -156,7 +157,7 @@ func New(opts Options) (l *Lab, err error) {
 	if l.Balancer, err = l.addHost("lb", 2, false); err != nil {
 		return l, err
 	}
-	if err := l.attachPortXDP(l.Balancer); err != nil {
+	if err := l.SetPortXDP(l.Balancer, true); err != nil {
 		return l, err
 	}
 	if err := l.setupClient(); err != nil {
@@ -240,9 +241,9 @@ func (l *Lab) Close() error {
 	if err := l.unmountBPFFS(); err != nil {
 		errs = append(errs, err)
 	}
-	if l.xdpLink != nil {
-		if err := l.xdpLink.Close(); err != nil {
-			errs = append(errs, fmt.Errorf("detach xdp: %w", err))
+	for h, lk := range l.portXDP {
+		if err := lk.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("detach xdp from wire port %s: %w", h.Name, err))
 		}
 	}
 	if l.xdpProg != nil {
@@ -572,34 +573,59 @@ func loadXDPPass() (*ebpf.Program, error) {
 	})
 }
 
-// attachPortXDP prepares h's bridge port for a host that runs XDP: it
-// attaches the XDP_PASS program in driver mode, so that frames h sends with
-// XDP_TX are received by the port, and turns off the port's transmit
-// checksum offload, so that frames reach h with complete checksums.
-func (l *Lab) attachPortXDP(h *Host) error {
-	prog, err := loadXDPPass()
-	if err != nil {
-		return fmt.Errorf("load xdp pass: %w", err)
+// SetPortXDP prepares h's bridge port for a host that runs XDP, or undoes
+// that. New does it for the balancer.
+//
+// On, it attaches an XDP_PASS program in driver mode to the port, so that
+// frames h sends with XDP_TX (or with BPF_PROG_TEST_RUN live frames) are
+// received by the port, and turns off the port's transmit checksum
+// offload, so that frames reach h with complete checksums. The price: a
+// veth whose peer runs XDP loses its software segmentation offload, so h
+// sends TCP in MTU-sized segments, a cost real NICs do not have.
+//
+// Off, it detaches the program and turns the offload back on: the port is
+// an ordinary one again, which is right for balancers that do not use XDP.
+func (l *Lab) SetPortXDP(h *Host, on bool) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return errClosed
 	}
-	l.xdpProg = prog
+	if _, attached := l.portXDP[h]; attached == on {
+		return nil
+	}
+	if on && l.xdpProg == nil {
+		prog, err := loadXDPPass()
+		if err != nil {
+			return fmt.Errorf("load xdp pass: %w", err)
+		}
+		l.xdpProg = prog
+	}
 	// bpf_link_create resolves the ifindex in the caller's namespace.
 	return l.Wire.Do(func() error {
-		// A frame the balancer sends back with XDP_TX keeps its bytes
-		// but loses the skb's "checksum to be filled in" state, so
-		// partial checksums from local senders (veth offload) would
-		// reach the backend unfinished. Have the port finish them.
+		if !on {
+			if err := l.portXDP[h].Close(); err != nil {
+				return fmt.Errorf("detach xdp from wire port %s: %w", h.Name, err)
+			}
+			delete(l.portXDP, h)
+			return setTxChecksum(h.Name, true)
+		}
+		// A frame the host sends back with XDP_TX keeps its bytes but
+		// loses the skb's "checksum to be filled in" state, so partial
+		// checksums from local senders (veth offload) would reach the
+		// backend unfinished. Have the port finish them.
 		if err := setTxChecksum(h.Name, false); err != nil {
 			return err
 		}
 		lk, err := link.AttachXDP(link.XDPOptions{
-			Program:   prog,
+			Program:   l.xdpProg,
 			Interface: h.PortIfindex,
 			Flags:     link.XDPDriverMode,
 		})
 		if err != nil {
 			return fmt.Errorf("attach xdp pass to wire port %s: %w", h.Name, err)
 		}
-		l.xdpLink = lk
+		l.portXDP[h] = lk
 		return nil
 	})
 }

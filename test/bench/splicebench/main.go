@@ -156,6 +156,11 @@ func main() {
 		}
 	})
 	logf("lab %s: %d backends, %d client addresses", l.ID, len(l.Backends), o.clients)
+	// Neither balancer here uses XDP: give the balancer an ordinary port,
+	// with the segmentation offload a real NIC has (see lab.SetPortXDP).
+	if err := l.SetPortXDP(l.Balancer, false); err != nil {
+		fail(err.Error())
+	}
 	for _, h := range []*lab.Host{l.Client, l.Balancer} {
 		// Many short connections in a row: a wide port range and reuse
 		// of TIME_WAIT ports for the active closer (per namespace, gone
