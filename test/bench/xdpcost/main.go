@@ -18,7 +18,6 @@ import (
 	"io"
 	"net/netip"
 	"os"
-	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -26,44 +25,15 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/tetherlb/tether/bpf"
-	"github.com/tetherlb/tether/bpf/bpftest"
 	"github.com/tetherlb/tether/loader"
 	"github.com/tetherlb/tether/maglev"
 	"github.com/tetherlb/tether/maps"
+	"github.com/tetherlb/tether/test/bench/progcost"
 )
-
-// tb lets bpftest fixtures run outside `go test`: any failure ends the run.
-type tb struct{ cleanups []func() }
-
-func (*tb) Helper()                           {}
-func (*tb) Fatal(args ...any)                 { fail(fmt.Sprint(args...)) }
-func (*tb) Fatalf(format string, args ...any) { fail(fmt.Sprintf(format, args...)) }
-func (*tb) Skip(args ...any)                  { fail(fmt.Sprint(args...)) }
-func (t *tb) Cleanup(f func())                { t.cleanups = append(t.cleanups, f) }
-func (t *tb) close() {
-	for i := len(t.cleanups) - 1; i >= 0; i-- {
-		t.cleanups[i]()
-	}
-	t.cleanups = nil
-}
 
 func fail(msg string) {
 	fmt.Fprintln(os.Stderr, "xdpcost:", msg)
 	os.Exit(1)
-}
-
-var (
-	vip4 = netip.MustParseAddrPort("203.0.113.10:8765")
-	vip6 = netip.MustParseAddrPort("[2001:db8:f::10]:8765")
-	cli4 = netip.MustParseAddrPort("198.51.100.7:40000")
-	cli6 = netip.MustParseAddrPort("[2001:db8:c::7]:40000")
-)
-
-type bench struct {
-	name  string
-	prog  *ebpf.Program
-	frame []byte
-	floor bool
 }
 
 func main() {
@@ -96,64 +66,20 @@ func kernel() string {
 }
 
 func packetCost(w io.Writer, repeat, rounds int) {
-	t := &tb{}
-	defer t.close()
-	trivial, err := bpftest.TrivialTX()
+	results, err := progcost.Measure(repeat, rounds)
 	if err != nil {
 		fail(err.Error())
 	}
-	t.Cleanup(func() { trivial.Close() })
-
-	f := bpftest.NewFixture(t, loader.Options{RingSize: maglev.DefaultSize})
-	f.AddService(bpftest.Service{ID: 1, VIP: vip4, Proto: bpftest.TCP, Source: true, Backends: []uint32{1, 2, 3}})
-	f.AddService(bpftest.Service{ID: 2, VIP: vip6, Proto: bpftest.TCP, Source: true, Backends: []uint32{4, 5, 6}})
-	f.AddService(bpftest.Service{ID: 3, VIP: netip.AddrPortFrom(vip4.Addr(), 9000), Proto: bpftest.TCP, Backends: []uint32{7, 8, 9}})
-	hit4 := bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.TCP}.Bytes()
-	hit6 := bpftest.Frame{Src: cli6, Dst: vip6, Proto: bpftest.TCP}.Bytes()
-	f.Run(hit4) // record both flows
-	f.Run(hit6)
-	syn := bpftest.Frame{Src: cli4, Dst: netip.AddrPortFrom(vip4.Addr(), 9000), Proto: bpftest.TCP, Flags: bpftest.SYN}.Bytes()
-	synAff := bpftest.Frame{Src: netip.AddrPortFrom(cli4.Addr(), 40001), Dst: vip4, Proto: bpftest.TCP, Flags: bpftest.SYN}.Bytes()
-	notVIP := bpftest.Frame{Src: cli4, Dst: netip.MustParseAddrPort("203.0.113.99:80"), Proto: bpftest.TCP}.Bytes()
-
-	benches := []bench{
-		{"trivial MAC-swap XDP_TX (floor)", trivial, hit4, true},
-		{"tether: connection-table hit, IPv4", f.Objs.TetherXdp, hit4, false},
-		{"tether: connection-table hit, IPv6", f.Objs.TetherXdp, hit6, false},
-		{"tether: new flow (SYN), ring, IPv4", f.Objs.TetherXdp, syn, false},
-		{"tether: new flow (SYN), affinity hit, IPv4", f.Objs.TetherXdp, synAff, false},
-		{"tether: not for a VIP (XDP_PASS)", f.Objs.TetherXdp, notVIP, false},
-	}
-	samples := make([][]float64, len(benches))
-	for r := 0; r < rounds; r++ {
-		for i, b := range benches {
-			_, d, err := b.prog.Benchmark(b.frame, repeat, nil)
-			if err != nil {
-				fail(fmt.Sprintf("%s: %v", b.name, err))
-			}
-			samples[i] = append(samples[i], float64(d.Nanoseconds()))
-		}
-	}
-	floor := median(samples[0])
+	floor := results[0].Median()
 	fmt.Fprintf(w, "## Cost per packet (BPF_PROG_TEST_RUN, %d packets x %d interleaved rounds, median)\n\n", repeat, rounds)
 	fmt.Fprintln(w, "| path | ns/packet | min–max | x floor |")
 	fmt.Fprintln(w, "|---|---:|---:|---:|")
-	for i, b := range benches {
-		med := median(samples[i])
-		fmt.Fprintf(w, "| %s | %.0f | %.0f–%.0f | %.2f |\n", b.name, med, slices.Min(samples[i]), slices.Max(samples[i]), med/floor)
+	for _, r := range results {
+		fmt.Fprintf(w, "| %s | %.0f | %.0f–%.0f | %.2f |\n", r.Name, r.Median(), r.Min(), r.Max(), r.Median()/floor)
 	}
 	fmt.Fprintln(w, "\nTargets: connection-table hit within 2.5x of the floor, new flow within 3.5x.")
 	fmt.Fprintln(w, "A new flow's first non-SYN packet also inserts into the connection (and affinity) table, once per connection.")
 	fmt.Fprintln(w)
-}
-
-func median(xs []float64) float64 {
-	s := slices.Clone(xs)
-	sort.Float64s(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
 // mapMemory loads the program with the default table sizes and reports the
@@ -279,7 +205,7 @@ func maglevBuild(w io.Writer) {
 			}
 			ds = append(ds, float64(time.Since(start).Microseconds()))
 		}
-		fmt.Fprintf(w, "| %d | %d | %.2f ms |\n", maglev.DefaultSize, n, median(ds)/1000)
+		fmt.Fprintf(w, "| %d | %d | %.2f ms |\n", maglev.DefaultSize, n, progcost.Median(ds)/1000)
 	}
 	fmt.Fprintln(w)
 }

@@ -1,0 +1,310 @@
+package pktgen
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"golang.org/x/sys/unix"
+)
+
+// xdpMD is struct xdp_md, the context BPF_PROG_TEST_RUN takes for XDP. The
+// kernel (bpf_prog_test_run_xdp) wants data 0 (no metadata), data_meta 0,
+// data_end the length of the frame and egress_ifindex 0; ingress_ifindex
+// names the device the frames "arrive" on and XDP_TX leaves by, resolved in
+// the caller's network namespace; rx_queue_index picks its queue.
+type xdpMD struct {
+	Data, DataEnd, DataMeta              uint32
+	IngressIfindex, RxQueueIndex, Egress uint32
+}
+
+// genState is the value of the generator's one-entry state map, shared by
+// Send and the program. All fields are host-order numbers.
+type genState struct {
+	// Seq is the number of frames the program has handled in this Send.
+	Seq uint64
+	// Limit is the number of frames to transmit; further runs drop (they
+	// happen when the kernel's run is interrupted and cilium/ebpf restarts
+	// it with the full repeat count).
+	Limit uint64
+	// Addr and Port are the frame's source address and port, the first
+	// of their ranges.
+	Addr, Port uint64
+	// Sum is the one's complement sum (unfolded) of the frame's IPv4
+	// header without its checksum and source address fields.
+	Sum uint64
+	// Template is the frame's first hdrLen bytes (Ethernet, IPv4 and UDP
+	// headers), written back into every frame: pages come back to the
+	// generator with whatever the path made of them (a forwarder's MAC
+	// rewrite, a router's TTL, a NAT's address), so nothing may be taken
+	// from the page itself.
+	Template [48]byte
+}
+
+// Offsets of genState's fields, for the program.
+const (
+	stSeq   = 0
+	stLimit = 8
+	stAddr  = 16
+	stPort  = 24
+	stSum   = 32
+	stTmpl  = 40
+)
+
+// Limits of NewGenerator.
+const (
+	MaxSources = 1 << 16
+	MaxPorts   = 1 << 16
+)
+
+// Generator transmits UDP frames with BPF_PROG_TEST_RUN in live-frame mode
+// (BPF_F_TEST_XDP_LIVE_FRAMES, like xdp-trafficgen). Its XDP program
+// rewrites, per frame, the UDP source port and the IPv4 source address, fixes
+// the IPv4 header checksum and returns XDP_TX, so the kernel sends each frame
+// out of the interface the run names.
+//
+// Frame k of a Send (k = 0, 1, ...) is flow f = k mod (sources*ports): source
+// port srcPort + f mod ports and source address srcAddr + f div ports, where
+// srcAddr:srcPort is the frame's own source. So the port counts up by one
+// per frame and wraps after ports frames, the address moves on to the next
+// at each wrap (and back to the first after sources wraps), and every run of
+// sources*ports frames covers each address and port pair once.
+//
+// Send calls are serialised; a Generator may be shared.
+type Generator struct {
+	sources, ports int
+
+	mu    sync.Mutex
+	state *ebpf.Map
+	prog  *ebpf.Program
+}
+
+// NewGenerator loads a generator that varies the source address over
+// sources consecutive addresses (1 to MaxSources) and the source port over
+// ports consecutive ports (1 to MaxPorts), with sources*ports at most
+// math.MaxInt32. The caller closes it.
+func NewGenerator(sources, ports int) (g *Generator, err error) {
+	switch {
+	case sources < 1 || sources > MaxSources:
+		return nil, fmt.Errorf("generator: sources %d out of range 1..%d", sources, MaxSources)
+	case ports < 1 || ports > MaxPorts:
+		return nil, fmt.Errorf("generator: ports %d out of range 1..%d", ports, MaxPorts)
+	case int64(sources)*int64(ports) > math.MaxInt32:
+		return nil, fmt.Errorf("generator: %d sources times %d ports above %d", sources, ports, math.MaxInt32)
+	}
+	g = &Generator{sources: sources, ports: ports}
+	defer func() {
+		if err != nil {
+			g.Close()
+			g = nil
+		}
+	}()
+	g.state, err = ebpf.NewMap(&ebpf.MapSpec{
+		Name:       "pktgen_gen",
+		Type:       ebpf.Array,
+		KeySize:    4,
+		ValueSize:  uint32(binary.Size(genState{})),
+		MaxEntries: 1,
+	})
+	if err != nil {
+		return g, fmt.Errorf("generator map: %w", err)
+	}
+	g.prog, err = ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name:         "pktgen_gen",
+		Type:         ebpf.XDP,
+		Instructions: generatorInsns(g.state.FD(), sources, ports),
+		License:      "GPL",
+	})
+	if err != nil {
+		return g, fmt.Errorf("load generator: %w", err)
+	}
+	return g, nil
+}
+
+// generatorInsns is the generator's program. In live-frame mode the kernel
+// recycles frame pages and resets only their length, not their bytes, so the
+// program writes absolute values computed from the state map rather than
+// adjusting what it finds. It assumes Send's checks: an IPv4 header without
+// options and a UDP header after it.
+func generatorInsns(stateFD, sources, ports int) asm.Instructions {
+	return asm.Instructions{
+		// R6 = context, kept across the helper call.
+		asm.Mov.Reg(asm.R6, asm.R1),
+		// R7 = &state[0].
+		asm.StoreImm(asm.RFP, -4, 0, asm.Word),
+		asm.LoadMapPtr(asm.R1, stateFD),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, -4),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, "drop"),
+		asm.Mov.Reg(asm.R7, asm.R0),
+		// R8 = seq; drop once limit frames went out; seq++. A run is
+		// on one CPU, so no atomics are needed.
+		asm.LoadMem(asm.R8, asm.R7, stSeq, asm.DWord),
+		asm.LoadMem(asm.R1, asm.R7, stLimit, asm.DWord),
+		asm.JGE.Reg(asm.R8, asm.R1, "drop"),
+		asm.Mov.Reg(asm.R1, asm.R8),
+		asm.Add.Imm(asm.R1, 1),
+		asm.StoreMem(asm.R7, stSeq, asm.R1, asm.DWord),
+		// R2 = data; the headers up to the UDP ports must be there.
+		asm.LoadMem(asm.R2, asm.R6, mdData, asm.Word),
+		asm.LoadMem(asm.R3, asm.R6, mdDataEnd, asm.Word),
+		asm.Mov.Reg(asm.R1, asm.R2),
+		asm.Add.Imm(asm.R1, hdrLen),
+		asm.JGT.Reg(asm.R1, asm.R3, "drop"),
+		// The headers from the template: five 8-byte words and the
+		// last two bytes (hdrLen is 42).
+		asm.LoadMem(asm.R1, asm.R7, stTmpl, asm.DWord),
+		asm.StoreMem(asm.R2, 0, asm.R1, asm.DWord),
+		asm.LoadMem(asm.R1, asm.R7, stTmpl+8, asm.DWord),
+		asm.StoreMem(asm.R2, 8, asm.R1, asm.DWord),
+		asm.LoadMem(asm.R1, asm.R7, stTmpl+16, asm.DWord),
+		asm.StoreMem(asm.R2, 16, asm.R1, asm.DWord),
+		asm.LoadMem(asm.R1, asm.R7, stTmpl+24, asm.DWord),
+		asm.StoreMem(asm.R2, 24, asm.R1, asm.DWord),
+		asm.LoadMem(asm.R1, asm.R7, stTmpl+32, asm.DWord),
+		asm.StoreMem(asm.R2, 32, asm.R1, asm.DWord),
+		asm.LoadMem(asm.R1, asm.R7, stTmpl+40, asm.Half),
+		asm.StoreMem(asm.R2, 40, asm.R1, asm.Half),
+		// R8 = flow f = seq mod (sources*ports); R9 = f mod ports (the
+		// port's index), R8 = f div ports (the address's index).
+		asm.Mod.Imm(asm.R8, int32(sources*ports)),
+		asm.Mov.Reg(asm.R9, asm.R8),
+		asm.Mod.Imm(asm.R9, int32(ports)),
+		asm.Div.Imm(asm.R8, int32(ports)),
+		// UDP source port = state.port + R9, in network order. The UDP
+		// checksum is 0 (none), so nothing else changes.
+		asm.LoadMem(asm.R1, asm.R7, stPort, asm.DWord),
+		asm.Add.Reg(asm.R1, asm.R9),
+		asm.HostTo(asm.BE, asm.R1, asm.Half),
+		asm.StoreMem(asm.R2, offUDPSport, asm.R1, asm.Half),
+		// R4 = IPv4 source address = state.addr + R8 (host order);
+		// stored in network order.
+		asm.LoadMem(asm.R4, asm.R7, stAddr, asm.DWord),
+		asm.Add.Reg(asm.R4, asm.R8),
+		asm.Mov.Reg(asm.R1, asm.R4),
+		asm.HostTo(asm.BE, asm.R1, asm.Word),
+		asm.StoreMem(asm.R2, offIPSrc, asm.R1, asm.Word),
+		// IPv4 header checksum, computed whole: R5 = state.sum plus
+		// the address's two 16-bit halves, folded twice to 16 bits,
+		// complemented, stored in network order.
+		asm.LoadMem(asm.R5, asm.R7, stSum, asm.DWord),
+		asm.Mov.Reg(asm.R1, asm.R4),
+		asm.RSh.Imm(asm.R1, 16),
+		asm.Add.Reg(asm.R5, asm.R1),
+		asm.And.Imm(asm.R4, 0xffff),
+		asm.Add.Reg(asm.R5, asm.R4),
+		asm.Mov.Reg(asm.R1, asm.R5),
+		asm.RSh.Imm(asm.R1, 16),
+		asm.And.Imm(asm.R5, 0xffff),
+		asm.Add.Reg(asm.R5, asm.R1),
+		asm.Mov.Reg(asm.R1, asm.R5),
+		asm.RSh.Imm(asm.R1, 16),
+		asm.And.Imm(asm.R5, 0xffff),
+		asm.Add.Reg(asm.R5, asm.R1),
+		asm.Xor.Imm(asm.R5, 0xffff),
+		asm.HostTo(asm.BE, asm.R5, asm.Half),
+		asm.StoreMem(asm.R2, offIPCsum, asm.R5, asm.Half),
+		// Out of the interface the frame "arrived" on.
+		asm.Mov.Imm(asm.R0, xdpTX),
+		asm.Return(),
+		asm.Mov.Imm(asm.R0, xdpDrop).WithSymbol("drop"),
+		asm.Return(),
+	}
+}
+
+// prepare checks frame and resets the state map for count frames of it.
+func (g *Generator) prepare(frame []byte, count uint32) error {
+	switch {
+	case len(frame) < hdrLen:
+		return fmt.Errorf("generator: frame of %d bytes, need at least %d", len(frame), hdrLen)
+	case binary.BigEndian.Uint16(frame[offEtherType:]) != etherTypeIPv4:
+		return errors.New("generator: frame is not IPv4")
+	case frame[offIPv4] != 0x45:
+		return fmt.Errorf("generator: IPv4 version/IHL byte %#02x, need 0x45 (no options)", frame[offIPv4])
+	case frame[offIPProto] != protoUDP:
+		return fmt.Errorf("generator: IP protocol %d, not UDP", frame[offIPProto])
+	}
+	addr := binary.BigEndian.Uint32(frame[offIPSrc:])
+	port := binary.BigEndian.Uint16(frame[offUDPSport:])
+	if uint64(addr)+uint64(g.sources)-1 > math.MaxUint32 {
+		return fmt.Errorf("generator: %d sources from %v run past 255.255.255.255", g.sources, netip.AddrFrom4([4]byte(frame[offIPSrc:offIPDst])))
+	}
+	if int(port)+g.ports-1 > math.MaxUint16 {
+		return fmt.Errorf("generator: %d ports from %d run past 65535", g.ports, port)
+	}
+	hdr := frame[offIPv4:offUDP]
+	sum := onesSum(hdr) - uint32(binary.BigEndian.Uint16(hdr[10:])) -
+		uint32(binary.BigEndian.Uint16(hdr[12:])) - uint32(binary.BigEndian.Uint16(hdr[14:]))
+	st := genState{Limit: uint64(count), Addr: uint64(addr), Port: uint64(port), Sum: uint64(sum)}
+	copy(st.Template[:], frame[:hdrLen])
+	if err := g.state.Put(uint32(0), &st); err != nil {
+		return fmt.Errorf("generator: reset state: %w", err)
+	}
+	return nil
+}
+
+// sent returns how many frames the program handled since prepare
+// (transmitted, up to the limit, or dropped beyond it).
+func (g *Generator) sent() (uint64, error) {
+	var st genState
+	if err := g.state.Lookup(uint32(0), &st); err != nil {
+		return 0, fmt.Errorf("generator: read state: %w", err)
+	}
+	return st.Seq, nil
+}
+
+// Send transmits count frames built from frame (an Ethernet/IPv4/UDP frame
+// without IPv4 options, such as UDPFrame's, at most about 3.5 KB: one page
+// with the kernel's head- and tailroom) out of interface ifindex. The
+// ifindex is resolved in the network namespace of the calling thread:
+// callers run Send inside lab.Host.Do. It returns the elapsed wall time of
+// the run; the last frames may still be in flight in the kernel when it
+// returns.
+//
+// Exactly count frames are transmitted (XDP_TX; the driver may still drop
+// some): if the kernel's run is interrupted and restarted, the program drops
+// the surplus runs. On a veth, frames sent with XDP_TX reach the peer only if
+// the peer has an XDP program (or GRO) enabled (lab.SetPortXDP).
+func (g *Generator) Send(ifindex int, frame []byte, count uint32) (time.Duration, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if ifindex <= 0 {
+		return 0, fmt.Errorf("generator: bad ifindex %d", ifindex)
+	}
+	if err := g.prepare(frame, count); err != nil {
+		return 0, err
+	}
+	if count == 0 {
+		return 0, nil
+	}
+	start := time.Now()
+	_, err := g.prog.Run(&ebpf.RunOptions{
+		Data: frame,
+		// No DataOut and no ContextOut: live-frame mode rejects them.
+		Context: xdpMD{DataEnd: uint32(len(frame)), IngressIfindex: uint32(ifindex)},
+		Repeat:  count,
+		Flags:   unix.BPF_F_TEST_XDP_LIVE_FRAMES,
+	})
+	elapsed := time.Since(start)
+	if err != nil {
+		return elapsed, fmt.Errorf("generator: live-frame run of %d frames on interface %d: %w", count, ifindex, err)
+	}
+	if n, err := g.sent(); err != nil {
+		return elapsed, err
+	} else if n < uint64(count) {
+		return elapsed, fmt.Errorf("generator: program ran %d times for %d frames", n, count)
+	}
+	return elapsed, nil
+}
+
+// Close releases the program and its map.
+func (g *Generator) Close() error {
+	return closeAll(g.prog, g.state)
+}

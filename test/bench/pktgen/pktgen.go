@@ -1,0 +1,183 @@
+// Package pktgen measures packet rates on the wire through balancers in a
+// lab of network namespaces (package lab), with three small XDP programs
+// written as github.com/cilium/ebpf/asm instructions:
+//
+//   - Generator transmits UDP frames with BPF_PROG_TEST_RUN in live-frame
+//     mode (like xdp-trafficgen), varying the source address and port of
+//     each frame, so that one call puts millions of frames of many flows on
+//     an interface without a socket or a user-space loop;
+//   - Counter counts the frames of one UDP destination port that arrive at
+//     an interface, and drops them;
+//   - Forwarder is the floor of an XDP balancer: it rewrites the Ethernet
+//     addresses of the frames of one UDP destination port and sends them
+//     back out with XDP_TX.
+//
+// EnableRunStats, RunStats and XDPProgramID read what the kernel measures of
+// an attached program (run count and run time), whoever loaded it.
+//
+// Interface indexes are always resolved in the network namespace of the
+// calling thread, so callers use them inside lab.Host.Do. Everything here
+// needs root (CAP_BPF and CAP_NET_ADMIN) except UDPFrame.
+package pktgen
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Frame layout of UDPFrame (IPv4 header without options).
+const (
+	ethLen   = 14
+	ipv4Len  = 20
+	udpLen   = 8
+	hdrLen   = ethLen + ipv4Len + udpLen // 42: first payload byte
+	minFrame = 60                        // Ethernet minimum without FCS
+	maxFrame = ethLen + 0xffff           // IPv4 total length is 16 bits
+
+	offEtherType = 12
+	offIPv4      = ethLen
+	offIPProto   = offIPv4 + 9
+	offIPCsum    = offIPv4 + 10
+	offIPSrc     = offIPv4 + 12
+	offIPDst     = offIPv4 + 16
+	offUDP       = offIPv4 + ipv4Len
+	offUDPSport  = offUDP
+	offUDPDport  = offUDP + 2
+
+	etherTypeIPv4 = 0x0800
+	protoUDP      = 17
+)
+
+// UDPFrame builds an Ethernet/IPv4/UDP frame of size bytes from srcMAC to
+// dstMAC and from src to dst, with a correct IPv4 header checksum and UDP
+// checksum 0 (none). A size below 60 (the Ethernet minimum, without FCS)
+// gives 60; the payload is zeros. The IPv4 header has no options, TTL 64,
+// DF set and IP ID 0.
+//
+// UDPFrame panics on a MAC that is not 6 bytes, an address that is not
+// IPv4 (IPv4-mapped IPv6 is accepted) or a size above 65549.
+func UDPFrame(srcMAC, dstMAC net.HardwareAddr, src, dst netip.AddrPort, size int) []byte {
+	if len(srcMAC) != 6 || len(dstMAC) != 6 {
+		panic(fmt.Sprintf("pktgen.UDPFrame: MACs must be 6 bytes, have %v and %v", srcMAC, dstMAC))
+	}
+	s, d := src.Addr().Unmap(), dst.Addr().Unmap()
+	if !s.Is4() || !d.Is4() {
+		panic(fmt.Sprintf("pktgen.UDPFrame: %v -> %v is not IPv4", src, dst))
+	}
+	size = max(size, minFrame)
+	if size > maxFrame {
+		panic(fmt.Sprintf("pktgen.UDPFrame: size %d above %d", size, maxFrame))
+	}
+	b := make([]byte, size)
+	copy(b[0:6], dstMAC)
+	copy(b[6:12], srcMAC)
+	binary.BigEndian.PutUint16(b[offEtherType:], etherTypeIPv4)
+
+	ip := b[offIPv4:offUDP]
+	ip[0] = 0x45                                            // version 4, IHL 5
+	binary.BigEndian.PutUint16(ip[2:], uint16(size-ethLen)) // total length
+	binary.BigEndian.PutUint16(ip[6:], 0x4000)              // DF, offset 0
+	ip[8] = 64                                              // TTL
+	ip[9] = protoUDP                                        // protocol
+	s4, d4 := s.As4(), d.As4()
+	copy(ip[12:16], s4[:])
+	copy(ip[16:20], d4[:])
+	binary.BigEndian.PutUint16(ip[10:], ipv4Checksum(ip))
+
+	udp := b[offUDP:]
+	binary.BigEndian.PutUint16(udp[0:], src.Port())
+	binary.BigEndian.PutUint16(udp[2:], dst.Port())
+	binary.BigEndian.PutUint16(udp[4:], uint16(size-offUDP)) // UDP length
+	// udp[6:8], the checksum, stays 0: none.
+	return b
+}
+
+// onesSum is the 16-bit one's complement sum (unfolded) of b's big-endian
+// 16-bit words; b has an even length.
+func onesSum(b []byte) uint32 {
+	var sum uint32
+	for i := 0; i+1 < len(b); i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(b[i:]))
+	}
+	return sum
+}
+
+// fold reduces a one's complement sum to 16 bits.
+func fold(sum uint32) uint16 {
+	for sum > 0xffff {
+		sum = sum&0xffff + sum>>16
+	}
+	return uint16(sum)
+}
+
+// ipv4Checksum is the checksum of header hdr with its checksum field
+// (bytes 10 and 11) taken as zero.
+func ipv4Checksum(hdr []byte) uint16 {
+	sum := onesSum(hdr) - uint32(binary.BigEndian.Uint16(hdr[10:]))
+	return ^fold(sum)
+}
+
+// EnableRunStats turns on the kernel's BPF run-time statistics (run_time_ns
+// and run_cnt of every program, ebpf.EnableStats with
+// unix.BPF_STATS_RUN_TIME) until the returned closer is closed. Statistics
+// stay on while any holder keeps them on, and cost some nanoseconds per
+// program run while on.
+func EnableRunStats() (io.Closer, error) {
+	c, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		return nil, fmt.Errorf("enable bpf run-time statistics: %w", err)
+	}
+	return c, nil
+}
+
+// RunStats returns the accumulated run time and run count of the program
+// with id, as the kernel counts them while statistics are on (see
+// EnableRunStats). The program may belong to another process.
+func RunStats(id ebpf.ProgramID) (runtime time.Duration, count uint64, err error) {
+	prog, err := ebpf.NewProgramFromID(id)
+	if err != nil {
+		return 0, 0, fmt.Errorf("open program %d: %w", id, err)
+	}
+	defer prog.Close()
+	// cilium/ebpf v0.22 moved Runtime and RunCount from ProgramInfo to
+	// ProgramStats; both come from the same bpf_prog_info fields.
+	st, err := prog.Stats()
+	if err != nil {
+		return 0, 0, fmt.Errorf("statistics of program %d: %w", id, err)
+	}
+	return st.Runtime, st.RunCount, nil
+}
+
+// XDPProgramID returns the id of the XDP program attached to interface
+// ifindex, in the network namespace of the calling thread, or an error
+// naming the interface if none is attached.
+func XDPProgramID(ifindex int) (ebpf.ProgramID, error) {
+	// A handle of its own: its socket is opened in the calling thread's
+	// namespace, whatever the package handle did before.
+	nh, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return 0, fmt.Errorf("netlink handle: %w", err)
+	}
+	defer nh.Close()
+	lk, err := nh.LinkByIndex(ifindex)
+	if err != nil {
+		return 0, fmt.Errorf("interface %d: %w", ifindex, err)
+	}
+	a := lk.Attrs()
+	if a.Xdp == nil || !a.Xdp.Attached || a.Xdp.ProgId == 0 {
+		return 0, fmt.Errorf("interface %s (index %d): %w", a.Name, ifindex, ErrNoXDP)
+	}
+	return ebpf.ProgramID(a.Xdp.ProgId), nil
+}
+
+// ErrNoXDP is wrapped by XDPProgramID when the interface has no XDP program.
+var ErrNoXDP = errors.New("no XDP program attached")

@@ -1,0 +1,446 @@
+package pktgen
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/vishvananda/netlink"
+
+	"github.com/tetherlb/tether/lab"
+)
+
+var (
+	testSrcMAC = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0x01}
+	testDstMAC = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0x02}
+	testSrc    = netip.MustParseAddrPort("192.0.2.10:1024")
+	testDst    = netip.MustParseAddrPort("203.0.113.10:9999")
+)
+
+const testDport = 9999
+
+// checkIPv4Checksum fails t unless the IPv4 header of frame (no options)
+// sums to 0xffff, checksum included.
+func checkIPv4Checksum(t *testing.T, frame []byte) {
+	t.Helper()
+	if got := fold(onesSum(frame[offIPv4:offUDP])); got != 0xffff {
+		t.Errorf("IPv4 header sums to %#04x, want 0xffff (checksum %#04x)", got, binary.BigEndian.Uint16(frame[offIPCsum:]))
+	}
+}
+
+func TestUDPFrame(t *testing.T) {
+	for _, size := range []int{0, 59, 60, 64, 1500} {
+		f := UDPFrame(testSrcMAC, testDstMAC, testSrc, testDst, size)
+		want := max(size, 60)
+		if len(f) != want {
+			t.Fatalf("size %d: frame of %d bytes, want %d", size, len(f), want)
+		}
+		hdr := []byte{
+			0x02, 0, 0, 0, 0, 0x02, // destination MAC
+			0x02, 0, 0, 0, 0, 0x01, // source MAC
+			0x08, 0x00, // IPv4
+			0x45, 0x00, // version 4, IHL 5, TOS 0
+			byte((want - 14) >> 8), byte(want - 14), // total length
+			0x00, 0x00, 0x40, 0x00, // ID 0, DF
+			64, 17, // TTL, UDP
+			f[24], f[25], // checksum, checked below
+			192, 0, 2, 10,
+			203, 0, 113, 10,
+			0x04, 0x00, // 1024
+			0x27, 0x0f, // 9999
+			byte((want - 34) >> 8), byte(want - 34), // UDP length
+			0x00, 0x00, // no UDP checksum
+		}
+		if !bytes.Equal(f[:hdrLen], hdr) {
+			t.Errorf("size %d: headers\n% x\nwant\n% x", size, f[:hdrLen], hdr)
+		}
+		if !bytes.Equal(f[hdrLen:], make([]byte, want-hdrLen)) {
+			t.Errorf("size %d: payload not zeros", size)
+		}
+		checkIPv4Checksum(t, f)
+	}
+	// A known checksum: the 64-byte frame's header, summed by hand:
+	// 4500+0032+0000+4000+4011+c000+020a+cb00+710a = 0x2c357, folded
+	// 0xc359, complemented 0x3ca6.
+	f := UDPFrame(testSrcMAC, testDstMAC, testSrc, testDst, 64)
+	if got := binary.BigEndian.Uint16(f[offIPCsum:]); got != 0x3ca6 {
+		t.Errorf("checksum %#04x, want 0x3ca6", got)
+	}
+}
+
+// TestGeneratorSequence runs the generator's program once per frame in the
+// ordinary (copying) test-run mode and checks the source port and address
+// it writes into each frame, its checksum, and the drop past the limit.
+func TestGeneratorSequence(t *testing.T) {
+	lab.RequirePrivileged(t)
+	const sources, ports = 3, 5
+	g, err := NewGenerator(sources, ports)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	frame := UDPFrame(testSrcMAC, testDstMAC, testSrc, testDst, 64)
+	const count = 2*sources*ports + 3
+	if err := g.prepare(frame, count); err != nil {
+		t.Fatal(err)
+	}
+	out := make([]byte, len(frame)+256)
+	for k := range count + 2 {
+		ret, err := g.prog.Run(&ebpf.RunOptions{Data: frame, DataOut: out, Repeat: 1})
+		if err != nil {
+			t.Fatalf("frame %d: %v", k, err)
+		}
+		if k >= count {
+			if ret != xdpDrop {
+				t.Errorf("frame %d past the limit %d: verdict %d, want XDP_DROP", k, count, ret)
+			}
+			continue
+		}
+		if ret != xdpTX {
+			t.Fatalf("frame %d: verdict %d, want XDP_TX", k, ret)
+		}
+		got := make([]byte, len(frame))
+		copy(got, out)
+		f := k % (sources * ports)
+		wantPort := uint16(1024 + f%ports)
+		wantAddr := netip.AddrFrom4([4]byte{192, 0, 2, byte(10 + f/ports)})
+		if p := binary.BigEndian.Uint16(got[offUDPSport:]); p != wantPort {
+			t.Errorf("frame %d: source port %d, want %d", k, p, wantPort)
+		}
+		if a := netip.AddrFrom4([4]byte(got[offIPSrc:offIPDst])); a != wantAddr {
+			t.Errorf("frame %d: source address %v, want %v", k, a, wantAddr)
+		}
+		checkIPv4Checksum(t, got)
+		// Nothing else changed.
+		want := UDPFrame(testSrcMAC, testDstMAC, netip.AddrPortFrom(wantAddr, wantPort), testDst, 64)
+		if !bytes.Equal(got, want) {
+			t.Errorf("frame %d:\n% x\nwant\n% x", k, got, want)
+		}
+	}
+	if n, err := g.sent(); err != nil || n != count {
+		t.Errorf("state seq %d, %v; want %d", n, err, count)
+	}
+
+	// Ranges that run past the end of the address or port space.
+	if err := g.prepare(UDPFrame(testSrcMAC, testDstMAC, netip.MustParseAddrPort("192.0.2.10:65534"), testDst, 64), 1); err == nil {
+		t.Error("ports past 65535 accepted")
+	}
+	if _, err := NewGenerator(0, 1); err == nil {
+		t.Error("0 sources accepted")
+	}
+}
+
+// learnMACs has the balancer resolve be1 with ARP, so that the wire's bridge
+// has learnt both MACs and delivers frames to either of them to that port
+// alone, not flooded to every port (where be1 would count the client's
+// frames to lb too).
+func learnMACs(l *lab.Lab, be *lab.Host) error {
+	lb := l.Balancer
+	return lb.Do(func() error {
+		c, err := net.Dial("udp4", netip.AddrPortFrom(be.Addr4, 9).String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		if _, err := c.Write([]byte("arp")); err != nil {
+			return err
+		}
+		nh, err := netlink.NewHandle()
+		if err != nil {
+			return err
+		}
+		defer nh.Close()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			neighs, err := nh.NeighList(lb.Ifindex, netlink.FAMILY_V4)
+			if err != nil {
+				return err
+			}
+			for _, n := range neighs {
+				if n.IP.Equal(be.Addr4.AsSlice()) && n.State&(netlink.NUD_REACHABLE|netlink.NUD_STALE|netlink.NUD_DELAY|netlink.NUD_PROBE) != 0 {
+					return nil
+				}
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("%s did not resolve %s: %v", lb.Name, be.Addr4, neighs)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	})
+}
+
+// settle waits until n stops changing (frames still in flight in the kernel
+// after Send returns), at most 3 s, and returns its last value.
+func settle(n func() (uint64, error)) (uint64, error) {
+	last, err := n()
+	if err != nil {
+		return 0, err
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+		cur, err := n()
+		if err != nil {
+			return 0, err
+		}
+		if cur == last {
+			break
+		}
+		last = cur
+	}
+	return last, nil
+}
+
+// TestForwardThroughBalancer sends frames from the client through the
+// Forwarder on the balancer to a Counter on be1.
+func TestForwardThroughBalancer(t *testing.T) {
+	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 4})
+	client, lb, be1 := l.Client, l.Balancer, l.Backends[0]
+	if err := learnMACs(l, be1); err != nil {
+		t.Fatal(err)
+	}
+
+	var ctr *Counter
+	if err := be1.Do(func() (err error) {
+		ctr, err = AttachCounter(be1.Ifindex, testDport)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer ctr.Close()
+	var fwd *Forwarder
+	if err := lb.Do(func() (err error) {
+		fwd, err = AttachForwarder(lb.Ifindex, testDport, lb.MAC, be1.MAC)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer fwd.Close()
+	fwdID, err := fwd.ProgramID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var attached ebpf.ProgramID
+	if err := lb.Do(func() (err error) {
+		attached, err = XDPProgramID(lb.Ifindex)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if attached != fwdID {
+		t.Errorf("XDPProgramID(lb eth0) = %d, forwarder is %d", attached, fwdID)
+	}
+	// No program on the client's eth0: the error names the interface.
+	if err := client.Do(func() error {
+		_, err := XDPProgramID(client.Ifindex)
+		if !errors.Is(err, ErrNoXDP) {
+			return fmt.Errorf("XDPProgramID(client eth0) error %v, want ErrNoXDP", err)
+		}
+		t.Logf("as expected: %v", err)
+		return nil
+	}); err != nil {
+		t.Error(err)
+	}
+
+	if err := l.SetPortXDP(client, true); err != nil {
+		t.Fatal(err)
+	}
+	g, err := NewGenerator(4, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	stats, err := EnableRunStats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stats.Close()
+
+	const sent = 200_000
+	frame := UDPFrame(client.MAC, lb.MAC, netip.AddrPortFrom(l.ClientAddrs4[0], 1024), netip.AddrPortFrom(l.VIP4, testDport), 64)
+	var elapsed time.Duration
+	if err := client.Do(func() (err error) {
+		elapsed, err = g.Send(client.Ifindex, frame, sent)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := settle(ctr.Count)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runtime, runs, err := RunStats(fwdID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mpps := func(n uint64) float64 { return float64(n) / elapsed.Seconds() / 1e6 }
+	t.Logf("sent %d frames of %d bytes in %v: %.2f Mpps offered", sent, len(frame), elapsed, mpps(sent))
+	t.Logf("be1 counted %d (%.1f%%): %.2f Mpps delivered over the send time", got, 100*float64(got)/sent, mpps(got))
+	if runs > 0 {
+		t.Logf("forwarder: %d runs, %v, %.1f ns/run", runs, runtime, float64(runtime.Nanoseconds())/float64(runs))
+	}
+	if got == 0 || got > sent {
+		t.Errorf("be1 counted %d frames, want 1..%d", got, sent)
+	}
+	// The forwarder also runs for what else reaches lb's eth0 meanwhile
+	// (next to nothing in a lab: no DAD, static neighbours): some slack.
+	const slack = 100
+	if runs == 0 || runtime <= 0 || runs > sent+slack {
+		t.Errorf("forwarder run stats: %d runs, %v; want 1..%d runs and a positive time", runs, runtime, sent+slack)
+	}
+	if runs < got {
+		t.Errorf("forwarder ran %d times but be1 counted %d", runs, got)
+	}
+}
+
+// attachRecorder attaches to ifindex an XDP program that records the IPv4
+// source address and UDP source port of each frame to dport in a hash map,
+// key address (4 bytes, network order) then port (2 bytes, network order)
+// then 2 zero bytes, value the number of frames; it drops what it records.
+// Call it in the interface's namespace; the closer detaches and releases
+// it all.
+func attachRecorder(ifindex int, dport uint16) (*ebpf.Map, io.Closer, error) {
+	seen, err := ebpf.NewMap(&ebpf.MapSpec{
+		Name:       "pktgen_seen",
+		Type:       ebpf.Hash,
+		KeySize:    8,
+		ValueSize:  8,
+		MaxEntries: 4096,
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	insns := append(matchUDP(dport, "pass"),
+		// Key at fp-8: source address, source port, 0.
+		asm.LoadMem(asm.R5, asm.R2, offIPSrc, asm.Word),
+		asm.StoreMem(asm.RFP, -8, asm.R5, asm.Word),
+		asm.LoadMem(asm.R5, asm.R4, 0, asm.Half),
+		asm.StoreMem(asm.RFP, -4, asm.R5, asm.Half),
+		asm.StoreImm(asm.RFP, -2, 0, asm.Half),
+		// Value 1 at fp-16, for a new key.
+		asm.Mov.Imm(asm.R1, 1),
+		asm.StoreMem(asm.RFP, -16, asm.R1, asm.DWord),
+		// seen[key]++ if there, else seen[key] = 1.
+		asm.LoadMapPtr(asm.R1, seen.FD()),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, -8),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, "new"),
+		asm.Mov.Imm(asm.R1, 1),
+		asm.StoreXAdd(asm.R0, asm.R1, asm.DWord),
+		asm.Ja.Label("drop"),
+		asm.LoadMapPtr(asm.R1, seen.FD()).WithSymbol("new"),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, -8),
+		asm.Mov.Reg(asm.R3, asm.RFP),
+		asm.Add.Imm(asm.R3, -16),
+		asm.Mov.Imm(asm.R4, 0), // BPF_ANY
+		asm.FnMapUpdateElem.Call(),
+		asm.Mov.Imm(asm.R0, xdpDrop).WithSymbol("drop"),
+		asm.Return(),
+		asm.Mov.Imm(asm.R0, xdpPass).WithSymbol("pass"),
+		asm.Return(),
+	)
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name:         "pktgen_seen",
+		Type:         ebpf.XDP,
+		Instructions: insns,
+		License:      "GPL",
+	})
+	if err != nil {
+		seen.Close()
+		return nil, nil, fmt.Errorf("load recorder: %w", err)
+	}
+	lk, err := attach(prog, ifindex)
+	if err != nil {
+		return nil, nil, errors.Join(err, closeAll(prog, seen))
+	}
+	return seen, closers{lk, prog, seen}, nil
+}
+
+// closers closes its members in order.
+type closers []io.Closer
+
+func (cs closers) Close() error { return closeAll(cs...) }
+
+// TestGeneratorVariesOnWire sends frames straight from the client to be1
+// and checks, at be1, that they came from every source address and port of
+// the generator's ranges and from nothing else.
+func TestGeneratorVariesOnWire(t *testing.T) {
+	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 4})
+	client, be1 := l.Client, l.Backends[0]
+	if err := l.SetPortXDP(client, true); err != nil {
+		t.Fatal(err)
+	}
+	var seen *ebpf.Map
+	var rec io.Closer
+	if err := be1.Do(func() (err error) {
+		seen, rec, err = attachRecorder(be1.Ifindex, testDport)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer rec.Close()
+
+	const sources, ports, rounds = 4, 16, 4
+	g, err := NewGenerator(sources, ports)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	frame := UDPFrame(client.MAC, be1.MAC, netip.AddrPortFrom(l.ClientAddrs4[0], 40000), netip.AddrPortFrom(l.VIP4, testDport), 64)
+	const sent = sources * ports * rounds
+	if err := client.Do(func() error {
+		_, err := g.Send(client.Ifindex, frame, sent)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	total := func() (uint64, error) {
+		var n uint64
+		var key [8]byte
+		var v uint64
+		it := seen.Iterate()
+		for it.Next(&key, &v) {
+			n += v
+		}
+		return n, it.Err()
+	}
+	n, err := settle(total)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrs, portSet := map[netip.Addr]bool{}, map[uint16]bool{}
+	pairs := 0
+	var key [8]byte
+	var v uint64
+	for it := seen.Iterate(); it.Next(&key, &v); {
+		a := netip.AddrFrom4([4]byte(key[0:4]))
+		p := binary.BigEndian.Uint16(key[4:6])
+		if a4 := a.As4(); [3]byte(a4[:3]) != [3]byte{192, 0, 2} || a4[3] < 10 || a4[3] >= 10+sources {
+			t.Errorf("frame from address %v, outside the %d from %v", a, sources, l.ClientAddrs4[0])
+		}
+		if p < 40000 || p >= 40000+ports {
+			t.Errorf("frame from port %d, outside 40000..%d", p, 40000+ports-1)
+		}
+		addrs[a], portSet[p] = true, true
+		pairs++
+	}
+	t.Logf("be1 saw %d of %d frames: %d addresses, %d ports, %d pairs", n, sent, len(addrs), len(portSet), pairs)
+	if n == 0 || n > sent {
+		t.Errorf("be1 saw %d frames, want 1..%d", n, sent)
+	}
+	// Each pair was sent rounds times: a pair missing means all its
+	// frames were lost, not a plausible loss at this rate.
+	if len(addrs) != sources || len(portSet) != ports || pairs != sources*ports {
+		t.Errorf("saw %d addresses, %d ports, %d pairs; want %d, %d, %d", len(addrs), len(portSet), pairs, sources, ports, sources*ports)
+	}
+}

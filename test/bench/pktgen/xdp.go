@@ -1,0 +1,291 @@
+package pktgen
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
+)
+
+// XDP verdicts (enum xdp_action).
+const (
+	xdpAborted = 0
+	xdpDrop    = 1
+	xdpPass    = 2
+	xdpTX      = 3
+)
+
+// Offsets of struct xdp_md, the context of XDP programs.
+const (
+	mdData    = 0
+	mdDataEnd = 4
+)
+
+// ne16 is the value a 16-bit load from the packet gives for the big-endian
+// (network order) field v, on this host: the immediate to compare with.
+func ne16(v uint16) int32 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], v)
+	return int32(binary.NativeEndian.Uint16(b[:]))
+}
+
+// matchUDP returns instructions that, with R1 = the xdp_md context, jump to
+// label pass unless the frame is IPv4 (any header length, first fragment or
+// unfragmented) and UDP to destination port dport. Falling through, R2 is
+// the frame's start (data) and R3 its end (data_end); R4 and R5 are
+// clobbered.
+func matchUDP(dport uint16, pass string) asm.Instructions {
+	return asm.Instructions{
+		// R2 = data, R3 = data_end.
+		asm.LoadMem(asm.R2, asm.R1, mdData, asm.Word),
+		asm.LoadMem(asm.R3, asm.R1, mdDataEnd, asm.Word),
+		// The Ethernet header and a minimal IPv4 header must be there.
+		asm.Mov.Reg(asm.R4, asm.R2),
+		asm.Add.Imm(asm.R4, ethLen+ipv4Len),
+		asm.JGT.Reg(asm.R4, asm.R3, pass),
+		// EtherType IPv4 (no VLAN tags).
+		asm.LoadMem(asm.R5, asm.R2, offEtherType, asm.Half),
+		asm.JNE.Imm(asm.R5, ne16(etherTypeIPv4), pass),
+		// Protocol UDP.
+		asm.LoadMem(asm.R5, asm.R2, offIPProto, asm.Byte),
+		asm.JNE.Imm(asm.R5, protoUDP, pass),
+		// Fragment offset 0, so that a UDP header follows.
+		asm.LoadMem(asm.R5, asm.R2, offIPv4+6, asm.Half),
+		asm.And.Imm(asm.R5, ne16(0x1fff)),
+		asm.JNE.Imm(asm.R5, 0, pass),
+		// R5 = IPv4 header length in bytes (IHL*4, 20 to 60).
+		asm.LoadMem(asm.R5, asm.R2, offIPv4, asm.Byte),
+		asm.And.Imm(asm.R5, 0x0f),
+		asm.LSh.Imm(asm.R5, 2),
+		asm.JLT.Imm(asm.R5, ipv4Len, pass),
+		// R4 = UDP header, whose 8 bytes must be there.
+		asm.Mov.Reg(asm.R4, asm.R2),
+		asm.Add.Reg(asm.R4, asm.R5),
+		asm.Add.Imm(asm.R4, ethLen),
+		asm.Mov.Reg(asm.R5, asm.R4),
+		asm.Add.Imm(asm.R5, udpLen),
+		asm.JGT.Reg(asm.R5, asm.R3, pass),
+		// Destination port.
+		asm.LoadMem(asm.R5, asm.R4, 2, asm.Half),
+		asm.JNE.Imm(asm.R5, ne16(dport), pass),
+	}
+}
+
+// attach attaches prog in driver mode to ifindex, resolved in the calling
+// thread's network namespace.
+func attach(prog *ebpf.Program, ifindex int) (link.Link, error) {
+	lk, err := link.AttachXDP(link.XDPOptions{
+		Program:   prog,
+		Interface: ifindex,
+		Flags:     link.XDPDriverMode,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("attach %s to interface %d: %w", prog, ifindex, err)
+	}
+	return lk, nil
+}
+
+// Counter is an XDP program attached in driver mode to an interface: it
+// counts the IPv4 UDP frames to one destination port in a per-CPU array
+// (summed by Count) and drops them; all other frames pass.
+type Counter struct {
+	counts *ebpf.Map
+	prog   *ebpf.Program
+	link   link.Link
+}
+
+// AttachCounter loads a Counter for UDP destination port dport and attaches
+// it in driver mode to interface ifindex, in the calling thread's network
+// namespace (call it inside lab.Host.Do). The caller closes it.
+func AttachCounter(ifindex int, dport uint16) (c *Counter, err error) {
+	c = &Counter{}
+	defer func() {
+		if err != nil {
+			c.Close()
+			c = nil
+		}
+	}()
+	c.counts, err = ebpf.NewMap(&ebpf.MapSpec{
+		Name:       "pktgen_count",
+		Type:       ebpf.PerCPUArray,
+		KeySize:    4,
+		ValueSize:  8,
+		MaxEntries: 1,
+	})
+	if err != nil {
+		return c, fmt.Errorf("counter map: %w", err)
+	}
+	insns := append(matchUDP(dport, "pass"),
+		// R0 = &counts[0] of this CPU.
+		asm.StoreImm(asm.RFP, -4, 0, asm.Word),
+		asm.LoadMapPtr(asm.R1, c.counts.FD()),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, -4),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, "drop"),
+		// counts[0]++: per CPU, so no atomic needed.
+		asm.LoadMem(asm.R1, asm.R0, 0, asm.DWord),
+		asm.Add.Imm(asm.R1, 1),
+		asm.StoreMem(asm.R0, 0, asm.R1, asm.DWord),
+		// Counted frames go no further.
+		asm.Mov.Imm(asm.R0, xdpDrop).WithSymbol("drop"),
+		asm.Return(),
+		asm.Mov.Imm(asm.R0, xdpPass).WithSymbol("pass"),
+		asm.Return(),
+	)
+	c.prog, err = ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name:         "pktgen_count",
+		Type:         ebpf.XDP,
+		Instructions: insns,
+		License:      "GPL",
+	})
+	if err != nil {
+		return c, fmt.Errorf("load counter: %w", err)
+	}
+	c.link, err = attach(c.prog, ifindex)
+	return c, err
+}
+
+// Count returns the number of frames counted so far, over all CPUs.
+func (c *Counter) Count() (uint64, error) {
+	var perCPU []uint64
+	if err := c.counts.Lookup(uint32(0), &perCPU); err != nil {
+		return 0, fmt.Errorf("read counter: %w", err)
+	}
+	var n uint64
+	for _, v := range perCPU {
+		n += v
+	}
+	return n, nil
+}
+
+// Close detaches the program and releases it and its map.
+func (c *Counter) Close() error {
+	return closeAll(c.link, c.prog, c.counts)
+}
+
+// Forwarder is the trivial forwarding XDP program, the floor of an XDP
+// balancer: attached in driver mode to an interface, it rewrites every IPv4
+// UDP frame to one destination port to a fixed Ethernet source and
+// destination and sends it back out with XDP_TX; everything else passes.
+// It touches nothing above Ethernet (no TTL, no checksum).
+type Forwarder struct {
+	prog *ebpf.Program
+	link link.Link
+}
+
+// AttachForwarder loads a Forwarder for UDP destination port dport that
+// rewrites frames to Ethernet source src and destination dst (6 bytes each)
+// and attaches it in driver mode to interface ifindex, in the calling
+// thread's network namespace (call it inside lab.Host.Do). The caller
+// closes it.
+func AttachForwarder(ifindex int, dport uint16, src, dst net.HardwareAddr) (*Forwarder, error) {
+	return attachForwarder(ifindex, matchUDP(dport, "pass"), src, dst)
+}
+
+// attachForwarder completes a forwarder whose match jumps to "pass" for
+// frames to leave alone and falls through, with R2 = data, for frames to
+// forward.
+func attachForwarder(ifindex int, match asm.Instructions, src, dst net.HardwareAddr) (f *Forwarder, err error) {
+	if len(src) != 6 || len(dst) != 6 {
+		return nil, fmt.Errorf("forwarder: MACs must be 6 bytes, have %v and %v", src, dst)
+	}
+	// macStores writes mac at offset off of the frame (R2) in three 16-bit
+	// stores, aligned under the kernel's NET_IP_ALIGN assumption.
+	macStores := func(off int16, mac net.HardwareAddr) asm.Instructions {
+		var s asm.Instructions
+		for i := int16(0); i < 6; i += 2 {
+			v := ne16(binary.BigEndian.Uint16(mac[i:]))
+			s = append(s, asm.StoreImm(asm.R2, off+i, int64(v), asm.Half))
+		}
+		return s
+	}
+	insns := append(asm.Instructions{}, match...)
+	insns = append(insns, macStores(0, dst)...) // destination MAC
+	insns = append(insns, macStores(6, src)...) // source MAC
+	insns = append(insns,
+		// Back out of the interface it came in on.
+		asm.Mov.Imm(asm.R0, xdpTX),
+		asm.Return(),
+		asm.Mov.Imm(asm.R0, xdpPass).WithSymbol("pass"),
+		asm.Return(),
+	)
+	f = &Forwarder{}
+	f.prog, err = ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name:         "pktgen_fwd",
+		Type:         ebpf.XDP,
+		Instructions: insns,
+		License:      "GPL",
+	})
+	if err != nil {
+		return nil, fmt.Errorf("load forwarder: %w", err)
+	}
+	if f.link, err = attach(f.prog, ifindex); err != nil {
+		f.prog.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// AttachVIPForwarder is AttachForwarder for every IPv4 frame to destination
+// address vip, whatever its protocol: the floor of an XDP balancer for TCP
+// as well as UDP, sending everything to one backend.
+func AttachVIPForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr) (*Forwarder, error) {
+	if !vip.Is4() {
+		return nil, fmt.Errorf("forwarder: %v is not an IPv4 address", vip)
+	}
+	a := vip.As4()
+	match := asm.Instructions{
+		asm.LoadMem(asm.R2, asm.R1, mdData, asm.Word),
+		asm.LoadMem(asm.R3, asm.R1, mdDataEnd, asm.Word),
+		asm.Mov.Reg(asm.R4, asm.R2),
+		asm.Add.Imm(asm.R4, ethLen+ipv4Len),
+		asm.JGT.Reg(asm.R4, asm.R3, "pass"),
+		asm.LoadMem(asm.R5, asm.R2, offEtherType, asm.Half),
+		asm.JNE.Imm(asm.R5, ne16(etherTypeIPv4), "pass"),
+		// The destination address, compared as the host loads it.
+		asm.LoadMem(asm.R5, asm.R2, offIPDst, asm.Word),
+		asm.JNE.Imm32(asm.R5, int32(binary.NativeEndian.Uint32(a[:])), "pass"),
+	}
+	return attachForwarder(ifindex, match, src, dst)
+}
+
+// ProgramID returns the kernel's id of the forwarder's program, for
+// RunStats and to compare with XDPProgramID.
+func (f *Forwarder) ProgramID() (ebpf.ProgramID, error) {
+	info, err := f.prog.Info()
+	if err != nil {
+		return 0, fmt.Errorf("forwarder info: %w", err)
+	}
+	id, ok := info.ID()
+	if !ok {
+		return 0, errors.New("forwarder: kernel reports no program id")
+	}
+	return id, nil
+}
+
+// Close detaches the program and releases it.
+func (f *Forwarder) Close() error {
+	return closeAll(f.link, f.prog)
+}
+
+// closeAll closes the non-nil closers in order and joins their errors.
+// (Nil *ebpf.Map and *ebpf.Program close without error.)
+func closeAll(cs ...io.Closer) error {
+	var errs []error
+	for _, c := range cs {
+		if c == nil {
+			continue
+		}
+		if err := c.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
