@@ -430,11 +430,11 @@ func (p *Proxy) accept(l *listener) {
 	}
 }
 
-// serve proxies one accepted client connection of s until it ends.
+// serve proxies one accepted client connection of s until it ends. Once
+// the connection runs, its own goroutines end it (conn.finish).
 func (p *Proxy) serve(s *service, c *net.TCPConn) {
-	defer p.wg.Done()
-	defer p.active.Add(-1)
 	if n := p.active.Add(1); p.opts.MaxConns > 0 && n > int64(p.opts.MaxConns) {
+		defer p.served()
 		p.reasons[rConnLimit].Add(1)
 		reset(c)
 		return
@@ -446,6 +446,7 @@ func (p *Proxy) serve(s *service, c *net.TCPConn) {
 	if b == nil {
 		p.reasons[rNoBackend].Add(1)
 		reset(c)
+		p.served()
 		return
 	}
 	p.record(s, client, b, hit, now)
@@ -461,21 +462,28 @@ func (p *Proxy) serve(s *service, c *net.TCPConn) {
 		p.reasons[rDialFailed].Add(1)
 		p.log.Debug("backend failed; client reset", "service", s.Name, "client", client, "backend", baddr, "err", err)
 		reset(c)
+		p.served()
 		return
 	}
 	cn := &conn{p: p, client: c, backend: bc, key: connKey{client, vip}, service: s.ID, be: b}
 	if !p.add(cn) {
 		c.Close()
 		bc.Close()
+		p.served()
 		return
 	}
-	defer p.remove(cn)
 	cn.run(s.opts.IdleTimeout)
+}
+
+// served ends the bookkeeping of a connection that accept started.
+func (p *Proxy) served() {
+	p.active.Add(-1)
+	p.wg.Done()
 }
 
 // writeProxyHeader sends the PROXY v2 header of a connection to its
 // backend, within timeout.
-func writeProxyHeader(bc *net.TCPConn, client, vip netip.AddrPort, timeout time.Duration) error {
+func writeProxyHeader(bc sock, client, vip netip.AddrPort, timeout time.Duration) error {
 	if err := bc.SetWriteDeadline(time.Now().Add(timeout)); err != nil {
 		return err
 	}

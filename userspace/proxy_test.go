@@ -642,7 +642,7 @@ func TestSocketOptions(t *testing.T) {
 	if c == nil {
 		t.Fatal("no connection in the table")
 	}
-	for side, s := range map[string]*net.TCPConn{"client": c.client, "backend": c.backend} {
+	for side, s := range map[string]syscall.Conn{"client": c.client, "backend": c.backend} {
 		rc, _ := s.SyscallConn()
 		get := func(level, opt int) int {
 			var v int

@@ -89,12 +89,15 @@ const spliceFlags = unix.SPLICE_F_MOVE | unix.SPLICE_F_NONBLOCK
 type conn struct {
 	p       *Proxy
 	client  *net.TCPConn
-	backend *net.TCPConn
+	backend sock // *os.File (see dial)
 	key     connKey
 	service uint32
 	be      *backend
 
 	closing  atomic.Bool  // a side ended: the flow no longer counts as active
+	srcEnded atomic.Int32 // directions whose source's stream ended
+	halves   atomic.Int32 // directions that returned
+	shut     atomic.Bool  // close has closed the sockets
 	lastSeen atomic.Int64 // Proxy.now of the last bytes moved, either way
 	once     sync.Once
 
@@ -108,8 +111,11 @@ type connKey struct {
 	client, vip netip.AddrPort
 }
 
-// run moves bytes both ways until both directions have ended, then closes
-// both sockets. It returns when the connection is gone.
+// run moves bytes both ways, client to backend on the calling goroutine
+// and backend to client on another, until both directions have ended;
+// whichever ends last closes both sockets and takes the connection out of
+// the table (finish), so that neither waits for the other. run returns
+// when its direction has ended: the connection may outlive it.
 func (c *conn) run(idleTimeout time.Duration) {
 	c.lastSeen.Store(c.p.now())
 	if idleTimeout > 0 {
@@ -117,14 +123,21 @@ func (c *conn) run(idleTimeout time.Duration) {
 		c.idle = time.AfterFunc(idleTimeout, func() { c.checkIdle(idleTimeout) })
 		c.idleMu.Unlock()
 	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		c.direction(c.backend, c.client)
-	}()
-	c.direction(c.client, c.backend)
-	wg.Wait()
+	go c.half(c.backend, c.client)
+	c.half(c.client, c.backend)
+}
+
+// half runs one direction; the last one to end finishes the connection.
+func (c *conn) half(dst, src sock) {
+	c.direction(dst, src)
+	if c.halves.Add(1) == 2 {
+		c.finish()
+	}
+}
+
+// finish closes both sockets, stops the idle timer and takes the
+// connection out of the table and the proxy's count.
+func (c *conn) finish() {
 	c.close(false)
 	c.idleMu.Lock()
 	c.ended = true
@@ -132,19 +145,26 @@ func (c *conn) run(idleTimeout time.Duration) {
 		c.idle.Stop()
 	}
 	c.idleMu.Unlock()
+	c.p.remove(c)
+	c.p.served()
 }
 
 // direction moves src's bytes to dst. At the end of src's stream it shuts
-// down dst's sending side (half-close, the FIN goes on); on any error it
-// closes both sockets, which also ends the other direction.
-func (c *conn) direction(dst, src *net.TCPConn) {
+// down dst's sending side (half-close, the FIN goes on), unless the other
+// direction has ended already: then finish closes both sockets at once, and
+// the close sends dst's FIN (src's stream was read to its end, so nothing
+// unread turns it into a reset). On any error it closes both sockets,
+// which also ends the other direction.
+func (c *conn) direction(dst, src sock) {
 	err := c.pump(dst, src)
 	c.closing.Store(true)
-	if err == nil {
-		err = dst.CloseWrite()
+	if err == nil && c.srcEnded.Add(1) == 1 {
+		err = shutdownWrite(dst)
 	}
 	if err != nil {
-		if !errors.Is(err, net.ErrClosed) {
+		// A socket that close closed fails with net.ErrClosed (client)
+		// or the *os.File's own error (backend): not worth a line.
+		if !errors.Is(err, net.ErrClosed) && !c.shut.Load() {
 			c.p.log.Debug("connection failed", "client", c.key.client, "vip", c.key.vip, "backend", c.be.ID, "err", err)
 		}
 		c.close(false)
@@ -155,6 +175,7 @@ func (c *conn) direction(dst, src *net.TCPConn) {
 func (c *conn) close(rst bool) {
 	c.once.Do(func() {
 		c.closing.Store(true)
+		c.shut.Store(true)
 		if rst {
 			reset(c.client)
 			reset(c.backend)
@@ -184,7 +205,7 @@ func (c *conn) checkIdle(timeout time.Duration) {
 
 // pump splices src's bytes into a pipe and from the pipe into dst until
 // src ends (nil) or either side fails. The bytes never enter userspace.
-func (c *conn) pump(dst, src *net.TCPConn) error {
+func (c *conn) pump(dst, src sock) error {
 	srcRC, err := src.SyscallConn()
 	if err != nil {
 		return err
@@ -266,11 +287,41 @@ func (c *conn) pump(dst, src *net.TCPConn) error {
 }
 
 // spliceRetry is splice(2) between two descriptors, retried on EINTR.
+//
+// It is a raw system call: with SPLICE_F_NONBLOCK, non-blocking sockets
+// and pipes it never waits, but it can take tens of microseconds of
+// kernel work (the TCP stack, and on veth or loopback the receiving
+// side's too). Through the runtime's system call path, the scheduler
+// takes such a call for a blocked one and hands its P to another thread,
+// waking one: that churn cost more CPU per short connection than the
+// call itself.
 func spliceRetry(in, out, n int) (int, error) {
 	for {
-		m, err := unix.Splice(in, nil, out, nil, n, spliceFlags)
-		if err != syscall.EINTR {
-			return int(m), err
+		m, _, e := unix.RawSyscall6(unix.SYS_SPLICE, uintptr(in), 0, uintptr(out), 0, uintptr(n), spliceFlags)
+		if e == 0 {
+			return int(m), nil
+		}
+		if e != syscall.EINTR {
+			return 0, e
 		}
 	}
+}
+
+// shutdownWrite shuts down c's sending side (a FIN follows what is
+// queued), with a raw system call as spliceRetry does: it never blocks.
+func shutdownWrite(c syscall.Conn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var e syscall.Errno
+	if err := rc.Control(func(fd uintptr) {
+		_, _, e = unix.RawSyscall(unix.SYS_SHUTDOWN, fd, unix.SHUT_WR, 0)
+	}); err != nil {
+		return err
+	}
+	if e != 0 {
+		return os.NewSyscallError("shutdown", e)
+	}
+	return nil
 }

@@ -5,10 +5,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
+	"os"
+	"strconv"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -30,7 +34,6 @@ func (p *Proxy) listen(vip netip.AddrPort) (*net.TCPListener, error) {
 		network = "tcp6"
 	}
 	lc := net.ListenConfig{
-		KeepAliveConfig: p.opts.KeepAlive,
 		Control: func(_, _ string, rc syscall.RawConn) error {
 			return control(rc, func(fd int) error {
 				if err := freebind(fd, vip.Addr().Is6()); err != nil {
@@ -47,7 +50,10 @@ func (p *Proxy) listen(vip netip.AddrPort) (*net.TCPListener, error) {
 			})
 		},
 		// Keepalive is set on the listening socket (above), not by net
-		// on every accepted one (four setsockopt(2) calls each).
+		// on every accepted one (four setsockopt(2) calls each): net
+		// sets it on each accepted socket whenever KeepAliveConfig is
+		// enabled, whatever KeepAlive says, so KeepAliveConfig stays
+		// zero here.
 		KeepAlive: -1,
 	}
 	var ln net.Listener
@@ -111,7 +117,7 @@ func setKeepAlive(fd int, ka net.KeepAliveConfig) error {
 		if o.skip {
 			continue
 		}
-		if err := unix.SetsockoptInt(fd, o.level, o.opt, o.v); err != nil {
+		if err := setsockoptInt(fd, o.level, o.opt, o.v); err != nil {
 			return fmt.Errorf("set %s: %w", o.name, err)
 		}
 	}
@@ -124,42 +130,166 @@ func (p *Proxy) setBuffers(fd int) error {
 	if p.opts.SocketBuffer <= 0 {
 		return nil
 	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, p.opts.SocketBuffer); err != nil {
+	if err := setsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, p.opts.SocketBuffer); err != nil {
 		return fmt.Errorf("set SO_RCVBUF: %w", err)
 	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, p.opts.SocketBuffer); err != nil {
+	if err := setsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, p.opts.SocketBuffer); err != nil {
 		return fmt.Errorf("set SO_SNDBUF: %w", err)
 	}
 	return nil
 }
 
+// sock is a connected TCP socket of the proxy: a *net.TCPConn (clients)
+// or the *os.File of a socket that dial made.
+type sock interface {
+	syscall.Conn
+	io.Writer
+	SetWriteDeadline(time.Time) error
+	Close() error
+}
+
 // dial connects to a backend from the proxy's namespace, within
 // Options.DialTimeout, with keepalive and buffer settings.
-func (p *Proxy) dial(ctx context.Context, b netip.AddrPort) (*net.TCPConn, error) {
-	d := net.Dialer{
-		Timeout:         p.opts.DialTimeout,
-		KeepAliveConfig: p.opts.KeepAlive,
-		Control: func(_, _ string, rc syscall.RawConn) error {
-			return control(rc, p.setBuffers)
-		},
-	}
-	if !p.opts.KeepAlive.Enable {
-		d.KeepAlive = -1
-	}
-	network := "tcp4"
-	if b.Addr().Is6() {
-		network = "tcp6"
-	}
-	var c net.Conn
+//
+// It makes the socket itself, with raw system calls, rather than with
+// net.Dialer: per connection, that saves the runtime's system call path
+// on half a dozen calls (see spliceRetry), the getsockname and getpeername
+// that net makes for addresses the proxy never reads, and a deep stack
+// that a new goroutine had to grow. The socket is handed to the runtime's
+// poller as an *os.File, which splices as a *net.TCPConn does.
+func (p *Proxy) dial(ctx context.Context, b netip.AddrPort) (sock, error) {
+	sa, salen, family := rawSockaddr(b)
+	var fd int
 	err := p.opts.Netns(func() error {
-		var err error
-		c, err = d.DialContext(ctx, network, b.String())
-		return err
+		r, _, e := unix.RawSyscall(unix.SYS_SOCKET, uintptr(family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+		if e != 0 {
+			return os.NewSyscallError("socket", e)
+		}
+		fd = int(r)
+		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
-	return c.(*net.TCPConn), nil
+	if err := p.dialOptions(fd); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	cerr := connectRaw(fd, sa, salen)
+	if cerr == unix.EINPROGRESS {
+		// Over veth or loopback the handshake is often over when
+		// connect returns: then no deadline or wait is needed.
+		if cerr = connectRaw(fd, sa, salen); cerr == unix.EISCONN {
+			cerr = 0
+		}
+	}
+	if cerr != 0 && cerr != unix.EINPROGRESS && cerr != unix.EALREADY {
+		unix.Close(fd)
+		return nil, os.NewSyscallError("connect", cerr)
+	}
+	f := os.NewFile(uintptr(fd), "backend")
+	if cerr == 0 {
+		return f, nil
+	}
+	if err := p.waitConnected(ctx, f, sa, salen); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// dialOptions sets the options of a socket to a backend before it
+// connects: buffers, keepalive and TCP_NODELAY (as net does).
+func (p *Proxy) dialOptions(fd int) error {
+	if err := p.setBuffers(fd); err != nil {
+		return err
+	}
+	if err := setKeepAlive(fd, p.opts.KeepAlive); err != nil {
+		return err
+	}
+	if err := setsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+		return fmt.Errorf("set TCP_NODELAY: %w", err)
+	}
+	return nil
+}
+
+// waitConnected waits until f's connection is established or failed,
+// within Options.DialTimeout and ctx. It asks with connect(2) again, as
+// HAProxy does: 0 or EISCONN once established, EALREADY while in
+// progress, the connection's error once failed.
+func (p *Proxy) waitConnected(ctx context.Context, f *os.File, sa unsafe.Pointer, salen uintptr) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	if err := f.SetWriteDeadline(time.Now().Add(p.opts.DialTimeout)); err != nil {
+		return err
+	}
+	stop := context.AfterFunc(ctx, func() { f.SetWriteDeadline(time.Unix(1, 0)) })
+	// Ask first, then wait: RawConn.Write forgets a readiness that came
+	// before it was called, and on veth or loopback the handshake is
+	// often over by now anyway.
+	var cerr syscall.Errno
+	err = rc.Write(func(fd uintptr) bool {
+		cerr = connectRaw(int(fd), sa, salen)
+		return cerr != unix.EALREADY && cerr != unix.EINPROGRESS
+	})
+	if !stop() {
+		return ctx.Err()
+	}
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return fmt.Errorf("connect: timed out after %v", p.opts.DialTimeout)
+		}
+		return err
+	}
+	if cerr != 0 && cerr != unix.EISCONN {
+		return os.NewSyscallError("connect", cerr)
+	}
+	return f.SetWriteDeadline(time.Time{})
+}
+
+// rawSockaddr is b as a struct sockaddr for connect(2).
+func rawSockaddr(b netip.AddrPort) (unsafe.Pointer, uintptr, int) {
+	port := [2]byte{byte(b.Port() >> 8), byte(b.Port())}
+	if a := b.Addr(); a.Is4() {
+		sa := &unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: a.As4()}
+		*(*[2]byte)(unsafe.Pointer(&sa.Port)) = port
+		return unsafe.Pointer(sa), unsafe.Sizeof(*sa), unix.AF_INET
+	}
+	sa := &unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: b.Addr().As16()}
+	*(*[2]byte)(unsafe.Pointer(&sa.Port)) = port
+	if z := b.Addr().Zone(); z != "" {
+		if ifi, err := net.InterfaceByName(z); err == nil {
+			sa.Scope_id = uint32(ifi.Index)
+		} else if n, err := strconv.ParseUint(z, 10, 32); err == nil {
+			sa.Scope_id = uint32(n)
+		}
+	}
+	return unsafe.Pointer(sa), unsafe.Sizeof(*sa), unix.AF_INET6
+}
+
+// connectRaw is connect(2) as a raw system call: on a non-blocking socket
+// it never waits.
+func connectRaw(fd int, sa unsafe.Pointer, salen uintptr) syscall.Errno {
+	for {
+		_, _, e := unix.RawSyscall(unix.SYS_CONNECT, uintptr(fd), uintptr(sa), salen)
+		if e != syscall.EINTR {
+			return e
+		}
+	}
+}
+
+// setsockoptInt is unix.SetsockoptInt as a raw system call: setting an
+// option never blocks, and the runtime's system call path costs more than
+// the call on a connection's path (see spliceRetry).
+func setsockoptInt(fd, level, opt, v int) error {
+	v32 := int32(v)
+	_, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v32)), unsafe.Sizeof(v32), 0)
+	if e != 0 {
+		return e
+	}
+	return nil
 }
 
 // control runs fn on rc's file descriptor and returns the first error.
@@ -173,8 +303,13 @@ func control(rc syscall.RawConn, fn func(fd int) error) error {
 
 // reset closes c with a TCP reset instead of a FIN (SO_LINGER 0), so that
 // its peer fails at once.
-func reset(c *net.TCPConn) {
-	_ = c.SetLinger(0)
+func reset(c sock) {
+	if rc, err := c.SyscallConn(); err == nil {
+		rc.Control(func(fd uintptr) {
+			l := unix.Linger{Onoff: 1, Linger: 0}
+			unix.RawSyscall6(unix.SYS_SETSOCKOPT, fd, unix.SOL_SOCKET, unix.SO_LINGER, uintptr(unsafe.Pointer(&l)), unsafe.Sizeof(l), 0)
+		})
+	}
 	_ = c.Close()
 }
 
