@@ -11,8 +11,13 @@ export TETHER_REQUIRE_PRIVILEGED
 # What `make deps` installs (Debian/Ubuntu): clang and llvm-strip for
 # bpf2go, libbpf headers (vendored copies are in bpf/include), kernel UAPI
 # headers, iproute2 for the lab, bpftool to inspect maps, strace for the
-# splice zero-copy test.
-APT_PACKAGES = clang llvm libbpf-dev linux-libc-dev iproute2 bpftool clang-format strace git make ca-certificates
+# splice zero-copy test, iperf3 and nftables for the test of the peers
+# benchmark.
+APT_PACKAGES = clang llvm libbpf-dev linux-libc-dev iproute2 bpftool clang-format strace iperf3 nftables git make ca-certificates
+
+# What `make bench` installs when missing: the peers it measures tether
+# against, and iperf3. Their services are not started (policy-rc.d).
+BENCH_PACKAGES = haproxy nginx libnginx-mod-stream nftables iperf3
 
 .DEFAULT_GOAL := help
 
@@ -30,7 +35,7 @@ deps: ## install the build and test tools with apt-get (root)
 # Debian or Ubuntu machine with Go.
 .PHONY: tools
 tools:
-	@missing=""; for t in ip:iproute2 strace:strace; do \
+	@missing=""; for t in ip:iproute2 strace:strace iperf3:iperf3 nft:nftables; do \
 		command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
@@ -55,10 +60,23 @@ lab: tools ## watch tether do its job on a lab of namespaces: steady, kill, drai
 	$(GO) run ./cmd/tether lab
 
 .PHONY: bench
-bench: ## measure per-packet cost, map memory, Maglev build time, and splice against HAProxy (root)
+bench: tools bench-deps ## measure tether against HAProxy, nginx, nftables and the lab's limits; write docs/bench (root, ~15 min)
 	$(GO) run ./test/bench/xdpcost -out docs/bench/xdpcost.md
-	command -v haproxy >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy
 	$(GO) run ./test/bench/splicebench -out docs/bench/splice.md
+	$(GO) run ./test/bench/peers -runs 5 -out docs/bench/RESULTS.md -chart docs/bench/results.png
+
+.PHONY: bench-deps
+bench-deps:
+	@missing=""; for p in $(BENCH_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		policy=/usr/sbin/policy-rc.d; made=""; \
+		if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy && chmod +x $$policy && made=1; fi; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; rc=$$?; \
+		if [ -n "$$made" ]; then rm -f $$policy; fi; \
+		exit $$rc; \
+	fi
 
 .PHONY: format
 format: ## gofmt the Go code and clang-format the C

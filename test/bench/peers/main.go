@@ -1,0 +1,316 @@
+// Command peers measures tether against the balancers people use for the
+// same job, on one lab of network namespaces and in one run:
+//
+//  1. the XDP program's own cost per packet with BPF_PROG_TEST_RUN
+//     (package progcost), and under lab traffic from the kernel's BPF
+//     run-time statistics;
+//  2. small-UDP packet rate from the client host through the balancer
+//     host, counted at the backends (frames made by an XDP program run
+//     with BPF_PROG_TEST_RUN live frames, package pktgen);
+//  3. WebSocket connection rate, and echo round-trip p50/p99 with many
+//     connections held open;
+//  4. iperf3 bulk throughput, one stream and four;
+//  5. the affinity check: client addresses that reached more than one
+//     backend across reconnects, and the spread over the backends;
+//
+// through every registered peer (peer_*.go: direct, tether XDP and
+// splice, HAProxy, nginx, nftables stand-ins for IPVS, kernel forwarding,
+// a trivial XDP forwarder). Rounds are interleaved, each peer in turn, so
+// that drift of the machine falls on all alike; the report gives medians
+// and the spread, and ratios to the references measured in the same run.
+//
+// It needs root, and haproxy, nginx (with the stream module), nftables and
+// iperf3 (`make bench` installs them). Everything it sets up is removed at
+// the end, also on failure or interrupt.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/test/bench/pktgen"
+	"github.com/tetherlb/tether/test/bench/progcost"
+)
+
+// opLimit bounds every load phase in time.
+const opLimit = 2 * time.Minute
+
+var (
+	cleanups []func()
+	cleanMu  sync.Mutex
+	exitOnce sync.Once
+)
+
+// atExit registers f to run on every exit path (LIFO).
+func atExit(f func()) {
+	cleanMu.Lock()
+	defer cleanMu.Unlock()
+	cleanups = append(cleanups, f)
+}
+
+func cleanup() {
+	cleanMu.Lock()
+	fs := cleanups
+	cleanups = nil
+	cleanMu.Unlock()
+	for i := len(fs) - 1; i >= 0; i-- {
+		fs[i]()
+	}
+}
+
+// fail reports msg, cleans up and exits; the first failure (or signal)
+// wins.
+func fail(msg string) {
+	exitOnce.Do(func() {
+		fmt.Fprintln(os.Stderr, "peers:", msg)
+		cleanup()
+		os.Exit(1)
+	})
+	select {}
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "peers: "+format+"\n", args...)
+}
+
+type options struct {
+	runs        int
+	clients     int
+	wsConns     int
+	wsWorkers   int
+	hold        int
+	holdSecs    int
+	iperfSecs   int
+	packets     uint
+	statPackets uint
+	costRepeat  int
+	only        string
+	out, chart  string
+}
+
+// sample is one round's measurements of one peer.
+type sample struct {
+	wire                wireResult
+	connRate            float64
+	connFailed          int
+	p50, p99            time.Duration
+	echoes, echoFailed  int
+	bulk1, bulk4        float64 // Gbit/s
+	hasWire, hasStreams bool
+}
+
+type peerResult struct {
+	Peer
+	samples []sample
+	aff     *affinity
+}
+
+func main() {
+	var o options
+	flag.IntVar(&o.runs, "runs", 3, "interleaved rounds; medians are reported")
+	flag.IntVar(&o.clients, "clients", 200, "client source addresses (at most 240)")
+	flag.IntVar(&o.wsConns, "ws-conns", 2000, "WebSocket connections per connection-rate measurement")
+	flag.IntVar(&o.wsWorkers, "ws-workers", 8, "concurrent workers of the connection-rate measurement")
+	flag.IntVar(&o.hold, "hold", 1000, "WebSocket connections held open for the echo latency")
+	flag.IntVar(&o.holdSecs, "hold-secs", 10, "seconds the held connections echo (one message a second each)")
+	flag.IntVar(&o.iperfSecs, "iperf-secs", 3, "seconds per iperf3 run")
+	flag.UintVar(&o.packets, "packets", 4_000_000, "UDP frames per packet-rate measurement")
+	flag.UintVar(&o.statPackets, "stat-packets", 1_000_000, "UDP frames sent with BPF run-time statistics on")
+	flag.IntVar(&o.costRepeat, "cost-repeat", 5_000_000, "packets per BPF_PROG_TEST_RUN cost measurement")
+	flag.StringVar(&o.only, "peers", "", "comma-separated substrings: measure only the peers whose names contain one")
+	flag.StringVar(&o.out, "out", "", "write the report (Markdown) to this `file`")
+	flag.StringVar(&o.chart, "chart", "", "write the chart (PNG) to this `file`")
+	flag.Parse()
+	if o.runs < 1 || o.clients < 1 || o.clients > lab.MaxClients || o.wsConns < 1 || o.wsWorkers < 1 ||
+		o.hold < 1 || o.holdSecs < 1 || o.iperfSecs < 1 || o.packets < 1 || o.packets > 1<<31 || o.statPackets > 1<<31 {
+		fail("bad flags (see -h)")
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	go func() { fail("interrupted by " + (<-sig).String()) }()
+	defer cleanup()
+
+	var selected []peerResult
+	for _, p := range peers {
+		if o.only == "" || containsAny(p.Name, strings.Split(o.only, ",")) {
+			selected = append(selected, peerResult{Peer: p, aff: newAffinity()})
+		}
+	}
+	if len(selected) == 0 {
+		fail("no peer matches -peers " + o.only)
+	}
+	tools := versions(selected)
+
+	logf("BPF_PROG_TEST_RUN cost, %d packets x %d rounds", o.costRepeat, o.runs)
+	cost, err := progcost.Measure(o.costRepeat, o.runs)
+	if err != nil {
+		fail(err.Error())
+	}
+
+	e := setup(o)
+	gen, err := pktgen.NewGenerator(genSources, genPorts)
+	if err != nil {
+		fail("packet generator: " + err.Error())
+	}
+	atExit(func() { gen.Close() })
+
+	start := time.Now()
+	for r := range o.runs {
+		e.round = r
+		for i := range selected {
+			pr := &selected[i]
+			pr.samples = append(pr.samples, measure(e, pr, gen, o))
+		}
+	}
+	logf("measured in %s", time.Since(start).Round(time.Second))
+	report(o, e, cost, selected, tools)
+}
+
+func containsAny(s string, subs []string) bool {
+	for _, sub := range subs {
+		if sub = strings.TrimSpace(sub); sub != "" && strings.Contains(strings.ToLower(s), strings.ToLower(sub)) {
+			return true
+		}
+	}
+	return false
+}
+
+// measure starts p, takes its rows and stops it.
+func measure(e *Env, pr *peerResult, gen *pktgen.Generator, o options) sample {
+	p := pr.Peer
+	var s sample
+	if err := e.Lab.SetPortXDP(e.Lab.Balancer, p.XDP); err != nil {
+		fail(err.Error())
+	}
+	stop, err := p.Start(e)
+	if err != nil {
+		fail(fmt.Sprintf("starting %s: %v", p.Name, err))
+	}
+	var once sync.Once
+	stopOnce := func() {
+		once.Do(func() {
+			if err := stop(); err != nil {
+				fail(fmt.Sprintf("stopping %s: %v", p.Name, err))
+			}
+		})
+	}
+	atExit(stopOnce)
+	if p.Rows&RowPackets != 0 {
+		s.hasWire = true
+		stat := uint32(o.statPackets)
+		if s.wire, err = wire(e, p, gen, uint32(o.packets), stat); err != nil {
+			fail(fmt.Sprintf("%s, packet rate: %v", p.Name, err))
+		}
+		logf("round %d %s: %.2f Mpps (%d of %d frames), program %.0f ns/run", e.round+1, p.Name,
+			s.wire.mpps(), s.wire.received, s.wire.sent, s.wire.progNs)
+	}
+	if p.Rows&RowStreams != 0 {
+		s.hasStreams = true
+		s.connRate, s.connFailed = connRate(e, p, pr.aff, o.wsConns, o.wsWorkers)
+		rtts, bad := holdEcho(e, p, pr.aff, o.hold, o.holdSecs)
+		s.echoes, s.echoFailed = len(rtts), bad
+		s.p50, s.p99 = percentile(rtts, 0.50), percentile(rtts, 0.99)
+		if s.bulk1, err = iperf3(e, p, 1, o.iperfSecs); err != nil {
+			fail(err.Error())
+		}
+		if s.bulk4, err = iperf3(e, p, 4, o.iperfSecs); err != nil {
+			fail(err.Error())
+		}
+		logf("round %d %s: %.0f conns/s (%d failed), echo p50 %s p99 %s (%d echoes, %d failed), iperf3 %.2f / %.2f Gbit/s",
+			e.round+1, p.Name, s.connRate, s.connFailed, s.p50, s.p99, s.echoes, s.echoFailed, s.bulk1, s.bulk4)
+	}
+	stopOnce()
+	return s
+}
+
+// setup builds the tether binary and the lab, and starts the backends'
+// servers: a WebSocket echo server and an iperf3 server on each.
+func setup(o options) *Env {
+	tmp, err := os.MkdirTemp("", "tether-peers-*")
+	if err != nil {
+		fail(err.Error())
+	}
+	atExit(func() { os.RemoveAll(tmp) })
+	e := &Env{Tmp: tmp, Tether: filepath.Join(tmp, "tether")}
+	logf("building tether")
+	if b, err := exec.Command("go", "build", "-o", e.Tether, "./cmd/tether").CombinedOutput(); err != nil {
+		fail(fmt.Sprintf("go build ./cmd/tether: %v\n%s", err, b))
+	}
+	l, err := lab.New(lab.Options{Backends: 3, Clients: o.clients})
+	if err != nil {
+		fail("lab: " + err.Error())
+	}
+	atExit(func() {
+		if err := l.Close(); err != nil {
+			logf("closing the lab: %v", err)
+		}
+	})
+	e.Lab, e.VIP, e.Pins = l, l.VIP4, filepath.Join(l.BPFFS, "tether")
+	logf("lab %s: client, balancer, %d backends, %d client addresses", l.ID, len(l.Backends), o.clients)
+	for _, h := range []*lab.Host{l.Client, l.Balancer} {
+		// Many short connections in a row.
+		for _, kv := range [][2]string{{"net.ipv4.ip_local_port_range", "1024 65000"}, {"net.ipv4.tcp_tw_reuse", "1"}} {
+			if _, err := e.Sysctl(h, kv[0], kv[1]); err != nil {
+				fail(err.Error())
+			}
+		}
+	}
+	// The balancer's way back to the clients, for the proxies.
+	if err := e.Run(l.Balancer, "ip", "route", "add", "192.0.2.0/24", "via", l.Client.Addr4.String(), "dev", "eth0"); err != nil {
+		fail(err.Error())
+	}
+	for _, be := range l.Backends {
+		e.BackendAddrs = append(e.BackendAddrs, be.Addr4)
+		ln, err := be.Listen("tcp", fmt.Sprintf("0.0.0.0:%d", portWS))
+		if err != nil {
+			fail(err.Error())
+		}
+		srv := lab.ServeEcho(ln, be.Name)
+		atExit(func() { srv.Close() })
+		p, err := be.Start("iperf3", "-s", "-p", fmt.Sprint(portBulk))
+		if err != nil {
+			fail(err.Error())
+		}
+		atExit(func() { p.Stop() })
+	}
+	return e
+}
+
+// versions returns the version lines of the peers' programs, and fails
+// with the way out when one is missing.
+func versions(prs []peerResult) map[string]string {
+	need := map[string][]string{"iperf3": {"iperf3", "--version"}}
+	for _, pr := range prs {
+		switch {
+		case strings.HasPrefix(pr.Name, "HAProxy"):
+			need["haproxy"] = []string{"haproxy", "-v"}
+		case strings.HasPrefix(pr.Name, "nginx"):
+			need["nginx"] = []string{"nginx", "-v"}
+		case strings.HasPrefix(pr.Name, "nftables"):
+			need["nft"] = []string{"nft", "--version"}
+		}
+	}
+	out := map[string]string{}
+	for name, cmd := range need {
+		b, err := exec.Command(cmd[0], cmd[1:]...).CombinedOutput()
+		if err != nil {
+			fail(fmt.Sprintf("%s: %v (make bench installs it; or apt-get install %s)", name, err, name))
+		}
+		out[name] = strings.TrimSpace(strings.SplitN(string(b), "\n", 2)[0])
+	}
+	if _, ok := need["nginx"]; ok {
+		if _, err := os.Stat(nginxModule); err != nil {
+			fail("nginx's stream module is missing: apt-get install libnginx-mod-stream")
+		}
+	}
+	return out
+}

@@ -1,0 +1,14 @@
+package main
+
+// The reference: no balancer, the client talks to one backend.
+func init() {
+	register(Peer{
+		Name:           "direct (no balancer)",
+		Order:          0,
+		Rows:           RowStreams,
+		Direct:         true,
+		SourceAffinity: true,
+		Note:           "the client connects to backend 1's own address; the reference the stream rows are divided by",
+		Start:          func(*Env) (func() error, error) { return func() error { return nil }, nil },
+	})
+}

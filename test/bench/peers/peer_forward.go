@@ -1,0 +1,57 @@
+package main
+
+import "github.com/tetherlb/tether/test/bench/pktgen"
+
+// Packet-rate references: what the lab's wire carries through the
+// balancer host with the least work (a trivial XDP program forwarding to
+// one backend), and through the kernel's own IP forwarding.
+func init() {
+	register(Peer{
+		Name:  "trivial XDP forwarder (lab limit)",
+		Order: 1,
+		Rows:  RowPackets | RowStreams,
+		XDP:   true,
+		Note:  "an XDP program that rewrites the Ethernet addresses of every frame to the VIP toward backend 1 and returns XDP_TX: the floor of any XDP balancer in this lab, and what XDP on a veth costs the stream rows",
+		Start: startTrivialXDP,
+	})
+	register(Peer{
+		Name:  "kernel IP forwarding",
+		Order: 2,
+		Rows:  RowPackets,
+		Note:  "`ip_forward=1`, a /32 route for the VIP via backend 1: no balancing",
+		Start: startKernelForwarding,
+	})
+}
+
+func startTrivialXDP(e *Env) (func() error, error) {
+	var fw *pktgen.Forwarder
+	err := e.Lab.Balancer.Do(func() error {
+		var err error
+		fw, err = pktgen.AttachVIPForwarder(e.Lab.Balancer.Ifindex, e.VIP, e.Lab.Balancer.MAC, e.Lab.Backends[0].MAC)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err := e.WaitServing(nil, "the trivial forwarder"); err != nil {
+		return nil, joinErr(err, fw.Close())
+	}
+	return fw.Close, nil
+}
+
+func startKernelForwarding(e *Env) (func() error, error) {
+	return startKernelPeer(e, false, func() (func() error, error) {
+		fwd, err := e.Forwarding()
+		if err != nil {
+			return nil, err
+		}
+		route := []string{"route", "add", e.VIP.String() + "/32", "via", e.Lab.Backends[0].Addr4.String(), "dev", "eth0"}
+		if err := e.Run(e.Lab.Balancer, "ip", route...); err != nil {
+			return nil, joinErr(err, fwd())
+		}
+		return undo(fwd, func() error {
+			route[0], route[1] = "route", "del"
+			return e.Run(e.Lab.Balancer, "ip", route...)
+		}), nil
+	})
+}

@@ -1,0 +1,58 @@
+package main
+
+import (
+	"fmt"
+	"strings"
+)
+
+// HAProxy in TCP mode with source hashing, as people put it in front of
+// WebSocket servers.
+func init() {
+	register(Peer{
+		Name:           "HAProxy (balance source)",
+		Order:          20,
+		Rows:           RowStreams,
+		SourceAffinity: true,
+		Note:           "`mode tcp`, `balance source`, `option splice-auto`, `maxconn 6000`, timeouts client/server/tunnel 1h, one thread per CPU",
+		Start:          startHAProxy,
+	})
+}
+
+func startHAProxy(e *Env) (func() error, error) {
+	var b strings.Builder
+	// maxconn sets the file-descriptor limit HAProxy asks for.
+	b.WriteString("global\n    maxconn 6000\n")
+	b.WriteString("defaults\n    mode tcp\n    option splice-auto\n    maxconn 6000\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n    timeout tunnel 1h\n")
+	for _, svc := range []struct {
+		name string
+		port int
+	}{{"ws", portWS}, {"bulk", portBulk}} {
+		fmt.Fprintf(&b, "listen %s\n    bind %s:%d\n    balance source\n", svc.name, e.VIP, svc.port)
+		for i, a := range e.BackendAddrs {
+			fmt.Fprintf(&b, "    server be%d %s:%d\n", i+1, a, svc.port)
+		}
+	}
+	cfg, err := e.File("haproxy.cfg", b.String())
+	if err != nil {
+		return nil, err
+	}
+	return startProxy(e, "haproxy", "haproxy", "-db", "-f", cfg)
+}
+
+// startProxy starts a userspace proxy listening on the VIP on the
+// balancer and waits until it serves.
+func startProxy(e *Env, what, name string, args ...string) (func() error, error) {
+	delRoute, err := e.LocalVIP()
+	if err != nil {
+		return nil, err
+	}
+	p, err := e.Lab.Balancer.Start(name, args...)
+	if err != nil {
+		return nil, joinErr(err, delRoute())
+	}
+	stop := undo(delRoute, stopProc(p))
+	if err := e.WaitServing(p, what); err != nil {
+		return nil, joinErr(err, stop())
+	}
+	return stop, nil
+}

@@ -1,0 +1,173 @@
+package main
+
+import (
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tetherlb/tether/lab"
+)
+
+func TestPeersRegistered(t *testing.T) {
+	seen := map[string]bool{}
+	last := -1
+	for _, p := range peers {
+		if p.Order < last {
+			t.Errorf("%s out of order", p.Name)
+		}
+		last = p.Order
+		seen[p.Name] = true
+	}
+	for _, want := range []string{"direct (no balancer)", "tether (XDP)", "tether (splice)", "trivial XDP forwarder (lab limit)",
+		"HAProxy (balance source)", "nginx (stream, hash $remote_addr)", "nftables DNAT (IPVS-NAT stand-in)",
+		"nftables fwd (IPVS-DR stand-in)", "kernel IP forwarding"} {
+		if !seen[want] {
+			t.Errorf("peer %q is not registered", want)
+		}
+	}
+}
+
+func TestHelpers(t *testing.T) {
+	if got := hashMap([]string{"a", "b"}); got != "map { 0 : a, 1 : b }" {
+		t.Errorf("hashMap = %q", got)
+	}
+	var ds []time.Duration
+	for i := 1; i <= 100; i++ {
+		ds = append(ds, time.Duration(i))
+	}
+	if p := percentile(ds, 0.5); p != 50 {
+		t.Errorf("p50 = %d", p)
+	}
+	if p := percentile(ds, 0.99); p != 99 {
+		t.Errorf("p99 = %d", p)
+	}
+	if percentile(nil, 0.5) != 0 {
+		t.Error("percentile of nothing")
+	}
+	a := newAffinity()
+	c1, c2 := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("192.0.2.11")
+	a.add(c1, "be1")
+	a.add(c1, "be1")
+	a.add(c2, "be2")
+	if clients, moved := a.split(); clients != 2 || moved != 0 {
+		t.Errorf("split = %d, %d", clients, moved)
+	}
+	a.add(c2, "be3")
+	if _, moved := a.split(); moved != 1 {
+		t.Errorf("moved = %d, want 1", moved)
+	}
+	if s := a.spread(); s["be1"] != 2 || s["be2"] != 1 || s["be3"] != 1 {
+		t.Errorf("spread = %v", s)
+	}
+	if !containsAny("tether (XDP)", []string{" xdp "}) || containsAny("nginx", []string{"", "tether"}) {
+		t.Error("containsAny")
+	}
+}
+
+// TestBenchRuns runs the command end to end with small loads on the
+// peers whose programs this machine has (tether's own and the references
+// need nothing but iperf3), and checks the report: every row measured,
+// frames delivered, no failed connection, no client on two backends.
+func TestBenchRuns(t *testing.T) {
+	lab.RequirePrivileged(t)
+	if testing.Short() {
+		t.Skip("runs a lab for about a minute")
+	}
+	if _, err := exec.LookPath("iperf3"); err != nil {
+		t.Skip("iperf3 is not installed (make bench installs it)")
+	}
+	selected := []string{"direct", "trivial", "tether"}
+	for tool, peer := range map[string]string{"nft": "nftables", "haproxy": "haproxy", "nginx": "nginx"} {
+		if _, err := exec.LookPath(tool); err == nil {
+			selected = append(selected, peer)
+		}
+	}
+	if _, err := os.Stat(nginxModule); err != nil {
+		selected = slicesDelete(selected, "nginx")
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "peers")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	report, png := filepath.Join(dir, "RESULTS.md"), filepath.Join(dir, "results.png")
+	cmd := exec.Command(bin, "-runs", "1", "-clients", "20", "-ws-conns", "100", "-ws-workers", "4", "-hold", "50",
+		"-hold-secs", "2", "-iperf-secs", "1", "-packets", "20000", "-stat-packets", "5000", "-cost-repeat", "10000",
+		"-peers", strings.Join(selected, ","), "-out", report, "-chart", png)
+	cmd.Dir = "../../.." // the repository, for go build ./cmd/tether
+	done := make(chan struct{})
+	var out []byte
+	var err error
+	go func() { out, err = cmd.CombinedOutput(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Minute):
+		cmd.Process.Signal(os.Interrupt) // it cleans up on SIGINT
+		<-done
+		t.Fatalf("the bench ran over 5 minutes:\n%s", out)
+	}
+	if err != nil {
+		t.Fatalf("bench: %v\n%s", err, out)
+	}
+	b, err := os.ReadFile(report)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(b)
+	if st, err := os.Stat(png); err != nil || st.Size() < 1000 {
+		t.Errorf("chart: %v", err)
+	}
+	// Each selected peer has its rows, with figures.
+	rows := regexp.MustCompile(`(?m)^\| ([^|]+) \| (\d+) \| (\d+) \| ([^|]+) \|$`) // affinity table
+	affinity := 0
+	for _, m := range rows.FindAllStringSubmatch(text, -1) {
+		affinity++
+		if m[3] != "0" {
+			t.Errorf("%s: %s client addresses reached more than one backend", m[1], m[3])
+		}
+		if n, _ := strconv.Atoi(m[2]); n != 20 {
+			t.Errorf("%s: %d client addresses seen, want 20", m[1], n)
+		}
+	}
+	if affinity < 4 {
+		t.Errorf("affinity rows for %d peers, want at least 4:\n%s", affinity, text)
+	}
+	// The packet-rate rows: frames reached the backends.
+	for _, name := range []string{"tether (XDP)", "trivial XDP forwarder (lab limit)"} {
+		re := regexp.MustCompile(`(?m)^\| ` + regexp.QuoteMeta(name) + ` \| (\d+\.\d+) \(.*\| (\d+)% \|`)
+		m := re.FindStringSubmatch(text)
+		if m == nil {
+			t.Errorf("no packet rate for %s", name)
+			continue
+		}
+		if mpps, _ := strconv.ParseFloat(m[1], 64); mpps <= 0 {
+			t.Errorf("%s: %s Mpps", name, m[1])
+		}
+		if pct, _ := strconv.Atoi(m[2]); pct < 50 {
+			t.Errorf("%s: only %d%% of the frames reached the backends", name, pct)
+		}
+	}
+	failed := regexp.MustCompile(`\| (\d+) / (\d+) \|`)
+	for _, m := range failed.FindAllStringSubmatch(text, -1) {
+		if m[1] != "0" || m[2] != "0" {
+			t.Errorf("failed connections / echoes: %s", m[0])
+		}
+	}
+	t.Logf("peers %v:\n%s", selected, text)
+}
+
+func slicesDelete(s []string, v string) []string {
+	var out []string
+	for _, x := range s {
+		if x != v {
+			out = append(out, x)
+		}
+	}
+	return out
+}

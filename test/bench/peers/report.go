@@ -1,0 +1,410 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/tetherlb/tether/test/bench/chart"
+	"github.com/tetherlb/tether/test/bench/progcost"
+)
+
+// stat is the median and range of one figure over the rounds.
+type stat struct{ med, lo, hi float64 }
+
+func statOf(ss []sample, ok func(sample) bool, f func(sample) float64) stat {
+	var xs []float64
+	for _, s := range ss {
+		if ok(s) {
+			xs = append(xs, f(s))
+		}
+	}
+	if len(xs) == 0 {
+		return stat{}
+	}
+	return stat{progcost.Median(xs), slices.Min(xs), slices.Max(xs)}
+}
+
+func wireOK(s sample) bool    { return s.hasWire }
+func streamsOK(s sample) bool { return s.hasStreams }
+
+// Figures of a peer, by row.
+func (pr peerResult) mpps() stat {
+	return statOf(pr.samples, wireOK, func(s sample) float64 { return s.wire.mpps() })
+}
+func (pr peerResult) delivered() stat {
+	return statOf(pr.samples, wireOK, func(s sample) float64 { return float64(s.wire.received) / float64(s.wire.sent) })
+}
+func (pr peerResult) progNs() stat {
+	return statOf(pr.samples, wireOK, func(s sample) float64 { return s.wire.progNs })
+}
+func (pr peerResult) connRate() stat {
+	return statOf(pr.samples, streamsOK, func(s sample) float64 { return s.connRate })
+}
+func (pr peerResult) p50() stat {
+	return statOf(pr.samples, streamsOK, func(s sample) float64 { return us(s.p50) })
+}
+func (pr peerResult) p99() stat {
+	return statOf(pr.samples, streamsOK, func(s sample) float64 { return us(s.p99) })
+}
+func (pr peerResult) bulk1() stat {
+	return statOf(pr.samples, streamsOK, func(s sample) float64 { return s.bulk1 })
+}
+func (pr peerResult) bulk4() stat {
+	return statOf(pr.samples, streamsOK, func(s sample) float64 { return s.bulk4 })
+}
+func (pr peerResult) failures() (conns, echoes int) {
+	for _, s := range pr.samples {
+		conns += s.connFailed
+		echoes += s.echoFailed
+	}
+	return conns, echoes
+}
+
+func us(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1000 }
+
+// f formats v with precision prec, or "–" when there is no value.
+func f(v float64, prec int) string {
+	if v == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.*f", prec, v)
+}
+
+func (s stat) fmt(prec int) string {
+	if s.med == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%s (%s–%s)", f(s.med, prec), f(s.lo, prec), f(s.hi, prec))
+}
+
+func ratio(a, b float64) string {
+	if a == 0 || b == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f", a/b)
+}
+
+// results indexes the measured peers by the roles the targets name.
+type results struct {
+	all                   []peerResult
+	direct, xdp, splice   *peerResult
+	trivial, haproxy, ngx *peerResult
+	kernel                []*peerResult // the kernel stand-ins and forwarding
+}
+
+func index(prs []peerResult) results {
+	r := results{all: prs}
+	for i := range prs {
+		pr := &prs[i]
+		switch {
+		case pr.Direct:
+			r.direct = pr
+		case pr.Name == "tether (XDP)":
+			r.xdp = pr
+		case pr.Name == "tether (splice)":
+			r.splice = pr
+		case strings.HasPrefix(pr.Name, "trivial XDP"):
+			r.trivial = pr
+		case strings.HasPrefix(pr.Name, "HAProxy"):
+			r.haproxy = pr
+		case strings.HasPrefix(pr.Name, "nginx"):
+			r.ngx = pr
+		}
+		if strings.HasPrefix(pr.Name, "nftables") || strings.HasPrefix(pr.Name, "kernel") {
+			r.kernel = append(r.kernel, pr)
+		}
+	}
+	return r
+}
+
+func report(o options, e *Env, cost []progcost.Result, prs []peerResult, tools map[string]string) {
+	var w io.Writer = os.Stdout
+	if o.out != "" {
+		fl, err := os.Create(o.out)
+		if err != nil {
+			fail(err.Error())
+		}
+		defer fl.Close()
+		w = io.MultiWriter(os.Stdout, fl)
+	}
+	r := index(prs)
+	p := func(format string, args ...any) { fmt.Fprintf(w, format, args...) }
+
+	p("# tether against its peers (%s, %s, %d CPUs)\n\n", time.Now().UTC().Format("2006-01-02"), kernel(), runtime.NumCPU())
+	p("Produced by `sudo make bench` (`go run ./test/bench/peers`), one run: one lab of network namespaces (a client host with %d source addresses, a balancer host, three backends, all on one software bridge, documentation addresses only), ", o.clients)
+	p("%d interleaved rounds in which each balancer in turn is set up on the balancer host, measured and removed. Figures are medians with the range over the rounds in parentheses.\n\n", o.runs)
+	p("Every host, the load generator and the servers share this machine's %d CPUs: whole-path figures are compressed toward the no-balancer reference, so they are given as ratios to the reference measured in the same round set, and the balancer's own cost per packet is given apart (rows 1 and 2). ", runtime.NumCPU())
+	p("The kernel here is built without IPVS: nftables stands in for its NAT and direct-routing modes.\n\n")
+
+	costRow(p, cost, r, o)
+	wireRow(p, r, o)
+	wsRow(p, r, o)
+	bulkRow(p, r, o)
+	affinityRow(p, r)
+	targets(p, cost, r)
+	reading(p, r)
+	setups(p, r, tools)
+
+	if o.chart != "" {
+		png, err := chart.Render(fmt.Sprintf("tether against its peers — %s, %d CPUs, medians of %d rounds (sudo make bench)", time.Now().UTC().Format("2006-01-02"), runtime.NumCPU(), o.runs), panels(r), 1200)
+		if err != nil {
+			fail("chart: " + err.Error())
+		}
+		if err := os.WriteFile(o.chart, png, 0o644); err != nil {
+			fail(err.Error())
+		}
+	}
+}
+
+type printf func(format string, args ...any)
+
+func costRow(p printf, cost []progcost.Result, r results, o options) {
+	floor := cost[0].Median()
+	p("## 1. The XDP program's own cost per packet\n\n")
+	p("BPF_PROG_TEST_RUN, %d packets per measurement, one measurement per round:\n\n", o.costRepeat)
+	p("| path | ns/packet | x floor |\n|---|---:|---:|\n")
+	for _, c := range cost {
+		p("| %s | %.0f (%.0f–%.0f) | %.2f |\n", c.Name, c.Median(), c.Min(), c.Max(), c.Median()/floor)
+	}
+	p("\nUnder the lab's traffic (the packet-rate load of row 2, %d frames with `BPF_ENABLE_STATS`, run_time_ns / run_cnt of the program attached to the balancer's eth0):\n\n", o.statPackets)
+	p("| program | ns/run | x trivial |\n|---|---:|---:|\n")
+	var base float64
+	if r.trivial != nil {
+		base = r.trivial.progNs().med
+	}
+	for _, pr := range r.all {
+		if pr.XDP && pr.Rows&RowPackets != 0 {
+			s := pr.progNs()
+			p("| %s | %s | %s |\n", pr.Name, s.fmt(0), ratio(s.med, base))
+		}
+	}
+	p("\n")
+}
+
+func wireRow(p printf, r results, o options) {
+	p("## 2. Packet rate on the wire\n\n")
+	p("%d UDP frames of %d bytes per measurement from the client host (an XDP program run with BPF_PROG_TEST_RUN live frames, %d source addresses x %d source ports), through the balancer host, counted and dropped by an XDP program on each backend's eth0. Mpps = frames counted at the backends / time the generator ran.\n\n",
+		o.packets, frameSize, genSources, genPorts)
+	p("| balancer | Mpps | delivered | x trivial XDP |\n|---|---:|---:|---:|\n")
+	var base float64
+	if r.trivial != nil {
+		base = r.trivial.mpps().med
+	}
+	for _, pr := range r.all {
+		if pr.Rows&RowPackets == 0 {
+			continue
+		}
+		s := pr.mpps()
+		p("| %s | %s | %.0f%% | %s |\n", pr.Name, s.fmt(2), 100*pr.delivered().med, ratio(s.med, base))
+	}
+	p("\n")
+}
+
+func wsRow(p printf, r results, o options) {
+	p("## 3. WebSocket\n\n")
+	p("Connection rate: %d connections per round over %d workers, each a TCP connect, the WebSocket handshake, one echo and the close. Latency: %d connections held open, each echoing one message a second for %d s (%d round trips per round).\n\n",
+		o.wsConns, o.wsWorkers, o.hold, o.holdSecs, o.hold*o.holdSecs)
+	p("| balancer | conns/s | x direct | echo p50 µs | echo p99 µs | p99 x direct | failed conns / echoes |\n|---|---:|---:|---:|---:|---:|---:|\n")
+	var rate, p99 float64
+	if r.direct != nil {
+		rate, p99 = r.direct.connRate().med, r.direct.p99().med
+	}
+	for _, pr := range r.all {
+		if pr.Rows&RowStreams == 0 {
+			continue
+		}
+		c, e := pr.failures()
+		p("| %s | %s | %s | %s | %s | %s | %d / %d |\n", pr.Name, pr.connRate().fmt(0), ratio(pr.connRate().med, rate),
+			pr.p50().fmt(0), pr.p99().fmt(0), ratio(pr.p99().med, p99), c, e)
+	}
+	p("\n")
+}
+
+func bulkRow(p printf, r results, o options) {
+	p("## 4. Bulk throughput\n\n")
+	p("iperf3, %d s per run, client to backend, from one client address.\n\n", o.iperfSecs)
+	p("| balancer | 1 stream Gbit/s | x direct | 4 streams Gbit/s | x direct |\n|---|---:|---:|---:|---:|\n")
+	var one, four float64
+	if r.direct != nil {
+		one, four = r.direct.bulk1().med, r.direct.bulk4().med
+	}
+	for _, pr := range r.all {
+		if pr.Rows&RowStreams == 0 {
+			continue
+		}
+		p("| %s | %s | %s | %s | %s |\n", pr.Name, pr.bulk1().fmt(2), ratio(pr.bulk1().med, one), pr.bulk4().fmt(2), ratio(pr.bulk4().med, four))
+	}
+	p("\n")
+}
+
+func affinityRow(p printf, r results) {
+	p("## 5. Affinity\n\n")
+	p("Every WebSocket connection of rows 3, all rounds: how many client addresses reached more than one backend across their reconnects (0 is required of every source-affinity setup), and how the connections spread over the backends.\n\n")
+	p("| balancer | client addresses | reached >1 backend | connections per backend |\n|---|---:|---:|---|\n")
+	for _, pr := range r.all {
+		if pr.Rows&RowStreams == 0 {
+			continue
+		}
+		clients, moved := pr.aff.split()
+		spread := pr.aff.spread()
+		names := make([]string, 0, len(spread))
+		for n := range spread {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		var parts []string
+		for _, n := range names {
+			parts = append(parts, fmt.Sprintf("%s %d", n, spread[n]))
+		}
+		p("| %s | %d | %d | %s |\n", pr.Name, clients, moved, strings.Join(parts, ", "))
+	}
+	p("\n")
+}
+
+// targets checks tether's targets against what this run measured.
+func targets(p printf, cost []progcost.Result, r results) {
+	p("## Targets\n\n")
+	p("| target | measured | met |\n|---|---|:---:|\n")
+	line := func(target, measured string, ok bool) {
+		mark := "no"
+		if ok {
+			mark = "yes"
+		}
+		p("| %s | %s | %s |\n", target, measured, mark)
+	}
+	floor := cost[0].Median()
+	hit := progcost.Find(cost, progcost.Hit4).Median() / floor
+	nf := progcost.Find(cost, progcost.NewFlow).Median() / floor
+	line("connection-table hit within 2.5x of the trivial program (BPF_PROG_TEST_RUN)", fmt.Sprintf("%.2fx", hit), hit <= 2.5)
+	line("new flow within 3.5x of the trivial program (BPF_PROG_TEST_RUN)", fmt.Sprintf("%.2fx", nf), nf <= 3.5)
+	if r.xdp != nil && r.trivial != nil {
+		x := r.xdp.mpps().med / r.trivial.mpps().med
+		line("wire packet rate at least 95% of the trivial XDP program's", fmt.Sprintf("%.0f%%", 100*x), x >= 0.95)
+		for _, k := range r.kernel {
+			line("wire packet rate not below "+k.Name, fmt.Sprintf("%.2f vs %.2f Mpps", r.xdp.mpps().med, k.mpps().med), r.xdp.mpps().med >= k.mpps().med)
+		}
+	}
+	if r.xdp != nil && r.direct != nil {
+		c := r.xdp.connRate().med / r.direct.connRate().med
+		line("WebSocket connection rate within 5% of direct (XDP)", fmt.Sprintf("%.2fx", c), c >= 0.95)
+		l := r.xdp.p99().med / r.direct.p99().med
+		line("echo p99 within 5% of direct (XDP)", fmt.Sprintf("%.2fx", l), l <= 1.05)
+		for _, b := range []struct {
+			name string
+			v, d float64
+		}{{"1 stream", r.xdp.bulk1().med, r.direct.bulk1().med}, {"4 streams", r.xdp.bulk4().med, r.direct.bulk4().med}} {
+			line("bulk throughput at least 90% of direct, "+b.name+" (XDP)", fmt.Sprintf("%.0f%%", 100*b.v/b.d), b.v >= 0.9*b.d)
+		}
+	}
+	if r.splice != nil {
+		for _, peer := range []*peerResult{r.haproxy, r.ngx} {
+			if peer == nil {
+				continue
+			}
+			for _, b := range []struct {
+				name string
+				v, d float64
+			}{{"1 stream", r.splice.bulk1().med, peer.bulk1().med}, {"4 streams", r.splice.bulk4().med, peer.bulk4().med},
+				{"connection rate", r.splice.connRate().med, peer.connRate().med}} {
+				line(fmt.Sprintf("splice %s at least %s's", b.name, peer.Name), fmt.Sprintf("%.2fx", b.v/b.d), b.v >= b.d)
+			}
+		}
+	}
+	for _, pr := range r.all {
+		if pr.SourceAffinity && pr.Rows&RowStreams != 0 {
+			_, moved := pr.aff.split()
+			line("no client address on two backends: "+pr.Name, fmt.Sprint(moved), moved == 0)
+		}
+	}
+	p("\n")
+}
+
+// reading explains what bounds the figures in this lab, with the ratios
+// that separate tether's own cost from the lab's.
+func reading(p printf, r results) {
+	p("## Reading these figures\n\n")
+	p("- **XDP on a veth costs the stream rows, whatever the program.** A veth whose peer runs XDP loses its software segmentation offload, so TCP crosses the balancer host in MTU-sized frames instead of 64 KiB segments: the trivial XDP forwarder, which only rewrites two MAC addresses, pays the same. ")
+	p("On a physical NIC the sender's segmentation happens in hardware and the balancer's XDP program sees wire frames in any case. tether's own cost is its distance from the trivial forwarder")
+	if r.xdp != nil && r.trivial != nil && r.trivial.Rows&RowStreams != 0 {
+		p(" (this run, tether / trivial: connections/s %s, echo p99 %s, bulk 1 stream %s, 4 streams %s)",
+			ratio(r.xdp.connRate().med, r.trivial.connRate().med), ratio(r.xdp.p99().med, r.trivial.p99().med),
+			ratio(r.xdp.bulk1().med, r.trivial.bulk1().med), ratio(r.xdp.bulk4().med, r.trivial.bulk4().med))
+	}
+	p("; the direct reference is what a balancer-free path gets with full offloads.\n")
+	p("- **The wire rate is the whole path's cost on one CPU.** The generator's frames are handled veth to bridge to veth in the sending CPU's softirq, balancer and backends included, so the rate is bounded by the sum of every hop; where the kernel's own stack is in the path its backlog overflows (\"delivered\" below 100%%). The balancer's share is row 1.\n")
+	p("- **Per-packet cost under traffic** (row 1, second table) includes the first touch of each frame's cache lines, which the trivial program pays too, and the statistics' own clock reads; BPF_PROG_TEST_RUN (first table) runs on a hot frame.\n")
+	p("- **Spread**: the direct reference and the trivial forwarder send everything to backend 1; the rest hash client addresses over three backends.\n\n")
+}
+
+func setups(p printf, r results, tools map[string]string) {
+	p("## Setups\n\n")
+	for _, pr := range r.all {
+		p("- **%s**: %s.\n", pr.Name, pr.Note)
+	}
+	names := make([]string, 0, len(tools))
+	for n := range tools {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	p("\nVersions:")
+	for _, n := range names {
+		p(" %s;", tools[n])
+	}
+	p(" %s.\n", kernel())
+}
+
+// panels is the chart: one panel per row that compares balancers.
+func panels(r results) []chart.Panel {
+	bar := func(pr peerResult, s stat, base float64) chart.Bar {
+		b := chart.Bar{Label: pr.Name, Highlight: pr.Tether}
+		if s.med == 0 || base == 0 {
+			b.Note = "n/a"
+			return b
+		}
+		b.Value, b.Err = s.med/base, [2]float64{s.lo / base, s.hi / base}
+		return b
+	}
+	var out []chart.Panel
+	if r.trivial != nil {
+		pn := chart.Panel{Title: "Packet rate on the wire (x trivial XDP forwarder)", Unit: "x", Ref: 1, RefLabel: "trivial XDP"}
+		for _, pr := range r.all {
+			if pr.Rows&RowPackets != 0 {
+				pn.Bars = append(pn.Bars, bar(pr, pr.mpps(), r.trivial.mpps().med))
+			}
+		}
+		out = append(out, pn)
+	}
+	if r.direct != nil {
+		for _, row := range []struct {
+			title string
+			get   func(peerResult) stat
+		}{
+			{"WebSocket connections/s (x direct)", peerResult.connRate},
+			{"WebSocket echo p99 (x direct, lower is better)", peerResult.p99},
+			{"iperf3, 4 streams (x direct)", peerResult.bulk4},
+		} {
+			pn := chart.Panel{Title: row.title, Unit: "x", Ref: 1, RefLabel: "direct"}
+			for _, pr := range r.all {
+				if pr.Rows&RowStreams != 0 {
+					pn.Bars = append(pn.Bars, bar(pr, row.get(pr), row.get(*r.direct).med))
+				}
+			}
+			out = append(out, pn)
+		}
+	}
+	return out
+}
+
+func kernel() string {
+	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return "kernel ?"
+	}
+	return "Linux " + strings.TrimSpace(string(b))
+}

@@ -1,0 +1,212 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os/exec"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tetherlb/tether/lab"
+)
+
+// affinity records which backends each client address reached.
+type affinity struct {
+	mu   sync.Mutex
+	seen map[netip.Addr]map[string]int
+}
+
+func newAffinity() *affinity { return &affinity{seen: map[netip.Addr]map[string]int{}} }
+
+func (a *affinity) add(client netip.Addr, backend string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	m := a.seen[client]
+	if m == nil {
+		m = map[string]int{}
+		a.seen[client] = m
+	}
+	m[backend]++
+}
+
+// split returns how many client addresses were seen and how many of them
+// reached more than one backend.
+func (a *affinity) split() (clients, moved int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, m := range a.seen {
+		clients++
+		if len(m) > 1 {
+			moved++
+		}
+	}
+	return clients, moved
+}
+
+// spread returns the connections per backend, by backend name.
+func (a *affinity) spread() map[string]int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := map[string]int{}
+	for _, m := range a.seen {
+		for be, n := range m {
+			out[be] += n
+		}
+	}
+	return out
+}
+
+func (e *Env) wsURL(p Peer) string {
+	return fmt.Sprintf("ws://%s/", p.target(e, portWS))
+}
+
+// connRate opens n WebSocket connections over workers workers, each from
+// the next client address: handshake, one echo, close. It returns
+// connections per second and the number that failed.
+func connRate(e *Env, p Peer, aff *affinity, n, workers int) (rate float64, failed int) {
+	var next, bad atomic.Int64
+	url := e.wsURL(p)
+	addrs := e.Lab.ClientAddrs4
+	deadline := time.Now().Add(opLimit)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for range workers {
+		wg.Go(func() {
+			for {
+				k := int(next.Add(1)) - 1
+				if k >= n || time.Now().After(deadline) {
+					return
+				}
+				src := addrs[k%len(addrs)]
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				c, err := lab.DialWS(ctx, e.Lab.Client, src, url)
+				if err == nil {
+					_, err = c.Echo(ctx, "hi")
+					aff.add(src, c.Backend())
+					c.Close()
+				}
+				cancel()
+				if err != nil {
+					if bad.Add(1) == 1 {
+						logf("%s: connection %d: %v", p.Name, k, err)
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	el := time.Since(start)
+	done := min(int(next.Load()), n)
+	return float64(done) / el.Seconds(), int(bad.Load())
+}
+
+// holdEcho opens hold WebSocket connections and keeps them open for secs
+// seconds, each echoing a message once a second at its own offset, like
+// the clients of a chat service. It returns the round-trip times and the
+// number of connections or echoes that failed.
+func holdEcho(e *Env, p Peer, aff *affinity, hold, secs int) (rtts []time.Duration, failed int) {
+	url := e.wsURL(p)
+	addrs := e.Lab.ClientAddrs4
+	conns := make([]*lab.WSClient, hold)
+	var bad atomic.Int64
+	var wg sync.WaitGroup
+	var next atomic.Int64
+	for range 16 {
+		wg.Go(func() {
+			for {
+				k := int(next.Add(1)) - 1
+				if k >= hold {
+					return
+				}
+				// Reverse order from connRate's, so that the addresses
+				// reconnect with other ports.
+				src := addrs[len(addrs)-1-k%len(addrs)]
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				c, err := lab.DialWS(ctx, e.Lab.Client, src, url)
+				cancel()
+				if err != nil {
+					if bad.Add(1) == 1 {
+						logf("%s: holding connection %d: %v", p.Name, k, err)
+					}
+					continue
+				}
+				aff.add(src, c.Backend())
+				conns[k] = c
+			}
+		})
+	}
+	wg.Wait()
+	var mu sync.Mutex
+	start := time.Now().Add(100 * time.Millisecond)
+	period := time.Second
+	for k, c := range conns {
+		if c == nil {
+			continue
+		}
+		offset := period * time.Duration(k) / time.Duration(hold)
+		wg.Go(func() {
+			defer c.Close()
+			var mine []time.Duration
+			for i := range secs {
+				time.Sleep(time.Until(start.Add(offset + time.Duration(i)*period)))
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				t0 := time.Now()
+				_, err := c.Echo(ctx, "ping "+strconv.Itoa(i))
+				rtt := time.Since(t0)
+				cancel()
+				if err != nil {
+					bad.Add(1)
+					return
+				}
+				mine = append(mine, rtt)
+			}
+			mu.Lock()
+			rtts = append(rtts, mine...)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	slices.Sort(rtts)
+	return rtts, int(bad.Load())
+}
+
+// percentile returns the q-quantile (0..1) of sorted durations.
+func percentile(sorted []time.Duration, q float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(q * float64(len(sorted)-1))
+	return sorted[i]
+}
+
+// iperf3 runs an iperf3 client from the client host for secs seconds with
+// streams parallel streams and returns the received throughput in Gbit/s.
+func iperf3(e *Env, p Peer, streams, secs int) (float64, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs+30)*time.Second)
+	defer cancel()
+	t := p.target(e, portBulk)
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", e.Lab.Client.NS, "iperf3", "-J",
+		"-c", t.Addr().String(), "-p", strconv.Itoa(int(t.Port())), "-B", e.Lab.ClientAddrs4[0].String(),
+		"-t", strconv.Itoa(secs), "-P", strconv.Itoa(streams), "--connect-timeout", "5000")
+	out, err := cmd.Output()
+	var r struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+		Error string `json:"error"`
+	}
+	if jerr := json.Unmarshal(out, &r); jerr != nil {
+		return 0, fmt.Errorf("iperf3 through %s: %v (output %q): %v", p.Name, err, out, jerr)
+	}
+	if r.Error != "" || err != nil {
+		return 0, fmt.Errorf("iperf3 through %s: %v %s", p.Name, err, r.Error)
+	}
+	return r.End.SumReceived.BitsPerSecond / 1e9, nil
+}
