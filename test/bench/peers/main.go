@@ -29,14 +29,13 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/test/bench/benchrun"
 	"github.com/tetherlb/tether/test/bench/pktgen"
 	"github.com/tetherlb/tether/test/bench/progcost"
 )
@@ -44,43 +43,13 @@ import (
 // opLimit bounds every load phase in time.
 const opLimit = 2 * time.Minute
 
+// The shared exit path of the benchmark commands.
 var (
-	cleanups []func()
-	cleanMu  sync.Mutex
-	exitOnce sync.Once
+	atExit  = benchrun.AtExit
+	fail    = benchrun.Fail
+	logf    = benchrun.Logf
+	cleanup = benchrun.Cleanup
 )
-
-// atExit registers f to run on every exit path (LIFO).
-func atExit(f func()) {
-	cleanMu.Lock()
-	defer cleanMu.Unlock()
-	cleanups = append(cleanups, f)
-}
-
-func cleanup() {
-	cleanMu.Lock()
-	fs := cleanups
-	cleanups = nil
-	cleanMu.Unlock()
-	for i := len(fs) - 1; i >= 0; i-- {
-		fs[i]()
-	}
-}
-
-// fail reports msg, cleans up and exits; the first failure (or signal)
-// wins.
-func fail(msg string) {
-	exitOnce.Do(func() {
-		fmt.Fprintln(os.Stderr, "peers:", msg)
-		cleanup()
-		os.Exit(1)
-	})
-	select {}
-}
-
-func logf(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "peers: "+format+"\n", args...)
-}
 
 type options struct {
 	runs        int
@@ -115,6 +84,7 @@ type peerResult struct {
 }
 
 func main() {
+	benchrun.Name = "peers"
 	var o options
 	flag.IntVar(&o.runs, "runs", 3, "interleaved rounds; medians are reported")
 	flag.IntVar(&o.clients, "clients", 200, "client source addresses (at most 240)")
@@ -134,9 +104,7 @@ func main() {
 		o.hold < 1 || o.holdSecs < 1 || o.iperfSecs < 1 || o.packets < 1 || o.packets > 1<<31 || o.statPackets > 1<<31 {
 		fail("bad flags (see -h)")
 	}
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
-	go func() { fail("interrupted by " + (<-sig).String()) }()
+	benchrun.FailOnSignal()
 	defer cleanup()
 
 	var selected []peerResult

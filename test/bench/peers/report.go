@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/tetherlb/tether/test/bench/benchrun"
 	"github.com/tetherlb/tether/test/bench/chart"
 	"github.com/tetherlb/tether/test/bench/progcost"
 )
@@ -136,7 +137,7 @@ func report(o options, e *Env, cost []progcost.Result, prs []peerResult, tools m
 	r := index(prs)
 	p := func(format string, args ...any) { fmt.Fprintf(w, format, args...) }
 
-	p("# tether against its peers (%s, %s, %d CPUs)\n\n", time.Now().UTC().Format("2006-01-02"), kernel(), runtime.NumCPU())
+	p("# tether against its peers (%s, %s, %d CPUs)\n\n", time.Now().UTC().Format("2006-01-02"), benchrun.Kernel(), runtime.NumCPU())
 	p("Produced by `sudo make bench` (`go run ./test/bench/peers`), one run: one lab of network namespaces (a client host with %d source addresses, a balancer host, three backends, all on one software bridge, documentation addresses only), ", o.clients)
 	p("%d interleaved rounds in which each balancer in turn is set up on the balancer host, measured and removed. Figures are medians with the range over the rounds in parentheses.\n\n", o.runs)
 	p("Every host, the load generator and the servers share this machine's %d CPUs: whole-path figures are compressed toward the no-balancer reference, so they are given as ratios to the reference measured in the same round set, and the balancer's own cost per packet is given apart (rows 1 and 2). ", runtime.NumCPU())
@@ -356,7 +357,7 @@ func setups(p printf, r results, tools map[string]string) {
 	for _, n := range names {
 		p(" %s;", tools[n])
 	}
-	p(" %s.\n", kernel())
+	p(" %s.\n", benchrun.Kernel())
 }
 
 // panels is the chart: one panel per row that compares balancers.
@@ -399,12 +400,4 @@ func panels(r results) []chart.Panel {
 		}
 	}
 	return out
-}
-
-func kernel() string {
-	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
-	if err != nil {
-		return "kernel ?"
-	}
-	return "Linux " + strings.TrimSpace(string(b))
 }

@@ -28,20 +28,19 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"runtime"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/vishvananda/netlink"
 
 	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/test/bench/benchrun"
+	"github.com/tetherlb/tether/test/bench/progcost"
 )
 
 const (
@@ -51,45 +50,13 @@ const (
 	opLimit  = 2 * time.Minute
 )
 
+// The shared exit path of the benchmark commands.
 var (
-	cleanups []func()
-	cleanMu  sync.Mutex
+	atExit  = benchrun.AtExit
+	fail    = benchrun.Fail
+	logf    = benchrun.Logf
+	cleanup = benchrun.Cleanup
 )
-
-// atExit registers f to run on every exit path (LIFO).
-func atExit(f func()) {
-	cleanMu.Lock()
-	defer cleanMu.Unlock()
-	cleanups = append(cleanups, f)
-}
-
-func cleanup() {
-	cleanMu.Lock()
-	fs := cleanups
-	cleanups = nil
-	cleanMu.Unlock()
-	for i := len(fs) - 1; i >= 0; i-- {
-		fs[i]()
-	}
-}
-
-var exitOnce sync.Once
-
-// fail reports msg, cleans up and exits. The first failure (or signal)
-// wins; a later one, which the first's cleanup may cause, blocks until the
-// process exits rather than exiting before the cleanup is done.
-func fail(msg string) {
-	exitOnce.Do(func() {
-		fmt.Fprintln(os.Stderr, "splicebench:", msg)
-		cleanup()
-		os.Exit(1)
-	})
-	select {}
-}
-
-func logf(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "splicebench: "+format+"\n", args...)
-}
 
 type options struct {
 	mib      int
@@ -112,6 +79,7 @@ type sample struct {
 }
 
 func main() {
+	benchrun.Name = "splicebench"
 	var o options
 	flag.IntVar(&o.mib, "mib", 512, "MiB sent per throughput measurement (split over the streams)")
 	flag.IntVar(&o.conns, "conns", 5000, "connections per connection-rate measurement")
@@ -126,12 +94,7 @@ func main() {
 		fail("bad flags")
 	}
 
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
-	go func() {
-		s := <-sig
-		fail("interrupted by " + s.String())
-	}()
+	benchrun.FailOnSignal()
 	defer cleanup()
 
 	hapVersion := haproxyVersion()
@@ -231,7 +194,7 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 		for _, s := range ss {
 			xs = append(xs, f(s))
 		}
-		return median(xs)
+		return progcost.Median(xs)
 	}
 	rng := func(ss []sample, f func(sample) float64) string {
 		var xs []float64
@@ -244,7 +207,7 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 	eight := func(s sample) float64 { return s.eight }
 	cps := func(s sample) float64 { return s.cps }
 
-	fmt.Fprintf(w, "# tether splice datapath against HAProxy (%s, %s, %d CPUs)\n\n", time.Now().UTC().Format("2006-01-02"), kernel(), cpus())
+	fmt.Fprintf(w, "# tether splice datapath against HAProxy (%s, %s, %d CPUs)\n\n", time.Now().UTC().Format("2006-01-02"), benchrun.Kernel(), cpus())
 	fmt.Fprintf(w, "One lab (client, balancer, %d backends on one bridge), one run, %d interleaved rounds (direct, tether, HAProxy in turn); medians, min–max in parentheses.\n", len(l.Backends), o.runs)
 	fmt.Fprintf(w, "Throughput: the client sends %d MiB in all (1 stream, or 8 streams of %d MiB from 8 source addresses), the backend discards it and acknowledges the end; MiB/s = bytes / elapsed.\n", o.mib, o.mib/8)
 	fmt.Fprintf(w, "Connection rate: %d connections over %d workers, each connect, write 1 byte, read its echo, close.\n\n", o.conns, o.workers)
@@ -619,23 +582,6 @@ func haproxyVersion() string {
 		return "?"
 	}
 	return f[2]
-}
-
-func median(xs []float64) float64 {
-	s := slices.Clone(xs)
-	sort.Float64s(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
-}
-
-func kernel() string {
-	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
-	if err != nil {
-		return "kernel ?"
-	}
-	return "Linux " + strings.TrimSpace(string(b))
 }
 
 func cpus() int { return runtime.NumCPU() }

@@ -19,7 +19,6 @@ import (
 	"net/netip"
 	"os"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -28,6 +27,7 @@ import (
 	"github.com/tetherlb/tether/loader"
 	"github.com/tetherlb/tether/maglev"
 	"github.com/tetherlb/tether/maps"
+	"github.com/tetherlb/tether/test/bench/benchrun"
 	"github.com/tetherlb/tether/test/bench/progcost"
 )
 
@@ -51,18 +51,10 @@ func main() {
 		defer f.Close()
 		w = io.MultiWriter(os.Stdout, f)
 	}
-	fmt.Fprintf(w, "# tether XDP cost (%s, %s)\n\n", time.Now().UTC().Format("2006-01-02"), kernel())
+	fmt.Fprintf(w, "# tether XDP cost (%s, %s)\n\n", time.Now().UTC().Format("2006-01-02"), benchrun.Kernel())
 	packetCost(w, *repeat, *rounds)
 	mapMemory(w)
 	maglevBuild(w)
-}
-
-func kernel() string {
-	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
-	if err != nil {
-		return "kernel ?"
-	}
-	return "Linux " + strings.TrimSpace(string(b))
 }
 
 func packetCost(w io.Writer, repeat, rounds int) {

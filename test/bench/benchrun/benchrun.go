@@ -1,0 +1,75 @@
+// Package benchrun holds what the benchmark commands share: cleanup on
+// every exit path (failure, interrupt, normal end), failing and logging
+// with the command's name, and the description of the machine.
+package benchrun
+
+import (
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+)
+
+// Name prefixes every message; commands set it first thing.
+var Name = "bench"
+
+var (
+	mu       sync.Mutex
+	cleanups []func()
+	exitOnce sync.Once
+)
+
+// AtExit registers f to run on every exit path, last registered first.
+func AtExit(f func()) {
+	mu.Lock()
+	defer mu.Unlock()
+	cleanups = append(cleanups, f)
+}
+
+// Cleanup runs the registered functions once; a command defers it in main.
+func Cleanup() {
+	mu.Lock()
+	fs := cleanups
+	cleanups = nil
+	mu.Unlock()
+	for i := len(fs) - 1; i >= 0; i-- {
+		fs[i]()
+	}
+}
+
+// Fail reports msg, cleans up and exits with status 1. The first failure
+// (or signal) wins; a later one, which the first's cleanup may cause,
+// blocks until the process exits rather than exiting before the cleanup
+// is done.
+func Fail(msg string) {
+	exitOnce.Do(func() {
+		fmt.Fprintf(os.Stderr, "%s: %s\n", Name, msg)
+		Cleanup()
+		os.Exit(1)
+	})
+	select {}
+}
+
+// Logf writes a progress line to stderr.
+func Logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, Name+": "+format+"\n", args...)
+}
+
+// FailOnSignal makes SIGINT, SIGTERM and SIGHUP a failure, so that an
+// interrupted run cleans up too.
+func FailOnSignal() {
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	go func() { Fail("interrupted by " + (<-sig).String()) }()
+}
+
+// Kernel names the running kernel, "Linux <release>".
+func Kernel() string {
+	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return "kernel ?"
+	}
+	return "Linux " + strings.TrimSpace(string(b))
+}
