@@ -132,17 +132,9 @@ type none), LAST PROBE the last probe's result ("ok", "connection refused",
 "timeout", "status 503"...) and latency, TRANSITIONS the changes between up
 and down since the backend's probing began.`,
 	Flags: []cli.Flag{outputFlag},
-	Action: func(c *cli.Context) error {
-		a, done, err := args(c, 1, 1, "VIP:PORT[/PROTO]")
-		if done || err != nil {
-			return err
-		}
-		format, err := outputFormat(c)
-		if err != nil {
-			return err
-		}
+	Action: listing(1, 1, "VIP:PORT[/PROTO]", func(c *cli.Context, a []string, format string) error {
 		return backendLs(c.Context, client(c), c.App.Writer, a[0], format)
-	},
+	}),
 }
 
 // backendLs lists the backends of one service as a table, or the service

@@ -19,21 +19,13 @@ backend it is pinned to), or only those of one service. The table is read
 while packets change it, so the list is a snapshot at best. STATE is
 "closing" once a FIN or RST was seen.`,
 	Flags: []cli.Flag{outputFlag},
-	Action: func(c *cli.Context) error {
-		a, done, err := args(c, 0, 1, "[VIP:PORT[/PROTO]]")
-		if done || err != nil {
-			return err
-		}
-		format, err := outputFormat(c)
-		if err != nil {
-			return err
-		}
+	Action: listing(0, 1, "[VIP:PORT[/PROTO]]", func(c *cli.Context, a []string, format string) error {
 		ref := ""
 		if len(a) == 1 {
 			ref = a[0]
 		}
 		return flows(c.Context, client(c), c.App.Writer, ref, format)
-	},
+	}),
 }
 
 // flows lists the connection table as a table or as JSON.

@@ -30,6 +30,23 @@ func outputFormat(c *cli.Context) (string, error) {
 	}
 }
 
+// listing is the action of a command that prints in the -o format: it
+// checks the arguments (min to max, described by want) and the format,
+// then calls fn with them.
+func listing(min, max int, want string, fn func(c *cli.Context, a []string, format string) error) cli.ActionFunc {
+	return func(c *cli.Context) error {
+		a, done, err := args(c, min, max, want)
+		if done || err != nil {
+			return err
+		}
+		format, err := outputFormat(c)
+		if err != nil {
+			return err
+		}
+		return fn(c, a, format)
+	}
+}
+
 // client returns a client of the daemon at the --socket path.
 func client(c *cli.Context) *control.Client {
 	return control.NewClient(c.String("socket"))

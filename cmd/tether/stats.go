@@ -36,14 +36,7 @@ JSON object per line and interval.`,
 		&cli.BoolFlag{Name: "watch", Aliases: []string{"w"}, Usage: "redraw periodically until interrupted"},
 		&cli.DurationFlag{Name: "interval", Value: time.Second, Usage: "with --watch, the `DURATION` between redraws"},
 	},
-	Action: func(c *cli.Context) error {
-		if _, done, err := args(c, 0, 0, ""); done || err != nil {
-			return err
-		}
-		format, err := outputFormat(c)
-		if err != nil {
-			return err
-		}
+	Action: listing(0, 0, "", func(c *cli.Context, _ []string, format string) error {
 		if !c.Bool("watch") {
 			if c.IsSet("interval") {
 				return usagef("stats: --interval goes with --watch")
@@ -59,7 +52,7 @@ JSON object per line and interval.`,
 			return viewWatch(ctx, client(c), c.App.Writer, c.Duration("interval"))
 		}
 		return statsWatch(ctx, client(c), c.App.Writer, format, c.Duration("interval"))
-	},
+	}),
 }
 
 var topCommand = &cli.Command{

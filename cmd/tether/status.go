@@ -29,16 +29,9 @@ until a backend comes back. A backend's STATE is what the datapath applies:
 active (in the ring), draining (drained or weight 0, whatever its health)
 or down (its health check failed); HEALTH is the check's own verdict.`,
 	Flags: []cli.Flag{outputFlag},
-	Action: func(c *cli.Context) error {
-		if _, done, err := args(c, 0, 0, ""); done || err != nil {
-			return err
-		}
-		format, err := outputFormat(c)
-		if err != nil {
-			return err
-		}
+	Action: listing(0, 0, "", func(c *cli.Context, _ []string, format string) error {
 		return status(c.Context, client(c), c.App.Writer, format)
-	},
+	}),
 }
 
 // status prints the daemon's status as text or JSON.

@@ -99,16 +99,9 @@ var vipLsCommand = &cli.Command{
 	Name:  "ls",
 	Usage: "list the services",
 	Flags: []cli.Flag{outputFlag},
-	Action: func(c *cli.Context) error {
-		if _, done, err := args(c, 0, 0, ""); done || err != nil {
-			return err
-		}
-		format, err := outputFormat(c)
-		if err != nil {
-			return err
-		}
+	Action: listing(0, 0, "", func(c *cli.Context, _ []string, format string) error {
 		return vipLs(c.Context, client(c), c.App.Writer, format)
-	},
+	}),
 }
 
 // vipLs lists the services as a table or as JSON.
