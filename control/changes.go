@@ -169,12 +169,7 @@ func (d *Daemon) AddBackend(spec BackendSpec) (Result, error) {
 	}
 	var msg string
 	err = d.change("add backend "+spec.Backend+" to "+spec.Service, func(cfg *config.Config) error {
-		i, err := findService(cfg, r, "service")
-		if err != nil {
-			return err
-		}
-		s := &cfg.Services[i]
-		addr, port, err := parseBackendRef(spec.Backend, s.Port, "backend")
+		s, addr, port, err := serviceBackend(cfg, r, spec.Backend)
 		if err != nil {
 			return err
 		}
@@ -201,12 +196,7 @@ func (d *Daemon) RemoveBackend(service, backend string) (Result, error) {
 	}
 	var msg string
 	err = d.change("remove backend "+backend+" from "+service, func(cfg *config.Config) error {
-		i, err := findService(cfg, r, "service")
-		if err != nil {
-			return err
-		}
-		s := &cfg.Services[i]
-		addr, port, err := parseBackendRef(backend, s.Port, "backend")
+		s, addr, port, err := serviceBackend(cfg, r, backend)
 		if err != nil {
 			return err
 		}
@@ -236,12 +226,7 @@ func (d *Daemon) SetBackendState(spec BackendStateSpec) (Result, error) {
 	}
 	var msg string
 	err = d.change("set backend "+spec.Backend+" of "+spec.Service+" "+spec.State, func(cfg *config.Config) error {
-		i, err := findService(cfg, r, "service")
-		if err != nil {
-			return err
-		}
-		s := &cfg.Services[i]
-		addr, port, err := parseBackendRef(spec.Backend, s.Port, "backend")
+		s, addr, port, err := serviceBackend(cfg, r, spec.Backend)
 		if err != nil {
 			return err
 		}

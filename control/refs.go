@@ -123,6 +123,18 @@ func findService(cfg *config.Config, ref serviceRef, field string) (int, error) 
 	return found, nil
 }
 
+// serviceBackend finds the service ref names in cfg and parses backend
+// as one of its backends (the service's port when backend has none).
+func serviceBackend(cfg *config.Config, ref serviceRef, backend string) (*config.Service, netip.Addr, uint16, error) {
+	i, err := findService(cfg, ref, "service")
+	if err != nil {
+		return nil, netip.Addr{}, 0, err
+	}
+	s := &cfg.Services[i]
+	addr, port, err := parseBackendRef(backend, s.Port, "backend")
+	return s, addr, port, err
+}
+
 // findBackend returns the index of the backend at addr:port in s.
 func findBackend(s *config.Service, addr netip.Addr, port uint16, field string) (int, error) {
 	for i, b := range s.Backends {
