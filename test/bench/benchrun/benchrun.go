@@ -5,6 +5,7 @@ package benchrun
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"strings"
@@ -50,6 +51,21 @@ func Fail(msg string) {
 		os.Exit(1)
 	})
 	select {}
+}
+
+// Report returns where a command writes its report: standard output,
+// and the file at path too unless path is empty. It fails the run if the
+// file cannot be created, and closes the file at exit.
+func Report(path string) io.Writer {
+	if path == "" {
+		return os.Stdout
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		Fail(err.Error())
+	}
+	AtExit(func() { f.Close() })
+	return io.MultiWriter(os.Stdout, f)
 }
 
 // Logf writes a progress line to stderr.

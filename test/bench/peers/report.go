@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"io"
 	"os"
 	"runtime"
 	"slices"
@@ -125,15 +124,7 @@ func index(prs []peerResult) results {
 }
 
 func report(o options, e *Env, cost []progcost.Result, prs []peerResult, tools map[string]string) {
-	var w io.Writer = os.Stdout
-	if o.out != "" {
-		fl, err := os.Create(o.out)
-		if err != nil {
-			fail(err.Error())
-		}
-		defer fl.Close()
-		w = io.MultiWriter(os.Stdout, fl)
-	}
+	w := benchrun.Report(o.out)
 	r := index(prs)
 	p := func(format string, args ...any) { fmt.Fprintf(w, format, args...) }
 

@@ -180,15 +180,7 @@ func main() {
 }
 
 func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sample, hapVersion string) {
-	var w io.Writer = os.Stdout
-	if *out != "" {
-		f, err := os.Create(*out)
-		if err != nil {
-			fail(err.Error())
-		}
-		defer f.Close()
-		w = io.MultiWriter(os.Stdout, f)
-	}
+	w := benchrun.Report(*out)
 	med := func(ss []sample, f func(sample) float64) float64 {
 		var xs []float64
 		for _, s := range ss {

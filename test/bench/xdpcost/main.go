@@ -17,7 +17,6 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"os"
 	"sort"
 	"time"
 
@@ -31,26 +30,18 @@ import (
 	"github.com/tetherlb/tether/test/bench/progcost"
 )
 
-func fail(msg string) {
-	fmt.Fprintln(os.Stderr, "xdpcost:", msg)
-	os.Exit(1)
-}
+// fail ends the run with msg, after the cleanups registered with benchrun.
+var fail = benchrun.Fail
 
 func main() {
+	benchrun.Name = "xdpcost"
+	defer benchrun.Cleanup()
 	repeat := flag.Int("repeat", 10_000_000, "packets per measurement")
 	rounds := flag.Int("rounds", 5, "interleaved rounds; the median is reported")
 	out := flag.String("out", "", "also write the report to this `file`")
 	flag.Parse()
 
-	var w io.Writer = os.Stdout
-	if *out != "" {
-		f, err := os.Create(*out)
-		if err != nil {
-			fail(err.Error())
-		}
-		defer f.Close()
-		w = io.MultiWriter(os.Stdout, f)
-	}
+	w := benchrun.Report(*out)
 	fmt.Fprintf(w, "# tether XDP cost (%s, %s)\n\n", time.Now().UTC().Format("2006-01-02"), benchrun.Kernel())
 	packetCost(w, *repeat, *rounds)
 	mapMemory(w)
