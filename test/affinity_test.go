@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
-	"os"
 	"reflect"
 	"strings"
 	"sync"
@@ -174,36 +173,6 @@ func backendsByClient(t *testing.T, conns []*conn) map[netip.Addr]string {
 	return m
 }
 
-// tcpInSegs reads the TCP segments a host has received.
-func tcpInSegs(t *testing.T, h *lab.Host) uint64 {
-	t.Helper()
-	var n uint64
-	err := h.Do(func() error {
-		data, err := os.ReadFile("/proc/thread-self/net/snmp")
-		if err != nil {
-			return err
-		}
-		lines := strings.Split(string(data), "\n")
-		for i := 0; i+1 < len(lines); i++ {
-			if !strings.HasPrefix(lines[i], "Tcp:") || !strings.HasPrefix(lines[i+1], "Tcp:") {
-				continue
-			}
-			names, vals := strings.Fields(lines[i]), strings.Fields(lines[i+1])
-			for j := range names {
-				if names[j] == "InSegs" {
-					_, err := fmt.Sscan(vals[j], &n)
-					return err
-				}
-			}
-		}
-		return fmt.Errorf("no Tcp InSegs in snmp")
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return n
-}
-
 // TestWebSocketAffinity runs tether in front of three WebSocket backends,
 // once per datapath (xdp, splice), and checks, with 300 connections from
 // 150 client addresses (and IPv6 ones): echoes, source affinity across
@@ -339,7 +308,7 @@ func checkXDPCounters(t *testing.T, l *lab.Lab, servers map[string][]*lab.EchoSe
 		for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 			c4, _ := m.BackendCounters(ids[be.Addr4])
 			c6, _ := m.BackendCounters(ids[be.Addr6])
-			got, segs = c4.Packets+c6.Packets, tcpInSegs(t, be)-segs0[be.Name]
+			got, segs = c4.Packets+c6.Packets, snmpCounter(t, be, "Tcp", "InSegs")-segs0[be.Name]
 			if got == segs || time.Now().After(deadline) {
 				break
 			}
@@ -406,7 +375,7 @@ func echoLab(t *testing.T, dp string, clients int) (*lab.Lab, map[string][]*lab.
 	segs0 := map[string]uint64{}
 	for _, be := range l.Backends {
 		servers[be.Name] = serveEcho(t, l, be)
-		segs0[be.Name] = tcpInSegs(t, be)
+		segs0[be.Name] = snmpCounter(t, be, "Tcp", "InSegs")
 	}
 	return l, servers, segs0
 }

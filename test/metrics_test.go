@@ -121,7 +121,7 @@ func testMetrics(t *testing.T, dp string) {
 		for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 			got = uint64(sample(t, fams, "tether_backend_packets_total", chat(be)) +
 				sample(t, fams, "tether_backend_packets_total", map[string]string{"service": "chat6", "backend": netip.AddrPortFrom(be.Addr6, chatPort).String()}))
-			segs = tcpInSegs(t, be) - segs0[be.Name]
+			segs = snmpCounter(t, be, "Tcp", "InSegs") - segs0[be.Name]
 			if got == segs || time.Now().After(deadline) {
 				break
 			}
