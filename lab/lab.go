@@ -11,7 +11,10 @@
 //	         addresses 192.0.2.10.. (/32) and 2001:db8:c::a.. (/128);
 //	         routes 203.0.113.0/24 via 198.51.100.2, 2001:db8:f::/64 via
 //	         2001:db8:100::2
-//	lb       eth0 198.51.100.2/24 2001:db8:100::2/64, no VIP, no forwarding
+//	lb       eth0 198.51.100.2/24 2001:db8:100::2/64, routes 192.0.2.0/24
+//	         via 198.51.100.1 and 2001:db8:c::/64 via 2001:db8:100::1 (for
+//	         balancers that answer clients themselves, proxies and NAT), no
+//	         VIP, no forwarding
 //	be<i>    eth0 198.51.100.(10+i)/24 2001:db8:100::(10+i)/64, VIPs
 //	         203.0.113.10/32 and 2001:db8:f::10/128 on lo, on-link routes to
 //	         192.0.2.0/24 and 2001:db8:c::/64, arp_ignore=1, arp_announce=2
@@ -479,7 +482,7 @@ var addHostHook func(role string) error
 // the balancer and static neighbour entries for the balancer.
 func (l *Lab) setupClient() error {
 	c, lb := l.Client, l.Balancer
-	return c.withNetlink(func(nh *netlink.Handle) error {
+	err := c.withNetlink(func(nh *netlink.Handle) error {
 		eth0, err := nh.LinkByIndex(c.Ifindex)
 		if err != nil {
 			return err
@@ -502,6 +505,16 @@ func (l *Lab) setupClient() error {
 			return err
 		}
 		return addNeigh(nh, c.Ifindex, lb.Addr6, lb.MAC)
+	})
+	if err != nil {
+		return err
+	}
+	// The balancer's way back to the client addresses.
+	return lb.withNetlink(func(nh *netlink.Handle) error {
+		if err := addRoute(nh, lb.Ifindex, clientNet4, c.Addr4, netip.Addr{}); err != nil {
+			return err
+		}
+		return addRoute(nh, lb.Ifindex, clientNet6, c.Addr6, netip.Addr{})
 	})
 }
 

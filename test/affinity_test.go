@@ -370,7 +370,6 @@ func backendIDs(t *testing.T, m *maps.Maps) map[netip.Addr]uint32 {
 func echoLab(t *testing.T, dp string, clients int) (*lab.Lab, map[string][]*lab.EchoServer, map[string]uint64) {
 	t.Helper()
 	l := lab.NewT(t, lab.Options{Backends: 3, Clients: clients})
-	datapathLab(t, l, dp)
 	servers := map[string][]*lab.EchoServer{}
 	segs0 := map[string]uint64{}
 	for _, be := range l.Backends {

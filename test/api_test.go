@@ -331,7 +331,6 @@ func TestCLIManagesServices(t *testing.T) {
 
 func testCLIManagesServices(t *testing.T, dp string) {
 	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 60})
-	datapathLab(t, l, dp)
 	for _, be := range l.Backends {
 		serveEcho(t, l, be)
 	}
@@ -557,7 +556,6 @@ func TestCLIReloadKeepsConnections(t *testing.T) {
 
 func testCLIReloadKeepsConnections(t *testing.T, dp string) {
 	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 60})
-	datapathLab(t, l, dp)
 	for _, be := range l.Backends {
 		serveEcho(t, l, be)
 	}

@@ -348,19 +348,9 @@ func forEachDatapath(t *testing.T, test func(t *testing.T, dp string)) {
 	}
 }
 
-// datapathLab prepares a lab for datapath dp: with splice, the balancer
-// answers the clients itself and needs its routes back to them.
-func datapathLab(t *testing.T, l *lab.Lab, dp string) {
-	t.Helper()
-	if dp == config.DatapathSplice {
-		clientRoutes(t, l)
-	}
-}
-
 func testHealthChecks(t *testing.T, dp string) {
 	splice := dp == config.DatapathSplice
 	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 150})
-	datapathLab(t, l, dp)
 	echo := map[string]*lab.Proc{}
 	for _, be := range l.Backends {
 		echo[be.Name] = startEcho(t, l, be)
@@ -687,7 +677,6 @@ func TestHealthProbeType(t *testing.T) {
 
 func testHealthProbeType(t *testing.T, dp string) {
 	l := lab.NewT(t, lab.Options{Backends: 2, Clients: 20})
-	datapathLab(t, l, dp)
 	good, bad := l.Backends[0], l.Backends[1]
 	startEcho(t, l, good)
 	for _, a := range []netip.Addr{l.VIP4, bad.Addr4} {
@@ -767,7 +756,6 @@ func TestHealthOnDown(t *testing.T) {
 
 func testHealthOnDown(t *testing.T, dp string) {
 	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 60})
-	datapathLab(t, l, dp)
 	var killHealth func() error
 	for _, be := range l.Backends {
 		if be != l.Backends[1] {

@@ -1,7 +1,6 @@
 package test
 
 import (
-	"net"
 	"net/netip"
 	"strings"
 	"testing"
@@ -17,32 +16,6 @@ import (
 // served by datapath dp instead of xdp.
 func withDatapath(cfg, dp string) string {
 	return strings.Replace(cfg, "datapath: xdp\n", "datapath: "+dp+"\n", 1)
-}
-
-// clientRoutes gives the lab's balancer its way back to the client
-// addresses, which the splice proxy answers itself (with XDP, the backends
-// answer the clients directly). tether makes the VIPs local by itself.
-func clientRoutes(t testing.TB, l *lab.Lab) {
-	t.Helper()
-	nh, err := l.Balancer.Netlink()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nh.Close()
-	eth, err := nh.LinkByName("eth0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, r := range []struct {
-		dst string
-		via netip.Addr
-	}{{"192.0.2.0/24", l.Client.Addr4}, {"2001:db8:c::/64", l.Client.Addr6}} {
-		p := netip.MustParsePrefix(r.dst)
-		dst := &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
-		if err := nh.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Dst: dst, Gw: r.via.AsSlice()}); err != nil {
-			t.Fatalf("balancer: route %s via %s: %v", r.dst, r.via, err)
-		}
-	}
 }
 
 // localRoutes lists the balancer's local routes to the lab's VIPs.
@@ -89,7 +62,6 @@ func TestSpliceFallback(t *testing.T) {
 	if err := nh.LinkSetUp(dummy); err != nil {
 		t.Fatal(err)
 	}
-	clientRoutes(t, l)
 
 	cfg := strings.Replace(chatConfig(l, l.Backends), "interfaces: [eth0]\ndatapath: xdp\n", "interfaces: [nox0]\ndatapath: auto\n", 1)
 	d := startDaemon(t, l, cfg)
@@ -154,7 +126,6 @@ func TestSameChoiceSpliceXDP(t *testing.T) {
 	for _, be := range l.Backends {
 		serveEcho(t, l, be)
 	}
-	clientRoutes(t, l)
 	cfg := healthConfig(l, l.Backends, "{type: none}")
 
 	choose := func(dp string) (v4, v6 map[netip.Addr]string) {

@@ -170,8 +170,7 @@ func labService(t *testing.T, id uint32, vip netip.AddrPort, source bool, bs []d
 }
 
 // labRoutes makes the balancer deliver the lab's VIPs locally without
-// holding them (`ip route add local VIP dev lo`) and route the client
-// addresses back through the client.
+// holding them (`ip route add local VIP dev lo`).
 func labRoutes(t *testing.T, l *lab.Lab) {
 	t.Helper()
 	nh, err := l.Balancer.Netlink()
@@ -180,10 +179,6 @@ func labRoutes(t *testing.T, l *lab.Lab) {
 	}
 	defer nh.Close()
 	lo, err := nh.LinkByName("lo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	eth, err := nh.LinkByName("eth0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -197,15 +192,6 @@ func labRoutes(t *testing.T, l *lab.Lab) {
 		}
 		if err := nh.RouteAdd(r); err != nil {
 			t.Fatalf("add local route for %s: %v", vip, err)
-		}
-	}
-	for _, r := range []struct {
-		dst string
-		via netip.Addr
-	}{{"192.0.2.0/24", l.Client.Addr4}, {"2001:db8:c::/64", l.Client.Addr6}} {
-		err := nh.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Dst: prefixNet(netip.MustParsePrefix(r.dst)), Gw: r.via.AsSlice()})
-		if err != nil {
-			t.Fatalf("add route to %s: %v", r.dst, err)
 		}
 	}
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"maps"
-	"net"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -18,7 +17,6 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
-	"github.com/vishvananda/netlink"
 
 	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/control"
@@ -243,9 +241,6 @@ func runLab(ctx context.Context, w io.Writer, o labOptions) (err error) {
 			return err
 		}
 	}
-	if err := clientRoute(l); err != nil {
-		return err
-	}
 	socket := filepath.Join(dir, "tether.sock")
 	if err := r.startDaemon(ctx, dir, socket); err != nil {
 		return err
@@ -297,26 +292,6 @@ func runLab(ctx context.Context, w io.Writer, o labOptions) (err error) {
 		fmt.Fprintf(w, "  sudo tether --socket %s status\n", socket)
 		fmt.Fprintf(w, "  sudo ip netns exec %s curl -s http://%s/\n", l.Client.NS, netip.AddrPortFrom(l.VIP4, labPort))
 		<-ctx.Done()
-	}
-	return nil
-}
-
-// clientRoute gives the balancer its way back to the client addresses,
-// which the splice proxy answers itself (with XDP, the backends answer the
-// clients directly).
-func clientRoute(l *lab.Lab) error {
-	nh, err := l.Balancer.Netlink()
-	if err != nil {
-		return err
-	}
-	defer nh.Close()
-	eth, err := nh.LinkByName("eth0")
-	if err != nil {
-		return err
-	}
-	dst := &net.IPNet{IP: net.IPv4(192, 0, 2, 0).To4(), Mask: net.CIDRMask(24, 32)}
-	if err := nh.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Dst: dst, Gw: l.Client.Addr4.AsSlice()}); err != nil {
-		return fmt.Errorf("balancer: route to the clients: %w", err)
 	}
 	return nil
 }

@@ -232,10 +232,6 @@ func setup(o options) *Env {
 			}
 		}
 	}
-	// The balancer's way back to the clients, for the proxies.
-	if err := e.Run(l.Balancer, "ip", "route", "add", "192.0.2.0/24", "via", l.Client.Addr4.String(), "dev", "eth0"); err != nil {
-		fail(err.Error())
-	}
 	for _, be := range l.Backends {
 		e.BackendAddrs = append(e.BackendAddrs, be.Addr4)
 		ln, err := be.Listen("tcp", fmt.Sprintf("0.0.0.0:%d", portWS))

@@ -36,8 +36,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/tetherlb/tether/lab"
 	"github.com/tetherlb/tether/test/bench/benchrun"
 	"github.com/tetherlb/tether/test/bench/progcost"
@@ -131,7 +129,6 @@ func main() {
 		sysctl(h, "net.ipv4.ip_local_port_range=1024 65000")
 		sysctl(h, "net.ipv4.tcp_tw_reuse=1")
 	}
-	clientRoutes(l)
 	var backendAddrs []netip.AddrPort
 	for _, be := range l.Backends {
 		a := netip.AddrPortFrom(be.Addr4, port)
@@ -503,29 +500,6 @@ func startHAProxy(l *lab.Lab, tmp string, round int, vip netip.AddrPort, backend
 	atExit(stop)
 	waitServing(l, p, vip, "haproxy")
 	return stop, p.Cmd.Process.Pid
-}
-
-// clientRoutes gives the balancer its way back to the client addresses.
-func clientRoutes(l *lab.Lab) {
-	nh, err := l.Balancer.Netlink()
-	if err != nil {
-		fail(err.Error())
-	}
-	defer nh.Close()
-	eth, err := nh.LinkByName("eth0")
-	if err != nil {
-		fail(err.Error())
-	}
-	for _, r := range []struct {
-		dst string
-		via netip.Addr
-	}{{"192.0.2.0/24", l.Client.Addr4}, {"2001:db8:c::/64", l.Client.Addr6}} {
-		p := netip.MustParsePrefix(r.dst)
-		dst := &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
-		if err := nh.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Dst: dst, Gw: r.via.AsSlice()}); err != nil {
-			fail(fmt.Sprintf("balancer: route %s via %s: %v", r.dst, r.via, err))
-		}
-	}
 }
 
 func hasLocalRoute(l *lab.Lab, a netip.Addr) bool {
