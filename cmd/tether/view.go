@@ -75,24 +75,19 @@ func renderView(prev, cur viewSnapshot, elapsed time.Duration, width int) string
 
 	// Counters by service key and backend address.
 	type key struct{ svc, backend string }
-	prevSvc := map[string]control.ServiceStats{}
-	prevBe := map[key]control.BackendStats{}
-	for _, s := range prev.Stats.Services {
-		k := s.VIP + "/" + s.Protocol
-		prevSvc[k] = s
-		for _, be := range s.Backends {
-			prevBe[key{k, be.Address}] = be
+	byKey := func(ss []control.ServiceStats) (map[string]control.ServiceStats, map[key]control.BackendStats) {
+		svcs, bes := map[string]control.ServiceStats{}, map[key]control.BackendStats{}
+		for _, s := range ss {
+			k := s.VIP + "/" + s.Protocol
+			svcs[k] = s
+			for _, be := range s.Backends {
+				bes[key{k, be.Address}] = be
+			}
 		}
+		return svcs, bes
 	}
-	curSvc := map[string]control.ServiceStats{}
-	curBe := map[key]control.BackendStats{}
-	for _, s := range cur.Stats.Services {
-		k := s.VIP + "/" + s.Protocol
-		curSvc[k] = s
-		for _, be := range s.Backends {
-			curBe[key{k, be.Address}] = be
-		}
-	}
+	prevSvc, prevBe := byKey(prev.Stats.Services)
+	curSvc, curBe := byKey(cur.Stats.Services)
 	// rate formats (now-before)/elapsed, or "" when there is none.
 	rate := func(now, before uint64, had bool) string {
 		if !rates || !had || now < before {
