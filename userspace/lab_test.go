@@ -76,7 +76,7 @@ func TestLab(t *testing.T) {
 		}
 	}
 	// ...and a local route delivers them (AnyIP), as an operator would
-	// set up; the balancer also needs its way back to the clients.
+	// set up (the lab already routes the balancer back to the clients).
 	labRoutes(t, l)
 
 	t.Run("same choice as the model", func(t *testing.T) {
