@@ -56,26 +56,33 @@
 //
 // # Moving bytes
 //
-// For each client the proxy connects to the chosen backend (within
+// The proxy runs one event loop per GOMAXPROCS, as HAProxy runs one thread
+// per CPU, and no goroutine per connection. Each service listens with one
+// socket per loop (SO_REUSEPORT; the kernel spreads new clients over
+// them; UpsertService refuses a second service of the proxy on the same
+// VIP and port), and the loop that accepts a client does everything for
+// it: it picks the backend, connects to it without blocking (within
 // Options.DialTimeout; a client whose backend fails is reset), optionally
-// sends a PROXY protocol v2 header (ServiceOptions.ProxyProtocol), then
-// runs one goroutine per direction that splices the source socket into a
-// pipe and the pipe into the destination socket, with the runtime's poller
-// waiting for readiness (syscall.RawConn): the bytes never reach userspace
+// sends a PROXY protocol v2 header (ServiceOptions.ProxyProtocol) before
+// any byte of the client, then splices each socket into a pipe and the
+// pipe into the other socket whenever epoll (edge-triggered, both
+// directions) says they are ready: the bytes never reach userspace
 // (TestZeroCopy: /proc/PID/io of a proxy that moved 512 MiB shows a few
 // hundred bytes read or written; TestZeroCopyStrace counts the splice
-// calls). When a source ends its stream the proxy shuts down the sending
-// side of the other socket (the half-close goes on), and the connection is
-// closed once both directions have ended; an error on either side closes
-// both. There is no idle timeout unless ServiceOptions.IdleTimeout sets
-// one; TCP keepalive (DefaultKeepAlive) runs on both sockets so that a
-// vanished peer is found and a quiet connection keeps NAT state alive.
+// calls). A loop waits for its epoll set in the runtime's poller, so that
+// no thread blocks in a system call. When a source ends its stream the
+// proxy shuts down the sending side of the other socket (the half-close
+// goes on), and the connection is closed once both directions have ended;
+// an error on either side closes both. There is no idle timeout unless
+// ServiceOptions.IdleTimeout sets one (the loop's timers enforce it);
+// TCP keepalive (DefaultKeepAlive) runs on both sockets so that a vanished
+// peer is found and a quiet connection keeps NAT state alive.
 //
 // Memory per connection is bounded. An idle connection holds its two
-// sockets and two goroutines, about 12 KiB of Go memory
-// (TestMemoryPerIdleConnection), and no pipe: pipes are lent by a pool
-// from the moment a socket is readable until the pipe is empty and the
-// socket has nothing more. A connection moving bytes holds at most one
+// sockets and a few hundred bytes of Go memory
+// (TestMemoryPerIdleConnection), and no goroutine or pipe: pipes are lent
+// by a pool from the moment a socket is readable until the pipe is empty
+// and the socket has nothing more. A connection moving bytes holds at most one
 // pipe per direction, so at most 2·Options.PipeSize (128 KiB by default) of
 // data in the proxy, as page references, and four more file descriptors.
 // The kernel's socket buffers come on top: up to net.ipv4.tcp_rmem and

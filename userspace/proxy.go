@@ -1,16 +1,21 @@
 package userspace
 
 import (
-	"context"
+	"container/heap"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
+	"runtime"
 	"sort"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/tetherlb/tether/datapath"
 )
@@ -127,15 +132,15 @@ type Proxy struct {
 	now      func() int64 // monotonic nanoseconds; replaced by tests
 	pipes    *pipePool
 	affinity *affinityTable
-	ctx      context.Context
-	cancel   context.CancelFunc
-	wg       sync.WaitGroup // accept loops and connections
+	wg       sync.WaitGroup // event loops
 
 	reasons [rMax]atomic.Uint64
 	active  atomic.Int64 // connections being proxied or dialled
 
 	mu        sync.Mutex
 	closed    bool
+	loops     []*loop              // started with the first service
+	next      int                  // loop of the next single-socket listener
 	listeners map[uint32]*listener // by service ID
 	svcOpts   map[uint32]ServiceOptions
 	conns     map[connKey]*conn // the connection table
@@ -144,9 +149,9 @@ type Proxy struct {
 // listener is the listening socket of a service and the service's current
 // version, which every new connection reads once.
 type listener struct {
-	ln   *net.TCPListener
-	addr netip.AddrPort
-	svc  atomic.Pointer[service]
+	socks []*lsock // one per loop
+	addr  netip.AddrPort
+	svc   atomic.Pointer[service]
 }
 
 var _ datapath.Datapath = (*Proxy)(nil)
@@ -173,7 +178,6 @@ func New(log *slog.Logger, seed uint32, opts Options) *Proxy {
 	if opts.AffinityEntries <= 0 {
 		opts.AffinityEntries = DefaultAffinityEntries
 	}
-	ctx, cancel := context.WithCancel(context.Background())
 	p := &Proxy{
 		log:       log,
 		seed:      seed,
@@ -181,8 +185,6 @@ func New(log *slog.Logger, seed uint32, opts Options) *Proxy {
 		epoch:     time.Now(),
 		pipes:     &pipePool{size: opts.PipeSize, max: opts.MaxIdlePipes},
 		affinity:  newAffinityTable(opts.AffinityEntries),
-		ctx:       ctx,
-		cancel:    cancel,
 		listeners: make(map[uint32]*listener),
 		svcOpts:   make(map[uint32]ServiceOptions),
 		conns:     make(map[connKey]*conn),
@@ -241,17 +243,32 @@ func (p *Proxy) UpsertService(s datapath.Service) error {
 	if l != nil && l.addr == vip {
 		l.svc.Store(ns)
 	} else {
-		ln, err := p.listen(vip)
+		if err := p.startLoops(); err != nil {
+			return fmt.Errorf("service %s: %w", s.Name, err)
+		}
+		// The sockets share the port (SO_REUSEPORT): only this check
+		// keeps two services of this proxy off the same address.
+		for id, o := range p.listeners {
+			if id != s.ID && o.addr == vip {
+				return fmt.Errorf("service %s: listen on %s: %w", s.Name, vip, os.NewSyscallError("bind", syscall.EADDRINUSE))
+			}
+		}
+		fds, err := p.listen(vip, len(p.loops))
 		if err != nil {
 			return fmt.Errorf("service %s: %w", s.Name, err)
 		}
-		nl := &listener{ln: ln, addr: vip}
+		nl := &listener{addr: vip}
 		nl.svc.Store(ns)
+		for i, fd := range fds {
+			lp := p.loops[(p.next+i)%len(p.loops)]
+			ls := &lsock{fd: fd, l: nl, loop: lp}
+			nl.socks = append(nl.socks, ls)
+			lp.send(command{op: cmdListen, ls: ls})
+		}
+		p.next++
 		p.listeners[s.ID] = nl
-		p.wg.Add(1)
-		go p.accept(nl)
 		if l != nil {
-			l.ln.Close()
+			l.close()
 		}
 		p.log.Info("splice listener started", "service", s.Name, "vip", vip)
 	}
@@ -287,7 +304,8 @@ func (p *Proxy) resetDownLocked(s *service) {
 		}
 		if b := s.backends[c.be.ID]; b != nil && b.State == datapath.Down && !c.closing.Load() {
 			p.reasons[rBackendDown].Add(1)
-			c.close(true)
+			c.closing.Store(true)
+			c.loop.send(command{op: cmdReset, c: c})
 		}
 	}
 }
@@ -304,7 +322,7 @@ func (p *Proxy) DeleteService(s datapath.Service) error {
 	if l == nil {
 		return nil
 	}
-	l.ln.Close()
+	l.close()
 	delete(p.listeners, s.ID)
 	delete(p.svcOpts, s.ID)
 	p.affinity.deleteService(s.ID)
@@ -387,110 +405,116 @@ func (p *Proxy) Close() error {
 	}
 	p.closed = true
 	for _, l := range p.listeners {
-		l.ln.Close()
+		l.close()
 	}
 	p.listeners = map[uint32]*listener{}
-	conns := make([]*conn, 0, len(p.conns))
-	for _, c := range p.conns {
-		conns = append(conns, c)
+	for _, lp := range p.loops {
+		lp.send(command{op: cmdStop})
 	}
 	p.mu.Unlock()
-	p.cancel()
-	for _, c := range conns {
-		c.close(false)
-	}
 	p.wg.Wait()
 	p.pipes.close()
 	return nil
 }
 
-// accept serves l until it is closed.
-func (p *Proxy) accept(l *listener) {
-	defer p.wg.Done()
-	var delay time.Duration
-	for {
-		c, err := l.ln.AcceptTCP()
+// startLoops starts the event loops, one per GOMAXPROCS, unless they run.
+func (p *Proxy) startLoops() error {
+	if p.loops != nil {
+		return nil
+	}
+	n := max(runtime.GOMAXPROCS(0), 1)
+	loops := make([]*loop, 0, n)
+	for range n {
+		lp, err := newLoop(p)
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
+			for _, lp := range loops {
+				lp.ep.Close()
+				closeFD(lp.evfd)
 			}
-			// Out of file descriptors or memory: back off as net/http does.
-			p.reasons[rAcceptFailed].Add(1)
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			p.log.Warn("accept failed; retrying", "vip", l.addr, "err", err, "retry_in", delay)
-			select {
-			case <-time.After(delay):
-			case <-p.ctx.Done():
-			}
-			continue
+			return err
 		}
-		delay = 0
+		loops = append(loops, lp)
+	}
+	p.loops = loops
+	for _, lp := range loops {
 		p.wg.Add(1)
-		go p.serve(l.svc.Load(), c)
+		go lp.run()
+	}
+	return nil
+}
+
+// close stops l's sockets at once (the kernel refuses new clients from
+// now on) and has their loops close them.
+func (l *listener) close() {
+	for _, ls := range l.socks {
+		// The loop alone closes the descriptor, so it cannot be
+		// reused under the loop; shutdown stops the listening now.
+		unix.RawSyscall(unix.SYS_SHUTDOWN, uintptr(ls.fd), unix.SHUT_RDWR, 0)
+		ls.loop.send(command{op: cmdUnlisten, ls: ls})
 	}
 }
 
-// serve proxies one accepted client connection of s until it ends. Once
-// the connection runs, its own goroutines end it (conn.finish).
-func (p *Proxy) serve(s *service, c *net.TCPConn) {
+// serve starts proxying a client accepted on a listening socket of s
+// (and counted in lp.load): it picks the backend, starts connecting to it,
+// and registers both sockets with the loop.
+func (lp *loop) serve(s *service, cfd int, client netip.AddrPort) {
+	p := lp.p
 	if n := p.active.Add(1); p.opts.MaxConns > 0 && n > int64(p.opts.MaxConns) {
-		defer p.served()
+		lp.load.Add(-1)
+		p.active.Add(-1)
 		p.reasons[rConnLimit].Add(1)
-		reset(c)
+		resetFD(cfd)
 		return
 	}
-	client := clientOf(c)
 	vip := netip.AddrPortFrom(s.VIP, s.Port)
 	now := p.now()
 	b, hit := p.choose(s, client, now)
 	if b == nil {
+		lp.load.Add(-1)
+		p.active.Add(-1)
 		p.reasons[rNoBackend].Add(1)
-		reset(c)
-		p.served()
+		resetFD(cfd)
 		return
 	}
 	p.record(s, client, b, hit, now)
 	baddr := netip.AddrPortFrom(b.Addr, b.Port)
-	bc, err := p.dial(p.ctx, baddr)
-	if err == nil && s.opts.ProxyProtocol {
-		err = writeProxyHeader(bc, client, vip, p.opts.DialTimeout)
-		if err != nil {
-			reset(bc)
-		}
-	}
+	bfd, dialing, err := p.dial(baddr)
 	if err != nil {
+		lp.load.Add(-1)
+		p.active.Add(-1)
 		p.reasons[rDialFailed].Add(1)
 		p.log.Debug("backend failed; client reset", "service", s.Name, "client", client, "backend", baddr, "err", err)
-		reset(c)
-		p.served()
+		resetFD(cfd)
 		return
 	}
-	cn := &conn{p: p, client: c, backend: bc, key: connKey{client, vip}, service: s.ID, be: b}
-	if !p.add(cn) {
-		c.Close()
-		bc.Close()
-		p.served()
+	c := &conn{
+		p: p, loop: lp, client: fdConn(cfd), backend: fdConn(bfd),
+		key: connKey{client, vip}, service: s.ID, be: b,
+		sides:       [2]side{{fd: cfd, w: true}, {fd: bfd, w: dialing == nil}},
+		dialing:     dialing,
+		dialTimer:   -1,
+		idleTimer:   -1,
+		idleTimeout: s.opts.IdleTimeout,
+		lastSeen:    lp.now,
+	}
+	if s.opts.ProxyProtocol {
+		c.hdr = appendProxyHeader(make([]byte, 0, 52), client, vip)
+	}
+	if err := lp.register(c); err != nil {
+		p.log.Warn("cannot poll connection", "client", client, "vip", vip, "err", err)
+		c.finish(true)
 		return
 	}
-	cn.run(s.opts.IdleTimeout)
-}
-
-// served ends the bookkeeping of a connection that accept started.
-func (p *Proxy) served() {
-	p.active.Add(-1)
-	p.wg.Done()
-}
-
-// writeProxyHeader sends the PROXY v2 header of a connection to its
-// backend, within timeout.
-func writeProxyHeader(bc sock, client, vip netip.AddrPort, timeout time.Duration) error {
-	if err := bc.SetWriteDeadline(time.Now().Add(timeout)); err != nil {
-		return err
+	if dialing != nil {
+		heap.Push(&lp.timers, timer{when: lp.now + int64(p.opts.DialTimeout), c: c, dial: true})
+	} else if !p.add(c) {
+		c.finish(false)
+		return
 	}
-	if _, err := bc.Write(appendProxyHeader(make([]byte, 0, 52), client, vip)); err != nil {
-		return fmt.Errorf("send PROXY header: %w", err)
+	if c.idleTimeout > 0 {
+		heap.Push(&lp.timers, timer{when: lp.now + int64(c.idleTimeout), c: c})
 	}
-	return bc.SetWriteDeadline(time.Time{})
+	c.progress()
 }
 
 // add enters c in the connection table, unless the proxy is closed.

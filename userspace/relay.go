@@ -1,16 +1,16 @@
 package userspace
 
 import (
-	"errors"
+	"container/heap"
 	"fmt"
 	"io"
-	"net"
 	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -85,25 +85,54 @@ func (pp *pipePool) close() {
 // their readiness comes from the runtime's poller (RawConn.Read and Write).
 const spliceFlags = unix.SPLICE_F_MOVE | unix.SPLICE_F_NONBLOCK
 
-// conn is one proxied connection: an entry of the connection table.
+// conn is one proxied connection, owned by the loop that accepted it: an
+// entry of the connection table once its backend is connected.
 type conn struct {
 	p       *Proxy
-	client  *net.TCPConn
-	backend sock // *os.File (see dial)
+	loop    *loop
+	client  fdConn
+	backend fdConn
 	key     connKey
 	service uint32
 	be      *backend
 
-	closing  atomic.Bool  // a side ended: the flow no longer counts as active
-	srcEnded atomic.Int32 // directions whose source's stream ended
-	halves   atomic.Int32 // directions that returned
-	shut     atomic.Bool  // close has closed the sockets
-	lastSeen atomic.Int64 // Proxy.now of the last bytes moved, either way
-	once     sync.Once
+	closing atomic.Bool // a side ended: the flow no longer counts as active
 
-	idleMu sync.Mutex
-	idle   *time.Timer // with an idle timeout
-	ended  bool        // run has returned: the timer stays stopped
+	// Owned by the loop.
+	sides       [2]side // client, backend
+	dirs        [2]dir  // client to backend, backend to client
+	ended       int     // directions whose source's stream ended
+	dialing     *dialing
+	dialTimer   int    // index of the dial timeout in loop.timers, or -1
+	idleTimer   int    // index of the idle check in loop.timers, or -1
+	hdr         []byte // PROXY header still to send
+	idleTimeout time.Duration
+	lastSeen    int64 // Proxy.now of the last bytes moved, either way
+	done        bool  // sockets closed
+	queued      bool  // in loop.runq
+}
+
+// side is what the loop knows of one socket of a connection: readable
+// and writable until a system call says EAGAIN.
+type side struct {
+	fd   int
+	r, w bool
+}
+
+// dir is one direction of a connection and the pipe it holds while bytes
+// are in flight.
+type dir struct {
+	pp    pipe
+	have  bool // pp is ours
+	n     int  // bytes in pp
+	eof   bool // the source's stream ended
+	ended bool // ... and the pipe was drained: the direction is over
+}
+
+// dialing is the state of a backend connection still in progress.
+type dialing struct {
+	sa    [unsafe.Sizeof(unix.RawSockaddrInet6{})]byte
+	salen uintptr
 }
 
 // connKey is a connection's 5-tuple (the protocol is always TCP).
@@ -111,217 +140,243 @@ type connKey struct {
 	client, vip netip.AddrPort
 }
 
-// run moves bytes both ways, client to backend on the calling goroutine
-// and backend to client on another, until both directions have ended;
-// whichever ends last closes both sockets and takes the connection out of
-// the table (finish), so that neither waits for the other. run returns
-// when its direction has ended: the connection may outlive it.
-func (c *conn) run(idleTimeout time.Duration) {
-	c.lastSeen.Store(c.p.now())
-	if idleTimeout > 0 {
-		c.idleMu.Lock()
-		c.idle = time.AfterFunc(idleTimeout, func() { c.checkIdle(idleTimeout) })
-		c.idleMu.Unlock()
+// event records what epoll says of one of c's sockets and moves what can
+// be moved.
+func (c *conn) event(fd int, ev uint32) {
+	s := &c.sides[0]
+	if fd != s.fd {
+		s = &c.sides[1]
 	}
-	go c.half(c.backend, c.client)
-	c.half(c.client, c.backend)
+	if ev&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		s.r = true
+	}
+	if ev&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		s.w = true
+	}
+	c.progress()
 }
 
-// half runs one direction; the last one to end finishes the connection.
-func (c *conn) half(dst, src sock) {
-	c.direction(dst, src)
-	if c.halves.Add(1) == 2 {
-		c.finish()
+// progress completes the backend connection and the PROXY header, then
+// moves bytes both ways until the sockets would block, a direction used
+// its budget (the loop comes back), or the connection ends.
+func (c *conn) progress() {
+	if c.done {
+		return
 	}
-}
-
-// finish closes both sockets, stops the idle timer and takes the
-// connection out of the table and the proxy's count.
-func (c *conn) finish() {
-	c.close(false)
-	c.idleMu.Lock()
-	c.ended = true
-	if c.idle != nil {
-		c.idle.Stop()
-	}
-	c.idleMu.Unlock()
-	c.p.remove(c)
-	c.p.served()
-}
-
-// direction moves src's bytes to dst. At the end of src's stream it shuts
-// down dst's sending side (half-close, the FIN goes on), unless the other
-// direction has ended already: then finish closes both sockets at once, and
-// the close sends dst's FIN (src's stream was read to its end, so nothing
-// unread turns it into a reset). On any error it closes both sockets,
-// which also ends the other direction.
-func (c *conn) direction(dst, src sock) {
-	err := c.pump(dst, src)
-	c.closing.Store(true)
-	if err == nil && c.srcEnded.Add(1) == 1 {
-		err = shutdownWrite(dst)
-	}
-	if err != nil {
-		// A socket that close closed fails with net.ErrClosed (client)
-		// or the *os.File's own error (backend): not worth a line.
-		if !errors.Is(err, net.ErrClosed) && !c.shut.Load() {
-			c.p.log.Debug("connection failed", "client", c.key.client, "vip", c.key.vip, "backend", c.be.ID, "err", err)
-		}
-		c.close(false)
-	}
-}
-
-// close closes both sockets once; with rst, the client gets a TCP reset.
-func (c *conn) close(rst bool) {
-	c.once.Do(func() {
-		c.closing.Store(true)
-		c.shut.Store(true)
-		if rst {
-			reset(c.client)
-			reset(c.backend)
+	b := &c.sides[1]
+	if c.dialing != nil {
+		if !b.w {
 			return
 		}
-		c.client.Close()
-		c.backend.Close()
-	})
-}
-
-// checkIdle closes the connection if nothing moved for timeout, or looks
-// again when it could be.
-func (c *conn) checkIdle(timeout time.Duration) {
-	c.idleMu.Lock()
-	defer c.idleMu.Unlock()
-	if c.ended {
-		return
-	}
-	quiet := time.Duration(c.p.now() - c.lastSeen.Load())
-	if quiet < timeout {
-		c.idle.Reset(timeout - quiet)
-		return
-	}
-	c.p.log.Debug("closing idle connection", "client", c.key.client, "vip", c.key.vip, "backend", c.be.ID, "idle", quiet)
-	c.close(false)
-}
-
-// pump splices src's bytes into a pipe and from the pipe into dst until
-// src ends (nil) or either side fails. The bytes never enter userspace.
-func (c *conn) pump(dst, src sock) error {
-	srcRC, err := src.SyscallConn()
-	if err != nil {
-		return err
-	}
-	dstRC, err := dst.SyscallConn()
-	if err != nil {
-		return err
-	}
-	pool, stats := c.p.pipes, c.be.stats
-	var (
-		pp   pipe
-		have bool // pp is ours
-	)
-	defer func() {
-		if have {
-			// Bytes may be left in it: never lend it again.
-			pp.close()
+		switch e := connectRaw(b.fd, unsafe.Pointer(&c.dialing.sa), c.dialing.salen); e {
+		case 0, unix.EISCONN:
+		case unix.EALREADY, unix.EINPROGRESS:
+			b.w = false
+			return
+		default:
+			c.dialFailed(os.NewSyscallError("connect", e))
+			return
 		}
-	}()
-	for {
-		var (
-			n          int
-			serr, perr error
-		)
-		err := srcRC.Read(func(fd uintptr) bool {
-			if !have {
-				if pp, perr = pool.get(); perr != nil {
-					return true
-				}
-				have = true
-			}
-			n, serr = spliceRetry(int(fd), pp.w, pool.size)
-			if serr == unix.EAGAIN {
-				// Nothing to read: wait without holding the pipe.
-				pool.put(pp)
-				have = false
+		c.dialing = nil
+		if c.dialTimer >= 0 {
+			heap.Remove(&c.loop.timers, c.dialTimer)
+		}
+		if !c.p.add(c) {
+			c.finish(false)
+			return
+		}
+	}
+	for len(c.hdr) > 0 {
+		if !b.w {
+			return
+		}
+		n, _, e := unix.RawSyscall(unix.SYS_WRITE, uintptr(b.fd), uintptr(unsafe.Pointer(&c.hdr[0])), uintptr(len(c.hdr)))
+		switch e {
+		case 0:
+			c.hdr = c.hdr[n:]
+		case unix.EINTR:
+		case unix.EAGAIN:
+			b.w = false
+			return
+		default:
+			c.dialFailed(fmt.Errorf("send PROXY header: %w", os.NewSyscallError("write", e)))
+			return
+		}
+	}
+	more := c.pump(0)
+	if !c.done {
+		more = c.pump(1) || more
+	}
+	if more && !c.done {
+		c.loop.enqueue(c)
+	}
+}
+
+// pump moves bytes of direction d: it splices the source into a pipe and
+// the pipe into the destination, without the bytes entering userspace,
+// until either socket would block; true if it stopped on its budget
+// instead. At the end of the source's stream it shuts down the
+// destination's sending side (half-close, the FIN goes on), unless the
+// other direction has ended already: then both sockets close, and the
+// close sends the FIN. On any error both sockets close.
+func (c *conn) pump(d int) bool {
+	dr := &c.dirs[d]
+	if dr.ended {
+		return false
+	}
+	src, dst := &c.sides[d], &c.sides[1-d]
+	pool, stats := c.p.pipes, c.be.stats
+	for budget := pumpBudget; ; {
+		if dr.n > 0 {
+			if !dst.w {
 				return false
 			}
-			return true
-		})
-		if err == nil {
-			err = perr
-		}
-		if err == nil && serr != nil {
-			err = os.NewSyscallError("splice", serr)
-		}
-		if err != nil {
-			return err
-		}
-		if n == 0 {
-			// End of src's stream; the pipe is empty.
-			pool.put(pp)
-			have = false
-			return nil
-		}
-		c.lastSeen.Store(c.p.now())
-		stats.packets.Add(1)
-		for n > 0 {
-			var m int
-			err := dstRC.Write(func(fd uintptr) bool {
-				m, serr = spliceRetry(pp.r, int(fd), n)
-				return serr != unix.EAGAIN
-			})
-			if err == nil && serr != nil {
-				err = os.NewSyscallError("splice", serr)
+			m, e := splice(dr.pp.r, dst.fd, dr.n)
+			if e == unix.EAGAIN {
+				dst.w = false
+				return false
 			}
-			if err != nil {
-				return err
+			if e != 0 {
+				c.fail(os.NewSyscallError("splice", e))
+				return false
 			}
 			if m == 0 {
-				return io.ErrUnexpectedEOF
+				c.fail(io.ErrUnexpectedEOF)
+				return false
 			}
-			n -= m
+			dr.n -= m
 			stats.bytes.Add(uint64(m))
 			// A slow reader is not an idle one.
-			c.lastSeen.Store(c.p.now())
+			c.lastSeen = c.loop.now
+			continue
 		}
+		if dr.eof {
+			c.endDir(d)
+			return false
+		}
+		if !src.r {
+			if dr.have {
+				// Nothing to read: wait without holding the pipe.
+				pool.put(dr.pp)
+				dr.have = false
+			}
+			return false
+		}
+		if budget == 0 {
+			return true
+		}
+		if !dr.have {
+			pp, err := pool.get()
+			if err != nil {
+				c.fail(err)
+				return false
+			}
+			dr.pp, dr.have = pp, true
+		}
+		m, e := splice(src.fd, dr.pp.w, pool.size)
+		switch {
+		case e == unix.EAGAIN:
+			src.r = false
+			continue
+		case e != 0:
+			c.fail(os.NewSyscallError("splice", e))
+			return false
+		case m == 0:
+			// End of src's stream; the pipe is empty.
+			dr.eof = true
+			pool.put(dr.pp)
+			dr.have = false
+			continue
+		}
+		budget--
+		dr.n = m
+		stats.packets.Add(1)
+		c.lastSeen = c.loop.now
 	}
 }
 
-// spliceRetry is splice(2) between two descriptors, retried on EINTR.
+// endDir ends direction d, whose source's stream ended and whose pipe is
+// empty.
+func (c *conn) endDir(d int) {
+	c.dirs[d].ended = true
+	c.closing.Store(true)
+	c.ended++
+	if c.ended == 2 {
+		c.finish(false)
+		return
+	}
+	_, _, e := unix.RawSyscall(unix.SYS_SHUTDOWN, uintptr(c.sides[1-d].fd), unix.SHUT_WR, 0)
+	if e != 0 {
+		c.fail(os.NewSyscallError("shutdown", e))
+	}
+}
+
+// fail closes c after an error on either socket.
+func (c *conn) fail(err error) {
+	c.p.log.Debug("connection failed", "client", c.key.client, "vip", c.key.vip, "backend", c.be.ID, "err", err)
+	c.finish(false)
+}
+
+// dialFailed resets the client of a backend that failed.
+func (c *conn) dialFailed(err error) {
+	c.p.reasons[rDialFailed].Add(1)
+	baddr := netip.AddrPortFrom(c.be.Addr, c.be.Port)
+	c.p.log.Debug("backend failed; client reset", "service", c.service, "client", c.key.client, "backend", baddr, "err", err)
+	c.finish(true)
+}
+
+// finish closes both sockets once (with rst, as TCP resets), returns or
+// closes the pipes and takes the connection out of the loop, the table
+// and the proxy's count.
+func (c *conn) finish(rst bool) {
+	if c.done {
+		return
+	}
+	c.done = true
+	c.closing.Store(true)
+	if c.dialTimer >= 0 {
+		heap.Remove(&c.loop.timers, c.dialTimer)
+	}
+	if c.idleTimer >= 0 {
+		heap.Remove(&c.loop.timers, c.idleTimer)
+	}
+	for i := range c.dirs {
+		if dr := &c.dirs[i]; dr.have {
+			if dr.n > 0 {
+				// Bytes are left in it: never lend it again.
+				dr.pp.close()
+			} else {
+				c.p.pipes.put(dr.pp)
+			}
+			dr.have = false
+		}
+	}
+	c.loop.unregister(c)
+	if rst {
+		resetFD(int(c.client))
+		resetFD(int(c.backend))
+	} else {
+		closeFD(int(c.client))
+		closeFD(int(c.backend))
+	}
+	c.p.remove(c)
+	c.p.active.Add(-1)
+	c.loop.load.Add(-1)
+}
+
+// splice is splice(2) between two descriptors, retried on EINTR.
 //
 // It is a raw system call: with SPLICE_F_NONBLOCK, non-blocking sockets
 // and pipes it never waits, but it can take tens of microseconds of
 // kernel work (the TCP stack, and on veth or loopback the receiving
 // side's too). Through the runtime's system call path, the scheduler
-// takes such a call for a blocked one and hands its P to another thread,
-// waking one: that churn cost more CPU per short connection than the
-// call itself.
-func spliceRetry(in, out, n int) (int, error) {
+// would take such a call for a blocked one and hand the loop's P to
+// another thread, waking one.
+func splice(in, out, n int) (int, syscall.Errno) {
 	for {
 		m, _, e := unix.RawSyscall6(unix.SYS_SPLICE, uintptr(in), 0, uintptr(out), 0, uintptr(n), spliceFlags)
-		if e == 0 {
-			return int(m), nil
-		}
 		if e != syscall.EINTR {
-			return 0, e
+			return int(m), e
 		}
 	}
-}
-
-// shutdownWrite shuts down c's sending side (a FIN follows what is
-// queued), with a raw system call as spliceRetry does: it never blocks.
-func shutdownWrite(c syscall.Conn) error {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var e syscall.Errno
-	if err := rc.Control(func(fd uintptr) {
-		_, _, e = unix.RawSyscall(unix.SYS_SHUTDOWN, fd, unix.SHUT_WR, 0)
-	}); err != nil {
-		return err
-	}
-	if e != 0 {
-		return os.NewSyscallError("shutdown", e)
-	}
-	return nil
 }

@@ -2,10 +2,8 @@ package userspace
 
 import (
 	"cmp"
-	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -17,9 +15,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// listen opens the listening socket of a service on vip, in the proxy's
-// namespace, with IP_FREEBIND (IPv4) or IPV6_FREEBIND (IPv6) so that the
-// bind succeeds whether or not vip is an address of this host.
+// listen opens the listening sockets of a service on vip, n of them
+// (one per event loop, with SO_REUSEPORT so that the kernel spreads the
+// clients over them), in the proxy's namespace, with IP_FREEBIND (IPv4) or
+// IPV6_FREEBIND (IPv6) so that the bind succeeds whether or not vip is an
+// address of this host.
 //
 // Freebind only lifts the check at bind time. For connections to reach the
 // socket, the kernel must deliver packets for vip locally: the address is
@@ -28,44 +28,82 @@ import (
 // (`ip route add local VIP/32 dev lo`, the "AnyIP" route, which also serves
 // a whole prefix of VIPs). Where IPV6_FREEBIND is unknown (Linux before
 // 4.15) IPV6_TRANSPARENT is used instead, which needs CAP_NET_ADMIN.
-func (p *Proxy) listen(vip netip.AddrPort) (*net.TCPListener, error) {
-	network := "tcp4"
-	if vip.Addr().Is6() {
-		network = "tcp6"
-	}
-	lc := net.ListenConfig{
-		Control: func(_, _ string, rc syscall.RawConn) error {
-			return control(rc, func(fd int) error {
-				if err := freebind(fd, vip.Addr().Is6()); err != nil {
-					return err
-				}
-				// Accepted sockets inherit the buffer sizes, and the
-				// window scale is chosen at the handshake from them.
-				if err := p.setBuffers(fd); err != nil {
-					return err
-				}
-				// They inherit the keepalive settings too: set once
-				// here, they cost no system call per connection.
-				return setKeepAlive(fd, p.opts.KeepAlive)
-			})
-		},
-		// Keepalive is set on the listening socket (above), not by net
-		// on every accepted one (four setsockopt(2) calls each): net
-		// sets it on each accepted socket whenever KeepAliveConfig is
-		// enabled, whatever KeepAlive says, so KeepAliveConfig stays
-		// zero here.
-		KeepAlive: -1,
-	}
-	var ln net.Listener
+func (p *Proxy) listen(vip netip.AddrPort, n int) ([]int, error) {
+	var fds []int
 	err := p.opts.Netns(func() error {
-		var err error
-		ln, err = lc.Listen(context.Background(), network, vip.String())
-		return err
+		for range n {
+			fd, err := p.listenOne(vip, n > 1)
+			if err != nil {
+				return err
+			}
+			fds = append(fds, fd)
+		}
+		return nil
 	})
 	if err != nil {
+		for _, fd := range fds {
+			closeFD(fd)
+		}
 		return nil, fmt.Errorf("listen on %s: %w", vip, err)
 	}
-	return ln.(*net.TCPListener), nil
+	return fds, nil
+}
+
+// listenOne opens one listening socket on vip.
+func (p *Proxy) listenOne(vip netip.AddrPort, reusePort bool) (int, error) {
+	sa, salen, family := rawSockaddr(vip)
+	r, _, e := unix.RawSyscall(unix.SYS_SOCKET, uintptr(family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if e != 0 {
+		return -1, os.NewSyscallError("socket", e)
+	}
+	fd := int(r)
+	if err := p.listenOptions(fd, vip.Addr().Is6(), reusePort); err != nil {
+		closeFD(fd)
+		return -1, err
+	}
+	if _, _, e := unix.RawSyscall(unix.SYS_BIND, uintptr(fd), uintptr(sa), salen); e != 0 {
+		closeFD(fd)
+		return -1, os.NewSyscallError("bind", e)
+	}
+	// The kernel caps the backlog at net.core.somaxconn, as net does.
+	if _, _, e := unix.RawSyscall(unix.SYS_LISTEN, uintptr(fd), 65535, 0); e != 0 {
+		closeFD(fd)
+		return -1, os.NewSyscallError("listen", e)
+	}
+	return fd, nil
+}
+
+// listenOptions sets the options of a listening socket. Accepted sockets
+// inherit the buffer sizes (and the window scale is chosen at the
+// handshake from them), keepalive and TCP_NODELAY: set once here, they
+// cost no system call per connection.
+func (p *Proxy) listenOptions(fd int, v6, reusePort bool) error {
+	if err := setsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		return fmt.Errorf("set SO_REUSEADDR: %w", err)
+	}
+	if reusePort {
+		if err := setsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+			return fmt.Errorf("set SO_REUSEPORT: %w", err)
+		}
+	}
+	if v6 {
+		if err := setsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1); err != nil {
+			return fmt.Errorf("set IPV6_V6ONLY: %w", err)
+		}
+	}
+	if err := freebind(fd, v6); err != nil {
+		return err
+	}
+	if err := p.setBuffers(fd); err != nil {
+		return err
+	}
+	if err := setKeepAlive(fd, p.opts.KeepAlive); err != nil {
+		return err
+	}
+	if err := setsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+		return fmt.Errorf("set TCP_NODELAY: %w", err)
+	}
+	return nil
 }
 
 // freebind lets fd bind an address that is not (yet) local.
@@ -139,63 +177,44 @@ func (p *Proxy) setBuffers(fd int) error {
 	return nil
 }
 
-// sock is a connected TCP socket of the proxy: a *net.TCPConn (clients)
-// or the *os.File of a socket that dial made.
-type sock interface {
-	syscall.Conn
-	io.Writer
-	SetWriteDeadline(time.Time) error
-	Close() error
-}
-
-// dial connects to a backend from the proxy's namespace, within
-// Options.DialTimeout, with keepalive and buffer settings.
-//
-// It makes the socket itself, with raw system calls, rather than with
-// net.Dialer: per connection, that saves the runtime's system call path
-// on half a dozen calls (see spliceRetry), the getsockname and getpeername
-// that net makes for addresses the proxy never reads, and a deep stack
-// that a new goroutine had to grow. The socket is handed to the runtime's
-// poller as an *os.File, which splices as a *net.TCPConn does.
-func (p *Proxy) dial(ctx context.Context, b netip.AddrPort) (sock, error) {
+// dial makes the socket to a backend in the proxy's namespace, with
+// keepalive and buffer settings, and starts connecting it. The socket is
+// non-blocking: connected says whether the handshake is over already
+// (over veth or loopback it often is when connect returns); if not, the
+// returned dialing lets the loop ask again once the socket is writable, as
+// HAProxy does.
+func (p *Proxy) dial(b netip.AddrPort) (fd int, d *dialing, err error) {
 	sa, salen, family := rawSockaddr(b)
-	var fd int
-	err := p.opts.Netns(func() error {
+	if err := p.opts.Netns(func() error {
 		r, _, e := unix.RawSyscall(unix.SYS_SOCKET, uintptr(family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 		if e != 0 {
 			return os.NewSyscallError("socket", e)
 		}
 		fd = int(r)
 		return nil
-	})
-	if err != nil {
-		return nil, err
+	}); err != nil {
+		return -1, nil, err
 	}
 	if err := p.dialOptions(fd); err != nil {
-		unix.Close(fd)
-		return nil, err
+		closeFD(fd)
+		return -1, nil, err
 	}
 	cerr := connectRaw(fd, sa, salen)
 	if cerr == unix.EINPROGRESS {
-		// Over veth or loopback the handshake is often over when
-		// connect returns: then no deadline or wait is needed.
 		if cerr = connectRaw(fd, sa, salen); cerr == unix.EISCONN {
 			cerr = 0
 		}
 	}
-	if cerr != 0 && cerr != unix.EINPROGRESS && cerr != unix.EALREADY {
-		unix.Close(fd)
-		return nil, os.NewSyscallError("connect", cerr)
+	switch cerr {
+	case 0:
+		return fd, nil, nil
+	case unix.EINPROGRESS, unix.EALREADY:
+		d = &dialing{salen: salen}
+		copy(d.sa[:salen], unsafe.Slice((*byte)(sa), salen))
+		return fd, d, nil
 	}
-	f := os.NewFile(uintptr(fd), "backend")
-	if cerr == 0 {
-		return f, nil
-	}
-	if err := p.waitConnected(ctx, f, sa, salen); err != nil {
-		f.Close()
-		return nil, err
-	}
-	return f, nil
+	closeFD(fd)
+	return -1, nil, os.NewSyscallError("connect", cerr)
 }
 
 // dialOptions sets the options of a socket to a backend before it
@@ -211,42 +230,6 @@ func (p *Proxy) dialOptions(fd int) error {
 		return fmt.Errorf("set TCP_NODELAY: %w", err)
 	}
 	return nil
-}
-
-// waitConnected waits until f's connection is established or failed,
-// within Options.DialTimeout and ctx. It asks with connect(2) again, as
-// HAProxy does: 0 or EISCONN once established, EALREADY while in
-// progress, the connection's error once failed.
-func (p *Proxy) waitConnected(ctx context.Context, f *os.File, sa unsafe.Pointer, salen uintptr) error {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return err
-	}
-	if err := f.SetWriteDeadline(time.Now().Add(p.opts.DialTimeout)); err != nil {
-		return err
-	}
-	stop := context.AfterFunc(ctx, func() { f.SetWriteDeadline(time.Unix(1, 0)) })
-	// Ask first, then wait: RawConn.Write forgets a readiness that came
-	// before it was called, and on veth or loopback the handshake is
-	// often over by now anyway.
-	var cerr syscall.Errno
-	err = rc.Write(func(fd uintptr) bool {
-		cerr = connectRaw(int(fd), sa, salen)
-		return cerr != unix.EALREADY && cerr != unix.EINPROGRESS
-	})
-	if !stop() {
-		return ctx.Err()
-	}
-	if err != nil {
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return fmt.Errorf("connect: timed out after %v", p.opts.DialTimeout)
-		}
-		return err
-	}
-	if cerr != 0 && cerr != unix.EISCONN {
-		return os.NewSyscallError("connect", cerr)
-	}
-	return f.SetWriteDeadline(time.Time{})
 }
 
 // rawSockaddr is b as a struct sockaddr for connect(2).
@@ -292,31 +275,19 @@ func setsockoptInt(fd, level, opt, v int) error {
 	return nil
 }
 
-// control runs fn on rc's file descriptor and returns the first error.
-func control(rc syscall.RawConn, fn func(fd int) error) error {
-	var ferr error
-	if err := rc.Control(func(fd uintptr) { ferr = fn(int(fd)) }); err != nil {
-		return err
+// sockaddrAddrPort returns the address of an accepted client as the XDP
+// program sees it in the packet (IPv4 as IPv4, not IPv4-mapped IPv6,
+// which would hash differently).
+func sockaddrAddrPort(rsa *unix.RawSockaddrAny) netip.AddrPort {
+	switch rsa.Addr.Family {
+	case unix.AF_INET:
+		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(rsa))
+		port := (*[2]byte)(unsafe.Pointer(&sa.Port))
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(port[0])<<8|uint16(port[1]))
+	case unix.AF_INET6:
+		sa := (*unix.RawSockaddrInet6)(unsafe.Pointer(rsa))
+		port := (*[2]byte)(unsafe.Pointer(&sa.Port))
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(port[0])<<8|uint16(port[1]))
 	}
-	return ferr
-}
-
-// reset closes c with a TCP reset instead of a FIN (SO_LINGER 0), so that
-// its peer fails at once.
-func reset(c sock) {
-	if rc, err := c.SyscallConn(); err == nil {
-		rc.Control(func(fd uintptr) {
-			l := unix.Linger{Onoff: 1, Linger: 0}
-			unix.RawSyscall6(unix.SYS_SETSOCKOPT, fd, unix.SOL_SOCKET, unix.SO_LINGER, uintptr(unsafe.Pointer(&l)), unsafe.Sizeof(l), 0)
-		})
-	}
-	_ = c.Close()
-}
-
-// clientOf returns the address of c's peer as the XDP program sees it in
-// the packet: net gives IPv4 peers as IPv4-mapped IPv6 addresses, which
-// would hash differently.
-func clientOf(c net.Conn) netip.AddrPort {
-	ap := c.RemoteAddr().(*net.TCPAddr).AddrPort()
-	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	return netip.AddrPort{}
 }

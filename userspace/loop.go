@@ -1,0 +1,513 @@
+package userspace
+
+import (
+	"container/heap"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Event loops. The proxy runs one loop per GOMAXPROCS, as HAProxy runs one
+// thread per CPU: a goroutine with its own epoll instance that does
+// everything for the connections it owns. Each
+// service listens with one socket per loop (SO_REUSEPORT: the kernel
+// spreads new connections over them), so the loop that accepts a client is
+// the one that dials its backend, moves its bytes and closes it, without
+// any other goroutine or thread being woken on the way. Sockets are
+// registered edge-triggered for both directions; the loop remembers which
+// are readable and writable until a system call says EAGAIN.
+//
+// Other goroutines talk to a loop with commands (a queue under a mutex
+// and an eventfd that wakes it): new and removed listening sockets, resets
+// of connections whose backend went down, and the stop at Proxy.Close. A
+// loop alone closes the descriptors it owns, so that no descriptor is
+// closed under it and reused.
+
+// Epoll event tags (EpollEvent.Pad).
+const (
+	tagConn = iota
+	tagListener
+	tagWake
+)
+
+const (
+	acceptBatch = 32 // accepts per listening socket before other work
+	pumpBudget  = 16 // reads per direction of a connection before other work
+	maxEvents   = 128
+)
+
+type cmdOp int
+
+const (
+	cmdListen   cmdOp = iota // start accepting on ls
+	cmdUnlisten              // close ls (shut down already)
+	cmdReset                 // reset c (its backend went down)
+	cmdServe                 // serve fd, a client that another loop accepted
+	cmdStop                  // close everything and return
+)
+
+type command struct {
+	op     cmdOp
+	ls     *lsock
+	c      *conn
+	fd     int
+	svc    *service
+	client netip.AddrPort
+}
+
+// lsock is one loop's listening socket of a service.
+type lsock struct {
+	fd   int
+	l    *listener
+	loop *loop
+
+	// Owned by the loop.
+	closed bool
+	queued bool // in loop.acceptq
+	delay  time.Duration
+}
+
+// loop is an event loop and the connections it owns.
+type loop struct {
+	p    *Proxy
+	epfd int
+	evfd int
+	load atomic.Int32    // connections accepted for this loop and not finished
+	ep   *os.File        // epfd, for the runtime's poller
+	eprc syscall.RawConn // of ep
+
+	mu      sync.Mutex
+	cmds    []command
+	pending bool // evfd written since the loop took the commands
+	stopped bool
+
+	// Owned by the loop goroutine.
+	conns   []*conn // by file descriptor, both sockets of each connection
+	lsocks  map[int]*lsock
+	timers  timerHeap
+	runq    []*conn  // connections with work left over (pumpBudget)
+	acceptq []*lsock // listening sockets with clients left over (acceptBatch)
+	now     int64    // Proxy.now at the last wake-up
+	events  [maxEvents]unix.EpollEvent
+	rsa     unix.RawSockaddrAny
+}
+
+func newLoop(p *Proxy) (*loop, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, os.NewSyscallError("epoll_create1", err)
+	}
+	evfd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		unix.Close(epfd)
+		return nil, os.NewSyscallError("eventfd", err)
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: int32(evfd), Pad: tagWake}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, evfd, &ev); err != nil {
+		unix.Close(epfd)
+		unix.Close(evfd)
+		return nil, os.NewSyscallError("epoll_ctl", err)
+	}
+	// The loop waits for its epoll set in the runtime's poller, not in
+	// epoll_wait: see run.
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		unix.Close(epfd)
+		unix.Close(evfd)
+		return nil, os.NewSyscallError("fcntl", err)
+	}
+	ep := os.NewFile(uintptr(epfd), "epoll")
+	rc, err := ep.SyscallConn()
+	if err != nil {
+		ep.Close()
+		unix.Close(evfd)
+		return nil, err
+	}
+	return &loop{p: p, epfd: epfd, evfd: evfd, ep: ep, eprc: rc, lsocks: make(map[int]*lsock)}, nil
+}
+
+// send queues a command and wakes the loop. Commands to a stopped loop
+// are dropped (false).
+func (lp *loop) send(c command) bool {
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	if lp.stopped {
+		return false
+	}
+	lp.cmds = append(lp.cmds, c)
+	if !lp.pending {
+		lp.pending = true
+		one := uint64(1)
+		unix.RawSyscall(unix.SYS_WRITE, uintptr(lp.evfd), uintptr(unsafe.Pointer(&one)), 8)
+	}
+	return true
+}
+
+// run is the loop's goroutine. It takes what its epoll set has with a
+// non-blocking epoll_wait, and when there is nothing, parks on the
+// runtime's poller, where the epoll descriptor itself is registered: it
+// never blocks its thread in a system call. A thread blocked in
+// epoll_wait keeps the scheduler's P in a system call, which sysmon takes
+// back every 20µs with no idle P left (one loop per GOMAXPROCS), starting
+// and parking threads: that churn cost more CPU per connection than the
+// loop's own work. Nor is the goroutine locked to its thread: a locked
+// goroutine that parks is handed from thread to thread when it wakes.
+func (lp *loop) run() {
+	defer lp.p.wg.Done()
+	p := lp.p
+	lp.now = p.now()
+	var (
+		deadline bool // ep has a read deadline
+		n        int
+		err      error
+	)
+	// wait is called by RawConn.Read, first at once and then each time
+	// the runtime's poller says that the epoll set has something. Read
+	// forgets a readiness that came before it was called: the first call
+	// looks for itself.
+	wait := func(uintptr) bool {
+		n, err = epollWaitNow(lp.epfd, lp.events[:])
+		return n > 0 || err != nil
+	}
+	for {
+		n, err = 0, nil
+		if len(lp.runq) > 0 || len(lp.acceptq) > 0 {
+			n, err = epollWaitNow(lp.epfd, lp.events[:])
+		} else {
+			if len(lp.timers) > 0 {
+				d := time.Duration(lp.timers[0].when - p.now())
+				lp.ep.SetReadDeadline(time.Now().Add(max(d, 0)))
+				deadline = true
+			} else if deadline {
+				lp.ep.SetReadDeadline(time.Time{})
+				deadline = false
+			}
+			if werr := lp.eprc.Read(wait); werr != nil && !errors.Is(werr, os.ErrDeadlineExceeded) {
+				p.log.Error("waiting for events failed", "err", werr)
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+		if err != nil && err != unix.EINTR {
+			p.log.Error("epoll_wait failed", "err", err)
+			time.Sleep(10 * time.Millisecond)
+			n = 0
+		}
+		lp.now = p.now()
+		for i := 0; i < n; i++ {
+			ev := &lp.events[i]
+			switch ev.Pad {
+			case tagConn:
+				if fd := int(ev.Fd); fd < len(lp.conns) {
+					if c := lp.conns[fd]; c != nil {
+						c.event(fd, ev.Events)
+					}
+				}
+			case tagListener:
+				if ls := lp.lsocks[int(ev.Fd)]; ls != nil {
+					lp.accept(ls)
+				}
+			case tagWake:
+				if lp.commands() {
+					lp.stop()
+					return
+				}
+			}
+		}
+		if q := lp.acceptq; len(q) > 0 {
+			lp.acceptq = nil
+			for _, ls := range q {
+				ls.queued = false
+				if !ls.closed {
+					lp.accept(ls)
+				}
+			}
+		}
+		if q := lp.runq; len(q) > 0 {
+			lp.runq = nil
+			for _, c := range q {
+				c.queued = false
+				c.progress()
+			}
+		}
+		lp.expire()
+	}
+}
+
+// epollWaitNow is epoll_wait with a zero timeout, which never blocks: a
+// raw system call (see spliceRetry).
+func epollWaitNow(epfd int, evs []unix.EpollEvent) (int, error) {
+	r, _, e := unix.RawSyscall6(unix.SYS_EPOLL_WAIT, uintptr(epfd), uintptr(unsafe.Pointer(&evs[0])), uintptr(len(evs)), 0, 0, 0)
+	if e != 0 {
+		return 0, e
+	}
+	return int(r), nil
+}
+
+// commands runs the queued commands; true means stop.
+func (lp *loop) commands() bool {
+	var buf uint64
+	unix.RawSyscall(unix.SYS_READ, uintptr(lp.evfd), uintptr(unsafe.Pointer(&buf)), 8)
+	lp.mu.Lock()
+	cmds := lp.cmds
+	lp.cmds = nil
+	lp.pending = false
+	lp.mu.Unlock()
+	stop := false
+	for _, c := range cmds {
+		switch c.op {
+		case cmdListen:
+			lp.lsocks[c.ls.fd] = c.ls
+			ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: int32(c.ls.fd), Pad: tagListener}
+			if err := unix.EpollCtl(lp.epfd, unix.EPOLL_CTL_ADD, c.ls.fd, &ev); err != nil {
+				lp.p.log.Error("cannot poll listening socket", "vip", c.ls.l.addr, "err", err)
+			}
+		case cmdUnlisten:
+			lp.closeListener(c.ls)
+		case cmdReset:
+			c.c.finish(true)
+		case cmdServe:
+			lp.serve(c.svc, c.fd, c.client)
+		case cmdStop:
+			stop = true
+		}
+	}
+	return stop
+}
+
+func (lp *loop) closeListener(ls *lsock) {
+	if ls.closed {
+		return
+	}
+	ls.closed = true
+	delete(lp.lsocks, ls.fd)
+	closeFD(ls.fd)
+}
+
+// stop closes every connection and listening socket of the loop, and the
+// loop's own descriptors.
+func (lp *loop) stop() {
+	for _, c := range lp.conns {
+		if c != nil {
+			c.finish(false)
+		}
+	}
+	for _, ls := range lp.lsocks {
+		lp.closeListener(ls)
+	}
+	lp.mu.Lock()
+	lp.stopped = true
+	// Commands that came with or after the stop.
+	for _, c := range lp.cmds {
+		switch c.op {
+		case cmdListen:
+			lp.closeListener(c.ls)
+		case cmdServe:
+			lp.load.Add(-1)
+			resetFD(c.fd)
+		}
+	}
+	lp.cmds = nil
+	closeFD(lp.evfd)
+	lp.mu.Unlock()
+	lp.ep.Close()
+}
+
+// accept accepts the clients waiting on ls, up to acceptBatch; the rest
+// after the loop has looked at its other sockets.
+func (lp *loop) accept(ls *lsock) {
+	p := lp.p
+	for range acceptBatch {
+		salen := uint32(unsafe.Sizeof(lp.rsa))
+		r, _, e := unix.RawSyscall6(unix.SYS_ACCEPT4, uintptr(ls.fd), uintptr(unsafe.Pointer(&lp.rsa)), uintptr(unsafe.Pointer(&salen)),
+			unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
+		switch e {
+		case 0:
+			ls.delay = 0
+			lp.dispatch(ls.l.svc.Load(), int(r), sockaddrAddrPort(&lp.rsa))
+			continue
+		case unix.EINTR, unix.ECONNABORTED:
+			continue
+		case unix.EAGAIN:
+			return
+		case unix.EINVAL:
+			// Shut down: the listener is being closed.
+			return
+		}
+		// Out of file descriptors or memory: back off as net/http does.
+		// Clients left waiting raise no new edge: a timer comes back.
+		p.reasons[rAcceptFailed].Add(1)
+		ls.delay = min(max(2*ls.delay, 5*time.Millisecond), time.Second)
+		p.log.Warn("accept failed; retrying", "vip", ls.l.addr, "err", os.NewSyscallError("accept4", e), "retry_in", ls.delay)
+		heap.Push(&lp.timers, timer{when: lp.now + int64(ls.delay), ls: ls})
+		return
+	}
+	if !ls.queued {
+		ls.queued = true
+		lp.acceptq = append(lp.acceptq, ls)
+	}
+}
+
+// dispatch serves a client that the loop accepted, or hands it to the
+// least loaded loop if this one has at least two connections more: the
+// kernel spreads clients over the listening sockets by a hash of their
+// addresses and ports, which leaves a few long connections (streams)
+// unevenly spread.
+func (lp *loop) dispatch(s *service, fd int, client netip.AddrPort) {
+	to := lp
+	for _, o := range lp.p.loops {
+		if o.load.Load() < to.load.Load()-1 {
+			to = o
+		}
+	}
+	to.load.Add(1)
+	if to == lp {
+		lp.serve(s, fd, client)
+		return
+	}
+	if !to.send(command{op: cmdServe, fd: fd, svc: s, client: client}) {
+		to.load.Add(-1)
+		resetFD(fd)
+	}
+}
+
+// register enters c's sockets in the loop's table and epoll set.
+func (lp *loop) register(c *conn) error {
+	for _, fd := range [2]int{int(c.client), int(c.backend)} {
+		if fd >= len(lp.conns) {
+			n := max(2*len(lp.conns), fd+1, 64)
+			lp.conns = append(lp.conns, make([]*conn, n-len(lp.conns))...)
+		}
+		lp.conns[fd] = c
+		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(fd), Pad: tagConn}
+		_, _, e := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(lp.epfd), unix.EPOLL_CTL_ADD, uintptr(fd), uintptr(unsafe.Pointer(&ev)), 0, 0)
+		if e != 0 {
+			return os.NewSyscallError("epoll_ctl", e)
+		}
+	}
+	return nil
+}
+
+// unregister takes c's sockets out of the loop's table; closing them
+// takes them out of the epoll set.
+func (lp *loop) unregister(c *conn) {
+	for _, fd := range [2]int{int(c.client), int(c.backend)} {
+		if fd < len(lp.conns) && lp.conns[fd] == c {
+			lp.conns[fd] = nil
+		}
+	}
+}
+
+// enqueue has c's progress run again after the next poll.
+func (lp *loop) enqueue(c *conn) {
+	if !c.queued {
+		c.queued = true
+		lp.runq = append(lp.runq, c)
+	}
+}
+
+// expire runs the timers that are due.
+func (lp *loop) expire() {
+	for len(lp.timers) > 0 && lp.timers[0].when <= lp.now {
+		t := heap.Pop(&lp.timers).(timer)
+		switch {
+		case t.ls != nil:
+			if !t.ls.closed {
+				lp.accept(t.ls)
+			}
+		case t.dial:
+			if c := t.c; !c.done && c.dialing != nil {
+				c.dialFailed(fmt.Errorf("connect: timed out after %v", lp.p.opts.DialTimeout))
+			}
+		default:
+			c := t.c
+			if c.done {
+				continue
+			}
+			quiet := time.Duration(lp.now - c.lastSeen)
+			if quiet < c.idleTimeout {
+				heap.Push(&lp.timers, timer{when: c.lastSeen + int64(c.idleTimeout), c: c})
+				continue
+			}
+			lp.p.log.Debug("closing idle connection", "client", c.key.client, "vip", c.key.vip, "backend", c.be.ID, "idle", quiet)
+			c.finish(false)
+		}
+	}
+}
+
+// timer is a deadline of the loop: a connection's dial timeout or idle
+// check, or the retry of a listening socket after accept failed.
+type timer struct {
+	when int64
+	c    *conn
+	dial bool
+	ls   *lsock
+}
+
+type timerHeap []timer
+
+func (h timerHeap) Len() int           { return len(h) }
+func (h timerHeap) Less(i, j int) bool { return h[i].when < h[j].when }
+func (h timerHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].moved(i)
+	h[j].moved(j)
+}
+func (h *timerHeap) Push(x any) {
+	t := x.(timer)
+	t.moved(len(*h))
+	*h = append(*h, t)
+}
+func (h *timerHeap) Pop() any {
+	old := *h
+	t := old[len(old)-1]
+	old[len(old)-1] = timer{}
+	*h = old[:len(old)-1]
+	t.moved(-1)
+	return t
+}
+
+// moved keeps a connection's timers findable: its dial timeout leaves the
+// heap as soon as the connection is established, and both leave it when
+// the connection ends.
+func (t timer) moved(i int) {
+	switch {
+	case t.c == nil:
+	case t.dial:
+		t.c.dialTimer = i
+	default:
+		t.c.idleTimer = i
+	}
+}
+
+// closeFD closes a descriptor with a raw system call: closing a socket
+// sends its FIN or RST but never waits (no SO_LINGER timeout is set).
+func closeFD(fd int) {
+	unix.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0)
+}
+
+// resetFD closes fd with a TCP reset instead of a FIN (SO_LINGER 0), so
+// that its peer fails at once.
+func resetFD(fd int) {
+	l := unix.Linger{Onoff: 1, Linger: 0}
+	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_LINGER, uintptr(unsafe.Pointer(&l)), unsafe.Sizeof(l), 0)
+	closeFD(fd)
+}
+
+// fdConn is a socket of a proxied connection as a syscall.Conn, for
+// inspection (tests read its options).
+type fdConn int
+
+func (f fdConn) SyscallConn() (syscall.RawConn, error) { return rawFD(f), nil }
+
+type rawFD int
+
+func (r rawFD) Control(fn func(fd uintptr)) error { fn(uintptr(r)); return nil }
+func (r rawFD) Read(func(fd uintptr) bool) error  { return syscall.EOPNOTSUPP }
+func (r rawFD) Write(func(fd uintptr) bool) error { return syscall.EOPNOTSUPP }
