@@ -56,12 +56,14 @@
 //
 // # Moving bytes
 //
-// The proxy runs one event loop per GOMAXPROCS, as HAProxy runs one thread
-// per CPU, and no goroutine per connection. Each service listens with one
-// socket per loop (SO_REUSEPORT; the kernel spreads new clients over
-// them; UpsertService refuses a second service of the proxy on the same
-// VIP and port), and the loop that accepts a client does everything for
-// it: it picks the backend, connects to it without blocking (within
+// The proxy runs Options.Loops event loops (one per GOMAXPROCS by default,
+// as HAProxy runs one thread per CPU), and no goroutine per connection.
+// Each service listens with one socket per loop (SO_REUSEPORT: the kernel
+// spreads new clients over them). UpsertService refuses a second service
+// of the proxy on the same VIP and port, and binds a socket without
+// SO_REUSEPORT first, which fails if another process listens there: the
+// port would otherwise be shared with it. The loop that accepts a client
+// does everything for it: it picks the backend, connects to it without blocking (within
 // Options.DialTimeout; a client whose backend fails is reset), optionally
 // sends a PROXY protocol v2 header (ServiceOptions.ProxyProtocol) before
 // any byte of the client, then splices each socket into a pipe and the

@@ -74,6 +74,10 @@ type Options struct {
 	// leaves the buffers to the kernel's autotuning (net.ipv4.tcp_rmem and
 	// tcp_wmem), best for throughput.
 	SocketBuffer int
+	// Loops is the number of event loops, each a goroutine with its own
+	// epoll set and a listening socket per service (runtime.GOMAXPROCS
+	// when zero, as HAProxy runs a thread per CPU).
+	Loops int
 	// AffinityEntries is the size of the source-affinity table
 	// (DefaultAffinityEntries); when it is full, the least recently seen of
 	// a few sampled entries makes room.
@@ -422,7 +426,10 @@ func (p *Proxy) startLoops() error {
 	if p.loops != nil {
 		return nil
 	}
-	n := max(runtime.GOMAXPROCS(0), 1)
+	n := p.opts.Loops
+	if n <= 0 {
+		n = runtime.GOMAXPROCS(0)
+	}
 	loops := make([]*loop, 0, n)
 	for range n {
 		lp, err := newLoop(p)

@@ -524,6 +524,35 @@ func TestUpsertMovesListener(t *testing.T) {
 	dialEcho(t, netip.Addr{}, vip2)
 }
 
+// TestSecondProxyRefused checks that the listening sockets of the loops,
+// which share their port with SO_REUSEPORT, do not share it with another
+// process's: a second proxy on the same VIP and port fails as a single
+// listening socket would, and the first keeps all its clients.
+func TestSecondProxyRefused(t *testing.T) {
+	be := listenServe(t, "127.0.0.1:0", namedEcho("be1"))
+	vip := loopVIPPort(t)
+	s := loopService(t, 1, vip, false, be)
+	p1 := newProxy(t, Options{Loops: 3})
+	if err := p1.UpsertService(s); err != nil {
+		t.Fatal(err)
+	}
+	p2 := newProxy(t, Options{Loops: 3})
+	err := p2.UpsertService(s)
+	if !errors.Is(err, syscall.EADDRINUSE) {
+		t.Fatalf("second proxy on %s: got %v, want EADDRINUSE", vip, err)
+	}
+	for range 20 {
+		dialEcho(t, netip.Addr{}, vip)
+	}
+	c, err := p1.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := c.Services[1].NewConns; n != 20 {
+		t.Fatalf("first proxy served %d of 20 connections", n)
+	}
+}
+
 // TestNoBackendAndDialFailure checks that a client the proxy cannot serve
 // is reset at once, and counted.
 func TestNoBackendAndDialFailure(t *testing.T) {

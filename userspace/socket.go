@@ -31,6 +31,18 @@ import (
 func (p *Proxy) listen(vip netip.AddrPort, n int) ([]int, error) {
 	var fds []int
 	err := p.opts.Netns(func() error {
+		if n > 1 {
+			// SO_REUSEPORT would also let these sockets join those of
+			// another process of the same user on vip, a second tether
+			// say, and share its clients without a word. A socket without
+			// it finds such a listener: its bind fails (EADDRINUSE), as a
+			// single listening socket's would.
+			fd, err := p.bindOne(vip, false)
+			if err != nil {
+				return err
+			}
+			closeFD(fd)
+		}
 		for range n {
 			fd, err := p.listenOne(vip, n > 1)
 			if err != nil {
@@ -51,6 +63,21 @@ func (p *Proxy) listen(vip netip.AddrPort, n int) ([]int, error) {
 
 // listenOne opens one listening socket on vip.
 func (p *Proxy) listenOne(vip netip.AddrPort, reusePort bool) (int, error) {
+	fd, err := p.bindOne(vip, reusePort)
+	if err != nil {
+		return -1, err
+	}
+	// The kernel caps the backlog at net.core.somaxconn, as net does.
+	if _, _, e := unix.RawSyscall(unix.SYS_LISTEN, uintptr(fd), 65535, 0); e != 0 {
+		closeFD(fd)
+		return -1, os.NewSyscallError("listen", e)
+	}
+	return fd, nil
+}
+
+// bindOne makes a socket with the options of a listening one and binds
+// it to vip.
+func (p *Proxy) bindOne(vip netip.AddrPort, reusePort bool) (int, error) {
 	sa, salen, family := rawSockaddr(vip)
 	r, _, e := unix.RawSyscall(unix.SYS_SOCKET, uintptr(family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if e != 0 {
@@ -64,11 +91,6 @@ func (p *Proxy) listenOne(vip netip.AddrPort, reusePort bool) (int, error) {
 	if _, _, e := unix.RawSyscall(unix.SYS_BIND, uintptr(fd), uintptr(sa), salen); e != 0 {
 		closeFD(fd)
 		return -1, os.NewSyscallError("bind", e)
-	}
-	// The kernel caps the backlog at net.core.somaxconn, as net does.
-	if _, _, e := unix.RawSyscall(unix.SYS_LISTEN, uintptr(fd), 65535, 0); e != 0 {
-		closeFD(fd)
-		return -1, os.NewSyscallError("listen", e)
 	}
 	return fd, nil
 }
