@@ -62,7 +62,7 @@ lab: tools ## watch tether do its job on a lab of namespaces: steady, kill, drai
 .PHONY: bench
 bench: tools bench-deps ## measure tether against HAProxy, nginx, nftables and the lab's limits; write docs/bench (root, ~20 min)
 	$(GO) run ./test/bench/xdpcost -out docs/bench/xdpcost.md
-	$(GO) run ./test/bench/splicebench -out docs/bench/splice.md
+	$(GO) run ./test/bench/splicebench -runs 5 -out docs/bench/splice.md
 	$(GO) run ./test/bench/peers -runs 5 -out docs/bench/RESULTS.md -chart docs/bench/results.png
 
 .PHONY: bench-deps

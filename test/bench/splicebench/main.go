@@ -5,7 +5,10 @@
 //     bytes per stream to a backend that discards them and acknowledges the
 //     end (MiB/s = bytes / elapsed, median of the runs);
 //   - new connections per second: workers connect, write one byte, read its
-//     echo and close, a fixed number of times (median of the runs);
+//     echo and close, a fixed number of times (median of the runs), with a
+//     few workers (the rate is bound by each connection's latency through
+//     the balancer) and with many (the CPUs are busy: the rate is bound by
+//     the work per connection);
 //
 // through tether (`tether run` with `datapath: splice`), through HAProxy,
 // and directly from the client to the backends, the reference. Runs are
@@ -59,7 +62,7 @@ var (
 type options struct {
 	mib      int
 	conns    int
-	workers  int
+	workers  []int
 	runs     int
 	backends int
 	clients  int
@@ -72,23 +75,32 @@ type balancer struct {
 }
 
 type sample struct {
-	one, eight, cps            float64
-	cpuOne, cpuEight, cpuConns float64 // balancer CPU seconds
+	one, eight       float64
+	cps              []float64 // by o.workers
+	cpuOne, cpuEight float64   // balancer CPU seconds
+	cpuConns         []float64 // by o.workers
 }
 
 func main() {
 	benchrun.Name = "splicebench"
 	var o options
 	flag.IntVar(&o.mib, "mib", 512, "MiB sent per throughput measurement (split over the streams)")
-	flag.IntVar(&o.conns, "conns", 5000, "connections per connection-rate measurement")
-	flag.IntVar(&o.workers, "workers", 4, "concurrent workers of the connection-rate measurement")
+	flag.IntVar(&o.conns, "conns", 10000, "connections per connection-rate measurement")
+	workers := flag.String("workers", "4,16", "concurrent workers of the connection-rate measurements, a comma-separated `list`: one measurement each")
 	flag.IntVar(&o.runs, "runs", 3, "interleaved rounds; the median is reported")
 	flag.IntVar(&o.backends, "backends", 3, "backends in the lab (1-3)")
 	flag.IntVar(&o.clients, "clients", 16, "client source addresses")
 	flag.IntVar(&o.hapThr, "haproxy-threads", 0, "HAProxy nbthread (0: HAProxy's default, one per CPU)")
 	out := flag.String("out", "", "also write the report to this `file`")
 	flag.Parse()
-	if o.backends < 1 || o.backends > 3 || o.runs < 1 || o.workers < 1 || o.mib < 8 || o.conns < o.workers {
+	for _, f := range strings.Split(*workers, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 || n > o.conns {
+			fail(fmt.Sprintf("bad -workers %q: want counts from 1 to -conns (%d), separated by commas", *workers, o.conns))
+		}
+		o.workers = append(o.workers, n)
+	}
+	if o.backends < 1 || o.backends > 3 || o.runs < 1 || o.mib < 8 {
 		fail("bad flags")
 	}
 
@@ -165,11 +177,15 @@ func main() {
 			c1 := cpuSeconds(pid)
 			s.eight = throughput(l, target, 8, o.mib)
 			c2 := cpuSeconds(pid)
-			s.cps = connRate(l, target, o.conns, o.workers)
-			c3 := cpuSeconds(pid)
-			s.cpuOne, s.cpuEight, s.cpuConns = c1-c0, c2-c1, c3-c2
+			s.cpuOne, s.cpuEight = c1-c0, c2-c1
+			for _, n := range o.workers {
+				s.cps = append(s.cps, connRate(l, target, o.conns, n))
+				c3 := cpuSeconds(pid)
+				s.cpuConns = append(s.cpuConns, c3-c2)
+				c2 = c3
+			}
 			stop()
-			logf("round %d %s: 1 stream %.0f MiB/s, 8 streams %.0f MiB/s, %.0f conns/s", r+1, b.name, s.one, s.eight, s.cps)
+			logf("round %d %s: 1 stream %.0f MiB/s, 8 streams %.0f MiB/s, conns/s %.0f", r+1, b.name, s.one, s.eight, s.cps)
 			samples[i] = append(samples[i], s)
 		}
 	}
@@ -194,35 +210,65 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 	}
 	one := func(s sample) float64 { return s.one }
 	eight := func(s sample) float64 { return s.eight }
-	cps := func(s sample) float64 { return s.cps }
+	cps := func(k int) func(sample) float64 { return func(s sample) float64 { return s.cps[k] } }
+	// ratio is tether's median over HAProxy's, and the spread of the
+	// ratio round by round (the rounds interleave the balancers).
+	ratio := func(f func(sample) float64) string {
+		t, h := samples[1], samples[2]
+		var rs []float64
+		for r := range t {
+			rs = append(rs, f(t[r])/f(h[r]))
+		}
+		return fmt.Sprintf("**%.2f** (%.2f–%.2f)", med(t, f)/med(h, f), slices.Min(rs), slices.Max(rs))
+	}
 
 	fmt.Fprintf(w, "# tether splice datapath against HAProxy (%s, %s, %d CPUs)\n\n", time.Now().UTC().Format("2006-01-02"), benchrun.Kernel(), cpus())
 	fmt.Fprintf(w, "One lab (client, balancer, %d backends on one bridge), one run, %d interleaved rounds (direct, tether, HAProxy in turn); medians, min–max in parentheses.\n", len(l.Backends), o.runs)
 	fmt.Fprintf(w, "Throughput: the client sends %d MiB in all (1 stream, or 8 streams of %d MiB from 8 source addresses), the backend discards it and acknowledges the end; MiB/s = bytes / elapsed.\n", o.mib, o.mib/8)
-	fmt.Fprintf(w, "Connection rate: %d connections over %d workers, each connect, write 1 byte, read its echo, close.\n\n", o.conns, o.workers)
-	fmt.Fprintln(w, "| balancer | 1 stream MiB/s | 8 streams MiB/s | conns/s |")
-	fmt.Fprintln(w, "|---|---:|---:|---:|")
-	for i, b := range bals {
-		fmt.Fprintf(w, "| %s | %.0f (%s) | %.0f (%s) | %.0f (%s) |\n", b.name,
-			med(samples[i], one), rng(samples[i], one),
-			med(samples[i], eight), rng(samples[i], eight),
-			med(samples[i], cps), rng(samples[i], cps))
+	fmt.Fprintf(w, "Connection rate: %d connections, each connect, write 1 byte, read its echo, close, by N concurrent workers: with few, each connection's latency through the balancer bounds the rate; with many, the CPUs are busy and the work per connection does.\n", o.conns)
+	fmt.Fprintln(w, "The last row is tether's median over HAProxy's, and in parentheses the lowest and highest ratio of a single round.")
+	fmt.Fprintln(w)
+	head, rule := "| balancer | 1 stream MiB/s | 8 streams MiB/s |", "|---|---:|---:|"
+	for _, n := range o.workers {
+		head += fmt.Sprintf(" conns/s, %d workers |", n)
+		rule += "---:|"
 	}
-	t, h := samples[1], samples[2]
-	fmt.Fprintf(w, "| **tether / haproxy** | **%.2f** | **%.2f** | **%.2f** |\n\n",
-		med(t, one)/med(h, one), med(t, eight)/med(h, eight), med(t, cps)/med(h, cps))
+	fmt.Fprintln(w, head)
+	fmt.Fprintln(w, rule)
+	for i, b := range bals {
+		fmt.Fprintf(w, "| %s | %.0f (%s) | %.0f (%s) |", b.name,
+			med(samples[i], one), rng(samples[i], one),
+			med(samples[i], eight), rng(samples[i], eight))
+		for k := range o.workers {
+			fmt.Fprintf(w, " %.0f (%s) |", med(samples[i], cps(k)), rng(samples[i], cps(k)))
+		}
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintf(w, "| **tether / haproxy** | %s | %s |", ratio(one), ratio(eight))
+	for k := range o.workers {
+		fmt.Fprintf(w, " %s |", ratio(cps(k)))
+	}
+	fmt.Fprint(w, "\n\n")
 
 	fmt.Fprintln(w, "CPU time of the balancer process (user + system, from /proc/PID/stat; medians):")
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "| balancer | CPU ms per GiB, 1 stream | CPU ms per GiB, 8 streams | CPU µs per connection |")
-	fmt.Fprintln(w, "|---|---:|---:|---:|")
+	head, rule = "| balancer | CPU ms per GiB, 1 stream | CPU ms per GiB, 8 streams |", "|---|---:|---:|"
+	for _, n := range o.workers {
+		head += fmt.Sprintf(" CPU µs per connection, %d workers |", n)
+		rule += "---:|"
+	}
+	fmt.Fprintln(w, head)
+	fmt.Fprintln(w, rule)
 	gib := float64(o.mib) / 1024
 	for i, b := range bals[1:] {
 		ss := samples[i+1]
-		fmt.Fprintf(w, "| %s | %.0f | %.0f | %.0f |\n", b.name,
+		fmt.Fprintf(w, "| %s | %.0f | %.0f |", b.name,
 			med(ss, func(s sample) float64 { return s.cpuOne })*1000/gib,
-			med(ss, func(s sample) float64 { return s.cpuEight })*1000/gib,
-			med(ss, func(s sample) float64 { return s.cpuConns })*1e6/float64(o.conns))
+			med(ss, func(s sample) float64 { return s.cpuEight })*1000/gib)
+		for k := range o.workers {
+			fmt.Fprintf(w, " %.0f |", med(ss, func(s sample) float64 { return s.cpuConns[k] })*1e6/float64(o.conns))
+		}
+		fmt.Fprintln(w)
 	}
 	fmt.Fprintln(w)
 	threads := "not set (HAProxy's default: one thread per CPU)"
