@@ -376,7 +376,7 @@ func TestZeroCopyStrace(t *testing.T) {
 
 // TestMemoryPerIdleConnection measures what an idle proxied connection
 // costs the proxy alone (the helper): file descriptors (no pipe while
-// idle), goroutines, and Go memory.
+// idle), goroutines (none), and Go memory.
 func TestMemoryPerIdleConnection(t *testing.T) {
 	be := listenServe(t, "127.0.0.1:0", namedEcho("be"))
 	h := startHelper(t, be.addr)
@@ -398,8 +398,13 @@ func TestMemoryPerIdleConnection(t *testing.T) {
 	if fds > 2.05 {
 		t.Fatalf("%.2f descriptors per idle connection, want 2 (its sockets, no pipe)", fds)
 	}
-	if heap+stack > 48<<10 {
-		t.Fatalf("%.1f KiB of Go memory per idle connection", (heap+stack)/1024)
+	// The event loops hold a connection as a small struct: no goroutine,
+	// no stack, no buffer.
+	if gs > 0.05 {
+		t.Fatalf("%.2f goroutines per idle connection, want none", gs)
+	}
+	if heap+stack > 4<<10 {
+		t.Fatalf("%.1f KiB of Go memory per idle connection, want under 4", (heap+stack)/1024)
 	}
 	h.stop(t)
 }
