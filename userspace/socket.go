@@ -116,16 +116,7 @@ func (p *Proxy) listenOptions(fd int, v6, reusePort bool) error {
 	if err := freebind(fd, v6); err != nil {
 		return err
 	}
-	if err := p.setBuffers(fd); err != nil {
-		return err
-	}
-	if err := setKeepAlive(fd, p.opts.KeepAlive); err != nil {
-		return err
-	}
-	if err := setsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
-		return fmt.Errorf("set TCP_NODELAY: %w", err)
-	}
-	return nil
+	return p.connOptions(fd)
 }
 
 // freebind lets fd bind an address that is not (yet) local.
@@ -217,7 +208,7 @@ func (p *Proxy) dial(b netip.AddrPort) (fd int, d *dialing, err error) {
 	}); err != nil {
 		return -1, nil, err
 	}
-	if err := p.dialOptions(fd); err != nil {
+	if err := p.connOptions(fd); err != nil {
 		closeFD(fd)
 		return -1, nil, err
 	}
@@ -239,9 +230,10 @@ func (p *Proxy) dial(b netip.AddrPort) (fd int, d *dialing, err error) {
 	return -1, nil, os.NewSyscallError("connect", cerr)
 }
 
-// dialOptions sets the options of a socket to a backend before it
-// connects: buffers, keepalive and TCP_NODELAY (as net does).
-func (p *Proxy) dialOptions(fd int) error {
+// connOptions sets the options that both sockets of a connection have:
+// buffers, keepalive and TCP_NODELAY (as net does). A socket to a backend
+// gets them before it connects, a client's socket from its listening one.
+func (p *Proxy) connOptions(fd int) error {
 	if err := p.setBuffers(fd); err != nil {
 		return err
 	}
