@@ -371,6 +371,55 @@ func TestDrainingAndDown(t *testing.T) {
 	}
 }
 
+// TestSYNReusingDownBackendsTuple checks a new handshake on the 5-tuple of
+// a connection whose backend went down (on_down: keep), as a client that
+// reuses a port meets it: the SYN chooses again among the backends that
+// are up and the entry follows it, so that the handshake's next packets
+// reach the same backend; the old connection's other packets did keep
+// flowing to the down backend until then. A draining backend still
+// serves, and keeps a SYN on its 5-tuple.
+func TestSYNReusingDownBackendsTuple(t *testing.T) {
+	for _, tc := range []struct {
+		desc   string
+		state  uint8
+		choose bool
+	}{{"down", maps.StateDown, true}, {"draining", maps.StateDraining, false}} {
+		t.Run(tc.desc, func(t *testing.T) {
+			f, svcs := fourServices(t)
+			for _, s := range []bpftest.Service{svcs[0], svcs[2]} { // TCP over IPv4, IPv6
+				src := netip.AddrPortFrom(cli4.Addr(), 6000)
+				if s.VIP.Addr().Is6() {
+					src = netip.AddrPortFrom(cli6.Addr(), 6000)
+				}
+				b := backendFor(t, f, s, src, bpftest.ACK)
+				rest := without(s.Backends, b)
+				f.PublishRing(s.ID, s.VIP.Addr(), rest...)
+				f.SetBackend(s, b, tc.state)
+				if got := backendFor(t, f, s, src, bpftest.ACK); got != b {
+					t.Fatalf("%s: established flow left %s backend %d for %d", s.VIP, tc.desc, b, got)
+				}
+				syn := backendFor(t, f, s, src, bpftest.SYN)
+				if !tc.choose {
+					if syn != b {
+						t.Fatalf("%s: SYN on the 5-tuple of %s backend %d went to %d", s.VIP, tc.desc, b, syn)
+					}
+					continue
+				}
+				if !contains(rest, syn) {
+					t.Fatalf("%s: SYN on the 5-tuple of down backend %d went to %d, want one of %v", s.VIP, b, syn, rest)
+				}
+				fl, ok, err := f.Maps.LookupFlow(src, s.VIP, bpftest.TCP)
+				if err != nil || !ok || fl.Backend != syn {
+					t.Fatalf("%s: entry after the SYN: %+v ok=%v err=%v, want backend %d", s.VIP, fl, ok, err, syn)
+				}
+				if got := backendFor(t, f, s, src, bpftest.ACK); got != syn {
+					t.Fatalf("%s: the handshake's ACK went to %d, its SYN to %d", s.VIP, got, syn)
+				}
+			}
+		})
+	}
+}
+
 func TestRemovedBackendFlowsChooseAgain(t *testing.T) {
 	f, svcs := fourServices(t)
 	s := svcs[1]

@@ -2,7 +2,8 @@
 
 /* tether.c: the XDP entry point. Per packet, as DESIGN.md describes:
  *   1. parse; anything that is not TCP/UDP to a VIP goes to the kernel;
- *   2. a connection-table hit whose backend still exists is forwarded;
+ *   2. a connection-table hit whose backend still exists is forwarded
+ *      (but a bare SYN whose backend is down chooses again);
  *   3. a new flow takes its backend from the affinity table (source
  *      affinity, entry alive, backend active) or else from the service's
  *      Maglev ring at hash(key) % ring_size;
@@ -122,7 +123,11 @@ static __always_inline void record(const struct service *svc, const struct packe
 		bs->new_conns += 1;
 }
 
-static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt)
+/* new_flow chooses a backend for a packet without a usable connection
+ * entry. replace: a bare SYN whose entry it takes over (see tether_xdp) is
+ * recorded at once, since the handshake's next packet would otherwise
+ * find the old entry. */
+static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt, int replace)
 {
 	struct service *svc = lookup_service(pkt);
 	if (!svc)
@@ -143,7 +148,7 @@ static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt
 	struct backend *be = lookup_backend(id, svc->id);
 	if (!be)
 		return reset_tcp(ctx, pkt, R_RESET_NO_BACKEND);
-	if (!pkt->syn_only)
+	if (!pkt->syn_only || replace)
 		record(svc, pkt, &ak, id, affinity_hit, now);
 	return forward_dsr(ctx, be, id);
 }
@@ -168,6 +173,13 @@ int tether_xdp(struct xdp_md *ctx)
 				return reset_tcp(ctx, &pkt, R_RESET_DOWN);
 			be = NULL;
 		}
+		/* A new handshake on the 5-tuple of a connection whose backend is
+		 * down (on_down: keep) is a new connection, which that backend
+		 * is unlikely to take: it chooses again and the entry follows.
+		 * Only the exact 5-tuple does this, and only for a Down backend:
+		 * a Draining one still serves. */
+		if (be && be->state == BE_DOWN && pkt.syn_only)
+			return new_flow(ctx, &pkt, 1);
 		if (be) {
 			/* Written once per connection end, not per packet: the entry
 			 * stays for the last packets, but no longer counts as active. */
@@ -179,5 +191,5 @@ int tether_xdp(struct xdp_md *ctx)
 			return forward_dsr(ctx, be, id);
 		}
 	}
-	return new_flow(ctx, &pkt);
+	return new_flow(ctx, &pkt, 0);
 }
