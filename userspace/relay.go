@@ -82,7 +82,7 @@ func (pp *pipePool) close() {
 
 // spliceFlags: SPLICE_F_NONBLOCK makes a full or empty pipe return EAGAIN
 // instead of blocking the thread; the sockets are non-blocking already and
-// their readiness comes from the runtime's poller (RawConn.Read and Write).
+// their readiness comes from the loop's epoll set.
 const spliceFlags = unix.SPLICE_F_MOVE | unix.SPLICE_F_NONBLOCK
 
 // conn is one proxied connection, owned by the loop that accepted it: an
