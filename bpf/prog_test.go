@@ -371,19 +371,18 @@ func TestDrainingAndDown(t *testing.T) {
 	}
 }
 
-// TestSYNReusingDownBackendsTuple checks a new handshake on the 5-tuple of
-// a connection whose backend went down (on_down: keep), as a client that
-// reuses a port meets it: the SYN chooses again among the backends that
-// are up and the entry follows it, so that the handshake's next packets
-// reach the same backend; the old connection's other packets did keep
-// flowing to the down backend until then. A draining backend still
-// serves, and keeps a SYN on its 5-tuple.
-func TestSYNReusingDownBackendsTuple(t *testing.T) {
+// TestSYNReusingTupleOfDrainedOrDown checks a new handshake on the 5-tuple
+// of a connection whose backend takes no new connections any more
+// (draining, down, down with on_down: reset), as a client that reuses a
+// port makes it: the SYN chooses again among the active backends and the
+// entry follows it, so that the handshake's next packets reach the same
+// backend. Until then the old connection's packets went where its
+// backend's state says: on for draining and down, reset for down-reset.
+func TestSYNReusingTupleOfDrainedOrDown(t *testing.T) {
 	for _, tc := range []struct {
-		desc   string
-		state  uint8
-		choose bool
-	}{{"down", maps.StateDown, true}, {"draining", maps.StateDraining, false}} {
+		desc  string
+		state uint8
+	}{{"draining", maps.StateDraining}, {"down", maps.StateDown}, {"down-reset", maps.StateDownReset}} {
 		t.Run(tc.desc, func(t *testing.T) {
 			f, svcs := fourServices(t)
 			for _, s := range []bpftest.Service{svcs[0], svcs[2]} { // TCP over IPv4, IPv6
@@ -395,18 +394,14 @@ func TestSYNReusingDownBackendsTuple(t *testing.T) {
 				rest := without(s.Backends, b)
 				f.PublishRing(s.ID, s.VIP.Addr(), rest...)
 				f.SetBackend(s, b, tc.state)
-				if got := backendFor(t, f, s, src, bpftest.ACK); got != b {
-					t.Fatalf("%s: established flow left %s backend %d for %d", s.VIP, tc.desc, b, got)
+				if tc.state != maps.StateDownReset {
+					if got := backendFor(t, f, s, src, bpftest.ACK); got != b {
+						t.Fatalf("%s: established flow left %s backend %d for %d", s.VIP, tc.desc, b, got)
+					}
 				}
 				syn := backendFor(t, f, s, src, bpftest.SYN)
-				if !tc.choose {
-					if syn != b {
-						t.Fatalf("%s: SYN on the 5-tuple of %s backend %d went to %d", s.VIP, tc.desc, b, syn)
-					}
-					continue
-				}
 				if !contains(rest, syn) {
-					t.Fatalf("%s: SYN on the 5-tuple of down backend %d went to %d, want one of %v", s.VIP, b, syn, rest)
+					t.Fatalf("%s: SYN on the 5-tuple of %s backend %d went to %d, want one of %v", s.VIP, tc.desc, b, syn, rest)
 				}
 				fl, ok, err := f.Maps.LookupFlow(src, s.VIP, bpftest.TCP)
 				if err != nil || !ok || fl.Backend != syn {

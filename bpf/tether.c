@@ -3,7 +3,8 @@
 /* tether.c: the XDP entry point. Per packet, as DESIGN.md describes:
  *   1. parse; anything that is not TCP/UDP to a VIP goes to the kernel;
  *   2. a connection-table hit whose backend still exists is forwarded
- *      (but a bare SYN whose backend is down chooses again);
+ *      (but a bare SYN whose backend takes no new connections chooses
+ *      again);
  *   3. a new flow takes its backend from the affinity table (source
  *      affinity, entry alive, backend active) or else from the service's
  *      Maglev ring at hash(key) % ring_size;
@@ -165,21 +166,22 @@ int tether_xdp(struct xdp_md *ctx)
 	if (c) {
 		__u32 id = c->backend;
 		struct backend *be = lookup_backend(id, c->service);
+		/* A new handshake on the 5-tuple of a connection whose backend
+		 * no longer takes new connections (draining, down), as a client
+		 * that reuses a port makes it, is a new connection: it chooses
+		 * again, and its choice replaces the entry so that the rest of
+		 * the handshake follows. The old connection's other packets go
+		 * on as its backend's state says until then. */
+		if (be && pkt.syn_only && be->state != BE_ACTIVE)
+			return new_flow(ctx, &pkt, 1);
 		/* on_down: reset. A TCP connection to a down backend is reset so
-		 * that its client reconnects at once; a new handshake on the same
-		 * 5-tuple, or a UDP flow, chooses a backend again. */
+		 * that its client reconnects at once; a UDP flow chooses a
+		 * backend again. */
 		if (be && be->state == BE_DOWN_RESET) {
-			if (pkt.key.proto == IPPROTO_TCP && !pkt.syn_only)
+			if (pkt.key.proto == IPPROTO_TCP)
 				return reset_tcp(ctx, &pkt, R_RESET_DOWN);
 			be = NULL;
 		}
-		/* A new handshake on the 5-tuple of a connection whose backend is
-		 * down (on_down: keep) is a new connection, which that backend
-		 * is unlikely to take: it chooses again and the entry follows.
-		 * Only the exact 5-tuple does this, and only for a Down backend:
-		 * a Draining one still serves. */
-		if (be && be->state == BE_DOWN && pkt.syn_only)
-			return new_flow(ctx, &pkt, 1);
 		if (be) {
 			/* Written once per connection end, not per packet: the entry
 			 * stays for the last packets, but no longer counts as active. */
