@@ -78,7 +78,10 @@ func ParseTCP(frame []byte) (TCPSegment, error) {
 	}, nil
 }
 
-func sum16(b []byte, s uint32) uint32 {
+// OnesSum adds b's big-endian 16-bit words (an odd last byte padded with
+// zero) to the one's complement sum s, unfolded: the Internet checksum's
+// sum. pktgen builds its frames' checksums with it too.
+func OnesSum(b []byte, s uint32) uint32 {
 	for i := 0; i+1 < len(b); i += 2 {
 		s += uint32(binary.BigEndian.Uint16(b[i:]))
 	}
@@ -88,7 +91,9 @@ func sum16(b []byte, s uint32) uint32 {
 	return s
 }
 
-func fold(s uint32) uint16 {
+// Fold reduces a one's complement sum to 16 bits: 0xffff for data whose
+// checksum is right.
+func Fold(s uint32) uint16 {
 	for s > 0xffff {
 		s = s&0xffff + s>>16
 	}
@@ -105,7 +110,7 @@ func VerifyChecksums(frame []byte) error {
 	var pseudo []byte
 	var l4 int
 	if v4 {
-		if fold(sum16(frame[l3:l3+20], 0)) != 0xffff {
+		if Fold(OnesSum(frame[l3:l3+20], 0)) != 0xffff {
 			return fmt.Errorf("bad IPv4 header checksum")
 		}
 		l4 = l3 + 20
@@ -120,7 +125,7 @@ func VerifyChecksums(frame []byte) error {
 	} else {
 		binary.BigEndian.PutUint32(pseudo[32:], uint32(len(seg)))
 	}
-	if fold(sum16(seg, sum16(pseudo, 0))) != 0xffff {
+	if Fold(OnesSum(seg, OnesSum(pseudo, 0))) != 0xffff {
 		return fmt.Errorf("bad TCP checksum")
 	}
 	return nil

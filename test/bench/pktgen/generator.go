@@ -12,6 +12,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"golang.org/x/sys/unix"
+
+	"github.com/tetherlb/tether/bpf/bpftest"
 )
 
 // xdpMD is struct xdp_md, the context BPF_PROG_TEST_RUN takes for XDP. The
@@ -240,7 +242,7 @@ func (g *Generator) prepare(frame []byte, count uint32) error {
 		return fmt.Errorf("generator: %d ports from %d run past 65535", g.ports, port)
 	}
 	hdr := frame[offIPv4:offUDP]
-	sum := onesSum(hdr) - uint32(binary.BigEndian.Uint16(hdr[10:])) -
+	sum := bpftest.OnesSum(hdr, 0) - uint32(binary.BigEndian.Uint16(hdr[10:])) -
 		uint32(binary.BigEndian.Uint16(hdr[12:])) - uint32(binary.BigEndian.Uint16(hdr[14:]))
 	st := genState{Limit: uint64(count), Addr: uint64(addr), Port: uint64(port), Sum: uint64(sum)}
 	copy(st.Template[:], frame[:hdrLen])

@@ -32,6 +32,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/tetherlb/tether/bpf/bpftest"
 )
 
 // Frame layout of UDPFrame (IPv4 header without options).
@@ -101,29 +103,11 @@ func UDPFrame(srcMAC, dstMAC net.HardwareAddr, src, dst netip.AddrPort, size int
 	return b
 }
 
-// onesSum is the 16-bit one's complement sum (unfolded) of b's big-endian
-// 16-bit words; b has an even length.
-func onesSum(b []byte) uint32 {
-	var sum uint32
-	for i := 0; i+1 < len(b); i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(b[i:]))
-	}
-	return sum
-}
-
-// fold reduces a one's complement sum to 16 bits.
-func fold(sum uint32) uint16 {
-	for sum > 0xffff {
-		sum = sum&0xffff + sum>>16
-	}
-	return uint16(sum)
-}
-
 // ipv4Checksum is the checksum of header hdr with its checksum field
 // (bytes 10 and 11) taken as zero.
 func ipv4Checksum(hdr []byte) uint16 {
-	sum := onesSum(hdr) - uint32(binary.BigEndian.Uint16(hdr[10:]))
-	return ^fold(sum)
+	sum := bpftest.OnesSum(hdr, 0) - uint32(binary.BigEndian.Uint16(hdr[10:]))
+	return ^bpftest.Fold(sum)
 }
 
 // EnableRunStats turns on the kernel's BPF run-time statistics (run_time_ns

@@ -15,6 +15,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/vishvananda/netlink"
 
+	"github.com/tetherlb/tether/bpf/bpftest"
 	"github.com/tetherlb/tether/lab"
 )
 
@@ -31,7 +32,7 @@ const testDport = 9999
 // sums to 0xffff, checksum included.
 func checkIPv4Checksum(t *testing.T, frame []byte) {
 	t.Helper()
-	if got := fold(onesSum(frame[offIPv4:offUDP])); got != 0xffff {
+	if got := bpftest.Fold(bpftest.OnesSum(frame[offIPv4:offUDP], 0)); got != 0xffff {
 		t.Errorf("IPv4 header sums to %#04x, want 0xffff (checksum %#04x)", got, binary.BigEndian.Uint16(frame[offIPCsum:]))
 	}
 }
