@@ -379,7 +379,7 @@ func (lp *loop) dispatch(s *service, fd int, client netip.AddrPort) {
 
 // register enters c's sockets in the loop's table and epoll set.
 func (lp *loop) register(c *conn) error {
-	for _, fd := range [2]int{int(c.client), int(c.backend)} {
+	for _, fd := range [2]int{c.sides[0].fd, c.sides[1].fd} {
 		if fd >= len(lp.conns) {
 			n := max(2*len(lp.conns), fd+1, 64)
 			lp.conns = append(lp.conns, make([]*conn, n-len(lp.conns))...)
@@ -397,7 +397,7 @@ func (lp *loop) register(c *conn) error {
 // unregister takes c's sockets out of the loop's table; closing them
 // takes them out of the epoll set.
 func (lp *loop) unregister(c *conn) {
-	for _, fd := range [2]int{int(c.client), int(c.backend)} {
+	for _, fd := range [2]int{c.sides[0].fd, c.sides[1].fd} {
 		if fd < len(lp.conns) && lp.conns[fd] == c {
 			lp.conns[fd] = nil
 		}
@@ -499,15 +499,3 @@ func resetFD(fd int) {
 	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_LINGER, uintptr(unsafe.Pointer(&l)), unsafe.Sizeof(l), 0)
 	closeFD(fd)
 }
-
-// fdConn is a socket of a proxied connection as a syscall.Conn, for
-// inspection (tests read its options).
-type fdConn int
-
-func (f fdConn) SyscallConn() (syscall.RawConn, error) { return rawFD(f), nil }
-
-type rawFD int
-
-func (r rawFD) Control(fn func(fd uintptr)) error { fn(uintptr(r)); return nil }
-func (r rawFD) Read(func(fd uintptr) bool) error  { return syscall.EOPNOTSUPP }
-func (r rawFD) Write(func(fd uintptr) bool) error { return syscall.EOPNOTSUPP }

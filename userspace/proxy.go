@@ -467,35 +467,26 @@ func (l *listener) close() {
 func (lp *loop) serve(s *service, cfd int, client netip.AddrPort) {
 	p := lp.p
 	if n := p.active.Add(1); p.opts.MaxConns > 0 && n > int64(p.opts.MaxConns) {
-		lp.load.Add(-1)
-		p.active.Add(-1)
-		p.reasons[rConnLimit].Add(1)
-		resetFD(cfd)
+		lp.refuse(cfd, rConnLimit)
 		return
 	}
 	vip := netip.AddrPortFrom(s.VIP, s.Port)
 	now := p.now()
 	b, hit := p.choose(s, client, now)
 	if b == nil {
-		lp.load.Add(-1)
-		p.active.Add(-1)
-		p.reasons[rNoBackend].Add(1)
-		resetFD(cfd)
+		lp.refuse(cfd, rNoBackend)
 		return
 	}
 	p.record(s, client, b, hit, now)
 	baddr := netip.AddrPortFrom(b.Addr, b.Port)
 	bfd, dialing, err := p.dial(baddr)
 	if err != nil {
-		lp.load.Add(-1)
-		p.active.Add(-1)
-		p.reasons[rDialFailed].Add(1)
 		p.log.Debug("backend failed; client reset", "service", s.Name, "client", client, "backend", baddr, "err", err)
-		resetFD(cfd)
+		lp.refuse(cfd, rDialFailed)
 		return
 	}
 	c := &conn{
-		p: p, loop: lp, client: fdConn(cfd), backend: fdConn(bfd),
+		p: p, loop: lp,
 		key: connKey{client, vip}, service: s.ID, be: b,
 		sides:       [2]side{{fd: cfd, w: true}, {fd: bfd, w: dialing == nil}},
 		dialing:     dialing,
@@ -522,6 +513,14 @@ func (lp *loop) serve(s *service, cfd int, client netip.AddrPort) {
 		heap.Push(&lp.timers, timer{when: lp.now + int64(c.idleTimeout), c: c})
 	}
 	c.progress()
+}
+
+// refuse resets a client that serve counted but cannot proxy, for reason r.
+func (lp *loop) refuse(cfd int, r int) {
+	lp.load.Add(-1)
+	lp.p.active.Add(-1)
+	lp.p.reasons[r].Add(1)
+	resetFD(cfd)
 }
 
 // add enters c in the connection table, unless the proxy is closed.

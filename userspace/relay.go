@@ -90,8 +90,6 @@ const spliceFlags = unix.SPLICE_F_MOVE | unix.SPLICE_F_NONBLOCK
 type conn struct {
 	p       *Proxy
 	loop    *loop
-	client  fdConn
-	backend fdConn
 	key     connKey
 	service uint32
 	be      *backend
@@ -99,7 +97,7 @@ type conn struct {
 	closing atomic.Bool // a side ended: the flow no longer counts as active
 
 	// Owned by the loop.
-	sides       [2]side // client, backend
+	sides       [2]side // client, backend: the connection's two sockets
 	dirs        [2]dir  // client to backend, backend to client
 	ended       int     // directions whose source's stream ended
 	dialing     *dialing
@@ -353,11 +351,11 @@ func (c *conn) finish(rst bool) {
 	}
 	c.loop.unregister(c)
 	if rst {
-		resetFD(int(c.client))
-		resetFD(int(c.backend))
+		resetFD(c.sides[0].fd)
+		resetFD(c.sides[1].fd)
 	} else {
-		closeFD(int(c.client))
-		closeFD(int(c.backend))
+		closeFD(c.sides[0].fd)
+		closeFD(c.sides[1].fd)
 	}
 	c.p.remove(c)
 	c.p.active.Add(-1)
