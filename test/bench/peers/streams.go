@@ -67,9 +67,10 @@ func (e *Env) wsURL(p Peer) string {
 
 // connRate opens n WebSocket connections over workers workers, each from
 // the next client address: handshake, one echo, close. It returns
-// connections per second and the number that failed.
+// connections per second (those that succeeded) and the number that
+// failed.
 func connRate(e *Env, p Peer, aff *affinity, n, workers int) (rate float64, failed int) {
-	var next, bad atomic.Int64
+	var next, ok, bad atomic.Int64
 	url := e.wsURL(p)
 	addrs := e.Lab.ClientAddrs4
 	deadline := time.Now().Add(opLimit)
@@ -95,14 +96,15 @@ func connRate(e *Env, p Peer, aff *affinity, n, workers int) (rate float64, fail
 					if bad.Add(1) == 1 {
 						logf("%s: connection %d: %v", p.Name, k, err)
 					}
+					continue
 				}
+				ok.Add(1)
 			}
 		})
 	}
 	wg.Wait()
 	el := time.Since(start)
-	done := min(int(next.Load()), n)
-	return float64(done) / el.Seconds(), int(bad.Load())
+	return float64(ok.Load()) / el.Seconds(), int(bad.Load())
 }
 
 // holdEcho opens hold WebSocket connections and keeps them open for secs
@@ -152,6 +154,13 @@ func holdEcho(e *Env, p Peer, aff *affinity, hold, secs int) (rtts []time.Durati
 		wg.Go(func() {
 			defer c.Close()
 			var mine []time.Duration
+			// A failed echo ends the connection's series, not the
+			// round trips it measured before.
+			defer func() {
+				mu.Lock()
+				rtts = append(rtts, mine...)
+				mu.Unlock()
+			}()
 			for i := range secs {
 				time.Sleep(time.Until(start.Add(offset + time.Duration(i)*period)))
 				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -165,9 +174,6 @@ func holdEcho(e *Env, p Peer, aff *affinity, hold, secs int) (rtts []time.Durati
 				}
 				mine = append(mine, rtt)
 			}
-			mu.Lock()
-			rtts = append(rtts, mine...)
-			mu.Unlock()
 		})
 	}
 	wg.Wait()
