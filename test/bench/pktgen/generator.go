@@ -214,9 +214,9 @@ func generatorInsns(stateFD, sources, ports int) asm.Instructions {
 		asm.HostTo(asm.BE, asm.R5, asm.Half),
 		asm.StoreMem(asm.R2, offIPCsum, asm.R5, asm.Half),
 		// Out of the interface the frame "arrived" on.
-		asm.Mov.Imm(asm.R0, xdpTX),
+		asm.Mov.Imm(asm.R0, bpftest.XDPTx),
 		asm.Return(),
-		asm.Mov.Imm(asm.R0, xdpDrop).WithSymbol("drop"),
+		asm.Mov.Imm(asm.R0, bpftest.XDPDrop).WithSymbol("drop"),
 		asm.Return(),
 	}
 }

@@ -79,27 +79,15 @@ func UDPFrame(srcMAC, dstMAC net.HardwareAddr, src, dst netip.AddrPort, size int
 	if size > maxFrame {
 		panic(fmt.Sprintf("pktgen.UDPFrame: size %d above %d", size, maxFrame))
 	}
-	b := make([]byte, size)
-	copy(b[0:6], dstMAC)
-	copy(b[6:12], srcMAC)
-	binary.BigEndian.PutUint16(b[offEtherType:], etherTypeIPv4)
-
+	// bpftest's frames have the same header fields; the IPv4 checksum,
+	// which its tests never need, is pktgen's to write.
+	b := bpftest.Frame{
+		SrcMAC: srcMAC, DstMAC: dstMAC,
+		Src: netip.AddrPortFrom(s, src.Port()), Dst: netip.AddrPortFrom(d, dst.Port()),
+		Proto: bpftest.UDP, Payload: make([]byte, size-hdrLen),
+	}.Bytes()
 	ip := b[offIPv4:offUDP]
-	ip[0] = 0x45                                            // version 4, IHL 5
-	binary.BigEndian.PutUint16(ip[2:], uint16(size-ethLen)) // total length
-	binary.BigEndian.PutUint16(ip[6:], 0x4000)              // DF, offset 0
-	ip[8] = 64                                              // TTL
-	ip[9] = protoUDP                                        // protocol
-	s4, d4 := s.As4(), d.As4()
-	copy(ip[12:16], s4[:])
-	copy(ip[16:20], d4[:])
 	binary.BigEndian.PutUint16(ip[10:], ipv4Checksum(ip))
-
-	udp := b[offUDP:]
-	binary.BigEndian.PutUint16(udp[0:], src.Port())
-	binary.BigEndian.PutUint16(udp[2:], dst.Port())
-	binary.BigEndian.PutUint16(udp[4:], uint16(size-offUDP)) // UDP length
-	// udp[6:8], the checksum, stays 0: none.
 	return b
 }
 

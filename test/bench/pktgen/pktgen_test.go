@@ -100,12 +100,12 @@ func TestGeneratorSequence(t *testing.T) {
 			t.Fatalf("frame %d: %v", k, err)
 		}
 		if k >= count {
-			if ret != xdpDrop {
+			if ret != bpftest.XDPDrop {
 				t.Errorf("frame %d past the limit %d: verdict %d, want XDP_DROP", k, count, ret)
 			}
 			continue
 		}
-		if ret != xdpTX {
+		if ret != bpftest.XDPTx {
 			t.Fatalf("frame %d: verdict %d, want XDP_TX", k, ret)
 		}
 		got := make([]byte, len(frame))
@@ -345,9 +345,9 @@ func attachRecorder(ifindex int, dport uint16) (*ebpf.Map, io.Closer, error) {
 		asm.Add.Imm(asm.R3, -16),
 		asm.Mov.Imm(asm.R4, 0), // BPF_ANY
 		asm.FnMapUpdateElem.Call(),
-		asm.Mov.Imm(asm.R0, xdpDrop).WithSymbol("drop"),
+		asm.Mov.Imm(asm.R0, bpftest.XDPDrop).WithSymbol("drop"),
 		asm.Return(),
-		asm.Mov.Imm(asm.R0, xdpPass).WithSymbol("pass"),
+		asm.Mov.Imm(asm.R0, bpftest.XDPPass).WithSymbol("pass"),
 		asm.Return(),
 	)
 	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{

@@ -11,14 +11,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
-)
 
-// XDP verdicts (enum xdp_action).
-const (
-	xdpAborted = 0
-	xdpDrop    = 1
-	xdpPass    = 2
-	xdpTX      = 3
+	"github.com/tetherlb/tether/bpf/bpftest"
 )
 
 // Offsets of struct xdp_md, the context of XDP programs.
@@ -134,9 +128,9 @@ func AttachCounter(ifindex int, dport uint16) (c *Counter, err error) {
 		asm.Add.Imm(asm.R1, 1),
 		asm.StoreMem(asm.R0, 0, asm.R1, asm.DWord),
 		// Counted frames go no further.
-		asm.Mov.Imm(asm.R0, xdpDrop).WithSymbol("drop"),
+		asm.Mov.Imm(asm.R0, bpftest.XDPDrop).WithSymbol("drop"),
 		asm.Return(),
-		asm.Mov.Imm(asm.R0, xdpPass).WithSymbol("pass"),
+		asm.Mov.Imm(asm.R0, bpftest.XDPPass).WithSymbol("pass"),
 		asm.Return(),
 	)
 	c.prog, err = ebpf.NewProgram(&ebpf.ProgramSpec{
@@ -211,9 +205,9 @@ func attachForwarder(ifindex int, match asm.Instructions, src, dst net.HardwareA
 	insns = append(insns, macStores(6, src)...) // source MAC
 	insns = append(insns,
 		// Back out of the interface it came in on.
-		asm.Mov.Imm(asm.R0, xdpTX),
+		asm.Mov.Imm(asm.R0, bpftest.XDPTx),
 		asm.Return(),
-		asm.Mov.Imm(asm.R0, xdpPass).WithSymbol("pass"),
+		asm.Mov.Imm(asm.R0, bpftest.XDPPass).WithSymbol("pass"),
 		asm.Return(),
 	)
 	f = &Forwarder{}
