@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -153,27 +154,13 @@ func (e *Env) WaitServing(p *lab.Proc, what string) error {
 // a peer returns.
 func undo(fs ...func() error) func() error {
 	return func() error {
-		var errs []string
+		var errs []error
 		for i := len(fs) - 1; i >= 0; i-- {
-			if fs[i] == nil {
-				continue
-			}
-			if err := fs[i](); err != nil {
-				errs = append(errs, err.Error())
+			if fs[i] != nil {
+				errs = append(errs, fs[i]())
 			}
 		}
-		if len(errs) > 0 {
-			return fmt.Errorf("%s", strings.Join(errs, "; "))
-		}
-		return nil
-	}
-}
-
-// stopProc stops p by its PID (SIGTERM, then SIGKILL after a grace time).
-func stopProc(p *lab.Proc) func() error {
-	return func() error {
-		p.Stop()
-		return nil
+		return errors.Join(errs...)
 	}
 }
 

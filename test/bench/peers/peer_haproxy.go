@@ -50,7 +50,7 @@ func startProxy(e *Env, what, name string, args ...string) (func() error, error)
 	if err != nil {
 		return nil, joinErr(err, delRoute())
 	}
-	stop := undo(delRoute, stopProc(p))
+	stop := undo(delRoute, p.Stop)
 	if err := e.WaitServing(p, what); err != nil {
 		return nil, joinErr(err, stop())
 	}

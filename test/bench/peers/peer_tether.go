@@ -60,7 +60,7 @@ func startTether(e *Env, datapath string) (func() error, error) {
 		// restarts without dropping connections); detach it for the
 		// next peer.
 		func() error { return e.Run(e.Lab.Balancer, e.Tether, "detach", "--pin-dir", e.Pins) },
-		stopProc(p),
+		p.Stop,
 	)
 	if err := e.WaitServing(p, "tether"); err != nil {
 		return nil, joinErr(err, stop())
