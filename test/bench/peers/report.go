@@ -27,7 +27,7 @@ func statOf(ss []sample, ok func(sample) bool, f func(sample) float64) stat {
 	if len(xs) == 0 {
 		return stat{}
 	}
-	return stat{progcost.Median(xs), slices.Min(xs), slices.Max(xs)}
+	return stat{benchrun.Median(xs), slices.Min(xs), slices.Max(xs)}
 }
 
 func wireOK(s sample) bool    { return s.hasWire }

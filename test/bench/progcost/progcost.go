@@ -8,13 +8,13 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"sort"
 
 	"github.com/cilium/ebpf"
 
 	"github.com/tetherlb/tether/bpf/bpftest"
 	"github.com/tetherlb/tether/loader"
 	"github.com/tetherlb/tether/maglev"
+	"github.com/tetherlb/tether/test/bench/benchrun"
 )
 
 // Path names of the measured paths, as reports print them.
@@ -34,7 +34,7 @@ type Result struct {
 }
 
 // Median is the median of the samples.
-func (r Result) Median() float64 { return Median(r.Samples) }
+func (r Result) Median() float64 { return benchrun.Median(r.Samples) }
 
 // Min and Max bound the samples.
 func (r Result) Min() float64 { return slices.Min(r.Samples) }
@@ -135,17 +135,4 @@ func Find(results []Result, name string) Result {
 		}
 	}
 	return Result{Name: name, Samples: []float64{0}}
-}
-
-// Median returns the median of xs (0 for none).
-func Median(xs []float64) float64 {
-	if len(xs) == 0 {
-		return 0
-	}
-	s := slices.Clone(xs)
-	sort.Float64s(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }

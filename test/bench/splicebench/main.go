@@ -41,7 +41,6 @@ import (
 
 	"github.com/tetherlb/tether/lab"
 	"github.com/tetherlb/tether/test/bench/benchrun"
-	"github.com/tetherlb/tether/test/bench/progcost"
 )
 
 const (
@@ -199,7 +198,7 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 		for _, s := range ss {
 			xs = append(xs, f(s))
 		}
-		return progcost.Median(xs)
+		return benchrun.Median(xs)
 	}
 	rng := func(ss []sample, f func(sample) float64) string {
 		var xs []float64

@@ -188,7 +188,7 @@ func maglevBuild(w io.Writer) {
 			}
 			ds = append(ds, float64(time.Since(start).Microseconds()))
 		}
-		fmt.Fprintf(w, "| %d | %d | %.2f ms |\n", maglev.DefaultSize, n, progcost.Median(ds)/1000)
+		fmt.Fprintf(w, "| %d | %d | %.2f ms |\n", maglev.DefaultSize, n, benchrun.Median(ds)/1000)
 	}
 	fmt.Fprintln(w)
 }
