@@ -12,10 +12,13 @@
 //
 // through tether (`tether run` with `datapath: splice`), through HAProxy,
 // and directly from the client to the backends, the reference. Runs are
-// interleaved: each round measures direct, tether and HAProxy in turn,
-// starting and stopping each balancer, so that drift of the machine falls
-// on all three alike. It also reports the CPU time each balancer process
-// used per GiB and per 1,000 connections.
+// interleaved: each round measures direct, then tether and HAProxy,
+// alternating which of the two goes first, starting and stopping each
+// balancer, so that drift of the machine falls on all three alike. It also
+// reports the CPU time each balancer process used per GiB and per
+// connection, and for the connection rate where the machine's CPU went:
+// the balancer, this program (the clients and the backends), the rest, and
+// how long the CPUs sat idle.
 //
 // It needs root, `ip` and haproxy. `make bench` runs it.
 package main
@@ -78,6 +81,10 @@ type sample struct {
 	cps              []float64 // by o.workers
 	cpuOne, cpuEight float64   // balancer CPU seconds
 	cpuConns         []float64 // by o.workers
+	// During each connection-rate measurement: CPU seconds of this
+	// program (the clients and the backends), of the whole machine, and
+	// the machine's idle share.
+	genConns, busyConns, idleConns []float64
 }
 
 func main() {
@@ -162,7 +169,15 @@ func main() {
 	}
 	samples := make([][]sample, len(bals))
 	for r := 0; r < o.runs; r++ {
-		for i, b := range bals {
+		// Direct first, then the two balancers, taking turns to go
+		// first: each inherits what the one before left (TIME_WAIT
+		// sockets, caches), and neither should always follow the other.
+		order := []int{0, 1, 2}
+		if r%2 == 1 {
+			order = []int{0, 2, 1}
+		}
+		for _, i := range order {
+			b := bals[i]
 			target := func(k int) netip.AddrPort { return vip }
 			stop, pid := func() {}, 0
 			if b.start == nil {
@@ -178,9 +193,13 @@ func main() {
 			c2 := cpuSeconds(pid)
 			s.cpuOne, s.cpuEight = c1-c0, c2-c1
 			for _, n := range o.workers {
+				g0, m0 := cpuSeconds(os.Getpid()), machineTimes()
 				s.cps = append(s.cps, connRate(l, target, o.conns, n))
-				c3 := cpuSeconds(pid)
+				g1, m1, c3 := cpuSeconds(os.Getpid()), machineTimes(), cpuSeconds(pid)
 				s.cpuConns = append(s.cpuConns, c3-c2)
+				s.genConns = append(s.genConns, g1-g0)
+				s.busyConns = append(s.busyConns, m1.busy-m0.busy)
+				s.idleConns = append(s.idleConns, (m1.idle-m0.idle)/(m1.busy-m0.busy+m1.idle-m0.idle))
 				c2 = c3
 			}
 			stop()
@@ -222,7 +241,7 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 	}
 
 	fmt.Fprintf(w, "# tether splice datapath against HAProxy (%s, %s, %d CPUs)\n\n", time.Now().UTC().Format("2006-01-02"), benchrun.Kernel(), cpus())
-	fmt.Fprintf(w, "One lab (client, balancer, %d backends on one bridge), one run, %d interleaved rounds (direct, tether, HAProxy in turn); medians, min–max in parentheses.\n", len(l.Backends), o.runs)
+	fmt.Fprintf(w, "One lab (client, balancer, %d backends on one bridge), one run, %d interleaved rounds (direct, then tether and HAProxy, taking turns to go first); medians, min–max in parentheses.\n", len(l.Backends), o.runs)
 	fmt.Fprintf(w, "Throughput: the client sends %d MiB in all (1 stream, or 8 streams of %d MiB from 8 source addresses), the backend discards it and acknowledges the end; MiB/s = bytes / elapsed.\n", o.mib, o.mib/8)
 	fmt.Fprintf(w, "Connection rate: %d connections, each connect, write 1 byte, read its echo, close, by N concurrent workers: with few, each connection's latency through the balancer bounds the rate; with many, the CPUs are busy and the work per connection does.\n", o.conns)
 	fmt.Fprintln(w, "The last row is tether's median over HAProxy's, and in parentheses the lowest and highest ratio of a single round.")
@@ -268,6 +287,24 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 			fmt.Fprintf(w, " %.0f |", med(ss, func(s sample) float64 { return s.cpuConns[k] })*1e6/float64(o.conns))
 		}
 		fmt.Fprintln(w)
+	}
+	fmt.Fprintln(w)
+
+	fmt.Fprintf(w, "Where the machine's CPU time went during the connection rates (µs per connection, medians of the rounds). \"rest\" is the kernel's work in other contexts, such as softirq threads, and other processes; /proc counts in ticks of 10 ms, so each figure is within about %.0f µs. With few workers the rate is bound by latency: the CPUs sit idle while every connection waits for a wake-up somewhere.\n", 2*10e3/float64(o.conns))
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| balancer | workers | balancer process | clients and backends (this program) | rest | whole machine | CPUs idle |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|")
+	for i, b := range bals {
+		for k, n := range o.workers {
+			// Medians of per-round figures, in µs per connection.
+			us := func(f func(sample) float64) float64 { return med(samples[i], f) * 1e6 / float64(o.conns) }
+			bal := func(s sample) float64 { return s.cpuConns[k] }
+			gen := func(s sample) float64 { return s.genConns[k] }
+			all := func(s sample) float64 { return s.busyConns[k] }
+			rest := func(s sample) float64 { return all(s) - bal(s) - gen(s) }
+			idle := med(samples[i], func(s sample) float64 { return s.idleConns[k] })
+			fmt.Fprintf(w, "| %s | %d | %.0f | %.0f | %.0f | %.0f | %.0f%% |\n", b.name, n, us(bal), us(gen), us(rest), us(all), 100*idle)
+		}
 	}
 	fmt.Fprintln(w)
 	threads := "not set (HAProxy's default: one thread per CPU)"
@@ -596,3 +633,31 @@ func haproxyVersion() string {
 }
 
 func cpus() int { return runtime.NumCPU() }
+
+// machineTimes is the CPU time the machine spent busy and idle since boot,
+// over all CPUs, in seconds (the first line of /proc/stat).
+func machineTimes() (t struct{ busy, idle float64 }) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		fail(err.Error())
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	// cpu user nice system idle iowait irq softirq steal (guest time is
+	// counted in user and nice already).
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		fail(fmt.Sprintf("/proc/stat: unexpected first line %q", line))
+	}
+	for k, x := range f[1:9] {
+		v, err := strconv.ParseFloat(x, 64)
+		if err != nil {
+			fail(fmt.Sprintf("/proc/stat: %q: %v", line, err))
+		}
+		if k == 3 || k == 4 {
+			t.idle += v / 100 // USER_HZ
+		} else {
+			t.busy += v / 100
+		}
+	}
+	return t
+}
