@@ -30,6 +30,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -303,7 +304,8 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 			all := func(s sample) float64 { return s.busyConns[k] }
 			rest := func(s sample) float64 { return all(s) - bal(s) - gen(s) }
 			idle := med(samples[i], func(s sample) float64 { return s.idleConns[k] })
-			fmt.Fprintf(w, "| %s | %d | %.0f | %.0f | %.0f | %.0f | %.0f%% |\n", b.name, n, us(bal), us(gen), us(rest), us(all), 100*idle)
+			// rest is a difference of tick counts: -0.4 is 0.
+			fmt.Fprintf(w, "| %s | %d | %.0f | %.0f | %.0f | %.0f | %.0f%% |\n", b.name, n, us(bal), us(gen), math.Round(us(rest))+0, us(all), 100*idle)
 		}
 	}
 	fmt.Fprintln(w)
