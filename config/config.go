@@ -143,6 +143,12 @@ const (
 	limitMaxBackends   = 1<<16 - 1 // rings hold 16-bit backend ids
 )
 
+// Bounds of the splice settings.
+const (
+	maxSpliceLoops       = 1024
+	maxSpliceConnections = 1 << 24
+)
+
 // Config is a whole tether configuration, as read from its YAML file.
 // A Config returned by Parse or Load has its defaults applied and is valid.
 type Config struct {
@@ -157,6 +163,9 @@ type Config struct {
 	HashSeed uint32
 	// Tables sizes the BPF maps.
 	Tables Tables
+	// Splice tunes the userspace proxy (datapath splice, or auto's
+	// fallback to it).
+	Splice Splice
 	// Services are the load-balanced services, in file order.
 	Services []Service
 }
@@ -175,6 +184,19 @@ type Tables struct {
 	MaxServices uint32
 	// MaxBackends is the number of backends the maps hold, over all services.
 	MaxBackends uint32
+}
+
+// Splice tunes the userspace proxy. Its settings take effect at start.
+type Splice struct {
+	// Loops is the number of event loops, each with its own epoll set and
+	// listening sockets; 0 (the default) runs one per CPU (GOMAXPROCS), as
+	// HAProxy runs a thread per CPU.
+	Loops int
+	// MaxConnections caps the connections proxied at once, over all
+	// services: a client beyond it is reset and counted
+	// (reset_conn_limit). 0 (the default) sets no cap but the process's
+	// file descriptor limit (two per connection).
+	MaxConnections int
 }
 
 // Service is one virtual service: a VIP, port and protocol balanced over a

@@ -26,6 +26,9 @@ tables:
   ring_size: 65537
   max_services: 1024
   max_backends: 4096
+splice:
+  loops: 0
+  max_connections: 0
 services:
   - name: chat
     vip: 203.0.113.10
@@ -320,6 +323,12 @@ var badCases = []struct {
 	{"unknown service field", strings.Replace(minimal, "vip:", "vipp:", 1), "services[0].vipp", `unknown field (did you mean "vip"?)`},
 	{"unknown backend field", minimal + "        wieght: 2\n", "services[0].backends[0].wieght", `unknown field (did you mean "weight"?)`},
 	{"unknown tables field", "interfaces: [eth0]\ntables: {conections: 2048}\n", "tables.conections", `did you mean "connections"?`},
+	{"unknown splice field", "datapath: splice\nsplice: {loop: 2}\n", "splice.loop", `did you mean "loops"?`},
+	{"splice as a list", "datapath: splice\nsplice: [2]\n", "splice", "want splice"},
+	{"negative loops", "datapath: splice\nsplice: {loops: -1}\n", "splice.loops", "-1 is out of range 0..1024"},
+	{"too many loops", "datapath: splice\nsplice: {loops: 1025}\n", "splice.loops", "1025 is out of range 0..1024"},
+	{"loops as a string", "datapath: splice\nsplice: {loops: many}\n", "splice.loops", `"many" is not a number`},
+	{"max_connections too large", "datapath: splice\nsplice: {max_connections: 16777217}\n", "splice.max_connections", "out of range 0..16777216"},
 	{"repeated field", strings.Replace(minimal, "port: 8765", "port: 8765\n    port: 8766", 1), "services[0].port", "repeated; first given at line"},
 	{"merge key", "interfaces: [eth0]\nservices:\n  - <<: {name: a}\n", "services[0].<<", "merge keys are not supported"},
 
@@ -725,6 +734,8 @@ services:
     health: {type: none}
     on_down: keep
 `)},
+		{"splice block", mustParse(t, "datapath: splice\nsplice: {loops: 3, max_connections: 100000}\n")},
+		{"splice loops only", mustParse(t, "datapath: auto\ninterfaces: [eth0]\nsplice: {loops: 1}\n")},
 		{"splice settings", mustParse(t, `
 datapath: splice
 services:
@@ -862,6 +873,17 @@ func TestValidate(t *testing.T) {
 		t.Errorf("Validate = %v, want the weight named too", err)
 	}
 
+	// The splice settings as code could set them.
+	c = Default()
+	c.Datapath = DatapathSplice
+	c.Splice = Splice{Loops: -2, MaxConnections: 1 << 25}
+	err = c.Validate()
+	for _, want := range []string{"splice.loops: -2 is out of range 0..1024", "splice.max_connections: 33554432 is out of range 0..16777216"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Validate(bad splice settings) = %v, want %q", err, want)
+		}
+	}
+
 	var nilConfig *Config
 	if nilConfig.Validate() == nil {
 		t.Error("Validate(nil) = nil")
@@ -903,7 +925,7 @@ func TestLoad(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = Load(bad)
-	if want := "config: " + bad + ": line 13: services[0].vipp: unknown field"; err == nil || !strings.HasPrefix(err.Error(), want) {
+	if want := "config: " + bad + ": line 16: services[0].vipp: unknown field"; err == nil || !strings.HasPrefix(err.Error(), want) {
 		t.Errorf("Load(bad) = %v, want it to start with %q", err, want)
 	}
 }

@@ -54,8 +54,9 @@ func Parse(data []byte) (*Config, error) {
 
 // Field names of each mapping, in the order Marshal writes them.
 var (
-	topFields     = []string{"interfaces", "datapath", "hash_seed", "tables", "services"}
+	topFields     = []string{"interfaces", "datapath", "hash_seed", "tables", "splice", "services"}
 	tablesFields  = []string{"connections", "affinity", "ring_size", "max_services", "max_backends"}
+	spliceFields  = []string{"loops", "max_connections"}
 	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "health", "on_down", "idle_timeout", "proxy_protocol", "backends"}
 	healthFields  = []string{"type", "path", "host", "expect_status", "send", "interval", "timeout", "rise", "fall"}
 	backendFields = []string{"address", "port", "weight", "state"}
@@ -234,6 +235,15 @@ func (d *decoder) config(n *yaml.Node) *Config {
 			c.HashSeed = uint32(d.integer(v, p, 0, math.MaxUint32))
 		case "tables":
 			d.tables(v, p, &c.Tables)
+		case "splice":
+			d.mapping(v, p, "splice", spliceFields, func(name string, v *yaml.Node, p string) {
+				switch name {
+				case "loops":
+					c.Splice.Loops = int(d.integer(v, p, 0, maxSpliceLoops))
+				case "max_connections":
+					c.Splice.MaxConnections = int(d.integer(v, p, 0, maxSpliceConnections))
+				}
+			})
 		case "services":
 			c.Services = nil
 			for i, it := range d.list(v, p, "services") {

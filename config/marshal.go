@@ -24,7 +24,7 @@ func (c *Config) Marshal() ([]byte, error) {
 		interfaces.Content = append(interfaces.Content, str(name))
 	}
 	t := c.Tables
-	root := mapping(
+	kv := []any{
 		"interfaces", interfaces,
 		"datapath", str(c.Datapath),
 		"hash_seed", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!int", Value: fmt.Sprintf("0x%08x", c.HashSeed)},
@@ -35,8 +35,16 @@ func (c *Config) Marshal() ([]byte, error) {
 			"max_services", integer(t.MaxServices),
 			"max_backends", integer(t.MaxBackends),
 		),
-		"services", services,
-	)
+	}
+	// Like the services' splice-only settings, the splice block is
+	// written when it is not the default.
+	if c.Splice != (Splice{}) {
+		kv = append(kv, "splice", mapping(
+			"loops", integer(c.Splice.Loops),
+			"max_connections", integer(c.Splice.MaxConnections),
+		))
+	}
+	root := mapping(append(kv, "services", services)...)
 
 	var buf bytes.Buffer
 	enc := yaml.NewEncoder(&buf)

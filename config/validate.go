@@ -139,6 +139,13 @@ func (c *Config) validate(v *validator) {
 		v.add("datapath", "unknown datapath %q (want auto, xdp, xdp-generic or splice)", c.Datapath)
 	}
 
+	if n := c.Splice.Loops; n < 0 || n > maxSpliceLoops {
+		v.add("splice.loops", "%d is out of range 0..%d (0: one per CPU)", n, maxSpliceLoops)
+	}
+	if n := c.Splice.MaxConnections; n < 0 || n > maxSpliceConnections {
+		v.add("splice.max_connections", "%d is out of range 0..%d (0: no cap)", n, maxSpliceConnections)
+	}
+
 	t := c.Tables
 	inRange(v, "tables.connections", t.Connections, minTableEntries, maxTableEntries)
 	inRange(v, "tables.affinity", t.Affinity, minTableEntries, maxTableEntries)

@@ -377,8 +377,8 @@ func TestAPIFileEditedRefused(t *testing.T) {
 	}
 }
 
-// TestAPIReloadRefusesFixedSettings: tables, hash seed, interfaces and
-// datapath take effect only at start.
+// TestAPIReloadRefusesFixedSettings: tables, hash seed, interfaces,
+// datapath and the splice settings take effect only at start.
 func TestAPIReloadRefusesFixedSettings(t *testing.T) {
 	good := conf(8, 32, web4)
 	e := newAPIEnv(t, good)
@@ -388,6 +388,8 @@ func TestAPIReloadRefusesFixedSettings(t *testing.T) {
 		{"hash seed", good + "hash_seed: 7\n", "hash_seed"},
 		{"interfaces", strings.Replace(good, "[eth0]", "[eth0, eth1]", 1), "interfaces"},
 		{"datapath", strings.Replace(good, "datapath: xdp", "datapath: xdp-generic", 1), "datapath"},
+		{"splice loops", good + "splice: {loops: 2}\n", "splice.loops"},
+		{"splice connection cap", good + "splice: {max_connections: 10}\n", "splice.max_connections"},
 		{"bad field", strings.Replace(good, "port: 80", "port: 70000", 1), "services[0].port"},
 	} {
 		t.Run(tc.desc, func(t *testing.T) {

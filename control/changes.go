@@ -302,6 +302,10 @@ func (d *Daemon) checkFixed(next *config.Config) error {
 		return refusef("datapath", "%q differs from the running %q: the datapath %s", next.Datapath, f.Datapath, restart)
 	case next.HashSeed != f.HashSeed:
 		return refusef("hash_seed", "0x%08x differs from the running 0x%08x: the hash seed %s", next.HashSeed, f.HashSeed, restart)
+	case next.Splice.Loops != f.Splice.Loops:
+		return refusef("splice.loops", "%d differs from the running %d: the number of event loops %s", next.Splice.Loops, f.Splice.Loops, restart)
+	case next.Splice.MaxConnections != f.Splice.MaxConnections:
+		return refusef("splice.max_connections", "%d differs from the running %d: the connection cap %s", next.Splice.MaxConnections, f.Splice.MaxConnections, restart)
 	}
 	n, r := next.Tables, f.Tables
 	for _, t := range []struct {

@@ -1,9 +1,12 @@
 package test
 
 import (
+	"context"
 	"net/netip"
+	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 
@@ -162,4 +165,67 @@ func TestSameChoiceSpliceXDP(t *testing.T) {
 		}
 		t.Logf("%s: %d clients on the same backend through both datapaths, spread %v", fam.name, len(fam.addrs), spread)
 	}
+}
+
+// TestSpliceSettings runs the proxy with `splice: {loops: 3,
+// max_connections: 4}`: each VIP:port has one listening socket per loop,
+// and a fifth connection at once is reset and counted, while a client
+// that comes after one of the four left is served.
+func TestSpliceSettings(t *testing.T) {
+	l := lab.NewT(t, lab.Options{Backends: 2, Clients: 6})
+	for _, be := range l.Backends {
+		serveEcho(t, l, be)
+	}
+	cfg := withDatapath(chatConfig(l, l.Backends), "splice")
+	cfg = strings.Replace(cfg, "services:\n", "splice: {loops: 3, max_connections: 4}\nservices:\n", 1)
+	d := startDaemon(t, l, cfg)
+
+	out, err := exec.Command("ip", "netns", "exec", l.Balancer.NS, "ss", "-Hltn").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ss: %v\n%s", err, out)
+	}
+	for _, vip := range []netip.Addr{l.VIP4, l.VIP6} {
+		want := netip.AddrPortFrom(vip, chatPort).String()
+		n := 0
+		for _, line := range strings.Split(string(out), "\n") {
+			if f := strings.Fields(line); len(f) >= 4 && f[3] == want {
+				n++
+			}
+		}
+		if n != 3 {
+			t.Errorf("%d listening sockets on %s, want one per loop (3):\n%s", n, want, out)
+		}
+	}
+
+	conns := dialAll(t, l, l.ClientAddrs4[:4], l.VIP4, 1)
+	// The fifth: accepted by the kernel, reset by the proxy.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if c, err := dial(ctx, l, l.ClientAddrs4[4], "ws://"+netip.AddrPortFrom(l.VIP4, chatPort).String()+"/chat"); err == nil {
+		c.ws.Close()
+		t.Fatalf("a fifth connection reached %s past max_connections 4", c.backend)
+	} else {
+		t.Logf("fifth connection, as expected: %v", err)
+	}
+	var st control.Stats
+	d.cliJSON(&st, "stats")
+	if n := st.Reasons["reset_conn_limit"]; n < 1 {
+		t.Errorf("reset_conn_limit = %d, want at least 1 (reasons %v)", n, st.Reasons)
+	}
+
+	// One leaves; the proxy counts it out once both directions closed.
+	conns[0].ws.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := dial(context.Background(), l, l.ClientAddrs4[5], "ws://"+netip.AddrPortFrom(l.VIP4, chatPort).String()+"/chat")
+		if err == nil {
+			c.ws.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no connection served 10s after one of four closed: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	echoAll(t, conns[1:], "after the cap")
 }

@@ -142,7 +142,11 @@ func datapathMode(dp string) (loader.Mode, error) {
 // cannot be loaded or attached natively to every interface gives way to
 // the proxy, which is logged with the reason.
 func openDatapath(cfg *config.Config, mode loader.Mode, opts loader.Options, log *slog.Logger) (dp datapath.Datapath, xdp *loader.XDP, err error) {
-	proxyOpts := userspace.Options{AffinityEntries: int(cfg.Tables.Affinity)}
+	proxyOpts := userspace.Options{
+		AffinityEntries: int(cfg.Tables.Affinity),
+		Loops:           cfg.Splice.Loops,
+		MaxConns:        cfg.Splice.MaxConnections,
+	}
 	if cfg.Datapath == config.DatapathSplice {
 		warnPinned(opts.PinDir, log)
 		return newSplice(log, cfg.HashSeed, proxyOpts, nil), nil, nil
