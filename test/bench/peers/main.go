@@ -254,13 +254,8 @@ func setup(o options) *Env {
 func versions(prs []peerResult) map[string]string {
 	need := map[string][]string{"iperf3": {"iperf3", "--version"}}
 	for _, pr := range prs {
-		switch {
-		case strings.HasPrefix(pr.Name, "HAProxy"):
-			need["haproxy"] = []string{"haproxy", "-v"}
-		case strings.HasPrefix(pr.Name, "nginx"):
-			need["nginx"] = []string{"nginx", "-v"}
-		case strings.HasPrefix(pr.Name, "nftables"):
-			need["nft"] = []string{"nft", "--version"}
+		if len(pr.Version) > 0 {
+			need[pr.Version[0]] = pr.Version
 		}
 	}
 	out := map[string]string{}

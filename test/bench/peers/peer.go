@@ -19,6 +19,20 @@ const (
 	RowStreams
 )
 
+// Role is what the report compares a peer as; most peers are one of a
+// kind.
+type Role uint8
+
+const (
+	RoleOther        Role = iota
+	RoleTrivial           // the trivial XDP forwarder: the lab's floor
+	RoleTetherXDP         // tether with its XDP datapath
+	RoleTetherSplice      // tether with its splice datapath
+	RoleHAProxy           // HAProxy, the proxy tether's splice datapath must match
+	RoleNginx             // nginx, likewise
+	RoleKernel            // the kernel's forwarding and its IPVS stand-ins
+)
+
 // A Peer is one balancer setup in front of the lab's backends. Each lives
 // in a file of its own (peer_*.go) and registers itself in init; adding a
 // peer is adding such a file.
@@ -42,6 +56,11 @@ type Peer struct {
 	Direct bool
 	// Tether marks tether's own setups (drawn highlighted).
 	Tether bool
+	// Role is what the report compares it as (RoleOther: only its rows).
+	Role Role
+	// Version is the command that prints the version of the program it
+	// runs, if any: checked before the run, quoted in the results.
+	Version []string
 	// Note says how the peer is set up, for the results.
 	Note string
 	// Start sets the peer up on the balancer host and returns once it

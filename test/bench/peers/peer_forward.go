@@ -11,6 +11,7 @@ func init() {
 		Order: 1,
 		Rows:  RowPackets | RowStreams,
 		XDP:   true,
+		Role:  RoleTrivial,
 		Note:  "an XDP program that rewrites the Ethernet addresses of every frame to the VIP toward backend 1 and returns XDP_TX: the floor of any XDP balancer in this lab, and what XDP on a veth costs the stream rows",
 		Start: startTrivialXDP,
 	})
@@ -18,6 +19,7 @@ func init() {
 		Name:  "kernel IP forwarding",
 		Order: 2,
 		Rows:  RowPackets,
+		Role:  RoleKernel,
 		Note:  "`ip_forward=1`, a /32 route for the VIP via backend 1: no balancing",
 		Start: startKernelForwarding,
 	})

@@ -12,6 +12,8 @@ func init() {
 		Name:           "HAProxy (balance source)",
 		Order:          20,
 		Rows:           RowStreams,
+		Role:           RoleHAProxy,
+		Version:        []string{"haproxy", "-v"},
 		SourceAffinity: true,
 		Note:           "`mode tcp`, `balance source`, `option splice-auto`, `maxconn 6000`, timeouts client/server/tunnel 1h, one thread per CPU",
 		Start:          startHAProxy,

@@ -13,6 +13,8 @@ func init() {
 	register(Peer{
 		Name:           "nftables DNAT (IPVS-NAT stand-in)",
 		Order:          40,
+		Role:           RoleKernel,
+		Version:        []string{"nft", "--version"},
 		Rows:           RowPackets | RowStreams,
 		SourceAffinity: true,
 		Note:           "prerouting `dnat to jhash ip saddr mod N map {...}` with conntrack, forwarding on, backends route replies through the balancer",
@@ -21,6 +23,8 @@ func init() {
 	register(Peer{
 		Name:           "nftables fwd (IPVS-DR stand-in)",
 		Order:          41,
+		Role:           RoleKernel,
+		Version:        []string{"nft", "--version"},
 		Rows:           RowPackets | RowStreams,
 		SourceAffinity: true,
 		Note:           "netdev ingress `ether daddr set jhash ip saddr mod N map {...} fwd to eth0`, no conntrack; backends answer clients directly (DSR)",

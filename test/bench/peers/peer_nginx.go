@@ -11,6 +11,8 @@ func init() {
 	register(Peer{
 		Name:           "nginx (stream, hash $remote_addr)",
 		Order:          30,
+		Role:           RoleNginx,
+		Version:        []string{"nginx", "-v"},
 		Rows:           RowStreams,
 		SourceAffinity: true,
 		Note:           "stream module, `hash $remote_addr consistent`, `proxy_timeout 1h`, one worker per CPU, 20,000 connections per worker",

@@ -13,6 +13,7 @@ func init() {
 	register(Peer{
 		Name:           "tether (XDP)",
 		Order:          10,
+		Role:           RoleTetherXDP,
 		Rows:           RowPackets | RowStreams,
 		XDP:            true,
 		SourceAffinity: true,
@@ -23,6 +24,7 @@ func init() {
 	register(Peer{
 		Name:           "tether (splice)",
 		Order:          11,
+		Role:           RoleTetherSplice,
 		Rows:           RowStreams,
 		SourceAffinity: true,
 		Tether:         true,

@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -157,6 +158,16 @@ func TestBenchRuns(t *testing.T) {
 		}
 		if pct, _ := strconv.Atoi(m[2]); pct < 1 || pct > 100 {
 			t.Errorf("%s: %d%% of the frames reached the backends, want 1..100%%", name, pct)
+		}
+	}
+	// The targets that compare peers by their roles are there.
+	targets := []string{"| WebSocket connection rate within 5% of direct (XDP) |", "| wire packet rate at least 95% of the trivial XDP program's |"}
+	if slices.Contains(selected, "haproxy") {
+		targets = append(targets, "| splice connection rate at least HAProxy (balance source)'s |")
+	}
+	for _, want := range targets {
+		if !strings.Contains(text, want) {
+			t.Errorf("no target row %q", want)
 		}
 	}
 	failed := regexp.MustCompile(`\| (\d+) / (\d+) \|`)

@@ -102,21 +102,21 @@ func index(prs []peerResult) results {
 	r := results{all: prs}
 	for i := range prs {
 		pr := &prs[i]
-		switch {
-		case pr.Direct:
+		if pr.Direct {
 			r.direct = pr
-		case pr.Name == "tether (XDP)":
-			r.xdp = pr
-		case pr.Name == "tether (splice)":
-			r.splice = pr
-		case strings.HasPrefix(pr.Name, "trivial XDP"):
-			r.trivial = pr
-		case strings.HasPrefix(pr.Name, "HAProxy"):
-			r.haproxy = pr
-		case strings.HasPrefix(pr.Name, "nginx"):
-			r.ngx = pr
 		}
-		if strings.HasPrefix(pr.Name, "nftables") || strings.HasPrefix(pr.Name, "kernel") {
+		switch pr.Role {
+		case RoleTetherXDP:
+			r.xdp = pr
+		case RoleTetherSplice:
+			r.splice = pr
+		case RoleTrivial:
+			r.trivial = pr
+		case RoleHAProxy:
+			r.haproxy = pr
+		case RoleNginx:
+			r.ngx = pr
+		case RoleKernel:
 			r.kernel = append(r.kernel, pr)
 		}
 	}
