@@ -597,6 +597,34 @@ func TestDoKeepsCallerNamespace(t *testing.T) {
 	}()
 }
 
+// TestCommandRunsInHost: Command and Run run a program in the host's
+// namespace, and Run's error names the command, the host and its output.
+func TestCommandRunsInHost(t *testing.T) {
+	l := NewT(t, Options{Backends: 1, Clients: 1})
+	out, err := l.Backends[0].Command("ip", "-o", "addr", "show", "dev", "eth0").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(out), " "+l.Backends[0].Addr4.String()+"/") {
+		t.Errorf("ip addr in be1 does not list %s:\n%s", l.Backends[0].Addr4, out)
+	}
+	if strings.Contains(string(out), " "+l.Client.Addr4.String()+"/") {
+		t.Errorf("ip addr in be1 lists the client's %s:\n%s", l.Client.Addr4, out)
+	}
+	if err := l.Client.Run("ip", "link", "set", "lo", "up"); err != nil {
+		t.Errorf("Run: %v", err)
+	}
+	err = l.Client.Run("ip", "link", "show", "nosuch0")
+	if err == nil {
+		t.Fatal("Run of a failing command returned nil")
+	}
+	for _, want := range []string{"ip link show nosuch0 in client", "exit status", "nosuch0"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("Run error %q does not say %q", err, want)
+		}
+	}
+}
+
 func TestOptionsValidation(t *testing.T) {
 	for _, o := range []Options{{Clients: MaxClients + 1}, {Clients: -1}, {Backends: -1}, {Backends: MaxBackends + 1}} {
 		if l, err := New(o); err == nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -27,6 +28,23 @@ type Proc struct {
 	lab  *Lab
 }
 
+// Command returns a command that runs name with args inside h's namespace
+// through `ip netns exec` (which execs name: the process is name itself).
+// It is for commands that run to completion; Start is for the long-running
+// ones, which the lab stops on Close.
+func (h *Host) Command(name string, args ...string) *exec.Cmd {
+	return exec.Command("ip", append([]string{"netns", "exec", h.NS, name}, args...)...)
+}
+
+// Run runs name with args inside h's namespace and waits for it. An error
+// names the command and the host and carries what it printed.
+func (h *Host) Run(name string, args ...string) error {
+	if out, err := h.Command(name, args...).CombinedOutput(); err != nil {
+		return fmt.Errorf("%s %s in %s: %v: %s", name, strings.Join(args, " "), h.Name, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
 // Start runs name with args inside h's namespace through
 // `ip netns exec`, capturing stdout and stderr together (see Proc.Output).
 // The process is registered with the lab, which stops it on Close.
@@ -37,7 +55,7 @@ func (h *Host) Start(name string, args ...string) (*Proc, error) {
 	if l.closed {
 		return nil, errClosed
 	}
-	cmd := exec.Command("ip", append([]string{"netns", "exec", h.NS, name}, args...)...)
+	cmd := h.Command(name, args...)
 	p := &Proc{Cmd: cmd, done: make(chan struct{}), lab: l}
 	cmd.Stdout = &p.out
 	cmd.Stderr = &p.out

@@ -15,7 +15,7 @@ import (
 // returns its combined output and exit code.
 func runTether(t *testing.T, l *lab.Lab, args ...string) (string, int) {
 	t.Helper()
-	cmd := exec.Command("ip", append([]string{"netns", "exec", l.Balancer.NS, tetherBin}, args...)...)
+	cmd := l.Balancer.Command(tetherBin, args...)
 	// A socket of its own: never the host's /run/tether/tether.sock.
 	cmd.Env = append(os.Environ(), "TETHER_SOCKET="+filepath.Join(t.TempDir(), "tether.sock"))
 	out, err := cmd.CombinedOutput()

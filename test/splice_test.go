@@ -3,7 +3,6 @@ package test
 import (
 	"context"
 	"net/netip"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -180,7 +179,7 @@ func TestSpliceSettings(t *testing.T) {
 	cfg = strings.Replace(cfg, "services:\n", "splice: {loops: 3, max_connections: 4}\nservices:\n", 1)
 	d := startDaemon(t, l, cfg)
 
-	out, err := exec.Command("ip", "netns", "exec", l.Balancer.NS, "ss", "-Hltn").CombinedOutput()
+	out, err := l.Balancer.Command("ss", "-Hltn").CombinedOutput()
 	if err != nil {
 		t.Fatalf("ss: %v\n%s", err, out)
 	}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -47,18 +46,14 @@ func (e *Env) File(name, content string) (string, error) {
 }
 
 // Run runs a command in h's namespace and returns an error with its output
-// if it fails.
+// if it fails (lab.Host.Run).
 func (e *Env) Run(h *lab.Host, name string, args ...string) error {
-	cmd := exec.Command("ip", append([]string{"netns", "exec", h.NS, name}, args...)...)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("%s %s in %s: %v: %s", name, strings.Join(args, " "), h.Name, err, strings.TrimSpace(string(out)))
-	}
-	return nil
+	return h.Run(name, args...)
 }
 
 // RunInput is Run with stdin.
 func (e *Env) RunInput(h *lab.Host, stdin, name string, args ...string) error {
-	cmd := exec.Command("ip", append([]string{"netns", "exec", h.NS, name}, args...)...)
+	cmd := h.Command(name, args...)
 	cmd.Stdin = strings.NewReader(stdin)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("%s %s in %s: %v: %s\ninput:\n%s", name, strings.Join(args, " "), h.Name, err, strings.TrimSpace(string(out)), stdin)
@@ -69,8 +64,7 @@ func (e *Env) RunInput(h *lab.Host, stdin, name string, args ...string) error {
 // Sysctl sets key=value in h's namespace and returns a function that sets
 // the old value back.
 func (e *Env) Sysctl(h *lab.Host, key, value string) (restore func() error, err error) {
-	cmd := exec.Command("ip", "netns", "exec", h.NS, "sysctl", "-n", key)
-	old, err := cmd.Output()
+	old, err := h.Command("sysctl", "-n", key).Output()
 	if err != nil {
 		return nil, fmt.Errorf("sysctl %s in %s: %w", key, h.Name, err)
 	}

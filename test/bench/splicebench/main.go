@@ -587,21 +587,15 @@ func startHAProxy(l *lab.Lab, tmp string, round int, vip netip.AddrPort, backend
 }
 
 func hasLocalRoute(l *lab.Lab, a netip.Addr) bool {
-	out, err := exec.Command("ip", "netns", "exec", l.Balancer.NS, "ip", "route", "show", "table", "local", a.String()).Output()
+	out, err := l.Balancer.Command("ip", "route", "show", "table", "local", a.String()).Output()
 	return err == nil && strings.Contains(string(out), "local")
 }
 
-func ipIn(h *lab.Host, args ...string) error {
-	full := append([]string{"netns", "exec", h.NS, "ip"}, args...)
-	if out, err := exec.Command("ip", full...).CombinedOutput(); err != nil {
-		return fmt.Errorf("ip %s in %s: %v: %s", strings.Join(args, " "), h.Name, err, strings.TrimSpace(string(out)))
-	}
-	return nil
-}
+func ipIn(h *lab.Host, args ...string) error { return h.Run("ip", args...) }
 
 func sysctl(h *lab.Host, kv string) {
-	if out, err := exec.Command("ip", "netns", "exec", h.NS, "sysctl", "-qw", kv).CombinedOutput(); err != nil {
-		fail(fmt.Sprintf("sysctl %s in %s: %v: %s", kv, h.Name, err, out))
+	if err := h.Run("sysctl", "-qw", kv); err != nil {
+		fail(err.Error())
 	}
 }
 
