@@ -16,9 +16,10 @@ export TETHER_REQUIRE_PRIVILEGED
 APT_PACKAGES = clang llvm libbpf-dev linux-libc-dev iproute2 bpftool clang-format strace iperf3 nftables git make ca-certificates
 
 # What `make bench` installs when missing: the proxies it measures tether
-# against (iperf3 and nftables come with `tools`, which bench runs first).
-# Their services are not started (policy-rc.d).
-BENCH_PACKAGES = haproxy nginx libnginx-mod-stream
+# against and wrk, splicebench's C load generator (iperf3 and nftables come
+# with `tools`, which bench runs first). Their services are not started
+# (policy-rc.d).
+BENCH_PACKAGES = haproxy nginx libnginx-mod-stream wrk
 
 .DEFAULT_GOAL := help
 

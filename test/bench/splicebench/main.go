@@ -18,13 +18,17 @@
 // reports the CPU time each balancer process used per GiB and per
 // connection, and for the connection rate where the machine's CPU went:
 // the balancer, this program (the clients and the backends), the rest, and
-// how long the CPUs sat idle.
+// how long the CPUs sat idle. With -wrk (the default) it also measures the
+// connection rate with C programs around the balancers: wrk on the client,
+// a new connection per request, and nginx on the backends.
 //
-// It needs root, `ip` and haproxy. `make bench` runs it.
+// It needs root, `ip`, haproxy, and for -wrk wrk and nginx. `make bench`
+// installs them and runs it.
 package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"flag"
@@ -49,8 +53,9 @@ import (
 
 const (
 	port     = 9000
-	modeSink = 'S' // 8-byte big-endian length follows; discard, then ack one byte
-	modeEcho = 'E' // echo one byte, then wait for the peer to close
+	httpPort = 9001 // nginx on the backends, for wrk
+	modeSink = 'S'  // 8-byte big-endian length follows; discard, then ack one byte
+	modeEcho = 'E'  // echo one byte, then wait for the peer to close
 	opLimit  = 2 * time.Minute
 )
 
@@ -70,6 +75,8 @@ type options struct {
 	backends int
 	clients  int
 	hapThr   int
+	wrkConns []int // wrk's concurrent connections, one measurement each
+	wrkSecs  int
 }
 
 type balancer struct {
@@ -86,6 +93,7 @@ type sample struct {
 	// program (the clients and the backends), of the whole machine, and
 	// the machine's idle share.
 	genConns, busyConns, idleConns []float64
+	http                           []float64 // by o.wrkConns: wrk's requests (connections) per second
 }
 
 func main() {
@@ -98,16 +106,15 @@ func main() {
 	flag.IntVar(&o.backends, "backends", 3, "backends in the lab (1-3)")
 	flag.IntVar(&o.clients, "clients", 16, "client source addresses")
 	flag.IntVar(&o.hapThr, "haproxy-threads", 0, "HAProxy nbthread (0: HAProxy's default, one per CPU)")
+	wrkConns := flag.String("wrk", "4,16", "concurrent connections of the HTTP connection-rate measurements by wrk against nginx backends, a comma-separated `list` (empty: none)")
+	flag.IntVar(&o.wrkSecs, "wrk-secs", 3, "seconds per wrk measurement")
 	out := flag.String("out", "", "also write the report to this `file`")
 	flag.Parse()
-	for _, f := range strings.Split(*workers, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 1 || n > o.conns {
-			fail(fmt.Sprintf("bad -workers %q: want counts from 1 to -conns (%d), separated by commas", *workers, o.conns))
-		}
-		o.workers = append(o.workers, n)
+	o.workers = counts("-workers", *workers, o.conns)
+	if *wrkConns != "" {
+		o.wrkConns = counts("-wrk", *wrkConns, 10000)
 	}
-	if o.backends < 1 || o.backends > 3 || o.runs < 1 || o.mib < 8 {
+	if o.backends < 1 || o.backends > 3 || o.runs < 1 || o.mib < 8 || o.wrkSecs < 1 {
 		fail("bad flags")
 	}
 
@@ -115,6 +122,13 @@ func main() {
 	defer cleanup()
 
 	hapVersion := haproxyVersion()
+	if len(o.wrkConns) > 0 {
+		for _, prog := range []string{"wrk", "nginx"} {
+			if _, err := exec.LookPath(prog); err != nil {
+				fail(prog + " is missing (make bench installs it; or apt-get install " + prog + "), or run with -wrk ''")
+			}
+		}
+	}
 	tmp, err := os.MkdirTemp("", "splicebench-*")
 	if err != nil {
 		fail(err.Error())
@@ -158,14 +172,21 @@ func main() {
 		atExit(func() { ln.Close() })
 		go serve(ln)
 		backendAddrs = append(backendAddrs, a)
+		if len(o.wrkConns) > 0 {
+			startNginx(be, tmp)
+		}
+	}
+	ports := []uint16{port}
+	if len(o.wrkConns) > 0 {
+		ports = append(ports, httpPort)
 	}
 	vip := netip.AddrPortFrom(l.VIP4, port)
 
 	bals := []balancer{
 		{name: "direct (no balancer)"},
-		{name: "tether (splice)", start: func(round int) (func(), int) { return startTether(l, tetherBin, tmp, round, vip, backendAddrs) }},
+		{name: "tether (splice)", start: func(round int) (func(), int) { return startTether(l, tetherBin, tmp, round, vip, backendAddrs, ports) }},
 		{name: "haproxy " + hapVersion + " (splice-auto)", start: func(round int) (func(), int) {
-			return startHAProxy(l, tmp, round, vip, backendAddrs, o.hapThr)
+			return startHAProxy(l, tmp, round, vip, backendAddrs, ports, o.hapThr)
 		}},
 	}
 	samples := make([][]sample, len(bals))
@@ -202,6 +223,10 @@ func main() {
 				s.busyConns = append(s.busyConns, m1.busy-m0.busy)
 				s.idleConns = append(s.idleConns, (m1.idle-m0.idle)/(m1.busy-m0.busy+m1.idle-m0.idle))
 				c2 = c3
+			}
+			for _, n := range o.wrkConns {
+				to := netip.AddrPortFrom(target(0).Addr(), httpPort)
+				s.http = append(s.http, wrkRate(l, to, n, o.wrkSecs))
 			}
 			stop()
 			logf("round %d %s: 1 stream %.0f MiB/s, 8 streams %.0f MiB/s, conns/s %.0f", r+1, b.name, s.one, s.eight, s.cps)
@@ -309,12 +334,36 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 		}
 	}
 	fmt.Fprintln(w)
+
+	if len(o.wrkConns) > 0 {
+		fmt.Fprintf(w, "HTTP connection rate with C programs around the balancers: wrk on the client, %d s per measurement, every request on a new connection (`Connection: close`), against nginx on each backend (port %d), which answers a 1-byte body and closes. Connections per second (= requests per second):\n\n", o.wrkSecs, httpPort)
+		head, rule := "| balancer |", "|---|"
+		for _, n := range o.wrkConns {
+			head += fmt.Sprintf(" %d connections |", n)
+			rule += "---:|"
+		}
+		fmt.Fprintln(w, head)
+		fmt.Fprintln(w, rule)
+		for i, b := range bals {
+			fmt.Fprintf(w, "| %s |", b.name)
+			for k := range o.wrkConns {
+				f := func(s sample) float64 { return s.http[k] }
+				fmt.Fprintf(w, " %.0f (%s) |", med(samples[i], f), rng(samples[i], f))
+			}
+			fmt.Fprintln(w)
+		}
+		fmt.Fprint(w, "| **tether / haproxy** |")
+		for k := range o.wrkConns {
+			fmt.Fprintf(w, " %s |", ratio(func(s sample) float64 { return s.http[k] }))
+		}
+		fmt.Fprint(w, "\n\n")
+	}
 	threads := "not set (HAProxy's default: one thread per CPU)"
 	if o.hapThr > 0 {
 		threads = strconv.Itoa(o.hapThr)
 	}
 	fmt.Fprintf(w, "HAProxy %s: `mode tcp`, `option splice-auto`, `balance source`, `maxconn 4000`, timeouts client/server/tunnel 1h, nbthread %s. ", hapVersion, threads)
-	fmt.Fprintln(w, "tether: `datapath: splice`, `affinity: source`, `health: {type: none}`. Both connect to the backends' own addresses (198.51.100.1x:9000).")
+	fmt.Fprintln(w, "tether: `datapath: splice`, `affinity: source`, `health: {type: none}`. Both connect to the backends' own addresses (198.51.100.1x:9000, and :9001 for nginx).")
 	fmt.Fprintln(w)
 	fmt.Fprintf(w, "All hosts (client, balancer, backends, and this program, which runs the client and the backends) share the same %d CPUs: ", cpus())
 	fmt.Fprintln(w, "the balancer competes with the load it measures, so the figures are compressed toward the direct reference, and the ratios understate differences.")
@@ -511,16 +560,18 @@ func waitServing(l *lab.Lab, p *lab.Proc, vip netip.AddrPort, what string) {
 	}
 }
 
-func startTether(l *lab.Lab, bin, tmp string, round int, vip netip.AddrPort, backends []netip.AddrPort) (func(), int) {
+func startTether(l *lab.Lab, bin, tmp string, round int, vip netip.AddrPort, backends []netip.AddrPort, ports []uint16) (func(), int) {
 	dir := filepath.Join(tmp, fmt.Sprintf("tether-%d", round))
 	if err := os.MkdirAll(filepath.Join(dir, "pins"), 0o700); err != nil {
 		fail(err.Error())
 	}
 	var b strings.Builder
 	b.WriteString("datapath: splice\ntables:\n  connections: 65536\n  affinity: 65536\nservices:\n")
-	fmt.Fprintf(&b, "  - name: bench\n    vip: %s\n    port: %d\n    affinity: source\n    affinity_timeout: 1h\n    health: {type: none}\n    backends:\n", vip.Addr(), vip.Port())
-	for _, a := range backends {
-		fmt.Fprintf(&b, "      - address: %s\n", a.Addr())
+	for _, pt := range ports {
+		fmt.Fprintf(&b, "  - name: bench-%d\n    vip: %s\n    port: %d\n    affinity: source\n    affinity_timeout: 1h\n    health: {type: none}\n    backends:\n", pt, vip.Addr(), pt)
+		for _, a := range backends {
+			fmt.Fprintf(&b, "      - address: %s\n", a.Addr())
+		}
 	}
 	cfg := filepath.Join(dir, "tether.yaml")
 	if err := os.WriteFile(cfg, []byte(b.String()), 0o600); err != nil {
@@ -543,17 +594,19 @@ func startTether(l *lab.Lab, bin, tmp string, round int, vip netip.AddrPort, bac
 	return stop, p.Cmd.Process.Pid
 }
 
-func startHAProxy(l *lab.Lab, tmp string, round int, vip netip.AddrPort, backends []netip.AddrPort, threads int) (func(), int) {
+func startHAProxy(l *lab.Lab, tmp string, round int, vip netip.AddrPort, backends []netip.AddrPort, ports []uint16, threads int) (func(), int) {
 	var b strings.Builder
 	b.WriteString("global\n    maxconn 4000\n")
 	if threads > 0 {
 		fmt.Fprintf(&b, "    nbthread %d\n", threads)
 	}
 	b.WriteString("defaults\n    mode tcp\n    option splice-auto\n    maxconn 4000\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n    timeout tunnel 1h\n")
-	fmt.Fprintf(&b, "frontend bench\n    bind %s\n    default_backend backends\n", vip)
-	b.WriteString("backend backends\n    balance source\n")
-	for i, a := range backends {
-		fmt.Fprintf(&b, "    server be%d %s\n", i+1, a)
+	for _, pt := range ports {
+		fmt.Fprintf(&b, "frontend bench-%d\n    bind %s\n    default_backend backends-%d\n", pt, netip.AddrPortFrom(vip.Addr(), pt), pt)
+		fmt.Fprintf(&b, "backend backends-%d\n    balance source\n", pt)
+		for i, a := range backends {
+			fmt.Fprintf(&b, "    server be%d %s\n", i+1, netip.AddrPortFrom(a.Addr(), pt))
+		}
 	}
 	cfg := filepath.Join(tmp, fmt.Sprintf("haproxy-%d.cfg", round))
 	if err := os.WriteFile(cfg, []byte(b.String()), 0o600); err != nil {
@@ -656,4 +709,97 @@ func machineTimes() (t struct{ busy, idle float64 }) {
 		}
 	}
 	return t
+}
+
+// counts parses a comma-separated list of counts from 1 to most.
+func counts(flagName, list string, most int) []int {
+	var out []int
+	for _, f := range strings.Split(list, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 || n > most {
+			fail(fmt.Sprintf("bad %s %q: want counts from 1 to %d, separated by commas", flagName, list, most))
+		}
+		out = append(out, n)
+	}
+	return out
+}
+
+// startNginx runs nginx on be as an HTTP backend on httpPort that answers
+// every request with a 1-byte body and closes the connection.
+func startNginx(be *lab.Host, tmp string) {
+	dir := filepath.Join(tmp, "nginx-"+be.Name)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		fail(err.Error())
+	}
+	conf := fmt.Sprintf(`worker_processes 1;
+pid %[1]s/nginx.pid;
+error_log %[1]s/error.log;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path %[1]s/body;
+  proxy_temp_path %[1]s/proxy;
+  fastcgi_temp_path %[1]s/fastcgi;
+  uwsgi_temp_path %[1]s/uwsgi;
+  scgi_temp_path %[1]s/scgi;
+  server {
+    listen %[2]s;
+    keepalive_timeout 0;
+    location / { return 200 "x"; }
+  }
+}
+`, dir, netip.AddrPortFrom(be.Addr4, httpPort))
+	cfg := filepath.Join(dir, "nginx.conf")
+	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
+		fail(err.Error())
+	}
+	p, err := be.Start("nginx", "-c", cfg, "-p", dir)
+	if err != nil {
+		fail("nginx: " + err.Error())
+	}
+	atExit(func() { p.Stop() })
+	// Serving once a connection is accepted.
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		c, err := be.Dial(context.Background(), "tcp", netip.Addr{}, netip.AddrPortFrom(be.Addr4, httpPort).String())
+		if err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case <-p.Done():
+			fail(fmt.Sprintf("nginx on %s exited (%v):\n%s", be.Name, p.Err(), p.Output()))
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			fail(fmt.Sprintf("nginx on %s does not accept after 15s: %v\n%s", be.Name, err, p.Output()))
+		}
+	}
+}
+
+// wrkRate runs wrk from the client host against to for secs seconds with
+// conns concurrent connections, each request on a new connection
+// (`Connection: close`), and returns the requests per second, which are
+// the connections per second. Any error, timeout or non-2xx answer fails
+// the run.
+func wrkRate(l *lab.Lab, to netip.AddrPort, conns, secs int) float64 {
+	out, err := l.Client.Command("wrk", "-t", strconv.Itoa(min(conns, 2)), "-c", strconv.Itoa(conns),
+		"-d", fmt.Sprintf("%ds", secs), "-H", "Connection: close", "http://"+to.String()+"/").CombinedOutput()
+	if err != nil {
+		fail(fmt.Sprintf("wrk: %v\n%s", err, out))
+	}
+	text := string(out)
+	if strings.Contains(text, "Socket errors") || strings.Contains(text, "Non-2xx") {
+		fail(fmt.Sprintf("wrk through %s saw errors:\n%s", to, text))
+	}
+	for _, line := range strings.Split(text, "\n") {
+		if f := strings.Fields(line); len(f) == 2 && f[0] == "Requests/sec:" {
+			if v, err := strconv.ParseFloat(f[1], 64); err == nil && v > 0 {
+				return v
+			}
+		}
+	}
+	fail("wrk printed no request rate:\n" + text)
+	return 0
 }
