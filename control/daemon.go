@@ -86,10 +86,11 @@ func (d *Daemon) snapshot() (*config.Config, []datapath.Service) {
 }
 
 // Tables says how full the datapath's tables are: the XDP connection and
-// affinity tables with their capacities, or, for a datapath that cannot
-// say (the splice proxy), its connections counted from its flows, without
-// a capacity. Counting walks the tables (in batches for XDP), so it costs
-// tens of milliseconds with a million entries.
+// affinity tables, or the splice proxy's connections and affinity table,
+// with their capacities; for a datapath that cannot say, its connections
+// counted from its flows, without a capacity. Counting walks the tables
+// (in batches for XDP), so it costs tens of milliseconds with a million
+// entries.
 func (d *Daemon) Tables() ([]datapath.Table, error) {
 	if tr, ok := d.dp.(datapath.TableReader); ok {
 		t, err := tr.Tables()

@@ -96,6 +96,18 @@ func testMetrics(t *testing.T, dp string) {
 		if got := sample(t, fams, "tether_table_entries", map[string]string{"table": "connections"}); int(got) != len(conns) {
 			t.Errorf("tether_table_entries{table=connections} = %v, want the %d open connections", got, len(conns))
 		}
+		if got := sample(t, fams, "tether_table_entries", map[string]string{"table": "affinity"}); int(got) != clients {
+			t.Errorf("tether_table_entries{table=affinity} = %v, want one per client, %d", got, clients)
+		}
+		if got := sample(t, fams, "tether_table_capacity", map[string]string{"table": "affinity"}); got != 65536 {
+			t.Errorf("tether_table_capacity{table=affinity} = %v, want 65536", got)
+		}
+		// No splice.max_connections: the connections have no capacity.
+		for _, m := range fams["tether_table_capacity"].GetMetric() {
+			if labelsOf(m)["table"] == "connections" {
+				t.Errorf("tether_table_capacity{table=connections} = %v without a cap", m.GetGauge().GetValue())
+			}
+		}
 		return
 	}
 	info := fams["tether_datapath_info"].GetMetric()

@@ -168,7 +168,8 @@ func TestSameChoiceSpliceXDP(t *testing.T) {
 
 // TestSpliceSettings runs the proxy with `splice: {loops: 3,
 // max_connections: 4}`: each VIP:port has one listening socket per loop,
-// and a fifth connection at once is reset and counted, while a client
+// and a fifth connection at once is reset and counted (the metrics show
+// the connections table full, the cap as its capacity), while a client
 // that comes after one of the four left is served.
 func TestSpliceSettings(t *testing.T) {
 	l := lab.NewT(t, lab.Options{Backends: 2, Clients: 6})
@@ -177,7 +178,7 @@ func TestSpliceSettings(t *testing.T) {
 	}
 	cfg := withDatapath(chatConfig(l, l.Backends), "splice")
 	cfg = strings.Replace(cfg, "services:\n", "splice: {loops: 3, max_connections: 4}\nservices:\n", 1)
-	d := startDaemon(t, l, cfg)
+	d := startDaemon(t, l, cfg, "--metrics", "127.0.0.1:0")
 
 	out, err := l.Balancer.Command("ss", "-Hltn").CombinedOutput()
 	if err != nil {
@@ -210,6 +211,12 @@ func TestSpliceSettings(t *testing.T) {
 	d.cliJSON(&st, "stats")
 	if n := st.Reasons["reset_conn_limit"]; n < 1 {
 		t.Errorf("reset_conn_limit = %d, want at least 1 (reasons %v)", n, st.Reasons)
+	}
+	// The metrics show the table full, the cap as its capacity.
+	fams := scrapeMetrics(t, l, metricsAddr(t, d))
+	conns4 := map[string]string{"table": "connections"}
+	if got, capacity := sample(t, fams, "tether_table_entries", conns4), sample(t, fams, "tether_table_capacity", conns4); got != 4 || capacity != 4 {
+		t.Errorf("connections table: %v entries of %v, want 4 of 4", got, capacity)
 	}
 
 	// One leaves; the proxy counts it out once both directions closed.

@@ -371,6 +371,19 @@ func (p *Proxy) Counters() (datapath.Counters, error) {
 // Flows implements datapath.Datapath: the connections being proxied,
 // sorted by service, VIP and client. Closing is set once either side has
 // ended its stream (FIN) or failed.
+// Tables implements datapath.TableReader: the connections being proxied,
+// whose capacity is Options.MaxConns (0: none but the file descriptor
+// limit), and the source-affinity table.
+func (p *Proxy) Tables() ([]datapath.Table, error) {
+	p.mu.Lock()
+	conns := len(p.conns)
+	p.mu.Unlock()
+	return []datapath.Table{
+		{Name: "connections", Entries: conns, Capacity: max(p.opts.MaxConns, 0)},
+		{Name: "affinity", Entries: p.affinity.len(), Capacity: p.affinity.max},
+	}, nil
+}
+
 func (p *Proxy) Flows() ([]datapath.Flow, error) {
 	p.mu.Lock()
 	out := make([]datapath.Flow, 0, len(p.conns))

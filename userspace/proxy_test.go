@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"reflect"
 	"sync"
 	"syscall"
 	"testing"
@@ -607,6 +608,13 @@ func TestMaxConns(t *testing.T) {
 	dialEcho(t, netip.Addr{}, vip)
 	if err := resetOnArrival(vip); !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("third connection with MaxConns 2: %v, want a reset", err)
+	}
+	// The table fill says so too, with the cap as the capacity; the
+	// affinity table is not in use (connection affinity).
+	tables, err := p.Tables()
+	want := []datapath.Table{{Name: "connections", Entries: 2, Capacity: 2}, {Name: "affinity", Capacity: DefaultAffinityEntries}}
+	if err != nil || !reflect.DeepEqual(tables, want) {
+		t.Errorf("Tables() = %+v, %v; want %+v", tables, err, want)
 	}
 	a.Close()
 	if !eventually(5*time.Second, func() bool { return p.active.Load() == 1 }) {
