@@ -272,13 +272,7 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 	fmt.Fprintf(w, "Connection rate: %d connections, each connect, write 1 byte, read its echo, close, by N concurrent workers: with few, each connection's latency through the balancer bounds the rate; with many, the CPUs are busy and the work per connection does.\n", o.conns)
 	fmt.Fprintln(w, "The last row is tether's median over HAProxy's, and in parentheses the lowest and highest ratio of a single round.")
 	fmt.Fprintln(w)
-	head, rule := "| balancer | 1 stream MiB/s | 8 streams MiB/s |", "|---|---:|---:|"
-	for _, n := range o.workers {
-		head += fmt.Sprintf(" conns/s, %d workers |", n)
-		rule += "---:|"
-	}
-	fmt.Fprintln(w, head)
-	fmt.Fprintln(w, rule)
+	header(w, []string{"balancer", "1 stream MiB/s", "8 streams MiB/s"}, "conns/s, %d workers", o.workers)
 	for i, b := range bals {
 		fmt.Fprintf(w, "| %s | %.0f (%s) | %.0f (%s) |", b.name,
 			med(samples[i], one), rng(samples[i], one),
@@ -296,13 +290,7 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 
 	fmt.Fprintln(w, "CPU time of the balancer process (user + system, from /proc/PID/stat; medians):")
 	fmt.Fprintln(w)
-	head, rule = "| balancer | CPU ms per GiB, 1 stream | CPU ms per GiB, 8 streams |", "|---|---:|---:|"
-	for _, n := range o.workers {
-		head += fmt.Sprintf(" CPU µs per connection, %d workers |", n)
-		rule += "---:|"
-	}
-	fmt.Fprintln(w, head)
-	fmt.Fprintln(w, rule)
+	header(w, []string{"balancer", "CPU ms per GiB, 1 stream", "CPU ms per GiB, 8 streams"}, "CPU µs per connection, %d workers", o.workers)
 	gib := float64(o.mib) / 1024
 	for i, b := range bals[1:] {
 		ss := samples[i+1]
@@ -337,13 +325,7 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 
 	if len(o.wrkConns) > 0 {
 		fmt.Fprintf(w, "HTTP connection rate with C programs around the balancers: wrk on the client, %d s per measurement, every request on a new connection (`Connection: close`), against nginx on each backend (port %d), which answers a 1-byte body and closes. Connections per second (= requests per second):\n\n", o.wrkSecs, httpPort)
-		head, rule := "| balancer |", "|---|"
-		for _, n := range o.wrkConns {
-			head += fmt.Sprintf(" %d connections |", n)
-			rule += "---:|"
-		}
-		fmt.Fprintln(w, head)
-		fmt.Fprintln(w, rule)
+		header(w, []string{"balancer"}, "%d connections", o.wrkConns)
 		for i, b := range bals {
 			fmt.Fprintf(w, "| %s |", b.name)
 			for k := range o.wrkConns {
@@ -709,6 +691,27 @@ func machineTimes() (t struct{ busy, idle float64 }) {
 		}
 	}
 	return t
+}
+
+// header writes the head of a Markdown table: the fixed columns (the
+// first left-aligned, the others right-aligned), then a column per count,
+// named by col with the count.
+func header(w io.Writer, fixed []string, col string, counts []int) {
+	head, rule := "|", "|"
+	for i, c := range fixed {
+		head += " " + c + " |"
+		if i == 0 {
+			rule += "---|"
+		} else {
+			rule += "---:|"
+		}
+	}
+	for _, n := range counts {
+		head += " " + fmt.Sprintf(col, n) + " |"
+		rule += "---:|"
+	}
+	fmt.Fprintln(w, head)
+	fmt.Fprintln(w, rule)
 }
 
 // counts parses a comma-separated list of counts from 1 to most.
