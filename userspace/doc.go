@@ -67,18 +67,16 @@
 // connections fewer: the kernel's spread by address leaves a few long
 // streams unevenly placed). It picks the backend, connects to it without
 // blocking (within Options.DialTimeout; a client whose backend fails is
-// reset), optionally
-// sends a PROXY protocol v2 header (ServiceOptions.ProxyProtocol) before
-// any byte of the client, then splices each socket into a pipe and the
+// reset), optionally sends a PROXY protocol v2 header
+// (ServiceOptions.ProxyProtocol) before any byte of the client, then splices each socket into a pipe and the
 // pipe into the other socket whenever epoll (edge-triggered, both
 // directions) says they are ready: the bytes never reach userspace
 // (TestZeroCopy: /proc/PID/io of a proxy that moved 512 MiB shows a few
 // hundred bytes read or written; TestZeroCopyStrace counts the splice
 // calls). A loop waits for its epoll set in the runtime's poller, so that
-// no thread blocks in a system call (a loop that blocked in epoll_wait
-// cost more CPU per connection: the scheduler takes the P of a thread in a
-// system call back after 20µs and hands it around). When a source ends its stream the
-// proxy shuts down the sending side of the other socket (the half-close
+// no thread blocks in a system call (loops blocking in their own
+// epoll_wait were measured too, and did no better: see loop.run). When a
+// source ends its stream the proxy shuts down the sending side of the other socket (the half-close
 // goes on), and the connection is closed once both directions have ended;
 // an error on either side closes both. There is no idle timeout unless
 // ServiceOptions.IdleTimeout sets one (the loop's timers enforce it);
@@ -89,9 +87,10 @@
 // sockets and about half a KiB of Go memory (TestMemoryPerIdleConnection),
 // and no goroutine or pipe: pipes are lent by a pool from the moment a
 // socket is readable until the pipe is empty and the socket has nothing
-// more. A connection moving bytes holds at most one pipe per direction, so at most 2·Options.PipeSize (128 KiB by default) of
-// data in the proxy, as page references, and four more file descriptors.
-// The kernel's socket buffers come on top: up to net.ipv4.tcp_rmem and
+// more. A connection moving bytes holds at most one pipe per direction,
+// so at most 2·Options.PipeSize (128 KiB by default) of data in the proxy,
+// as page references, and four more file descriptors. The kernel's socket
+// buffers come on top: up to net.ipv4.tcp_rmem and
 // tcp_wmem's maxima per socket under autotuning, or 4·Options.SocketBuffer
 // per socket when that is set.
 //

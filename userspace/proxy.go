@@ -368,9 +368,6 @@ func (p *Proxy) Counters() (datapath.Counters, error) {
 	return c, nil
 }
 
-// Flows implements datapath.Datapath: the connections being proxied,
-// sorted by service, VIP and client. Closing is set once either side has
-// ended its stream (FIN) or failed.
 // Tables implements datapath.TableReader: the connections being proxied,
 // whose capacity is Options.MaxConns (0: none but the file descriptor
 // limit), and the source-affinity table.
@@ -384,6 +381,9 @@ func (p *Proxy) Tables() ([]datapath.Table, error) {
 	}, nil
 }
 
+// Flows implements datapath.Datapath: the connections being proxied,
+// sorted by service, VIP and client. Closing is set once either side has
+// ended its stream (FIN) or failed.
 func (p *Proxy) Flows() ([]datapath.Flow, error) {
 	p.mu.Lock()
 	out := make([]datapath.Flow, 0, len(p.conns))
