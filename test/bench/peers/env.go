@@ -45,13 +45,7 @@ func (e *Env) File(name, content string) (string, error) {
 	return path, os.WriteFile(path, []byte(content), 0o600)
 }
 
-// Run runs a command in h's namespace and returns an error with its output
-// if it fails (lab.Host.Run).
-func (e *Env) Run(h *lab.Host, name string, args ...string) error {
-	return h.Run(name, args...)
-}
-
-// RunInput is Run with stdin.
+// RunInput is lab.Host.Run with stdin.
 func (e *Env) RunInput(h *lab.Host, stdin, name string, args ...string) error {
 	cmd := h.Command(name, args...)
 	cmd.Stdin = strings.NewReader(stdin)
@@ -68,22 +62,22 @@ func (e *Env) Sysctl(h *lab.Host, key, value string) (restore func() error, err 
 	if err != nil {
 		return nil, fmt.Errorf("sysctl %s in %s: %w", key, h.Name, err)
 	}
-	if err := e.Run(h, "sysctl", "-qw", key+"="+value); err != nil {
+	if err := h.Run("sysctl", "-qw", key+"="+value); err != nil {
 		return nil, err
 	}
-	return func() error { return e.Run(h, "sysctl", "-qw", key+"="+strings.TrimSpace(string(old))) }, nil
+	return func() error { return h.Run("sysctl", "-qw", key+"="+strings.TrimSpace(string(old))) }, nil
 }
 
 // LocalVIP makes the balancer accept connections to the VIP (a proxy's
 // listener) with a local route, and returns the function that removes it.
 func (e *Env) LocalVIP() (remove func() error, err error) {
 	route := []string{"route", "add", "local", e.VIP.String() + "/32", "dev", "lo", "table", "local"}
-	if err := e.Run(e.Lab.Balancer, "ip", route...); err != nil {
+	if err := e.Lab.Balancer.Run("ip", route...); err != nil {
 		return nil, err
 	}
 	return func() error {
 		route[1] = "del"
-		return e.Run(e.Lab.Balancer, "ip", route...)
+		return e.Lab.Balancer.Run("ip", route...)
 	}, nil
 }
 
@@ -93,7 +87,7 @@ func (e *Env) LocalVIP() (remove func() error, err error) {
 func (e *Env) ClientsViaBalancer() (restore func() error, err error) {
 	set := func(args ...string) error {
 		for _, be := range e.Lab.Backends {
-			if err := e.Run(be, "ip", append([]string{"route", "replace", "192.0.2.0/24"}, args...)...); err != nil {
+			if err := be.Run("ip", append([]string{"route", "replace", "192.0.2.0/24"}, args...)...); err != nil {
 				return err
 			}
 		}

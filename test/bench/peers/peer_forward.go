@@ -48,12 +48,12 @@ func startKernelForwarding(e *Env) (func() error, error) {
 			return nil, err
 		}
 		route := []string{"route", "add", e.VIP.String() + "/32", "via", e.Lab.Backends[0].Addr4.String(), "dev", "eth0"}
-		if err := e.Run(e.Lab.Balancer, "ip", route...); err != nil {
+		if err := e.Lab.Balancer.Run("ip", route...); err != nil {
 			return nil, joinErr(err, fwd())
 		}
 		return undo(fwd, func() error {
 			route[0], route[1] = "route", "del"
-			return e.Run(e.Lab.Balancer, "ip", route...)
+			return e.Lab.Balancer.Run("ip", route...)
 		}), nil
 	})
 }

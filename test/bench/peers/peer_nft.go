@@ -49,7 +49,7 @@ func applyNft(e *Env, family, ruleset string) (func() error, error) {
 	if err := e.RunInput(e.Lab.Balancer, ruleset, "nft", "-f", "-"); err != nil {
 		return nil, err
 	}
-	return func() error { return e.Run(e.Lab.Balancer, "nft", "delete", "table", family, nftTable) }, nil
+	return func() error { return e.Lab.Balancer.Run("nft", "delete", "table", family, nftTable) }, nil
 }
 
 func startNftDNAT(e *Env) (func() error, error) {

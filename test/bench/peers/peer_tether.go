@@ -61,7 +61,7 @@ func startTether(e *Env, datapath string) (func() error, error) {
 		// SIGTERM leaves the XDP program forwarding (that is how tether
 		// restarts without dropping connections); detach it for the
 		// next peer.
-		func() error { return e.Run(e.Lab.Balancer, e.Tether, "detach", "--pin-dir", e.Pins) },
+		func() error { return e.Lab.Balancer.Run(e.Tether, "detach", "--pin-dir", e.Pins) },
 		p.Stop,
 	)
 	if err := e.WaitServing(p, "tether"); err != nil {

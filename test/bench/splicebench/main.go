@@ -512,9 +512,8 @@ func connRate(l *lab.Lab, target func(int) netip.AddrPort, n, workers int) float
 // waitServing waits until an echo through vip succeeds or the balancer
 // process ends.
 func waitServing(l *lab.Lab, p *lab.Proc, vip netip.AddrPort, what string) {
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		err := l.Client.Do(func() error {
+	waitReady(p, what+" serving "+vip.String(), func() error {
+		return l.Client.Do(func() error {
 			c, err := dial(l.ClientAddrs4[0], vip)
 			if err != nil {
 				return err
@@ -528,16 +527,25 @@ func waitServing(l *lab.Lab, p *lab.Proc, vip netip.AddrPort, what string) {
 			_, err = io.ReadFull(c, b[:])
 			return err
 		})
+	})
+}
+
+// waitReady polls ready until it succeeds, and fails the run if p exits
+// first or 15 s pass; what names the wait in the failure.
+func waitReady(p *lab.Proc, what string, ready func() error) {
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		err := ready()
 		if err == nil {
 			return
 		}
 		select {
 		case <-p.Done():
-			fail(fmt.Sprintf("%s exited (%v):\n%s", what, p.Err(), p.Output()))
+			fail(fmt.Sprintf("%s: the process exited (%v):\n%s", what, p.Err(), p.Output()))
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			fail(fmt.Sprintf("%s does not serve %s after 15s (%v):\n%s", what, vip, err, p.Output()))
+			fail(fmt.Sprintf("%s: not ready after 15s (%v):\n%s", what, err, p.Output()))
 		}
 	}
 }
@@ -568,7 +576,7 @@ func startTether(l *lab.Lab, bin, tmp string, round int, vip netip.AddrPort, bac
 		p.Stop()
 		if hasLocalRoute(l, vip.Addr()) {
 			logf("tether left the local route of %s: removing it", vip.Addr())
-			ipIn(l.Balancer, "route", "del", "local", vip.Addr().String()+"/32", "dev", "lo", "table", "local")
+			l.Balancer.Run("ip", "route", "del", "local", vip.Addr().String()+"/32", "dev", "lo", "table", "local")
 		}
 	}
 	atExit(stop)
@@ -595,14 +603,14 @@ func startHAProxy(l *lab.Lab, tmp string, round int, vip netip.AddrPort, backend
 		fail(err.Error())
 	}
 	route := []string{"route", "add", "local", vip.Addr().String() + "/32", "dev", "lo", "table", "local"}
-	if err := ipIn(l.Balancer, route...); err != nil {
+	if err := l.Balancer.Run("ip", route...); err != nil {
 		fail(err.Error())
 	}
 	var once sync.Once
 	delRoute := func() {
 		once.Do(func() {
 			route[1] = "del"
-			if err := ipIn(l.Balancer, route...); err != nil {
+			if err := l.Balancer.Run("ip", route...); err != nil {
 				logf("%v", err)
 			}
 		})
@@ -625,8 +633,6 @@ func hasLocalRoute(l *lab.Lab, a netip.Addr) bool {
 	out, err := l.Balancer.Command("ip", "route", "show", "table", "local", a.String()).Output()
 	return err == nil && strings.Contains(string(out), "local")
 }
-
-func ipIn(h *lab.Host, args ...string) error { return h.Run("ip", args...) }
 
 func sysctl(h *lab.Host, kv string) {
 	if err := h.Run("sysctl", "-qw", kv); err != nil {
@@ -763,22 +769,14 @@ http {
 	}
 	atExit(func() { p.Stop() })
 	// Serving once a connection is accepted.
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		c, err := be.Dial(context.Background(), "tcp", netip.Addr{}, netip.AddrPortFrom(be.Addr4, httpPort).String())
+	addr := netip.AddrPortFrom(be.Addr4, httpPort)
+	waitReady(p, "nginx on "+be.Name+" accepting on "+addr.String(), func() error {
+		c, err := be.Dial(context.Background(), "tcp", netip.Addr{}, addr.String())
 		if err == nil {
 			c.Close()
-			return
 		}
-		select {
-		case <-p.Done():
-			fail(fmt.Sprintf("nginx on %s exited (%v):\n%s", be.Name, p.Err(), p.Output()))
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			fail(fmt.Sprintf("nginx on %s does not accept after 15s: %v\n%s", be.Name, err, p.Output()))
-		}
-	}
+		return err
+	})
 }
 
 // wrkRate runs wrk from the client host against to for secs seconds with
