@@ -18,9 +18,11 @@
 // reports the CPU time each balancer process used per GiB and per
 // connection, and for the connection rate where the machine's CPU went:
 // the balancer, this program (the clients and the backends), the rest, and
-// how long the CPUs sat idle. With -wrk (the default) it also measures the
-// connection rate with C programs around the balancers: wrk on the client,
-// a new connection per request, and nginx on the backends.
+// how long the CPUs sat idle; and the context switches per connection, of
+// the balancer's threads (waits and preemptions) and of the machine. With
+// -wrk (the default) it also measures the connection rate with C programs
+// around the balancers: wrk on the client, a new connection per request,
+// and nginx on the backends.
 //
 // It needs root, `ip`, haproxy, and for -wrk wrk and nginx. `make bench`
 // installs them and runs it.
@@ -93,7 +95,11 @@ type sample struct {
 	// program (the clients and the backends), of the whole machine, and
 	// the machine's idle share.
 	genConns, busyConns, idleConns []float64
-	http                           []float64 // by o.wrkConns: wrk's requests (connections) per second
+	// ... and the context switches: of the balancer's threads, when they
+	// waited (voluntary) and when they were preempted (involuntary), and
+	// of the whole machine.
+	waitConns, preemptConns, switchConns []float64
+	http                                 []float64 // by o.wrkConns: wrk's requests (connections) per second
 }
 
 func main() {
@@ -216,8 +222,13 @@ func main() {
 			s.cpuOne, s.cpuEight = c1-c0, c2-c1
 			for _, n := range o.workers {
 				g0, m0 := cpuSeconds(os.Getpid()), machineTimes()
+				w0, p0 := switches(pid)
 				s.cps = append(s.cps, connRate(l, target, o.conns, n))
 				g1, m1, c3 := cpuSeconds(os.Getpid()), machineTimes(), cpuSeconds(pid)
+				w1, p1 := switches(pid)
+				s.waitConns = append(s.waitConns, w1-w0)
+				s.preemptConns = append(s.preemptConns, p1-p0)
+				s.switchConns = append(s.switchConns, m1.switches-m0.switches)
 				s.cpuConns = append(s.cpuConns, c3-c2)
 				s.genConns = append(s.genConns, g1-g0)
 				s.busyConns = append(s.busyConns, m1.busy-m0.busy)
@@ -319,6 +330,21 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 			idle := med(samples[i], func(s sample) float64 { return s.idleConns[k] })
 			// rest is a difference of tick counts: -0.4 is 0.
 			fmt.Fprintf(w, "| %s | %d | %.0f | %.0f | %.0f | %.0f | %.0f%% |\n", b.name, n, us(bal), us(gen), math.Round(us(rest))+0, us(all), 100*idle)
+		}
+	}
+	fmt.Fprintln(w)
+
+	fmt.Fprintln(w, "Context switches per connection during the connection rates (medians of the rounds): of the balancer's threads, those where a thread went to sleep to wait for events (voluntary) and those where it was runnable and the scheduler gave its CPU to another thread (preempted); and of the whole machine (/proc/PID/task/*/status, /proc/stat). Every switch delays what the thread had left to do, and the machine's switches cost CPU in the kernel.")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| balancer | workers | balancer waited | balancer preempted | whole machine |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|---:|")
+	for i, b := range bals {
+		for k, n := range o.workers {
+			per := func(f func(sample) float64) float64 { return med(samples[i], f) / float64(o.conns) }
+			fmt.Fprintf(w, "| %s | %d | %.2f | %.2f | %.2f |\n", b.name, n,
+				per(func(s sample) float64 { return s.waitConns[k] }),
+				per(func(s sample) float64 { return s.preemptConns[k] }),
+				per(func(s sample) float64 { return s.switchConns[k] }))
 		}
 	}
 	fmt.Fprintln(w)
@@ -657,6 +683,40 @@ func cpuSeconds(pid int) float64 {
 	return (ut + st) / 100 // USER_HZ
 }
 
+// switches sums the context switches of pid's threads: those where a
+// thread gave up the CPU to wait, and those where it was preempted. The
+// counts of threads that have exited are lost, but neither balancer
+// normally ends threads while it serves.
+func switches(pid int) (wait, preempt float64) {
+	if pid == 0 {
+		return 0, 0
+	}
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return 0, 0
+	}
+	for _, t := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", pid, t.Name()))
+		if err != nil {
+			continue // the thread has just exited
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			k, v, ok := strings.Cut(line, ":")
+			if !ok {
+				continue
+			}
+			n, _ := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			switch k {
+			case "voluntary_ctxt_switches":
+				wait += n
+			case "nonvoluntary_ctxt_switches":
+				preempt += n
+			}
+		}
+	}
+	return wait, preempt
+}
+
 func haproxyVersion() string {
 	out, err := exec.Command("haproxy", "-v").Output()
 	if err != nil {
@@ -672,13 +732,14 @@ func haproxyVersion() string {
 func cpus() int { return runtime.NumCPU() }
 
 // machineTimes is the CPU time the machine spent busy and idle since boot,
-// over all CPUs, in seconds (the first line of /proc/stat).
-func machineTimes() (t struct{ busy, idle float64 }) {
+// over all CPUs, in seconds (the first line of /proc/stat), and its count
+// of context switches (the ctxt line).
+func machineTimes() (t struct{ busy, idle, switches float64 }) {
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {
 		fail(err.Error())
 	}
-	line, _, _ := strings.Cut(string(b), "\n")
+	line, rest, _ := strings.Cut(string(b), "\n")
 	// cpu user nice system idle iowait irq softirq steal (guest time is
 	// counted in user and nice already).
 	f := strings.Fields(line)
@@ -696,6 +757,17 @@ func machineTimes() (t struct{ busy, idle float64 }) {
 			t.busy += v / 100
 		}
 	}
+	for _, line := range strings.Split(rest, "\n") {
+		if f := strings.Fields(line); len(f) == 2 && f[0] == "ctxt" {
+			v, err := strconv.ParseFloat(f[1], 64)
+			if err != nil {
+				fail(fmt.Sprintf("/proc/stat: %q: %v", line, err))
+			}
+			t.switches = v
+			return t
+		}
+	}
+	fail("/proc/stat has no ctxt line")
 	return t
 }
 
