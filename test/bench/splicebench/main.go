@@ -116,12 +116,26 @@ func main() {
 	flag.IntVar(&o.wrkSecs, "wrk-secs", 3, "seconds per wrk measurement")
 	out := flag.String("out", "", "also write the report to this `file`")
 	flag.Parse()
+	for _, c := range []struct {
+		bad  bool
+		want string
+	}{
+		{o.backends < 1 || o.backends > 3, "-backends is 1, 2 or 3"},
+		{o.runs < 1, "-runs is at least 1"},
+		{o.mib < 8, "-mib is at least 8 (1 MiB per stream of 8)"},
+		{o.conns < 1, "-conns is at least 1"},
+		{o.clients < 1, "-clients is at least 1"},
+		{o.wrkSecs < 1, "-wrk-secs is at least 1"},
+		{o.hapThr < 0, "-haproxy-threads is 0 (HAProxy's default) or more"},
+	} {
+		if c.bad {
+			fail("bad flags: " + c.want)
+		}
+	}
+
 	o.workers = counts("-workers", *workers, o.conns)
 	if *wrkConns != "" {
 		o.wrkConns = counts("-wrk", *wrkConns, 10000)
-	}
-	if o.backends < 1 || o.backends > 3 || o.runs < 1 || o.mib < 8 || o.wrkSecs < 1 {
-		fail("bad flags")
 	}
 
 	benchrun.FailOnSignal()
