@@ -77,7 +77,8 @@ type options struct {
 	backends int
 	clients  int
 	hapThr   int
-	wrkConns []int // wrk's concurrent connections, one measurement each
+	wrkConns []int  // wrk's concurrent connections, one measurement each
+	compare  string // another tether binary, measured as one more balancer
 	wrkSecs  int
 }
 
@@ -115,6 +116,7 @@ func main() {
 	wrkConns := flag.String("wrk", "4,16", "concurrent connections of the HTTP connection-rate measurements by wrk against nginx backends, a comma-separated `list` (empty: none)")
 	flag.IntVar(&o.wrkSecs, "wrk-secs", 3, "seconds per wrk measurement")
 	out := flag.String("out", "", "also write the report to this `file`")
+	flag.StringVar(&o.compare, "compare", "", "also measure this tether `binary` (another build), as one more balancer in every round: the drift between runs is larger than most changes, the drift within a run falls on all alike")
 	flag.Parse()
 	for _, c := range []struct {
 		bad  bool
@@ -133,6 +135,16 @@ func main() {
 		}
 	}
 
+	if o.compare != "" {
+		if st, err := os.Stat(o.compare); err != nil || st.IsDir() || st.Mode()&0o111 == 0 {
+			fail(fmt.Sprintf("bad flags: -compare %q is not an executable file", o.compare))
+		}
+		abs, err := filepath.Abs(o.compare)
+		if err != nil {
+			fail(err.Error())
+		}
+		o.compare = abs
+	}
 	o.workers = counts("-workers", *workers, o.conns)
 	if *wrkConns != "" {
 		o.wrkConns = counts("-wrk", *wrkConns, 10000)
@@ -204,19 +216,27 @@ func main() {
 
 	bals := []balancer{
 		{name: "direct (no balancer)"},
-		{name: "tether (splice)", start: func(round int) (func(), int) { return startTether(l, tetherBin, tmp, round, vip, backendAddrs, ports) }},
+		{name: "tether (splice)", start: func(round int) (func(), int) {
+			return startTether(l, tetherBin, filepath.Join(tmp, fmt.Sprintf("tether-%d", round)), vip, backendAddrs, ports)
+		}},
 		{name: "haproxy " + hapVersion + " (splice-auto)", start: func(round int) (func(), int) {
 			return startHAProxy(l, tmp, round, vip, backendAddrs, ports, o.hapThr)
 		}},
 	}
+	if o.compare != "" {
+		bals = append(bals, balancer{name: "-compare " + filepath.Base(o.compare) + " (splice)", start: func(round int) (func(), int) {
+			return startTether(l, o.compare, filepath.Join(tmp, fmt.Sprintf("compare-%d", round)), vip, backendAddrs, ports)
+		}})
+	}
 	samples := make([][]sample, len(bals))
 	for r := 0; r < o.runs; r++ {
-		// Direct first, then the two balancers, taking turns to go
-		// first: each inherits what the one before left (TIME_WAIT
-		// sockets, caches), and neither should always follow the other.
-		order := []int{0, 1, 2}
-		if r%2 == 1 {
-			order = []int{0, 2, 1}
+		// Direct first, then the balancers in an order that rotates by
+		// one each round (with two, they take turns to go first): each
+		// inherits what the one before left (TIME_WAIT sockets, caches),
+		// and none should always follow the same one.
+		order := []int{0}
+		for k := range len(bals) - 1 {
+			order = append(order, 1+(r+k)%(len(bals)-1))
 		}
 		for _, i := range order {
 			b := bals[i]
@@ -280,22 +300,35 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 	one := func(s sample) float64 { return s.one }
 	eight := func(s sample) float64 { return s.eight }
 	cps := func(k int) func(sample) float64 { return func(s sample) float64 { return s.cps[k] } }
-	// ratio is tether's median over HAProxy's, and the spread of the
-	// ratio round by round (the rounds interleave the balancers).
-	ratio := func(f func(sample) float64) string {
-		t, h := samples[1], samples[2]
+	// ratio is the median of balancer a over b's (tether over HAProxy,
+	// or -compare over tether), and the spread of the ratio round by
+	// round (the rounds interleave the balancers).
+	ratios := func(a, b int, f func(sample) float64) string {
+		t, h := samples[a], samples[b]
 		var rs []float64
 		for r := range t {
 			rs = append(rs, f(t[r])/f(h[r]))
 		}
 		return fmt.Sprintf("**%.2f** (%.2f–%.2f)", med(t, f)/med(h, f), slices.Min(rs), slices.Max(rs))
 	}
+	type ratioRow struct {
+		name string
+		a, b int // indices in bals
+	}
+	ratioRows := []ratioRow{{"tether / haproxy", 1, 2}}
+	if o.compare != "" {
+		ratioRows = append(ratioRows, ratioRow{"-compare / tether", 3, 1})
+	}
 
 	fmt.Fprintf(w, "# tether splice datapath against HAProxy (%s, %s, %d CPUs)\n\n", time.Now().UTC().Format("2006-01-02"), benchrun.Kernel(), cpus())
-	fmt.Fprintf(w, "One lab (client, balancer, %d backends on one bridge), one run, %d interleaved rounds (direct, then tether and HAProxy, taking turns to go first); medians, min–max in parentheses.\n", len(l.Backends), o.runs)
+	fmt.Fprintf(w, "One lab (client, balancer, %d backends on one bridge), one run, %d interleaved rounds (direct, then the balancers in an order that rotates by one each round); medians, min–max in parentheses.\n", len(l.Backends), o.runs)
 	fmt.Fprintf(w, "Throughput: the client sends %d MiB in all (1 stream, or 8 streams of %d MiB from 8 source addresses), the backend discards it and acknowledges the end; MiB/s = bytes / elapsed.\n", o.mib, o.mib/8)
 	fmt.Fprintf(w, "Connection rate: %d connections, each connect, write 1 byte, read its echo, close, by N concurrent workers: with few, each connection's latency through the balancer bounds the rate; with many, the CPUs are busy and the work per connection does.\n", o.conns)
-	fmt.Fprintln(w, "The last row is tether's median over HAProxy's, and in parentheses the lowest and highest ratio of a single round.")
+	if o.compare != "" {
+		fmt.Fprintln(w, "The last rows are tether's median over HAProxy's and -compare's over tether's, and in parentheses the lowest and highest ratio of a single round.")
+	} else {
+		fmt.Fprintln(w, "The last row is tether's median over HAProxy's, and in parentheses the lowest and highest ratio of a single round.")
+	}
 	fmt.Fprintln(w)
 	header(w, []string{"balancer", "1 stream MiB/s", "8 streams MiB/s"}, "conns/s, %d workers", o.workers)
 	for i, b := range bals {
@@ -307,11 +340,14 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 		}
 		fmt.Fprintln(w)
 	}
-	fmt.Fprintf(w, "| **tether / haproxy** | %s | %s |", ratio(one), ratio(eight))
-	for k := range o.workers {
-		fmt.Fprintf(w, " %s |", ratio(cps(k)))
+	for _, rr := range ratioRows {
+		fmt.Fprintf(w, "| **%s** | %s | %s |", rr.name, ratios(rr.a, rr.b, one), ratios(rr.a, rr.b, eight))
+		for k := range o.workers {
+			fmt.Fprintf(w, " %s |", ratios(rr.a, rr.b, cps(k)))
+		}
+		fmt.Fprintln(w)
 	}
-	fmt.Fprint(w, "\n\n")
+	fmt.Fprintln(w)
 
 	fmt.Fprintln(w, "CPU time of the balancer process (user + system, from /proc/PID/stat; medians):")
 	fmt.Fprintln(w)
@@ -374,11 +410,14 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 			}
 			fmt.Fprintln(w)
 		}
-		fmt.Fprint(w, "| **tether / haproxy** |")
-		for k := range o.wrkConns {
-			fmt.Fprintf(w, " %s |", ratio(func(s sample) float64 { return s.http[k] }))
+		for _, rr := range ratioRows {
+			fmt.Fprintf(w, "| **%s** |", rr.name)
+			for k := range o.wrkConns {
+				fmt.Fprintf(w, " %s |", ratios(rr.a, rr.b, func(s sample) float64 { return s.http[k] }))
+			}
+			fmt.Fprintln(w)
 		}
-		fmt.Fprint(w, "\n\n")
+		fmt.Fprintln(w)
 	}
 	threads := "not set (HAProxy's default: one thread per CPU)"
 	if o.hapThr > 0 {
@@ -590,8 +629,9 @@ func waitReady(p *lab.Proc, what string, ready func() error) {
 	}
 }
 
-func startTether(l *lab.Lab, bin, tmp string, round int, vip netip.AddrPort, backends []netip.AddrPort, ports []uint16) (func(), int) {
-	dir := filepath.Join(tmp, fmt.Sprintf("tether-%d", round))
+// startTether runs bin as `tether run` on the balancer, with its
+// configuration, socket and pins in dir.
+func startTether(l *lab.Lab, bin, dir string, vip netip.AddrPort, backends []netip.AddrPort, ports []uint16) (func(), int) {
 	if err := os.MkdirAll(filepath.Join(dir, "pins"), 0o700); err != nil {
 		fail(err.Error())
 	}
