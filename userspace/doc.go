@@ -56,8 +56,9 @@
 //
 // # Moving bytes
 //
-// The proxy runs Options.Loops event loops (one per GOMAXPROCS by default,
-// as HAProxy runs one thread per CPU), and no goroutine per connection.
+// The proxy runs Options.Loops event loops (one per P that the process
+// had by default, as HAProxy runs one thread per CPU), and no goroutine
+// per connection.
 // Each service listens with one socket per loop (SO_REUSEPORT: the kernel
 // spreads new clients over them). UpsertService refuses a second service
 // of the proxy on the same VIP and port, and binds a socket without
@@ -73,9 +74,10 @@
 // directions) says they are ready: the bytes never reach userspace
 // (TestZeroCopy: /proc/PID/io of a proxy that moved 512 MiB shows a few
 // hundred bytes read or written; TestZeroCopyStrace counts the splice
-// calls). A loop waits for its epoll set in the runtime's poller, so that
-// no thread blocks in a system call (loops blocking in their own
-// epoll_wait were measured too, and did no better: see loop.run). When a
+// calls). Each loop waits for its sockets in its own epoll_wait, holding
+// its P, and the proxy raises GOMAXPROCS to keep one P more than its loops
+// for the rest of the process (see loop.run for the designs measured
+// against this one). When a
 // source ends its stream the proxy shuts down the sending side of the other socket (the half-close
 // goes on), and the connection is closed once both directions have ended;
 // an error on either side closes both. There is no idle timeout unless

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -76,7 +75,9 @@ type Options struct {
 	SocketBuffer int
 	// Loops is the number of event loops, each a goroutine with its own
 	// epoll set and a listening socket per service (runtime.GOMAXPROCS
-	// when zero, as HAProxy runs a thread per CPU).
+	// when zero, as HAProxy runs a thread per CPU). Each loop holds a P
+	// while it waits: the proxy raises GOMAXPROCS to one more than the
+	// loops of all its proxies while they run.
 	Loops int
 	// AffinityEntries is the size of the source-affinity table
 	// (DefaultAffinityEntries); when it is full, the least recently seen of
@@ -430,27 +431,29 @@ func (p *Proxy) Close() error {
 	}
 	p.mu.Unlock()
 	p.wg.Wait()
+	if p.loops != nil {
+		releaseProcs(len(p.loops))
+	}
 	p.pipes.close()
 	return nil
 }
 
-// startLoops starts the event loops, one per GOMAXPROCS, unless they run.
+// startLoops starts the event loops, Options.Loops or one per P (see
+// holdProcs), unless they run.
 func (p *Proxy) startLoops() error {
 	if p.loops != nil {
 		return nil
 	}
-	n := p.opts.Loops
-	if n <= 0 {
-		n = runtime.GOMAXPROCS(0)
-	}
+	n := holdProcs(p.opts.Loops)
 	loops := make([]*loop, 0, n)
 	for range n {
 		lp, err := newLoop(p)
 		if err != nil {
 			for _, lp := range loops {
-				lp.ep.Close()
+				closeFD(lp.epfd)
 				closeFD(lp.evfd)
 			}
+			releaseProcs(n)
 			return err
 		}
 		loops = append(loops, lp)

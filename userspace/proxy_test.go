@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/netip"
 	"reflect"
+	"runtime"
 	"sync"
 	"syscall"
 	"testing"
@@ -624,6 +625,48 @@ func TestMaxConns(t *testing.T) {
 	if cn, _ := p.Counters(); cn.Reasons[ReasonConnLimit] != 1 {
 		t.Fatalf("reasons %v", cn.Reasons)
 	}
+}
+
+// TestLoopsHoldProcs checks the Ps of the event loops, which keep theirs
+// while they wait in epoll_wait: one more P for the rest of the process
+// than loops in all proxies, clients served with more loops than the
+// process had Ps, and every P given back when the proxies close.
+func TestLoopsHoldProcs(t *testing.T) {
+	base := runtime.GOMAXPROCS(0)
+	be := listenServe(t, "127.0.0.1:0", namedEcho("be1"))
+	start := func(id uint32, loops int) (*Proxy, netip.AddrPort) {
+		p := newProxy(t, Options{Loops: loops})
+		vip := loopVIPPort(t)
+		if err := p.UpsertService(loopService(t, id, vip, false, be)); err != nil {
+			t.Fatal(err)
+		}
+		return p, vip
+	}
+	procs := func(want int, when string) {
+		t.Helper()
+		if got := runtime.GOMAXPROCS(0); got != want {
+			t.Fatalf("%s: GOMAXPROCS %d, want %d (%d before)", when, got, want, base)
+		}
+	}
+	p1, vip1 := start(1, base+1)
+	procs(base+2, fmt.Sprintf("%d loops", base+1))
+	p2, vip2 := start(2, 1)
+	procs(base+3, fmt.Sprintf("%d + 1 loops", base+1))
+	for i := range 20 {
+		vip := vip1
+		if i%2 == 1 {
+			vip = vip2
+		}
+		c := dialEcho(t, netip.Addr{}, vip)
+		if err := c.echo(fmt.Sprint("hello ", i)); err != nil {
+			t.Fatalf("echo %d through %s: %v", i, vip, err)
+		}
+		c.Close()
+	}
+	p2.Close()
+	procs(base+2, "second proxy closed")
+	p1.Close()
+	procs(base, "both closed")
 }
 
 func TestUDPRefused(t *testing.T) {
