@@ -56,9 +56,9 @@
 //
 // # Moving bytes
 //
-// The proxy runs Options.Loops event loops (one per P that the process
-// had by default, as HAProxy runs one thread per CPU), and no goroutine
-// per connection.
+// The proxy runs Options.Loops event loops (by default one per P that the
+// process had before its first loop started, as HAProxy runs one thread
+// per CPU), and no goroutine per connection.
 // Each service listens with one socket per loop (SO_REUSEPORT: the kernel
 // spreads new clients over them). UpsertService refuses a second service
 // of the proxy on the same VIP and port, and binds a socket without

@@ -76,8 +76,8 @@ type Options struct {
 	// Loops is the number of event loops, each a goroutine with its own
 	// epoll set and a listening socket per service (runtime.GOMAXPROCS
 	// when zero, as HAProxy runs a thread per CPU). Each loop holds a P
-	// while it waits: the proxy raises GOMAXPROCS to one more than the
-	// loops of all its proxies while they run.
+	// while it waits: while loops run, GOMAXPROCS is raised to one more
+	// than the loops of all proxies in the process.
 	Loops int
 	// AffinityEntries is the size of the source-affinity table
 	// (DefaultAffinityEntries); when it is full, the least recently seen of
@@ -429,11 +429,10 @@ func (p *Proxy) Close() error {
 	for _, lp := range p.loops {
 		lp.send(command{op: cmdStop})
 	}
+	loops := len(p.loops)
 	p.mu.Unlock()
 	p.wg.Wait()
-	if p.loops != nil {
-		releaseProcs(len(p.loops))
-	}
+	releaseProcs(loops)
 	p.pipes.close()
 	return nil
 }

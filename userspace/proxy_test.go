@@ -648,6 +648,9 @@ func TestLoopsHoldProcs(t *testing.T) {
 			t.Fatalf("%s: GOMAXPROCS %d, want %d (%d before)", when, got, want, base)
 		}
 	}
+	// A proxy without a service never starts its loops.
+	newProxy(t, Options{}).Close()
+	procs(base, "a proxy without loops closed")
 	p1, vip1 := start(1, base+1)
 	procs(base+2, fmt.Sprintf("%d loops", base+1))
 	p2, vip2 := start(2, 1)

@@ -279,7 +279,7 @@ func connectRaw(fd int, sa unsafe.Pointer, salen uintptr) syscall.Errno {
 
 // setsockoptInt is unix.SetsockoptInt as a raw system call: setting an
 // option never blocks, and the runtime's system call path costs more than
-// the call on a connection's path (see spliceRetry).
+// the call on a connection's path (see splice).
 func setsockoptInt(fd, level, opt, v int) error {
 	v32 := int32(v)
 	_, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v32)), unsafe.Sizeof(v32), 0)
