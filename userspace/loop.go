@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -119,15 +120,26 @@ func newLoop(p *Proxy) (*loop, error) {
 
 // send queues a command and wakes the loop. Commands to a stopped loop
 // are dropped (false).
+//
+// The eventfd is written after the mutex is released: the write wakes the
+// loop, which takes the mutex at once to read its commands, and finding
+// it still held would park the loop's goroutine, to be resumed by the
+// runtime on whichever thread is free. Only the sender that found no
+// write pending writes, and the loop takes the commands queued since the
+// last wake-up only after that write has woken it. So when the loop takes
+// a stop command, which also refuses every later command, no sender is
+// left to write: it may close the eventfd.
 func (lp *loop) send(c command) bool {
 	lp.mu.Lock()
-	defer lp.mu.Unlock()
 	if lp.stopped {
+		lp.mu.Unlock()
 		return false
 	}
 	lp.cmds = append(lp.cmds, c)
-	if !lp.pending {
-		lp.pending = true
+	wake := !lp.pending
+	lp.pending = true
+	lp.mu.Unlock()
+	if wake {
 		one := uint64(1)
 		unix.RawSyscall(unix.SYS_WRITE, uintptr(lp.evfd), uintptr(unsafe.Pointer(&one)), 8)
 	}
@@ -278,8 +290,9 @@ func (lp *loop) commands() bool {
 	cmds := lp.cmds
 	lp.cmds = nil
 	lp.pending = false
+	stop := slices.ContainsFunc(cmds, func(c command) bool { return c.op == cmdStop })
+	lp.stopped = stop
 	lp.mu.Unlock()
-	stop := false
 	for _, c := range cmds {
 		switch c.op {
 		case cmdListen:
@@ -294,8 +307,6 @@ func (lp *loop) commands() bool {
 			c.c.finish(true)
 		case cmdServe:
 			lp.serve(c.svc, c.fd, c.client)
-		case cmdStop:
-			stop = true
 		}
 	}
 	return stop
@@ -311,7 +322,8 @@ func (lp *loop) closeListener(ls *lsock) {
 }
 
 // stop closes every connection and listening socket of the loop, and the
-// loop's own descriptors.
+// loop's own descriptors. The commands that came with the stop have run;
+// later ones were refused (send).
 func (lp *loop) stop() {
 	for _, c := range lp.conns {
 		if c != nil {
@@ -321,21 +333,7 @@ func (lp *loop) stop() {
 	for _, ls := range lp.lsocks {
 		lp.closeListener(ls)
 	}
-	lp.mu.Lock()
-	lp.stopped = true
-	// Commands that came with or after the stop.
-	for _, c := range lp.cmds {
-		switch c.op {
-		case cmdListen:
-			lp.closeListener(c.ls)
-		case cmdServe:
-			lp.load.Add(-1)
-			resetFD(c.fd)
-		}
-	}
-	lp.cmds = nil
 	closeFD(lp.evfd)
-	lp.mu.Unlock()
 	closeFD(lp.epfd)
 }
 
