@@ -21,6 +21,11 @@ APT_PACKAGES = clang llvm libbpf-dev linux-libc-dev iproute2 bpftool clang-forma
 # (policy-rc.d).
 BENCH_PACKAGES = haproxy nginx libnginx-mod-stream wrk
 
+# apt-get waits up to 5 minutes for the package database lock instead of
+# failing at once when another apt-get (unattended upgrades, a second
+# make) holds it.
+APT = DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -q
+
 .DEFAULT_GOAL := help
 
 .PHONY: help
@@ -29,8 +34,8 @@ help: ## list the targets
 
 .PHONY: deps
 deps: ## install the build and test tools with apt-get (root)
-	apt-get update -q
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
+	$(APT) update
+	$(APT) install -y --no-install-recommends $(APT_PACKAGES)
 
 # Tools the tests and the lab run (ip, strace): installed with apt-get when
 # missing, so that `sudo make test` and `sudo make lab` work on a fresh
@@ -41,7 +46,7 @@ tools:
 		command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+		$(APT) update && $(APT) install -y --no-install-recommends $$missing; \
 	fi
 
 .PHONY: generate
@@ -75,7 +80,7 @@ bench-deps:
 		echo "installing$$missing"; \
 		policy=/usr/sbin/policy-rc.d; made=""; \
 		if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy && chmod +x $$policy && made=1; fi; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; rc=$$?; \
+		$(APT) update && $(APT) install -y --no-install-recommends $$missing; rc=$$?; \
 		if [ -n "$$made" ]; then rm -f $$policy; fi; \
 		exit $$rc; \
 	fi
