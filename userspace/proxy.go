@@ -527,6 +527,7 @@ func (lp *loop) serve(s *service, cfd int, client netip.AddrPort) {
 	if c.idleTimeout > 0 {
 		heap.Push(&lp.timers, timer{when: lp.now + int64(c.idleTimeout), c: c})
 	}
+	lp.keepAliveLater(c)
 	c.progress()
 }
 

@@ -707,7 +707,9 @@ func TestFreebind(t *testing.T) {
 }
 
 // TestSocketOptions checks TCP keepalive toward both ends and the socket
-// buffer cap on the proxy's two sockets of a connection.
+// buffer cap on the proxy's two sockets of a connection. The client's
+// socket has its keepalive from the start; the backend's gets it once the
+// connection is a second old (loop.keepAliveLater), and not before.
 func TestSocketOptions(t *testing.T) {
 	be := listenServe(t, "127.0.0.1:0", namedEcho("be1"))
 	ka := net.KeepAliveConfig{Enable: true, Idle: 45 * time.Second, Interval: 5 * time.Second, Count: 3}
@@ -716,6 +718,7 @@ func TestSocketOptions(t *testing.T) {
 	if err := p.UpsertService(loopService(t, 1, vip, false, be)); err != nil {
 		t.Fatal(err)
 	}
+	start := time.Now()
 	dialEcho(t, netip.Addr{}, vip)
 	p.mu.Lock()
 	var c *conn
@@ -725,23 +728,33 @@ func TestSocketOptions(t *testing.T) {
 	if c == nil {
 		t.Fatal("no connection in the table")
 	}
-	for side, fd := range map[string]int{"client": c.sides[0].fd, "backend": c.sides[1].fd} {
-		get := func(level, opt int) int {
-			v, err := unix.GetsockoptInt(fd, level, opt)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return v
+	get := func(fd, level, opt int) int {
+		v, err := unix.GetsockoptInt(fd, level, opt)
+		if err != nil {
+			t.Fatal(err)
 		}
-		got := [...]int{
-			get(unix.SOL_SOCKET, unix.SO_KEEPALIVE), get(unix.IPPROTO_TCP, unix.TCP_KEEPIDLE),
-			get(unix.IPPROTO_TCP, unix.TCP_KEEPINTVL), get(unix.IPPROTO_TCP, unix.TCP_KEEPCNT),
+		return v
+	}
+	keepAlive := func(fd int) [4]int {
+		return [...]int{
+			get(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE), get(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE),
+			get(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL), get(fd, unix.IPPROTO_TCP, unix.TCP_KEEPCNT),
 		}
-		if got != [...]int{1, 45, 5, 3} {
-			t.Errorf("%s socket: keepalive, idle, interval, count = %v, want [1 45 5 3]", side, got)
-		}
+	}
+	want := [...]int{1, 45, 5, 3}
+	cfd, bfd := c.sides[0].fd, c.sides[1].fd
+	if got := keepAlive(cfd); got != want {
+		t.Errorf("client socket: keepalive, idle, interval, count = %v, want %v", got, want)
+	}
+	if on := get(bfd, unix.SOL_SOCKET, unix.SO_KEEPALIVE); on != 0 && time.Since(start) < keepAliveAge {
+		t.Errorf("backend socket has keepalive %v after connecting, want it only after %v", time.Since(start), keepAliveAge)
+	}
+	if !eventually(2*keepAliveAge+time.Second, func() bool { return keepAlive(bfd) == want }) {
+		t.Errorf("backend socket: keepalive, idle, interval, count = %v after %v, want %v", keepAlive(bfd), time.Since(start), want)
+	}
+	for side, fd := range map[string]int{"client": cfd, "backend": bfd} {
 		// The kernel doubles what it is given.
-		if rcv, snd := get(unix.SOL_SOCKET, unix.SO_RCVBUF), get(unix.SOL_SOCKET, unix.SO_SNDBUF); rcv != 2*96<<10 || snd != 2*96<<10 {
+		if rcv, snd := get(fd, unix.SOL_SOCKET, unix.SO_RCVBUF), get(fd, unix.SOL_SOCKET, unix.SO_SNDBUF); rcv != 2*96<<10 || snd != 2*96<<10 {
 			t.Errorf("%s socket: SO_RCVBUF %d, SO_SNDBUF %d, want %d", side, rcv, snd, 2*96<<10)
 		}
 	}

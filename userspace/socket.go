@@ -116,6 +116,9 @@ func (p *Proxy) listenOptions(fd int, v6, reusePort bool) error {
 	if err := freebind(fd, v6); err != nil {
 		return err
 	}
+	if err := setKeepAlive(fd, p.opts.KeepAlive); err != nil {
+		return err
+	}
 	return p.connOptions(fd)
 }
 
@@ -191,7 +194,8 @@ func (p *Proxy) setBuffers(fd int) error {
 }
 
 // dial makes the socket to a backend in the proxy's namespace, with
-// keepalive and buffer settings, and starts connecting it. The socket is
+// buffer settings and TCP_NODELAY, and starts connecting it (its keepalive
+// comes later: loop.keepAliveLater). The socket is
 // non-blocking: connected says whether the handshake is over already
 // (over veth or loopback it often is when connect returns); if not, the
 // returned dialing lets the loop ask again once the socket is writable, as
@@ -230,14 +234,12 @@ func (p *Proxy) dial(b netip.AddrPort) (fd int, d *dialing, err error) {
 	return -1, nil, os.NewSyscallError("connect", cerr)
 }
 
-// connOptions sets the options that both sockets of a connection have:
-// buffers, keepalive and TCP_NODELAY (as net does). A socket to a backend
-// gets them before it connects, a client's socket from its listening one.
+// connOptions sets the options that both sockets of a connection have
+// from the start: buffers and TCP_NODELAY (as net does). A socket to a
+// backend gets them before it connects, a client's socket from its
+// listening one.
 func (p *Proxy) connOptions(fd int) error {
 	if err := p.setBuffers(fd); err != nil {
-		return err
-	}
-	if err := setKeepAlive(fd, p.opts.KeepAlive); err != nil {
 		return err
 	}
 	if err := setsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
