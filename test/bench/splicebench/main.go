@@ -30,6 +30,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -51,6 +52,7 @@ import (
 
 	"github.com/tetherlb/tether/lab"
 	"github.com/tetherlb/tether/test/bench/benchrun"
+	"github.com/tetherlb/tether/test/bench/syscount"
 )
 
 const (
@@ -80,6 +82,7 @@ type options struct {
 	wrkConns []int  // wrk's concurrent connections, one measurement each
 	compare  string // another tether binary, measured as one more balancer
 	wrkSecs  int
+	sysConns int // connections of the system call count (0: none)
 }
 
 type balancer struct {
@@ -101,6 +104,9 @@ type sample struct {
 	// of the whole machine.
 	waitConns, preemptConns, switchConns []float64
 	http                                 []float64 // by o.wrkConns: wrk's requests (connections) per second
+	// The balancer's system calls per connection, by name, over
+	// o.sysConns connections by o.workers[0] workers.
+	syscalls map[string]float64
 }
 
 func main() {
@@ -115,6 +121,7 @@ func main() {
 	flag.IntVar(&o.hapThr, "haproxy-threads", 0, "HAProxy nbthread (0: HAProxy's default, one per CPU)")
 	wrkConns := flag.String("wrk", "4,16", "concurrent connections of the HTTP connection-rate measurements by wrk against nginx backends, a comma-separated `list` (empty: none)")
 	flag.IntVar(&o.wrkSecs, "wrk-secs", 3, "seconds per wrk measurement")
+	flag.IntVar(&o.sysConns, "syscall-conns", 2000, "connections (by the first -workers count) over which the balancer's system calls are counted, in a pass of their own after the timed ones (0: none)")
 	out := flag.String("out", "", "also write the report to this `file`")
 	flag.StringVar(&o.compare, "compare", "", "also measure this tether `binary` (another build), as one more balancer in every round: the drift between runs is larger than most changes, the drift within a run falls on all alike")
 	flag.Parse()
@@ -269,6 +276,9 @@ func main() {
 				s.idleConns = append(s.idleConns, (m1.idle-m0.idle)/(m1.busy-m0.busy+m1.idle-m0.idle))
 				c2 = c3
 			}
+			if pid != 0 && o.sysConns > 0 {
+				s.syscalls = syscallsPerConn(pid, o.sysConns, func() { connRate(l, target, o.sysConns, o.workers[0]) })
+			}
 			for _, n := range o.wrkConns {
 				to := netip.AddrPortFrom(target(0).Addr(), httpPort)
 				s.http = append(s.http, wrkRate(l, to, n, o.wrkSecs))
@@ -281,15 +291,18 @@ func main() {
 	report(out, o, l, bals, samples, hapVersion)
 }
 
+// median is the median of f over the rounds' samples.
+func median(ss []sample, f func(sample) float64) float64 {
+	var xs []float64
+	for _, s := range ss {
+		xs = append(xs, f(s))
+	}
+	return benchrun.Median(xs)
+}
+
 func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sample, hapVersion string) {
 	w := benchrun.Report(*out)
-	med := func(ss []sample, f func(sample) float64) float64 {
-		var xs []float64
-		for _, s := range ss {
-			xs = append(xs, f(s))
-		}
-		return benchrun.Median(xs)
-	}
+	med := median
 	rng := func(ss []sample, f func(sample) float64) string {
 		var xs []float64
 		for _, s := range ss {
@@ -399,6 +412,9 @@ func report(out *string, o options, l *lab.Lab, bals []balancer, samples [][]sam
 	}
 	fmt.Fprintln(w)
 
+	if o.sysConns > 0 {
+		syscallTable(w, o, bals[1:], samples[1:])
+	}
 	if len(o.wrkConns) > 0 {
 		fmt.Fprintf(w, "HTTP connection rate with C programs around the balancers: wrk on the client, %d s per measurement, every request on a new connection (`Connection: close`), against nginx on each backend (port %d), which answers a 1-byte body and closes. Connections per second (= requests per second):\n\n", o.wrkSecs, httpPort)
 		header(w, []string{"balancer"}, "%d connections", o.wrkConns)
@@ -929,4 +945,84 @@ func wrkRate(l *lab.Lab, to netip.AddrPort, conns, secs int) float64 {
 	}
 	fail("wrk printed no request rate:\n" + text)
 	return 0
+}
+
+// syscallsPerConn counts the system calls of the process pid while run
+// makes n connections through it, per connection and by name.
+func syscallsPerConn(pid, n int, run func()) map[string]float64 {
+	c, err := syscount.New(pid)
+	if err != nil {
+		fail("count system calls: " + err.Error())
+	}
+	defer c.Close()
+	before, err := c.Read()
+	if err != nil {
+		fail(err.Error())
+	}
+	run()
+	after, err := c.Read()
+	if err != nil {
+		fail(err.Error())
+	}
+	per := map[string]float64{}
+	for name, k := range after.Sub(before).ByName() {
+		per[name] = float64(k) / float64(n)
+	}
+	return per
+}
+
+// syscallTable writes the balancers' system calls per connection: a
+// column for each call that makes at least 0.1 per connection in one of
+// them, the others summed.
+func syscallTable(w io.Writer, o options, bals []balancer, samples [][]sample) {
+	med := func(ss []sample, name string) float64 {
+		return median(ss, func(s sample) float64 { return s.syscalls[name] })
+	}
+	seen := map[string]float64{}
+	for i := range bals {
+		for _, s := range samples[i] {
+			for name := range s.syscalls {
+				seen[name] = max(seen[name], med(samples[i], name))
+			}
+		}
+	}
+	var cols []string
+	for name, v := range seen {
+		if v >= 0.1 {
+			cols = append(cols, name)
+		}
+	}
+	slices.SortFunc(cols, func(a, b string) int {
+		if seen[a] != seen[b] {
+			return cmp.Compare(seen[b], seen[a])
+		}
+		return strings.Compare(a, b)
+	})
+	fmt.Fprintf(w, "System calls of the balancer process per connection, counted in the kernel by a BPF program on the sys_enter tracepoint (package syscount), in a pass of %d connections by %d workers after the timed ones (medians of the rounds). Unlike rates and CPU times, these counts barely move from round to round.\n\n", o.sysConns, o.workers[0])
+	fmt.Fprintf(w, "| balancer | all |")
+	for _, c := range cols {
+		fmt.Fprintf(w, " %s |", c)
+	}
+	fmt.Fprintln(w, " other |")
+	fmt.Fprint(w, "|---|---:|")
+	fmt.Fprint(w, strings.Repeat("---:|", len(cols)+1))
+	fmt.Fprintln(w)
+	for i, b := range bals {
+		all := median(samples[i], func(s sample) float64 {
+			var t float64
+			for _, v := range s.syscalls {
+				t += v
+			}
+			return t
+		})
+		fmt.Fprintf(w, "| %s | %.1f |", b.name, all)
+		rest := all
+		for _, c := range cols {
+			v := med(samples[i], c)
+			rest -= v
+			fmt.Fprintf(w, " %.2f |", v)
+		}
+		fmt.Fprintf(w, " %.2f |\n", max(rest, 0))
+	}
+	fmt.Fprintln(w)
 }
