@@ -134,8 +134,12 @@ func main() {
 	start := time.Now()
 	for r := range o.runs {
 		e.round = r
-		for i := range selected {
-			pr := &selected[i]
+		// The balancers go in an order that rotates by one each round:
+		// each inherits what the one before it left on the hosts (the
+		// clients' TIME_WAIT sockets, caches), and none should always
+		// follow the same one.
+		for k := range selected {
+			pr := &selected[(k+r)%len(selected)]
 			pr.samples = append(pr.samples, measure(e, pr, gen, o))
 		}
 	}
