@@ -13,6 +13,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/tetherlb/tether/bpf/bpftest"
+	"github.com/tetherlb/tether/test/bench/percpu"
 )
 
 // Offsets of struct xdp_md, the context of XDP programs.
@@ -105,28 +106,13 @@ func AttachCounter(ifindex int, dport uint16) (c *Counter, err error) {
 			c = nil
 		}
 	}()
-	c.counts, err = ebpf.NewMap(&ebpf.MapSpec{
-		Name:       "pktgen_count",
-		Type:       ebpf.PerCPUArray,
-		KeySize:    4,
-		ValueSize:  8,
-		MaxEntries: 1,
-	})
-	if err != nil {
-		return c, fmt.Errorf("counter map: %w", err)
+	if c.counts, err = percpu.New("pktgen_count", 1); err != nil {
+		return c, err
 	}
-	insns := append(matchUDP(dport, "pass"),
-		// R0 = &counts[0] of this CPU.
-		asm.StoreImm(asm.RFP, -4, 0, asm.Word),
-		asm.LoadMapPtr(asm.R1, c.counts.FD()),
-		asm.Mov.Reg(asm.R2, asm.RFP),
-		asm.Add.Imm(asm.R2, -4),
-		asm.FnMapLookupElem.Call(),
-		asm.JEq.Imm(asm.R0, 0, "drop"),
-		// counts[0]++: per CPU, so no atomic needed.
-		asm.LoadMem(asm.R1, asm.R0, 0, asm.DWord),
-		asm.Add.Imm(asm.R1, 1),
-		asm.StoreMem(asm.R0, 0, asm.R1, asm.DWord),
+	insns := matchUDP(dport, "pass")
+	insns = append(insns, asm.StoreImm(asm.RFP, -4, 0, asm.Word)) // counts[0]
+	insns = append(insns, percpu.Increment(c.counts, "drop")...)
+	insns = append(insns,
 		// Counted frames go no further.
 		asm.Mov.Imm(asm.R0, bpftest.XDPDrop).WithSymbol("drop"),
 		asm.Return(),
@@ -152,11 +138,7 @@ func (c *Counter) Count() (uint64, error) {
 	if err := c.counts.Lookup(uint32(0), &perCPU); err != nil {
 		return 0, fmt.Errorf("read counter: %w", err)
 	}
-	var n uint64
-	for _, v := range perCPU {
-		n += v
-	}
-	return n, nil
+	return percpu.Sum(perCPU), nil
 }
 
 // Close detaches the program and releases it and its map.

@@ -20,6 +20,8 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
+
+	"github.com/tetherlb/tether/test/bench/percpu"
 )
 
 // maxNR bounds the system call numbers counted; a call above it (none on
@@ -45,21 +47,14 @@ func New(pid int) (_ *Counter, err error) {
 			c.Close()
 		}
 	}()
-	c.counts, err = ebpf.NewMap(&ebpf.MapSpec{
-		Name:       "syscount",
-		Type:       ebpf.PerCPUArray,
-		KeySize:    4,
-		ValueSize:  8,
-		MaxEntries: maxNR,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("create count map: %w", err)
+	if c.counts, err = percpu.New("syscount", maxNR); err != nil {
+		return nil, err
 	}
 	c.prog, err = ebpf.NewProgram(&ebpf.ProgramSpec{
 		Name:         "syscount",
 		Type:         ebpf.RawTracepoint,
 		License:      "GPL",
-		Instructions: program(uint32(pid), c.counts.FD()),
+		Instructions: program(uint32(pid), c.counts),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("load count program: %+v", err)
@@ -73,9 +68,9 @@ func New(pid int) (_ *Counter, err error) {
 
 // program is the BPF program: sys_enter's raw tracepoint passes the
 // registers and the call's number (args[0] and args[1] of the context).
-// For a thread of pid it adds one to the number's slot of the map.
-func program(pid uint32, mapFD int) asm.Instructions {
-	return asm.Instructions{
+// For a thread of pid it adds one to the number's counter.
+func program(pid uint32, counts *ebpf.Map) asm.Instructions {
+	insns := asm.Instructions{
 		asm.Mov.Reg(asm.R6, asm.R1), // context
 		asm.FnGetCurrentPidTgid.Call(),
 		asm.RSh.Imm(asm.R0, 32), // thread group id: the process
@@ -83,18 +78,12 @@ func program(pid uint32, mapFD int) asm.Instructions {
 		asm.LoadMem(asm.R1, asm.R6, 8, asm.DWord), // the call's number
 		asm.JGE.Imm(asm.R1, maxNR, "out"),         // unsigned: also -1
 		asm.StoreMem(asm.RFP, -4, asm.R1, asm.Word),
-		asm.LoadMapPtr(asm.R1, mapFD),
-		asm.Mov.Reg(asm.R2, asm.RFP),
-		asm.Add.Imm(asm.R2, -4),
-		asm.FnMapLookupElem.Call(),
-		asm.JEq.Imm(asm.R0, 0, "out"),
-		// The slot is this CPU's: no other writer.
-		asm.LoadMem(asm.R1, asm.R0, 0, asm.DWord),
-		asm.Add.Imm(asm.R1, 1),
-		asm.StoreMem(asm.R0, 0, asm.R1, asm.DWord),
+	}
+	insns = append(insns, percpu.Increment(counts, "out")...)
+	return append(insns,
 		asm.Mov.Imm(asm.R0, 0).WithSymbol("out"),
 		asm.Return(),
-	}
+	)
 }
 
 // Counts are system calls by number.
@@ -109,11 +98,7 @@ func (c *Counter) Read() (Counts, error) {
 	)
 	it := c.counts.Iterate()
 	for it.Next(&key, &values) {
-		var n uint64
-		for _, v := range values {
-			n += v
-		}
-		if n > 0 {
+		if n := percpu.Sum(values); n > 0 {
 			out[int(key)] = n
 		}
 	}
