@@ -99,6 +99,7 @@ type loop struct {
 	// (keepAliveLater): served since the last sweep, and in the period
 	// before it.
 	kaYoung, kaAging []*conn
+	kaDone           int  // kaAging[:kaDone] swept already
 	kaTimer          bool // the sweep's timer is in timers
 	events           [maxEvents]unix.EpollEvent
 	rsa              unix.RawSockaddrAny
@@ -471,42 +472,60 @@ func (lp *loop) expire() {
 // TCP keepalive: between one and two of these.
 const keepAliveAge = time.Second
 
+// sweepBatch bounds the backend sockets a keepalive sweep sets up between
+// two polls of the loop's sockets: after a storm of new connections, each
+// loop would otherwise spend four system calls on each of them at once
+// while their bytes wait.
+const sweepBatch = 256
+
 // keepAliveLater has the keepalive of c's backend socket set once c is
 // keepAliveAge old, if it lives that long. A client's socket has it from
 // the start, from its listening socket, for free; a backend's socket
 // needs four setsockopt(2) calls of its own (SO_KEEPALIVE and the three
-// timers), four of the 25 or so system calls that the proxy makes for a
-// short connection (strace -c under splicebench). Keepalive only matters to a connection that has been quiet for
-// its idle time, at least a second, so a short one never needs it: it
-// ends before the sweep that would set it, and saves the calls.
+// timers): a short connection through the proxy made 28 system calls
+// with them and makes 24 without (splicebench's system call count).
+// Keepalive only matters to a connection that has been quiet for its idle
+// time, at least a second, so a short one never needs it: it ends before
+// the sweep that would set it, and saves the calls.
 func (lp *loop) keepAliveLater(c *conn) {
 	if !lp.p.opts.KeepAlive.Enable {
 		return
 	}
 	lp.kaYoung = append(lp.kaYoung, c)
 	if !lp.kaTimer {
-		lp.kaTimer = true
-		heap.Push(&lp.timers, timer{when: lp.now + int64(keepAliveAge), sweep: true})
+		lp.sweepIn(keepAliveAge)
 	}
 }
 
 // sweepKeepAlive sets the keepalive of the backend sockets of the
 // connections still open that were served before the previous sweep (at
-// least keepAliveAge ago), and makes those served since the aging ones.
+// least keepAliveAge ago), sweepBatch of them at a time, and then makes
+// those served since the aging ones.
 func (lp *loop) sweepKeepAlive() {
-	for i, c := range lp.kaAging {
-		if !c.done {
+	end := min(lp.kaDone+sweepBatch, len(lp.kaAging))
+	for i := lp.kaDone; i < end; i++ {
+		if c := lp.kaAging[i]; !c.done {
 			if err := setKeepAlive(c.sides[1].fd, lp.p.opts.KeepAlive); err != nil {
 				lp.p.log.Debug("cannot set keepalive toward backend", "client", c.key.client, "vip", c.key.vip, "backend", c.be.ID, "err", err)
 			}
 		}
 		lp.kaAging[i] = nil
 	}
-	lp.kaAging, lp.kaYoung = lp.kaYoung, lp.kaAging[:0]
-	if len(lp.kaAging) > 0 {
-		lp.kaTimer = true
-		heap.Push(&lp.timers, timer{when: lp.now + int64(keepAliveAge), sweep: true})
+	lp.kaDone = end
+	if end < len(lp.kaAging) {
+		lp.sweepIn(1) // the rest after the next poll
+		return
 	}
+	lp.kaAging, lp.kaYoung, lp.kaDone = lp.kaYoung, lp.kaAging[:0], 0
+	if len(lp.kaAging) > 0 {
+		lp.sweepIn(keepAliveAge)
+	}
+}
+
+// sweepIn schedules the next keepalive sweep.
+func (lp *loop) sweepIn(d time.Duration) {
+	lp.kaTimer = true
+	heap.Push(&lp.timers, timer{when: lp.now + int64(d), sweep: true})
 }
 
 // timer is a deadline of the loop: a connection's dial timeout or idle

@@ -706,6 +706,44 @@ func TestFreebind(t *testing.T) {
 	}
 }
 
+// TestKeepAliveSweepsInBatches holds more connections on one loop than a
+// keepalive sweep sets up at a time: every backend socket still gets its
+// keepalive, in the batches that follow.
+func TestKeepAliveSweepsInBatches(t *testing.T) {
+	be := listenServe(t, "127.0.0.1:0", namedEcho("be1"))
+	p := newProxy(t, Options{Loops: 1})
+	vip := loopVIPPort(t)
+	if err := p.UpsertService(loopService(t, 1, vip, false, be)); err != nil {
+		t.Fatal(err)
+	}
+	const n = 2*sweepBatch + 10
+	for range n {
+		c := dialEcho(t, netip.Addr{}, vip)
+		t.Cleanup(func() { c.Close() })
+	}
+	p.mu.Lock()
+	var fds []int
+	for _, c := range p.conns {
+		fds = append(fds, c.sides[1].fd)
+	}
+	p.mu.Unlock()
+	if len(fds) != n {
+		t.Fatalf("%d connections in the table, want %d", len(fds), n)
+	}
+	without := func() int {
+		k := 0
+		for _, fd := range fds {
+			if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE); err != nil || v != 1 {
+				k++
+			}
+		}
+		return k
+	}
+	if !eventually(2*keepAliveAge+2*time.Second, func() bool { return without() == 0 }) {
+		t.Fatalf("%d of %d backend sockets without keepalive", without(), n)
+	}
+}
+
 // TestSocketOptions checks TCP keepalive toward both ends and the socket
 // buffer cap on the proxy's two sockets of a connection. The client's
 // socket has its keepalive from the start; the backend's gets it once the
