@@ -500,19 +500,22 @@ func (lp *loop) keepAliveLater(c *conn) {
 // sweepKeepAlive sets the keepalive of the backend sockets of the
 // connections still open that were served before the previous sweep (at
 // least keepAliveAge ago), sweepBatch of them at a time, and then makes
-// those served since the aging ones.
+// those served since the aging ones. Connections that ended cost nothing.
 func (lp *loop) sweepKeepAlive() {
-	end := min(lp.kaDone+sweepBatch, len(lp.kaAging))
-	for i := lp.kaDone; i < end; i++ {
-		if c := lp.kaAging[i]; !c.done {
-			if err := setKeepAlive(c.sides[1].fd, lp.p.opts.KeepAlive); err != nil {
-				lp.p.log.Debug("cannot set keepalive toward backend", "client", c.key.client, "vip", c.key.vip, "backend", c.be.ID, "err", err)
-			}
-		}
+	i, set := lp.kaDone, 0
+	for ; i < len(lp.kaAging) && set < sweepBatch; i++ {
+		c := lp.kaAging[i]
 		lp.kaAging[i] = nil
+		if c.done {
+			continue // ended young: nothing to set up
+		}
+		set++
+		if err := setKeepAlive(c.sides[1].fd, lp.p.opts.KeepAlive); err != nil {
+			lp.p.log.Debug("cannot set keepalive toward backend", "client", c.key.client, "vip", c.key.vip, "backend", c.be.ID, "err", err)
+		}
 	}
-	lp.kaDone = end
-	if end < len(lp.kaAging) {
+	lp.kaDone = i
+	if i < len(lp.kaAging) {
 		lp.sweepIn(1) // the rest after the next poll
 		return
 	}
