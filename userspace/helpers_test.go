@@ -44,6 +44,19 @@ func newProxy(t testing.TB, opts Options) *Proxy {
 	return p
 }
 
+// proxyOneEcho starts a proxy with opts and one service on a loopback
+// VIP whose only backend is an echo server named be1.
+func proxyOneEcho(t testing.TB, opts Options) (*Proxy, netip.AddrPort) {
+	t.Helper()
+	be := listenServe(t, "127.0.0.1:0", namedEcho("be1"))
+	p := newProxy(t, opts)
+	vip := loopVIPPort(t)
+	if err := p.UpsertService(loopService(t, 1, vip, false, be)); err != nil {
+		t.Fatal(err)
+	}
+	return p, vip
+}
+
 // freePort returns a TCP port free on addr right now.
 func freePort(t testing.TB, addr string) uint16 {
 	t.Helper()

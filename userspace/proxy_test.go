@@ -283,12 +283,7 @@ func TestIdleTimeout(t *testing.T) {
 // TestNoIdleTimeoutByDefault checks that a connection with nothing to say
 // stays up: the default has no idle timeout.
 func TestNoIdleTimeoutByDefault(t *testing.T) {
-	be := listenServe(t, "127.0.0.1:0", namedEcho("be1"))
-	p := newProxy(t, Options{})
-	vip := loopVIPPort(t)
-	if err := p.UpsertService(loopService(t, 1, vip, false, be)); err != nil {
-		t.Fatal(err)
-	}
+	_, vip := proxyOneEcho(t, Options{})
 	c := dialEcho(t, netip.Addr{}, vip)
 	time.Sleep(1500 * time.Millisecond)
 	if err := c.echo("still there"); err != nil {
@@ -599,12 +594,7 @@ func resetOnArrival(vip netip.AddrPort) error {
 }
 
 func TestMaxConns(t *testing.T) {
-	be := listenServe(t, "127.0.0.1:0", namedEcho("be1"))
-	p := newProxy(t, Options{MaxConns: 2})
-	vip := loopVIPPort(t)
-	if err := p.UpsertService(loopService(t, 1, vip, false, be)); err != nil {
-		t.Fatal(err)
-	}
+	p, vip := proxyOneEcho(t, Options{MaxConns: 2})
 	a := dialEcho(t, netip.Addr{}, vip)
 	dialEcho(t, netip.Addr{}, vip)
 	if err := resetOnArrival(vip); !errors.Is(err, syscall.ECONNRESET) {
@@ -710,12 +700,7 @@ func TestFreebind(t *testing.T) {
 // keepalive sweep sets up at a time: every backend socket still gets its
 // keepalive, in the batches that follow.
 func TestKeepAliveSweepsInBatches(t *testing.T) {
-	be := listenServe(t, "127.0.0.1:0", namedEcho("be1"))
-	p := newProxy(t, Options{Loops: 1})
-	vip := loopVIPPort(t)
-	if err := p.UpsertService(loopService(t, 1, vip, false, be)); err != nil {
-		t.Fatal(err)
-	}
+	p, vip := proxyOneEcho(t, Options{Loops: 1})
 	const n = 2*sweepBatch + 10
 	for range n {
 		c := dialEcho(t, netip.Addr{}, vip)
@@ -749,13 +734,8 @@ func TestKeepAliveSweepsInBatches(t *testing.T) {
 // socket has its keepalive from the start; the backend's gets it once the
 // connection is a second old (loop.keepAliveLater), and not before.
 func TestSocketOptions(t *testing.T) {
-	be := listenServe(t, "127.0.0.1:0", namedEcho("be1"))
 	ka := net.KeepAliveConfig{Enable: true, Idle: 45 * time.Second, Interval: 5 * time.Second, Count: 3}
-	p := newProxy(t, Options{KeepAlive: ka, SocketBuffer: 96 << 10})
-	vip := loopVIPPort(t)
-	if err := p.UpsertService(loopService(t, 1, vip, false, be)); err != nil {
-		t.Fatal(err)
-	}
+	p, vip := proxyOneEcho(t, Options{KeepAlive: ka, SocketBuffer: 96 << 10})
 	start := time.Now()
 	dialEcho(t, netip.Addr{}, vip)
 	p.mu.Lock()

@@ -978,12 +978,18 @@ func syscallTable(w io.Writer, o options, bals []balancer, samples [][]sample) {
 	med := func(ss []sample, name string) float64 {
 		return median(ss, func(s sample) float64 { return s.syscalls[name] })
 	}
+	// Each call's highest median over the balancers.
 	seen := map[string]float64{}
 	for i := range bals {
 		for _, s := range samples[i] {
 			for name := range s.syscalls {
-				seen[name] = max(seen[name], med(samples[i], name))
+				seen[name] = 0
 			}
+		}
+	}
+	for name := range seen {
+		for i := range bals {
+			seen[name] = max(seen[name], med(samples[i], name))
 		}
 	}
 	var cols []string
