@@ -52,6 +52,8 @@ var (
 )
 
 type options struct {
+	genMethod string // how the packet generator sent (pktgen.Generator.Method), for the report
+
 	runs        int
 	clients     int
 	wsConns     int
@@ -144,6 +146,7 @@ func main() {
 		}
 	}
 	logf("measured in %s", time.Since(start).Round(time.Second))
+	o.genMethod = gen.Method()
 	report(o, e, cost, selected, tools)
 }
 

@@ -181,8 +181,8 @@ func costRow(p printf, cost []progcost.Result, r results, o options) {
 
 func wireRow(p printf, r results, o options) {
 	p("## 2. Packet rate on the wire\n\n")
-	p("%d UDP frames of %d bytes per measurement from the client host (an XDP program run with BPF_PROG_TEST_RUN live frames, %d source addresses x %d source ports), through the balancer host, counted and dropped by an XDP program on each backend's eth0. Mpps = frames counted at the backends / time the generator ran.\n\n",
-		o.packets, frameSize, genSources, genPorts)
+	p("%d UDP frames of %d bytes per measurement from the client host (sent with %s, %d source addresses x %d source ports), through the balancer host, counted and dropped by an XDP program on each backend's eth0. Mpps = frames counted at the backends / time the generator ran.\n\n",
+		o.packets, frameSize, o.genMethod, genSources, genPorts)
 	p("| balancer | Mpps | delivered | x trivial XDP |\n|---|---:|---:|---:|\n")
 	var base float64
 	if r.trivial != nil {

@@ -78,13 +78,29 @@ const (
 // at each wrap (and back to the first after sources wraps), and every run of
 // sources*ports frames covers each address and port pair once.
 //
+// Where the kernel refuses live-frame mode, Send falls back to an AF_PACKET
+// socket that sends the same frames (Method says which way is in use).
+//
 // Send calls are serialised; a Generator may be shared.
 type Generator struct {
 	sources, ports int
 
-	mu    sync.Mutex
-	state *ebpf.Map
-	prog  *ebpf.Program
+	mu      sync.Mutex
+	state   *ebpf.Map
+	prog    *ebpf.Program
+	refused error // why the kernel refused live frames; nil until it does
+}
+
+// Method says how Send puts frames on the wire: BPF_PROG_TEST_RUN in
+// live-frame mode, or the AF_PACKET socket that stands in where the kernel
+// refused it (with the kernel's answer).
+func (g *Generator) Method() string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.refused != nil {
+		return fmt.Sprintf("AF_PACKET sendmmsg (the kernel refused live frames: %v)", g.refused)
+	}
+	return "BPF_PROG_TEST_RUN live frames"
 }
 
 // NewGenerator loads a generator that varies the source address over
@@ -221,25 +237,26 @@ func generatorInsns(stateFD, sources, ports int) asm.Instructions {
 	}
 }
 
-// prepare checks frame and resets the state map for count frames of it.
-func (g *Generator) prepare(frame []byte, count uint32) error {
+// prepare checks frame and resets the state map for count frames of it;
+// it returns the state it wrote.
+func (g *Generator) prepare(frame []byte, count uint32) (genState, error) {
 	switch {
 	case len(frame) < hdrLen:
-		return fmt.Errorf("generator: frame of %d bytes, need at least %d", len(frame), hdrLen)
+		return genState{}, fmt.Errorf("generator: frame of %d bytes, need at least %d", len(frame), hdrLen)
 	case binary.BigEndian.Uint16(frame[offEtherType:]) != etherTypeIPv4:
-		return errors.New("generator: frame is not IPv4")
+		return genState{}, errors.New("generator: frame is not IPv4")
 	case frame[offIPv4] != 0x45:
-		return fmt.Errorf("generator: IPv4 version/IHL byte %#02x, need 0x45 (no options)", frame[offIPv4])
+		return genState{}, fmt.Errorf("generator: IPv4 version/IHL byte %#02x, need 0x45 (no options)", frame[offIPv4])
 	case frame[offIPProto] != protoUDP:
-		return fmt.Errorf("generator: IP protocol %d, not UDP", frame[offIPProto])
+		return genState{}, fmt.Errorf("generator: IP protocol %d, not UDP", frame[offIPProto])
 	}
 	addr := binary.BigEndian.Uint32(frame[offIPSrc:])
 	port := binary.BigEndian.Uint16(frame[offUDPSport:])
 	if uint64(addr)+uint64(g.sources)-1 > math.MaxUint32 {
-		return fmt.Errorf("generator: %d sources from %v run past 255.255.255.255", g.sources, netip.AddrFrom4([4]byte(frame[offIPSrc:offIPDst])))
+		return genState{}, fmt.Errorf("generator: %d sources from %v run past 255.255.255.255", g.sources, netip.AddrFrom4([4]byte(frame[offIPSrc:offIPDst])))
 	}
 	if int(port)+g.ports-1 > math.MaxUint16 {
-		return fmt.Errorf("generator: %d ports from %d run past 65535", g.ports, port)
+		return genState{}, fmt.Errorf("generator: %d ports from %d run past 65535", g.ports, port)
 	}
 	hdr := frame[offIPv4:offUDP]
 	sum := bpftest.OnesSum(hdr, 0) - uint32(binary.BigEndian.Uint16(hdr[10:])) -
@@ -247,9 +264,9 @@ func (g *Generator) prepare(frame []byte, count uint32) error {
 	st := genState{Limit: uint64(count), Addr: uint64(addr), Port: uint64(port), Sum: uint64(sum)}
 	copy(st.Template[:], frame[:hdrLen])
 	if err := g.state.Put(uint32(0), &st); err != nil {
-		return fmt.Errorf("generator: reset state: %w", err)
+		return genState{}, fmt.Errorf("generator: reset state: %w", err)
 	}
-	return nil
+	return st, nil
 }
 
 // sent returns how many frames the program handled since prepare
@@ -280,14 +297,19 @@ func (g *Generator) Send(ifindex int, frame []byte, count uint32) (time.Duration
 	if ifindex <= 0 {
 		return 0, fmt.Errorf("generator: bad ifindex %d", ifindex)
 	}
-	if err := g.prepare(frame, count); err != nil {
+	st, err := g.prepare(frame, count)
+	if err != nil {
 		return 0, err
 	}
 	if count == 0 {
 		return 0, nil
 	}
+	if g.refused != nil {
+		elapsed, _, err := sendPacket(ifindex, frame, count, st, g.sources, g.ports)
+		return elapsed, err
+	}
 	start := time.Now()
-	_, err := g.prog.Run(&ebpf.RunOptions{
+	_, err = g.prog.Run(&ebpf.RunOptions{
 		Data: frame,
 		// No DataOut and no ContextOut: live-frame mode rejects them.
 		Context: xdpMD{DataEnd: uint32(len(frame)), IngressIfindex: uint32(ifindex)},
@@ -295,6 +317,11 @@ func (g *Generator) Send(ifindex int, frame []byte, count uint32) (time.Duration
 		Flags:   unix.BPF_F_TEST_XDP_LIVE_FRAMES,
 	})
 	elapsed := time.Since(start)
+	if err != nil && liveRefused(err) {
+		g.refused = err
+		elapsed, _, err := sendPacket(ifindex, frame, count, st, g.sources, g.ports)
+		return elapsed, err
+	}
 	if err != nil {
 		return elapsed, fmt.Errorf("generator: live-frame run of %d frames on interface %d: %w", count, ifindex, err)
 	}

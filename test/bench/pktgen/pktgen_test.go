@@ -90,7 +90,8 @@ func TestGeneratorSequence(t *testing.T) {
 	defer g.Close()
 	frame := UDPFrame(testSrcMAC, testDstMAC, testSrc, testDst, 64)
 	const count = 2*sources*ports + 3
-	if err := g.prepare(frame, count); err != nil {
+	st, err := g.prepare(frame, count)
+	if err != nil {
 		t.Fatal(err)
 	}
 	out := make([]byte, len(frame)+256)
@@ -125,13 +126,19 @@ func TestGeneratorSequence(t *testing.T) {
 		if !bytes.Equal(got, want) {
 			t.Errorf("frame %d:\n% x\nwant\n% x", k, got, want)
 		}
+		// The AF_PACKET sender builds the same frame.
+		b := bytes.Clone(frame)
+		writeFlow(b, st, uint64(f), ports)
+		if !bytes.Equal(b, want) {
+			t.Errorf("frame %d as the AF_PACKET sender builds it:\n% x\nwant\n% x", k, b, want)
+		}
 	}
 	if n, err := g.sent(); err != nil || n != count {
 		t.Errorf("state seq %d, %v; want %d", n, err, count)
 	}
 
 	// Ranges that run past the end of the address or port space.
-	if err := g.prepare(UDPFrame(testSrcMAC, testDstMAC, netip.MustParseAddrPort("192.0.2.10:65534"), testDst, 64), 1); err == nil {
+	if _, err := g.prepare(UDPFrame(testSrcMAC, testDstMAC, netip.MustParseAddrPort("192.0.2.10:65534"), testDst, 64), 1); err == nil {
 		t.Error("ports past 65535 accepted")
 	}
 	if _, err := NewGenerator(0, 1); err == nil {
@@ -283,6 +290,7 @@ func TestForwardThroughBalancer(t *testing.T) {
 		t.Fatal(err)
 	}
 	mpps := func(n uint64) float64 { return float64(n) / elapsed.Seconds() / 1e6 }
+	t.Logf("generator: %s", g.Method())
 	t.Logf("sent %d frames of %d bytes in %v: %.2f Mpps offered", sent, len(frame), elapsed, mpps(sent))
 	t.Logf("be1 counted %d (%.1f%%): %.2f Mpps delivered over the send time", got, 100*float64(got)/sent, mpps(got))
 	if runs > 0 {
