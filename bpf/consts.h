@@ -48,23 +48,30 @@
 #define BE_DOWN	      3 /* out of the ring; affinity ignored; established keep flowing */
 #define BE_DOWN_RESET 4 /* like BE_DOWN, but established connections are reset */
 
-/* Why a packet was passed to the kernel or dropped; index of the reasons map.
- * Keep in step with maps/reasons.go. */
+/* Why a packet was passed to the kernel, dropped or answered with a RST
+ * instead of being forwarded; index of the reasons map. maps/counters.go
+ * names them (an enumerator R_X is counted as "x"; a test checks that the
+ * two agree). Append only: the values index counters that a restart or an
+ * upgrade adopts. */
 enum reason {
-	R_PARSED = 0,	    /* not a reason: nothing stopped the packet (never counted) */
-	R_PASS_NOT_IP,	    /* not IPv4/IPv6 (ARP, LLDP...): host traffic */
-	R_PASS_NOT_VIP,	    /* IP traffic for no service */
-	R_PASS_NOT_L4,	    /* neither TCP nor UDP (ICMP, ND...) */
-	R_PASS_IP_OPTIONS,  /* IPv4 header with options: unsupported */
-	R_PASS_FRAGMENT,    /* IPv4 fragment: unsupported (no L4 ports) */
-	R_PASS_IPV6_EXT,    /* IPv6 extension header: unsupported */
-	R_PASS_VLAN_STACK,  /* more than one VLAN tag: unsupported */
-	R_DROP_TRUNCATED,   /* a header runs past the end of the frame */
-	R_DROP_BAD_HEADER,  /* impossible header field (IHL<5, length, version) */
-	R_DROP_NO_BACKEND,  /* VIP traffic but the ring has no backend */
-	R_DROP_TX_FAILED,   /* bpf_redirect refused */
-	R_RESET_NO_BACKEND, /* TCP to a service with no usable backend: answered with a RST */
-	R_RESET_DOWN,	    /* TCP of a connection whose backend is down (on_down: reset): RST */
+	R_PARSED = 0,	       /* not a reason: nothing stopped the packet (never counted) */
+	R_PASS_NOT_IP,	       /* not IPv4/IPv6 (ARP, LLDP...): host traffic */
+	R_PASS_NOT_VIP,	       /* IP traffic for no service */
+	R_PASS_NOT_TCP_UDP,    /* neither TCP nor UDP (ICMP, ND...) */
+	R_PASS_IPV4_OPTIONS,   /* IPv4 header with options: unsupported */
+	R_PASS_IPV4_FRAGMENT,  /* IPv4 fragment: unsupported (no L4 ports) */
+	R_PASS_IPV6_EXTENSION, /* IPv6 extension header: unsupported */
+	R_PASS_VLAN_STACK,     /* more than one VLAN tag: unsupported */
+	R_DROP_TRUNCATED,      /* a header runs past the end of the frame */
+	R_DROP_BAD_HEADER,     /* impossible IP header field (IHL<5, total length, version) */
+	R_DROP_NO_BACKEND,     /* VIP traffic but the ring has no backend */
+	R_DROP_TX_FAILED,      /* bpf_redirect refused */
+	R_RESET_NO_BACKEND,    /* TCP to a service with no usable backend: answered with a RST */
+	R_RESET_BACKEND_DOWN,  /* TCP of a connection whose backend is down (on_down: reset): RST */
+	R_DROP_L4_TRUNCATED,   /* the TCP or UDP header runs past the IP datagram */
+	R_DROP_TCP_OFFSET,     /* TCP data offset below 5 or past the end of the segment */
+	R_DROP_UDP_LENGTH,     /* UDP length field other than the IP datagram's L4 length */
+	R_DROP_IP_CHECKSUM,    /* IPv4 header checksum wrong on a packet that is not a tracked flow's */
 	R_MAX,
 };
 

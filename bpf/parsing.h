@@ -13,6 +13,7 @@
 #include <bpf/bpf_endian.h>
 #include "consts.h"
 #include "maps.h"
+#include "csum.h"
 
 #define AF_INET	 2
 #define AF_INET6 10
@@ -25,11 +26,18 @@ struct vlan_hdr {
 /* What the entry point needs to know about a parsed packet. */
 struct packet {
 	struct flow_key key;
+	__u16 payload; /* TCP: bytes of data after the header, from the validated lengths */
 	__u8 family;
 	__u8 syn_only; /* TCP SYN without ACK: the first packet of a handshake */
 	__u8 closing;  /* TCP FIN or RST: the connection is ending */
 	__u8 vlan;     /* one 802.1Q tag sits before the IP header */
 };
+
+/* l3_offset is where the IP header of a parsed packet starts. */
+static __always_inline __u32 l3_offset(const struct packet *pkt)
+{
+	return pkt->vlan ? sizeof(struct ethhdr) + sizeof(struct vlan_hdr) : sizeof(struct ethhdr);
+}
 
 /* is_ipv6_ext tells whether an IPv6 next-header value is an extension
  * header. tether does not walk extension headers: such packets go to the
@@ -52,30 +60,44 @@ static __always_inline int is_ipv6_ext(__u8 nexthdr)
 	return 0;
 }
 
-/* parse_l4 reads the ports (and for TCP the SYN/ACK flags) at l4. */
-static __always_inline int parse_l4(void *l4, void *data_end, struct packet *pkt)
+/* parse_l4 reads the ports (and for TCP the SYN/ACK flags) at l4. len is
+ * the L4 length the IP header gives (IPv4 total length less the header,
+ * IPv6 payload length), already checked to lie within the frame: the L4
+ * header must fit in it, and the frame's bytes beyond it are padding. The
+ * checks against data_end repeat it for the verifier. */
+static __always_inline int parse_l4(void *l4, void *data_end, __u32 len, struct packet *pkt)
 {
 	if (pkt->key.proto == IPPROTO_TCP) {
 		struct tcphdr *tcp = l4;
+		if (len < sizeof(*tcp))
+			return R_DROP_L4_TRUNCATED;
 		if ((void *)(tcp + 1) > data_end)
 			return R_DROP_TRUNCATED;
-		if (tcp->doff < 5)
-			return R_DROP_BAD_HEADER;
+		__u32 hdr = tcp->doff * 4;
+		if (tcp->doff < 5 || hdr > len)
+			return R_DROP_TCP_OFFSET;
 		pkt->key.sport = tcp->source;
 		pkt->key.dport = tcp->dest;
+		pkt->payload = len - hdr;
 		pkt->syn_only = tcp->syn && !tcp->ack;
 		pkt->closing = tcp->fin || tcp->rst;
 		return 0;
 	}
 	if (pkt->key.proto == IPPROTO_UDP) {
 		struct udphdr *udp = l4;
+		if (len < sizeof(*udp))
+			return R_DROP_L4_TRUNCATED;
 		if ((void *)(udp + 1) > data_end)
 			return R_DROP_TRUNCATED;
+		/* The kernel would trim a datagram longer than its UDP length;
+		 * tether forwards the IP datagram whole, so the two must agree. */
+		if (bpf_ntohs(udp->len) != len)
+			return R_DROP_UDP_LENGTH;
 		pkt->key.sport = udp->source;
 		pkt->key.dport = udp->dest;
 		return 0;
 	}
-	return R_PASS_NOT_L4;
+	return R_PASS_NOT_TCP_UDP;
 }
 
 static __always_inline int parse_ipv4(void *l3, void *data_end, struct packet *pkt)
@@ -88,7 +110,7 @@ static __always_inline int parse_ipv4(void *l3, void *data_end, struct packet *p
 	/* Options are legal but rare and never needed by a VIP flow: leave them
 	 * (and whatever they are for) to the kernel. */
 	if (ip->ihl != 5)
-		return R_PASS_IP_OPTIONS;
+		return R_PASS_IPV4_OPTIONS;
 	__u16 tot_len = bpf_ntohs(ip->tot_len);
 	if (tot_len < sizeof(*ip))
 		return R_DROP_BAD_HEADER;
@@ -96,12 +118,12 @@ static __always_inline int parse_ipv4(void *l3, void *data_end, struct packet *p
 		return R_DROP_TRUNCATED;
 	/* A fragment has no ports (or only the first has): unsupported. */
 	if (ip->frag_off & IP_MF_OFFSET_BE)
-		return R_PASS_FRAGMENT;
+		return R_PASS_IPV4_FRAGMENT;
 	pkt->family = AF_INET;
 	pkt->key.src[0] = ip->saddr;
 	pkt->key.dst[0] = ip->daddr;
 	pkt->key.proto = ip->protocol;
-	return parse_l4(ip + 1, data_end, pkt);
+	return parse_l4(ip + 1, data_end, tot_len - sizeof(*ip), pkt);
 }
 
 static __always_inline int parse_ipv6(void *l3, void *data_end, struct packet *pkt)
@@ -111,15 +133,33 @@ static __always_inline int parse_ipv6(void *l3, void *data_end, struct packet *p
 		return R_DROP_TRUNCATED;
 	if (ip6->version != 6)
 		return R_DROP_BAD_HEADER;
-	if ((void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len) > data_end)
+	__u16 payload_len = bpf_ntohs(ip6->payload_len);
+	if ((void *)(ip6 + 1) + payload_len > data_end)
 		return R_DROP_TRUNCATED;
 	if (is_ipv6_ext(ip6->nexthdr))
-		return R_PASS_IPV6_EXT;
+		return R_PASS_IPV6_EXTENSION;
 	pkt->family = AF_INET6;
 	__builtin_memcpy(pkt->key.src, &ip6->saddr, sizeof(pkt->key.src));
 	__builtin_memcpy(pkt->key.dst, &ip6->daddr, sizeof(pkt->key.dst));
 	pkt->key.proto = ip6->nexthdr;
-	return parse_l4(ip6 + 1, data_end, pkt);
+	return parse_l4(ip6 + 1, data_end, payload_len, pkt);
+}
+
+/* ipv4_header_ok verifies a parsed IPv4 packet's header checksum (IPv6
+ * has none). It costs a few nanoseconds, so the program calls it only for
+ * packets that are no tracked flow's, before they can create entries or be
+ * answered: a tracked flow's packet is forwarded with its IP header as it
+ * came (dsr), and the backend's kernel drops it if the checksum is wrong. */
+static __always_inline int ipv4_header_ok(struct xdp_md *ctx, const struct packet *pkt)
+{
+	if (pkt->family != AF_INET)
+		return 1;
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 *ip = data + l3_offset(pkt);
+	if ((void *)(ip + 5) > data_end)
+		return 0;
+	return ipv4_csum_ok(ip);
 }
 
 /* parse_packet fills pkt from the frame. It returns 0 when the packet is a

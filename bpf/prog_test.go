@@ -160,7 +160,7 @@ func TestMalformedNeverForwarded(t *testing.T) {
 		bad{"IPv6 routing header", mut("TCP/IPv6", ip+6, 43), "pass_ipv6_extension"},
 		bad{"IPv6 fragment header", mut("UDP/IPv6", ip+6, 44), "pass_ipv6_extension"},
 		bad{"IPv6 destination options", mut("TCP/IPv6", ip+6, 60), "pass_ipv6_extension"},
-		bad{"TCP data offset 4", mut("TCP/IPv4", ip+20+12, 0x40), "drop_bad_header"},
+		bad{"TCP data offset 4", mut("TCP/IPv4", ip+20+12, 0x40), "drop_tcp_offset"},
 		bad{"two VLAN tags", qinq, "pass_vlan_stack"},
 	)
 	for _, tc := range corpus {

@@ -11,19 +11,11 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "consts.h"
+#include "csum.h"
 #include "forward.h"
 #include "parsing.h"
 
 #define IP_DF_BE 0x0040 /* htons(IP_DF) */
-
-/* csum_fold folds a 32-bit one's complement sum into the 16-bit checksum. */
-static __always_inline __u16 csum_fold(__s64 sum)
-{
-	__u32 s = (__u32)sum;
-	s = (s & 0xffff) + (s >> 16);
-	s = (s & 0xffff) + (s >> 16);
-	return (__u16)~s;
-}
 
 struct pseudo4 {
 	__u32 saddr;
@@ -90,7 +82,7 @@ static __always_inline int shrink(struct xdp_md *ctx, __u32 len)
 	return 0;
 }
 
-static __always_inline int reset_ipv4(struct xdp_md *ctx, __u32 l3off)
+static __always_inline int reset_ipv4(struct xdp_md *ctx, __u32 l3off, __u32 payload)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -100,7 +92,6 @@ static __always_inline int reset_ipv4(struct xdp_md *ctx, __u32 l3off)
 		return XDP_DROP;
 	if (tcp->rst)
 		return XDP_DROP; /* never answer a RST */
-	__u32 payload = bpf_ntohs(ip->tot_len) - sizeof(*ip) - tcp->doff * 4;
 	__u32 seq, ack;
 	int with_ack;
 	rst_fields(tcp, payload, &seq, &ack, &with_ack);
@@ -139,7 +130,7 @@ static __always_inline int reset_ipv4(struct xdp_md *ctx, __u32 l3off)
 	return XDP_TX;
 }
 
-static __always_inline int reset_ipv6(struct xdp_md *ctx, __u32 l3off)
+static __always_inline int reset_ipv6(struct xdp_md *ctx, __u32 l3off, __u32 payload)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -149,7 +140,6 @@ static __always_inline int reset_ipv6(struct xdp_md *ctx, __u32 l3off)
 		return XDP_DROP;
 	if (tcp->rst)
 		return XDP_DROP;
-	__u32 payload = bpf_ntohs(ip6->payload_len) - tcp->doff * 4;
 	__u32 seq, ack;
 	int with_ack;
 	rst_fields(tcp, payload, &seq, &ack, &with_ack);
@@ -187,14 +177,16 @@ static __always_inline int reset_ipv6(struct xdp_md *ctx, __u32 l3off)
 
 /* reset_tcp answers a TCP packet with a RST back to its sender, counting it
  * under reason, so that a refused client fails at once instead of waiting
- * for its own timeouts. Other protocols are dropped and counted as
- * R_DROP_NO_BACKEND. */
+ * for its own timeouts. Its acknowledgement counts the segment's data as
+ * parse_l4 measured it within the IP datagram. Other protocols are dropped
+ * and counted as R_DROP_NO_BACKEND. */
 static __always_inline int reset_tcp(struct xdp_md *ctx, const struct packet *pkt, __u32 reason)
 {
 	if (pkt->key.proto != IPPROTO_TCP)
 		return count_reason(R_DROP_NO_BACKEND, XDP_DROP);
-	__u32 l3off = pkt->vlan ? sizeof(struct ethhdr) + sizeof(struct vlan_hdr) : sizeof(struct ethhdr);
-	int verdict = pkt->family == AF_INET6 ? reset_ipv6(ctx, l3off) : reset_ipv4(ctx, l3off);
+	__u32 l3off = l3_offset(pkt);
+	int verdict = pkt->family == AF_INET6 ? reset_ipv6(ctx, l3off, pkt->payload)
+					      : reset_ipv4(ctx, l3off, pkt->payload);
 	return count_reason(verdict == XDP_TX ? reason : R_DROP_NO_BACKEND, verdict);
 }
 

@@ -125,14 +125,16 @@ static __always_inline void record(const struct service *svc, const struct packe
 }
 
 /* new_flow chooses a backend for a packet without a usable connection
- * entry. replace: a bare SYN whose entry it takes over (see tether_xdp) is
- * recorded at once, since the handshake's next packet would otherwise
- * find the old entry. */
+ * entry, once its IPv4 header checksum proved right. replace: a bare SYN
+ * whose entry it takes over (see tether_xdp) is recorded at once, since
+ * the handshake's next packet would otherwise find the old entry. */
 static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt, int replace)
 {
 	struct service *svc = lookup_service(pkt);
 	if (!svc)
 		return count_reason(R_PASS_NOT_VIP, XDP_PASS);
+	if (!ipv4_header_ok(ctx, pkt))
+		return count_reason(R_DROP_IP_CHECKSUM, XDP_DROP);
 
 	struct affinity_key ak = {.service = svc->id};
 	__u64 now = 0;
@@ -179,7 +181,7 @@ int tether_xdp(struct xdp_md *ctx)
 		 * backend again. */
 		if (be && be->state == BE_DOWN_RESET) {
 			if (pkt.key.proto == IPPROTO_TCP)
-				return reset_tcp(ctx, &pkt, R_RESET_DOWN);
+				return reset_tcp(ctx, &pkt, R_RESET_BACKEND_DOWN);
 			be = NULL;
 		}
 		if (be) {

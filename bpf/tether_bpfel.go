@@ -76,21 +76,25 @@ type TetherFlowKey4 struct {
 type TetherReason uint32
 
 const (
-	TetherReasonR_PARSED           TetherReason = 0
-	TetherReasonR_PASS_NOT_IP      TetherReason = 1
-	TetherReasonR_PASS_NOT_VIP     TetherReason = 2
-	TetherReasonR_PASS_NOT_L4      TetherReason = 3
-	TetherReasonR_PASS_IP_OPTIONS  TetherReason = 4
-	TetherReasonR_PASS_FRAGMENT    TetherReason = 5
-	TetherReasonR_PASS_IPV6EXT     TetherReason = 6
-	TetherReasonR_PASS_VLAN_STACK  TetherReason = 7
-	TetherReasonR_DROP_TRUNCATED   TetherReason = 8
-	TetherReasonR_DROP_BAD_HEADER  TetherReason = 9
-	TetherReasonR_DROP_NO_BACKEND  TetherReason = 10
-	TetherReasonR_DROP_TX_FAILED   TetherReason = 11
-	TetherReasonR_RESET_NO_BACKEND TetherReason = 12
-	TetherReasonR_RESET_DOWN       TetherReason = 13
-	TetherReasonR_MAX              TetherReason = 14
+	TetherReasonR_PARSED             TetherReason = 0
+	TetherReasonR_PASS_NOT_IP        TetherReason = 1
+	TetherReasonR_PASS_NOT_VIP       TetherReason = 2
+	TetherReasonR_PASS_NOT_TCP_UDP   TetherReason = 3
+	TetherReasonR_PASS_IPV4OPTIONS   TetherReason = 4
+	TetherReasonR_PASS_IPV4FRAGMENT  TetherReason = 5
+	TetherReasonR_PASS_IPV6EXTENSION TetherReason = 6
+	TetherReasonR_PASS_VLAN_STACK    TetherReason = 7
+	TetherReasonR_DROP_TRUNCATED     TetherReason = 8
+	TetherReasonR_DROP_BAD_HEADER    TetherReason = 9
+	TetherReasonR_DROP_NO_BACKEND    TetherReason = 10
+	TetherReasonR_DROP_TX_FAILED     TetherReason = 11
+	TetherReasonR_RESET_NO_BACKEND   TetherReason = 12
+	TetherReasonR_RESET_BACKEND_DOWN TetherReason = 13
+	TetherReasonR_DROP_L4TRUNCATED   TetherReason = 14
+	TetherReasonR_DROP_TCP_OFFSET    TetherReason = 15
+	TetherReasonR_DROP_UDP_LENGTH    TetherReason = 16
+	TetherReasonR_DROP_IP_CHECKSUM   TetherReason = 17
+	TetherReasonR_MAX                TetherReason = 18
 )
 
 type TetherService struct {

@@ -15,10 +15,13 @@ package loader
 //	DIR/v1/links/<ifname>  the XDP link of each interface
 //
 // DIR/v1 appears whole: a first start pins the maps in DIR/v1-new and
-// renames it (bpffs refuses names with dots). Any change of a map's type, key or value layout, of the map
-// set, or of what an entry means must bump LayoutVersion; the fingerprint
-// refuses layout changes that forgot to. A daemon holds an flock on DIR
-// while it runs, so that two daemons never drive the same maps.
+// renames it (bpffs refuses names with dots). Any change of a map's type,
+// key or value layout, of the map set, or of what an entry means must bump
+// LayoutVersion; the fingerprint refuses layout changes that forgot to. One
+// change needs no new version: reasons appended to enum reason lengthen the
+// reasons map, and adopting a shorter one copies its counters into a map of
+// the new length (see grown). A daemon holds an flock on DIR while it runs,
+// so that two daemons never drive the same maps.
 
 import (
 	"encoding/binary"
@@ -367,7 +370,8 @@ func (o *Objects) adopt(spec *ebpf.CollectionSpec, ringSize uint32) error {
 	if mv.Version != LayoutVersion {
 		return incompatible("its meta map says layout v%d", mv.Version)
 	}
-	if mv.Fingerprint != fingerprint(spec) {
+	fp := fingerprint(spec)
+	if mv.Fingerprint != fp && !fewerReasons(spec, mv.Fingerprint) {
 		return incompatible("its maps were defined by a tether with other map definitions")
 	}
 
@@ -394,6 +398,15 @@ func (o *Objects) adopt(spec *ebpf.CollectionSpec, ringSize uint32) error {
 			return incompatible("map %s: %v", name, err)
 		}
 		replacements[name] = m
+		if name == bpf.TetherMapReasons && m.MaxEntries() < ms.MaxEntries && mv.Fingerprint != fp {
+			g, err := grown(m, ms)
+			if err != nil {
+				return err
+			}
+			m.Close()
+			replacements[name] = g
+			continue
+		}
 		if m.MaxEntries() != ms.MaxEntries {
 			field := configField[name]
 			if field == "" {
@@ -427,8 +440,93 @@ func (o *Objects) adopt(spec *ebpf.CollectionSpec, ringSize uint32) error {
 	if err != nil {
 		return err
 	}
+	if mv.Fingerprint != fp {
+		if err := o.upgradeReasons(meta, mv, fp); err != nil {
+			o.TetherObjects.Close()
+			return err
+		}
+	}
 	o.adopted = true
 	return nil
+}
+
+// fewerReasons says whether fp is the fingerprint of spec with fewer
+// entries in the reasons map: state pinned by a tether that counted fewer
+// reasons, which this one adopts by lengthening the map.
+func fewerReasons(spec *ebpf.CollectionSpec, fp uint64) bool {
+	ms := spec.Maps[bpf.TetherMapReasons]
+	want := ms.MaxEntries
+	defer func() { ms.MaxEntries = want }()
+	for n := uint32(1); n < want; n++ {
+		ms.MaxEntries = n
+		if fingerprint(spec) == fp {
+			return true
+		}
+	}
+	return false
+}
+
+// grown returns a new reasons map of spec's length holding the counters of
+// the shorter pinned one (reasons keep their values: enum reason is append
+// only).
+func grown(old *ebpf.Map, ms *ebpf.MapSpec) (*ebpf.Map, error) {
+	m, err := ebpf.NewMap(ms)
+	if err != nil {
+		return nil, fmt.Errorf("lengthen the reasons map: %w", err)
+	}
+	for k := uint32(0); k < old.MaxEntries(); k++ {
+		var per []uint64
+		if err := old.Lookup(k, &per); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("copy reason %d into the lengthened reasons map: %w", k, err)
+		}
+		if err := m.Put(k, per); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("copy reason %d into the lengthened reasons map: %w", k, err)
+		}
+	}
+	return m, nil
+}
+
+// upgradeReasons pins the lengthened reasons map in place of the pinned
+// one (a rename: the path always names a whole map), then records the new
+// fingerprint. A stop between the two leaves a long map under the old
+// fingerprint, which fewerReasons accepts and the next start completes.
+// The old program counts into the old map until its links take the new
+// program: those few counts are not carried over.
+func (o *Objects) upgradeReasons(meta *ebpf.Map, mv metaValue, fp uint64) error {
+	path := filepath.Join(o.layout, "maps", bpf.TetherMapReasons)
+	if !pinnedAt(o.TetherMaps.Reasons, path) { // else an earlier start stopped before the meta map
+		if err := o.TetherMaps.Reasons.Pin(path + "-grown"); err != nil {
+			return fmt.Errorf("pin the lengthened reasons map: %w", err)
+		}
+		if err := os.Rename(path+"-grown", path); err != nil {
+			os.Remove(path + "-grown")
+			return fmt.Errorf("pin the lengthened reasons map: %w", err)
+		}
+	}
+	mv.Fingerprint = fp
+	if err := meta.Put(uint32(0), mv); err != nil {
+		return fmt.Errorf("write meta map: %w", err)
+	}
+	return nil
+}
+
+// pinnedAt says whether the map pinned at path is m.
+func pinnedAt(m *ebpf.Map, path string) bool {
+	pinned, err := ebpf.LoadPinnedMap(path, nil)
+	if err != nil {
+		return false
+	}
+	defer pinned.Close()
+	a, err1 := m.Info()
+	b, err2 := pinned.Info()
+	if err1 != nil || err2 != nil {
+		return false
+	}
+	ida, ok1 := a.ID()
+	idb, ok2 := b.ID()
+	return ok1 && ok2 && ida == idb
 }
 
 // Adopted says whether the maps were pinned by an earlier run, with the

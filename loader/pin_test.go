@@ -332,3 +332,89 @@ func TestFingerprint(t *testing.T) {
 		}
 	}
 }
+
+// TestAdoptFewerReasons adopts state pinned by a tether that counted fewer
+// drop and pass reasons (enum reason grows at its end): the reasons map is
+// lengthened with its counters kept, and every other map is adopted. A
+// stop between the new map's pin and the meta map is completed by the next
+// start.
+func TestAdoptFewerReasons(t *testing.T) {
+	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 1})
+	dir := filepath.Join(l.BPFFS, "tether")
+	opts := pinOpts(dir)
+	spec, ringSize, err := sizedSpec(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	full := spec.Maps[bpf.TetherMapReasons].MaxEntries
+	const older = 14 // the count before the L4 length reasons
+	spec.Maps[bpf.TetherMapReasons].MaxEntries = older
+	old := &Objects{}
+	must(t, old.loadPinned(spec, ringSize, dir))
+	for r := uint32(1); r < older; r++ {
+		per := make([]uint64, mustCPUs(t))
+		per[0] = uint64(100 + r)
+		must(t, old.TetherMaps.Reasons.Put(r, per))
+	}
+	k := bpf.TetherFlowKey4{Src: 1, Dst: 2, Sport: 3, Dport: 4, Proto: 6}
+	must(t, old.TetherMaps.Conns4.Put(&k, &bpf.TetherConn{Backend: 3, Service: 2}))
+	must(t, old.Close())
+
+	check := func(o *Objects) {
+		t.Helper()
+		if !o.Adopted() {
+			t.Fatal("state not adopted")
+		}
+		if n := o.TetherMaps.Reasons.MaxEntries(); n != full {
+			t.Fatalf("reasons map has %d entries, want %d", n, full)
+		}
+		got, err := o.Maps.Reasons()
+		must(t, err)
+		for r := bpf.TetherReason(1); r < bpf.TetherReasonR_MAX; r++ {
+			want := uint64(0)
+			if r < older {
+				want = uint64(100 + r)
+			}
+			if n := got[maps.ReasonName(r)]; n != want {
+				t.Errorf("reason %s: %d, want %d", maps.ReasonName(r), n, want)
+			}
+		}
+		var c bpf.TetherConn
+		if err := o.TetherMaps.Conns4.Lookup(&k, &c); err != nil || c.Backend != 3 {
+			t.Errorf("connection entry after the upgrade: %+v, %v", c, err)
+		}
+	}
+	o, err := Load(opts)
+	if err != nil {
+		t.Fatalf("adopt state with fewer reasons: %v", err)
+	}
+	check(o)
+	// As if that start had stopped before writing the meta map: the long
+	// map is pinned under the old fingerprint.
+	meta, err := ebpf.LoadPinnedMap(filepath.Join(dir, "v1", "meta"), nil)
+	must(t, err)
+	defer meta.Close()
+	var mv metaValue
+	must(t, meta.Lookup(uint32(0), &mv))
+	newFP := mv.Fingerprint
+	mv.Fingerprint = fingerprint(spec)
+	must(t, meta.Put(uint32(0), mv))
+	must(t, o.Close())
+	o, err = Load(opts)
+	if err != nil {
+		t.Fatalf("adopt after a stopped upgrade: %v", err)
+	}
+	check(o)
+	must(t, meta.Lookup(uint32(0), &mv))
+	if mv.Fingerprint != newFP {
+		t.Errorf("meta fingerprint %#x after the second start, want %#x", mv.Fingerprint, newFP)
+	}
+	must(t, o.Remove())
+}
+
+func mustCPUs(t *testing.T) int {
+	t.Helper()
+	n, err := ebpf.PossibleCPU()
+	must(t, err)
+	return n
+}

@@ -78,22 +78,27 @@ func (m *Maps) Reasons() (map[string]uint64, error) {
 	return out, nil
 }
 
-// reasonNames follows enum reason in bpf/consts.h; a test checks the count.
+// reasonNames follows enum reason in bpf/consts.h: R_X is named "x"
+// (TestReasonNamesFollowC checks it against the program's BTF).
 var reasonNames = [...]string{
-	bpf.TetherReasonR_PARSED:           "",
-	bpf.TetherReasonR_PASS_NOT_IP:      "pass_not_ip",
-	bpf.TetherReasonR_PASS_NOT_VIP:     "pass_not_vip",
-	bpf.TetherReasonR_PASS_NOT_L4:      "pass_not_tcp_udp",
-	bpf.TetherReasonR_PASS_IP_OPTIONS:  "pass_ipv4_options",
-	bpf.TetherReasonR_PASS_FRAGMENT:    "pass_ipv4_fragment",
-	bpf.TetherReasonR_PASS_IPV6EXT:     "pass_ipv6_extension",
-	bpf.TetherReasonR_PASS_VLAN_STACK:  "pass_vlan_stack",
-	bpf.TetherReasonR_DROP_TRUNCATED:   "drop_truncated",
-	bpf.TetherReasonR_DROP_BAD_HEADER:  "drop_bad_header",
-	bpf.TetherReasonR_DROP_NO_BACKEND:  "drop_no_backend",
-	bpf.TetherReasonR_DROP_TX_FAILED:   "drop_tx_failed",
-	bpf.TetherReasonR_RESET_NO_BACKEND: "reset_no_backend",
-	bpf.TetherReasonR_RESET_DOWN:       "reset_backend_down",
+	bpf.TetherReasonR_PARSED:             "",
+	bpf.TetherReasonR_PASS_NOT_IP:        "pass_not_ip",
+	bpf.TetherReasonR_PASS_NOT_VIP:       "pass_not_vip",
+	bpf.TetherReasonR_PASS_NOT_TCP_UDP:   "pass_not_tcp_udp",
+	bpf.TetherReasonR_PASS_IPV4OPTIONS:   "pass_ipv4_options",
+	bpf.TetherReasonR_PASS_IPV4FRAGMENT:  "pass_ipv4_fragment",
+	bpf.TetherReasonR_PASS_IPV6EXTENSION: "pass_ipv6_extension",
+	bpf.TetherReasonR_PASS_VLAN_STACK:    "pass_vlan_stack",
+	bpf.TetherReasonR_DROP_TRUNCATED:     "drop_truncated",
+	bpf.TetherReasonR_DROP_BAD_HEADER:    "drop_bad_header",
+	bpf.TetherReasonR_DROP_NO_BACKEND:    "drop_no_backend",
+	bpf.TetherReasonR_DROP_TX_FAILED:     "drop_tx_failed",
+	bpf.TetherReasonR_RESET_NO_BACKEND:   "reset_no_backend",
+	bpf.TetherReasonR_RESET_BACKEND_DOWN: "reset_backend_down",
+	bpf.TetherReasonR_DROP_L4TRUNCATED:   "drop_l4_truncated",
+	bpf.TetherReasonR_DROP_TCP_OFFSET:    "drop_tcp_offset",
+	bpf.TetherReasonR_DROP_UDP_LENGTH:    "drop_udp_length",
+	bpf.TetherReasonR_DROP_IP_CHECKSUM:   "drop_ip_checksum",
 }
 
 // ReasonName is the name of a reason as counters and metrics show it.

@@ -1,0 +1,429 @@
+package bpf_test
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"testing"
+
+	"github.com/tetherlb/tether/bpf/bpftest"
+)
+
+// This file holds the program's invariant on arbitrary frames, checked
+// against a reference parser written apart from the C one:
+//
+//   - nothing is aborted;
+//   - a frame that is not a well-formed TCP or UDP packet to a VIP, or
+//     that the program does not balance (options, fragments, extension
+//     headers, stacked tags, other protocols), is never forwarded: it goes
+//     to the kernel untouched or is dropped, counted under the reason the
+//     reference gives;
+//   - a well-formed packet to a VIP is forwarded with only its Ethernet
+//     addresses changed, unless it starts a flow with a wrong IPv4 header
+//     checksum (dropped);
+//   - the connection and affinity tables hold exactly the flows that were
+//     forwarded and recorded, nothing keyed on bytes a dropped frame held.
+
+// refVerdict is what the reference expects of a frame.
+type refVerdict struct {
+	forward bool
+	pass    bool   // to the kernel untouched (else dropped, when !forward)
+	reason  string // the counter of a frame not forwarded
+	svc     *bpftest.Service
+	flow    refFlow
+	record  bool // a forwarded frame enters the tables (all but a bare SYN)
+}
+
+type refFlow struct {
+	src, dst netip.AddrPort
+	proto    uint8
+}
+
+// reference parses a frame as the program must, from the header formats
+// alone: one VLAN tag, IPv4 without options and fragments, IPv6 without
+// extension headers, TCP and UDP bounded by the IP length.
+func reference(frame []byte, svcs []bpftest.Service, tracked map[refFlow]bool) refVerdict {
+	drop := func(r string) refVerdict { return refVerdict{reason: r} }
+	pass := func(r string) refVerdict { return refVerdict{pass: true, reason: r} }
+	if len(frame) < 14 {
+		return drop("drop_truncated")
+	}
+	l3, et := 14, binary.BigEndian.Uint16(frame[12:])
+	if et == 0x8100 || et == 0x88a8 {
+		if len(frame) < 18 {
+			return drop("drop_truncated")
+		}
+		l3, et = 18, binary.BigEndian.Uint16(frame[16:])
+		if et == 0x8100 || et == 0x88a8 {
+			return pass("pass_vlan_stack")
+		}
+	}
+	var (
+		src, dst     netip.Addr
+		proto        uint8
+		l4, l4len    int
+		v4, v4csumOK bool
+	)
+	switch et {
+	case 0x0800:
+		ip := frame[l3:]
+		if len(ip) < 20 {
+			return drop("drop_truncated")
+		}
+		if ip[0]>>4 != 4 || ip[0]&0xf < 5 {
+			return drop("drop_bad_header")
+		}
+		if ip[0]&0xf != 5 {
+			return pass("pass_ipv4_options")
+		}
+		total := int(binary.BigEndian.Uint16(ip[2:]))
+		if total < 20 {
+			return drop("drop_bad_header")
+		}
+		if total > len(ip) {
+			return drop("drop_truncated")
+		}
+		if binary.BigEndian.Uint16(ip[6:])&0x3fff != 0 {
+			return pass("pass_ipv4_fragment")
+		}
+		v4, v4csumOK = true, bpftest.Fold(bpftest.OnesSum(ip[:20], 0)) == 0xffff
+		src, dst = netip.AddrFrom4([4]byte(ip[12:16])), netip.AddrFrom4([4]byte(ip[16:20]))
+		proto, l4, l4len = ip[9], l3+20, total-20
+	case 0x86dd:
+		ip := frame[l3:]
+		if len(ip) < 40 {
+			return drop("drop_truncated")
+		}
+		if ip[0]>>4 != 6 {
+			return drop("drop_bad_header")
+		}
+		plen := int(binary.BigEndian.Uint16(ip[4:]))
+		if 40+plen > len(ip) {
+			return drop("drop_truncated")
+		}
+		switch ip[6] {
+		case 0, 43, 44, 51, 60, 135, 139, 140, 253, 254:
+			return pass("pass_ipv6_extension")
+		}
+		src, dst = netip.AddrFrom16([16]byte(ip[8:24])), netip.AddrFrom16([16]byte(ip[24:40]))
+		proto, l4, l4len = ip[6], l3+40, plen
+	default:
+		return pass("pass_not_ip")
+	}
+	seg := frame[l4 : l4+l4len]
+	syn := false
+	switch proto {
+	case bpftest.TCP:
+		if len(seg) < 20 {
+			return drop("drop_l4_truncated")
+		}
+		if hl := int(seg[12]>>4) * 4; hl < 20 || hl > len(seg) {
+			return drop("drop_tcp_offset")
+		}
+		syn = seg[13]&(bpftest.SYN|bpftest.ACK) == bpftest.SYN
+	case bpftest.UDP:
+		if len(seg) < 8 {
+			return drop("drop_l4_truncated")
+		}
+		if int(binary.BigEndian.Uint16(seg[4:])) != len(seg) {
+			return drop("drop_udp_length")
+		}
+	default:
+		return pass("pass_not_tcp_udp")
+	}
+	fl := refFlow{
+		src:   netip.AddrPortFrom(src, binary.BigEndian.Uint16(seg)),
+		dst:   netip.AddrPortFrom(dst, binary.BigEndian.Uint16(seg[2:])),
+		proto: proto,
+	}
+	fwd := refVerdict{forward: true, flow: fl, record: !syn}
+	for i := range svcs {
+		if svcs[i].VIP == fl.dst && svcs[i].Proto == proto {
+			fwd.svc = &svcs[i]
+		}
+	}
+	if tracked[fl] {
+		return fwd
+	}
+	if fwd.svc == nil {
+		return pass("pass_not_vip")
+	}
+	if v4 && !v4csumOK {
+		return drop("drop_ip_checksum")
+	}
+	return fwd
+}
+
+// invariant runs frames through one loaded program and checks each
+// against the reference, keeping the flows the tables must hold.
+type invariant struct {
+	f       *bpftest.Fixture
+	svcs    []bpftest.Service
+	tracked map[refFlow]bool
+	counted map[string]uint64
+	base    map[string]uint64
+	frames  int
+}
+
+func newInvariant(t testing.TB) *invariant {
+	f := bpftest.NewFixture(t, loaderOptsSized(1<<18, 1<<18))
+	svcs := []bpftest.Service{
+		{ID: 1, VIP: vip4, Proto: bpftest.TCP, Source: true, Backends: []uint32{1, 2, 3}},
+		{ID: 2, VIP: udp4, Proto: bpftest.UDP, Backends: []uint32{4, 5, 6}},
+		{ID: 3, VIP: vip6, Proto: bpftest.TCP, Source: true, Backends: []uint32{7, 8, 9}},
+		{ID: 4, VIP: udp6, Proto: bpftest.UDP, Backends: []uint32{10, 11, 12}},
+	}
+	for _, s := range svcs {
+		f.AddService(s)
+	}
+	base, err := f.Maps.Reasons()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &invariant{f: f, svcs: svcs, tracked: map[refFlow]bool{}, counted: map[string]uint64{}, base: base}
+}
+
+// check runs one frame (at least an Ethernet header: the test run refuses
+// shorter ones) and returns what broke the invariant.
+func (iv *invariant) check(in []byte) error {
+	want := reference(in, iv.svcs, iv.tracked)
+	verdict, out := iv.f.Run(bytes.Clone(in))
+	iv.frames++
+	switch {
+	case verdict == bpftest.XDPAborted:
+		return fmt.Errorf("XDP_ABORTED")
+	case want.forward:
+		if verdict != bpftest.XDPTx {
+			return fmt.Errorf("verdict %d, want XDP_TX to a backend of %s/%d", verdict, want.flow.dst, want.flow.proto)
+		}
+		id, err := bpftest.BackendOf(out)
+		if err != nil {
+			return err
+		}
+		if want.svc == nil || !contains(want.svc.Backends, id) {
+			return fmt.Errorf("sent to backend %d, not one of %s/%d's", id, want.flow.dst, want.flow.proto)
+		}
+		if !bytes.Equal(out[6:12], bpftest.LBMAC) || !bytes.Equal(out[12:], in[12:]) {
+			return fmt.Errorf("forwarded with more than its MACs changed:\n got %x", out)
+		}
+		if want.record {
+			iv.tracked[want.flow] = true
+		}
+	case want.pass:
+		if verdict != bpftest.XDPPass || !bytes.Equal(out, in) {
+			return fmt.Errorf("verdict %d, want XDP_PASS untouched (%s)", verdict, want.reason)
+		}
+		iv.counted[want.reason]++
+	default:
+		if verdict != bpftest.XDPDrop {
+			return fmt.Errorf("verdict %d, want XDP_DROP (%s)", verdict, want.reason)
+		}
+		iv.counted[want.reason]++
+	}
+	return nil
+}
+
+// tables checks the reason counters and the tables against what the
+// reference expected of every frame so far.
+func (iv *invariant) tables() error {
+	got, err := iv.f.Maps.Reasons()
+	if err != nil {
+		return err
+	}
+	for name, n := range got {
+		if d := n - iv.base[name]; d != iv.counted[name] {
+			return fmt.Errorf("reason %s counted %d frames, the reference %d", name, d, iv.counted[name])
+		}
+	}
+	flows, err := iv.f.Maps.Flows()
+	if err != nil {
+		return err
+	}
+	if len(flows) != len(iv.tracked) {
+		return fmt.Errorf("connection table holds %d flows, the reference recorded %d", len(flows), len(iv.tracked))
+	}
+	clients := map[string]bool{}
+	for _, fl := range flows {
+		k := refFlow{fl.Client, fl.VIP, fl.Proto}
+		if !iv.tracked[k] {
+			return fmt.Errorf("connection table holds %s → %s/%d, which no forwarded frame recorded", fl.Client, fl.VIP, fl.Proto)
+		}
+		for _, s := range iv.svcs {
+			if s.Source && s.VIP == fl.VIP && s.Proto == fl.Proto {
+				clients[fmt.Sprint(s.ID, fl.Client.Addr())] = true
+			}
+		}
+	}
+	if _, affs, err := iv.f.Maps.Entries(); err != nil || affs != len(clients) {
+		return fmt.Errorf("affinity table holds %d entries, the recorded flows have %d clients (%v)", affs, len(clients), err)
+	}
+	return nil
+}
+
+// seedFrames are well-formed frames of every kind the program balances,
+// the malformed corpus and the reported frames: what mutation starts from.
+func seedFrames(t testing.TB) [][]byte {
+	var out [][]byte
+	for _, c := range []struct{ cli, tcp, udp netip.AddrPort }{{cli4, vip4, udp4}, {cli6, vip6, udp6}} {
+		for _, vlan := range []uint16{0, 7} {
+			for _, flags := range []uint8{bpftest.SYN, bpftest.ACK, bpftest.ACK | bpftest.PSH, bpftest.FIN | bpftest.ACK, bpftest.RST} {
+				out = append(out, bpftest.Frame{Src: c.cli, Dst: c.tcp, Proto: bpftest.TCP, VLAN: vlan, Flags: flags, Payload: []byte("hello")}.Bytes())
+			}
+			out = append(out, bpftest.Frame{Src: c.cli, Dst: c.udp, Proto: bpftest.UDP, VLAN: vlan, Payload: []byte("hello")}.Bytes())
+		}
+	}
+	for _, m := range l4Corpus() {
+		out = append(out, m.frame)
+	}
+	for _, r := range reportedFrames {
+		b, err := hex.DecodeString(r.hex)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, b)
+	}
+	return out
+}
+
+// mutate changes a frame as a fuzzer would, favouring the fields that
+// decide how it is parsed: lengths, offsets, versions, protocols, tags.
+func mutate(rnd *rand.Rand, in []byte) []byte {
+	b := bytes.Clone(in)
+	off, v4 := 14, true
+	if len(b) >= 18 && binary.BigEndian.Uint16(b[12:]) == 0x8100 {
+		off = 18
+	}
+	if len(b) > off {
+		v4 = b[off]>>4 == 4
+	}
+	l4 := off + 40
+	if v4 {
+		l4 = off + 20
+	}
+	set16 := func(at int, v uint16) {
+		if at+2 <= len(b) {
+			binary.BigEndian.PutUint16(b[at:], v)
+		}
+	}
+	near := func(at int) uint16 {
+		if at+2 > len(b) {
+			return 0
+		}
+		return binary.BigEndian.Uint16(b[at:]) + uint16(rnd.IntN(41)-20)
+	}
+	for n := 1 + rnd.IntN(3); n > 0; n-- {
+		switch rnd.IntN(10) {
+		case 0: // any byte of the headers
+			if i := rnd.IntN(min(len(b), l4+20)); i >= 12 {
+				b[i] = byte(rnd.UintN(256))
+			}
+		case 1: // the IP length
+			if v4 {
+				set16(off+2, near(off+2))
+			} else {
+				set16(off+4, near(off+4))
+			}
+		case 2: // the UDP length
+			set16(l4+4, near(l4+4))
+		case 3: // the TCP data offset
+			if l4+12 < len(b) {
+				b[l4+12] = byte(rnd.IntN(16)) << 4
+			}
+		case 4: // version and IHL, or the IPv6 next header
+			if !v4 && off+6 < len(b) {
+				b[off+6] = []byte{0, 6, 17, 43, 44, 58, 60, 1}[rnd.IntN(8)]
+			} else if off < len(b) {
+				b[off] = byte(rnd.IntN(16))<<4 | byte(rnd.IntN(16))
+			}
+		case 5: // the IPv4 protocol or fragment bits
+			if v4 && off+9 < len(b) {
+				if rnd.IntN(2) == 0 {
+					b[off+9] = []byte{6, 17, 1, 0}[rnd.IntN(4)]
+				} else {
+					b[off+6] = byte(rnd.UintN(256)) & 0xbf
+				}
+			}
+		case 6: // cut the frame
+			b = b[:14+rnd.IntN(len(b)-13)]
+		case 7: // pad the frame
+			b = append(b, make([]byte, rnd.IntN(48))...)
+		case 8: // the EtherType or a tag
+			et := []uint16{0x0800, 0x86dd, 0x8100, 0x88a8, 0x0806}
+			set16(12, et[rnd.IntN(len(et))])
+			if off == 18 {
+				set16(16, et[rnd.IntN(len(et))])
+			}
+		case 9: // the ports
+			set16(l4+rnd.IntN(2)*2, []uint16{8765, 5000, 80, uint16(rnd.UintN(65536))}[rnd.IntN(4)])
+		}
+	}
+	// Most frames get their IPv4 header checksum right, so that the
+	// checksum is not what stops them.
+	if v4 && len(b) >= off+20 && rnd.IntN(4) != 0 {
+		b[off+10], b[off+11] = 0, 0
+		binary.BigEndian.PutUint16(b[off+10:], ^bpftest.Fold(bpftest.OnesSum(b[off:off+20], 0)))
+	}
+	return b
+}
+
+// TestMutatedFrames runs 200,000 frames mutated from the seeds (a fixed
+// random sequence, so a failure repeats) through the program and checks
+// the invariant on each, and on the tables at the end.
+func TestMutatedFrames(t *testing.T) {
+	iv := newInvariant(t)
+	seeds := seedFrames(t)
+	rnd := rand.New(rand.NewPCG(22, 2026))
+	n := 200_000
+	if testing.Short() {
+		n = 20_000
+	}
+	kinds := map[string]int{}
+	for i := 0; i < n; i++ {
+		frame := mutate(rnd, seeds[rnd.IntN(len(seeds))])
+		if err := iv.check(frame); err != nil {
+			t.Fatalf("frame %d, %x: %v", i, frame, err)
+		}
+		want := reference(frame, iv.svcs, nil)
+		switch {
+		case want.forward:
+			kinds["forwarded or tracked"]++
+		default:
+			kinds[want.reason]++
+		}
+	}
+	if err := iv.tables(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d mutated frames hold the invariant; %d flows recorded; by kind: %v", iv.frames, len(iv.tracked), kinds)
+	for _, r := range []string{"drop_l4_truncated", "drop_tcp_offset", "drop_udp_length", "drop_ip_checksum", "drop_truncated", "drop_bad_header"} {
+		if iv.counted[r] == 0 {
+			t.Errorf("no mutated frame was dropped as %s: the mutations miss a class", r)
+		}
+	}
+}
+
+// FuzzProgram checks the invariant on frames from Go's fuzzer
+// (go test -fuzz FuzzProgram ./bpf). Without -fuzz it runs the seeds.
+func FuzzProgram(f *testing.F) {
+	for _, s := range seedFrames(f) {
+		f.Add(s)
+	}
+	iv := newInvariant(f)
+	f.Fuzz(func(t *testing.T, frame []byte) {
+		if len(frame) < 14 || len(frame) > 1500 {
+			return // the test run refuses frames shorter than an Ethernet header
+		}
+		iv.f.TB = t // a fuzz target may not call f's methods
+		if err := iv.check(frame); err != nil {
+			t.Fatalf("%x: %v", frame, err)
+		}
+		if iv.frames%1024 == 0 {
+			if err := iv.tables(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+}
