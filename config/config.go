@@ -324,8 +324,9 @@ func (c *Config) Clone() *Config {
 	return &out
 }
 
-// defaultService returns a service with the defaults of its optional fields.
-func defaultService() Service {
+// DefaultService returns a service with the defaults of its optional
+// fields, as the file and the API give them.
+func DefaultService() Service {
 	return Service{
 		Protocol:        ProtocolTCP,
 		Affinity:        AffinitySource,

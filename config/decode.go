@@ -279,7 +279,7 @@ func (d *decoder) tables(n *yaml.Node, path string, t *Tables) {
 }
 
 func (d *decoder) service(n *yaml.Node, path string) Service {
-	s := defaultService()
+	s := DefaultService()
 	var portGiven []bool
 	d.mapping(n, path, "a service", serviceFields, func(name string, v *yaml.Node, p string) {
 		switch name {
@@ -509,15 +509,33 @@ func (d *decoder) duration(n *yaml.Node, path string) time.Duration {
 		return 0
 	}
 	if tag := n.ShortTag(); tag == "!!int" || tag == "!!float" {
-		d.fail(n, path, "%s has no unit; write a duration such as 3h or 90m", n.Value)
+		d.fail(n, path, "%s", errNoUnit(n.Value))
 		return 0
 	}
-	t, err := time.ParseDuration(n.Value)
+	t, err := ParseDuration(n.Value)
 	if err != nil {
-		d.fail(n, path, "%q is not a duration (write it as 3h, 90m or 1h30m)", n.Value)
+		d.fail(n, path, "%v", err)
 		return 0
 	}
 	return t
+}
+
+// ParseDuration reads a duration as the configuration file writes it: a
+// number with a unit, such as 3h, 90m or 1h30m. The API reads durations
+// with it too, so that both accept and refuse the same.
+func ParseDuration(s string) (time.Duration, error) {
+	t, err := time.ParseDuration(s)
+	if err == nil {
+		return t, nil
+	}
+	if _, ferr := strconv.ParseFloat(s, 64); ferr == nil {
+		return 0, errNoUnit(s)
+	}
+	return 0, fmt.Errorf("%q is not a duration (write it as 3h, 90m or 1h30m)", s)
+}
+
+func errNoUnit(s string) error {
+	return fmt.Errorf("%s has no unit; write a duration such as 3h or 90m", s)
 }
 
 // resolve follows aliases to the node they name.

@@ -116,13 +116,19 @@ func (c *Config) Validate() error {
 	return joinErrors(v.errs, v.truncated)
 }
 
-func (c *Config) validate(v *validator) {
-	datapathOK := true
-	switch c.Datapath {
+// CheckDatapath refuses a datapath name other than auto, xdp, xdp-generic
+// and splice.
+func CheckDatapath(name string) error {
+	switch name {
 	case DatapathAuto, DatapathXDP, DatapathXDPGeneric, DatapathSplice:
-	default:
-		datapathOK = false
+		return nil
 	}
+	return fmt.Errorf("unknown datapath %q (want auto, xdp, xdp-generic or splice)", name)
+}
+
+func (c *Config) validate(v *validator) {
+	datapathErr := CheckDatapath(c.Datapath)
+	datapathOK := datapathErr == nil
 
 	if len(c.Interfaces) == 0 && datapathOK && c.Datapath != DatapathSplice {
 		v.add("interfaces", "at least one interface is required with datapath %s (only splice runs without)", c.Datapath)
@@ -136,7 +142,7 @@ func (c *Config) validate(v *validator) {
 		}
 	}
 	if !datapathOK {
-		v.add("datapath", "unknown datapath %q (want auto, xdp, xdp-generic or splice)", c.Datapath)
+		v.add("datapath", "%v", datapathErr)
 	}
 
 	if n := c.Splice.Loops; n < 0 || n > maxSpliceLoops {

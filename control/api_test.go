@@ -509,3 +509,41 @@ func TestParseRefs(t *testing.T) {
 		}
 	}
 }
+
+// TestAPIDurationsAsFile gives affinity_timeout values to the API and to the
+// configuration file: each is accepted by both, with the same duration, or
+// refused by both, with the same words.
+func TestAPIDurationsAsFile(t *testing.T) {
+	e := newAPIEnv(t, conf(2, 8, web4))
+	ctx := context.Background()
+	for _, v := range []string{"3h", "90m", "1h30m", "0.5h", "90", "1.5", "3 hours", "-1h", "0s", "721h", "720h", "1e3", "h", ""} {
+		yaml := "interfaces: [eth0]\nservices:\n  - name: s\n    vip: 203.0.113.30\n    port: 80\n    affinity_timeout: \"" + v + "\"\n    backends: [{address: 192.0.2.11}]\n"
+		fromFile, ferr := config.Parse([]byte(yaml))
+		_, aerr := e.cl.AddService(ctx, ServiceSpec{VIP: "203.0.113.30:80", AffinityTimeout: v})
+		if v == "" {
+			// The API's default; in the file an empty string is no duration.
+			if aerr != nil {
+				t.Errorf("API refused an empty affinity_timeout (the default): %v", aerr)
+			}
+		} else if (ferr == nil) != (aerr == nil) {
+			t.Errorf("affinity_timeout %q: file error %v, API error %v; want the same verdict", v, ferr, aerr)
+		} else if ferr != nil && tail(ferr.Error()) != tail(aerr.Error()) {
+			t.Errorf("affinity_timeout %q: the file says %q, the API %q", v, ferr, aerr)
+		}
+		if aerr == nil {
+			got := e.onDisk(t).Services[1].AffinityTimeout
+			if v != "" && got != fromFile.Services[0].AffinityTimeout {
+				t.Errorf("affinity_timeout %q: the API applied %s, the file %s", v, got, fromFile.Services[0].AffinityTimeout)
+			}
+			if _, err := e.cl.RemoveService(ctx, "203.0.113.30:80"); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
+
+// tail is what an error says after the field affinity_timeout.
+func tail(msg string) string {
+	_, after, _ := strings.Cut(msg, "affinity_timeout: ")
+	return after
+}

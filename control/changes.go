@@ -9,7 +9,6 @@ import (
 	"slices"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/tetherlb/tether/config"
 )
@@ -77,17 +76,8 @@ func (d *Daemon) AddService(spec ServiceSpec) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
-	s := config.Service{
-		Name:            spec.Name,
-		VIP:             ref.VIP,
-		Port:            ref.Port,
-		Protocol:        config.ProtocolTCP,
-		Affinity:        config.AffinitySource,
-		AffinityTimeout: config.DefaultAffinityTimeout,
-		Forwarding:      config.ForwardingDSR,
-		Health:          config.DefaultHealth(),
-		OnDown:          config.OnDownKeep,
-	}
+	s := config.DefaultService()
+	s.Name, s.VIP, s.Port = spec.Name, ref.VIP, ref.Port
 	switch {
 	case ref.Proto != "" && spec.Protocol != "" && ref.Proto != spec.Protocol:
 		return Result{}, refusef("protocol", "%q contradicts the protocol %s of %s", spec.Protocol, ref.Proto, spec.VIP)
@@ -103,8 +93,8 @@ func (d *Daemon) AddService(spec ServiceSpec) (Result, error) {
 		s.Forwarding = spec.Forwarding
 	}
 	if spec.AffinityTimeout != "" {
-		if s.AffinityTimeout, err = time.ParseDuration(spec.AffinityTimeout); err != nil {
-			return Result{}, refusef("affinity_timeout", "%q is not a duration (want a number and a unit, such as 90s, 30m or 3h)", spec.AffinityTimeout)
+		if s.AffinityTimeout, err = config.ParseDuration(spec.AffinityTimeout); err != nil {
+			return Result{}, refusef("affinity_timeout", "%v", err)
 		}
 	}
 	if s.Name == "" {

@@ -29,10 +29,11 @@ import (
 // probed once) and feeds the verdicts to the Controller, which takes down
 // backends out of their rings. Close stops the probing.
 type Daemon struct {
-	path string
-	ctl  *Controller
-	dp   datapath.Datapath
-	log  *slog.Logger
+	path   string
+	ctl    *Controller
+	dp     datapath.Datapath
+	log    *slog.Logger
+	remove bool // Stop removes a datapath that outlives Close (see Start)
 
 	// fixed holds the settings that take effect only at start (interfaces,
 	// datapath, hash seed, tables); its services are unused.
@@ -105,3 +106,6 @@ func (d *Daemon) Tables() ([]datapath.Table, error) {
 	}
 	return []datapath.Table{{Name: "connections", Entries: len(flows)}}, nil
 }
+
+// Modes says how the datapath runs, per interface (datapath.Datapath.Modes).
+func (d *Daemon) Modes() map[string]string { return d.dp.Modes() }

@@ -103,7 +103,9 @@ type Flow struct {
 	Closing bool `json:"closing"`
 }
 
-// Datapath forwards the traffic of services to their backends.
+// Datapath forwards the traffic of services to their backends. What a
+// datapath needs at start and stop beyond Close is said by the optional
+// interfaces Adopter and Remover, as TableReader says it counts its tables.
 type Datapath interface {
 	// Modes says how the datapath runs, per interface ("eth0" → "xdp").
 	Modes() map[string]string
@@ -135,4 +137,27 @@ type TableReader interface {
 	// Tables counts the entries of every table. Counting walks each table,
 	// which for a million entries takes tens of milliseconds.
 	Tables() ([]Table, error)
+}
+
+// Adopter is a Datapath that may start with the state an earlier daemon
+// left behind (the XDP datapath's pinned maps, with their connections).
+// The control plane gives the adopted services their ids again before it
+// applies anything, so that no table entry points at an id given to
+// another backend.
+type Adopter interface {
+	// Adopted says whether the datapath started with an earlier daemon's
+	// state.
+	Adopted() bool
+	// AdoptedServices returns the services of that state, sorted by id,
+	// without names or weights; none when it started afresh.
+	AdoptedServices() []Service
+}
+
+// Remover is a Datapath whose forwarding outlives Close: the XDP datapath
+// with a pin directory stays attached with its last state, for the next
+// daemon to adopt. Remove stops it for good: it detaches it and removes
+// that state, which forgets every tracked connection. A Datapath that is no
+// Remover stops whole at Close.
+type Remover interface {
+	Remove() error
 }

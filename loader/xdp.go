@@ -48,7 +48,12 @@ type XDP struct {
 	wg     sync.WaitGroup
 }
 
-var _ datapath.Datapath = (*XDP)(nil)
+var (
+	_ datapath.Datapath    = (*XDP)(nil)
+	_ datapath.Adopter     = (*XDP)(nil)
+	_ datapath.Remover     = (*XDP)(nil)
+	_ datapath.TableReader = (*XDP)(nil)
+)
 
 // NewXDP loads the program, attaches it to every interface in the given
 // mode and starts following the neighbour table.
@@ -383,7 +388,15 @@ func (x *XDP) Tables() ([]datapath.Table, error) { return x.objs.Maps.Tables() }
 func (x *XDP) Close() error {
 	x.cancel()
 	x.wg.Wait()
-	return x.objs.Close()
+	if err := x.objs.Close(); err != nil {
+		return err
+	}
+	if dir := x.objs.PinDir(); dir != "" {
+		x.log.Info("XDP program left attached and forwarding with the pinned state", "pin_dir", dir)
+	} else {
+		x.log.Info("XDP program detached")
+	}
+	return nil
 }
 
 // Remove stops following neighbours, detaches the program from every
@@ -392,7 +405,11 @@ func (x *XDP) Close() error {
 func (x *XDP) Remove() error {
 	x.cancel()
 	x.wg.Wait()
-	return x.objs.Remove()
+	if err := x.objs.Remove(); err != nil {
+		return err
+	}
+	x.log.Info("XDP program detached and pinned state removed")
+	return nil
 }
 
 // followNeighbours keeps backend MACs in step with the kernel's neighbour

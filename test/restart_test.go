@@ -34,7 +34,7 @@ func (d *daemon) restart(l *lab.Lab, bin string) (gap, total time.Duration) {
 	if err := old.Stop(); err != nil {
 		d.t.Fatal(err)
 	}
-	if err := old.Err(); err != nil || !strings.Contains(old.Output(), "stopped; XDP program left attached") {
+	if err := old.Err(); err != nil || !strings.Contains(old.Output(), "XDP program left attached and forwarding") || !strings.Contains(old.Output(), "msg=stopped") {
 		d.t.Fatalf("tether did not stop cleanly (%v):\n%s", err, old.Output())
 	}
 	d.t.Cleanup(func() {
@@ -49,7 +49,7 @@ func (d *daemon) restart(l *lab.Lab, bin string) (gap, total time.Duration) {
 	d.proc = p
 	d.waitLog("msg=ready", 15*time.Second)
 	total = time.Since(start)
-	return logTime(d.t, p.Output(), "msg=ready").Sub(logTime(d.t, old.Output(), "msg=\"stopped;")), total
+	return logTime(d.t, p.Output(), "msg=ready").Sub(logTime(d.t, old.Output(), "msg=stopped")), total
 }
 
 // logTime returns the time of the first line of a text log that holds s.

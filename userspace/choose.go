@@ -15,7 +15,6 @@ import (
 // that a connection sees the old ring and backends or the new ones.
 type service struct {
 	datapath.Service
-	opts     ServiceOptions
 	backends map[uint32]*backend // by ID
 	stats    *serviceStats
 }
@@ -38,8 +37,8 @@ type backendStats struct {
 
 // newService builds the proxy's view of s, keeping the counters of the
 // backends old already had.
-func newService(s datapath.Service, opts ServiceOptions, old *service) *service {
-	ns := &service{Service: s, opts: opts, backends: make(map[uint32]*backend, len(s.Backends))}
+func newService(s datapath.Service, old *service) *service {
+	ns := &service{Service: s, backends: make(map[uint32]*backend, len(s.Backends))}
 	ns.Backends = append([]datapath.Backend(nil), s.Backends...)
 	ns.Ring = append([]uint32(nil), s.Ring...)
 	ns.stats = &serviceStats{}

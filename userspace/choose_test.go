@@ -126,7 +126,7 @@ func TestChoiceMatchesModel(t *testing.T) {
 	const clients = 4000
 	for i := range clients {
 		ds := svcs[i%len(svcs)]
-		s := newService(ds, ServiceOptions{}, nil)
+		s := newService(ds, nil)
 		client := randomClient(rnd, ds.VIP.Is6())
 		var h uint32
 		if ds.SourceAffinity {
@@ -160,7 +160,7 @@ func TestSameChoiceAsXDP(t *testing.T) {
 	svcs := make([]*service, len(fx))
 	for i, s := range fx {
 		f.AddService(s)
-		svcs[i] = newService(testService(t, s.ID, s.VIP, s.Source, s.Backends...), ServiceOptions{}, nil)
+		svcs[i] = newService(testService(t, s.ID, s.VIP, s.Source, s.Backends...), nil)
 	}
 	// Clients come back: 400 addresses of each family for 1,500
 	// connections a phase.
@@ -208,17 +208,17 @@ func TestSameChoiceAsXDP(t *testing.T) {
 	f.SetBackend(fx[0], 13, maps.StateActive)
 	f.PublishRing(1, vip4.Addr(), 1, 2, 3, 13)
 	ds := testService(t, 1, vip4, true, 1, 2, 3, 13)
-	svcs[0] = newService(ds, ServiceOptions{}, svcs[0])
+	svcs[0] = newService(ds, svcs[0])
 	phase("backend added")
 
 	// Backend 2 drains: out of the ring, then the state.
 	f.PublishRing(1, vip4.Addr(), 1, 3, 13)
 	f.SetBackend(fx[0], 2, maps.StateDraining)
-	svcs[0] = newService(withState(t, ds, 2, datapath.Draining), ServiceOptions{}, svcs[0])
+	svcs[0] = newService(withState(t, ds, 2, datapath.Draining), svcs[0])
 	// Backend 8 of the IPv6 source-affinity service goes down.
 	f.PublishRing(3, vip6.Addr(), 7, 9)
 	f.SetBackend(fx[2], 8, maps.StateDown)
-	svcs[2] = newService(withState(t, testService(t, 3, vip6, true, 7, 8, 9), 8, datapath.Down), ServiceOptions{}, svcs[2])
+	svcs[2] = newService(withState(t, testService(t, 3, vip6, true, 7, 8, 9), 8, datapath.Down), svcs[2])
 	phase("backend drained and backend down")
 }
 
@@ -227,13 +227,13 @@ func TestSameChoiceAsXDP(t *testing.T) {
 func TestAffinityOutlivesBackendAddedAndExpires(t *testing.T) {
 	p, clk := choiceProxy(t)
 	ds := testService(t, 1, vip4, true, 1, 2, 3)
-	s := newService(ds, ServiceOptions{}, nil)
+	s := newService(ds, nil)
 	cli := netip.MustParseAddr("198.51.100.7")
 	first := connect(p, s, netip.AddrPortFrom(cli, 1000))
 	// A fourth backend arrives; pretend the new ring hands every slot to it.
 	ds.Backends = append(ds.Backends, datapath.Backend{ID: 13, Addr: bpftest.BackendAddr(vip4.Addr(), 13), Port: 8765, Weight: 1, State: datapath.Active})
 	ds.Ring = fill(13)
-	s = newService(ds, ServiceOptions{}, s)
+	s = newService(ds, s)
 	clk.add(30 * time.Minute)
 	if got := connect(p, s, netip.AddrPortFrom(cli, 1001)); got != first {
 		t.Fatalf("client's new connection went to %d, want its affinity backend %d", got, first)
@@ -276,10 +276,10 @@ func TestDrainingAndDown(t *testing.T) {
 		t.Run(st.String(), func(t *testing.T) {
 			p, _ := choiceProxy(t)
 			ds := testService(t, 1, vip4, true, 1, 2, 3)
-			s := newService(ds, ServiceOptions{}, nil)
+			s := newService(ds, nil)
 			cli := netip.MustParseAddr("198.51.100.7")
 			b := connect(p, s, netip.AddrPortFrom(cli, 5000))
-			s = newService(withState(t, ds, b, st), ServiceOptions{}, s)
+			s = newService(withState(t, ds, b, st), s)
 			got := connect(p, s, netip.AddrPortFrom(cli, 5001))
 			if got == b || got == 0 {
 				t.Fatalf("new connection of a client with affinity to %s backend %d went to %d", st, b, got)
@@ -288,7 +288,7 @@ func TestDrainingAndDown(t *testing.T) {
 				t.Fatalf("affinity entry points at %d, want %d", e.backend, got)
 			}
 			// Undrained (or up again): the client stays where it went.
-			s = newService(ds, ServiceOptions{}, s)
+			s = newService(ds, s)
 			if again := connect(p, s, netip.AddrPortFrom(cli, 5002)); again != got {
 				t.Fatalf("after %s backend %d is active again the client went to %d, want its affinity %d", st, b, again, got)
 			}
@@ -300,7 +300,7 @@ func TestDrainingAndDown(t *testing.T) {
 // service keeps no affinity entries and spreads a client's connections.
 func TestConnectionAffinityIgnoresTable(t *testing.T) {
 	p, _ := choiceProxy(t)
-	s := newService(testService(t, 2, vip4, false, 1, 2, 3), ServiceOptions{}, nil)
+	s := newService(testService(t, 2, vip4, false, 1, 2, 3), nil)
 	seen := map[uint32]int{}
 	cli := netip.MustParseAddr("198.51.100.7")
 	for port := uint16(2000); port < 2300; port++ {

@@ -69,7 +69,7 @@
 // streams unevenly placed). It picks the backend, connects to it without
 // blocking (within Options.DialTimeout; a client whose backend fails is
 // reset), optionally sends a PROXY protocol v2 header
-// (ServiceOptions.ProxyProtocol) before any byte of the client, then splices each socket into a pipe and the
+// (datapath.Service.ProxyProtocol) before any byte of the client, then splices each socket into a pipe and the
 // pipe into the other socket whenever epoll (edge-triggered, both
 // directions) says they are ready: the bytes never reach userspace
 // (TestZeroCopy: /proc/PID/io of a proxy that moved 512 MiB shows a few
@@ -81,7 +81,7 @@
 // source ends its stream the proxy shuts down the sending side of the other socket (the half-close
 // goes on), and the connection is closed once both directions have ended;
 // an error on either side closes both. There is no idle timeout unless
-// ServiceOptions.IdleTimeout sets one (the loop's timers enforce it);
+// datapath.Service.IdleTimeout sets one (the loop's timers enforce it);
 // TCP keepalive (DefaultKeepAlive) runs on both sockets so that a vanished
 // peer is found and a quiet connection keeps NAT state alive.
 //

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -62,12 +63,10 @@ func TestLab(t *testing.T) {
 		labService(t, 4, netip.AddrPortFrom(l.VIP6, labProxyPort), false, ppV6),
 	}
 
-	p := newProxy(t, Options{Netns: l.Balancer.Do})
-	for _, s := range svcs[2:] {
-		if err := p.SetServiceOptions(s.ID, ServiceOptions{ProxyProtocol: true}); err != nil {
-			t.Fatal(err)
-		}
+	for i := range svcs[2:] {
+		svcs[2+i].ProxyProtocol = true
 	}
+	p := newProxy(t, Options{Netns: l.Balancer.Do})
 	// The VIPs are no address of the balancer: the listeners bind them
 	// with IP_FREEBIND / IPV6_FREEBIND...
 	for _, s := range svcs {
@@ -75,9 +74,13 @@ func TestLab(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// ...and a local route delivers them (AnyIP), as an operator would
-	// set up (the lab already routes the balancer back to the clients).
-	labRoutes(t, l)
+	// ...and the proxy made them local with a route (AnyIP); the lab
+	// already routes the balancer back to the clients.
+	for _, vip := range []netip.Addr{l.VIP4, l.VIP6} {
+		if !localRoute(t, l, vip) {
+			t.Fatalf("no local route for %s after its services started", vip)
+		}
+	}
 
 	t.Run("same choice as the model", func(t *testing.T) {
 		for _, s := range svcs[:2] {
@@ -146,6 +149,27 @@ func TestLab(t *testing.T) {
 			t.Logf("%s: %d clients, each seen by its backend with its own address", vip, len(addrs))
 		}
 	})
+	t.Run("local routes go with the VIP's last service", func(t *testing.T) {
+		// Services 1 and 3 hold the IPv4 VIP, 2 and 4 the IPv6 one.
+		if err := p.DeleteService(svcs[0]); err != nil {
+			t.Fatal(err)
+		}
+		if !localRoute(t, l, l.VIP4) {
+			t.Fatal("the IPv4 VIP lost its route while service 3 still uses it")
+		}
+		if err := p.DeleteService(svcs[2]); err != nil {
+			t.Fatal(err)
+		}
+		if localRoute(t, l, l.VIP4) {
+			t.Fatal("the IPv4 VIP kept its route after its last service went")
+		}
+		if err := p.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if localRoute(t, l, l.VIP6) {
+			t.Fatal("the IPv6 VIP kept its route after the proxy closed")
+		}
+	})
 }
 
 // tellProxyHeader reads the PROXY v2 header and answers with the client
@@ -169,31 +193,23 @@ func labService(t *testing.T, id uint32, vip netip.AddrPort, source bool, bs []d
 	return rebuild(t, s)
 }
 
-// labRoutes makes the balancer deliver the lab's VIPs locally without
-// holding them (`ip route add local VIP dev lo`).
-func labRoutes(t *testing.T, l *lab.Lab) {
+// localRoute says whether the balancer has a local route (the proxy's,
+// `local VIP dev lo`) for vip.
+func localRoute(t *testing.T, l *lab.Lab, vip netip.Addr) bool {
 	t.Helper()
 	nh, err := l.Balancer.Netlink()
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer nh.Close()
-	lo, err := nh.LinkByName("lo")
+	routes, err := nh.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{
+		Table: unix.RT_TABLE_LOCAL,
+		Dst:   prefixNet(netip.PrefixFrom(vip, vip.BitLen())),
+	}, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_DST)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, vip := range []netip.Addr{l.VIP4, l.VIP6} {
-		r := &netlink.Route{
-			LinkIndex: lo.Attrs().Index,
-			Dst:       prefixNet(netip.PrefixFrom(vip, vip.BitLen())),
-			Type:      unix.RTN_LOCAL,
-			Table:     unix.RT_TABLE_LOCAL,
-			Scope:     netlink.SCOPE_HOST,
-		}
-		if err := nh.RouteAdd(r); err != nil {
-			t.Fatalf("add local route for %s: %v", vip, err)
-		}
-	}
+	return slices.ContainsFunc(routes, func(r netlink.Route) bool { return r.Type == unix.RTN_LOCAL })
 }
 
 func prefixNet(p netip.Prefix) *net.IPNet {

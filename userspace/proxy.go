@@ -79,25 +79,14 @@ type Options struct {
 	// while it waits: while loops run, GOMAXPROCS is raised to one more
 	// than the loops of all proxies in the process.
 	Loops int
+	// Interfaces are the interfaces the proxy stands in for, when it
+	// serves in place of an XDP datapath that could not attach to them
+	// (datapath auto): Modes reports each as "splice".
+	Interfaces []string
 	// AffinityEntries is the size of the source-affinity table
 	// (DefaultAffinityEntries); when it is full, the least recently seen of
 	// a few sampled entries makes room.
 	AffinityEntries int
-}
-
-// ServiceOptions are the settings of a service that only the splice
-// datapath has.
-type ServiceOptions struct {
-	// IdleTimeout, if positive, closes a connection through which no byte
-	// moved, either way, for that long. 0 (the default) never does: the
-	// connections tether serves are meant to live for hours, and TCP
-	// keepalive finds dead peers.
-	IdleTimeout time.Duration
-	// ProxyProtocol sends a PROXY protocol version 2 header to the backend
-	// before the client's bytes, so that the backend learns the client's
-	// address and port and the VIP (HAProxy's and nginx's `proxy_protocol`
-	// understand it). The backend must expect it.
-	ProxyProtocol bool
 }
 
 // Reasons a connection was not proxied or was cut, as Counters reports
@@ -147,8 +136,9 @@ type Proxy struct {
 	loops     []*loop              // started with the first service
 	next      int                  // loop of the next single-socket listener
 	listeners map[uint32]*listener // by service ID
-	svcOpts   map[uint32]ServiceOptions
-	conns     map[connKey]*conn // the connection table
+	vips      map[netip.Addr]*vipRoute
+	svcVIP    map[uint32]netip.Addr // the VIP each service holds a reference on
+	conns     map[connKey]*conn     // the connection table
 }
 
 // listener is the listening socket of a service and the service's current
@@ -191,38 +181,33 @@ func New(log *slog.Logger, seed uint32, opts Options) *Proxy {
 		pipes:     &pipePool{size: opts.PipeSize, max: opts.MaxIdlePipes},
 		affinity:  newAffinityTable(opts.AffinityEntries),
 		listeners: make(map[uint32]*listener),
-		svcOpts:   make(map[uint32]ServiceOptions),
+		vips:      make(map[netip.Addr]*vipRoute),
+		svcVIP:    make(map[uint32]netip.Addr),
 		conns:     make(map[connKey]*conn),
 	}
 	p.now = func() int64 { return int64(time.Since(p.epoch)) }
 	return p
 }
 
-// Modes implements datapath.Datapath: the proxy runs on no interface in
-// particular.
-func (p *Proxy) Modes() map[string]string { return map[string]string{"*": "splice"} }
-
-// SetServiceOptions sets the splice-only settings of the service with
-// this ID, for the connections it accepts from now on (established ones
-// keep theirs). They may be set before the service exists and are kept
-// until DeleteService.
-func (p *Proxy) SetServiceOptions(id uint32, o ServiceOptions) error {
-	if o.IdleTimeout < 0 {
-		return fmt.Errorf("idle timeout %v is negative", o.IdleTimeout)
+// Modes implements datapath.Datapath: "splice" for each interface the
+// proxy stands in for (Options.Interfaces), or "*" when it was given none.
+func (p *Proxy) Modes() map[string]string {
+	if len(p.opts.Interfaces) == 0 {
+		return map[string]string{"*": "splice"}
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.svcOpts[id] = o
-	if l := p.listeners[id]; l != nil {
-		cur := l.svc.Load()
-		l.svc.Store(newService(cur.Service, o, cur))
+	out := make(map[string]string, len(p.opts.Interfaces))
+	for _, name := range p.opts.Interfaces {
+		out[name] = "splice"
 	}
-	return nil
+	return out
 }
 
 // UpsertService implements datapath.Datapath. A new service, or one whose
 // VIP or port changed, gets a listening socket first (see listen: the VIP
-// need not be local); if that fails nothing changes. Then the new ring and
+// need not be local), and its VIP a local route if the host does not
+// deliver it yet (see acquireVIP); if either fails nothing changes. The
+// service's IdleTimeout and ProxyProtocol apply to the connections it
+// accepts from then on. Then the new ring and
 // backends replace the old ones at once for every connection accepted
 // afterwards. Established connections keep their backend whatever
 // happens to it (drained, down, removed from the service), except that
@@ -238,13 +223,36 @@ func (p *Proxy) UpsertService(s datapath.Service) error {
 	if p.closed {
 		return fmt.Errorf("service %s: %w", s.Name, net.ErrClosed)
 	}
+	old, had := p.svcVIP[s.ID]
+	moved := !had || old != s.VIP
+	if moved {
+		if err := p.acquireVIP(s.VIP); err != nil {
+			return fmt.Errorf("service %s: %w", s.Name, err)
+		}
+	}
+	if err := p.upsertLocked(s); err != nil {
+		if moved {
+			p.releaseVIP(s.VIP)
+		}
+		return err
+	}
+	if had && moved {
+		p.releaseVIP(old)
+	}
+	p.svcVIP[s.ID] = s.VIP
+	return nil
+}
+
+// upsertLocked serves s on its listener, starting one if needed. p.mu is
+// held.
+func (p *Proxy) upsertLocked(s datapath.Service) error {
 	vip := netip.AddrPortFrom(s.VIP, s.Port)
 	l := p.listeners[s.ID]
 	var old *service
 	if l != nil {
 		old = l.svc.Load()
 	}
-	ns := newService(s, p.svcOpts[s.ID], old)
+	ns := newService(s, old)
 	if l != nil && l.addr == vip {
 		l.svc.Store(ns)
 	} else {
@@ -316,8 +324,9 @@ func (p *Proxy) resetDownLocked(s *service) {
 }
 
 // DeleteService implements datapath.Datapath: the service's listener
-// closes, so new clients are refused by the kernel, and its affinity
-// entries are forgotten. Its established connections keep flowing until
+// closes, so new clients are refused by the kernel, its affinity entries
+// are forgotten and its VIP's local route goes with the VIP's last
+// service. Its established connections keep flowing until
 // either side closes them (or Close): a proxied TCP connection is bound to
 // its backend socket, and cutting it is never needed to stop accepting.
 func (p *Proxy) DeleteService(s datapath.Service) error {
@@ -329,7 +338,10 @@ func (p *Proxy) DeleteService(s datapath.Service) error {
 	}
 	l.close()
 	delete(p.listeners, s.ID)
-	delete(p.svcOpts, s.ID)
+	if vip, ok := p.svcVIP[s.ID]; ok {
+		delete(p.svcVIP, s.ID)
+		p.releaseVIP(vip)
+	}
 	p.affinity.deleteService(s.ID)
 	p.log.Info("splice listener stopped", "service", s.Name, "vip", l.addr)
 	return nil
@@ -413,8 +425,9 @@ func (p *Proxy) Flows() ([]datapath.Flow, error) {
 }
 
 // Close implements datapath.Datapath: it closes every listener and every
-// connection (a proxied connection cannot outlive its process) and returns
-// once all of them are gone. It is idempotent.
+// connection (a proxied connection cannot outlive its process), removes
+// the local routes it added, and returns once all of them are gone. It is
+// idempotent.
 func (p *Proxy) Close() error {
 	p.mu.Lock()
 	if p.closed {
@@ -434,7 +447,14 @@ func (p *Proxy) Close() error {
 	p.wg.Wait()
 	releaseProcs(loops)
 	p.pipes.close()
-	return nil
+	// The routes go after the connections: until then the VIPs stay local,
+	// so that the clients' last packets are answered (by a RST once the
+	// sockets are gone) rather than lost.
+	p.mu.Lock()
+	err := p.releaseVIPs()
+	p.mu.Unlock()
+	p.log.Info("splice proxy closed with its connections")
+	return err
 }
 
 // startLoops starts the event loops, Options.Loops or one per P (see
@@ -507,10 +527,10 @@ func (lp *loop) serve(s *service, cfd int, client netip.AddrPort) {
 		dialing:     dialing,
 		dialTimer:   -1,
 		idleTimer:   -1,
-		idleTimeout: s.opts.IdleTimeout,
+		idleTimeout: s.IdleTimeout,
 		lastSeen:    lp.now,
 	}
-	if s.opts.ProxyProtocol {
+	if s.ProxyProtocol {
 		c.hdr = appendProxyHeader(make([]byte, 0, 52), client, vip)
 	}
 	if err := lp.register(c); err != nil {

@@ -246,10 +246,9 @@ func TestIdleTimeout(t *testing.T) {
 	p := newProxy(t, Options{})
 	vip := loopVIPPort(t)
 	const idle = 300 * time.Millisecond
-	if err := p.SetServiceOptions(1, ServiceOptions{IdleTimeout: idle}); err != nil {
-		t.Fatal(err)
-	}
-	if err := p.UpsertService(loopService(t, 1, vip, false, be)); err != nil {
+	s := loopService(t, 1, vip, false, be)
+	s.IdleTimeout = idle
+	if err := p.UpsertService(s); err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now() // before the quiet connection's last bytes

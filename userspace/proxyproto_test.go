@@ -71,11 +71,10 @@ func TestProxyProtocolLoopback(t *testing.T) {
 			fmt.Fprintf(c, "%s %s %s", src, dst, line)
 		})
 		p := newProxy(t, Options{})
-		if err := p.SetServiceOptions(1, ServiceOptions{ProxyProtocol: true}); err != nil {
-			t.Fatal(err)
-		}
 		vip := netip.AddrPortFrom(netip.MustParseAddr(tc.vip), freePort(t, tc.vip))
-		if err := p.UpsertService(loopService(t, 1, vip, false, be)); err != nil {
+		s := loopService(t, 1, vip, false, be)
+		s.ProxyProtocol = true
+		if err := p.UpsertService(s); err != nil {
 			t.Fatal(err)
 		}
 		for _, src := range tc.srcs {

@@ -8,7 +8,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/tetherlb/tether/loader"
+	"github.com/tetherlb/tether/control"
 )
 
 var detachCommand = &cli.Command{
@@ -24,7 +24,7 @@ Stop the daemon first: detach refuses while a daemon uses the directory.
 It is the way to change table sizes, or to go back to a tether whose map
 layout differs, and to leave a host without tether.`,
 	Flags: []cli.Flag{
-		&cli.StringFlag{Name: "pin-dir", Value: loader.DefaultPinDir, Usage: "bpffs `DIR` that tether run pinned its state in"},
+		&cli.StringFlag{Name: "pin-dir", Value: control.DefaultPinDir, Usage: "bpffs `DIR` that tether run pinned its state in"},
 	},
 	Action: func(c *cli.Context) error {
 		if _, done, err := args(c, 0, 0, ""); done || err != nil {
@@ -40,7 +40,7 @@ func detach(w io.Writer, dir string) error {
 		fmt.Fprintf(w, "nothing pinned in %s\n", dir)
 		return nil
 	}
-	gone, err := loader.RemovePinned(dir)
+	gone, err := control.Detach(dir)
 	for _, name := range gone {
 		fmt.Fprintf(w, "detached the XDP program from %s\n", name)
 	}

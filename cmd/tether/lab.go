@@ -94,7 +94,7 @@ until Ctrl-C and prints how to reach it. It needs root.`,
 		case o.duration < time.Second:
 			return usagef("lab: --duration must be at least 1s, got %v", o.duration)
 		}
-		if _, err := datapathMode(o.datapath); err != nil {
+		if err := config.CheckDatapath(o.datapath); err != nil {
 			return usagef("lab: --datapath: %v", err)
 		}
 		o.scenarios = labScenarios

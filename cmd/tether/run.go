@@ -1,22 +1,14 @@
 package main
 
 import (
-	"context"
-	"fmt"
 	"log/slog"
-	"net"
-	"os"
 	"os/signal"
 	"syscall"
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/control"
-	"github.com/tetherlb/tether/datapath"
-	"github.com/tetherlb/tether/loader"
-	"github.com/tetherlb/tether/metrics"
-	"github.com/tetherlb/tether/userspace"
+	"github.com/tetherlb/tether/daemon"
 )
 
 var runCommand = &cli.Command{
@@ -67,7 +59,7 @@ service with no usable backend refuses new TCP connections with a reset.
 Every transition is logged with the reason of the probe that decided it.
 
 Restarts and upgrades: the maps and the XDP links are pinned in bpffs under
---pin-dir (default ` + loader.DefaultPinDir + `; bpffs is mounted at /sys/fs/bpf if
+--pin-dir (default ` + control.DefaultPinDir + `; bpffs is mounted at /sys/fs/bpf if
 it is not). Stopping the daemon leaves the program attached and forwarding
 with its last state. The next "tether run", of this version or of a newer
 one with the same map layout, adopts the pinned maps with every connection
@@ -78,7 +70,7 @@ detached. Pinned state of another layout or other table sizes is refused:
 every tracked connection.`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "config", Aliases: []string{"c"}, Usage: "configuration `FILE` (required)"},
-		&cli.StringFlag{Name: "pin-dir", Value: loader.DefaultPinDir, Usage: "bpffs `DIR` of the pinned maps and links, one per balancer"},
+		&cli.StringFlag{Name: "pin-dir", Value: control.DefaultPinDir, Usage: "bpffs `DIR` of the pinned maps and links, one per balancer"},
 		&cli.BoolFlag{Name: "clean", Usage: "start afresh, removing pinned state first, and detach and remove everything on exit (drops tracked connections)"},
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log format: text or json"},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log level: debug, info, warn or error"},
@@ -104,7 +96,15 @@ every tracked connection.`,
 				socket = parent.String("socket")
 			}
 		}
-		return runDaemon(ctx, c.String("config"), socket, c.String("metrics"), pins{c.String("pin-dir"), c.Bool("clean")}, log)
+		return daemon.Run(ctx, daemon.Options{
+			Config:  c.String("config"),
+			Socket:  socket,
+			Metrics: c.String("metrics"),
+			PinDir:  c.String("pin-dir"),
+			Clean:   c.Bool("clean"),
+			Version: version,
+			Log:     log,
+		})
 	},
 }
 
@@ -121,191 +121,4 @@ func newLogger(w interface{ Write([]byte) (int, error) }, format, level string) 
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
 	}
 	return nil, usagef("--log-format: %q is not text or json", format)
-}
-
-// datapathMode maps the configured datapath to an XDP attach mode; splice
-// has none.
-func datapathMode(dp string) (loader.Mode, error) {
-	switch dp {
-	case config.DatapathAuto, config.DatapathXDP:
-		return loader.ModeNative, nil
-	case config.DatapathXDPGeneric:
-		return loader.ModeGeneric, nil
-	case config.DatapathSplice:
-		return "", nil
-	}
-	return "", fmt.Errorf("unknown datapath %q: use auto, xdp, xdp-generic or splice", dp)
-}
-
-// openDatapath starts the configured datapath: the XDP program (xdp is
-// set), or the splice proxy. With datapath auto, an XDP program that
-// cannot be loaded or attached natively to every interface gives way to
-// the proxy, which is logged with the reason.
-func openDatapath(cfg *config.Config, mode loader.Mode, opts loader.Options, log *slog.Logger) (dp datapath.Datapath, xdp *loader.XDP, err error) {
-	proxyOpts := userspace.Options{
-		AffinityEntries: int(cfg.Tables.Affinity),
-		Loops:           cfg.Splice.Loops,
-		MaxConns:        cfg.Splice.MaxConnections,
-	}
-	if cfg.Datapath == config.DatapathSplice {
-		warnPinned(opts.PinDir, log)
-		return newSplice(log, cfg.HashSeed, proxyOpts, nil), nil, nil
-	}
-	x, err := loader.NewXDP(opts, cfg.Interfaces, mode, log)
-	if err == nil {
-		return x, x, nil
-	}
-	if cfg.Datapath != config.DatapathAuto {
-		return nil, nil, err
-	}
-	for i, s := range cfg.Services {
-		if s.Protocol == config.ProtocolUDP {
-			return nil, nil, fmt.Errorf("native XDP unavailable (%w), and the splice proxy cannot stand in: services[%d] (%s) is udp, which needs XDP (datapath xdp-generic attaches it on any driver)", err, i, s.Name)
-		}
-	}
-	log.Warn("native XDP unavailable, serving through the splice proxy", "interfaces", cfg.Interfaces, "err", err)
-	warnPinned(opts.PinDir, log)
-	return newSplice(log, cfg.HashSeed, proxyOpts, cfg.Interfaces), nil, nil
-}
-
-// warnPinned warns about an XDP datapath pinned by an earlier daemon: it
-// goes on forwarding the VIPs' packets ahead of the splice proxy.
-func warnPinned(dir string, log *slog.Logger) {
-	if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
-		log.Warn("an earlier tether left an XDP datapath pinned, which may still forward the VIPs' packets ahead of the splice proxy: "+
-			"`tether detach` (or `tether run --clean`) removes it", "pin_dir", dir)
-	}
-}
-
-// pins says where the daemon pins its state and whether that state
-// outlives it.
-type pins struct {
-	dir   string
-	clean bool // remove pinned state at start and at exit
-}
-
-// runDaemon serves path's configuration, the API on socket and, if
-// metricsAddr is not empty, Prometheus metrics on it, until ctx ends. The
-// datapath stays attached and pinned in pins.dir when it returns, unless
-// pins.clean or a first start failed.
-func runDaemon(ctx context.Context, path, socket, metricsAddr string, pins pins, log *slog.Logger) error {
-	cfg, err := config.Load(path)
-	if err != nil {
-		return err
-	}
-	mode, err := datapathMode(cfg.Datapath)
-	if err != nil {
-		return err
-	}
-	// Take the socket before attaching anything: a second daemon must not
-	// replace the first one's program.
-	ln, err := control.Listen(socket)
-	if err != nil {
-		return err
-	}
-	defer ln.Close()
-	// And the metrics address: a taken port fails the start, not later.
-	var mln net.Listener
-	if metricsAddr != "" {
-		if mln, err = net.Listen("tcp", metricsAddr); err != nil {
-			return fmt.Errorf("--metrics: %w", err)
-		}
-		defer mln.Close()
-		if !metrics.IsLoopback(metricsAddr) {
-			log.Warn("metrics served beyond loopback: anyone who reaches the address reads every service and backend", "addr", mln.Addr().String())
-		}
-	}
-	opts := loader.Options{
-		Connections: cfg.Tables.Connections,
-		Affinity:    cfg.Tables.Affinity,
-		RingSize:    cfg.Tables.RingSize,
-		MaxServices: cfg.Tables.MaxServices,
-		MaxBackends: cfg.Tables.MaxBackends,
-		HashSeed:    cfg.HashSeed,
-		PinDir:      pins.dir,
-	}
-	if pins.clean {
-		gone, err := loader.RemovePinned(pins.dir)
-		if err != nil {
-			return fmt.Errorf("--clean: %w", err)
-		}
-		log.Info("removed pinned state (--clean)", "pin_dir", pins.dir, "detached", gone)
-	}
-	dp, xdp, err := openDatapath(cfg, mode, opts, log)
-	if err != nil {
-		return err
-	}
-	remove := pins.clean
-	defer func() {
-		if xdp == nil {
-			if err := dp.Close(); err != nil {
-				log.Error("close datapath", "err", err)
-			}
-			log.Info("stopped; splice proxy closed with its connections")
-			return
-		}
-		if remove {
-			if err := xdp.Remove(); err != nil {
-				log.Error("detach and remove pinned state", "err", err)
-			}
-			log.Info("stopped; XDP program detached and pinned state removed")
-			return
-		}
-		if err := dp.Close(); err != nil {
-			log.Error("close datapath", "err", err)
-		}
-		log.Info("stopped; XDP program left attached and forwarding", "pin_dir", pins.dir)
-	}()
-	ctl := control.New(dp, cfg.HashSeed, cfg.Tables.RingSize, cfg.Tables.MaxServices, cfg.Tables.MaxBackends, log)
-	// Services the previous daemon left keep their ids before anything is
-	// applied, so that no connection or affinity entry points at a
-	// backend id given to another backend.
-	if xdp != nil {
-		if err := ctl.Adopt(xdp.AdoptedServices()); err != nil {
-			return err
-		}
-	}
-	if err := ctl.Apply(cfg); err != nil {
-		remove = remove || (xdp != nil && !xdp.Adopted()) // a first start that never served leaves nothing
-		return fmt.Errorf("apply %s: %w", path, err)
-	}
-	d := control.NewDaemon(path, cfg, ctl, dp, log)
-	if err := d.StartHealth(); err != nil {
-		return err
-	}
-	defer d.Close() // after the API has stopped
-	apiCtx, stopAPI := context.WithCancel(ctx)
-	apiDone := make(chan error, 1)
-	go func() { apiDone <- control.Serve(apiCtx, ln, d.Handler(), log) }()
-	defer func() {
-		stopAPI()
-		<-apiDone
-	}()
-	metricsDone := make(chan error, 1)
-	if mln != nil {
-		go func() { metricsDone <- metrics.Serve(apiCtx, mln, metrics.Handler(d, log)) }()
-		defer func() {
-			stopAPI() // stops the metrics too
-			<-metricsDone
-		}()
-		log.Info("serving metrics", "addr", mln.Addr().String(), "path", "/metrics")
-	}
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-	log.Info("ready", "version", version, "services", len(cfg.Services), "interfaces", cfg.Interfaces, "datapath", cfg.Datapath, "modes", dp.Modes(), "socket", socket)
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case err := <-apiDone:
-			apiDone <- nil // for the deferred wait
-			return err
-		case err := <-metricsDone:
-			metricsDone <- nil // for the deferred wait
-			return err
-		case <-hup:
-			_, _ = d.Reload() // logs the outcome
-		}
-	}
 }

@@ -1,0 +1,162 @@
+package control
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+
+	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/datapath"
+	"github.com/tetherlb/tether/loader"
+	"github.com/tetherlb/tether/userspace"
+)
+
+// DefaultPinDir is where the XDP datapath pins its maps and links, one
+// directory per balancer.
+const DefaultPinDir = loader.DefaultPinDir
+
+// StartOptions say where the XDP datapath pins its state and what a start
+// and a stop do with it.
+type StartOptions struct {
+	// PinDir is the bpffs directory of the XDP datapath's pinned state
+	// (DefaultPinDir when empty).
+	PinDir string
+	// Clean removes the pinned state before the start, and everything the
+	// daemon attached or pinned at Stop: every tracked connection is
+	// forgotten.
+	Clean bool
+}
+
+// Start opens the datapath cfg names, gives the services an earlier daemon
+// left in it their ids again, applies cfg (read from the file at path) and
+// starts health checking. The datapath is:
+//
+//   - xdp, xdp-generic: the XDP program attached to every interface, in
+//     that mode, or an error;
+//   - splice: the splice proxy;
+//   - auto: native XDP, or where a driver or the kernel refuses it, the
+//     splice proxy standing in for the interfaces (logged with the reason),
+//     unless a UDP service needs XDP.
+//
+// A start that fails leaves what it found: a first start removes what it
+// attached or pinned, and an adoption leaves the earlier state forwarding.
+// Stop undoes a Start.
+func Start(path string, cfg *config.Config, o StartOptions, log *slog.Logger) (*Daemon, error) {
+	if o.PinDir == "" {
+		o.PinDir = DefaultPinDir
+	}
+	if o.Clean {
+		gone, err := loader.RemovePinned(o.PinDir)
+		if err != nil {
+			return nil, fmt.Errorf("--clean: %w", err)
+		}
+		log.Info("removed pinned state (--clean)", "pin_dir", o.PinDir, "detached", gone)
+	}
+	dp, err := openDatapath(cfg, o.PinDir, log)
+	if err != nil {
+		return nil, err
+	}
+	ctl := New(dp, cfg.HashSeed, cfg.Tables.RingSize, cfg.Tables.MaxServices, cfg.Tables.MaxBackends, log)
+	d := NewDaemon(path, cfg, ctl, dp, log)
+	d.remove = o.Clean
+	adopted := false
+	if a, ok := dp.(datapath.Adopter); ok && a.Adopted() {
+		adopted = true
+		if err := ctl.Adopt(a.AdoptedServices()); err != nil {
+			d.Stop()
+			return nil, err
+		}
+	}
+	if err := ctl.Apply(cfg); err != nil {
+		// A first start that never served leaves nothing behind.
+		d.remove = d.remove || !adopted
+		d.Stop()
+		return nil, fmt.Errorf("apply %s: %w", path, err)
+	}
+	if err := d.StartHealth(); err != nil {
+		d.Stop()
+		return nil, err
+	}
+	return d, nil
+}
+
+// Stop stops health checking and the datapath. A datapath whose
+// forwarding outlives the daemon (datapath.Remover: the pinned XDP
+// program) goes on forwarding with its last state for the next daemon to
+// adopt, unless the start was clean or never served, in which case it is
+// removed; the splice proxy closes with its connections.
+func (d *Daemon) Stop() {
+	d.Close()
+	var err error
+	if r, ok := d.dp.(datapath.Remover); ok && d.remove {
+		err = r.Remove()
+	} else {
+		err = d.dp.Close()
+	}
+	if err != nil {
+		d.log.Error("stop the datapath", "err", err)
+	}
+}
+
+// openDatapath opens the datapath cfg names (see Start).
+func openDatapath(cfg *config.Config, pinDir string, log *slog.Logger) (datapath.Datapath, error) {
+	proxy := func(ifaces []string) datapath.Datapath {
+		warnPinned(pinDir, log)
+		return userspace.New(log, cfg.HashSeed, userspace.Options{
+			AffinityEntries: int(cfg.Tables.Affinity),
+			Loops:           cfg.Splice.Loops,
+			MaxConns:        cfg.Splice.MaxConnections,
+			Interfaces:      ifaces,
+		})
+	}
+	var mode loader.Mode
+	switch cfg.Datapath {
+	case config.DatapathSplice:
+		return proxy(nil), nil
+	case config.DatapathAuto, config.DatapathXDP:
+		mode = loader.ModeNative
+	case config.DatapathXDPGeneric:
+		mode = loader.ModeGeneric
+	default:
+		return nil, fmt.Errorf("unknown datapath %q: use auto, xdp, xdp-generic or splice", cfg.Datapath)
+	}
+	opts := loader.Options{
+		Connections: cfg.Tables.Connections,
+		Affinity:    cfg.Tables.Affinity,
+		RingSize:    cfg.Tables.RingSize,
+		MaxServices: cfg.Tables.MaxServices,
+		MaxBackends: cfg.Tables.MaxBackends,
+		HashSeed:    cfg.HashSeed,
+		PinDir:      pinDir,
+	}
+	x, err := loader.NewXDP(opts, cfg.Interfaces, mode, log)
+	if err == nil {
+		return x, nil
+	}
+	var incompatible *loader.IncompatibleError
+	if cfg.Datapath != config.DatapathAuto || errors.As(err, &incompatible) {
+		return nil, err
+	}
+	for i, s := range cfg.Services {
+		if s.Protocol == config.ProtocolUDP {
+			return nil, fmt.Errorf("native XDP unavailable (%w), and the splice proxy cannot stand in: services[%d] (%s) is udp, which needs XDP (datapath xdp-generic attaches it on any driver)", err, i, s.Name)
+		}
+	}
+	log.Warn("native XDP unavailable, serving through the splice proxy", "interfaces", cfg.Interfaces, "err", err)
+	return proxy(cfg.Interfaces), nil
+}
+
+// warnPinned warns about an XDP datapath pinned by an earlier daemon: it
+// goes on forwarding the VIPs' packets ahead of the splice proxy.
+func warnPinned(dir string, log *slog.Logger) {
+	if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
+		log.Warn("an earlier tether left an XDP datapath pinned, which may still forward the VIPs' packets ahead of the splice proxy: "+
+			"`tether detach` (or `tether run --clean`) removes it", "pin_dir", dir)
+	}
+}
+
+// Detach removes the XDP datapath pinned in dir, whatever its layout: it
+// detaches the program from every interface (whose names it returns) and
+// removes the pinned maps and links. It refuses while a daemon uses dir.
+func Detach(dir string) ([]string, error) { return loader.RemovePinned(dir) }

@@ -1,0 +1,115 @@
+package userspace
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// vipRoute is the local route that makes a VIP deliverable to the proxy's
+// listeners, and the number of services that use the VIP.
+type vipRoute struct {
+	users int
+	route *netlink.Route // nil: the VIP was local already, or the operator routes it
+}
+
+// acquireVIP takes a reference on vip for a service. A VIP that the kernel
+// does not deliver to this host yet (no address, no local route) gets a
+// local route (`ip route add local VIP dev lo`), added in the proxy's
+// network namespace and removed with the last reference; a VIP the host
+// delivers already is left as it is. p.mu is held.
+func (p *Proxy) acquireVIP(vip netip.Addr) error {
+	if r, ok := p.vips[vip]; ok {
+		r.users++
+		return nil
+	}
+	r := &vipRoute{users: 1}
+	err := p.opts.Netns(func() error {
+		if isLocal(vip) {
+			return nil
+		}
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			return fmt.Errorf("make the VIP %s local: %w", vip, err)
+		}
+		route := &netlink.Route{
+			LinkIndex: lo.Attrs().Index,
+			Dst:       &net.IPNet{IP: vip.AsSlice(), Mask: net.CIDRMask(vip.BitLen(), vip.BitLen())},
+			Type:      unix.RTN_LOCAL,
+			Table:     unix.RT_TABLE_LOCAL,
+			Scope:     netlink.SCOPE_HOST,
+			Protocol:  unix.RTPROT_STATIC,
+		}
+		switch err := netlink.RouteAdd(route); {
+		case err == nil:
+			r.route = route
+			p.log.Info("made the VIP local for the splice proxy", "vip", vip, "route", "local "+vip.String()+" dev lo table local")
+		case errors.Is(err, unix.EEXIST):
+		default:
+			return fmt.Errorf("make the VIP %s local (ip route add local %s dev lo): %w", vip, vip, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	p.vips[vip] = r
+	return nil
+}
+
+// releaseVIP drops a reference on vip, removing its local route with the
+// last one. p.mu is held.
+func (p *Proxy) releaseVIP(vip netip.Addr) {
+	r, ok := p.vips[vip]
+	if !ok {
+		return
+	}
+	if r.users--; r.users > 0 {
+		return
+	}
+	delete(p.vips, vip)
+	if r.route == nil {
+		return
+	}
+	if err := p.delRoute(r.route); err != nil {
+		p.log.Error("remove the local route of a VIP", "vip", vip, "err", err)
+		return
+	}
+	p.log.Info("removed the local route of a VIP no service uses", "vip", vip)
+}
+
+// releaseVIPs removes every local route the proxy added. p.mu is held.
+func (p *Proxy) releaseVIPs() error {
+	var errs []error
+	for vip, r := range p.vips {
+		if r.route != nil {
+			if err := p.delRoute(r.route); err != nil {
+				errs = append(errs, fmt.Errorf("remove the local route of %s: %w", vip, err))
+			}
+		}
+		delete(p.vips, vip)
+	}
+	clear(p.svcVIP)
+	return errors.Join(errs...)
+}
+
+func (p *Proxy) delRoute(r *netlink.Route) error {
+	return p.opts.Netns(func() error {
+		if err := netlink.RouteDel(r); err != nil && !errors.Is(err, unix.ESRCH) {
+			return err
+		}
+		return nil
+	})
+}
+
+// isLocal reports whether the kernel of the calling thread's network
+// namespace delivers packets for vip to this host already (an address of
+// the host, or a local route covering it).
+func isLocal(vip netip.Addr) bool {
+	routes, err := netlink.RouteGet(vip.AsSlice())
+	return err == nil && len(routes) > 0 && routes[0].Type == unix.RTN_LOCAL
+}
