@@ -1,4 +1,4 @@
-/* consts.h: tunables, map sizes, flags and drop/pass reasons of the tether XDP program. */
+/* consts.h: tunables, map sizes, flags, backend states and drop/pass reasons of the tether XDP program. */
 #ifndef TETHER_CONSTS_H
 #define TETHER_CONSTS_H
 
@@ -38,15 +38,16 @@
 /* connection flags (struct conn.flags) */
 #define CONN_F_CLOSING (1U << 0) /* a FIN or RST was seen: no longer counted as active */
 
-/* forwarding modes (struct service.fwd) */
-#define FWD_DSR 0 /* rewrite MACs only; the backend holds the VIP */
-
-/* backend states (struct backend.state) */
-#define BE_UNUSED     0 /* slot free: entries that point here are stale */
-#define BE_ACTIVE     1 /* in the ring, takes new connections */
-#define BE_DRAINING   2 /* out of the ring; established connections keep flowing */
-#define BE_DOWN	      3 /* out of the ring; affinity ignored; established keep flowing */
-#define BE_DOWN_RESET 4 /* like BE_DOWN, but established connections are reset */
+/* Backend states (struct backend.state, a __u8). maps/ names them from the
+ * bpf2go-generated constants; a test checks the control plane's states
+ * against them. */
+enum backend_state {
+	BE_UNUSED = 0,	   /* slot free: entries that point here are stale */
+	BE_ACTIVE = 1,	   /* in the ring, takes new connections */
+	BE_DRAINING = 2,   /* out of the ring; established connections keep flowing */
+	BE_DOWN = 3,	   /* out of the ring; affinity ignored; established keep flowing */
+	BE_DOWN_RESET = 4, /* like BE_DOWN, but established connections are reset */
+};
 
 /* Why a packet was passed to the kernel, dropped or answered with a RST
  * instead of being forwarded; index of the reasons map. maps/counters.go

@@ -1,98 +1,11 @@
-/* maps.h: key/value layouts and the BPF maps shared with the Go control plane (maps/). */
+/* maps.h: the BPF maps shared with the Go control plane (maps/), one comment each; layouts in structs.h. */
 #ifndef TETHER_MAPS_H
 #define TETHER_MAPS_H
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include "consts.h"
-
-/* A service is found by VIP, port and protocol, in a table per family (an
- * 8-byte key hashes faster than a 20-byte one). Ports are in network byte
- * order; elsewhere an IPv4 address sits in addr[0] with addr[1..3] zero. */
-struct service_key {
-	__u32 addr[4];
-	__u16 port;
-	__u8 proto;
-	__u8 pad;
-};
-
-struct service_key4 {
-	__u32 addr;
-	__u16 port;
-	__u8 proto;
-	__u8 pad;
-};
-
-struct service {
-	__u32 id;    /* index into rings and service_stats */
-	__u32 flags; /* SVC_F_* */
-	__u64 affinity_timeout_ns;
-	__u32 fwd; /* FWD_* */
-	__u32 pad;
-};
-
-/* A backend of one service; its index in the backends map is its id. */
-struct backend {
-	__u32 addr[4];
-	__u8 dmac[6];  /* the backend's MAC */
-	__u8 smac[6];  /* the MAC of the interface that reaches it */
-	__u32 ifindex; /* that interface; the ingress one means XDP_TX */
-	__u32 service; /* id of the service it belongs to */
-	__u16 port;    /* network byte order */
-	__u8 state;    /* BE_* */
-	__u8 family;
-};
-
-/* The 5-tuple of a flow as the client sent it. IPv4 flows are keyed by the
- * compact flow_key4 in a table of their own: a 16-byte key hashes and
- * compares faster than the 40-byte one, on every packet. */
-struct flow_key {
-	__u32 src[4];
-	__u32 dst[4];
-	__u16 sport; /* network byte order */
-	__u16 dport;
-	__u8 proto;
-	__u8 pad[3];
-};
-
-struct flow_key4 {
-	__u32 src;
-	__u32 dst;
-	__u16 sport;
-	__u16 dport;
-	__u8 proto;
-	__u8 pad[3];
-};
-
-struct conn {
-	__u32 backend;
-	__u32 service;
-	__u32 flags; /* CONN_F_* */
-	__u32 pad;
-};
-
-struct affinity_key {
-	__u32 addr[4]; /* client address */
-	__u32 service;
-};
-
-struct affinity {
-	__u64 last_seen_ns; /* bpf_ktime_get_ns of the client's last new connection */
-	__u32 backend;
-	__u32 pad;
-};
-
-struct backend_stats {
-	__u64 packets;
-	__u64 bytes;
-	__u64 new_conns;
-};
-
-struct service_stats {
-	__u64 new_conns;     /* flows entered in the connection table */
-	__u64 affinity_hits; /* new flows sent by a live affinity entry */
-	__u64 affinity_miss; /* new flows that had to use the ring */
-};
+#include "structs.h"
 
 /* Services by VIP, port and protocol. */
 struct {

@@ -22,6 +22,10 @@
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
+/* Emits enum backend_state into the BTF for bpf2go (-type backend_state):
+ * struct backend holds a state in a __u8, which names no type. */
+const enum backend_state *backend_state_btf __attribute__((unused));
+
 /* Load-time settings, written by the loader before the program is loaded. */
 volatile const __u32 ring_size = RING_SIZE;  /* slots in every ring, prime */
 volatile const __u32 hash_seed = 0x74657468; /* the same on every tether host */

@@ -38,6 +38,16 @@ type TetherBackend struct {
 	Family  uint8
 }
 
+type TetherBackendState uint32
+
+const (
+	TetherBackendStateBE_UNUSED     TetherBackendState = 0
+	TetherBackendStateBE_ACTIVE     TetherBackendState = 1
+	TetherBackendStateBE_DRAINING   TetherBackendState = 2
+	TetherBackendStateBE_DOWN       TetherBackendState = 3
+	TetherBackendStateBE_DOWN_RESET TetherBackendState = 4
+)
+
 type TetherBackendStats struct {
 	_        structs.HostLayout
 	Packets  uint64
@@ -102,7 +112,7 @@ type TetherService struct {
 	Id                uint32
 	Flags             uint32
 	AffinityTimeoutNs uint64
-	Fwd               uint32
+	Reserved          uint32
 	Pad               uint32
 }
 
@@ -133,19 +143,20 @@ type TetherServiceStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	TetherMapAffinities = "affinities"
-	TetherMapBackends   = "backends"
-	TetherMapBeStats    = "be_stats"
-	TetherMapConns4     = "conns4"
-	TetherMapConns6     = "conns6"
-	TetherMapReasons    = "reasons"
-	TetherMapRings      = "rings"
-	TetherMapServices4  = "services4"
-	TetherMapServices6  = "services6"
-	TetherMapSvcStats   = "svc_stats"
-	TetherProgTetherXdp = "tether_xdp"
-	TetherVarHashSeed   = "hash_seed"
-	TetherVarRingSize   = "ring_size"
+	TetherMapAffinities      = "affinities"
+	TetherMapBackends        = "backends"
+	TetherMapBeStats         = "be_stats"
+	TetherMapConns4          = "conns4"
+	TetherMapConns6          = "conns6"
+	TetherMapReasons         = "reasons"
+	TetherMapRings           = "rings"
+	TetherMapServices4       = "services4"
+	TetherMapServices6       = "services6"
+	TetherMapSvcStats        = "svc_stats"
+	TetherProgTetherXdp      = "tether_xdp"
+	TetherVarBackendStateBtf = "backend_state_btf"
+	TetherVarHashSeed        = "hash_seed"
+	TetherVarRingSize        = "ring_size"
 )
 
 // LoadTether returns the embedded CollectionSpec for Tether.
@@ -213,8 +224,9 @@ type TetherMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TetherVariableSpecs struct {
-	HashSeed *ebpf.VariableSpec `ebpf:"hash_seed"`
-	RingSize *ebpf.VariableSpec `ebpf:"ring_size"`
+	BackendStateBtf *ebpf.VariableSpec `ebpf:"backend_state_btf"`
+	HashSeed        *ebpf.VariableSpec `ebpf:"hash_seed"`
+	RingSize        *ebpf.VariableSpec `ebpf:"ring_size"`
 }
 
 // TetherObjects contains all objects after they have been loaded into the kernel.
@@ -268,8 +280,9 @@ func (m *TetherMaps) Close() error {
 //
 // It can be passed to LoadTetherObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TetherVariables struct {
-	HashSeed *ebpf.Variable `ebpf:"hash_seed"`
-	RingSize *ebpf.Variable `ebpf:"ring_size"`
+	BackendStateBtf *ebpf.Variable `ebpf:"backend_state_btf"`
+	HashSeed        *ebpf.Variable `ebpf:"hash_seed"`
+	RingSize        *ebpf.Variable `ebpf:"ring_size"`
 }
 
 // TetherPrograms contains all programs after they have been loaded into the kernel.

@@ -227,6 +227,14 @@ func (x *XDP) UpsertService(s datapath.Service) error {
 	if err := x.resolve(s.Backends); err != nil {
 		return fmt.Errorf("service %s: %w", s.Name, err)
 	}
+	entries := make(map[uint32]maps.Backend, len(s.Backends))
+	for _, b := range s.Backends {
+		e, err := x.entry(s, b)
+		if err != nil {
+			return err
+		}
+		entries[b.ID] = e
+	}
 	old, existed := x.services[s.ID]
 	oldIDs := map[uint32]bool{}
 	for _, b := range old.Backends {
@@ -240,7 +248,7 @@ func (x *XDP) UpsertService(s datapath.Service) error {
 			}
 		}
 		if b.State == datapath.Active {
-			if err := m.PutBackend(b.ID, x.entry(s, b)); err != nil {
+			if err := m.PutBackend(b.ID, entries[b.ID]); err != nil {
 				return err
 			}
 		}
@@ -250,7 +258,7 @@ func (x *XDP) UpsertService(s datapath.Service) error {
 	}
 	for _, b := range s.Backends {
 		if b.State != datapath.Active {
-			if err := m.PutBackend(b.ID, x.entry(s, b)); err != nil {
+			if err := m.PutBackend(b.ID, entries[b.ID]); err != nil {
 				return err
 			}
 		}
@@ -279,16 +287,34 @@ func (x *XDP) UpsertService(s datapath.Service) error {
 	return nil
 }
 
-// entry is the map entry of backend b of service s.
-func (x *XDP) entry(s datapath.Service, b datapath.Backend) maps.Backend {
-	e := maps.Backend{Service: s.ID, Addr: b.Addr, Port: b.Port, State: uint8(b.State)}
-	if b.State == datapath.Down && s.OnDownReset {
-		e.State = maps.StateDownReset
+// mapState is the program's state of a backend in state st, of a service
+// that resets the connections of down backends or not.
+func mapState(st datapath.State, onDownReset bool) (uint8, error) {
+	switch st {
+	case datapath.Active:
+		return maps.StateActive, nil
+	case datapath.Draining:
+		return maps.StateDraining, nil
+	case datapath.Down:
+		if onDownReset {
+			return maps.StateDownReset, nil
+		}
+		return maps.StateDown, nil
 	}
+	return 0, fmt.Errorf("backend state %d has no state in the XDP program", st)
+}
+
+// entry is the map entry of backend b of service s.
+func (x *XDP) entry(s datapath.Service, b datapath.Backend) (maps.Backend, error) {
+	st, err := mapState(b.State, s.OnDownReset)
+	if err != nil {
+		return maps.Backend{}, fmt.Errorf("service %s, backend %s: %w", s.Name, b.Addr, err)
+	}
+	e := maps.Backend{Service: s.ID, Addr: b.Addr, Port: b.Port, State: st}
 	if h, ok := x.hops[b.Addr]; ok {
 		e.MAC, e.SrcMAC, e.Ifindex = h.DstMAC, h.SrcMAC, uint32(h.Ifindex)
 	}
-	return e
+	return e, nil
 }
 
 // resolve finds the L2 hop of every backend that may take traffic and is
@@ -504,10 +530,15 @@ func (x *XDP) neighbourChanged(n netlink.Neigh) {
 	x.log.Info("backend MAC changed", "backend", addr, "mac", h.DstMAC.String())
 	for _, s := range x.services {
 		for _, b := range s.Backends {
-			if b.Addr == addr {
-				if err := x.objs.Maps.PutBackend(b.ID, x.entry(s, b)); err != nil {
-					x.log.Error("update backend MAC", "backend", addr, "err", err)
-				}
+			if b.Addr != addr {
+				continue
+			}
+			e, err := x.entry(s, b)
+			if err == nil {
+				err = x.objs.Maps.PutBackend(b.ID, e)
+			}
+			if err != nil {
+				x.log.Error("update backend MAC", "backend", addr, "err", err)
 			}
 		}
 	}

@@ -21,15 +21,16 @@ import (
 	"github.com/tetherlb/tether/maglev"
 )
 
-// Backend states as the XDP program reads them.
+// Backend states as the XDP program reads them: enum backend_state of
+// bpf/consts.h, through the constants bpf2go generates from it.
 const (
-	StateUnused   uint8 = 0
-	StateActive   uint8 = 1
-	StateDraining uint8 = 2
-	StateDown     uint8 = 3
+	StateUnused   = uint8(bpf.TetherBackendStateBE_UNUSED)
+	StateActive   = uint8(bpf.TetherBackendStateBE_ACTIVE)
+	StateDraining = uint8(bpf.TetherBackendStateBE_DRAINING)
+	StateDown     = uint8(bpf.TetherBackendStateBE_DOWN)
 	// StateDownReset is StateDown for a service whose established
 	// connections to a down backend are reset (on_down: reset).
-	StateDownReset uint8 = 4
+	StateDownReset = uint8(bpf.TetherBackendStateBE_DOWN_RESET)
 )
 
 // Service flags.

@@ -79,7 +79,7 @@ func mapsSnapshot(t *testing.T, m *maps.Maps) string {
 		var v bpf.TetherService
 		it := mp.Iterate()
 		for it.Next(&k, &v) {
-			lines = append(lines, fmt.Sprintf("%s %x: id %d flags %d timeout %d fwd %d", name, k, v.Id, v.Flags, v.AffinityTimeoutNs, v.Fwd))
+			lines = append(lines, fmt.Sprintf("%s %x: id %d flags %d timeout %d reserved %d", name, k, v.Id, v.Flags, v.AffinityTimeoutNs, v.Reserved))
 			ids = append(ids, v.Id)
 		}
 		if err := it.Err(); err != nil {
