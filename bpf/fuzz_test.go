@@ -9,7 +9,7 @@ import (
 	"net/netip"
 	"testing"
 
-	"github.com/tetherlb/tether/bpf/bpftest"
+	"github.com/tetherlb/tether/internal/bpftest"
 )
 
 // This file holds the program's invariant on arbitrary frames, checked

@@ -8,7 +8,7 @@ import (
 	"net/netip"
 	"testing"
 
-	"github.com/tetherlb/tether/bpf/bpftest"
+	"github.com/tetherlb/tether/internal/bpftest"
 )
 
 // The services of the malformed-packet tests: TCP port 8765 and UDP port

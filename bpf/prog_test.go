@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tetherlb/tether/bpf/bpftest"
+	"github.com/tetherlb/tether/internal/bpftest"
 	"github.com/tetherlb/tether/maglev"
 	"github.com/tetherlb/tether/maps"
 )

@@ -17,7 +17,7 @@ import (
 
 	"github.com/tetherlb/tether/bpf"
 	"github.com/tetherlb/tether/datapath"
-	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/internal/lab"
 	"github.com/tetherlb/tether/maglev"
 	"github.com/tetherlb/tether/maps"
 )

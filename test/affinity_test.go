@@ -12,7 +12,7 @@ import (
 
 	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/control"
-	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/internal/lab"
 	"github.com/tetherlb/tether/maps"
 )
 

@@ -1,5 +1,5 @@
 // Package test holds tether's end-to-end tests: the real tether binary run
-// in a lab of network namespaces (see lab/), with real WebSocket clients
+// in a lab of network namespaces (see internal/lab/), with real WebSocket clients
 // and backends. They need root; CI sets TETHER_REQUIRE_PRIVILEGED=1 so that
 // they fail instead of skipping.
 package test
@@ -17,7 +17,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/tetherlb/tether/bpf"
-	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/internal/lab"
 	"github.com/tetherlb/tether/maps"
 )
 

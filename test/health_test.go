@@ -17,7 +17,7 @@ import (
 
 	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/control"
-	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/internal/lab"
 )
 
 // The health checks of these tests: short, so that the tests are fast.

@@ -16,7 +16,7 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/tetherlb/tether/config"
-	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/internal/lab"
 )
 
 // TestMetrics runs tether with --metrics on the balancer's loopback, once

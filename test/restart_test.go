@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/internal/lab"
 	"github.com/tetherlb/tether/maps"
 )
 

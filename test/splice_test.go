@@ -11,7 +11,7 @@ import (
 
 	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/control"
-	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/internal/lab"
 )
 
 // withDatapath returns a configuration of chatConfig's (or healthConfig's)

@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tetherlb/tether/bpf/bpftest"
 	"github.com/tetherlb/tether/datapath"
+	"github.com/tetherlb/tether/internal/bpftest"
 	"github.com/tetherlb/tether/loader"
 	"github.com/tetherlb/tether/maglev"
 	"github.com/tetherlb/tether/maps"

@@ -13,7 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tetherlb/tether/datapath"
-	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/internal/lab"
 	"github.com/tetherlb/tether/maglev"
 )
 

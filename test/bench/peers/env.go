@@ -10,7 +10,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/internal/lab"
 )
 
 // Ports the backends serve on, the same through every balancer.

@@ -34,7 +34,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/internal/lab"
 	"github.com/tetherlb/tether/test/bench/benchrun"
 	"github.com/tetherlb/tether/test/bench/pktgen"
 	"github.com/tetherlb/tether/test/bench/progcost"

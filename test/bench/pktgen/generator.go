@@ -13,7 +13,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"golang.org/x/sys/unix"
 
-	"github.com/tetherlb/tether/bpf/bpftest"
+	"github.com/tetherlb/tether/internal/bpftest"
 )
 
 // xdpMD is struct xdp_md, the context BPF_PROG_TEST_RUN takes for XDP. The

@@ -33,7 +33,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/tetherlb/tether/bpf/bpftest"
+	"github.com/tetherlb/tether/internal/bpftest"
 )
 
 // Frame layout of UDPFrame (IPv4 header without options).

@@ -15,8 +15,8 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/vishvananda/netlink"
 
-	"github.com/tetherlb/tether/bpf/bpftest"
-	"github.com/tetherlb/tether/lab"
+	"github.com/tetherlb/tether/internal/bpftest"
+	"github.com/tetherlb/tether/internal/lab"
 )
 
 var (

@@ -11,7 +11,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
-	"github.com/tetherlb/tether/bpf/bpftest"
+	"github.com/tetherlb/tether/internal/bpftest"
 	"github.com/tetherlb/tether/loader"
 	"github.com/tetherlb/tether/maglev"
 	"github.com/tetherlb/tether/test/bench/benchrun"

@@ -8,7 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/tetherlb/tether/bpf/bpftest"
+	"github.com/tetherlb/tether/internal/bpftest"
 )
 
 // helperEnv makes the test binary a child that makes a known number of

@@ -1,0 +1,642 @@
+// Package scenario plays the scenarios of `tether lab` on a lab of network
+// namespaces (package lab): a WebSocket echo backend on each backend host,
+// `tether run` on the balancer, WebSocket clients that echo and reconnect,
+// and the scenarios steady, kill, drain and scaleout, each with one line
+// of what happened and what theory expects. The CLI parses the flags and
+// draws the live view; everything else is here.
+package scenario
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/control"
+	"github.com/tetherlb/tether/health"
+	"github.com/tetherlb/tether/internal/lab"
+)
+
+// The lab's service and how its clients behave.
+const (
+	Port        = 8765
+	ServiceName = "chat"
+	echoEvery   = 200 * time.Millisecond // one echo per client and period
+	echoTimeout = time.Second            // an echo that takes longer breaks the connection
+	dialTimeout = 2 * time.Second
+	// Probes is how many fresh client addresses a scenario that probes new
+	// connections uses.
+	Probes = 20
+	// MaxClients is the most clients a lab holds beside its probes.
+	MaxClients = lab.MaxClients - 2*Probes
+	// clearScreen moves the cursor home and clears a terminal.
+	clearScreen = "\033[H\033[2J"
+)
+
+// Names are the scenarios, in the order Run plays them by default.
+var Names = []string{"steady", "kill", "drain", "scaleout"}
+
+// Options say what to play. Run checks none of them: the CLI does.
+type Options struct {
+	Backends  int           // backends at the start (2..lab.MaxBackends-1; scaleout adds one)
+	Clients   int           // WebSocket clients, each from an address of its own (1..MaxClients)
+	Duration  time.Duration // how long each scenario runs (1s or more)
+	Datapath  string        // the daemon's datapath (config.Datapath*)
+	Scenarios []string      // among Names, in order
+	Keep      bool          // leave the lab up at the end, until ctx ends
+	Exe       string        // the tether binary the hosts run (tether run, tether echo)
+	// View, if set, is the live view drawn every second above the lab's
+	// last lines (the CLI's "tether top", from the daemon's API); without
+	// it each scenario prints one plain line per second.
+	View func(ctx context.Context, api *control.Client) (string, error)
+}
+
+// liveLog passes the lab's lines through to the terminal and keeps the
+// last ones, to redraw them under the live view.
+type liveLog struct {
+	mu    sync.Mutex
+	w     io.Writer
+	lines []string
+	part  string // an unfinished line
+}
+
+const logLines = 12
+
+func (l *liveLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	text := l.part + string(p)
+	parts := strings.Split(text, "\n")
+	l.part = parts[len(parts)-1]
+	l.lines = append(l.lines, parts[:len(parts)-1]...)
+	if len(l.lines) > logLines {
+		l.lines = l.lines[len(l.lines)-logLines:]
+	}
+	return l.w.Write(p)
+}
+
+// redraw clears the screen and draws view, then the last lines.
+func (l *liveLog) redraw(view string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var b strings.Builder
+	b.WriteString(clearScreen + view + "\n")
+	for _, line := range l.lines {
+		b.WriteString(line + "\n")
+	}
+	io.WriteString(l.w, b.String())
+}
+
+// run is a running lab with its daemon and clients.
+type run struct {
+	w        io.Writer
+	o        Options
+	l        *lab.Lab
+	api      *control.Client
+	daemon   *lab.Proc
+	backends []*lab.Host          // our copy: the lab's grows with AddBackend
+	echoes   map[string]*lab.Proc // by backend name
+	mu       sync.Mutex
+	names    map[string]string // backend ADDR:PORT -> name, under mu
+	clients  []*client
+	probes   []netip.Addr // fresh client addresses, consumed by probe
+	url      string
+	svc      string   // the service's VIP:PORT, as the API names it
+	log      *liveLog // with a View
+}
+
+// client is one client address with one WebSocket connection.
+type client struct {
+	src     netip.Addr
+	mu      sync.Mutex
+	backend string // of the current or last connection
+	up      bool   // connected now
+	breaks  int    // connections that broke
+}
+
+func (c *client) state() (backend string, up bool, breaks int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.backend, c.up, c.breaks
+}
+
+// Run builds a lab, starts the backends, the daemon and the clients, plays
+// o.Scenarios, writing what happens to w, and removes everything (at the
+// end, or when ctx ends; with o.Keep once ctx ends). It needs root.
+func Run(ctx context.Context, w io.Writer, o Options) (err error) {
+	l, err := lab.New(lab.Options{Backends: o.Backends, Clients: o.Clients + 2*Probes})
+	if err != nil {
+		return fmt.Errorf("lab: %w (tether lab needs root with network namespaces, bpffs and the ip command: on Debian or Ubuntu, apt-get install iproute2)", err)
+	}
+	var lg *liveLog
+	if o.View != nil {
+		lg = &liveLog{w: w}
+		w = lg
+	}
+	r := &run{w: w, o: o, l: l, log: lg, echoes: map[string]*lab.Proc{}, names: map[string]string{},
+		backends: slices.Clone(l.Backends), url: "ws://" + netip.AddrPortFrom(l.VIP4, Port).String() + "/chat",
+		probes: l.ClientAddrs4[o.Clients:], svc: netip.AddrPortFrom(l.VIP4, Port).String()}
+	dir, err := os.MkdirTemp("", "tether-"+l.ID+"-lab-")
+	if err != nil {
+		l.Close()
+		return err
+	}
+	defer func() {
+		var cerr error
+		// The daemon runs with --clean: SIGTERM detaches the program and
+		// removes its pinned state; Close then removes the rest.
+		if r.daemon != nil {
+			if e := r.daemon.Stop(); e != nil {
+				cerr = fmt.Errorf("stop the daemon: %w", e)
+			}
+		}
+		if e := l.Close(); e != nil {
+			cerr = errors.Join(cerr, fmt.Errorf("remove the lab: %w", e))
+		}
+		os.RemoveAll(dir)
+		err = errors.Join(err, cerr)
+		if cerr == nil {
+			fmt.Fprintf(w, "lab %s removed: namespaces, processes, bpffs\n", l.ID)
+		}
+	}()
+	fmt.Fprintf(w, "lab %s: namespaces tether-%s-{client,lb,be1..be%d,wire}, %d clients, %d backends, %v per scenario\n",
+		l.ID, l.ID, o.Backends, o.Clients, o.Backends, o.Duration)
+	for _, be := range r.backends {
+		if err := r.startEcho(ctx, be); err != nil {
+			return err
+		}
+	}
+	socket := filepath.Join(dir, "tether.sock")
+	if err := r.startDaemon(ctx, dir, socket); err != nil {
+		return err
+	}
+	st, err := r.api.Status(ctx)
+	if err != nil {
+		return err
+	}
+	dp := modes(st)
+	fmt.Fprintf(w, "daemon pid %d: datapath %s (%s), source affinity, health checks every 500ms\n", r.daemon.Cmd.Process.Pid, st.Datapath, dp)
+
+	cctx, stopClients := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		stopClients()
+		wg.Wait()
+	}()
+	for _, src := range l.ClientAddrs4[:o.Clients] {
+		c := &client{src: src}
+		r.clients = append(r.clients, c)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r.runClient(cctx, c)
+		}()
+	}
+	totalLost := 0
+	for _, s := range o.Scenarios {
+		lost, err := r.scenario(ctx, s)
+		if err != nil {
+			if ctx.Err() != nil {
+				return errors.New("interrupted")
+			}
+			return fmt.Errorf("scenario %s: %w", s, err)
+		}
+		totalLost += lost
+	}
+	noun := "scenarios"
+	if len(o.Scenarios) == 1 {
+		noun = "scenario"
+	}
+	fmt.Fprintf(w, "summary: %d %s (%s), datapath %s, %d clients, %d connections lost in all\n",
+		len(o.Scenarios), noun, strings.Join(o.Scenarios, ", "), dp, o.Clients, totalLost)
+	if o.Keep {
+		fmt.Fprintf(w, "lab %s kept up until Ctrl-C. Reach it with:\n", l.ID)
+		for _, h := range l.Hosts() {
+			fmt.Fprintf(w, "  sudo ip netns exec %s bash    # %s %s\n", h.NS, h.Name, h.Addr4)
+		}
+		fmt.Fprintf(w, "  sudo tether --socket %s status\n", socket)
+		fmt.Fprintf(w, "  sudo ip netns exec %s curl -s http://%s/\n", l.Client.NS, netip.AddrPortFrom(l.VIP4, Port))
+		<-ctx.Done()
+	}
+	return nil
+}
+
+// labDatapath names the modes in force, from the daemon's status.
+func modes(st control.Status) string {
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(st.Interfaces)) {
+		parts = append(parts, k+": "+st.Interfaces[k])
+	}
+	return strings.Join(parts, ", ")
+}
+
+// waitOutput waits until p's output holds s.
+func waitOutput(ctx context.Context, p *lab.Proc, what, s string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for !strings.Contains(p.Output(), s) {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-p.Done():
+			return fmt.Errorf("%s exited (%v):\n%s", what, p.Err(), p.Output())
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s is not ready after %v:\n%s", what, timeout, p.Output())
+		}
+	}
+	return nil
+}
+
+// startEcho runs `tether echo` on be, on both VIPs and its own address.
+func (r *run) startEcho(ctx context.Context, be *lab.Host) error {
+	args := []string{"echo", "--name", be.Name}
+	for _, a := range []netip.Addr{r.l.VIP4, r.l.VIP6, be.Addr4, be.Addr6} {
+		args = append(args, "--listen", netip.AddrPortFrom(a, Port).String())
+	}
+	p, err := be.Start(r.o.Exe, args...)
+	if err != nil {
+		return err
+	}
+	r.echoes[be.Name] = p
+	r.mu.Lock()
+	r.names[netip.AddrPortFrom(be.Addr4, Port).String()] = be.Name
+	r.mu.Unlock()
+	return waitOutput(ctx, p, "tether echo on "+be.Name, "ready", 10*time.Second)
+}
+
+func (r *run) startDaemon(ctx context.Context, dir, socket string) error {
+	cfg := config.Default()
+	cfg.Interfaces = []string{"eth0"}
+	cfg.Datapath = r.o.Datapath
+	s := config.DefaultService()
+	s.Name, s.VIP, s.Port = ServiceName, r.l.VIP4, Port
+	s.Affinity, s.AffinityTimeout = config.AffinitySource, time.Hour
+	s.Health = health.Check{Type: health.TypeWebSocket, Path: "/health", Send: "ping",
+		Interval: 500 * time.Millisecond, Timeout: 300 * time.Millisecond, Rise: 2, Fall: 2}.Defaults()
+	for _, be := range r.backends {
+		s.Backends = append(s.Backends, config.Backend{Address: be.Addr4, Port: Port, Weight: 1, State: config.StateActive})
+	}
+	cfg.Services = []config.Service{s}
+	data, err := cfg.Marshal()
+	if err != nil {
+		return err
+	}
+	path := filepath.Join(dir, "tether.yaml")
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		return err
+	}
+	p, err := r.l.Balancer.Start(r.o.Exe, "run", "--config", path, "--socket", socket,
+		"--pin-dir", filepath.Join(r.l.BPFFS, "tether"), "--clean")
+	if err != nil {
+		return err
+	}
+	r.daemon = p
+	r.api = control.NewClient(socket)
+	return waitOutput(ctx, p, "tether run", "msg=ready", 15*time.Second)
+}
+
+// runClient keeps one connection from c.src, echoing every echoEvery
+// and reconnecting when it breaks, until ctx ends.
+func (r *run) runClient(ctx context.Context, c *client) {
+	var ws *lab.WSClient
+	defer func() {
+		if ws != nil {
+			ws.Close()
+		}
+	}()
+	tick := time.NewTicker(echoEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if ws == nil {
+			dctx, cancel := context.WithTimeout(ctx, dialTimeout)
+			nws, err := lab.DialWS(dctx, r.l.Client, c.src, r.url)
+			cancel()
+			if err != nil {
+				continue // again at the next tick
+			}
+			ws = nws
+			c.mu.Lock()
+			c.backend, c.up = ws.Backend(), true
+			c.mu.Unlock()
+			continue
+		}
+		ectx, cancel := context.WithTimeout(ctx, echoTimeout)
+		_, err := ws.Echo(ectx, "hello")
+		cancel()
+		if err == nil {
+			continue
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		ws.Close()
+		ws = nil
+		c.mu.Lock()
+		c.up = false
+		c.breaks++
+		c.mu.Unlock()
+	}
+}
+
+// snapshot returns each client's backend and breaks.
+func (r *run) snapshot() (backends []string, breaks []int) {
+	for _, c := range r.clients {
+		b, _, n := c.state()
+		backends = append(backends, b)
+		breaks = append(breaks, n)
+	}
+	return backends, breaks
+}
+
+// waitConnected waits (up to timeout) until every client is connected.
+func (r *run) waitConnected(ctx context.Context, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		n := 0
+		for _, c := range r.clients {
+			if _, up, _ := c.state(); up {
+				n++
+			}
+		}
+		if n == len(r.clients) {
+			return nil
+		}
+		if err := sleepCtx(ctx, 50*time.Millisecond); err != nil {
+			return err
+		}
+	}
+	return nil // the scenario line will show it
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(d):
+		return nil
+	}
+}
+
+// waitState waits (up to timeout) until the daemon reports backend be in
+// state.
+func (r *run) waitState(ctx context.Context, be *lab.Host, state string, timeout time.Duration) error {
+	addr := netip.AddrPortFrom(be.Addr4, Port).String()
+	deadline := time.Now().Add(timeout)
+	for {
+		svcs, err := r.api.Services(ctx, r.svc)
+		if err == nil && len(svcs) > 0 {
+			for _, b := range svcs[0].Backends {
+				if b.Address == addr && b.State == state {
+					return nil
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s is not %s after %v", be.Name, state, timeout)
+		}
+		if err := sleepCtx(ctx, 50*time.Millisecond); err != nil {
+			return err
+		}
+	}
+}
+
+// probe opens one new connection from each of the next n fresh client
+// addresses, echoes once and closes it; it returns the backends reached.
+func (r *run) probe(ctx context.Context, n int) (map[string]int, int) {
+	got := map[string]int{}
+	srcs := r.probes[:min(n, len(r.probes))]
+	r.probes = r.probes[len(srcs):]
+	for _, src := range srcs {
+		dctx, cancel := context.WithTimeout(ctx, dialTimeout)
+		ws, err := lab.DialWS(dctx, r.l.Client, src, r.url)
+		if err == nil {
+			if be, err := ws.Echo(dctx, "probe"); err == nil {
+				got[be]++
+			}
+			ws.Close()
+		}
+		cancel()
+	}
+	return got, len(srcs)
+}
+
+// report prints the backends' lines every second until ctx ends.
+func (r *run) report(ctx context.Context, name string, start time.Time) {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if r.o.View != nil {
+			r.drawView(ctx, name, start)
+			continue
+		}
+		svcs, err := r.api.Services(ctx, r.svc)
+		if err != nil || len(svcs) == 0 {
+			continue
+		}
+		total := 0
+		for _, b := range svcs[0].Backends {
+			total += b.ActiveConnections
+		}
+		up := 0
+		for _, c := range r.clients {
+			if _, ok, _ := c.state(); ok {
+				up++
+			}
+		}
+		var line strings.Builder
+		fmt.Fprintf(&line, "  %-8s %3.0fs  clients %d/%d connected |", name, time.Since(start).Seconds(), up, len(r.clients))
+		for _, b := range svcs[0].Backends {
+			share := 0.0
+			if total > 0 {
+				share = 100 * float64(b.ActiveConnections) / float64(total)
+			}
+			r.mu.Lock()
+			n := r.names[b.Address]
+			r.mu.Unlock()
+			if n == "" {
+				n = b.Address
+			}
+			fmt.Fprintf(&line, " %s %s/%s %d conns %.0f%% |", n, b.State, b.Health.State, b.ActiveConnections, share)
+		}
+		fmt.Fprintln(r.w, strings.TrimSuffix(line.String(), " |"))
+	}
+}
+
+// connected counts the clients connected now.
+func (r *run) connected() int {
+	up := 0
+	for _, c := range r.clients {
+		if _, ok, _ := c.state(); ok {
+			up++
+		}
+	}
+	return up
+}
+
+// drawView redraws the live view from the daemon's status and counters,
+// with the lab's last lines below it.
+func (r *run) drawView(ctx context.Context, name string, start time.Time) {
+	view, err := r.o.View(ctx, r.api)
+	if err != nil {
+		return
+	}
+	// Backends by lab name, for the header.
+	r.mu.Lock()
+	names := make([]string, 0, len(r.names))
+	for addr, n := range r.names {
+		names = append(names, n+"="+addr)
+	}
+	r.mu.Unlock()
+	slices.Sort(names)
+	head := fmt.Sprintf("tether lab %s: scenario %s %.0fs/%s, clients %d/%d connected (Ctrl-C to stop)\nbackends %s\n",
+		r.l.ID, name, time.Since(start).Seconds(), r.o.Duration, r.connected(), len(r.clients), strings.Join(names, " "))
+	r.log.redraw(head + view)
+}
+
+// scenario plays one scenario for the duration and prints its line; it
+// returns the connections lost.
+func (r *run) scenario(ctx context.Context, name string) (int, error) {
+	if err := r.waitConnected(ctx, 10*time.Second); err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	end := start.Add(r.o.Duration)
+	rctx, stopReport := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		r.report(rctx, name, start)
+	}()
+	defer func() {
+		stopReport()
+		wg.Wait()
+	}()
+	before, breaks0 := r.snapshot()
+	n := len(r.backends)
+	var detail string
+	var err error
+	switch name {
+	case "steady":
+		detail = "theory: 0 lost, 0 moved"
+	case "kill":
+		detail, err = r.kill(ctx, before)
+	case "drain":
+		detail, err = r.drain(ctx, start)
+	case "scaleout":
+		detail, err = r.scaleout(ctx, n)
+	}
+	if err != nil {
+		return 0, err
+	}
+	if err := sleepCtx(ctx, time.Until(end)); err != nil {
+		return 0, err
+	}
+	if err := r.waitConnected(ctx, 5*time.Second); err != nil {
+		return 0, err
+	}
+	after, breaks1 := r.snapshot()
+	lost, changed := 0, 0
+	for i := range r.clients {
+		lost += breaks1[i] - breaks0[i]
+		if before[i] != "" && after[i] != before[i] {
+			changed++
+		}
+	}
+	stopReport()
+	wg.Wait()
+	fmt.Fprintf(r.w, "%s: %d connections lost, %d/%d clients changed backend; %s\n", name, lost, changed, len(r.clients), detail)
+	return lost, nil
+}
+
+// kill kills backend 2's echo process, waits until the daemon takes it
+// down, starts it again and waits until it is back.
+func (r *run) kill(ctx context.Context, before []string) (string, error) {
+	be := r.backends[1]
+	on := 0
+	for _, b := range before {
+		if b == be.Name {
+			on++
+		}
+	}
+	if err := r.echoes[be.Name].Kill(); err != nil {
+		return "", err
+	}
+	if err := r.waitState(ctx, be, "down", 10*time.Second); err != nil {
+		return "", err
+	}
+	if err := r.waitConnected(ctx, 10*time.Second); err != nil {
+		return "", err
+	}
+	if err := r.startEcho(ctx, be); err != nil {
+		return "", err
+	}
+	if err := r.waitState(ctx, be, config.StateActive, 10*time.Second); err != nil {
+		return "", err
+	}
+	n := len(r.backends)
+	return fmt.Sprintf("theory: the clients of %s move, %d/%d here, ≈ 1/%d = %.0f%%", be.Name, on, len(r.clients), n, 100/float64(n)), nil
+}
+
+// drain drains backend 1 through the API, probes new connections, and
+// undrains it half-way through the scenario.
+func (r *run) drain(ctx context.Context, start time.Time) (string, error) {
+	be := r.backends[0]
+	spec := control.BackendStateSpec{Service: r.svc, Backend: netip.AddrPortFrom(be.Addr4, Port).String(), State: config.StateDraining}
+	if _, err := r.api.SetBackendState(ctx, spec); err != nil {
+		return "", err
+	}
+	got, n := r.probe(ctx, Probes)
+	if err := sleepCtx(ctx, time.Until(start.Add(r.o.Duration/2))); err != nil {
+		return "", err
+	}
+	spec.State = config.StateActive
+	if _, err := r.api.SetBackendState(ctx, spec); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("new connections while drained: %d/%d on %s, %d elsewhere (theory: 0 lost, 0 moved, 0 new on %s)",
+		got[be.Name], n, be.Name, n-got[be.Name], be.Name), nil
+}
+
+// scaleout adds a backend to the lab and to the daemon, then probes new
+// connections.
+func (r *run) scaleout(ctx context.Context, n int) (string, error) {
+	be, err := r.l.AddBackend()
+	if err != nil {
+		return "", err
+	}
+	r.backends = append(r.backends, be)
+	if err := r.startEcho(ctx, be); err != nil {
+		return "", err
+	}
+	spec := control.BackendSpec{Service: r.svc, Backend: netip.AddrPortFrom(be.Addr4, Port).String()}
+	if _, err := r.api.AddBackend(ctx, spec); err != nil {
+		return "", err
+	}
+	if err := r.waitState(ctx, be, config.StateActive, 10*time.Second); err != nil {
+		return "", err
+	}
+	got, probes := r.probe(ctx, Probes)
+	return fmt.Sprintf("new clients' choices moved to %s: %d/%d (theory: existing 0 lost, ≈ 1/%d = %.0f%% of new choices move)",
+		be.Name, got[be.Name], probes, n+1, 100/float64(n+1)), nil
+}
