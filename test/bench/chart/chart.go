@@ -1,5 +1,6 @@
 // Package chart draws the results of the load balancer comparison as a PNG
-// of small horizontal bar charts, one bar per balancer, for the README.
+// of small horizontal bar charts, one bar per balancer, for the README,
+// with gonum.org/v1/plot.
 //
 // The output depends only on the input: the same heading, panels and width
 // always give the same bytes, so tests can compare images.
@@ -9,20 +10,19 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"image"
 	"image/color"
-	"image/draw"
-	"image/png"
 	"math"
 	"strconv"
 	"strings"
-	"sync"
 
-	"golang.org/x/image/font"
-	"golang.org/x/image/font/gofont/gobold"
-	"golang.org/x/image/font/gofont/goregular"
-	"golang.org/x/image/font/opentype"
-	"golang.org/x/image/math/fixed"
+	xfont "golang.org/x/image/font"
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/font"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/text"
+	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
+	"gonum.org/v1/plot/vg/vgimg"
 )
 
 // A Panel is one small horizontal bar chart: one bar per balancer.
@@ -50,114 +50,26 @@ var (
 )
 
 var (
-	background = color.RGBA{0xff, 0xff, 0xff, 0xff}
 	textColor  = color.RGBA{0x1f, 0x23, 0x28, 0xff}
 	mutedColor = color.RGBA{0x6a, 0x73, 0x7d, 0xff}
-	axisColor  = color.RGBA{0x9a, 0xa0, 0xa6, 0xff}
-	whiskColor = color.RGBA{0x24, 0x29, 0x2e, 0xff}
 	refColor   = color.RGBA{0x44, 0x4d, 0x56, 0xff}
-	ruleColor  = color.RGBA{0xd0, 0xd7, 0xde, 0xff}
+	whiskColor = color.RGBA{0x24, 0x29, 0x2e, 0xff}
 )
 
-// Layout in pixels.
+// Layout, in points; the image is drawn at 72 DPI, so a point is a pixel.
 const (
-	margin      = 16 // around the whole image
-	colGap      = 28 // between the two columns of the grid
-	panelGap    = 22 // between panels stacked vertically
-	headingGap  = 14 // below the heading rule
-	titleGap    = 8  // below a panel title
-	rowHeight   = 22 // one bar row
-	barHeight   = 14 // the bar inside its row
-	labelPad    = 10 // between the label column and the bars
-	valuePad    = 6  // between the end of a bar (or whisker) and its value
-	refLabelGap = 4  // above the Ref label
-	minBarArea  = 40 // the bars get at least this much width
-	minWidth    = 200
+	margin      = 16  // around the whole image
+	headingSize = 20  // font size of the heading
+	titleSize   = 14  // of a panel's title
+	textSize    = 12  // of labels and values
+	rowHeight   = 22  // one bar row
+	barHeight   = 14  // the bar inside its row
+	panelPad    = 64  // a panel's title, axis and padding, beyond its rows
+	headingH    = 40  // the heading line and the space under it
+	minWidth    = 200 // narrower images are refused
+	valueRoom   = 1.3 // the value axis runs to this many times the largest value or whisker
+	minBar      = 3   // the shortest bar drawn for a positive value
 )
-
-// Font sizes in pixels (DPI 72).
-const (
-	headingSize = 20
-	titleSize   = 15
-	textSize    = 13
-	smallSize   = 11
-)
-
-var parsedFonts = sync.OnceValues(func() ([2]*opentype.Font, error) {
-	var fs [2]*opentype.Font
-	var err error
-	if fs[0], err = opentype.Parse(goregular.TTF); err != nil {
-		return fs, err
-	}
-	fs[1], err = opentype.Parse(gobold.TTF)
-	return fs, err
-})
-
-// faces holds the faces of one Render call (faces are not safe for
-// concurrent use, so each call makes its own).
-type faces struct {
-	heading, title, text, small font.Face
-}
-
-func newFaces() (*faces, error) {
-	fs, err := parsedFonts()
-	if err != nil {
-		return nil, fmt.Errorf("chart: parse font: %w", err)
-	}
-	mk := func(f *opentype.Font, size float64) (font.Face, error) {
-		return opentype.NewFace(f, &opentype.FaceOptions{Size: size, DPI: 72, Hinting: font.HintingFull})
-	}
-	var fc faces
-	for _, x := range []struct {
-		dst  *font.Face
-		f    *opentype.Font
-		size float64
-	}{
-		{&fc.heading, fs[1], headingSize},
-		{&fc.title, fs[1], titleSize},
-		{&fc.text, fs[0], textSize},
-		{&fc.small, fs[0], smallSize},
-	} {
-		if *x.dst, err = mk(x.f, x.size); err != nil {
-			return nil, fmt.Errorf("chart: font face: %w", err)
-		}
-	}
-	return &fc, nil
-}
-
-func (fc *faces) close() {
-	for _, f := range []font.Face{fc.heading, fc.title, fc.text, fc.small} {
-		if f != nil {
-			f.Close()
-		}
-	}
-}
-
-// lineHeight is the height of a line of text in face f, rounded up.
-func lineHeight(f font.Face) int {
-	m := f.Metrics()
-	return (m.Ascent + m.Descent).Ceil()
-}
-
-func textWidth(f font.Face, s string) int {
-	return font.MeasureString(f, s).Ceil()
-}
-
-// fit shortens s with an ellipsis so that it is at most w pixels wide.
-func fit(f font.Face, s string, w int) string {
-	if textWidth(f, s) <= w {
-		return s
-	}
-	r := []rune(s)
-	for len(r) > 0 {
-		r = r[:len(r)-1]
-		t := strings.TrimRight(string(r), " ") + "…"
-		if textWidth(f, t) <= w {
-			return t
-		}
-	}
-	return ""
-}
 
 // Render draws the panels under a heading line, stacked vertically, or in a
 // grid of two columns if there are more than three, into a PNG of the given
@@ -169,6 +81,7 @@ func Render(heading string, panels []Panel, width int) ([]byte, error) {
 	if width < minWidth {
 		return nil, fmt.Errorf("chart: width %d is less than %d", width, minWidth)
 	}
+	rows := 0
 	for i, p := range panels {
 		if len(p.Bars) == 0 {
 			return nil, fmt.Errorf("chart: panel %d (%q) has no bars", i, p.Title)
@@ -184,86 +97,200 @@ func Render(heading string, panels []Panel, width int) ([]byte, error) {
 				return nil, fmt.Errorf("chart: panel %d (%q), bar %q: negative value", i, p.Title, b.Label)
 			}
 		}
+		rows = max(rows, len(p.Bars))
 	}
-
-	fc, err := newFaces()
-	if err != nil {
-		return nil, err
-	}
-	defer fc.close()
-
 	cols := 1
 	if len(panels) > 3 {
 		cols = 2
 	}
-	panelW := (width - 2*margin - (cols-1)*colGap) / cols
+	gridRows := (len(panels) + cols - 1) / cols
+	tileH := vg.Length(rows*rowHeight + panelPad)
+	height := vg.Length(2*margin+headingH) + vg.Length(gridRows)*tileH
+	w := vg.Length(width)
+	panelW := (w - 2*margin) / vg.Length(cols)
 
-	// One label column width for all panels, so that bars line up.
-	labelW := 0
-	for _, p := range panels {
-		for _, b := range p.Bars {
-			labelW = max(labelW, textWidth(fc.text, b.Label))
-		}
-	}
-	labelW = min(labelW, panelW*2/5)
-
-	headingH := lineHeight(fc.heading)
-	top := margin + headingH + 6 + headingGap
-
-	// Heights of the grid rows.
-	var rowsH []int
-	for i := 0; i < len(panels); i += cols {
-		h := 0
-		for j := i; j < i+cols && j < len(panels); j++ {
-			h = max(h, panelHeight(fc, panels[j]))
-		}
-		rowsH = append(rowsH, h)
-	}
-	height := top + margin
-	for i, h := range rowsH {
-		if i > 0 {
-			height += panelGap
-		}
-		height += h
-	}
-
-	img := image.NewRGBA(image.Rect(0, 0, width, height))
-	draw.Draw(img, img.Bounds(), image.NewUniform(background), image.Point{}, draw.Src)
-
-	// Heading and a thin rule under it.
-	drawText(img, fc.heading, textColor, margin, margin+fc.heading.Metrics().Ascent.Ceil(),
-		fit(fc.heading, heading, width-2*margin))
-	fillRect(img, image.Rect(margin, margin+headingH+6, width-margin, margin+headingH+7), ruleColor)
-
-	y := top
-	for r, h := range rowsH {
-		for c := 0; c < cols; c++ {
-			i := r*cols + c
-			if i >= len(panels) {
-				break
+	plots := make([][]*plot.Plot, gridRows)
+	bars := make([][][]*plotter.BarChart, gridRows)
+	for r := range plots {
+		plots[r] = make([]*plot.Plot, cols)
+		bars[r] = make([][]*plotter.BarChart, cols)
+		for c := range plots[r] {
+			if i := r*cols + c; i < len(panels) {
+				p, bs, err := panelPlot(panels[i], panelW)
+				if err != nil {
+					return nil, err
+				}
+				plots[r][c], bars[r][c] = p, bs
 			}
-			x := margin + c*(panelW+colGap)
-			drawPanel(img, fc, panels[i], image.Rect(x, y, x+panelW, y+h), labelW)
 		}
-		y += h + panelGap
 	}
 
+	img := vgimg.NewWith(vgimg.UseWH(w, height), vgimg.UseDPI(72))
+	dc := draw.New(img)
+	head := textStyle(headingSize, textColor, true)
+	dc.FillText(head, vg.Point{X: margin, Y: height - margin - headingSize}, fit(head, heading, w-2*margin))
+	grid := draw.Crop(dc, margin, -margin, margin, -(margin + headingH))
+	tiles := draw.Tiles{Rows: gridRows, Cols: cols, PadX: 28, PadY: 30}
+	canvases := plot.Align(plots, tiles, grid)
+	for r := range plots {
+		for c, p := range plots[r] {
+			if p == nil {
+				continue
+			}
+			// A value too small to see still gets a bar of a few pixels.
+			da := p.DataCanvas(canvases[r][c])
+			least := p.X.Max * minBar / float64(da.Max.X-da.Min.X)
+			for _, b := range bars[r][c] {
+				b.Values[0] = max(b.Values[0], least)
+			}
+			p.Draw(canvases[r][c])
+		}
+	}
 	var buf bytes.Buffer
-	if err := png.Encode(&buf, img); err != nil {
+	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(&buf); err != nil {
 		return nil, fmt.Errorf("chart: encode: %w", err)
 	}
 	return buf.Bytes(), nil
 }
 
-func finite(v float64) bool { return !math.IsNaN(v) && !math.IsInf(v, 0) }
+// panelPlot builds one panel's plot, the first bar on top, and returns
+// its bars.
+func panelPlot(pn Panel, width vg.Length) (*plot.Plot, []*plotter.BarChart, error) {
+	p := plot.New()
+	p.Title.TextStyle = textStyle(titleSize, textColor, true)
+	p.Title.Text = fit(p.Title.TextStyle, pn.Title, width*3/5) // centred over the bars
+	p.Title.Padding = 6
+	small := textStyle(textSize, textColor, false)
+	p.X.Tick.Label = textStyle(textSize-2, mutedColor, false)
+	p.X.Tick.Label.XAlign, p.X.Tick.Label.YAlign = draw.XCenter, draw.YTop
+	p.X.Tick.Marker = plot.TickerFunc(func(min, max float64) []plot.Tick {
+		ticks := plot.DefaultTicks{}.Ticks(min, max)
+		for i := range ticks {
+			if ticks[i].Label != "" {
+				ticks[i].Label = tickLabel(ticks[i].Value)
+			}
+		}
+		return ticks
+	})
+	p.X.LineStyle.Color, p.X.Tick.LineStyle.Color = mutedColor, mutedColor
+	p.Y.Tick.Label = small
+	p.Y.Tick.Label.XAlign, p.Y.Tick.Label.YAlign = draw.XRight, draw.YCenter
+	p.Y.Tick.Length = 0
+	p.Y.LineStyle.Width = 0
+	p.X.Padding, p.Y.Padding = 0, 0
 
-func panelHeight(fc *faces, p Panel) int {
-	h := lineHeight(fc.title) + titleGap + len(p.Bars)*rowHeight
-	if p.Ref > 0 {
-		h += refLabelGap + lineHeight(fc.small)
+	n := len(pn.Bars)
+	y := func(i int) float64 { return float64(n - 1 - i) } // bar i's row, top down
+	labels := make([]string, n)
+	top := pn.Ref
+	for i, b := range pn.Bars {
+		labels[n-1-i] = fit(small, b.Label, width*2/5)
+		top = max(top, b.Value, b.Err[0], b.Err[1])
 	}
-	return h
+	if top == 0 {
+		top = 1
+	}
+	p.NominalY(labels...)
+	p.Y.Min, p.Y.Max = -0.6, float64(n)-0.4
+	p.X.Min, p.X.Max = 0, top*valueRoom
+
+	var (
+		texts plotter.XYLabels
+		all   []*plotter.BarChart
+	)
+	for i, b := range pn.Bars {
+		if b.Value > 0 {
+			bars, err := plotter.NewBarChart(plotter.Values{b.Value}, barHeight)
+			if err != nil {
+				return nil, nil, fmt.Errorf("chart: bar %q: %w", b.Label, err)
+			}
+			bars.Horizontal = true
+			bars.XMin = y(i)
+			bars.Color = BarColor
+			if b.Highlight {
+				bars.Color = HighlightColor
+			}
+			bars.LineStyle.Width = 0
+			p.Add(bars)
+			all = append(all, bars)
+		}
+		end := b.Value
+		if lo, hi := min(b.Err[0], b.Err[1]), max(b.Err[0], b.Err[1]); hi > 0 {
+			whisker, err := plotter.NewXErrorBars(errBar{
+				XYs:     plotter.XYs{{X: b.Value, Y: y(i)}},
+				XErrors: plotter.XErrors{{Low: max(b.Value-lo, 0), High: max(hi-b.Value, 0)}},
+			})
+			if err != nil {
+				return nil, nil, fmt.Errorf("chart: bar %q: %w", b.Label, err)
+			}
+			whisker.LineStyle = draw.LineStyle{Color: whiskColor, Width: 1}
+			whisker.CapWidth = barHeight / 2
+			p.Add(whisker)
+			end = max(end, hi)
+		}
+		value, note := valueText(pn, b)
+		label := strings.TrimSpace(value + "  " + note)
+		texts.XYs = append(texts.XYs, plotter.XY{X: end, Y: y(i)})
+		texts.Labels = append(texts.Labels, label)
+	}
+	if pn.Ref > 0 {
+		ref, err := plotter.NewLine(plotter.XYs{{X: pn.Ref, Y: -0.6}, {X: pn.Ref, Y: float64(n) - 0.4}})
+		if err != nil {
+			return nil, nil, fmt.Errorf("chart: ref line: %w", err)
+		}
+		ref.LineStyle = draw.LineStyle{Color: refColor, Width: 1, Dashes: []vg.Length{4, 3}}
+		p.Add(ref)
+		if pn.RefLabel != "" {
+			rl, err := plotter.NewLabels(plotter.XYLabels{XYs: plotter.XYs{{X: pn.Ref, Y: float64(n) - 0.4}}, Labels: []string{pn.RefLabel}})
+			if err != nil {
+				return nil, nil, fmt.Errorf("chart: ref label: %w", err)
+			}
+			rl.TextStyle[0] = textStyle(textSize-2, refColor, false)
+			rl.TextStyle[0].XAlign = draw.XCenter
+			rl.Offset = vg.Point{Y: 2}
+			p.Add(rl)
+		}
+	}
+	values, err := plotter.NewLabels(texts)
+	if err != nil {
+		return nil, nil, fmt.Errorf("chart: values: %w", err)
+	}
+	for i := range values.TextStyle {
+		values.TextStyle[i] = small
+		values.TextStyle[i].YAlign = draw.YCenter
+	}
+	values.Offset = vg.Point{X: 6}
+	p.Add(values)
+	return p, all, nil
 }
+
+// errBar is one whisker: a point and its horizontal spread.
+type errBar struct {
+	plotter.XYs
+	plotter.XErrors
+}
+
+func textStyle(size vg.Length, c color.Color, bold bool) text.Style {
+	f := font.Font{Typeface: "Liberation", Variant: "Sans", Size: size}
+	if bold {
+		f.Weight = xfont.WeightBold
+	}
+	return text.Style{Color: c, Font: font.From(f, size), Handler: plot.DefaultTextHandler}
+}
+
+// fit shortens s with an ellipsis until it is at most w wide.
+func fit(sty text.Style, s string, w vg.Length) string {
+	if sty.Width(s) <= w {
+		return s
+	}
+	r := []rune(s)
+	for len(r) > 0 && sty.Width(string(r)+"…") > w {
+		r = r[:len(r)-1]
+	}
+	return string(r) + "…"
+}
+
+func finite(v float64) bool { return !math.IsNaN(v) && !math.IsInf(v, 0) }
 
 // valueText returns the value part and the note part printed after a bar.
 func valueText(p Panel, b Bar) (value, note string) {
@@ -273,135 +300,13 @@ func valueText(p Panel, b Bar) (value, note string) {
 	return FormatValue(b.Value) + p.Unit, b.Note
 }
 
-// noteSep separates the value from the note.
-const noteSep = "  "
-
-func valueWidth(fc *faces, p Panel, b Bar) int {
-	v, n := valueText(p, b)
-	w := textWidth(fc.text, v)
-	if n != "" {
-		if v != "" {
-			w += textWidth(fc.text, noteSep)
-		}
-		w += textWidth(fc.text, n)
+// tickLabel formats an axis tick: FormatValue without trailing zeros.
+func tickLabel(v float64) string {
+	s := FormatValue(v)
+	if strings.Contains(s, ".") {
+		s = strings.TrimRight(strings.TrimRight(s, "0"), ".")
 	}
-	return w
-}
-
-func drawPanel(img *image.RGBA, fc *faces, p Panel, r image.Rectangle, labelW int) {
-	titleH := lineHeight(fc.title)
-	drawText(img, fc.title, textColor, r.Min.X, r.Min.Y+fc.title.Metrics().Ascent.Ceil(),
-		fit(fc.title, p.Title, r.Dx()))
-
-	// Horizontal layout: labels | bars | room for the longest value text.
-	textW := 0
-	for _, b := range p.Bars {
-		textW = max(textW, valueWidth(fc, p, b))
-	}
-	x0 := r.Min.X + labelW + labelPad // where 0 is
-	barW := r.Max.X - x0 - valuePad - textW
-	barW = max(barW, minBarArea)
-
-	maxV := p.Ref
-	for _, b := range p.Bars {
-		maxV = max(maxV, b.Value, b.Err[0], b.Err[1])
-	}
-	if maxV <= 0 {
-		maxV = 1
-	}
-	xOf := func(v float64) int { return x0 + int(math.Round(v/maxV*float64(barW))) }
-
-	barsTop := r.Min.Y + titleH + titleGap
-	barsBottom := barsTop + len(p.Bars)*rowHeight
-	textAscent := fc.text.Metrics().Ascent.Ceil()
-	textH := lineHeight(fc.text)
-
-	type valueAt struct {
-		b                Bar
-		x, top, baseline int
-	}
-	var texts []valueAt
-	for i, b := range p.Bars {
-		rowTop := barsTop + i*rowHeight
-		mid := rowTop + rowHeight/2
-		by := rowTop + (rowHeight-barHeight)/2
-		baseline := rowTop + (rowHeight-textH)/2 + textAscent
-
-		// Label, right-aligned against the bars.
-		lbl := fit(fc.text, b.Label, labelW)
-		drawText(img, fc.text, textColor, x0-labelPad-textWidth(fc.text, lbl), baseline, lbl)
-
-		end := x0
-		if b.Value > 0 {
-			c := BarColor
-			if b.Highlight {
-				c = HighlightColor
-			}
-			end = max(xOf(b.Value), x0+1) // a positive value shows
-			fillRect(img, image.Rect(x0, by, end, by+barHeight), c)
-		}
-		if b.Err != [2]float64{} {
-			lo, hi := xOf(min(b.Err[0], b.Err[1])), xOf(max(b.Err[0], b.Err[1]))
-			fillRect(img, image.Rect(lo, mid, hi+1, mid+1), whiskColor)
-			fillRect(img, image.Rect(lo, mid-4, lo+1, mid+5), whiskColor)
-			fillRect(img, image.Rect(hi, mid-4, hi+1, mid+5), whiskColor)
-			end = max(end, hi+1)
-		}
-
-		// The value is drawn after the Ref line, on a white box so that
-		// the line does not run through it.
-		texts = append(texts, valueAt{b, end + valuePad, rowTop, baseline})
-	}
-
-	// Zero axis.
-	fillRect(img, image.Rect(x0-1, barsTop, x0, barsBottom), axisColor)
-
-	if p.Ref > 0 {
-		rx := xOf(p.Ref)
-		for y := barsTop - 2; y < barsBottom+2; y += 7 {
-			fillRect(img, image.Rect(rx, y, rx+1, min(y+4, barsBottom+2)), refColor)
-		}
-		lbl := p.RefLabel
-		if lbl == "" {
-			lbl = FormatValue(p.Ref) + p.Unit
-		} else {
-			lbl += " = " + FormatValue(p.Ref) + p.Unit
-		}
-		w := textWidth(fc.small, lbl)
-		lx := rx - w/2
-		lx = max(lx, x0)
-		lx = min(lx, r.Max.X-w)
-		drawText(img, fc.small, refColor, lx,
-			barsBottom+2+refLabelGap+fc.small.Metrics().Ascent.Ceil(), lbl)
-	}
-
-	for _, t := range texts {
-		v, n := valueText(p, t.b)
-		w := valueWidth(fc, p, t.b)
-		fillRect(img, image.Rect(t.x-2, t.top+1, t.x+w+2, t.top+rowHeight-1), background)
-		tx := t.x
-		if v != "" {
-			tx = drawText(img, fc.text, textColor, tx, t.baseline, v)
-			if n != "" {
-				tx = drawText(img, fc.text, textColor, tx, t.baseline, noteSep)
-			}
-		}
-		if n != "" {
-			drawText(img, fc.text, mutedColor, tx, t.baseline, n)
-		}
-	}
-}
-
-// drawText draws s with its baseline at y, starting at x, and returns the x
-// after the text.
-func drawText(img *image.RGBA, f font.Face, c color.Color, x, y int, s string) int {
-	d := font.Drawer{Dst: img, Src: image.NewUniform(c), Face: f, Dot: fixed.P(x, y)}
-	d.DrawString(s)
-	return d.Dot.X.Ceil()
-}
-
-func fillRect(img *image.RGBA, r image.Rectangle, c color.Color) {
-	draw.Draw(img, r, image.NewUniform(c), image.Point{}, draw.Src)
+	return s
 }
 
 // FormatValue formats v with 3 significant digits, without exponent:

@@ -134,7 +134,7 @@ func TestRender(t *testing.T) {
 	if h := img.Bounds().Dy(); h < 3*7*rowHeight || h > 1000 {
 		t.Errorf("height = %d, want between %d and 1000", h, 3*7*rowHeight)
 	}
-	if !same(img.At(0, 0), background) {
+	if !same(img.At(0, 0), color.RGBA{0xff, 0xff, 0xff, 0xff}) {
 		t.Errorf("background = %v, want white", img.At(0, 0))
 	}
 
