@@ -16,8 +16,8 @@ export TETHER_REQUIRE_PRIVILEGED
 APT_PACKAGES = clang llvm libbpf-dev linux-libc-dev iproute2 bpftool clang-format strace iperf3 nftables git make ca-certificates
 
 # What `make bench` installs when missing: the proxies it measures tether
-# against and wrk, splicebench's C load generator (iperf3 and nftables come
-# with `tools`, which bench runs first). Their services are not started
+# against, and wrk, the C load generator of its proxy rows (iperf3 and
+# nftables come with `tools`, which bench runs first). Their services are not started
 # (policy-rc.d).
 BENCH_PACKAGES = haproxy nginx libnginx-mod-stream wrk
 
@@ -69,7 +69,6 @@ lab: tools ## watch tether do its job on a lab of namespaces: steady, kill, drai
 .PHONY: bench
 bench: tools bench-deps ## measure tether against HAProxy, nginx, nftables and the lab's limits; write docs/bench (root, ~20 min)
 	$(GO) run ./test/bench/xdpcost -out docs/bench/xdpcost.md
-	$(GO) run ./test/bench/splicebench -runs 5 -out docs/bench/splice.md
 	$(GO) run ./test/bench/peers -runs 5 -out docs/bench/RESULTS.md -chart docs/bench/results.png
 
 .PHONY: bench-deps

@@ -483,7 +483,7 @@ const sweepBatch = 256
 // the start, from its listening socket, for free; a backend's socket
 // needs four setsockopt(2) calls of its own (SO_KEEPALIVE and the three
 // timers): a short connection through the proxy made 28 system calls
-// with them and makes 24 without (splicebench's system call count).
+// with them and makes 24 without (the system call count of the peers bench's proxy rows).
 // Keepalive only matters to a connection that has been quiet for its idle
 // time, at least a second, so a short one never needs it: it ends before
 // the sweep that would set it, and saves the calls.

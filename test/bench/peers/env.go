@@ -34,6 +34,8 @@ type Env struct {
 	Pins string
 	// BackendAddrs are the backends' own IPv4 addresses.
 	BackendAddrs []netip.Addr
+	// HAProxyThreads is HAProxy's nbthread (0: its default).
+	HAProxyThreads int
 
 	round int // for unique file names
 }

@@ -12,6 +12,10 @@
 //  4. iperf3 bulk throughput, one stream and four;
 //  5. the affinity check: client addresses that reached more than one
 //     backend across reconnects, and the spread over the backends;
+//  6. what a proxy costs (proxy.go): raw TCP throughput and connection
+//     rate with Go clients, the connection rate of wrk against nginx
+//     backends, and the balancer process's CPU time, context switches and
+//     system calls per connection;
 //
 // through every registered peer (peer_*.go: direct, tether XDP and
 // splice, HAProxy, nginx, nftables stand-ins for IPVS, kernel forwarding,
@@ -19,17 +23,19 @@
 // that drift of the machine falls on all alike; the report gives medians
 // and the spread, and ratios to the references measured in the same run.
 //
-// It needs root, and haproxy, nginx (with the stream module), nftables and
-// iperf3 (`make bench` installs them). Everything it sets up is removed at
+// It needs root, and haproxy, nginx (with the stream module), nftables,
+// iperf3 and wrk (`make bench` installs them). Everything it sets up is removed at
 // the end, also on failure or interrupt.
 package main
 
 import (
 	"flag"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -66,6 +72,15 @@ type options struct {
 	costRepeat  int
 	only        string
 	out, chart  string
+
+	// The proxy rows.
+	mib      int   // MiB per throughput measurement
+	conns    int   // connections per connection-rate measurement
+	workers  []int // concurrent workers, one measurement each
+	wrkConns []int // wrk's concurrent connections, one measurement each
+	wrkSecs  int
+	sysConns int    // connections over which system calls are counted (0: none)
+	compare  string // another tether build, measured as one more peer
 }
 
 // sample is one round's measurements of one peer.
@@ -76,7 +91,9 @@ type sample struct {
 	p50, p99            time.Duration
 	echoes, echoFailed  int
 	bulk1, bulk4        float64 // Gbit/s
+	proxy               proxySample
 	hasWire, hasStreams bool
+	hasProxy            bool
 }
 
 type peerResult struct {
@@ -99,12 +116,34 @@ func main() {
 	flag.UintVar(&o.statPackets, "stat-packets", 1_000_000, "UDP frames sent with BPF run-time statistics on")
 	flag.IntVar(&o.costRepeat, "cost-repeat", 5_000_000, "packets per BPF_PROG_TEST_RUN cost measurement")
 	flag.StringVar(&o.only, "peers", "", "comma-separated substrings: measure only the peers whose names contain one")
+	flag.IntVar(&o.mib, "mib", 512, "proxy rows: MiB sent per raw TCP throughput measurement (split over the streams)")
+	flag.IntVar(&o.conns, "conns", 10000, "proxy rows: connections per raw connection-rate measurement")
+	workers := flag.String("workers", "4,16", "proxy rows: concurrent workers of the raw connection rates, a comma-separated `list`, one measurement each")
+	wrkConns := flag.String("wrk", "4,16", "proxy rows: concurrent connections of wrk against nginx backends, a comma-separated `list`, one measurement each (empty: none)")
+	flag.IntVar(&o.wrkSecs, "wrk-secs", 3, "proxy rows: seconds per wrk measurement")
+	flag.IntVar(&o.sysConns, "syscall-conns", 2000, "proxy rows: connections over which the balancer's system calls are counted, after the timed ones (0: none)")
+	haproxyThreads := flag.Int("haproxy-threads", 0, "HAProxy's nbthread (0: its default, one per CPU)")
+	flag.StringVar(&o.compare, "compare", "", "also measure this tether `binary` (another build) in the proxy rows, as one more peer in every round")
 	flag.StringVar(&o.out, "out", "", "write the report (Markdown) to this `file`")
 	flag.StringVar(&o.chart, "chart", "", "write the chart (PNG) to this `file`")
 	flag.Parse()
 	if o.runs < 1 || o.clients < 1 || o.clients > lab.MaxClients || o.wsConns < 1 || o.wsWorkers < 1 ||
 		o.hold < 1 || o.holdSecs < 1 || o.iperfSecs < 1 || o.packets < 1 || o.packets > 1<<31 || o.statPackets > 1<<31 {
 		fail("bad flags (see -h)")
+	}
+	if o.mib < 8 || o.conns < 1 || o.wrkSecs < 1 || o.sysConns < 0 || *haproxyThreads < 0 {
+		fail("bad flags: -mib is at least 8, -conns and -wrk-secs at least 1, -syscall-conns and -haproxy-threads at least 0")
+	}
+	o.workers = counts("-workers", *workers, o.conns)
+	if *wrkConns != "" {
+		o.wrkConns = counts("-wrk", *wrkConns, 10000)
+	}
+	if o.compare != "" {
+		abs, err := filepath.Abs(o.compare)
+		if st, serr := os.Stat(abs); err != nil || serr != nil || st.IsDir() || st.Mode()&0o111 == 0 {
+			fail(fmt.Sprintf("bad flags: -compare %q is not an executable file", o.compare))
+		}
+		registerCompare(abs)
 	}
 	benchrun.FailOnSignal()
 	defer cleanup()
@@ -118,7 +157,7 @@ func main() {
 	if len(selected) == 0 {
 		fail("no peer matches -peers " + o.only)
 	}
-	tools := versions(selected)
+	tools := versions(selected, o)
 
 	logf("BPF_PROG_TEST_RUN cost, %d packets x %d rounds", o.costRepeat, o.runs)
 	cost, err := progcost.Measure(o.costRepeat, o.runs)
@@ -126,7 +165,8 @@ func main() {
 		fail(err.Error())
 	}
 
-	e := setup(o)
+	e := setup(o, selected)
+	e.HAProxyThreads = *haproxyThreads
 	gen, err := pktgen.NewGenerator(genSources, genPorts)
 	if err != nil {
 		fail("packet generator: " + err.Error())
@@ -166,14 +206,14 @@ func measure(e *Env, pr *peerResult, gen *pktgen.Generator, o options) sample {
 	if err := e.Lab.SetPortXDP(e.Lab.Balancer, p.XDP); err != nil {
 		fail(err.Error())
 	}
-	stop, err := p.Start(e)
+	run, err := p.Start(e)
 	if err != nil {
 		fail(fmt.Sprintf("starting %s: %v", p.Name, err))
 	}
 	var once sync.Once
 	stopOnce := func() {
 		once.Do(func() {
-			if err := stop(); err != nil {
+			if err := run.Stop(); err != nil {
 				fail(fmt.Sprintf("stopping %s: %v", p.Name, err))
 			}
 		})
@@ -203,13 +243,23 @@ func measure(e *Env, pr *peerResult, gen *pktgen.Generator, o options) sample {
 		logf("round %d %s: %.0f conns/s (%d failed), echo p50 %s p99 %s (%d echoes, %d failed), iperf3 %.2f / %.2f Gbit/s",
 			e.round+1, p.Name, s.connRate, s.connFailed, s.p50, s.p99, s.echoes, s.echoFailed, s.bulk1, s.bulk4)
 	}
+	if p.Rows&RowProxy != 0 {
+		s.hasProxy = true
+		if s.proxy, err = measureProxy(e, p, run.PID, o); err != nil {
+			fail(fmt.Sprintf("%s, proxy rows: %v", p.Name, err))
+		}
+		logf("round %d %s: raw TCP 1 stream %.0f MiB/s, 8 streams %.0f MiB/s, conns/s %.0f, wrk %.0f",
+			e.round+1, p.Name, s.proxy.one, s.proxy.eight, s.proxy.cps, s.proxy.http)
+	}
 	stopOnce()
 	return s
 }
 
 // setup builds the tether binary and the lab, and starts the backends'
-// servers: a WebSocket echo server and an iperf3 server on each.
-func setup(o options) *Env {
+// servers: a WebSocket echo server, an iperf3 server and the raw TCP
+// server on each, and nginx for wrk when a selected peer takes the proxy
+// rows.
+func setup(o options, selected []peerResult) *Env {
 	tmp, err := os.MkdirTemp("", "tether-peers-*")
 	if err != nil {
 		fail(err.Error())
@@ -252,23 +302,41 @@ func setup(o options) *Env {
 			fail(err.Error())
 		}
 		atExit(func() { p.Stop() })
+		raw, err := be.Listen("tcp", netip.AddrPortFrom(be.Addr4, portRaw).String())
+		if err != nil {
+			fail(err.Error())
+		}
+		atExit(func() { raw.Close() })
+		go serveRaw(raw)
+		if len(o.wrkConns) > 0 && slices.ContainsFunc(selected, func(pr peerResult) bool { return pr.Rows&RowProxy != 0 }) {
+			stop, err := startHTTPBackend(e, be)
+			if err != nil {
+				fail(err.Error())
+			}
+			atExit(func() { stop() })
+		}
 	}
 	return e
 }
 
 // versions returns the version lines of the peers' programs, and fails
 // with the way out when one is missing.
-func versions(prs []peerResult) map[string]string {
+func versions(prs []peerResult, o options) map[string]string {
 	need := map[string][]string{"iperf3": {"iperf3", "--version"}}
 	for _, pr := range prs {
 		if len(pr.Version) > 0 {
 			need[pr.Version[0]] = pr.Version
 		}
+		if pr.Rows&RowProxy != 0 && o.wrkConns != nil {
+			need["wrk"] = []string{"wrk", "--version"}
+			need["nginx"] = []string{"nginx", "-v"}
+		}
 	}
 	out := map[string]string{}
 	for name, cmd := range need {
 		b, err := exec.Command(cmd[0], cmd[1:]...).CombinedOutput()
-		if err != nil {
+		// wrk prints its version, then its usage, and exits with 1.
+		if err != nil && !(name == "wrk" && strings.HasPrefix(string(b), "wrk ")) {
 			fail(fmt.Sprintf("%s: %v (make bench installs it; or apt-get install %s)", name, err, name))
 		}
 		out[name] = strings.TrimSpace(strings.SplitN(string(b), "\n", 2)[0])

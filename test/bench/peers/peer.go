@@ -17,6 +17,11 @@ const (
 	// RowStreams: WebSocket connection rate, echo latency, affinity and
 	// iperf3 bulk throughput (TCP).
 	RowStreams
+	// RowProxy: what a proxy costs (see proxy.go): raw TCP throughput
+	// and connection rate with Go clients, the connection rate of wrk
+	// against nginx backends, and the balancer process's CPU time,
+	// context switches and system calls per connection.
+	RowProxy
 )
 
 // Role is what the report compares a peer as; most peers are one of a
@@ -31,6 +36,7 @@ const (
 	RoleHAProxy           // HAProxy, the proxy tether's splice datapath must match
 	RoleNginx             // nginx, likewise
 	RoleKernel            // the kernel's forwarding and its IPVS stand-ins
+	RoleCompare           // another tether build (-compare), against tether (splice)
 )
 
 // A Peer is one balancer setup in front of the lab's backends. Each lives
@@ -64,9 +70,23 @@ type Peer struct {
 	// Note says how the peer is set up, for the results.
 	Note string
 	// Start sets the peer up on the balancer host and returns once it
-	// serves; stop undoes everything Start did. Start must clean up after
-	// itself when it fails.
-	Start func(e *Env) (stop func() error, err error)
+	// serves; its Stop undoes everything Start did. Start must clean up
+	// after itself when it fails.
+	Start func(e *Env) (Running, error)
+}
+
+// Running is a started peer.
+type Running struct {
+	// Stop undoes everything Start did.
+	Stop func() error
+	// PID is the balancer's process (its main one, whose children count
+	// too), 0 for a peer without one (the kernel's, XDP programs).
+	PID int
+}
+
+// noProcess is a Running of a peer without a process of its own.
+func noProcess(stop func() error, err error) (Running, error) {
+	return Running{Stop: stop}, err
 }
 
 var peers []Peer

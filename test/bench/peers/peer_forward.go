@@ -13,7 +13,7 @@ func init() {
 		XDP:   true,
 		Role:  RoleTrivial,
 		Note:  "an XDP program that rewrites the Ethernet addresses of every frame to the VIP toward backend 1 and returns XDP_TX: the floor of any XDP balancer in this lab, and what XDP on a veth costs the stream rows",
-		Start: startTrivialXDP,
+		Start: func(e *Env) (Running, error) { return noProcess(startTrivialXDP(e)) },
 	})
 	register(Peer{
 		Name:  "kernel IP forwarding",
@@ -21,7 +21,7 @@ func init() {
 		Rows:  RowPackets,
 		Role:  RoleKernel,
 		Note:  "`ip_forward=1`, a /32 route for the VIP via backend 1: no balancing",
-		Start: startKernelForwarding,
+		Start: func(e *Env) (Running, error) { return noProcess(startKernelForwarding(e)) },
 	})
 }
 

@@ -18,7 +18,7 @@ func init() {
 		Rows:           RowPackets | RowStreams,
 		SourceAffinity: true,
 		Note:           "prerouting `dnat to jhash ip saddr mod N map {...}` with conntrack, forwarding on, backends route replies through the balancer",
-		Start:          startNftDNAT,
+		Start:          func(e *Env) (Running, error) { return noProcess(startNftDNAT(e)) },
 	})
 	register(Peer{
 		Name:           "nftables fwd (IPVS-DR stand-in)",
@@ -28,7 +28,7 @@ func init() {
 		Rows:           RowPackets | RowStreams,
 		SourceAffinity: true,
 		Note:           "netdev ingress `ether daddr set jhash ip saddr mod N map {...} fwd to eth0`, no conntrack; backends answer clients directly (DSR)",
-		Start:          startNftDR,
+		Start:          func(e *Env) (Running, error) { return noProcess(startNftDR(e)) },
 	})
 }
 

@@ -13,7 +13,7 @@ func init() {
 		Order:          30,
 		Role:           RoleNginx,
 		Version:        []string{"nginx", "-v"},
-		Rows:           RowStreams,
+		Rows:           RowStreams | RowProxy,
 		SourceAffinity: true,
 		Note:           "stream module, `hash $remote_addr consistent`, `proxy_timeout 1h`, one worker per CPU, 20,000 connections per worker",
 		Start:          startNginx,
@@ -23,15 +23,12 @@ func init() {
 // nginxModule is where Debian's libnginx-mod-stream puts the module.
 const nginxModule = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
-func startNginx(e *Env) (func() error, error) {
+func startNginx(e *Env) (Running, error) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "load_module %s;\n", nginxModule)
 	fmt.Fprintf(&b, "daemon off;\nworker_processes auto;\nworker_rlimit_nofile 50000;\npid %s/nginx-%d.pid;\nerror_log stderr warn;\n", e.Tmp, e.round)
 	b.WriteString("events {\n    worker_connections 20000;\n}\nstream {\n")
-	for _, svc := range []struct {
-		name string
-		port int
-	}{{"ws", portWS}, {"bulk", portBulk}} {
+	for _, svc := range proxiedPorts {
 		fmt.Fprintf(&b, "    upstream %s {\n        hash $remote_addr consistent;\n", svc.name)
 		for _, a := range e.BackendAddrs {
 			fmt.Fprintf(&b, "        server %s:%d;\n", a, svc.port)
@@ -41,7 +38,7 @@ func startNginx(e *Env) (func() error, error) {
 	b.WriteString("}\n")
 	cfg, err := e.File("nginx.conf", b.String())
 	if err != nil {
-		return nil, err
+		return Running{}, err
 	}
 	return startProxy(e, "nginx", "nginx", "-p", e.Tmp, "-e", "stderr", "-c", cfg)
 }

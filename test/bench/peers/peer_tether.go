@@ -3,12 +3,16 @@ package main
 import (
 	"fmt"
 	"path/filepath"
-	"strings"
+	"time"
+
+	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/health"
 )
 
-// tether in its two datapaths, with the same services: WebSocket and
-// iperf3 over TCP, and (XDP only) the UDP packet service, all with source
-// affinity and no health checks (the other balancers run none either).
+// tether in its two datapaths, with the same services: WebSocket, iperf3
+// and the proxy rows' raw TCP and HTTP over TCP, and (XDP only) the UDP
+// packet service, all with source affinity and no health checks (the other
+// balancers run none either).
 func init() {
 	register(Peer{
 		Name:           "tether (XDP)",
@@ -19,43 +23,69 @@ func init() {
 		SourceAffinity: true,
 		Tether:         true,
 		Note:           "`datapath: xdp` on the balancer's eth0, `affinity: source`; backends answer clients directly (DSR)",
-		Start:          func(e *Env) (func() error, error) { return startTether(e, "xdp") },
+		Start:          func(e *Env) (Running, error) { return startTether(e, e.Tether, "xdp") },
 	})
 	register(Peer{
 		Name:           "tether (splice)",
 		Order:          11,
 		Role:           RoleTetherSplice,
-		Rows:           RowStreams,
+		Rows:           RowStreams | RowProxy,
 		SourceAffinity: true,
 		Tether:         true,
 		Note:           "`datapath: splice`, `affinity: source`: the userspace proxy",
-		Start:          func(e *Env) (func() error, error) { return startTether(e, "splice") },
+		Start:          func(e *Env) (Running, error) { return startTether(e, e.Tether, "splice") },
 	})
 }
 
-func startTether(e *Env, datapath string) (func() error, error) {
-	var b strings.Builder
-	fmt.Fprintf(&b, "interfaces: [eth0]\ndatapath: %s\ntables:\n  connections: 262144\n  affinity: 65536\nservices:\n", datapath)
+// registerCompare adds another tether build as one more peer, with the
+// splice datapath, for the proxy rows (-compare): the drift between runs
+// is larger than most changes, the drift within a run falls on all alike.
+func registerCompare(bin string) {
+	register(Peer{
+		Name:           "tether (splice), -compare " + filepath.Base(bin),
+		Order:          12,
+		Role:           RoleCompare,
+		Rows:           RowProxy,
+		SourceAffinity: true,
+		Tether:         true,
+		Note:           "`datapath: splice` as tether (splice), from the build " + bin,
+		Start:          func(e *Env) (Running, error) { return startTether(e, bin, "splice") },
+	})
+}
+
+func startTether(e *Env, bin, datapath string) (Running, error) {
+	cfg := config.Default()
+	cfg.Interfaces = []string{"eth0"}
+	cfg.Datapath = datapath
+	cfg.Tables.Connections, cfg.Tables.Affinity = 262144, 65536
 	service := func(name string, port int, proto string) {
-		fmt.Fprintf(&b, "  - name: %s\n    vip: %s\n    port: %d\n    protocol: %s\n    affinity: source\n    affinity_timeout: 1h\n    health: {type: none}\n    backends:\n", name, e.VIP, port, proto)
+		s := config.DefaultService()
+		s.Name, s.VIP, s.Port, s.Protocol = name, e.VIP, uint16(port), proto
+		s.AffinityTimeout = time.Hour
+		s.Health = health.Check{Type: config.HealthNone}
 		for _, a := range e.BackendAddrs {
-			fmt.Fprintf(&b, "      - address: %s\n", a)
+			s.Backends = append(s.Backends, config.Backend{Address: a, Port: uint16(port), Weight: 1, State: config.StateActive})
 		}
+		cfg.Services = append(cfg.Services, s)
 	}
-	service("ws", portWS, "tcp")
-	service("bulk", portBulk, "tcp")
-	if datapath == "xdp" {
-		service("packets", portUDP, "udp")
+	for _, svc := range proxiedPorts {
+		service(svc.name, svc.port, config.ProtocolTCP)
 	}
-	cfg, err := e.File("tether-"+datapath+".yaml", b.String())
+	if datapath == config.DatapathXDP {
+		service("packets", portUDP, config.ProtocolUDP)
+	}
+	data, err := cfg.Marshal()
 	if err != nil {
-		return nil, err
+		return Running{}, err
 	}
-	dir := filepath.Dir(cfg)
-	sock := filepath.Join(dir, fmt.Sprintf("tether-%s-%d.sock", datapath, e.round))
-	p, err := e.Lab.Balancer.Start(e.Tether, "run", "--config", cfg, "--socket", sock, "--pin-dir", e.Pins, "--log-level", "warn")
+	path, err := e.File("tether-"+datapath+".yaml", string(data))
 	if err != nil {
-		return nil, err
+		return Running{}, err
+	}
+	sock := filepath.Join(filepath.Dir(path), fmt.Sprintf("tether-%s-%d.sock", datapath, e.round))
+	p, err := e.Lab.Balancer.Start(bin, "run", "--config", path, "--socket", sock, "--pin-dir", e.Pins, "--log-level", "warn")
+	if err != nil {
+		return Running{}, err
 	}
 	stop := undo(
 		// SIGTERM leaves the XDP program forwarding (that is how tether
@@ -65,7 +95,7 @@ func startTether(e *Env, datapath string) (func() error, error) {
 		p.Stop,
 	)
 	if err := e.WaitServing(p, "tether"); err != nil {
-		return nil, joinErr(err, stop())
+		return Running{}, joinErr(err, stop())
 	}
-	return stop, nil
+	return Running{Stop: stop, PID: p.Cmd.Process.Pid}, nil
 }

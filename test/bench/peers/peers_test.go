@@ -98,8 +98,13 @@ func TestBenchRuns(t *testing.T) {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 	report, png := filepath.Join(dir, "RESULTS.md"), filepath.Join(dir, "results.png")
+	wrk := ""
+	if _, err := exec.LookPath("wrk"); err == nil && slices.Contains(selected, "nginx") {
+		wrk = "4"
+	}
 	cmd := exec.Command(bin, "-runs", "1", "-clients", "20", "-ws-conns", "100", "-ws-workers", "4", "-hold", "50",
 		"-hold-secs", "2", "-iperf-secs", "1", "-packets", "20000", "-stat-packets", "5000", "-cost-repeat", "10000",
+		"-mib", "16", "-conns", "200", "-workers", "4", "-wrk", wrk, "-wrk-secs", "1", "-syscall-conns", "100",
 		"-peers", strings.Join(selected, ","), "-out", report, "-chart", png)
 	cmd.Dir = "../../.." // the repository, for go build ./cmd/tether
 	done := make(chan struct{})
@@ -127,7 +132,9 @@ func TestBenchRuns(t *testing.T) {
 	// Each selected peer has its rows, with figures.
 	rows := regexp.MustCompile(`(?m)^\| ([^|]+) \| (\d+) \| (\d+) \| ([^|]+) \|$`) // affinity table
 	affinity := 0
-	for _, m := range rows.FindAllStringSubmatch(text, -1) {
+	_, section, _ := strings.Cut(text, "## 5. Affinity")
+	section, _, _ = strings.Cut(section, "\n## ")
+	for _, m := range rows.FindAllStringSubmatch(section, -1) {
 		affinity++
 		if m[3] != "0" {
 			t.Errorf("%s: %s client addresses reached more than one backend", m[1], m[3])
@@ -169,6 +176,24 @@ func TestBenchRuns(t *testing.T) {
 		if !strings.Contains(text, want) {
 			t.Errorf("no target row %q", want)
 		}
+	}
+	// The proxy rows: tether's splice datapath and the direct reference
+	// have raw TCP figures, and the splice datapath its system calls.
+	for _, name := range []string{"direct (no balancer)", "tether (splice)"} {
+		re := regexp.MustCompile(`(?m)^\| ` + regexp.QuoteMeta(name) + ` \| (\d+) \(\d+–\d+\) \| (\d+) \(\d+–\d+\) \| (\d+) \(\d+–\d+\) \|$`)
+		m := re.FindStringSubmatch(text)
+		if m == nil {
+			t.Errorf("no raw TCP row for %s", name)
+			continue
+		}
+		for _, v := range m[1:] {
+			if n, _ := strconv.Atoi(v); n <= 0 {
+				t.Errorf("%s: raw TCP figures %v", name, m[1:])
+			}
+		}
+	}
+	if !regexp.MustCompile(`(?m)^\| tether \(splice\) \| [1-9]\d*\.\d \|`).MatchString(text) {
+		t.Error("no system call count for tether (splice)")
 	}
 	failed := regexp.MustCompile(`\| (\d+) / (\d+) \|`)
 	for _, m := range failed.FindAllStringSubmatch(text, -1) {

@@ -92,10 +92,11 @@ func ratio(a, b float64) string {
 
 // results indexes the measured peers by the roles the targets name.
 type results struct {
-	all                   []peerResult
-	direct, xdp, splice   *peerResult
-	trivial, haproxy, ngx *peerResult
-	kernel                []*peerResult // the kernel stand-ins and forwarding
+	all                 []peerResult
+	direct, xdp, splice *peerResult
+	trivial             *peerResult
+	proxies             []*peerResult // HAProxy, nginx: what the splice datapath must match
+	kernel              []*peerResult // the kernel stand-ins and forwarding
 }
 
 func index(prs []peerResult) results {
@@ -112,10 +113,8 @@ func index(prs []peerResult) results {
 			r.splice = pr
 		case RoleTrivial:
 			r.trivial = pr
-		case RoleHAProxy:
-			r.haproxy = pr
-		case RoleNginx:
-			r.ngx = pr
+		case RoleHAProxy, RoleNginx:
+			r.proxies = append(r.proxies, pr)
 		case RoleKernel:
 			r.kernel = append(r.kernel, pr)
 		}
@@ -139,7 +138,8 @@ func report(o options, e *Env, cost []progcost.Result, prs []peerResult, tools m
 	wsRow(p, r, o)
 	bulkRow(p, r, o)
 	affinityRow(p, r)
-	targets(p, cost, r)
+	proxyRows(p, r, o)
+	targets(p, cost, r, o)
 	reading(p, r)
 	setups(p, r, tools)
 
@@ -260,7 +260,7 @@ func affinityRow(p printf, r results) {
 }
 
 // targets checks tether's targets against what this run measured.
-func targets(p printf, cost []progcost.Result, r results) {
+func targets(p printf, cost []progcost.Result, r results, o options) {
 	p("## Targets\n\n")
 	p("| target | measured | met |\n|---|---|:---:|\n")
 	line := func(target, measured string, ok bool) {
@@ -295,16 +295,33 @@ func targets(p printf, cost []progcost.Result, r results) {
 		}
 	}
 	if r.splice != nil {
-		for _, peer := range []*peerResult{r.haproxy, r.ngx} {
-			if peer == nil {
-				continue
-			}
+		for _, peer := range r.proxies {
 			for _, b := range []struct {
 				name string
 				v, d float64
 			}{{"1 stream", r.splice.bulk1().med, peer.bulk1().med}, {"4 streams", r.splice.bulk4().med, peer.bulk4().med},
 				{"connection rate", r.splice.connRate().med, peer.connRate().med}} {
 				line(fmt.Sprintf("splice %s at least %s's", b.name, peer.Name), fmt.Sprintf("%.2fx", b.v/b.d), b.v >= b.d)
+			}
+			if r.splice.Rows&RowProxy == 0 || peer.Rows&RowProxy == 0 {
+				continue
+			}
+			raw := []struct {
+				name string
+				f    func(proxySample) float64
+			}{
+				{"raw TCP throughput, 1 stream,", func(s proxySample) float64 { return s.one }},
+				{"raw TCP throughput, 8 streams,", func(s proxySample) float64 { return s.eight }},
+			}
+			for k, n := range o.workers {
+				raw = append(raw, struct {
+					name string
+					f    func(proxySample) float64
+				}{fmt.Sprintf("raw TCP connection rate, %d workers,", n), func(s proxySample) float64 { return s.cps[k] }})
+			}
+			for _, b := range raw {
+				v, d := r.splice.proxyStat(b.f).med, peer.proxyStat(b.f).med
+				line(fmt.Sprintf("splice %s at least %s's", b.name, peer.Name), fmt.Sprintf("%.2fx", v/d), v >= d)
 			}
 		}
 	}
