@@ -82,8 +82,8 @@ const (
 
 // HealthNone is the health check type that turns probing off: the
 // service's backends are always taken as up. The probed types are those of
-// the health package: health.TypeTCP, health.TypeHTTP and
-// health.TypeWebSocket.
+// the health package: health.TypeTCP, health.TypeHTTP,
+// health.TypeWebSocket and health.TypeUDP.
 const HealthNone = "none"
 
 // What happens to the established connections of a backend that its
@@ -240,10 +240,22 @@ type Service struct {
 	Backends []Backend
 }
 
-// DefaultHealth is the check of a service whose file has no health block:
-// a TCP connect every 2s with a timeout of 1s, rise 2 and fall 3 (see
-// health.Check.Defaults).
+// DefaultHealth is the check of a TCP service whose file has no health
+// block: a TCP connect every 2s with a timeout of 1s, rise 2 and fall 3
+// (see health.Check.Defaults).
 func DefaultHealth() health.Check { return health.Check{}.Defaults() }
+
+// DefaultHealthFor is the check of a service of the protocol whose file (or
+// API request) has no health block: DefaultHealth for tcp, none for udp.
+// A UDP service answers no probe that would mean the same for every UDP
+// protocol, and an arbitrary datagram may be taken for a bad request by
+// the backend: a udp check (health.TypeUDP) is offered, not imposed.
+func DefaultHealthFor(protocol string) health.Check {
+	if protocol == ProtocolUDP {
+		return health.Check{Type: HealthNone}
+	}
+	return DefaultHealth()
+}
 
 // Target returns the health target that probes backend b of s, or false
 // when s probes nothing (health type none).

@@ -456,6 +456,30 @@ services:
 	{"multicast backend", strings.Replace(minimal, "192.0.2.11", "239.1.2.3", 1), "services[0].backends[0].address", "is a multicast address"},
 	{"broadcast backend", strings.Replace(minimal, "192.0.2.11", "255.255.255.255", 1), "services[0].backends[0].address", "broadcast"},
 	{"backend is the service itself", strings.Replace(minimal, "192.0.2.11", "203.0.113.10", 1), "services[0].backends[0]", "203.0.113.10:8765 is the service itself"},
+	{"backend is the VIP on another port", strings.Replace(minimal, "192.0.2.11", "203.0.113.10", 1) + "        port: 9000\n", "services[0].backends[0].address", "203.0.113.10 is the VIP of the service chat: a VIP is not a backend"},
+	{"backend is another service's VIP", `
+interfaces: [eth0]
+services:
+  - {name: a, vip: 203.0.113.10, port: 80, backends: [{address: 192.0.2.11}]}
+  - {name: b, vip: 203.0.113.20, port: 80, backends: [{address: 203.0.113.10}]}
+`, "services[1].backends[0].address", "203.0.113.10 is the VIP of the service a: a VIP is not a backend"},
+	{"loopback backend with XDP", strings.Replace(minimal, "192.0.2.11", "127.0.0.1", 1), "services[0].backends[0].address", "127.0.0.1 is a loopback address: only the splice datapath"},
+	{"IPv6 loopback backend with datapath auto", `
+interfaces: [eth0]
+services:
+  - {name: a, vip: "2001:db8::10", port: 80, backends: [{address: "::1"}]}
+`, "services[0].backends[0].address", "::1 is a loopback address"},
+	{"link-local IPv6 backend", `
+interfaces: [eth0]
+services:
+  - {name: a, vip: "2001:db8::10", port: 80, backends: [{address: "fe80::1"}]}
+`, "services[0].backends[0].address", "fe80::1 is an IPv6 link-local address, which needs a zone"},
+	{"link-local IPv6 vip", `
+interfaces: [eth0]
+services:
+  - {name: a, vip: "fe80::10", port: 80}
+`, "services[0].vip", "is an IPv6 link-local address"},
+	{"backend in 0.0.0.0/8", strings.Replace(minimal, "192.0.2.11", "0.1.2.3", 1), "services[0].backends[0].address", "0.1.2.3 is in 0.0.0.0/8"},
 	{"duplicate backend", minimal + "      - address: 192.0.2.12\n      - address: 192.0.2.11\n        port: 8765\n", "services[0].backends[2]", "192.0.2.11:8765 is already listed as backends[0]"},
 	{"negative weight", minimal + "        weight: -1\n", "services[0].backends[0].weight", "-1 is out of range 0..10000"},
 	{"weight too big", minimal + "        weight: 10001\n", "services[0].backends[0].weight", "10001 is out of range 0..10000"},
@@ -465,7 +489,7 @@ services:
 	{"health as a string", withHealth("tcp"), "services[0].health", "want a health check (a mapping of type, path"},
 	{"unknown health field", withHealth("{type: tcp, intervall: 1s}"), "services[0].health.intervall", `unknown field (did you mean "interval"?)`},
 	{"repeated health field", withHealth("{rise: 2, rise: 3}"), "services[0].health.rise", "repeated"},
-	{"unknown health type", withHealth("{type: icmp}"), "services[0].health.type", `unknown type "icmp" (want tcp, http, websocket or none)`},
+	{"unknown health type", withHealth("{type: icmp}"), "services[0].health.type", `unknown type "icmp" (want tcp, http, websocket, udp or none)`},
 	{"health type as a list", withHealth("{type: [tcp]}"), "services[0].health.type", "want a string, got a list"},
 	{"type none with an interval", withHealth("{type: none, interval: 1s}"), "services[0].health.interval", "type none probes nothing"},
 	{"type none with a path", withHealth("{type: none, path: /}"), "services[0].health.path", "type none probes nothing"},
@@ -491,7 +515,10 @@ services:
 	{"expect_status out of range", withHealth("{type: http, expect_status: [99, 200]}"), "services[0].health.expect_status[0]", "99 is out of range 100..599"},
 	{"expect_status in words", withHealth("{type: http, expect_status: 2xx}"), "services[0].health.expect_status", `"2xx" is not a number`},
 	{"expect_status as a mapping", withHealth("{type: http, expect_status: {low: 200}}"), "services[0].health.expect_status", "want an HTTP status such as 200"},
-	{"send for an http check", withHealth("{type: http, send: ping}"), "services[0].health.send", "only for websocket checks"},
+	{"send for an http check", withHealth("{type: http, send: ping}"), "services[0].health.send", "only for websocket and udp checks"},
+	{"udp check of a tcp service", withHealth("{type: udp}"), "services[0].health.type", "a udp check probes over UDP, which a tcp service does not answer"},
+	{"path for a udp check", strings.Replace(withHealth("{type: udp, path: /x}"), "port: 8765", "port: 8765\n    protocol: udp", 1), "services[0].health.path", "only for http and websocket checks"},
+	{"udp datagram too long", strings.Replace(withHealth("{type: udp, send: "+strings.Repeat("x", 4097)+"}"), "port: 8765", "port: 8765\n    protocol: udp", 1), "services[0].health.send", "at most 4096 bytes"},
 	{"send too long", withHealth("{type: websocket, send: " + strings.Repeat("x", 4097) + "}"), "services[0].health.send", "at most 4096 bytes"},
 	{"unknown on_down", strings.Replace(minimal, "port: 8765", "port: 8765\n    on_down: drop", 1), "services[0].on_down", `unknown mode "drop" (want keep or reset)`},
 	{"on_down as a list", strings.Replace(minimal, "port: 8765", "port: 8765\n    on_down: [reset]", 1), "services[0].on_down", "want a string"},
@@ -714,7 +741,7 @@ services:
   - name: "true"
     vip: 198.51.100.7
     port: 65535
-    backends: [{address: 127.0.0.1}]
+    backends: [{address: 192.0.2.1}]
   - name: http
     vip: 198.51.100.8
     port: 80
@@ -947,5 +974,44 @@ func TestClone(t *testing.T) {
 	if c.Interfaces[0] == "eth9" || c.Services[0].Name == "other" || c.Services[0].Backends[0].Weight == 7 ||
 		c.Services[0].Health.Interval == time.Minute || len(c.Services) != 1 {
 		t.Fatalf("changing the clone changed the original: %+v", c)
+	}
+}
+
+// TestUDPHealthDefaults checks the health check a service gets when its
+// file has no health block: a TCP connect for tcp, none for udp (whatever
+// the order of protocol and health in the file), and that a udp check is
+// accepted for a udp service, with the fields it uses.
+func TestUDPHealthDefaults(t *testing.T) {
+	udp := strings.Replace(minimal, "port: 8765", "port: 8765\n    protocol: udp", 1)
+	if h := mustParse(t, udp).Services[0].Health; h.Type != HealthNone || h != DefaultHealthFor(ProtocolUDP) {
+		t.Errorf("udp service without a health block: %+v, want type none", h)
+	}
+	protocolLast := minimal + "    protocol: udp\n"
+	if h := mustParse(t, protocolLast).Services[0].Health; h.Type != HealthNone {
+		t.Errorf("udp service with its protocol after the backends: %+v, want type none", h)
+	}
+	if h := mustParse(t, minimal).Services[0].Health; h != DefaultHealth() {
+		t.Errorf("tcp service without a health block: %+v, want %+v", h, DefaultHealth())
+	}
+	c := mustParse(t, strings.Replace(udp, "protocol: udp", "protocol: udp\n    health: {type: udp, send: ping, interval: 1s}", 1))
+	want := health.Check{Type: health.TypeUDP, Send: "ping", Interval: time.Second, Timeout: 500 * time.Millisecond, Rise: 2, Fall: 3}
+	if h := c.Services[0].Health; h != want {
+		t.Errorf("udp check: %+v, want %+v", h, want)
+	}
+	again, err := c.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back := mustParse(t, string(again)); !reflect.DeepEqual(back, c) {
+		t.Errorf("a udp check does not survive Marshal:\n%s", again)
+	}
+}
+
+// TestLoopbackBackendWithSplice checks that the splice datapath, which
+// connects to its backends, takes one on the host itself.
+func TestLoopbackBackendWithSplice(t *testing.T) {
+	yaml := strings.Replace(strings.Replace(minimal, "192.0.2.11", "127.0.0.1", 1), "interfaces: [eth0]", "datapath: splice", 1)
+	if c := mustParse(t, yaml); c.Services[0].Backends[0].Address != netip.MustParseAddr("127.0.0.1") {
+		t.Errorf("backend %v", c.Services[0].Backends[0].Address)
 	}
 }

@@ -281,6 +281,7 @@ func (d *decoder) tables(n *yaml.Node, path string, t *Tables) {
 func (d *decoder) service(n *yaml.Node, path string) Service {
 	s := DefaultService()
 	var portGiven []bool
+	healthGiven := false
 	d.mapping(n, path, "a service", serviceFields, func(name string, v *yaml.Node, p string) {
 		switch name {
 		case "name":
@@ -298,7 +299,7 @@ func (d *decoder) service(n *yaml.Node, path string) Service {
 		case "forwarding":
 			s.Forwarding = d.str(v, p)
 		case "health":
-			s.Health = d.health(v, p)
+			s.Health, healthGiven = d.health(v, p), true
 		case "on_down":
 			s.OnDown = d.str(v, p)
 		case "idle_timeout":
@@ -323,6 +324,9 @@ func (d *decoder) service(n *yaml.Node, path string) Service {
 			}
 		}
 	})
+	if !healthGiven {
+		s.Health = DefaultHealthFor(s.Protocol) // the protocol may come after
+	}
 	// A backend port defaults to the service port, which may come after the
 	// backends in the file.
 	for i := range s.Backends {

@@ -108,7 +108,7 @@ func healthNode(c health.Check) *yaml.Node {
 		status.Content = []*yaml.Node{integer(c.ExpectStatus[0]), integer(c.ExpectStatus[1])}
 		kv = append(kv, "expect_status", status)
 	}
-	if c.Type == health.TypeWebSocket || c.Send != "" {
+	if c.Type == health.TypeWebSocket || c.Type == health.TypeUDP || c.Send != "" {
 		kv = append(kv, "send", str(c.Send))
 	}
 	if probed || c.Interval != 0 {

@@ -190,10 +190,29 @@ func (c *Config) validate(v *validator) {
 				keys[s.Key()] = i
 			}
 		}
-		for j := range s.Backends {
+		for j, b := range s.Backends {
 			backends++
 			if maxBackendsOK && backends == int(t.MaxBackends)+1 {
 				v.add(index(field(p, "backends"), j), "more than tables.max_backends (%d) backends over all services", t.MaxBackends)
+			}
+			bp := field(index(field(p, "backends"), j), "address")
+			if b.Address.IsLoopback() && datapathOK && c.Datapath != DatapathSplice {
+				v.add(bp, "%s is a loopback address: only the splice datapath reaches a backend on this host (datapath %s may forward packets, which cannot reach it)", b.Address, c.Datapath)
+			}
+		}
+	}
+	// A VIP is where clients arrive, never a backend: the datapath would
+	// take the packets meant for the backend as the service's.
+	vips := map[netip.Addr]string{}
+	for _, s := range c.Services {
+		if s.VIP.IsValid() {
+			vips[s.VIP] = s.Name
+		}
+	}
+	for i, s := range c.Services {
+		for j, b := range s.Backends {
+			if name, ok := vips[b.Address]; ok && !(b.Address == s.VIP && b.Port == s.Port) {
+				v.add(field(index(field(index("services", i), "backends"), j), "address"), "%s is the VIP of the service %s: a VIP is not a backend", b.Address, name)
 			}
 		}
 	}
@@ -231,6 +250,9 @@ func (s *Service) validate(v *validator, p string) bool {
 		v.add(field(p, "forwarding"), "unknown mode %q (want dsr)", s.Forwarding)
 	}
 	validateHealth(v, field(p, "health"), s.Health)
+	if s.Protocol == ProtocolTCP && s.Health.Type == health.TypeUDP {
+		v.add(field(field(p, "health"), "type"), "a udp check probes over UDP, which a tcp service does not answer: use tcp, http or websocket")
+	}
 	if s.OnDown != OnDownKeep && s.OnDown != OnDownReset {
 		v.add(field(p, "on_down"), "unknown mode %q (want keep or reset)", s.OnDown)
 	}
@@ -298,13 +320,13 @@ func validateHealth(v *validator, p string, c health.Check) {
 			{"fall", c.Fall != 0},
 		} {
 			if f.set {
-				v.add(field(p, f.name), "type none probes nothing: leave %s out, or choose a type (tcp, http or websocket)", f.name)
+				v.add(field(p, f.name), "type none probes nothing: leave %s out, or choose a type (tcp, http, websocket or udp)", f.name)
 			}
 		}
 		return
-	case health.TypeTCP, health.TypeHTTP, health.TypeWebSocket:
+	case health.TypeTCP, health.TypeHTTP, health.TypeWebSocket, health.TypeUDP:
 	default:
-		v.add(field(p, "type"), "unknown type %q (want tcp, http, websocket or none)", c.Type)
+		v.add(field(p, "type"), "unknown type %q (want tcp, http, websocket, udp or none)", c.Type)
 		return
 	}
 	for _, err := range unjoin(c.Validate()) {
@@ -370,6 +392,10 @@ func checkAddr(v *validator, path string, a netip.Addr, vip bool) bool {
 		problem = "is a multicast address"
 	case a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
 		problem = "is the broadcast address"
+	case a.Is4() && a.As4()[0] == 0:
+		problem = "is in 0.0.0.0/8, which names no host"
+	case a.Is6() && a.IsLinkLocalUnicast():
+		problem = "is an IPv6 link-local address, which needs a zone (an interface); zones are not supported"
 	case vip && a.IsLoopback():
 		problem = "is a loopback address"
 	default:

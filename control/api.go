@@ -1,6 +1,7 @@
 package control
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -19,6 +20,7 @@ import (
 	"time"
 
 	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/datapath"
 )
 
 // DefaultSocket is where the daemon serves its API unless told otherwise.
@@ -52,19 +54,28 @@ const maxBody = 1 << 20
 //	DELETE /v1/services?service=VIP:PORT[/PROTO]  Result   (tether vip rm)
 //	POST   /v1/backends       BackendSpec         Result   (tether backend add)
 //	DELETE /v1/backends?service=...&backend=ADDR[:PORT]  Result
+//	PUT    /v1/backends/weight BackendWeightSpec  Result   (tether backend set)
 //	PUT    /v1/backends/state BackendStateSpec    Result   (drain, undrain)
 //	GET    /v1/stats                              Stats
 //	GET    /v1/flows[?service=VIP:PORT[/PROTO]]   []FlowStatus
-//	POST   /v1/reload                             Result
+//	POST   /v1/reload[?dry_run=true]              Result   (with its Changes)
 //
 // Errors are {"error": "...", "field": "..."} with status 400 for a
-// request refused because of its input (nothing changed) and 500 for a
-// failure.
+// request refused because of its input (nothing changed), 405 for a method
+// the path does not take, 413 for a body over 1 MiB and 500 for a failure.
+// A JSON body must hold one object without duplicate keys; a request that
+// takes no body must come without one.
 func (d *Daemon) Handler() http.Handler {
 	mux := http.NewServeMux()
+	methods := map[string][]string{} // path → the methods it takes
 	get := func(pattern string, params []string, fn func(q url.Values) (any, error)) {
+		methods[pattern] = append(methods[pattern], "GET")
 		mux.HandleFunc("GET "+pattern, func(w http.ResponseWriter, r *http.Request) {
 			if err := checkParams(r.URL.Query(), params...); err != nil {
+				writeError(w, err)
+				return
+			}
+			if err := noBody(r); err != nil {
 				writeError(w, err)
 				return
 			}
@@ -73,6 +84,7 @@ func (d *Daemon) Handler() http.Handler {
 		})
 	}
 	withBody := func(method, pattern string, fn func(r *http.Request) (any, error)) {
+		methods[pattern] = append(methods[pattern], method)
 		mux.HandleFunc(method+" "+pattern, func(w http.ResponseWriter, r *http.Request) {
 			v, err := fn(r)
 			if err != nil {
@@ -99,6 +111,9 @@ func (d *Daemon) Handler() http.Handler {
 		if err := checkParams(q, "service"); err != nil {
 			return nil, err
 		}
+		if err := noBody(r); err != nil {
+			return nil, err
+		}
 		return d.RemoveService(q.Get("service"))
 	})
 	withBody("POST", "/v1/backends", func(r *http.Request) (any, error) {
@@ -113,7 +128,17 @@ func (d *Daemon) Handler() http.Handler {
 		if err := checkParams(q, "service", "backend"); err != nil {
 			return nil, err
 		}
+		if err := noBody(r); err != nil {
+			return nil, err
+		}
 		return d.RemoveBackend(q.Get("service"), q.Get("backend"))
+	})
+	withBody("PUT", "/v1/backends/weight", func(r *http.Request) (any, error) {
+		var spec BackendWeightSpec
+		if err := decode(r, &spec); err != nil {
+			return nil, err
+		}
+		return d.SetBackendWeight(spec)
 	})
 	withBody("PUT", "/v1/backends/state", func(r *http.Request) (any, error) {
 		var spec BackendStateSpec
@@ -123,16 +148,55 @@ func (d *Daemon) Handler() http.Handler {
 		return d.SetBackendState(spec)
 	})
 	withBody("POST", "/v1/reload", func(r *http.Request) (any, error) {
-		if err := checkParams(r.URL.Query()); err != nil {
+		if err := checkParams(r.URL.Query(), "dry_run"); err != nil {
 			return nil, err
+		}
+		if err := noBody(r); err != nil {
+			return nil, err
+		}
+		dry, err := boolParam(r.URL.Query(), "dry_run")
+		if err != nil {
+			return nil, err
+		}
+		if dry {
+			return d.ReloadPlan()
 		}
 		return d.Reload()
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		if allowed, ok := methods[r.URL.Path]; ok {
+			w.Header().Set("Allow", strings.Join(allowed, ", "))
+			writeJSON(w, http.StatusMethodNotAllowed, &APIError{Msg: fmt.Sprintf("%s does not take %s (it takes %s)", r.URL.Path, r.Method, strings.Join(allowed, ", "))})
+			return
+		}
 		writeJSON(w, http.StatusNotFound, &APIError{Msg: fmt.Sprintf("no API endpoint %s %s (this daemon serves /v1/)", r.Method, r.URL.Path)})
 	})
 	return mux
 }
+
+// noBody refuses a body on a request that takes none.
+func noBody(r *http.Request) error {
+	var b [1]byte
+	if n, _ := io.ReadFull(r.Body, b[:]); n > 0 {
+		return refusef("", "%s %s takes no request body", r.Method, r.URL.Path)
+	}
+	return nil
+}
+
+// boolParam reads an optional true/false query parameter.
+func boolParam(q url.Values, name string) (bool, error) {
+	switch v := q.Get(name); v {
+	case "", "false", "0":
+		return false, nil
+	case "true", "1":
+		return true, nil
+	default:
+		return false, refusef(name, "%q is not true or false", v)
+	}
+}
+
+// tooLarge is a request body over maxBody: 413.
+type tooLarge struct{ error }
 
 // checkParams refuses query parameters other than known ones, and
 // repeated ones.
@@ -154,19 +218,27 @@ func decode(r *http.Request, v any) error {
 	if err := checkParams(r.URL.Query()); err != nil {
 		return err
 	}
-	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, maxBody))
+	data, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, maxBody))
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		return tooLarge{refusef("", "the request body is larger than %d bytes", maxBody)}
+	}
+	if err != nil {
+		return fmt.Errorf("read the request body: %w", err)
+	}
+	if err := duplicateKeys(data); err != nil {
+		return err
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		var te *json.UnmarshalTypeError
-		var mbe *http.MaxBytesError
 		switch {
 		case errors.As(err, &te):
 			return refusef(te.Field, "%s is not a JSON %s", te.Value, te.Type)
 		case strings.HasPrefix(err.Error(), "json: unknown field "):
 			name := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
 			return refusef(name, "unknown field")
-		case errors.As(err, &mbe):
-			return refusef("", "the request body is larger than %d bytes", maxBody)
 		case errors.Is(err, io.EOF):
 			return refusef("", "the request has no JSON body")
 		}
@@ -176,6 +248,63 @@ func decode(r *http.Request, v any) error {
 		return refusef("", "the request body holds more than one JSON value")
 	}
 	return nil
+}
+
+// duplicateKeys refuses a JSON value in which an object names a key twice
+// (encoding/json would keep the last one without a word). A body that is
+// not JSON is left to the decoder to refuse.
+func duplicateKeys(data []byte) error {
+	type level struct {
+		object  bool
+		path    string          // of this object or array
+		keys    map[string]bool // the keys an object named
+		wantKey bool            // an object's next token is a key
+		last    string          // the path of its last key
+	}
+	var stack []*level
+	valueDone := func() {
+		if n := len(stack); n > 0 && stack[n-1].object {
+			stack[n-1].wantKey = true
+		}
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	for {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil
+		}
+		var top *level
+		if n := len(stack); n > 0 {
+			top = stack[n-1]
+		}
+		if key, ok := tok.(string); ok && top != nil && top.object && top.wantKey {
+			name := key
+			if top.path != "" {
+				name = top.path + "." + key
+			}
+			if top.keys[key] {
+				return refusef(name, "given twice")
+			}
+			top.keys[key], top.last, top.wantKey = true, name, false
+			continue
+		}
+		switch tok {
+		case json.Delim('{'), json.Delim('['):
+			path := ""
+			if top != nil {
+				path = top.path
+				if top.object {
+					path = top.last
+				}
+			}
+			stack = append(stack, &level{object: tok == json.Delim('{'), path: path, keys: map[string]bool{}, wantKey: true})
+		case json.Delim('}'), json.Delim(']'):
+			stack = stack[:len(stack)-1]
+			valueDone()
+		default:
+			valueDone()
+		}
+	}
 }
 
 func reply(w http.ResponseWriter, v any, err error) {
@@ -191,7 +320,13 @@ func reply(w http.ResponseWriter, v any, err error) {
 func writeError(w http.ResponseWriter, err error) {
 	var re *RefusedError
 	var fe *config.FieldError
+	var tl tooLarge
+	var dre *datapath.RefusedError
 	switch {
+	case errors.As(err, &tl):
+		writeJSON(w, http.StatusRequestEntityTooLarge, &APIError{Msg: err.Error()})
+	case errors.As(err, &dre):
+		writeJSON(w, http.StatusBadRequest, &APIError{Msg: err.Error()})
 	case errors.As(err, &re):
 		writeJSON(w, http.StatusBadRequest, &APIError{Msg: err.Error(), Field: re.Field})
 	case errors.As(err, &fe):

@@ -9,8 +9,11 @@ import (
 	"slices"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/datapath"
+	"github.com/tetherlb/tether/health"
 )
 
 // RefusedError is a request refused because of its input. Nothing was
@@ -37,21 +40,125 @@ func refusef(field, format string, args ...any) error {
 	return &RefusedError{Field: field, Msg: fmt.Sprintf(format, args...)}
 }
 
-// Result is the outcome of a change, in words for the operator.
+// Result is the outcome of a change, in words for the operator, and for a
+// reload what it changed (or would change).
 type Result struct {
-	Message string `json:"message"`
+	Message string   `json:"message"`
+	Changes *Changes `json:"changes,omitempty"`
 }
 
 // ServiceSpec is a service to add. VIP is "VIP:PORT" (a "/PROTO" suffix
 // may stand for Protocol); the other fields default as in the
 // configuration file, and the name to "<vip>-<port>".
 type ServiceSpec struct {
-	VIP             string `json:"vip"`
-	Protocol        string `json:"protocol,omitempty"`
-	Name            string `json:"name,omitempty"`
-	Affinity        string `json:"affinity,omitempty"`
-	AffinityTimeout string `json:"affinity_timeout,omitempty"`
-	Forwarding      string `json:"forwarding,omitempty"`
+	VIP             string      `json:"vip"`
+	Protocol        string      `json:"protocol,omitempty"`
+	Name            string      `json:"name,omitempty"`
+	Affinity        string      `json:"affinity,omitempty"`
+	AffinityTimeout string      `json:"affinity_timeout,omitempty"`
+	Forwarding      string      `json:"forwarding,omitempty"`
+	Health          *HealthSpec `json:"health,omitempty"`
+	OnDown          string      `json:"on_down,omitempty"`
+}
+
+// sent says which of the configuration's fields of a service the request
+// gave, by the names the file and the API share.
+func (spec ServiceSpec) sent() map[string]bool {
+	return map[string]bool{
+		"vip": true, "port": true, "protocol": spec.Protocol != "", "name": spec.Name != "",
+		"affinity": spec.Affinity != "", "affinity_timeout": spec.AffinityTimeout != "",
+		"forwarding": spec.Forwarding != "", "health": spec.Health != nil, "on_down": spec.OnDown != "",
+	}
+}
+
+// narrow turns the refusal of a configuration to which a request added
+// services[i] into the problems of the fields the request gave:
+// "services[i].protocol" becomes "protocol", and a problem of a field it
+// did not give (the name made of a bad protocol) is left out while another
+// explains the refusal. Problems elsewhere (too many services) stay.
+func narrow(err error, i int, sent map[string]bool) error {
+	prefix := fmt.Sprintf("services[%d]", i)
+	var kept []*config.FieldError
+	var first *config.FieldError
+	for _, e := range unjoin(err) {
+		var fe *config.FieldError
+		if !errors.As(e, &fe) {
+			continue
+		}
+		if first == nil {
+			first = fe
+		}
+		if fe.Path != prefix && !strings.HasPrefix(fe.Path, prefix+".") {
+			kept = append(kept, fe)
+			continue
+		}
+		field := strings.TrimPrefix(strings.TrimPrefix(fe.Path, prefix), ".")
+		if top, _, _ := strings.Cut(field, "."); sent[top] || field == "" {
+			c := *fe
+			c.Path, c.Line, c.File = field, 0, ""
+			kept = append(kept, &c)
+		}
+	}
+	if len(kept) == 0 {
+		if first == nil {
+			return refused(err)
+		}
+		kept = append(kept, first)
+	}
+	msgs := make([]string, len(kept))
+	for k, fe := range kept {
+		msgs[k] = fe.Path + ": " + fe.Msg
+		if fe.Path == "" {
+			msgs[k] = fe.Msg
+		}
+	}
+	return &RefusedError{Field: kept[0].Path, Msg: strings.Join(msgs, "; "), named: true}
+}
+
+// unjoin returns the errors errors.Join joined into err, or err alone.
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
+
+// check turns h, as a request gives it, into a health check as the file's
+// decoder does: defaults
+// applied (none has no other field), durations read with
+// config.ParseDuration; the configuration's validation judges the rest.
+func (h *HealthSpec) check() (health.Check, error) {
+	c := health.Check{Type: h.Type, Path: h.Path, Host: h.Host, Send: h.Send, Rise: h.Rise, Fall: h.Fall}
+	switch len(h.ExpectStatus) {
+	case 0:
+	case 1:
+		c.ExpectStatus = [2]int{h.ExpectStatus[0], h.ExpectStatus[0]}
+	case 2:
+		c.ExpectStatus = [2]int{h.ExpectStatus[0], h.ExpectStatus[1]}
+	default:
+		return c, refusef("health.expect_status", "a list of %d statuses; want an HTTP status such as 200, or a range such as [200, 399]", len(h.ExpectStatus))
+	}
+	for _, d := range []struct {
+		field string
+		in    string
+		out   *time.Duration
+	}{{"health.interval", h.Interval, &c.Interval}, {"health.timeout", h.Timeout, &c.Timeout}} {
+		if d.in == "" {
+			continue
+		}
+		v, err := config.ParseDuration(d.in)
+		if err != nil {
+			return c, refusef(d.field, "%v", err)
+		}
+		if v <= 0 {
+			return c, refusef(d.field, "%s: must be more than 0", d.in)
+		}
+		*d.out = v
+	}
+	if c.Type == config.HealthNone {
+		return c, nil
+	}
+	return c.Defaults(), nil
 }
 
 // BackendSpec is a backend to add: Backend is "ADDR" or "ADDR:PORT" (the
@@ -97,12 +204,22 @@ func (d *Daemon) AddService(spec ServiceSpec) (Result, error) {
 			return Result{}, refusef("affinity_timeout", "%v", err)
 		}
 	}
+	s.Health = config.DefaultHealthFor(s.Protocol)
+	if spec.Health != nil {
+		if s.Health, err = spec.Health.check(); err != nil {
+			return Result{}, err
+		}
+	}
+	if spec.OnDown != "" {
+		s.OnDown = spec.OnDown
+	}
 	if s.Name == "" {
 		s.Name = strings.ReplaceAll(s.VIP.String(), ":", "-") + "-" + fmt.Sprint(s.Port)
 		if s.Protocol != config.ProtocolTCP {
 			s.Name += "-" + s.Protocol
 		}
 	}
+
 	err = d.change("add service "+s.Key(), func(cfg *config.Config) error {
 		for _, o := range cfg.Services {
 			if o.Key() == s.Key() {
@@ -113,6 +230,11 @@ func (d *Daemon) AddService(spec ServiceSpec) (Result, error) {
 			}
 		}
 		cfg.Services = append(cfg.Services, s)
+		// Judge the service by the fields the request gave: a bad
+		// protocol is refused as the protocol, not as the name made of it.
+		if err := cfg.Validate(); err != nil {
+			return narrow(err, len(cfg.Services)-1, spec.sent())
+		}
 		return nil
 	})
 	if err != nil {
@@ -204,6 +326,56 @@ func (d *Daemon) RemoveBackend(service, backend string) (Result, error) {
 	return Result{Message: msg}, nil
 }
 
+// BackendWeightSpec changes the weight of a backend in place (ipvsadm -e).
+type BackendWeightSpec struct {
+	Service string `json:"service"`
+	Backend string `json:"backend"`
+	Weight  *int   `json:"weight"`
+}
+
+// SetBackendWeight changes a backend's weight in place: its share of the
+// ring, hence of new clients, follows; its established connections stay.
+// Weight 0 takes it out of the ring, as draining does.
+func (d *Daemon) SetBackendWeight(spec BackendWeightSpec) (Result, error) {
+	r, err := parseServiceRef(spec.Service, "service")
+	if err != nil {
+		return Result{}, err
+	}
+	if spec.Weight == nil {
+		return Result{}, refusef("weight", "missing")
+	}
+	if *spec.Weight < 0 || *spec.Weight > config.MaxWeight {
+		return Result{}, refusef("weight", "%d is out of range 0..%d", *spec.Weight, config.MaxWeight)
+	}
+	weight := uint32(*spec.Weight)
+	var msg string
+	err = d.change(fmt.Sprintf("set the weight of backend %s of %s to %d", spec.Backend, spec.Service, weight), func(cfg *config.Config) error {
+		s, addr, port, err := serviceBackend(cfg, r, spec.Backend)
+		if err != nil {
+			return err
+		}
+		j, err := findBackend(s, addr, port, "backend")
+		if err != nil {
+			return err
+		}
+		b := &s.Backends[j]
+		switch {
+		case b.Weight == weight:
+			msg = fmt.Sprintf("backend %s of %s (%s) already has weight %d", b.Key(), s.Name, s.Key(), weight)
+		case weight == 0:
+			msg = fmt.Sprintf("backend %s of %s (%s) has weight 0: out of the ring, it keeps its connections and takes no new ones", b.Key(), s.Name, s.Key())
+		default:
+			msg = fmt.Sprintf("backend %s of %s (%s) has weight %d (was %d)", b.Key(), s.Name, s.Key(), weight, b.Weight)
+		}
+		b.Weight = weight
+		return nil
+	})
+	if err != nil {
+		return Result{}, err
+	}
+	return Result{Message: msg}, nil
+}
+
 // SetBackendState drains a backend (config.StateDraining: it keeps its
 // connections and takes no new ones) or makes it active again.
 func (d *Daemon) SetBackendState(spec BackendStateSpec) (Result, error) {
@@ -254,10 +426,11 @@ func (d *Daemon) Reload() (Result, error) {
 	defer d.mu.Unlock()
 	res, err := d.reload()
 	var refused *RefusedError
+	var dpRefused *datapath.RefusedError
 	switch {
 	case err == nil:
 		d.log.Info("reloaded", "config", d.path, "services", len(d.ctl.Config().Services))
-	case errors.As(err, &refused):
+	case errors.As(err, &refused), errors.As(err, &dpRefused):
 		d.log.Error("reload refused; running state unchanged", "err", err)
 	default:
 		d.log.Error("reload failed", "err", err)
@@ -266,18 +439,43 @@ func (d *Daemon) Reload() (Result, error) {
 }
 
 func (d *Daemon) reload() (Result, error) {
-	next, err := config.Load(d.path)
+	cur, next, err := d.loadNext()
 	if err != nil {
-		return Result{}, refused(err)
-	}
-	if err := d.checkFixed(next); err != nil {
 		return Result{}, err
 	}
-	cur := d.ctl.Config()
+	ch := diff(cur, next)
 	if err := d.apply(cur, next); err != nil {
 		return Result{}, err
 	}
-	return Result{Message: fmt.Sprintf("reloaded %s: %d services", d.path, len(next.Services))}, nil
+	return Result{Message: fmt.Sprintf("reloaded %s: %s", d.path, ch), Changes: ch}, nil
+}
+
+// ReloadPlan reads the configuration file as Reload would and says what
+// Reload would change, refusing what it would refuse; it changes nothing
+// (tether reload --dry-run). A datapath's own refusals (a backend it
+// cannot reach) show only when the change is applied.
+func (d *Daemon) ReloadPlan() (Result, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	cur, next, err := d.loadNext()
+	if err != nil {
+		return Result{}, err
+	}
+	ch := diff(cur, next)
+	return Result{Message: fmt.Sprintf("reload of %s would apply: %s", d.path, ch), Changes: ch}, nil
+}
+
+// loadNext reads the file for a reload, refusing a file that does not
+// load or changes a setting fixed at start. d.mu is held.
+func (d *Daemon) loadNext() (cur, next *config.Config, err error) {
+	next, err = config.Load(d.path)
+	if err != nil {
+		return nil, nil, refused(err)
+	}
+	if err := d.checkFixed(next); err != nil {
+		return nil, nil, err
+	}
+	return d.ctl.Config(), next, nil
 }
 
 // checkFixed refuses a configuration that changes a setting taking effect

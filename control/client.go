@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"syscall"
 	"time"
 )
@@ -18,16 +19,27 @@ import (
 // sends back are *APIError; a daemon that cannot be reached gives an error
 // that says what to do.
 type Client struct {
-	socket string
-	http   *http.Client
+	socket  string
+	timeout time.Duration
+	http    *http.Client
 }
 
-// clientTimeout bounds one request; a change may wait for backends'
-// neighbour resolution and a status for a read of the connection table.
-const clientTimeout = 60 * time.Second
+// DefaultTimeout bounds one request unless the client is given another
+// bound: a change may wait up to 3s for backends' neighbour resolution,
+// and a status reads the connection tables.
+const DefaultTimeout = 10 * time.Second
 
-// NewClient returns a client of the daemon serving socket.
-func NewClient(socket string) *Client {
+// NewClient returns a client of the daemon serving socket, whose requests
+// take at most DefaultTimeout.
+func NewClient(socket string) *Client { return NewClientTimeout(socket, DefaultTimeout) }
+
+// NewClientTimeout returns a client of the daemon serving socket whose
+// requests take at most timeout each (0: DefaultTimeout), so that a socket
+// that accepts and never answers cannot hold the caller.
+func NewClientTimeout(socket string, timeout time.Duration) *Client {
+	if timeout <= 0 {
+		timeout = DefaultTimeout
+	}
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
@@ -35,7 +47,7 @@ func NewClient(socket string) *Client {
 		},
 		DisableCompression: true,
 	}
-	return &Client{socket: socket, http: &http.Client{Transport: tr, Timeout: clientTimeout}}
+	return &Client{socket: socket, timeout: timeout, http: &http.Client{Transport: tr, Timeout: timeout}}
 }
 
 // Socket returns the socket the client talks to.
@@ -85,15 +97,42 @@ func (c *Client) Call(ctx context.Context, method, path string, query url.Values
 	return nil
 }
 
-// unreachable turns a failure to talk to the daemon into advice.
+// unreachable turns a failure to talk to the daemon into advice: no
+// socket, something that is not a socket, a socket nobody listens on, a
+// socket the user may not use, or a daemon that does not answer in time.
 func (c *Client) unreachable(err error) error {
+	var ne net.Error
 	switch {
-	case errors.Is(err, syscall.ENOENT), errors.Is(err, syscall.ECONNREFUSED):
-		return fmt.Errorf("cannot reach the tether daemon at %s: is it running? start it with: tether run --config FILE", c.socket)
+	case errors.Is(err, syscall.ENOENT):
+		return fmt.Errorf("no socket at %s: is the daemon running? start it with: tether run --config FILE (or give the --socket it serves)", c.socket)
+	case errors.Is(err, syscall.ECONNREFUSED):
+		if fi, serr := os.Stat(c.socket); serr == nil && fi.Mode()&os.ModeSocket == 0 {
+			return fmt.Errorf("%s is not a socket (a %s): give the --socket the daemon serves", c.socket, fileKind(fi.Mode()))
+		}
+		return fmt.Errorf("connection refused at %s: no daemon listens there (one that stopped may have left the socket); start it with: tether run --config FILE", c.socket)
+	case errors.Is(err, syscall.ENOTSOCK):
+		return fmt.Errorf("%s is not a socket: give the --socket the daemon serves", c.socket)
 	case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
-		return fmt.Errorf("cannot reach the tether daemon at %s: permission denied; the socket is root's only: run this as root", c.socket)
+		return fmt.Errorf("permission denied at %s: the socket is root's only; run this as root", c.socket)
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		return fmt.Errorf("the daemon at %s did not answer within %v (--timeout): it may be busy or hung; its log says more", c.socket, c.timeout)
 	}
 	return fmt.Errorf("talk to the tether daemon at %s: %w", c.socket, err)
+}
+
+// fileKind names the kind of file a mode is, for a message.
+func fileKind(m os.FileMode) string {
+	switch {
+	case m.IsDir():
+		return "directory"
+	case m.IsRegular():
+		return "regular file"
+	case m&os.ModeNamedPipe != 0:
+		return "named pipe"
+	case m&os.ModeDevice != 0:
+		return "device"
+	}
+	return "file of another kind"
 }
 
 // Status returns the running state.
@@ -139,6 +178,13 @@ func (c *Client) RemoveBackend(ctx context.Context, service, backend string) (Re
 	return r, err
 }
 
+// SetBackendWeight changes a backend's weight in place.
+func (c *Client) SetBackendWeight(ctx context.Context, spec BackendWeightSpec) (Result, error) {
+	var r Result
+	err := c.Call(ctx, http.MethodPut, "/v1/backends/weight", nil, spec, &r)
+	return r, err
+}
+
 // SetBackendState drains a backend or makes it active again.
 func (c *Client) SetBackendState(ctx context.Context, spec BackendStateSpec) (Result, error) {
 	var r Result
@@ -163,8 +209,21 @@ func (c *Client) Flows(ctx context.Context, ref string) ([]FlowStatus, error) {
 
 // Reload makes the daemon re-read its configuration file.
 func (c *Client) Reload(ctx context.Context) (Result, error) {
+	return c.reload(ctx, false)
+}
+
+// ReloadPlan asks what a reload would change, changing nothing.
+func (c *Client) ReloadPlan(ctx context.Context) (Result, error) {
+	return c.reload(ctx, true)
+}
+
+func (c *Client) reload(ctx context.Context, dry bool) (Result, error) {
+	var q url.Values
+	if dry {
+		q = url.Values{"dry_run": {"true"}}
+	}
 	var r Result
-	err := c.Call(ctx, http.MethodPost, "/v1/reload", nil, nil, &r)
+	err := c.Call(ctx, http.MethodPost, "/v1/reload", q, nil, &r)
 	return r, err
 }
 

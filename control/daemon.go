@@ -2,6 +2,7 @@ package control
 
 import (
 	"fmt"
+	"io"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -33,7 +34,8 @@ type Daemon struct {
 	ctl    *Controller
 	dp     datapath.Datapath
 	log    *slog.Logger
-	remove bool // Stop removes a datapath that outlives Close (see Start)
+	remove bool      // Stop removes a datapath that outlives Close (see Start)
+	lock   io.Closer // the pin directory's lock a splice datapath holds, released by Stop
 
 	// fixed holds the settings that take effect only at start (interfaces,
 	// datapath, hash seed, tables); its services are unused.

@@ -196,7 +196,9 @@ func TestDaemonHealth(t *testing.T) {
 		return fmt.Sprintf("  - name: %s\n    vip: %s\n    port: %d\n%s    backends:\n      - address: 127.0.0.2\n      - address: 127.0.0.3\n",
 			name, vip, port, hc)
 	}
-	e := newAPIEnv(t, conf(8, 32, svc("a", "203.0.113.10"), svc("b", "203.0.113.11")))
+	// Loopback backends need the splice datapath's configuration (the fake
+	// datapath serves any).
+	e := newAPIEnv(t, strings.Replace(conf(8, 32, svc("a", "203.0.113.10"), svc("b", "203.0.113.11")), "datapath: xdp", "datapath: splice", 1))
 	if err := e.d.StartHealth(); err != nil {
 		t.Fatal(err)
 	}

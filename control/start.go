@@ -3,8 +3,10 @@ package control
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 
 	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/datapath"
@@ -53,13 +55,14 @@ func Start(path string, cfg *config.Config, o StartOptions, log *slog.Logger) (*
 		}
 		log.Info("removed pinned state (--clean)", "pin_dir", o.PinDir, "detached", gone)
 	}
-	dp, err := openDatapath(cfg, o.PinDir, log)
+	removeTemps(path, log)
+	dp, lock, err := openDatapath(cfg, o.PinDir, log)
 	if err != nil {
 		return nil, err
 	}
 	ctl := New(dp, cfg.HashSeed, cfg.Tables.RingSize, cfg.Tables.MaxServices, cfg.Tables.MaxBackends, log)
 	d := NewDaemon(path, cfg, ctl, dp, log)
-	d.remove = o.Clean
+	d.remove, d.lock = o.Clean, lock
 	adopted := false
 	if a, ok := dp.(datapath.Adopter); ok && a.Adopted() {
 		adopted = true
@@ -97,29 +100,62 @@ func (d *Daemon) Stop() {
 	if err != nil {
 		d.log.Error("stop the datapath", "err", err)
 	}
+	if d.lock != nil {
+		d.lock.Close()
+	}
 }
 
-// openDatapath opens the datapath cfg names (see Start).
-func openDatapath(cfg *config.Config, pinDir string, log *slog.Logger) (datapath.Datapath, error) {
-	proxy := func(ifaces []string) datapath.Datapath {
+// removeTemps removes the temporary files a daemon killed while it wrote
+// the configuration file left beside it (".tether.yaml.tmp-*", see
+// writeTemp).
+func removeTemps(path string, log *slog.Logger) {
+	target, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return
+	}
+	stale, _ := filepath.Glob(filepath.Join(filepath.Dir(target), "."+filepath.Base(target)+".tmp-*"))
+	for _, f := range stale {
+		if err := os.Remove(f); err == nil {
+			log.Info("removed a temporary file an earlier daemon left while it wrote the configuration", "file", f)
+		}
+	}
+}
+
+// openDatapath opens the datapath cfg names (see Start). The splice proxy
+// comes with the lock of the pin directory, which the XDP datapath holds
+// itself, so that no XDP daemon drives the same balancer meanwhile.
+func openDatapath(cfg *config.Config, pinDir string, log *slog.Logger) (datapath.Datapath, io.Closer, error) {
+	proxy := func(ifaces []string) (datapath.Datapath, io.Closer, error) {
 		warnPinned(pinDir, log)
+		var lock io.Closer
+		// Without bpffs (a container without BPF), no XDP daemon can use
+		// the directory either.
+		if _, _, err := loader.EnsureBPFFS(pinDir); err == nil {
+			f, err := loader.LockPinDir(pinDir)
+			if err != nil {
+				return nil, nil, err
+			}
+			lock = f
+		} else {
+			log.Debug("no lock on the pin directory: it is on no bpffs", "pin_dir", pinDir, "err", err)
+		}
 		return userspace.New(log, cfg.HashSeed, userspace.Options{
 			AffinityEntries: int(cfg.Tables.Affinity),
 			Loops:           cfg.Splice.Loops,
 			MaxConns:        cfg.Splice.MaxConnections,
 			Interfaces:      ifaces,
-		})
+		}), lock, nil
 	}
 	var mode loader.Mode
 	switch cfg.Datapath {
 	case config.DatapathSplice:
-		return proxy(nil), nil
+		return proxy(nil)
 	case config.DatapathAuto, config.DatapathXDP:
 		mode = loader.ModeNative
 	case config.DatapathXDPGeneric:
 		mode = loader.ModeGeneric
 	default:
-		return nil, fmt.Errorf("unknown datapath %q: use auto, xdp, xdp-generic or splice", cfg.Datapath)
+		return nil, nil, fmt.Errorf("unknown datapath %q: use auto, xdp, xdp-generic or splice", cfg.Datapath)
 	}
 	opts := loader.Options{
 		Connections: cfg.Tables.Connections,
@@ -132,19 +168,19 @@ func openDatapath(cfg *config.Config, pinDir string, log *slog.Logger) (datapath
 	}
 	x, err := loader.NewXDP(opts, cfg.Interfaces, mode, log)
 	if err == nil {
-		return x, nil
+		return x, nil, nil
 	}
 	var incompatible *loader.IncompatibleError
 	if cfg.Datapath != config.DatapathAuto || errors.As(err, &incompatible) {
-		return nil, err
+		return nil, nil, err
 	}
 	for i, s := range cfg.Services {
 		if s.Protocol == config.ProtocolUDP {
-			return nil, fmt.Errorf("native XDP unavailable (%w), and the splice proxy cannot stand in: services[%d] (%s) is udp, which needs XDP (datapath xdp-generic attaches it on any driver)", err, i, s.Name)
+			return nil, nil, fmt.Errorf("native XDP unavailable (%w), and the splice proxy cannot stand in: services[%d] (%s) is udp, which needs XDP (datapath xdp-generic attaches it on any driver)", err, i, s.Name)
 		}
 	}
 	log.Warn("native XDP unavailable, serving through the splice proxy", "interfaces", cfg.Interfaces, "err", err)
-	return proxy(cfg.Interfaces), nil
+	return proxy(cfg.Interfaces)
 }
 
 // warnPinned warns about an XDP datapath pinned by an earlier daemon: it

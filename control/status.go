@@ -51,7 +51,9 @@ const (
 )
 
 // HealthSpec is a service's health check as the configuration file spells
-// it; Type is "none" when nothing is probed.
+// it, durations as "2s"; Type is "none" when nothing is probed. Status
+// reports checks in it, and ServiceSpec takes one in it (fields left out
+// take their defaults, as in the file).
 type HealthSpec struct {
 	Type         string `json:"type"`
 	Path         string `json:"path,omitempty"`

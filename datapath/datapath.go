@@ -139,6 +139,23 @@ type TableReader interface {
 	Tables() ([]Table, error)
 }
 
+// RefusedError is a service a datapath refuses because of what it was
+// given, not because it failed: a backend it cannot send to as one host
+// (an address of its own, a broadcast address...). The control plane
+// reports it as refused input, with nothing changed.
+type RefusedError struct{ Err error }
+
+func (e *RefusedError) Error() string { return e.Err.Error() }
+func (e *RefusedError) Unwrap() error { return e.Err }
+
+// Refuse marks err as a refusal of the input (see RefusedError).
+func Refuse(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &RefusedError{Err: err}
+}
+
 // Adopter is a Datapath that may start with the state an earlier daemon
 // left behind (the XDP datapath's pinned maps, with their connections).
 // The control plane gives the adopted services their ids again before it

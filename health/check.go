@@ -1,8 +1,9 @@
 // Package health probes backends and decides whether each one is up.
 //
 // A [Check] says how to probe: a TCP connect, an HTTP GET expecting a status
-// range, or a WebSocket Upgrade handshake expecting 101 and, optionally, one
-// text message echoed back. It also says how often (interval), how long a
+// range, a WebSocket Upgrade handshake expecting 101 and, optionally, one
+// text message echoed back, or a UDP datagram that must not meet a port
+// unreachable (and, with a message to send, must be answered). It also says how often (interval), how long a
 // probe may take (timeout) and how many results in a row change the verdict
 // (rise successes to come up, fall failures to go down).
 //
@@ -47,6 +48,13 @@ const (
 	// Switching Protocols, then, when Send is set, sends it as a text
 	// message and expects a text reply that contains it.
 	TypeWebSocket = "websocket"
+	// TypeUDP sends Send (an empty datagram when it is empty) to the
+	// backend's port from a connected UDP socket. An ICMP error in
+	// return (port or host unreachable) fails the probe. With Send, the
+	// backend must also answer within the timeout; without it, silence
+	// passes: most UDP services answer no arbitrary datagram, and a
+	// closed port says so with an ICMP error.
+	TypeUDP = "udp"
 )
 
 // Defaults of a Check's optional fields.
@@ -66,7 +74,7 @@ var DefaultExpectStatus = [2]int{200, 399}
 // MinInterval is the shortest interval a check may have.
 const MinInterval = 10 * time.Millisecond
 
-// maxSend bounds the WebSocket message a check sends.
+// maxSend bounds the WebSocket message or UDP datagram a check sends.
 const maxSend = 4096
 
 // Check is how a backend is probed and how its results are judged. Its zero
@@ -154,9 +162,9 @@ func (c Check) Validate() error {
 	httpLike := c.Type == TypeHTTP || c.Type == TypeWebSocket
 
 	switch c.Type {
-	case TypeTCP, TypeHTTP, TypeWebSocket:
+	case TypeTCP, TypeHTTP, TypeWebSocket, TypeUDP:
 	default:
-		bad("type", "must be %q, %q or %q, not %q", TypeTCP, TypeHTTP, TypeWebSocket, c.Type)
+		bad("type", "must be %q, %q, %q or %q, not %q", TypeTCP, TypeHTTP, TypeWebSocket, TypeUDP, c.Type)
 	}
 
 	switch {
@@ -205,12 +213,12 @@ func (c Check) Validate() error {
 		bad("expect_status", "only for http checks")
 	}
 
-	if c.Type == TypeWebSocket {
+	if c.Type == TypeWebSocket || c.Type == TypeUDP {
 		if len(c.Send) > maxSend {
 			bad("send", "must be at most %d bytes", maxSend)
 		}
 	} else if c.Send != "" {
-		bad("send", "only for websocket checks")
+		bad("send", "only for websocket and udp checks")
 	}
 	return errors.Join(errs...)
 }

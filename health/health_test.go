@@ -1,6 +1,7 @@
 package health
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -550,7 +551,7 @@ func TestSetReplaces(t *testing.T) {
 	}
 
 	// An invalid target is refused and changes nothing.
-	bad := Target{Addr: addrA, Check: Check{Type: "udp"}}
+	bad := Target{Addr: addrA, Check: Check{Type: "icmp"}}
 	if err := m.Set([]Target{a, bad}); err == nil || !strings.Contains(err.Error(), "health.type") {
 		t.Errorf("Set with an invalid target: error %v", err)
 	}
@@ -695,7 +696,7 @@ func TestValidate(t *testing.T) {
 		check Check
 		want  string // the start of the error, the field's name
 	}{
-		{"unknown type", Check{Type: "udp"}, `health.type: must be "tcp", "http" or "websocket", not "udp"`},
+		{"unknown type", Check{Type: "icmp"}, `health.type: must be "tcp", "http", "websocket" or "udp", not "icmp"`},
 		{"no interval", Check{Interval: -1}, "health.interval: must be > 0"},
 		{"short interval", Check{Interval: time.Millisecond, Timeout: time.Microsecond}, "health.interval: must be at least 10ms"},
 		{"no timeout", Check{Timeout: -time.Second}, "health.timeout: must be > 0"},
@@ -710,7 +711,8 @@ func TestValidate(t *testing.T) {
 		{"status range reversed", Check{Type: TypeHTTP, ExpectStatus: [2]int{399, 200}}, "health.expect_status: must be a range"},
 		{"status out of range", Check{Type: TypeHTTP, ExpectStatus: [2]int{200, 600}}, "health.expect_status: must be a range"},
 		{"status range of websocket", Check{Type: TypeWebSocket, ExpectStatus: [2]int{101, 101}}, "health.expect_status: only for http checks"},
-		{"send of http", Check{Type: TypeHTTP, Send: "ping"}, "health.send: only for websocket checks"},
+		{"send of http", Check{Type: TypeHTTP, Send: "ping"}, "health.send: only for websocket and udp checks"},
+		{"path of udp", Check{Type: TypeUDP, Path: "/"}, "health.path: only for http and websocket checks"},
 		{"long send", Check{Type: TypeWebSocket, Send: strings.Repeat("x", maxSend+1)}, "health.send: must be at most 4096 bytes"},
 	}
 	for _, tt := range tests {
@@ -753,5 +755,67 @@ func TestConnectionClosed(t *testing.T) {
 	}
 	if st := waitStatus(t, m, tcpT, time.Second, "probed", func(s Status) bool { return s.Probes >= 2 }); !st.Up || st.Failures != 0 {
 		t.Errorf("tcp: status %+v", st)
+	}
+}
+
+// TestUDP probes UDP backends directly (no Monitor): a server that answers
+// passes; a closed port fails with "port unreachable" (the ICMP error the
+// kernel reports on the connected socket); a server that stays silent
+// passes without Send and fails with it.
+func TestUDP(t *testing.T) {
+	t.Parallel()
+	serve := func(answer bool) netip.AddrPort {
+		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { pc.Close() })
+		go func() {
+			buf := make([]byte, 2048)
+			for {
+				n, from, err := pc.ReadFrom(buf)
+				if err != nil {
+					return
+				}
+				if answer {
+					pc.WriteTo(append([]byte("re: "), buf[:n]...), from)
+				}
+			}
+		}()
+		return pc.LocalAddr().(*net.UDPAddr).AddrPort()
+	}
+	echo, silent := serve(true), serve(false)
+	// A port that was bound and closed: nothing listens there.
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := pc.LocalAddr().(*net.UDPAddr).AddrPort()
+	pc.Close()
+
+	check := Check{Type: TypeUDP, Interval: time.Second, Timeout: 200 * time.Millisecond, Rise: 1, Fall: 1}
+	withSend := check
+	withSend.Send = "ping"
+	for _, tc := range []struct {
+		desc   string
+		addr   netip.AddrPort
+		check  Check
+		ok     bool
+		reason string
+	}{
+		{"an answering server, nothing sent", echo, check, true, "ok"},
+		{"an answering server, ping sent", echo, withSend, true, "ok"},
+		{"a closed port", closed, check, false, "port unreachable"},
+		{"a closed port, ping sent", closed, withSend, false, "port unreachable"},
+		{"a silent server, nothing sent", silent, check, true, "ok"},
+		{"a silent server, ping sent", silent, withSend, false, "no reply"},
+	} {
+		if err := tc.check.Validate(); err != nil {
+			t.Fatal(err)
+		}
+		r := probe(context.Background(), Target{Addr: tc.addr, Check: tc.check})
+		if r.OK != tc.ok || r.Reason != tc.reason {
+			t.Errorf("%s: probe ok %v reason %q, want %v %q", tc.desc, r.OK, r.Reason, tc.ok, tc.reason)
+		}
 	}
 }

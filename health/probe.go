@@ -37,6 +37,8 @@ func probe(ctx context.Context, t Target) Result {
 		err = probeHTTP(ctx, t)
 	case TypeWebSocket:
 		err = probeWebSocket(ctx, t)
+	case TypeUDP:
+		err = probeUDP(ctx, t)
 	default:
 		err = probeTCP(ctx, t)
 	}
@@ -123,6 +125,46 @@ func probeWebSocket(ctx context.Context, t Target) error {
 	// correctly already: a peer that does not close cleanly is not a failure.
 	_ = conn.Close(websocket.StatusNormalClosure, "")
 	return nil
+}
+
+// probeUDP sends the check's datagram from a connected UDP socket and waits
+// for an answer until the probe's deadline (see TypeUDP). The kernel reports
+// an ICMP error for a connected socket on its next receive.
+func probeUDP(ctx context.Context, t Target) error {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "udp", t.Addr.String())
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if deadline, ok := ctx.Deadline(); ok {
+		if err := conn.SetDeadline(deadline); err != nil {
+			return err
+		}
+	}
+	if _, err := conn.Write([]byte(t.Check.Send)); err != nil {
+		return udpError(err)
+	}
+	buf := make([]byte, maxBody)
+	_, err = conn.Read(buf)
+	var ne net.Error
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &ne) && ne.Timeout() && t.Check.Send == "":
+		return nil // silence: no ICMP error came back
+	case errors.As(err, &ne) && ne.Timeout():
+		return failure("no reply")
+	}
+	return udpError(err)
+}
+
+// udpError names the ICMP error a UDP socket reports.
+func udpError(err error) error {
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		return failure("port unreachable")
+	}
+	return err
 }
 
 // noRedirect makes an http.Client return a redirect as the response.

@@ -9,6 +9,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/tetherlb/tether/datapath"
 )
 
 // hop is how a backend is reached on L2: out of which interface, from which
@@ -37,19 +39,31 @@ func resolveHop(ctx context.Context, addr netip.Addr) (hop, error) {
 		return hop{}, fmt.Errorf("no route to backend %s: %v", addr, err)
 	}
 	r := routes[0]
+	switch r.Type {
+	case unix.RTN_LOCAL:
+		return hop{}, datapath.Refuse(fmt.Errorf("backend %s is an address of this host: the XDP datapath sends packets to other hosts", addr))
+	case unix.RTN_BROADCAST, unix.RTN_MULTICAST:
+		return hop{}, datapath.Refuse(fmt.Errorf("backend %s is a broadcast or multicast address of this host's networks: a backend is one host", addr))
+	}
 	if r.Gw != nil {
-		return hop{}, fmt.Errorf("backend %s is reached through gateway %s: dsr forwarding needs backends on a directly connected network", addr, r.Gw)
+		return hop{}, datapath.Refuse(fmt.Errorf("backend %s is reached through gateway %s: dsr forwarding needs backends on a directly connected network", addr, r.Gw))
 	}
 	link, err := netlink.LinkByIndex(r.LinkIndex)
 	if err != nil {
 		return hop{}, fmt.Errorf("interface of backend %s: %w", addr, err)
 	}
+	if link.Attrs().RawFlags&unix.IFF_NOARP != 0 {
+		return hop{}, datapath.Refuse(fmt.Errorf("backend %s is reached through %s, which does no ARP or neighbour discovery: dsr forwarding needs a backend's own MAC address", addr, link.Attrs().Name))
+	}
 	h := hop{Ifindex: r.LinkIndex, SrcMAC: link.Attrs().HardwareAddr}
 	if len(h.SrcMAC) != 6 {
-		return hop{}, fmt.Errorf("backend %s is reached through %s, which has no Ethernet address", addr, link.Attrs().Name)
+		return hop{}, datapath.Refuse(fmt.Errorf("backend %s is reached through %s, which has no Ethernet address", addr, link.Attrs().Name))
 	}
 	for i := 0; ; i++ {
 		if mac, ok := lookupNeigh(r.LinkIndex, addr); ok {
+			if err := unicastMAC(addr, mac); err != nil {
+				return hop{}, err
+			}
 			h.DstMAC = mac
 			return h, nil
 		}
@@ -62,6 +76,15 @@ func resolveHop(ctx context.Context, addr netip.Addr) (hop, error) {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+}
+
+// unicastMAC refuses a neighbour entry that would send a backend's packets
+// to more than one host: a broadcast or multicast MAC address.
+func unicastMAC(addr netip.Addr, mac net.HardwareAddr) error {
+	if mac[0]&1 != 0 { // the group bit; the broadcast address has it too
+		return datapath.Refuse(fmt.Errorf("backend %s resolves to %s, a broadcast or multicast MAC address: its packets would reach every host of the segment (see ip neigh show %s)", addr, mac, addr))
+	}
+	return nil
 }
 
 func lookupNeigh(ifindex int, addr netip.Addr) (net.HardwareAddr, bool) {

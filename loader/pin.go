@@ -112,6 +112,12 @@ func onBPFFS(path string) bool {
 	return unix.Statfs(path, &st) == nil && st.Type == unix.BPF_FS_MAGIC
 }
 
+// LockPinDir takes the lock a daemon holds on its pin directory (see
+// lockPinDir) without loading anything: the splice datapath takes it too,
+// so that two daemons never drive one balancer's state. Closing the
+// returned file releases it.
+func LockPinDir(dir string) (*os.File, error) { return lockPinDir(filepath.Clean(dir)) }
+
 // lockPinDir creates dir and takes an exclusive flock on it, refusing if
 // another process holds one.
 func lockPinDir(dir string) (*os.File, error) {

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tetherlb/tether/datapath"
+	"github.com/tetherlb/tether/internal/hostaddr"
 	"github.com/tetherlb/tether/maps"
 )
 
@@ -43,6 +44,8 @@ type XDP struct {
 	services map[uint32]datapath.Service
 	hops     map[netip.Addr]hop
 	adopted  []datapath.Service
+	host     *hostaddr.Host // the host's addresses, read at hostAt
+	hostAt   time.Time
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -224,6 +227,9 @@ func (x *XDP) Modes() map[string]string {
 func (x *XDP) UpsertService(s datapath.Service) error {
 	x.mu.Lock()
 	defer x.mu.Unlock()
+	if err := x.vet(s.Backends); err != nil {
+		return fmt.Errorf("service %s: %w", s.Name, err)
+	}
 	if err := x.resolve(s.Backends); err != nil {
 		return fmt.Errorf("service %s: %w", s.Name, err)
 	}
@@ -315,6 +321,31 @@ func (x *XDP) entry(s datapath.Service, b datapath.Backend) (maps.Backend, error
 		e.MAC, e.SrcMAC, e.Ifindex = h.DstMAC, h.SrcMAC, uint32(h.Ifindex)
 	}
 	return e, nil
+}
+
+// hostTTL is how long a snapshot of the host's addresses is used to vet
+// backends: an interface that gains an address is seen within it.
+const hostTTL = time.Second
+
+// vet refuses a backend that this host cannot send to as one host: an
+// address of its own, or the network or broadcast address of a connected
+// subnet (whatever its state: a down backend may come up). The
+// configuration refuses what it can tell without the host.
+func (x *XDP) vet(backends []datapath.Backend) error {
+	if x.host == nil || time.Since(x.hostAt) > hostTTL {
+		h, err := hostaddr.Read()
+		if err != nil {
+			return err
+		}
+		x.host, x.hostAt = h, time.Now()
+	}
+	var errs []error
+	for _, b := range backends {
+		if p := x.host.Problem(b.Addr, false); p != "" {
+			errs = append(errs, fmt.Errorf("backend %s", p))
+		}
+	}
+	return datapath.Refuse(errors.Join(errs...))
 }
 
 // resolve finds the L2 hop of every backend that may take traffic and is
@@ -523,6 +554,10 @@ func (x *XDP) neighbourChanged(n netlink.Neigh) {
 	defer x.mu.Unlock()
 	h, ok := x.hops[addr]
 	if !ok || h.Ifindex != n.LinkIndex || slices.Equal(h.DstMAC, n.HardwareAddr) {
+		return
+	}
+	if err := unicastMAC(addr, n.HardwareAddr); err != nil {
+		x.log.Error("backend MAC changed to one tether refuses; its packets keep the old one", "backend", addr, "err", err)
 		return
 	}
 	h.DstMAC = net.HardwareAddr(slices.Clone(n.HardwareAddr))

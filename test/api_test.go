@@ -194,16 +194,18 @@ func TestCLIRefusesBadInput(t *testing.T) {
 		{desc: "port 0", args: []string{"vip", "add", "203.0.113.20:0"}, code: 1, want: []string{"vip:", "port 0 is out of range 1..65535"}},
 		{desc: "port above 65535", args: []string{"vip", "add", "203.0.113.20:65536"}, code: 1, want: []string{"vip:", "port 65536 is out of range"}},
 		{desc: "bad VIP address", args: []string{"vip", "add", "203.0.113.300:80"}, code: 1, want: []string{"vip:", `"203.0.113.300" is not an IP address`}},
-		{desc: "loopback VIP", args: []string{"vip", "add", "127.0.0.1:80"}, code: 1, want: []string{"services[2].vip", "loopback"}},
+		{desc: "loopback VIP", args: []string{"vip", "add", "127.0.0.1:80"}, code: 1, want: []string{"vip:", "loopback"}},
 		{desc: "duplicate VIP", args: []string{"vip", "add", vip}, code: 1, want: []string{"vip:", "already the service chat"}},
 		{desc: "duplicate name", args: []string{"vip", "add", "203.0.113.20:80", "--name", "chat6"}, code: 1, want: []string{"name:", "already the name"}},
-		{desc: "bad name", args: []string{"vip", "add", "203.0.113.20:80", "--name", "Chat!"}, code: 1, want: []string{"services[2].name", "not a service name"}},
-		{desc: "unknown protocol", args: []string{"vip", "add", "203.0.113.20:80", "--protocol", "sctp"}, code: 1, want: []string{"services[2].protocol", "unknown protocol"}},
-		{desc: "unknown affinity", args: []string{"vip", "add", "203.0.113.20:80", "--affinity", "sticky"}, code: 1, want: []string{"services[2].affinity", "unknown mode"}},
+		{desc: "bad name", args: []string{"vip", "add", "203.0.113.20:80", "--name", "Chat!"}, code: 1, want: []string{"name:", "not a service name"}},
+		{desc: "unknown protocol", args: []string{"vip", "add", "203.0.113.20:80", "--protocol", "sctp"}, code: 1, want: []string{"protocol:", "unknown protocol"}},
+		{desc: "unknown affinity", args: []string{"vip", "add", "203.0.113.20:80", "--affinity", "sticky"}, code: 1, want: []string{"affinity:", "unknown mode"}},
 		{desc: "affinity timeout that does not parse", args: []string{"vip", "add", "203.0.113.20:80", "--affinity-timeout", "3 hours"}, code: 1, want: []string{"affinity_timeout:", "not a duration"}},
-		{desc: "affinity timeout out of range", args: []string{"vip", "add", "203.0.113.20:80", "--affinity-timeout", "800h"}, code: 1, want: []string{"services[2].affinity_timeout", "out of range"}},
-		{desc: "forwarding not supported yet", args: []string{"vip", "add", "203.0.113.20:80", "--forwarding", "nat"}, code: 1, want: []string{"services[2].forwarding", "not supported yet"}},
-		{desc: "unknown forwarding", args: []string{"vip", "add", "203.0.113.20:80", "--forwarding", "magic"}, code: 1, want: []string{"services[2].forwarding", "unknown mode"}},
+		{desc: "affinity timeout out of range", args: []string{"vip", "add", "203.0.113.20:80", "--affinity-timeout", "800h"}, code: 1, want: []string{"affinity_timeout:", "out of range"}},
+		{desc: "forwarding not supported yet", args: []string{"vip", "add", "203.0.113.20:80", "--forwarding", "nat"}, code: 1, want: []string{"forwarding:", "not supported yet"}},
+		{desc: "unknown forwarding", args: []string{"vip", "add", "203.0.113.20:80", "--forwarding", "magic"}, code: 1, want: []string{"forwarding:", "unknown mode"}},
+		{desc: "upper-case protocol", args: []string{"vip", "add", "203.0.113.20:80", "--protocol", "UDP"}, code: 1, want: []string{"protocol:", `unknown protocol "UDP"`}},
+		{desc: "udp check of a tcp service", args: []string{"vip", "add", "203.0.113.20:80", "--health-type", "udp"}, code: 1, want: []string{"health.type:", "a tcp service does not answer"}},
 		{desc: "remove a VIP that does not exist", args: []string{"vip", "rm", "203.0.113.99:80"}, code: 1, want: []string{"service:", "no service 203.0.113.99:80"}},
 		{desc: "backend for a missing VIP", args: []string{"backend", "add", "203.0.113.99:8765", "198.51.100.13"}, code: 1, want: []string{"service:", "no service 203.0.113.99:8765"}},
 		{desc: "duplicate backend", args: []string{"backend", "add", vip, be1}, code: 1, want: []string{"backend:", "already a backend of chat"}},
@@ -215,6 +217,46 @@ func TestCLIRefusesBadInput(t *testing.T) {
 		{desc: "multicast backend", args: []string{"backend", "add", vip, "224.0.0.1"}, code: 1, want: []string{"services[0].backends[2].address", "multicast"}},
 		{desc: "the service as its own backend", args: []string{"backend", "add", vip, "203.0.113.10"}, code: 1, want: []string{"services[0].backends[2]", "the service itself"}},
 		{desc: "backend without a route (the datapath fails)", args: []string{"backend", "add", vip, "203.0.113.77"}, code: 1, want: []string{"203.0.113.77", "running state is unchanged"}},
+
+		// Backends the configuration cannot tell apart from hosts: the
+		// datapath refuses them as it applies them (issue 14).
+		{desc: "broadcast address of the backends' subnet", args: []string{"backend", "add", vip, "198.51.100.255"}, code: 1, want: []string{"198.51.100.255 is the broadcast address of 198.51.100.0/24", "running state is unchanged"}},
+		{desc: "network address of the backends' subnet", args: []string{"backend", "add", vip, "198.51.100.0"}, code: 1, want: []string{"198.51.100.0 is the network address of 198.51.100.0/24"}},
+		{desc: "the balancer's own address", args: []string{"backend", "add", vip, "198.51.100.2"}, code: 1, want: []string{"198.51.100.2 is an address of this host"}},
+		{desc: "API: the balancer's own address", api: func() error {
+			_, err := api.AddBackend(ctx, control.BackendSpec{Service: vip, Backend: "198.51.100.2"})
+			return err
+		}, code: 1, want: []string{"198.51.100.2 is an address of this host"}},
+		{desc: "a neighbour with a broadcast MAC", setup: func() func() {
+			neigh := []string{"neigh", "replace", "198.51.100.50", "lladdr", "ff:ff:ff:ff:ff:ff", "dev", "eth0", "nud", "permanent"}
+			if err := l.Balancer.Run("ip", neigh...); err != nil {
+				t.Fatal(err)
+			}
+			return func() { l.Balancer.Run("ip", "neigh", "del", "198.51.100.50", "dev", "eth0") }
+		}, args: []string{"backend", "add", vip, "198.51.100.50"}, code: 1, want: []string{"resolves to ff:ff:ff:ff:ff:ff, a broadcast or multicast MAC address"}},
+		{desc: "a neighbour with a multicast MAC", setup: func() func() {
+			neigh := []string{"neigh", "replace", "198.51.100.51", "lladdr", "01:00:5e:00:00:01", "dev", "eth0", "nud", "permanent"}
+			if err := l.Balancer.Run("ip", neigh...); err != nil {
+				t.Fatal(err)
+			}
+			return func() { l.Balancer.Run("ip", "neigh", "del", "198.51.100.51", "dev", "eth0") }
+		}, args: []string{"backend", "add", vip, "198.51.100.51"}, code: 1, want: []string{"resolves to 01:00:5e:00:00:01"}},
+		{desc: "a backend behind a NOARP device", setup: func() func() {
+			for _, args := range [][]string{
+				{"link", "add", "noarp0", "type", "veth", "peer", "name", "noarp1"}, {"link", "set", "noarp0", "arp", "off", "up"},
+				{"route", "add", "203.0.113.99/32", "dev", "noarp0"},
+			} {
+				if err := l.Balancer.Run("ip", args...); err != nil {
+					t.Fatal(err)
+				}
+			}
+			return func() { l.Balancer.Run("ip", "link", "del", "noarp0") }
+		}, args: []string{"backend", "add", vip, "203.0.113.99"}, code: 1, want: []string{"noarp0, which does no ARP"}},
+		{desc: "a loopback backend with XDP", args: []string{"backend", "add", vip, "127.0.0.1"}, code: 1, want: []string{"127.0.0.1 is a loopback address"}},
+		{desc: "reload of a file with the broadcast address as a backend", setup: holding(strings.Replace(cfg, "- address: 198.51.100.12", "- address: 198.51.100.255", 1)),
+			args: []string{"reload"}, code: 1, want: []string{"198.51.100.255 is the broadcast address", "running state is unchanged"}},
+		{desc: "reload of a file with the balancer as a backend", setup: holding(strings.Replace(cfg, "- address: 198.51.100.12", "- address: 198.51.100.2", 1)),
+			args: []string{"reload"}, code: 1, want: []string{"198.51.100.2 is an address of this host"}},
 		{desc: "remove a backend that does not exist", args: []string{"backend", "rm", vip, "198.51.100.99"}, code: 1, want: []string{"backend:", "198.51.100.99:8765 is not a backend of chat"}},
 		{desc: "drain a backend that does not exist", args: []string{"backend", "drain", vip, "198.51.100.99"}, code: 1, want: []string{"backend:", "not a backend of chat"}},
 		{desc: "list the backends of a missing VIP", args: []string{"backend", "ls", "203.0.113.99:80"}, code: 1, want: []string{"service:", "no service"}},

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tetherlb/tether/datapath"
+	"github.com/tetherlb/tether/internal/hostaddr"
 )
 
 // Defaults of Options.
@@ -138,7 +139,9 @@ type Proxy struct {
 	listeners map[uint32]*listener // by service ID
 	vips      map[netip.Addr]*vipRoute
 	svcVIP    map[uint32]netip.Addr // the VIP each service holds a reference on
-	conns     map[connKey]*conn     // the connection table
+	host      *hostaddr.Host        // the host's addresses, read at hostAt
+	hostAt    time.Time
+	conns     map[connKey]*conn // the connection table
 }
 
 // listener is the listening socket of a service and the service's current
@@ -222,6 +225,9 @@ func (p *Proxy) UpsertService(s datapath.Service) error {
 	defer p.mu.Unlock()
 	if p.closed {
 		return fmt.Errorf("service %s: %w", s.Name, net.ErrClosed)
+	}
+	if err := p.vet(s.Backends); err != nil {
+		return fmt.Errorf("service %s: %w", s.Name, err)
 	}
 	old, had := p.svcVIP[s.ID]
 	moved := !had || old != s.VIP

@@ -31,8 +31,8 @@ backend stays drained whatever its health.
 
 Changes are applied at once and written back to the daemon's configuration
 file, which stays the source of truth (tether reload re-reads it).`,
-	Subcommands: []*cli.Command{backendAddCommand, backendRmCommand, backendDrainCommand, backendUndrainCommand, backendLsCommand},
-	Action:      groupAction("add, rm, drain, undrain or ls"),
+	Subcommands: []*cli.Command{backendAddCommand, backendSetCommand, backendRmCommand, backendDrainCommand, backendUndrainCommand, backendLsCommand},
+	Action:      groupAction("add, set, rm, drain, undrain or ls"),
 }
 
 var backendAddCommand = &cli.Command{
@@ -42,24 +42,47 @@ var backendAddCommand = &cli.Command{
 	Description: `Example: tether backend add 203.0.113.10:8765 198.51.100.14 --weight 2`,
 	Flags: []cli.Flag{
 		&cli.IntFlag{Name: "weight", Value: 1, Usage: fmt.Sprintf("the backend's share of new clients, `N` in 0..%d (0 takes none)", config.MaxWeight)},
+		outputFlag,
+	},
+	Action: listing(2, 2, "VIP:PORT ADDR[:PORT]", func(c *cli.Context, a []string, format string) error {
+		spec := control.BackendSpec{Service: a[0], Backend: a[1]}
+		if c.IsSet("weight") {
+			w := c.Int("weight")
+			spec.Weight = &w
+		}
+		return reportAs(c.App.Writer, format)(client(c).AddBackend(c.Context, spec))
+	}),
+}
+
+var backendSetCommand = &cli.Command{
+	Name:      "set",
+	Usage:     "change a backend's weight in place",
+	ArgsUsage: "VIP:PORT ADDR[:PORT]",
+	Description: `set changes the backend's weight without removing it, as ipvsadm -e does:
+its share of the Maglev ring, hence of new clients, follows the weight, and
+its established connections stay. Weight 0 takes it out of the ring, as
+draining does.
+
+Example: tether backend set 203.0.113.10:8765 198.51.100.14 --weight 3`,
+	Flags: []cli.Flag{
+		&cli.IntFlag{Name: "weight", Usage: fmt.Sprintf("the backend's new share of new clients, `N` in 0..%d (required)", config.MaxWeight)},
+		outputFlag,
 	},
 	Action: func(c *cli.Context) error {
 		a, done, err := args(c, 2, 2, "VIP:PORT ADDR[:PORT]")
 		if done || err != nil {
 			return err
 		}
-		spec := control.BackendSpec{Service: a[0], Backend: a[1]}
-		if c.IsSet("weight") {
-			w := c.Int("weight")
-			spec.Weight = &w
+		if !c.IsSet("weight") {
+			return usagef("backend set needs --weight N")
 		}
-		return backendAdd(c.Context, client(c), c.App.Writer, spec)
+		format, err := outputFormat(c)
+		if err != nil {
+			return err
+		}
+		w := c.Int("weight")
+		return reportAs(c.App.Writer, format)(client(c).SetBackendWeight(c.Context, control.BackendWeightSpec{Service: a[0], Backend: a[1], Weight: &w}))
 	},
-}
-
-// backendAdd adds a backend and says so.
-func backendAdd(ctx context.Context, cl *control.Client, w io.Writer, spec control.BackendSpec) error {
-	return report(w)(cl.AddBackend(ctx, spec))
 }
 
 var backendRmCommand = &cli.Command{
@@ -69,49 +92,35 @@ var backendRmCommand = &cli.Command{
 	Description: `rm removes the backend at once: its open connections choose a backend again
 on their next packet, which breaks them. Drain it first and wait until
 "tether backend ls" shows no connections left.`,
-	Action: func(c *cli.Context) error {
-		a, done, err := args(c, 2, 2, "VIP:PORT ADDR[:PORT]")
-		if done || err != nil {
-			return err
-		}
-		return backendRm(c.Context, client(c), c.App.Writer, a[0], a[1])
-	},
-}
-
-// backendRm removes a backend and says so.
-func backendRm(ctx context.Context, cl *control.Client, w io.Writer, service, backend string) error {
-	return report(w)(cl.RemoveBackend(ctx, service, backend))
+	Flags: []cli.Flag{outputFlag},
+	Action: listing(2, 2, "VIP:PORT ADDR[:PORT]", func(c *cli.Context, a []string, format string) error {
+		return reportAs(c.App.Writer, format)(client(c).RemoveBackend(c.Context, a[0], a[1]))
+	}),
 }
 
 var backendDrainCommand = &cli.Command{
 	Name:      "drain",
 	Usage:     "stop sending new connections to a backend; its open ones stay",
 	ArgsUsage: "VIP:PORT ADDR[:PORT]",
-	Action: func(c *cli.Context) error {
-		a, done, err := args(c, 2, 2, "VIP:PORT ADDR[:PORT]")
-		if done || err != nil {
-			return err
-		}
-		return backendSetState(c.Context, client(c), c.App.Writer, a[0], a[1], config.StateDraining)
-	},
+	Flags:     []cli.Flag{outputFlag},
+	Action: listing(2, 2, "VIP:PORT ADDR[:PORT]", func(c *cli.Context, a []string, format string) error {
+		return backendSetState(c.Context, client(c), c.App.Writer, format, a[0], a[1], config.StateDraining)
+	}),
 }
 
 var backendUndrainCommand = &cli.Command{
 	Name:      "undrain",
 	Usage:     "make a drained backend active again",
 	ArgsUsage: "VIP:PORT ADDR[:PORT]",
-	Action: func(c *cli.Context) error {
-		a, done, err := args(c, 2, 2, "VIP:PORT ADDR[:PORT]")
-		if done || err != nil {
-			return err
-		}
-		return backendSetState(c.Context, client(c), c.App.Writer, a[0], a[1], config.StateActive)
-	},
+	Flags:     []cli.Flag{outputFlag},
+	Action: listing(2, 2, "VIP:PORT ADDR[:PORT]", func(c *cli.Context, a []string, format string) error {
+		return backendSetState(c.Context, client(c), c.App.Writer, format, a[0], a[1], config.StateActive)
+	}),
 }
 
 // backendSetState drains or undrains a backend and says so.
-func backendSetState(ctx context.Context, cl *control.Client, w io.Writer, service, backend, state string) error {
-	return report(w)(cl.SetBackendState(ctx, control.BackendStateSpec{Service: service, Backend: backend, State: state}))
+func backendSetState(ctx context.Context, cl *control.Client, w io.Writer, format, service, backend, state string) error {
+	return reportAs(w, format)(cl.SetBackendState(ctx, control.BackendStateSpec{Service: service, Backend: backend, State: state}))
 }
 
 var backendLsCommand = &cli.Command{

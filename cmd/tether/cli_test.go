@@ -180,7 +180,18 @@ func TestCLICommands(t *testing.T) {
 		{[]string{"stats"}, 0, []string{"SERVICE", "chat", "198.51.100.11:8765", "1,000", "1.0 MiB", "TRANSITIONS", "pass_not_vip", "drop_no_backend"}},
 		{[]string{"flows", "203.0.113.10:8765"}, 0, []string{"192.0.2.10:40000", "198.51.100.12:8765", "closing", "2 flows, 1 closing"}},
 		{[]string{"vip", "rm", "[2001:db8::10]:8765/tcp"}, 0, []string{"removed service chat6", "2 backends"}},
-		{[]string{"reload"}, 0, []string{"reloaded"}},
+		{[]string{"reload"}, 0, []string{"reloaded", "nothing changed"}},
+		{[]string{"reload", "--dry-run"}, 0, []string{"would apply: nothing changed"}},
+		{[]string{"backend", "set", "203.0.113.10:8765", "198.51.100.11", "--weight", "4"}, 0, []string{"weight 4 (was 1)"}},
+		{[]string{"backend", "set", "203.0.113.10:8765", "198.51.100.11"}, 2, []string{"backend set needs --weight N"}},
+		{[]string{"backend", "set", "-o", "json", "203.0.113.10:8765", "198.51.100.11", "--weight", "4"}, 0, []string{`"message": "backend 198.51.100.11:8765 of chat (203.0.113.10:8765/tcp) already has weight 4"`}},
+		{[]string{"vip", "add", "203.0.113.30:9000", "--protocol", "udp"}, 0, []string{"added service 203.0.113.30-9000-udp"}},
+		{[]string{"vip", "add", "203.0.113.30:80", "--health-type", "http", "--health-path", "/healthz", "--health-interval", "1s", "--health-expect-status", "200-204", "--on-down", "reset"}, 0, []string{"added service 203.0.113.30-80"}},
+		{[]string{"vip", "add", "203.0.113.30:81", "--health-type", "udp"}, 1, []string{"health.type: a udp check probes over UDP"}},
+		{[]string{"vip", "add", "203.0.113.30:82", "--health-rise", "0"}, 2, []string{"--health-rise: 0 is not a count"}},
+		{[]string{"vip", "add", "203.0.113.30:83", "--health-expect-status", "2xx"}, 2, []string{"--health-expect-status"}},
+		{[]string{"vip", "add", "203.0.113.30:84", "--protocol", "UDP"}, 1, []string{`protocol: unknown protocol "UDP"`}},
+		{[]string{"vip", "rm", "-o", "json", "203.0.113.30:9000"}, 0, []string{`"message": "removed service 203.0.113.30-9000-udp`}},
 		{[]string{"vip", "rm", "[2001:db8::10]:8765"}, 1, []string{"service: no service [2001:db8::10]:8765"}},
 		{[]string{"backend", "add", "203.0.113.10:8765"}, 2, []string{"backend add needs VIP:PORT ADDR[:PORT]"}},
 		{[]string{"backend", "add", "203.0.113.10:8765", "198.51.100.13", "--weihgt", "2"}, 2, []string{"weihgt"}},
@@ -208,13 +219,23 @@ func TestCLICommands(t *testing.T) {
 	// JSON listings decode into the API's types.
 	var st control.Status
 	out, _, _ := run("--socket", socket, "status", "-o", "json")
-	if err := json.Unmarshal([]byte(out), &st); err != nil || st.Config != path || len(st.Services) != 1 {
+	if err := json.Unmarshal([]byte(out), &st); err != nil || st.Config != path || len(st.Services) != 2 {
 		t.Errorf("status -o json: %v\n%s", err, out)
 	}
 	var fl []control.FlowStatus
 	out, _, _ = run("--socket", socket, "flows", "-o", "json")
 	if err := json.Unmarshal([]byte(out), &fl); err != nil || len(fl) != 2 {
 		t.Errorf("flows -o json: %v\n%s", err, out)
+	}
+	// What vip add's health flags made, as the file says it.
+	cfg, err := config.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range cfg.Services {
+		if s.Port == 80 && (s.Health.Type != "http" || s.Health.Path != "/healthz" || s.Health.Interval != time.Second || s.Health.ExpectStatus != [2]int{200, 204} || s.OnDown != "reset") {
+			t.Errorf("vip add with health flags made %+v, on_down %s", s.Health, s.OnDown)
+		}
 	}
 	// TETHER_SOCKET stands for --socket.
 	t.Setenv("TETHER_SOCKET", socket)
@@ -223,12 +244,62 @@ func TestCLICommands(t *testing.T) {
 	}
 }
 
-func TestCLIDaemonNotRunning(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "none.sock")
-	_, errOut, code := run("--socket", sock, "status")
-	want := "tether: cannot reach the tether daemon at " + sock + ": is it running? start it with: tether run --config FILE\n"
-	if code != exitFailed || errOut != want {
-		t.Errorf("exit %d, %q\nwant exit 1, %q", code, errOut, want)
+// TestCLIUnreachable tells apart why the daemon cannot be reached: no
+// socket, a path that is no socket, a socket nobody listens on, and one
+// that accepts and never answers (within --timeout, not forever).
+func TestCLIUnreachable(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "file")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	stale := filepath.Join(dir, "stale.sock")
+	ln, err := net.Listen("unix", stale)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	ln.Close()
+	mute := filepath.Join(dir, "mute.sock")
+	ml, err := net.Listen("unix", mute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ml.Close()
+	go func() {
+		var held []net.Conn
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := ml.Accept()
+			if err != nil {
+				return
+			}
+			held = append(held, c) // accepted, never answered
+		}
+	}()
+	for _, tc := range []struct {
+		socket string
+		args   []string
+		want   string
+	}{
+		{filepath.Join(dir, "none.sock"), nil, "no socket at " + filepath.Join(dir, "none.sock") + ": is the daemon running?"},
+		{file, nil, file + " is not a socket (a regular file)"},
+		{dir, nil, dir + " is not a socket (a directory)"},
+		{stale, nil, "connection refused at " + stale + ": no daemon listens there"},
+		{mute, []string{"--timeout", "300ms"}, "the daemon at " + mute + " did not answer within 300ms (--timeout)"},
+	} {
+		start := time.Now()
+		_, errOut, code := run(append(append([]string{"--socket", tc.socket}, tc.args...), "status")...)
+		if code != exitFailed || !strings.Contains(errOut, tc.want) {
+			t.Errorf("--socket %s: exit %d, %q; want exit 1 saying %q", tc.socket, code, errOut, tc.want)
+		}
+		if took := time.Since(start); took > 3*time.Second {
+			t.Errorf("--socket %s: took %v", tc.socket, took)
+		}
 	}
 }
 
@@ -252,7 +323,7 @@ func TestCLIHealth(t *testing.T) {
 	}()
 	port := up.Addr().(*net.TCPAddr).Port
 	cfg := fmt.Sprintf(`interfaces: [eth0]
-datapath: xdp
+datapath: splice
 tables: {ring_size: 251}
 services:
   - name: web
@@ -473,7 +544,8 @@ echo "${COMPREPLY[@]}"`
 }
 
 // TestStatsWatch redraws until its context ends, with rates from the
-// second round on; with JSON, one object per line.
+// second round on, and writes no terminal escape code to what is not a
+// terminal; with JSON, one object per line.
 func TestStatsWatch(t *testing.T) {
 	socket, _ := startFake(t, fakeConfig)
 	cl := control.NewClient(socket)
@@ -487,8 +559,12 @@ func TestStatsWatch(t *testing.T) {
 		}
 		switch format {
 		case "text":
-			if n := strings.Count(out.String(), "\033[H\033[2J"); n < 2 || !strings.Contains(out.String(), "PACKETS/S") {
-				t.Errorf("text: %d redraws, want at least 2 with rates:\n%s", n, out.String())
+			// A file or pipe gets one block per interval, no escape code.
+			if n := strings.Count(out.String(), "tether stats every"); n < 2 || !strings.Contains(out.String(), "PACKETS/S") {
+				t.Errorf("text: %d blocks, want at least 2 with rates:\n%s", n, out.String())
+			}
+			if strings.Contains(out.String(), "\033") {
+				t.Errorf("text written to a file holds escape codes:\n%q", out.String())
 			}
 		case "json":
 			lines := strings.Split(strings.TrimSpace(out.String()), "\n")

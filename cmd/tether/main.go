@@ -54,6 +54,11 @@ backend", which talk to the daemon over its unix socket (--socket).`,
 				EnvVars: []string{"TETHER_SOCKET"},
 				Usage:   "the daemon's API socket `PATH`",
 			},
+			&cli.DurationFlag{
+				Name:  "timeout",
+				Value: control.DefaultTimeout,
+				Usage: "how long a request to the daemon may take, a `DURATION` (with top or --watch: each refresh)",
+			},
 		},
 		Commands: []*cli.Command{
 			runCommand, statusCommand, vipCommand, backendCommand, statsCommand, topCommand,

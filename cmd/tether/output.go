@@ -49,7 +49,7 @@ func listing(min, max int, want string, fn func(c *cli.Context, a []string, form
 
 // client returns a client of the daemon at the --socket path.
 func client(c *cli.Context) *control.Client {
-	return control.NewClient(c.String("socket"))
+	return control.NewClientTimeout(c.String("socket"), c.Duration("timeout"))
 }
 
 // printJSON writes v as indented JSON.
@@ -128,10 +128,17 @@ func bytesIEC(n uint64) string {
 
 // report returns a function that prints the daemon's message about a
 // change, or returns the change's error: report(w)(cl.AddBackend(...)).
-func report(w io.Writer) func(control.Result, error) error {
+func report(w io.Writer) func(control.Result, error) error { return reportAs(w, "text") }
+
+// reportAs writes a change's outcome: its message, or with format json
+// the whole result.
+func reportAs(w io.Writer, format string) func(control.Result, error) error {
 	return func(r control.Result, err error) error {
 		if err != nil {
 			return err
+		}
+		if format == "json" {
+			return printJSON(w, r)
 		}
 		fmt.Fprintln(w, r.Message)
 		return nil

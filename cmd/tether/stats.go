@@ -117,7 +117,8 @@ func statsWatch(ctx context.Context, cl *control.Client, w io.Writer, format str
 				return err
 			}
 		} else {
-			fmt.Fprint(w, "\033[H\033[2J") // home, clear screen
+			// Not a terminal (which gets the live view): no escape codes,
+			// one block of tables per interval.
 			fmt.Fprintf(w, "tether stats every %s, %s (Ctrl-C to stop)\n\n", interval, now.Format(time.TimeOnly))
 			if err := printStats(w, s, prev, now.Sub(prevAt)); err != nil {
 				return err

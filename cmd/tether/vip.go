@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"strconv"
+	"strings"
 
 	"github.com/urfave/cli/v2"
 
@@ -33,17 +35,34 @@ until then new TCP connections are refused with a reset and UDP packets
 dropped. The backends hold the VIP on a loopback interface (dsr forwarding:
 see tether run --help).
 
-The service gets the default health check (a TCP connect to each backend
-every 2s) and on_down keep; change them in the configuration file and run
-"tether reload".
+The --health-* flags set the service's health check, as the health block
+of the configuration file does; the fields left out take their defaults.
+Without them a tcp service gets a TCP connect to each backend every 2s,
+and a udp service no check at all (--health-type udp probes with a
+datagram: see the configuration's health checks). --on-down reset resets
+the established connections of a backend that goes down.
 
-Example: tether vip add 203.0.113.10:8765 --name chat --affinity-timeout 1h`,
+Examples:
+  tether vip add 203.0.113.10:8765 --name chat --affinity-timeout 1h
+  tether vip add 203.0.113.10:80 --health-type http --health-path /healthz --health-interval 1s
+  tether vip add 203.0.113.20:9000 --protocol udp --health-type udp --health-send ping`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "protocol", Value: "tcp", Usage: "transport `PROTO`: tcp or udp"},
 		&cli.StringFlag{Name: "affinity", Value: "source", Usage: "affinity `MODE`: source (all of a client's connections on one backend) or connection (each connection on its own)"},
 		&cli.StringFlag{Name: "affinity-timeout", Value: "3h", Usage: "how long a client's backend is remembered, as a `DURATION` (90s, 30m, 3h)"},
 		&cli.StringFlag{Name: "forwarding", Value: "dsr", Usage: "forwarding `MODE`: dsr"},
 		&cli.StringFlag{Name: "name", Usage: "the service's `NAME`, for listings and metrics (default: VIP-PORT, such as 203.0.113.10-8765)"},
+		&cli.StringFlag{Name: "health-type", Usage: "health check `TYPE`: tcp, http, websocket, udp or none (default: tcp for a tcp service, none for udp)"},
+		&cli.StringFlag{Name: "health-path", Usage: "http and websocket checks: the request `PATH` (default /)"},
+		&cli.StringFlag{Name: "health-host", Usage: "http and websocket checks: the Host header (default the backend's ADDR:PORT)"},
+		&cli.StringFlag{Name: "health-send", Usage: "websocket check: a `TEXT` message whose echo must contain it; udp check: the datagram to send, which must be answered"},
+		&cli.StringFlag{Name: "health-expect-status", Usage: "http check: the statuses that pass, `LOW[-HIGH]` (default 200-399)"},
+		&cli.StringFlag{Name: "health-interval", Usage: "time between two probes, a `DURATION` (default 2s)"},
+		&cli.StringFlag{Name: "health-timeout", Usage: "how long a probe may take, a `DURATION` less than the interval (default 1s)"},
+		&cli.IntFlag{Name: "health-rise", Usage: "successes in a row that bring a down backend up (default 2)"},
+		&cli.IntFlag{Name: "health-fall", Usage: "failures in a row that take an up backend down (default 3)"},
+		&cli.StringFlag{Name: "on-down", Usage: "what happens to the established connections of a backend that goes down: keep (default) or reset"},
+		outputFlag,
 	},
 	Action: func(c *cli.Context) error {
 		a, done, err := args(c, 1, 1, "VIP:PORT")
@@ -60,18 +79,69 @@ Example: tether vip add 203.0.113.10:8765 --name chat --affinity-timeout 1h`,
 			{"affinity-timeout", &spec.AffinityTimeout},
 			{"forwarding", &spec.Forwarding},
 			{"name", &spec.Name},
+			{"on-down", &spec.OnDown},
 		} {
 			if c.IsSet(f.name) {
 				*f.dst = c.String(f.name)
 			}
 		}
-		return vipAdd(c.Context, client(c), c.App.Writer, spec)
+		h, err := healthFlags(c)
+		if err != nil {
+			return err
+		}
+		spec.Health = h
+		format, err := outputFormat(c)
+		if err != nil {
+			return err
+		}
+		return reportAs(c.App.Writer, format)(client(c).AddService(c.Context, spec))
 	},
 }
 
-// vipAdd adds a service and says so.
-func vipAdd(ctx context.Context, cl *control.Client, w io.Writer, spec control.ServiceSpec) error {
-	return report(w)(cl.AddService(ctx, spec))
+// healthFlags reads the --health-* flags into a health check, nil when
+// none is set (the service takes its protocol's default).
+func healthFlags(c *cli.Context) (*control.HealthSpec, error) {
+	var h control.HealthSpec
+	set := false
+	for _, f := range []struct {
+		name string
+		dst  *string
+	}{
+		{"health-type", &h.Type}, {"health-path", &h.Path}, {"health-host", &h.Host}, {"health-send", &h.Send},
+		{"health-interval", &h.Interval}, {"health-timeout", &h.Timeout},
+	} {
+		if c.IsSet(f.name) {
+			*f.dst, set = c.String(f.name), true
+		}
+	}
+	for _, f := range []struct {
+		name string
+		dst  *int
+	}{{"health-rise", &h.Rise}, {"health-fall", &h.Fall}} {
+		if c.IsSet(f.name) {
+			if *f.dst, set = c.Int(f.name), true; *f.dst < 1 {
+				return nil, usagef("--%s: %d is not a count (at least 1)", f.name, *f.dst)
+			}
+		}
+	}
+	if c.IsSet("health-expect-status") {
+		set = true
+		lo, hi, _ := strings.Cut(c.String("health-expect-status"), "-")
+		for _, s := range []string{lo, hi} {
+			if s == "" && hi == "" {
+				continue
+			}
+			n, err := strconv.Atoi(s)
+			if err != nil {
+				return nil, usagef("--health-expect-status: %q is not a status or a range such as 200-399", c.String("health-expect-status"))
+			}
+			h.ExpectStatus = append(h.ExpectStatus, n)
+		}
+	}
+	if !set {
+		return nil, nil
+	}
+	return &h, nil
 }
 
 var vipRmCommand = &cli.Command{
@@ -81,18 +151,10 @@ var vipRmCommand = &cli.Command{
 	Description: `rm removes the service and its backends; its traffic is no longer forwarded
 (open connections break). To take a service out gently, drain its backends
 first and wait for "tether backend ls" to show no connections.`,
-	Action: func(c *cli.Context) error {
-		a, done, err := args(c, 1, 1, "VIP:PORT[/PROTO]")
-		if done || err != nil {
-			return err
-		}
-		return vipRm(c.Context, client(c), c.App.Writer, a[0])
-	},
-}
-
-// vipRm removes a service and says so.
-func vipRm(ctx context.Context, cl *control.Client, w io.Writer, ref string) error {
-	return report(w)(cl.RemoveService(ctx, ref))
+	Flags: []cli.Flag{outputFlag},
+	Action: listing(1, 1, "VIP:PORT[/PROTO]", func(c *cli.Context, a []string, format string) error {
+		return reportAs(c.App.Writer, format)(client(c).RemoveService(c.Context, a[0]))
+	}),
 }
 
 var vipLsCommand = &cli.Command{
