@@ -337,10 +337,6 @@ type BackendWeightSpec struct {
 // ring, hence of new clients, follows; its established connections stay.
 // Weight 0 takes it out of the ring, as draining does.
 func (d *Daemon) SetBackendWeight(spec BackendWeightSpec) (Result, error) {
-	r, err := parseServiceRef(spec.Service, "service")
-	if err != nil {
-		return Result{}, err
-	}
 	if spec.Weight == nil {
 		return Result{}, refusef("weight", "missing")
 	}
@@ -348,9 +344,29 @@ func (d *Daemon) SetBackendWeight(spec BackendWeightSpec) (Result, error) {
 		return Result{}, refusef("weight", "%d is out of range 0..%d", *spec.Weight, config.MaxWeight)
 	}
 	weight := uint32(*spec.Weight)
+	what := fmt.Sprintf("set the weight of backend %s of %s to %d", spec.Backend, spec.Service, weight)
+	return d.changeBackend(what, spec.Service, spec.Backend, func(s *config.Service, b *config.Backend) string {
+		defer func() { b.Weight = weight }()
+		switch {
+		case b.Weight == weight:
+			return fmt.Sprintf("backend %s of %s (%s) already has weight %d", b.Key(), s.Name, s.Key(), weight)
+		case weight == 0:
+			return fmt.Sprintf("backend %s of %s (%s) has weight 0: out of the ring, it keeps its connections and takes no new ones", b.Key(), s.Name, s.Key())
+		}
+		return fmt.Sprintf("backend %s of %s (%s) has weight %d (was %d)", b.Key(), s.Name, s.Key(), weight, b.Weight)
+	})
+}
+
+// changeBackend makes one change to the backend named backend of the
+// service named service: edit changes it and returns what to tell.
+func (d *Daemon) changeBackend(what, service, backend string, edit func(*config.Service, *config.Backend) string) (Result, error) {
+	r, err := parseServiceRef(service, "service")
+	if err != nil {
+		return Result{}, err
+	}
 	var msg string
-	err = d.change(fmt.Sprintf("set the weight of backend %s of %s to %d", spec.Backend, spec.Service, weight), func(cfg *config.Config) error {
-		s, addr, port, err := serviceBackend(cfg, r, spec.Backend)
+	err = d.change(what, func(cfg *config.Config) error {
+		s, addr, port, err := serviceBackend(cfg, r, backend)
 		if err != nil {
 			return err
 		}
@@ -358,16 +374,7 @@ func (d *Daemon) SetBackendWeight(spec BackendWeightSpec) (Result, error) {
 		if err != nil {
 			return err
 		}
-		b := &s.Backends[j]
-		switch {
-		case b.Weight == weight:
-			msg = fmt.Sprintf("backend %s of %s (%s) already has weight %d", b.Key(), s.Name, s.Key(), weight)
-		case weight == 0:
-			msg = fmt.Sprintf("backend %s of %s (%s) has weight 0: out of the ring, it keeps its connections and takes no new ones", b.Key(), s.Name, s.Key())
-		default:
-			msg = fmt.Sprintf("backend %s of %s (%s) has weight %d (was %d)", b.Key(), s.Name, s.Key(), weight, b.Weight)
-		}
-		b.Weight = weight
+		msg = edit(s, &s.Backends[j])
 		return nil
 	})
 	if err != nil {
@@ -379,42 +386,23 @@ func (d *Daemon) SetBackendWeight(spec BackendWeightSpec) (Result, error) {
 // SetBackendState drains a backend (config.StateDraining: it keeps its
 // connections and takes no new ones) or makes it active again.
 func (d *Daemon) SetBackendState(spec BackendStateSpec) (Result, error) {
-	r, err := parseServiceRef(spec.Service, "service")
-	if err != nil {
-		return Result{}, err
-	}
 	if spec.State != config.StateActive && spec.State != config.StateDraining {
 		return Result{}, refusef("state", "unknown state %q (want active or draining)", spec.State)
 	}
-	var msg string
-	err = d.change("set backend "+spec.Backend+" of "+spec.Service+" "+spec.State, func(cfg *config.Config) error {
-		s, addr, port, err := serviceBackend(cfg, r, spec.Backend)
-		if err != nil {
-			return err
-		}
-		j, err := findBackend(s, addr, port, "backend")
-		if err != nil {
-			return err
-		}
-		b := &s.Backends[j]
+	what := "set backend " + spec.Backend + " of " + spec.Service + " " + spec.State
+	return d.changeBackend(what, spec.Service, spec.Backend, func(s *config.Service, b *config.Backend) string {
+		defer func() { b.State = spec.State }()
 		switch {
 		case b.State == spec.State:
-			msg = fmt.Sprintf("backend %s of %s (%s) is already %s", b.Key(), s.Name, s.Key(), spec.State)
+			return fmt.Sprintf("backend %s of %s (%s) is already %s", b.Key(), s.Name, s.Key(), spec.State)
 		case spec.State == config.StateDraining:
-			msg = fmt.Sprintf("backend %s of %s (%s) is draining: it keeps its connections and takes no new ones; `tether backend ls %s` shows when it has none left",
+			return fmt.Sprintf("backend %s of %s (%s) is draining: it keeps its connections and takes no new ones; `tether backend ls %s` shows when it has none left",
 				b.Key(), s.Name, s.Key(), s.Key())
 		case b.Weight == 0:
-			msg = fmt.Sprintf("backend %s of %s (%s) is active, but its weight 0 keeps it out of the ring", b.Key(), s.Name, s.Key())
-		default:
-			msg = fmt.Sprintf("backend %s of %s (%s) is active again", b.Key(), s.Name, s.Key())
+			return fmt.Sprintf("backend %s of %s (%s) is active, but its weight 0 keeps it out of the ring", b.Key(), s.Name, s.Key())
 		}
-		b.State = spec.State
-		return nil
+		return fmt.Sprintf("backend %s of %s (%s) is active again", b.Key(), s.Name, s.Key())
 	})
-	if err != nil {
-		return Result{}, err
-	}
-	return Result{Message: msg}, nil
 }
 
 // Reload re-reads the configuration file and applies what changed. A file

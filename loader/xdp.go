@@ -44,8 +44,7 @@ type XDP struct {
 	services map[uint32]datapath.Service
 	hops     map[netip.Addr]hop
 	adopted  []datapath.Service
-	host     *hostaddr.Host // the host's addresses, read at hostAt
-	hostAt   time.Time
+	vetter   hostaddr.Vetter
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -94,6 +93,7 @@ func NewXDP(opts Options, ifaces []string, mode Mode, log *slog.Logger) (*XDP, e
 		log:      log,
 		services: make(map[uint32]datapath.Service),
 		hops:     make(map[netip.Addr]hop),
+		vetter:   hostaddr.Vetter{TTL: time.Second, Read: hostaddr.Read},
 	}
 	if err := x.attach(ifaces, mode); err != nil {
 		if aerr := objs.Abort(); aerr != nil {
@@ -323,29 +323,16 @@ func (x *XDP) entry(s datapath.Service, b datapath.Backend) (maps.Backend, error
 	return e, nil
 }
 
-// hostTTL is how long a snapshot of the host's addresses is used to vet
-// backends: an interface that gains an address is seen within it.
-const hostTTL = time.Second
-
 // vet refuses a backend that this host cannot send to as one host: an
 // address of its own, or the network or broadcast address of a connected
 // subnet (whatever its state: a down backend may come up). The
 // configuration refuses what it can tell without the host.
 func (x *XDP) vet(backends []datapath.Backend) error {
-	if x.host == nil || time.Since(x.hostAt) > hostTTL {
-		h, err := hostaddr.Read()
-		if err != nil {
-			return err
-		}
-		x.host, x.hostAt = h, time.Now()
+	addrs := make([]netip.Addr, len(backends))
+	for i, b := range backends {
+		addrs[i] = b.Addr
 	}
-	var errs []error
-	for _, b := range backends {
-		if p := x.host.Problem(b.Addr, false); p != "" {
-			errs = append(errs, fmt.Errorf("backend %s", p))
-		}
-	}
-	return datapath.Refuse(errors.Join(errs...))
+	return datapath.Refuse(x.vetter.Vet(addrs))
 }
 
 // resolve finds the L2 hop of every backend that may take traffic and is

@@ -139,8 +139,7 @@ type Proxy struct {
 	listeners map[uint32]*listener // by service ID
 	vips      map[netip.Addr]*vipRoute
 	svcVIP    map[uint32]netip.Addr // the VIP each service holds a reference on
-	host      *hostaddr.Host        // the host's addresses, read at hostAt
-	hostAt    time.Time
+	vetter    hostaddr.Vetter
 	conns     map[connKey]*conn // the connection table
 }
 
@@ -189,6 +188,13 @@ func New(log *slog.Logger, seed uint32, opts Options) *Proxy {
 		conns:     make(map[connKey]*conn),
 	}
 	p.now = func() int64 { return int64(time.Since(p.epoch)) }
+	p.vetter = hostaddr.Vetter{Local: true, TTL: time.Second, Read: func() (h *hostaddr.Host, err error) {
+		err = opts.Netns(func() error {
+			h, err = hostaddr.Read()
+			return err
+		})
+		return h, err
+	}}
 	return p
 }
 

@@ -5,13 +5,11 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/tetherlb/tether/datapath"
-	"github.com/tetherlb/tether/internal/hostaddr"
 )
 
 // vipRoute is the local route that makes a VIP deliverable to the proxy's
@@ -110,33 +108,16 @@ func (p *Proxy) delRoute(r *netlink.Route) error {
 	})
 }
 
-// hostTTL is how long a snapshot of the host's addresses is used to vet
-// backends.
-const hostTTL = time.Second
-
 // vet refuses a backend the proxy cannot connect to as one host: the
 // network or broadcast address of a connected subnet. A backend on this
 // host (an address of its own, loopback) is fine for a proxy. p.mu is
 // held.
 func (p *Proxy) vet(backends []datapath.Backend) error {
-	if p.host == nil || time.Since(p.hostAt) > hostTTL {
-		var h *hostaddr.Host
-		err := p.opts.Netns(func() (err error) {
-			h, err = hostaddr.Read()
-			return err
-		})
-		if err != nil {
-			return err
-		}
-		p.host, p.hostAt = h, time.Now()
+	addrs := make([]netip.Addr, len(backends))
+	for i, b := range backends {
+		addrs[i] = b.Addr
 	}
-	var errs []error
-	for _, b := range backends {
-		if problem := p.host.Problem(b.Addr, true); problem != "" {
-			errs = append(errs, fmt.Errorf("backend %s", problem))
-		}
-	}
-	return datapath.Refuse(errors.Join(errs...))
+	return datapath.Refuse(p.vetter.Vet(addrs))
 }
 
 // isLocal reports whether the kernel of the calling thread's network

@@ -7,8 +7,10 @@
 package hostaddr
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -78,4 +80,40 @@ func broadcast(p netip.Prefix) netip.Addr {
 	host := uint32(1)<<(32-p.Bits()) - 1
 	v := (uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])) | host
 	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}
+
+// Vetter refuses the backend addresses that cannot be backends on this
+// host (see Problem), with a snapshot of the host's addresses at most TTL
+// old: an interface that gains an address is seen within it, and a
+// thousand services applied at once read the host once. A Vetter is not
+// safe for concurrent use: its datapath calls it under its own lock.
+type Vetter struct {
+	// Local allows an address of the host (a proxy may connect to it).
+	Local bool
+	// TTL is how long a snapshot serves.
+	TTL time.Duration
+	// Read takes a snapshot (Read, or Read in another network namespace).
+	Read func() (*Host, error)
+
+	host *Host
+	at   time.Time
+}
+
+// Vet returns the problem of every address that cannot be a backend,
+// joined; nil when all can.
+func (v *Vetter) Vet(addrs []netip.Addr) error {
+	if v.host == nil || time.Since(v.at) > v.TTL {
+		h, err := v.Read()
+		if err != nil {
+			return err
+		}
+		v.host, v.at = h, time.Now()
+	}
+	var errs []error
+	for _, a := range addrs {
+		if p := v.host.Problem(a, v.Local); p != "" {
+			errs = append(errs, fmt.Errorf("backend %s", p))
+		}
+	}
+	return errors.Join(errs...)
 }
