@@ -114,6 +114,9 @@ func Build(backends []Backend, size uint32, seed uint32) ([]uint32, error) {
 		next   uint32 // the next slot of the permutation to try
 		skip   uint32
 		credit uint64
+		// steps holds, once the walk has stopped, how many steps
+		// ahead each of the free slots left is.
+		steps []uint32
 	}
 	walkers := make([]walker, 0, len(sorted))
 	for _, b := range sorted {
@@ -132,12 +135,25 @@ func Build(backends []Backend, size uint32, seed uint32) ([]uint32, error) {
 	// and takes a turn, claiming the next free slot of its permutation,
 	// when it holds maxWeight of credit. The heaviest backends take a turn
 	// every round and a backend of half their weight every other round,
-	// so turns, hence slots, follow the weights. A slot holding 0 is free:
-	// IDs are never 0. The heaviest backend fills at least one slot per
-	// round, so the loop ends after at most size rounds.
+	// so turns, hence slots, follow the weights. The heaviest backend
+	// fills at least one slot per round, so the loop ends after at most
+	// size rounds.
+	//
+	// A walk steps over taken slots, more of them the fuller the table:
+	// claiming one of the last F free slots takes size/F steps on
+	// average, so the last few hundred slots would cost as many steps as
+	// all the others. The walks step over a bitmap of the taken slots
+	// (size/8 bytes, which stay in the CPU's nearest cache) and, for the
+	// last tailSlots slots, stop walking: a backend then claims, of the
+	// free slots left, the one its walk would reach first, computed from
+	// how many steps away each is. Both give the same table.
+	taken := make([]uint64, (size+63)/64)
 	mw := uint64(maxWeight)
-	filled := uint32(0)
-	for filled < size {
+	free := size
+	tail := min(tailSlots, size)
+	var left []uint32 // the free slots, once free <= tail
+	var counted []int // the walkers with steps
+	for free > 0 {
 		for i := range walkers {
 			w := &walkers[i]
 			w.credit += w.weight
@@ -145,20 +161,81 @@ func Build(backends []Backend, size uint32, seed uint32) ([]uint32, error) {
 				continue
 			}
 			w.credit -= mw
-			for table[w.next] != 0 {
-				w.next += w.skip
-				if w.next >= size {
-					w.next -= size
+			next := w.next
+			if left == nil {
+				skip := w.skip
+				for taken[next/64]&(1<<(next%64)) != 0 {
+					// next = (next + skip) mod size without a branch:
+					// whether the walk wraps is a coin toss the CPU
+					// cannot predict. d is negative as an int32 when it
+					// does not (size < 2^30, so next+skip fits).
+					d := next + skip - size
+					next = d + size&uint32(int32(d)>>31)
+				}
+				taken[next/64] |= 1 << (next % 64)
+			} else {
+				// The free slot fewest steps ahead: slot s is
+				// (s - next)·skip⁻¹ mod size steps away, counted once
+				// per backend, at its first turn here; the counts stay
+				// in step with left as slots go.
+				if w.steps == nil {
+					inverse := modInverse(uint64(w.skip), uint64(size))
+					w.steps = make([]uint32, len(left), tail)
+					for k, s := range left {
+						w.steps[k] = uint32((uint64(s) + uint64(size) - uint64(next)) * inverse % uint64(size))
+					}
+					counted = append(counted, i)
+				}
+				best := 0
+				for k, n := range w.steps {
+					if n < w.steps[best] {
+						best = k
+					}
+				}
+				next = left[best]
+				last := len(left) - 1
+				left[best] = left[last]
+				left = left[:last]
+				for _, j := range counted {
+					c := walkers[j].steps
+					c[best] = c[last]
+					walkers[j].steps = c[:last]
 				}
 			}
-			table[w.next] = w.id
-			filled++
-			if filled == size {
+			w.next = next
+			table[next] = w.id
+			if free--; free == 0 {
 				break
+			}
+			if free == tail && left == nil {
+				left = make([]uint32, 0, tail)
+				for s := range size {
+					if taken[s/64]&(1<<(s%64)) == 0 {
+						left = append(left, s)
+					}
+				}
 			}
 		}
 	}
 	return table, nil
+}
+
+// tailSlots is how many free slots Build fills without walking. Claiming
+// one of them this way costs a step per free slot instead of size/free
+// steps; 256 is about where the two meet for the default size.
+const tailSlots = 512
+
+// modInverse is a⁻¹ mod p for a prime p that does not divide a: a^(p-2)
+// (Fermat). p is below 2^32, so products fit in 64 bits.
+func modInverse(a, p uint64) uint64 {
+	r, e := uint64(1), p-2
+	for a %= p; e > 0; e >>= 1 {
+		if e&1 == 1 {
+			r = r * a % p
+		}
+		a = a * a % p
+	}
+	return r
 }
 
 // Lookup returns the backend ID that table gives a flow with hash: the slot

@@ -404,7 +404,7 @@ func TestFlowHashIsMurmur3(t *testing.T) {
 }
 
 func BenchmarkBuild(b *testing.B) {
-	for _, n := range []int{100, 1000} {
+	for _, n := range []int{10, 100, 1000} {
 		b.Run(fmt.Sprintf("M=%d/N=%d", DefaultSize, n), func(b *testing.B) {
 			bs := makeBackends(b, n)
 			b.ReportAllocs()
