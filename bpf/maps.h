@@ -34,9 +34,11 @@ struct {
  * packets see the old ring or the new one. Backend ids are 16 bits, four to
  * an 8-byte entry (the kernel rounds array values up to 8 bytes, so a slot
  * per entry would waste three quarters): slot s is bits 16*(s%4) and up of
- * entry s/4. */
+ * entry s/4. Memory-mappable, so that the control plane writes a new ring
+ * in one copy rather than one syscall copy per entry. */
 struct ring {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, RING_ENTRIES(RING_SIZE));
 	__type(key, __u32);
 	__type(value, __u64);

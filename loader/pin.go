@@ -222,8 +222,13 @@ func describeMap(b *strings.Builder, name string, ms *ebpf.MapSpec, size bool) {
 	b.WriteString(" ")
 	describeType(b, ms.Value)
 	if ms.InnerMap != nil {
+		// The inner map's size is the ring size, in meta. Whether rings
+		// are memory-mappable is left out: rings pinned before they were
+		// are adopted, and maps.PublishRing makes rings like them.
+		inner := ms.InnerMap.Copy()
+		inner.Flags &^= unix.BPF_F_MMAPABLE
 		b.WriteString(" inner(")
-		describeMap(b, "", ms.InnerMap, false) // its size is the ring size, in meta
+		describeMap(b, "", inner, false)
 		b.WriteString(")")
 	}
 	b.WriteString("\n")

@@ -8,12 +8,14 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
+	"golang.org/x/sys/unix"
 
 	"github.com/tetherlb/tether/bpf"
 	"github.com/tetherlb/tether/datapath"
@@ -417,4 +419,84 @@ func mustCPUs(t *testing.T) int {
 	n, err := ebpf.PossibleCPU()
 	must(t, err)
 	return n
+}
+
+// TestAdoptUnmappedRings: rings pinned by a tether whose rings were not
+// memory-mappable are adopted, and new rings are made like them (the
+// kernel refuses an inner map whose flags differ from the template's).
+func TestAdoptUnmappedRings(t *testing.T) {
+	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 1})
+	dir := filepath.Join(l.BPFFS, "tether")
+	opts := pinOpts(dir)
+	spec, ringSize, err := sizedSpec(opts)
+	must(t, err)
+	if spec.Maps[bpf.TetherMapRings].InnerMap.Flags&unix.BPF_F_MMAPABLE == 0 {
+		t.Fatal("the rings' template is not memory-mappable: nothing to test")
+	}
+	spec.Maps[bpf.TetherMapRings].InnerMap.Flags &^= unix.BPF_F_MMAPABLE
+	old := &Objects{}
+	must(t, old.loadPinned(spec, ringSize, dir))
+	old.Maps = maps.New(&old.TetherMaps, ringSize)
+	ring := func(a, b uint32) []uint32 {
+		r := make([]uint32, ringSize)
+		for i := range r {
+			r[i] = []uint32{a, b}[i%2]
+		}
+		return r
+	}
+	must(t, old.Maps.PublishRing(1, ring(1, 2)))
+	must(t, old.Close())
+
+	o, err := Load(opts)
+	if err != nil {
+		t.Fatalf("adopt unmapped rings: %v", err)
+	}
+	defer o.Remove()
+	if !o.Adopted() {
+		t.Fatal("state not adopted")
+	}
+	got, err := o.Maps.Ring(1)
+	must(t, err)
+	if !slices.Equal(got, ring(1, 2)) {
+		t.Fatal("the adopted ring reads back otherwise")
+	}
+	must(t, o.Maps.PublishRing(1, ring(3, 4)))
+	must(t, o.Maps.PublishRing(2, ring(5, 6)))
+	var inner *ebpf.Map
+	must(t, o.TetherMaps.Rings.Lookup(uint32(2), &inner))
+	defer inner.Close()
+	if inner.Flags()&unix.BPF_F_MMAPABLE != 0 {
+		t.Errorf("ring flags %#x: mapped although the template is not", inner.Flags())
+	}
+	for id, want := range map[uint32][]uint32{1: ring(3, 4), 2: ring(5, 6)} {
+		got, err := o.Maps.Ring(id)
+		must(t, err)
+		if !slices.Equal(got, want) {
+			t.Fatalf("ring %d reads back otherwise after publishing on adopted state", id)
+		}
+	}
+}
+
+// TestRingsMapped: rings of a fresh start are memory-mapped, and read back
+// as published.
+func TestRingsMapped(t *testing.T) {
+	o, err := Load(Options{Connections: 8192, Affinity: 1024, RingSize: pinRing, MaxServices: 8, MaxBackends: 16})
+	must(t, err)
+	defer o.Close()
+	r := make([]uint32, pinRing)
+	for i := range r {
+		r[i] = uint32(1 + i%5)
+	}
+	must(t, o.Maps.PublishRing(3, r))
+	var inner *ebpf.Map
+	must(t, o.TetherMaps.Rings.Lookup(uint32(3), &inner))
+	defer inner.Close()
+	if inner.Flags()&unix.BPF_F_MMAPABLE == 0 {
+		t.Errorf("ring flags %#x: not memory-mapped", inner.Flags())
+	}
+	got, err := o.Maps.Ring(3)
+	must(t, err)
+	if !slices.Equal(got, r) {
+		t.Fatal("the ring reads back otherwise")
+	}
 }

@@ -13,9 +13,11 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/tetherlb/tether/bpf"
 	"github.com/tetherlb/tether/maglev"
@@ -48,6 +50,9 @@ const (
 type Maps struct {
 	m        *bpf.TetherMaps
 	ringSize uint32
+	// ringsUnmapped: the rings map takes no memory-mapped rings (see
+	// PublishRing).
+	ringsUnmapped atomic.Bool
 }
 
 // New wraps loaded maps. ringSize is the number of slots of every ring, as
@@ -206,12 +211,18 @@ func RingEntries(ringSize uint32) uint32 {
 // PublishRing replaces the ring of service id with slots, whole: a new inner
 // map is filled first and then swapped into the outer map in one update, so
 // a packet reads either the old ring or the new one, never a mix.
+//
+// The inner map is memory-mapped and written in one copy: a batch update
+// costs the kernel a user copy per 8-byte entry, which made filling a ring
+// cost more than building it. Rings pinned by a tether that made them
+// without BPF_F_MMAPABLE only take rings like theirs (the kernel compares
+// the flags), so once the outer map refuses one, rings are filled entry by
+// entry again.
 func (m *Maps) PublishRing(id uint32, slots []uint32) error {
 	if uint32(len(slots)) != m.ringSize {
 		return fmt.Errorf("publish ring %d: %d slots, want %d", id, len(slots), m.ringSize)
 	}
 	n := RingEntries(m.ringSize)
-	keys := make([]uint32, n)
 	entries := make([]uint64, n)
 	for i, b := range slots {
 		if b > MaxBackendID {
@@ -219,27 +230,75 @@ func (m *Maps) PublishRing(id uint32, slots []uint32) error {
 		}
 		entries[i/slotsPerEntry] |= uint64(b) << (16 * (i % slotsPerEntry))
 	}
-	for i := range keys {
-		keys[i] = uint32(i)
+	if !m.ringsUnmapped.Load() {
+		err := m.publish(id, entries, true)
+		if !errors.Is(err, errRingRefused) {
+			return err
+		}
+		m.ringsUnmapped.Store(true)
 	}
-	inner, err := ebpf.NewMap(&ebpf.MapSpec{
+	return m.publish(id, entries, false)
+}
+
+// errRingRefused is the outer map refusing an inner map unlike its
+// template.
+var errRingRefused = errors.New("the rings map refuses this kind of ring")
+
+// publish makes a ring of entries and puts it in the outer map, mapped
+// says how.
+func (m *Maps) publish(id uint32, entries []uint64, mapped bool) error {
+	n := uint32(len(entries))
+	spec := &ebpf.MapSpec{
 		Name:       "tether_ring",
 		Type:       ebpf.Array,
 		KeySize:    4,
 		ValueSize:  8,
 		MaxEntries: n,
-	})
+	}
+	if mapped {
+		spec.Flags = unix.BPF_F_MMAPABLE
+	}
+	inner, err := ebpf.NewMap(spec)
 	if err != nil {
 		return fmt.Errorf("create ring %d: %w", id, err)
 	}
 	defer inner.Close() // the outer map holds its own reference
-	if _, err := inner.BatchUpdate(keys, entries, nil); err != nil {
+	if mapped {
+		err = withRingMemory(inner, unix.PROT_READ|unix.PROT_WRITE, func(mem []byte) {
+			for i, e := range entries {
+				binary.NativeEndian.PutUint64(mem[8*i:], e)
+			}
+		})
+	} else {
+		keys := make([]uint32, n)
+		for i := range keys {
+			keys[i] = uint32(i)
+		}
+		_, err = inner.BatchUpdate(keys, entries, nil)
+	}
+	if err != nil {
 		return fmt.Errorf("fill ring %d: %w", id, err)
 	}
 	if err := m.m.Rings.Put(id, inner); err != nil {
+		if mapped && errors.Is(err, unix.EINVAL) {
+			return errRingRefused
+		}
 		return fmt.Errorf("swap ring %d: %w", id, err)
 	}
 	return nil
+}
+
+// withRingMemory calls f with the memory of the memory-mapped ring inner,
+// mapped with prot, and unmaps it: a mapping left to the garbage collector
+// would keep a replaced ring's kernel memory until it ran.
+func withRingMemory(inner *ebpf.Map, prot int, f func([]byte)) error {
+	size := int(inner.MaxEntries() * inner.ValueSize())
+	mem, err := unix.Mmap(inner.FD(), 0, size, prot, unix.MAP_SHARED)
+	if err != nil {
+		return fmt.Errorf("map ring memory: %w", err)
+	}
+	f(mem)
+	return unix.Munmap(mem)
 }
 
 // DeleteRing removes the ring of service id.
@@ -258,11 +317,28 @@ func (m *Maps) Ring(id uint32) ([]uint32, error) {
 	}
 	defer inner.Close()
 	n := RingEntries(m.ringSize)
+	if inner.MaxEntries() != n || inner.ValueSize() != 8 {
+		return nil, fmt.Errorf("ring %d: %d entries of %d bytes, want %d of 8", id, inner.MaxEntries(), inner.ValueSize(), n)
+	}
 	keys := make([]uint32, n)
 	entries := make([]uint64, n)
-	var cursor ebpf.MapBatchCursor
-	got, err := inner.BatchLookup(&cursor, keys, entries, nil)
-	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	got := int(n)
+	var err error
+	if inner.Flags()&unix.BPF_F_MMAPABLE != 0 {
+		err = withRingMemory(inner, unix.PROT_READ, func(mem []byte) {
+			for i := range entries {
+				keys[i] = uint32(i)
+				entries[i] = binary.NativeEndian.Uint64(mem[8*i:])
+			}
+		})
+	} else {
+		var cursor ebpf.MapBatchCursor
+		got, err = inner.BatchLookup(&cursor, keys, entries, nil)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			err = nil
+		}
+	}
+	if err != nil {
 		return nil, fmt.Errorf("read ring %d: %w", id, err)
 	}
 	out := make([]uint32, n*uint32(slotsPerEntry))
