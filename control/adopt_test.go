@@ -38,7 +38,7 @@ func TestAdoptKeepsIDs(t *testing.T) {
 	a := newController(dpA, cfg)
 	mustApply(t, a, first)
 	mustApply(t, a, cfg)
-	before := a.Services()
+	before := services(a)
 
 	dpB := newFakeDP()
 	for _, s := range pinned(before) {
@@ -50,7 +50,7 @@ func TestAdoptKeepsIDs(t *testing.T) {
 	}
 	if fresh := newController(newFakeDP(), cfg); true {
 		mustApply(t, fresh, cfg)
-		if reflect.DeepEqual(fresh.Services(), before) {
+		if reflect.DeepEqual(services(fresh), before) {
 			t.Fatal("test setup: a fresh controller assigns the same ids, the test proves nothing")
 		}
 	}
@@ -61,7 +61,7 @@ func TestAdoptKeepsIDs(t *testing.T) {
 			t.Errorf("%s after adoption:\n got %+v\nwant %+v", s.Name, got, s)
 		}
 	}
-	if got := b.Services(); !reflect.DeepEqual(got, before) {
+	if got := services(b); !reflect.DeepEqual(got, before) {
 		t.Errorf("Services() after adoption = %+v, want %+v", got, before)
 	}
 
@@ -105,17 +105,17 @@ func TestAdoptRefusals(t *testing.T) {
 	cfg := parse(t, conf(8, 32, web4, dns6))
 	a := newController(newFakeDP(), cfg)
 	mustApply(t, a, cfg)
-	ss := pinned(a.Services())
+	ss := pinned(services(a))
 
 	if err := a.Adopt(ss); err == nil {
 		t.Error("Adopt after Apply was accepted")
 	}
-	dup := append(pinned(a.Services()), ss[0])
+	dup := append(pinned(services(a)), ss[0])
 	dup[len(dup)-1].Port++
 	if err := newController(newFakeDP(), cfg).Adopt(dup); err == nil || !strings.Contains(err.Error(), "used twice") {
 		t.Errorf("two services with one id: %v, want a refusal", err)
 	}
-	big := pinned(a.Services())
+	big := pinned(services(a))
 	big[0].ID = 8 // max_services 8: ids 0..7
 	if err := newController(newFakeDP(), cfg).Adopt(big); err == nil || !strings.Contains(err.Error(), "outside") {
 		t.Errorf("service id beyond the table: %v, want a refusal", err)

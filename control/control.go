@@ -10,12 +10,17 @@
 package control
 
 import (
+	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"reflect"
+	"runtime"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 
 	"github.com/tetherlb/tether/config"
@@ -42,10 +47,16 @@ type Controller struct {
 	ringSize uint32
 	services *idPool // by service key "vip:port/proto"
 	backends *idPool // by "service key|backend key"
-	applied  map[string]datapath.Service
-	cfg      *config.Config // the last configuration applied in full
-	desired  *config.Config // the last configuration Apply was given and planned
-	up       func(health.Target) bool
+	// applied are the services the datapath serves, without their rings
+	// (the datapath holds them), and rings the signature of each ring's
+	// inputs: a service whose signature has not changed keeps its ring,
+	// which is neither built nor sent again. An adopted service comes with
+	// its ring and no signature until its first Apply.
+	applied map[string]datapath.Service
+	rings   map[string]uint64
+	cfg     *config.Config // the last configuration applied in full
+	desired *config.Config // the last configuration Apply was given and planned
+	up      func(health.Target) bool
 }
 
 // New returns a controller for dp. The hash seed and the ring size are
@@ -60,6 +71,7 @@ func New(dp datapath.Datapath, seed, ringSize, maxServices, maxBackends uint32, 
 		services: newIDPool(0, maxServices),
 		backends: newIDPool(1, maxBackends+1), // backend id 0 means "none"
 		applied:  make(map[string]datapath.Service),
+		rings:    make(map[string]uint64),
 	}
 }
 
@@ -98,20 +110,25 @@ func (c *Controller) Refresh(targets ...health.Target) error {
 			continue
 		}
 		key := cs.Key()
-		s, err := c.planService(cs)
+		p, err := c.planService(cs)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		old, ok := c.applied[key]
-		if ok && reflect.DeepEqual(old, s) {
+		if c.ring(&p); p.err != nil {
+			errs = append(errs, p.err)
 			continue
 		}
+		if p.unchanged {
+			continue
+		}
+		s := p.svc
+		old, ok := c.applied[key]
 		if err := c.dp.UpsertService(s); err != nil {
 			errs = append(errs, fmt.Errorf("apply the health of service %s: %w", cs.Name, err))
 			continue
 		}
-		c.applied[key] = s
+		c.record(key, p)
 		active, down := countStates(s)
 		c.log.Info("service changed by health", "service", s.Name, "vip", key, "active", active, "down", down)
 		c.noteUsable(old, ok, s)
@@ -170,23 +187,36 @@ func (c *Controller) Apply(cfg *config.Config) error {
 	}
 	c.desired = cfg
 	var errs []error
+	var notes []note
 	keys := make([]string, 0, len(desired))
 	for k := range desired {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
-	for _, k := range keys {
-		s := desired[k]
-		if old, ok := c.applied[k]; ok && reflect.DeepEqual(old, s) {
+	ps := make([]*planned, len(keys))
+	for i, k := range keys {
+		ps[i] = desired[k]
+	}
+	wait := c.buildAhead(ps)
+	for i, k := range keys {
+		p := ps[i]
+		wait(i)
+		if p.err != nil {
+			errs = append(errs, p.err)
 			continue
 		}
+		if p.unchanged {
+			continue
+		}
+		s := p.svc
+		p.svc.Ring = nil // the datapath's, once sent
 		if err := c.dp.UpsertService(s); err != nil {
 			errs = append(errs, err)
 			continue
 		}
 		old, existed := c.applied[k]
-		c.applied[k] = s
-		c.log.Info("service applied", "service", s.Name, "vip", k, "backends", len(s.Backends))
+		c.record(k, *p)
+		notes = append(notes, note{"service applied", []any{"service", s.Name, "vip", k, "backends", len(s.Backends)}})
 		c.noteUsable(old, existed, s)
 	}
 	for k, s := range c.applied {
@@ -198,12 +228,14 @@ func (c *Controller) Apply(cfg *config.Config) error {
 			continue
 		}
 		delete(c.applied, k)
+		delete(c.rings, k)
 		c.services.release(k)
 		for _, b := range s.Backends {
 			c.backends.release(backendKey(k, b.Addr, b.Port))
 		}
-		c.log.Info("service removed", "service", s.Name, "vip", k)
+		notes = append(notes, note{"service removed", []any{"service", s.Name, "vip", k}})
 	}
+	c.logNotes(notes)
 	c.releaseUnused(desired)
 	if len(errs) == 0 {
 		c.cfg = cfg
@@ -211,28 +243,171 @@ func (c *Controller) Apply(cfg *config.Config) error {
 	return errors.Join(errs...)
 }
 
+// note is a line for the log.
+type note struct {
+	msg  string
+	args []any
+}
+
+// logNotes logs what an Apply changed: a line per service when it changed
+// a few (an edit, a reload), a count when it changed many (a start), with
+// the lines at debug level.
+func (c *Controller) logNotes(notes []note) {
+	const few = 16
+	level := slog.LevelInfo
+	if len(notes) > few {
+		level = slog.LevelDebug
+		c.log.Info("services applied", "changed", len(notes))
+	}
+	for _, n := range notes {
+		c.log.Log(context.Background(), level, n.msg, n.args...)
+	}
+}
+
+// planned is a service as the next Apply or Refresh would send it, with
+// what its ring is made of.
+type planned struct {
+	svc  datapath.Service
+	ring []maglev.Backend // the ring's backends
+	sig  uint64           // the signature of the ring's inputs
+	// unchanged: the datapath serves this service as it is (nothing to
+	// send).
+	unchanged bool
+	err       error // building the ring failed
+}
+
 // plan computes the datapath services of cfg, allocating ids for new
-// services and backends.
-func (c *Controller) plan(cfg *config.Config) (map[string]datapath.Service, error) {
-	out := make(map[string]datapath.Service, len(cfg.Services))
+// services and backends. Rings are not built yet: see buildAhead.
+func (c *Controller) plan(cfg *config.Config) (map[string]*planned, error) {
+	out := make(map[string]*planned, len(cfg.Services))
 	for _, cs := range cfg.Services {
-		s, err := c.planService(cs)
+		p, err := c.planService(cs)
 		if err != nil {
 			return nil, err
 		}
-		out[cs.Key()] = s
+		out[cs.Key()] = &p
 	}
 	return out, nil
 }
 
+// keepRing says whether the datapath has p's ring already: its inputs'
+// signature is the one recorded. p then keeps its ring (KeepRing), and is
+// unchanged if nothing else changed.
+func (c *Controller) keepRing(p *planned) bool {
+	key := serviceKeyOf(p.svc)
+	old, ok := c.applied[key]
+	if sig, known := c.rings[key]; !ok || !known || sig != p.sig {
+		return false
+	}
+	p.svc.KeepRing = true
+	p.unchanged = sameService(old, p.svc)
+	return true
+}
+
+// buildRing builds p's ring; a failure is p's err. It reads nothing but p,
+// so that rings are built in parallel.
+func (c *Controller) buildRing(p *planned) {
+	ring, err := maglev.Build(p.ring, c.ringSize, c.seed)
+	if err != nil {
+		p.err = fmt.Errorf("service %s: %w", p.svc.Name, err)
+		return
+	}
+	p.svc.Ring = ring
+}
+
+// keepAdopted compares p's new ring with the ring of the adopted service
+// it replaces, whose signature is unknown: p keeps that ring if it is the
+// same.
+func (c *Controller) keepAdopted(p *planned) {
+	old, ok := c.applied[serviceKeyOf(p.svc)]
+	if p.err == nil && ok && old.Ring != nil && slices.Equal(old.Ring, p.svc.Ring) {
+		p.svc.Ring, p.svc.KeepRing = nil, true
+		p.unchanged = sameService(old, p.svc)
+	}
+}
+
+// ring finishes p: its ring is kept or built.
+func (c *Controller) ring(p *planned) {
+	if !c.keepRing(p) {
+		c.buildRing(p)
+		c.keepAdopted(p)
+	}
+}
+
+// buildAhead finishes ps in order: rings are built ahead on every CPU
+// while the caller hands those built to the datapath, at most a window of
+// them built and not yet taken, so that a start with thousands of
+// services holds a few rings at a time, not thousands. wait(i) returns
+// when ps[i] is finished; the caller waits for each in order and drops
+// each ring once sent.
+func (c *Controller) buildAhead(ps []*planned) (wait func(i int)) {
+	done := make([]chan struct{}, len(ps))
+	for i, p := range ps {
+		if !c.keepRing(p) {
+			done[i] = make(chan struct{})
+		}
+	}
+	workers := runtime.GOMAXPROCS(0)
+	room := make(chan struct{}, 2*workers)
+	jobs := make(chan int)
+	for range workers {
+		go func() {
+			for i := range jobs {
+				c.buildRing(ps[i])
+				close(done[i])
+			}
+		}()
+	}
+	go func() {
+		defer close(jobs)
+		for i := range ps {
+			if done[i] != nil {
+				room <- struct{}{} // the caller takes rings in this order
+				jobs <- i
+			}
+		}
+	}()
+	return func(i int) {
+		if done[i] == nil {
+			return
+		}
+		<-done[i]
+		<-room
+		c.keepAdopted(ps[i])
+	}
+}
+
+// sameService says whether the datapath serves next as it serves old,
+// rings aside.
+func sameService(old, next datapath.Service) bool {
+	old.Ring, old.KeepRing, next.Ring, next.KeepRing = nil, false, nil, false
+	return reflect.DeepEqual(old, next)
+}
+
+// record notes that the datapath serves p: without its ring, with the
+// ring's signature.
+func (c *Controller) record(key string, p planned) {
+	s := p.svc
+	s.Ring, s.KeepRing = nil, false
+	c.applied[key] = s
+	c.rings[key] = p.sig
+}
+
+// serviceKeyOf is the key of a planned service, as config.Service.Key
+// spells it.
+func serviceKeyOf(s datapath.Service) string {
+	k, _ := serviceKey(s)
+	return k
+}
+
 // planService computes the datapath service of cs with the current
 // health of its backends, allocating ids for it and its backends if they
-// have none.
-func (c *Controller) planService(cs config.Service) (datapath.Service, error) {
+// have none; its ring is left to buildAhead.
+func (c *Controller) planService(cs config.Service) (planned, error) {
 	key := cs.Key()
 	id, err := c.services.get(key)
 	if err != nil {
-		return datapath.Service{}, fmt.Errorf("service %s: %w", cs.Name, err)
+		return planned{}, fmt.Errorf("service %s: %w", cs.Name, err)
 	}
 	s := datapath.Service{
 		ID:              id,
@@ -250,7 +425,7 @@ func (c *Controller) planService(cs config.Service) (datapath.Service, error) {
 	for _, cb := range cs.Backends {
 		bid, err := c.backends.get(backendKey(key, cb.Address, cb.Port))
 		if err != nil {
-			return datapath.Service{}, fmt.Errorf("service %s backend %s: %w", cs.Name, cb.Key(), err)
+			return planned{}, fmt.Errorf("service %s backend %s: %w", cs.Name, cb.Key(), err)
 		}
 		b := datapath.Backend{ID: bid, Addr: cb.Address, Port: cb.Port, Weight: cb.Weight, State: datapath.Active}
 		switch {
@@ -264,11 +439,24 @@ func (c *Controller) planService(cs config.Service) (datapath.Service, error) {
 			ring = append(ring, maglev.Backend{ID: bid, Key: cb.Key(), Weight: cb.Weight})
 		}
 	}
-	s.Ring, err = maglev.Build(ring, c.ringSize, c.seed)
-	if err != nil {
-		return datapath.Service{}, fmt.Errorf("service %s: %w", cs.Name, err)
+	return planned{svc: s, ring: ring, sig: ringSignature(ring)}, nil
+}
+
+// ringSignature hashes what a ring is built of (its backends' keys, ids
+// and weights, in the order Build sorts them); the ring size and seed are
+// the controller's own, fixed for its life.
+func ringSignature(bs []maglev.Backend) uint64 {
+	sorted := slices.Clone(bs)
+	slices.SortFunc(sorted, func(a, b maglev.Backend) int { return strings.Compare(a.Key, b.Key) })
+	h := fnv.New64a()
+	var num [8]byte
+	for _, b := range sorted {
+		h.Write([]byte(b.Key))
+		binary.LittleEndian.PutUint32(num[:4], b.ID)
+		binary.LittleEndian.PutUint32(num[4:], b.Weight)
+		h.Write(num[:])
 	}
-	return s, nil
+	return h.Sum64()
 }
 
 // isUp reports whether backend b of service s is up by its health check:
@@ -286,15 +474,19 @@ func (c *Controller) isUp(s config.Service, b config.Backend) bool {
 // service, and those allocated for services that are not applied. The ids
 // of a service whose change or deletion failed stay taken, as the datapath
 // still serves it with them.
-func (c *Controller) releaseUnused(desired map[string]datapath.Service) {
+func (c *Controller) releaseUnused(desired map[string]*planned) {
 	keep := map[string]bool{}
-	for _, m := range []map[string]datapath.Service{desired, c.applied} {
-		for k, s := range m {
-			keep["svc "+k] = true
-			for _, b := range s.Backends {
-				keep[backendKey(k, b.Addr, b.Port)] = true
-			}
+	note := func(k string, s datapath.Service) {
+		keep["svc "+k] = true
+		for _, b := range s.Backends {
+			keep[backendKey(k, b.Addr, b.Port)] = true
 		}
+	}
+	for k, p := range desired {
+		note(k, p.svc)
+	}
+	for k, s := range c.applied {
+		note(k, s)
 	}
 	c.backends.retain(func(key string) bool { return keep[key] })
 	c.services.retain(func(key string) bool { return keep["svc "+key] })

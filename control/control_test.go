@@ -19,9 +19,10 @@ import (
 
 // call is one call the controller made on the fake datapath.
 type call struct {
-	op  string // "upsert" or "delete"
-	svc datapath.Service
-	err error // what the fake returned
+	op       string // "upsert" or "delete"
+	svc      datapath.Service
+	err      error // what the fake returned
+	keptRing bool  // the upsert kept the datapath's ring (KeepRing)
 }
 
 func (c call) String() string {
@@ -56,8 +57,18 @@ func (f *fakeDP) Modes() map[string]string { return map[string]string{"eth0": "f
 func (f *fakeDP) UpsertService(s datapath.Service) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	// As a datapath does, keep the ring of a service asked to: the calls
+	// show the ring the datapath serves.
+	kept := s.KeepRing
+	if s.KeepRing {
+		old, ok := f.installed[s.ID]
+		if !ok {
+			return fmt.Errorf("fake: no ring to keep for service %d", s.ID)
+		}
+		s.Ring, s.KeepRing = old.Ring, false
+	}
 	err := f.failUpsert[s.Name]
-	f.calls = append(f.calls, call{"upsert", s, err})
+	f.calls = append(f.calls, call{"upsert", s, err, kept})
 	if err != nil {
 		return err
 	}
@@ -83,8 +94,11 @@ func (f *fakeDP) UpsertService(s datapath.Service) error {
 func (f *fakeDP) DeleteService(s datapath.Service) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if s.Ring == nil { // the calls show the ring the datapath served
+		s.Ring = f.installed[s.ID].Ring
+	}
 	err := f.failDelete[s.Name]
-	f.calls = append(f.calls, call{"delete", s, err})
+	f.calls = append(f.calls, call{"delete", s, err, false})
 	if err != nil {
 		return err
 	}
@@ -226,13 +240,31 @@ func mustApply(t *testing.T, c *Controller, cfg *config.Config) {
 // byName returns the applied service called name.
 func byName(t *testing.T, c *Controller, name string) datapath.Service {
 	t.Helper()
-	for _, s := range c.Services() {
+	for _, s := range services(c) {
 		if s.Name == name {
 			return s
 		}
 	}
 	t.Fatalf("service %s not applied; have %v", name, names(c.Services()))
 	return datapath.Service{}
+}
+
+// services is services(c) with the rings the fake datapath serves: the
+// controller keeps none.
+func services(c *Controller) []datapath.Service {
+	out := c.Services()
+	f, ok := c.dp.(*fakeDP)
+	if fl, isFlow := c.dp.(*flowDP); isFlow {
+		f, ok = fl.fakeDP, true
+	}
+	if ok {
+		f.mu.Lock()
+		for i := range out {
+			out[i].Ring = f.installed[out[i].ID].Ring
+		}
+		f.mu.Unlock()
+	}
+	return out
 }
 
 func names(ss []datapath.Service) []string {
@@ -390,9 +422,9 @@ func TestApplyTwoServices(t *testing.T) {
 	if a, b := got["web4"].svc.ID, got["dns6"].svc.ID; a == b {
 		t.Errorf("both services have id %d", a)
 	}
-	if !reflect.DeepEqual(c.Services(), []datapath.Service{got["web4"].svc, got["dns6"].svc}) &&
-		!reflect.DeepEqual(c.Services(), []datapath.Service{got["dns6"].svc, got["web4"].svc}) {
-		t.Errorf("Services() = %v, not what was upserted", names(c.Services()))
+	if !reflect.DeepEqual(services(c), []datapath.Service{got["web4"].svc, got["dns6"].svc}) &&
+		!reflect.DeepEqual(services(c), []datapath.Service{got["dns6"].svc, got["web4"].svc}) {
+		t.Errorf("Services() = %v, not what was upserted", names(services(c)))
 	}
 	dp.checkConflicts(t)
 }
@@ -403,7 +435,7 @@ func TestApplySameConfigIsNoop(t *testing.T) {
 	cfg := parse(t, conf(8, 32, web4, dns6))
 	c := newController(dp, cfg)
 	mustApply(t, c, cfg)
-	before := c.Services()
+	before := services(c)
 	dp.take()
 
 	mustApply(t, c, cfg)
@@ -412,7 +444,7 @@ func TestApplySameConfigIsNoop(t *testing.T) {
 	again := parse(t, conf(8, 32, web4, dns6))
 	mustApply(t, c, again)
 	wantCalls(t, dp.take())
-	if !reflect.DeepEqual(c.Services(), before) {
+	if !reflect.DeepEqual(services(c), before) {
 		t.Errorf("Services() changed by a no-op Apply")
 	}
 	if c.Config() != again {
@@ -579,7 +611,7 @@ func TestRemoveAndReAddService(t *testing.T) {
 	if !reflect.DeepEqual(got["dns6"].svc, old) {
 		t.Errorf("DeleteService got %+v, want the service as applied %+v", got["dns6"].svc, old)
 	}
-	if n := names(c.Services()); !reflect.DeepEqual(n, []string{"web4"}) {
+	if n := names(services(c)); !reflect.DeepEqual(n, []string{"web4"}) {
 		t.Errorf("Services() = %v, want [web4]", n)
 	}
 
@@ -608,7 +640,7 @@ func TestInvalidConfigRefused(t *testing.T) {
 	cfg := parse(t, conf(8, 32, web4, dns6))
 	c := newController(dp, cfg)
 	mustApply(t, c, cfg)
-	before := c.Services()
+	before := services(c)
 	dp.take()
 
 	portZero := clone(t, cfg)
@@ -646,7 +678,7 @@ func TestInvalidConfigRefused(t *testing.T) {
 				t.Errorf("error %q does not name %s", err, tc.path)
 			}
 			wantCalls(t, dp.take())
-			if !reflect.DeepEqual(c.Services(), before) {
+			if !reflect.DeepEqual(services(c), before) {
 				t.Errorf("Services() changed by a refused configuration")
 			}
 			if c.Config() != cfg {
@@ -679,7 +711,7 @@ func TestDatapathErrorRetried(t *testing.T) {
 		t.Fatalf("Apply = %v, want the datapath error", err)
 	}
 	failed := wantCalls(t, dp.take(), "upsert web4", "upsert dns6")["web4"].svc
-	if n := names(c.Services()); !reflect.DeepEqual(n, []string{"dns6"}) {
+	if n := names(services(c)); !reflect.DeepEqual(n, []string{"dns6"}) {
 		t.Errorf("Services() = %v, want [dns6]", n)
 	}
 	if c.Config() != nil {
@@ -734,7 +766,7 @@ func TestFailedChangeKeepsBackendIDs(t *testing.T) {
 		if err := c.Apply(parse(t, step)); err == nil {
 			t.Fatalf("step %d: Apply succeeded with service a failing", i+1)
 		}
-		for _, s := range c.Services() {
+		for _, s := range services(c) {
 			if s.Name == "a" {
 				continue
 			}
@@ -776,7 +808,7 @@ func TestFailedDeleteKeepsServiceID(t *testing.T) {
 		t.Fatalf("Apply = %v, want the datapath error", err)
 	}
 	wantCalls(t, dp.take(), "delete b")
-	if n := names(c.Services()); !sameSet(n, []string{"a", "b"}) {
+	if n := names(services(c)); !sameSet(n, []string{"a", "b"}) {
 		t.Errorf("Services() = %v, want b still there", n)
 	}
 	if c.Config() != first {
@@ -790,7 +822,7 @@ func TestFailedDeleteKeepsServiceID(t *testing.T) {
 		if err == nil {
 			t.Fatal("Apply succeeded while b's deletion fails")
 		}
-		for _, s := range c.Services() {
+		for _, s := range services(c) {
 			if s.Name != "b" && s.ID == old.ID {
 				t.Errorf("service %s got id %d, still b's in the datapath", s.Name, s.ID)
 			}
@@ -882,7 +914,7 @@ func TestControllerPoolExhausted(t *testing.T) {
 		t.Errorf("Apply of 6 backends with room for 5 = %v, want an error naming dns6 and the tables section", err)
 	}
 	wantCalls(t, dp.take())
-	if len(c.Services()) != 0 || c.Config() != nil {
+	if len(services(c)) != 0 || c.Config() != nil {
 		t.Errorf("a refused Apply changed the state")
 	}
 	// Three backends fit, whatever the refused Apply allocated.
@@ -910,7 +942,7 @@ func TestServicesSortedAndConfig(t *testing.T) {
 	x := svc("x", "203.0.113.1", 80, "192.0.2.1")
 	y := svc("y", "203.0.113.2", 80, "192.0.2.2")
 	z := svc("z", "203.0.113.3", 80, "192.0.2.3")
-	if c := New(dp, 0, ringSize, 8, 8, discard()); c.Config() != nil || len(c.Services()) != 0 {
+	if c := New(dp, 0, ringSize, 8, 8, discard()); c.Config() != nil || len(services(c)) != 0 {
 		t.Fatal("a new controller has state")
 	}
 	first := parse(t, conf(8, 8, z, y, x)) // z gets the lowest id
@@ -920,7 +952,7 @@ func TestServicesSortedAndConfig(t *testing.T) {
 	last := parse(t, conf(8, 8, y, z, x)) // z comes back with the highest id
 	mustApply(t, c, last)
 
-	ss := c.Services()
+	ss := services(c)
 	if n := names(ss); !reflect.DeepEqual(n, []string{"y", "x", "z"}) {
 		t.Errorf("Services() = %v, want [y x z] (by id)", n)
 	}
@@ -955,15 +987,49 @@ func TestConcurrentApply(t *testing.T) {
 				if err := c.Apply(cfgs[(i+j)%len(cfgs)]); err != nil {
 					t.Error(err)
 				}
-				c.Services()
+				services(c)
 				c.Config()
 			}
 		})
 	}
 	wg.Wait()
 	mustApply(t, c, cfgs[0])
-	if n := names(c.Services()); !sameSet(n, []string{"web4", "dns6"}) {
+	if n := names(services(c)); !sameSet(n, []string{"web4", "dns6"}) {
 		t.Errorf("Services() = %v", n)
 	}
 	dp.checkConflicts(t)
+}
+
+// TestRingsOnceAndOnlyWhenChanged checks what the controller does with
+// rings: it keeps none; a change that leaves a service's ring inputs alone
+// (its affinity timeout) sends the service with KeepRing, without building
+// its ring; a change of its backends sends a new ring; a reload of the same
+// configuration sends nothing.
+func TestRingsOnceAndOnlyWhenChanged(t *testing.T) {
+	dp := newFakeDP()
+	cfg := parse(t, conf(8, 32, web4, dns6))
+	c := newController(dp, cfg)
+	mustApply(t, c, cfg)
+	for _, call := range dp.take() {
+		if call.keptRing || len(call.svc.Ring) != ringSize {
+			t.Errorf("first apply of %s: kept %v, ring of %d slots", call.svc.Name, call.keptRing, len(call.svc.Ring))
+		}
+	}
+	for _, s := range c.Services() {
+		if s.Ring != nil {
+			t.Errorf("the controller keeps the ring of %s", s.Name)
+		}
+	}
+	ring := byName(t, c, "web4").Ring
+	mustApply(t, c, parse(t, conf(8, 32, strings.Replace(web4, "affinity_timeout: 30m", "affinity_timeout: 1h", 1), dns6)))
+	call := wantCalls(t, dp.take(), "upsert web4")["web4"]
+	if !call.keptRing || call.svc.AffinityTimeout != time.Hour || !reflect.DeepEqual(call.svc.Ring, ring) {
+		t.Errorf("affinity timeout changed: kept %v, timeout %v", call.keptRing, call.svc.AffinityTimeout)
+	}
+	mustApply(t, c, parse(t, conf(8, 32, strings.Replace(web4Plus, "affinity_timeout: 30m", "affinity_timeout: 1h", 1), dns6)))
+	if call := wantCalls(t, dp.take(), "upsert web4")["web4"]; call.keptRing || reflect.DeepEqual(call.svc.Ring, ring) {
+		t.Errorf("a backend added: kept %v, same ring %v", call.keptRing, reflect.DeepEqual(call.svc.Ring, ring))
+	}
+	mustApply(t, c, parse(t, conf(8, 32, strings.Replace(web4Plus, "affinity_timeout: 30m", "affinity_timeout: 1h", 1), dns6)))
+	wantCalls(t, dp.take())
 }

@@ -124,7 +124,7 @@ func TestAPISetWeight(t *testing.T) {
 		t.Errorf("backend on disk: %+v", b)
 	}
 	// web4's three backends, the second now of weight 3.
-	s := e.ctl.Services()[0]
+	s := services(e.ctl)[0]
 	count := map[uint32]int{}
 	for _, id := range s.Ring {
 		count[id]++

@@ -66,7 +66,12 @@ type Service struct {
 	IdleTimeout   time.Duration
 	ProxyProtocol bool
 	Backends      []Backend
-	Ring          []uint32 // Maglev ring of backend IDs (0: no backend)
+	// Ring is the Maglev ring of backend IDs (0: no backend). The control
+	// plane sends a service's ring when it changes and keeps no copy: with
+	// KeepRing set, Ring is nil and the datapath keeps the ring it has for
+	// the service (which it must have), while the other fields change.
+	Ring     []uint32
+	KeepRing bool
 }
 
 // BackendCounters are a backend's counters since its ID was assigned.
@@ -165,8 +170,10 @@ type Adopter interface {
 	// Adopted says whether the datapath started with an earlier daemon's
 	// state.
 	Adopted() bool
-	// AdoptedServices returns the services of that state, sorted by id,
-	// without names or weights; none when it started afresh.
+	// AdoptedServices hands over the services of that state, sorted by
+	// id, with their rings but without names or weights; none when it
+	// started afresh. The datapath keeps no copy: a second call returns
+	// none.
 	AdoptedServices() []Service
 }
 

@@ -172,11 +172,11 @@ func (x *XDP) adopt() error {
 			Backends:        byService[e.ID],
 		}
 		slices.SortFunc(s.Backends, func(a, b datapath.Backend) int { return cmp.Compare(a.ID, b.ID) })
-		if ring, err := m.Ring(e.ID); err == nil {
-			s.Ring = ring
-		}
 		delete(byService, e.ID)
 		x.services[s.ID] = s
+		if ring, err := m.Ring(e.ID); err == nil {
+			s.Ring = ring // for the control plane only: this datapath keeps rings in the maps
+		}
 		x.adopted = append(x.adopted, s)
 	}
 	slices.SortFunc(x.adopted, func(a, b datapath.Service) int { return cmp.Compare(a.ID, b.ID) })
@@ -201,10 +201,17 @@ func (x *XDP) adopt() error {
 // run.
 func (x *XDP) Adopted() bool { return x.objs.Adopted() }
 
-// AdoptedServices returns the services found in the pinned maps at start,
-// sorted by id (without names or weights, which the maps do not hold), for
-// the control plane to keep their ids (control.Controller.Adopt).
-func (x *XDP) AdoptedServices() []datapath.Service { return slices.Clone(x.adopted) }
+// AdoptedServices hands over the services found in the pinned maps at
+// start, sorted by id, with their rings (without names or weights, which
+// the maps do not hold), for the control plane to keep their ids
+// (control.Controller.Adopt). A second call returns none.
+func (x *XDP) AdoptedServices() []datapath.Service {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	out := x.adopted
+	x.adopted = nil
+	return out
+}
 
 // PinDir is the pin directory, or "" when nothing is pinned.
 func (x *XDP) PinDir() string { return x.objs.PinDir() }
@@ -259,8 +266,13 @@ func (x *XDP) UpsertService(s datapath.Service) error {
 			}
 		}
 	}
-	if err := m.PublishRing(s.ID, s.Ring); err != nil {
-		return err
+	switch {
+	case !s.KeepRing:
+		if err := m.PublishRing(s.ID, s.Ring); err != nil {
+			return err
+		}
+	case !existed:
+		return fmt.Errorf("service %s: no ring to keep: the datapath does not serve it", s.Name)
 	}
 	for _, b := range s.Backends {
 		if b.State != datapath.Active {
@@ -289,6 +301,7 @@ func (x *XDP) UpsertService(s datapath.Service) error {
 			return err
 		}
 	}
+	s.Ring, s.KeepRing = nil, false // the ring lives in the maps
 	x.services[s.ID] = s
 	return nil
 }

@@ -14,9 +14,10 @@ import (
 // UpsertService and never changed afterwards: a new version replaces it, so
 // that a connection sees the old ring and backends or the new ones.
 type service struct {
-	datapath.Service
-	backends map[uint32]*backend // by ID
-	stats    *serviceStats
+	datapath.Service                     // without its Ring: see ring
+	ring             []uint16            // the Maglev ring, backend IDs in 16 bits
+	backends         map[uint32]*backend // by ID
+	stats            *serviceStats
 }
 
 // backend is a backend of a service with its counters. The counters live as
@@ -36,11 +37,20 @@ type backendStats struct {
 }
 
 // newService builds the proxy's view of s, keeping the counters of the
-// backends old already had.
+// backends old already had, and old's ring when s keeps it. The ring is
+// kept once, in 16 bits a slot (backend IDs fit: maps.MaxBackendID).
 func newService(s datapath.Service, old *service) *service {
 	ns := &service{Service: s, backends: make(map[uint32]*backend, len(s.Backends))}
 	ns.Backends = append([]datapath.Backend(nil), s.Backends...)
-	ns.Ring = append([]uint32(nil), s.Ring...)
+	if s.KeepRing && old != nil {
+		ns.ring = old.ring
+	} else {
+		ns.ring = make([]uint16, len(s.Ring))
+		for i, id := range s.Ring {
+			ns.ring[i] = uint16(id)
+		}
+	}
+	ns.Ring, ns.KeepRing = nil, false
 	ns.stats = &serviceStats{}
 	if old != nil {
 		ns.stats = old.stats
@@ -84,7 +94,10 @@ func (p *Proxy) choose(s *service, client netip.AddrPort, now int64) (b *backend
 	} else {
 		h = maglev.ConnHash(p.seed, addr, client.Port(), s.Port, s.Proto)
 	}
-	return s.backends[maglev.Lookup(s.Ring, h)], false
+	if len(s.ring) == 0 {
+		return nil, false
+	}
+	return s.backends[uint32(s.ring[h%uint32(len(s.ring))])], false
 }
 
 // record remembers and counts the choice of b for a new connection of

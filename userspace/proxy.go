@@ -264,6 +264,9 @@ func (p *Proxy) upsertLocked(s datapath.Service) error {
 	if l != nil {
 		old = l.svc.Load()
 	}
+	if s.KeepRing && old == nil {
+		return fmt.Errorf("service %s: no ring to keep: the proxy does not serve it", s.Name)
+	}
 	ns := newService(s, old)
 	if l != nil && l.addr == vip {
 		l.svc.Store(ns)
@@ -303,6 +306,11 @@ func (p *Proxy) upsertLocked(s datapath.Service) error {
 
 // check refuses what the proxy cannot serve.
 func check(s datapath.Service) error {
+	for _, id := range s.Ring {
+		if id > 1<<16-1 {
+			return fmt.Errorf("backend id %d does not fit a ring slot", id)
+		}
+	}
 	switch {
 	case s.Proto == 17:
 		return ErrUDP
