@@ -1,6 +1,7 @@
 package config
 
 import (
+	"bytes"
 	"errors"
 	"io/fs"
 	"net/netip"
@@ -10,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"go.yaml.in/yaml/v3"
 
 	"github.com/tetherlb/tether/health"
 	"github.com/tetherlb/tether/maglev"
@@ -724,7 +727,7 @@ func TestMarshalRoundTrip(t *testing.T) {
 interfaces: [eth0, "eth1"]
 datapath: xdp-generic
 hash_seed: 7
-tables: {connections: 2048, affinity: 4096, ring_size: 251, max_services: 7, max_backends: 10}
+tables: {connections: 2048, affinity: 4096, ring_size: 251, max_services: 8, max_backends: 10}
 services:
   - name: v6
     vip: 2001:db8::10
@@ -760,6 +763,10 @@ services:
     port: 82
     health: {type: none}
     on_down: keep
+  - name: ws-lines
+    vip: 198.51.100.9
+    port: 83
+    health: {type: websocket, send: "ping\n\n  pong\n"}
 `)},
 		{"splice block", mustParse(t, "datapath: splice\nsplice: {loops: 3, max_connections: 100000}\n")},
 		{"splice loops only", mustParse(t, "datapath: auto\ninterfaces: [eth0]\nsplice: {loops: 1}\n")},
@@ -790,6 +797,21 @@ services:
 			}
 			if !reflect.DeepEqual(back, tc.c) {
 				t.Errorf("Parse(Marshal(c)) =\n%+v\nwant\n%+v\nYAML:\n%s", back, tc.c, out)
+			}
+			// Marshal encodes services one at a time; the file reads as
+			// the whole configuration encoded as one document.
+			root := tc.c.rootNode()
+			list := &yaml.Node{Kind: yaml.SequenceNode}
+			for _, s := range tc.c.Services {
+				list.Content = append(list.Content, serviceNode(s))
+			}
+			root.Content = append(root.Content, str("services"), list)
+			var whole bytes.Buffer
+			if err := encode(&whole, root); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(out, whole.Bytes()) {
+				t.Errorf("Marshal differs from one document:\n%s\nwant\n%s", out, whole.Bytes())
 			}
 		})
 	}

@@ -22,22 +22,29 @@ import (
 // Load reads the configuration file at path and parses it like Parse. Every
 // *FieldError it returns carries the path in its File.
 func Load(path string) (*Config, error) {
+	c, _, err := ReadFile(path)
+	return c, err
+}
+
+// ReadFile is Load that also returns the file's content, for a caller that
+// needs to tell later whether the file changed.
+func ReadFile(path string) (*Config, []byte, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		var pe *fs.PathError
 		if errors.As(err, &pe) {
 			err = pe.Err // the path is already in our message
 		}
-		return nil, fmt.Errorf("config: read %s: %w", path, err)
+		return nil, nil, fmt.Errorf("config: read %s: %w", path, err)
 	}
 	c, errs, truncated := parse(data)
 	for _, e := range errs {
 		e.File = path
 	}
 	if err := joinErrors(errs, truncated); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return c, nil
+	return c, data, nil
 }
 
 // Parse decodes a YAML configuration strictly, applies the defaults and

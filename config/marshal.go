@@ -15,10 +15,37 @@ import (
 // spelled out (defaults included), so that Parse(Marshal(c)) equals c for
 // any c that Parse returns. It writes c as it is, without validating it.
 func (c *Config) Marshal() ([]byte, error) {
-	services := &yaml.Node{Kind: yaml.SequenceNode}
-	for _, s := range c.Services {
-		services.Content = append(services.Content, serviceNode(s))
+	var buf bytes.Buffer
+	if err := encode(&buf, c.rootNode()); err != nil {
+		return nil, err
 	}
+	if len(c.Services) == 0 {
+		buf.WriteString("services: []\n")
+		return buf.Bytes(), nil
+	}
+	// Each service is encoded on its own and indented under "services:",
+	// which reads as the whole encoded at once would: the YAML encoder
+	// keeps every event of a document until it ends, and thousands of
+	// services made one document cost it seconds.
+	buf.WriteString("services:\n")
+	var one bytes.Buffer
+	for _, s := range c.Services {
+		one.Reset()
+		if err := encode(&one, &yaml.Node{Kind: yaml.SequenceNode, Content: []*yaml.Node{serviceNode(s)}}); err != nil {
+			return nil, err
+		}
+		for line := range bytes.Lines(one.Bytes()) {
+			if len(bytes.TrimSpace(line)) > 0 {
+				buf.WriteString("  ")
+			}
+			buf.Write(line)
+		}
+	}
+	return buf.Bytes(), nil
+}
+
+// rootNode is the configuration as a YAML mapping, without its services.
+func (c *Config) rootNode() *yaml.Node {
 	interfaces := &yaml.Node{Kind: yaml.SequenceNode, Style: yaml.FlowStyle}
 	for _, name := range c.Interfaces {
 		interfaces.Content = append(interfaces.Content, str(name))
@@ -44,18 +71,20 @@ func (c *Config) Marshal() ([]byte, error) {
 			"max_connections", integer(c.Splice.MaxConnections),
 		))
 	}
-	root := mapping(append(kv, "services", services)...)
+	return mapping(kv...)
+}
 
-	var buf bytes.Buffer
-	enc := yaml.NewEncoder(&buf)
+// encode writes n as a YAML document indented by two.
+func encode(buf *bytes.Buffer, n *yaml.Node) error {
+	enc := yaml.NewEncoder(buf)
 	enc.SetIndent(2)
-	if err := enc.Encode(root); err != nil {
-		return nil, fmt.Errorf("config: marshal: %w", err)
+	if err := enc.Encode(n); err != nil {
+		return fmt.Errorf("config: marshal: %w", err)
 	}
 	if err := enc.Close(); err != nil {
-		return nil, fmt.Errorf("config: marshal: %w", err)
+		return fmt.Errorf("config: marshal: %w", err)
 	}
-	return buf.Bytes(), nil
+	return nil
 }
 
 func serviceNode(s Service) *yaml.Node {

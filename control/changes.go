@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"syscall"
@@ -427,7 +428,12 @@ func (d *Daemon) Reload() (Result, error) {
 }
 
 func (d *Daemon) reload() (Result, error) {
-	cur, next, err := d.loadNext()
+	if data, err := os.ReadFile(d.path); err == nil && d.sameFile(data) {
+		// What runs was applied in full from this very content.
+		ch := &Changes{}
+		return Result{Message: fmt.Sprintf("reloaded %s: %s", d.path, ch), Changes: ch}, nil
+	}
+	cur, next, data, err := d.loadNext()
 	if err != nil {
 		return Result{}, err
 	}
@@ -435,7 +441,14 @@ func (d *Daemon) reload() (Result, error) {
 	if err := d.apply(cur, next); err != nil {
 		return Result{}, err
 	}
+	d.file = data
 	return Result{Message: fmt.Sprintf("reloaded %s: %s", d.path, ch), Changes: ch}, nil
+}
+
+// sameFile says whether data is the content the running configuration
+// was last applied from, or written to, in full. d.mu is held.
+func (d *Daemon) sameFile(data []byte) bool {
+	return d.file != nil && bytes.Equal(data, d.file)
 }
 
 // ReloadPlan reads the configuration file as Reload would and says what
@@ -445,7 +458,7 @@ func (d *Daemon) reload() (Result, error) {
 func (d *Daemon) ReloadPlan() (Result, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	cur, next, err := d.loadNext()
+	cur, next, _, err := d.loadNext()
 	if err != nil {
 		return Result{}, err
 	}
@@ -454,16 +467,17 @@ func (d *Daemon) ReloadPlan() (Result, error) {
 }
 
 // loadNext reads the file for a reload, refusing a file that does not
-// load or changes a setting fixed at start. d.mu is held.
-func (d *Daemon) loadNext() (cur, next *config.Config, err error) {
-	next, err = config.Load(d.path)
+// load or changes a setting fixed at start; data is the file's content.
+// d.mu is held.
+func (d *Daemon) loadNext() (cur, next *config.Config, data []byte, err error) {
+	next, data, err = config.ReadFile(d.path)
 	if err != nil {
-		return nil, nil, refused(err)
+		return nil, nil, nil, refused(err)
 	}
 	if err := d.checkFixed(next); err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return d.ctl.Config(), next, nil
+	return d.ctl.Config(), next, data, nil
 }
 
 // checkFixed refuses a configuration that changes a setting taking effect
@@ -530,12 +544,12 @@ func (d *Daemon) change(what string, edit func(*config.Config) error) error {
 	if err := next.Validate(); err != nil {
 		return refused(err)
 	}
+	if reflect.DeepEqual(cur, next) {
+		return nil // nothing to do
+	}
 	data, err := next.Marshal()
 	if err != nil {
 		return err
-	}
-	if old, err := cur.Marshal(); err == nil && bytes.Equal(old, data) {
-		return nil // nothing to do
 	}
 	target, err := filepath.EvalSymlinks(d.path)
 	if err != nil {
@@ -556,6 +570,7 @@ func (d *Daemon) change(what string, edit func(*config.Config) error) error {
 		return errors.Join(err, d.rollback(cur, err))
 	}
 	syncDir(filepath.Dir(target))
+	d.file = data
 	d.log.Info("configuration changed", "change", what, "config", d.path)
 	return nil
 }
@@ -582,6 +597,7 @@ func (d *Daemon) apply(cur, next *config.Config) error {
 // rollback applies cur again after a failed change.
 func (d *Daemon) rollback(cur *config.Config, cause error) error {
 	if err := d.ctl.Apply(cur); err != nil {
+		d.file = nil // what runs is neither the file nor cur: reload in full
 		d.log.Error("undo of a failed change failed: the running state differs from the configuration file; run tether reload",
 			"cause", cause, "err", err)
 		return fmt.Errorf("undo the change: %w (the running state differs from %s; run tether reload)", err, d.path)
@@ -593,6 +609,9 @@ func (d *Daemon) rollback(cur *config.Config, cause error) error {
 // configuration file holds something else than the running configuration
 // (an edit not reloaded yet), which writing the file would lose.
 func (d *Daemon) checkFile(cur *config.Config) error {
+	if data, err := os.ReadFile(d.path); err == nil && d.sameFile(data) {
+		return nil
+	}
 	onDisk, err := config.Load(d.path)
 	if err != nil {
 		return refusef("config", "%s no longer holds the running configuration (%v): fix it and run tether reload, or restore it, before changing the configuration through tether", d.path, err)

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/datapath"
@@ -28,6 +29,11 @@ type StartOptions struct {
 	// daemon attached or pinned at Stop: every tracked connection is
 	// forgotten.
 	Clean bool
+	// File is the content of the file cfg was read from (config.ReadFile):
+	// a change through the API while the file still holds it needs no
+	// parse to know that it overwrites no edit. Without it, the first
+	// change reads the file.
+	File []byte
 }
 
 // Start opens the datapath cfg names, gives the services an earlier daemon
@@ -56,12 +62,15 @@ func Start(path string, cfg *config.Config, o StartOptions, log *slog.Logger) (*
 		log.Info("removed pinned state (--clean)", "pin_dir", o.PinDir, "detached", gone)
 	}
 	removeTemps(path, log)
+	t0 := time.Now()
 	dp, lock, err := openDatapath(cfg, o.PinDir, log)
 	if err != nil {
 		return nil, err
 	}
+	log.Info("datapath open", "took", time.Since(t0).Round(time.Millisecond))
 	ctl := New(dp, cfg.HashSeed, cfg.Tables.RingSize, cfg.Tables.MaxServices, cfg.Tables.MaxBackends, log)
 	d := NewDaemon(path, cfg, ctl, dp, log)
+	d.file = o.File
 	d.remove, d.lock = o.Clean, lock
 	adopted := false
 	if a, ok := dp.(datapath.Adopter); ok && a.Adopted() {
@@ -71,12 +80,14 @@ func Start(path string, cfg *config.Config, o StartOptions, log *slog.Logger) (*
 			return nil, err
 		}
 	}
+	t1 := time.Now()
 	if err := ctl.Apply(cfg); err != nil {
 		// A first start that never served leaves nothing behind.
 		d.remove = d.remove || !adopted
 		d.Stop()
 		return nil, fmt.Errorf("apply %s: %w", path, err)
 	}
+	log.Info("configuration applied", "services", len(cfg.Services), "took", time.Since(t1).Round(time.Millisecond))
 	if err := d.StartHealth(); err != nil {
 		d.Stop()
 		return nil, err

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/control"
@@ -48,10 +49,12 @@ func Run(ctx context.Context, o Options) error {
 	if o.Socket == "" {
 		o.Socket = control.DefaultSocket
 	}
-	cfg, err := config.Load(o.Config)
+	start := time.Now()
+	cfg, file, err := config.ReadFile(o.Config)
 	if err != nil {
 		return err
 	}
+	log.Info("configuration read", "services", len(cfg.Services), "took", time.Since(start).Round(time.Millisecond))
 	ln, err := control.Listen(o.Socket)
 	if err != nil {
 		return err
@@ -67,7 +70,7 @@ func Run(ctx context.Context, o Options) error {
 			log.Warn("metrics served beyond loopback: anyone who reaches the address reads every service and backend", "addr", mln.Addr().String())
 		}
 	}
-	d, err := control.Start(o.Config, cfg, control.StartOptions{PinDir: o.PinDir, Clean: o.Clean}, log)
+	d, err := control.Start(o.Config, cfg, control.StartOptions{PinDir: o.PinDir, Clean: o.Clean, File: file}, log)
 	if err != nil {
 		return err
 	}
@@ -95,7 +98,8 @@ func Run(ctx context.Context, o Options) error {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
-	log.Info("ready", "version", o.Version, "services", len(cfg.Services), "interfaces", cfg.Interfaces, "datapath", cfg.Datapath, "modes", d.Modes(), "socket", o.Socket)
+	log.Info("ready", "version", o.Version, "services", len(cfg.Services), "interfaces", cfg.Interfaces, "datapath", cfg.Datapath, "modes", d.Modes(), "socket", o.Socket,
+		"took", time.Since(start).Round(time.Millisecond))
 	for {
 		select {
 		case <-ctx.Done():
