@@ -475,21 +475,21 @@ func (c *Controller) isUp(s config.Service, b config.Backend) bool {
 // of a service whose change or deletion failed stay taken, as the datapath
 // still serves it with them.
 func (c *Controller) releaseUnused(desired map[string]*planned) {
-	keep := map[string]bool{}
-	note := func(k string, s datapath.Service) {
-		keep["svc "+k] = true
+	services, backends := map[uint32]bool{}, map[uint32]bool{}
+	note := func(s datapath.Service) {
+		services[s.ID] = true
 		for _, b := range s.Backends {
-			keep[backendKey(k, b.Addr, b.Port)] = true
+			backends[b.ID] = true
 		}
 	}
-	for k, p := range desired {
-		note(k, p.svc)
+	for _, p := range desired {
+		note(p.svc)
 	}
-	for k, s := range c.applied {
-		note(k, s)
+	for _, s := range c.applied {
+		note(s)
 	}
-	c.backends.retain(func(key string) bool { return keep[key] })
-	c.services.retain(func(key string) bool { return keep["svc "+key] })
+	c.backends.retain(func(id uint32) bool { return backends[id] })
+	c.services.retain(func(id uint32) bool { return services[id] })
 }
 
 // Services returns the services as applied, sorted by ID.

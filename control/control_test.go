@@ -884,8 +884,8 @@ func TestIDPool(t *testing.T) {
 		t.Errorf("get(v) after wrap-around = %d, %v; want 0", id, err)
 	}
 
-	q.retain(func(k string) bool { return k == "v" })
-	if len(q.byKey) != 1 || len(q.used) != 1 {
+	q.retain(func(id uint32) bool { return id == 0 }) // v's
+	if len(q.byKey) != 1 || len(q.used) != 1 || q.byKey["v"] != 0 {
 		t.Errorf("retain kept %v", q.byKey)
 	}
 

@@ -47,10 +47,10 @@ func (p *idPool) release(key string) {
 	}
 }
 
-// retain releases every key for which keep is false.
-func (p *idPool) retain(keep func(string) bool) {
-	for k := range p.byKey {
-		if !keep(k) {
+// retain releases every key whose id keep says no to.
+func (p *idPool) retain(keep func(id uint32) bool) {
+	for k, id := range p.byKey {
+		if !keep(id) {
 			p.release(k)
 		}
 	}
