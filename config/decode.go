@@ -22,29 +22,42 @@ import (
 // Load reads the configuration file at path and parses it like Parse. Every
 // *FieldError it returns carries the path in its File.
 func Load(path string) (*Config, error) {
-	c, _, err := ReadFile(path)
-	return c, err
+	f, err := ReadFile(path, nil)
+	if err != nil {
+		return nil, err
+	}
+	return f.Config(), nil
 }
 
-// ReadFile is Load that also returns the file's content, for a caller that
-// needs to tell later whether the file changed.
-func ReadFile(path string) (*Config, []byte, error) {
+// ReadFile is Load that returns the file's content with the configuration.
+// Given prev, the File of an earlier version of the file, it parses only
+// the services that changed since, where it can tell that this reads as a
+// parse of the whole (see File).
+func ReadFile(path string, prev *File) (*File, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		var pe *fs.PathError
 		if errors.As(err, &pe) {
 			err = pe.Err // the path is already in our message
 		}
-		return nil, nil, fmt.Errorf("config: read %s: %w", path, err)
+		return nil, fmt.Errorf("config: read %s: %w", path, err)
 	}
-	c, errs, truncated := parse(data)
+	return ParseFile(path, data, prev)
+}
+
+// ParseFile is ReadFile of data, read from the file at path.
+func ParseFile(path string, data []byte, prev *File) (*File, error) {
+	if f := reparse(prev, data); f != nil {
+		return f, nil
+	}
+	f, errs, truncated := parseFile(data)
 	for _, e := range errs {
 		e.File = path
 	}
 	if err := joinErrors(errs, truncated); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	return c, data, nil
+	return f, nil
 }
 
 // Parse decodes a YAML configuration strictly, applies the defaults and
@@ -52,11 +65,11 @@ func ReadFile(path string) (*Config, []byte, error) {
 // is wrong: the error lists every problem found, earliest in the file
 // first, each a *FieldError naming the field and its line.
 func Parse(data []byte) (*Config, error) {
-	c, errs, truncated := parse(data)
+	f, errs, truncated := parseFile(data)
 	if err := joinErrors(errs, truncated); err != nil {
 		return nil, err
 	}
-	return c, nil
+	return f.Config(), nil
 }
 
 // Field names of each mapping, in the order Marshal writes them.
@@ -69,9 +82,9 @@ var (
 	backendFields = []string{"address", "port", "weight", "state"}
 )
 
-// parse decodes data and validates the result. It returns the problems
+// parseFile decodes data and validates the result. It returns the problems
 // sorted by their position in the file, and whether some were left out.
-func parse(data []byte) (*Config, []*FieldError, bool) {
+func parseFile(data []byte) (*File, []*FieldError, bool) {
 	var doc yaml.Node
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	if err := dec.Decode(&doc); err != nil {
@@ -129,7 +142,7 @@ func parse(data []byte) (*Config, []*FieldError, bool) {
 		errs = append(errs, e)
 	}
 	if len(errs) == 0 {
-		return c, nil, false
+		return layout(data, root, c), nil, false
 	}
 	slices.SortStableFunc(errs, func(a, b *FieldError) int { return a.at.compare(b.at) })
 	return nil, errs, v.truncated

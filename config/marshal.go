@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"strconv"
 
 	"go.yaml.in/yaml/v3"
@@ -15,25 +16,54 @@ import (
 // spelled out (defaults included), so that Parse(Marshal(c)) equals c for
 // any c that Parse returns. It writes c as it is, without validating it.
 func (c *Config) Marshal() ([]byte, error) {
+	f, err := c.MarshalFile(nil)
+	if err != nil {
+		return nil, err
+	}
+	return f.Data, nil
+}
+
+// MarshalFile is Marshal that returns the File of what it wrote, for
+// ReadFile to parse the next version of it in proportion to what changed.
+// A service that prev, an earlier File, holds as it is in c, as Marshal
+// writes it, is copied from prev's text rather than encoded again. The
+// File holds c: c must not change afterwards.
+func (c *Config) MarshalFile(prev *File) (*File, error) {
 	var buf bytes.Buffer
 	if err := encode(&buf, c.rootNode()); err != nil {
 		return nil, err
 	}
 	if len(c.Services) == 0 {
 		buf.WriteString("services: []\n")
-		return buf.Bytes(), nil
+		return &File{Data: buf.Bytes(), cfg: c}, nil
 	}
 	// Each service is encoded on its own and indented under "services:",
 	// which reads as the whole encoded at once would: the YAML encoder
 	// keeps every event of a document until it ends, and thousands of
 	// services made one document cost it seconds.
 	buf.WriteString("services:\n")
+	var written map[string]int // prev's services as Marshal writes them, by key
+	if prev != nil && prev.canon != nil {
+		written = make(map[string]int, len(prev.canon))
+		for i, ok := range prev.canon {
+			if ok {
+				written[prev.cfg.Services[i].Key()] = i
+			}
+		}
+	}
+	starts := make([]int, 0, len(c.Services)+1)
 	var one bytes.Buffer
 	for _, s := range c.Services {
+		if i, ok := written[s.Key()]; ok && reflect.DeepEqual(&prev.cfg.Services[i], &s) {
+			starts = append(starts, buf.Len())
+			buf.Write(prev.Data[prev.starts[i]:prev.starts[i+1]])
+			continue
+		}
 		one.Reset()
 		if err := encode(&one, &yaml.Node{Kind: yaml.SequenceNode, Content: []*yaml.Node{serviceNode(s)}}); err != nil {
 			return nil, err
 		}
+		starts = append(starts, buf.Len())
 		for line := range bytes.Lines(one.Bytes()) {
 			if len(bytes.TrimSpace(line)) > 0 {
 				buf.WriteString("  ")
@@ -41,7 +71,11 @@ func (c *Config) Marshal() ([]byte, error) {
 			buf.Write(line)
 		}
 	}
-	return buf.Bytes(), nil
+	canon := make([]bool, len(c.Services))
+	for i := range canon {
+		canon[i] = true
+	}
+	return &File{Data: buf.Bytes(), cfg: c, starts: append(starts, buf.Len()), column: 3, canon: canon}, nil
 }
 
 // rootNode is the configuration as a YAML mapping, without its services.

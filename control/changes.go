@@ -428,27 +428,29 @@ func (d *Daemon) Reload() (Result, error) {
 }
 
 func (d *Daemon) reload() (Result, error) {
-	if data, err := os.ReadFile(d.path); err == nil && d.sameFile(data) {
+	data, err := os.ReadFile(d.path)
+	if err == nil && d.sameFile(data) {
 		// What runs was applied in full from this very content.
 		ch := &Changes{}
 		return Result{Message: fmt.Sprintf("reloaded %s: %s", d.path, ch), Changes: ch}, nil
 	}
-	cur, next, data, err := d.loadNext()
+	cur, f, err := d.loadNext(data, err)
 	if err != nil {
 		return Result{}, err
 	}
+	next := f.Config()
 	ch := diff(cur, next)
 	if err := d.apply(cur, next); err != nil {
 		return Result{}, err
 	}
-	d.file = data
+	d.file = f
 	return Result{Message: fmt.Sprintf("reloaded %s: %s", d.path, ch), Changes: ch}, nil
 }
 
 // sameFile says whether data is the content the running configuration
 // was last applied from, or written to, in full. d.mu is held.
 func (d *Daemon) sameFile(data []byte) bool {
-	return d.file != nil && bytes.Equal(data, d.file)
+	return d.file != nil && bytes.Equal(data, d.file.Data)
 }
 
 // ReloadPlan reads the configuration file as Reload would and says what
@@ -458,26 +460,33 @@ func (d *Daemon) sameFile(data []byte) bool {
 func (d *Daemon) ReloadPlan() (Result, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	cur, next, _, err := d.loadNext()
+	data, err := os.ReadFile(d.path)
+	cur, f, err := d.loadNext(data, err)
 	if err != nil {
 		return Result{}, err
 	}
-	ch := diff(cur, next)
+	ch := diff(cur, f.Config())
 	return Result{Message: fmt.Sprintf("reload of %s would apply: %s", d.path, ch), Changes: ch}, nil
 }
 
 // loadNext reads the file for a reload, refusing a file that does not
-// load or changes a setting fixed at start; data is the file's content.
-// d.mu is held.
-func (d *Daemon) loadNext() (cur, next *config.Config, data []byte, err error) {
-	next, data, err = config.ReadFile(d.path)
+// load or changes a setting fixed at start: cur is the running
+// configuration, next the file's. data and readErr are what reading the
+// file gave. The file is parsed in proportion to what changed since the
+// daemon last read or wrote it. d.mu is held.
+func (d *Daemon) loadNext(data []byte, readErr error) (cur *config.Config, next *config.File, err error) {
+	if readErr != nil {
+		next, err = config.ReadFile(d.path, nil) // says why, as a load does
+	} else {
+		next, err = config.ParseFile(d.path, data, d.file)
+	}
 	if err != nil {
-		return nil, nil, nil, refused(err)
+		return nil, nil, refused(err)
 	}
-	if err := d.checkFixed(next); err != nil {
-		return nil, nil, nil, err
+	if err := d.checkFixed(next.Config()); err != nil {
+		return nil, nil, err
 	}
-	return d.ctl.Config(), next, data, nil
+	return d.ctl.Config(), next, nil
 }
 
 // checkFixed refuses a configuration that changes a setting taking effect
@@ -547,10 +556,11 @@ func (d *Daemon) change(what string, edit func(*config.Config) error) error {
 	if reflect.DeepEqual(cur, next) {
 		return nil // nothing to do
 	}
-	data, err := next.Marshal()
+	f, err := next.MarshalFile(d.file)
 	if err != nil {
 		return err
 	}
+	data := f.Data
 	target, err := filepath.EvalSymlinks(d.path)
 	if err != nil {
 		return fmt.Errorf("write %s: %w", d.path, err)
@@ -570,7 +580,7 @@ func (d *Daemon) change(what string, edit func(*config.Config) error) error {
 		return errors.Join(err, d.rollback(cur, err))
 	}
 	syncDir(filepath.Dir(target))
-	d.file = data
+	d.file = f
 	d.log.Info("configuration changed", "change", what, "config", d.path)
 	return nil
 }

@@ -42,10 +42,10 @@ type Daemon struct {
 	fixed *config.Config
 
 	mu sync.Mutex // serialises changes and reloads
-	// file is the configuration file's content as the daemon last read
-	// or wrote it with the running configuration applied from it in
-	// full, nil when unknown (see sameFile).
-	file []byte
+	// file is the configuration file as the daemon last read or wrote it
+	// with the running configuration applied from it in full, nil when
+	// unknown (see sameFile).
+	file *config.File
 
 	// Health checking, from StartHealth to Close.
 	mon       atomic.Pointer[health.Monitor]

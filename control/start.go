@@ -29,11 +29,11 @@ type StartOptions struct {
 	// daemon attached or pinned at Stop: every tracked connection is
 	// forgotten.
 	Clean bool
-	// File is the content of the file cfg was read from (config.ReadFile):
-	// a change through the API while the file still holds it needs no
-	// parse to know that it overwrites no edit. Without it, the first
-	// change reads the file.
-	File []byte
+	// File is the file cfg was read from (config.ReadFile): a change
+	// through the API while the file still holds it needs no parse to
+	// know that it overwrites no edit, and a reload parses what changed
+	// since. Without it, the first change or reload parses the file.
+	File *config.File
 }
 
 // Start opens the datapath cfg names, gives the services an earlier daemon

@@ -50,10 +50,11 @@ func Run(ctx context.Context, o Options) error {
 		o.Socket = control.DefaultSocket
 	}
 	start := time.Now()
-	cfg, file, err := config.ReadFile(o.Config)
+	file, err := config.ReadFile(o.Config, nil)
 	if err != nil {
 		return err
 	}
+	cfg := file.Config()
 	log.Info("configuration read", "services", len(cfg.Services), "took", time.Since(start).Round(time.Millisecond))
 	ln, err := control.Listen(o.Socket)
 	if err != nil {

@@ -1,0 +1,394 @@
+package config
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// manyServices is a configuration of n services of a few backends each,
+// with a multi-line health string on some.
+func manyServices(n int) *Config {
+	c := Default()
+	c.Interfaces = []string{"eth0"}
+	for k := range n {
+		s := DefaultService()
+		s.Name = fmt.Sprintf("svc-%d", k)
+		s.VIP = netip.AddrFrom4([4]byte{203, 0, 113, byte(1 + k%200)})
+		s.Port = uint16(1000 + k/200)
+		if k%7 == 3 {
+			s.Health.Type, s.Health.Path, s.Health.Send = "websocket", "/", "ping\n\n  pong\n"
+		}
+		for i := range 1 + k%3 {
+			s.Backends = append(s.Backends, Backend{Address: netip.AddrFrom4([4]byte{198, 51, 100, byte(10 + i + k%50)}), Port: s.Port, Weight: 1, State: StateActive})
+		}
+		c.Services = append(c.Services, s)
+	}
+	return c
+}
+
+// serviceLines returns the offsets of the lines that begin services in a
+// file Marshal wrote.
+func serviceLines(data []byte) []int {
+	var out []int
+	for i := 0; i < len(data); {
+		if bytes.HasPrefix(data[i:], []byte("  - name: ")) {
+			out = append(out, i)
+		}
+		j := bytes.IndexByte(data[i:], '\n')
+		if j < 0 {
+			break
+		}
+		i += j + 1
+	}
+	return out
+}
+
+// edit is one change to a file's text, as an operator's editor makes it.
+type edit struct {
+	name string
+	do   func(r *rand.Rand, data []byte) []byte
+	// valid: the result always parses, and parses service by service
+	// (the test fails if reparse gives up on it).
+	valid bool
+}
+
+func splice(data []byte, at, n int, with string) []byte {
+	return slices.Concat(data[:at], []byte(with), data[at+n:])
+}
+
+// randomLine returns the offset and text of a random line holding sub.
+func randomLine(r *rand.Rand, data []byte, sub string) (int, string, bool) {
+	var at []int
+	for i := 0; i < len(data); {
+		j := bytes.IndexByte(data[i:], '\n')
+		if j < 0 {
+			break
+		}
+		if bytes.Contains(data[i:i+j], []byte(sub)) {
+			at = append(at, i)
+		}
+		i += j + 1
+	}
+	if len(at) == 0 {
+		return 0, "", false
+	}
+	i := at[r.IntN(len(at))]
+	j := bytes.IndexByte(data[i:], '\n')
+	return i, string(data[i : i+j]), true
+}
+
+var edits = []edit{
+	{"weight", func(r *rand.Rand, data []byte) []byte {
+		at, line, ok := randomLine(r, data, "weight: ")
+		if !ok {
+			return data
+		}
+		return splice(data, at, len(line), strings.Split(line, "weight: ")[0]+fmt.Sprintf("weight: %d", r.IntN(100)))
+	}, true},
+	{"state", func(r *rand.Rand, data []byte) []byte {
+		at, line, ok := randomLine(r, data, "state: active")
+		if !ok {
+			return data
+		}
+		return splice(data, at, len(line), strings.Replace(line, "active", "draining", 1))
+	}, true},
+	{"delete a service", func(r *rand.Rand, data []byte) []byte {
+		starts := serviceLines(data)
+		if len(starts) < 2 {
+			return data
+		}
+		k := r.IntN(len(starts))
+		end := len(data)
+		if k+1 < len(starts) {
+			end = starts[k+1]
+		}
+		return splice(data, starts[k], end-starts[k], "")
+	}, true},
+	{"add a service", func(r *rand.Rand, data []byte) []byte {
+		starts := serviceLines(data)
+		at := len(data)
+		if k := r.IntN(len(starts) + 1); k < len(starts) {
+			at = starts[k]
+		}
+		port := 20000 + r.IntN(40000)
+		return splice(data, at, 0, fmt.Sprintf("  - name: added-%d\n    vip: 192.0.2.1\n    port: %d\n    backends:\n      - {address: 198.51.100.200, weight: 2}\n", port, port))
+	}, true},
+	{"add a backend", func(r *rand.Rand, data []byte) []byte {
+		at, line, ok := randomLine(r, data, "state: ")
+		if !ok {
+			return data
+		}
+		return splice(data, at+len(line)+1, 0, fmt.Sprintf("      - address: 198.51.100.%d\n", 100+r.IntN(100)))
+	}, true},
+	{"comment", func(r *rand.Rand, data []byte) []byte {
+		at, line, ok := randomLine(r, data, "vip: ")
+		if !ok {
+			return data
+		}
+		return splice(data, at+len(line), 0, " # edited")
+	}, true},
+	{"break a line's indentation", func(r *rand.Rand, data []byte) []byte {
+		at, _, ok := randomLine(r, data, ":")
+		if !ok {
+			return data
+		}
+		return splice(data, at, 0, strings.Repeat(" ", 1+r.IntN(3)))
+	}, false},
+	{"an unknown field", func(r *rand.Rand, data []byte) []byte {
+		at, line, ok := randomLine(r, data, "    port: ")
+		if !ok {
+			return data
+		}
+		return splice(data, at, len(line), strings.Replace(line, "port", "prot", 1))
+	}, false},
+	{"a duplicate service", func(r *rand.Rand, data []byte) []byte {
+		starts := serviceLines(data)
+		k := r.IntN(len(starts))
+		end := len(data)
+		if k+1 < len(starts) {
+			end = starts[k+1]
+		}
+		return splice(data, end, 0, string(data[starts[k]:end]))
+	}, false},
+	{"an anchor and an alias", func(r *rand.Rand, data []byte) []byte {
+		at, line, ok := randomLine(r, data, "    vip: ")
+		if !ok {
+			return data
+		}
+		data = splice(data, at, len(line), strings.Replace(line, "vip: ", "vip: &v ", 1))
+		at, line, ok = randomLine(r, data, "    vip: 2")
+		if !ok {
+			return data
+		}
+		return splice(data, at, len(line), "    vip: *v")
+	}, false},
+	{"a random byte", func(r *rand.Rand, data []byte) []byte {
+		at := r.IntN(len(data))
+		return splice(data, at, 1, string("-:#{}[]&*!|> \n0aZ"[r.IntN(17)]))
+	}, false},
+	{"the tables", func(r *rand.Rand, data []byte) []byte {
+		return bytes.Replace(data, []byte("connections: "), []byte("connections: 1"), 1)
+	}, false},
+}
+
+// TestReparseIsParse edits a file thousands of times, as an operator
+// would, and checks that parsing each version from the previous one gives
+// what parsing it whole gives: the same configuration, or a refusal (from
+// the parse of the whole), and the same layout for the next edit.
+func TestReparseIsParse(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	for round := range 12 {
+		f, err := manyServices(5 + round*3).MarshalFile(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		reparsed := map[string]int{}
+		for range 150 {
+			e := edits[r.IntN(len(edits))]
+			data := e.do(r, f.Data)
+			whole, errs, _ := parseFile(data)
+			got := reparse(f, data)
+			switch {
+			case got == nil && e.valid && len(errs) == 0 && f.starts != nil:
+				a := commonPrefix(f.Data, data)
+				t.Fatalf("%s: the edit was parsed whole; want service by service (at %d: %q; services at %v)", e.name, a, data[max(0, a-60):min(len(data), a+60)], f.starts)
+			case got == nil:
+			case len(errs) > 0:
+				t.Fatalf("%s: reparse accepted what a parse refuses (%v)\n%s", e.name, errs[0], data)
+			case !reflect.DeepEqual(got.Config(), whole.Config()):
+				t.Fatalf("%s: reparse reads otherwise than a parse\n%s", e.name, data)
+			case !slices.Equal(got.starts, whole.starts) || got.column != whole.column:
+				t.Fatalf("%s: reparse lays out services at %v, a parse at %v", e.name, got.starts, whole.starts)
+			default:
+				reparsed[e.name]++
+			}
+			if len(errs) == 0 {
+				f = whole
+				if got != nil {
+					f = got
+				}
+			}
+			if f.starts == nil {
+				// An anchor stays in the file, and no service is parsed
+				// on its own again: start again from Marshal.
+				if f, err = f.Config().MarshalFile(nil); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		t.Logf("round %d: parsed service by service: %v", round, reparsed)
+		if reparsed["weight"]+reparsed["add a service"] == 0 {
+			t.Errorf("round %d: nothing was parsed service by service (%v)", round, reparsed)
+		}
+	}
+}
+
+// TestLayout: a file Marshal wrote, and the same parsed, lay out the same
+// services; files that a parse of some services alone could misread are
+// not laid out.
+func TestLayout(t *testing.T) {
+	f, err := manyServices(9).MarshalFile(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	parsed, errs, _ := parseFile(f.Data)
+	if len(errs) > 0 {
+		t.Fatal(errs[0])
+	}
+	if f.starts == nil || !slices.Equal(f.starts, parsed.starts) || f.column != parsed.column {
+		t.Fatalf("Marshal lays out %v at column %d, a parse %v at %d", f.starts, f.column, parsed.starts, parsed.column)
+	}
+	for _, tc := range []struct{ desc, yaml string }{
+		{"flow list", "datapath: splice\nservices: [{name: a, vip: 192.0.2.1, port: 1}]\n"},
+		{"dash alone", "datapath: splice\nservices:\n  -\n    name: a\n    vip: 192.0.2.1\n    port: 1\n"},
+		{"anchor", "datapath: splice\nservices:\n  - &a {name: a, vip: 192.0.2.1, port: 1}\n"},
+		{"no services", "interfaces: [eth0]\n"},
+	} {
+		f, errs, _ := parseFile([]byte(tc.yaml))
+		if len(errs) > 0 {
+			t.Fatalf("%s: %v", tc.desc, errs[0])
+		}
+		if f.starts != nil {
+			t.Errorf("%s: laid out at %v", tc.desc, f.starts)
+		}
+	}
+	// Services followed by another key end where it begins.
+	data := "datapath: splice\nservices:\n  - {name: a, vip: 192.0.2.1, port: 1}\n  # the last\ninterfaces: [eth0]\n"
+	f, errs, _ = parseFile([]byte(data))
+	if len(errs) > 0 {
+		t.Fatal(errs[0])
+	}
+	if want := []int{strings.Index(data, "  - "), strings.Index(data, "interfaces")}; !slices.Equal(f.starts, want) {
+		t.Errorf("starts %v, want %v", f.starts, want)
+	}
+}
+
+// TestReadFileReparses: ReadFile with the previous File reads an edit as a
+// parse of the whole would, and an unchanged file as it was.
+func TestReadFileReparses(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "tether.yaml")
+	f0, err := manyServices(30).MarshalFile(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, f0.Data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f1, err := ReadFile(path, f0)
+	if err != nil || f1.Config() != f0.Config() {
+		t.Fatalf("unchanged file: %v, same configuration %v", err, f1 != nil && f1.Config() == f0.Config())
+	}
+	edited := bytes.Replace(f0.Data, []byte("name: svc-17\n"), []byte("name: renamed\n"), 1)
+	if err := os.WriteFile(path, edited, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f2, err := ReadFile(path, f1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := Parse(edited)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(f2.Config(), want) || f2.Config().Services[17].Name != "renamed" {
+		t.Fatal("the edit reads otherwise than a parse of the whole")
+	}
+	// A refused edit is reported with its line, as a parse of the whole
+	// reports it.
+	bad := bytes.Replace(edited, []byte("name: renamed\n"), []byte("name: renamed\n    colour: blue\n"), 1)
+	if err := os.WriteFile(path, bad, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = ReadFile(path, f2)
+	if err == nil || !strings.Contains(err.Error(), "services[17].colour") || !strings.Contains(err.Error(), path) {
+		t.Fatalf("refused edit: %v", err)
+	}
+}
+
+func TestCommonPrefixSuffix(t *testing.T) {
+	r := rand.New(rand.NewPCG(3, 4))
+	for range 300 {
+		a := make([]byte, r.IntN(20000))
+		for i := range a {
+			a[i] = byte('a' + r.IntN(2))
+		}
+		b := slices.Clone(a)
+		if len(b) > 0 && r.IntN(4) > 0 {
+			at := r.IntN(len(b))
+			b = splice(b, at, r.IntN(len(b)-at+1), strings.Repeat("c", r.IntN(5000)))
+		}
+		slow := func(a, b []byte, rev bool) int {
+			n := 0
+			for n < min(len(a), len(b)) {
+				x, y := a[n], b[n]
+				if rev {
+					x, y = a[len(a)-1-n], b[len(b)-1-n]
+				}
+				if x != y {
+					break
+				}
+				n++
+			}
+			return n
+		}
+		if got, want := commonPrefix(a, b), slow(a, b, false); got != want {
+			t.Fatalf("commonPrefix = %d, want %d", got, want)
+		}
+		if got, want := commonSuffix(a, b), slow(a, b, true); got != want {
+			t.Fatalf("commonSuffix = %d, want %d", got, want)
+		}
+	}
+}
+
+// TestMarshalFileReuses: a service unchanged since the previous File is
+// copied from its text, and the result is Marshal's.
+func TestMarshalFileReuses(t *testing.T) {
+	c := manyServices(20)
+	f, err := c.MarshalFile(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := c.Clone()
+	next.Services[4].Backends[0].Weight = 9
+	next.Services = append(next.Services[:7], next.Services[8:]...)
+	s := DefaultService()
+	s.Name, s.VIP, s.Port = "added", netip.MustParseAddr("192.0.2.9"), 9
+	next.Services = append(next.Services, s)
+	want, err := next.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := next.MarshalFile(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got.Data, want) {
+		t.Fatalf("MarshalFile(prev) differs from Marshal:\n%s\nwant\n%s", got.Data, want)
+	}
+	if parsed, errs, _ := parseFile(got.Data); len(errs) > 0 || !slices.Equal(parsed.starts, got.starts) {
+		t.Fatalf("lays out services at %v, a parse at %v (%v)", got.starts, parsed.starts, errs)
+	}
+	// Copied, not encoded again: a mark in prev's text of service 2 shows.
+	marked := *f
+	marked.Data = bytes.Replace(f.Data, []byte("name: svc-2\n"), []byte("name: svc-2 # copied\n"), 1)
+	marked.starts = slices.Clone(f.starts)
+	for i := 3; i < len(marked.starts); i++ {
+		marked.starts[i] += len(" # copied")
+	}
+	got, err = next.MarshalFile(&marked)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(got.Data, []byte("svc-2 # copied")) || bytes.Contains(got.Data, []byte("svc-4 # copied")) {
+		t.Fatal("unchanged services were not copied from the previous file")
+	}
+}
