@@ -87,6 +87,40 @@ func unicastMAC(addr netip.Addr, mac net.HardwareAddr) error {
 	return nil
 }
 
+// staticNeigh tells whether the kernel keeps an entry as it is, never
+// resolving it again: one made permanent (an operator's static entry), or
+// one of a device without ARP. Such an entry must not be probed: since
+// Linux 5.16 an NTF_USE request clears NUD_PERMANENT, and the kernel then
+// resolves the address like any other, which fails for a host that does
+// not answer ARP (the reason for a static entry, often).
+func staticNeigh(n netlink.Neigh) bool {
+	return n.State&(netlink.NUD_PERMANENT|netlink.NUD_NOARP) != 0
+}
+
+// neighTables reads the kernel's neighbour table of each interface once,
+// when first asked, for one pass over many addresses.
+type neighTables map[int]map[netip.Addr]netlink.Neigh
+
+// lookup is the entry of addr on ifindex, if the kernel has one.
+func (t *neighTables) lookup(ifindex int, addr netip.Addr) (netlink.Neigh, bool) {
+	if *t == nil {
+		*t = make(neighTables)
+	}
+	table, ok := (*t)[ifindex]
+	if !ok {
+		table = make(map[netip.Addr]netlink.Neigh)
+		neighs, _ := netlink.NeighList(ifindex, unix.AF_UNSPEC) // both families
+		for _, n := range neighs {
+			if a, ok := netip.AddrFromSlice(n.IP); ok {
+				table[a.Unmap()] = n
+			}
+		}
+		(*t)[ifindex] = table
+	}
+	n, ok := table[addr]
+	return n, ok
+}
+
 func lookupNeigh(ifindex int, addr netip.Addr) (net.HardwareAddr, bool) {
 	fam := unix.AF_INET
 	if addr.Is6() {

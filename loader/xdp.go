@@ -509,11 +509,7 @@ func (x *XDP) followUpdates(ctx context.Context, updates <-chan netlink.NeighUpd
 		case <-ctx.Done():
 			return
 		case <-tick:
-			x.mu.Lock()
-			for a, h := range x.hops {
-				_ = probeNeigh(h.Ifindex, a)
-			}
-			x.mu.Unlock()
+			x.probeHops()
 			if updates == nil {
 				return // retry the subscription
 			}
@@ -528,18 +524,37 @@ func (x *XDP) followUpdates(ctx context.Context, updates <-chan netlink.NeighUpd
 	}
 }
 
-// recheckNeighbours compares every known backend MAC with the kernel's
-// table, for changes made while no subscription was listening.
-func (x *XDP) recheckNeighbours() {
+// hopsNow is a copy of the backend addresses' hops.
+func (x *XDP) hopsNow() map[netip.Addr]hop {
 	x.mu.Lock()
+	defer x.mu.Unlock()
 	hops := make(map[netip.Addr]hop, len(x.hops))
 	for a, h := range x.hops {
 		hops[a] = h
 	}
-	x.mu.Unlock()
-	for a, h := range hops {
-		if mac, ok := lookupNeigh(h.Ifindex, a); ok {
-			x.neighbourChanged(netlink.Neigh{LinkIndex: h.Ifindex, IP: net.IP(a.AsSlice()), HardwareAddr: mac})
+	return hops
+}
+
+// probeHops asks the kernel to confirm the neighbour entry of every
+// backend address, except the entries it keeps as they are (permanent,
+// or of a device without ARP), which need no confirming.
+func (x *XDP) probeHops() {
+	var t neighTables
+	for a, h := range x.hopsNow() {
+		if n, ok := t.lookup(h.Ifindex, a); ok && staticNeigh(n) {
+			continue
+		}
+		_ = probeNeigh(h.Ifindex, a)
+	}
+}
+
+// recheckNeighbours compares every known backend MAC with the kernel's
+// table, for changes made while no subscription was listening.
+func (x *XDP) recheckNeighbours() {
+	var t neighTables
+	for a, h := range x.hopsNow() {
+		if n, ok := t.lookup(h.Ifindex, a); ok && usableNeigh(n) {
+			x.neighbourChanged(n)
 		}
 	}
 }

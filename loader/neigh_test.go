@@ -1,0 +1,70 @@
+package loader
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/tetherlb/tether/internal/lab"
+)
+
+// The periodic probe of backend neighbours leaves static entries alone: an
+// operator's permanent entry stays permanent (an NTF_USE request would
+// clear NUD_PERMANENT, and the kernel would then try to resolve an address
+// that may never answer), while an address without an entry is probed.
+func TestProbeKeepsStaticNeighbours(t *testing.T) {
+	l := lab.NewT(t, lab.Options{})
+	lb := l.Balancer
+	static4 := netip.MustParseAddr("198.51.100.200")
+	static6 := netip.MustParseAddr("2001:db8:100::200")
+	unknown := netip.MustParseAddr("198.51.100.201")
+	mac := net.HardwareAddr{0x02, 0, 0, 0, 0x02, 0x00}
+	x := &XDP{hops: map[netip.Addr]hop{}}
+	for _, a := range []netip.Addr{static4, static6, unknown} {
+		x.hops[a] = hop{Ifindex: lb.Ifindex}
+	}
+	state := func(a netip.Addr) (int, bool) {
+		var st int
+		var found bool
+		err := lb.Do(func() error {
+			var t neighTables
+			n, ok := t.lookup(lb.Ifindex, a)
+			st, found = n.State, ok
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st, found
+	}
+	err := lb.Do(func() error {
+		for _, a := range []netip.Addr{static4, static6} {
+			fam := unix.AF_INET
+			if a.Is6() {
+				fam = unix.AF_INET6
+			}
+			if err := netlink.NeighSet(&netlink.Neigh{LinkIndex: lb.Ifindex, Family: fam, IP: a.AsSlice(),
+				HardwareAddr: mac, State: netlink.NUD_PERMANENT}); err != nil {
+				return fmt.Errorf("static entry for %s: %w", a, err)
+			}
+		}
+		x.probeHops()
+		x.probeHops()
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range []netip.Addr{static4, static6} {
+		if st, ok := state(a); !ok || st != netlink.NUD_PERMANENT {
+			t.Errorf("%s after probing: found %v, state %#x, want a permanent entry", a, ok, st)
+		}
+	}
+	if st, ok := state(unknown); !ok || st&(netlink.NUD_INCOMPLETE|netlink.NUD_FAILED) == 0 {
+		t.Errorf("%s after probing: found %v, state %#x, want the kernel resolving it", unknown, ok, st)
+	}
+}
