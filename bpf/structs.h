@@ -25,8 +25,12 @@ struct service {
 	__u32 id;    /* index into rings and service_stats */
 	__u32 flags; /* SVC_F_* */
 	__u64 affinity_timeout_ns;
-	__u32 reserved; /* zero; keeps the layout that pinned services have */
-	__u32 pad;
+	/* The control plane's signature of what the service's ring is built
+	 * from (0: unknown), so that a restarted daemon keeps rings it would
+	 * build alike. The program never reads it. Two words, where pinned
+	 * services have two zero ones. */
+	__u32 ring_sig_lo;
+	__u32 ring_sig_hi;
 };
 
 /* A backend of one service; its index in the backends map is its id. */

@@ -112,8 +112,8 @@ type TetherService struct {
 	Id                uint32
 	Flags             uint32
 	AffinityTimeoutNs uint64
-	Reserved          uint32
-	Pad               uint32
+	RingSigLo         uint32
+	RingSigHi         uint32
 }
 
 type TetherServiceKey struct {

@@ -37,6 +37,12 @@ func (c *Controller) Adopt(services []datapath.Service) error {
 		if s.Name == "" {
 			s.Name = key // the maps do not hold names
 		}
+		if s.RingSignature != 0 {
+			// The datapath's ring was built from what this signature
+			// says: the first Apply keeps it if it would build it alike.
+			c.rings[key] = s.RingSignature
+			s.Ring = nil
+		}
 		c.applied[key] = s
 	}
 	return nil

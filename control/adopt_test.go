@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/datapath"
 )
 
@@ -119,5 +120,55 @@ func TestAdoptRefusals(t *testing.T) {
 	big[0].ID = 8 // max_services 8: ids 0..7
 	if err := newController(newFakeDP(), cfg).Adopt(big); err == nil || !strings.Contains(err.Error(), "outside") {
 		t.Errorf("service id beyond the table: %v, want a refusal", err)
+	}
+}
+
+// A service adopted with the signature of its ring keeps the ring when the
+// configuration would build it alike: a restart builds no ring. Without a
+// signature, or with another hash seed, the ring is built (and kept only if
+// it comes out the same).
+func TestAdoptSignedRings(t *testing.T) {
+	cfg := parse(t, conf(8, 32, dns6, web4Plus))
+	a := newController(newFakeDP(), cfg)
+	mustApply(t, a, cfg)
+	before := services(a)
+	for _, s := range before {
+		if s.RingSignature == 0 {
+			t.Fatalf("%s applied without a ring signature", s.Name)
+		}
+	}
+	restart := func(cfg *config.Config, adopted []datapath.Service) map[string]call {
+		t.Helper()
+		dp := newFakeDP()
+		for _, s := range before {
+			dp.installed[s.ID] = s
+		}
+		b := newController(dp, cfg)
+		if err := b.Adopt(adopted); err != nil {
+			t.Fatal(err)
+		}
+		mustApply(t, b, cfg)
+		return wantCalls(t, dp.take(), "upsert web4", "upsert dns6")
+	}
+	for name, c := range restart(cfg, pinned(before)) {
+		if !c.keptRing {
+			t.Errorf("%s: ring sent again although its signature is the adopted one", name)
+		}
+	}
+	unsigned := pinned(before)
+	for i := range unsigned {
+		unsigned[i].RingSignature = 0
+	}
+	for name, c := range restart(cfg, unsigned) {
+		if !c.keptRing {
+			t.Errorf("%s, adopted without a signature: the ring built alike was sent again", name)
+		}
+	}
+	reseeded := parse(t, conf(8, 32, dns6, web4Plus))
+	reseeded.HashSeed++
+	for name, c := range restart(reseeded, pinned(before)) {
+		if c.keptRing || c.svc.RingSignature == before[0].RingSignature || c.svc.RingSignature == before[1].RingSignature {
+			t.Errorf("%s: another hash seed kept the ring or its signature", name)
+		}
 	}
 }

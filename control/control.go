@@ -439,24 +439,29 @@ func (c *Controller) planService(cs config.Service) (planned, error) {
 			ring = append(ring, maglev.Backend{ID: bid, Key: cb.Key(), Weight: cb.Weight})
 		}
 	}
-	return planned{svc: s, ring: ring, sig: ringSignature(ring)}, nil
+	s.RingSignature = c.ringSignature(ring)
+	return planned{svc: s, ring: ring, sig: s.RingSignature}, nil
 }
 
-// ringSignature hashes what a ring is built of (its backends' keys, ids
-// and weights, in the order Build sorts them); the ring size and seed are
-// the controller's own, fixed for its life.
-func ringSignature(bs []maglev.Backend) uint64 {
+// ringSignature hashes what a ring is built of: the ring size, the seed
+// and its backends' keys, ids and weights, in the order Build sorts them.
+// The datapath stores it with the service for the next daemon, whose
+// seed may differ. It is never 0 (which says "unknown").
+func (c *Controller) ringSignature(bs []maglev.Backend) uint64 {
 	sorted := slices.Clone(bs)
 	slices.SortFunc(sorted, func(a, b maglev.Backend) int { return strings.Compare(a.Key, b.Key) })
 	h := fnv.New64a()
 	var num [8]byte
+	binary.LittleEndian.PutUint32(num[:4], c.ringSize)
+	binary.LittleEndian.PutUint32(num[4:], c.seed)
+	h.Write(num[:])
 	for _, b := range sorted {
 		h.Write([]byte(b.Key))
 		binary.LittleEndian.PutUint32(num[:4], b.ID)
 		binary.LittleEndian.PutUint32(num[4:], b.Weight)
 		h.Write(num[:])
 	}
-	return h.Sum64()
+	return max(h.Sum64(), 1)
 }
 
 // isUp reports whether backend b of service s is up by its health check:

@@ -72,6 +72,12 @@ type Service struct {
 	// the service (which it must have), while the other fields change.
 	Ring     []uint32
 	KeepRing bool
+	// RingSignature is the control plane's signature of what Ring is
+	// built from (0: none). A datapath whose state outlives the daemon
+	// stores it with the service and gives it back with the adopted
+	// service, so that the next daemon keeps a ring it would build alike
+	// instead of building it to compare.
+	RingSignature uint64
 }
 
 // BackendCounters are a backend's counters since its ID was assigned.

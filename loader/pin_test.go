@@ -169,6 +169,24 @@ func TestPinAndAdopt(t *testing.T) {
 	if b, err := m.LookupBackend(9); err != nil || b.State != maps.StateUnused {
 		t.Errorf("backend of no service after adoption: %+v %v, want cleared", b, err)
 	}
+	// A ring stored with its signature is handed over by its signature
+	// alone: the next daemon does not read it back.
+	signed := want[0]
+	signed.Name, signed.Ring, signed.KeepRing, signed.RingSignature = "signed", nil, true, 77
+	// Down: nothing to resolve (resolution runs on threads outside the
+	// lab's namespace).
+	signed.Backends = []datapath.Backend{{ID: 3, Addr: pinBackend, Port: 8765, State: datapath.Down}}
+	must(t, l.Balancer.Do(func() error { return x.UpsertService(signed) }))
+	must(t, x.Close())
+	if err := l.Balancer.Do(func() (err error) { x, err = NewXDP(opts, []string{"eth0"}, ModeNative, log); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if got := x.AdoptedServices(); len(got) != 1 || got[0].RingSignature != 77 || got[0].Ring != nil {
+		t.Errorf("AdoptedServices() of a signed ring = %+v, want signature 77 and no ring", got)
+	}
+	if got, err := x.Maps().Ring(2); err != nil || !reflect.DeepEqual(got, ring) {
+		t.Errorf("signed ring after adoption differs (%v)", err)
+	}
 	must(t, x.Close())
 
 	// Other table sizes, another layout: refused with how to proceed.

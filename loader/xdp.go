@@ -173,9 +173,14 @@ func (x *XDP) adopt() error {
 		}
 		slices.SortFunc(s.Backends, func(a, b datapath.Backend) int { return cmp.Compare(a.ID, b.ID) })
 		delete(byService, e.ID)
+		s.RingSignature = e.RingSignature
 		x.services[s.ID] = s
-		if ring, err := m.Ring(e.ID); err == nil {
-			s.Ring = ring // for the control plane only: this datapath keeps rings in the maps
+		if s.RingSignature == 0 {
+			// Pinned by a tether that stored no signature: the control
+			// plane compares the ring with the one it builds.
+			if ring, err := m.Ring(e.ID); err == nil {
+				s.Ring = ring // for the control plane only: this datapath keeps rings in the maps
+			}
 		}
 		x.adopted = append(x.adopted, s)
 	}
@@ -211,6 +216,17 @@ func (x *XDP) AdoptedServices() []datapath.Service {
 	out := x.adopted
 	x.adopted = nil
 	return out
+}
+
+// serviceEntry is s as the services map holds it.
+func serviceEntry(s datapath.Service) maps.Service {
+	return maps.Service{
+		ID:              s.ID,
+		SourceAffinity:  s.SourceAffinity,
+		ResetOnDown:     s.OnDownReset,
+		AffinityTimeout: s.AffinityTimeout,
+		RingSignature:   s.RingSignature,
+	}
 }
 
 // PinDir is the pin directory, or "" when nothing is pinned.
@@ -268,6 +284,16 @@ func (x *XDP) UpsertService(s datapath.Service) error {
 	}
 	switch {
 	case !s.KeepRing:
+		if existed && old.RingSignature != 0 {
+			// Until the service entry has the new ring's signature, it
+			// must not claim the old one's: a daemon stopped in between
+			// would keep the new ring as the old.
+			unsigned := old
+			unsigned.RingSignature = 0
+			if err := m.PutService(old.VIP, old.Port, old.Proto, serviceEntry(unsigned)); err != nil {
+				return err
+			}
+		}
 		if err := m.PublishRing(s.ID, s.Ring); err != nil {
 			return err
 		}
@@ -282,13 +308,7 @@ func (x *XDP) UpsertService(s datapath.Service) error {
 		}
 		delete(oldIDs, b.ID)
 	}
-	err := m.PutService(s.VIP, s.Port, s.Proto, maps.Service{
-		ID:              s.ID,
-		SourceAffinity:  s.SourceAffinity,
-		ResetOnDown:     s.OnDownReset,
-		AffinityTimeout: s.AffinityTimeout,
-	})
-	if err != nil {
+	if err := m.PutService(s.VIP, s.Port, s.Proto, serviceEntry(s)); err != nil {
 		return err
 	}
 	if existed && (old.VIP != s.VIP || old.Port != s.Port || old.Proto != s.Proto) {

@@ -57,6 +57,7 @@ func serviceEntry(vip netip.Addr, port uint16, proto uint8, v bpf.TetherService)
 			SourceAffinity:  v.Flags&FlagSourceAffinity != 0,
 			ResetOnDown:     v.Flags&FlagResetOnDown != 0,
 			AffinityTimeout: time.Duration(v.AffinityTimeoutNs),
+			RingSignature:   uint64(v.RingSigHi)<<32 | uint64(v.RingSigLo),
 		},
 	}
 }

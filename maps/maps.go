@@ -109,12 +109,16 @@ type Service struct {
 	SourceAffinity  bool
 	ResetOnDown     bool
 	AffinityTimeout time.Duration
+	// RingSignature is the control plane's, stored for the next daemon
+	// (see datapath.Service.RingSignature).
+	RingSignature uint64
 }
 
 // PutService creates or replaces a service entry. Publish its ring and
 // backends first, so that the first packet finds them.
 func (m *Maps) PutService(vip netip.Addr, port uint16, proto uint8, s Service) error {
-	v := bpf.TetherService{Id: s.ID, AffinityTimeoutNs: uint64(s.AffinityTimeout)}
+	v := bpf.TetherService{Id: s.ID, AffinityTimeoutNs: uint64(s.AffinityTimeout),
+		RingSigLo: uint32(s.RingSignature), RingSigHi: uint32(s.RingSignature >> 32)}
 	if s.SourceAffinity {
 		v.Flags |= FlagSourceAffinity
 	}

@@ -79,7 +79,7 @@ func mapsSnapshot(t *testing.T, m *maps.Maps) string {
 		var v bpf.TetherService
 		it := mp.Iterate()
 		for it.Next(&k, &v) {
-			lines = append(lines, fmt.Sprintf("%s %x: id %d flags %d timeout %d reserved %d", name, k, v.Id, v.Flags, v.AffinityTimeoutNs, v.Reserved))
+			lines = append(lines, fmt.Sprintf("%s %x: id %d flags %d timeout %d ring signature %08x%08x", name, k, v.Id, v.Flags, v.AffinityTimeoutNs, v.RingSigHi, v.RingSigLo))
 			ids = append(ids, v.Id)
 		}
 		if err := it.Err(); err != nil {
