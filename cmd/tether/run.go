@@ -26,7 +26,8 @@ to the daemon over a unix socket, mode 0600 (--socket, default
 written back to the configuration file, atomically; the file stays the
 source of truth, but its comments are not kept.
 
-The configuration is YAML; see the README for every field. The smallest one:
+The configuration is YAML; docs/configuration.md explains every field.
+The smallest one:
 
     interfaces: [eth0]
     services:
