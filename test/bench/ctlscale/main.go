@@ -4,7 +4,8 @@
 // for each N:
 //
 //   - the time from the start to "ready", and the daemon's resident memory
-//     then (VmRSS);
+//     then (VmRSS), and the same for a restart that adopts the pinned state
+//     the first daemon left;
 //   - a reload of the unchanged file, and of the file with one backend's
 //     weight changed, through the API (median of several);
 //   - adding one service through the API;
@@ -43,7 +44,9 @@ var (
 type result struct {
 	services, backends int
 	ready              time.Duration
-	phases             string  // where the start went, from the daemon's log
+	phases             string // where the start went, from the daemon's log
+	restart            time.Duration
+	restartPhases      string
 	rssReady           float64 // MiB
 	reload, reloadOne  time.Duration
 	add, addNext       time.Duration // the first vip add after a reload, the next ones
@@ -147,32 +150,48 @@ func measure(l *lab.Lab, bin, tmp string, n, b, reloads int) result {
 		fail(err.Error())
 	}
 	sock := filepath.Join(dir, "tether.sock")
-	start := time.Now()
-	p, err := l.Balancer.Start(bin, "run", "--config", path, "--socket", sock, "--pin-dir", filepath.Join(l.BPFFS, "tether"), "--clean", "--log-level", "info")
-	if err != nil {
-		fail(err.Error())
-	}
-	benchrun.AtExit(func() { p.Stop() })
-	cl := control.NewClientTimeout(sock, 5*time.Minute)
-	ctx := context.Background()
-	for {
-		if _, err := cl.Status(ctx); err == nil {
-			break
-		}
-		select {
-		case <-p.Done():
-			fail(fmt.Sprintf("tether exited: %v\n%s", p.Err(), p.Output()))
-		case <-time.After(10 * time.Millisecond):
-		}
-		if time.Since(start) > 10*time.Minute {
-			fail("not ready after 10 minutes")
+	pinDir := filepath.Join(l.BPFFS, "tether")
+	// detach removes the state a daemon left pinned (a --clean start would
+	// also remove it when it stops, and there would be nothing to adopt).
+	detach := func() {
+		if err := l.Balancer.Run(bin, "detach", "--pin-dir", pinDir); err != nil {
+			fail("detach: " + err.Error())
 		}
 	}
-	r.ready = time.Since(start)
+	detach()
+	// run starts tether and waits until its API answers.
+	run := func() (*lab.Proc, time.Duration) {
+		args := []string{"run", "--config", path, "--socket", sock, "--pin-dir", pinDir, "--log-level", "info"}
+		start := time.Now()
+		p, err := l.Balancer.Start(bin, args...)
+		if err != nil {
+			fail(err.Error())
+		}
+		benchrun.AtExit(func() { p.Stop() })
+		cl := control.NewClientTimeout(sock, 5*time.Minute)
+		for {
+			if _, err := cl.Status(context.Background()); err == nil {
+				break
+			}
+			select {
+			case <-p.Done():
+				fail(fmt.Sprintf("tether exited: %v\n%s", p.Err(), p.Output()))
+			case <-time.After(10 * time.Millisecond):
+			}
+			if time.Since(start) > 10*time.Minute {
+				fail(fmt.Sprintf("not ready after 10 minutes:\n%s", tail(p.Output(), 40)))
+			}
+		}
+		return p, time.Since(start)
+	}
+	p, ready := run()
+	r.ready = ready
 	r.phases = phases(p.Output())
 	pid := p.Cmd.Process.Pid
 	r.rssReady = rss(pid)
 	logf("  ready in %v (%s), %.0f MiB", r.ready.Round(time.Millisecond), r.phases, r.rssReady)
+	cl := control.NewClientTimeout(sock, 5*time.Minute)
+	ctx := context.Background()
 
 	timeReload := func() time.Duration {
 		t0 := time.Now()
@@ -233,9 +252,18 @@ func measure(l *lab.Lab, bin, tmp string, n, b, reloads int) result {
 	}
 	r.rssAfter = rss(pid)
 	logf("  vip add %v, then %v; after %d reloads %.0f MiB, after %d %.0f MiB", r.add, r.addNext, reloads/10, r.rssTenth, reloads, r.rssAfter)
+	// A restart: the new daemon adopts the state the stopped one left
+	// pinned, with the rings' signatures.
 	if err := p.Stop(); err != nil {
 		logf("stop: %v", err)
 	}
+	p, r.restart = run()
+	r.restartPhases = phases(p.Output())
+	logf("  restart: ready in %v (%s)", r.restart.Round(time.Millisecond), r.restartPhases)
+	if err := p.Stop(); err != nil {
+		logf("stop: %v", err)
+	}
+	detach()
 	return r
 }
 
@@ -256,6 +284,12 @@ func phases(log string) string {
 		}
 	}
 	return strings.Join(out, ", ")
+}
+
+// tail is the last n lines of s.
+func tail(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
 
 func median(ds []time.Duration) time.Duration {
@@ -292,11 +326,11 @@ func report(w interface {
 	fmt.Fprintf(w, "# tether's control plane with many services (%s, %s)\n\n", time.Now().UTC().Format("2006-01-02"), benchrun.Kernel())
 	fmt.Fprintln(w, "`tether run` with the XDP datapath on a lab's balancer (`go run ./test/bench/ctlscale`), services of B backends with static neighbour entries, health checks off, no traffic. Reloads go through the API; a changed reload changes one backend's weight in the file. Resident memory is VmRSS.")
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "| services x backends | start to ready (read the file, open the datapath, apply) | resident at ready | reload, unchanged | reload, one service changed | vip add, first after a reload / next | resident after 1/10 of the reloads, after all |")
-	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|")
+	fmt.Fprintln(w, "| services x backends | start to ready (read the file, open the datapath, apply) | restart to ready, adopting the pinned state | resident at ready | reload, unchanged | reload, one service changed | vip add, first after a reload / next | resident after 1/10 of the reloads, after all |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|")
 	for _, r := range rs {
-		fmt.Fprintf(w, "| %d x %d | %.2f s (%s) | %.0f MiB | %s | %s | %s / %s | %.0f MiB, %.0f MiB (%d reloads) |\n", r.services, r.backends,
-			r.ready.Seconds(), r.phases, r.rssReady, r.reload.Round(100*time.Microsecond), r.reloadOne.Round(100*time.Microsecond),
+		fmt.Fprintf(w, "| %d x %d | %.2f s (%s) | %.2f s (%s) | %.0f MiB | %s | %s | %s / %s | %.0f MiB, %.0f MiB (%d reloads) |\n", r.services, r.backends,
+			r.ready.Seconds(), r.phases, r.restart.Seconds(), r.restartPhases, r.rssReady, r.reload.Round(100*time.Microsecond), r.reloadOne.Round(100*time.Microsecond),
 			r.add.Round(100*time.Microsecond), r.addNext.Round(100*time.Microsecond), r.rssTenth, r.rssAfter, r.reloads)
 	}
 	fmt.Fprintln(w)
