@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"log/slog"
+	"net/netip"
 	"reflect"
 	"runtime"
 	"slices"
@@ -57,6 +58,9 @@ type Controller struct {
 	cfg     *config.Config // the last configuration applied in full
 	desired *config.Config // the last configuration Apply was given and planned
 	up      func(health.Target) bool
+	// unreachable are the backend addresses the datapath cannot reach
+	// (see datapath.Resolver), with why: planned down.
+	unreachable map[netip.Addr]error
 }
 
 // New returns a controller for dp. The hash seed and the ring size are
@@ -72,6 +76,8 @@ func New(dp datapath.Datapath, seed, ringSize, maxServices, maxBackends uint32, 
 		backends: newIDPool(1, maxBackends+1), // backend id 0 means "none"
 		applied:  make(map[string]datapath.Service),
 		rings:    make(map[string]uint64),
+
+		unreachable: make(map[netip.Addr]error),
 	}
 }
 
@@ -91,24 +97,47 @@ func (c *Controller) SetHealth(up func(health.Target) bool) {
 // with the current health (see SetHealth), and upserted whole if that
 // changed it. Other services are not touched.
 func (c *Controller) Refresh(targets ...health.Target) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.desired == nil || len(targets) == 0 {
-		return nil
-	}
 	changed := make(map[health.Target]bool, len(targets))
 	for _, t := range targets {
 		t.Check = t.Check.Defaults()
 		changed[t] = true
 	}
-	var errs []error
+	return c.refresh("health", func(cs config.Service, b config.Backend) bool {
+		t, ok := cs.Target(b)
+		return ok && changed[t]
+	})
+}
+
+// Reachable applies what the datapath found (see datapath.Resolver): the
+// backends at addrs answer now, and every service with one of them is
+// planned again, as Refresh does.
+func (c *Controller) Reachable(addrs ...netip.Addr) error {
+	c.mu.Lock()
+	for _, a := range addrs {
+		delete(c.unreachable, a)
+	}
+	c.mu.Unlock()
+	return c.refresh("reachability", func(_ config.Service, b config.Backend) bool {
+		return slices.Contains(addrs, b.Address)
+	})
+}
+
+// refresh plans again every service of the configuration with a backend
+// that has, and upserts it whole if that changed it.
+func (c *Controller) refresh(why string, has func(config.Service, config.Backend) bool) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.desired == nil {
+		return nil
+	}
+	var todo []config.Service
 	for _, cs := range c.desired.Services {
-		if !slices.ContainsFunc(cs.Backends, func(b config.Backend) bool {
-			t, ok := cs.Target(b)
-			return ok && changed[t]
-		}) {
-			continue
+		if slices.ContainsFunc(cs.Backends, func(b config.Backend) bool { return has(cs, b) }) {
+			todo = append(todo, cs)
 		}
+	}
+	errs := []error{c.reach(todo, false)}
+	for _, cs := range todo {
 		key := cs.Key()
 		p, err := c.planService(cs)
 		if err != nil {
@@ -125,15 +154,73 @@ func (c *Controller) Refresh(targets ...health.Target) error {
 		s := p.svc
 		old, ok := c.applied[key]
 		if err := c.dp.UpsertService(s); err != nil {
-			errs = append(errs, fmt.Errorf("apply the health of service %s: %w", cs.Name, err))
+			errs = append(errs, fmt.Errorf("apply the %s of service %s: %w", why, cs.Name, err))
 			continue
 		}
 		c.record(key, p)
 		active, down := countStates(s)
-		c.log.Info("service changed by health", "service", s.Name, "vip", key, "active", active, "down", down)
+		c.log.Info("service changed by "+why, "service", s.Name, "vip", key, "active", active, "down", down)
 		c.noteUsable(old, ok, s)
 	}
 	return errors.Join(errs...)
+}
+
+// reach asks a datapath that finds backends itself (datapath.Resolver)
+// about every backend of services, and records those it cannot reach, for
+// planService to plan down. An address the datapath refuses fails reach,
+// and with it the change, before anything is applied. With all, services
+// are the whole configuration: addresses it no longer has are forgotten.
+func (c *Controller) reach(services []config.Service, all bool) error {
+	r, ok := c.dp.(datapath.Resolver)
+	if !ok {
+		return nil
+	}
+	seen := make(map[netip.Addr]bool)
+	var addrs []netip.Addr
+	for _, cs := range services {
+		for _, b := range cs.Backends {
+			if !seen[b.Address] {
+				seen[b.Address] = true
+				addrs = append(addrs, b.Address)
+			}
+		}
+	}
+	if all {
+		for a := range c.unreachable {
+			if !seen[a] {
+				delete(c.unreachable, a)
+			}
+		}
+	}
+	failed := r.Resolve(addrs)
+	var errs []error
+	for _, a := range addrs {
+		err, bad := failed[a]
+		var refused *datapath.RefusedError
+		switch {
+		case !bad:
+			delete(c.unreachable, a)
+		case errors.As(err, &refused):
+			errs = append(errs, err)
+		default:
+			if _, known := c.unreachable[a]; !known {
+				c.log.Warn("backend unreachable: down until it answers", "backend", a, "err", err)
+			}
+			c.unreachable[a] = err
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Unreachable says why the datapath cannot reach the backends at addr, ""
+// if it can.
+func (c *Controller) Unreachable(addr netip.Addr) string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.unreachable[addr]; err != nil {
+		return err.Error()
+	}
+	return ""
 }
 
 // countStates counts the active and the down backends of s.
@@ -178,6 +265,9 @@ func (c *Controller) Apply(cfg *config.Config) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 
+	if err := c.reach(cfg.Services, true); err != nil {
+		return err
+	}
 	desired, err := c.plan(cfg)
 	if err != nil {
 		// Give back the ids plan allocated for a configuration that is not
@@ -429,6 +519,8 @@ func (c *Controller) planService(cs config.Service) (planned, error) {
 		}
 		b := datapath.Backend{ID: bid, Addr: cb.Address, Port: cb.Port, Weight: cb.Weight, State: datapath.Active}
 		switch {
+		case c.unreachable[cb.Address] != nil:
+			b.State = datapath.Down // no frame can reach it, drained or not
 		case cb.State == config.StateDraining || cb.Weight == 0:
 			b.State = datapath.Draining // drained, whatever its health
 		case !c.isUp(cs, cb):

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 
@@ -51,6 +52,7 @@ type Daemon struct {
 	mon       atomic.Pointer[health.Monitor]
 	pendingMu sync.Mutex
 	pending   map[health.Target]bool // transitions not yet applied
+	answered  map[netip.Addr]bool    // backends the datapath reaches now, not yet applied
 	wake      chan struct{}          // a transition is pending (capacity 1)
 	stop      chan struct{}          // closed by Close
 	loopDone  chan struct{}          // closed when the health loop returns
@@ -62,7 +64,14 @@ type Daemon struct {
 // its interfaces, datapath, hash seed and table sizes stay fixed for the
 // life of the daemon.
 func NewDaemon(path string, cfg *config.Config, ctl *Controller, dp datapath.Datapath, log *slog.Logger) *Daemon {
-	return &Daemon{path: path, ctl: ctl, dp: dp, log: log, fixed: cfg.Clone()}
+	d := &Daemon{path: path, ctl: ctl, dp: dp, log: log, fixed: cfg.Clone(),
+		pending: make(map[health.Target]bool), answered: make(map[netip.Addr]bool), wake: make(chan struct{}, 1)}
+	if r, ok := dp.(datapath.Resolver); ok {
+		// From now on, so that no answer is missed: the health loop,
+		// once started, applies those that came before.
+		r.OnResolved(d.backendAnswered)
+	}
+	return d
 }
 
 // ConfigPath returns the configuration file the daemon serves.

@@ -3,6 +3,9 @@ package control
 import (
 	"errors"
 	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/tetherlb/tether/config"
@@ -25,8 +28,6 @@ func (d *Daemon) StartHealth() error {
 	if d.mon.Load() != nil {
 		return errors.New("health checking is already running")
 	}
-	d.pending = make(map[health.Target]bool)
-	d.wake = make(chan struct{}, 1)
 	d.stop = make(chan struct{})
 	d.loopDone = make(chan struct{})
 	mon := health.New(d.log, d.healthChanged)
@@ -55,7 +56,21 @@ func (d *Daemon) healthChanged(t health.Target, _ health.Status) {
 	}
 }
 
-// healthLoop applies the pending transitions until Close. The Controller
+// backendAnswered is the datapath's callback (datapath.Resolver): a
+// backend it could not reach answers now. Like healthChanged, it notes it
+// for the health loop.
+func (d *Daemon) backendAnswered(a netip.Addr) {
+	d.pendingMu.Lock()
+	d.answered[a] = true
+	d.pendingMu.Unlock()
+	select {
+	case d.wake <- struct{}{}:
+	default:
+	}
+}
+
+// healthLoop applies the pending transitions until Close, and the
+// backends the datapath reaches again. The Controller
 // reads each target's state from the monitor when it plans, so a
 // transition applied late, or twice, still ends in the monitor's verdict.
 func (d *Daemon) healthLoop() {
@@ -71,23 +86,32 @@ func (d *Daemon) healthLoop() {
 		case <-retry.C:
 		}
 		d.pendingMu.Lock()
-		todo := make([]health.Target, 0, len(d.pending))
-		for t := range d.pending {
-			todo = append(todo, t)
-		}
+		todo := slices.Collect(maps.Keys(d.pending))
+		answered := slices.Collect(maps.Keys(d.answered))
 		clear(d.pending)
+		clear(d.answered)
 		d.pendingMu.Unlock()
-		if len(todo) == 0 {
-			continue
-		}
-		if err := d.ctl.Refresh(todo...); err != nil {
-			d.log.Error("apply a health transition; retrying", "err", err, "retry_in", healthRetry)
-			d.pendingMu.Lock()
-			for _, t := range todo {
-				d.pending[t] = true
+		if len(todo) > 0 {
+			if err := d.ctl.Refresh(todo...); err != nil {
+				d.log.Error("apply a health transition; retrying", "err", err, "retry_in", healthRetry)
+				d.pendingMu.Lock()
+				for _, t := range todo {
+					d.pending[t] = true
+				}
+				d.pendingMu.Unlock()
+				retry.Reset(healthRetry)
 			}
-			d.pendingMu.Unlock()
-			retry.Reset(healthRetry)
+		}
+		if len(answered) > 0 {
+			if err := d.ctl.Reachable(answered...); err != nil {
+				d.log.Error("apply a backend that answers again; retrying", "err", err, "retry_in", healthRetry)
+				d.pendingMu.Lock()
+				for _, a := range answered {
+					d.answered[a] = true
+				}
+				d.pendingMu.Unlock()
+				retry.Reset(healthRetry)
+			}
 		}
 	}
 }

@@ -87,8 +87,13 @@ type BackendStatus struct {
 	Weight  uint32 `json:"weight"`
 	// State is the state the datapath applies: "active" (in the ring),
 	// "draining" (out of the ring: state draining or weight 0, whatever
-	// its health) or "down" (out of the ring: its health check failed).
+	// its health) or "down" (out of the ring: its health check failed, or
+	// the datapath cannot reach it).
 	State string `json:"state"`
+	// Unreachable says why the datapath cannot reach the backend (the XDP
+	// datapath: no answer to ARP/ND), when it cannot: it is down until it
+	// answers, whatever its health check says.
+	Unreachable string `json:"unreachable,omitempty"`
 	// Health is the verdict of the backend's health check.
 	Health BackendHealth `json:"health"`
 	// ActiveConnections counts the backend's flows in the connection table
@@ -247,6 +252,7 @@ func (d *Daemon) Services(ref string) ([]ServiceStatus, error) {
 				Weight:            b.Weight,
 				State:             b.State.String(),
 				Health:            d.backendHealth(cs, config.Backend{Address: b.Addr, Port: b.Port}),
+				Unreachable:       d.ctl.Unreachable(b.Addr),
 				ActiveConnections: active[idPair{as.ID, b.ID}],
 			})
 		}

@@ -191,3 +191,25 @@ type Adopter interface {
 type Remover interface {
 	Remove() error
 }
+
+// Resolver is a Datapath that must find each backend's link-layer address
+// itself, as the XDP datapath does (direct server return sends frames to
+// the backend's MAC address). The control plane asks it about every
+// backend before it plans, and plans a backend it cannot reach as down,
+// as a failed health check would: one host that is off does not stop a
+// start or a reload, nor take its services with it.
+type Resolver interface {
+	// Resolve finds what it does not know yet of addrs, in parallel and
+	// within a bounded time, and returns the addresses it cannot reach,
+	// each with why. An error that is a RefusedError refuses the address
+	// for good (no host can be reached there as a backend); any other
+	// says that no host answers for it yet. An address that did not
+	// answer before is not waited for again: it is retried in the
+	// background, and reported to the function given to OnResolved once
+	// it answers.
+	Resolve(addrs []netip.Addr) map[netip.Addr]error
+	// OnResolved sets fn to be called, on a goroutine of the datapath's,
+	// with each address that Resolve could not reach once it answers. fn
+	// must not call the datapath.
+	OnResolved(fn func(netip.Addr))
+}

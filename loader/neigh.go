@@ -30,13 +30,16 @@ func usableNeigh(n netlink.Neigh) bool {
 
 // resolveHop finds the interface and MACs that reach addr, asking the
 // kernel to resolve the neighbour (ARP/ND) if it does not know it yet, and
-// waiting up to the context's deadline. DSR needs the backend on a directly
-// connected network: a backend behind a gateway is refused.
+// waiting up to the context's deadline. DSR needs the backend on a
+// directly connected network: a backend behind a gateway is refused. When
+// no host answers, the hop returned has its interface and source MAC
+// address, for probing again.
 func resolveHop(ctx context.Context, addr netip.Addr) (hop, error) {
 	ip := net.IP(addr.AsSlice())
 	routes, err := netlink.RouteGet(ip)
 	if err != nil || len(routes) == 0 {
-		return hop{}, fmt.Errorf("no route to backend %s: %v", addr, err)
+		// Refused: dsr needs a directly connected network.
+		return hop{}, datapath.Refuse(fmt.Errorf("no route to backend %s: %v", addr, err))
 	}
 	r := routes[0]
 	switch r.Type {
@@ -72,7 +75,7 @@ func resolveHop(ctx context.Context, addr netip.Addr) (hop, error) {
 		}
 		select {
 		case <-ctx.Done():
-			return hop{}, fmt.Errorf("backend %s does not answer ARP/ND on %s: is it up and on that network?", addr, link.Attrs().Name)
+			return h, fmt.Errorf("backend %s does not answer ARP/ND on %s: is it up and on that network?", addr, link.Attrs().Name)
 		case <-time.After(20 * time.Millisecond):
 		}
 	}

@@ -43,8 +43,14 @@ type XDP struct {
 	mu       sync.Mutex
 	services map[uint32]datapath.Service
 	hops     map[netip.Addr]hop
-	adopted  []datapath.Service
-	vetter   hostaddr.Vetter
+	// unresolved are the addresses asked for that no host answered, with
+	// as much of their hop as is known (interface and source MAC): they
+	// are probed again in the background, and onResolved is told when one
+	// answers.
+	unresolved map[netip.Addr]unresolved
+	onResolved func(netip.Addr)
+	adopted    []datapath.Service
+	vetter     hostaddr.Vetter
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -55,7 +61,20 @@ var (
 	_ datapath.Adopter     = (*XDP)(nil)
 	_ datapath.Remover     = (*XDP)(nil)
 	_ datapath.TableReader = (*XDP)(nil)
+	_ datapath.Resolver    = (*XDP)(nil)
 )
+
+// unresolved is an address that did not answer ARP/ND: its partial hop,
+// why, and when it was last asked for.
+type unresolved struct {
+	hop   hop
+	err   error
+	asked time.Time
+}
+
+// forgetUnresolved is how long an address that did not answer is probed
+// after it was last asked for, once no service has it as a backend.
+const forgetUnresolved = time.Minute
 
 // NewXDP loads the program, attaches it to every interface in the given
 // mode and starts following the neighbour table.
@@ -88,12 +107,13 @@ func NewXDP(opts Options, ifaces []string, mode Mode, log *slog.Logger) (*XDP, e
 		return nil, err
 	}
 	x := &XDP{
-		objs:     objs,
-		modes:    make(map[string]string),
-		log:      log,
-		services: make(map[uint32]datapath.Service),
-		hops:     make(map[netip.Addr]hop),
-		vetter:   hostaddr.Vetter{TTL: time.Second, Read: hostaddr.Read},
+		objs:       objs,
+		modes:      make(map[string]string),
+		log:        log,
+		services:   make(map[uint32]datapath.Service),
+		hops:       make(map[netip.Addr]hop),
+		unresolved: make(map[netip.Addr]unresolved),
+		vetter:     hostaddr.Vetter{TTL: time.Second, Read: hostaddr.Read},
 	}
 	if err := x.attach(ifaces, mode); err != nil {
 		if aerr := objs.Abort(); aerr != nil {
@@ -368,21 +388,69 @@ func (x *XDP) vet(backends []datapath.Backend) error {
 	return datapath.Refuse(x.vetter.Vet(addrs))
 }
 
-// resolve finds the L2 hop of every backend that may take traffic and is
-// not known yet, in parallel, within ResolveTimeout.
+// resolve finds the L2 hop of every backend that may take traffic (see
+// resolveAddrs); a backend it cannot reach fails the update.
 func (x *XDP) resolve(backends []datapath.Backend) error {
+	var addrs []netip.Addr
+	for _, b := range backends {
+		if b.State != datapath.Down {
+			addrs = append(addrs, b.Addr)
+		}
+	}
+	var errs []error
+	for _, err := range x.resolveAddrs(addrs) {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// Resolve implements datapath.Resolver.
+func (x *XDP) Resolve(addrs []netip.Addr) map[netip.Addr]error {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return x.resolveAddrs(addrs)
+}
+
+// OnResolved implements datapath.Resolver.
+func (x *XDP) OnResolved(fn func(netip.Addr)) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.onResolved = fn
+}
+
+// resolveAddrs finds the hop of every address of addrs that has none yet,
+// in parallel, within ResolveTimeout, and returns those it cannot reach
+// with why. An address that did not answer before fails at once: the
+// neighbour follower probes it again, and it has a hop once it answers.
+// x.mu must be held.
+func (x *XDP) resolveAddrs(addrs []netip.Addr) map[netip.Addr]error {
+	failed := make(map[netip.Addr]error)
+	var todo []netip.Addr
+	for _, a := range addrs {
+		if _, ok := x.hops[a]; ok {
+			continue
+		}
+		if u, ok := x.unresolved[a]; ok {
+			failed[a] = u.err
+			u.asked = time.Now()
+			x.unresolved[a] = u
+			continue
+		}
+		if slices.Contains(todo, a) {
+			continue
+		}
+		if err := x.vetter.Vet([]netip.Addr{a}); err != nil {
+			failed[a] = datapath.Refuse(err)
+			continue
+		}
+		todo = append(todo, a)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), ResolveTimeout)
 	defer cancel()
 	type result struct {
 		addr netip.Addr
 		hop  hop
 		err  error
-	}
-	var todo []netip.Addr
-	for _, b := range backends {
-		if _, ok := x.hops[b.Addr]; !ok && b.State != datapath.Down && !slices.Contains(todo, b.Addr) {
-			todo = append(todo, b.Addr)
-		}
 	}
 	results := make(chan result, len(todo))
 	for _, a := range todo {
@@ -391,17 +459,22 @@ func (x *XDP) resolve(backends []datapath.Backend) error {
 			results <- result{a, h, err}
 		}()
 	}
-	var errs []error
 	for range todo {
 		r := <-results
-		if r.err != nil {
-			errs = append(errs, r.err)
-			continue
+		var refused *datapath.RefusedError
+		switch {
+		case r.err == nil:
+			x.hops[r.addr] = r.hop
+			x.log.Debug("resolved backend", "backend", r.addr, "mac", r.hop.DstMAC.String(), "ifindex", r.hop.Ifindex)
+		case errors.As(r.err, &refused) || r.hop.Ifindex == 0:
+			failed[r.addr] = r.err
+		default:
+			failed[r.addr] = r.err
+			x.unresolved[r.addr] = unresolved{hop: r.hop, err: r.err, asked: time.Now()}
+			x.log.Warn("backend does not answer ARP/ND; probing it again in the background", "backend", r.addr, "interface_index", r.hop.Ifindex)
 		}
-		x.hops[r.addr] = r.hop
-		x.log.Debug("resolved backend", "backend", r.addr, "mac", r.hop.DstMAC.String(), "ifindex", r.hop.Ifindex)
 	}
-	return errors.Join(errs...)
+	return failed
 }
 
 // DeleteService implements datapath.Datapath.
@@ -544,24 +617,52 @@ func (x *XDP) followUpdates(ctx context.Context, updates <-chan netlink.NeighUpd
 	}
 }
 
-// hopsNow is a copy of the backend addresses' hops.
-func (x *XDP) hopsNow() map[netip.Addr]hop {
+// hopsNow is a copy of the backend addresses' hops, and of the partial
+// hops of those that did not answer. It forgets those of the latter that
+// no service has and nobody asked for lately.
+func (x *XDP) hopsNow() (hops, pending map[netip.Addr]hop) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	hops := make(map[netip.Addr]hop, len(x.hops))
+	if len(x.unresolved) > 0 {
+		used := make(map[netip.Addr]bool)
+		for _, s := range x.services {
+			for _, b := range s.Backends {
+				used[b.Addr] = true
+			}
+		}
+		for a, u := range x.unresolved {
+			if !used[a] && time.Since(u.asked) > forgetUnresolved {
+				delete(x.unresolved, a)
+			}
+		}
+	}
+	hops = make(map[netip.Addr]hop, len(x.hops))
 	for a, h := range x.hops {
 		hops[a] = h
 	}
-	return hops
+	pending = make(map[netip.Addr]hop, len(x.unresolved))
+	for a, u := range x.unresolved {
+		pending[a] = u.hop
+	}
+	return hops, pending
 }
 
 // probeHops asks the kernel to confirm the neighbour entry of every
 // backend address, except the entries it keeps as they are (permanent,
-// or of a device without ARP), which need no confirming.
+// or of a device without ARP), which need no confirming, and to resolve
+// again the addresses that did not answer, unless it has meanwhile.
 func (x *XDP) probeHops() {
 	var t neighTables
-	for a, h := range x.hopsNow() {
+	hops, pending := x.hopsNow()
+	for a, h := range hops {
 		if n, ok := t.lookup(h.Ifindex, a); ok && staticNeigh(n) {
+			continue
+		}
+		_ = probeNeigh(h.Ifindex, a)
+	}
+	for a, h := range pending {
+		if n, ok := t.lookup(h.Ifindex, a); ok && usableNeigh(n) {
+			x.neighbourChanged(n)
 			continue
 		}
 		_ = probeNeigh(h.Ifindex, a)
@@ -569,16 +670,22 @@ func (x *XDP) probeHops() {
 }
 
 // recheckNeighbours compares every known backend MAC with the kernel's
-// table, for changes made while no subscription was listening.
+// table, and looks for the addresses that did not answer, for changes
+// made while no subscription was listening.
 func (x *XDP) recheckNeighbours() {
 	var t neighTables
-	for a, h := range x.hopsNow() {
-		if n, ok := t.lookup(h.Ifindex, a); ok && usableNeigh(n) {
-			x.neighbourChanged(n)
+	hops, pending := x.hopsNow()
+	for _, m := range []map[netip.Addr]hop{hops, pending} {
+		for a, h := range m {
+			if n, ok := t.lookup(h.Ifindex, a); ok && usableNeigh(n) {
+				x.neighbourChanged(n)
+			}
 		}
 	}
 }
 
+// neighbourChanged takes a usable neighbour entry: the first MAC of an
+// address that did not answer before, or a new MAC of a backend's.
 func (x *XDP) neighbourChanged(n netlink.Neigh) {
 	addr, ok := netip.AddrFromSlice(n.IP)
 	if !ok {
@@ -586,6 +693,14 @@ func (x *XDP) neighbourChanged(n netlink.Neigh) {
 	}
 	addr = addr.Unmap()
 	x.mu.Lock()
+	if u, ok := x.unresolved[addr]; ok && u.hop.Ifindex == n.LinkIndex {
+		fn := x.resolved(addr, u.hop, n.HardwareAddr)
+		x.mu.Unlock()
+		if fn != nil {
+			fn(addr)
+		}
+		return
+	}
 	defer x.mu.Unlock()
 	h, ok := x.hops[addr]
 	if !ok || h.Ifindex != n.LinkIndex || slices.Equal(h.DstMAC, n.HardwareAddr) {
@@ -612,4 +727,20 @@ func (x *XDP) neighbourChanged(n netlink.Neigh) {
 			}
 		}
 	}
+}
+
+// resolved records the MAC of an address that had not answered, and
+// returns the function to tell (nil when there is none to call, or the MAC
+// is refused). x.mu must be held.
+func (x *XDP) resolved(addr netip.Addr, h hop, mac net.HardwareAddr) func(netip.Addr) {
+	if err := unicastMAC(addr, mac); err != nil {
+		x.unresolved[addr] = unresolved{hop: h, err: err, asked: time.Now()}
+		x.log.Error("backend answers with a MAC address tether refuses", "backend", addr, "err", err)
+		return nil
+	}
+	delete(x.unresolved, addr)
+	h.DstMAC = net.HardwareAddr(slices.Clone(mac))
+	x.hops[addr] = h
+	x.log.Info("backend answers ARP/ND now", "backend", addr, "mac", h.DstMAC.String())
+	return x.onResolved
 }

@@ -121,7 +121,11 @@ func backendTable(w io.Writer, indent string, backends []control.BackendStatus) 
 		if b.Health.State != control.HealthUnchecked {
 			transitions = fmt.Sprint(b.Health.Transitions)
 		}
-		t.row(indent+b.Address, b.State, fmt.Sprint(b.Weight), fmt.Sprint(b.ActiveConnections), b.Health.State, probe, transitions)
+		state := b.State
+		if b.Unreachable != "" {
+			state += " (unreachable)"
+		}
+		t.row(indent+b.Address, state, fmt.Sprint(b.Weight), fmt.Sprint(b.ActiveConnections), b.Health.State, probe, transitions)
 	}
 	return t.flush()
 }
