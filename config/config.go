@@ -288,8 +288,9 @@ func (s Service) ProtoNumber() uint8 {
 type Backend struct {
 	// Address is the backend's IP address, of the same family as the VIP.
 	Address netip.Addr
-	// Port is the backend's port; with dsr forwarding it equals the
-	// service port.
+	// Port is the backend's port; with dsr forwarding on the XDP
+	// datapath it equals the service port, the splice datapath connects
+	// to any.
 	Port uint16
 	// Weight is the backend's share of new clients, 0..MaxWeight; 0 means
 	// drained: it keeps its clients but takes no new ones.

@@ -230,6 +230,14 @@ services:
     port: 80
     backends: [{address: 127.0.0.1, port: 80}]
 `},
+		{"splice maps a service port to another backend port", `
+datapath: splice
+services:
+  - name: web
+    vip: 198.51.100.1
+    port: 80
+    backends: [{address: 192.0.2.11, port: 8765}]
+`},
 		{"service with zero backends", `
 interfaces: [eth0]
 services:
@@ -428,6 +436,7 @@ services:
 	{"backend port 70000", minimal + "        port: 70000\n", "services[0].backends[0].port", "70000 is out of range 1..65535"},
 	{"backend port 0", minimal + "        port: 0\n", "services[0].backends[0].port", "0 is out of range 1..65535"},
 	{"backend port differs in dsr", minimal + "        port: 8080\n", "services[0].backends[0].port", "dsr forwarding rewrites the MAC address only, it cannot change the port"},
+	{"backend port differs in dsr, datapath auto", "datapath: auto\n" + minimal + "        port: 8080\n", "services[0].backends[0].port", "datapath splice maps ports"},
 
 	// Modes.
 	{"unknown protocol", strings.Replace(minimal, "port: 8765", "port: 8765\n    protocol: sctp", 1), "services[0].protocol", `unknown protocol "sctp" (want tcp or udp)`},

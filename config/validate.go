@@ -183,7 +183,7 @@ func (c *Config) validate(v *validator) {
 		if s.ProxyProtocol == ProxyProtocolV2 && datapathOK && c.Datapath != DatapathSplice {
 			v.add(field(p, "proxy_protocol"), "v2 needs the splice datapath (datapath %s may forward packets, which cannot carry a header): use datapath splice", c.Datapath)
 		}
-		if s.validate(v, p) {
+		if s.validate(v, p, c.Datapath == DatapathSplice) {
 			if j, ok := keys[s.Key()]; ok {
 				v.add(p, "%s is already defined by services[%d] (%q)", s.Key(), j, c.Services[j].Name)
 			} else {
@@ -220,8 +220,9 @@ func (c *Config) validate(v *validator) {
 
 // validate checks one service and its backends, and reports whether the
 // service's key (VIP, port and protocol) is valid, so that duplicates can
-// be looked for.
-func (s *Service) validate(v *validator, p string) bool {
+// be looked for. proxied says that a proxy serves it (datapath splice),
+// which connects to any backend port.
+func (s *Service) validate(v *validator, p string, proxied bool) bool {
 	if s.Name == "" {
 		v.add(field(p, "name"), "missing")
 	} else if !validName(s.Name) {
@@ -275,8 +276,8 @@ func (s *Service) validate(v *validator, p string) bool {
 			addrOK = false
 		}
 		bportOK := checkPort(v, field(bp, "port"), b.Port)
-		if bportOK && portOK && dsr && b.Port != s.Port {
-			v.add(field(bp, "port"), "%d differs from the service port %d: dsr forwarding rewrites the MAC address only, it cannot change the port (leave the port out or make it %d)", b.Port, s.Port, s.Port)
+		if bportOK && portOK && dsr && !proxied && b.Port != s.Port {
+			v.add(field(bp, "port"), "%d differs from the service port %d: dsr forwarding rewrites the MAC address only, it cannot change the port (leave the port out or make it %d; datapath splice maps ports)", b.Port, s.Port, s.Port)
 			bportOK = false
 		}
 		if addrOK && vipOK && bportOK && portOK && b.Address == s.VIP && b.Port == s.Port {

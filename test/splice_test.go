@@ -2,6 +2,7 @@ package test
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -234,4 +235,75 @@ func TestSpliceSettings(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	echoAll(t, conns[1:], "after the cap")
+}
+
+// TestSplicePortMapping serves the setup users come from (an nginx or
+// HAProxy "listen 80" in front of backends on 8765) with the splice
+// datapath: the service listens on port 80, three backends listen on 8765
+// only, on their own addresses, with no VIP and no ARP settings. Every
+// client reaches one backend, and the same one when it reconnects.
+func TestSplicePortMapping(t *testing.T) {
+	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 40})
+	var b strings.Builder
+	fmt.Fprintf(&b, "datapath: splice\nservices:\n")
+	for _, svc := range []struct {
+		name string
+		vip  netip.Addr
+		v6   bool
+	}{{"web", l.VIP4, false}, {"web6", l.VIP6, true}} {
+		fmt.Fprintf(&b, "  - name: %s\n    vip: %s\n    port: 80\n    backends:\n", svc.name, svc.vip)
+		for _, be := range l.Backends {
+			addr := be.Addr4
+			if svc.v6 {
+				addr = be.Addr6
+			}
+			fmt.Fprintf(&b, "      - {address: %s, port: %d}\n", addr, chatPort)
+		}
+	}
+	for _, be := range l.Backends {
+		for _, a := range []netip.Addr{be.Addr4, be.Addr6} {
+			ln, err := be.Listen("tcp", netip.AddrPortFrom(a, chatPort).String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			s := lab.ServeEcho(ln, be.Name)
+			t.Cleanup(func() { s.Close() })
+		}
+	}
+	startDaemon(t, l, b.String())
+	for _, vip := range []netip.Addr{l.VIP4, l.VIP6} {
+		srcs := l.ClientAddrs4
+		if vip.Is6() {
+			srcs = l.ClientAddrs6
+		}
+		url := "ws://" + netip.AddrPortFrom(vip, 80).String() + "/chat"
+		var conns []*conn
+		for round := range 2 { // the second: every client reconnects
+			for _, src := range srcs {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				c, err := dial(ctx, l, src, url)
+				cancel()
+				if err != nil {
+					t.Fatalf("%s, round %d: %v", url, round, err)
+				}
+				conns = append(conns, c)
+				if round == 1 {
+					c.ws.Close()
+				}
+			}
+		}
+		byClient := backendsByClient(t, conns)
+		spread := map[string]int{}
+		for _, be := range byClient {
+			spread[be]++
+		}
+		if len(spread) != len(l.Backends) {
+			t.Errorf("%s: clients on %v, want on all %d backends", url, spread, len(l.Backends))
+		}
+		echoAll(t, conns[:len(srcs)], "port-mapped "+url)
+		for _, c := range conns[:len(srcs)] {
+			c.ws.Close()
+		}
+		t.Logf("%s: %d clients on backends at port %d: %v", url, len(byClient), chatPort, spread)
+	}
 }
