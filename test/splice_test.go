@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -305,5 +307,30 @@ func TestSplicePortMapping(t *testing.T) {
 			c.ws.Close()
 		}
 		t.Logf("%s: %d clients on backends at port %d: %v", url, len(byClient), chatPort, spread)
+	}
+}
+
+// TestSpliceHoldsPinDir: a splice daemon holds its balancer's pin
+// directory as an XDP one does, so that a second daemon, of either
+// datapath, cannot start on the same balancer's state by accident.
+func TestSpliceHoldsPinDir(t *testing.T) {
+	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 1})
+	cfg := withDatapath(chatConfig(l, l.Backends), "splice")
+	d := startDaemon(t, l, cfg)
+	for _, dp := range []string{"splice", "xdp"} {
+		path := filepath.Join(t.TempDir(), "tether.yaml")
+		if err := os.WriteFile(path, []byte(withDatapath(chatConfig(l, l.Backends), dp)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		// timeout ends a second daemon that would run (exit 124).
+		out, err := l.Balancer.Command("timeout", "20", tetherBin, "run", "--config", path,
+			"--socket", filepath.Join(t.TempDir(), "second.sock"), "--pin-dir", labPinDir(l)).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "in use by another tether") {
+			t.Errorf("a second %s daemon on the pin directory of a splice one: %v, want a refusal:\n%s", dp, err, out)
+		}
+	}
+	// The first one still serves.
+	if _, _, code := d.cli("status"); code != 0 {
+		t.Errorf("tether status exits %d after the refused starts", code)
 	}
 }
