@@ -70,9 +70,9 @@ func (d *Daemon) backendAnswered(a netip.Addr) {
 }
 
 // healthLoop applies the pending transitions until Close, and the
-// backends the datapath reaches again. The Controller
-// reads each target's state from the monitor when it plans, so a
-// transition applied late, or twice, still ends in the monitor's verdict.
+// backends the datapath reaches again. The Controller reads each target's
+// state from the monitor when it plans, so a transition applied late, or
+// twice, still ends in the monitor's verdict.
 func (d *Daemon) healthLoop() {
 	defer close(d.loopDone)
 	retry := time.NewTimer(0)
@@ -91,29 +91,31 @@ func (d *Daemon) healthLoop() {
 		clear(d.pending)
 		clear(d.answered)
 		d.pendingMu.Unlock()
-		if len(todo) > 0 {
-			if err := d.ctl.Refresh(todo...); err != nil {
-				d.log.Error("apply a health transition; retrying", "err", err, "retry_in", healthRetry)
-				d.pendingMu.Lock()
-				for _, t := range todo {
-					d.pending[t] = true
-				}
-				d.pendingMu.Unlock()
-				retry.Reset(healthRetry)
-			}
-		}
-		if len(answered) > 0 {
-			if err := d.ctl.Reachable(answered...); err != nil {
-				d.log.Error("apply a backend that answers again; retrying", "err", err, "retry_in", healthRetry)
-				d.pendingMu.Lock()
-				for _, a := range answered {
-					d.answered[a] = true
-				}
-				d.pendingMu.Unlock()
-				retry.Reset(healthRetry)
-			}
+		failed := applyOrKeep(d, todo, d.pending, d.ctl.Refresh, "apply a health transition; retrying")
+		if applyOrKeep(d, answered, d.answered, d.ctl.Reachable, "apply a backend that answers again; retrying") || failed {
+			retry.Reset(healthRetry)
 		}
 	}
+}
+
+// applyOrKeep applies items, if any, and puts them back into pending when
+// that fails, to be applied again after healthRetry; it says whether it
+// failed.
+func applyOrKeep[K comparable](d *Daemon, items []K, pending map[K]bool, apply func(...K) error, msg string) bool {
+	if len(items) == 0 {
+		return false
+	}
+	err := apply(items...)
+	if err == nil {
+		return false
+	}
+	d.log.Error(msg, "err", err, "retry_in", healthRetry)
+	d.pendingMu.Lock()
+	for _, k := range items {
+		pending[k] = true
+	}
+	d.pendingMu.Unlock()
+	return true
 }
 
 // syncTargets makes the monitor probe the backends of the configuration
