@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"slices"
+	"sync/atomic"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -25,6 +26,26 @@ type File struct {
 	// canon[i] says service i's text is what Marshal writes for it (see
 	// MarshalFile); nil when none is known to be.
 	canon []bool
+	// id tells Files apart; a File parsed from another (reparse) has that
+	// one's id as base, and the services it changed as edit (see Edit).
+	id, base uint64
+	edit     [3]int
+}
+
+var lastFileID atomic.Uint64
+
+func fileID() uint64 { return lastFileID.Add(1) }
+
+// Edit says, of a File read with prev as the previous File (ReadFile,
+// ParseFile), which services changed: prev's services [from, oldTo) were
+// replaced by this File's [from, newTo), and nothing else of the
+// configuration differs. ok is false when that is not known (the file was
+// parsed whole, or from another File); then anything may have changed.
+func (f *File) Edit(prev *File) (from, oldTo, newTo int, ok bool) {
+	if prev == nil || f.base == 0 || f.base != prev.id {
+		return 0, 0, 0, false
+	}
+	return f.edit[0], f.edit[1], f.edit[2], true
 }
 
 // Config returns the configuration the file holds. It is shared with the
@@ -37,7 +58,7 @@ func (f *File) Config() *Config { return f.cfg }
 // sequence item whose "-" starts its line, at one column, and no anchor or
 // alias anywhere (an edited service could be what another refers to).
 func layout(data []byte, root *yaml.Node, c *Config) *File {
-	f := &File{Data: data, cfg: c}
+	f := &File{Data: data, cfg: c, id: fileID()}
 	if anchored(root) {
 		return f
 	}
@@ -133,7 +154,8 @@ func reparse(prev *File, data []byte) *File {
 	n := len(prev.starts) - 1 // services
 	a := commonPrefix(old, data)
 	if a == len(old) && a == len(data) {
-		return &File{Data: data, cfg: prev.cfg, starts: prev.starts, column: prev.column, canon: prev.canon}
+		return &File{Data: data, cfg: prev.cfg, starts: prev.starts, column: prev.column, canon: prev.canon,
+			id: fileID(), base: prev.id}
 	}
 	b := commonSuffix(old[a:], data[a:])
 	oldEnd := len(old) - b // the change is old[a:oldEnd], data[a:len(data)-b]
@@ -200,9 +222,7 @@ func reparse(prev *File, data []byte) *File {
 	if backends > limitMaxBackends {
 		return nil
 	}
-	var v validator
-	c.validate(&v)
-	if len(v.errs) > 0 {
+	if !c.validEdit(i, i+len(added)) {
 		return nil
 	}
 	starts := slices.Concat(prev.starts[:i], chunkStarts, prev.starts[j+1:])
@@ -213,7 +233,8 @@ func reparse(prev *File, data []byte) *File {
 	if prev.canon != nil {
 		canon = slices.Concat(prev.canon[:i], make([]bool, len(added)), prev.canon[j+1:])
 	}
-	return &File{Data: data, cfg: &c, starts: starts, column: prev.column, canon: canon}
+	return &File{Data: data, cfg: &c, starts: starts, column: prev.column, canon: canon,
+		id: fileID(), base: prev.id, edit: [3]int{i, j + 1, i + len(added)}}
 }
 
 // upper returns the number of starts at or before at (starts is sorted).

@@ -158,6 +158,41 @@ var edits = []edit{
 		}
 		return splice(data, end, 0, string(data[starts[k]:end]))
 	}, false},
+	{"another service's name", func(r *rand.Rand, data []byte) []byte {
+		at, line, ok := randomLine(r, data, "  - name: ")
+		if !ok {
+			return data
+		}
+		return splice(data, at, len(line), fmt.Sprintf("  - name: svc-%d", r.IntN(8)))
+	}, false},
+	{"another service's vip and port", func(r *rand.Rand, data []byte) []byte {
+		at, line, ok := randomLine(r, data, "    vip: ")
+		if !ok {
+			return data
+		}
+		return splice(data, at, len(line), fmt.Sprintf("    vip: 203.0.113.%d", 1+r.IntN(8)))
+	}, false},
+	{"a VIP as a backend", func(r *rand.Rand, data []byte) []byte {
+		at, line, ok := randomLine(r, data, "      - address: ")
+		if !ok {
+			return data
+		}
+		return splice(data, at, len(line), fmt.Sprintf("      - address: 203.0.113.%d", 1+r.IntN(8)))
+	}, false},
+	{"a backend as a VIP", func(r *rand.Rand, data []byte) []byte {
+		at, line, ok := randomLine(r, data, "    vip: ")
+		if !ok {
+			return data
+		}
+		return splice(data, at, len(line), fmt.Sprintf("    vip: 198.51.100.%d", 10+r.IntN(8)))
+	}, false},
+	{"a loopback backend", func(r *rand.Rand, data []byte) []byte {
+		at, line, ok := randomLine(r, data, "      - address: ")
+		if !ok {
+			return data
+		}
+		return splice(data, at, len(line), "      - address: 127.0.0.1")
+	}, false},
 	{"an anchor and an alias", func(r *rand.Rand, data []byte) []byte {
 		at, line, ok := randomLine(r, data, "    vip: ")
 		if !ok {
@@ -207,6 +242,8 @@ func TestReparseIsParse(t *testing.T) {
 				t.Fatalf("%s: reparse reads otherwise than a parse\n%s", e.name, data)
 			case !slices.Equal(got.starts, whole.starts) || got.column != whole.column:
 				t.Fatalf("%s: reparse lays out services at %v, a parse at %v", e.name, got.starts, whole.starts)
+			case !editHolds(f, got):
+				t.Fatalf("%s: reparse says services outside its edit changed", e.name)
 			default:
 				reparsed[e.name]++
 			}
@@ -391,4 +428,65 @@ func TestMarshalFileReuses(t *testing.T) {
 	if !bytes.Contains(got.Data, []byte("svc-2 # copied")) || bytes.Contains(got.Data, []byte("svc-4 # copied")) {
 		t.Fatal("unchanged services were not copied from the previous file")
 	}
+}
+
+// TestEdit: a File reparsed from the previous one says which services
+// changed (a range that holds the change, with at most a neighbour), and
+// the services outside it are the previous File's; one parsed whole, or
+// asked about another File, says nothing.
+func TestEdit(t *testing.T) {
+	f, err := manyServices(10).MarshalFile(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	starts := serviceLines(f.Data)
+	// check reparses data from prev and wants an edit of services around
+	// at (old index) known, or none when at < 0.
+	check := func(desc string, prev *File, data []byte, at int) *File {
+		t.Helper()
+		next, err := ParseFile("tether.yaml", data, prev)
+		if err != nil {
+			t.Fatalf("%s: %v", desc, err)
+		}
+		from, oldTo, newTo, ok := next.Edit(prev)
+		if at < 0 {
+			if ok {
+				t.Errorf("%s: Edit known (%d, %d, %d), want unknown", desc, from, oldTo, newTo)
+			}
+			return next
+		}
+		old, cur := prev.Config().Services, next.Config().Services
+		switch {
+		case !ok:
+			t.Errorf("%s: Edit unknown", desc)
+		case from > at || oldTo < at || oldTo-from > 2 || newTo-from > 2:
+			t.Errorf("%s: Edit = [%d, %d) → [%d, %d), want a range of at most two services around %d", desc, from, oldTo, from, newTo, at)
+		case !reflect.DeepEqual(old[:from], cur[:from]) || !reflect.DeepEqual(old[oldTo:], cur[newTo:]):
+			t.Errorf("%s: services outside the edit [%d, %d) → [%d, %d) changed", desc, from, oldTo, from, newTo)
+		}
+		return next
+	}
+	weight := bytes.Replace(f.Data[starts[4]:starts[5]], []byte("weight: 1"), []byte("weight: 7"), 1)
+	g := check("a weight of service 4", f, splice(f.Data, starts[4], starts[5]-starts[4], string(weight)), 4)
+	if !reflect.DeepEqual(g.Config().Services[4].Backends[0].Weight, uint32(7)) {
+		t.Errorf("weight of service 4: %d", g.Config().Services[4].Backends[0].Weight)
+	}
+	if from, oldTo, newTo, ok := check("the same bytes", g, g.Data, 0).Edit(g); from != oldTo || oldTo != newTo || !ok {
+		t.Errorf("the same bytes: Edit = %d, %d, %d, %v, want an empty edit", from, oldTo, newTo, ok)
+	}
+	check("service 2 deleted", f, splice(f.Data, starts[2], starts[3]-starts[2], ""), 2)
+	added := "  - name: added\n    vip: 192.0.2.1\n    port: 80\n    backends:\n      - address: 198.51.100.200\n"
+	check("a service added before service 7", f, splice(f.Data, starts[7], 0, added), 7)
+	check("a table size", f, bytes.Replace(f.Data, []byte("connections: "), []byte("connections: 1"), 1), -1)
+	if _, _, _, ok := g.Edit(g); ok {
+		t.Error("a File is an edit of itself")
+	}
+}
+
+// editHolds says whether next says which of prev's services it changed,
+// and those outside the edit are prev's.
+func editHolds(prev, next *File) bool {
+	from, oldTo, newTo, ok := next.Edit(prev)
+	old, cur := prev.Config().Services, next.Config().Services
+	return ok && reflect.DeepEqual(old[:from], cur[:from]) && reflect.DeepEqual(old[oldTo:], cur[newTo:])
 }

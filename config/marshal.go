@@ -35,7 +35,7 @@ func (c *Config) MarshalFile(prev *File) (*File, error) {
 	}
 	if len(c.Services) == 0 {
 		buf.WriteString("services: []\n")
-		return &File{Data: buf.Bytes(), cfg: c}, nil
+		return &File{Data: buf.Bytes(), cfg: c, id: fileID()}, nil
 	}
 	// Each service is encoded on its own and indented under "services:",
 	// which reads as the whole encoded at once would: the YAML encoder
@@ -75,7 +75,7 @@ func (c *Config) MarshalFile(prev *File) (*File, error) {
 	for i := range canon {
 		canon[i] = true
 	}
-	return &File{Data: buf.Bytes(), cfg: c, starts: append(starts, buf.Len()), column: 3, canon: canon}, nil
+	return &File{Data: buf.Bytes(), cfg: c, starts: append(starts, buf.Len()), column: 3, canon: canon, id: fileID()}, nil
 }
 
 // rootNode is the configuration as a YAML mapping, without its services.

@@ -177,27 +177,17 @@ func (c *Config) validate(v *validator) {
 				names[s.Name] = i
 			}
 		}
-		if s.Protocol == ProtocolUDP && c.Datapath == DatapathSplice {
-			v.add(field(p, "protocol"), "udp services need the xdp datapath (the splice datapath proxies TCP only): use datapath auto, xdp or xdp-generic, or protocol tcp")
-		}
-		if s.ProxyProtocol == ProxyProtocolV2 && datapathOK && c.Datapath != DatapathSplice {
-			v.add(field(p, "proxy_protocol"), "v2 needs the splice datapath (datapath %s may forward packets, which cannot carry a header): use datapath splice", c.Datapath)
-		}
-		if s.validate(v, p, c.Datapath == DatapathSplice) {
+		if c.checkService(v, i, datapathOK) {
 			if j, ok := keys[s.Key()]; ok {
 				v.add(p, "%s is already defined by services[%d] (%q)", s.Key(), j, c.Services[j].Name)
 			} else {
 				keys[s.Key()] = i
 			}
 		}
-		for j, b := range s.Backends {
+		for j := range s.Backends {
 			backends++
 			if maxBackendsOK && backends == int(t.MaxBackends)+1 {
 				v.add(index(field(p, "backends"), j), "more than tables.max_backends (%d) backends over all services", t.MaxBackends)
-			}
-			bp := field(index(field(p, "backends"), j), "address")
-			if b.Address.IsLoopback() && datapathOK && c.Datapath != DatapathSplice {
-				v.add(bp, "%s is a loopback address: only the splice datapath reaches a backend on this host (datapath %s may forward packets, which cannot reach it)", b.Address, c.Datapath)
 			}
 		}
 	}
@@ -216,6 +206,75 @@ func (c *Config) validate(v *validator) {
 			}
 		}
 	}
+}
+
+// checkService checks what service i must be whatever the other services
+// are: its fields and backends (Service.validate), and what the datapath
+// allows it. It reports whether the service's key is valid.
+func (c *Config) checkService(v *validator, i int, datapathOK bool) bool {
+	s := &c.Services[i]
+	p := index("services", i)
+	if s.Protocol == ProtocolUDP && c.Datapath == DatapathSplice {
+		v.add(field(p, "protocol"), "udp services need the xdp datapath (the splice datapath proxies TCP only): use datapath auto, xdp or xdp-generic, or protocol tcp")
+	}
+	if s.ProxyProtocol == ProxyProtocolV2 && datapathOK && c.Datapath != DatapathSplice {
+		v.add(field(p, "proxy_protocol"), "v2 needs the splice datapath (datapath %s may forward packets, which cannot carry a header): use datapath splice", c.Datapath)
+	}
+	ok := s.validate(v, p, c.Datapath == DatapathSplice)
+	for j, b := range s.Backends {
+		bp := field(index(field(p, "backends"), j), "address")
+		if b.Address.IsLoopback() && datapathOK && c.Datapath != DatapathSplice {
+			v.add(bp, "%s is a loopback address: only the splice datapath reaches a backend on this host (datapath %s may forward packets, which cannot reach it)", b.Address, c.Datapath)
+		}
+	}
+	return ok
+}
+
+// validEdit says whether c is valid, given that it is a valid
+// configuration whose services [from, to) were replaced, and nothing
+// else changed: it checks those services, and the rules that join them
+// to the others (names, keys, VIPs that are backends, capacities), in time
+// proportional to the services changed times a scan of the others.
+func (c *Config) validEdit(from, to int) bool {
+	var v validator
+	t := c.Tables
+	if len(c.Services) > int(t.MaxServices) {
+		return false
+	}
+	backends := 0
+	for _, s := range c.Services {
+		backends += len(s.Backends)
+	}
+	if backends > int(t.MaxBackends) {
+		return false
+	}
+	datapathOK := CheckDatapath(c.Datapath) == nil
+	for i := from; i < to; i++ {
+		if !c.checkService(&v, i, datapathOK) || len(v.errs) > 0 {
+			return false
+		}
+		a := &c.Services[i]
+		for k := range c.Services {
+			s := &c.Services[k]
+			if k != i && (s.Name == a.Name || s.VIP == a.VIP && s.Port == a.Port && s.Protocol == a.Protocol) {
+				return false
+			}
+			// A VIP is never a backend: a's VIP is none of s's backends,
+			// and none of a's backends is s's VIP (the service itself
+			// is refused by validate).
+			for _, b := range s.Backends {
+				if b.Address == a.VIP && !(b.Address == s.VIP && b.Port == s.Port) {
+					return false
+				}
+			}
+			for _, b := range a.Backends {
+				if b.Address == s.VIP && !(b.Address == a.VIP && b.Port == a.Port) {
+					return false
+				}
+			}
+		}
+	}
+	return true
 }
 
 // validate checks one service and its backends, and reports whether the
