@@ -439,12 +439,47 @@ func (d *Daemon) reload() (Result, error) {
 		return Result{}, err
 	}
 	next := f.Config()
-	ch := diff(cur, next)
-	if err := d.apply(cur, next); err != nil {
+	edit, ok := d.editOf(cur, f)
+	var ch *Changes
+	if ok {
+		ch = diff(edit.was, edit.Changed)
+		err = d.applyEdit(cur, next, &edit.Edit)
+	} else {
+		ch = diff(cur.Services, next.Services)
+		err = d.apply(cur, next)
+	}
+	if err != nil {
 		return Result{}, err
 	}
 	d.file = f
 	return Result{Message: fmt.Sprintf("reloaded %s: %s", d.path, ch), Changes: ch}, nil
+}
+
+// fileEdit is an Edit of the running configuration, with the running
+// services it replaces (was).
+type fileEdit struct {
+	Edit
+	was []config.Service
+}
+
+// editOf says which services f changes, when f was read from the file of
+// the running configuration cur (d.file) and the file says. d.mu is held.
+func (d *Daemon) editOf(cur *config.Config, f *config.File) (fileEdit, bool) {
+	if d.file == nil || d.file.Config() != cur {
+		return fileEdit{}, false
+	}
+	from, oldTo, newTo, ok := f.Edit(d.file)
+	if !ok {
+		return fileEdit{}, false
+	}
+	e := fileEdit{Edit: Edit{Changed: f.Config().Services[from:newTo]}, was: cur.Services[from:oldTo]}
+	for _, s := range e.was {
+		k := s.Key()
+		if !slices.ContainsFunc(e.Changed, func(n config.Service) bool { return n.Key() == k }) {
+			e.Removed = append(e.Removed, k)
+		}
+	}
+	return e, true
 }
 
 // sameFile says whether data is the content the running configuration
@@ -465,7 +500,12 @@ func (d *Daemon) ReloadPlan() (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
-	ch := diff(cur, f.Config())
+	var ch *Changes
+	if edit, ok := d.editOf(cur, f); ok {
+		ch = diff(edit.was, edit.Changed)
+	} else {
+		ch = diff(cur.Services, f.Config().Services)
+	}
 	return Result{Message: fmt.Sprintf("reload of %s would apply: %s", d.path, ch), Changes: ch}, nil
 }
 
@@ -588,8 +628,19 @@ func (d *Daemon) change(what string, edit func(*config.Config) error) error {
 // apply applies next, and on failure applies cur again so that the
 // running state is what it was. The health checks follow what runs.
 func (d *Daemon) apply(cur, next *config.Config) error {
+	return d.applyEdit(cur, next, nil)
+}
+
+// applyEdit is apply of next, which differs from cur as edit says (see
+// Controller.ApplyEdit), or in any way when edit is nil.
+func (d *Daemon) applyEdit(cur, next *config.Config, edit *Edit) error {
 	defer d.syncTargets()
-	err := d.ctl.Apply(next)
+	var err error
+	if edit != nil {
+		err = d.ctl.ApplyEdit(next, *edit)
+	} else {
+		err = d.ctl.Apply(next)
+	}
 	if err == nil {
 		return nil
 	}

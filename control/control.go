@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"reflect"
 	"runtime"
@@ -264,11 +265,51 @@ func (c *Controller) Apply(cfg *config.Config) error {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	return c.apply(cfg, nil)
+}
 
-	if err := c.reach(cfg.Services, true); err != nil {
+// Edit is what a change did to the services of a configuration: the
+// services of the new one that may differ from the running ones (added or
+// changed), and the keys of running services it no longer has.
+type Edit struct {
+	Changed []config.Service
+	Removed []string
+}
+
+// ApplyEdit applies cfg, a valid configuration that differs from the one
+// running (the last one applied in full) only as edit says: it plans,
+// sends and accounts for those services alone, so that a change of a few
+// services of thousands costs time in proportion to them. When what runs
+// is not a configuration applied in full (a change failed part way), it
+// applies cfg whole, as Apply does.
+func (c *Controller) ApplyEdit(cfg *config.Config, edit Edit) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cfg == nil || c.cfg != c.desired {
+		if err := cfg.Validate(); err != nil {
+			return err
+		}
+		return c.apply(cfg, nil)
+	}
+	return c.apply(cfg, &edit)
+}
+
+// apply applies cfg: whole, or with edit only the services it names.
+// c.mu is held.
+func (c *Controller) apply(cfg *config.Config, edit *Edit) error {
+	services := cfg.Services
+	var touched []string // the keys of an edit
+	if edit != nil {
+		services = edit.Changed
+		for _, cs := range services {
+			touched = append(touched, cs.Key())
+		}
+		touched = append(touched, edit.Removed...)
+	}
+	if err := c.reach(services, edit == nil); err != nil {
 		return err
 	}
-	desired, err := c.plan(cfg)
+	desired, err := c.plan(services)
 	if err != nil {
 		// Give back the ids plan allocated for a configuration that is not
 		// going to be applied.
@@ -276,6 +317,12 @@ func (c *Controller) Apply(cfg *config.Config) error {
 		return err
 	}
 	c.desired = cfg
+	before := make(map[string]datapath.Service, len(touched))
+	for _, k := range touched {
+		if s, ok := c.applied[k]; ok {
+			before[k] = s
+		}
+	}
 	var errs []error
 	var notes []note
 	keys := make([]string, 0, len(desired))
@@ -309,8 +356,15 @@ func (c *Controller) Apply(cfg *config.Config) error {
 		notes = append(notes, note{"service applied", []any{"service", s.Name, "vip", k, "backends", len(s.Backends)}})
 		c.noteUsable(old, existed, s)
 	}
-	for k, s := range c.applied {
-		if _, ok := desired[k]; ok {
+	var gone []string // the keys to delete if no longer desired
+	if edit != nil {
+		gone = edit.Removed
+	} else {
+		gone = slices.Collect(maps.Keys(c.applied))
+	}
+	for _, k := range gone {
+		s, ok := c.applied[k]
+		if _, stays := desired[k]; !ok || stays {
 			continue
 		}
 		if err := c.dp.DeleteService(s); err != nil {
@@ -326,13 +380,19 @@ func (c *Controller) Apply(cfg *config.Config) error {
 		notes = append(notes, note{"service removed", []any{"service", s.Name, "vip", k}})
 	}
 	c.logNotes(notes)
-	c.releaseUnused(desired)
+	if edit == nil {
+		c.releaseUnused(desired)
+	} else {
+		c.releaseTouched(touched, desired, before)
+	}
 	if len(errs) == 0 {
 		c.cfg = cfg
 	}
 	return errors.Join(errs...)
 }
 
+// plan computes the datapath services of cfg, allocating ids for new
+// services and backends. Rings are not built yet: see buildAhead.
 // note is a line for the log.
 type note struct {
 	msg  string
@@ -366,11 +426,9 @@ type planned struct {
 	err       error // building the ring failed
 }
 
-// plan computes the datapath services of cfg, allocating ids for new
-// services and backends. Rings are not built yet: see buildAhead.
-func (c *Controller) plan(cfg *config.Config) (map[string]*planned, error) {
-	out := make(map[string]*planned, len(cfg.Services))
-	for _, cs := range cfg.Services {
+func (c *Controller) plan(services []config.Service) (map[string]*planned, error) {
+	out := make(map[string]*planned, len(services))
+	for _, cs := range services {
 		p, err := c.planService(cs)
 		if err != nil {
 			return nil, err
@@ -587,6 +645,36 @@ func (c *Controller) releaseUnused(desired map[string]*planned) {
 	}
 	c.backends.retain(func(id uint32) bool { return backends[id] })
 	c.services.retain(func(id uint32) bool { return services[id] })
+}
+
+// releaseTouched is releaseUnused for the services of keys alone, which
+// are all an edit allocates ids for or stops using: it gives back the ids
+// of those that neither desired nor the datapath has, among those they
+// had before (before) and those planned.
+func (c *Controller) releaseTouched(keys []string, desired map[string]*planned, before map[string]datapath.Service) {
+	for _, k := range keys {
+		p, isDesired := desired[k]
+		now, isApplied := c.applied[k]
+		if !isDesired && !isApplied {
+			c.services.release(k)
+		}
+		keep := map[uint32]bool{}
+		for _, b := range now.Backends {
+			keep[b.ID] = true
+		}
+		var had []datapath.Backend
+		if isDesired {
+			for _, b := range p.svc.Backends {
+				keep[b.ID] = true
+			}
+			had = p.svc.Backends
+		}
+		for _, b := range slices.Concat(had, before[k].Backends) {
+			if !keep[b.ID] {
+				c.backends.release(backendKey(k, b.Addr, b.Port))
+			}
+		}
+	}
 }
 
 // Services returns the services as applied, sorted by ID.

@@ -74,16 +74,16 @@ func (c *Changes) String() string {
 
 func serviceLabel(s config.Service) string { return s.Name + " (" + s.Key() + ")" }
 
-// diff is what applying next over cur changes. Services are matched by
-// VIP, port and protocol, backends by address and port.
-func diff(cur, next *config.Config) *Changes {
+// diff is what replacing the services cur by next changes. Services are
+// matched by VIP, port and protocol, backends by address and port.
+func diff(cur, next []config.Service) *Changes {
 	c := &Changes{}
 	old := map[string]config.Service{}
-	for _, s := range cur.Services {
+	for _, s := range cur {
 		old[s.Key()] = s
 	}
 	seen := map[string]bool{}
-	for _, n := range next.Services {
+	for _, n := range next {
 		seen[n.Key()] = true
 		o, ok := old[n.Key()]
 		if !ok {
@@ -94,7 +94,7 @@ func diff(cur, next *config.Config) *Changes {
 			c.ServicesChanged = append(c.ServicesChanged, *sc)
 		}
 	}
-	for _, o := range cur.Services {
+	for _, o := range cur {
 		if !seen[o.Key()] {
 			c.ServicesRemoved = append(c.ServicesRemoved, serviceLabel(o))
 		}

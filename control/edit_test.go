@@ -1,0 +1,172 @@
+package control
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/tetherlb/tether/config"
+)
+
+// TestReloadEditIsApply reloads hundreds of random edits of a file twice:
+// once as the daemon does, applying the services an edit changed alone
+// (Controller.ApplyEdit), and once applying every configuration whole. The
+// datapaths must end up serving the same, id for id and ring for ring, and
+// the reloads must report the same changes, and the ids held must be the
+// same.
+func TestReloadEditIsApply(t *testing.T) {
+	base := config.Default()
+	base.Interfaces = []string{"eth0"}
+	base.Datapath = config.DatapathXDP
+	base.Tables.RingSize = ringSize
+	base.Tables.MaxServices, base.Tables.MaxBackends = 64, 512
+	for k := range 24 {
+		s := config.DefaultService()
+		s.Name = fmt.Sprintf("svc-%d", k)
+		s.VIP = netipAddr(203, 0, 113, byte(1+k%8))
+		s.Port = uint16(80 + k/8)
+		for i := range 1 + k%4 {
+			s.Backends = append(s.Backends, config.Backend{Address: netipAddr(192, 0, 2, byte(10+(k+i)%40)), Port: s.Port, Weight: 1, State: config.StateActive})
+		}
+		base.Services = append(base.Services, s)
+	}
+	data, err := base.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	type side struct {
+		d    *Daemon
+		dp   *fakeDP
+		path string
+	}
+	start := func(name string) side {
+		path := filepath.Join(dir, name+".yaml")
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		f, err := config.ReadFile(path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dp := newFakeDP()
+		ctl := newController(dp, f.Config())
+		mustApply(t, ctl, f.Config())
+		d := NewDaemon(path, f.Config(), ctl, dp, discard())
+		d.file = f
+		return side{d, dp, path}
+	}
+	edited, whole := start("edited"), start("whole")
+	r := rand.New(rand.NewPCG(3, 4))
+	edits := 0
+	for round := range 300 {
+		next := editText(r, data)
+		var results [2]Result
+		var errs [2]error
+		for i, s := range []side{edited, whole} {
+			if err := os.WriteFile(s.path, next, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if i == 1 {
+				s.d.file = nil // nothing known: the file is parsed and applied whole
+			} else if s.d.file != nil {
+				if f, err := config.ParseFile(s.path, next, s.d.file); err == nil {
+					if _, ok := s.d.editOf(s.d.ctl.Config(), f); ok {
+						edits++
+					}
+				}
+			}
+			results[i], errs[i] = s.d.Reload()
+		}
+		if (errs[0] == nil) != (errs[1] == nil) {
+			t.Fatalf("round %d: reloads disagree: %v, %v\n%s", round, errs[0], errs[1], next)
+		}
+		if errs[0] != nil {
+			continue // refused: both run what they ran
+		}
+		data = next
+		if !reflect.DeepEqual(results[0].Changes, results[1].Changes) {
+			t.Fatalf("round %d: changes %s, applied whole %s", round, results[0].Changes, results[1].Changes)
+		}
+		if !reflect.DeepEqual(edited.dp.installed, whole.dp.installed) {
+			t.Fatalf("round %d: the datapaths differ:\nedited %v\nwhole  %v", round, edited.dp.installed, whole.dp.installed)
+		}
+		a, b := edited.d.ctl, whole.d.ctl
+		if !reflect.DeepEqual(a.services, b.services) || !reflect.DeepEqual(a.backends, b.backends) {
+			t.Fatalf("round %d: the id pools differ:\nedited %v %v\nwhole  %v %v", round, a.services.byKey, a.backends.byKey, b.services.byKey, b.backends.byKey)
+		}
+		if len(edited.dp.conflicts)+len(whole.dp.conflicts) > 0 {
+			t.Fatalf("round %d: ids reused while held: %v %v", round, edited.dp.conflicts, whole.dp.conflicts)
+		}
+		edited.dp.take()
+		whole.dp.take()
+	}
+	t.Logf("%d of 300 reloads applied as edits", edits)
+	if edits < 100 {
+		t.Errorf("only %d reloads applied as edits", edits)
+	}
+}
+
+// editText makes one random change to a file Marshal wrote, as an operator
+// would: a weight, a backend added or removed, a service added, removed
+// or moved to another VIP, or nothing.
+func editText(r *rand.Rand, data []byte) []byte {
+	lines := strings.SplitAfter(string(data), "\n")
+	pick := func(sub string) int {
+		var at []int
+		for i, l := range lines {
+			if strings.Contains(l, sub) {
+				at = append(at, i)
+			}
+		}
+		if len(at) == 0 {
+			return -1
+		}
+		return at[r.IntN(len(at))]
+	}
+	switch r.IntN(7) {
+	case 0, 1:
+		if i := pick("weight: "); i >= 0 {
+			lines[i] = strings.Split(lines[i], "weight: ")[0] + fmt.Sprintf("weight: %d\n", r.IntN(4))
+		}
+	case 2:
+		if i := pick("      - address: "); i >= 0 {
+			lines[i] = fmt.Sprintf("      - address: 192.0.2.%d\n", 10+r.IntN(60)) + lines[i]
+		}
+	case 3:
+		if i := pick("      - address: "); i >= 0 {
+			end := i + 1
+			for end < len(lines) && strings.HasPrefix(lines[end], "        ") {
+				end++
+			}
+			lines = append(lines[:i], lines[end:]...)
+		}
+	case 4:
+		if i := pick("  - name: "); i >= 0 {
+			port := 1000 + r.IntN(100)
+			add := fmt.Sprintf("  - name: added-%d\n    vip: 203.0.113.%d\n    port: %d\n    backends:\n      - address: 192.0.2.%d\n", port, 1+r.IntN(8), port, 10+r.IntN(60))
+			lines = append(lines[:i], append([]string{add}, lines[i:]...)...)
+		}
+	case 5:
+		if i := pick("  - name: "); i >= 0 {
+			end := i + 1
+			for end < len(lines) && !strings.HasPrefix(lines[end], "  - ") && strings.HasPrefix(lines[end], "    ") {
+				end++
+			}
+			lines = append(lines[:i], lines[end:]...)
+		}
+	case 6:
+		if i := pick("    vip: "); i >= 0 {
+			lines[i] = fmt.Sprintf("    vip: 203.0.113.%d\n", 1+r.IntN(12))
+		}
+	}
+	return bytes.Clone([]byte(strings.Join(lines, "")))
+}
+
+func netipAddr(a, b, c, d byte) netip.Addr { return netip.AddrFrom4([4]byte{a, b, c, d}) }
