@@ -490,3 +490,77 @@ func editHolds(prev, next *File) bool {
 	old, cur := prev.Config().Services, next.Config().Services
 	return ok && reflect.DeepEqual(old[:from], cur[:from]) && reflect.DeepEqual(old[oldTo:], cur[newTo:])
 }
+
+// TestMarshalEdit writes each version of a randomly edited file as the
+// daemon writes a change (MarshalEdit: the services the edit changed
+// encoded, the others copied from the previous text) and checks that the
+// result reads as the configuration it was written from, laid out for the
+// next edit, with the previous text of unchanged services kept.
+func TestMarshalEdit(t *testing.T) {
+	r := rand.New(rand.NewPCG(5, 6))
+	f, err := manyServices(30).MarshalFile(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// An operator's comment inside a service, and no final newline.
+	f, err = ParseFile("tether.yaml", bytes.TrimSuffix(bytes.Replace(f.Data, []byte("    port: 1000\n"), []byte("    port: 1000 # the web tier\n"), 1), []byte("\n")), f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A weight of service 10: the comment in the first stays, and the
+	// last, copied, gets its newline.
+	at := bytes.Index(f.Data, []byte("name: svc-10\n"))
+	at += bytes.Index(f.Data[at:], []byte("weight: 1"))
+	next, err := ParseFile("tether.yaml", splice(f.Data, at, len("weight: 1"), "weight: 5"), f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	from, oldTo, newTo, ok := next.Edit(f)
+	if !ok {
+		t.Fatal("an edit of one weight is not known as one")
+	}
+	out, err := next.Config().MarshalEdit(f, from, oldTo, newTo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(out.Data, []byte("    port: 1000 # the web tier\n")) || !bytes.HasSuffix(out.Data, []byte("\n")) {
+		t.Errorf("MarshalEdit lost the text of an unchanged service, or the last newline:\n%s", out.Data)
+	}
+	written := 0
+	for range 400 {
+		e := edits[r.IntN(len(edits))]
+		next, err := ParseFile("tether.yaml", e.do(r, f.Data), f)
+		if err != nil {
+			continue
+		}
+		from, oldTo, newTo, ok := next.Edit(f)
+		if !ok {
+			if f = next; f.starts == nil {
+				// An anchor: start again from Marshal.
+				if f, err = f.Config().MarshalFile(nil); err != nil {
+					t.Fatal(err)
+				}
+			}
+			continue
+		}
+		out, err := next.Config().MarshalEdit(f, from, oldTo, newTo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		whole, errs, _ := parseFile(out.Data)
+		switch {
+		case len(errs) > 0:
+			t.Fatalf("%s: MarshalEdit wrote what does not parse: %v\n%s", e.name, errs[0], out.Data)
+		case !reflect.DeepEqual(whole.Config(), next.Config()):
+			t.Fatalf("%s: MarshalEdit wrote another configuration\n%s", e.name, out.Data)
+		case !slices.Equal(whole.starts, out.starts) || whole.column != out.column:
+			t.Fatalf("%s: MarshalEdit lays out services at %v, a parse at %v", e.name, out.starts, whole.starts)
+		}
+		written++
+		f = out
+	}
+	t.Logf("%d versions written as edits", written)
+	if written < 100 {
+		t.Errorf("only %d versions written as edits", written)
+	}
+}

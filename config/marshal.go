@@ -52,23 +52,15 @@ func (c *Config) MarshalFile(prev *File) (*File, error) {
 		}
 	}
 	starts := make([]int, 0, len(c.Services)+1)
-	var one bytes.Buffer
 	for _, s := range c.Services {
 		if i, ok := written[s.Key()]; ok && reflect.DeepEqual(&prev.cfg.Services[i], &s) {
 			starts = append(starts, buf.Len())
 			buf.Write(prev.Data[prev.starts[i]:prev.starts[i+1]])
 			continue
 		}
-		one.Reset()
-		if err := encode(&one, &yaml.Node{Kind: yaml.SequenceNode, Content: []*yaml.Node{serviceNode(s)}}); err != nil {
-			return nil, err
-		}
 		starts = append(starts, buf.Len())
-		for line := range bytes.Lines(one.Bytes()) {
-			if len(bytes.TrimSpace(line)) > 0 {
-				buf.WriteString("  ")
-			}
-			buf.Write(line)
+		if err := writeService(&buf, s); err != nil {
+			return nil, err
 		}
 	}
 	canon := make([]bool, len(c.Services))
@@ -76,6 +68,73 @@ func (c *Config) MarshalFile(prev *File) (*File, error) {
 		canon[i] = true
 	}
 	return &File{Data: buf.Bytes(), cfg: c, starts: append(starts, buf.Len()), column: 3, canon: canon, id: fileID()}, nil
+}
+
+// MarshalEdit is MarshalFile of c, an edit of prev's configuration that
+// replaced prev's services [from, oldTo) by c's [from, newTo) and changed
+// nothing else. The other services are copied from prev's text as they
+// are (an operator's layout and comments within them too), so that
+// writing a change costs a copy of the file and the encoding of the
+// services it changed. When prev's services are not laid out as Marshal
+// lays them out (block items at column 3), it is MarshalFile.
+func (c *Config) MarshalEdit(prev *File, from, oldTo, newTo int) (*File, error) {
+	n := len(prev.cfg.Services)
+	if prev.starts == nil || prev.column != 3 || from < 0 || from > oldTo || oldTo > n || newTo < from ||
+		newTo-from != len(c.Services)-n+oldTo-from {
+		return c.MarshalFile(prev)
+	}
+	var buf bytes.Buffer
+	buf.Grow(len(prev.Data) + 4096)
+	if err := encode(&buf, c.rootNode()); err != nil {
+		return nil, err
+	}
+	if len(c.Services) == 0 {
+		buf.WriteString("services: []\n")
+		return &File{Data: buf.Bytes(), cfg: c, id: fileID()}, nil
+	}
+	buf.WriteString("services:\n")
+	starts := make([]int, 0, len(c.Services)+1)
+	canon := make([]bool, 0, len(c.Services))
+	copyText := func(i, j int) { // prev's services [i, j)
+		if i == j {
+			return
+		}
+		at := buf.Len() - prev.starts[i]
+		for k := i; k < j; k++ {
+			starts = append(starts, prev.starts[k]+at)
+			canon = append(canon, prev.canon != nil && prev.canon[k])
+		}
+		buf.Write(prev.Data[prev.starts[i]:prev.starts[j]])
+		if buf.Bytes()[buf.Len()-1] != '\n' { // the file's last line
+			buf.WriteByte('\n')
+		}
+	}
+	copyText(0, from)
+	for _, s := range c.Services[from:newTo] {
+		starts = append(starts, buf.Len())
+		canon = append(canon, true)
+		if err := writeService(&buf, s); err != nil {
+			return nil, err
+		}
+	}
+	copyText(oldTo, n)
+	return &File{Data: buf.Bytes(), cfg: c, starts: append(starts, buf.Len()), column: 3, canon: canon, id: fileID()}, nil
+}
+
+// writeService writes s as an item of the services list, indented under
+// "services:".
+func writeService(buf *bytes.Buffer, s Service) error {
+	var one bytes.Buffer
+	if err := encode(&one, &yaml.Node{Kind: yaml.SequenceNode, Content: []*yaml.Node{serviceNode(s)}}); err != nil {
+		return err
+	}
+	for line := range bytes.Lines(one.Bytes()) {
+		if len(bytes.TrimSpace(line)) > 0 {
+			buf.WriteString("  ")
+		}
+		buf.Write(line)
+	}
+	return nil
 }
 
 // rootNode is the configuration as a YAML mapping, without its services.

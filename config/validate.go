@@ -116,6 +116,18 @@ func (c *Config) Validate() error {
 	return joinErrors(v.errs, v.truncated)
 }
 
+// ValidateEdit is Validate of c, a valid configuration whose services
+// [from, to) were replaced or added and which is otherwise unchanged (a
+// service removed counts as an empty range where it was). When the edit
+// keeps c valid it costs time in proportion to those services (see
+// validEdit); otherwise it is Validate, which says what is wrong.
+func (c *Config) ValidateEdit(from, to int) error {
+	if c != nil && c.validEdit(from, to) {
+		return nil
+	}
+	return c.Validate()
+}
+
 // CheckDatapath refuses a datapath name other than auto, xdp, xdp-generic
 // and splice.
 func CheckDatapath(name string) error {

@@ -221,22 +221,23 @@ func (d *Daemon) AddService(spec ServiceSpec) (Result, error) {
 		}
 	}
 
-	err = d.change("add service "+s.Key(), func(cfg *config.Config) error {
+	err = d.change("add service "+s.Key(), func(cfg *config.Config) (span, error) {
 		for _, o := range cfg.Services {
 			if o.Key() == s.Key() {
-				return refusef("vip", "%s is already the service %s", s.Key(), o.Name)
+				return span{}, refusef("vip", "%s is already the service %s", s.Key(), o.Name)
 			}
 			if o.Name == s.Name {
-				return refusef("name", "%q is already the name of %s", s.Name, o.Key())
+				return span{}, refusef("name", "%q is already the name of %s", s.Name, o.Key())
 			}
 		}
+		n := len(cfg.Services)
 		cfg.Services = append(cfg.Services, s)
 		// Judge the service by the fields the request gave: a bad
 		// protocol is refused as the protocol, not as the name made of it.
-		if err := cfg.Validate(); err != nil {
-			return narrow(err, len(cfg.Services)-1, spec.sent())
+		if err := cfg.ValidateEdit(n, n+1); err != nil {
+			return span{}, narrow(err, n, spec.sent())
 		}
-		return nil
+		return span{n, n, n + 1}, nil
 	})
 	if err != nil {
 		return Result{}, err
@@ -252,14 +253,14 @@ func (d *Daemon) RemoveService(ref string) (Result, error) {
 		return Result{}, err
 	}
 	var gone config.Service
-	err = d.change("remove service "+ref, func(cfg *config.Config) error {
+	err = d.change("remove service "+ref, func(cfg *config.Config) (span, error) {
 		i, err := findService(cfg, r, "service")
 		if err != nil {
-			return err
+			return span{}, err
 		}
 		gone = cfg.Services[i]
 		cfg.Services = slices.Delete(cfg.Services, i, i+1)
-		return nil
+		return span{i, i + 1, i}, nil
 	})
 	if err != nil {
 		return Result{}, err
@@ -281,18 +282,18 @@ func (d *Daemon) AddBackend(spec BackendSpec) (Result, error) {
 		weight = uint32(*spec.Weight)
 	}
 	var msg string
-	err = d.change("add backend "+spec.Backend+" to "+spec.Service, func(cfg *config.Config) error {
-		s, addr, port, err := serviceBackend(cfg, r, spec.Backend)
+	err = d.change("add backend "+spec.Backend+" to "+spec.Service, func(cfg *config.Config) (span, error) {
+		i, s, addr, port, err := serviceBackend(cfg, r, spec.Backend)
 		if err != nil {
-			return err
+			return span{}, err
 		}
 		b := config.Backend{Address: addr, Port: port, Weight: weight, State: config.StateActive}
 		if _, err := findBackend(s, addr, port, "backend"); err == nil {
-			return refusef("backend", "%s is already a backend of %s (%s)", b.Key(), s.Name, s.Key())
+			return span{}, refusef("backend", "%s is already a backend of %s (%s)", b.Key(), s.Name, s.Key())
 		}
 		s.Backends = append(s.Backends, b)
 		msg = fmt.Sprintf("added backend %s to %s (%s), weight %d", b.Key(), s.Name, s.Key(), weight)
-		return nil
+		return span{i, i + 1, i + 1}, nil
 	})
 	if err != nil {
 		return Result{}, err
@@ -308,18 +309,18 @@ func (d *Daemon) RemoveBackend(service, backend string) (Result, error) {
 		return Result{}, err
 	}
 	var msg string
-	err = d.change("remove backend "+backend+" from "+service, func(cfg *config.Config) error {
-		s, addr, port, err := serviceBackend(cfg, r, backend)
+	err = d.change("remove backend "+backend+" from "+service, func(cfg *config.Config) (span, error) {
+		i, s, addr, port, err := serviceBackend(cfg, r, backend)
 		if err != nil {
-			return err
+			return span{}, err
 		}
 		j, err := findBackend(s, addr, port, "backend")
 		if err != nil {
-			return err
+			return span{}, err
 		}
 		msg = fmt.Sprintf("removed backend %s from %s (%s)", s.Backends[j].Key(), s.Name, s.Key())
 		s.Backends = slices.Delete(s.Backends, j, j+1)
-		return nil
+		return span{i, i + 1, i + 1}, nil
 	})
 	if err != nil {
 		return Result{}, err
@@ -366,17 +367,17 @@ func (d *Daemon) changeBackend(what, service, backend string, edit func(*config.
 		return Result{}, err
 	}
 	var msg string
-	err = d.change(what, func(cfg *config.Config) error {
-		s, addr, port, err := serviceBackend(cfg, r, backend)
+	err = d.change(what, func(cfg *config.Config) (span, error) {
+		i, s, addr, port, err := serviceBackend(cfg, r, backend)
 		if err != nil {
-			return err
+			return span{}, err
 		}
 		j, err := findBackend(s, addr, port, "backend")
 		if err != nil {
-			return err
+			return span{}, err
 		}
 		msg = edit(s, &s.Backends[j])
-		return nil
+		return span{i, i + 1, i + 1}, nil
 	})
 	if err != nil {
 		return Result{}, err
@@ -472,14 +473,19 @@ func (d *Daemon) editOf(cur *config.Config, f *config.File) (fileEdit, bool) {
 	if !ok {
 		return fileEdit{}, false
 	}
-	e := fileEdit{Edit: Edit{Changed: f.Config().Services[from:newTo]}, was: cur.Services[from:oldTo]}
-	for _, s := range e.was {
+	return editFor(cur.Services[from:oldTo], f.Config().Services[from:newTo]), true
+}
+
+// editFor is the edit that replaces the running services was by changed.
+func editFor(was, changed []config.Service) fileEdit {
+	e := fileEdit{Edit: Edit{Changed: changed}, was: was}
+	for _, s := range was {
 		k := s.Key()
-		if !slices.ContainsFunc(e.Changed, func(n config.Service) bool { return n.Key() == k }) {
+		if !slices.ContainsFunc(changed, func(n config.Service) bool { return n.Key() == k }) {
 			e.Removed = append(e.Removed, k)
 		}
 	}
-	return e, true
+	return e
 }
 
 // sameFile says whether data is the content the running configuration
@@ -574,29 +580,43 @@ func refused(err error) error {
 	return &RefusedError{Msg: err.Error()}
 }
 
+// span is what an edit of a configuration did to its services: the
+// running services [from, oldTo) are its services [from, newTo).
+type span struct{ from, oldTo, newTo int }
+
 // change applies edit to a copy of the running configuration, validates
-// the result whole, writes it to a temporary file beside the
-// configuration file, applies it, and renames the temporary file over the
-// configuration file. A refused or failed change leaves the running state
-// and the file as they were.
-func (d *Daemon) change(what string, edit func(*config.Config) error) error {
+// the services it changed (span) against the others, writes the result
+// to a temporary file beside the configuration file, applies it, and
+// renames the temporary file over the configuration file. A refused or
+// failed change leaves the running state and the file as they were. The
+// copy shares the running services' backends: edit must copy those of a
+// service it changes (serviceBackend does).
+func (d *Daemon) change(what string, edit func(*config.Config) (span, error)) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	cur := d.ctl.Config()
 	if err := d.checkFile(cur); err != nil {
 		return err
 	}
-	next := cur.Clone()
-	if err := edit(next); err != nil {
+	next := *cur
+	next.Services = slices.Clone(cur.Services)
+	sp, err := edit(&next)
+	if err != nil {
 		return err
 	}
-	if err := next.Validate(); err != nil {
+	if err := next.ValidateEdit(sp.from, sp.newTo); err != nil {
 		return refused(err)
 	}
-	if reflect.DeepEqual(cur, next) {
+	if sp.oldTo-sp.from == 1 && sp.newTo-sp.from == 1 && reflect.DeepEqual(cur.Services[sp.from], next.Services[sp.from]) {
 		return nil // nothing to do
 	}
-	f, err := next.MarshalFile(d.file)
+	changes := editFor(cur.Services[sp.from:sp.oldTo], next.Services[sp.from:sp.newTo])
+	var f *config.File
+	if d.file != nil && d.file.Config() == cur {
+		f, err = next.MarshalEdit(d.file, sp.from, sp.oldTo, sp.newTo)
+	} else {
+		f, err = next.MarshalFile(d.file)
+	}
 	if err != nil {
 		return err
 	}
@@ -609,7 +629,7 @@ func (d *Daemon) change(what string, edit func(*config.Config) error) error {
 	if err != nil {
 		return err
 	}
-	if err := d.apply(cur, next); err != nil {
+	if err := d.applyEdit(cur, &next, &changes.Edit); err != nil {
 		os.Remove(tmp)
 		return err
 	}

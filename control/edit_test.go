@@ -170,3 +170,120 @@ func editText(r *rand.Rand, data []byte) []byte {
 }
 
 func netipAddr(a, b, c, d byte) netip.Addr { return netip.AddrFrom4([4]byte{a, b, c, d}) }
+
+// TestChangeEditIsApply makes hundreds of random changes through the
+// daemon's API methods twice: as the daemon makes them, applying and
+// writing the one service a change touches, and with every change applied
+// whole. The datapaths, the id pools and the files written must be the
+// same after each, and the running configuration must be what the file
+// says.
+func TestChangeEditIsApply(t *testing.T) {
+	base := config.Default()
+	base.Interfaces = []string{"eth0"}
+	base.Datapath = config.DatapathXDP
+	base.Tables.RingSize = ringSize
+	base.Tables.MaxServices, base.Tables.MaxBackends = 64, 512
+	for k := range 12 {
+		s := config.DefaultService()
+		s.Name = fmt.Sprintf("svc-%d", k)
+		s.VIP = netipAddr(203, 0, 113, byte(1+k%6))
+		s.Port = uint16(80 + k/6)
+		for i := range 1 + k%3 {
+			s.Backends = append(s.Backends, config.Backend{Address: netipAddr(192, 0, 2, byte(10+(k+i)%20)), Port: s.Port, Weight: 1, State: config.StateActive})
+		}
+		base.Services = append(base.Services, s)
+	}
+	data, err := base.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	type side struct {
+		d    *Daemon
+		dp   *fakeDP
+		path string
+	}
+	start := func(name string) side {
+		path := filepath.Join(dir, name+".yaml")
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		f, err := config.ReadFile(path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dp := newFakeDP()
+		ctl := newController(dp, f.Config())
+		mustApply(t, ctl, f.Config())
+		d := NewDaemon(path, f.Config(), ctl, dp, discard())
+		d.file = f
+		return side{d, dp, path}
+	}
+	edited, whole := start("edited"), start("whole")
+	r := rand.New(rand.NewPCG(7, 8))
+	ok := 0
+	for round := range 400 {
+		cfg := edited.d.ctl.Config()
+		var svc string
+		if len(cfg.Services) > 0 {
+			s := cfg.Services[r.IntN(len(cfg.Services))]
+			svc = netip.AddrPortFrom(s.VIP, s.Port).String()
+		}
+		be := fmt.Sprintf("192.0.2.%d", 10+r.IntN(24))
+		weight := r.IntN(3)
+		op := r.IntN(6)
+		vip := fmt.Sprintf("203.0.113.%d:%d", 1+r.IntN(6), 80+r.IntN(3))
+		var errs [2]error
+		for i, s := range []side{edited, whole} {
+			if i == 1 {
+				s.d.ctl.desired = nil // what runs is unknown to ApplyEdit: it applies whole
+			}
+			switch op {
+			case 0:
+				_, errs[i] = s.d.AddService(ServiceSpec{VIP: vip})
+			case 1:
+				_, errs[i] = s.d.RemoveService(svc)
+			case 2:
+				_, errs[i] = s.d.AddBackend(BackendSpec{Service: svc, Backend: be})
+			case 3:
+				_, errs[i] = s.d.RemoveBackend(svc, be)
+			case 4:
+				_, errs[i] = s.d.SetBackendWeight(BackendWeightSpec{Service: svc, Backend: be, Weight: &weight})
+			case 5:
+				_, errs[i] = s.d.SetBackendState(BackendStateSpec{Service: svc, Backend: be, State: []string{config.StateActive, config.StateDraining}[weight%2]})
+			}
+		}
+		if (errs[0] == nil) != (errs[1] == nil) {
+			t.Fatalf("round %d (op %d): changes disagree: %v, %v", round, op, errs[0], errs[1])
+		}
+		if errs[0] == nil {
+			ok++
+		}
+		a, b := edited.d.ctl, whole.d.ctl
+		if !reflect.DeepEqual(edited.dp.installed, whole.dp.installed) {
+			t.Fatalf("round %d (op %d): the datapaths differ:\nedited %v\nwhole  %v", round, op, edited.dp.installed, whole.dp.installed)
+		}
+		if !reflect.DeepEqual(a.services, b.services) || !reflect.DeepEqual(a.backends, b.backends) {
+			t.Fatalf("round %d (op %d): the id pools differ", round, op)
+		}
+		fa, _ := os.ReadFile(edited.path)
+		fb, _ := os.ReadFile(whole.path)
+		if !bytes.Equal(fa, fb) {
+			t.Fatalf("round %d (op %d): the files differ:\n%s\n---\n%s", round, op, fa, fb)
+		}
+		runs, err := a.Config().Marshal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if onDisk, err := config.Load(edited.path); err != nil {
+			t.Fatalf("round %d (op %d): %v", round, op, err)
+		} else if m, _ := onDisk.Marshal(); !bytes.Equal(m, runs) {
+			t.Fatalf("round %d (op %d): the file does not hold the running configuration:\n%s\n---\n%s", round, op, m, runs)
+		}
+
+	}
+	t.Logf("%d of 400 changes made", ok)
+	if ok < 150 {
+		t.Errorf("only %d changes made", ok)
+	}
+}

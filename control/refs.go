@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -123,16 +124,18 @@ func findService(cfg *config.Config, ref serviceRef, field string) (int, error) 
 	return found, nil
 }
 
-// serviceBackend finds the service ref names in cfg and parses backend
-// as one of its backends (the service's port when backend has none).
-func serviceBackend(cfg *config.Config, ref serviceRef, backend string) (*config.Service, netip.Addr, uint16, error) {
-	i, err := findService(cfg, ref, "service")
+// serviceBackend finds the service ref names in cfg, at index i, and
+// parses backend as one of its backends (the service's port when backend
+// has none). The service's backends are cfg's own copy, to change.
+func serviceBackend(cfg *config.Config, ref serviceRef, backend string) (i int, s *config.Service, addr netip.Addr, port uint16, err error) {
+	i, err = findService(cfg, ref, "service")
 	if err != nil {
-		return nil, netip.Addr{}, 0, err
+		return 0, nil, netip.Addr{}, 0, err
 	}
-	s := &cfg.Services[i]
-	addr, port, err := parseBackendRef(backend, s.Port, "backend")
-	return s, addr, port, err
+	s = &cfg.Services[i]
+	s.Backends = slices.Clone(s.Backends) // shared with the running configuration (see Daemon.change)
+	addr, port, err = parseBackendRef(backend, s.Port, "backend")
+	return i, s, addr, port, err
 }
 
 // findBackend returns the index of the backend at addr:port in s.

@@ -16,6 +16,35 @@ import (
 // does nothing: the control plane's own cost of a small change to a
 // large configuration (go test -bench ReloadOneWeight ./control).
 func BenchmarkReloadOneWeight(b *testing.B) {
+	d, dp, path, data := largeDaemon(b)
+	// The weight of a service in the middle, then back.
+	mid := bytes.Index(data, []byte("name: svc-5000\n"))
+	at := mid + bytes.Index(data[mid:], []byte("weight: 1\n"))
+	one := bytes.Clone(data)
+	one[at+len("weight: ")] = '2'
+	dp.upserts = 0
+	b.ResetTimer()
+	for i := range b.N {
+		next := data
+		if i%2 == 0 {
+			next = one
+		}
+		if err := os.WriteFile(path, next, 0o600); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := d.Reload(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	if dp.upserts != b.N {
+		b.Fatalf("%d upserts for %d reloads", dp.upserts, b.N)
+	}
+}
+
+// largeDaemon is a daemon of 10,000 services of 6 backends, read from
+// its file (data, at path), over a nullDP.
+func largeDaemon(b *testing.B) (*Daemon, *nullDP, string, []byte) {
 	var buf bytes.Buffer
 	fmt.Fprintf(&buf, "interfaces: [eth0]\ndatapath: xdp\ntables:\n  ring_size: 251\n  max_services: 10008\n  max_backends: 65535\nservices:\n")
 	for k := range 10000 {
@@ -40,28 +69,20 @@ func BenchmarkReloadOneWeight(b *testing.B) {
 	}
 	d := NewDaemon(path, f.Config(), ctl, dp, discard())
 	d.file = f
-	// The weight of a service in the middle, then back.
-	mid := bytes.Index(data, []byte("name: svc-5000\n"))
-	at := mid + bytes.Index(data[mid:], []byte("weight: 1\n"))
-	one := bytes.Clone(data)
-	one[at+len("weight: ")] = '2'
-	dp.upserts = 0
+	return d, dp, path, data
+}
+
+// BenchmarkChangeOneWeight changes one backend's weight among 10,000
+// services through the daemon's API method (tether backend set), which
+// writes the file and applies the change.
+func BenchmarkChangeOneWeight(b *testing.B) {
+	d, _, _, _ := largeDaemon(b)
 	b.ResetTimer()
 	for i := range b.N {
-		next := data
-		if i%2 == 0 {
-			next = one
-		}
-		if err := os.WriteFile(path, next, 0o600); err != nil {
+		w := 1 + i%2
+		if _, err := d.SetBackendWeight(BackendWeightSpec{Service: "203.0.113.86:10021", Backend: "198.51.100.105", Weight: &w}); err != nil {
 			b.Fatal(err)
 		}
-		if _, err := d.Reload(); err != nil {
-			b.Fatal(err)
-		}
-	}
-	b.StopTimer()
-	if dp.upserts != b.N {
-		b.Fatalf("%d upserts for %d reloads", dp.upserts, b.N)
 	}
 }
 
