@@ -30,18 +30,9 @@ func (c *Config) Marshal() ([]byte, error) {
 // File holds c: c must not change afterwards.
 func (c *Config) MarshalFile(prev *File) (*File, error) {
 	var buf bytes.Buffer
-	if err := encode(&buf, c.rootNode()); err != nil {
-		return nil, err
+	if f, err := c.writeHead(&buf); f != nil || err != nil {
+		return f, err
 	}
-	if len(c.Services) == 0 {
-		buf.WriteString("services: []\n")
-		return &File{Data: buf.Bytes(), cfg: c, id: fileID()}, nil
-	}
-	// Each service is encoded on its own and indented under "services:",
-	// which reads as the whole encoded at once would: the YAML encoder
-	// keeps every event of a document until it ends, and thousands of
-	// services made one document cost it seconds.
-	buf.WriteString("services:\n")
 	var written map[string]int // prev's services as Marshal writes them, by key
 	if prev != nil && prev.canon != nil {
 		written = make(map[string]int, len(prev.canon))
@@ -85,14 +76,9 @@ func (c *Config) MarshalEdit(prev *File, from, oldTo, newTo int) (*File, error) 
 	}
 	var buf bytes.Buffer
 	buf.Grow(len(prev.Data) + 4096)
-	if err := encode(&buf, c.rootNode()); err != nil {
-		return nil, err
+	if f, err := c.writeHead(&buf); f != nil || err != nil {
+		return f, err
 	}
-	if len(c.Services) == 0 {
-		buf.WriteString("services: []\n")
-		return &File{Data: buf.Bytes(), cfg: c, id: fileID()}, nil
-	}
-	buf.WriteString("services:\n")
 	starts := make([]int, 0, len(c.Services)+1)
 	canon := make([]bool, 0, len(c.Services))
 	copyText := func(i, j int) { // prev's services [i, j)
@@ -119,6 +105,24 @@ func (c *Config) MarshalEdit(prev *File, from, oldTo, newTo int) (*File, error) 
 	}
 	copyText(oldTo, n)
 	return &File{Data: buf.Bytes(), cfg: c, starts: append(starts, buf.Len()), column: 3, canon: canon, id: fileID()}, nil
+}
+
+// writeHead writes the settings and the "services:" key, and returns the
+// whole File when there is no service to write after it. Each service is
+// then encoded on its own and indented under "services:" (writeService),
+// which reads as the whole encoded at once would: the YAML encoder keeps
+// every event of a document until it ends, and thousands of services made
+// one document cost it seconds.
+func (c *Config) writeHead(buf *bytes.Buffer) (*File, error) {
+	if err := encode(buf, c.rootNode()); err != nil {
+		return nil, err
+	}
+	if len(c.Services) == 0 {
+		buf.WriteString("services: []\n")
+		return &File{Data: buf.Bytes(), cfg: c, id: fileID()}, nil
+	}
+	buf.WriteString("services:\n")
+	return nil, nil
 }
 
 // writeService writes s as an item of the services list, indented under

@@ -21,48 +21,8 @@ import (
 // the reloads must report the same changes, and the ids held must be the
 // same.
 func TestReloadEditIsApply(t *testing.T) {
-	base := config.Default()
-	base.Interfaces = []string{"eth0"}
-	base.Datapath = config.DatapathXDP
-	base.Tables.RingSize = ringSize
-	base.Tables.MaxServices, base.Tables.MaxBackends = 64, 512
-	for k := range 24 {
-		s := config.DefaultService()
-		s.Name = fmt.Sprintf("svc-%d", k)
-		s.VIP = netipAddr(203, 0, 113, byte(1+k%8))
-		s.Port = uint16(80 + k/8)
-		for i := range 1 + k%4 {
-			s.Backends = append(s.Backends, config.Backend{Address: netipAddr(192, 0, 2, byte(10+(k+i)%40)), Port: s.Port, Weight: 1, State: config.StateActive})
-		}
-		base.Services = append(base.Services, s)
-	}
-	data, err := base.Marshal()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	type side struct {
-		d    *Daemon
-		dp   *fakeDP
-		path string
-	}
-	start := func(name string) side {
-		path := filepath.Join(dir, name+".yaml")
-		if err := os.WriteFile(path, data, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		f, err := config.ReadFile(path, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		dp := newFakeDP()
-		ctl := newController(dp, f.Config())
-		mustApply(t, ctl, f.Config())
-		d := NewDaemon(path, f.Config(), ctl, dp, discard())
-		d.file = f
-		return side{d, dp, path}
-	}
-	edited, whole := start("edited"), start("whole")
+	edited, whole := twoDaemons(t, 24, 4)
+	data := edited.d.file.Data
 	r := rand.New(rand.NewPCG(3, 4))
 	edits := 0
 	for round := range 300 {
@@ -178,48 +138,7 @@ func netipAddr(a, b, c, d byte) netip.Addr { return netip.AddrFrom4([4]byte{a, b
 // same after each, and the running configuration must be what the file
 // says.
 func TestChangeEditIsApply(t *testing.T) {
-	base := config.Default()
-	base.Interfaces = []string{"eth0"}
-	base.Datapath = config.DatapathXDP
-	base.Tables.RingSize = ringSize
-	base.Tables.MaxServices, base.Tables.MaxBackends = 64, 512
-	for k := range 12 {
-		s := config.DefaultService()
-		s.Name = fmt.Sprintf("svc-%d", k)
-		s.VIP = netipAddr(203, 0, 113, byte(1+k%6))
-		s.Port = uint16(80 + k/6)
-		for i := range 1 + k%3 {
-			s.Backends = append(s.Backends, config.Backend{Address: netipAddr(192, 0, 2, byte(10+(k+i)%20)), Port: s.Port, Weight: 1, State: config.StateActive})
-		}
-		base.Services = append(base.Services, s)
-	}
-	data, err := base.Marshal()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	type side struct {
-		d    *Daemon
-		dp   *fakeDP
-		path string
-	}
-	start := func(name string) side {
-		path := filepath.Join(dir, name+".yaml")
-		if err := os.WriteFile(path, data, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		f, err := config.ReadFile(path, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		dp := newFakeDP()
-		ctl := newController(dp, f.Config())
-		mustApply(t, ctl, f.Config())
-		d := NewDaemon(path, f.Config(), ctl, dp, discard())
-		d.file = f
-		return side{d, dp, path}
-	}
-	edited, whole := start("edited"), start("whole")
+	edited, whole := twoDaemons(t, 12, 3)
 	r := rand.New(rand.NewPCG(7, 8))
 	ok := 0
 	for round := range 400 {
@@ -286,4 +205,54 @@ func TestChangeEditIsApply(t *testing.T) {
 	if ok < 150 {
 		t.Errorf("only %d changes made", ok)
 	}
+}
+
+// side is a daemon over a fake datapath, serving the file at path.
+type side struct {
+	d    *Daemon
+	dp   *fakeDP
+	path string
+}
+
+// twoDaemons starts two daemons with the same file of n services, each
+// with up to most backends, to make the same changes to.
+func twoDaemons(t *testing.T, n, most int) (side, side) {
+	t.Helper()
+	base := config.Default()
+	base.Interfaces = []string{"eth0"}
+	base.Datapath = config.DatapathXDP
+	base.Tables.RingSize = ringSize
+	base.Tables.MaxServices, base.Tables.MaxBackends = 64, 512
+	for k := range n {
+		s := config.DefaultService()
+		s.Name = fmt.Sprintf("svc-%d", k)
+		s.VIP = netipAddr(203, 0, 113, byte(1+k%(n/2)))
+		s.Port = uint16(80 + k/(n/2))
+		for i := range 1 + k%most {
+			s.Backends = append(s.Backends, config.Backend{Address: netipAddr(192, 0, 2, byte(10+(k+i)%40)), Port: s.Port, Weight: 1, State: config.StateActive})
+		}
+		base.Services = append(base.Services, s)
+	}
+	data, err := base.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	start := func(name string) side {
+		path := filepath.Join(dir, name+".yaml")
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		f, err := config.ReadFile(path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dp := newFakeDP()
+		ctl := newController(dp, f.Config())
+		mustApply(t, ctl, f.Config())
+		d := NewDaemon(path, f.Config(), ctl, dp, discard())
+		d.file = f
+		return side{d, dp, path}
+	}
+	return start("edited"), start("whole")
 }
