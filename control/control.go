@@ -58,7 +58,10 @@ type Controller struct {
 	rings   map[string]uint64
 	cfg     *config.Config // the last configuration applied in full
 	desired *config.Config // the last configuration Apply was given and planned
-	up      func(health.Target) bool
+	// exact: the datapath serves cfg as planned, no apply having failed
+	// since (an edit may then be applied alone).
+	exact bool
+	up    func(health.Target) bool
 	// unreachable are the backend addresses the datapath cannot reach
 	// (see datapath.Resolver), with why: planned down.
 	unreachable map[netip.Addr]error
@@ -137,7 +140,7 @@ func (c *Controller) refresh(why string, has func(config.Service, config.Backend
 			todo = append(todo, cs)
 		}
 	}
-	errs := []error{c.reach(todo, false)}
+	errs := []error{c.reach(todo)}
 	for _, cs := range todo {
 		key := cs.Key()
 		p, err := c.planService(cs)
@@ -169,9 +172,8 @@ func (c *Controller) refresh(why string, has func(config.Service, config.Backend
 // reach asks a datapath that finds backends itself (datapath.Resolver)
 // about every backend of services, and records those it cannot reach, for
 // planService to plan down. An address the datapath refuses fails reach,
-// and with it the change, before anything is applied. With all, services
-// are the whole configuration: addresses it no longer has are forgotten.
-func (c *Controller) reach(services []config.Service, all bool) error {
+// and with it the change, before anything is applied.
+func (c *Controller) reach(services []config.Service) error {
 	r, ok := c.dp.(datapath.Resolver)
 	if !ok {
 		return nil
@@ -183,13 +185,6 @@ func (c *Controller) reach(services []config.Service, all bool) error {
 			if !seen[b.Address] {
 				seen[b.Address] = true
 				addrs = append(addrs, b.Address)
-			}
-		}
-	}
-	if all {
-		for a := range c.unreachable {
-			if !seen[a] {
-				delete(c.unreachable, a)
 			}
 		}
 	}
@@ -211,6 +206,26 @@ func (c *Controller) reach(services []config.Service, all bool) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// forgetUnreachable forgets the unreachable addresses that no backend of
+// services (the whole configuration) has. It reads them only when there
+// are some.
+func (c *Controller) forgetUnreachable(services []config.Service) {
+	if len(c.unreachable) == 0 {
+		return
+	}
+	used := make(map[netip.Addr]bool)
+	for _, cs := range services {
+		for _, b := range cs.Backends {
+			used[b.Address] = true
+		}
+	}
+	for a := range c.unreachable {
+		if !used[a] {
+			delete(c.unreachable, a)
+		}
+	}
 }
 
 // Unreachable says why the datapath cannot reach the backends at addr, ""
@@ -280,12 +295,13 @@ type Edit struct {
 // running (the last one applied in full) only as edit says: it plans,
 // sends and accounts for those services alone, so that a change of a few
 // services of thousands costs time in proportion to them. When what runs
-// is not a configuration applied in full (a change failed part way), it
-// applies cfg whole, as Apply does.
+// is not exactly a configuration applied in full (an apply failed part
+// way since, and so may the undo of it), it applies cfg whole, as Apply
+// does.
 func (c *Controller) ApplyEdit(cfg *config.Config, edit Edit) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.cfg == nil || c.cfg != c.desired {
+	if !c.exact {
 		if err := cfg.Validate(); err != nil {
 			return err
 		}
@@ -306,9 +322,10 @@ func (c *Controller) apply(cfg *config.Config, edit *Edit) error {
 		}
 		touched = append(touched, edit.Removed...)
 	}
-	if err := c.reach(services, edit == nil); err != nil {
+	if err := c.reach(services); err != nil {
 		return err
 	}
+	c.forgetUnreachable(cfg.Services)
 	desired, err := c.plan(services)
 	if err != nil {
 		// Give back the ids plan allocated for a configuration that is not
@@ -385,6 +402,7 @@ func (c *Controller) apply(cfg *config.Config, edit *Edit) error {
 	} else {
 		c.releaseTouched(touched, desired, before)
 	}
+	c.exact = len(errs) == 0
 	if len(errs) == 0 {
 		c.cfg = cfg
 	}

@@ -256,3 +256,38 @@ func twoDaemons(t *testing.T, n, most int) (side, side) {
 	}
 	return start("edited"), start("whole")
 }
+
+// After a change failed part way and its undo failed too, what runs is
+// neither configuration: the next edit must apply the configuration
+// whole, which repairs it, rather than the edited service alone.
+func TestEditAfterFailedUndo(t *testing.T) {
+	dp := newFakeDP()
+	cur := parse(t, conf(8, 32, web4, dns6))
+	c := newController(dp, cur)
+	mustApply(t, c, cur)
+	// web4 gains a backend and dns6 changes; dns6 fails, web4 is applied.
+	dns6Changed := strings.Replace(dns6, "affinity_timeout: 1m", "affinity_timeout: 2m", 1)
+	next := parse(t, conf(8, 32, web4Plus, dns6Changed))
+	dp.failUpsert["dns6"] = fmt.Errorf("fake failure")
+	if err := c.ApplyEdit(next, Edit{Changed: next.Services}); err == nil {
+		t.Fatal("the change did not fail")
+	}
+	// The undo fails on web4, which keeps its fourth backend.
+	dp.failUpsert["web4"] = fmt.Errorf("fake failure")
+	if err := c.Apply(cur); err == nil {
+		t.Fatal("the undo did not fail")
+	}
+	clear(dp.failUpsert)
+	dp.take()
+	// An edit of another service.
+	web5 := strings.NewReplacer("web4", "web5", "port: 80", "port: 81").Replace(web4)
+	edited := parse(t, conf(8, 32, web4, dns6, web5))
+	if err := c.ApplyEdit(edited, Edit{Changed: edited.Services[2:]}); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range dp.installed {
+		if s.Name == "web4" && len(s.Backends) != 3 {
+			t.Errorf("web4 runs %d backends after the next edit, want the configuration's 3", len(s.Backends))
+		}
+	}
+}
