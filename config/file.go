@@ -89,11 +89,39 @@ func layout(data []byte, root *yaml.Node, c *Config) *File {
 	if next > 0 {
 		end = lines[next-1]
 	}
+	end = endOfServices(data, starts[len(starts)-1], end)
 	if end < starts[len(starts)-1] {
 		return f
 	}
 	f.starts, f.column = append(starts, end), seq.Column
 	return f
+}
+
+// endOfServices is where the services end, given where the last one
+// starts and where the list ends by the YAML nodes: a document marker
+// after the last service ends them before that (it is no part of any).
+func endOfServices(data []byte, last, end int) int {
+	if k := docMarker(data[last:end]); k >= 0 {
+		return last + k
+	}
+	return end
+}
+
+// docMarker returns the offset of the first line of data that is a YAML
+// document marker ("---" or "..." at the start of a line), or -1.
+func docMarker(data []byte) int {
+	for at := 0; at < len(data); {
+		line := data[at:]
+		if i := bytes.IndexByte(line, '\n'); i >= 0 {
+			line = line[:i+1]
+		}
+		if (bytes.HasPrefix(line, []byte("---")) || bytes.HasPrefix(line, []byte("..."))) &&
+			(len(line) == 3 || line[3] == ' ' || line[3] == '\t' || line[3] == '\n' || line[3] == '\r') {
+			return at
+		}
+		at += len(line)
+	}
+	return -1
 }
 
 // anchored says whether n or a node below it has an anchor or is an
@@ -228,6 +256,9 @@ func reparse(prev *File, data []byte) *File {
 	starts := slices.Concat(prev.starts[:i], chunkStarts, prev.starts[j+1:])
 	for k := i + len(added); k < len(starts); k++ {
 		starts[k] += delta
+	}
+	if last := len(starts) - 1; last > 0 {
+		starts[last] = endOfServices(data, starts[last-1], starts[last])
 	}
 	var canon []bool
 	if prev.canon != nil {

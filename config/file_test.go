@@ -526,6 +526,24 @@ func TestMarshalEdit(t *testing.T) {
 	if !bytes.Contains(out.Data, []byte("    port: 1000 # the web tier\n")) || !bytes.HasSuffix(out.Data, []byte("\n")) {
 		t.Errorf("MarshalEdit lost the text of an unchanged service, or the last newline:\n%s", out.Data)
 	}
+	// A file that ends its document with "...": a service added at the
+	// end (as vip add does) goes before the marker, not after it.
+	ended, err := ParseFile("tether.yaml", append(bytes.Clone(out.Data), "...\n"...), out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	withAdded := ended.Config().Clone()
+	n := len(withAdded.Services)
+	added := DefaultService()
+	added.Name, added.VIP, added.Port = "added", netip.MustParseAddr("192.0.2.1"), 80
+	withAdded.Services = append(withAdded.Services, added)
+	out, err = withAdded.MarshalEdit(ended, n, n, n+1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, err := Parse(out.Data); err != nil || !reflect.DeepEqual(c, withAdded) {
+		t.Fatalf("MarshalEdit of a file with an end marker: %v\n%s", err, out.Data)
+	}
 	written := 0
 	for range 400 {
 		e := edits[r.IntN(len(edits))]
