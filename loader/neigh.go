@@ -1,10 +1,11 @@
 package loader
 
 import (
-	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -19,6 +20,7 @@ type hop struct {
 	Ifindex int
 	SrcMAC  net.HardwareAddr
 	DstMAC  net.HardwareAddr
+	ifname  string // for messages
 }
 
 // usableNeigh tells whether a neighbour entry holds a MAC worth using.
@@ -28,18 +30,19 @@ func usableNeigh(n netlink.Neigh) bool {
 	return n.State&ok != 0 && len(n.HardwareAddr) == 6
 }
 
-// resolveHop finds the interface and MACs that reach addr, asking the
-// kernel to resolve the neighbour (ARP/ND) if it does not know it yet, and
-// waiting up to the context's deadline. DSR needs the backend on a
-// directly connected network: a backend behind a gateway is refused. When
-// no host answers, the hop returned has its interface and source MAC
-// address, for probing again.
-func resolveHop(ctx context.Context, addr netip.Addr) (hop, error) {
-	ip := net.IP(addr.AsSlice())
-	routes, err := netlink.RouteGet(ip)
-	if err != nil || len(routes) == 0 {
-		// Refused: dsr needs a directly connected network.
-		return hop{}, datapath.Refuse(fmt.Errorf("no route to backend %s: %v", addr, err))
+// routeHop finds the interface and source MAC that reach addr, from the
+// kernel's routes, without its neighbour: DSR needs the backend on a
+// directly connected network, so a backend behind a gateway, or with no
+// route, is refused, as is one of this host's own or broadcast addresses
+// and one reached through a device without ARP. A failure to ask the
+// kernel is an error, not a refusal.
+func routeHop(addr netip.Addr) (hop, error) {
+	routes, err := netlink.RouteGet(net.IP(addr.AsSlice()))
+	switch {
+	case errors.Is(err, unix.ENETUNREACH), errors.Is(err, unix.EHOSTUNREACH), err == nil && len(routes) == 0:
+		return hop{}, datapath.Refuse(fmt.Errorf("no route to backend %s: dsr forwarding needs backends on a directly connected network", addr))
+	case err != nil:
+		return hop{}, fmt.Errorf("look up the route to backend %s: %w", addr, err)
 	}
 	r := routes[0]
 	switch r.Type {
@@ -47,6 +50,8 @@ func resolveHop(ctx context.Context, addr netip.Addr) (hop, error) {
 		return hop{}, datapath.Refuse(fmt.Errorf("backend %s is an address of this host: the XDP datapath sends packets to other hosts", addr))
 	case unix.RTN_BROADCAST, unix.RTN_MULTICAST:
 		return hop{}, datapath.Refuse(fmt.Errorf("backend %s is a broadcast or multicast address of this host's networks: a backend is one host", addr))
+	case unix.RTN_UNREACHABLE, unix.RTN_BLACKHOLE, unix.RTN_PROHIBIT:
+		return hop{}, datapath.Refuse(fmt.Errorf("no route to backend %s: dsr forwarding needs backends on a directly connected network", addr))
 	}
 	if r.Gw != nil {
 		return hop{}, datapath.Refuse(fmt.Errorf("backend %s is reached through gateway %s: dsr forwarding needs backends on a directly connected network", addr, r.Gw))
@@ -58,27 +63,42 @@ func resolveHop(ctx context.Context, addr netip.Addr) (hop, error) {
 	if link.Attrs().RawFlags&unix.IFF_NOARP != 0 {
 		return hop{}, datapath.Refuse(fmt.Errorf("backend %s is reached through %s, which does no ARP or neighbour discovery: dsr forwarding needs a backend's own MAC address", addr, link.Attrs().Name))
 	}
-	h := hop{Ifindex: r.LinkIndex, SrcMAC: link.Attrs().HardwareAddr}
+	h := hop{Ifindex: r.LinkIndex, SrcMAC: link.Attrs().HardwareAddr, ifname: link.Attrs().Name}
 	if len(h.SrcMAC) != 6 {
 		return hop{}, datapath.Refuse(fmt.Errorf("backend %s is reached through %s, which has no Ethernet address", addr, link.Attrs().Name))
 	}
-	for i := 0; ; i++ {
-		if mac, ok := lookupNeigh(r.LinkIndex, addr); ok {
-			if err := unicastMAC(addr, mac); err != nil {
-				return hop{}, err
+	return h, nil
+}
+
+// awaitNeighbours asks the kernel to resolve the neighbours of todo (their
+// partial hops, from routeHop) and waits for them until the deadline,
+// reading each interface's table once a round: resolved gets each hop
+// found, refused each MAC that is not one host's. It returns those still
+// unresolved.
+func awaitNeighbours(todo map[netip.Addr]hop, deadline time.Time, resolved func(netip.Addr, hop), refused func(netip.Addr, error)) map[netip.Addr]hop {
+	for round := 0; len(todo) > 0; round++ {
+		var t neighTables
+		for a, h := range todo {
+			n, ok := t.lookup(h.Ifindex, a)
+			switch {
+			case ok && usableNeigh(n):
+				delete(todo, a)
+				if err := unicastMAC(a, n.HardwareAddr); err != nil {
+					refused(a, err)
+					continue
+				}
+				h.DstMAC = net.HardwareAddr(slices.Clone(n.HardwareAddr))
+				resolved(a, h)
+			case round%25 == 0: // every half second
+				_ = probeNeigh(h.Ifindex, a)
 			}
-			h.DstMAC = mac
-			return h, nil
 		}
-		if i%25 == 0 { // every half second
-			_ = probeNeigh(r.LinkIndex, addr)
+		if len(todo) == 0 || time.Now().After(deadline) {
+			break
 		}
-		select {
-		case <-ctx.Done():
-			return h, fmt.Errorf("backend %s does not answer ARP/ND on %s: is it up and on that network?", addr, link.Attrs().Name)
-		case <-time.After(20 * time.Millisecond):
-		}
+		time.Sleep(20 * time.Millisecond)
 	}
+	return todo
 }
 
 // unicastMAC refuses a neighbour entry that would send a backend's packets
@@ -122,23 +142,6 @@ func (t *neighTables) lookup(ifindex int, addr netip.Addr) (netlink.Neigh, bool)
 	}
 	n, ok := table[addr]
 	return n, ok
-}
-
-func lookupNeigh(ifindex int, addr netip.Addr) (net.HardwareAddr, bool) {
-	fam := unix.AF_INET
-	if addr.Is6() {
-		fam = unix.AF_INET6
-	}
-	neighs, err := netlink.NeighList(ifindex, fam)
-	if err != nil {
-		return nil, false
-	}
-	for _, n := range neighs {
-		if a, ok := netip.AddrFromSlice(n.IP); ok && a.Unmap() == addr && usableNeigh(n) {
-			return n.HardwareAddr, true
-		}
-	}
-	return nil, false
 }
 
 // probeNeigh asks the kernel to resolve addr on ifindex, or to confirm an

@@ -9,6 +9,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/tetherlb/tether/datapath"
 	"github.com/tetherlb/tether/internal/lab"
 )
 
@@ -23,9 +24,10 @@ func TestProbeKeepsStaticNeighbours(t *testing.T) {
 	static6 := netip.MustParseAddr("2001:db8:100::200")
 	unknown := netip.MustParseAddr("198.51.100.201")
 	mac := net.HardwareAddr{0x02, 0, 0, 0, 0x02, 0x00}
-	x := &XDP{hops: map[netip.Addr]hop{}}
-	for _, a := range []netip.Addr{static4, static6, unknown} {
+	x := &XDP{hops: map[netip.Addr]hop{}, services: map[uint32]datapath.Service{}}
+	for i, a := range []netip.Addr{static4, static6, unknown} {
 		x.hops[a] = hop{Ifindex: lb.Ifindex}
+		x.services[uint32(i)] = datapath.Service{Backends: []datapath.Backend{{Addr: a}}} // in use: not forgotten
 	}
 	state := func(a netip.Addr) (int, bool) {
 		var st int

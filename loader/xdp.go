@@ -49,6 +49,7 @@ type XDP struct {
 	// answers.
 	unresolved map[netip.Addr]unresolved
 	onResolved func(netip.Addr)
+	asked      map[netip.Addr]time.Time // when each address of hops was last asked for
 	adopted    []datapath.Service
 	vetter     hostaddr.Vetter
 
@@ -113,6 +114,7 @@ func NewXDP(opts Options, ifaces []string, mode Mode, log *slog.Logger) (*XDP, e
 		services:   make(map[uint32]datapath.Service),
 		hops:       make(map[netip.Addr]hop),
 		unresolved: make(map[netip.Addr]unresolved),
+		asked:      make(map[netip.Addr]time.Time),
 		vetter:     hostaddr.Vetter{TTL: time.Second, Read: hostaddr.Read},
 	}
 	if err := x.attach(ifaces, mode); err != nil {
@@ -419,60 +421,53 @@ func (x *XDP) OnResolved(fn func(netip.Addr)) {
 }
 
 // resolveAddrs finds the hop of every address of addrs that has none yet,
-// in parallel, within ResolveTimeout, and returns those it cannot reach
-// with why. An address that did not answer before fails at once: the
-// neighbour follower probes it again, and it has a hop once it answers.
-// x.mu must be held.
+// waiting for the kernel's neighbour resolution up to ResolveTimeout (for
+// all at once), and returns those it cannot reach with why. An address
+// that did not answer before fails at once: the neighbour follower probes
+// it again, and it has a hop once it answers. x.mu must be held.
 func (x *XDP) resolveAddrs(addrs []netip.Addr) map[netip.Addr]error {
 	failed := make(map[netip.Addr]error)
-	var todo []netip.Addr
+	todo := make(map[netip.Addr]hop)
+	now := time.Now()
 	for _, a := range addrs {
 		if _, ok := x.hops[a]; ok {
+			x.asked[a] = now
+			continue
+		}
+		if _, ok := todo[a]; ok {
+			continue
+		}
+		if _, ok := failed[a]; ok {
 			continue
 		}
 		if u, ok := x.unresolved[a]; ok {
 			failed[a] = u.err
-			u.asked = time.Now()
+			u.asked = now
 			x.unresolved[a] = u
-			continue
-		}
-		if slices.Contains(todo, a) {
 			continue
 		}
 		if err := x.vetter.Vet([]netip.Addr{a}); err != nil {
 			failed[a] = datapath.Refuse(err)
 			continue
 		}
-		todo = append(todo, a)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), ResolveTimeout)
-	defer cancel()
-	type result struct {
-		addr netip.Addr
-		hop  hop
-		err  error
-	}
-	results := make(chan result, len(todo))
-	for _, a := range todo {
-		go func() {
-			h, err := resolveHop(ctx, a)
-			results <- result{a, h, err}
-		}()
-	}
-	for range todo {
-		r := <-results
-		var refused *datapath.RefusedError
-		switch {
-		case r.err == nil:
-			x.hops[r.addr] = r.hop
-			x.log.Debug("resolved backend", "backend", r.addr, "mac", r.hop.DstMAC.String(), "ifindex", r.hop.Ifindex)
-		case errors.As(r.err, &refused) || r.hop.Ifindex == 0:
-			failed[r.addr] = r.err
-		default:
-			failed[r.addr] = r.err
-			x.unresolved[r.addr] = unresolved{hop: r.hop, err: r.err, asked: time.Now()}
-			x.log.Warn("backend does not answer ARP/ND; probing it again in the background", "backend", r.addr, "interface_index", r.hop.Ifindex)
+		h, err := routeHop(a)
+		if err != nil {
+			failed[a] = err
+			continue
 		}
+		todo[a] = h
+	}
+	left := awaitNeighbours(todo, now.Add(ResolveTimeout),
+		func(a netip.Addr, h hop) {
+			x.hops[a], x.asked[a] = h, now
+			x.log.Debug("resolved backend", "backend", a, "mac", h.DstMAC.String(), "ifindex", h.Ifindex)
+		},
+		func(a netip.Addr, err error) { failed[a] = err })
+	for a, h := range left {
+		err := fmt.Errorf("backend %s does not answer ARP/ND on %s: is it up and on that network?", a, h.ifname)
+		failed[a] = err
+		x.unresolved[a] = unresolved{hop: h, err: err, asked: now}
+		x.log.Warn("backend does not answer ARP/ND; probing it again in the background", "backend", a, "interface", h.ifname)
 	}
 	return failed
 }
@@ -618,22 +613,26 @@ func (x *XDP) followUpdates(ctx context.Context, updates <-chan netlink.NeighUpd
 }
 
 // hopsNow is a copy of the backend addresses' hops, and of the partial
-// hops of those that did not answer. It forgets those of the latter that
-// no service has and nobody asked for lately.
+// hops of those that did not answer. It forgets the addresses that no
+// service has and nobody asked for lately.
 func (x *XDP) hopsNow() (hops, pending map[netip.Addr]hop) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	if len(x.unresolved) > 0 {
-		used := make(map[netip.Addr]bool)
-		for _, s := range x.services {
-			for _, b := range s.Backends {
-				used[b.Addr] = true
-			}
+	used := make(map[netip.Addr]bool)
+	for _, s := range x.services {
+		for _, b := range s.Backends {
+			used[b.Addr] = true
 		}
-		for a, u := range x.unresolved {
-			if !used[a] && time.Since(u.asked) > forgetUnresolved {
-				delete(x.unresolved, a)
-			}
+	}
+	for a, u := range x.unresolved {
+		if !used[a] && time.Since(u.asked) > forgetUnresolved {
+			delete(x.unresolved, a)
+		}
+	}
+	for a := range x.hops {
+		if !used[a] && time.Since(x.asked[a]) > forgetUnresolved {
+			delete(x.hops, a)
+			delete(x.asked, a)
 		}
 	}
 	hops = make(map[netip.Addr]hop, len(x.hops))
@@ -661,6 +660,16 @@ func (x *XDP) probeHops() {
 		_ = probeNeigh(h.Ifindex, a)
 	}
 	for a, h := range pending {
+		if now, err := routeHop(a); err == nil && now.Ifindex != h.Ifindex {
+			// Its route moved: follow it there.
+			x.mu.Lock()
+			if u, ok := x.unresolved[a]; ok {
+				u.hop = now
+				x.unresolved[a] = u
+			}
+			x.mu.Unlock()
+			h = now
+		}
 		if n, ok := t.lookup(h.Ifindex, a); ok && usableNeigh(n) {
 			x.neighbourChanged(n)
 			continue
@@ -734,13 +743,20 @@ func (x *XDP) neighbourChanged(n netlink.Neigh) {
 // is refused). x.mu must be held.
 func (x *XDP) resolved(addr netip.Addr, h hop, mac net.HardwareAddr) func(netip.Addr) {
 	if err := unicastMAC(addr, mac); err != nil {
-		x.unresolved[addr] = unresolved{hop: h, err: err, asked: time.Now()}
-		x.log.Error("backend answers with a MAC address tether refuses", "backend", addr, "err", err)
+		// Not a refusal now: the configuration that has it was accepted.
+		// It stays down (unreachable) until it answers with its own MAC.
+		u := x.unresolved[addr]
+		err = fmt.Errorf("%w; down until it answers with its own", errors.Unwrap(err))
+		if u.err == nil || u.err.Error() != err.Error() {
+			x.log.Error("backend answers with a MAC address tether refuses", "backend", addr, "err", err)
+		}
+		u.hop, u.err = h, err
+		x.unresolved[addr] = u
 		return nil
 	}
 	delete(x.unresolved, addr)
 	h.DstMAC = net.HardwareAddr(slices.Clone(mac))
-	x.hops[addr] = h
+	x.hops[addr], x.asked[addr] = h, time.Now()
 	x.log.Info("backend answers ARP/ND now", "backend", addr, "mac", h.DstMAC.String())
 	return x.onResolved
 }
