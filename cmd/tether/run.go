@@ -24,8 +24,8 @@ The other tether commands (vip, backend, status, stats, flows, reload) talk
 to the daemon over a unix socket, mode 0600 (--socket, default
 /run/tether/tether.sock). Changes made with them are applied at once and
 written back to the configuration file, atomically; the file stays the
-source of truth, but comments are kept only within the services a change
-leaves alone.
+source of truth, but comments are kept only inside the services a change
+leaves alone (docs/cli.md says which).
 
 The configuration is YAML; docs/configuration.md explains every field.
 The smallest one:
