@@ -1,10 +1,15 @@
 package loader
 
 import (
+	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -68,5 +73,34 @@ func TestProbeKeepsStaticNeighbours(t *testing.T) {
 	}
 	if st, ok := state(unknown); !ok || st&(netlink.NUD_INCOMPLETE|netlink.NUD_FAILED) == 0 {
 		t.Errorf("%s after probing: found %v, state %#x, want the kernel resolving it", unknown, ok, st)
+	}
+}
+
+// An address that did not answer and then answers with a MAC that is no
+// one host's stays down, as unreachable: the configuration that has it
+// was accepted, so the change that touches its service next must not be
+// refused for it. Its own MAC later brings it up, and is reported.
+func TestLateGroupMACIsUnreachable(t *testing.T) {
+	a := netip.MustParseAddr("198.51.100.77")
+	var told []netip.Addr
+	x := &XDP{
+		log:        slog.New(slog.NewTextHandler(io.Discard, nil)),
+		hops:       map[netip.Addr]hop{},
+		asked:      map[netip.Addr]time.Time{},
+		unresolved: map[netip.Addr]unresolved{a: {hop: hop{Ifindex: 2}, err: errors.New("no answer")}},
+		onResolved: func(a netip.Addr) { told = append(told, a) },
+	}
+	x.neighbourChanged(netlink.Neigh{LinkIndex: 2, IP: a.AsSlice(), HardwareAddr: net.HardwareAddr{0x01, 0, 0x5e, 0, 0, 1}})
+	u, ok := x.unresolved[a]
+	var refused *datapath.RefusedError
+	if !ok || errors.As(u.err, &refused) || !strings.Contains(u.err.Error(), "01:00:5e:00:00:01") {
+		t.Errorf("after a multicast MAC: unresolved %v, err %v; want unreachable, not refused", ok, u.err)
+	}
+	if _, ok := x.hops[a]; ok || len(told) > 0 {
+		t.Errorf("a multicast MAC was taken as the backend's (told %v)", told)
+	}
+	x.neighbourChanged(netlink.Neigh{LinkIndex: 2, IP: a.AsSlice(), HardwareAddr: net.HardwareAddr{0x02, 0, 0, 0, 0, 0x77}})
+	if h, ok := x.hops[a]; !ok || h.DstMAC.String() != "02:00:00:00:00:77" || len(told) != 1 {
+		t.Errorf("after its own MAC: hop %v (%v), told %v", h, ok, told)
 	}
 }
