@@ -444,7 +444,7 @@ func (d *Daemon) reload() (Result, error) {
 	var ch *Changes
 	if ok {
 		ch = diff(edit.was, edit.Changed)
-		err = d.applyEdit(cur, next, &edit.Edit)
+		err = d.applyEdit(cur, next, &edit)
 	} else {
 		ch = diff(cur.Services, next.Services)
 		err = d.apply(cur, next)
@@ -629,7 +629,7 @@ func (d *Daemon) change(what string, edit func(*config.Config) (span, error)) er
 	if err != nil {
 		return err
 	}
-	if err := d.applyEdit(cur, &next, &changes.Edit); err != nil {
+	if err := d.applyEdit(cur, &next, &changes); err != nil {
 		os.Remove(tmp)
 		return err
 	}
@@ -652,18 +652,24 @@ func (d *Daemon) apply(cur, next *config.Config) error {
 }
 
 // applyEdit is apply of next, which differs from cur as edit says (see
-// Controller.ApplyEdit), or in any way when edit is nil.
-func (d *Daemon) applyEdit(cur, next *config.Config, edit *Edit) error {
-	defer d.syncTargets()
+// Controller.ApplyEdit), or in any way when edit is nil. The health
+// checks of an edit that applied change with the services it changed.
+func (d *Daemon) applyEdit(cur, next *config.Config, edit *fileEdit) error {
 	var err error
 	if edit != nil {
-		err = d.ctl.ApplyEdit(next, *edit)
+		err = d.ctl.ApplyEdit(next, edit.Edit)
 	} else {
 		err = d.ctl.Apply(next)
 	}
 	if err == nil {
+		if edit != nil {
+			d.syncEdit(edit)
+		} else {
+			d.syncTargets()
+		}
 		return nil
 	}
+	defer d.syncTargets()
 	var fe *config.FieldError
 	if errors.As(err, &fe) {
 		return refused(err)

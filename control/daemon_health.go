@@ -131,14 +131,34 @@ func (d *Daemon) syncTargets() {
 	}
 }
 
+// syncEdit is syncTargets after edit applied: the monitor stops probing
+// the backends of the services it replaced and probes those of the
+// services it changed, in time proportional to them; a backend in both
+// goes on as it was.
+func (d *Daemon) syncEdit(edit *fileEdit) {
+	mon := d.mon.Load()
+	if mon == nil {
+		return
+	}
+	if err := mon.Edit(serviceTargets(edit.was), serviceTargets(edit.Changed)); err != nil {
+		d.log.Error("update the health checks", "err", err)
+		d.syncTargets()
+	}
+}
+
 // targets lists the health targets of cfg: every backend of every
 // service that probes, with its service's check.
 func targets(cfg *config.Config) []health.Target {
 	if cfg == nil {
 		return nil
 	}
+	return serviceTargets(cfg.Services)
+}
+
+// serviceTargets lists the health targets of services.
+func serviceTargets(services []config.Service) []health.Target {
 	var out []health.Target
-	for _, s := range cfg.Services {
+	for _, s := range services {
 		for _, b := range s.Backends {
 			if t, ok := s.Target(b); ok {
 				out = append(out, t)

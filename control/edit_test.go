@@ -10,8 +10,10 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/health"
 )
 
 // TestReloadEditIsApply reloads hundreds of random edits of a file twice:
@@ -288,6 +290,79 @@ func TestEditAfterFailedUndo(t *testing.T) {
 	for _, s := range dp.installed {
 		if s.Name == "web4" && len(s.Backends) != 3 {
 			t.Errorf("web4 runs %d backends after the next edit, want the configuration's 3", len(s.Backends))
+		}
+	}
+}
+
+// TestEditKeepsHealthTargets: after each change made as an edit, the
+// health monitor probes exactly the backends of the configuration that
+// runs, as a whole Set would make it, although it was handed the changed
+// services alone. Backends are closed ports on loopback (datapath splice
+// allows them), probed once an hour.
+func TestEditKeepsHealthTargets(t *testing.T) {
+	cfg := config.Default()
+	cfg.Datapath = config.DatapathSplice
+	for k := range 6 {
+		s := config.DefaultService()
+		s.Name = fmt.Sprintf("svc-%d", k)
+		s.VIP, s.Port = netipAddr(203, 0, 113, byte(1+k)), 80
+		s.Health.Interval = time.Hour
+		for i := range 1 + k%3 {
+			s.Backends = append(s.Backends, config.Backend{Address: netipAddr(127, 0, 0, byte(10+(k+i)%6)), Port: 9, Weight: 1, State: config.StateActive})
+		}
+		cfg.Services = append(cfg.Services, s)
+	}
+	f, err := cfg.MarshalFile(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "tether.yaml")
+	if err := os.WriteFile(path, f.Data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dp := newFakeDP()
+	ctl := newController(dp, f.Config())
+	mustApply(t, ctl, f.Config())
+	d := NewDaemon(path, f.Config(), ctl, dp, discard())
+	d.file = f
+	if err := d.StartHealth(); err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	r := rand.New(rand.NewPCG(11, 12))
+	for round := range 150 {
+		svcs := d.ctl.Config().Services
+		svc := ""
+		if len(svcs) > 0 {
+			svc = fmt.Sprintf("%s:80", svcs[r.IntN(len(svcs))].VIP)
+		}
+		be := fmt.Sprintf("127.0.0.%d:9", 10+r.IntN(6))
+		w := r.IntN(2)
+		switch r.IntN(5) {
+		case 0:
+			d.AddService(ServiceSpec{VIP: fmt.Sprintf("203.0.113.%d:80", 1+r.IntN(8))})
+		case 1:
+			d.RemoveService(svc)
+		case 2:
+			d.AddBackend(BackendSpec{Service: svc, Backend: be})
+		case 3:
+			d.RemoveBackend(svc, be)
+		case 4:
+			d.SetBackendWeight(BackendWeightSpec{Service: svc, Backend: be, Weight: &w})
+		}
+		want := map[health.Target]bool{}
+		for _, tg := range targets(d.ctl.Config()) {
+			tg.Check = tg.Check.Defaults()
+			want[tg] = true
+		}
+		got := d.mon.Load().All()
+		if len(got) != len(want) {
+			t.Fatalf("round %d: %d targets probed, the configuration has %d", round, len(got), len(want))
+		}
+		for tg := range got {
+			if !want[tg] {
+				t.Fatalf("round %d: %s probed, not configured", round, tg)
+			}
 		}
 	}
 }

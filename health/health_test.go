@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -817,5 +819,65 @@ func TestUDP(t *testing.T) {
 		if r.OK != tc.ok || r.Reason != tc.reason {
 			t.Errorf("%s: probe ok %v reason %q, want %v %q", tc.desc, r.OK, r.Reason, tc.ok, tc.reason)
 		}
+	}
+}
+
+// TestEditIsSet edits a monitor's targets hundreds of times as changes of
+// a few backends do (Edit: the targets of the changed backends before
+// and after, one of them listed twice, as backends that several services
+// share are) and wants the probers Set would have: the same targets, with
+// those that stayed listed never restarted. Targets are closed ports on
+// loopback.
+func TestEditIsSet(t *testing.T) {
+	port := closedPort(t, "127.0.0.1:0")
+	target := func(i int) Target {
+		return Target{Addr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, byte(1 + i%5)}), port), Check: Check{Type: TypeTCP, Interval: time.Hour, Timeout: testTimeout}}
+	}
+	m := New(nil, nil)
+	defer m.Close()
+	r := rand.New(rand.NewPCG(9, 10))
+	var listed []Target // what the configuration lists, repeats included
+	for round := range 300 {
+		before := m.All()
+		var remove, add []Target
+		for range r.IntN(3) {
+			if len(listed) > 0 {
+				k := r.IntN(len(listed))
+				remove = append(remove, listed[k])
+				listed = slices.Delete(listed, k, k+1)
+			}
+		}
+		for range r.IntN(3) {
+			t := target(r.IntN(8))
+			add = append(add, t)
+			listed = append(listed, t)
+		}
+		if err := m.Edit(remove, add); err != nil {
+			t.Fatal(err)
+		}
+		want := map[Target]bool{}
+		for _, t := range listed {
+			want[t.withDefaults()] = true
+		}
+		got := m.All()
+		if len(got) != len(want) {
+			t.Fatalf("round %d: %d probers, want %d", round, len(got), len(want))
+		}
+		for tg, st := range got {
+			if !want[tg] {
+				t.Fatalf("round %d: %s probed, not listed", round, tg)
+			}
+			if old, ok := before[tg]; ok && old.Since != st.Since {
+				t.Fatalf("round %d: %s was started again", round, tg)
+			}
+		}
+	}
+	// Set agrees, and Edit goes on from it.
+	set(t, m, listed...)
+	if err := m.Edit(listed, nil); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(m.All()); n != 0 {
+		t.Errorf("%d probers after every listed target was removed", n)
 	}
 }

@@ -25,6 +25,7 @@ type Monitor struct {
 
 	mu      sync.Mutex // guards the fields below and every prober's state
 	probers map[Target]*prober
+	refs    map[Target]int // how many times the set lists each target
 	closed  bool
 }
 
@@ -45,7 +46,7 @@ func New(log *slog.Logger, onChange func(Target, Status)) *Monitor {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Monitor{log: log, onChange: onChange, probers: make(map[Target]*prober)}
+	return &Monitor{log: log, onChange: onChange, probers: make(map[Target]*prober), refs: make(map[Target]int)}
 }
 
 // Set makes targets the set of probed targets, compared after Check.Defaults:
@@ -57,13 +58,13 @@ func New(log *slog.Logger, onChange func(Target, Status)) *Monitor {
 // Set refuses an invalid target, changing nothing. When it returns, the
 // removed probers have stopped and their callbacks have returned.
 func (m *Monitor) Set(targets []Target) error {
-	want := make(map[Target]bool, len(targets))
+	want := make(map[Target]int, len(targets))
 	for _, t := range targets {
 		t = t.withDefaults()
 		if err := t.validate(); err != nil {
 			return err
 		}
-		want[t] = true
+		want[t]++
 	}
 
 	m.setMu.Lock()
@@ -76,7 +77,7 @@ func (m *Monitor) Set(targets []Target) error {
 	}
 	var stopped []*prober
 	for t, p := range m.probers {
-		if !want[t] {
+		if want[t] == 0 {
 			delete(m.probers, t)
 			stopped = append(stopped, p)
 		}
@@ -85,6 +86,55 @@ func (m *Monitor) Set(targets []Target) error {
 	for t := range want {
 		if m.probers[t] == nil {
 			m.probers[t] = m.start(t, now)
+		}
+	}
+	m.refs = want
+	m.mu.Unlock()
+
+	stop(stopped)
+	return nil
+}
+
+// Edit changes the set as a change of a few backends does, in time
+// proportional to them: the targets of add are listed once more, those of
+// remove once less (as the same backends' targets before and after the
+// change), and Set's rules follow: a target listed for the first time
+// starts up, one no longer listed is stopped and forgotten, the others
+// are untouched. Like Set, it refuses an invalid target, changing nothing.
+func (m *Monitor) Edit(remove, add []Target) error {
+	add = slices.Clone(add)
+	for i, t := range add {
+		add[i] = t.withDefaults()
+		if err := add[i].validate(); err != nil {
+			return err
+		}
+	}
+	m.setMu.Lock()
+	defer m.setMu.Unlock()
+
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return ErrClosed
+	}
+	now := time.Now()
+	for _, t := range add {
+		if m.refs[t]++; m.probers[t] == nil {
+			m.probers[t] = m.start(t, now)
+		}
+	}
+	var stopped []*prober
+	for _, t := range remove {
+		t = t.withDefaults()
+		if m.refs[t] == 0 {
+			continue
+		}
+		if m.refs[t]--; m.refs[t] == 0 {
+			delete(m.refs, t)
+			if p := m.probers[t]; p != nil {
+				stopped = append(stopped, p)
+				delete(m.probers, t)
+			}
 		}
 	}
 	m.mu.Unlock()
