@@ -240,23 +240,26 @@ func twoDaemons(t *testing.T, n, most int) (side, side) {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	start := func(name string) side {
-		path := filepath.Join(dir, name+".yaml")
-		if err := os.WriteFile(path, data, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		f, err := config.ReadFile(path, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		dp := newFakeDP()
-		ctl := newController(dp, f.Config())
-		mustApply(t, ctl, f.Config())
-		d := NewDaemon(path, f.Config(), ctl, dp, discard())
-		d.file = f
-		return side{d, dp, path}
+	return fileDaemon(t, filepath.Join(dir, "edited.yaml"), data), fileDaemon(t, filepath.Join(dir, "whole.yaml"), data)
+}
+
+// fileDaemon starts a daemon over a fake datapath with data written to
+// path as its configuration file.
+func fileDaemon(t *testing.T, path string, data []byte) side {
+	t.Helper()
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
 	}
-	return start("edited"), start("whole")
+	f, err := config.ReadFile(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dp := newFakeDP()
+	ctl := newController(dp, f.Config())
+	mustApply(t, ctl, f.Config())
+	d := NewDaemon(path, f.Config(), ctl, dp, discard())
+	d.file = f
+	return side{d, dp, path}
 }
 
 // After a change failed part way and its undo failed too, what runs is
@@ -316,15 +319,7 @@ func TestEditKeepsHealthTargets(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	path := filepath.Join(t.TempDir(), "tether.yaml")
-	if err := os.WriteFile(path, f.Data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	dp := newFakeDP()
-	ctl := newController(dp, f.Config())
-	mustApply(t, ctl, f.Config())
-	d := NewDaemon(path, f.Config(), ctl, dp, discard())
-	d.file = f
+	d := fileDaemon(t, filepath.Join(t.TempDir(), "tether.yaml"), f.Data).d
 	if err := d.StartHealth(); err != nil {
 		t.Fatal(err)
 	}
