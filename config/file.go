@@ -23,9 +23,6 @@ type File struct {
 	// anchor or alias anywhere, a service not in block style.
 	starts []int
 	column int // the 1-based column of the services' "-"
-	// canon[i] says service i's text is what Marshal writes for it (see
-	// MarshalFile); nil when none is known to be.
-	canon []bool
 	// id tells Files apart; a File parsed from another (reparse) has that
 	// one's id as base, and the services it changed as edit (see Edit).
 	id, base uint64
@@ -182,7 +179,7 @@ func reparse(prev *File, data []byte) *File {
 	n := len(prev.starts) - 1 // services
 	a := commonPrefix(old, data)
 	if a == len(old) && a == len(data) {
-		return &File{Data: data, cfg: prev.cfg, starts: prev.starts, column: prev.column, canon: prev.canon,
+		return &File{Data: data, cfg: prev.cfg, starts: prev.starts, column: prev.column,
 			id: fileID(), base: prev.id}
 	}
 	b := commonSuffix(old[a:], data[a:])
@@ -260,11 +257,7 @@ func reparse(prev *File, data []byte) *File {
 	if last := len(starts) - 1; last > 0 {
 		starts[last] = endOfServices(data, starts[last-1], starts[last])
 	}
-	var canon []bool
-	if prev.canon != nil {
-		canon = slices.Concat(prev.canon[:i], make([]bool, len(added)), prev.canon[j+1:])
-	}
-	return &File{Data: data, cfg: &c, starts: starts, column: prev.column, canon: canon,
+	return &File{Data: data, cfg: &c, starts: starts, column: prev.column,
 		id: fileID(), base: prev.id, edit: [3]int{i, j + 1, i + len(added)}}
 }
 

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"net/netip"
-	"reflect"
 	"strconv"
 
 	"go.yaml.in/yaml/v3"
@@ -16,7 +15,7 @@ import (
 // spelled out (defaults included), so that Parse(Marshal(c)) equals c for
 // any c that Parse returns. It writes c as it is, without validating it.
 func (c *Config) Marshal() ([]byte, error) {
-	f, err := c.MarshalFile(nil)
+	f, err := c.MarshalFile()
 	if err != nil {
 		return nil, err
 	}
@@ -24,41 +23,22 @@ func (c *Config) Marshal() ([]byte, error) {
 }
 
 // MarshalFile is Marshal that returns the File of what it wrote, for
-// ReadFile to parse the next version of it in proportion to what changed.
-// A service that prev, an earlier File, holds as it is in c, as Marshal
-// writes it, is copied from prev's text rather than encoded again. The
-// File holds c: c must not change afterwards.
-func (c *Config) MarshalFile(prev *File) (*File, error) {
+// ReadFile to parse the next version of it in proportion to what changed
+// (and MarshalEdit to write it). The File holds c: c must not change
+// afterwards.
+func (c *Config) MarshalFile() (*File, error) {
 	var buf bytes.Buffer
 	if f, err := c.writeHead(&buf); f != nil || err != nil {
 		return f, err
 	}
-	var written map[string]int // prev's services as Marshal writes them, by key
-	if prev != nil && prev.canon != nil {
-		written = make(map[string]int, len(prev.canon))
-		for i, ok := range prev.canon {
-			if ok {
-				written[prev.cfg.Services[i].Key()] = i
-			}
-		}
-	}
 	starts := make([]int, 0, len(c.Services)+1)
 	for _, s := range c.Services {
-		if i, ok := written[s.Key()]; ok && reflect.DeepEqual(&prev.cfg.Services[i], &s) {
-			starts = append(starts, buf.Len())
-			buf.Write(prev.Data[prev.starts[i]:prev.starts[i+1]])
-			continue
-		}
 		starts = append(starts, buf.Len())
 		if err := writeService(&buf, s); err != nil {
 			return nil, err
 		}
 	}
-	canon := make([]bool, len(c.Services))
-	for i := range canon {
-		canon[i] = true
-	}
-	return &File{Data: buf.Bytes(), cfg: c, starts: append(starts, buf.Len()), column: 3, canon: canon, id: fileID()}, nil
+	return &File{Data: buf.Bytes(), cfg: c, starts: append(starts, buf.Len()), column: 3, id: fileID()}, nil
 }
 
 // MarshalEdit is MarshalFile of c, an edit of prev's configuration that
@@ -72,7 +52,7 @@ func (c *Config) MarshalEdit(prev *File, from, oldTo, newTo int) (*File, error) 
 	n := len(prev.cfg.Services)
 	if prev.starts == nil || prev.column != 3 || from < 0 || from > oldTo || oldTo > n || newTo < from ||
 		newTo-from != len(c.Services)-n+oldTo-from {
-		return c.MarshalFile(prev)
+		return c.MarshalFile()
 	}
 	var buf bytes.Buffer
 	buf.Grow(len(prev.Data) + 4096)
@@ -80,7 +60,6 @@ func (c *Config) MarshalEdit(prev *File, from, oldTo, newTo int) (*File, error) 
 		return f, err
 	}
 	starts := make([]int, 0, len(c.Services)+1)
-	canon := make([]bool, 0, len(c.Services))
 	copyText := func(i, j int) { // prev's services [i, j)
 		if i == j {
 			return
@@ -88,7 +67,6 @@ func (c *Config) MarshalEdit(prev *File, from, oldTo, newTo int) (*File, error) 
 		at := buf.Len() - prev.starts[i]
 		for k := i; k < j; k++ {
 			starts = append(starts, prev.starts[k]+at)
-			canon = append(canon, prev.canon != nil && prev.canon[k])
 		}
 		buf.Write(prev.Data[prev.starts[i]:prev.starts[j]])
 		if buf.Bytes()[buf.Len()-1] != '\n' { // the file's last line
@@ -98,13 +76,12 @@ func (c *Config) MarshalEdit(prev *File, from, oldTo, newTo int) (*File, error) 
 	copyText(0, from)
 	for _, s := range c.Services[from:newTo] {
 		starts = append(starts, buf.Len())
-		canon = append(canon, true)
 		if err := writeService(&buf, s); err != nil {
 			return nil, err
 		}
 	}
 	copyText(oldTo, n)
-	return &File{Data: buf.Bytes(), cfg: c, starts: append(starts, buf.Len()), column: 3, canon: canon, id: fileID()}, nil
+	return &File{Data: buf.Bytes(), cfg: c, starts: append(starts, buf.Len()), column: 3, id: fileID()}, nil
 }
 
 // writeHead writes the settings and the "services:" key, and returns the

@@ -242,6 +242,10 @@ func (c *Config) checkService(v *validator, i int, datapathOK bool) bool {
 	return ok
 }
 
+// maxEditScan is the most services an edit checks against the others by
+// scanning them (validEdit); a larger edit is validated whole.
+const maxEditScan = 16
+
 // validEdit says whether c is valid, given that it is a valid
 // configuration whose services [from, to) were replaced, and nothing
 // else changed: it checks those services, and the rules that join them
@@ -249,6 +253,11 @@ func (c *Config) checkService(v *validator, i int, datapathOK bool) bool {
 // proportional to the services changed times a scan of the others.
 func (c *Config) validEdit(from, to int) bool {
 	var v validator
+	if to-from > maxEditScan {
+		// Scans per changed service would cost more than the whole.
+		c.validate(&v)
+		return len(v.errs) == 0
+	}
 	t := c.Tables
 	if len(c.Services) > int(t.MaxServices) {
 		return false
