@@ -440,13 +440,11 @@ func (d *Daemon) reload() (Result, error) {
 		return Result{}, err
 	}
 	next := f.Config()
-	edit, ok := d.editOf(cur, f)
-	var ch *Changes
-	if ok {
-		ch = diff(edit.was, edit.Changed)
+	edit, alone := d.editOf(cur, f)
+	ch := diff(edit.was, edit.Changed)
+	if alone {
 		err = d.applyEdit(cur, next, &edit)
 	} else {
-		ch = diff(cur.Services, next.Services)
 		err = d.apply(cur, next)
 	}
 	if err != nil {
@@ -463,25 +461,27 @@ type fileEdit struct {
 	was []config.Service
 }
 
-// editOf says which services f changes, when f was read from the file of
-// the running configuration cur (d.file) and the file says. d.mu is held.
-func (d *Daemon) editOf(cur *config.Config, f *config.File) (fileEdit, bool) {
-	if d.file == nil || d.file.Config() != cur {
-		return fileEdit{}, false
+// editOf says which services f changes: those the file says, alone is
+// true, when f was read from the file of the running configuration cur
+// (d.file), and every service otherwise. d.mu is held.
+func (d *Daemon) editOf(cur *config.Config, f *config.File) (e fileEdit, alone bool) {
+	if d.file != nil && d.file.Config() == cur {
+		if from, oldTo, newTo, ok := f.Edit(d.file); ok {
+			return editFor(cur.Services[from:oldTo], f.Config().Services[from:newTo]), true
+		}
 	}
-	from, oldTo, newTo, ok := f.Edit(d.file)
-	if !ok {
-		return fileEdit{}, false
-	}
-	return editFor(cur.Services[from:oldTo], f.Config().Services[from:newTo]), true
+	return editFor(cur.Services, f.Config().Services), false
 }
 
 // editFor is the edit that replaces the running services was by changed.
 func editFor(was, changed []config.Service) fileEdit {
 	e := fileEdit{Edit: Edit{Changed: changed}, was: was}
+	stays := make(map[string]bool, len(changed))
+	for _, s := range changed {
+		stays[s.Key()] = true
+	}
 	for _, s := range was {
-		k := s.Key()
-		if !slices.ContainsFunc(changed, func(n config.Service) bool { return n.Key() == k }) {
+		if k := s.Key(); !stays[k] {
 			e.Removed = append(e.Removed, k)
 		}
 	}
@@ -506,12 +506,8 @@ func (d *Daemon) ReloadPlan() (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
-	var ch *Changes
-	if edit, ok := d.editOf(cur, f); ok {
-		ch = diff(edit.was, edit.Changed)
-	} else {
-		ch = diff(cur.Services, f.Config().Services)
-	}
+	edit, _ := d.editOf(cur, f)
+	ch := diff(edit.was, edit.Changed)
 	return Result{Message: fmt.Sprintf("reload of %s would apply: %s", d.path, ch), Changes: ch}, nil
 }
 
@@ -615,7 +611,7 @@ func (d *Daemon) change(what string, edit func(*config.Config) (span, error)) er
 	if d.file != nil && d.file.Config() == cur {
 		f, err = next.MarshalEdit(d.file, sp.from, sp.oldTo, sp.newTo)
 	} else {
-		f, err = next.MarshalFile(d.file)
+		f, err = next.MarshalFile()
 	}
 	if err != nil {
 		return err
@@ -718,7 +714,7 @@ func writeTemp(target string, data []byte) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("write %s: %w", target, err)
 	}
-	f, err := os.CreateTemp(filepath.Dir(target), "."+filepath.Base(target)+".tmp-*")
+	f, err := os.CreateTemp(filepath.Dir(target), tempPattern(target))
 	if err != nil {
 		return "", fmt.Errorf("write %s: %w", target, err)
 	}
@@ -764,3 +760,7 @@ func fileOwner(fi os.FileInfo) (owner, bool) {
 	}
 	return owner{int(st.Uid), int(st.Gid)}, true
 }
+
+// tempPattern names the temporary files written beside target (see
+// writeTemp), as os.CreateTemp and filepath.Glob take it.
+func tempPattern(target string) string { return "." + filepath.Base(target) + ".tmp-*" }

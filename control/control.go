@@ -228,15 +228,16 @@ func (c *Controller) forgetUnreachable(services []config.Service) {
 	}
 }
 
-// Unreachable says why the datapath cannot reach the backends at addr, ""
-// if it can.
-func (c *Controller) Unreachable(addr netip.Addr) string {
+// Unreachable says, of each backend address the datapath cannot reach,
+// why.
+func (c *Controller) Unreachable() map[netip.Addr]string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if err := c.unreachable[addr]; err != nil {
-		return err.Error()
+	out := make(map[netip.Addr]string, len(c.unreachable))
+	for a, err := range c.unreachable {
+		out[a] = err.Error()
 	}
-	return ""
+	return out
 }
 
 // countStates counts the active and the down backends of s.
@@ -409,8 +410,6 @@ func (c *Controller) apply(cfg *config.Config, edit *Edit) error {
 	return errors.Join(errs...)
 }
 
-// plan computes the datapath services of cfg, allocating ids for new
-// services and backends. Rings are not built yet: see buildAhead.
 // note is a line for the log.
 type note struct {
 	msg  string
@@ -444,6 +443,8 @@ type planned struct {
 	err       error // building the ring failed
 }
 
+// plan computes the datapath services of services, allocating ids for
+// new services and backends. Rings are not built yet: see buildAhead.
 func (c *Controller) plan(services []config.Service) (map[string]*planned, error) {
 	out := make(map[string]*planned, len(services))
 	for _, cs := range services {

@@ -2,7 +2,6 @@ package control
 
 import (
 	"fmt"
-	"reflect"
 	"slices"
 	"strings"
 
@@ -114,7 +113,7 @@ func serviceDiff(o, n config.Service) *ServiceChange {
 		{"affinity", o.Affinity != n.Affinity},
 		{"affinity_timeout", o.AffinityTimeout != n.AffinityTimeout},
 		{"forwarding", o.Forwarding != n.Forwarding},
-		{"health", !reflect.DeepEqual(o.Health, n.Health)},
+		{"health", o.Health != n.Health},
 		{"on_down", o.OnDown != n.OnDown},
 		{"idle_timeout", o.IdleTimeout != n.IdleTimeout},
 		{"proxy_protocol", o.ProxyProtocol != n.ProxyProtocol},

@@ -315,7 +315,7 @@ func TestEditKeepsHealthTargets(t *testing.T) {
 		}
 		cfg.Services = append(cfg.Services, s)
 	}
-	f, err := cfg.MarshalFile(nil)
+	f, err := cfg.MarshalFile()
 	if err != nil {
 		t.Fatal(err)
 	}

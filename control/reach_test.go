@@ -58,7 +58,7 @@ func TestUnreachableBackends(t *testing.T) {
 	if got := ringSummaryIDs(web.Ring); len(got) != 2 || slices.Contains(got, backendID(t, web, absent)) {
 		t.Errorf("ring of web4 has backends %v, want the two others", got)
 	}
-	if why := c.Unreachable(absent); !strings.Contains(why, "does not answer") {
+	if why := c.Unreachable()[absent]; !strings.Contains(why, "does not answer") {
 		t.Errorf("Unreachable(%s) = %q", absent, why)
 	}
 
@@ -71,7 +71,7 @@ func TestUnreachableBackends(t *testing.T) {
 	if st := state(web, absent); st != datapath.Active {
 		t.Errorf("backend that answers applied %v, want active", st)
 	}
-	if why := c.Unreachable(absent); why != "" {
+	if why := c.Unreachable()[absent]; why != "" {
 		t.Errorf("Unreachable(%s) = %q after it answered", absent, why)
 	}
 

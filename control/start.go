@@ -124,7 +124,7 @@ func removeTemps(path string, log *slog.Logger) {
 	if err != nil {
 		return
 	}
-	stale, _ := filepath.Glob(filepath.Join(filepath.Dir(target), "."+filepath.Base(target)+".tmp-*"))
+	stale, _ := filepath.Glob(filepath.Join(filepath.Dir(target), tempPattern(target)))
 	for _, f := range stale {
 		if err := os.Remove(f); err == nil {
 			log.Info("removed a temporary file an earlier daemon left while it wrote the configuration", "file", f)

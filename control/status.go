@@ -224,6 +224,7 @@ func (d *Daemon) Services(ref string) ([]ServiceStatus, error) {
 		}
 	}
 	byKey := appliedByKey(applied)
+	unreachable := d.ctl.Unreachable()
 	out := make([]ServiceStatus, 0, len(services))
 	for _, cs := range services {
 		s := ServiceStatus{
@@ -252,7 +253,7 @@ func (d *Daemon) Services(ref string) ([]ServiceStatus, error) {
 				Weight:            b.Weight,
 				State:             b.State.String(),
 				Health:            d.backendHealth(cs, config.Backend{Address: b.Addr, Port: b.Port}),
-				Unreachable:       d.ctl.Unreachable(b.Addr),
+				Unreachable:       unreachable[b.Addr],
 				ActiveConnections: active[idPair{as.ID, b.ID}],
 			})
 		}

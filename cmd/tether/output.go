@@ -126,10 +126,6 @@ func bytesIEC(n uint64) string {
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
-// report returns a function that prints the daemon's message about a
-// change, or returns the change's error: report(w)(cl.AddBackend(...)).
-func report(w io.Writer) func(control.Result, error) error { return reportAs(w, "text") }
-
 // reportAs writes a change's outcome: its message, or with format json
 // the whole result.
 func reportAs(w io.Writer, format string) func(control.Result, error) error {
