@@ -21,6 +21,9 @@
 #ifndef RING_SIZE
 #define RING_SIZE 65537 /* Maglev ring slots, prime */
 #endif
+#ifndef NAT_SYN_ENTRIES
+#define NAT_SYN_ENTRIES 16384 /* half-open NAT'ed handshakes (see nat.h) */
+#endif
 #define RING_SLOTS_PER_ENTRY 4 /* 16-bit backend ids per ring array entry */
 #define RING_ENTRIES(slots)  (((slots) + RING_SLOTS_PER_ENTRY - 1) / RING_SLOTS_PER_ENTRY)
 
@@ -34,9 +37,38 @@
 /* service flags (struct service.flags) */
 #define SVC_F_SOURCE_AFFINITY (1U << 0) /* key the ring and affinity table by client address */
 #define SVC_F_RESET_ON_DOWN   (1U << 1) /* on_down: reset (backends carry it as BE_DOWN_RESET) */
+#define SVC_F_NAT	      (1U << 2) /* forwarding nat: VIP:port → backend:port, replies translated back */
+#define SVC_F_FULLNAT	      (1U << 3) /* forwarding fullnat: the client's address and port too */
 
 /* connection flags (struct conn.flags) */
 #define CONN_F_CLOSING (1U << 0) /* a FIN or RST was seen: no longer counted as active */
+#define CONN_F_NAT     (1U << 1) /* the flow is translated (nat) */
+#define CONN_F_FULLNAT (1U << 2) /* the flow is translated both ways (fullnat) */
+
+/* NAT entry flags (struct nat_entry.flags) */
+#define NAT_F_CLIENT_FIN  (1U << 0) /* the client sent a FIN */
+#define NAT_F_BACKEND_FIN (1U << 1) /* the backend sent a FIN */
+#define NAT_F_RESET	  (1U << 2) /* either side sent a RST */
+#define NAT_F_CLOSED	  (NAT_F_CLIENT_FIN | NAT_F_BACKEND_FIN)
+
+/* fullnat source ports: SNAT_PORT_MIN up to SNAT_PORT_MIN + SNAT_PORT_SPAN
+ * - 1 (1024-32767), below the kernel's default ephemeral range
+ * (32768-60999) so that the balancer's own connections to a backend (its
+ * health checks) never share a 5-tuple with a translated flow. A new flow
+ * tries SNAT_PORT_TRIES ports in an order its 5-tuple fixes. Half-open
+ * entries hold at most NAT_SYN_ENTRIES ports, about half of one backend's:
+ * a SYN flood, all to one backend, leaves a new flow with all 16 of its
+ * tries taken about once in 40,000. */
+#define SNAT_PORT_MIN	1024
+#define SNAT_PORT_SPAN	31744
+#define SNAT_PORT_TRIES 16
+/* How long a port stays taken after its use ended: a closed TCP flow's
+ * (both FINs, or a RST) for the TIME_WAIT of its ends, a half-open
+ * handshake's for its SYN retransmits, an idle UDP flow's for its replies. */
+#define NAT_CLOSED_HOLD_NS (10ULL * 1000000000)
+#define NAT_SYN_HOLD_NS	   (3ULL * 1000000000)
+#define NAT_UDP_IDLE_NS	   (120ULL * 1000000000)
+#define NAT_UDP_STAMP_NS   (1000000000ULL) /* a UDP entry's last use is written at most once a second */
 
 /* Backend states (struct backend.state, a __u8). maps/ names them from the
  * bpf2go-generated constants; a test checks the control plane's states
@@ -73,6 +105,11 @@ enum reason {
 	R_DROP_TCP_OFFSET,     /* TCP data offset below 5 or past the end of the segment */
 	R_DROP_UDP_LENGTH,     /* UDP length field other than the IP datagram's L4 length */
 	R_DROP_IP_CHECKSUM,    /* IPv4 header checksum wrong on a packet that is not a tracked flow's */
+	R_RESET_NAT_PORTS,     /* fullnat: no free source port towards the backend: RST */
+	R_RESET_NAT_CLASH,     /* nat: the backend's reply 5-tuple is another live flow's: RST */
+	R_PASS_NAT_KERNEL,   /* a translated reply the kernel must send (next hop unresolved, or over the MTU)
+			      */
+	R_DROP_NAT_NO_ROUTE, /* a translated reply with no route to the client (or forwarding off) */
 	R_MAX,
 };
 

@@ -7,6 +7,10 @@
 #include "consts.h"
 #include "structs.h"
 
+/* Load-time settings, written by the loader before the program is loaded. */
+volatile const __u32 ring_size = RING_SIZE;  /* slots in every ring, prime */
+volatile const __u32 hash_seed = 0x74657468; /* the same on every tether host */
+
 /* Services by VIP, port and protocol. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -74,6 +78,46 @@ struct {
 	__type(key, struct affinity_key);
 	__type(value, struct affinity);
 } affinities SEC(".maps");
+
+/* Translated flows by their replies' 5-tuple (nat, fullnat), IPv4 and
+ * IPv6: established ones, entered with the connection entry, and half-open
+ * ones, entered by a SYN, in a small table of their own so that a SYN
+ * flood evicts only its own kind (nat.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CONN_ENTRIES);
+	__type(key, struct flow_key4);
+	__type(value, struct nat_entry);
+} nat4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CONN_ENTRIES);
+	__type(key, struct flow_key);
+	__type(value, struct nat_entry);
+} nat6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NAT_SYN_ENTRIES);
+	__type(key, struct flow_key4);
+	__type(value, struct nat_entry);
+} nat_syn4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NAT_SYN_ENTRIES);
+	__type(key, struct flow_key);
+	__type(value, struct nat_entry);
+} nat_syn6 SEC(".maps");
+
+/* fullnat source addresses by backend id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct snat);
+} snat_addrs SEC(".maps");
 
 /* Per-CPU counters, summed in Go. */
 struct {

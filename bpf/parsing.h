@@ -29,9 +29,12 @@ struct packet {
 	__u16 payload; /* TCP: bytes of data after the header, from the validated lengths */
 	__u8 family;
 	__u8 syn_only; /* TCP SYN without ACK: the first packet of a handshake */
-	__u8 closing;  /* TCP FIN or RST: the connection is ending */
+	__u8 closing;  /* TCP FIN or RST (CLOSING_*): the connection is ending */
 	__u8 vlan;     /* one 802.1Q tag sits before the IP header */
 };
+
+#define CLOSING_FIN 1
+#define CLOSING_RST 2
 
 /* l3_offset is where the IP header of a parsed packet starts. */
 static __always_inline __u32 l3_offset(const struct packet *pkt)
@@ -80,7 +83,7 @@ static __always_inline int parse_l4(void *l4, void *data_end, __u32 len, struct 
 		pkt->key.dport = tcp->dest;
 		pkt->payload = len - hdr;
 		pkt->syn_only = tcp->syn && !tcp->ack;
-		pkt->closing = tcp->fin || tcp->rst;
+		pkt->closing = (tcp->fin ? CLOSING_FIN : 0) | (tcp->rst ? CLOSING_RST : 0);
 		return 0;
 	}
 	if (pkt->key.proto == IPPROTO_UDP) {

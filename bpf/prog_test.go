@@ -23,6 +23,13 @@ var (
 // fourServices sets up TCP and UDP services over IPv4 and IPv6, source
 // affinity on TCP and connection affinity on UDP, three backends each.
 func fourServices(t *testing.T) (*bpftest.Fixture, []bpftest.Service) {
+	return fourServicesForwarding(t, maps.ForwardDSR)
+}
+
+// fourServicesForwarding is fourServices in a forwarding mode; translated
+// modes map the service port to backendPort, and fullnat comes from snat4
+// or snat6.
+func fourServicesForwarding(t *testing.T, mode uint8) (*bpftest.Fixture, []bpftest.Service) {
 	f := bpftest.NewFixture(t, loaderOpts())
 	svcs := []bpftest.Service{
 		{ID: 1, VIP: vip4, Proto: bpftest.TCP, Source: true, Backends: []uint32{1, 2, 3}},
@@ -30,8 +37,19 @@ func fourServices(t *testing.T) (*bpftest.Fixture, []bpftest.Service) {
 		{ID: 3, VIP: vip6, Proto: bpftest.TCP, Source: true, Backends: []uint32{7, 8, 9}},
 		{ID: 4, VIP: vip6, Proto: bpftest.UDP, Backends: []uint32{10, 11, 12}},
 	}
-	for _, s := range svcs {
-		f.AddService(s)
+	for i := range svcs {
+		s := &svcs[i]
+		s.Forwarding = mode
+		if mode != maps.ForwardDSR {
+			s.BackendPort = backendPort
+		}
+		if mode == maps.ForwardFullNAT {
+			s.SNAT = snat4
+			if s.VIP.Addr().Is6() {
+				s.SNAT = snat6
+			}
+		}
+		f.AddService(*s)
 	}
 	return f, svcs
 }
@@ -111,8 +129,16 @@ func TestPassNotForVIP(t *testing.T) {
 	}
 }
 
+// TestMalformedNeverForwarded runs the malformed corpus through every
+// forwarding mode: nothing is forwarded, nor translated.
 func TestMalformedNeverForwarded(t *testing.T) {
-	f, _ := fourServices(t)
+	for _, mode := range []uint8{maps.ForwardDSR, maps.ForwardNAT, maps.ForwardFullNAT} {
+		t.Run(modeName(mode), func(t *testing.T) { malformedNeverForwarded(t, mode) })
+	}
+}
+
+func malformedNeverForwarded(t *testing.T, mode uint8) {
+	f, _ := fourServicesForwarding(t, mode)
 	type bad struct {
 		desc   string
 		frame  []byte
@@ -165,10 +191,13 @@ func TestMalformedNeverForwarded(t *testing.T) {
 	)
 	for _, tc := range corpus {
 		before := reasons(t, f)
-		verdict, _ := f.Run(tc.frame)
+		verdict, out := f.Run(tc.frame)
 		if verdict == bpftest.XDPTx || verdict == bpftest.XDPRedirect || verdict == bpftest.XDPAborted {
 			t.Errorf("%s (%d bytes): verdict %d", tc.desc, len(tc.frame), verdict)
 			continue
+		}
+		if !bytes.Equal(out, tc.frame) {
+			t.Errorf("%s (%d bytes): the program changed the frame it did not forward:\n got %x\nwant %x", tc.desc, len(tc.frame), out, tc.frame)
 		}
 		after := reasons(t, f)
 		if d := after[tc.reason] - before[tc.reason]; d != 1 {

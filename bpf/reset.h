@@ -190,4 +190,13 @@ static __always_inline int reset_tcp(struct xdp_md *ctx, const struct packet *pk
 	return count_reason(verdict == XDP_TX ? reason : R_DROP_NO_BACKEND, verdict);
 }
 
+/* reset_or_drop refuses a new flow: a TCP one with a RST counted under
+ * reason, a UDP one dropped and counted under the same reason. */
+static __always_inline int reset_or_drop(struct xdp_md *ctx, const struct packet *pkt, __u32 reason)
+{
+	if (pkt->key.proto != IPPROTO_TCP)
+		return count_reason(reason, XDP_DROP);
+	return reset_tcp(ctx, pkt, reason);
+}
+
 #endif

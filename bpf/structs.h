@@ -69,8 +69,27 @@ struct flow_key4 {
 struct conn {
 	__u32 backend;
 	__u32 service;
-	__u32 flags; /* CONN_F_* */
+	__u32 flags;	/* CONN_F_* */
+	__u32 nat_port; /* fullnat: the flow's source port towards the backend, network byte order */
+};
+
+/* A translated flow as its backend's replies show it: the key is the
+ * reply's 5-tuple (src = backend, dst = client, or the balancer's address
+ * and the flow's port with fullnat), the value what the client expects. */
+struct nat_entry {
+	__u32 client[4]; /* the client's address and port */
+	__u32 vip[4];	 /* the service's address and port */
+	__u16 cport;
+	__u16 vport;
+	__u32 backend;
+	__u32 flags; /* NAT_F_* */
 	__u32 pad;
+	__u64 stamp_ns; /* TCP: when it closed (0: open); UDP: last use; half-open: when the SYN came */
+};
+
+/* The address a fullnat flow to a backend comes from, by backend id. */
+struct snat {
+	__u32 addr[4];
 };
 
 struct affinity_key {

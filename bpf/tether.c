@@ -9,7 +9,10 @@
  *      affinity, entry alive, backend active) or else from the service's
  *      Maglev ring at hash(key) % ring_size;
  *   4. its choice is recorded (not for a bare SYN: see below), counted,
- *      and the frame is rewritten and sent. */
+ *      and the frame is rewritten and sent: its MACs (dsr), or its
+ *      addresses and ports too (nat, fullnat: nat.h);
+ *   5. a packet for no VIP that is a translated flow's reply is translated
+ *      back and sent to the client. */
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -19,16 +22,13 @@
 #include "hash.h"
 #include "forward.h"
 #include "reset.h"
+#include "nat.h"
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
 /* Emits enum backend_state into the BTF for bpf2go (-type backend_state):
  * struct backend holds a state in a __u8, which names no type. */
 const enum backend_state *backend_state_btf __attribute__((unused));
-
-/* Load-time settings, written by the loader before the program is loaded. */
-volatile const __u32 ring_size = RING_SIZE;  /* slots in every ring, prime */
-volatile const __u32 hash_seed = 0x74657468; /* the same on every tether host */
 
 static __always_inline struct service *lookup_service(const struct packet *pkt)
 {
@@ -69,26 +69,13 @@ static __always_inline __u32 ring_backend(const struct service *svc, const struc
 	return slots ? (*slots >> (16 * (slot % RING_SLOTS_PER_ENTRY))) & 0xffff : 0;
 }
 
-/* key4 is the compact key of an IPv4 packet's flow. */
-static __always_inline struct flow_key4 key4(const struct packet *pkt)
-{
-	struct flow_key4 k = {
-	    .src = pkt->key.src[0],
-	    .dst = pkt->key.dst[0],
-	    .sport = pkt->key.sport,
-	    .dport = pkt->key.dport,
-	    .proto = pkt->key.proto,
-	};
-	return k;
-}
-
 /* Each table is named at its own call site: a call that could see either
  * map would lose the verifier's inlining of the lookup. */
 static __always_inline struct conn *lookup_conn(const struct packet *pkt)
 {
 	if (pkt->family == AF_INET6)
 		return bpf_map_lookup_elem(&conns6, &pkt->key);
-	struct flow_key4 k = key4(pkt);
+	struct flow_key4 k = key4_of(&pkt->key);
 	return bpf_map_lookup_elem(&conns4, &k);
 }
 
@@ -98,7 +85,7 @@ static __always_inline void insert_conn(const struct packet *pkt, const struct c
 		bpf_map_update_elem(&conns6, &pkt->key, c, BPF_ANY);
 		return;
 	}
-	struct flow_key4 k = key4(pkt);
+	struct flow_key4 k = key4_of(&pkt->key);
 	bpf_map_update_elem(&conns4, &k, c, BPF_ANY);
 }
 
@@ -107,9 +94,15 @@ static __always_inline void insert_conn(const struct packet *pkt, const struct c
  * entries of established connections out of the LRU tables. The ring and
  * affinity give that next packet the same backend. */
 static __always_inline void record(const struct service *svc, const struct packet *pkt,
-				   const struct affinity_key *ak, __u32 id, int affinity_hit, __u64 now)
+				   const struct affinity_key *ak, __u32 id, int affinity_hit, __u64 now,
+				   __u32 flags, __u16 nat_port)
 {
-	struct conn c = {.backend = id, .service = svc->id, .flags = pkt->closing ? CONN_F_CLOSING : 0};
+	struct conn c = {
+	    .backend = id,
+	    .service = svc->id,
+	    .flags = flags | (pkt->closing ? CONN_F_CLOSING : 0),
+	    .nat_port = nat_port,
+	};
 	insert_conn(pkt, &c);
 	if (svc->flags & SVC_F_SOURCE_AFFINITY) {
 		struct affinity a = {.last_seen_ns = now, .backend = id};
@@ -128,6 +121,44 @@ static __always_inline void record(const struct service *svc, const struct packe
 		bs->new_conns += 1;
 }
 
+/* new_nat_flow enters a new translated flow to backend be: a bare SYN a
+ * half-open NAT entry only (nat.h), any other packet its connection and
+ * NAT entries; and forwards it. A fullnat flow that finds no free source
+ * port, or a nat flow whose replies would look like another live flow's,
+ * is refused with a RST (UDP: dropped) and counted. */
+static __always_inline int new_nat_flow(struct xdp_md *ctx, const struct packet *pkt,
+					const struct service *svc, const struct backend *be,
+					const struct affinity_key *ak, __u32 id, int affinity_hit, __u64 now,
+					int replace)
+{
+	int half = pkt->syn_only && !replace;
+	__u64 t = bpf_ktime_get_coarse_ns();
+	struct flow_key rk = {};
+	struct snat *sn = NULL;
+	__u16 port = 0;
+	__u32 flags = CONN_F_NAT;
+	if (svc->flags & SVC_F_FULLNAT) {
+		flags = CONN_F_FULLNAT;
+		sn = bpf_map_lookup_elem(&snat_addrs, &id);
+		if (!sn)
+			return count_reason(R_DROP_NO_BACKEND, XDP_DROP);
+		port = snat_choose(pkt, be, sn, &rk, t);
+		if (!port)
+			return reset_or_drop(ctx, pkt, R_RESET_NAT_PORTS);
+	} else {
+		nat_key(&rk, pkt, be, NULL, 0);
+		if (nat_taken(pkt, &rk, t))
+			return reset_or_drop(ctx, pkt, R_RESET_NAT_CLASH);
+	}
+	/* A half-open entry's stamp is its SYN's time, a UDP flow's its last
+	 * use; an open TCP flow's is 0. */
+	struct nat_entry e = nat_entry_of(pkt, id, (half || pkt->key.proto == IPPROTO_UDP) ? t : 0);
+	nat_insert(pkt->family, &rk, &e, half);
+	if (!half)
+		record(svc, pkt, ak, id, affinity_hit, now, flags, port);
+	return forward_nat(ctx, pkt, be, id, sn, port);
+}
+
 /* new_flow chooses a backend for a packet without a usable connection
  * entry, once its IPv4 header checksum proved right. replace: a bare SYN
  * whose entry it takes over (see tether_xdp) is recorded at once, since
@@ -136,7 +167,7 @@ static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt
 {
 	struct service *svc = lookup_service(pkt);
 	if (!svc)
-		return count_reason(R_PASS_NOT_VIP, XDP_PASS);
+		return nat_reply(ctx, pkt);
 	if (!ipv4_header_ok(ctx, pkt))
 		return count_reason(R_DROP_IP_CHECKSUM, XDP_DROP);
 
@@ -155,8 +186,10 @@ static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt
 	struct backend *be = lookup_backend(id, svc->id);
 	if (!be)
 		return reset_tcp(ctx, pkt, R_RESET_NO_BACKEND);
+	if (svc->flags & (SVC_F_NAT | SVC_F_FULLNAT))
+		return new_nat_flow(ctx, pkt, svc, be, &ak, id, affinity_hit, now, replace);
 	if (!pkt->syn_only || replace)
-		record(svc, pkt, &ak, id, affinity_hit, now);
+		record(svc, pkt, &ak, id, affinity_hit, now, 0, 0);
 	return forward_dsr(ctx, be, id);
 }
 
@@ -191,11 +224,16 @@ int tether_xdp(struct xdp_md *ctx)
 		if (be) {
 			/* Written once per connection end, not per packet: the entry
 			 * stays for the last packets, but no longer counts as active. */
+			int reopened = 0;
 			if (pkt.closing && !(c->flags & CONN_F_CLOSING))
 				c->flags |= CONN_F_CLOSING;
 			/* A new handshake on the same 5-tuple reopens the entry. */
-			else if (pkt.syn_only && (c->flags & CONN_F_CLOSING))
+			else if (pkt.syn_only && (c->flags & CONN_F_CLOSING)) {
 				c->flags &= ~CONN_F_CLOSING;
+				reopened = 1;
+			}
+			if (c->flags & (CONN_F_NAT | CONN_F_FULLNAT))
+				return forward_nat_conn(ctx, &pkt, be, c, reopened);
 			return forward_dsr(ctx, be, id);
 		}
 	}

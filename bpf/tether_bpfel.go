@@ -60,7 +60,7 @@ type TetherConn struct {
 	Backend uint32
 	Service uint32
 	Flags   uint32
-	Pad     uint32
+	NatPort uint32
 }
 
 type TetherFlowKey struct {
@@ -81,6 +81,18 @@ type TetherFlowKey4 struct {
 	Dport uint16
 	Proto uint8
 	Pad   [3]uint8
+}
+
+type TetherNatEntry struct {
+	_       structs.HostLayout
+	Client  [4]uint32
+	Vip     [4]uint32
+	Cport   uint16
+	Vport   uint16
+	Backend uint32
+	Flags   uint32
+	Pad     uint32
+	StampNs uint64
 }
 
 type TetherReason uint32
@@ -104,7 +116,11 @@ const (
 	TetherReasonR_DROP_TCP_OFFSET    TetherReason = 15
 	TetherReasonR_DROP_UDP_LENGTH    TetherReason = 16
 	TetherReasonR_DROP_IP_CHECKSUM   TetherReason = 17
-	TetherReasonR_MAX                TetherReason = 18
+	TetherReasonR_RESET_NAT_PORTS    TetherReason = 18
+	TetherReasonR_RESET_NAT_CLASH    TetherReason = 19
+	TetherReasonR_PASS_NAT_KERNEL    TetherReason = 20
+	TetherReasonR_DROP_NAT_NO_ROUTE  TetherReason = 21
+	TetherReasonR_MAX                TetherReason = 22
 )
 
 type TetherService struct {
@@ -139,6 +155,11 @@ type TetherServiceStats struct {
 	AffinityMiss uint64
 }
 
+type TetherSnat struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -148,10 +169,15 @@ const (
 	TetherMapBeStats         = "be_stats"
 	TetherMapConns4          = "conns4"
 	TetherMapConns6          = "conns6"
+	TetherMapNat4            = "nat4"
+	TetherMapNat6            = "nat6"
+	TetherMapNatSyn4         = "nat_syn4"
+	TetherMapNatSyn6         = "nat_syn6"
 	TetherMapReasons         = "reasons"
 	TetherMapRings           = "rings"
 	TetherMapServices4       = "services4"
 	TetherMapServices6       = "services6"
+	TetherMapSnatAddrs       = "snat_addrs"
 	TetherMapSvcStats        = "svc_stats"
 	TetherProgTetherXdp      = "tether_xdp"
 	TetherVarBackendStateBtf = "backend_state_btf"
@@ -213,10 +239,15 @@ type TetherMapSpecs struct {
 	BeStats    *ebpf.MapSpec `ebpf:"be_stats"`
 	Conns4     *ebpf.MapSpec `ebpf:"conns4"`
 	Conns6     *ebpf.MapSpec `ebpf:"conns6"`
+	Nat4       *ebpf.MapSpec `ebpf:"nat4"`
+	Nat6       *ebpf.MapSpec `ebpf:"nat6"`
+	NatSyn4    *ebpf.MapSpec `ebpf:"nat_syn4"`
+	NatSyn6    *ebpf.MapSpec `ebpf:"nat_syn6"`
 	Reasons    *ebpf.MapSpec `ebpf:"reasons"`
 	Rings      *ebpf.MapSpec `ebpf:"rings"`
 	Services4  *ebpf.MapSpec `ebpf:"services4"`
 	Services6  *ebpf.MapSpec `ebpf:"services6"`
+	SnatAddrs  *ebpf.MapSpec `ebpf:"snat_addrs"`
 	SvcStats   *ebpf.MapSpec `ebpf:"svc_stats"`
 }
 
@@ -254,10 +285,15 @@ type TetherMaps struct {
 	BeStats    *ebpf.Map `ebpf:"be_stats"`
 	Conns4     *ebpf.Map `ebpf:"conns4"`
 	Conns6     *ebpf.Map `ebpf:"conns6"`
+	Nat4       *ebpf.Map `ebpf:"nat4"`
+	Nat6       *ebpf.Map `ebpf:"nat6"`
+	NatSyn4    *ebpf.Map `ebpf:"nat_syn4"`
+	NatSyn6    *ebpf.Map `ebpf:"nat_syn6"`
 	Reasons    *ebpf.Map `ebpf:"reasons"`
 	Rings      *ebpf.Map `ebpf:"rings"`
 	Services4  *ebpf.Map `ebpf:"services4"`
 	Services6  *ebpf.Map `ebpf:"services6"`
+	SnatAddrs  *ebpf.Map `ebpf:"snat_addrs"`
 	SvcStats   *ebpf.Map `ebpf:"svc_stats"`
 }
 
@@ -268,10 +304,15 @@ func (m *TetherMaps) Close() error {
 		m.BeStats,
 		m.Conns4,
 		m.Conns6,
+		m.Nat4,
+		m.Nat6,
+		m.NatSyn4,
+		m.NatSyn6,
 		m.Reasons,
 		m.Rings,
 		m.Services4,
 		m.Services6,
+		m.SnatAddrs,
 		m.SvcStats,
 	)
 }

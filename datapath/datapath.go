@@ -37,6 +37,24 @@ func (s State) String() string {
 	return "unknown"
 }
 
+// Forwarding is how a datapath sends a service's packets to its backends
+// (the configuration's names).
+type Forwarding string
+
+// Forwarding modes.
+const (
+	// DSR: the frame goes to the backend as it came, with new MAC
+	// addresses; the backend holds the VIP and answers the client itself.
+	DSR Forwarding = "dsr"
+	// NAT: the destination becomes the backend's address and port; the
+	// backend's replies come back through the balancer, which translates
+	// them.
+	NAT Forwarding = "nat"
+	// FullNAT: the source becomes the balancer's address and a port of
+	// the connection's, too.
+	FullNAT Forwarding = "fullnat"
+)
+
 // Backend is a backend of one service. Its ID is unique over all services.
 type Backend struct {
 	ID     uint32
@@ -59,6 +77,12 @@ type Service struct {
 	// connections to a Down backend with a TCP reset, so that clients
 	// reconnect at once instead of waiting for their own timeouts.
 	OnDownReset bool
+	// Forwarding is the service's forwarding mode ("" means DSR). A
+	// proxy (the splice datapath) connects to the backends whatever it is.
+	Forwarding Forwarding
+	// SNATAddress is where FullNAT connections come from; unset, the
+	// datapath uses each backend's preferred source address.
+	SNATAddress netip.Addr
 	// IdleTimeout, if positive, closes a connection idle either way for
 	// that long, and ProxyProtocol sends the backend a PROXY protocol v2
 	// header first. Only the splice datapath has connections of its own

@@ -98,6 +98,8 @@ func sizedSpec(opts Options) (*ebpf.CollectionSpec, uint32, error) {
 	}
 	setSize(spec, bpf.TetherMapConns4, opts.Connections)
 	setSize(spec, bpf.TetherMapConns6, opts.Connections)
+	setSize(spec, bpf.TetherMapNat4, opts.Connections)
+	setSize(spec, bpf.TetherMapNat6, opts.Connections)
 	setSize(spec, bpf.TetherMapAffinities, opts.Affinity)
 	setSize(spec, bpf.TetherMapServices4, opts.MaxServices)
 	setSize(spec, bpf.TetherMapServices6, opts.MaxServices)
@@ -107,6 +109,7 @@ func sizedSpec(opts Options) (*ebpf.CollectionSpec, uint32, error) {
 		// Backend ids run from 1 to MaxBackends; 0 means "none".
 		setSize(spec, bpf.TetherMapBackends, opts.MaxBackends+1)
 		setSize(spec, bpf.TetherMapBeStats, opts.MaxBackends+1)
+		setSize(spec, bpf.TetherMapSnatAddrs, opts.MaxBackends+1)
 	}
 	if opts.MaxBackends > maps.MaxBackendID {
 		return nil, 0, fmt.Errorf("max backends %d: rings hold backend ids up to %d", opts.MaxBackends, maps.MaxBackendID)

@@ -20,7 +20,8 @@ type hop struct {
 	Ifindex int
 	SrcMAC  net.HardwareAddr
 	DstMAC  net.HardwareAddr
-	ifname  string // for messages
+	Src     netip.Addr // the kernel's preferred source address towards it (fullnat's default)
+	ifname  string     // for messages
 }
 
 // usableNeigh tells whether a neighbour entry holds a MAC worth using.
@@ -64,6 +65,9 @@ func routeHop(addr netip.Addr) (hop, error) {
 		return hop{}, datapath.Refuse(fmt.Errorf("backend %s is reached through %s, which does no ARP or neighbour discovery: dsr forwarding needs a backend's own MAC address", addr, link.Attrs().Name))
 	}
 	h := hop{Ifindex: r.LinkIndex, SrcMAC: link.Attrs().HardwareAddr, ifname: link.Attrs().Name}
+	if src, ok := netip.AddrFromSlice(r.Src); ok {
+		h.Src = src.Unmap()
+	}
 	if len(h.SrcMAC) != 6 {
 		return hop{}, datapath.Refuse(fmt.Errorf("backend %s is reached through %s, which has no Ethernet address", addr, link.Attrs().Name))
 	}

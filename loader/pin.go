@@ -161,6 +161,9 @@ var metaSpec = &ebpf.MapSpec{
 var configField = map[string]string{
 	bpf.TetherMapConns4:     "tables.connections",
 	bpf.TetherMapConns6:     "tables.connections",
+	bpf.TetherMapNat4:       "tables.connections",
+	bpf.TetherMapNat6:       "tables.connections",
+	bpf.TetherMapSnatAddrs:  "tables.max_backends",
 	bpf.TetherMapAffinities: "tables.affinity",
 	bpf.TetherMapServices4:  "tables.max_services",
 	bpf.TetherMapServices6:  "tables.max_services",
@@ -382,8 +385,12 @@ func (o *Objects) adopt(spec *ebpf.CollectionSpec, ringSize uint32) error {
 		return incompatible("its meta map says layout v%d", mv.Version)
 	}
 	fp := fingerprint(spec)
-	if mv.Fingerprint != fp && !fewerReasons(spec, mv.Fingerprint) {
-		return incompatible("its maps were defined by a tether with other map definitions")
+	var missing []string
+	if mv.Fingerprint != fp {
+		var ok bool
+		if missing, ok = earlierLayout(spec, mv.Fingerprint); !ok {
+			return incompatible("its maps were defined by a tether with other map definitions")
+		}
 	}
 
 	specs := pinnedSpecs(spec)
@@ -404,7 +411,13 @@ func (o *Objects) adopt(spec *ebpf.CollectionSpec, ringSize uint32) error {
 	}
 	for _, name := range names {
 		ms := specs[name]
-		m, err := ebpf.LoadPinnedMap(filepath.Join(o.layout, "maps", name), nil)
+		path := filepath.Join(o.layout, "maps", name)
+		if slices.Contains(missing, name) {
+			if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+				continue // created empty, pinned by upgradeLayout
+			}
+		}
+		m, err := ebpf.LoadPinnedMap(path, nil)
 		if err != nil {
 			return incompatible("map %s: %v", name, err)
 		}
@@ -452,7 +465,7 @@ func (o *Objects) adopt(spec *ebpf.CollectionSpec, ringSize uint32) error {
 		return err
 	}
 	if mv.Fingerprint != fp {
-		if err := o.upgradeReasons(meta, mv, fp); err != nil {
+		if err := o.upgradeLayout(meta, mv, fp); err != nil {
 			o.TetherObjects.Close()
 			return err
 		}
@@ -461,10 +474,39 @@ func (o *Objects) adopt(spec *ebpf.CollectionSpec, ringSize uint32) error {
 	return nil
 }
 
-// fewerReasons says whether fp is the fingerprint of spec with fewer
-// entries in the reasons map: state pinned by a tether that counted fewer
-// reasons, which this one adopts by lengthening the map.
+// addedMaps are the maps added to layout v1 after its first release: state
+// pinned by a tether without them is adopted with new, empty ones (nothing
+// it tracked needs them).
+var addedMaps = []string{bpf.TetherMapNat4, bpf.TetherMapNat6, bpf.TetherMapNatSyn4, bpf.TetherMapNatSyn6, bpf.TetherMapSnatAddrs}
+
+// earlierLayout says whether fp is the fingerprint of state an earlier
+// tether pinned in this layout, which this one adopts: spec without the
+// added maps, or with fewer reasons, or both. missing are the maps that
+// state lacks.
+func earlierLayout(spec *ebpf.CollectionSpec, fp uint64) (missing []string, ok bool) {
+	if fewerReasons(spec, fp) {
+		return nil, true
+	}
+	older := *spec
+	older.Maps = make(map[string]*ebpf.MapSpec, len(spec.Maps))
+	for name, ms := range spec.Maps {
+		if !slices.Contains(addedMaps, name) {
+			older.Maps[name] = ms
+		}
+	}
+	if fingerprint(&older) == fp || fewerReasons(&older, fp) {
+		return addedMaps, true
+	}
+	return nil, false
+}
+
+// fewerReasons says whether fp is the fingerprint of spec, or of spec with
+// fewer entries in the reasons map: state pinned by a tether that counted
+// fewer reasons, which this one adopts by lengthening the map.
 func fewerReasons(spec *ebpf.CollectionSpec, fp uint64) bool {
+	if fingerprint(spec) == fp {
+		return true
+	}
 	ms := spec.Maps[bpf.TetherMapReasons]
 	want := ms.MaxEntries
 	defer func() { ms.MaxEntries = want }()
@@ -499,13 +541,28 @@ func grown(old *ebpf.Map, ms *ebpf.MapSpec) (*ebpf.Map, error) {
 	return m, nil
 }
 
-// upgradeReasons pins the lengthened reasons map in place of the pinned
-// one (a rename: the path always names a whole map), then records the new
-// fingerprint. A stop between the two leaves a long map under the old
-// fingerprint, which fewerReasons accepts and the next start completes.
-// The old program counts into the old map until its links take the new
-// program: those few counts are not carried over.
-func (o *Objects) upgradeReasons(meta *ebpf.Map, mv metaValue, fp uint64) error {
+// upgradeLayout pins the maps that adopted state lacked and the lengthened
+// reasons map in place of the pinned one (each a rename: a path always
+// names a whole map), then records the new fingerprint. A stop before that
+// leaves new maps under the old fingerprint, which earlierLayout accepts
+// and the next start completes. The old program counts into the old
+// reasons map until its links take the new program: those few counts are
+// not carried over.
+func (o *Objects) upgradeLayout(meta *ebpf.Map, mv metaValue, fp uint64) error {
+	all := pinnedMaps(&o.TetherMaps)
+	for _, name := range addedMaps {
+		path := filepath.Join(o.layout, "maps", name)
+		if pinnedAt(all[name], path) {
+			continue
+		}
+		if err := all[name].Pin(path + "-new"); err != nil {
+			return fmt.Errorf("pin the new map %s: %w", name, err)
+		}
+		if err := os.Rename(path+"-new", path); err != nil {
+			os.Remove(path + "-new")
+			return fmt.Errorf("pin the new map %s: %w", name, err)
+		}
+	}
 	path := filepath.Join(o.layout, "maps", bpf.TetherMapReasons)
 	if !pinnedAt(o.TetherMaps.Reasons, path) { // else an earlier start stopped before the meta map
 		if err := o.TetherMaps.Reasons.Pin(path + "-grown"); err != nil {

@@ -159,7 +159,7 @@ func TestPinAndAdopt(t *testing.T) {
 		t.Errorf("ring after adoption differs (%v)", err)
 	}
 	want := []datapath.Service{{
-		ID: 2, VIP: pinVIP, Port: 8765, Proto: 6, SourceAffinity: true, AffinityTimeout: time.Hour,
+		ID: 2, VIP: pinVIP, Port: 8765, Proto: 6, SourceAffinity: true, AffinityTimeout: time.Hour, Forwarding: datapath.DSR,
 		Backends: []datapath.Backend{{ID: 3, Addr: pinBackend, Port: 8765, State: datapath.Active}},
 		Ring:     ring,
 	}}
@@ -517,4 +517,70 @@ func TestRingsMapped(t *testing.T) {
 	if !slices.Equal(got, r) {
 		t.Fatal("the ring reads back otherwise")
 	}
+}
+
+// TestAdoptWithoutNATMaps adopts state pinned by a tether that had no NAT
+// maps and counted fewer reasons: its maps and their entries are kept, the
+// NAT maps are made and pinned, and the meta map gets the new fingerprint.
+func TestAdoptWithoutNATMaps(t *testing.T) {
+	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 1})
+	dir := filepath.Join(l.BPFFS, "tether")
+	opts := pinOpts(dir)
+	spec, ringSize, err := sizedSpec(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := &Objects{}
+	must(t, old.loadPinned(spec, ringSize, dir))
+	k := bpf.TetherFlowKey4{Src: 1, Dst: 2, Sport: 3, Dport: 4, Proto: 6}
+	must(t, old.TetherMaps.Conns4.Put(&k, &bpf.TetherConn{Backend: 3, Service: 2}))
+	newFP := fingerprint(spec)
+	must(t, old.Close())
+	// What that tether pinned: no NAT maps, 18 reasons, its fingerprint.
+	for _, name := range addedMaps {
+		must(t, os.Remove(filepath.Join(dir, "v1", "maps", name)))
+	}
+	older := *spec
+	older.Maps = map[string]*ebpf.MapSpec{}
+	for name, ms := range spec.Maps {
+		if !slices.Contains(addedMaps, name) {
+			older.Maps[name] = ms.Copy()
+		}
+	}
+	older.Maps[bpf.TetherMapReasons].MaxEntries = uint32(bpf.TetherReasonR_RESET_NAT_PORTS)
+	meta, err := ebpf.LoadPinnedMap(filepath.Join(dir, "v1", "meta"), nil)
+	must(t, err)
+	defer meta.Close()
+	var mv metaValue
+	must(t, meta.Lookup(uint32(0), &mv))
+	mv.Fingerprint = fingerprint(&older)
+	must(t, meta.Put(uint32(0), mv))
+
+	o, err := Load(opts)
+	if err != nil {
+		t.Fatalf("adopt state without NAT maps: %v", err)
+	}
+	if !o.Adopted() {
+		t.Fatal("state not adopted")
+	}
+	var c bpf.TetherConn
+	if err := o.TetherMaps.Conns4.Lookup(&k, &c); err != nil || c.Backend != 3 {
+		t.Errorf("connection entry after the upgrade: %+v, %v", c, err)
+	}
+	for _, name := range addedMaps {
+		if !pinnedAt(pinnedMaps(&o.TetherMaps)[name], filepath.Join(dir, "v1", "maps", name)) {
+			t.Errorf("map %s is not pinned after the upgrade", name)
+		}
+	}
+	must(t, meta.Lookup(uint32(0), &mv))
+	if mv.Fingerprint != newFP {
+		t.Errorf("meta fingerprint %#x after the upgrade, want %#x", mv.Fingerprint, newFP)
+	}
+	must(t, o.Close())
+	// The next start adopts it as its own.
+	o, err = Load(opts)
+	if err != nil {
+		t.Fatalf("adopt the upgraded state: %v", err)
+	}
+	must(t, o.Remove())
 }

@@ -8,7 +8,9 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -191,6 +193,7 @@ func (x *XDP) adopt() error {
 			SourceAffinity:  e.SourceAffinity,
 			AffinityTimeout: e.AffinityTimeout,
 			OnDownReset:     e.ResetOnDown,
+			Forwarding:      forwardingOf(e.Forwarding),
 			Backends:        byService[e.ID],
 		}
 		slices.SortFunc(s.Backends, func(a, b datapath.Backend) int { return cmp.Compare(a.ID, b.ID) })
@@ -242,13 +245,57 @@ func (x *XDP) AdoptedServices() []datapath.Service {
 
 // serviceEntry is s as the services map holds it.
 func serviceEntry(s datapath.Service) maps.Service {
-	return maps.Service{
+	e := maps.Service{
 		ID:              s.ID,
 		SourceAffinity:  s.SourceAffinity,
 		ResetOnDown:     s.OnDownReset,
 		AffinityTimeout: s.AffinityTimeout,
 		RingSignature:   s.RingSignature,
 	}
+	switch s.Forwarding {
+	case datapath.NAT:
+		e.Forwarding = maps.ForwardNAT
+	case datapath.FullNAT:
+		e.Forwarding = maps.ForwardFullNAT
+	}
+	return e
+}
+
+// forwardingOf is the forwarding mode of a services map entry's.
+func forwardingOf(f uint8) datapath.Forwarding {
+	switch f {
+	case maps.ForwardNAT:
+		return datapath.NAT
+	case maps.ForwardFullNAT:
+		return datapath.FullNAT
+	}
+	return datapath.DSR
+}
+
+// checkForwarding refuses a mode the XDP program does not have, and a
+// translating one while the kernel does not forward the service's family:
+// the program asks the kernel's FIB for the client's next hop, which
+// answers only on a forwarding host.
+func checkForwarding(s datapath.Service) error {
+	switch s.Forwarding {
+	case "", datapath.DSR:
+		return nil
+	case datapath.NAT, datapath.FullNAT:
+	default:
+		return datapath.Refuse(fmt.Errorf("service %s: the XDP datapath has no forwarding %q", s.Name, s.Forwarding))
+	}
+	file, sysctl := "/proc/sys/net/ipv4/conf/all/forwarding", "net.ipv4.conf.all.forwarding"
+	if s.VIP.Is6() {
+		file, sysctl = "/proc/sys/net/ipv6/conf/all/forwarding", "net.ipv6.conf.all.forwarding"
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return fmt.Errorf("service %s: read %s: %w", s.Name, sysctl, err)
+	}
+	if strings.TrimSpace(string(b)) != "1" {
+		return datapath.Refuse(fmt.Errorf("service %s: forwarding %s needs IP forwarding on this host, which routes the replies to the clients (sysctl -w %s=1)", s.Name, s.Forwarding, sysctl))
+	}
+	return nil
 }
 
 // PinDir is the pin directory, or "" when nothing is pinned.
@@ -272,6 +319,9 @@ func (x *XDP) Modes() map[string]string {
 func (x *XDP) UpsertService(s datapath.Service) error {
 	x.mu.Lock()
 	defer x.mu.Unlock()
+	if err := checkForwarding(s); err != nil {
+		return err
+	}
 	if err := x.vet(s.Backends); err != nil {
 		return fmt.Errorf("service %s: %w", s.Name, err)
 	}
@@ -372,8 +422,18 @@ func (x *XDP) entry(s datapath.Service, b datapath.Backend) (maps.Backend, error
 		return maps.Backend{}, fmt.Errorf("service %s, backend %s: %w", s.Name, b.Addr, err)
 	}
 	e := maps.Backend{Service: s.ID, Addr: b.Addr, Port: b.Port, State: st}
-	if h, ok := x.hops[b.Addr]; ok {
+	h, ok := x.hops[b.Addr]
+	if ok {
 		e.MAC, e.SrcMAC, e.Ifindex = h.DstMAC, h.SrcMAC, uint32(h.Ifindex)
+	}
+	if s.Forwarding == datapath.FullNAT {
+		e.SNAT = s.SNATAddress
+		if !e.SNAT.IsValid() {
+			e.SNAT = h.Src
+		}
+		if !e.SNAT.IsValid() && b.State != datapath.Down {
+			return maps.Backend{}, datapath.Refuse(fmt.Errorf("service %s, backend %s: no source address reaches it for fullnat: give the interface towards it an address, or set snat_address", s.Name, b.Addr))
+		}
 	}
 	return e, nil
 }

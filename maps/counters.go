@@ -99,6 +99,10 @@ var reasonNames = [...]string{
 	bpf.TetherReasonR_DROP_TCP_OFFSET:    "drop_tcp_offset",
 	bpf.TetherReasonR_DROP_UDP_LENGTH:    "drop_udp_length",
 	bpf.TetherReasonR_DROP_IP_CHECKSUM:   "drop_ip_checksum",
+	bpf.TetherReasonR_RESET_NAT_PORTS:    "reset_nat_ports",
+	bpf.TetherReasonR_RESET_NAT_CLASH:    "reset_nat_clash",
+	bpf.TetherReasonR_PASS_NAT_KERNEL:    "pass_nat_kernel",
+	bpf.TetherReasonR_DROP_NAT_NO_ROUTE:  "drop_nat_no_route",
 }
 
 // ReasonName is the name of a reason as counters and metrics show it.

@@ -56,10 +56,21 @@ func serviceEntry(vip netip.Addr, port uint16, proto uint8, v bpf.TetherService)
 			ID:              v.Id,
 			SourceAffinity:  v.Flags&FlagSourceAffinity != 0,
 			ResetOnDown:     v.Flags&FlagResetOnDown != 0,
+			Forwarding:      forwardingOf(v.Flags),
 			AffinityTimeout: time.Duration(v.AffinityTimeoutNs),
 			RingSignature:   uint64(v.RingSigHi)<<32 | uint64(v.RingSigLo),
 		},
 	}
+}
+
+func forwardingOf(flags uint32) uint8 {
+	switch {
+	case flags&FlagFullNAT != 0:
+		return ForwardFullNAT
+	case flags&FlagNAT != 0:
+		return ForwardNAT
+	}
+	return ForwardDSR
 }
 
 // Backends lists the backends map entries in use (state not StateUnused),
@@ -75,7 +86,11 @@ func (m *Maps) Backends() (map[uint32]Backend, error) {
 		if v.State == StateUnused {
 			continue
 		}
-		out[id] = backendOf(v)
+		var sn bpf.TetherSnat
+		if err := m.m.SnatAddrs.Lookup(&id, &sn); err != nil {
+			return nil, fmt.Errorf("list backends: source address of %d: %w", id, err)
+		}
+		out[id] = backendOf(v, sn)
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list backends: %w", err)
@@ -145,6 +160,8 @@ const (
 	TableConnections4 = "connections_ipv4"
 	TableConnections6 = "connections_ipv6"
 	TableAffinity     = "affinity"
+	TableNAT4         = "nat_ipv4"
+	TableNAT6         = "nat_ipv6"
 )
 
 // Tables counts the entries of the connection tables (one per family) and
@@ -163,9 +180,19 @@ func (m *Maps) Tables() ([]datapath.Table, error) {
 	if err != nil {
 		return nil, err
 	}
+	t4, err := count[bpf.TetherFlowKey4, bpf.TetherNatEntry](m.m.Nat4)
+	if err != nil {
+		return nil, err
+	}
+	t6, err := count[bpf.TetherFlowKey, bpf.TetherNatEntry](m.m.Nat6)
+	if err != nil {
+		return nil, err
+	}
 	return []datapath.Table{
 		{Name: TableConnections4, Entries: n4, Capacity: int(m.m.Conns4.MaxEntries())},
 		{Name: TableConnections6, Entries: n6, Capacity: int(m.m.Conns6.MaxEntries())},
 		{Name: TableAffinity, Entries: na, Capacity: int(m.m.Affinities.MaxEntries())},
+		{Name: TableNAT4, Entries: t4, Capacity: int(m.m.Nat4.MaxEntries())},
+		{Name: TableNAT6, Entries: t6, Capacity: int(m.m.Nat6.MaxEntries())},
 	}, nil
 }

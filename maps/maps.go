@@ -39,6 +39,15 @@ const (
 const (
 	FlagSourceAffinity uint32 = 1 << 0
 	FlagResetOnDown    uint32 = 1 << 1
+	FlagNAT            uint32 = 1 << 2
+	FlagFullNAT        uint32 = 1 << 3
+)
+
+// Forwarding modes of a service entry (the flags FlagNAT and FlagFullNAT).
+const (
+	ForwardDSR uint8 = iota
+	ForwardNAT
+	ForwardFullNAT
 )
 
 const (
@@ -109,6 +118,8 @@ type Service struct {
 	SourceAffinity  bool
 	ResetOnDown     bool
 	AffinityTimeout time.Duration
+	// Forwarding is ForwardDSR, ForwardNAT or ForwardFullNAT.
+	Forwarding uint8
 	// RingSignature is the control plane's, stored for the next daemon
 	// (see datapath.Service.RingSignature).
 	RingSignature uint64
@@ -124,6 +135,15 @@ func (m *Maps) PutService(vip netip.Addr, port uint16, proto uint8, s Service) e
 	}
 	if s.ResetOnDown {
 		v.Flags |= FlagResetOnDown
+	}
+	switch s.Forwarding {
+	case ForwardDSR:
+	case ForwardNAT:
+		v.Flags |= FlagNAT
+	case ForwardFullNAT:
+		v.Flags |= FlagFullNAT
+	default:
+		return fmt.Errorf("put service %s:%d: forwarding mode %d unknown", vip, port, s.Forwarding)
 	}
 	mp, key := m.serviceMap(vip, port, proto)
 	if err := mp.Put(key, &v); err != nil {
@@ -150,6 +170,9 @@ type Backend struct {
 	MAC     net.HardwareAddr // the backend's
 	SrcMAC  net.HardwareAddr // the sending interface's
 	Ifindex uint32           // the sending interface; 0 or the ingress one means XDP_TX
+	// SNAT is the address fullnat flows to the backend come from (unset
+	// for other modes).
+	SNAT netip.Addr
 }
 
 // PutBackend writes backend id.
@@ -164,6 +187,14 @@ func (m *Maps) PutBackend(id uint32, b Backend) error {
 	}
 	copy(v.Dmac[:], b.MAC)
 	copy(v.Smac[:], b.SrcMAC)
+	// The source address is in place before the entry that uses it.
+	var sn bpf.TetherSnat
+	if b.SNAT.IsValid() {
+		sn.Addr = maglev.AddrWords(b.SNAT)
+	}
+	if err := m.m.SnatAddrs.Put(&id, &sn); err != nil {
+		return fmt.Errorf("put backend %d (%s) source address: %w", id, b.Addr, err)
+	}
 	if err := m.m.Backends.Put(&id, &v); err != nil {
 		return fmt.Errorf("put backend %d (%s): %w", id, b.Addr, err)
 	}
@@ -181,15 +212,21 @@ func (m *Maps) ClearBackend(id uint32) error {
 
 // LookupBackend reads backend id.
 func (m *Maps) LookupBackend(id uint32) (Backend, error) {
-	var v bpf.TetherBackend
+	var (
+		v  bpf.TetherBackend
+		sn bpf.TetherSnat
+	)
 	if err := m.m.Backends.Lookup(&id, &v); err != nil {
 		return Backend{}, fmt.Errorf("lookup backend %d: %w", id, err)
 	}
-	return backendOf(v), nil
+	if err := m.m.SnatAddrs.Lookup(&id, &sn); err != nil {
+		return Backend{}, fmt.Errorf("lookup backend %d source address: %w", id, err)
+	}
+	return backendOf(v, sn), nil
 }
 
-func backendOf(v bpf.TetherBackend) Backend {
-	return Backend{
+func backendOf(v bpf.TetherBackend, sn bpf.TetherSnat) Backend {
+	b := Backend{
 		Service: v.Service,
 		Addr:    addrOf(v.Addr, v.Family),
 		Port:    HostPort(v.Port),
@@ -198,6 +235,10 @@ func backendOf(v bpf.TetherBackend) Backend {
 		SrcMAC:  net.HardwareAddr(v.Smac[:]),
 		Ifindex: v.Ifindex,
 	}
+	if sn.Addr != ([4]uint32{}) {
+		b.SNAT = addrOf(sn.Addr, v.Family)
+	}
+	return b
 }
 
 // slotsPerEntry is RING_SLOTS_PER_ENTRY: 16-bit ring slots per 8-byte

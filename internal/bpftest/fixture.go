@@ -85,6 +85,12 @@ type Service struct {
 	Source   bool          // source affinity
 	Timeout  time.Duration // affinity timeout; default 1h
 	Backends []uint32      // backend ids, active and in the ring
+	// Forwarding is maps.ForwardDSR (default), ForwardNAT or
+	// ForwardFullNAT; BackendPort the backends' port (default the VIP's)
+	// and SNAT fullnat's source address.
+	Forwarding  uint8
+	BackendPort uint16
+	SNAT        netip.Addr
 }
 
 // BackendAddr is the address fixtures give backend id of a service whose
@@ -107,7 +113,7 @@ func (f *Fixture) AddService(s Service) {
 	}
 	f.PublishRing(s.ID, s.VIP.Addr(), s.Backends...)
 	err := f.Maps.PutService(s.VIP.Addr(), s.VIP.Port(), s.Proto, maps.Service{
-		ID: s.ID, SourceAffinity: s.Source, AffinityTimeout: s.Timeout,
+		ID: s.ID, SourceAffinity: s.Source, AffinityTimeout: s.Timeout, Forwarding: s.Forwarding,
 	})
 	if err != nil {
 		f.TB.Fatal(err)
@@ -117,13 +123,18 @@ func (f *Fixture) AddService(s Service) {
 // SetBackend writes backend id of s in the given state.
 func (f *Fixture) SetBackend(s Service, id uint32, state uint8) {
 	f.TB.Helper()
+	port := s.BackendPort
+	if port == 0 {
+		port = s.VIP.Port()
+	}
 	err := f.Maps.PutBackend(id, maps.Backend{
 		Service: s.ID,
 		Addr:    BackendAddr(s.VIP.Addr(), id),
-		Port:    s.VIP.Port(),
+		Port:    port,
 		State:   state,
 		MAC:     BackendMAC(id),
 		SrcMAC:  LBMAC,
+		SNAT:    s.SNAT,
 	})
 	if err != nil {
 		f.TB.Fatal(err)
@@ -163,6 +174,27 @@ func (f *Fixture) Run(frame []byte) (uint32, []byte) {
 		f.TB.Fatalf("run program on %d-byte frame: %v", len(frame), err)
 	}
 	return ret, opts.DataOut
+}
+
+// RunOn runs one frame as if it came in on interface ifindex of the
+// calling thread's network namespace (the one the program's FIB lookups
+// see), and returns the verdict and the frame as the program left it.
+func (f *Fixture) RunOn(frame []byte, ifindex int) (uint32, []byte) {
+	f.TB.Helper()
+	out := make([]byte, len(frame)+256)
+	opts := ebpf.RunOptions{Data: frame, DataOut: out,
+		Context: xdpMD{DataEnd: uint32(len(frame)), IngressIfindex: uint32(ifindex)}}
+	ret, err := f.Objs.TetherXdp.Run(&opts)
+	if err != nil {
+		f.TB.Fatalf("run program on %d-byte frame from ifindex %d: %v", len(frame), ifindex, err)
+	}
+	return ret, opts.DataOut
+}
+
+// xdpMD is struct xdp_md, the context BPF_PROG_TEST_RUN takes.
+type xdpMD struct {
+	Data, DataEnd, DataMeta              uint32
+	IngressIfindex, RxQueueIndex, Egress uint32
 }
 
 // BackendOf returns the backend id whose MAC a forwarded frame carries.

@@ -1,7 +1,8 @@
 // Package bpftest crafts Ethernet frames for running tether's XDP program
 // with BPF_PROG_TEST_RUN, in tests and benchmarks. An IPv4 header carries
 // its checksum (the program checks it on packets of new flows); TCP and UDP
-// checksums are left zero: the program neither checks nor changes them.
+// checksums are left zero unless Frame.Checksum asks for them (the program
+// updates them when it translates addresses).
 package bpftest
 
 import (
@@ -34,6 +35,8 @@ type Frame struct {
 	Flags          uint8 // TCP flags; 0 means ACK
 	Seq, Ack       uint32
 	Payload        []byte
+	// Checksum fills in the TCP or UDP checksum.
+	Checksum bool
 }
 
 // Default MACs of crafted frames.
@@ -67,7 +70,34 @@ func (f Frame) Bytes() []byte {
 		copy(l3[8:], s[:])
 		copy(l3[24:], d[:])
 	}
+	if f.Checksum {
+		c := ^Fold(OnesSum(l4, OnesSum(pseudoHeader(f.Src.Addr(), f.Dst.Addr(), f.Proto, len(l4)), 0)))
+		if c == 0 && f.Proto == UDP {
+			c = 0xffff
+		}
+		binary.BigEndian.PutUint16(l4[checksumAt(f.Proto):], c)
+	}
 	return append(f.ethernet(f.Src.Addr().Is4()), append(l3, l4...)...)
+}
+
+// pseudoHeader is the part of the IP header a TCP or UDP checksum covers.
+func pseudoHeader(src, dst netip.Addr, proto uint8, l4len int) []byte {
+	if src.Is4() {
+		s, d := src.As4(), dst.As4()
+		b := append(append(append([]byte{}, s[:]...), d[:]...), 0, proto)
+		return binary.BigEndian.AppendUint16(b, uint16(l4len))
+	}
+	s, d := src.As16(), dst.As16()
+	b := binary.BigEndian.AppendUint32(append(append([]byte{}, s[:]...), d[:]...), uint32(l4len))
+	return append(b, 0, 0, 0, proto)
+}
+
+// checksumAt is where a TCP or UDP header holds its checksum.
+func checksumAt(proto uint8) int {
+	if proto == UDP {
+		return 6
+	}
+	return 16
 }
 
 func (f Frame) ethernet(v4 bool) []byte {

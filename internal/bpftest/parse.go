@@ -100,33 +100,44 @@ func Fold(s uint32) uint16 {
 	return uint16(s)
 }
 
-// VerifyChecksums checks the IPv4 header checksum and the TCP checksum of
-// a frame, as a receiver would.
+// VerifyChecksums checks the IPv4 header checksum and the TCP or UDP
+// checksum of a frame, as a receiver would (an IPv4 UDP checksum of 0 means
+// none).
 func VerifyChecksums(frame []byte) error {
 	l3, v4, _, err := layout(frame)
 	if err != nil {
 		return err
 	}
-	var pseudo []byte
-	var l4 int
+	var (
+		src, dst netip.Addr
+		l4       int
+		proto    uint8
+	)
 	if v4 {
+		if len(frame) < l3+20 {
+			return fmt.Errorf("frame of %d bytes", len(frame))
+		}
 		if Fold(OnesSum(frame[l3:l3+20], 0)) != 0xffff {
 			return fmt.Errorf("bad IPv4 header checksum")
 		}
-		l4 = l3 + 20
-		pseudo = append(append([]byte{}, frame[l3+12:l3+20]...), 0, TCP, 0, 0)
+		src, dst = netip.AddrFrom4([4]byte(frame[l3+12:l3+16])), netip.AddrFrom4([4]byte(frame[l3+16:l3+20]))
+		l4, proto = l3+20, frame[l3+9]
 	} else {
-		l4 = l3 + 40
-		pseudo = append(append([]byte{}, frame[l3+8:l3+40]...), 0, 0, 0, 0, 0, 0, 0, TCP)
+		if len(frame) < l3+40 {
+			return fmt.Errorf("frame of %d bytes", len(frame))
+		}
+		src, dst = netip.AddrFrom16([16]byte(frame[l3+8:l3+24])), netip.AddrFrom16([16]byte(frame[l3+24:l3+40]))
+		l4, proto = l3+40, frame[l3+6]
 	}
 	seg := frame[l4:]
-	if v4 {
-		binary.BigEndian.PutUint16(pseudo[10:], uint16(len(seg)))
-	} else {
-		binary.BigEndian.PutUint32(pseudo[32:], uint32(len(seg)))
+	if len(seg) < checksumAt(proto)+2 {
+		return fmt.Errorf("L4 segment of %d bytes", len(seg))
 	}
-	if Fold(OnesSum(seg, OnesSum(pseudo, 0))) != 0xffff {
-		return fmt.Errorf("bad TCP checksum")
+	if proto == UDP && v4 && binary.BigEndian.Uint16(seg[6:]) == 0 {
+		return nil
+	}
+	if Fold(OnesSum(seg, OnesSum(pseudoHeader(src, dst, proto, len(seg)), 0))) != 0xffff {
+		return fmt.Errorf("bad %s checksum", map[uint8]string{TCP: "TCP", UDP: "UDP"}[proto])
 	}
 	return nil
 }

@@ -17,7 +17,8 @@
 //	         VIP, no forwarding
 //	be<i>    eth0 198.51.100.(10+i)/24 2001:db8:100::(10+i)/64, VIPs
 //	         203.0.113.10/32 and 2001:db8:f::10/128 on lo, on-link routes to
-//	         192.0.2.0/24 and 2001:db8:c::/64, arp_ignore=1, arp_announce=2
+//	         192.0.2.0/24 and 2001:db8:c::/64, arp_ignore=1, arp_announce=2;
+//	         with Options.Plain only eth0 and its addresses
 //
 // There are no default routes. DAD is off, and the client and backends have
 // static neighbour entries for each other (the client also for the
@@ -77,6 +78,10 @@ type Options struct {
 	// Clients is the number of client source addresses of each family,
 	// 1 to MaxClients (default DefaultClients).
 	Clients int
+	// Plain leaves the backends as a balancer that translates addresses
+	// finds them: no VIP, no ARP settings, no route to the clients (add
+	// one through the balancer with RouteClientsVia for nat).
+	Plain bool
 }
 
 // Lab is a running lab. Its fields are read-only; Backends grows with
@@ -93,6 +98,9 @@ type Lab struct {
 	// VIP4 and VIP6 are the virtual addresses the backends hold on lo and
 	// the client routes to the balancer.
 	VIP4, VIP6 netip.Addr
+	// Plain is Options.Plain: the backends, AddBackend's too, hold no VIP
+	// and have no route to the clients.
+	Plain bool
 	// BPFFS is a bpffs mounted for this lab alone (at
 	// <tmp>/tether-<id>-bpffs-*/fs), for `tether run --pin-dir
 	// BPFFS/tether`: the processes started in the hosts see it, whereas `ip
@@ -133,7 +141,7 @@ func New(opts Options) (l *Lab, err error) {
 	if err != nil {
 		return nil, err
 	}
-	l = &Lab{ID: id, VIP4: vip4, VIP6: vip6, procs: map[*Proc]struct{}{}, portXDP: map[*Host]link.Link{}}
+	l = &Lab{ID: id, VIP4: vip4, VIP6: vip6, Plain: opts.Plain, procs: map[*Proc]struct{}{}, portXDP: map[*Host]link.Link{}}
 	defer func() {
 		if err != nil {
 			err = errors.Join(fmt.Errorf("lab %s: %w", id, err), l.Close())
@@ -522,9 +530,12 @@ func (l *Lab) setupClient() error {
 // client's neighbour entries for it are removed again.
 func (l *Lab) addBackend(i int) (be *Host, err error) {
 	role := fmt.Sprintf("be%d", i)
-	be, err = l.addHost(role, 10+i, true)
+	be, err = l.addHost(role, 10+i, !l.Plain)
 	if err != nil {
 		return nil, err
+	}
+	if l.Plain {
+		return be, nil
 	}
 	c := l.Client
 	defer func() {
@@ -571,6 +582,23 @@ func (l *Lab) addBackend(i int) (be *Host, err error) {
 		}
 		return addNeigh(nh, c.Ifindex, be.Addr6, be.MAC)
 	})
+}
+
+// RouteClientsVia routes the client networks (192.0.2.0/24,
+// 2001:db8:c::/64) of host h through gw's addresses: a nat balancer's
+// backends send their replies that way.
+func (l *Lab) RouteClientsVia(h, gw *Host) error {
+	return h.withNetlink(func(nh *netlink.Handle) error {
+		if err := addRoute(nh, h.Ifindex, clientNet4, gw.Addr4, netip.Addr{}); err != nil {
+			return err
+		}
+		return addRoute(nh, h.Ifindex, clientNet6, gw.Addr6, netip.Addr{})
+	})
+}
+
+// Sysctl writes /proc/sys/<key> in h's namespace ("net/ipv4/ip_forward").
+func (h *Host) Sysctl(key, value string) error {
+	return writeSysctls(h.ns, [2]string{key, value})
 }
 
 // loadXDPPass loads a program that passes every frame.
