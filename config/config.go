@@ -63,12 +63,18 @@ const (
 	// ForwardingDSR rewrites the destination MAC address only (direct server
 	// return): backends share the L2 segment and hold the VIP on loopback.
 	ForwardingDSR = "dsr"
+	// ForwardingNAT rewrites the destination address and port to the
+	// backend's (destination NAT, as IPVS masquerading): backends see the
+	// client's address and route their replies through the balancer, which
+	// translates them back.
+	ForwardingNAT = "nat"
+	// ForwardingFullNAT also rewrites the client's address and port to the
+	// balancer's (SNATAddress and a port it allocates per connection), as a
+	// proxy does: backends need no route, no VIP and no setting.
+	ForwardingFullNAT = "fullnat"
 	// ForwardingIPIP encapsulates in IP-in-IP (L3 DSR). Known, not supported
 	// yet: a configuration that uses it is refused.
 	ForwardingIPIP = "ipip"
-	// ForwardingNAT rewrites the destination address and port. Known, not
-	// supported yet: a configuration that uses it is refused.
-	ForwardingNAT = "nat"
 )
 
 // Backend states.
@@ -215,8 +221,14 @@ type Service struct {
 	// AffinityTimeout is how long an idle client keeps its backend with
 	// source affinity; unused with connection affinity.
 	AffinityTimeout time.Duration
-	// Forwarding is the forwarding mode; only ForwardingDSR is supported.
+	// Forwarding is the forwarding mode: ForwardingDSR, ForwardingNAT or
+	// ForwardingFullNAT.
 	Forwarding string
+	// SNATAddress is the address fullnat connections reach the backends
+	// from; unset, the address of the interface that reaches each backend
+	// (the kernel's preferred source towards it). Only with
+	// ForwardingFullNAT.
+	SNATAddress netip.Addr
 	// Health is how the service's backends are probed: a health.Check with
 	// its defaults applied (DefaultHealth when the file has no health
 	// block), or one of Type HealthNone and no other field set, which
@@ -289,8 +301,8 @@ type Backend struct {
 	// Address is the backend's IP address, of the same family as the VIP.
 	Address netip.Addr
 	// Port is the backend's port; with dsr forwarding on the XDP
-	// datapath it equals the service port, the splice datapath connects
-	// to any.
+	// datapath it equals the service port; nat, fullnat and the splice
+	// datapath map the service port to any.
 	Port uint16
 	// Weight is the backend's share of new clients, 0..MaxWeight; 0 means
 	// drained: it keeps its clients but takes no new ones.

@@ -238,6 +238,21 @@ services:
     port: 80
     backends: [{address: 192.0.2.11, port: 8765}]
 `},
+		{"nat and fullnat map the service port to backend ports", `
+interfaces: [eth0]
+services:
+  - name: web
+    vip: 203.0.113.10
+    port: 80
+    forwarding: nat
+    backends: [{address: 192.0.2.11, port: 8765}, {address: 192.0.2.12, port: 8766}]
+  - name: web6
+    vip: 2001:db8::10
+    port: 80
+    forwarding: fullnat
+    snat_address: 2001:db8::2
+    backends: [{address: 2001:db8::11, port: 8765}]
+`},
 		{"service with zero backends", `
 interfaces: [eth0]
 services:
@@ -436,14 +451,16 @@ services:
 	{"backend port 70000", minimal + "        port: 70000\n", "services[0].backends[0].port", "70000 is out of range 1..65535"},
 	{"backend port 0", minimal + "        port: 0\n", "services[0].backends[0].port", "0 is out of range 1..65535"},
 	{"backend port differs in dsr", minimal + "        port: 8080\n", "services[0].backends[0].port", "dsr forwarding rewrites the MAC address only, it cannot change the port"},
-	{"backend port differs in dsr, datapath auto", "datapath: auto\n" + minimal + "        port: 8080\n", "services[0].backends[0].port", "datapath splice maps ports"},
+	{"backend port differs in dsr, datapath auto", "datapath: auto\n" + minimal + "        port: 8080\n", "services[0].backends[0].port", "forwarding nat or fullnat, and datapath splice, map ports"},
 
 	// Modes.
 	{"unknown protocol", strings.Replace(minimal, "port: 8765", "port: 8765\n    protocol: sctp", 1), "services[0].protocol", `unknown protocol "sctp" (want tcp or udp)`},
 	{"unknown affinity", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity: sticky", 1), "services[0].affinity", `unknown mode "sticky" (want source or connection)`},
-	{"unknown forwarding", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: magic", 1), "services[0].forwarding", `unknown mode "magic" (want dsr)`},
+	{"unknown forwarding", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: magic", 1), "services[0].forwarding", `unknown mode "magic" (want dsr, nat or fullnat)`},
 	{"ipip refused", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: ipip", 1), "services[0].forwarding", `"ipip" is not supported yet`},
-	{"nat refused", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: nat", 1), "services[0].forwarding", `"nat" is not supported yet`},
+	{"snat_address without fullnat", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: nat\n    snat_address: 198.51.100.2", 1), "services[0].snat_address", "only forwarding fullnat rewrites the client's address"},
+	{"snat_address of the other family", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: fullnat\n    snat_address: 2001:db8::2", 1), "services[0].snat_address", "2001:db8::2 is IPv6 but the vip 203.0.113.10 is IPv4"},
+	{"snat_address multicast", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: fullnat\n    snat_address: 224.0.0.1", 1), "services[0].snat_address", "is a multicast address"},
 	{"affinity_timeout in words", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity_timeout: 3 hours", 1), "services[0].affinity_timeout", `"3 hours" is not a duration`},
 	{"affinity_timeout without unit", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity_timeout: 3600", 1), "services[0].affinity_timeout", "3600 has no unit"},
 	{"negative affinity_timeout", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity_timeout: -1h", 1), "services[0].affinity_timeout", "-1h0m0s is out of range"},
@@ -623,7 +640,7 @@ services:
 interfaces: [eth0]
 services:
   - port: 0
-    forwarding: nat
+    forwarding: ipip
     vip: 224.0.0.1
     name: "-x"
 `,
@@ -736,7 +753,7 @@ func TestMarshalRoundTrip(t *testing.T) {
 interfaces: [eth0, "eth1"]
 datapath: xdp-generic
 hash_seed: 7
-tables: {connections: 2048, affinity: 4096, ring_size: 251, max_services: 8, max_backends: 10}
+tables: {connections: 2048, affinity: 4096, ring_size: 251, max_services: 9, max_backends: 11}
 services:
   - name: v6
     vip: 2001:db8::10
@@ -754,6 +771,12 @@ services:
     vip: 198.51.100.7
     port: 65535
     backends: [{address: 192.0.2.1}]
+  - name: fullnat
+    vip: 198.51.100.10
+    port: 80
+    forwarding: fullnat
+    snat_address: 198.51.100.2
+    backends: [{address: 192.0.2.2, port: 8765}]
   - name: http
     vip: 198.51.100.8
     port: 80

@@ -77,7 +77,7 @@ var (
 	topFields     = []string{"interfaces", "datapath", "hash_seed", "tables", "splice", "services"}
 	tablesFields  = []string{"connections", "affinity", "ring_size", "max_services", "max_backends"}
 	spliceFields  = []string{"loops", "max_connections"}
-	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "health", "on_down", "idle_timeout", "proxy_protocol", "backends"}
+	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "snat_address", "health", "on_down", "idle_timeout", "proxy_protocol", "backends"}
 	healthFields  = []string{"type", "path", "host", "expect_status", "send", "interval", "timeout", "rise", "fall"}
 	backendFields = []string{"address", "port", "weight", "state"}
 )
@@ -318,6 +318,8 @@ func (d *decoder) service(n *yaml.Node, path string) Service {
 			s.AffinityTimeout = d.duration(v, p)
 		case "forwarding":
 			s.Forwarding = d.str(v, p)
+		case "snat_address":
+			s.SNATAddress = d.addr(v, p)
 		case "health":
 			s.Health, healthGiven = d.health(v, p), true
 		case "on_down":

@@ -179,9 +179,14 @@ func serviceNode(s Service) *yaml.Node {
 		"affinity", str(s.Affinity),
 		"affinity_timeout", str(s.AffinityTimeout.String()),
 		"forwarding", str(s.Forwarding),
+	}
+	if s.SNATAddress.IsValid() {
+		kv = append(kv, "snat_address", addr(s.SNATAddress))
+	}
+	kv = append(kv,
 		"health", healthNode(s.Health),
 		"on_down", str(s.OnDown),
-	}
+	)
 	// The splice-only settings are written when they are not the
 	// defaults, so that files of the XDP datapath do not grow them.
 	if s.IdleTimeout != 0 {

@@ -325,10 +325,19 @@ func (s *Service) validate(v *validator, p string, proxied bool) bool {
 	switch s.Forwarding {
 	case ForwardingDSR:
 		dsr = true
-	case ForwardingIPIP, ForwardingNAT:
-		v.add(field(p, "forwarding"), "%q is not supported yet (use dsr)", s.Forwarding)
+	case ForwardingNAT, ForwardingFullNAT:
+	case ForwardingIPIP:
+		v.add(field(p, "forwarding"), "%q is not supported yet (use dsr, nat or fullnat)", s.Forwarding)
 	default:
-		v.add(field(p, "forwarding"), "unknown mode %q (want dsr)", s.Forwarding)
+		v.add(field(p, "forwarding"), "unknown mode %q (want dsr, nat or fullnat)", s.Forwarding)
+	}
+	if s.SNATAddress.IsValid() {
+		switch {
+		case s.Forwarding != ForwardingFullNAT:
+			v.add(field(p, "snat_address"), "only forwarding fullnat rewrites the client's address (remove it, or set forwarding: fullnat)")
+		case checkAddr(v, field(p, "snat_address"), s.SNATAddress, false) && vipOK && s.SNATAddress.Is4() != s.VIP.Is4():
+			v.add(field(p, "snat_address"), "%s is %s but the vip %s is %s", s.SNATAddress, family(s.SNATAddress), s.VIP, family(s.VIP))
+		}
 	}
 	validateHealth(v, field(p, "health"), s.Health)
 	if s.Protocol == ProtocolTCP && s.Health.Type == health.TypeUDP {
@@ -357,7 +366,7 @@ func (s *Service) validate(v *validator, p string, proxied bool) bool {
 		}
 		bportOK := checkPort(v, field(bp, "port"), b.Port)
 		if bportOK && portOK && dsr && !proxied && b.Port != s.Port {
-			v.add(field(bp, "port"), "%d differs from the service port %d: dsr forwarding rewrites the MAC address only, it cannot change the port (leave the port out or make it %d; datapath splice maps ports)", b.Port, s.Port, s.Port)
+			v.add(field(bp, "port"), "%d differs from the service port %d: dsr forwarding rewrites the MAC address only, it cannot change the port (leave the port out or make it %d; forwarding nat or fullnat, and datapath splice, map ports)", b.Port, s.Port, s.Port)
 			bportOK = false
 		}
 		if addrOK && vipOK && bportOK && portOK && b.Address == s.VIP && b.Port == s.Port {

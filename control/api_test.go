@@ -233,9 +233,17 @@ func TestAPIRefused(t *testing.T) {
 			return err
 		}, "affinity_timeout", "not a duration"},
 		{"unsupported forwarding", func() error {
-			_, err := e.cl.AddService(ctx, ServiceSpec{VIP: "203.0.113.20:80", Forwarding: "nat"})
+			_, err := e.cl.AddService(ctx, ServiceSpec{VIP: "203.0.113.20:80", Forwarding: "ipip"})
 			return err
 		}, "forwarding", "not supported yet"},
+		{"snat_address not an address", func() error {
+			_, err := e.cl.AddService(ctx, ServiceSpec{VIP: "203.0.113.20:80", Forwarding: "fullnat", SNATAddress: "balancer"})
+			return err
+		}, "snat_address", `"balancer" is not an IP address`},
+		{"snat_address without fullnat", func() error {
+			_, err := e.cl.AddService(ctx, ServiceSpec{VIP: "203.0.113.20:80", Forwarding: "nat", SNATAddress: "198.51.100.2"})
+			return err
+		}, "snat_address", "only forwarding fullnat"},
 		{"too many services", func() error {
 			if _, err := e.cl.AddService(ctx, ServiceSpec{VIP: "203.0.113.20:80"}); err != nil {
 				return err

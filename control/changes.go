@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -58,6 +59,7 @@ type ServiceSpec struct {
 	Affinity        string      `json:"affinity,omitempty"`
 	AffinityTimeout string      `json:"affinity_timeout,omitempty"`
 	Forwarding      string      `json:"forwarding,omitempty"`
+	SNATAddress     string      `json:"snat_address,omitempty"`
 	Health          *HealthSpec `json:"health,omitempty"`
 	OnDown          string      `json:"on_down,omitempty"`
 }
@@ -68,7 +70,8 @@ func (spec ServiceSpec) sent() map[string]bool {
 	return map[string]bool{
 		"vip": true, "port": true, "protocol": spec.Protocol != "", "name": spec.Name != "",
 		"affinity": spec.Affinity != "", "affinity_timeout": spec.AffinityTimeout != "",
-		"forwarding": spec.Forwarding != "", "health": spec.Health != nil, "on_down": spec.OnDown != "",
+		"forwarding": spec.Forwarding != "", "snat_address": spec.SNATAddress != "",
+		"health": spec.Health != nil, "on_down": spec.OnDown != "",
 	}
 }
 
@@ -199,6 +202,11 @@ func (d *Daemon) AddService(spec ServiceSpec) (Result, error) {
 	}
 	if spec.Forwarding != "" {
 		s.Forwarding = spec.Forwarding
+	}
+	if spec.SNATAddress != "" {
+		if s.SNATAddress, err = netip.ParseAddr(spec.SNATAddress); err != nil {
+			return Result{}, refusef("snat_address", "%q is not an IP address", spec.SNATAddress)
+		}
 	}
 	if spec.AffinityTimeout != "" {
 		if s.AffinityTimeout, err = config.ParseDuration(spec.AffinityTimeout); err != nil {

@@ -585,6 +585,8 @@ func (c *Controller) planService(cs config.Service) (planned, error) {
 		SourceAffinity:  cs.Affinity == config.AffinitySource,
 		AffinityTimeout: cs.AffinityTimeout,
 		OnDownReset:     cs.OnDown == config.OnDownReset,
+		Forwarding:      datapath.Forwarding(cs.Forwarding),
+		SNATAddress:     cs.SNATAddress,
 		IdleTimeout:     cs.IdleTimeout,
 		ProxyProtocol:   cs.ProxyProtocol == config.ProxyProtocolV2,
 	}

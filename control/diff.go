@@ -113,6 +113,7 @@ func serviceDiff(o, n config.Service) *ServiceChange {
 		{"affinity", o.Affinity != n.Affinity},
 		{"affinity_timeout", o.AffinityTimeout != n.AffinityTimeout},
 		{"forwarding", o.Forwarding != n.Forwarding},
+		{"snat_address", o.SNATAddress != n.SNATAddress},
 		{"health", o.Health != n.Health},
 		{"on_down", o.OnDown != n.OnDown},
 		{"idle_timeout", o.IdleTimeout != n.IdleTimeout},

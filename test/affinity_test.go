@@ -74,9 +74,15 @@ type conn struct {
 // time, and checks each with one echo.
 func dialAll(t *testing.T, l *lab.Lab, srcs []netip.Addr, vip netip.Addr, n int) []*conn {
 	t.Helper()
+	return dialAllAt(t, l, srcs, netip.AddrPortFrom(vip, chatPort), n)
+}
+
+// dialAllAt is dialAll to a service on another port than chatPort.
+func dialAllAt(t *testing.T, l *lab.Lab, srcs []netip.Addr, vip netip.AddrPort, n int) []*conn {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	url := "ws://" + netip.AddrPortFrom(vip, chatPort).String() + "/chat"
+	url := "ws://" + vip.String() + "/chat"
 	out := make([]*conn, len(srcs)*n)
 	errs := make(chan error, len(out))
 	sem := make(chan struct{}, 8)

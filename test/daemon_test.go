@@ -178,6 +178,11 @@ func daemonMaps(t testing.TB, l *lab.Lab, ringSize uint32) *maps.Maps {
 		Services4:  byName[bpf.TetherMapServices4],
 		Services6:  byName[bpf.TetherMapServices6],
 		SvcStats:   byName[bpf.TetherMapSvcStats],
+		Nat4:       byName[bpf.TetherMapNat4],
+		Nat6:       byName[bpf.TetherMapNat6],
+		NatSyn4:    byName[bpf.TetherMapNatSyn4],
+		NatSyn6:    byName[bpf.TetherMapNatSyn6],
+		SnatAddrs:  byName[bpf.TetherMapSnatAddrs],
 	}
 	if tm.Conns4 == nil || tm.BeStats == nil || tm.Affinities == nil || tm.Backends == nil {
 		t.Fatalf("maps of the attached program: %v", byName)

@@ -245,7 +245,7 @@ func TestSpliceSettings(t *testing.T) {
 // only, on their own addresses, with no VIP and no ARP settings. Every
 // client reaches one backend, and the same one when it reconnects.
 func TestSplicePortMapping(t *testing.T) {
-	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 40})
+	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 40, Plain: true})
 	var b strings.Builder
 	fmt.Fprintf(&b, "datapath: splice\nservices:\n")
 	for _, svc := range []struct {

@@ -15,7 +15,8 @@ var backendCommand = &cli.Command{
 	Name:  "backend",
 	Usage: "add, remove, drain and list the backends of a service",
 	Description: `Backends are named ADDR or ADDR:PORT ([2001:db8::11]:8765 for IPv6); the port
-defaults to the service's, and with dsr forwarding it must equal it. The
+defaults to the service's; with dsr forwarding it must equal it, nat and
+fullnat map the service's port to it. The
 service is named VIP:PORT (see tether vip --help).
 
 Draining a backend takes it out of the Maglev ring: its established

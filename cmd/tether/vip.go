@@ -32,8 +32,9 @@ var vipAddCommand = &cli.Command{
 	ArgsUsage: "VIP:PORT",
 	Description: `add creates a service on VIP:PORT. Add backends with "tether backend add";
 until then new TCP connections are refused with a reset and UDP packets
-dropped. The backends hold the VIP on a loopback interface (dsr forwarding:
-see tether run --help).
+dropped. With dsr forwarding, the default, the backends hold the VIP on a
+loopback interface; with nat they route their replies to the clients
+through this host; with fullnat they need nothing (see tether run --help).
 
 The --health-* flags set the service's health check, as the health block
 of the configuration file does; the fields left out take their defaults.
@@ -45,12 +46,14 @@ the established connections of a backend that goes down.
 Examples:
   tether vip add 203.0.113.10:8765 --name chat --affinity-timeout 1h
   tether vip add 203.0.113.10:80 --health-type http --health-path /healthz --health-interval 1s
-  tether vip add 203.0.113.20:9000 --protocol udp --health-type udp --health-send ping`,
+  tether vip add 203.0.113.20:9000 --protocol udp --health-type udp --health-send ping
+  tether vip add 203.0.113.10:80 --forwarding fullnat   # then: tether backend add 203.0.113.10:80 192.0.2.11:8765`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "protocol", Value: "tcp", Usage: "transport `PROTO`: tcp or udp"},
 		&cli.StringFlag{Name: "affinity", Value: "source", Usage: "affinity `MODE`: source (all of a client's connections on one backend) or connection (each connection on its own)"},
 		&cli.StringFlag{Name: "affinity-timeout", Value: "3h", Usage: "how long a client's backend is remembered, as a `DURATION` (90s, 30m, 3h)"},
-		&cli.StringFlag{Name: "forwarding", Value: "dsr", Usage: "forwarding `MODE`: dsr"},
+		&cli.StringFlag{Name: "forwarding", Value: "dsr", Usage: "forwarding `MODE`: dsr (MAC rewrite; backends hold the VIP), nat (address and port rewrite; backends route replies through this host) or fullnat (the client's address too; backends need nothing)"},
+		&cli.StringFlag{Name: "snat-address", Usage: "fullnat: the `ADDR` connections reach the backends from (default: the address of the interface that reaches each backend)"},
 		&cli.StringFlag{Name: "name", Usage: "the service's `NAME`, for listings and metrics (default: VIP-PORT, such as 203.0.113.10-8765)"},
 		&cli.StringFlag{Name: "health-type", Usage: "health check `TYPE`: tcp, http, websocket, udp or none (default: tcp for a tcp service, none for udp)"},
 		&cli.StringFlag{Name: "health-path", Usage: "http and websocket checks: the request `PATH` (default /)"},
@@ -78,6 +81,7 @@ Examples:
 			{"affinity", &spec.Affinity},
 			{"affinity-timeout", &spec.AffinityTimeout},
 			{"forwarding", &spec.Forwarding},
+			{"snat-address", &spec.SNATAddress},
 			{"name", &spec.Name},
 			{"on-down", &spec.OnDown},
 		} {

@@ -29,14 +29,16 @@ const (
 type Role uint8
 
 const (
-	RoleOther        Role = iota
-	RoleTrivial           // the trivial XDP forwarder: the lab's floor
-	RoleTetherXDP         // tether with its XDP datapath
-	RoleTetherSplice      // tether with its splice datapath
-	RoleHAProxy           // HAProxy, the proxy tether's splice datapath must match
-	RoleNginx             // nginx, likewise
-	RoleKernel            // the kernel's forwarding and its IPVS stand-ins
-	RoleCompare           // another tether build (-compare), against tether (splice)
+	RoleOther         Role = iota
+	RoleTrivial            // the trivial XDP forwarder: the lab's floor
+	RoleTetherXDP          // tether with its XDP datapath
+	RoleTetherSplice       // tether with its splice datapath
+	RoleHAProxy            // HAProxy, the proxy tether's splice datapath must match
+	RoleNginx              // nginx, likewise
+	RoleKernel             // the kernel's forwarding and its IPVS stand-ins
+	RoleCompare            // another tether build (-compare), against tether (splice)
+	RoleTetherNAT          // tether's XDP datapath with forwarding nat
+	RoleTetherFullNAT      // tether's XDP datapath with forwarding fullnat
 )
 
 // A Peer is one balancer setup in front of the lab's backends. Each lives

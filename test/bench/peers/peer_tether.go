@@ -23,7 +23,29 @@ func init() {
 		SourceAffinity: true,
 		Tether:         true,
 		Note:           "`datapath: xdp` on the balancer's eth0, `affinity: source`; backends answer clients directly (DSR)",
-		Start:          func(e *Env) (Running, error) { return startTether(e, e.Tether, "xdp") },
+		Start:          func(e *Env) (Running, error) { return startTether(e, e.Tether, "xdp", config.ForwardingDSR) },
+	})
+	register(Peer{
+		Name:           "tether (XDP nat)",
+		Order:          13,
+		Role:           RoleTetherNAT,
+		Rows:           RowPackets | RowStreams,
+		XDP:            true,
+		SourceAffinity: true,
+		Tether:         true,
+		Note:           "`datapath: xdp`, `forwarding: nat`: destination rewritten to the backend's address, forwarding on, backends route replies through the balancer, which translates them",
+		Start:          func(e *Env) (Running, error) { return startTether(e, e.Tether, "xdp", config.ForwardingNAT) },
+	})
+	register(Peer{
+		Name:           "tether (XDP fullnat)",
+		Order:          14,
+		Role:           RoleTetherFullNAT,
+		Rows:           RowPackets | RowStreams,
+		XDP:            true,
+		SourceAffinity: true,
+		Tether:         true,
+		Note:           "`datapath: xdp`, `forwarding: fullnat`: source rewritten to the balancer's address and a port of the connection's too; backends need no route or VIP",
+		Start:          func(e *Env) (Running, error) { return startTether(e, e.Tether, "xdp", config.ForwardingFullNAT) },
 	})
 	register(Peer{
 		Name:           "tether (splice)",
@@ -33,7 +55,7 @@ func init() {
 		SourceAffinity: true,
 		Tether:         true,
 		Note:           "`datapath: splice`, `affinity: source`: the userspace proxy",
-		Start:          func(e *Env) (Running, error) { return startTether(e, e.Tether, "splice") },
+		Start:          func(e *Env) (Running, error) { return startTether(e, e.Tether, "splice", config.ForwardingDSR) },
 	})
 }
 
@@ -49,11 +71,29 @@ func registerCompare(bin string) {
 		SourceAffinity: true,
 		Tether:         true,
 		Note:           "`datapath: splice` as tether (splice), from the build " + bin,
-		Start:          func(e *Env) (Running, error) { return startTether(e, bin, "splice") },
+		Start:          func(e *Env) (Running, error) { return startTether(e, bin, "splice", config.ForwardingDSR) },
 	})
 }
 
-func startTether(e *Env, bin, datapath string) (Running, error) {
+func startTether(e *Env, bin, datapath, forwarding string) (Running, error) {
+	var undos []func() error
+	fail := func(err error) (Running, error) { return Running{}, joinErr(err, undo(undos...)()) }
+	if forwarding != config.ForwardingDSR {
+		// The program asks the kernel's FIB for the clients' next hop,
+		// which answers on a forwarding host only.
+		fwd, err := e.Forwarding()
+		if err != nil {
+			return fail(err)
+		}
+		undos = append(undos, fwd)
+	}
+	if forwarding == config.ForwardingNAT {
+		via, err := e.ClientsViaBalancer()
+		if err != nil {
+			return fail(err)
+		}
+		undos = append(undos, via)
+	}
 	cfg := config.Default()
 	cfg.Interfaces = []string{"eth0"}
 	cfg.Datapath = datapath
@@ -62,6 +102,7 @@ func startTether(e *Env, bin, datapath string) (Running, error) {
 		s := config.DefaultService()
 		s.Name, s.VIP, s.Port, s.Protocol = name, e.VIP, uint16(port), proto
 		s.AffinityTimeout = time.Hour
+		s.Forwarding = forwarding
 		s.Health = health.Check{Type: config.HealthNone}
 		for _, a := range e.BackendAddrs {
 			s.Backends = append(s.Backends, config.Backend{Address: a, Port: uint16(port), Weight: 1, State: config.StateActive})
@@ -76,24 +117,24 @@ func startTether(e *Env, bin, datapath string) (Running, error) {
 	}
 	data, err := cfg.Marshal()
 	if err != nil {
-		return Running{}, err
+		return fail(err)
 	}
-	path, err := e.File("tether-"+datapath+".yaml", string(data))
+	path, err := e.File("tether-"+datapath+"-"+forwarding+".yaml", string(data))
 	if err != nil {
-		return Running{}, err
+		return fail(err)
 	}
-	sock := filepath.Join(filepath.Dir(path), fmt.Sprintf("tether-%s-%d.sock", datapath, e.round))
+	sock := filepath.Join(filepath.Dir(path), fmt.Sprintf("tether-%s-%s-%d.sock", datapath, forwarding, e.round))
 	p, err := e.Lab.Balancer.Start(bin, "run", "--config", path, "--socket", sock, "--pin-dir", e.Pins, "--log-level", "warn")
 	if err != nil {
-		return Running{}, err
+		return fail(err)
 	}
-	stop := undo(
+	stop := undo(append(undos,
 		// SIGTERM leaves the XDP program forwarding (that is how tether
 		// restarts without dropping connections); detach it for the
 		// next peer.
 		func() error { return e.Lab.Balancer.Run(e.Tether, "detach", "--pin-dir", e.Pins) },
 		p.Stop,
-	)
+	)...)
 	if err := e.WaitServing(p, "tether"); err != nil {
 		return Running{}, joinErr(err, stop())
 	}

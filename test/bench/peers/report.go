@@ -94,6 +94,7 @@ func ratio(a, b float64) string {
 type results struct {
 	all                 []peerResult
 	direct, xdp, splice *peerResult
+	nat, fullnat        *peerResult // tether's XDP datapath in its translating modes
 	trivial             *peerResult
 	proxies             []*peerResult // HAProxy, nginx: what the splice datapath must match
 	kernel              []*peerResult // the kernel stand-ins and forwarding
@@ -111,6 +112,10 @@ func index(prs []peerResult) results {
 			r.xdp = pr
 		case RoleTetherSplice:
 			r.splice = pr
+		case RoleTetherNAT:
+			r.nat = pr
+		case RoleTetherFullNAT:
+			r.fullnat = pr
 		case RoleTrivial:
 			r.trivial = pr
 		case RoleHAProxy, RoleNginx:
@@ -325,6 +330,7 @@ func targets(p printf, cost []progcost.Result, r results, o options) {
 			}
 		}
 	}
+	natTargets(line, r)
 	for _, pr := range r.all {
 		if pr.SourceAffinity && pr.Rows&RowStreams != 0 {
 			_, moved := pr.aff.split()
@@ -332,6 +338,41 @@ func targets(p printf, cost []progcost.Result, r results, o options) {
 		}
 	}
 	p("\n")
+}
+
+// natTargets are the targets of the translating modes: nat at least
+// nftables DNAT's connection rate (the IPVS-NAT stand-in) and 1.3x
+// HAProxy's; fullnat 1.3x HAProxy's connection rate and 2x its bulk
+// throughput.
+func natTargets(line func(target, measured string, ok bool), r results) {
+	var dnat, haproxy *peerResult
+	for _, k := range r.kernel {
+		if strings.HasPrefix(k.Name, "nftables DNAT") {
+			dnat = k
+		}
+	}
+	for _, pr := range r.proxies {
+		if pr.Role == RoleHAProxy {
+			haproxy = pr
+		}
+	}
+	at := func(name string, v, d, want float64) {
+		line(name, fmt.Sprintf("%.2fx", v/d), v >= want*d)
+	}
+	if r.nat != nil && dnat != nil {
+		at("nat connection rate at least "+dnat.Name+"'s", r.nat.connRate().med, dnat.connRate().med, 1)
+	}
+	if haproxy == nil {
+		return
+	}
+	if r.nat != nil {
+		at("nat connection rate at least 1.3x HAProxy's", r.nat.connRate().med, haproxy.connRate().med, 1.3)
+	}
+	if r.fullnat != nil {
+		at("fullnat connection rate at least 1.3x HAProxy's", r.fullnat.connRate().med, haproxy.connRate().med, 1.3)
+		at("fullnat bulk throughput (1 stream) at least 2x HAProxy's", r.fullnat.bulk1().med, haproxy.bulk1().med, 2)
+		at("fullnat bulk throughput (4 streams) at least 2x HAProxy's", r.fullnat.bulk4().med, haproxy.bulk4().med, 2)
+	}
 }
 
 // reading explains what bounds the figures in this lab, with the ratios
