@@ -293,9 +293,10 @@ static __always_inline int forward_nat(struct xdp_md *ctx, const struct packet *
 }
 
 /* forward_nat_conn forwards a packet of a tracked translated flow, noting
- * its FIN or RST, or a new handshake on its 5-tuple, in its NAT entry. */
+ * its FIN or RST in its NAT entry, or reopening the entry for a new
+ * handshake on its 5-tuple. */
 static __always_inline int forward_nat_conn(struct xdp_md *ctx, const struct packet *pkt,
-					    const struct backend *be, const struct conn *c, int reopened)
+					    const struct backend *be, const struct conn *c)
 {
 	__u32 id = c->backend;
 	struct snat *sn = NULL;
@@ -304,13 +305,15 @@ static __always_inline int forward_nat_conn(struct xdp_md *ctx, const struct pac
 		if (!sn)
 			return count_reason(R_DROP_NO_BACKEND, XDP_DROP);
 	}
-	if (pkt->closing || reopened) {
+	if (pkt->closing || pkt->syn_only) {
 		struct flow_key rk = {};
 		nat_key(&rk, pkt, be, sn, c->nat_port);
 		struct nat_entry *e = nat_lookup(pkt->family, &rk, 0);
-		if (e && reopened) {
-			e->flags = 0;
-			e->stamp_ns = 0;
+		if (e && pkt->syn_only) {
+			if (e->flags || e->stamp_ns) {
+				e->flags = 0;
+				e->stamp_ns = 0;
+			}
 		} else if (e) {
 			nat_closing(e, pkt, NAT_F_CLIENT_FIN);
 		}

@@ -84,21 +84,13 @@ func snatFor(vip netip.Addr) netip.Addr {
 // right, the payload as it came; the handshake's next packet, and the
 // flow's later ones, take the same backend and port.
 func TestNATForward(t *testing.T) {
-	payload := []byte("GET /chat HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
+	payload := chatPayload
 	for _, mode := range []uint8{maps.ForwardNAT, maps.ForwardFullNAT} {
 		f, svcs := fourServicesForwarding(t, mode)
-		for _, tc := range []struct {
-			desc string
-			svc  bpftest.Service
-			cli  netip.AddrPort
-			vlan uint16
-		}{
-			{"TCP over IPv4", svcs[0], cli4, 0},
-			{"UDP over IPv4", svcs[1], cli4, 0},
-			{"TCP over IPv6", svcs[2], cli6, 0},
-			{"UDP over IPv6", svcs[3], cli6, 0},
-			{"TCP over IPv4 with a VLAN tag", svcs[0], netip.AddrPortFrom(cli4.Addr(), 40001), 42},
-		} {
+		for _, tc := range forwardCases(svcs) {
+			if tc.vlan != 0 {
+				tc.cli = netip.AddrPortFrom(tc.cli.Addr(), tc.cli.Port()+1) // a flow of its own
+			}
 			t.Run(modeName(mode)+"/"+tc.desc, func(t *testing.T) {
 				first := uint8(bpftest.SYN)
 				if tc.svc.Proto == bpftest.UDP {
@@ -450,5 +442,67 @@ func TestNATSYNFlood(t *testing.T) {
 	}
 	if c := conns(); c != c0+1 {
 		t.Fatalf("%d connection entries after a new client's handshake, want %d", c, c0+1)
+	}
+}
+
+// TestNATClosing: a FIN each way, or a RST either way, closes a translated
+// flow's NAT entry (the time it closed starts its port's hold), and a new
+// handshake on the client's 5-tuple opens it again.
+func TestNATClosing(t *testing.T) {
+	n := newNATLab(t, maps.ForwardFullNAT)
+	s := n.svcs[0]
+	entry := func(fwd translated) bpf.TetherNatEntry {
+		t.Helper()
+		k := bpf.TetherFlowKey4{Src: maglev.AddrWords(fwd.dst.Addr())[0], Dst: maglev.AddrWords(fwd.src.Addr())[0],
+			Sport: maps.Port(fwd.dst.Port()), Dport: maps.Port(fwd.src.Port()), Proto: bpftest.TCP}
+		var v bpf.TetherNatEntry
+		must(t, n.Objs.TetherMaps.Nat4.Lookup(&k, &v))
+		return v
+	}
+	const clientFIN, backendFIN, reset = 1, 2, 4
+	type step struct {
+		fromClient bool
+		flags      uint8
+	}
+	for i, tc := range []struct {
+		desc  string
+		steps []step
+		flags uint32
+	}{
+		{"FIN both ways", []step{{true, bpftest.FIN | bpftest.ACK}, {false, bpftest.FIN | bpftest.ACK}}, clientFIN | backendFIN},
+		{"RST from the backend", []step{{false, bpftest.RST}}, reset},
+		{"RST from the client", []step{{true, bpftest.RST}}, reset},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			cli := netip.AddrPortFrom(n.lab.ClientAddrs4[0], uint16(41000+i))
+			var fwd translated
+			for _, flags := range []uint8{bpftest.SYN, bpftest.ACK} {
+				_, out := n.run(t, bpftest.Frame{Src: cli, Dst: s.VIP, Proto: bpftest.TCP, Flags: flags, Checksum: true}.Bytes())
+				fwd = parseTranslated(t, out)
+			}
+			if e := entry(fwd); e.Flags != 0 || e.StampNs != 0 {
+				t.Fatalf("open flow's entry: flags %#x, closed at %d", e.Flags, e.StampNs)
+			}
+			for j, st := range tc.steps {
+				frame := bpftest.Frame{Src: cli, Dst: s.VIP, Proto: bpftest.TCP, Flags: st.flags, Checksum: true}
+				if !st.fromClient {
+					frame = bpftest.Frame{Src: fwd.dst, Dst: fwd.src, Proto: bpftest.TCP, Flags: st.flags, Checksum: true}
+				}
+				n.run(t, frame.Bytes())
+				if e := entry(fwd); j < len(tc.steps)-1 && e.StampNs != 0 {
+					t.Fatalf("after step %d the entry is closed already (flags %#x)", j, e.Flags)
+				}
+			}
+			now := monotonicNow(t)
+			e := entry(fwd)
+			if e.Flags != tc.flags || e.StampNs == 0 || e.StampNs > now || now-e.StampNs > uint64(time.Second) {
+				t.Fatalf("closed entry: flags %#x (want %#x), closed at %d, now %d", e.Flags, tc.flags, e.StampNs, now)
+			}
+			// The client opens its 5-tuple again.
+			n.run(t, bpftest.Frame{Src: cli, Dst: s.VIP, Proto: bpftest.TCP, Flags: bpftest.SYN, Checksum: true}.Bytes())
+			if e := entry(fwd); e.Flags != 0 || e.StampNs != 0 {
+				t.Fatalf("reopened flow's entry: flags %#x, closed at %d", e.Flags, e.StampNs)
+			}
+		})
 	}
 }

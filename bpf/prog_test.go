@@ -54,22 +54,34 @@ func fourServicesForwarding(t *testing.T, mode uint8) (*bpftest.Fixture, []bpfte
 	return f, svcs
 }
 
-func TestForwardVIP(t *testing.T) {
-	f, svcs := fourServices(t)
-	payload := []byte("GET /chat HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
-	for _, tc := range []struct {
-		desc string
-		svc  bpftest.Service
-		cli  netip.AddrPort
-		vlan uint16
-	}{
+// forwardCase is a packet of a client to one of fourServices.
+type forwardCase struct {
+	desc string
+	svc  bpftest.Service
+	cli  netip.AddrPort
+	vlan uint16
+}
+
+// forwardCases are TCP and UDP over IPv4 and IPv6 to svcs (fourServices),
+// and two with a VLAN tag.
+func forwardCases(svcs []bpftest.Service) []forwardCase {
+	return []forwardCase{
 		{"TCP over IPv4", svcs[0], cli4, 0},
 		{"UDP over IPv4", svcs[1], cli4, 0},
 		{"TCP over IPv6", svcs[2], cli6, 0},
 		{"UDP over IPv6", svcs[3], cli6, 0},
 		{"TCP over IPv4 with a VLAN tag", svcs[0], cli4, 42},
 		{"UDP over IPv6 with a VLAN tag", svcs[3], cli6, 42},
-	} {
+	}
+}
+
+// chatPayload is the payload of forwarded test frames.
+var chatPayload = []byte("GET /chat HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
+
+func TestForwardVIP(t *testing.T) {
+	f, svcs := fourServices(t)
+	payload := chatPayload
+	for _, tc := range forwardCases(svcs) {
 		t.Run(tc.desc, func(t *testing.T) {
 			in := bpftest.Frame{Src: tc.cli, Dst: tc.svc.VIP, Proto: tc.svc.Proto, VLAN: tc.vlan, Payload: payload}.Bytes()
 			verdict, out := f.Run(in)

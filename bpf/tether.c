@@ -224,16 +224,15 @@ int tether_xdp(struct xdp_md *ctx)
 		if (be) {
 			/* Written once per connection end, not per packet: the entry
 			 * stays for the last packets, but no longer counts as active. */
-			int reopened = 0;
 			if (pkt.closing && !(c->flags & CONN_F_CLOSING))
 				c->flags |= CONN_F_CLOSING;
 			/* A new handshake on the same 5-tuple reopens the entry. */
-			else if (pkt.syn_only && (c->flags & CONN_F_CLOSING)) {
+			else if (pkt.syn_only && (c->flags & CONN_F_CLOSING))
 				c->flags &= ~CONN_F_CLOSING;
-				reopened = 1;
-			}
+			/* The NAT entry may have been closed by the backend alone: a
+			 * SYN reopens it whatever the connection entry says. */
 			if (c->flags & (CONN_F_NAT | CONN_F_FULLNAT))
-				return forward_nat_conn(ctx, &pkt, be, c, reopened);
+				return forward_nat_conn(ctx, &pkt, be, c);
 			return forward_dsr(ctx, be, id);
 		}
 	}

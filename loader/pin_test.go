@@ -353,19 +353,27 @@ func TestFingerprint(t *testing.T) {
 	}
 }
 
+// labSpec makes a pin directory on a lab's bpffs and the program's spec
+// sized by pinOpts there.
+func labSpec(t *testing.T) (dir string, opts Options, spec *ebpf.CollectionSpec, ringSize uint32) {
+	t.Helper()
+	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 1})
+	dir = filepath.Join(l.BPFFS, "tether")
+	opts = pinOpts(dir)
+	spec, ringSize, err := sizedSpec(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir, opts, spec, ringSize
+}
+
 // TestAdoptFewerReasons adopts state pinned by a tether that counted fewer
 // drop and pass reasons (enum reason grows at its end): the reasons map is
 // lengthened with its counters kept, and every other map is adopted. A
 // stop between the new map's pin and the meta map is completed by the next
 // start.
 func TestAdoptFewerReasons(t *testing.T) {
-	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 1})
-	dir := filepath.Join(l.BPFFS, "tether")
-	opts := pinOpts(dir)
-	spec, ringSize, err := sizedSpec(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, opts, spec, ringSize := labSpec(t)
 	full := spec.Maps[bpf.TetherMapReasons].MaxEntries
 	const older = 14 // the count before the L4 length reasons
 	spec.Maps[bpf.TetherMapReasons].MaxEntries = older
@@ -523,13 +531,7 @@ func TestRingsMapped(t *testing.T) {
 // maps and counted fewer reasons: its maps and their entries are kept, the
 // NAT maps are made and pinned, and the meta map gets the new fingerprint.
 func TestAdoptWithoutNATMaps(t *testing.T) {
-	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 1})
-	dir := filepath.Join(l.BPFFS, "tether")
-	opts := pinOpts(dir)
-	spec, ringSize, err := sizedSpec(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, opts, spec, ringSize := labSpec(t)
 	old := &Objects{}
 	must(t, old.loadPinned(spec, ringSize, dir))
 	k := bpf.TetherFlowKey4{Src: 1, Dst: 2, Sport: 3, Dport: 4, Proto: 6}

@@ -54,6 +54,9 @@ type XDP struct {
 	asked      map[netip.Addr]time.Time // when each address of hops was last asked for
 	adopted    []datapath.Service
 	vetter     hostaddr.Vetter
+	// warnedPorts: the overlap of the kernel's ephemeral ports with
+	// fullnat's was logged (see checkSNAT).
+	warnedPorts bool
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -272,6 +275,37 @@ func forwardingOf(f uint8) datapath.Forwarding {
 	return datapath.DSR
 }
 
+// checkSNAT refuses a fullnat source address that is not this host's (the
+// backends' replies to it would not come back), and warns, once, when the
+// kernel's ephemeral ports overlap fullnat's: the balancer's own
+// connections to a backend (its health checks) could then share a
+// 5-tuple with a translated flow, whose replies the program takes.
+func (x *XDP) checkSNAT(s datapath.Service) error {
+	if s.Forwarding != datapath.FullNAT {
+		return nil
+	}
+	if a := s.SNATAddress; a.IsValid() {
+		own, err := x.vetter.Own(a)
+		if err != nil {
+			return err
+		}
+		if !own {
+			return datapath.Refuse(fmt.Errorf("service %s: snat_address %s is not an address of this host: the backends' replies to it would not come back (add it to an interface, or leave snat_address out)", s.Name, a))
+		}
+	}
+	if !x.warnedPorts {
+		if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+			var lo, hi int
+			if _, err := fmt.Sscan(string(b), &lo, &hi); err == nil && lo <= maps.SNATPortMax {
+				x.warnedPorts = true
+				x.log.Warn("the kernel's ephemeral ports overlap fullnat's source ports: this host's own connections to a backend may clash with a translated flow (set net.ipv4.ip_local_port_range to start above 32767)",
+					"ip_local_port_range", fmt.Sprintf("%d-%d", lo, hi), "fullnat_ports", fmt.Sprintf("%d-%d", maps.SNATPortMin, maps.SNATPortMax))
+			}
+		}
+	}
+	return nil
+}
+
 // checkForwarding refuses a mode the XDP program does not have, and a
 // translating one while the kernel does not forward the service's family:
 // the program asks the kernel's FIB for the client's next hop, which
@@ -319,6 +353,9 @@ func (x *XDP) Modes() map[string]string {
 func (x *XDP) UpsertService(s datapath.Service) error {
 	x.mu.Lock()
 	defer x.mu.Unlock()
+	if err := x.checkSNAT(s); err != nil {
+		return err
+	}
 	if err := checkForwarding(s); err != nil {
 		return err
 	}

@@ -43,6 +43,13 @@ const (
 	FlagFullNAT        uint32 = 1 << 3
 )
 
+// The source ports fullnat allocates (SNAT_PORT_MIN and SNAT_PORT_SPAN of
+// bpf/consts.h).
+const (
+	SNATPortMin = 1024
+	SNATPortMax = 32767
+)
+
 // Forwarding modes of a service entry (the flags FlagNAT and FlagFullNAT).
 const (
 	ForwardDSR uint8 = iota

@@ -25,23 +25,41 @@ const (
 // chatConfig is a configuration with a source-affinity WebSocket service on
 // both VIPs in front of the lab's backends.
 func chatConfig(l *lab.Lab, backends []*lab.Host) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "interfaces: [eth0]\ndatapath: xdp\ntables:\n  connections: 65536\n  affinity: 65536\n  ring_size: %d\nservices:\n", testRing)
-	for _, svc := range []struct {
-		name string
-		vip  netip.Addr
-		v6   bool
-	}{{"chat", l.VIP4, false}, {"chat6", l.VIP6, true}} {
-		fmt.Fprintf(&b, "  - name: %s\n    vip: %s\n    port: %d\n    affinity: source\n    affinity_timeout: 1h\n    backends:\n", svc.name, svc.vip, chatPort)
+	b := labConfig()
+	for _, svc := range labVIPs(l, "chat") {
+		fmt.Fprintf(b, "  - name: %s\n    vip: %s\n    port: %d\n    affinity: source\n    affinity_timeout: 1h\n    backends:\n", svc.name, svc.vip, chatPort)
 		for _, be := range backends {
-			addr := be.Addr4
-			if svc.v6 {
-				addr = be.Addr6
-			}
-			fmt.Fprintf(&b, "      - address: %s\n", addr)
+			fmt.Fprintf(b, "      - address: %s\n", svc.addrOf(be))
 		}
 	}
 	return b.String()
+}
+
+// labConfig starts a configuration of the XDP datapath on the lab
+// balancer's eth0, up to its services list.
+func labConfig() *strings.Builder {
+	var b strings.Builder
+	fmt.Fprintf(&b, "interfaces: [eth0]\ndatapath: xdp\ntables:\n  connections: 65536\n  affinity: 65536\n  ring_size: %d\nservices:\n", testRing)
+	return &b
+}
+
+// labVIP is a service of a lab configuration on one of the lab's VIPs.
+type labVIP struct {
+	name string
+	vip  netip.Addr
+}
+
+// labVIPs are services name on the IPv4 VIP and name+"6" on the IPv6 one.
+func labVIPs(l *lab.Lab, name string) []labVIP {
+	return []labVIP{{name, l.VIP4}, {name + "6", l.VIP6}}
+}
+
+// addrOf is be's address of the service's family.
+func (v labVIP) addrOf(be *lab.Host) netip.Addr {
+	if v.vip.Is6() {
+		return be.Addr6
+	}
+	return be.Addr4
 }
 
 // serveEcho starts a WebSocket echo server on both VIPs of a backend, for
@@ -50,9 +68,16 @@ func chatConfig(l *lab.Lab, backends []*lab.Host) string {
 // are returned in that order: VIP4, VIP6, then the backend's addresses.
 func serveEcho(t testing.TB, l *lab.Lab, be *lab.Host) []*lab.EchoServer {
 	t.Helper()
+	return serveEchoOn(t, be, l.VIP4, l.VIP6, be.Addr4, be.Addr6)
+}
+
+// serveEchoOn starts a WebSocket echo server named after be on each of
+// addrs, port chatPort, closed when the test ends.
+func serveEchoOn(t testing.TB, be *lab.Host, addrs ...netip.Addr) []*lab.EchoServer {
+	t.Helper()
 	var out []*lab.EchoServer
-	for _, vip := range []netip.Addr{l.VIP4, l.VIP6, be.Addr4, be.Addr6} {
-		ln, err := be.Listen("tcp", netip.AddrPortFrom(vip, chatPort).String())
+	for _, a := range addrs {
+		ln, err := be.Listen("tcp", netip.AddrPortFrom(a, chatPort).String())
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -204,6 +204,7 @@ func TestCLIRefusesBadInput(t *testing.T) {
 		{desc: "affinity timeout out of range", args: []string{"vip", "add", "203.0.113.20:80", "--affinity-timeout", "800h"}, code: 1, want: []string{"affinity_timeout:", "out of range"}},
 		{desc: "forwarding not supported yet", args: []string{"vip", "add", "203.0.113.20:80", "--forwarding", "ipip"}, code: 1, want: []string{"forwarding:", "not supported yet"}},
 		{desc: "nat on a host that does not forward", args: []string{"vip", "add", "203.0.113.20:80", "--forwarding", "nat"}, code: 1, want: []string{"forwarding nat needs IP forwarding", "sysctl -w net.ipv4.conf.all.forwarding=1", "the running state is unchanged"}},
+		{desc: "snat address not of this host", args: []string{"vip", "add", "203.0.113.20:80", "--forwarding", "fullnat", "--snat-address", "198.51.100.99"}, code: 1, want: []string{"snat_address 198.51.100.99 is not an address of this host", "the running state is unchanged"}},
 		{desc: "snat address of a nat service", args: []string{"vip", "add", "203.0.113.20:80", "--forwarding", "nat", "--snat-address", "198.51.100.2"}, code: 1, want: []string{"snat_address:", "only forwarding fullnat"}},
 		{desc: "unknown forwarding", args: []string{"vip", "add", "203.0.113.20:80", "--forwarding", "magic"}, code: 1, want: []string{"forwarding:", "unknown mode"}},
 		{desc: "upper-case protocol", args: []string{"vip", "add", "203.0.113.20:80", "--protocol", "UDP"}, code: 1, want: []string{"protocol:", `unknown protocol "UDP"`}},

@@ -46,42 +46,23 @@ func natBackend(t *testing.T, l *lab.Lab, mode string, be *lab.Host) []*lab.Echo
 			t.Fatal(err)
 		}
 	}
-	var out []*lab.EchoServer
-	for _, a := range []netip.Addr{be.Addr4, be.Addr6} {
-		ln, err := be.Listen("tcp", netip.AddrPortFrom(a, chatPort).String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		s := lab.ServeEcho(ln, be.Name)
-		t.Cleanup(func() { s.Close() })
-		out = append(out, s)
-	}
-	return out
+	return serveEchoOn(t, be, be.Addr4, be.Addr6)
 }
 
 // natConfig is the configuration of services web (VIP4:80) and web6
 // (VIP6:80) in forwarding mode over backends (drained: those listed in
 // draining), with WebSocket health checks on the backends' port.
 func natConfig(l *lab.Lab, mode string, backends []*lab.Host, draining ...*lab.Host) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "interfaces: [eth0]\ndatapath: xdp\ntables:\n  connections: 65536\n  affinity: 65536\n  ring_size: %d\nservices:\n", testRing)
-	for _, svc := range []struct {
-		name string
-		vip  netip.Addr
-		v6   bool
-	}{{"web", l.VIP4, false}, {"web6", l.VIP6, true}} {
-		fmt.Fprintf(&b, "  - name: %s\n    vip: %s\n    port: %d\n    forwarding: %s\n    affinity_timeout: 1h\n", svc.name, svc.vip, natServicePort, mode)
-		fmt.Fprintf(&b, "    health: {type: websocket, path: /health, interval: 500ms, timeout: 400ms, rise: 1, fall: 2}\n    backends:\n")
+	b := labConfig()
+	for _, svc := range labVIPs(l, "web") {
+		fmt.Fprintf(b, "  - name: %s\n    vip: %s\n    port: %d\n    forwarding: %s\n    affinity_timeout: 1h\n", svc.name, svc.vip, natServicePort, mode)
+		fmt.Fprintf(b, "    health: {type: websocket, path: /health, interval: 500ms, timeout: 400ms, rise: 1, fall: 2}\n    backends:\n")
 		for _, be := range backends {
-			addr := be.Addr4
-			if svc.v6 {
-				addr = be.Addr6
-			}
 			state := "active"
 			if slices.Contains(draining, be) {
 				state = "draining"
 			}
-			fmt.Fprintf(&b, "      - {address: %s, port: %d, state: %s}\n", addr, chatPort, state)
+			fmt.Fprintf(b, "      - {address: %s, port: %d, state: %s}\n", svc.addrOf(be), chatPort, state)
 		}
 	}
 	return b.String()

@@ -263,14 +263,7 @@ func TestSplicePortMapping(t *testing.T) {
 		}
 	}
 	for _, be := range l.Backends {
-		for _, a := range []netip.Addr{be.Addr4, be.Addr6} {
-			ln, err := be.Listen("tcp", netip.AddrPortFrom(a, chatPort).String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			s := lab.ServeEcho(ln, be.Name)
-			t.Cleanup(func() { s.Close() })
-		}
+		serveEchoOn(t, be, be.Addr4, be.Addr6)
 	}
 	startDaemon(t, l, b.String())
 	for _, vip := range []netip.Addr{l.VIP4, l.VIP6} {

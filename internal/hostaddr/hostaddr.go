@@ -99,15 +99,36 @@ type Vetter struct {
 	at   time.Time
 }
 
-// Vet returns the problem of every address that cannot be a backend,
-// joined; nil when all can.
-func (v *Vetter) Vet(addrs []netip.Addr) error {
+// Own says whether a is an address of this host, from a snapshot at most
+// TTL old.
+func (v *Vetter) Own(a netip.Addr) (bool, error) {
+	if err := v.refresh(); err != nil {
+		return false, err
+	}
+	for _, x := range v.host.addrs {
+		if x.prefix.Addr() == a {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+func (v *Vetter) refresh() error {
 	if v.host == nil || time.Since(v.at) > v.TTL {
 		h, err := v.Read()
 		if err != nil {
 			return err
 		}
 		v.host, v.at = h, time.Now()
+	}
+	return nil
+}
+
+// Vet returns the problem of every address that cannot be a backend,
+// joined; nil when all can.
+func (v *Vetter) Vet(addrs []netip.Addr) error {
+	if err := v.refresh(); err != nil {
+		return err
 	}
 	var errs []error
 	for _, a := range addrs {

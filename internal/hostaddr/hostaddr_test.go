@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestProblem(t *testing.T) {
@@ -34,5 +35,25 @@ func TestProblem(t *testing.T) {
 		if tc.want == "" && got != "" || tc.want != "" && !strings.Contains(got, tc.want) {
 			t.Errorf("Problem(%s, local %v) = %q, want %q", tc.addr, tc.local, got, tc.want)
 		}
+	}
+}
+
+func TestOwn(t *testing.T) {
+	reads := 0
+	v := Vetter{TTL: time.Hour, Read: func() (*Host, error) {
+		reads++
+		return &Host{addrs: []ifaceAddr{
+			{netip.MustParsePrefix("198.51.100.2/24"), "eth0"},
+			{netip.MustParsePrefix("2001:db8:100::2/64"), "eth0"},
+		}}, nil
+	}}
+	for a, want := range map[string]bool{"198.51.100.2": true, "2001:db8:100::2": true, "198.51.100.3": false, "198.51.100.0": false} {
+		got, err := v.Own(netip.MustParseAddr(a))
+		if err != nil || got != want {
+			t.Errorf("Own(%s) = %v, %v; want %v", a, got, err, want)
+		}
+	}
+	if reads != 1 {
+		t.Errorf("%d snapshots for 4 questions within the TTL, want 1", reads)
 	}
 }
