@@ -50,6 +50,8 @@
 #define NAT_F_BACKEND_FIN (1U << 1) /* the backend sent a FIN */
 #define NAT_F_RESET	  (1U << 2) /* either side sent a RST */
 #define NAT_F_CLOSED	  (NAT_F_CLIENT_FIN | NAT_F_BACKEND_FIN)
+#define NAT_F_UNVERIFIED  (1U << 3) /* entered by no handshake: held only until the backend answers */
+#define NAT_F_BACKEND_1ST (1U << 4) /* the backend closed first: it holds the 5-tuple in TIME_WAIT */
 
 /* fullnat source ports: SNAT_PORT_MIN up to SNAT_PORT_MIN + SNAT_PORT_SPAN
  * - 1 (1024-32767), below the kernel's default ephemeral range
@@ -63,12 +65,15 @@
 #define SNAT_PORT_SPAN	31744
 #define SNAT_PORT_TRIES 16
 /* How long a port stays taken after its use ended: a closed TCP flow's
- * (both FINs, or a RST) for the TIME_WAIT of its ends, a half-open
- * handshake's for its SYN retransmits, an idle UDP flow's for its replies. */
-#define NAT_CLOSED_HOLD_NS (10ULL * 1000000000)
-#define NAT_SYN_HOLD_NS	   (3ULL * 1000000000)
-#define NAT_UDP_IDLE_NS	   (120ULL * 1000000000)
-#define NAT_UDP_STAMP_NS   (1000000000ULL) /* a UDP entry's last use is written at most once a second */
+ * (both FINs, or a RST) for its last retransmits, or for the backend's
+ * TIME_WAIT (60 s on Linux) when the backend closed first; a half-open
+ * handshake's, or an unverified entry's, for its SYN retransmits; an idle
+ * UDP flow's for its replies. */
+#define NAT_CLOSED_HOLD_NS   (10ULL * 1000000000)
+#define NAT_TIMEWAIT_HOLD_NS (60ULL * 1000000000)
+#define NAT_SYN_HOLD_NS	     (3ULL * 1000000000)
+#define NAT_UDP_IDLE_NS	     (120ULL * 1000000000)
+#define NAT_UDP_STAMP_NS     (1000000000ULL) /* a UDP entry's last use is written at most once a second */
 
 /* Backend states (struct backend.state, a __u8). maps/ names them from the
  * bpf2go-generated constants; a test checks the control plane's states
@@ -107,9 +112,11 @@ enum reason {
 	R_DROP_IP_CHECKSUM,    /* IPv4 header checksum wrong on a packet that is not a tracked flow's */
 	R_RESET_NAT_PORTS,     /* fullnat: no free source port towards the backend: RST */
 	R_RESET_NAT_CLASH,     /* nat: the backend's reply 5-tuple is another live flow's: RST */
-	R_PASS_NAT_KERNEL,   /* a translated reply the kernel must send (next hop unresolved, or over the MTU)
-			      */
-	R_DROP_NAT_NO_ROUTE, /* a translated reply with no route to the client (or forwarding off) */
+	R_PASS_NAT_KERNEL,     /* a translated reply the kernel sends (no next hop yet, other port) */
+	R_DROP_NAT_NO_ROUTE,   /* a translated reply with no route to the client (or forwarding off) */
+	R_DROP_NAT_STALE,      /* a packet of a translated flow whose 5-tuple another flow now holds */
+	R_PASS_NAT_MTU,	       /* nat: a reply over the egress MTU, to the kernel untranslated */
+	R_DROP_NAT_MTU,	       /* fullnat: a reply over the egress MTU */
 	R_MAX,
 };
 

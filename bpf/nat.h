@@ -192,16 +192,33 @@ static __always_inline int nat_ours(const struct nat_entry *e, const struct pack
 	       addr_eq(e->vip, pkt->key.dst);
 }
 
+/* nat_delete removes the established entry of reply key rk. */
+static __always_inline void nat_delete(__u8 family, const struct flow_key *rk)
+{
+	if (family == AF_INET6) {
+		bpf_map_delete_elem(&nat6, rk);
+		return;
+	}
+	struct flow_key4 k = key4_of(rk);
+	bpf_map_delete_elem(&nat4, &k);
+}
+
 /* nat_free says whether another flow's entry no longer holds its reply
- * 5-tuple: a half-open one after NAT_SYN_HOLD_NS, a closed TCP flow's
- * after NAT_CLOSED_HOLD_NS, an idle UDP flow's after NAT_UDP_IDLE_NS. */
+ * 5-tuple: a half-open or unverified one after NAT_SYN_HOLD_NS, a closed
+ * TCP flow's after NAT_CLOSED_HOLD_NS (NAT_TIMEWAIT_HOLD_NS if its backend
+ * closed first), an idle UDP flow's after NAT_UDP_IDLE_NS. An open TCP
+ * flow's is never free, however long it idles. */
 static __always_inline int nat_free(const struct nat_entry *e, __u8 proto, int half, __u64 now)
 {
-	if (half)
+	if (half || (e->flags & NAT_F_UNVERIFIED))
 		return now - e->stamp_ns > NAT_SYN_HOLD_NS;
 	if (proto == IPPROTO_UDP)
 		return now - e->stamp_ns > NAT_UDP_IDLE_NS;
-	return e->stamp_ns && now - e->stamp_ns > NAT_CLOSED_HOLD_NS;
+	if (!e->stamp_ns)
+		return 0;
+	__u64 hold = (e->flags & NAT_F_BACKEND_1ST) && !(e->flags & NAT_F_RESET) ? NAT_TIMEWAIT_HOLD_NS
+										 : NAT_CLOSED_HOLD_NS;
+	return now - e->stamp_ns > hold;
 }
 
 /* nat_taken says whether reply key rk belongs to another live flow than
@@ -262,16 +279,27 @@ static __always_inline struct nat_entry nat_entry_of(const struct packet *pkt, _
 	return e;
 }
 
-/* nat_closing notes a FIN (as fin) or a RST on entry e, and when the flow
- * closed: both FINs, or a RST. */
+/* nat_closing notes a FIN (as fin: NAT_F_CLIENT_FIN or NAT_F_BACKEND_FIN)
+ * or a RST on entry e, and when the flow closed: both FINs, or a RST. */
 static __always_inline void nat_closing(struct nat_entry *e, const struct packet *pkt, __u32 fin)
 {
 	__u32 f = e->flags | ((pkt->closing & CLOSING_RST) ? NAT_F_RESET : fin);
+	if (fin == NAT_F_BACKEND_FIN && !(pkt->closing & CLOSING_RST) && !(e->flags & NAT_F_CLIENT_FIN))
+		f |= NAT_F_BACKEND_1ST;
 	if (f == e->flags)
 		return;
-	e->flags = f;
-	if (!e->stamp_ns && ((f & NAT_F_CLOSED) == NAT_F_CLOSED || (f & NAT_F_RESET)))
+	int closed = (f & NAT_F_CLOSED) == NAT_F_CLOSED || (f & NAT_F_RESET);
+	if (closed && (!e->stamp_ns || (f & NAT_F_UNVERIFIED)))
 		e->stamp_ns = bpf_ktime_get_coarse_ns();
+	e->flags = closed ? f & ~NAT_F_UNVERIFIED : f;
+}
+
+/* nat_touch notes a UDP flow's use, at most once every NAT_UDP_STAMP_NS. */
+static __always_inline void nat_touch(struct nat_entry *e)
+{
+	__u64 now = bpf_ktime_get_coarse_ns();
+	if (now - e->stamp_ns > NAT_UDP_STAMP_NS)
+		e->stamp_ns = now;
 }
 
 /* forward_nat rewrites the packet towards backend be (from sn and port
@@ -292,87 +320,118 @@ static __always_inline int forward_nat(struct xdp_md *ctx, const struct packet *
 	return forward_dsr(ctx, be, id);
 }
 
-/* forward_nat_conn forwards a packet of a tracked translated flow, noting
- * its FIN or RST in its NAT entry, or reopening the entry for a new
- * handshake on its 5-tuple. */
+/* snat_of is backend id's fullnat source address, NULL if it has none. */
+static __always_inline struct snat *snat_of(__u32 id)
+{
+	struct snat *sn = bpf_map_lookup_elem(&snat_addrs, &id);
+	if (!sn || !(sn->addr[0] | sn->addr[1] | sn->addr[2] | sn->addr[3]))
+		return NULL;
+	return sn;
+}
+
+/* NAT_STALE is what forward_nat_conn returns for a packet whose flow's
+ * reply 5-tuple another flow holds now: its connection entry is stale. */
+#define NAT_STALE (-1)
+
+/* forward_nat_conn forwards a packet of a tracked translated flow. Its NAT
+ * entry must be its own: one the LRU evicted is entered again (unverified
+ * until the backend answers); one another flow holds, or is opening, makes
+ * the connection entry stale (NAT_STALE). A FIN or RST is noted in it, a new handshake on
+ * the 5-tuple reopens it, and a UDP flow's use is noted. */
 static __always_inline int forward_nat_conn(struct xdp_md *ctx, const struct packet *pkt,
 					    const struct backend *be, const struct conn *c)
 {
 	__u32 id = c->backend;
 	struct snat *sn = NULL;
 	if (c->flags & CONN_F_FULLNAT) {
-		sn = bpf_map_lookup_elem(&snat_addrs, &id);
+		sn = snat_of(id);
 		if (!sn)
 			return count_reason(R_DROP_NO_BACKEND, XDP_DROP);
 	}
-	if (pkt->closing || pkt->syn_only) {
-		struct flow_key rk = {};
-		nat_key(&rk, pkt, be, sn, c->nat_port);
-		struct nat_entry *e = nat_lookup(pkt->family, &rk, 0);
-		if (e && pkt->syn_only) {
-			if (e->flags || e->stamp_ns) {
-				e->flags = 0;
-				e->stamp_ns = 0;
-			}
-		} else if (e) {
-			nat_closing(e, pkt, NAT_F_CLIENT_FIN);
+	struct flow_key rk = {};
+	nat_key(&rk, pkt, be, sn, c->nat_port);
+	struct nat_entry *e = nat_lookup(pkt->family, &rk, 0);
+	if (!e) {
+		__u64 now = bpf_ktime_get_coarse_ns();
+		struct nat_entry *h = nat_lookup(pkt->family, &rk, 1);
+		if (h && !nat_ours(h, pkt) && !nat_free(h, pkt->key.proto, 1, now))
+			return NAT_STALE;
+		struct nat_entry ne = nat_entry_of(pkt, id, now);
+		if (pkt->key.proto == IPPROTO_TCP)
+			ne.flags = NAT_F_UNVERIFIED;
+		nat_insert(pkt->family, &rk, &ne, 0);
+	} else if (!nat_ours(e, pkt)) {
+		return NAT_STALE;
+	} else if (pkt->key.proto == IPPROTO_UDP) {
+		nat_touch(e);
+	} else if (pkt->syn_only) {
+		if (e->flags || e->stamp_ns) {
+			e->flags = 0;
+			e->stamp_ns = 0;
 		}
+	} else if (pkt->closing) {
+		nat_closing(e, pkt, NAT_F_CLIENT_FIN);
 	}
 	return forward_nat(ctx, pkt, be, id, sn, c->nat_port);
 }
 
 /* to_client sends a translated reply (now from t->src to t->dst) to the
- * client's next hop, as the kernel's FIB and neighbour table give it. A
- * reply the kernel can still send (its next hop not resolved yet, which
- * the kernel then resolves; or too big for the egress MTU) goes to it. */
-static __always_inline int to_client(struct xdp_md *ctx, const struct packet *pkt, const struct nat_tuple *t)
+ * client's next hop on the interface it came in on, as the kernel's FIB and
+ * neighbour table give them; fib holds the lookup. A reply the kernel can
+ * send better goes to it: one whose next hop it has not resolved yet (it
+ * resolves it) or that leaves by another interface, which may have no XDP
+ * (a VLAN or a tunnel device). */
+static __always_inline int to_client(struct xdp_md *ctx, const struct bpf_fib_lookup *fib)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	struct bpf_fib_lookup fib = {
-	    .l4_protocol = pkt->key.proto,
-	    .sport = t->sport,
-	    .dport = t->dport,
-	    .ifindex = ctx->ingress_ifindex,
-	};
-	if (pkt->family == AF_INET6) {
-		struct ipv6hdr *ip6 = data + l3_offset(pkt);
-		if ((void *)(ip6 + 1) > data_end)
-			return count_reason(R_DROP_TRUNCATED, XDP_DROP);
-		fib.family = AF_INET6;
-		fib.tot_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
-		__builtin_memcpy(fib.ipv6_src, t->src, sizeof(fib.ipv6_src));
-		__builtin_memcpy(fib.ipv6_dst, t->dst, sizeof(fib.ipv6_dst));
-	} else {
-		struct iphdr *ip = data + l3_offset(pkt);
-		if ((void *)(ip + 1) > data_end)
-			return count_reason(R_DROP_TRUNCATED, XDP_DROP);
-		fib.family = AF_INET;
-		fib.tot_len = bpf_ntohs(ip->tot_len);
-		fib.ipv4_src = t->src[0];
-		fib.ipv4_dst = t->dst[0];
-	}
-	long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH || rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		return count_reason(R_PASS_NAT_KERNEL, XDP_PASS);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
-		return count_reason(R_DROP_NAT_NO_ROUTE, XDP_DROP);
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return count_reason(R_DROP_TRUNCATED, XDP_DROP);
-	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-	if (fib.ifindex == ctx->ingress_ifindex)
-		return XDP_TX;
-	int verdict = bpf_redirect(fib.ifindex, 0);
-	if (verdict != XDP_REDIRECT)
-		return count_reason(R_DROP_TX_FAILED, XDP_DROP);
-	return verdict;
+	if (fib->ifindex != ctx->ingress_ifindex)
+		return count_reason(R_PASS_NAT_KERNEL, XDP_PASS);
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+	return XDP_TX;
+}
+
+/* fib_client asks the kernel's FIB for the next hop of a reply from t->src
+ * to t->dst, and returns bpf_fib_lookup's answer. */
+static __always_inline long fib_client(struct xdp_md *ctx, const struct packet *pkt,
+				       const struct nat_tuple *t, struct bpf_fib_lookup *fib)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	fib->l4_protocol = pkt->key.proto;
+	fib->sport = t->sport;
+	fib->dport = t->dport;
+	fib->ifindex = ctx->ingress_ifindex;
+	if (pkt->family == AF_INET6) {
+		struct ipv6hdr *ip6 = data + l3_offset(pkt);
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		fib->family = AF_INET6;
+		fib->tot_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+		__builtin_memcpy(fib->ipv6_src, t->src, sizeof(fib->ipv6_src));
+		__builtin_memcpy(fib->ipv6_dst, t->dst, sizeof(fib->ipv6_dst));
+	} else {
+		struct iphdr *ip = data + l3_offset(pkt);
+		if ((void *)(ip + 1) > data_end)
+			return -1;
+		fib->family = AF_INET;
+		fib->tot_len = bpf_ntohs(ip->tot_len);
+		fib->ipv4_src = t->src[0];
+		fib->ipv4_dst = t->dst[0];
+	}
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 }
 
 /* nat_reply translates a packet that is no VIP's if it is the reply of a
  * translated flow, and sends it to the client; anything else goes to the
- * kernel untouched. */
+ * kernel untouched. A nat reply too big for the egress MTU goes to the
+ * kernel untranslated, whose ICMP "fragmentation needed" then reaches the
+ * backend; a fullnat one is dropped (the kernel would answer it as its
+ * own). */
 static __always_inline int nat_reply(struct xdp_md *ctx, const struct packet *pkt)
 {
 	int half = 0;
@@ -383,20 +442,34 @@ static __always_inline int nat_reply(struct xdp_md *ctx, const struct packet *pk
 	}
 	if (!e)
 		return count_reason(R_PASS_NOT_VIP, XDP_PASS);
-	if (pkt->key.proto == IPPROTO_TCP) {
-		if (pkt->closing && !half)
-			nat_closing(e, pkt, NAT_F_BACKEND_FIN);
-	} else if (!half) {
-		__u64 now = bpf_ktime_get_coarse_ns();
-		if (now - e->stamp_ns > NAT_UDP_STAMP_NS)
-			e->stamp_ns = now;
-	}
 	struct nat_tuple t = {.sport = e->vport, .dport = e->cport};
 	__builtin_memcpy(t.src, e->vip, sizeof(t.src));
 	__builtin_memcpy(t.dst, e->client, sizeof(t.dst));
+	struct bpf_fib_lookup fib = {};
+	long rc = fib_client(ctx, pkt, &t, &fib);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		if (t.dport == pkt->key.dport && addr_eq(t.dst, pkt->key.dst))
+			return count_reason(R_PASS_NAT_MTU, XDP_PASS);
+		return count_reason(R_DROP_NAT_MTU, XDP_DROP);
+	}
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return count_reason(R_DROP_NAT_NO_ROUTE, XDP_DROP);
+	if (!half && pkt->key.proto == IPPROTO_TCP) {
+		if (pkt->closing)
+			nat_closing(e, pkt, NAT_F_BACKEND_FIN);
+		else if (e->flags & NAT_F_UNVERIFIED) {
+			/* The backend answers: the flow is its. */
+			e->flags &= ~NAT_F_UNVERIFIED;
+			e->stamp_ns = 0;
+		}
+	} else if (!half) {
+		nat_touch(e);
+	}
 	if (nat_rewrite(ctx, pkt, &t))
 		return count_reason(R_DROP_TRUNCATED, XDP_DROP);
-	return to_client(ctx, pkt, &t);
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return count_reason(R_PASS_NAT_KERNEL, XDP_PASS);
+	return to_client(ctx, &fib);
 }
 
 #endif

@@ -459,7 +459,7 @@ func TestNATClosing(t *testing.T) {
 		must(t, n.Objs.TetherMaps.Nat4.Lookup(&k, &v))
 		return v
 	}
-	const clientFIN, backendFIN, reset = 1, 2, 4
+	const clientFIN, backendFIN, reset, backendFirst = 1, 2, 4, 16
 	type step struct {
 		fromClient bool
 		flags      uint8
@@ -470,6 +470,7 @@ func TestNATClosing(t *testing.T) {
 		flags uint32
 	}{
 		{"FIN both ways", []step{{true, bpftest.FIN | bpftest.ACK}, {false, bpftest.FIN | bpftest.ACK}}, clientFIN | backendFIN},
+		{"FIN both ways, the backend's first", []step{{false, bpftest.FIN | bpftest.ACK}, {true, bpftest.FIN | bpftest.ACK}}, clientFIN | backendFIN | backendFirst},
 		{"RST from the backend", []step{{false, bpftest.RST}}, reset},
 		{"RST from the client", []step{{true, bpftest.RST}}, reset},
 	} {
@@ -504,5 +505,111 @@ func TestNATClosing(t *testing.T) {
 				t.Fatalf("reopened flow's entry: flags %#x, closed at %d", e.Flags, e.StampNs)
 			}
 		})
+	}
+}
+
+// TestSNATPortReused: a fullnat port whose flow closed long enough ago is
+// taken by a new flow, whose SYN-ACK then reaches the new client, not the
+// old one; a late packet of the old flow is dropped as stale (its
+// connection entry still names the port), and its new handshake gets a
+// port of its own.
+func TestSNATPortReused(t *testing.T) {
+	n := newNATLab(t, maps.ForwardFullNAT)
+	s := bpftest.Service{ID: 9, VIP: netip.AddrPortFrom(n.lab.VIP4, 9999), Proto: bpftest.TCP, Backends: []uint32{40},
+		Forwarding: maps.ForwardFullNAT, BackendPort: backendPort, SNAT: snat4}
+	n.AddService(s)
+	old := netip.AddrPortFrom(n.lab.ClientAddrs4[0], 43000)
+	fresh := netip.AddrPortFrom(n.lab.ClientAddrs4[1], 43000)
+	port := snatCandidates(n.Fixture, s, fresh)[0]
+	be := netip.AddrPortFrom(bpftest.BackendAddr(s.VIP.Addr(), 40), backendPort)
+	key := natEntryKey4(s, 40, netip.AddrPortFrom(snat4, port))
+	// The old flow: its connection entry names the port, and its NAT entry
+	// there closed 20 s ago.
+	must(t, n.Objs.TetherMaps.Nat4.Put(&key, &bpf.TetherNatEntry{Client: maglev.AddrWords(old.Addr()), Vip: maglev.AddrWords(s.VIP.Addr()),
+		Cport: maps.Port(old.Port()), Vport: maps.Port(s.VIP.Port()), Backend: 40, Flags: 3, StampNs: monotonicNow(t) - uint64(20*time.Second)}))
+	ck := bpf.TetherFlowKey4{Src: maglev.AddrWords(old.Addr())[0], Dst: maglev.AddrWords(s.VIP.Addr())[0],
+		Sport: maps.Port(old.Port()), Dport: maps.Port(s.VIP.Port()), Proto: bpftest.TCP}
+	must(t, n.Objs.TetherMaps.Conns4.Put(&ck, &bpf.TetherConn{Backend: 40, Service: 9, Flags: 4 | 1, NatPort: uint32(maps.Port(port))}))
+
+	send := func(src, dst netip.AddrPort, flags uint8) (uint32, translated) {
+		t.Helper()
+		verdict, out := n.run(t, bpftest.Frame{Src: src, Dst: dst, Proto: bpftest.TCP, Flags: flags, Checksum: true}.Bytes())
+		if verdict == bpftest.XDPDrop {
+			return verdict, translated{}
+		}
+		return verdict, parseTranslated(t, out)
+	}
+	if _, fwd := send(fresh, s.VIP, bpftest.SYN); fwd.src != netip.AddrPortFrom(snat4, port) {
+		t.Fatalf("the new flow's SYN left from %s, want %s:%d", fwd.src, snat4, port)
+	}
+	if _, rep := send(be, netip.AddrPortFrom(snat4, port), bpftest.SYN|bpftest.ACK); rep.dst != fresh {
+		t.Fatalf("the backend's SYN-ACK went to %s, want the new client %s", rep.dst, fresh)
+	}
+	before := reasons(t, n.Fixture)
+	if verdict, _ := send(old, s.VIP, bpftest.ACK); verdict != bpftest.XDPDrop {
+		t.Fatalf("a late packet of the old flow: verdict %d, want XDP_DROP", verdict)
+	}
+	if d := diff(before, reasons(t, n.Fixture)); d["drop_nat_stale"] != 1 {
+		t.Fatalf("reasons moved by %v, want drop_nat_stale 1", d)
+	}
+	if _, fwd := send(fresh, s.VIP, bpftest.ACK); fwd.src != netip.AddrPortFrom(snat4, port) {
+		t.Fatalf("the new flow's ACK left from %s, want %s:%d", fwd.src, snat4, port)
+	}
+	if _, rep := send(be, netip.AddrPortFrom(snat4, port), bpftest.ACK|bpftest.PSH); rep.dst != fresh {
+		t.Fatalf("the backend's data went to %s, want the new client %s", rep.dst, fresh)
+	}
+	// The old client opens its 5-tuple again: another port.
+	if _, fwd := send(old, s.VIP, bpftest.SYN); fwd.src.Port() == port || fwd.src.Addr() != snat4 {
+		t.Fatalf("the old client's new handshake left from %s, not a port of its own", fwd.src)
+	}
+}
+
+// TestNATUnverified: a TCP flow whose handshake tether did not see (a
+// spoofed ACK, say) holds its fullnat port only until the backend answers:
+// a reply makes the entry its own for good, a RST from the backend closes
+// it and frees the port after the hold.
+func TestNATUnverified(t *testing.T) {
+	n := newNATLab(t, maps.ForwardFullNAT)
+	s := n.svcs[0]
+	for i, tc := range []struct {
+		desc  string
+		reply uint8
+		flags uint32
+	}{{"the backend answers", bpftest.ACK | bpftest.PSH, 0}, {"the backend resets it", bpftest.RST, 4}} {
+		t.Run(tc.desc, func(t *testing.T) {
+			cli := netip.AddrPortFrom(n.lab.ClientAddrs4[0], uint16(44000+i))
+			_, out := n.run(t, bpftest.Frame{Src: cli, Dst: s.VIP, Proto: bpftest.TCP, Flags: bpftest.ACK, Checksum: true}.Bytes())
+			fwd := parseTranslated(t, out)
+			k := bpf.TetherFlowKey4{Src: maglev.AddrWords(fwd.dst.Addr())[0], Dst: maglev.AddrWords(fwd.src.Addr())[0],
+				Sport: maps.Port(fwd.dst.Port()), Dport: maps.Port(fwd.src.Port()), Proto: bpftest.TCP}
+			var e bpf.TetherNatEntry
+			must(t, n.Objs.TetherMaps.Nat4.Lookup(&k, &e))
+			if e.Flags != 8 || e.StampNs == 0 {
+				t.Fatalf("entry of a flow without a handshake: flags %#x, stamp %d; want unverified (0x8) and stamped", e.Flags, e.StampNs)
+			}
+			n.run(t, bpftest.Frame{Src: fwd.dst, Dst: fwd.src, Proto: bpftest.TCP, Flags: tc.reply, Checksum: true}.Bytes())
+			must(t, n.Objs.TetherMaps.Nat4.Lookup(&k, &e))
+			if e.Flags != tc.flags || (tc.flags == 0) != (e.StampNs == 0) {
+				t.Fatalf("after the backend's reply: flags %#x, stamp %d; want flags %#x", e.Flags, e.StampNs, tc.flags)
+			}
+		})
+	}
+}
+
+// TestNATUDPNoChecksum: an IPv4 UDP datagram without a checksum (0) is
+// translated both ways with its checksum left 0.
+func TestNATUDPNoChecksum(t *testing.T) {
+	n := newNATLab(t, maps.ForwardFullNAT)
+	s := n.svcs[1]
+	cli := netip.AddrPortFrom(n.lab.ClientAddrs4[0], 45000)
+	_, out := n.run(t, bpftest.Frame{Src: cli, Dst: s.VIP, Proto: bpftest.UDP, Payload: []byte("ping")}.Bytes())
+	fwd := parseTranslated(t, out)
+	if c := binary.BigEndian.Uint16(out[14+20+6:]); c != 0 || fwd.dst.Port() != backendPort {
+		t.Fatalf("forwarded: checksum %#x, to %s", c, fwd.dst)
+	}
+	_, out = n.run(t, bpftest.Frame{Src: fwd.dst, Dst: fwd.src, Proto: bpftest.UDP, Payload: []byte("pong")}.Bytes())
+	rep := parseTranslated(t, out)
+	if c := binary.BigEndian.Uint16(out[14+20+6:]); c != 0 || rep.dst != cli || rep.src != s.VIP {
+		t.Fatalf("reply: checksum %#x, %s → %s", c, rep.src, rep.dst)
 	}
 }

@@ -125,7 +125,11 @@ static __always_inline void record(const struct service *svc, const struct packe
  * half-open NAT entry only (nat.h), any other packet its connection and
  * NAT entries; and forwards it. A fullnat flow that finds no free source
  * port, or a nat flow whose replies would look like another live flow's,
- * is refused with a RST (UDP: dropped) and counted. */
+ * is refused with a RST (UDP: dropped) and counted. The freed entry of
+ * another flow on the chosen reply 5-tuple is removed first, so that the
+ * backend's replies find the new flow's. A TCP flow whose handshake was
+ * not seen (a spoofed ACK, or a flow whose entries the tables lost) is
+ * entered unverified: its port is held only until the backend answers. */
 static __always_inline int new_nat_flow(struct xdp_md *ctx, const struct packet *pkt,
 					const struct service *svc, const struct backend *be,
 					const struct affinity_key *ak, __u32 id, int affinity_hit, __u64 now,
@@ -139,7 +143,7 @@ static __always_inline int new_nat_flow(struct xdp_md *ctx, const struct packet 
 	__u32 flags = CONN_F_NAT;
 	if (svc->flags & SVC_F_FULLNAT) {
 		flags = CONN_F_FULLNAT;
-		sn = bpf_map_lookup_elem(&snat_addrs, &id);
+		sn = snat_of(id);
 		if (!sn)
 			return count_reason(R_DROP_NO_BACKEND, XDP_DROP);
 		port = snat_choose(pkt, be, sn, &rk, t);
@@ -150,10 +154,31 @@ static __always_inline int new_nat_flow(struct xdp_md *ctx, const struct packet 
 		if (nat_taken(pkt, &rk, t))
 			return reset_or_drop(ctx, pkt, R_RESET_NAT_CLASH);
 	}
-	/* A half-open entry's stamp is its SYN's time, a UDP flow's its last
-	 * use; an open TCP flow's is 0. */
-	struct nat_entry e = nat_entry_of(pkt, id, (half || pkt->key.proto == IPPROTO_UDP) ? t : 0);
-	nat_insert(pkt->family, &rk, &e, half);
+	struct nat_entry *cur = nat_lookup(pkt->family, &rk, 0);
+	if (cur && !nat_ours(cur, pkt)) {
+		nat_delete(pkt->family, &rk);
+		cur = NULL;
+	}
+	if (half) {
+		struct nat_entry e = nat_entry_of(pkt, id, t);
+		nat_insert(pkt->family, &rk, &e, 1);
+	} else if (cur && pkt->closing) {
+		nat_closing(cur, pkt, NAT_F_CLIENT_FIN);
+	} else if (!cur) {
+		/* A UDP flow's stamp is its last use; an open TCP flow's is 0,
+		 * an unverified one's the time it was entered. */
+		struct nat_entry e = nat_entry_of(pkt, id, t);
+		if (pkt->key.proto == IPPROTO_TCP) {
+			struct nat_entry *h = nat_lookup(pkt->family, &rk, 1);
+			if (h && nat_ours(h, pkt))
+				e.stamp_ns = 0;
+			else
+				e.flags = NAT_F_UNVERIFIED;
+			if (pkt->closing)
+				nat_closing(&e, pkt, NAT_F_CLIENT_FIN);
+		}
+		nat_insert(pkt->family, &rk, &e, 0);
+	}
 	if (!half)
 		record(svc, pkt, ak, id, affinity_hit, now, flags, port);
 	return forward_nat(ctx, pkt, be, id, sn, port);
@@ -231,8 +256,16 @@ int tether_xdp(struct xdp_md *ctx)
 				c->flags &= ~CONN_F_CLOSING;
 			/* The NAT entry may have been closed by the backend alone: a
 			 * SYN reopens it whatever the connection entry says. */
-			if (c->flags & (CONN_F_NAT | CONN_F_FULLNAT))
-				return forward_nat_conn(ctx, &pkt, be, c);
+			if (c->flags & (CONN_F_NAT | CONN_F_FULLNAT)) {
+				int verdict = forward_nat_conn(ctx, &pkt, be, c);
+				if (verdict != NAT_STALE)
+					return verdict;
+				/* Another flow holds its replies' 5-tuple now: a new
+				 * handshake chooses again, the rest is dropped. */
+				if (!pkt.syn_only)
+					return count_reason(R_DROP_NAT_STALE, XDP_DROP);
+				return new_flow(ctx, &pkt, 1);
+			}
 			return forward_dsr(ctx, be, id);
 		}
 	}

@@ -120,7 +120,10 @@ const (
 	TetherReasonR_RESET_NAT_CLASH    TetherReason = 19
 	TetherReasonR_PASS_NAT_KERNEL    TetherReason = 20
 	TetherReasonR_DROP_NAT_NO_ROUTE  TetherReason = 21
-	TetherReasonR_MAX                TetherReason = 22
+	TetherReasonR_DROP_NAT_STALE     TetherReason = 22
+	TetherReasonR_PASS_NAT_MTU       TetherReason = 23
+	TetherReasonR_DROP_NAT_MTU       TetherReason = 24
+	TetherReasonR_MAX                TetherReason = 25
 )
 
 type TetherService struct {

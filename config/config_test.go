@@ -460,6 +460,8 @@ services:
 	{"ipip refused", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: ipip", 1), "services[0].forwarding", `"ipip" is not supported yet`},
 	{"snat_address without fullnat", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: nat\n    snat_address: 198.51.100.2", 1), "services[0].snat_address", "only forwarding fullnat rewrites the client's address"},
 	{"snat_address of the other family", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: fullnat\n    snat_address: 2001:db8::2", 1), "services[0].snat_address", "2001:db8::2 is IPv6 but the vip 203.0.113.10 is IPv4"},
+	{"snat_address loopback", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: fullnat\n    snat_address: 127.0.0.1", 1), "services[0].snat_address", "is a loopback address"},
+	{"snat_address a VIP", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: fullnat\n    snat_address: 203.0.113.10", 1), "services[0].snat_address", "is the VIP of the service chat"},
 	{"snat_address multicast", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: fullnat\n    snat_address: 224.0.0.1", 1), "services[0].snat_address", "is a multicast address"},
 	{"affinity_timeout in words", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity_timeout: 3 hours", 1), "services[0].affinity_timeout", `"3 hours" is not a duration`},
 	{"affinity_timeout without unit", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity_timeout: 3600", 1), "services[0].affinity_timeout", "3600 has no unit"},

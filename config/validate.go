@@ -217,6 +217,11 @@ func (c *Config) validate(v *validator) {
 				v.add(field(index(field(index("services", i), "backends"), j), "address"), "%s is the VIP of the service %s: a VIP is not a backend", b.Address, name)
 			}
 		}
+		// Nor is it where fullnat connections come from: the backends'
+		// replies to it would be taken for clients of its services.
+		if name, ok := vips[s.SNATAddress]; ok {
+			v.add(field(index("services", i), "snat_address"), "%s is the VIP of the service %s: use an address of this host that no service has", s.SNATAddress, name)
+		}
 	}
 }
 
@@ -293,6 +298,10 @@ func (c *Config) validEdit(from, to int) bool {
 					return false
 				}
 			}
+			// No fullnat source address is a VIP.
+			if s.SNATAddress == a.VIP || a.SNATAddress == s.VIP {
+				return false
+			}
 		}
 	}
 	return true
@@ -335,7 +344,7 @@ func (s *Service) validate(v *validator, p string, proxied bool) bool {
 		switch {
 		case s.Forwarding != ForwardingFullNAT:
 			v.add(field(p, "snat_address"), "only forwarding fullnat rewrites the client's address (remove it, or set forwarding: fullnat)")
-		case checkAddr(v, field(p, "snat_address"), s.SNATAddress, false) && vipOK && s.SNATAddress.Is4() != s.VIP.Is4():
+		case checkAddr(v, field(p, "snat_address"), s.SNATAddress, true) && vipOK && s.SNATAddress.Is4() != s.VIP.Is4():
 			v.add(field(p, "snat_address"), "%s is %s but the vip %s is %s", s.SNATAddress, family(s.SNATAddress), s.VIP, family(s.VIP))
 		}
 	}

@@ -558,6 +558,12 @@ func TestAdoptWithoutNATMaps(t *testing.T) {
 	mv.Fingerprint = fingerprint(&older)
 	must(t, meta.Put(uint32(0), mv))
 
+	// That is the layout tether pinned before NAT (fingerprint of the
+	// object of commit b3380f7, the last without it).
+	const beforeNAT = 0x4ada32ecf6e9e31f
+	if missing, ok := earlierLayout(spec, beforeNAT); !ok || !slices.Equal(missing, addedMaps) {
+		t.Fatalf("the layout before NAT is not adopted: missing %v, %v", missing, ok)
+	}
 	o, err := Load(opts)
 	if err != nil {
 		t.Fatalf("adopt state without NAT maps: %v", err)

@@ -463,10 +463,13 @@ func (x *XDP) entry(s datapath.Service, b datapath.Backend) (maps.Backend, error
 	if ok {
 		e.MAC, e.SrcMAC, e.Ifindex = h.DstMAC, h.SrcMAC, uint32(h.Ifindex)
 	}
+	// Every backend has a fullnat source address, whatever its service's
+	// mode: the fullnat connections it still has when its service changes
+	// mode keep theirs.
+	e.SNAT = h.Src
 	if s.Forwarding == datapath.FullNAT {
-		e.SNAT = s.SNATAddress
-		if !e.SNAT.IsValid() {
-			e.SNAT = h.Src
+		if s.SNATAddress.IsValid() {
+			e.SNAT = s.SNATAddress
 		}
 		if !e.SNAT.IsValid() && b.State != datapath.Down {
 			return maps.Backend{}, datapath.Refuse(fmt.Errorf("service %s, backend %s: no source address reaches it for fullnat: give the interface towards it an address, or set snat_address", s.Name, b.Addr))

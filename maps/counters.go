@@ -103,6 +103,9 @@ var reasonNames = [...]string{
 	bpf.TetherReasonR_RESET_NAT_CLASH:    "reset_nat_clash",
 	bpf.TetherReasonR_PASS_NAT_KERNEL:    "pass_nat_kernel",
 	bpf.TetherReasonR_DROP_NAT_NO_ROUTE:  "drop_nat_no_route",
+	bpf.TetherReasonR_DROP_NAT_STALE:     "drop_nat_stale",
+	bpf.TetherReasonR_PASS_NAT_MTU:       "pass_nat_mtu",
+	bpf.TetherReasonR_DROP_NAT_MTU:       "drop_nat_mtu",
 }
 
 // ReasonName is the name of a reason as counters and metrics show it.
