@@ -21,6 +21,9 @@
 #ifndef RING_SIZE
 #define RING_SIZE 65537 /* Maglev ring slots, prime */
 #endif
+#ifndef NAT_ENTRIES
+#define NAT_ENTRIES (1 << 18) /* translation-table entries (nat, fullnat) */
+#endif
 #ifndef NAT_SYN_ENTRIES
 #define NAT_SYN_ENTRIES 16384 /* half-open NAT'ed handshakes (see nat.h) */
 #endif

@@ -85,14 +85,14 @@ struct {
  * flood evicts only its own kind (nat.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, CONN_ENTRIES);
+	__uint(max_entries, NAT_ENTRIES);
 	__type(key, struct flow_key4);
 	__type(value, struct nat_entry);
 } nat4 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, CONN_ENTRIES);
+	__uint(max_entries, NAT_ENTRIES);
 	__type(key, struct flow_key);
 	__type(value, struct nat_entry);
 } nat6 SEC(".maps");

@@ -135,6 +135,7 @@ const (
 // Table sizes: defaults and the bounds Validate enforces.
 const (
 	defaultTableEntries = 1 << 20
+	defaultNATEntries   = 1 << 18
 	minTableEntries     = 1024
 	maxTableEntries     = 1 << 27
 
@@ -181,6 +182,10 @@ type Config struct {
 type Tables struct {
 	// Connections is the number of entries of the LRU connection table.
 	Connections uint32
+	// NAT is the number of entries of the LRU translation table of each
+	// family: the nat and fullnat connections it keeps at once (beyond
+	// them the least recently used lose their translation).
+	NAT uint32
 	// Affinity is the number of entries of the LRU source-affinity table.
 	Affinity uint32
 	// RingSize is the size of each service's Maglev ring; it must be prime
@@ -326,6 +331,7 @@ func Default() *Config {
 		HashSeed: maglev.DefaultSeed,
 		Tables: Tables{
 			Connections: defaultTableEntries,
+			NAT:         defaultNATEntries,
 			Affinity:    defaultTableEntries,
 			RingSize:    defaultRingSize,
 			MaxServices: defaultMaxServices,

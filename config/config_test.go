@@ -86,6 +86,7 @@ func TestParseExample(t *testing.T) {
 		HashSeed:   0x74657468,
 		Tables: Tables{
 			Connections: 1 << 20,
+			NAT:         1 << 18,
 			Affinity:    1 << 20,
 			RingSize:    65537,
 			MaxServices: 1024,
@@ -159,7 +160,7 @@ func TestParseDefaults(t *testing.T) {
 	if got.HashSeed != maglev.DefaultSeed {
 		t.Errorf("HashSeed = %#x, want maglev.DefaultSeed %#x", got.HashSeed, maglev.DefaultSeed)
 	}
-	wantTables := Tables{Connections: 1 << 20, Affinity: 1 << 20, RingSize: 65537, MaxServices: 1024, MaxBackends: 4096}
+	wantTables := Tables{Connections: 1 << 20, NAT: 1 << 18, Affinity: 1 << 20, RingSize: 65537, MaxServices: 1024, MaxBackends: 4096}
 	if got.Tables != wantTables {
 		t.Errorf("Tables = %+v, want %+v", got.Tables, wantTables)
 	}
@@ -453,6 +454,7 @@ services:
 	{"backend port differs in dsr", minimal + "        port: 8080\n", "services[0].backends[0].port", "dsr forwarding rewrites the MAC address only, it cannot change the port"},
 	{"backend port differs in dsr, datapath auto", "datapath: auto\n" + minimal + "        port: 8080\n", "services[0].backends[0].port", "forwarding nat or fullnat, and datapath splice, map ports"},
 
+	{"tables.nat too small", strings.Replace(minimal, "interfaces: [eth0]", "interfaces: [eth0]\ntables: {nat: 10}", 1), "tables.nat", "out of range"},
 	// Modes.
 	{"unknown protocol", strings.Replace(minimal, "port: 8765", "port: 8765\n    protocol: sctp", 1), "services[0].protocol", `unknown protocol "sctp" (want tcp or udp)`},
 	{"unknown affinity", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity: sticky", 1), "services[0].affinity", `unknown mode "sticky" (want source or connection)`},

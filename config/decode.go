@@ -75,7 +75,7 @@ func Parse(data []byte) (*Config, error) {
 // Field names of each mapping, in the order Marshal writes them.
 var (
 	topFields     = []string{"interfaces", "datapath", "hash_seed", "tables", "splice", "services"}
-	tablesFields  = []string{"connections", "affinity", "ring_size", "max_services", "max_backends"}
+	tablesFields  = []string{"connections", "nat", "affinity", "ring_size", "max_services", "max_backends"}
 	spliceFields  = []string{"loops", "max_connections"}
 	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "snat_address", "health", "on_down", "idle_timeout", "proxy_protocol", "backends"}
 	healthFields  = []string{"type", "path", "host", "expect_status", "send", "interval", "timeout", "rise", "fall"}
@@ -286,6 +286,8 @@ func (d *decoder) tables(n *yaml.Node, path string, t *Tables) {
 		switch name {
 		case "connections":
 			t.Connections = uint32(d.integer(v, p, minTableEntries, maxTableEntries))
+		case "nat":
+			t.NAT = uint32(d.integer(v, p, minTableEntries, maxTableEntries))
 		case "affinity":
 			t.Affinity = uint32(d.integer(v, p, minTableEntries, maxTableEntries))
 		case "ring_size":

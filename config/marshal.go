@@ -131,6 +131,7 @@ func (c *Config) rootNode() *yaml.Node {
 		"hash_seed", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!int", Value: fmt.Sprintf("0x%08x", c.HashSeed)},
 		"tables", mapping(
 			"connections", integer(t.Connections),
+			"nat", integer(t.NAT),
 			"affinity", integer(t.Affinity),
 			"ring_size", integer(t.RingSize),
 			"max_services", integer(t.MaxServices),

@@ -166,6 +166,7 @@ func (c *Config) validate(v *validator) {
 
 	t := c.Tables
 	inRange(v, "tables.connections", t.Connections, minTableEntries, maxTableEntries)
+	inRange(v, "tables.nat", t.NAT, minTableEntries, maxTableEntries)
 	inRange(v, "tables.affinity", t.Affinity, minTableEntries, maxTableEntries)
 	if inRange(v, "tables.ring_size", t.RingSize, minRingSize, maxRingSize) && !maglev.IsPrime(t.RingSize) {
 		v.add("tables.ring_size", "%d is not prime (the default is %d)", t.RingSize, defaultRingSize)

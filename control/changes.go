@@ -562,6 +562,7 @@ func (d *Daemon) checkFixed(next *config.Config) error {
 		next, runs uint32
 	}{
 		{"connections", n.Connections, r.Connections},
+		{"nat", n.NAT, r.NAT},
 		{"affinity", n.Affinity, r.Affinity},
 		{"ring_size", n.RingSize, r.RingSize},
 		{"max_services", n.MaxServices, r.MaxServices},

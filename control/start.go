@@ -170,6 +170,7 @@ func openDatapath(cfg *config.Config, pinDir string, log *slog.Logger) (datapath
 	}
 	opts := loader.Options{
 		Connections: cfg.Tables.Connections,
+		NAT:         cfg.Tables.NAT,
 		Affinity:    cfg.Tables.Affinity,
 		RingSize:    cfg.Tables.RingSize,
 		MaxServices: cfg.Tables.MaxServices,

@@ -27,6 +27,7 @@ import (
 // Zero fields take the defaults of bpf/consts.h.
 type Options struct {
 	Connections uint32 // entries of each connection table (IPv4, IPv6)
+	NAT         uint32 // entries of each translation table (IPv4, IPv6)
 	Affinity    uint32 // affinity-table entries
 	RingSize    uint32 // slots per Maglev ring, prime
 	MaxServices uint32
@@ -98,8 +99,8 @@ func sizedSpec(opts Options) (*ebpf.CollectionSpec, uint32, error) {
 	}
 	setSize(spec, bpf.TetherMapConns4, opts.Connections)
 	setSize(spec, bpf.TetherMapConns6, opts.Connections)
-	setSize(spec, bpf.TetherMapNat4, opts.Connections)
-	setSize(spec, bpf.TetherMapNat6, opts.Connections)
+	setSize(spec, bpf.TetherMapNat4, opts.NAT)
+	setSize(spec, bpf.TetherMapNat6, opts.NAT)
 	setSize(spec, bpf.TetherMapAffinities, opts.Affinity)
 	setSize(spec, bpf.TetherMapServices4, opts.MaxServices)
 	setSize(spec, bpf.TetherMapServices6, opts.MaxServices)

@@ -161,8 +161,8 @@ var metaSpec = &ebpf.MapSpec{
 var configField = map[string]string{
 	bpf.TetherMapConns4:     "tables.connections",
 	bpf.TetherMapConns6:     "tables.connections",
-	bpf.TetherMapNat4:       "tables.connections",
-	bpf.TetherMapNat6:       "tables.connections",
+	bpf.TetherMapNat4:       "tables.nat",
+	bpf.TetherMapNat6:       "tables.nat",
 	bpf.TetherMapSnatAddrs:  "tables.max_backends",
 	bpf.TetherMapAffinities: "tables.affinity",
 	bpf.TetherMapServices4:  "tables.max_services",

@@ -39,7 +39,7 @@ func chatConfig(l *lab.Lab, backends []*lab.Host) string {
 // balancer's eth0, up to its services list.
 func labConfig() *strings.Builder {
 	var b strings.Builder
-	fmt.Fprintf(&b, "interfaces: [eth0]\ndatapath: xdp\ntables:\n  connections: 65536\n  affinity: 65536\n  ring_size: %d\nservices:\n", testRing)
+	fmt.Fprintf(&b, "interfaces: [eth0]\ndatapath: xdp\ntables:\n  connections: 65536\n  nat: 16384\n  affinity: 65536\n  ring_size: %d\nservices:\n", testRing)
 	return &b
 }
 

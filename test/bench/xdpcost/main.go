@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"reflect"
 	"sort"
 	"time"
 
@@ -153,19 +154,16 @@ func ringMemlock(objs *loader.Objects, n uint32) uint64 {
 	return total
 }
 
+// mapsByName is every map of the program, by its name in bpf/maps.h.
 func mapsByName(m *bpf.TetherMaps) map[string]*ebpf.Map {
-	return map[string]*ebpf.Map{
-		bpf.TetherMapAffinities: m.Affinities,
-		bpf.TetherMapBackends:   m.Backends,
-		bpf.TetherMapBeStats:    m.BeStats,
-		bpf.TetherMapConns4:     m.Conns4,
-		bpf.TetherMapConns6:     m.Conns6,
-		bpf.TetherMapReasons:    m.Reasons,
-		bpf.TetherMapRings:      m.Rings,
-		bpf.TetherMapServices4:  m.Services4,
-		bpf.TetherMapServices6:  m.Services6,
-		bpf.TetherMapSvcStats:   m.SvcStats,
+	out := map[string]*ebpf.Map{}
+	v := reflect.ValueOf(m).Elem()
+	for i := 0; i < v.NumField(); i++ {
+		if mp, ok := v.Field(i).Interface().(*ebpf.Map); ok {
+			out[v.Type().Field(i).Tag.Get("ebpf")] = mp
+		}
 	}
+	return out
 }
 
 func mib(b uint64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
