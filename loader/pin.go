@@ -175,7 +175,7 @@ var configField = map[string]string{
 
 // pinnedMaps returns the program's maps by name: every map but the
 // sections of global variables (.rodata), which are set per load.
-func pinnedMaps(objs *bpf.TetherMaps) map[string]*ebpf.Map {
+func MapsByName(objs *bpf.TetherMaps) map[string]*ebpf.Map {
 	out := map[string]*ebpf.Map{}
 	v := reflect.ValueOf(objs).Elem()
 	for i := 0; i < v.NumField(); i++ {
@@ -348,7 +348,7 @@ func (o *Objects) pinNew(spec *ebpf.CollectionSpec, ringSize uint32) error {
 		if err := meta.Pin(filepath.Join(stage, "meta")); err != nil {
 			return err
 		}
-		for name, m := range pinnedMaps(&o.TetherMaps) {
+		for name, m := range MapsByName(&o.TetherMaps) {
 			if err := m.Pin(filepath.Join(stage, "maps", name)); err != nil {
 				return err
 			}
@@ -549,7 +549,7 @@ func grown(old *ebpf.Map, ms *ebpf.MapSpec) (*ebpf.Map, error) {
 // reasons map until its links take the new program: those few counts are
 // not carried over.
 func (o *Objects) upgradeLayout(meta *ebpf.Map, mv metaValue, fp uint64) error {
-	all := pinnedMaps(&o.TetherMaps)
+	all := MapsByName(&o.TetherMaps)
 	for _, name := range addedMaps {
 		path := filepath.Join(o.layout, "maps", name)
 		if pinnedAt(all[name], path) {

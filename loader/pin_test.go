@@ -576,7 +576,7 @@ func TestAdoptWithoutNATMaps(t *testing.T) {
 		t.Errorf("connection entry after the upgrade: %+v, %v", c, err)
 	}
 	for _, name := range addedMaps {
-		if !pinnedAt(pinnedMaps(&o.TetherMaps)[name], filepath.Join(dir, "v1", "maps", name)) {
+		if !pinnedAt(MapsByName(&o.TetherMaps)[name], filepath.Join(dir, "v1", "maps", name)) {
 			t.Errorf("map %s is not pinned after the upgrade", name)
 		}
 	}

@@ -17,13 +17,11 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"reflect"
 	"sort"
 	"time"
 
 	"github.com/cilium/ebpf"
 
-	"github.com/tetherlb/tether/bpf"
 	"github.com/tetherlb/tether/loader"
 	"github.com/tetherlb/tether/maglev"
 	"github.com/tetherlb/tether/maps"
@@ -121,7 +119,7 @@ type mapMem struct {
 
 func memlock(objs *loader.Objects) map[string]mapMem {
 	out := map[string]mapMem{}
-	for name, m := range mapsByName(&objs.TetherMaps) {
+	for name, m := range loader.MapsByName(&objs.TetherMaps) {
 		info, err := m.Info()
 		if err != nil {
 			fail(err.Error())
@@ -152,18 +150,6 @@ func ringMemlock(objs *loader.Objects, n uint32) uint64 {
 		inner.Close()
 	}
 	return total
-}
-
-// mapsByName is every map of the program, by its name in bpf/maps.h.
-func mapsByName(m *bpf.TetherMaps) map[string]*ebpf.Map {
-	out := map[string]*ebpf.Map{}
-	v := reflect.ValueOf(m).Elem()
-	for i := 0; i < v.NumField(); i++ {
-		if mp, ok := v.Field(i).Interface().(*ebpf.Map); ok {
-			out[v.Type().Field(i).Tag.Get("ebpf")] = mp
-		}
-	}
-	return out
 }
 
 func mib(b uint64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
