@@ -21,7 +21,19 @@ type hop struct {
 	SrcMAC  net.HardwareAddr
 	DstMAC  net.HardwareAddr
 	Src     netip.Addr // the kernel's preferred source address towards it (fullnat's default)
-	ifname  string     // for messages
+	// Via is the gateway a route to it names, whose MAC its frames go
+	// to; unset for a backend on a directly connected network.
+	Via    netip.Addr
+	ifname string // for messages
+}
+
+// next is the neighbour whose MAC frames to backend addr go to: its
+// gateway, or itself.
+func (h hop) next(addr netip.Addr) netip.Addr {
+	if h.Via.IsValid() {
+		return h.Via
+	}
+	return addr
 }
 
 // usableNeigh tells whether a neighbour entry holds a MAC worth using.
@@ -31,17 +43,17 @@ func usableNeigh(n netlink.Neigh) bool {
 	return n.State&ok != 0 && len(n.HardwareAddr) == 6
 }
 
-// routeHop finds the interface and source MAC that reach addr, from the
-// kernel's routes, without its neighbour: DSR needs the backend on a
-// directly connected network, so a backend behind a gateway, or with no
-// route, is refused, as is one of this host's own or broadcast addresses
-// and one reached through a device without ARP. A failure to ask the
-// kernel is an error, not a refusal.
+// routeHop finds the interface, source MAC and gateway (if a route names
+// one) that reach addr, from the kernel's routes, without the neighbour's
+// MAC. A backend with no route is refused, as is one of this host's own
+// or broadcast addresses and one reached through a device without ARP;
+// one behind a gateway is refused by the services that forward with dsr
+// (XDP.entry). A failure to ask the kernel is an error, not a refusal.
 func routeHop(addr netip.Addr) (hop, error) {
 	routes, err := netlink.RouteGet(net.IP(addr.AsSlice()))
 	switch {
 	case errors.Is(err, unix.ENETUNREACH), errors.Is(err, unix.EHOSTUNREACH), err == nil && len(routes) == 0:
-		return hop{}, datapath.Refuse(fmt.Errorf("no route to backend %s: dsr forwarding needs backends on a directly connected network", addr))
+		return hop{}, datapath.Refuse(fmt.Errorf("no route to backend %s", addr))
 	case err != nil:
 		return hop{}, fmt.Errorf("look up the route to backend %s: %w", addr, err)
 	}
@@ -52,10 +64,15 @@ func routeHop(addr netip.Addr) (hop, error) {
 	case unix.RTN_BROADCAST, unix.RTN_MULTICAST:
 		return hop{}, datapath.Refuse(fmt.Errorf("backend %s is a broadcast or multicast address of this host's networks: a backend is one host", addr))
 	case unix.RTN_UNREACHABLE, unix.RTN_BLACKHOLE, unix.RTN_PROHIBIT:
-		return hop{}, datapath.Refuse(fmt.Errorf("no route to backend %s: dsr forwarding needs backends on a directly connected network", addr))
+		return hop{}, datapath.Refuse(fmt.Errorf("no route to backend %s", addr))
 	}
+	var via netip.Addr
 	if r.Gw != nil {
-		return hop{}, datapath.Refuse(fmt.Errorf("backend %s is reached through gateway %s: dsr forwarding needs backends on a directly connected network", addr, r.Gw))
+		gw, ok := netip.AddrFromSlice(r.Gw)
+		if !ok {
+			return hop{}, fmt.Errorf("route to backend %s: gateway %v", addr, r.Gw)
+		}
+		via = gw.Unmap()
 	}
 	link, err := netlink.LinkByIndex(r.LinkIndex)
 	if err != nil {
@@ -64,7 +81,7 @@ func routeHop(addr netip.Addr) (hop, error) {
 	if link.Attrs().RawFlags&unix.IFF_NOARP != 0 {
 		return hop{}, datapath.Refuse(fmt.Errorf("backend %s is reached through %s, which does no ARP or neighbour discovery: dsr forwarding needs a backend's own MAC address", addr, link.Attrs().Name))
 	}
-	h := hop{Ifindex: r.LinkIndex, SrcMAC: link.Attrs().HardwareAddr, ifname: link.Attrs().Name}
+	h := hop{Ifindex: r.LinkIndex, SrcMAC: link.Attrs().HardwareAddr, Via: via, ifname: link.Attrs().Name}
 	if src, ok := netip.AddrFromSlice(r.Src); ok {
 		h.Src = src.Unmap()
 	}
@@ -83,7 +100,7 @@ func awaitNeighbours(todo map[netip.Addr]hop, deadline time.Time, resolved func(
 	for round := 0; len(todo) > 0; round++ {
 		var t neighTables
 		for a, h := range todo {
-			n, ok := t.lookup(h.Ifindex, a)
+			n, ok := t.lookup(h.Ifindex, h.next(a))
 			switch {
 			case ok && usableNeigh(n):
 				delete(todo, a)
@@ -94,7 +111,7 @@ func awaitNeighbours(todo map[netip.Addr]hop, deadline time.Time, resolved func(
 				h.DstMAC = net.HardwareAddr(slices.Clone(n.HardwareAddr))
 				resolved(a, h)
 			case round%25 == 0: // every half second
-				_ = probeNeigh(h.Ifindex, a)
+				_ = probeNeigh(h.Ifindex, h.next(a))
 			}
 		}
 		if len(todo) == 0 || time.Now().After(deadline) {

@@ -104,3 +104,43 @@ func TestLateGroupMACIsUnreachable(t *testing.T) {
 		t.Errorf("after its own MAC: hop %v (%v), told %v", h, ok, told)
 	}
 }
+
+// Backends behind a gateway take the gateway's MAC: when it answers, every
+// backend it leads to is resolved and reported, and a new MAC of the
+// gateway moves them all; the neighbour entries of other hosts change
+// nothing.
+func TestGatewayNeighbour(t *testing.T) {
+	gw := netip.MustParseAddr("198.51.100.1")
+	a, b := netip.MustParseAddr("203.0.113.200"), netip.MustParseAddr("203.0.113.201")
+	var told []netip.Addr
+	x := &XDP{
+		log:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+		hops:  map[netip.Addr]hop{},
+		asked: map[netip.Addr]time.Time{},
+		unresolved: map[netip.Addr]unresolved{
+			a: {hop: hop{Ifindex: 2, Via: gw}, err: errors.New("no answer")},
+			b: {hop: hop{Ifindex: 2, Via: gw}, err: errors.New("no answer")},
+		},
+		routed:     true,
+		onResolved: func(a netip.Addr) { told = append(told, a) },
+	}
+	x.neighbourChanged(netlink.Neigh{LinkIndex: 2, IP: netip.MustParseAddr("198.51.100.9").AsSlice(), HardwareAddr: net.HardwareAddr{2, 0, 0, 0, 0, 9}})
+	if len(x.hops) != 0 || len(told) != 0 {
+		t.Fatalf("another host's entry resolved %v", x.hops)
+	}
+	x.neighbourChanged(netlink.Neigh{LinkIndex: 2, IP: gw.AsSlice(), HardwareAddr: net.HardwareAddr{2, 0, 0, 0, 0, 1}})
+	for _, addr := range []netip.Addr{a, b} {
+		if h, ok := x.hops[addr]; !ok || h.DstMAC.String() != "02:00:00:00:00:01" || h.Via != gw {
+			t.Errorf("%s after its gateway answered: %+v (%v)", addr, h, ok)
+		}
+	}
+	if len(told) != 2 || len(x.unresolved) != 0 {
+		t.Errorf("told %v, still unresolved %v", told, x.unresolved)
+	}
+	x.neighbourChanged(netlink.Neigh{LinkIndex: 2, IP: gw.AsSlice(), HardwareAddr: net.HardwareAddr{2, 0, 0, 0, 0, 0x11}})
+	for _, addr := range []netip.Addr{a, b} {
+		if h := x.hops[addr]; h.DstMAC.String() != "02:00:00:00:00:11" {
+			t.Errorf("%s after its gateway's MAC changed: %s", addr, h.DstMAC)
+		}
+	}
+}

@@ -50,6 +50,9 @@ type XDP struct {
 	// are probed again in the background, and onResolved is told when one
 	// answers.
 	unresolved map[netip.Addr]unresolved
+	// routed: some backend address was reached through a gateway, whose
+	// neighbour entries neighbourChanged then looks for too.
+	routed     bool
 	onResolved func(netip.Addr)
 	asked      map[netip.Addr]time.Time // when each address of hops was last asked for
 	adopted    []datapath.Service
@@ -463,6 +466,9 @@ func (x *XDP) entry(s datapath.Service, b datapath.Backend) (maps.Backend, error
 	if ok {
 		e.MAC, e.SrcMAC, e.Ifindex = h.DstMAC, h.SrcMAC, uint32(h.Ifindex)
 	}
+	if h.Via.IsValid() && (s.Forwarding == "" || s.Forwarding == datapath.DSR) {
+		return maps.Backend{}, datapath.Refuse(fmt.Errorf("service %s: backend %s is reached through gateway %s: dsr forwarding needs backends on a directly connected network (forwarding nat and fullnat route to them)", s.Name, b.Addr, h.Via))
+	}
 	// Every backend has a fullnat source address, whatever its service's
 	// mode: the fullnat connections it still has when its service changes
 	// mode keep theirs.
@@ -560,13 +566,18 @@ func (x *XDP) resolveAddrs(addrs []netip.Addr) map[netip.Addr]error {
 	left := awaitNeighbours(todo, now.Add(ResolveTimeout),
 		func(a netip.Addr, h hop) {
 			x.hops[a], x.asked[a] = h, now
+			x.routed = x.routed || h.Via.IsValid()
 			x.log.Debug("resolved backend", "backend", a, "mac", h.DstMAC.String(), "ifindex", h.Ifindex)
 		},
 		func(a netip.Addr, err error) { failed[a] = err })
 	for a, h := range left {
 		err := fmt.Errorf("backend %s does not answer ARP/ND on %s: is it up and on that network?", a, h.ifname)
+		if h.Via.IsValid() {
+			err = fmt.Errorf("gateway %s of backend %s does not answer ARP/ND on %s: is it up?", h.Via, a, h.ifname)
+		}
 		failed[a] = err
 		x.unresolved[a] = unresolved{hop: h, err: err, asked: now}
+		x.routed = x.routed || h.Via.IsValid()
 		x.log.Warn("backend does not answer ARP/ND; probing it again in the background", "backend", a, "interface", h.ifname)
 	}
 	return failed
@@ -754,27 +765,28 @@ func (x *XDP) probeHops() {
 	var t neighTables
 	hops, pending := x.hopsNow()
 	for a, h := range hops {
-		if n, ok := t.lookup(h.Ifindex, a); ok && staticNeigh(n) {
+		if n, ok := t.lookup(h.Ifindex, h.next(a)); ok && staticNeigh(n) {
 			continue
 		}
-		_ = probeNeigh(h.Ifindex, a)
+		_ = probeNeigh(h.Ifindex, h.next(a))
 	}
 	for a, h := range pending {
-		if now, err := routeHop(a); err == nil && now.Ifindex != h.Ifindex {
+		if now, err := routeHop(a); err == nil && (now.Ifindex != h.Ifindex || now.Via != h.Via) {
 			// Its route moved: follow it there.
 			x.mu.Lock()
 			if u, ok := x.unresolved[a]; ok {
 				u.hop = now
 				x.unresolved[a] = u
+				x.routed = x.routed || now.Via.IsValid()
 			}
 			x.mu.Unlock()
 			h = now
 		}
-		if n, ok := t.lookup(h.Ifindex, a); ok && usableNeigh(n) {
+		if n, ok := t.lookup(h.Ifindex, h.next(a)); ok && usableNeigh(n) {
 			x.neighbourChanged(n)
 			continue
 		}
-		_ = probeNeigh(h.Ifindex, a)
+		_ = probeNeigh(h.Ifindex, h.next(a))
 	}
 }
 
@@ -786,31 +798,65 @@ func (x *XDP) recheckNeighbours() {
 	hops, pending := x.hopsNow()
 	for _, m := range []map[netip.Addr]hop{hops, pending} {
 		for a, h := range m {
-			if n, ok := t.lookup(h.Ifindex, a); ok && usableNeigh(n) {
+			if n, ok := t.lookup(h.Ifindex, h.next(a)); ok && usableNeigh(n) {
 				x.neighbourChanged(n)
 			}
 		}
 	}
 }
 
-// neighbourChanged takes a usable neighbour entry: the first MAC of an
-// address that did not answer before, or a new MAC of a backend's.
+// neighbourChanged takes a usable neighbour entry: the first MAC of a
+// backend (or of the gateway of backends) that did not answer before, or
+// a new MAC of one's. A backend on a directly connected network is its own
+// neighbour, found at once; the backends behind a gateway are looked for
+// only once some was seen.
 func (x *XDP) neighbourChanged(n netlink.Neigh) {
-	addr, ok := netip.AddrFromSlice(n.IP)
+	nb, ok := netip.AddrFromSlice(n.IP)
 	if !ok {
 		return
 	}
-	addr = addr.Unmap()
+	nb = nb.Unmap()
 	x.mu.Lock()
-	if u, ok := x.unresolved[addr]; ok && u.hop.Ifindex == n.LinkIndex {
-		fn := x.resolved(addr, u.hop, n.HardwareAddr)
-		x.mu.Unlock()
-		if fn != nil {
-			fn(addr)
-		}
-		return
+	var backends []netip.Addr // the backend addresses whose next hop nb is
+	if _, ok := x.unresolved[nb]; ok {
+		backends = append(backends, nb)
+	} else if _, ok := x.hops[nb]; ok {
+		backends = append(backends, nb)
 	}
-	defer x.mu.Unlock()
+	if x.routed {
+		for a, u := range x.unresolved {
+			if u.hop.Via == nb && a != nb {
+				backends = append(backends, a)
+			}
+		}
+		for a, h := range x.hops {
+			if h.Via == nb && a != nb {
+				backends = append(backends, a)
+			}
+		}
+	}
+	var tell []netip.Addr
+	var fn func(netip.Addr)
+	for _, a := range backends {
+		if u, ok := x.unresolved[a]; ok {
+			if u.hop.Ifindex == n.LinkIndex && u.hop.next(a) == nb {
+				if f := x.resolved(a, u.hop, n.HardwareAddr); f != nil {
+					fn, tell = f, append(tell, a)
+				}
+			}
+			continue
+		}
+		x.macChanged(a, n)
+	}
+	x.mu.Unlock()
+	for _, a := range tell {
+		fn(a)
+	}
+}
+
+// macChanged takes the neighbour entry n of backend addr's next hop, and
+// rewrites the backend's entries if its MAC changed. x.mu must be held.
+func (x *XDP) macChanged(addr netip.Addr, n netlink.Neigh) {
 	h, ok := x.hops[addr]
 	if !ok || h.Ifindex != n.LinkIndex || slices.Equal(h.DstMAC, n.HardwareAddr) {
 		return
@@ -821,7 +867,11 @@ func (x *XDP) neighbourChanged(n netlink.Neigh) {
 	}
 	h.DstMAC = net.HardwareAddr(slices.Clone(n.HardwareAddr))
 	x.hops[addr] = h
-	x.log.Info("backend MAC changed", "backend", addr, "mac", h.DstMAC.String())
+	args := []any{"backend", addr, "mac", h.DstMAC.String()}
+	if h.Via.IsValid() {
+		args = append(args, "via", h.Via)
+	}
+	x.log.Info("backend MAC changed", args...)
 	for _, s := range x.services {
 		for _, b := range s.Backends {
 			if b.Addr != addr {

@@ -294,3 +294,57 @@ func testNATForwarding(t *testing.T, mode, upgrade string) {
 		t.Fatalf("with every backend down, a connection: %v after %v, want refused at once", err, time.Since(start))
 	}
 }
+
+// TestNATRoutedBackend: with nat and fullnat a backend may sit behind a
+// router: the balancer sends its frames to the gateway the kernel's route
+// names (here be1, which holds the backend's address 203.0.113.200 on its
+// loopback), and the clients' WebSockets echo through it. A dsr service
+// refuses such a backend, and says why.
+func TestNATRoutedBackend(t *testing.T) {
+	for _, mode := range []string{config.ForwardingNAT, config.ForwardingFullNAT} {
+		t.Run(mode, func(t *testing.T) {
+			l := lab.NewT(t, lab.Options{Backends: 1, Clients: 20, Plain: true})
+			for _, k := range []string{"net/ipv4/conf/all/forwarding", "net/ipv6/conf/all/forwarding"} {
+				if err := l.Balancer.Sysctl(k, "1"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			router := l.Backends[0]
+			if mode == config.ForwardingNAT {
+				if err := l.RouteClientsVia(router, l.Balancer); err != nil {
+					t.Fatal(err)
+				}
+			}
+			routed := netip.MustParseAddr("203.0.113.200")
+			for _, cmd := range [][]string{
+				{"ip", "addr", "add", routed.String() + "/32", "dev", "lo"},
+			} {
+				if err := router.Run(cmd[0], cmd[1:]...); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := l.Balancer.Run("ip", "route", "add", routed.String()+"/32", "via", router.Addr4.String()); err != nil {
+				t.Fatal(err)
+			}
+			serveEchoOn(t, router, routed)
+			b := labConfig()
+			fmt.Fprintf(b, "  - name: web\n    vip: %s\n    port: %d\n    forwarding: %s\n    backends: [{address: %s, port: %d}]\n", l.VIP4, natServicePort, mode, routed, chatPort)
+			d := startDaemon(t, l, b.String())
+			vip := netip.AddrPortFrom(l.VIP4, natServicePort)
+			waitFor(t, "the routed backend up", 10*time.Second, func() bool {
+				s := service(t, control.NewClient(d.socket), vip.String())
+				return s.State == control.ServiceUp && len(s.Backends) == 1 && s.Backends[0].Health.State == control.HealthUp
+			})
+			conns := dialAllAt(t, l, l.ClientAddrs4, vip, 1)
+			echoAll(t, conns, "through the router")
+			t.Logf("%d WebSockets echo through %s to %s behind %s", len(conns), mode, routed, router.Name)
+
+			// dsr cannot reach it.
+			d.mustCLI("vip", "add", netip.AddrPortFrom(l.VIP4, 81).String())
+			_, stderr, code := d.cli("backend", "add", netip.AddrPortFrom(l.VIP4, 81).String(), netip.AddrPortFrom(routed, 81).String())
+			if code == 0 || !strings.Contains(stderr, "reached through gateway "+router.Addr4.String()) || !strings.Contains(stderr, "dsr forwarding needs backends on a directly connected network") {
+				t.Fatalf("a dsr backend behind a gateway: exit %d, %s", code, stderr)
+			}
+		})
+	}
+}

@@ -48,12 +48,12 @@ bytes with splice(2), needs no interface, and makes each VIP local to the
 host with a route (ip route add local VIP dev lo) that it removes when it
 stops. "tether status" shows the mode in force per interface.
 
-With XDP, backends must be on a network directly connected to one of the
-interfaces. Per service, "forwarding:" says what they need:
+With XDP, per service, "forwarding:" says what backends need:
   dsr      (default) the program rewrites MAC addresses only: backends hold
            the VIP on a loopback interface, with arp_ignore=1 and
-           arp_announce=2, listen on the service's port and answer clients
-           directly.
+           arp_announce=2, listen on the service's port, answer clients
+           directly, and are on a network directly connected to one of
+           the interfaces.
   nat      the program rewrites VIP:PORT to the backend's address and port
            and translates the replies back: backends route their replies
            to the clients through this host; they see the clients'
@@ -64,7 +64,8 @@ interfaces. Per service, "forwarding:" says what they need:
            see this host's address.
 nat and fullnat need IP forwarding on (sysctl net.ipv4.conf.all.forwarding=1,
 net.ipv6.conf.all.forwarding=1): the program asks the kernel's routes and
-neighbours for each client's next hop.
+neighbours for each client's next hop. Their backends may be behind a
+router: frames go to the gateway of the kernel's route to them.
 
 Health checks: the daemon probes every backend with its service's check (a
 TCP connect every 2s by default; http and websocket checks too; "health:
