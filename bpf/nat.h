@@ -436,7 +436,9 @@ static __always_inline int nat_reply(struct xdp_md *ctx, const struct packet *pk
 {
 	int half = 0;
 	struct nat_entry *e = nat_lookup(pkt->family, &pkt->key, 0);
-	if (!e) {
+	/* A backend answers a SYN with a SYN-ACK or a RST: only those can be a
+	 * half-open flow's, and only they pay the second lookup. */
+	if (!e && pkt->key.proto == IPPROTO_TCP && (pkt->syn || (pkt->closing & CLOSING_RST))) {
 		e = nat_lookup(pkt->family, &pkt->key, 1);
 		half = 1;
 	}

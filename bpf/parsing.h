@@ -31,6 +31,7 @@ struct packet {
 	__u8 syn_only; /* TCP SYN without ACK: the first packet of a handshake */
 	__u8 closing;  /* TCP FIN or RST (CLOSING_*): the connection is ending */
 	__u8 vlan;     /* one 802.1Q tag sits before the IP header */
+	__u8 syn;      /* TCP SYN, with or without ACK */
 };
 
 #define CLOSING_FIN 1
@@ -82,6 +83,7 @@ static __always_inline int parse_l4(void *l4, void *data_end, __u32 len, struct 
 		pkt->key.sport = tcp->source;
 		pkt->key.dport = tcp->dest;
 		pkt->payload = len - hdr;
+		pkt->syn = tcp->syn;
 		pkt->syn_only = tcp->syn && !tcp->ack;
 		pkt->closing = (tcp->fin ? CLOSING_FIN : 0) | (tcp->rst ? CLOSING_RST : 0);
 		return 0;
