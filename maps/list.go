@@ -74,7 +74,8 @@ func forwardingOf(flags uint32) uint8 {
 }
 
 // Backends lists the backends map entries in use (state not StateUnused),
-// by id.
+// by id, without their fullnat source addresses (LookupBackend has them):
+// a restart reads every backend, and needs none.
 func (m *Maps) Backends() (map[uint32]Backend, error) {
 	out := map[uint32]Backend{}
 	var (
@@ -86,11 +87,7 @@ func (m *Maps) Backends() (map[uint32]Backend, error) {
 		if v.State == StateUnused {
 			continue
 		}
-		var sn bpf.TetherSnat
-		if err := m.m.SnatAddrs.Lookup(&id, &sn); err != nil {
-			return nil, fmt.Errorf("list backends: source address of %d: %w", id, err)
-		}
-		out[id] = backendOf(v, sn)
+		out[id] = backendOf(v, bpf.TetherSnat{})
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list backends: %w", err)
