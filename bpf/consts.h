@@ -42,11 +42,14 @@
 #define SVC_F_RESET_ON_DOWN   (1U << 1) /* on_down: reset (backends carry it as BE_DOWN_RESET) */
 #define SVC_F_NAT	      (1U << 2) /* forwarding nat: VIP:port → backend:port, replies translated back */
 #define SVC_F_FULLNAT	      (1U << 3) /* forwarding fullnat: the client's address and port too */
+#define SVC_F_IPIP	      (1U << 4) /* forwarding ipip: encapsulated in an outer IP header (encap.h) */
+#define SVC_F_GUE	      (1U << 5) /* forwarding gue: in an outer IP and UDP header */
 
 /* connection flags (struct conn.flags) */
 #define CONN_F_CLOSING (1U << 0) /* a FIN or RST was seen: no longer counted as active */
 #define CONN_F_NAT     (1U << 1) /* the flow is translated (nat) */
 #define CONN_F_FULLNAT (1U << 2) /* the flow is translated both ways (fullnat) */
+#define CONN_F_ENCAP   (1U << 3) /* the flow is encapsulated (ipip, gue: the backend's tunnel says how) */
 
 /* NAT entry flags (struct nat_entry.flags) */
 #define NAT_F_CLIENT_FIN  (1U << 0) /* the client sent a FIN */
@@ -120,6 +123,9 @@ enum reason {
 	R_DROP_NAT_STALE,      /* a packet of a translated flow whose 5-tuple another flow now holds */
 	R_PASS_NAT_MTU,	       /* nat: a reply over the egress MTU, to the kernel untranslated */
 	R_DROP_NAT_MTU,	       /* fullnat: a reply over the egress MTU */
+	R_ICMP_TOO_BIG,	       /* ipip, gue: over the egress MTU once encapsulated: answered with ICMP */
+	R_DROP_ENCAP_MTU, /* ipip, gue: over the egress MTU, and IPv4 without DF (or too short to quote) */
+	R_DROP_ENCAP_NO_ROUTE, /* ipip, gue: no route to the backend (or forwarding off) */
 	R_MAX,
 };
 

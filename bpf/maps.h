@@ -119,6 +119,14 @@ struct {
 	__type(value, struct snat);
 } snat_addrs SEC(".maps");
 
+/* ipip and gue outer headers by backend id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct tunnel);
+} tunnels SEC(".maps");
+
 /* Per-CPU counters, summed in Go. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

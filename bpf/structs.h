@@ -92,6 +92,14 @@ struct snat {
 	__u32 addr[4];
 };
 
+/* How a flow to a backend is encapsulated (ipip, gue), by backend id. */
+struct tunnel {
+	__u32 src[4];	/* outer source address: the first of the operator's prefix */
+	__u16 gue_port; /* gue: the outer UDP destination port, network byte order; 0: ipip */
+	__u8 src_bits;	/* low bits of src that vary per flow (0-32) */
+	__u8 pad;
+};
+
 struct affinity_key {
 	__u32 addr[4]; /* client address */
 	__u32 service;

@@ -10,7 +10,8 @@
  *      Maglev ring at hash(key) % ring_size;
  *   4. its choice is recorded (not for a bare SYN: see below), counted,
  *      and the frame is rewritten and sent: its MACs (dsr), or its
- *      addresses and ports too (nat, fullnat: nat.h);
+ *      addresses and ports too (nat, fullnat: nat.h), or it is
+ *      encapsulated (ipip, gue: encap.h);
  *   5. a packet for no VIP that is a translated flow's reply is translated
  *      back and sent to the client. */
 
@@ -23,6 +24,7 @@
 #include "forward.h"
 #include "reset.h"
 #include "nat.h"
+#include "encap.h"
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -213,8 +215,11 @@ static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt
 		return reset_tcp(ctx, pkt, R_RESET_NO_BACKEND);
 	if (svc->flags & (SVC_F_NAT | SVC_F_FULLNAT))
 		return new_nat_flow(ctx, pkt, svc, be, &ak, id, affinity_hit, now, replace);
+	__u32 encap = svc->flags & (SVC_F_IPIP | SVC_F_GUE) ? CONN_F_ENCAP : 0;
 	if (!pkt->syn_only || replace)
-		record(svc, pkt, &ak, id, affinity_hit, now, 0, 0);
+		record(svc, pkt, &ak, id, affinity_hit, now, encap, 0);
+	if (encap)
+		return forward_encap(ctx, pkt, be, id);
 	return forward_dsr(ctx, be, id);
 }
 
@@ -266,6 +271,8 @@ int tether_xdp(struct xdp_md *ctx)
 					return count_reason(R_DROP_NAT_STALE, XDP_DROP);
 				return new_flow(ctx, &pkt, 1);
 			}
+			if (c->flags & CONN_F_ENCAP)
+				return forward_encap(ctx, &pkt, be, id);
 			return forward_dsr(ctx, be, id);
 		}
 	}

@@ -98,32 +98,35 @@ type TetherNatEntry struct {
 type TetherReason uint32
 
 const (
-	TetherReasonR_PARSED             TetherReason = 0
-	TetherReasonR_PASS_NOT_IP        TetherReason = 1
-	TetherReasonR_PASS_NOT_VIP       TetherReason = 2
-	TetherReasonR_PASS_NOT_TCP_UDP   TetherReason = 3
-	TetherReasonR_PASS_IPV4OPTIONS   TetherReason = 4
-	TetherReasonR_PASS_IPV4FRAGMENT  TetherReason = 5
-	TetherReasonR_PASS_IPV6EXTENSION TetherReason = 6
-	TetherReasonR_PASS_VLAN_STACK    TetherReason = 7
-	TetherReasonR_DROP_TRUNCATED     TetherReason = 8
-	TetherReasonR_DROP_BAD_HEADER    TetherReason = 9
-	TetherReasonR_DROP_NO_BACKEND    TetherReason = 10
-	TetherReasonR_DROP_TX_FAILED     TetherReason = 11
-	TetherReasonR_RESET_NO_BACKEND   TetherReason = 12
-	TetherReasonR_RESET_BACKEND_DOWN TetherReason = 13
-	TetherReasonR_DROP_L4TRUNCATED   TetherReason = 14
-	TetherReasonR_DROP_TCP_OFFSET    TetherReason = 15
-	TetherReasonR_DROP_UDP_LENGTH    TetherReason = 16
-	TetherReasonR_DROP_IP_CHECKSUM   TetherReason = 17
-	TetherReasonR_RESET_NAT_PORTS    TetherReason = 18
-	TetherReasonR_RESET_NAT_CLASH    TetherReason = 19
-	TetherReasonR_PASS_NAT_KERNEL    TetherReason = 20
-	TetherReasonR_DROP_NAT_NO_ROUTE  TetherReason = 21
-	TetherReasonR_DROP_NAT_STALE     TetherReason = 22
-	TetherReasonR_PASS_NAT_MTU       TetherReason = 23
-	TetherReasonR_DROP_NAT_MTU       TetherReason = 24
-	TetherReasonR_MAX                TetherReason = 25
+	TetherReasonR_PARSED              TetherReason = 0
+	TetherReasonR_PASS_NOT_IP         TetherReason = 1
+	TetherReasonR_PASS_NOT_VIP        TetherReason = 2
+	TetherReasonR_PASS_NOT_TCP_UDP    TetherReason = 3
+	TetherReasonR_PASS_IPV4OPTIONS    TetherReason = 4
+	TetherReasonR_PASS_IPV4FRAGMENT   TetherReason = 5
+	TetherReasonR_PASS_IPV6EXTENSION  TetherReason = 6
+	TetherReasonR_PASS_VLAN_STACK     TetherReason = 7
+	TetherReasonR_DROP_TRUNCATED      TetherReason = 8
+	TetherReasonR_DROP_BAD_HEADER     TetherReason = 9
+	TetherReasonR_DROP_NO_BACKEND     TetherReason = 10
+	TetherReasonR_DROP_TX_FAILED      TetherReason = 11
+	TetherReasonR_RESET_NO_BACKEND    TetherReason = 12
+	TetherReasonR_RESET_BACKEND_DOWN  TetherReason = 13
+	TetherReasonR_DROP_L4TRUNCATED    TetherReason = 14
+	TetherReasonR_DROP_TCP_OFFSET     TetherReason = 15
+	TetherReasonR_DROP_UDP_LENGTH     TetherReason = 16
+	TetherReasonR_DROP_IP_CHECKSUM    TetherReason = 17
+	TetherReasonR_RESET_NAT_PORTS     TetherReason = 18
+	TetherReasonR_RESET_NAT_CLASH     TetherReason = 19
+	TetherReasonR_PASS_NAT_KERNEL     TetherReason = 20
+	TetherReasonR_DROP_NAT_NO_ROUTE   TetherReason = 21
+	TetherReasonR_DROP_NAT_STALE      TetherReason = 22
+	TetherReasonR_PASS_NAT_MTU        TetherReason = 23
+	TetherReasonR_DROP_NAT_MTU        TetherReason = 24
+	TetherReasonR_ICMP_TOO_BIG        TetherReason = 25
+	TetherReasonR_DROP_ENCAP_MTU      TetherReason = 26
+	TetherReasonR_DROP_ENCAP_NO_ROUTE TetherReason = 27
+	TetherReasonR_MAX                 TetherReason = 28
 )
 
 type TetherService struct {
@@ -163,6 +166,14 @@ type TetherSnat struct {
 	Addr [4]uint32
 }
 
+type TetherTunnel struct {
+	_       structs.HostLayout
+	Src     [4]uint32
+	GuePort uint16
+	SrcBits uint8
+	Pad     uint8
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -182,6 +193,7 @@ const (
 	TetherMapServices6       = "services6"
 	TetherMapSnatAddrs       = "snat_addrs"
 	TetherMapSvcStats        = "svc_stats"
+	TetherMapTunnels         = "tunnels"
 	TetherProgTetherXdp      = "tether_xdp"
 	TetherVarBackendStateBtf = "backend_state_btf"
 	TetherVarHashSeed        = "hash_seed"
@@ -252,6 +264,7 @@ type TetherMapSpecs struct {
 	Services6  *ebpf.MapSpec `ebpf:"services6"`
 	SnatAddrs  *ebpf.MapSpec `ebpf:"snat_addrs"`
 	SvcStats   *ebpf.MapSpec `ebpf:"svc_stats"`
+	Tunnels    *ebpf.MapSpec `ebpf:"tunnels"`
 }
 
 // TetherVariableSpecs contains global variables before they are loaded into the kernel.
@@ -298,6 +311,7 @@ type TetherMaps struct {
 	Services6  *ebpf.Map `ebpf:"services6"`
 	SnatAddrs  *ebpf.Map `ebpf:"snat_addrs"`
 	SvcStats   *ebpf.Map `ebpf:"svc_stats"`
+	Tunnels    *ebpf.Map `ebpf:"tunnels"`
 }
 
 func (m *TetherMaps) Close() error {
@@ -317,6 +331,7 @@ func (m *TetherMaps) Close() error {
 		m.Services6,
 		m.SnatAddrs,
 		m.SvcStats,
+		m.Tunnels,
 	)
 }
 

@@ -72,9 +72,15 @@ const (
 	// balancer's (SNATAddress and a port it allocates per connection), as a
 	// proxy does: backends need no route, no VIP and no setting.
 	ForwardingFullNAT = "fullnat"
-	// ForwardingIPIP encapsulates in IP-in-IP (L3 DSR). Known, not supported
-	// yet: a configuration that uses it is refused.
+	// ForwardingIPIP sends the packet to the backend whole inside an outer
+	// IP header (IP in IP): direct server return to backends on any
+	// network, which decapsulate it (tether backend-setup says how) and
+	// hold the VIP on loopback.
 	ForwardingIPIP = "ipip"
+	// ForwardingGUE does the same inside an outer IP and UDP header (GUE,
+	// direct IP encapsulation) to GUEPort, which backends take with a fou
+	// socket; NICs spread UDP flows over their queues by port.
+	ForwardingGUE = "gue"
 )
 
 // Backend states.
@@ -226,14 +232,24 @@ type Service struct {
 	// AffinityTimeout is how long an idle client keeps its backend with
 	// source affinity; unused with connection affinity.
 	AffinityTimeout time.Duration
-	// Forwarding is the forwarding mode: ForwardingDSR, ForwardingNAT or
-	// ForwardingFullNAT.
+	// Forwarding is the forwarding mode: ForwardingDSR, ForwardingNAT,
+	// ForwardingFullNAT, ForwardingIPIP or ForwardingGUE.
 	Forwarding string
 	// SNATAddress is the address fullnat connections reach the backends
 	// from; unset, the address of the interface that reaches each backend
 	// (the kernel's preferred source towards it). Only with
 	// ForwardingFullNAT.
 	SNATAddress netip.Addr
+	// TunnelSource is where ipip and gue packets come from, an address or
+	// a prefix whose low bits (at most 32) vary per flow, so that backends'
+	// NICs spread flows over their queues; it must be routed back to this
+	// host (or at least not dropped by the network). Unset, the address of
+	// the interface that reaches each backend. Only with ForwardingIPIP and
+	// ForwardingGUE.
+	TunnelSource netip.Prefix
+	// GUEPort is the outer UDP destination port of gue packets: 0 means
+	// DefaultGUEPort. Only with ForwardingGUE.
+	GUEPort uint16
 	// Health is how the service's backends are probed: a health.Check with
 	// its defaults applied (DefaultHealth when the file has no health
 	// block), or one of Type HealthNone and no other field set, which

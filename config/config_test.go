@@ -254,6 +254,23 @@ services:
     snat_address: 2001:db8::2
     backends: [{address: 2001:db8::11, port: 8765}]
 `},
+		{"ipip and gue, with tunnel sources, and a backend of the other family", `
+interfaces: [eth0]
+services:
+  - name: tunnelled
+    vip: 203.0.113.10
+    port: 80
+    forwarding: ipip
+    tunnel_source: 198.51.100.64/26
+    backends: [{address: 192.0.2.11}, {address: 2001:db8::11}]
+  - name: gue6
+    vip: 2001:db8::10
+    port: 80
+    forwarding: gue
+    gue_port: 5555
+    tunnel_source: 2001:db8:1::/96
+    backends: [{address: 2001:db8::11}]
+`},
 		{"service with zero backends", `
 interfaces: [eth0]
 services:
@@ -451,15 +468,21 @@ services:
 	{"missing port", strings.Replace(minimal, "    port: 8765\n", "", 1), "services[0].port", "missing"},
 	{"backend port 70000", minimal + "        port: 70000\n", "services[0].backends[0].port", "70000 is out of range 1..65535"},
 	{"backend port 0", minimal + "        port: 0\n", "services[0].backends[0].port", "0 is out of range 1..65535"},
-	{"backend port differs in dsr", minimal + "        port: 8080\n", "services[0].backends[0].port", "dsr forwarding rewrites the MAC address only, it cannot change the port"},
+	{"backend port differs in dsr", minimal + "        port: 8080\n", "services[0].backends[0].port", "dsr forwarding sends the packet as the client sent it, it cannot change the port"},
 	{"backend port differs in dsr, datapath auto", "datapath: auto\n" + minimal + "        port: 8080\n", "services[0].backends[0].port", "forwarding nat or fullnat, and datapath splice, map ports"},
 
 	{"tables.nat too small", strings.Replace(minimal, "interfaces: [eth0]", "interfaces: [eth0]\ntables: {nat: 10}", 1), "tables.nat", "out of range"},
 	// Modes.
 	{"unknown protocol", strings.Replace(minimal, "port: 8765", "port: 8765\n    protocol: sctp", 1), "services[0].protocol", `unknown protocol "sctp" (want tcp or udp)`},
 	{"unknown affinity", strings.Replace(minimal, "port: 8765", "port: 8765\n    affinity: sticky", 1), "services[0].affinity", `unknown mode "sticky" (want source or connection)`},
-	{"unknown forwarding", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: magic", 1), "services[0].forwarding", `unknown mode "magic" (want dsr, nat or fullnat)`},
-	{"ipip refused", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: ipip", 1), "services[0].forwarding", `"ipip" is not supported yet`},
+	{"unknown forwarding", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: magic", 1), "services[0].forwarding", `unknown mode "magic" (want dsr, ipip, gue, nat or fullnat)`},
+	{"tunnel_source without ipip", strings.Replace(minimal, "port: 8765", "port: 8765\n    tunnel_source: 198.51.100.0/28", 1), "services[0].tunnel_source", "only forwarding ipip and gue encapsulate"},
+	{"tunnel_source with host bits", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: ipip\n    tunnel_source: 198.51.100.1/28", 1), "services[0].tunnel_source", `has host bits set: write 198.51.100.0/28`},
+	{"tunnel_source too wide", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: gue\n    tunnel_source: 2001:db8::/64", 1), "services[0].tunnel_source", "varies more than 32 bits per flow: give a prefix of /96 or longer"},
+	{"tunnel_source a word", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: gue\n    tunnel_source: here", 1), "services[0].tunnel_source", `"here" is not an IP address or prefix`},
+	{"tunnel_source loopback", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: ipip\n    tunnel_source: 127.0.0.0/24", 1), "services[0].tunnel_source", "is a loopback address"},
+	{"gue_port without gue", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: ipip\n    gue_port: 5555", 1), "services[0].gue_port", "only forwarding gue sends to a UDP port"},
+	{"backend port differs in ipip", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: ipip", 1) + "        port: 8080\n", "services[0].backends[0].port", "ipip forwarding sends the packet as the client sent it, it cannot change the port"},
 	{"snat_address without fullnat", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: nat\n    snat_address: 198.51.100.2", 1), "services[0].snat_address", "only forwarding fullnat rewrites the client's address"},
 	{"snat_address of the other family", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: fullnat\n    snat_address: 2001:db8::2", 1), "services[0].snat_address", "2001:db8::2 is IPv6 but the vip 203.0.113.10 is IPv4"},
 	{"snat_address loopback", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: fullnat\n    snat_address: 127.0.0.1", 1), "services[0].snat_address", "is a loopback address"},
@@ -644,7 +667,7 @@ services:
 interfaces: [eth0]
 services:
   - port: 0
-    forwarding: ipip
+    forwarding: magic
     vip: 224.0.0.1
     name: "-x"
 `,
@@ -757,7 +780,7 @@ func TestMarshalRoundTrip(t *testing.T) {
 interfaces: [eth0, "eth1"]
 datapath: xdp-generic
 hash_seed: 7
-tables: {connections: 2048, affinity: 4096, ring_size: 251, max_services: 9, max_backends: 11}
+tables: {connections: 2048, affinity: 4096, ring_size: 251, max_services: 11, max_backends: 14}
 services:
   - name: v6
     vip: 2001:db8::10
@@ -781,6 +804,19 @@ services:
     forwarding: fullnat
     snat_address: 198.51.100.2
     backends: [{address: 192.0.2.2, port: 8765}]
+  - name: gue
+    vip: 198.51.100.11
+    port: 80
+    forwarding: gue
+    tunnel_source: 198.51.100.128/25
+    gue_port: 5555
+    backends: [{address: 192.0.2.3}, {address: 2001:db8::3}]
+  - name: ipip
+    vip: 198.51.100.11
+    port: 81
+    forwarding: ipip
+    tunnel_source: 198.51.100.3
+    backends: [{address: 192.0.2.3}]
   - name: http
     vip: 198.51.100.8
     port: 80

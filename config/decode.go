@@ -77,7 +77,7 @@ var (
 	topFields     = []string{"interfaces", "datapath", "hash_seed", "tables", "splice", "services"}
 	tablesFields  = []string{"connections", "nat", "affinity", "ring_size", "max_services", "max_backends"}
 	spliceFields  = []string{"loops", "max_connections"}
-	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "snat_address", "health", "on_down", "idle_timeout", "proxy_protocol", "backends"}
+	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "snat_address", "tunnel_source", "gue_port", "health", "on_down", "idle_timeout", "proxy_protocol", "backends"}
 	healthFields  = []string{"type", "path", "host", "expect_status", "send", "interval", "timeout", "rise", "fall"}
 	backendFields = []string{"address", "port", "weight", "state"}
 )
@@ -322,6 +322,10 @@ func (d *decoder) service(n *yaml.Node, path string) Service {
 			s.Forwarding = d.str(v, p)
 		case "snat_address":
 			s.SNATAddress = d.addr(v, p)
+		case "tunnel_source":
+			s.TunnelSource = d.prefix(v, p)
+		case "gue_port":
+			s.GUEPort = d.port(v, p)
 		case "health":
 			s.Health, healthGiven = d.health(v, p), true
 		case "on_down":
@@ -529,6 +533,40 @@ func (d *decoder) addr(n *yaml.Node, path string) netip.Addr {
 		return netip.Addr{}
 	}
 	return a
+}
+
+// prefix reads an address with or without a prefix length (an address
+// alone is the prefix of that one address).
+func (d *decoder) prefix(n *yaml.Node, path string) netip.Prefix {
+	if n.Kind != yaml.ScalarNode || isNull(n) {
+		d.fail(n, path, "want an IP address or prefix, got %s", describe(n))
+		return netip.Prefix{}
+	}
+	p, err := ParsePrefix(n.Value)
+	if err != nil {
+		d.fail(n, path, "%v", err)
+	}
+	return p
+}
+
+// ParsePrefix parses an address (the prefix of that address alone) or a
+// prefix such as 198.51.100.0/24, whose host bits must be zero.
+func ParsePrefix(s string) (netip.Prefix, error) {
+	if !strings.Contains(s, "/") {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return netip.Prefix{}, fmt.Errorf("%q is not an IP address or prefix", s)
+		}
+		return netip.PrefixFrom(a, a.BitLen()), nil
+	}
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("%q is not an IP address or prefix", s)
+	}
+	if p != p.Masked() {
+		return netip.Prefix{}, fmt.Errorf("%q has host bits set: write %s", s, p.Masked())
+	}
+	return p, nil
 }
 
 func (d *decoder) duration(n *yaml.Node, path string) time.Duration {

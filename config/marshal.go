@@ -184,6 +184,16 @@ func serviceNode(s Service) *yaml.Node {
 	if s.SNATAddress.IsValid() {
 		kv = append(kv, "snat_address", addr(s.SNATAddress))
 	}
+	if p := s.TunnelSource; p.IsValid() {
+		v := p.String()
+		if p.IsSingleIP() {
+			v = p.Addr().String()
+		}
+		kv = append(kv, "tunnel_source", str(v))
+	}
+	if s.GUEPort != 0 {
+		kv = append(kv, "gue_port", integer(s.GUEPort))
+	}
 	kv = append(kv,
 		"health", healthNode(s.Health),
 		"on_down", str(s.OnDown),

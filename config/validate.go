@@ -331,15 +331,26 @@ func (s *Service) validate(v *validator, p string, proxied bool) bool {
 	if s.AffinityTimeout <= 0 || s.AffinityTimeout > MaxAffinityTimeout {
 		v.add(field(p, "affinity_timeout"), "%s is out of range (want more than 0 and at most 720h)", s.AffinityTimeout)
 	}
-	dsr := false
+	dsr, encap := false, false
 	switch s.Forwarding {
 	case ForwardingDSR:
 		dsr = true
+	case ForwardingIPIP, ForwardingGUE:
+		dsr, encap = true, true
 	case ForwardingNAT, ForwardingFullNAT:
-	case ForwardingIPIP:
-		v.add(field(p, "forwarding"), "%q is not supported yet (use dsr, nat or fullnat)", s.Forwarding)
 	default:
-		v.add(field(p, "forwarding"), "unknown mode %q (want dsr, nat or fullnat)", s.Forwarding)
+		v.add(field(p, "forwarding"), "unknown mode %q (want dsr, ipip, gue, nat or fullnat)", s.Forwarding)
+	}
+	if t := s.TunnelSource; t.IsValid() {
+		switch {
+		case !encap:
+			v.add(field(p, "tunnel_source"), "only forwarding ipip and gue encapsulate (remove it, or set forwarding: ipip or gue)")
+		case checkAddr(v, field(p, "tunnel_source"), t.Addr(), true) && t.Addr().BitLen()-t.Bits() > 32:
+			v.add(field(p, "tunnel_source"), "%s varies more than 32 bits per flow: give a prefix of /%d or longer", t, t.Addr().BitLen()-32)
+		}
+	}
+	if s.GUEPort != 0 && s.Forwarding != ForwardingGUE {
+		v.add(field(p, "gue_port"), "only forwarding gue sends to a UDP port (remove it, or set forwarding: gue)")
 	}
 	if s.SNATAddress.IsValid() {
 		switch {
@@ -370,13 +381,15 @@ func (s *Service) validate(v *validator, p string, proxied bool) bool {
 	for j, b := range s.Backends {
 		bp := index(field(p, "backends"), j)
 		addrOK := checkAddr(v, field(bp, "address"), b.Address, false)
-		if addrOK && vipOK && b.Address.Is4() != s.VIP.Is4() {
+		// An encapsulated packet's outer family is its backend's, whatever
+		// the VIP's.
+		if addrOK && vipOK && !encap && b.Address.Is4() != s.VIP.Is4() {
 			v.add(field(bp, "address"), "%s is %s but the vip %s is %s", b.Address, family(b.Address), s.VIP, family(s.VIP))
 			addrOK = false
 		}
 		bportOK := checkPort(v, field(bp, "port"), b.Port)
 		if bportOK && portOK && dsr && !proxied && b.Port != s.Port {
-			v.add(field(bp, "port"), "%d differs from the service port %d: dsr forwarding rewrites the MAC address only, it cannot change the port (leave the port out or make it %d; forwarding nat or fullnat, and datapath splice, map ports)", b.Port, s.Port, s.Port)
+			v.add(field(bp, "port"), "%d differs from the service port %d: %s forwarding sends the packet as the client sent it, it cannot change the port (leave the port out or make it %d; forwarding nat or fullnat, and datapath splice, map ports)", b.Port, s.Port, s.Forwarding, s.Port)
 			bportOK = false
 		}
 		if addrOK && vipOK && bportOK && portOK && b.Address == s.VIP && b.Port == s.Port {

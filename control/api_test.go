@@ -232,10 +232,18 @@ func TestAPIRefused(t *testing.T) {
 			_, err := e.cl.AddService(ctx, ServiceSpec{VIP: "203.0.113.20:80", AffinityTimeout: "3 hours"})
 			return err
 		}, "affinity_timeout", "not a duration"},
-		{"unsupported forwarding", func() error {
-			_, err := e.cl.AddService(ctx, ServiceSpec{VIP: "203.0.113.20:80", Forwarding: "ipip"})
+		{"unknown forwarding", func() error {
+			_, err := e.cl.AddService(ctx, ServiceSpec{VIP: "203.0.113.20:80", Forwarding: "vxlan"})
 			return err
-		}, "forwarding", "not supported yet"},
+		}, "forwarding", "unknown mode"},
+		{"tunnel_source not a prefix", func() error {
+			_, err := e.cl.AddService(ctx, ServiceSpec{VIP: "203.0.113.20:80", Forwarding: "gue", TunnelSource: "198.51.100.1/24"})
+			return err
+		}, "tunnel_source", "has host bits set"},
+		{"gue_port without gue", func() error {
+			_, err := e.cl.AddService(ctx, ServiceSpec{VIP: "203.0.113.20:80", Forwarding: "ipip", GUEPort: 5555})
+			return err
+		}, "gue_port", "only forwarding gue"},
 		{"snat_address not an address", func() error {
 			_, err := e.cl.AddService(ctx, ServiceSpec{VIP: "203.0.113.20:80", Forwarding: "fullnat", SNATAddress: "balancer"})
 			return err

@@ -60,6 +60,8 @@ type ServiceSpec struct {
 	AffinityTimeout string      `json:"affinity_timeout,omitempty"`
 	Forwarding      string      `json:"forwarding,omitempty"`
 	SNATAddress     string      `json:"snat_address,omitempty"`
+	TunnelSource    string      `json:"tunnel_source,omitempty"`
+	GUEPort         uint16      `json:"gue_port,omitempty"`
 	Health          *HealthSpec `json:"health,omitempty"`
 	OnDown          string      `json:"on_down,omitempty"`
 }
@@ -71,6 +73,7 @@ func (spec ServiceSpec) sent() map[string]bool {
 		"vip": true, "port": true, "protocol": spec.Protocol != "", "name": spec.Name != "",
 		"affinity": spec.Affinity != "", "affinity_timeout": spec.AffinityTimeout != "",
 		"forwarding": spec.Forwarding != "", "snat_address": spec.SNATAddress != "",
+		"tunnel_source": spec.TunnelSource != "", "gue_port": spec.GUEPort != 0,
 		"health": spec.Health != nil, "on_down": spec.OnDown != "",
 	}
 }
@@ -207,6 +210,14 @@ func (d *Daemon) AddService(spec ServiceSpec) (Result, error) {
 		if s.SNATAddress, err = netip.ParseAddr(spec.SNATAddress); err != nil {
 			return Result{}, refusef("snat_address", "%q is not an IP address", spec.SNATAddress)
 		}
+	}
+	if spec.TunnelSource != "" {
+		if s.TunnelSource, err = config.ParsePrefix(spec.TunnelSource); err != nil {
+			return Result{}, refusef("tunnel_source", "%v", err)
+		}
+	}
+	if spec.GUEPort != 0 {
+		s.GUEPort = spec.GUEPort
 	}
 	if spec.AffinityTimeout != "" {
 		if s.AffinityTimeout, err = config.ParseDuration(spec.AffinityTimeout); err != nil {

@@ -587,6 +587,8 @@ func (c *Controller) planService(cs config.Service) (planned, error) {
 		OnDownReset:     cs.OnDown == config.OnDownReset,
 		Forwarding:      datapath.Forwarding(cs.Forwarding),
 		SNATAddress:     cs.SNATAddress,
+		TunnelSource:    cs.TunnelSource,
+		GUEPort:         cs.GUEPort,
 		IdleTimeout:     cs.IdleTimeout,
 		ProxyProtocol:   cs.ProxyProtocol == config.ProxyProtocolV2,
 	}

@@ -114,6 +114,8 @@ func serviceDiff(o, n config.Service) *ServiceChange {
 		{"affinity_timeout", o.AffinityTimeout != n.AffinityTimeout},
 		{"forwarding", o.Forwarding != n.Forwarding},
 		{"snat_address", o.SNATAddress != n.SNATAddress},
+		{"tunnel_source", o.TunnelSource != n.TunnelSource},
+		{"gue_port", o.GUEPort != n.GUEPort},
 		{"health", o.Health != n.Health},
 		{"on_down", o.OnDown != n.OnDown},
 		{"idle_timeout", o.IdleTimeout != n.IdleTimeout},

@@ -53,7 +53,22 @@ const (
 	// FullNAT: the source becomes the balancer's address and a port of
 	// the connection's, too.
 	FullNAT Forwarding = "fullnat"
+	// IPIP: the packet goes to the backend whole, inside an outer IP
+	// header addressed to it; the backend decapsulates it, holds the VIP
+	// and answers the client itself.
+	IPIP Forwarding = "ipip"
+	// GUE: as IPIP, inside an outer IP and UDP header (GUE variant 1,
+	// direct IP encapsulation), which a backend's fou socket takes.
+	GUE Forwarding = "gue"
 )
+
+// DefaultGUEPort is the outer UDP destination port of GUE packets when a
+// service sets none.
+const DefaultGUEPort = 6080
+
+// Encapsulates says whether forwarding mode f wraps packets in an outer
+// header (IPIP, GUE).
+func (f Forwarding) Encapsulates() bool { return f == IPIP || f == GUE }
 
 // Backend is a backend of one service. Its ID is unique over all services.
 type Backend struct {
@@ -83,6 +98,14 @@ type Service struct {
 	// SNATAddress is where FullNAT connections come from; unset, the
 	// datapath uses each backend's preferred source address.
 	SNATAddress netip.Addr
+	// TunnelSource is where IPIP and GUE packets come from: per flow, the
+	// prefix's low bits (at most 32) vary, so that a backend's NIC spreads
+	// flows over its queues. Unset, the datapath uses each backend's
+	// preferred source address, the same for every flow.
+	TunnelSource netip.Prefix
+	// GUEPort is the outer UDP destination port of GUE packets (0:
+	// DefaultGUEPort).
+	GUEPort uint16
 	// IdleTimeout, if positive, closes a connection idle either way for
 	// that long, and ProxyProtocol sends the backend a PROXY protocol v2
 	// header first. Only the splice datapath has connections of its own

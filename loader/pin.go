@@ -474,28 +474,37 @@ func (o *Objects) adopt(spec *ebpf.CollectionSpec, ringSize uint32) error {
 	return nil
 }
 
-// addedMaps are the maps added to layout v1 after its first release: state
-// pinned by a tether without them is adopted with new, empty ones (nothing
-// it tracked needs them).
-var addedMaps = []string{bpf.TetherMapNat4, bpf.TetherMapNat6, bpf.TetherMapNatSyn4, bpf.TetherMapNatSyn6, bpf.TetherMapSnatAddrs}
+// addedMaps are the maps added to layout v1 after its first release, by
+// release: state pinned by a tether without the last ones is adopted with
+// new, empty ones (nothing it tracked needs them).
+var addedMaps = [][]string{
+	{bpf.TetherMapNat4, bpf.TetherMapNat6, bpf.TetherMapNatSyn4, bpf.TetherMapNatSyn6, bpf.TetherMapSnatAddrs}, // nat, fullnat
+	{bpf.TetherMapTunnels}, // ipip, gue
+}
+
+// allAdded is every map of addedMaps.
+func allAdded() []string { return slices.Concat(addedMaps...) }
 
 // earlierLayout says whether fp is the fingerprint of state an earlier
 // tether pinned in this layout, which this one adopts: spec without the
-// added maps, or with fewer reasons, or both. missing are the maps that
-// state lacks.
+// maps some last releases added, or with fewer reasons, or both. missing
+// are the maps that state lacks.
 func earlierLayout(spec *ebpf.CollectionSpec, fp uint64) (missing []string, ok bool) {
 	if fewerReasons(spec, fp) {
 		return nil, true
 	}
-	older := *spec
-	older.Maps = make(map[string]*ebpf.MapSpec, len(spec.Maps))
-	for name, ms := range spec.Maps {
-		if !slices.Contains(addedMaps, name) {
-			older.Maps[name] = ms
+	for k := len(addedMaps) - 1; k >= 0; k-- {
+		missing = append(missing, addedMaps[k]...)
+		older := *spec
+		older.Maps = make(map[string]*ebpf.MapSpec, len(spec.Maps))
+		for name, ms := range spec.Maps {
+			if !slices.Contains(missing, name) {
+				older.Maps[name] = ms
+			}
 		}
-	}
-	if fingerprint(&older) == fp || fewerReasons(&older, fp) {
-		return addedMaps, true
+		if fingerprint(&older) == fp || fewerReasons(&older, fp) {
+			return missing, true
+		}
 	}
 	return nil, false
 }
@@ -550,7 +559,7 @@ func grown(old *ebpf.Map, ms *ebpf.MapSpec) (*ebpf.Map, error) {
 // not carried over.
 func (o *Objects) upgradeLayout(meta *ebpf.Map, mv metaValue, fp uint64) error {
 	all := MapsByName(&o.TetherMaps)
-	for _, name := range addedMaps {
+	for _, name := range allAdded() {
 		path := filepath.Join(o.layout, "maps", name)
 		if pinnedAt(all[name], path) {
 			continue

@@ -263,6 +263,10 @@ func serviceEntry(s datapath.Service) maps.Service {
 		e.Forwarding = maps.ForwardNAT
 	case datapath.FullNAT:
 		e.Forwarding = maps.ForwardFullNAT
+	case datapath.IPIP:
+		e.Forwarding = maps.ForwardIPIP
+	case datapath.GUE:
+		e.Forwarding = maps.ForwardGUE
 	}
 	return e
 }
@@ -274,6 +278,10 @@ func forwardingOf(f uint8) datapath.Forwarding {
 		return datapath.NAT
 	case maps.ForwardFullNAT:
 		return datapath.FullNAT
+	case maps.ForwardIPIP:
+		return datapath.IPIP
+	case maps.ForwardGUE:
+		return datapath.GUE
 	}
 	return datapath.DSR
 }
@@ -309,28 +317,47 @@ func (x *XDP) checkSNAT(s datapath.Service) error {
 	return nil
 }
 
-// checkForwarding refuses a mode the XDP program does not have, and a
-// translating one while the kernel does not forward the service's family:
-// the program asks the kernel's FIB for the client's next hop, which
-// answers only on a forwarding host.
+// checkForwarding refuses a mode the XDP program does not have, and one
+// that asks the kernel's FIB for next hops while the kernel does not
+// forward their family, as the FIB then answers nothing: nat and fullnat
+// route the replies to the clients (the VIP's family), ipip and gue the
+// outer packets to the backends (theirs).
 func checkForwarding(s datapath.Service) error {
+	var families []netip.Addr
 	switch s.Forwarding {
 	case "", datapath.DSR:
 		return nil
 	case datapath.NAT, datapath.FullNAT:
+		families = append(families, s.VIP)
+	case datapath.IPIP, datapath.GUE:
+		for _, b := range s.Backends {
+			families = append(families, b.Addr)
+		}
 	default:
 		return datapath.Refuse(fmt.Errorf("service %s: the XDP datapath has no forwarding %q", s.Name, s.Forwarding))
 	}
-	file, sysctl := "/proc/sys/net/ipv4/conf/all/forwarding", "net.ipv4.conf.all.forwarding"
-	if s.VIP.Is6() {
-		file, sysctl = "/proc/sys/net/ipv6/conf/all/forwarding", "net.ipv6.conf.all.forwarding"
+	why := "which routes the replies to the clients"
+	if s.Forwarding.Encapsulates() {
+		why = "which routes the encapsulated packets to the backends"
 	}
-	b, err := os.ReadFile(file)
-	if err != nil {
-		return fmt.Errorf("service %s: read %s: %w", s.Name, sysctl, err)
-	}
-	if strings.TrimSpace(string(b)) != "1" {
-		return datapath.Refuse(fmt.Errorf("service %s: forwarding %s needs IP forwarding on this host, which routes the replies to the clients (sysctl -w %s=1)", s.Name, s.Forwarding, sysctl))
+	checked := map[bool]bool{}
+	for _, a := range families {
+		v6 := a.Unmap().Is6()
+		if checked[v6] {
+			continue
+		}
+		checked[v6] = true
+		file, sysctl := "/proc/sys/net/ipv4/conf/all/forwarding", "net.ipv4.conf.all.forwarding"
+		if v6 {
+			file, sysctl = "/proc/sys/net/ipv6/conf/all/forwarding", "net.ipv6.conf.all.forwarding"
+		}
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return fmt.Errorf("service %s: read %s: %w", s.Name, sysctl, err)
+		}
+		if strings.TrimSpace(string(b)) != "1" {
+			return datapath.Refuse(fmt.Errorf("service %s: forwarding %s needs IP forwarding on this host, %s (sysctl -w %s=1)", s.Name, s.Forwarding, why, sysctl))
+		}
 	}
 	return nil
 }
@@ -467,7 +494,23 @@ func (x *XDP) entry(s datapath.Service, b datapath.Backend) (maps.Backend, error
 		e.MAC, e.SrcMAC, e.Ifindex = h.DstMAC, h.SrcMAC, uint32(h.Ifindex)
 	}
 	if h.Via.IsValid() && (s.Forwarding == "" || s.Forwarding == datapath.DSR) {
-		return maps.Backend{}, datapath.Refuse(fmt.Errorf("service %s: backend %s is reached through gateway %s: dsr forwarding needs backends on a directly connected network (forwarding nat and fullnat route to them)", s.Name, b.Addr, h.Via))
+		return maps.Backend{}, datapath.Refuse(fmt.Errorf("service %s: backend %s is reached through gateway %s: dsr forwarding needs backends on a directly connected network (forwarding ipip, gue, nat and fullnat route to them)", s.Name, b.Addr, h.Via))
+	}
+	// Likewise every backend has a tunnel: its own address towards it
+	// unless the service says another.
+	if h.Src.IsValid() {
+		e.Tunnel.Source = netip.PrefixFrom(h.Src, h.Src.BitLen())
+	}
+	if s.Forwarding.Encapsulates() {
+		if p := s.TunnelSource; p.IsValid() && p.Addr().Is4() == b.Addr.Unmap().Is4() {
+			e.Tunnel.Source = p
+		}
+		if s.Forwarding == datapath.GUE {
+			e.Tunnel.GUEPort = cmp.Or(s.GUEPort, datapath.DefaultGUEPort)
+		}
+		if !e.Tunnel.Source.IsValid() && b.State != datapath.Down {
+			return maps.Backend{}, datapath.Refuse(fmt.Errorf("service %s, backend %s: no source address reaches it for %s: give the interface towards it an address, or set tunnel_source", s.Name, b.Addr, s.Forwarding))
+		}
 	}
 	// Every backend has a fullnat source address, whatever its service's
 	// mode: the fullnat connections it still has when its service changes

@@ -65,6 +65,10 @@ func serviceEntry(vip netip.Addr, port uint16, proto uint8, v bpf.TetherService)
 
 func forwardingOf(flags uint32) uint8 {
 	switch {
+	case flags&FlagGUE != 0:
+		return ForwardGUE
+	case flags&FlagIPIP != 0:
+		return ForwardIPIP
 	case flags&FlagFullNAT != 0:
 		return ForwardFullNAT
 	case flags&FlagNAT != 0:
@@ -74,7 +78,8 @@ func forwardingOf(flags uint32) uint8 {
 }
 
 // Backends lists the backends map entries in use (state not StateUnused),
-// by id, without their fullnat source addresses (LookupBackend has them):
+// by id, without their fullnat source addresses and tunnels (LookupBackend
+// has them):
 // a restart reads every backend, and needs none.
 func (m *Maps) Backends() (map[uint32]Backend, error) {
 	out := map[uint32]Backend{}

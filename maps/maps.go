@@ -41,6 +41,8 @@ const (
 	FlagResetOnDown    uint32 = 1 << 1
 	FlagNAT            uint32 = 1 << 2
 	FlagFullNAT        uint32 = 1 << 3
+	FlagIPIP           uint32 = 1 << 4
+	FlagGUE            uint32 = 1 << 5
 )
 
 // The source ports fullnat allocates (SNAT_PORT_MIN and SNAT_PORT_SPAN of
@@ -50,11 +52,14 @@ const (
 	SNATPortMax = 32767
 )
 
-// Forwarding modes of a service entry (the flags FlagNAT and FlagFullNAT).
+// Forwarding modes of a service entry (the flags FlagNAT, FlagFullNAT,
+// FlagIPIP and FlagGUE).
 const (
 	ForwardDSR uint8 = iota
 	ForwardNAT
 	ForwardFullNAT
+	ForwardIPIP
+	ForwardGUE
 )
 
 const (
@@ -125,7 +130,8 @@ type Service struct {
 	SourceAffinity  bool
 	ResetOnDown     bool
 	AffinityTimeout time.Duration
-	// Forwarding is ForwardDSR, ForwardNAT or ForwardFullNAT.
+	// Forwarding is one of ForwardDSR, ForwardNAT, ForwardFullNAT,
+	// ForwardIPIP and ForwardGUE.
 	Forwarding uint8
 	// RingSignature is the control plane's, stored for the next daemon
 	// (see datapath.Service.RingSignature).
@@ -149,6 +155,10 @@ func (m *Maps) PutService(vip netip.Addr, port uint16, proto uint8, s Service) e
 		v.Flags |= FlagNAT
 	case ForwardFullNAT:
 		v.Flags |= FlagFullNAT
+	case ForwardIPIP:
+		v.Flags |= FlagIPIP
+	case ForwardGUE:
+		v.Flags |= FlagGUE
 	default:
 		return fmt.Errorf("put service %s:%d: forwarding mode %d unknown", vip, port, s.Forwarding)
 	}
@@ -180,6 +190,31 @@ type Backend struct {
 	// SNAT is the address fullnat flows to the backend come from (unset
 	// for other modes).
 	SNAT netip.Addr
+	// Tunnel is how ipip and gue flows to the backend are encapsulated
+	// (zero for other modes).
+	Tunnel Tunnel
+}
+
+// Tunnel is the outer header of a backend's ipip and gue flows.
+type Tunnel struct {
+	// Source holds the outer source addresses: per flow, its low bits (the
+	// last 32 at most) vary. Its family is the backend's.
+	Source netip.Prefix
+	// GUEPort is the outer UDP destination port (gue); 0 means ipip.
+	GUEPort uint16
+}
+
+// tunnelOf is t as the tunnels map holds it.
+func tunnelOf(t Tunnel) bpf.TetherTunnel {
+	var v bpf.TetherTunnel
+	if !t.Source.IsValid() {
+		return v
+	}
+	a := t.Source.Masked().Addr()
+	v.Src = maglev.AddrWords(a)
+	v.SrcBits = uint8(min(a.BitLen()-t.Source.Bits(), 32))
+	v.GuePort = Port(t.GUEPort)
+	return v
 }
 
 // PutBackend writes backend id.
@@ -202,6 +237,10 @@ func (m *Maps) PutBackend(id uint32, b Backend) error {
 	if err := m.m.SnatAddrs.Put(&id, &sn); err != nil {
 		return fmt.Errorf("put backend %d (%s) source address: %w", id, b.Addr, err)
 	}
+	tn := tunnelOf(b.Tunnel)
+	if err := m.m.Tunnels.Put(&id, &tn); err != nil {
+		return fmt.Errorf("put backend %d (%s) tunnel: %w", id, b.Addr, err)
+	}
 	if err := m.m.Backends.Put(&id, &v); err != nil {
 		return fmt.Errorf("put backend %d (%s): %w", id, b.Addr, err)
 	}
@@ -222,6 +261,7 @@ func (m *Maps) LookupBackend(id uint32) (Backend, error) {
 	var (
 		v  bpf.TetherBackend
 		sn bpf.TetherSnat
+		tn bpf.TetherTunnel
 	)
 	if err := m.m.Backends.Lookup(&id, &v); err != nil {
 		return Backend{}, fmt.Errorf("lookup backend %d: %w", id, err)
@@ -229,7 +269,15 @@ func (m *Maps) LookupBackend(id uint32) (Backend, error) {
 	if err := m.m.SnatAddrs.Lookup(&id, &sn); err != nil {
 		return Backend{}, fmt.Errorf("lookup backend %d source address: %w", id, err)
 	}
-	return backendOf(v, sn), nil
+	if err := m.m.Tunnels.Lookup(&id, &tn); err != nil {
+		return Backend{}, fmt.Errorf("lookup backend %d tunnel: %w", id, err)
+	}
+	b := backendOf(v, sn)
+	if tn.Src != ([4]uint32{}) {
+		a := addrOf(tn.Src, v.Family)
+		b.Tunnel = Tunnel{Source: netip.PrefixFrom(a, a.BitLen()-int(tn.SrcBits)), GUEPort: HostPort(tn.GuePort)}
+	}
+	return b, nil
 }
 
 func backendOf(v bpf.TetherBackend, sn bpf.TetherSnat) Backend {

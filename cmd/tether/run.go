@@ -54,6 +54,11 @@ With XDP, per service, "forwarding:" says what backends need:
            arp_announce=2, listen on the service's port, answer clients
            directly, and are on a network directly connected to one of
            the interfaces.
+  ipip     the packet goes to the backend whole inside an outer IP header
+  gue      (gue: and a UDP header to gue_port, default 6080): backends on
+           any network hold the VIP on loopback, decapsulate with the
+           kernel's tunnel devices (tether backend-setup prints how) and
+           answer clients directly. tunnel_source sets the outer source.
   nat      the program rewrites VIP:PORT to the backend's address and port
            and translates the replies back: backends route their replies
            to the clients through this host; they see the clients'
@@ -62,10 +67,10 @@ With XDP, per service, "forwarding:" says what backends need:
            default the address of the interface towards the backend) and a
            port of 1024-32767: backends need no route and no setting; they
            see this host's address.
-nat and fullnat need IP forwarding on (sysctl net.ipv4.conf.all.forwarding=1,
-net.ipv6.conf.all.forwarding=1): the program asks the kernel's routes and
-neighbours for each client's next hop. Their backends may be behind a
-router: frames go to the gateway of the kernel's route to them.
+ipip, gue, nat and fullnat need IP forwarding on (sysctl
+net.ipv4.conf.all.forwarding=1, net.ipv6.conf.all.forwarding=1): the program
+asks the kernel's routes and neighbours for next hops. Their backends may be
+behind a router: frames go to the gateway of the kernel's route to them.
 
 Health checks: the daemon probes every backend with its service's check (a
 TCP connect every 2s by default; http and websocket checks too; "health:

@@ -47,13 +47,16 @@ Examples:
   tether vip add 203.0.113.10:8765 --name chat --affinity-timeout 1h
   tether vip add 203.0.113.10:80 --health-type http --health-path /healthz --health-interval 1s
   tether vip add 203.0.113.20:9000 --protocol udp --health-type udp --health-send ping
-  tether vip add 203.0.113.10:80 --forwarding fullnat   # then: tether backend add 203.0.113.10:80 192.0.2.11:8765`,
+  tether vip add 203.0.113.10:80 --forwarding fullnat   # then: tether backend add 203.0.113.10:80 192.0.2.11:8765
+  tether vip add 203.0.113.10:80 --forwarding gue --tunnel-source 198.51.100.0/28   # backends: tether backend-setup --forwarding gue 203.0.113.10`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "protocol", Value: "tcp", Usage: "transport `PROTO`: tcp or udp"},
 		&cli.StringFlag{Name: "affinity", Value: "source", Usage: "affinity `MODE`: source (all of a client's connections on one backend) or connection (each connection on its own)"},
 		&cli.StringFlag{Name: "affinity-timeout", Value: "3h", Usage: "how long a client's backend is remembered, as a `DURATION` (90s, 30m, 3h)"},
-		&cli.StringFlag{Name: "forwarding", Value: "dsr", Usage: "forwarding `MODE`: dsr (MAC rewrite; backends hold the VIP), nat (address and port rewrite; backends route replies through this host) or fullnat (the client's address too; backends need nothing)"},
+		&cli.StringFlag{Name: "forwarding", Value: "dsr", Usage: "forwarding `MODE`: dsr (MAC rewrite; backends on this network hold the VIP), ipip or gue (encapsulated to backends on any network, which hold the VIP and decapsulate: see tether backend-setup), nat (address and port rewrite; backends route replies through this host) or fullnat (the client's address too; backends need nothing)"},
 		&cli.StringFlag{Name: "snat-address", Usage: "fullnat: the `ADDR` connections reach the backends from (default: the address of the interface that reaches each backend)"},
+		&cli.StringFlag{Name: "tunnel-source", Usage: "ipip and gue: the outer source `ADDR[/LEN]`; a prefix's low bits vary per flow, so that backends' NICs spread flows (default: the address of the interface that reaches each backend)"},
+		&cli.UintFlag{Name: "gue-port", Usage: "gue: the outer UDP destination `PORT`, where backends listen with fou (default 6080)"},
 		&cli.StringFlag{Name: "name", Usage: "the service's `NAME`, for listings and metrics (default: VIP-PORT, such as 203.0.113.10-8765)"},
 		&cli.StringFlag{Name: "health-type", Usage: "health check `TYPE`: tcp, http, websocket, udp or none (default: tcp for a tcp service, none for udp)"},
 		&cli.StringFlag{Name: "health-path", Usage: "http and websocket checks: the request `PATH` (default /)"},
@@ -82,12 +85,20 @@ Examples:
 			{"affinity-timeout", &spec.AffinityTimeout},
 			{"forwarding", &spec.Forwarding},
 			{"snat-address", &spec.SNATAddress},
+			{"tunnel-source", &spec.TunnelSource},
 			{"name", &spec.Name},
 			{"on-down", &spec.OnDown},
 		} {
 			if c.IsSet(f.name) {
 				*f.dst = c.String(f.name)
 			}
+		}
+		if c.IsSet("gue-port") {
+			p := c.Uint("gue-port")
+			if p == 0 || p > 65535 {
+				return fmt.Errorf("--gue-port %d is out of range 1..65535", p)
+			}
+			spec.GUEPort = uint16(p)
 		}
 		h, err := healthFlags(c)
 		if err != nil {

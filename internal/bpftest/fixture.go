@@ -85,12 +85,29 @@ type Service struct {
 	Source   bool          // source affinity
 	Timeout  time.Duration // affinity timeout; default 1h
 	Backends []uint32      // backend ids, active and in the ring
-	// Forwarding is maps.ForwardDSR (default), ForwardNAT or
-	// ForwardFullNAT; BackendPort the backends' port (default the VIP's)
+	// Forwarding is maps.ForwardDSR (default), ForwardNAT, ForwardFullNAT,
+	// ForwardIPIP or ForwardGUE; BackendPort the backends' port (default the VIP's)
 	// and SNAT fullnat's source address.
 	Forwarding  uint8
 	BackendPort uint16
 	SNAT        netip.Addr
+	// Tunnel is the backends' outer header with ForwardIPIP and
+	// ForwardGUE; OtherFamily gives the backends the other family than
+	// the VIP's (IPv4 in IPv6, IPv6 in IPv4).
+	Tunnel      maps.Tunnel
+	OtherFamily bool
+}
+
+// Backend is the address of the service's backend id.
+func (s Service) Backend(id uint32) netip.Addr {
+	vip := s.VIP.Addr()
+	if s.OtherFamily {
+		if vip.Is4() {
+			return BackendAddr(netip.IPv6Unspecified(), id)
+		}
+		return BackendAddr(netip.IPv4Unspecified(), id)
+	}
+	return BackendAddr(vip, id)
 }
 
 // BackendAddr is the address fixtures give backend id of a service whose
@@ -129,12 +146,13 @@ func (f *Fixture) SetBackend(s Service, id uint32, state uint8) {
 	}
 	err := f.Maps.PutBackend(id, maps.Backend{
 		Service: s.ID,
-		Addr:    BackendAddr(s.VIP.Addr(), id),
+		Addr:    s.Backend(id),
 		Port:    port,
 		State:   state,
 		MAC:     BackendMAC(id),
 		SrcMAC:  LBMAC,
 		SNAT:    s.SNAT,
+		Tunnel:  s.Tunnel,
 	})
 	if err != nil {
 		f.TB.Fatal(err)
