@@ -111,6 +111,7 @@ func sizedSpec(opts Options) (*ebpf.CollectionSpec, uint32, error) {
 		setSize(spec, bpf.TetherMapBackends, opts.MaxBackends+1)
 		setSize(spec, bpf.TetherMapBeStats, opts.MaxBackends+1)
 		setSize(spec, bpf.TetherMapSnatAddrs, opts.MaxBackends+1)
+		setSize(spec, bpf.TetherMapTunnels, opts.MaxBackends+1)
 	}
 	if opts.MaxBackends > maps.MaxBackendID {
 		return nil, 0, fmt.Errorf("max backends %d: rings hold backend ids up to %d", opts.MaxBackends, maps.MaxBackendID)

@@ -164,6 +164,7 @@ var configField = map[string]string{
 	bpf.TetherMapNat4:       "tables.nat",
 	bpf.TetherMapNat6:       "tables.nat",
 	bpf.TetherMapSnatAddrs:  "tables.max_backends",
+	bpf.TetherMapTunnels:    "tables.max_backends",
 	bpf.TetherMapAffinities: "tables.affinity",
 	bpf.TetherMapServices4:  "tables.max_services",
 	bpf.TetherMapServices6:  "tables.max_services",

@@ -192,44 +192,15 @@ func testEncapForwarding(t *testing.T, mode string) {
 	for i := 1; len(open) < 200; i += connsPerC {
 		open = append(open, conns[i])
 	}
-	echoers := make([]*echoer, len(open))
-	stop := make(chan struct{})
-	done := make(chan struct{}, len(open))
-	for i, c := range open {
-		echoers[i] = &echoer{c: c}
-		go func() {
-			echoers[i].run(stop, 100*time.Millisecond)
-			done <- struct{}{}
-		}()
-	}
-	stopped := false
-	stopEchoers := func() {
-		if !stopped {
-			stopped = true
-			close(stop)
-			for range open {
-				<-done
+	total := echoWhile(t, open, func() {
+		for i := range 2 {
+			if i > 0 {
+				time.Sleep(time.Second)
 			}
+			gap, _ := d.restart(l, tetherBin)
+			t.Logf("restart %d: %v without a daemon", i+1, gap.Round(time.Millisecond))
 		}
-	}
-	defer stopEchoers()
-	time.Sleep(time.Second)
-	for i := range 2 {
-		gap, _ := d.restart(l, tetherBin)
-		t.Logf("restart %d: %v without a daemon", i+1, gap.Round(time.Millisecond))
-		time.Sleep(time.Second)
-	}
-	stopEchoers()
-	total := 0
-	for _, e := range echoers {
-		if e.err != nil {
-			t.Error(e.err)
-		}
-		total += e.echoes
-	}
-	if t.Failed() {
-		t.FailNow()
-	}
+	})
 	t.Logf("%d connections echoed %d messages through two restarts: none lost", len(open), total)
 
 	// Kill backend 2: it goes down, its clients reconnect to others.

@@ -192,60 +192,28 @@ func testNATForwarding(t *testing.T, mode, upgrade string) {
 	for i := 1; len(open) < 200; i += connsPerC {
 		open = append(open, conns[i])
 	}
-	echoers := make([]*echoer, len(open))
-	stop := make(chan struct{})
-	done := make(chan struct{}, len(open))
-	for i, c := range open {
-		echoers[i] = &echoer{c: c}
-		go func() {
-			echoers[i].run(stop, 100*time.Millisecond)
-			done <- struct{}{}
-		}()
-	}
-	stopped := false
-	stopEchoers := func() {
-		if !stopped {
-			stopped = true
-			close(stop)
-			for range open {
-				<-done
-			}
-		}
-	}
-	defer stopEchoers()
 	settle := func() { time.Sleep(time.Second) }
-	settle()
-
-	be4, err := l.AddBackend()
-	if err != nil {
-		t.Fatal(err)
-	}
-	servers[be4.Name] = natBackend(t, l, mode, be4)
-	all := append(append([]*lab.Host{}, l.Backends[:3]...), be4)
-	d.reload(natConfig(l, mode, all))
-	settle()
 	be1 := l.Backends[0]
-	d.reload(natConfig(l, mode, all, be1))
-	settle()
-	for i := range 2 {
-		gap, _ := d.restart(l, tetherBin)
-		t.Logf("restart %d: %v without a daemon", i+1, gap.Round(time.Millisecond))
-		settle()
-	}
-	gap, _ := d.restart(l, upgrade)
-	t.Logf("upgrade: %v without a daemon", gap.Round(time.Millisecond))
-	settle()
-	stopEchoers()
-	total := 0
-	for _, e := range echoers {
-		if e.err != nil {
-			t.Error(e.err)
+	var all []*lab.Host
+	total := echoWhile(t, open, func() {
+		be4, err := l.AddBackend()
+		if err != nil {
+			t.Fatal(err)
 		}
-		total += e.echoes
-	}
-	if t.Failed() {
-		t.FailNow()
-	}
+		servers[be4.Name] = natBackend(t, l, mode, be4)
+		all = append(append([]*lab.Host{}, l.Backends[:3]...), be4)
+		d.reload(natConfig(l, mode, all))
+		settle()
+		d.reload(natConfig(l, mode, all, be1))
+		settle()
+		for i := range 2 {
+			gap, _ := d.restart(l, tetherBin)
+			t.Logf("restart %d: %v without a daemon", i+1, gap.Round(time.Millisecond))
+			settle()
+		}
+		gap, _ := d.restart(l, upgrade)
+		t.Logf("upgrade: %v without a daemon", gap.Round(time.Millisecond))
+	})
 	t.Logf("%d connections echoed %d messages through a backend added, one drained, two restarts and an upgrade: none lost", len(open), total)
 
 	// A client of the drained backend that comes back goes elsewhere.

@@ -435,3 +435,41 @@ func snmpCounters(t *testing.T, h *lab.Host, group string, names ...string) []ui
 	}
 	return out
 }
+
+// echoWhile keeps every connection of open echoing every 100 ms while
+// changes runs, waits a second before and after, and fails the test for
+// any connection that lost an echo or closed. It returns the echoes.
+func echoWhile(t *testing.T, open []*conn, changes func()) int {
+	t.Helper()
+	echoers := make([]*echoer, len(open))
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for i, c := range open {
+		echoers[i] = &echoer{c: c}
+		wg.Go(func() { echoers[i].run(stop, 100*time.Millisecond) })
+	}
+	stopped := false
+	stopEchoers := func() {
+		if !stopped {
+			stopped = true
+			close(stop)
+			wg.Wait()
+		}
+	}
+	defer stopEchoers()
+	time.Sleep(time.Second)
+	changes()
+	time.Sleep(time.Second)
+	stopEchoers()
+	total := 0
+	for _, e := range echoers {
+		if e.err != nil {
+			t.Error(e.err)
+		}
+		total += e.echoes
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	return total
+}

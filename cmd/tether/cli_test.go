@@ -525,7 +525,8 @@ func TestCompletion(t *testing.T) {
 		t.Skip("no bash")
 	}
 	for _, tc := range []struct{ line, want string }{
-		{"tether back", "backend"},
+		{"tether backend-", "backend-setup"},
+		{"tether back", "backend backend-setup"},
 		{"tether backend dr", "drain"},
 		{"tether stats --wa", "--watch"},
 	} {
