@@ -126,6 +126,7 @@ enum reason {
 	R_ICMP_TOO_BIG,	       /* ipip, gue: over the egress MTU once encapsulated: answered with ICMP */
 	R_DROP_ENCAP_MTU, /* ipip, gue: over the egress MTU, and IPv4 without DF (or too short to quote) */
 	R_DROP_ENCAP_NO_ROUTE, /* ipip, gue: no route to the backend (or forwarding off) */
+	R_PASS_ICMP_NO_FLOW,   /* an ICMP error about a VIP flow whose backend is gone: to the kernel */
 	R_MAX,
 };
 

@@ -5,8 +5,11 @@
  * or that would rather not pay for them: attached to the backend's
  * interface (tether backend-setup --decap xdp), it strips the outer header
  * of IP-in-IP (IPv4 or IPv6 outer, IPv4 or IPv6 inside) and of GUE
- * variant 1 to gue_port, and passes the packet inside to the kernel as if
- * it had arrived so. Anything else passes untouched. */
+ * variant 1 to gue_port, addressed to this host, and passes the packet
+ * inside to the kernel as if it had arrived so. Anything else passes
+ * untouched. Like the kernel's tunnel devices in external mode, it takes
+ * any outer source: let only the balancers send such packets to the
+ * backends (a firewall at the network's edge). */
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -17,6 +20,9 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "consts.h"
+
+#define AF_INET	 2
+#define AF_INET6 10
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -30,6 +36,24 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } decap_stats SEC(".maps");
+
+/* for_us says whether the outer packet is addressed to this host: a host
+ * that does not forward takes only what is (the kernel's FIB does not
+ * even look); one that does must find the destination local, so that
+ * transit traffic is never decapsulated. */
+static __always_inline int for_us(struct xdp_md *ctx, __u8 family, const void *src, const void *dst)
+{
+	struct bpf_fib_lookup fib = {.family = family, .ifindex = ctx->ingress_ifindex};
+	if (family == AF_INET6) {
+		__builtin_memcpy(fib.ipv6_src, src, sizeof(fib.ipv6_src));
+		__builtin_memcpy(fib.ipv6_dst, dst, sizeof(fib.ipv6_dst));
+	} else {
+		__builtin_memcpy(&fib.ipv4_src, src, sizeof(fib.ipv4_src));
+		__builtin_memcpy(&fib.ipv4_dst, dst, sizeof(fib.ipv4_dst));
+	}
+	long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	return rc == BPF_FIB_LKUP_RET_FWD_DISABLED || rc == BPF_FIB_LKUP_RET_NOT_FWDED;
+}
 
 /* inner_of says which Ethernet type the packet at p starts with (an IPv4
  * or IPv6 header, by its version), 0 if neither or out of reach. */
@@ -55,8 +79,9 @@ int tether_decap(struct xdp_md *ctx)
 	if ((void *)(eth + 1) > data_end)
 		return XDP_PASS;
 	__u32 hdr; /* bytes of outer headers */
-	__u8 proto;
+	__u8 proto, family;
 	__u8 *l4;
+	void *src, *dst;
 	if (eth->h_proto == ETH_P_IP_BE) {
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > data_end || ip->ihl != 5 || (ip->frag_off & IP_MF_OFFSET_BE))
@@ -64,6 +89,9 @@ int tether_decap(struct xdp_md *ctx)
 		proto = ip->protocol;
 		l4 = (void *)(ip + 1);
 		hdr = sizeof(*ip);
+		family = AF_INET;
+		src = &ip->saddr;
+		dst = &ip->daddr;
 	} else if (eth->h_proto == ETH_P_IPV6_BE) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > data_end)
@@ -71,6 +99,9 @@ int tether_decap(struct xdp_md *ctx)
 		proto = ip6->nexthdr;
 		l4 = (void *)(ip6 + 1);
 		hdr = sizeof(*ip6);
+		family = AF_INET6;
+		src = &ip6->saddr;
+		dst = &ip6->daddr;
 	} else {
 		return XDP_PASS;
 	}
@@ -91,6 +122,8 @@ int tether_decap(struct xdp_md *ctx)
 	__u16 type = inner_of(l4, data_end);
 	if (!type || (proto == IPPROTO_IPIP && type != ETH_P_IP_BE) ||
 	    (proto == IPPROTO_IPV6 && type != ETH_P_IPV6_BE))
+		return XDP_PASS;
+	if (!for_us(ctx, family, src, dst))
 		return XDP_PASS;
 
 	/* The Ethernet header moves to just before the packet inside. */

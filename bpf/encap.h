@@ -183,6 +183,8 @@ static __always_inline int too_big6(struct xdp_md *ctx, const struct packet *pkt
 static __always_inline int too_big(struct xdp_md *ctx, const struct packet *pkt, __u32 mtu, __u32 overhead,
 				   __u32 len)
 {
+	if (pkt->icmp) /* never an ICMP error about an ICMP error */
+		return count_reason(R_DROP_ENCAP_MTU, XDP_DROP);
 	__u32 fits = mtu > overhead ? mtu - overhead : 0;
 	if (pkt->family == AF_INET6) {
 		if (len < sizeof(struct ipv6hdr) + ICMP6_QUOTE)
@@ -201,7 +203,8 @@ static __always_inline int too_big(struct xdp_md *ctx, const struct packet *pkt,
  * backend, len bytes) in the kernel's FIB. It returns 0 with the hop in
  * fib, or the MTU the outer packet exceeds (> 0), or a negative value when
  * no route leads to the backend. A next hop the kernel has not resolved
- * (yet) is the backend entry's, which the control plane keeps resolved. */
+ * (yet) is the backend entry's, which the control plane keeps resolved, if
+ * the route still leaves by its interface. */
 static __always_inline long encap_hop(struct xdp_md *ctx, const struct backend *be, const __u32 *src,
 				      __u32 len, __u8 l4, struct bpf_fib_lookup *fib)
 {
@@ -221,7 +224,7 @@ static __always_inline long encap_hop(struct xdp_md *ctx, const struct backend *
 		return 0;
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		return fib->mtu_result ? fib->mtu_result : 1;
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH && be->ifindex) {
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH && be->ifindex && be->ifindex == fib->ifindex) {
 		__builtin_memcpy(fib->dmac, be->dmac, ETH_ALEN);
 		__builtin_memcpy(fib->smac, be->smac, ETH_ALEN);
 		fib->ifindex = be->ifindex;
@@ -311,7 +314,8 @@ static __always_inline int forward_encap(struct xdp_md *ctx, const struct packet
 		ip->ihl = 5;
 		ip->tos = tos;
 		ip->tot_len = bpf_htons(len + overhead);
-		ip->id = 0;
+		/* An outer packet routers may fragment needs an id of its own. */
+		ip->id = df ? 0 : (__u16)bpf_get_prandom_u32();
 		ip->frag_off = df;
 		ip->ttl = 64;
 		ip->protocol = gue ? IPPROTO_UDP : inner;

@@ -26,6 +26,7 @@
 #include "parsing.h"
 #include "hash.h"
 #include "forward.h"
+#include "lookup.h"
 
 /* Incremental checksum update (RFC 1624): HC' = ~(~HC + ~m + m'). A diff
  * sums ~m + m' over the changed 16-bit words; words are added as loaded,
@@ -115,19 +116,6 @@ static __always_inline int nat_rewrite(struct xdp_md *ctx, const struct packet *
 		udp->check = c ? c : 0xffff; /* 0 would mean "no checksum" */
 	}
 	return 0;
-}
-
-/* key4_of is the compact key of an IPv4 flow key. */
-static __always_inline struct flow_key4 key4_of(const struct flow_key *k)
-{
-	struct flow_key4 k4 = {
-	    .src = k->src[0],
-	    .dst = k->dst[0],
-	    .sport = k->sport,
-	    .dport = k->dport,
-	    .proto = k->proto,
-	};
-	return k4;
 }
 
 /* nat_lookup finds the NAT entry of reply key rk, established or (half)

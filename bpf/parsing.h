@@ -32,6 +32,7 @@ struct packet {
 	__u8 closing;  /* TCP FIN or RST (CLOSING_*): the connection is ending */
 	__u8 vlan;     /* one 802.1Q tag sits before the IP header */
 	__u8 syn;      /* TCP SYN, with or without ACK */
+	__u8 icmp;     /* an ICMP error about the flow of key (icmp.h) */
 };
 
 #define CLOSING_FIN 1

@@ -126,7 +126,8 @@ const (
 	TetherReasonR_ICMP_TOO_BIG        TetherReason = 25
 	TetherReasonR_DROP_ENCAP_MTU      TetherReason = 26
 	TetherReasonR_DROP_ENCAP_NO_ROUTE TetherReason = 27
-	TetherReasonR_MAX                 TetherReason = 28
+	TetherReasonR_PASS_ICMP_NO_FLOW   TetherReason = 28
+	TetherReasonR_MAX                 TetherReason = 29
 )
 
 type TetherService struct {

@@ -345,8 +345,11 @@ func (s *Service) validate(v *validator, p string, proxied bool) bool {
 		switch {
 		case !encap:
 			v.add(field(p, "tunnel_source"), "only forwarding ipip and gue encapsulate (remove it, or set forwarding: ipip or gue)")
-		case checkAddr(v, field(p, "tunnel_source"), t.Addr(), true) && t.Addr().BitLen()-t.Bits() > 32:
+		case !checkAddr(v, field(p, "tunnel_source"), t.Addr(), true) || !checkAddr(v, field(p, "tunnel_source"), lastAddr(t), true):
+		case t.Addr().BitLen()-t.Bits() > 32:
 			v.add(field(p, "tunnel_source"), "%s varies more than 32 bits per flow: give a prefix of /%d or longer", t, t.Addr().BitLen()-32)
+		case !slices.ContainsFunc(s.Backends, func(b Backend) bool { return b.Address.Is4() == t.Addr().Is4() }) && len(s.Backends) > 0:
+			v.add(field(p, "tunnel_source"), "%s is %s but no backend is: outer headers take the backend's family", t, family(t.Addr()))
 		}
 	}
 	if s.GUEPort != 0 && s.Forwarding != ForwardingGUE {
@@ -516,6 +519,16 @@ func checkAddr(v *validator, path string, a netip.Addr, vip bool) bool {
 	}
 	v.add(path, "%s %s", a, problem)
 	return false
+}
+
+// lastAddr is the last address of prefix p.
+func lastAddr(p netip.Prefix) netip.Addr {
+	b := p.Masked().Addr().AsSlice()
+	for i := p.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 0x80 >> (i % 8)
+	}
+	a, _ := netip.AddrFromSlice(b)
+	return a
 }
 
 func family(a netip.Addr) string {

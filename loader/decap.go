@@ -17,10 +17,10 @@ import (
 // strips the outer header of ipip packets and of gue packets to guePort
 // (0: ipip only), and attaches it to interface ifname of a backend. It is
 // attached through netlink, not with a BPF link, so that it stays after
-// this process ends, until DetachDecap: in native mode, or generic mode
-// where the driver has none (mode says which). It replaces an XDP program
-// attached the same way, and fails on an interface whose XDP program is
-// held by a BPF link (a tether balancer's).
+// this process ends ("ip link set dev IF xdp off" removes it): in native
+// mode, or generic mode where the driver has none (mode says which). It
+// replaces a decapsulation program attached before, and refuses an
+// interface that has another XDP program.
 func AttachDecap(ifname string, guePort uint16) (mode string, err error) {
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return "", fmt.Errorf("remove memlock limit: %w", err)
@@ -28,6 +28,18 @@ func AttachDecap(ifname string, guePort uint16) (mode string, err error) {
 	link, err := netlink.LinkByName(ifname)
 	if err != nil {
 		return "", fmt.Errorf("interface %s: %w", ifname, err)
+	}
+	if x := link.Attrs().Xdp; x != nil && x.Attached && x.ProgId != 0 {
+		name := "?"
+		if p, err := ebpf.NewProgramFromID(ebpf.ProgramID(x.ProgId)); err == nil {
+			if info, err := p.Info(); err == nil {
+				name = info.Name
+			}
+			p.Close()
+		}
+		if name != bpf.DecapProgTetherDecap {
+			return "", fmt.Errorf("interface %s has an XDP program already (%s, id %d): tether's decapsulation would replace it", ifname, name, x.ProgId)
+		}
 	}
 	spec, err := bpf.LoadDecap()
 	if err != nil {
@@ -53,18 +65,4 @@ func AttachDecap(ifname string, guePort uint16) (mode string, err error) {
 		return "", fmt.Errorf("attach the decapsulation program to %s: %w", ifname, err)
 	}
 	return "generic", nil
-}
-
-// DetachDecap removes the XDP program AttachDecap attached to ifname.
-func DetachDecap(ifname string) error {
-	link, err := netlink.LinkByName(ifname)
-	if err != nil {
-		return fmt.Errorf("interface %s: %w", ifname, err)
-	}
-	for _, flags := range []int{nl.XDP_FLAGS_DRV_MODE, nl.XDP_FLAGS_SKB_MODE} {
-		if err := netlink.LinkSetXdpFdWithFlags(link, -1, flags); err != nil {
-			return fmt.Errorf("detach the XDP program of %s: %w", ifname, err)
-		}
-	}
-	return nil
 }

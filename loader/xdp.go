@@ -330,6 +330,11 @@ func checkForwarding(s datapath.Service) error {
 	case datapath.NAT, datapath.FullNAT:
 		families = append(families, s.VIP)
 	case datapath.IPIP, datapath.GUE:
+		// The backends' families; the VIP's while there are none.
+		families = append(families, s.VIP)
+		if len(s.Backends) > 0 {
+			families = families[:0]
+		}
 		for _, b := range s.Backends {
 			families = append(families, b.Addr)
 		}

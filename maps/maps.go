@@ -253,6 +253,10 @@ func (m *Maps) ClearBackend(id uint32) error {
 	if err := m.m.Backends.Put(&id, &v); err != nil {
 		return fmt.Errorf("clear backend %d: %w", id, err)
 	}
+	var tn bpf.TetherTunnel
+	if err := m.m.Tunnels.Put(&id, &tn); err != nil {
+		return fmt.Errorf("clear backend %d tunnel: %w", id, err)
+	}
 	return nil
 }
 

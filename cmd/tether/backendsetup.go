@@ -36,7 +36,9 @@ in place as it is, so running it again is safe).
              --gue-port) and rp_filter loosened on them; with --decap xdp
              tether's own XDP program on --interface, for kernels without
              those devices (it strips ipip and gue headers before the
-             kernel sees the packet).
+             kernel sees the packet; "ip link set dev IF xdp off" removes
+             it). An IPv6 VIP with IPv4 backends needs --decap xdp (or a
+             sit device of the operator's).
 
 nat and fullnat need nothing on the backend (nat: a route to the clients
 through the balancer). Encapsulation adds 20 bytes (ipip over IPv4), 28
@@ -87,7 +89,11 @@ Examples:
 				continue
 			}
 			if err := s.apply(); err != nil {
-				return fmt.Errorf("%s: %w (steps 1-%d are in place; fix this and run again)", s.shell, err, i)
+				done := "no step was carried out"
+				if i > 0 {
+					done = fmt.Sprintf("the %d steps before it are in place", i)
+				}
+				return fmt.Errorf("%s: %w (%s; fix this and run again)", s.shell, err, done)
 			}
 			fmt.Fprintf(c.App.Writer, "done: %s\n", s.shell)
 		}
@@ -170,7 +176,8 @@ func setupSteps(o setupOptions) ([]setupStep, error) {
 	steps = append(steps,
 		linkStep(ipipDevice, "ipip", "", "IPv4 outer headers (IPv4 inside)", &netlink.Iptun{LinkAttrs: netlink.LinkAttrs{Name: ipipDevice}, FlowBased: true}),
 		linkStep(ip6tnlDevice, "ip6tnl", " mode any", "IPv6 outer headers (IPv4 or IPv6 inside)", &netlink.Ip6tnl{LinkAttrs: netlink.LinkAttrs{Name: ip6tnlDevice}, FlowBased: true}),
-		sysctlStep("net.ipv4.conf."+ipipDevice+".rp_filter", "0", "decapsulated packets arrive on the tunnel device, not where the clients are routed"),
+		sysctlStep("net.ipv4.conf."+ipipDevice+".rp_filter", "0", "decapsulated packets arrive on the tunnel devices, not where the clients are routed"),
+		sysctlStep("net.ipv4.conf."+ip6tnlDevice+".rp_filter", "0", "IPv4 packets inside IPv6 too"),
 		setupStep{
 			shell:   "sysctl -w net.ipv4.conf.all.rp_filter=2   # only if it is 1",
 			comment: "strict reverse-path filtering would drop them all the same",
@@ -188,10 +195,15 @@ func setupSteps(o setupOptions) ([]setupStep, error) {
 				shell:   shell,
 				comment: "a UDP socket that hands gue packets to the tunnel devices",
 				apply: func() error {
-					err := netlink.FouAdd(netlink.Fou{Family: fam, Port: port, EncapType: netlink.FOU_ENCAP_GUE})
-					if errors.Is(err, unix.EEXIST) {
-						return nil
+					have, err := netlink.FouList(fam)
+					if err == nil {
+						for _, f := range have {
+							if f.Port == port && f.EncapType == netlink.FOU_ENCAP_GUE {
+								return nil // in place
+							}
+						}
 					}
+					err = netlink.FouAdd(netlink.Fou{Family: fam, Port: port, EncapType: netlink.FOU_ENCAP_GUE})
 					if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EOPNOTSUPP) {
 						return fmt.Errorf("this kernel has no fou (CONFIG_NET_FOU): use --decap xdp")
 					}

@@ -1,0 +1,245 @@
+package bpf_test
+
+import (
+	"bytes"
+	"encoding/binary"
+	"net"
+	"net/netip"
+	"testing"
+
+	"github.com/tetherlb/tether/internal/bpftest"
+	"github.com/tetherlb/tether/maps"
+)
+
+var (
+	router4 = netip.MustParseAddr("198.51.100.254")
+	router6 = netip.MustParseAddr("2001:db8:100::fe")
+)
+
+// icmpError is the frame of an ICMP error a router sends to the VIP
+// about reply (an IP packet, from the VIP to a client): "fragmentation
+// needed" with MTU 1400 (ICMPv6 "packet too big" with 1280), quoting all
+// of reply, checksums right.
+func icmpError(reply []byte) []byte {
+	v6 := reply[0]>>4 == 6
+	msg := make([]byte, 8, 8+len(reply))
+	var l3 []byte
+	if !v6 {
+		msg[0], msg[1] = 3, 4
+		binary.BigEndian.PutUint16(msg[6:], 1400)
+		msg = append(msg, reply...)
+		binary.BigEndian.PutUint16(msg[2:], ^bpftest.Fold(bpftest.OnesSum(msg, 0)))
+		l3 = make([]byte, 20)
+		l3[0], l3[8], l3[9] = 0x45, 64, 1
+		binary.BigEndian.PutUint16(l3[2:], uint16(20+len(msg)))
+		s, d := router4.As4(), [4]byte(reply[12:16])
+		copy(l3[12:], s[:])
+		copy(l3[16:], d[:])
+		binary.BigEndian.PutUint16(l3[10:], ^bpftest.Fold(bpftest.OnesSum(l3, 0)))
+	} else {
+		msg[0] = 2
+		binary.BigEndian.PutUint32(msg[4:], 1280)
+		msg = append(msg, reply...)
+		l3 = make([]byte, 40)
+		l3[0], l3[6], l3[7] = 0x60, 58, 64
+		binary.BigEndian.PutUint16(l3[4:], uint16(len(msg)))
+		s := router6.As16()
+		copy(l3[8:], s[:])
+		copy(l3[24:], reply[8:24])
+		binary.BigEndian.PutUint16(msg[2:], ^bpftest.Fold(bpftest.OnesSum(msg, bpftest.OnesSum(icmp6Pseudo(l3, len(msg)), 0))))
+	}
+	eth := append(append(append([]byte{}, bpftest.LBMAC...), bpftest.ClientMAC...), 0x08, 0x00)
+	if v6 {
+		eth[12], eth[13] = 0x86, 0xdd
+	}
+	return append(append(eth, l3...), msg...)
+}
+
+func icmp6Pseudo(ip6 []byte, n int) []byte {
+	p := append(append([]byte{}, ip6[8:40]...), 0, 0, 0, 0, 0, 0, 0, 58)
+	binary.BigEndian.PutUint32(p[32:], uint32(n))
+	return p
+}
+
+// checkICMP verifies an ICMP error frame's checksums: the outer IPv4
+// header's, the ICMP message's, the quoted IPv4 header's and a quoted UDP
+// checksum (over the whole quoted datagram), and returns the outer
+// destination and the quoted source and destination.
+func checkICMP(t *testing.T, frame []byte) (dst netip.Addr, qsrc, qdst netip.AddrPort) {
+	t.Helper()
+	ip := frame[14:]
+	var msg, quoted []byte
+	if ip[0]>>4 == 4 {
+		if bpftest.Fold(bpftest.OnesSum(ip[:20], 0)) != 0xffff {
+			t.Fatal("outer IPv4 header checksum wrong")
+		}
+		dst, msg = netip.AddrFrom4([4]byte(ip[16:20])), ip[20:binary.BigEndian.Uint16(ip[2:])]
+		if bpftest.Fold(bpftest.OnesSum(msg, 0)) != 0xffff {
+			t.Fatal("ICMP checksum wrong")
+		}
+		quoted = msg[8:]
+		if bpftest.Fold(bpftest.OnesSum(quoted[:20], 0)) != 0xffff {
+			t.Fatal("quoted IPv4 header checksum wrong")
+		}
+		qsrc = netip.AddrPortFrom(netip.AddrFrom4([4]byte(quoted[12:16])), binary.BigEndian.Uint16(quoted[20:]))
+		qdst = netip.AddrPortFrom(netip.AddrFrom4([4]byte(quoted[16:20])), binary.BigEndian.Uint16(quoted[22:]))
+	} else {
+		dst, msg = netip.AddrFrom16([16]byte(ip[24:40])), ip[40:40+int(binary.BigEndian.Uint16(ip[4:]))]
+		if bpftest.Fold(bpftest.OnesSum(msg, bpftest.OnesSum(icmp6Pseudo(ip, len(msg)), 0))) != 0xffff {
+			t.Fatal("ICMPv6 checksum wrong")
+		}
+		quoted = msg[8:]
+		qsrc = netip.AddrPortFrom(netip.AddrFrom16([16]byte(quoted[8:24])), binary.BigEndian.Uint16(quoted[40:]))
+		qdst = netip.AddrPortFrom(netip.AddrFrom16([16]byte(quoted[24:40])), binary.BigEndian.Uint16(quoted[42:]))
+	}
+	eth := make([]byte, 14, 14+len(quoted))
+	eth[12], eth[13] = 0x08, 0x00
+	if quoted[0]>>4 == 6 {
+		eth[12], eth[13] = 0x86, 0xdd
+	}
+	if err := bpftest.VerifyChecksums(append(eth, quoted...)); err != nil && (quoted[0]>>4 == 4 && quoted[9] == bpftest.UDP || quoted[0]>>4 == 6 && quoted[6] == bpftest.UDP) {
+		t.Fatalf("quoted datagram: %v", err)
+	}
+	return dst, qsrc, qdst
+}
+
+// TestICMPForwarded: an ICMP error a router sends to the VIP about a
+// flow's reply goes to the backend that holds the flow, in every
+// forwarding mode: as it came (dsr), encapsulated (ipip), or with its
+// destination and the quoted reply translated to what the backend sent
+// (nat, fullnat), checksums right; one about a flow with no connection
+// entry goes where the ring sends the flow.
+func TestICMPForwarded(t *testing.T) {
+	for _, mode := range []uint8{maps.ForwardDSR, maps.ForwardNAT, maps.ForwardFullNAT, maps.ForwardIPIP} {
+		name := map[uint8]string{maps.ForwardDSR: "dsr", maps.ForwardNAT: "nat", maps.ForwardFullNAT: "fullnat", maps.ForwardIPIP: "ipip"}[mode]
+		t.Run(name, func(t *testing.T) {
+			var f *bpftest.Fixture
+			var svcs []bpftest.Service
+			var lbMAC net.HardwareAddr
+			run := func(frame []byte) (uint32, []byte) { return f.Run(frame) }
+			if mode == maps.ForwardIPIP {
+				e := newEncapLab(t, mode, false)
+				f, svcs, lbMAC = e.Fixture, e.svcs, e.lab.Balancer.MAC
+				run = func(frame []byte) (uint32, []byte) { return e.run(t, frame) }
+			} else {
+				f, svcs = fourServicesForwarding(t, mode)
+			}
+			for _, tc := range forwardCases(svcs)[:4] {
+				t.Run(tc.desc, func(t *testing.T) {
+					first := uint8(bpftest.SYN)
+					if tc.svc.Proto == bpftest.UDP {
+						first = 0
+					}
+					var fwd []byte
+					for _, fl := range []uint8{first, bpftest.ACK} {
+						var v uint32
+						v, fwd = run(bpftest.Frame{Src: tc.cli, Dst: tc.svc.VIP, Proto: tc.svc.Proto, Flags: fl, Checksum: true}.Bytes())
+						if v != bpftest.XDPTx {
+							t.Fatalf("the flow's packet: verdict %d", v)
+						}
+					}
+					id, err := bpftest.BackendOf(fwd)
+					must(t, err)
+					// The reply as it reached the router: from the VIP.
+					reply := bpftest.Frame{Src: tc.svc.VIP, Dst: tc.cli, Proto: tc.svc.Proto, Flags: bpftest.ACK | bpftest.PSH,
+						Payload: bytes.Repeat([]byte("x"), 64), Checksum: true}.Bytes()[14:]
+					in := icmpError(reply)
+					before := reasons(t, f)
+					v, out := run(in)
+					if v != bpftest.XDPTx {
+						t.Fatalf("ICMP error: verdict %d, want XDP_TX (%v)", v, diff(before, reasons(t, f)))
+					}
+					got, err := bpftest.BackendOf(out)
+					must(t, err)
+					if got != id {
+						t.Fatalf("ICMP error sent to backend %d, the flow is on %d", got, id)
+					}
+					if mode == maps.ForwardIPIP {
+						o := parseOuter(t, out, false, lbMAC)
+						if !bytes.Equal(o.inner, in[14:]) {
+							t.Fatalf("the ICMP error inside differs from the one sent")
+						}
+						return
+					}
+					dst, qsrc, qdst := checkICMP(t, out)
+					switch mode {
+					case maps.ForwardDSR:
+						if !bytes.Equal(out[12:], in[12:]) {
+							t.Fatal("dsr changed the ICMP error beyond its MACs")
+						}
+					case maps.ForwardNAT, maps.ForwardFullNAT:
+						fwdT := parseTranslated(t, fwd)
+						be := netip.AddrPortFrom(tc.svc.Backend(id), backendPort)
+						if dst != be.Addr() || qsrc != be || qdst != fwdT.src {
+							t.Fatalf("translated ICMP error to %s quoting %s → %s, want to %s quoting %s → %s", dst, qsrc, qdst, be.Addr(), be, fwdT.src)
+						}
+					}
+				})
+			}
+		})
+	}
+}
+
+// TestICMPNotForwarded: ICMP that is no error about a VIP flow goes to the
+// kernel untouched, counted as before (pass_not_tcp_udp): an echo request,
+// an error quoting too little, a quoted header with options or of another
+// protocol, one not sent by the VIP the error is addressed to, one about
+// a port no service has. An error about a flow of no connection entry goes
+// where the ring sends the flow.
+func TestICMPNotForwarded(t *testing.T) {
+	f, svcs := fourServicesForwarding(t, maps.ForwardDSR)
+	reply := bpftest.Frame{Src: vip4, Dst: cli4, Proto: bpftest.TCP, Flags: bpftest.ACK, Checksum: true}.Bytes()[14:]
+	mutate := func(fn func(q []byte) []byte) []byte {
+		q := fn(bytes.Clone(reply))
+		binary.BigEndian.PutUint16(q[10:], 0)
+		binary.BigEndian.PutUint16(q[10:], ^bpftest.Fold(bpftest.OnesSum(q[:20], 0)))
+		return icmpError(q)
+	}
+	echo := icmpError(reply)
+	echo[14+20] = 8               // an echo request
+	elsewhere := icmpError(reply) // to another address than the quoted VIP
+	elsewhere[14+19]++
+	binary.BigEndian.PutUint16(elsewhere[14+10:], 0)
+	binary.BigEndian.PutUint16(elsewhere[14+10:], ^bpftest.Fold(bpftest.OnesSum(elsewhere[14:34], 0)))
+	for _, tc := range []struct {
+		desc  string
+		frame []byte
+	}{
+		{"echo request", echo},
+		{"quote of 24 bytes", mutate(func(q []byte) []byte { return q[:24] })},
+		{"quoted header with options", mutate(func(q []byte) []byte { q[0] = 0x46; return q })},
+		{"quoted ICMP", mutate(func(q []byte) []byte { q[9] = 1; return q })},
+		{"sent to another address than the quoted source", elsewhere},
+		{"quoted port of no service", mutate(func(q []byte) []byte { binary.BigEndian.PutUint16(q[20:], 9999); return q })},
+	} {
+		before := reasons(t, f)
+		v, out := f.Run(tc.frame)
+		if v != bpftest.XDPPass || !bytes.Equal(out, tc.frame) {
+			t.Errorf("%s: verdict %d, frame changed %v; want it passed untouched", tc.desc, v, !bytes.Equal(out, tc.frame))
+		}
+		if d := diff(before, reasons(t, f)); d["pass_not_tcp_udp"] != 1 || len(d) != 1 {
+			t.Errorf("%s: reasons moved by %v, want pass_not_tcp_udp 1", tc.desc, d)
+		}
+	}
+
+	// A flow the balancer never saw: the ring's backend for it.
+	for _, svc := range svcs {
+		cli := netip.AddrPortFrom(cli4.Addr(), 42424)
+		if svc.VIP.Addr().Is6() {
+			cli = netip.AddrPortFrom(cli6.Addr(), 42424)
+		}
+		r := bpftest.Frame{Src: svc.VIP, Dst: cli, Proto: svc.Proto, Checksum: true}.Bytes()[14:]
+		v, out := f.Run(icmpError(r))
+		if v != bpftest.XDPTx {
+			t.Fatalf("%s/%d: ICMP error about an unseen flow: verdict %d", svc.VIP, svc.Proto, v)
+		}
+		got, err := bpftest.BackendOf(out)
+		must(t, err)
+		_, fwd := f.Run(bpftest.Frame{Src: cli, Dst: svc.VIP, Proto: svc.Proto, Flags: bpftest.SYN}.Bytes())
+		want, err := bpftest.BackendOf(fwd)
+		must(t, err)
+		if got != want {
+			t.Errorf("%s/%d: ICMP error about an unseen flow went to backend %d, the flow goes to %d", svc.VIP, svc.Proto, got, want)
+		}
+	}
+}
