@@ -781,3 +781,87 @@ func addNeigh(nh *netlink.Handle, ifindex int, ip netip.Addr, mac net.HardwareAd
 	}
 	return nil
 }
+
+// FarClientNet is the network of the host AddFarClient adds, which the
+// client host routes.
+var FarClientNet = netip.MustParsePrefix("203.0.113.64/27")
+
+// AddFarClient adds host "far" (203.0.113.66/27) behind the client host,
+// which routes between it and the wire (far0, 203.0.113.65/27) over a link
+// of MTU mtu. far's route advertises a full-size MSS (1460) all the same,
+// as a host whose own link is wider than the path would: the client host,
+// as a router, answers bigger packets to far with ICMP "fragmentation
+// needed". The backends route FarClientNet through the client host.
+func (l *Lab) AddFarClient(mtu int) (*Host, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return nil, errClosed
+	}
+	h, err := l.newHost("far")
+	if err != nil {
+		return nil, err
+	}
+	h.Addr4 = netip.MustParseAddr("203.0.113.66")
+	gw := netip.MustParseAddr("203.0.113.65")
+	if err := writeSysctls(h.ns,
+		[2]string{"net/ipv4/conf/all/rp_filter", "0"},
+		[2]string{"net/ipv4/conf/default/rp_filter", "0"},
+		[2]string{"net/ipv6/conf/all/disable_ipv6", "1"},
+		[2]string{"net/ipv6/conf/default/disable_ipv6", "1"},
+	); err != nil {
+		return nil, err
+	}
+	if err := l.Client.withNetlink(func(nh *netlink.Handle) error {
+		veth := &netlink.Veth{
+			LinkAttrs:     netlink.LinkAttrs{Name: "far0", MTU: mtu},
+			PeerName:      "eth0",
+			PeerMTU:       uint32(mtu),
+			PeerNamespace: netlink.NsFd(h.ns),
+		}
+		if err := nh.LinkAdd(veth); err != nil {
+			return fmt.Errorf("add veth far0: %w", err)
+		}
+		far0, err := nh.LinkByName("far0")
+		if err != nil {
+			return err
+		}
+		if err := nh.LinkSetUp(far0); err != nil {
+			return err
+		}
+		return addAddr(nh, far0, netip.PrefixFrom(gw, FarClientNet.Bits()))
+	}); err != nil {
+		return nil, err
+	}
+	if err := l.Client.Sysctl("net/ipv4/ip_forward", "1"); err != nil {
+		return nil, err
+	}
+	if err := h.withNetlink(func(nh *netlink.Handle) error {
+		for _, name := range []string{"lo", "eth0"} {
+			lk, err := nh.LinkByName(name)
+			if err != nil {
+				return err
+			}
+			if err := nh.LinkSetUp(lk); err != nil {
+				return err
+			}
+			if name == "eth0" {
+				h.MAC, h.Ifindex = lk.Attrs().HardwareAddr, lk.Attrs().Index
+				if err := addAddr(nh, lk, netip.PrefixFrom(h.Addr4, FarClientNet.Bits())); err != nil {
+					return err
+				}
+			}
+		}
+		return nh.RouteAdd(&netlink.Route{Gw: gw.AsSlice(), LinkIndex: h.Ifindex, AdvMSS: 1460})
+	}); err != nil {
+		return nil, fmt.Errorf("far: %w", err)
+	}
+	for _, be := range l.Backends {
+		if err := be.withNetlink(func(nh *netlink.Handle) error {
+			return addRoute(nh, be.Ifindex, FarClientNet, l.Client.Addr4, netip.Addr{})
+		}); err != nil {
+			return nil, fmt.Errorf("%s: %w", be.Name, err)
+		}
+	}
+	return h, nil
+}

@@ -1,0 +1,90 @@
+package test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/control"
+	"github.com/tetherlb/tether/internal/lab"
+)
+
+// TestPathMTUThroughTether: a client behind a router whose link to it has
+// a smaller MTU (1200) than the rest of the path, and which advertises a
+// full-size MSS, gets large WebSocket echoes from the backends: the
+// router's "fragmentation needed", sent to the VIP, reaches the backend
+// that holds the connection through tether (as the flow's packets do, in
+// dsr and ipip), the backend lowers its path MTU to the client to 1200 and
+// resends. Without that the backend's full-size segments vanish and the
+// transfer stalls.
+func TestPathMTUThroughTether(t *testing.T) {
+	for _, mode := range []string{config.ForwardingDSR, config.ForwardingIPIP} {
+		t.Run(mode, func(t *testing.T) {
+			l := lab.NewT(t, lab.Options{Backends: 2, Clients: 1})
+			far, err := l.AddFarClient(1200)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if mode == config.ForwardingIPIP {
+				if err := l.Balancer.Sysctl("net/ipv4/conf/all/forwarding", "1"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for _, be := range l.Backends {
+				if mode == config.ForwardingIPIP {
+					out, code := runIn(t, be, "backend-setup", "--forwarding", mode, "--decap", "xdp", "--interface", "eth0", "--apply", l.VIP4.String())
+					if code != 0 {
+						t.Fatalf("backend-setup on %s: exit %d: %s", be.Name, code, out)
+					}
+				}
+				serveEcho(t, l, be)
+			}
+			b := labConfig()
+			fmt.Fprintf(b, "  - name: chat\n    vip: %s\n    port: %d\n    forwarding: %s\n    backends:\n", l.VIP4, chatPort, mode)
+			for _, be := range l.Backends {
+				fmt.Fprintf(b, "      - {address: %s}\n", be.Addr4)
+			}
+			d := startDaemon(t, l, b.String())
+			api := control.NewClient(d.socket)
+			waitFor(t, "the service up", 10*time.Second, func() bool {
+				return service(t, api, fmt.Sprintf("%s:%d", l.VIP4, chatPort)).State == control.ServiceUp
+			})
+
+			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+			defer cancel()
+			ws, err := lab.DialWS(ctx, far, far.Addr4, fmt.Sprintf("ws://%s:%d/", l.VIP4, chatPort))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ws.Close()
+			msg := strings.Repeat("0123456789", 3000) // 30,000 bytes: about 21 full-size segments back
+			start := time.Now()
+			var backend string
+			for i := range 20 {
+				if backend, err = ws.Echo(ctx, msg); err != nil {
+					t.Fatalf("echo %d of 30,000 bytes after %v: %v", i, time.Since(start), err)
+				}
+			}
+			t.Logf("20 echoes of 30,000 bytes from %s to the client behind the 1200-byte link in %v", backend, time.Since(start).Round(time.Millisecond))
+			for _, be := range l.Backends {
+				if be.Name != backend {
+					continue
+				}
+				out, err := be.Command("ip", "-4", "route", "get", far.Addr4.String()).CombinedOutput()
+				if err != nil || !strings.Contains(string(out), "mtu 1200") {
+					t.Errorf("%s's route to the client: %q (%v), want the learned mtu 1200", be.Name, out, err)
+				}
+			}
+			reasons, err := daemonMaps(t, l, testRing).Reasons()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if reasons["pass_icmp_no_flow"] != 0 {
+				t.Errorf("ICMP errors the program could not place: %d", reasons["pass_icmp_no_flow"])
+			}
+		})
+	}
+}
