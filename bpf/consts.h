@@ -51,6 +51,9 @@
 #define CONN_F_FULLNAT (1U << 2) /* the flow is translated both ways (fullnat) */
 #define CONN_F_ENCAP   (1U << 3) /* the flow is encapsulated (ipip, gue: the backend's tunnel says how) */
 
+/* VIP flags (the vips map's values) */
+#define VIP_F_ECHO_REPLY (1U << 0) /* answer ICMP echo requests to the VIP */
+
 /* NAT entry flags (struct nat_entry.flags) */
 #define NAT_F_CLIENT_FIN  (1U << 0) /* the client sent a FIN */
 #define NAT_F_BACKEND_FIN (1U << 1) /* the backend sent a FIN */
@@ -127,6 +130,7 @@ enum reason {
 	R_DROP_ENCAP_MTU, /* ipip, gue: over the egress MTU, and IPv4 without DF (or too short to quote) */
 	R_DROP_ENCAP_NO_ROUTE, /* ipip, gue: no route to the backend (or forwarding off) */
 	R_PASS_ICMP_NO_FLOW,   /* an ICMP error about a VIP flow whose backend is gone: to the kernel */
+	R_ICMP_ECHO_REPLY,     /* an echo request to a VIP, answered */
 	R_MAX,
 };
 

@@ -25,6 +25,7 @@
 #include "lookup.h"
 #include "nat.h"
 #include "encap.h"
+#include "reset.h"
 
 /* The start of a quoted TCP or UDP header: what every ICMP error carries. */
 struct quoted_l4 {
@@ -162,10 +163,65 @@ static __always_inline int icmp_nat(struct xdp_md *ctx, const struct packet *pkt
 	return 0;
 }
 
+/* icmp_echo answers an echo request to a VIP whose flags say so, from the
+ * VIP, back where it came from; it returns -1 for a packet that is no echo
+ * request, and passes one to an address that is no such VIP. */
+static __always_inline int icmp_echo(struct xdp_md *ctx, const struct packet *pkt)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 l3off = l3_offset(pkt);
+	__u32 hlen = pkt->family == AF_INET ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+	__u8 *type = data + l3off + hlen;
+	if ((void *)(type + 4) > data_end || *type != (pkt->family == AF_INET ? 8 : 128) || type[1])
+		return -1;
+	struct vip_key k = {.family = pkt->family};
+	__builtin_memcpy(k.addr, pkt->key.dst, sizeof(k.addr));
+	__u32 *flags = bpf_map_lookup_elem(&vips, &k);
+	if (!flags || !(*flags & VIP_F_ECHO_REPLY) || !ipv4_header_ok(ctx, pkt))
+		return count_reason(R_PASS_NOT_TCP_UDP, XDP_PASS);
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return count_reason(R_DROP_TRUNCATED, XDP_DROP);
+	swap_macs(eth);
+	/* Swapped addresses leave every checksum as it was; the type and the
+	 * TTL change theirs. */
+	__u16 *word = (__u16 *)type;
+	__u16 old = *word;
+	*type = pkt->family == AF_INET ? 0 : 129;
+	__u16 *check = word + 1;
+	*check = csum_apply(*check, csum_diff16(0, old, *word));
+	if (pkt->family == AF_INET) {
+		struct iphdr *ip = data + l3off;
+		if ((void *)(ip + 1) > data_end)
+			return count_reason(R_DROP_TRUNCATED, XDP_DROP);
+		__u32 a = ip->saddr;
+		ip->saddr = ip->daddr;
+		ip->daddr = a;
+		__u16 *ttl = (__u16 *)&ip->ttl; /* TTL and protocol, one word */
+		__u16 was = *ttl;
+		ip->ttl = 64;
+		ip->check = csum_apply(ip->check, csum_diff16(0, was, *ttl));
+	} else {
+		struct ipv6hdr *ip6 = data + l3off;
+		if ((void *)(ip6 + 1) > data_end)
+			return count_reason(R_DROP_TRUNCATED, XDP_DROP);
+		struct in6_addr a = ip6->saddr;
+		ip6->saddr = ip6->daddr;
+		ip6->daddr = a;
+		ip6->hop_limit = 64;
+	}
+	return count_reason(R_ICMP_ECHO_REPLY, XDP_TX);
+}
+
 /* icmp_error forwards an ICMP error about a VIP flow to the flow's backend
- * (see above), or passes it to the kernel. */
+ * (see above), answers an echo request to a VIP (icmp_echo), or passes it
+ * to the kernel. */
 static __always_inline int icmp_error(struct xdp_md *ctx, const struct packet *pkt)
 {
+	int verdict = icmp_echo(ctx, pkt);
+	if (verdict >= 0)
+		return verdict;
 	struct packet q = {.family = pkt->family, .vlan = pkt->vlan, .icmp = 1};
 	__u32 qoff = icmp_quote(ctx, pkt, &q);
 	if (!qoff)

@@ -243,3 +243,78 @@ func TestICMPNotForwarded(t *testing.T) {
 		}
 	}
 }
+
+// echoRequest is an ICMP echo request frame from the client to vip.
+func echoRequest(cli, vip netip.Addr) []byte {
+	msg := []byte{8, 0, 0, 0, 0x12, 0x34, 0, 1, 'p', 'i', 'n', 'g'}
+	reply := bpftest.Frame{Src: netip.AddrPortFrom(vip, 1), Dst: netip.AddrPortFrom(cli, 1), Proto: bpftest.UDP}.Bytes()[14:]
+	f := icmpError(reply) // a frame to vip from router: rewritten below
+	ip := f[14:]
+	if vip.Is4() {
+		ip = ip[:20]
+		s := cli.As4()
+		copy(ip[12:], s[:])
+		binary.BigEndian.PutUint16(ip[2:], uint16(20+len(msg)))
+		binary.BigEndian.PutUint16(ip[10:], 0)
+		binary.BigEndian.PutUint16(ip[10:], ^bpftest.Fold(bpftest.OnesSum(ip, 0)))
+		binary.BigEndian.PutUint16(msg[2:], ^bpftest.Fold(bpftest.OnesSum(msg, 0)))
+	} else {
+		ip = ip[:40]
+		s := cli.As16()
+		copy(ip[8:], s[:])
+		binary.BigEndian.PutUint16(ip[4:], uint16(len(msg)))
+		msg[0] = 128
+		binary.BigEndian.PutUint16(msg[2:], ^bpftest.Fold(bpftest.OnesSum(msg, bpftest.OnesSum(icmp6Pseudo(ip, len(msg)), 0))))
+	}
+	return append(append(f[:14:14], ip...), msg...)
+}
+
+// TestICMPEcho: an echo request to a VIP whose entry says so is answered
+// from the program: back to its sender's MAC, from the VIP, type echo
+// reply, the rest of the message as it came, checksums right; one to a
+// VIP without the flag, or to no VIP, goes to the kernel untouched.
+func TestICMPEcho(t *testing.T) {
+	f, _ := fourServicesForwarding(t, maps.ForwardDSR)
+	must(t, f.Maps.PutVIP(vip4.Addr(), maps.VIPEchoReply))
+	must(t, f.Maps.PutVIP(vip6.Addr(), maps.VIPEchoReply))
+	for _, tc := range []struct{ cli, vip netip.Addr }{{cli4.Addr(), vip4.Addr()}, {cli6.Addr(), vip6.Addr()}} {
+		in := echoRequest(tc.cli, tc.vip)
+		before := reasons(t, f)
+		v, out := f.Run(in)
+		if v != bpftest.XDPTx {
+			t.Fatalf("echo request to %s: verdict %d, want XDP_TX", tc.vip, v)
+		}
+		if d := diff(before, reasons(t, f)); d["icmp_echo_reply"] != 1 {
+			t.Fatalf("reasons moved by %v, want icmp_echo_reply 1", d)
+		}
+		if !bytes.Equal(out[0:6], in[6:12]) || !bytes.Equal(out[6:12], in[0:6]) {
+			t.Fatal("echo reply not sent back to the request's sender")
+		}
+		ip := out[14:]
+		var src, dst netip.Addr
+		var msg []byte
+		if tc.vip.Is4() {
+			if bpftest.Fold(bpftest.OnesSum(ip[:20], 0)) != 0xffff || ip[8] != 64 {
+				t.Fatalf("echo reply IPv4 header %x: checksum wrong or TTL not 64", ip[:20])
+			}
+			src, dst, msg = netip.AddrFrom4([4]byte(ip[12:16])), netip.AddrFrom4([4]byte(ip[16:20])), ip[20:]
+			if msg[0] != 0 || bpftest.Fold(bpftest.OnesSum(msg, 0)) != 0xffff {
+				t.Fatalf("echo reply %x: type %d, or checksum wrong", msg, msg[0])
+			}
+		} else {
+			src, dst, msg = netip.AddrFrom16([16]byte(ip[8:24])), netip.AddrFrom16([16]byte(ip[24:40])), ip[40:]
+			if msg[0] != 129 || bpftest.Fold(bpftest.OnesSum(msg, bpftest.OnesSum(icmp6Pseudo(ip, len(msg)), 0))) != 0xffff {
+				t.Fatalf("echo reply %x: type %d, or checksum wrong", msg, msg[0])
+			}
+		}
+		if src != tc.vip || dst != tc.cli || !bytes.Equal(msg[4:], []byte{0x12, 0x34, 0, 1, 'p', 'i', 'n', 'g'}) {
+			t.Fatalf("echo reply from %s to %s carrying %x", src, dst, msg[4:])
+		}
+	}
+	must(t, f.Maps.DeleteVIP(vip4.Addr()))
+	for _, in := range [][]byte{echoRequest(cli4.Addr(), vip4.Addr()), echoRequest(cli4.Addr(), netip.MustParseAddr("203.0.113.99"))} {
+		if v, out := f.Run(in); v != bpftest.XDPPass || !bytes.Equal(out, in) {
+			t.Errorf("echo request to a VIP without the flag or to no VIP: verdict %d, changed %v", v, !bytes.Equal(out, in))
+		}
+	}
+}

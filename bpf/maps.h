@@ -127,6 +127,15 @@ struct {
 	__type(value, struct tunnel);
 } tunnels SEC(".maps");
 
+/* VIPs by address, with VIP_F_* flags: what the program does for the
+ * VIP itself rather than for a service's port. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SERVICES);
+	__type(key, struct vip_key);
+	__type(value, __u32);
+} vips SEC(".maps");
+
 /* Per-CPU counters, summed in Go. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

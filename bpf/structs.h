@@ -100,6 +100,12 @@ struct tunnel {
 	__u8 pad;
 };
 
+/* A VIP, whatever its services' ports (an IPv4 address in addr[0]). */
+struct vip_key {
+	__u32 addr[4];
+	__u32 family;
+};
+
 struct affinity_key {
 	__u32 addr[4]; /* client address */
 	__u32 service;

@@ -127,7 +127,8 @@ const (
 	TetherReasonR_DROP_ENCAP_MTU      TetherReason = 26
 	TetherReasonR_DROP_ENCAP_NO_ROUTE TetherReason = 27
 	TetherReasonR_PASS_ICMP_NO_FLOW   TetherReason = 28
-	TetherReasonR_MAX                 TetherReason = 29
+	TetherReasonR_ICMP_ECHO_REPLY     TetherReason = 29
+	TetherReasonR_MAX                 TetherReason = 30
 )
 
 type TetherService struct {
@@ -175,6 +176,12 @@ type TetherTunnel struct {
 	Pad     uint8
 }
 
+type TetherVipKey struct {
+	_      structs.HostLayout
+	Addr   [4]uint32
+	Family uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -195,6 +202,7 @@ const (
 	TetherMapSnatAddrs       = "snat_addrs"
 	TetherMapSvcStats        = "svc_stats"
 	TetherMapTunnels         = "tunnels"
+	TetherMapVips            = "vips"
 	TetherProgTetherXdp      = "tether_xdp"
 	TetherVarBackendStateBtf = "backend_state_btf"
 	TetherVarHashSeed        = "hash_seed"
@@ -266,6 +274,7 @@ type TetherMapSpecs struct {
 	SnatAddrs  *ebpf.MapSpec `ebpf:"snat_addrs"`
 	SvcStats   *ebpf.MapSpec `ebpf:"svc_stats"`
 	Tunnels    *ebpf.MapSpec `ebpf:"tunnels"`
+	Vips       *ebpf.MapSpec `ebpf:"vips"`
 }
 
 // TetherVariableSpecs contains global variables before they are loaded into the kernel.
@@ -313,6 +322,7 @@ type TetherMaps struct {
 	SnatAddrs  *ebpf.Map `ebpf:"snat_addrs"`
 	SvcStats   *ebpf.Map `ebpf:"svc_stats"`
 	Tunnels    *ebpf.Map `ebpf:"tunnels"`
+	Vips       *ebpf.Map `ebpf:"vips"`
 }
 
 func (m *TetherMaps) Close() error {
@@ -333,6 +343,7 @@ func (m *TetherMaps) Close() error {
 		m.SnatAddrs,
 		m.SvcStats,
 		m.Tunnels,
+		m.Vips,
 	)
 }
 

@@ -83,6 +83,15 @@ const (
 	ForwardingGUE = "gue"
 )
 
+// What the XDP datapath does with ICMP echo requests to a service's VIP.
+const (
+	// ICMPEchoReply answers them from the program (a VIP answers ping
+	// when any of its services says so).
+	ICMPEchoReply = "reply"
+	// ICMPEchoPass leaves them to the balancer's kernel.
+	ICMPEchoPass = "pass"
+)
+
 // Backend states.
 const (
 	// StateActive takes new clients in proportion to the backend's weight.
@@ -255,6 +264,8 @@ type Service struct {
 	// block), or one of Type HealthNone and no other field set, which
 	// probes nothing and takes every backend as up.
 	Health health.Check
+	// ICMPEcho is ICMPEchoReply or ICMPEchoPass.
+	ICMPEcho string
 	// OnDown is OnDownKeep or OnDownReset: what becomes of the established
 	// connections of a backend marked down.
 	OnDown string
@@ -381,6 +392,7 @@ func DefaultService() Service {
 		Forwarding:      ForwardingDSR,
 		Health:          DefaultHealth(),
 		OnDown:          OnDownKeep,
+		ICMPEcho:        ICMPEchoReply,
 	}
 }
 

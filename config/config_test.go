@@ -110,7 +110,7 @@ func TestParseExample(t *testing.T) {
 				Rise:     2,
 				Fall:     3,
 			},
-			OnDown: OnDownReset,
+			OnDown: OnDownReset, ICMPEcho: ICMPEchoReply,
 			Backends: []Backend{{
 				Address: netip.MustParseAddr("192.0.2.11"),
 				Port:    8765,
@@ -147,6 +147,7 @@ func TestParseDefaults(t *testing.T) {
 		Forwarding:      ForwardingDSR,
 		Health:          health.Check{Type: health.TypeTCP, Interval: 2 * time.Second, Timeout: time.Second, Rise: 2, Fall: 3},
 		OnDown:          OnDownKeep,
+		ICMPEcho:        ICMPEchoReply,
 		Backends: []Backend{{
 			Address: netip.MustParseAddr("192.0.2.11"),
 			Port:    8765, // the service port
@@ -483,6 +484,7 @@ services:
 	{"tunnel_source loopback", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: ipip\n    tunnel_source: 127.0.0.0/24", 1), "services[0].tunnel_source", "is a loopback address"},
 	{"tunnel_source reaching multicast", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: ipip\n    tunnel_source: 128.0.0.0/1", 1), "services[0].tunnel_source", "255.255.255.255 is the broadcast address"},
 	{"tunnel_source of no backend's family", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: ipip\n    tunnel_source: 2001:db8::/120", 1), "services[0].tunnel_source", "2001:db8::/120 is IPv6 but no backend is"},
+	{"unknown icmp_echo", strings.Replace(minimal, "port: 8765", "port: 8765\n    icmp_echo: drop", 1), "services[0].icmp_echo", `unknown mode "drop" (want reply or pass)`},
 	{"gue_port without gue", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: ipip\n    gue_port: 5555", 1), "services[0].gue_port", "only forwarding gue sends to a UDP port"},
 	{"backend port differs in ipip", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: ipip", 1) + "        port: 8080\n", "services[0].backends[0].port", "ipip forwarding sends the packet as the client sent it, it cannot change the port"},
 	{"snat_address without fullnat", strings.Replace(minimal, "port: 8765", "port: 8765\n    forwarding: nat\n    snat_address: 198.51.100.2", 1), "services[0].snat_address", "only forwarding fullnat rewrites the client's address"},
@@ -816,6 +818,7 @@ services:
   - name: ipip
     vip: 198.51.100.11
     port: 81
+    icmp_echo: pass
     forwarding: ipip
     tunnel_source: 198.51.100.3
     backends: [{address: 192.0.2.3}]
@@ -976,6 +979,7 @@ func TestValidate(t *testing.T) {
 		Forwarding:      ForwardingDSR,
 		Health:          DefaultHealth(),
 		OnDown:          OnDownKeep,
+		ICMPEcho:        ICMPEchoReply,
 		Backends:        []Backend{{Address: netip.MustParseAddr("192.0.2.30"), Port: 9000, Weight: 5, State: StateActive}},
 	}
 	c.Services = []Service{s}

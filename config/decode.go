@@ -77,7 +77,7 @@ var (
 	topFields     = []string{"interfaces", "datapath", "hash_seed", "tables", "splice", "services"}
 	tablesFields  = []string{"connections", "nat", "affinity", "ring_size", "max_services", "max_backends"}
 	spliceFields  = []string{"loops", "max_connections"}
-	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "snat_address", "tunnel_source", "gue_port", "health", "on_down", "idle_timeout", "proxy_protocol", "backends"}
+	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "snat_address", "tunnel_source", "gue_port", "health", "on_down", "icmp_echo", "idle_timeout", "proxy_protocol", "backends"}
 	healthFields  = []string{"type", "path", "host", "expect_status", "send", "interval", "timeout", "rise", "fall"}
 	backendFields = []string{"address", "port", "weight", "state"}
 )
@@ -330,6 +330,8 @@ func (d *decoder) service(n *yaml.Node, path string) Service {
 			s.Health, healthGiven = d.health(v, p), true
 		case "on_down":
 			s.OnDown = d.str(v, p)
+		case "icmp_echo":
+			s.ICMPEcho = d.str(v, p)
 		case "idle_timeout":
 			s.IdleTimeout = d.duration(v, p)
 		case "proxy_protocol":

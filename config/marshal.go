@@ -198,6 +198,9 @@ func serviceNode(s Service) *yaml.Node {
 		"health", healthNode(s.Health),
 		"on_down", str(s.OnDown),
 	)
+	if s.ICMPEcho != ICMPEchoReply {
+		kv = append(kv, "icmp_echo", str(s.ICMPEcho))
+	}
 	// The splice-only settings are written when they are not the
 	// defaults, so that files of the XDP datapath do not grow them.
 	if s.IdleTimeout != 0 {

@@ -370,6 +370,9 @@ func (s *Service) validate(v *validator, p string, proxied bool) bool {
 	if s.OnDown != OnDownKeep && s.OnDown != OnDownReset {
 		v.add(field(p, "on_down"), "unknown mode %q (want keep or reset)", s.OnDown)
 	}
+	if s.ICMPEcho != ICMPEchoReply && s.ICMPEcho != ICMPEchoPass {
+		v.add(field(p, "icmp_echo"), "unknown mode %q (want reply or pass)", s.ICMPEcho)
+	}
 
 	if s.IdleTimeout < 0 || s.IdleTimeout > MaxIdleTimeout {
 		v.add(field(p, "idle_timeout"), "%s is out of range (want 0, for none, up to 720h)", s.IdleTimeout)

@@ -64,6 +64,7 @@ type ServiceSpec struct {
 	GUEPort         uint16      `json:"gue_port,omitempty"`
 	Health          *HealthSpec `json:"health,omitempty"`
 	OnDown          string      `json:"on_down,omitempty"`
+	ICMPEcho        string      `json:"icmp_echo,omitempty"`
 }
 
 // sent says which of the configuration's fields of a service the request
@@ -74,7 +75,7 @@ func (spec ServiceSpec) sent() map[string]bool {
 		"affinity": spec.Affinity != "", "affinity_timeout": spec.AffinityTimeout != "",
 		"forwarding": spec.Forwarding != "", "snat_address": spec.SNATAddress != "",
 		"tunnel_source": spec.TunnelSource != "", "gue_port": spec.GUEPort != 0,
-		"health": spec.Health != nil, "on_down": spec.OnDown != "",
+		"health": spec.Health != nil, "on_down": spec.OnDown != "", "icmp_echo": spec.ICMPEcho != "",
 	}
 }
 
@@ -232,6 +233,9 @@ func (d *Daemon) AddService(spec ServiceSpec) (Result, error) {
 	}
 	if spec.OnDown != "" {
 		s.OnDown = spec.OnDown
+	}
+	if spec.ICMPEcho != "" {
+		s.ICMPEcho = spec.ICMPEcho
 	}
 	if s.Name == "" {
 		s.Name = strings.ReplaceAll(s.VIP.String(), ":", "-") + "-" + fmt.Sprint(s.Port)

@@ -588,6 +588,7 @@ func (c *Controller) planService(cs config.Service) (planned, error) {
 		Forwarding:      datapath.Forwarding(cs.Forwarding),
 		SNATAddress:     cs.SNATAddress,
 		TunnelSource:    cs.TunnelSource,
+		EchoReply:       cs.ICMPEcho == config.ICMPEchoReply,
 		GUEPort:         cs.GUEPort,
 		IdleTimeout:     cs.IdleTimeout,
 		ProxyProtocol:   cs.ProxyProtocol == config.ProxyProtocolV2,

@@ -118,6 +118,7 @@ func serviceDiff(o, n config.Service) *ServiceChange {
 		{"gue_port", o.GUEPort != n.GUEPort},
 		{"health", o.Health != n.Health},
 		{"on_down", o.OnDown != n.OnDown},
+		{"icmp_echo", o.ICMPEcho != n.ICMPEcho},
 		{"idle_timeout", o.IdleTimeout != n.IdleTimeout},
 		{"proxy_protocol", o.ProxyProtocol != n.ProxyProtocol},
 	} {

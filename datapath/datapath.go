@@ -106,6 +106,10 @@ type Service struct {
 	// GUEPort is the outer UDP destination port of GUE packets (0:
 	// DefaultGUEPort).
 	GUEPort uint16
+	// EchoReply makes the datapath answer ICMP echo requests to the VIP
+	// (any service of the VIP that says so does); the kernel gets them
+	// otherwise. A proxy leaves them to the kernel whatever it says.
+	EchoReply bool
 	// IdleTimeout, if positive, closes a connection idle either way for
 	// that long, and ProxyProtocol sends the backend a PROXY protocol v2
 	// header first. Only the splice datapath has connections of its own

@@ -104,6 +104,7 @@ func sizedSpec(opts Options) (*ebpf.CollectionSpec, uint32, error) {
 	setSize(spec, bpf.TetherMapAffinities, opts.Affinity)
 	setSize(spec, bpf.TetherMapServices4, opts.MaxServices)
 	setSize(spec, bpf.TetherMapServices6, opts.MaxServices)
+	setSize(spec, bpf.TetherMapVips, opts.MaxServices)
 	setSize(spec, bpf.TetherMapRings, opts.MaxServices)
 	setSize(spec, bpf.TetherMapSvcStats, opts.MaxServices)
 	if opts.MaxBackends != 0 {

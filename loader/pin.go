@@ -168,6 +168,7 @@ var configField = map[string]string{
 	bpf.TetherMapAffinities: "tables.affinity",
 	bpf.TetherMapServices4:  "tables.max_services",
 	bpf.TetherMapServices6:  "tables.max_services",
+	bpf.TetherMapVips:       "tables.max_services",
 	bpf.TetherMapRings:      "tables.max_services",
 	bpf.TetherMapSvcStats:   "tables.max_services",
 	bpf.TetherMapBackends:   "tables.max_backends",
@@ -480,7 +481,7 @@ func (o *Objects) adopt(spec *ebpf.CollectionSpec, ringSize uint32) error {
 // new, empty ones (nothing it tracked needs them).
 var addedMaps = [][]string{
 	{bpf.TetherMapNat4, bpf.TetherMapNat6, bpf.TetherMapNatSyn4, bpf.TetherMapNatSyn6, bpf.TetherMapSnatAddrs}, // nat, fullnat
-	{bpf.TetherMapTunnels}, // ipip, gue
+	{bpf.TetherMapTunnels, bpf.TetherMapVips}, // ipip, gue; ICMP echo
 }
 
 // allAdded is every map of addedMaps.

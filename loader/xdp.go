@@ -60,6 +60,9 @@ type XDP struct {
 	// warnedPorts: the overlap of the kernel's ephemeral ports with
 	// fullnat's was logged (see checkSNAT).
 	warnedPorts bool
+	// echo are the VIPs whose echo requests the program answers, as the
+	// vips map holds them.
+	echo map[netip.Addr]bool
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -123,6 +126,7 @@ func NewXDP(opts Options, ifaces []string, mode Mode, log *slog.Logger) (*XDP, e
 		hops:       make(map[netip.Addr]hop),
 		unresolved: make(map[netip.Addr]unresolved),
 		asked:      make(map[netip.Addr]time.Time),
+		echo:       make(map[netip.Addr]bool),
 		vetter:     hostaddr.Vetter{TTL: time.Second, Read: hostaddr.Read},
 	}
 	if err := x.attach(ifaces, mode); err != nil {
@@ -182,6 +186,13 @@ func (x *XDP) adopt() error {
 	if err != nil {
 		return err
 	}
+	vips, err := m.VIPs()
+	if err != nil {
+		return err
+	}
+	for a, flags := range vips {
+		x.echo[a] = flags&maps.VIPEchoReply != 0
+	}
 	byService := map[uint32][]datapath.Backend{}
 	for id, b := range backends {
 		state := datapath.State(b.State)
@@ -200,6 +211,7 @@ func (x *XDP) adopt() error {
 			AffinityTimeout: e.AffinityTimeout,
 			OnDownReset:     e.ResetOnDown,
 			Forwarding:      forwardingOf(e.Forwarding),
+			EchoReply:       x.echo[e.VIP],
 			Backends:        byService[e.ID],
 		}
 		slices.SortFunc(s.Backends, func(a, b datapath.Backend) int { return cmp.Compare(a.ID, b.ID) })
@@ -467,6 +479,36 @@ func (x *XDP) UpsertService(s datapath.Service) error {
 	}
 	s.Ring, s.KeepRing = nil, false // the ring lives in the maps
 	x.services[s.ID] = s
+	if existed && old.VIP != s.VIP {
+		if err := x.syncVIP(old.VIP); err != nil {
+			return err
+		}
+	}
+	return x.syncVIP(s.VIP)
+}
+
+// syncVIP writes or removes VIP a's entry as its services say: it answers
+// echo requests if any of them does. x.mu must be held.
+func (x *XDP) syncVIP(a netip.Addr) error {
+	want := false
+	for _, s := range x.services {
+		want = want || s.VIP == a && s.EchoReply
+	}
+	if want == x.echo[a] {
+		return nil
+	}
+	m := x.objs.Maps
+	if want {
+		if err := m.PutVIP(a, maps.VIPEchoReply); err != nil {
+			return err
+		}
+		x.echo[a] = true
+		return nil
+	}
+	if err := m.DeleteVIP(a); err != nil {
+		return err
+	}
+	delete(x.echo, a)
 	return nil
 }
 
@@ -648,7 +690,7 @@ func (x *XDP) DeleteService(s datapath.Service) error {
 		}
 	}
 	delete(x.services, s.ID)
-	return nil
+	return x.syncVIP(s.VIP)
 }
 
 // Counters implements datapath.Datapath.

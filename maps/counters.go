@@ -110,6 +110,7 @@ var reasonNames = [...]string{
 	bpf.TetherReasonR_DROP_ENCAP_MTU:      "drop_encap_mtu",
 	bpf.TetherReasonR_DROP_ENCAP_NO_ROUTE: "drop_encap_no_route",
 	bpf.TetherReasonR_PASS_ICMP_NO_FLOW:   "pass_icmp_no_flow",
+	bpf.TetherReasonR_ICMP_ECHO_REPLY:     "icmp_echo_reply",
 }
 
 // ReasonName is the name of a reason as counters and metrics show it.

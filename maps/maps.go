@@ -178,6 +178,50 @@ func (m *Maps) DeleteService(vip netip.Addr, port uint16, proto uint8) error {
 	return nil
 }
 
+// VIP flags (the vips map's values).
+const (
+	VIPEchoReply uint32 = 1 << 0 // answer ICMP echo requests
+)
+
+func vipKey(a netip.Addr) bpf.TetherVipKey {
+	return bpf.TetherVipKey{Addr: maglev.AddrWords(a), Family: uint32(family(a))}
+}
+
+// PutVIP writes the flags of VIP a.
+func (m *Maps) PutVIP(a netip.Addr, flags uint32) error {
+	k := vipKey(a)
+	if err := m.m.Vips.Put(&k, &flags); err != nil {
+		return fmt.Errorf("put VIP %s: %w", a, err)
+	}
+	return nil
+}
+
+// DeleteVIP removes VIP a's entry; a missing one is not an error.
+func (m *Maps) DeleteVIP(a netip.Addr) error {
+	k := vipKey(a)
+	if err := m.m.Vips.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete VIP %s: %w", a, err)
+	}
+	return nil
+}
+
+// VIPs lists the VIP entries with their flags.
+func (m *Maps) VIPs() (map[netip.Addr]uint32, error) {
+	out := map[netip.Addr]uint32{}
+	var (
+		k     bpf.TetherVipKey
+		flags uint32
+	)
+	it := m.m.Vips.Iterate()
+	for it.Next(&k, &flags) {
+		out[addrOf(k.Addr, uint8(k.Family))] = flags
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list VIPs: %w", err)
+	}
+	return out, nil
+}
+
 // Backend is a backend's entry.
 type Backend struct {
 	Service uint32 // id of the service it belongs to

@@ -184,6 +184,7 @@ func daemonMaps(t testing.TB, l *lab.Lab, ringSize uint32) *maps.Maps {
 		NatSyn6:    byName[bpf.TetherMapNatSyn6],
 		SnatAddrs:  byName[bpf.TetherMapSnatAddrs],
 		Tunnels:    byName[bpf.TetherMapTunnels],
+		Vips:       byName[bpf.TetherMapVips],
 	}
 	if tm.Conns4 == nil || tm.BeStats == nil || tm.Affinities == nil || tm.Backends == nil {
 		t.Fatalf("maps of the attached program: %v", byName)

@@ -120,36 +120,7 @@ func testEncapForwarding(t *testing.T, mode string) {
 	d := startDaemon(t, l, encapConfig(l, mode, l.Backends))
 	api := control.NewClient(d.socket)
 	vip4, vip6 := netip.AddrPortFrom(l.VIP4, chatPort), netip.AddrPortFrom(l.VIP6, chatPort)
-	waitFor(t, "every backend up", 10*time.Second, func() bool {
-		for _, v := range []netip.AddrPort{vip4, vip6} {
-			s := service(t, api, v.String())
-			if s.State != control.ServiceUp || len(s.Backends) != 3 {
-				return false
-			}
-			for _, b := range s.Backends {
-				if b.Health.State != control.HealthUp {
-					return false
-				}
-			}
-		}
-		return true
-	})
-
-	conns := dialAllAt(t, l, l.ClientAddrs4, vip4, connsPerC)
-	conns6 := dialAllAt(t, l, l.ClientAddrs6[:40], vip6, 1)
-	owner := backendsByClient(t, conns)
-	backendsByClient(t, conns6)
-	perBackend := map[string]int{}
-	for _, c := range conns {
-		perBackend[c.backend]++
-	}
-	t.Logf("%d IPv4 and %d IPv6 WebSocket connections echo through %s; per backend: %v", len(conns), len(conns6), mode, perBackend)
-	even := float64(len(conns)) / float64(len(l.Backends))
-	for _, be := range l.Backends {
-		if n := float64(perBackend[be.Name]); n < 0.7*even || n > 1.3*even {
-			t.Errorf("backend %s holds %v connections, want %.0f±30%%", be.Name, n, even)
-		}
-	}
+	conns, conns6, owner := connectSpread(t, l, api, vip4, vip6, mode)
 	// The backends saw the clients themselves (the packets came whole).
 	peers := map[string]int{}
 	for _, ss := range servers {
@@ -176,16 +147,7 @@ func testEncapForwarding(t *testing.T, mode string) {
 		}
 	}
 
-	// Reconnect one connection per client: same backend.
-	for i := 0; i < len(conns); i += connsPerC {
-		conns[i].ws.Close()
-	}
-	again := dialAllAt(t, l, l.ClientAddrs4, vip4, 1)
-	for _, c := range again {
-		if owner[c.src] != c.backend {
-			t.Fatalf("client %s reconnected to %s, it was on %s", c.src, c.backend, owner[c.src])
-		}
-	}
+	again := reconnectSame(t, l, conns, owner, vip4)
 
 	// 200 connections echo every 100 ms through two restarts.
 	open := append(append([]*conn{}, again...), conns6...)

@@ -90,36 +90,7 @@ func testNATForwarding(t *testing.T, mode, upgrade string) {
 	d := startDaemon(t, l, natConfig(l, mode, l.Backends))
 	api := control.NewClient(d.socket)
 	vip4, vip6 := netip.AddrPortFrom(l.VIP4, natServicePort), netip.AddrPortFrom(l.VIP6, natServicePort)
-	waitFor(t, "every backend up", 10*time.Second, func() bool {
-		for _, v := range []netip.AddrPort{vip4, vip6} {
-			s := service(t, api, v.String())
-			if s.State != control.ServiceUp || len(s.Backends) != 3 {
-				return false
-			}
-			for _, b := range s.Backends {
-				if b.Health.State != control.HealthUp {
-					return false
-				}
-			}
-		}
-		return true
-	})
-
-	conns := dialAllAt(t, l, l.ClientAddrs4, vip4, connsPerC)
-	conns6 := dialAllAt(t, l, l.ClientAddrs6[:40], vip6, 1)
-	owner := backendsByClient(t, conns)
-	backendsByClient(t, conns6)
-	perBackend := map[string]int{}
-	for _, c := range conns {
-		perBackend[c.backend]++
-	}
-	t.Logf("%d IPv4 and %d IPv6 WebSocket connections echo through %s; per backend: %v", len(conns), len(conns6), mode, perBackend)
-	even := float64(len(conns)) / float64(len(l.Backends))
-	for _, be := range l.Backends {
-		if n := float64(perBackend[be.Name]); n < 0.7*even || n > 1.3*even {
-			t.Errorf("backend %s holds %v connections, want %.0f±30%%", be.Name, n, even)
-		}
-	}
+	conns, conns6, owner := connectSpread(t, l, api, vip4, vip6, mode)
 
 	// Who the backends see: the clients (nat) or the balancer (fullnat),
 	// besides the balancer's health probes.
@@ -176,16 +147,7 @@ func testNATForwarding(t *testing.T, mode, upgrade string) {
 		}
 	}
 
-	// Reconnect one connection per client: same backend.
-	for i := 0; i < len(conns); i += connsPerC {
-		conns[i].ws.Close()
-	}
-	again := dialAllAt(t, l, l.ClientAddrs4, vip4, 1)
-	for _, c := range again {
-		if owner[c.src] != c.backend {
-			t.Fatalf("client %s reconnected to %s, it was on %s", c.src, c.backend, owner[c.src])
-		}
-	}
+	again := reconnectSame(t, l, conns, owner, vip4)
 
 	// 200 connections echo every 100 ms through the changes below.
 	open := append(append([]*conn{}, again...), conns6...)
@@ -315,4 +277,60 @@ func TestNATRoutedBackend(t *testing.T) {
 			}
 		})
 	}
+}
+
+// connectSpread waits until the services of vip4 and vip6 have their three
+// backends up, opens connsPerC connections from every IPv4 client address
+// and one from 40 IPv6 ones, each checked with an echo, and checks that the
+// IPv4 ones spread within ±30%. It returns the connections and each IPv4
+// client's backend.
+func connectSpread(t *testing.T, l *lab.Lab, api *control.Client, vip4, vip6 netip.AddrPort, mode string) (conns, conns6 []*conn, owner map[netip.Addr]string) {
+	t.Helper()
+	waitFor(t, "every backend up", 10*time.Second, func() bool {
+		for _, v := range []netip.AddrPort{vip4, vip6} {
+			s := service(t, api, v.String())
+			if s.State != control.ServiceUp || len(s.Backends) != 3 {
+				return false
+			}
+			for _, b := range s.Backends {
+				if b.Health.State != control.HealthUp {
+					return false
+				}
+			}
+		}
+		return true
+	})
+
+	conns = dialAllAt(t, l, l.ClientAddrs4, vip4, connsPerC)
+	conns6 = dialAllAt(t, l, l.ClientAddrs6[:40], vip6, 1)
+	owner = backendsByClient(t, conns)
+	backendsByClient(t, conns6)
+	perBackend := map[string]int{}
+	for _, c := range conns {
+		perBackend[c.backend]++
+	}
+	t.Logf("%d IPv4 and %d IPv6 WebSocket connections echo through %s; per backend: %v", len(conns), len(conns6), mode, perBackend)
+	even := float64(len(conns)) / float64(len(l.Backends))
+	for _, be := range l.Backends {
+		if n := float64(perBackend[be.Name]); n < 0.7*even || n > 1.3*even {
+			t.Errorf("backend %s holds %v connections, want %.0f±30%%", be.Name, n, even)
+		}
+	}
+	return conns, conns6, owner
+}
+
+// reconnectSame closes one connection of every IPv4 client of conns and
+// opens a new one: each must reach the client's backend in owner.
+func reconnectSame(t *testing.T, l *lab.Lab, conns []*conn, owner map[netip.Addr]string, vip4 netip.AddrPort) []*conn {
+	t.Helper()
+	for i := 0; i < len(conns); i += connsPerC {
+		conns[i].ws.Close()
+	}
+	again := dialAllAt(t, l, l.ClientAddrs4, vip4, 1)
+	for _, c := range again {
+		if owner[c.src] != c.backend {
+			t.Fatalf("client %s reconnected to %s, it was on %s", c.src, c.backend, owner[c.src])
+		}
+	}
+	return again
 }

@@ -67,6 +67,7 @@ Examples:
 		&cli.StringFlag{Name: "health-timeout", Usage: "how long a probe may take, a `DURATION` less than the interval (default 1s)"},
 		&cli.IntFlag{Name: "health-rise", Usage: "successes in a row that bring a down backend up (default 2)"},
 		&cli.IntFlag{Name: "health-fall", Usage: "failures in a row that take an up backend down (default 3)"},
+		&cli.StringFlag{Name: "icmp-echo", Usage: "ICMP echo requests to the VIP: reply (default: the program answers them) or pass (the kernel gets them)"},
 		&cli.StringFlag{Name: "on-down", Usage: "what happens to the established connections of a backend that goes down: keep (default) or reset"},
 		outputFlag,
 	},
@@ -88,6 +89,7 @@ Examples:
 			{"tunnel-source", &spec.TunnelSource},
 			{"name", &spec.Name},
 			{"on-down", &spec.OnDown},
+			{"icmp-echo", &spec.ICMPEcho},
 		} {
 			if c.IsSet(f.name) {
 				*f.dst = c.String(f.name)
