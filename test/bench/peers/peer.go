@@ -39,6 +39,7 @@ const (
 	RoleCompare            // another tether build (-compare), against tether (splice)
 	RoleTetherNAT          // tether's XDP datapath with forwarding nat
 	RoleTetherFullNAT      // tether's XDP datapath with forwarding fullnat
+	RoleTetherEncap        // tether's XDP datapath with forwarding ipip or gue
 )
 
 // A Peer is one balancer setup in front of the lab's backends. Each lives
@@ -64,6 +65,10 @@ type Peer struct {
 	Direct bool
 	// Tether marks tether's own setups (drawn highlighted).
 	Tether bool
+	// Encap is the forwarding mode of a tether that encapsulates (ipip,
+	// gue): its backends decapsulate with an XDP program, which the packet
+	// rows' counter replaces while they run.
+	Encap string
 	// Role is what the report compares it as (RoleOther: only its rows).
 	Role Role
 	// Version is the command that prints the version of the program it

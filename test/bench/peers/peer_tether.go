@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"path/filepath"
 	"time"
@@ -47,6 +48,20 @@ func init() {
 		Note:           "`datapath: xdp`, `forwarding: fullnat`: source rewritten to the balancer's address and a port of the connection's too; backends need no route or VIP",
 		Start:          func(e *Env) (Running, error) { return startTether(e, e.Tether, "xdp", config.ForwardingFullNAT) },
 	})
+	for i, mode := range []string{config.ForwardingIPIP, config.ForwardingGUE} {
+		register(Peer{
+			Name:           "tether (XDP " + mode + ")",
+			Order:          15 + i,
+			Role:           RoleTetherEncap,
+			Rows:           RowPackets | RowStreams,
+			XDP:            true,
+			SourceAffinity: true,
+			Tether:         true,
+			Encap:          mode,
+			Note:           "`datapath: xdp`, `forwarding: " + mode + "`: each packet encapsulated to its backend, forwarding on; backends decapsulate with tether's XDP program (`tether backend-setup --decap xdp`, this kernel has no tunnel devices) and answer clients directly",
+			Start:          func(e *Env) (Running, error) { return startTether(e, e.Tether, "xdp", mode) },
+		})
+	}
 	register(Peer{
 		Name:           "tether (splice)",
 		Order:          11,
@@ -94,6 +109,12 @@ func startTether(e *Env, bin, datapath, forwarding string) (Running, error) {
 		}
 		undos = append(undos, via)
 	}
+	if forwarding == config.ForwardingIPIP || forwarding == config.ForwardingGUE {
+		undos = append(undos, e.undecap)
+		if err := e.decap(bin, forwarding); err != nil {
+			return fail(err)
+		}
+	}
 	cfg := config.Default()
 	cfg.Interfaces = []string{"eth0"}
 	cfg.Datapath = datapath
@@ -139,4 +160,24 @@ func startTether(e *Env, bin, datapath, forwarding string) (Running, error) {
 		return Running{}, joinErr(err, stop())
 	}
 	return Running{Stop: stop, PID: p.Cmd.Process.Pid}, nil
+}
+
+// decap readies the backends for an encapsulating tether's packets, as an
+// operator would: tether backend-setup with its XDP decapsulation.
+func (e *Env) decap(bin, forwarding string) error {
+	for _, be := range e.Lab.Backends {
+		if err := be.Run(bin, "backend-setup", "--forwarding", forwarding, "--decap", "xdp", "--interface", "eth0", "--apply", e.VIP.String()); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// undecap removes the backends' decapsulation program.
+func (e *Env) undecap() error {
+	var errs []error
+	for _, be := range e.Lab.Backends {
+		errs = append(errs, be.Run("ip", "link", "set", "dev", "eth0", "xdp", "off"))
+	}
+	return errors.Join(errs...)
 }

@@ -94,7 +94,8 @@ func ratio(a, b float64) string {
 type results struct {
 	all                 []peerResult
 	direct, xdp, splice *peerResult
-	nat, fullnat        *peerResult // tether's XDP datapath in its translating modes
+	nat, fullnat        *peerResult   // tether's XDP datapath in its translating modes
+	encap               []*peerResult // and in its encapsulating ones
 	trivial             *peerResult
 	proxies             []*peerResult // HAProxy, nginx: what the splice datapath must match
 	kernel              []*peerResult // the kernel stand-ins and forwarding
@@ -116,6 +117,8 @@ func index(prs []peerResult) results {
 			r.nat = pr
 		case RoleTetherFullNAT:
 			r.fullnat = pr
+		case RoleTetherEncap:
+			r.encap = append(r.encap, pr)
 		case RoleTrivial:
 			r.trivial = pr
 		case RoleHAProxy, RoleNginx:
@@ -387,6 +390,12 @@ func reading(p printf, r results) {
 			ratio(r.xdp.bulk1().med, r.trivial.bulk1().med), ratio(r.xdp.bulk4().med, r.trivial.bulk4().med))
 	}
 	p("; the direct reference is what a balancer-free path gets with full offloads.\n")
+	if r.trivial != nil && r.trivial.Rows&RowStreams != 0 {
+		for _, pr := range r.encap {
+			p("- **%s** against the trivial forwarder, this run: connections/s %s, bulk 1 stream %s, 4 streams %s; the backends' own XDP decapsulation is in that path too.\n",
+				pr.Name, ratio(pr.connRate().med, r.trivial.connRate().med), ratio(pr.bulk1().med, r.trivial.bulk1().med), ratio(pr.bulk4().med, r.trivial.bulk4().med))
+		}
+	}
 	p("- **The wire rate is the whole path's cost on one CPU.** The generator's frames are handled veth to bridge to veth in the sending CPU's softirq, balancer and backends included, so the rate is bounded by the sum of every hop; where the kernel's own stack is in the path its backlog overflows (\"delivered\" below 100%%). The balancer's share is row 1.\n")
 	p("- **Per-packet cost under traffic** (row 1, second table) includes the first touch of each frame's cache lines, which the trivial program pays too, and the statistics' own clock reads; BPF_PROG_TEST_RUN (first table) runs on a hot frame.\n")
 	p("- **Spread**: the direct reference and the trivial forwarder send everything to backend 1; the rest hash client addresses over three backends.\n\n")

@@ -7,6 +7,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/tetherlb/tether/datapath"
 	"github.com/tetherlb/tether/test/bench/pktgen"
 )
 
@@ -38,13 +39,26 @@ func (r wireResult) mpps() float64 {
 // another statCount with the kernel's BPF run-time statistics on, and
 // reads the balancer program's cost per run (kept apart because the
 // statistics slow every program down).
-func wire(e *Env, p Peer, gen *pktgen.Generator, count, statCount uint32) (wireResult, error) {
+func wire(e *Env, p Peer, gen *pktgen.Generator, count, statCount uint32) (_ wireResult, err error) {
 	var res wireResult
 	if err := e.Lab.SetPortXDP(e.Lab.Client, true); err != nil {
 		return res, err
 	}
 	defer e.Lab.SetPortXDP(e.Lab.Client, false)
 
+	// Behind an encapsulating tether the counters take the place of the
+	// backends' decapsulation and count the encapsulated frames.
+	if p.Encap != "" {
+		if err := e.undecap(); err != nil {
+			return res, err
+		}
+		// Restored once the counters are gone (deferred before them).
+		defer func() {
+			if derr := e.decap(e.Tether, p.Encap); derr != nil && err == nil {
+				err = derr
+			}
+		}()
+	}
 	var counters []*pktgen.Counter
 	defer func() {
 		for _, c := range counters {
@@ -53,7 +67,16 @@ func wire(e *Env, p Peer, gen *pktgen.Generator, count, statCount uint32) (wireR
 	}()
 	for _, be := range e.Lab.Backends {
 		err := be.Do(func() error {
-			c, err := pktgen.AttachCounter(be.Ifindex, portUDP)
+			var c *pktgen.Counter
+			var err error
+			switch p.Encap {
+			case "ipip":
+				c, err = pktgen.AttachIPIPCounter(be.Ifindex)
+			case "gue":
+				c, err = pktgen.AttachCounter(be.Ifindex, datapath.DefaultGUEPort)
+			default:
+				c, err = pktgen.AttachCounter(be.Ifindex, portUDP)
+			}
 			if err == nil {
 				counters = append(counters, c)
 			}

@@ -95,10 +95,36 @@ type Counter struct {
 	link   link.Link
 }
 
+// matchIPIP returns instructions that, as matchUDP, jump to label pass
+// unless the frame is IPv4 carrying IPv4 (IP in IP: what a balancer that
+// encapsulates sends its backends).
+func matchIPIP(pass string) asm.Instructions {
+	return asm.Instructions{
+		asm.LoadMem(asm.R2, asm.R1, mdData, asm.Word),
+		asm.LoadMem(asm.R3, asm.R1, mdDataEnd, asm.Word),
+		asm.Mov.Reg(asm.R4, asm.R2),
+		asm.Add.Imm(asm.R4, ethLen+ipv4Len),
+		asm.JGT.Reg(asm.R4, asm.R3, pass),
+		asm.LoadMem(asm.R5, asm.R2, offEtherType, asm.Half),
+		asm.JNE.Imm(asm.R5, ne16(etherTypeIPv4), pass),
+		asm.LoadMem(asm.R5, asm.R2, offIPProto, asm.Byte),
+		asm.JNE.Imm(asm.R5, 4, pass),
+	}
+}
+
 // AttachCounter loads a Counter for UDP destination port dport and attaches
 // it in driver mode to interface ifindex, in the calling thread's network
 // namespace (call it inside lab.Host.Do). The caller closes it.
 func AttachCounter(ifindex int, dport uint16) (c *Counter, err error) {
+	return attachCounter(ifindex, matchUDP(dport, "pass"))
+}
+
+// AttachIPIPCounter is AttachCounter for IP-in-IP frames.
+func AttachIPIPCounter(ifindex int) (c *Counter, err error) {
+	return attachCounter(ifindex, matchIPIP("pass"))
+}
+
+func attachCounter(ifindex int, match asm.Instructions) (c *Counter, err error) {
 	c = &Counter{}
 	defer func() {
 		if err != nil {
@@ -109,7 +135,7 @@ func AttachCounter(ifindex int, dport uint16) (c *Counter, err error) {
 	if c.counts, err = percpu.New("pktgen_count", 1); err != nil {
 		return c, err
 	}
-	insns := matchUDP(dport, "pass")
+	insns := match
 	insns = append(insns, asm.StoreImm(asm.RFP, -4, 0, asm.Word)) // counts[0]
 	insns = append(insns, percpu.Increment(c.counts, "drop")...)
 	insns = append(insns,
