@@ -131,6 +131,11 @@ func reference(frame []byte, svcs []bpftest.Service, tracked map[refFlow]bool) r
 		if int(binary.BigEndian.Uint16(seg[4:])) != len(seg) {
 			return drop("drop_udp_length")
 		}
+	case 1, 58:
+		if v, ok := icmpReference(seg, v4, proto, dst, svcs); ok && (!v4 || v4csumOK) {
+			return v
+		}
+		return pass("pass_not_tcp_udp")
 	default:
 		return pass("pass_not_tcp_udp")
 	}
@@ -155,6 +160,41 @@ func reference(frame []byte, svcs []bpftest.Service, tracked map[refFlow]bool) r
 		return drop("drop_ip_checksum")
 	}
 	return fwd
+}
+
+// icmpReference says whether an ICMP message (seg, within its datagram,
+// addressed to dst) is an error the program forwards: "destination
+// unreachable" or "time exceeded" (ICMPv6: also "packet too big") quoting
+// a TCP or UDP packet from dst, whose reversed 5-tuple is a service's
+// flow; it goes to a backend of that service, as it came but for its MACs,
+// and enters no table.
+func icmpReference(seg []byte, v4 bool, proto uint8, dst netip.Addr, svcs []bpftest.Service) (refVerdict, bool) {
+	if v4 != (proto == 1) || len(seg) < 8 {
+		return refVerdict{}, false
+	}
+	q := seg[8:]
+	var fl refFlow
+	if v4 {
+		if seg[0] != 3 && seg[0] != 11 || len(q) < 28 || q[0] != 0x45 || q[9] != bpftest.TCP && q[9] != bpftest.UDP ||
+			netip.AddrFrom4([4]byte(q[12:16])) != dst {
+			return refVerdict{}, false
+		}
+		fl = refFlow{netip.AddrPortFrom(netip.AddrFrom4([4]byte(q[16:20])), binary.BigEndian.Uint16(q[22:])),
+			netip.AddrPortFrom(dst, binary.BigEndian.Uint16(q[20:])), q[9]}
+	} else {
+		if seg[0] < 1 || seg[0] > 3 || len(q) < 48 || q[0]>>4 != 6 || q[6] != bpftest.TCP && q[6] != bpftest.UDP ||
+			netip.AddrFrom16([16]byte(q[8:24])) != dst {
+			return refVerdict{}, false
+		}
+		fl = refFlow{netip.AddrPortFrom(netip.AddrFrom16([16]byte(q[24:40])), binary.BigEndian.Uint16(q[42:])),
+			netip.AddrPortFrom(dst, binary.BigEndian.Uint16(q[40:])), q[6]}
+	}
+	for i := range svcs {
+		if svcs[i].VIP == fl.dst && svcs[i].Proto == fl.proto {
+			return refVerdict{forward: true, flow: fl, svc: &svcs[i]}, true
+		}
+	}
+	return refVerdict{}, false
 }
 
 // invariant runs frames through one loaded program and checks each
@@ -277,6 +317,17 @@ func seedFrames(t testing.TB) [][]byte {
 	}
 	for _, m := range l4Corpus() {
 		out = append(out, m.frame)
+	}
+	// ICMP errors about flows of each service.
+	for _, c := range []struct{ cli, tcp, udp netip.AddrPort }{{cli4, vip4, udp4}, {cli6, vip6, udp6}} {
+		for _, svc := range []netip.AddrPort{c.tcp, c.udp} {
+			proto := uint8(bpftest.TCP)
+			if svc == c.udp {
+				proto = bpftest.UDP
+			}
+			reply := bpftest.Frame{Src: svc, Dst: c.cli, Proto: proto, Payload: []byte("hello"), Checksum: true}.Bytes()[14:]
+			out = append(out, icmpError(reply))
+		}
 	}
 	for _, r := range reportedFrames {
 		b, err := hex.DecodeString(r.hex)

@@ -36,18 +36,22 @@ struct quoted_l4 {
 };
 
 /* icmp_quote finds the ICMP error's quoted IP header and the start of its
- * TCP or UDP header, and fills q->key with the flow it belongs to, as the
- * client sends it. It returns the quoted IP header's offset, 0 for a
- * packet that is no such error. */
+ * TCP or UDP header, within the IP datagram, and fills q->key with the flow
+ * it belongs to, as the client sends it. It returns the quoted IP header's
+ * offset, 0 for a packet that is no such error. */
 static __always_inline __u32 icmp_quote(struct xdp_md *ctx, const struct packet *pkt, struct packet *q)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u32 off = l3_offset(pkt);
+	/* The quote ends with the IP datagram, not the frame's padding. */
+	void *end = data + off + encap_len(ctx, pkt);
+	if (end > data_end)
+		return 0;
 	if (pkt->family == AF_INET) {
 		off += sizeof(struct iphdr);
 		__u8 *type = data + off;
-		if ((void *)(type + 8) > data_end || (*type != 3 && *type != 11))
+		if ((void *)(type + 8) > data_end || (void *)(type + 8) > end || (*type != 3 && *type != 11))
 			return 0;
 		off += 8;
 		struct iphdr *in = data + off;
@@ -55,7 +59,7 @@ static __always_inline __u32 icmp_quote(struct xdp_md *ctx, const struct packet 
 		    (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP))
 			return 0;
 		struct quoted_l4 *l4 = (void *)(in + 1);
-		if ((void *)(l4 + 1) > data_end || in->saddr != pkt->key.dst[0])
+		if ((void *)(l4 + 1) > data_end || (void *)(l4 + 1) > end || in->saddr != pkt->key.dst[0])
 			return 0;
 		q->key.src[0] = in->daddr;
 		q->key.dst[0] = in->saddr;
@@ -66,7 +70,7 @@ static __always_inline __u32 icmp_quote(struct xdp_md *ctx, const struct packet 
 	}
 	off += sizeof(struct ipv6hdr);
 	__u8 *type = data + off;
-	if ((void *)(type + 8) > data_end || *type < 1 || *type > 3)
+	if ((void *)(type + 8) > data_end || (void *)(type + 8) > end || *type < 1 || *type > 3)
 		return 0;
 	off += 8;
 	struct ipv6hdr *in = data + off;
@@ -74,7 +78,7 @@ static __always_inline __u32 icmp_quote(struct xdp_md *ctx, const struct packet 
 	    (in->nexthdr != IPPROTO_TCP && in->nexthdr != IPPROTO_UDP))
 		return 0;
 	struct quoted_l4 *l4 = (void *)(in + 1);
-	if ((void *)(l4 + 1) > data_end)
+	if ((void *)(l4 + 1) > data_end || (void *)(l4 + 1) > end)
 		return 0;
 	__builtin_memcpy(q->key.src, &in->daddr, sizeof(q->key.src));
 	__builtin_memcpy(q->key.dst, &in->saddr, sizeof(q->key.dst));
@@ -224,7 +228,7 @@ static __always_inline int icmp_error(struct xdp_md *ctx, const struct packet *p
 		return verdict;
 	struct packet q = {.family = pkt->family, .vlan = pkt->vlan, .icmp = 1};
 	__u32 qoff = icmp_quote(ctx, pkt, &q);
-	if (!qoff)
+	if (!qoff || !ipv4_header_ok(ctx, pkt))
 		return count_reason(R_PASS_NOT_TCP_UDP, XDP_PASS);
 	struct service *svc = lookup_service(&q);
 	if (!svc)
