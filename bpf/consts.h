@@ -36,6 +36,7 @@
 #define ETH_P_8021Q_BE	0x0081 /* htons(ETH_P_8021Q) */
 #define ETH_P_8021AD_BE 0xA888 /* htons(ETH_P_8021AD) */
 #define IP_MF_OFFSET_BE 0xFF3F /* htons(IP_MF | IP_OFFSET) */
+#define IP_OFFSET_BE	0xFF1F /* htons(IP_OFFSET) */
 
 /* service flags (struct service.flags) */
 #define SVC_F_SOURCE_AFFINITY (1U << 0) /* key the ring and affinity table by client address */

@@ -165,7 +165,8 @@ func reference(frame []byte, svcs []bpftest.Service, tracked map[refFlow]bool) r
 // icmpReference says whether an ICMP message (seg, within its datagram,
 // addressed to dst) is an error the program forwards: "destination
 // unreachable" or "time exceeded" (ICMPv6: also "packet too big") quoting
-// a TCP or UDP packet from dst, whose reversed 5-tuple is a service's
+// a TCP or UDP packet (IPv4: no options, a first fragment or none) from
+// dst, whose reversed 5-tuple is a service's
 // flow; it goes to a backend of that service, as it came but for its MACs,
 // and enters no table.
 func icmpReference(seg []byte, v4 bool, proto uint8, dst netip.Addr, svcs []bpftest.Service) (refVerdict, bool) {
@@ -175,7 +176,8 @@ func icmpReference(seg []byte, v4 bool, proto uint8, dst netip.Addr, svcs []bpft
 	q := seg[8:]
 	var fl refFlow
 	if v4 {
-		if seg[0] != 3 && seg[0] != 11 || len(q) < 28 || q[0] != 0x45 || q[9] != bpftest.TCP && q[9] != bpftest.UDP ||
+		if seg[0] != 3 && seg[0] != 11 || len(q) < 28 || q[0] != 0x45 || binary.BigEndian.Uint16(q[6:])&0x1fff != 0 ||
+			q[9] != bpftest.TCP && q[9] != bpftest.UDP ||
 			netip.AddrFrom4([4]byte(q[12:16])) != dst {
 			return refVerdict{}, false
 		}

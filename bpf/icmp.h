@@ -7,7 +7,8 @@
  * entry (or else affinity entry, or ring) names the backend, and the error
  * goes there as the flow's packets do: its MACs rewritten (dsr),
  * encapsulated (ipip, gue), or with its destination and the quoted header
- * translated (nat, fullnat). Anything else, and any error about no VIP
+ * translated (nat, fullnat: from the balancer's address too). Anything
+ * else, and any error about no VIP
  * flow or too short to quote one, goes to the kernel as before. */
 #ifndef TETHER_ICMP_H
 #define TETHER_ICMP_H
@@ -56,6 +57,7 @@ static __always_inline __u32 icmp_quote(struct xdp_md *ctx, const struct packet 
 		off += 8;
 		struct iphdr *in = data + off;
 		if ((void *)(in + 1) > data_end || in->version != 4 || in->ihl != 5 ||
+		    (in->frag_off & IP_OFFSET_BE) ||
 		    (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP))
 			return 0;
 		struct quoted_l4 *l4 = (void *)(in + 1);
@@ -111,8 +113,13 @@ static __always_inline int icmp_nat(struct xdp_md *ctx, const struct packet *pkt
 		struct iphdr *in = data + qoff;
 		if ((void *)(ip + 1) > data_end || (void *)(in + 1) > data_end)
 			return -1;
-		ip->check = csum_apply(ip->check, csum_diff32(0, ip->daddr, be->addr[0]));
+		__u32 dip = csum_diff32(0, ip->daddr, be->addr[0]);
 		ip->daddr = be->addr[0];
+		if (sn) { /* the backend may have no route to the router */
+			dip = csum_diff32(dip, ip->saddr, sn->addr[0]);
+			ip->saddr = sn->addr[0];
+		}
+		ip->check = csum_apply(ip->check, dip);
 		__u32 dq = csum_diff32(0, in->saddr, be->addr[0]);
 		in->saddr = be->addr[0];
 		if (sn) {
@@ -131,6 +138,7 @@ static __always_inline int icmp_nat(struct xdp_md *ctx, const struct packet *pkt
 		if ((void *)(ip6 + 1) > data_end || (void *)(in + 1) > data_end)
 			return -1;
 		__u32 *dst = ip6->daddr.in6_u.u6_addr32;
+		__u32 *src = ip6->saddr.in6_u.u6_addr32;
 		__u32 *qs = in->saddr.in6_u.u6_addr32;
 		__u32 *qd = in->daddr.in6_u.u6_addr32;
 #pragma unroll
@@ -142,6 +150,8 @@ static __always_inline int icmp_nat(struct xdp_md *ctx, const struct packet *pkt
 			if (sn) {
 				dl4 = csum_diff32(dl4, qd[i], sn->addr[i]);
 				qd[i] = sn->addr[i];
+				d = csum_diff32(d, src[i], sn->addr[i]);
+				src[i] = sn->addr[i];
 			}
 		}
 		d += dl4;
@@ -177,7 +187,9 @@ static __always_inline int icmp_echo(struct xdp_md *ctx, const struct packet *pk
 	__u32 l3off = l3_offset(pkt);
 	__u32 hlen = pkt->family == AF_INET ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
 	__u8 *type = data + l3off + hlen;
-	if ((void *)(type + 4) > data_end || *type != (pkt->family == AF_INET ? 8 : 128) || type[1])
+	void *end = data + l3off + encap_len(ctx, pkt);
+	if ((void *)(type + 4) > data_end || (void *)(type + 4) > end ||
+	    *type != (pkt->family == AF_INET ? 8 : 128) || type[1])
 		return -1;
 	struct vip_key k = {.family = pkt->family};
 	__builtin_memcpy(k.addr, pkt->key.dst, sizeof(k.addr));

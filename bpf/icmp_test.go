@@ -173,6 +173,21 @@ func TestICMPForwarded(t *testing.T) {
 						if dst != be.Addr() || qsrc != be || qdst != fwdT.src {
 							t.Fatalf("translated ICMP error to %s quoting %s → %s, want to %s quoting %s → %s", dst, qsrc, qdst, be.Addr(), be, fwdT.src)
 						}
+						// fullnat: from the balancer, which the backend can reach.
+						src := netip.AddrFrom16([16]byte(out[14+8 : 14+24]))
+						if tc.svc.VIP.Addr().Is4() {
+							src = netip.AddrFrom4([4]byte(out[14+12 : 14+16]))
+						}
+						want := router4
+						if !tc.svc.VIP.Addr().Is4() {
+							want = router6
+						}
+						if mode == maps.ForwardFullNAT {
+							want = snatFor(tc.svc.VIP.Addr())
+						}
+						if src != want {
+							t.Fatalf("translated ICMP error from %s, want %s", src, want)
+						}
 					}
 				})
 			}

@@ -481,7 +481,8 @@ func (o *Objects) adopt(spec *ebpf.CollectionSpec, ringSize uint32) error {
 // new, empty ones (nothing it tracked needs them).
 var addedMaps = [][]string{
 	{bpf.TetherMapNat4, bpf.TetherMapNat6, bpf.TetherMapNatSyn4, bpf.TetherMapNatSyn6, bpf.TetherMapSnatAddrs}, // nat, fullnat
-	{bpf.TetherMapTunnels, bpf.TetherMapVips}, // ipip, gue; ICMP echo
+	{bpf.TetherMapTunnels}, // ipip, gue
+	{bpf.TetherMapVips},    // ICMP echo
 }
 
 // allAdded is every map of addedMaps.

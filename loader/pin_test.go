@@ -567,7 +567,7 @@ func TestAdoptWithoutNATMaps(t *testing.T) {
 	// Nor is the layout of the tether that had NAT but no tunnels (commit
 	// 86406d6), which lacks only the tunnels and VIP maps.
 	const beforeTunnels = 0xb98473f5ea29357
-	if missing, ok := earlierLayout(spec, beforeTunnels); !ok || !slices.Equal(missing, []string{bpf.TetherMapTunnels, bpf.TetherMapVips}) {
+	if missing, ok := earlierLayout(spec, beforeTunnels); !ok || !sameSet(missing, []string{bpf.TetherMapTunnels, bpf.TetherMapVips}) {
 		t.Fatalf("the layout before tunnels is not adopted: missing %v, %v", missing, ok)
 	}
 	o, err := Load(opts)

@@ -190,7 +190,19 @@ func (x *XDP) adopt() error {
 	if err != nil {
 		return err
 	}
+	served := map[netip.Addr]bool{}
+	for _, e := range entries {
+		served[e.VIP] = true
+	}
 	for a, flags := range vips {
+		// A stop between a service's removal and its VIP's leaves the
+		// VIP's entry: it answers for no service.
+		if !served[a] {
+			if err := m.DeleteVIP(a); err != nil {
+				return err
+			}
+			continue
+		}
 		x.echo[a] = flags&maps.VIPEchoReply != 0
 	}
 	byService := map[uint32][]datapath.Backend{}

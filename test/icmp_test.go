@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"encoding/binary"
 	"net"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/tetherlb/tether/internal/lab"
+	"github.com/tetherlb/tether/maps"
 )
 
 // ping sends one ICMP echo request from the lab client to vip and says
@@ -61,6 +63,19 @@ func TestVIPAnswersPing(t *testing.T) {
 	vips, err := daemonMaps(t, l, testRing).VIPs()
 	if err != nil || len(vips) != 2 {
 		t.Fatalf("VIP entries %v (%v), want both VIPs", vips, err)
+	}
+	// An entry of a VIP with no service, as a daemon stopped between a
+	// service's removal and its VIP's leaves it, is gone after a restart.
+	stale := netip.MustParseAddr("203.0.113.99")
+	if err := daemonMaps(t, l, testRing).PutVIP(stale, maps.VIPEchoReply); err != nil {
+		t.Fatal(err)
+	}
+	d.restart(l, tetherBin)
+	if vips, err := daemonMaps(t, l, testRing).VIPs(); err != nil || len(vips) != 2 || vips[stale] != 0 {
+		t.Fatalf("VIP entries after a restart: %v (%v), want both VIPs and no other", vips, err)
+	}
+	if !ping(t, l, 3) {
+		t.Fatal("no echo reply from the VIP after a restart")
 	}
 	d.reload(strings.ReplaceAll(cfg, "    affinity: source\n", "    affinity: source\n    icmp_echo: pass\n"))
 	if vips, err := daemonMaps(t, l, testRing).VIPs(); err != nil || len(vips) != 0 {

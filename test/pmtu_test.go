@@ -19,28 +19,44 @@ import (
 // that holds the connection through tether (as the flow's packets do, in
 // dsr and ipip), the backend lowers its path MTU to the client to 1200 and
 // resends. Without that the backend's full-size segments vanish and the
-// transfer stalls.
+// transfer stalls. With nat and fullnat the error's destination and
+// quoted reply are translated to what the backend sent.
 func TestPathMTUThroughTether(t *testing.T) {
-	for _, mode := range []string{config.ForwardingDSR, config.ForwardingIPIP} {
+	for _, mode := range []string{config.ForwardingDSR, config.ForwardingIPIP, config.ForwardingNAT, config.ForwardingFullNAT} {
 		t.Run(mode, func(t *testing.T) {
-			l := lab.NewT(t, lab.Options{Backends: 2, Clients: 1})
+			translated := mode == config.ForwardingNAT || mode == config.ForwardingFullNAT
+			l := lab.NewT(t, lab.Options{Backends: 2, Clients: 1, Plain: translated})
 			far, err := l.AddFarClient(1200)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if mode == config.ForwardingIPIP {
+			if mode != config.ForwardingDSR {
 				if err := l.Balancer.Sysctl("net/ipv4/conf/all/forwarding", "1"); err != nil {
+					t.Fatal(err)
+				}
+				// The program sends translated replies to the client's
+				// next hop, the client host.
+				if err := l.Balancer.Run("ip", "route", "add", lab.FarClientNet.String(), "via", l.Client.Addr4.String()); err != nil {
 					t.Fatal(err)
 				}
 			}
 			for _, be := range l.Backends {
-				if mode == config.ForwardingIPIP {
+				switch mode {
+				case config.ForwardingIPIP:
 					out, code := runIn(t, be, "backend-setup", "--forwarding", mode, "--decap", "xdp", "--interface", "eth0", "--apply", l.VIP4.String())
 					if code != 0 {
 						t.Fatalf("backend-setup on %s: exit %d: %s", be.Name, code, out)
 					}
+				case config.ForwardingNAT:
+					if err := be.Run("ip", "route", "replace", lab.FarClientNet.String(), "via", l.Balancer.Addr4.String()); err != nil {
+						t.Fatal(err)
+					}
 				}
-				serveEcho(t, l, be)
+				if translated {
+					serveEchoOn(t, be, be.Addr4)
+				} else {
+					serveEcho(t, l, be)
+				}
 			}
 			b := labConfig()
 			fmt.Fprintf(b, "  - name: chat\n    vip: %s\n    port: %d\n    forwarding: %s\n    backends:\n", l.VIP4, chatPort, mode)
@@ -73,9 +89,14 @@ func TestPathMTUThroughTether(t *testing.T) {
 				if be.Name != backend {
 					continue
 				}
-				out, err := be.Command("ip", "-4", "route", "get", far.Addr4.String()).CombinedOutput()
+				// fullnat: the backend's peer is the balancer.
+				peer := far.Addr4
+				if mode == config.ForwardingFullNAT {
+					peer = l.Balancer.Addr4
+				}
+				out, err := be.Command("ip", "-4", "route", "get", peer.String()).CombinedOutput()
 				if err != nil || !strings.Contains(string(out), "mtu 1200") {
-					t.Errorf("%s's route to the client: %q (%v), want the learned mtu 1200", be.Name, out, err)
+					t.Errorf("%s's route to its peer %s: %q (%v), want the learned mtu 1200", be.Name, peer, out, err)
 				}
 			}
 			reasons, err := daemonMaps(t, l, testRing).Reasons()
