@@ -3,6 +3,7 @@ package test
 import (
 	"fmt"
 	"net/netip"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -13,27 +14,31 @@ import (
 )
 
 // routedAddrs are backend i's addresses on another network than the
-// balancer's, which the balancer reaches through a gateway: 203.0.113.200+i
-// and 2001:db8:b::(i+1), held on the backend's loopback; the gateway is
-// the backend's wire address, the one router it takes to reach them.
+// balancer's, which the balancer reaches through a router: 203.0.113.200+i
+// and 2001:db8:b::(i+1), held on the backend's loopback.
 func routedAddrs(i int) (netip.Addr, netip.Addr) {
 	return netip.AddrFrom4([4]byte{203, 0, 113, byte(200 + i)}),
 		netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x0b, 15: byte(i + 1)})
 }
 
 // encapLab builds a lab whose backends hold the VIPs (as for dsr) and
-// addresses on another network (routedAddrs), routed from the balancer
-// through a gateway, readied for forwarding mode with `tether
+// addresses on another network (routedAddrs), which the balancer reaches
+// through a router namespace (whose kernel forwards the encapsulated
+// packets), readied for forwarding mode with `tether
 // backend-setup --decap xdp --apply` (this kernel has no ipip or fou
 // devices), and serving WebSocket echo on the VIPs and their routed
 // addresses. The balancer forwards IP (the program asks its FIB).
-func encapLab(t *testing.T, mode string, clients int) (*lab.Lab, map[string][]*lab.EchoServer) {
+func encapLab(t *testing.T, mode string, clients int) (*lab.Lab, *lab.Host, map[string][]*lab.EchoServer) {
 	t.Helper()
 	l := lab.NewT(t, lab.Options{Backends: 3, Clients: clients})
 	for _, k := range []string{"net/ipv4/conf/all/forwarding", "net/ipv6/conf/all/forwarding"} {
 		if err := l.Balancer.Sysctl(k, "1"); err != nil {
 			t.Fatal(err)
 		}
+	}
+	router, err := l.AddRouter()
+	if err != nil {
+		t.Fatal(err)
 	}
 	servers := map[string][]*lab.EchoServer{}
 	for i, be := range l.Backends {
@@ -46,12 +51,17 @@ func encapLab(t *testing.T, mode string, clients int) (*lab.Lab, map[string][]*l
 				t.Fatal(err)
 			}
 		}
-		for _, cmd := range [][]string{
-			{"ip", "route", "add", r4.String() + "/32", "via", be.Addr4.String()},
-			{"ip", "-6", "route", "add", r6.String() + "/128", "via", be.Addr6.String()},
-		} {
-			if err := l.Balancer.Run(cmd[0], cmd[1:]...); err != nil {
-				t.Fatal(err)
+		for _, hop := range []struct {
+			h      *lab.Host
+			v4, v6 netip.Addr
+		}{{l.Balancer, router.Addr4, router.Addr6}, {router, be.Addr4, be.Addr6}} {
+			for _, cmd := range [][]string{
+				{"ip", "route", "add", r4.String() + "/32", "via", hop.v4.String()},
+				{"ip", "-6", "route", "add", r6.String() + "/128", "via", hop.v6.String()},
+			} {
+				if err := hop.h.Run(cmd[0], cmd[1:]...); err != nil {
+					t.Fatal(err)
+				}
 			}
 		}
 		out, code := runIn(t, be, "backend-setup", "--forwarding", mode, "--decap", "xdp", "--interface", "eth0", "--apply", l.VIP4.String(), l.VIP6.String())
@@ -60,7 +70,39 @@ func encapLab(t *testing.T, mode string, clients int) (*lab.Lab, map[string][]*l
 		}
 		servers[be.Name] = serveEchoOn(t, be, l.VIP4, l.VIP6, r4, r6)
 	}
-	return l, servers
+	return l, router, servers
+}
+
+// forwarded is the number of IPv4 datagrams host h forwarded (the Ip
+// ForwDatagrams counter of its /proc/net/snmp).
+func forwarded(t *testing.T, h *lab.Host) int {
+	t.Helper()
+	out, err := h.Command("cat", "/proc/net/snmp").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "Ip:" {
+			continue
+		}
+		if names == nil {
+			names = f
+			continue
+		}
+		for i, n := range names {
+			if n == "ForwDatagrams" && i < len(f) {
+				v, err := strconv.Atoi(f[i])
+				if err != nil {
+					t.Fatal(err)
+				}
+				return v
+			}
+		}
+	}
+	t.Fatalf("no Ip ForwDatagrams in %s's /proc/net/snmp", h.Name)
+	return 0
 }
 
 // runIn runs the tether binary in host h and returns its output and exit
@@ -103,7 +145,7 @@ func encapConfig(l *lab.Lab, mode string, backends []*lab.Host) string {
 }
 
 // TestEncapForwarding serves WebSocket echo from backends on another
-// network, behind a gateway, keeping direct server return, in ipip and
+// network, behind a router, keeping direct server return, in ipip and
 // gue: 300 connections from 150 client addresses (and 40 over IPv6) echo;
 // the spread is within ±30%; source affinity holds across reconnects;
 // while 200 connections echo every 100 ms, two daemon restarts lose no
@@ -116,11 +158,15 @@ func TestEncapForwarding(t *testing.T) {
 }
 
 func testEncapForwarding(t *testing.T, mode string) {
-	l, servers := encapLab(t, mode, 150)
+	l, router, servers := encapLab(t, mode, 150)
 	d := startDaemon(t, l, encapConfig(l, mode, l.Backends))
 	api := control.NewClient(d.socket)
 	vip4, vip6 := netip.AddrPortFrom(l.VIP4, chatPort), netip.AddrPortFrom(l.VIP6, chatPort)
 	conns, conns6, owner := connectSpread(t, l, api, vip4, vip6, mode)
+	// The encapsulated packets crossed the router.
+	if n := forwarded(t, router); n < len(conns) {
+		t.Errorf("the router forwarded %d IPv4 datagrams, fewer than the %d connections", n, len(conns))
+	}
 	// The backends saw the clients themselves (the packets came whole).
 	peers := map[string]int{}
 	for _, ss := range servers {

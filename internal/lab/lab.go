@@ -865,3 +865,28 @@ func (l *Lab) AddFarClient(mtu int) (*Host, error) {
 	}
 	return h, nil
 }
+
+// AddRouter adds host "router" on the wire (198.51.100.250,
+// 2001:db8:100::fa), which forwards IPv4 and IPv6: a hop that tests route
+// through (add the routes with Host.Run).
+func (l *Lab) AddRouter() (*Host, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return nil, errClosed
+	}
+	r, err := l.addHost("router", 250, false)
+	if err != nil {
+		return nil, err
+	}
+	if err := writeSysctls(r.ns,
+		[2]string{"net/ipv4/ip_forward", "1"},
+		[2]string{"net/ipv6/conf/all/forwarding", "1"},
+	); err != nil {
+		return nil, errors.Join(err, l.removeHost(r))
+	}
+	if err := l.waitReady(r); err != nil {
+		return nil, errors.Join(err, l.removeHost(r))
+	}
+	return r, nil
+}
