@@ -53,14 +53,7 @@ func newEncapLab(t *testing.T, mode uint8, otherFamily bool) *encapLab {
 		return nil
 	}))
 	f := bpftest.NewFixture(t, loaderOpts())
-	svcs := []bpftest.Service{
-		{ID: 1, VIP: vip4, Proto: bpftest.TCP, Source: true, Backends: []uint32{1, 2, 3}},
-		{ID: 2, VIP: vip4, Proto: bpftest.UDP, Backends: []uint32{4, 5, 6}},
-		{ID: 3, VIP: vip6, Proto: bpftest.TCP, Source: true, Backends: []uint32{7, 8, 9}},
-		{ID: 4, VIP: vip6, Proto: bpftest.UDP, Backends: []uint32{10, 11, 12}},
-	}
-	for i := range svcs {
-		s := &svcs[i]
+	svcs := fourServicesWith(f, func(s *bpftest.Service) {
 		s.Forwarding, s.OtherFamily = mode, otherFamily
 		s.Tunnel.Source = tunnelNet4
 		if s.Backend(1).Is6() {
@@ -69,8 +62,7 @@ func newEncapLab(t *testing.T, mode uint8, otherFamily bool) *encapLab {
 		if mode == maps.ForwardGUE {
 			s.Tunnel.GUEPort = guePort
 		}
-		f.AddService(*s)
-	}
+	})
 	return &encapLab{Fixture: f, lab: l, svcs: svcs}
 }
 

@@ -31,14 +31,7 @@ func fourServices(t *testing.T) (*bpftest.Fixture, []bpftest.Service) {
 // or snat6.
 func fourServicesForwarding(t *testing.T, mode uint8) (*bpftest.Fixture, []bpftest.Service) {
 	f := bpftest.NewFixture(t, loaderOpts())
-	svcs := []bpftest.Service{
-		{ID: 1, VIP: vip4, Proto: bpftest.TCP, Source: true, Backends: []uint32{1, 2, 3}},
-		{ID: 2, VIP: vip4, Proto: bpftest.UDP, Backends: []uint32{4, 5, 6}},
-		{ID: 3, VIP: vip6, Proto: bpftest.TCP, Source: true, Backends: []uint32{7, 8, 9}},
-		{ID: 4, VIP: vip6, Proto: bpftest.UDP, Backends: []uint32{10, 11, 12}},
-	}
-	for i := range svcs {
-		s := &svcs[i]
+	return f, fourServicesWith(f, func(s *bpftest.Service) {
 		s.Forwarding = mode
 		if mode != maps.ForwardDSR {
 			s.BackendPort = backendPort
@@ -49,9 +42,23 @@ func fourServicesForwarding(t *testing.T, mode uint8) (*bpftest.Fixture, []bpfte
 				s.SNAT = snat6
 			}
 		}
-		f.AddService(*s)
+	})
+}
+
+// fourServicesWith adds TCP and UDP services on vip4 and vip6 to f, each
+// with three backends, after setup has its say on each.
+func fourServicesWith(f *bpftest.Fixture, setup func(*bpftest.Service)) []bpftest.Service {
+	svcs := []bpftest.Service{
+		{ID: 1, VIP: vip4, Proto: bpftest.TCP, Source: true, Backends: []uint32{1, 2, 3}},
+		{ID: 2, VIP: vip4, Proto: bpftest.UDP, Backends: []uint32{4, 5, 6}},
+		{ID: 3, VIP: vip6, Proto: bpftest.TCP, Source: true, Backends: []uint32{7, 8, 9}},
+		{ID: 4, VIP: vip6, Proto: bpftest.UDP, Backends: []uint32{10, 11, 12}},
 	}
-	return f, svcs
+	for i := range svcs {
+		setup(&svcs[i])
+		f.AddService(svcs[i])
+	}
+	return svcs
 }
 
 // forwardCase is a packet of a client to one of fourServices.

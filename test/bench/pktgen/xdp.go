@@ -36,20 +36,7 @@ func ne16(v uint16) int32 {
 // the frame's start (data) and R3 its end (data_end); R4 and R5 are
 // clobbered.
 func matchUDP(dport uint16, pass string) asm.Instructions {
-	return asm.Instructions{
-		// R2 = data, R3 = data_end.
-		asm.LoadMem(asm.R2, asm.R1, mdData, asm.Word),
-		asm.LoadMem(asm.R3, asm.R1, mdDataEnd, asm.Word),
-		// The Ethernet header and a minimal IPv4 header must be there.
-		asm.Mov.Reg(asm.R4, asm.R2),
-		asm.Add.Imm(asm.R4, ethLen+ipv4Len),
-		asm.JGT.Reg(asm.R4, asm.R3, pass),
-		// EtherType IPv4 (no VLAN tags).
-		asm.LoadMem(asm.R5, asm.R2, offEtherType, asm.Half),
-		asm.JNE.Imm(asm.R5, ne16(etherTypeIPv4), pass),
-		// Protocol UDP.
-		asm.LoadMem(asm.R5, asm.R2, offIPProto, asm.Byte),
-		asm.JNE.Imm(asm.R5, protoUDP, pass),
+	return append(matchIPv4(protoUDP, pass),
 		// Fragment offset 0, so that a UDP header follows.
 		asm.LoadMem(asm.R5, asm.R2, offIPv4+6, asm.Half),
 		asm.And.Imm(asm.R5, ne16(0x1fff)),
@@ -69,6 +56,26 @@ func matchUDP(dport uint16, pass string) asm.Instructions {
 		// Destination port.
 		asm.LoadMem(asm.R5, asm.R4, 2, asm.Half),
 		asm.JNE.Imm(asm.R5, ne16(dport), pass),
+	)
+}
+
+// matchIPv4 returns instructions that jump to label pass unless the frame
+// is IPv4 (no VLAN tag, a minimal header there) of protocol proto, with R2
+// = data and R3 = data_end; R4 and R5 are clobbered.
+func matchIPv4(proto int32, pass string) asm.Instructions {
+	return asm.Instructions{
+		// R2 = data, R3 = data_end.
+		asm.LoadMem(asm.R2, asm.R1, mdData, asm.Word),
+		asm.LoadMem(asm.R3, asm.R1, mdDataEnd, asm.Word),
+		// The Ethernet header and a minimal IPv4 header must be there.
+		asm.Mov.Reg(asm.R4, asm.R2),
+		asm.Add.Imm(asm.R4, ethLen+ipv4Len),
+		asm.JGT.Reg(asm.R4, asm.R3, pass),
+		// EtherType IPv4 (no VLAN tags).
+		asm.LoadMem(asm.R5, asm.R2, offEtherType, asm.Half),
+		asm.JNE.Imm(asm.R5, ne16(etherTypeIPv4), pass),
+		asm.LoadMem(asm.R5, asm.R2, offIPProto, asm.Byte),
+		asm.JNE.Imm(asm.R5, proto, pass),
 	}
 }
 
@@ -95,23 +102,6 @@ type Counter struct {
 	link   link.Link
 }
 
-// matchIPIP returns instructions that, as matchUDP, jump to label pass
-// unless the frame is IPv4 carrying IPv4 (IP in IP: what a balancer that
-// encapsulates sends its backends).
-func matchIPIP(pass string) asm.Instructions {
-	return asm.Instructions{
-		asm.LoadMem(asm.R2, asm.R1, mdData, asm.Word),
-		asm.LoadMem(asm.R3, asm.R1, mdDataEnd, asm.Word),
-		asm.Mov.Reg(asm.R4, asm.R2),
-		asm.Add.Imm(asm.R4, ethLen+ipv4Len),
-		asm.JGT.Reg(asm.R4, asm.R3, pass),
-		asm.LoadMem(asm.R5, asm.R2, offEtherType, asm.Half),
-		asm.JNE.Imm(asm.R5, ne16(etherTypeIPv4), pass),
-		asm.LoadMem(asm.R5, asm.R2, offIPProto, asm.Byte),
-		asm.JNE.Imm(asm.R5, 4, pass),
-	}
-}
-
 // AttachCounter loads a Counter for UDP destination port dport and attaches
 // it in driver mode to interface ifindex, in the calling thread's network
 // namespace (call it inside lab.Host.Do). The caller closes it.
@@ -121,7 +111,7 @@ func AttachCounter(ifindex int, dport uint16) (c *Counter, err error) {
 
 // AttachIPIPCounter is AttachCounter for IP-in-IP frames.
 func AttachIPIPCounter(ifindex int) (c *Counter, err error) {
-	return attachCounter(ifindex, matchIPIP("pass"))
+	return attachCounter(ifindex, matchIPv4(4, "pass"))
 }
 
 func attachCounter(ifindex int, match asm.Instructions) (c *Counter, err error) {
