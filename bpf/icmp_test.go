@@ -105,19 +105,20 @@ func checkICMP(t *testing.T, frame []byte) (dst netip.Addr, qsrc, qdst netip.Add
 
 // TestICMPForwarded: an ICMP error a router sends to the VIP about a
 // flow's reply goes to the backend that holds the flow, in every
-// forwarding mode: as it came (dsr), encapsulated (ipip), or with its
+// forwarding mode: as it came (dsr), encapsulated (ipip, gue), or with its
 // destination and the quoted reply translated to what the backend sent
 // (nat, fullnat), checksums right; one about a flow with no connection
 // entry goes where the ring sends the flow.
 func TestICMPForwarded(t *testing.T) {
-	for _, mode := range []uint8{maps.ForwardDSR, maps.ForwardNAT, maps.ForwardFullNAT, maps.ForwardIPIP} {
-		name := map[uint8]string{maps.ForwardDSR: "dsr", maps.ForwardNAT: "nat", maps.ForwardFullNAT: "fullnat", maps.ForwardIPIP: "ipip"}[mode]
+	for _, mode := range []uint8{maps.ForwardDSR, maps.ForwardNAT, maps.ForwardFullNAT, maps.ForwardIPIP, maps.ForwardGUE} {
+		name := map[uint8]string{maps.ForwardDSR: "dsr", maps.ForwardNAT: "nat", maps.ForwardFullNAT: "fullnat", maps.ForwardIPIP: "ipip", maps.ForwardGUE: "gue"}[mode]
+		encap := mode == maps.ForwardIPIP || mode == maps.ForwardGUE
 		t.Run(name, func(t *testing.T) {
 			var f *bpftest.Fixture
 			var svcs []bpftest.Service
 			var lbMAC net.HardwareAddr
 			run := func(frame []byte) (uint32, []byte) { return f.Run(frame) }
-			if mode == maps.ForwardIPIP {
+			if encap {
 				e := newEncapLab(t, mode, false)
 				f, svcs, lbMAC = e.Fixture, e.svcs, e.lab.Balancer.MAC
 				run = func(frame []byte) (uint32, []byte) { return e.run(t, frame) }
@@ -154,8 +155,8 @@ func TestICMPForwarded(t *testing.T) {
 					if got != id {
 						t.Fatalf("ICMP error sent to backend %d, the flow is on %d", got, id)
 					}
-					if mode == maps.ForwardIPIP {
-						o := parseOuter(t, out, false, lbMAC)
+					if encap {
+						o := parseOuter(t, out, mode == maps.ForwardGUE, lbMAC)
 						if !bytes.Equal(o.inner, in[14:]) {
 							t.Fatalf("the ICMP error inside differs from the one sent")
 						}
@@ -332,4 +333,69 @@ func TestICMPEcho(t *testing.T) {
 			t.Errorf("echo request to a VIP without the flag or to no VIP: verdict %d, changed %v", v, !bytes.Equal(out, in))
 		}
 	}
+}
+
+// TestICMPErrorKinds: every kind of error the program forwards, tagged or
+// not: "time exceeded" (IPv4), "destination unreachable" and "time
+// exceeded" (ICMPv6) besides the MTU errors, and one in a VLAN-tagged
+// frame, which keeps its tag; each reaches the flow's backend unchanged
+// but for its MACs (dsr).
+func TestICMPErrorKinds(t *testing.T) {
+	f, svcs := fourServicesForwarding(t, maps.ForwardDSR)
+	for _, tc := range []struct {
+		desc      string
+		svc       bpftest.Service
+		cli       netip.AddrPort
+		typ, code uint8
+		vlan      uint16
+	}{
+		{"IPv4 time exceeded", svcs[0], cli4, 11, 0, 0},
+		{"IPv4 port unreachable, UDP", svcs[1], cli4, 3, 3, 0},
+		{"IPv6 destination unreachable", svcs[2], cli6, 1, 4, 0},
+		{"IPv6 time exceeded, UDP", svcs[3], cli6, 3, 0, 0},
+		{"IPv4 fragmentation needed, VLAN 7", svcs[0], netip.AddrPortFrom(cli4.Addr(), 40007), 3, 4, 7},
+		{"IPv6 packet too big, VLAN 7", svcs[2], netip.AddrPortFrom(cli6.Addr(), 40007), 2, 0, 7},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			v, fwd := f.Run(bpftest.Frame{Src: tc.cli, Dst: tc.svc.VIP, Proto: tc.svc.Proto, VLAN: tc.vlan, Checksum: true}.Bytes())
+			if v != bpftest.XDPTx {
+				t.Fatalf("the flow's packet: verdict %d", v)
+			}
+			id, err := bpftest.BackendOf(fwd)
+			must(t, err)
+			reply := bpftest.Frame{Src: tc.svc.VIP, Dst: tc.cli, Proto: tc.svc.Proto, Checksum: true}.Bytes()[14:]
+			in := retype(icmpError(reply), tc.typ, tc.code)
+			if tc.vlan != 0 {
+				tag := []byte{0x81, 0x00, byte(tc.vlan >> 8), byte(tc.vlan)}
+				in = append(append(append([]byte{}, in[:12]...), tag...), in[12:]...)
+			}
+			v, out := f.Run(in)
+			if v != bpftest.XDPTx {
+				t.Fatalf("ICMP error: verdict %d, want XDP_TX", v)
+			}
+			got, err := bpftest.BackendOf(out)
+			must(t, err)
+			if got != id || !bytes.Equal(out[12:], in[12:]) {
+				t.Fatalf("ICMP error sent to backend %d (the flow's: %d), changed beyond its MACs: %v", got, id, !bytes.Equal(out[12:], in[12:]))
+			}
+		})
+	}
+}
+
+// retype gives an untagged ICMP error frame (from icmpError) another type
+// and code, its checksum updated.
+func retype(frame []byte, typ, code uint8) []byte {
+	ip := frame[14:]
+	if ip[0]>>4 == 4 {
+		msg := ip[20:]
+		msg[0], msg[1] = typ, code
+		binary.BigEndian.PutUint16(msg[2:], 0)
+		binary.BigEndian.PutUint16(msg[2:], ^bpftest.Fold(bpftest.OnesSum(msg, 0)))
+		return frame
+	}
+	msg := ip[40:]
+	msg[0], msg[1] = typ, code
+	binary.BigEndian.PutUint16(msg[2:], 0)
+	binary.BigEndian.PutUint16(msg[2:], ^bpftest.Fold(bpftest.OnesSum(msg, bpftest.OnesSum(icmp6Pseudo(ip, len(msg)), 0))))
+	return frame
 }
