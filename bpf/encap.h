@@ -55,24 +55,6 @@ struct icmp6 {
 #define ICMP4_QUOTE 64
 #define ICMP6_QUOTE 96
 
-/* encap_len is the length of the parsed packet's IP datagram (checked by
- * parse_packet to lie within the frame), 0 if its header is out of reach. */
-static __always_inline __u32 encap_len(struct xdp_md *ctx, const struct packet *pkt)
-{
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	if (pkt->family == AF_INET6) {
-		struct ipv6hdr *ip6 = data + l3_offset(pkt);
-		if ((void *)(ip6 + 1) > data_end)
-			return 0;
-		return sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
-	}
-	struct iphdr *ip = data + l3_offset(pkt);
-	if ((void *)(ip + 1) > data_end)
-		return 0;
-	return bpf_ntohs(ip->tot_len);
-}
-
 /* encap_source is the outer source of a flow whose hash is h: the tunnel's
  * address with its low src_bits taken from h. */
 static __always_inline void encap_source(__u32 *src, const struct tunnel *tn, __u8 family, __u32 h)
@@ -87,30 +69,41 @@ static __always_inline void encap_source(__u32 *src, const struct tunnel *tn, __
 	src[last] = bpf_htonl((a & ~mask) | (h & mask));
 }
 
+/* icmp_room makes room for an ICMP error of add bytes of headers before
+ * the packet it answers, of which it keeps quote bytes from the IP header
+ * on: the Ethernet header (and VLAN tag) move to the new start, their MACs
+ * swapped so that the error goes back where the packet came from. It
+ * returns the new start, NULL if the frame could not be reshaped. */
+static __always_inline void *icmp_room(struct xdp_md *ctx, const struct packet *pkt, __u32 add, __u32 quote)
+{
+	__u32 l3off = l3_offset(pkt);
+	if (bpf_xdp_adjust_head(ctx, -(int)add) || shrink(ctx, l3off + add + quote))
+		return NULL;
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	if (data + l3off + add + quote > data_end || data + add + ETH_HLEN + 4 > data_end)
+		return NULL;
+	__builtin_memcpy(data, data + add, ETH_HLEN);
+	if (pkt->vlan)
+		__builtin_memcpy(data + ETH_HLEN, data + add + ETH_HLEN, 4);
+	swap_macs(data);
+	return data;
+}
+
 /* too_big4 turns an IPv4 packet with DF that does not fit once
  * encapsulated into the ICMP "fragmentation needed" that answers it, from
  * the VIP, with next-hop MTU mtu, and sends it back where it came from. */
 static __always_inline int too_big4(struct xdp_md *ctx, const struct packet *pkt, __u32 mtu)
 {
-	__u32 l3off = l3_offset(pkt);
 	__u32 add = sizeof(struct iphdr) + sizeof(struct icmp4);
-	if (bpf_xdp_adjust_head(ctx, -(int)add))
+	void *data = icmp_room(ctx, pkt, add, ICMP4_QUOTE);
+	if (!data)
 		return count_reason(R_DROP_ENCAP_MTU, XDP_DROP);
-	if (shrink(ctx, l3off + add + ICMP4_QUOTE))
-		return count_reason(R_DROP_ENCAP_MTU, XDP_DROP);
-	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	if (data + l3off + add + ICMP4_QUOTE > data_end || data + add + ETH_HLEN + 4 > data_end)
-		return count_reason(R_DROP_ENCAP_MTU, XDP_DROP);
-	/* The Ethernet header (and VLAN tag) of the packet, now add bytes in. */
-	__builtin_memcpy(data, data + add, ETH_HLEN);
-	if (pkt->vlan)
-		__builtin_memcpy(data + ETH_HLEN, data + add + ETH_HLEN, 4);
-	swap_macs(data);
-	struct iphdr *ip = data + l3off;
+	struct iphdr *ip = data + l3_offset(pkt);
 	struct icmp4 *icmp = (void *)(ip + 1);
 	struct iphdr *quoted = (void *)(icmp + 1);
-	if ((void *)(quoted + 1) > data_end)
+	if ((void *)(quoted + 1) > data_end || (void *)icmp + sizeof(*icmp) + ICMP4_QUOTE > data_end)
 		return count_reason(R_DROP_ENCAP_MTU, XDP_DROP);
 	ip->version = 4;
 	ip->ihl = 5;
@@ -136,24 +129,15 @@ static __always_inline int too_big4(struct xdp_md *ctx, const struct packet *pkt
 /* too_big6 is too_big4 for IPv6: ICMPv6 "packet too big". */
 static __always_inline int too_big6(struct xdp_md *ctx, const struct packet *pkt, __u32 mtu)
 {
-	__u32 l3off = l3_offset(pkt);
 	__u32 add = sizeof(struct ipv6hdr) + sizeof(struct icmp6);
-	if (bpf_xdp_adjust_head(ctx, -(int)add))
+	void *data = icmp_room(ctx, pkt, add, ICMP6_QUOTE);
+	if (!data)
 		return count_reason(R_DROP_ENCAP_MTU, XDP_DROP);
-	if (shrink(ctx, l3off + add + ICMP6_QUOTE))
-		return count_reason(R_DROP_ENCAP_MTU, XDP_DROP);
-	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	if (data + l3off + add + ICMP6_QUOTE > data_end || data + add + ETH_HLEN + 4 > data_end)
-		return count_reason(R_DROP_ENCAP_MTU, XDP_DROP);
-	__builtin_memcpy(data, data + add, ETH_HLEN);
-	if (pkt->vlan)
-		__builtin_memcpy(data + ETH_HLEN, data + add + ETH_HLEN, 4);
-	swap_macs(data);
-	struct ipv6hdr *ip6 = data + l3off;
+	struct ipv6hdr *ip6 = data + l3_offset(pkt);
 	struct icmp6 *icmp = (void *)(ip6 + 1);
 	struct ipv6hdr *quoted = (void *)(icmp + 1);
-	if ((void *)(quoted + 1) > data_end)
+	if ((void *)(quoted + 1) > data_end || (void *)icmp + sizeof(*icmp) + ICMP6_QUOTE > data_end)
 		return count_reason(R_DROP_ENCAP_MTU, XDP_DROP);
 	*(__u32 *)ip6 = bpf_htonl(6 << 28);
 	ip6->payload_len = bpf_htons(sizeof(*icmp) + ICMP6_QUOTE);
@@ -241,9 +225,7 @@ static __always_inline int forward_encap(struct xdp_md *ctx, const struct packet
 	struct tunnel *tn = bpf_map_lookup_elem(&tunnels, &id);
 	if (!tn || !(tn->src[0] | tn->src[1] | tn->src[2] | tn->src[3]))
 		return count_reason(R_DROP_NO_BACKEND, XDP_DROP);
-	__u32 len = encap_len(ctx, pkt);
-	if (!len)
-		return count_reason(R_DROP_TRUNCATED, XDP_DROP);
+	__u32 len = pkt->len;
 	__u16 gue = tn->gue_port;
 	__u8 outer6 = be->family == AF_INET6;
 	__u32 overhead =

@@ -46,9 +46,7 @@ static __always_inline __u32 icmp_quote(struct xdp_md *ctx, const struct packet 
 	void *data_end = (void *)(long)ctx->data_end;
 	__u32 off = l3_offset(pkt);
 	/* The quote ends with the IP datagram, not the frame's padding. */
-	void *end = data + off + encap_len(ctx, pkt);
-	if (end > data_end)
-		return 0;
+	void *end = data + off + pkt->len;
 	if (pkt->family == AF_INET) {
 		off += sizeof(struct iphdr);
 		__u8 *type = data + off;
@@ -187,7 +185,7 @@ static __always_inline int icmp_echo(struct xdp_md *ctx, const struct packet *pk
 	__u32 l3off = l3_offset(pkt);
 	__u32 hlen = pkt->family == AF_INET ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
 	__u8 *type = data + l3off + hlen;
-	void *end = data + l3off + encap_len(ctx, pkt);
+	void *end = data + l3off + pkt->len;
 	if ((void *)(type + 4) > data_end || (void *)(type + 4) > end ||
 	    *type != (pkt->family == AF_INET ? 8 : 128) || type[1])
 		return -1;
@@ -238,7 +236,7 @@ static __always_inline int icmp_error(struct xdp_md *ctx, const struct packet *p
 	int verdict = icmp_echo(ctx, pkt);
 	if (verdict >= 0)
 		return verdict;
-	struct packet q = {.family = pkt->family, .vlan = pkt->vlan, .icmp = 1};
+	struct packet q = {.family = pkt->family, .vlan = pkt->vlan, .len = pkt->len, .icmp = 1};
 	__u32 qoff = icmp_quote(ctx, pkt, &q);
 	if (!qoff || !ipv4_header_ok(ctx, pkt))
 		return count_reason(R_PASS_NOT_TCP_UDP, XDP_PASS);
@@ -255,14 +253,11 @@ static __always_inline int icmp_error(struct xdp_md *ctx, const struct packet *p
 		be = lookup_backend(id, c->service);
 	}
 	if (!be) {
+		struct affinity_key ak;
+		__u64 now;
+		int hit;
 		flags = 0;
-		if (svc->flags & SVC_F_SOURCE_AFFINITY) {
-			struct affinity_key ak = {.service = svc->id};
-			__builtin_memcpy(ak.addr, q.key.src, sizeof(ak.addr));
-			id = affinity_backend(svc, &ak, bpf_ktime_get_coarse_ns());
-		}
-		if (!id)
-			id = ring_backend(svc, &q);
+		id = choose_backend(svc, &q, &ak, &now, &hit);
 		be = lookup_backend(id, svc->id);
 		if (svc->flags & (SVC_F_IPIP | SVC_F_GUE))
 			flags = CONN_F_ENCAP;

@@ -63,6 +63,27 @@ static __always_inline __u32 ring_backend(const struct service *svc, const struc
 	return slots ? (*slots >> (16 * (slot % RING_SLOTS_PER_ENTRY))) & 0xffff : 0;
 }
 
+/* choose_backend picks the backend of a flow with no connection entry:
+ * the client's affinity entry (source affinity) or else the ring's slot.
+ * It leaves in ak and *now the affinity key and the clock it read (0 when
+ * it read none), for recording the choice, and in *hit whether affinity
+ * chose. */
+static __always_inline __u32 choose_backend(const struct service *svc, const struct packet *pkt,
+					    struct affinity_key *ak, __u64 *now, int *hit)
+{
+	__builtin_memset(ak, 0, sizeof(*ak));
+	ak->service = svc->id;
+	*now = 0;
+	__u32 id = 0;
+	if (svc->flags & SVC_F_SOURCE_AFFINITY) {
+		__builtin_memcpy(ak->addr, pkt->key.src, sizeof(ak->addr));
+		*now = bpf_ktime_get_coarse_ns();
+		id = affinity_backend(svc, ak, *now);
+	}
+	*hit = id != 0;
+	return id ? id : ring_backend(svc, pkt);
+}
+
 /* Each table is named at its own call site: a call that could see either
  * map would lose the verifier's inlining of the lookup. */
 static __always_inline struct conn *lookup_conn(const struct packet *pkt)

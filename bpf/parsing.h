@@ -27,6 +27,7 @@ struct vlan_hdr {
 struct packet {
 	struct flow_key key;
 	__u16 payload; /* TCP: bytes of data after the header, from the validated lengths */
+	__u16 len;     /* the IP datagram's length, header included (within the frame) */
 	__u8 family;
 	__u8 syn_only; /* TCP SYN without ACK: the first packet of a handshake */
 	__u8 closing;  /* TCP FIN or RST (CLOSING_*): the connection is ending */
@@ -126,6 +127,7 @@ static __always_inline int parse_ipv4(void *l3, void *data_end, struct packet *p
 	if (ip->frag_off & IP_MF_OFFSET_BE)
 		return R_PASS_IPV4_FRAGMENT;
 	pkt->family = AF_INET;
+	pkt->len = tot_len;
 	pkt->key.src[0] = ip->saddr;
 	pkt->key.dst[0] = ip->daddr;
 	pkt->key.proto = ip->protocol;
@@ -145,6 +147,7 @@ static __always_inline int parse_ipv6(void *l3, void *data_end, struct packet *p
 	if (is_ipv6_ext(ip6->nexthdr))
 		return R_PASS_IPV6_EXTENSION;
 	pkt->family = AF_INET6;
+	pkt->len = sizeof(*ip6) + payload_len;
 	__builtin_memcpy(pkt->key.src, &ip6->saddr, sizeof(pkt->key.src));
 	__builtin_memcpy(pkt->key.dst, &ip6->daddr, sizeof(pkt->key.dst));
 	pkt->key.proto = ip6->nexthdr;

@@ -142,17 +142,10 @@ static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt
 	if (!ipv4_header_ok(ctx, pkt))
 		return count_reason(R_DROP_IP_CHECKSUM, XDP_DROP);
 
-	struct affinity_key ak = {.service = svc->id};
-	__u64 now = 0;
-	__u32 id = 0;
-	if (svc->flags & SVC_F_SOURCE_AFFINITY) {
-		__builtin_memcpy(ak.addr, pkt->key.src, sizeof(ak.addr));
-		now = bpf_ktime_get_coarse_ns();
-		id = affinity_backend(svc, &ak, now);
-	}
-	int affinity_hit = id != 0;
-	if (!id)
-		id = ring_backend(svc, pkt);
+	struct affinity_key ak;
+	__u64 now;
+	int affinity_hit;
+	__u32 id = choose_backend(svc, pkt, &ak, &now, &affinity_hit);
 
 	struct backend *be = lookup_backend(id, svc->id);
 	if (!be)
