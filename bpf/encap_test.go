@@ -69,11 +69,7 @@ func newEncapLab(t *testing.T, mode uint8, otherFamily bool) *encapLab {
 // run runs a frame as if it came in on the balancer's eth0.
 func (e *encapLab) run(t *testing.T, frame []byte) (verdict uint32, out []byte) {
 	t.Helper()
-	must(t, e.lab.Balancer.Do(func() error {
-		verdict, out = e.RunOn(frame, e.lab.Balancer.Ifindex)
-		return nil
-	}))
-	return verdict, out
+	return runOnBalancer(t, e.Fixture, e.lab, frame)
 }
 
 // outer is what a test reads of an encapsulated frame.

@@ -167,8 +167,15 @@ func must(t *testing.T, err error) {
 // run runs a frame as if it came in on the balancer's eth0.
 func (n *natLab) run(t *testing.T, frame []byte) (verdict uint32, out []byte) {
 	t.Helper()
-	must(t, n.lab.Balancer.Do(func() error {
-		verdict, out = n.RunOn(frame, n.lab.Balancer.Ifindex)
+	return runOnBalancer(t, n.Fixture, n.lab, frame)
+}
+
+// runOnBalancer runs a frame through f as if it came in on l's balancer's
+// eth0, whose routes and neighbours the program's FIB lookups then see.
+func runOnBalancer(t *testing.T, f *bpftest.Fixture, l *lab.Lab, frame []byte) (verdict uint32, out []byte) {
+	t.Helper()
+	must(t, l.Balancer.Do(func() error {
+		verdict, out = f.RunOn(frame, l.Balancer.Ifindex)
 		return nil
 	}))
 	return verdict, out

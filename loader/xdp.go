@@ -61,8 +61,10 @@ type XDP struct {
 	// fullnat's was logged (see checkSNAT).
 	warnedPorts bool
 	// echo are the VIPs whose echo requests the program answers, as the
-	// vips map holds them.
-	echo map[netip.Addr]bool
+	// vips map holds them; echoing counts the services of each VIP that
+	// say it should (EchoReply).
+	echo    map[netip.Addr]bool
+	echoing map[netip.Addr]int
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -127,6 +129,7 @@ func NewXDP(opts Options, ifaces []string, mode Mode, log *slog.Logger) (*XDP, e
 		unresolved: make(map[netip.Addr]unresolved),
 		asked:      make(map[netip.Addr]time.Time),
 		echo:       make(map[netip.Addr]bool),
+		echoing:    make(map[netip.Addr]int),
 		vetter:     hostaddr.Vetter{TTL: time.Second, Read: hostaddr.Read},
 	}
 	if err := x.attach(ifaces, mode); err != nil {
@@ -230,6 +233,9 @@ func (x *XDP) adopt() error {
 		delete(byService, e.ID)
 		s.RingSignature = e.RingSignature
 		x.services[s.ID] = s
+		if s.EchoReply {
+			x.echoing[s.VIP]++
+		}
 		if s.RingSignature == 0 {
 			// Pinned by a tether that stored no signature: the control
 			// plane compares the ring with the one it builds.
@@ -355,12 +361,11 @@ func checkForwarding(s datapath.Service) error {
 		families = append(families, s.VIP)
 	case datapath.IPIP, datapath.GUE:
 		// The backends' families; the VIP's while there are none.
-		families = append(families, s.VIP)
-		if len(s.Backends) > 0 {
-			families = families[:0]
-		}
 		for _, b := range s.Backends {
 			families = append(families, b.Addr)
+		}
+		if len(families) == 0 {
+			families = append(families, s.VIP)
 		}
 	default:
 		return datapath.Refuse(fmt.Errorf("service %s: the XDP datapath has no forwarding %q", s.Name, s.Forwarding))
@@ -491,6 +496,12 @@ func (x *XDP) UpsertService(s datapath.Service) error {
 	}
 	s.Ring, s.KeepRing = nil, false // the ring lives in the maps
 	x.services[s.ID] = s
+	if existed && old.EchoReply {
+		x.echoing[old.VIP]--
+	}
+	if s.EchoReply {
+		x.echoing[s.VIP]++
+	}
 	if existed && old.VIP != s.VIP {
 		if err := x.syncVIP(old.VIP); err != nil {
 			return err
@@ -502,9 +513,9 @@ func (x *XDP) UpsertService(s datapath.Service) error {
 // syncVIP writes or removes VIP a's entry as its services say: it answers
 // echo requests if any of them does. x.mu must be held.
 func (x *XDP) syncVIP(a netip.Addr) error {
-	want := false
-	for _, s := range x.services {
-		want = want || s.VIP == a && s.EchoReply
+	want := x.echoing[a] > 0
+	if x.echoing[a] <= 0 {
+		delete(x.echoing, a)
 	}
 	if want == x.echo[a] {
 		return nil
@@ -696,12 +707,16 @@ func (x *XDP) DeleteService(s datapath.Service) error {
 	if err := m.DeleteRing(s.ID); err != nil {
 		return err
 	}
-	for _, b := range x.services[s.ID].Backends {
+	old := x.services[s.ID]
+	for _, b := range old.Backends {
 		if err := m.ClearBackend(b.ID); err != nil {
 			return err
 		}
 	}
 	delete(x.services, s.ID)
+	if old.EchoReply {
+		x.echoing[old.VIP]--
+	}
 	return x.syncVIP(s.VIP)
 }
 
