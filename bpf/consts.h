@@ -85,6 +85,12 @@
 #define NAT_UDP_IDLE_NS	     (120ULL * 1000000000)
 #define NAT_UDP_STAMP_NS     (1000000000ULL) /* a UDP entry's last use is written at most once a second */
 
+/* Health probes that follow the client's path (probe.h) carry a socket mark
+ * of PROBE_MARK with the backend's id in the low 16 bits. loader/probe.go
+ * holds the same values. */
+#define PROBE_MARK	0x54480000U /* "TH" */
+#define PROBE_MARK_MASK 0xffff0000U
+
 /* Backend states (struct backend.state, a __u8). maps/ names them from the
  * bpf2go-generated constants; a test checks the control plane's states
  * against them. */

@@ -183,6 +183,99 @@ static __always_inline int too_big(struct xdp_md *ctx, const struct packet *pkt,
 	return too_big4(ctx, pkt, fits);
 }
 
+/* inner_class reads what an outer header copies from the inner IP header
+ * at l3: its traffic class and, for IPv4, DF (IPv6 is never fragmented on
+ * the way: DF). It returns -1 when the header runs past data_end. */
+static __always_inline int inner_class(void *l3, void *data_end, __u8 family, __u8 *tos, __u16 *df)
+{
+	if (family == AF_INET6) {
+		__u8 *v = l3;
+		if ((void *)(v + 2) > data_end)
+			return -1;
+		*tos = (v[0] << 4) | (v[1] >> 4);
+		*df = IP_DF_BE;
+		return 0;
+	}
+	struct iphdr *ip = l3;
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	*tos = ip->tos;
+	*df = ip->frag_off & IP_DF_BE;
+	return 0;
+}
+
+/* encap_overhead is the length of the outer headers to a backend of family. */
+static __always_inline __u32 encap_overhead(__u8 family, __u16 gue)
+{
+	return (family == AF_INET6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr)) +
+	       (gue ? sizeof(struct udphdr) : 0);
+}
+
+/* What the outer headers of one packet hold besides the backend. */
+struct outer {
+	const __u32 *src; /* outer source (encap_source) */
+	__u32 len;	  /* the inner IP datagram's length */
+	__u32 h;	  /* the flow's hash: GUE source port, IPv6 flow label */
+	__u16 gue;	  /* gue: the UDP destination port, network byte order; 0: ipip */
+	__u16 df;	  /* the inner IPv4 packet's DF, network byte order */
+	__u8 inner;	  /* IPPROTO_IPIP or IPPROTO_IPV6 */
+	__u8 tos;	  /* the inner packet's traffic class */
+};
+
+/* write_outer writes the outer IP header (and UDP header, gue) to backend
+ * be after the Ethernet header eth, whose MACs it leaves alone, and sets
+ * its type. The room is there already. It returns -1 when a header would
+ * run past data_end. */
+static __always_inline int write_outer(struct ethhdr *eth, void *data_end, const struct backend *be,
+				       const struct outer *o)
+{
+	__u32 overhead = encap_overhead(be->family, o->gue);
+	struct udphdr *udp;
+	if (be->family == AF_INET6) {
+		eth->h_proto = ETH_P_IPV6_BE;
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		*(__u32 *)ip6 = bpf_htonl((6 << 28) | ((__u32)o->tos << 20) | (o->h & 0xfffff));
+		ip6->payload_len = bpf_htons(o->len + overhead - sizeof(*ip6));
+		ip6->nexthdr = o->gue ? IPPROTO_UDP : o->inner;
+		ip6->hop_limit = 64;
+		__builtin_memcpy(&ip6->saddr, o->src, sizeof(ip6->saddr));
+		__builtin_memcpy(&ip6->daddr, be->addr, sizeof(ip6->daddr));
+		udp = (void *)(ip6 + 1);
+	} else {
+		eth->h_proto = ETH_P_IP_BE;
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > data_end)
+			return -1;
+		ip->version = 4;
+		ip->ihl = 5;
+		ip->tos = o->tos;
+		ip->tot_len = bpf_htons(o->len + overhead);
+		/* An outer packet routers may fragment needs an id of its own. */
+		ip->id = o->df ? 0 : (__u16)bpf_get_prandom_u32();
+		ip->frag_off = o->df;
+		ip->ttl = 64;
+		ip->protocol = o->gue ? IPPROTO_UDP : o->inner;
+		ip->saddr = o->src[0];
+		ip->daddr = be->addr[0];
+		ip->check = 0;
+		ip->check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0));
+		udp = (void *)(ip + 1);
+	}
+	if (o->gue) {
+		if ((void *)(udp + 1) > data_end)
+			return -1;
+		udp->source = bpf_htons(GUE_SPORT_BASE | (o->h >> 18));
+		udp->dest = o->gue;
+		udp->len = bpf_htons(o->len + sizeof(*udp));
+		/* No checksum: the inner packet carries its own, and the
+		 * kernel's fou sockets take a zero one over IPv6 too. */
+		udp->check = 0;
+	}
+	return 0;
+}
+
 /* encap_hop finds the next hop of the outer packet (from src to the
  * backend, len bytes) in the kernel's FIB. It returns 0 with the hop in
  * fib, or the MTU the outer packet exceeds (> 0), or a negative value when
@@ -227,9 +320,7 @@ static __always_inline int forward_encap(struct xdp_md *ctx, const struct packet
 		return count_reason(R_DROP_NO_BACKEND, XDP_DROP);
 	__u32 len = pkt->len;
 	__u16 gue = tn->gue_port;
-	__u8 outer6 = be->family == AF_INET6;
-	__u32 overhead =
-	    (outer6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr)) + (gue ? sizeof(struct udphdr) : 0);
+	__u32 overhead = encap_overhead(be->family, gue);
 	__u8 inner = pkt->family == AF_INET6 ? IPPROTO_IPV6 : IPPROTO_IPIP;
 	__u32 h = hash_conn(hash_seed ^ ENCAP_HASH_SALT, &pkt->key);
 	__u32 src[4];
@@ -243,24 +334,14 @@ static __always_inline int forward_encap(struct xdp_md *ctx, const struct packet
 		return count_reason(R_DROP_ENCAP_NO_ROUTE, XDP_DROP);
 
 	/* Read what the outer header copies from the inner one before the
-	 * headers move: its traffic class and, for IPv4, DF. */
+	 * headers move. */
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u32 l3off = l3_offset(pkt);
-	__u8 tos = 0;
-	__u16 df = IP_DF_BE;
-	if (pkt->family == AF_INET6) {
-		__u8 *v = data + l3off;
-		if ((void *)(v + 2) > data_end)
-			return count_reason(R_DROP_TRUNCATED, XDP_DROP);
-		tos = (v[0] << 4) | (v[1] >> 4);
-	} else {
-		struct iphdr *ip = data + l3off;
-		if ((void *)(ip + 1) > data_end)
-			return count_reason(R_DROP_TRUNCATED, XDP_DROP);
-		tos = ip->tos;
-		df = ip->frag_off & IP_DF_BE;
-	}
+	__u8 tos;
+	__u16 df;
+	if (inner_class(data + l3off, data_end, pkt->family, &tos, &df))
+		return count_reason(R_DROP_TRUNCATED, XDP_DROP);
 
 	/* Room for the outer headers, where the Ethernet header (and a VLAN
 	 * tag, which the outer packet does not keep) was. */
@@ -274,49 +355,9 @@ static __always_inline int forward_encap(struct xdp_md *ctx, const struct packet
 		return count_reason(R_DROP_TRUNCATED, XDP_DROP);
 	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-	struct udphdr *udp;
-	if (outer6) {
-		eth->h_proto = ETH_P_IPV6_BE;
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
-		if ((void *)(ip6 + 1) > data_end)
-			return count_reason(R_DROP_TRUNCATED, XDP_DROP);
-		*(__u32 *)ip6 = bpf_htonl((6 << 28) | ((__u32)tos << 20) | (h & 0xfffff));
-		ip6->payload_len = bpf_htons(len + overhead - sizeof(*ip6));
-		ip6->nexthdr = gue ? IPPROTO_UDP : inner;
-		ip6->hop_limit = 64;
-		__builtin_memcpy(&ip6->saddr, src, sizeof(ip6->saddr));
-		__builtin_memcpy(&ip6->daddr, be->addr, sizeof(ip6->daddr));
-		udp = (void *)(ip6 + 1);
-	} else {
-		eth->h_proto = ETH_P_IP_BE;
-		struct iphdr *ip = (void *)(eth + 1);
-		if ((void *)(ip + 1) > data_end)
-			return count_reason(R_DROP_TRUNCATED, XDP_DROP);
-		ip->version = 4;
-		ip->ihl = 5;
-		ip->tos = tos;
-		ip->tot_len = bpf_htons(len + overhead);
-		/* An outer packet routers may fragment needs an id of its own. */
-		ip->id = df ? 0 : (__u16)bpf_get_prandom_u32();
-		ip->frag_off = df;
-		ip->ttl = 64;
-		ip->protocol = gue ? IPPROTO_UDP : inner;
-		ip->saddr = src[0];
-		ip->daddr = be->addr[0];
-		ip->check = 0;
-		ip->check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0));
-		udp = (void *)(ip + 1);
-	}
-	if (gue) {
-		if ((void *)(udp + 1) > data_end)
-			return count_reason(R_DROP_TRUNCATED, XDP_DROP);
-		udp->source = bpf_htons(GUE_SPORT_BASE | (h >> 18));
-		udp->dest = gue;
-		udp->len = bpf_htons(len + sizeof(*udp));
-		/* No checksum: the inner packet carries its own, and the
-		 * kernel's fou sockets take a zero one over IPv6 too. */
-		udp->check = 0;
-	}
+	struct outer o = {.src = src, .len = len, .gue = gue, .inner = inner, .tos = tos, .df = df, .h = h};
+	if (write_outer(eth, data_end, be, &o))
+		return count_reason(R_DROP_TRUNCATED, XDP_DROP);
 
 	struct backend_stats *st = bpf_map_lookup_elem(&be_stats, &id);
 	if (st) {

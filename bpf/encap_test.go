@@ -158,7 +158,7 @@ func parseOuter(t *testing.T, frame []byte, gue bool, balancerMAC net.HardwareAd
 func TestEncapForward(t *testing.T) {
 	for _, mode := range []uint8{maps.ForwardIPIP, maps.ForwardGUE} {
 		for _, other := range []bool{false, true} {
-			name := map[uint8]string{maps.ForwardIPIP: "ipip", maps.ForwardGUE: "gue"}[mode]
+			name := modeName(mode)
 			if other {
 				name += "/other family"
 			}
@@ -269,7 +269,7 @@ func TestEncapTooBig(t *testing.T) {
 				hdrs = 40 + 20
 			}
 			fits := mtu - overhead // the largest packet that fits once encapsulated
-			t.Run(fmt.Sprintf("%s/%s", map[uint8]string{maps.ForwardIPIP: "ipip", maps.ForwardGUE: "gue"}[mode], svc.VIP.Addr()), func(t *testing.T) {
+			t.Run(fmt.Sprintf("%s/%s", modeName(mode), svc.VIP.Addr()), func(t *testing.T) {
 				if verdict, _ := e.run(t, frame(fits-hdrs)); verdict != bpftest.XDPTx {
 					t.Fatalf("a packet of %d bytes that fits: verdict %d, want XDP_TX", fits, verdict)
 				}

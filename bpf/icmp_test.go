@@ -111,7 +111,7 @@ func checkICMP(t *testing.T, frame []byte) (dst netip.Addr, qsrc, qdst netip.Add
 // entry goes where the ring sends the flow.
 func TestICMPForwarded(t *testing.T) {
 	for _, mode := range []uint8{maps.ForwardDSR, maps.ForwardNAT, maps.ForwardFullNAT, maps.ForwardIPIP, maps.ForwardGUE} {
-		name := map[uint8]string{maps.ForwardDSR: "dsr", maps.ForwardNAT: "nat", maps.ForwardFullNAT: "fullnat", maps.ForwardIPIP: "ipip", maps.ForwardGUE: "gue"}[mode]
+		name := modeName(mode)
 		encap := mode == maps.ForwardIPIP || mode == maps.ForwardGUE
 		t.Run(name, func(t *testing.T) {
 			var f *bpftest.Fixture

@@ -30,7 +30,8 @@ var (
 )
 
 func modeName(mode uint8) string {
-	return map[uint8]string{maps.ForwardDSR: "dsr", maps.ForwardNAT: "nat", maps.ForwardFullNAT: "fullnat"}[mode]
+	return map[uint8]string{maps.ForwardDSR: "dsr", maps.ForwardNAT: "nat", maps.ForwardFullNAT: "fullnat",
+		maps.ForwardIPIP: "ipip", maps.ForwardGUE: "gue"}[mode]
 }
 
 // translated is what a test checks of a translated frame.

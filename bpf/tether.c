@@ -14,7 +14,10 @@
  *      encapsulated (ipip, gue: encap.h);
  *   5. a packet for no VIP that is a translated flow's reply is translated
  *      back and sent to the client;
- *   6. an ICMP error about a VIP flow goes to the flow's backend (icmp.h). */
+ *   6. an ICMP error about a VIP flow goes to the flow's backend (icmp.h).
+ *
+ * The object holds a second program, tether_probe (probe.h), which sends
+ * the daemon's health probes along the same path on TC egress. */
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -28,6 +31,7 @@
 #include "nat.h"
 #include "encap.h"
 #include "icmp.h"
+#include "probe.h"
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 

@@ -203,6 +203,7 @@ const (
 	TetherMapSvcStats        = "svc_stats"
 	TetherMapTunnels         = "tunnels"
 	TetherMapVips            = "vips"
+	TetherProgTetherProbe    = "tether_probe"
 	TetherProgTetherXdp      = "tether_xdp"
 	TetherVarBackendStateBtf = "backend_state_btf"
 	TetherVarHashSeed        = "hash_seed"
@@ -251,7 +252,8 @@ type TetherSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TetherProgramSpecs struct {
-	TetherXdp *ebpf.ProgramSpec `ebpf:"tether_xdp"`
+	TetherProbe *ebpf.ProgramSpec `ebpf:"tether_probe"`
+	TetherXdp   *ebpf.ProgramSpec `ebpf:"tether_xdp"`
 }
 
 // TetherMapSpecs contains maps before they are loaded into the kernel.
@@ -360,11 +362,13 @@ type TetherVariables struct {
 //
 // It can be passed to LoadTetherObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TetherPrograms struct {
-	TetherXdp *ebpf.Program `ebpf:"tether_xdp"`
+	TetherProbe *ebpf.Program `ebpf:"tether_probe"`
+	TetherXdp   *ebpf.Program `ebpf:"tether_xdp"`
 }
 
 func (p *TetherPrograms) Close() error {
 	return _TetherClose(
+		p.TetherProbe,
 		p.TetherXdp,
 	)
 }

@@ -96,6 +96,9 @@ type Service struct {
 	// the VIP's (IPv4 in IPv6, IPv6 in IPv4).
 	Tunnel      maps.Tunnel
 	OtherFamily bool
+	// Ifindex is the interface the backends are reached by (0: unknown,
+	// as for a backend the control plane has not resolved).
+	Ifindex uint32
 }
 
 // Backend is the address of the service's backend id.
@@ -151,6 +154,7 @@ func (f *Fixture) SetBackend(s Service, id uint32, state uint8) {
 		State:   state,
 		MAC:     BackendMAC(id),
 		SrcMAC:  LBMAC,
+		Ifindex: s.Ifindex,
 		SNAT:    s.SNAT,
 		Tunnel:  s.Tunnel,
 	})
@@ -208,6 +212,36 @@ func (f *Fixture) RunOn(frame []byte, ifindex int) (uint32, []byte) {
 	}
 	return ret, opts.DataOut
 }
+
+// RunProbe runs one frame through the health probes' TC program as a
+// packet of a socket with mark leaving by the probe device, and returns the
+// verdict (TC action), the frame as the program left it and the mark it
+// left on the packet.
+func (f *Fixture) RunProbe(frame []byte, mark uint32) (verdict uint32, out []byte, markOut uint32) {
+	f.TB.Helper()
+	out = make([]byte, len(frame)+256)
+	var ctxOut skbHead
+	opts := ebpf.RunOptions{Data: frame, DataOut: out, Context: skbHead{Mark: mark}, ContextOut: &ctxOut}
+	ret, err := f.Objs.TetherProbe.Run(&opts)
+	if err != nil {
+		f.TB.Fatalf("run probe program on %d-byte frame: %v", len(frame), err)
+	}
+	return ret, opts.DataOut, ctxOut.Mark
+}
+
+// skbHead is struct __sk_buff as BPF_PROG_TEST_RUN takes and returns it:
+// the fields a test sets, then room for the rest (the kernel refuses an
+// output buffer shorter than the struct).
+type skbHead struct {
+	Len, PktType, Mark uint32
+	_                  [61]uint32
+}
+
+// TC actions.
+const (
+	TCActShot     = 2
+	TCActRedirect = 7
+)
 
 // xdpMD is struct xdp_md, the context BPF_PROG_TEST_RUN takes.
 type xdpMD struct {
