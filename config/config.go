@@ -302,12 +302,25 @@ func DefaultHealthFor(protocol string) health.Check {
 }
 
 // Target returns the health target that probes backend b of s, or false
-// when s probes nothing (health type none).
+// when s probes nothing (health type none). A check via vip of a dsr,
+// ipip or gue service probes the VIP along the clients' path; nat and
+// fullnat clients reach the backend's own address, which it probes.
 func (s Service) Target(b Backend) (health.Target, bool) {
 	if s.Health.Type == HealthNone {
 		return health.Target{}, false
 	}
-	return health.Target{Addr: netip.AddrPortFrom(b.Address, b.Port), Check: s.Health.Defaults()}, true
+	t := health.Target{Addr: netip.AddrPortFrom(b.Address, b.Port), Check: s.Health.Defaults()}
+	if t.Check.Via == health.ViaVIP {
+		switch s.Forwarding {
+		case ForwardingNAT, ForwardingFullNAT:
+			// The clients' packets reach the backend at its own address
+			// and port: the plain probe is theirs.
+			t.Check.Via = ""
+		default:
+			t.VIP, t.Protocol = netip.AddrPortFrom(s.VIP, s.Port), s.Protocol
+		}
+	}
+	return t, true
 }
 
 // Key returns the identity of the service on the wire, "vip:port/protocol",

@@ -569,6 +569,8 @@ services:
 	{"path with a space", withHealth("{type: http, path: '/a b'}"), "services[0].health.path", "must be a request path"},
 	{"empty path", withHealth("{type: http, path: ''}"), "services[0].health.path", "empty; leave the field out"},
 	{"host with a slash", withHealth("{type: http, host: a/b}"), "services[0].health.host", "must be a host name"},
+	{"via nowhere", withHealth("{via: direct}"), "services[0].health.via", `must be "backend" or "vip", not "direct"`},
+	{"via with type none", withHealth("{type: none, via: vip}"), "services[0].health.via", "type none probes nothing"},
 	{"expect_status for a websocket check", withHealth("{type: websocket, expect_status: 101}"), "services[0].health.expect_status", "only for http checks"},
 	{"expect_status high first", withHealth("{type: http, expect_status: [399, 200]}"), "services[0].health.expect_status", "low first, not 399..200"},
 	{"expect_status of three", withHealth("{type: http, expect_status: [200, 300, 400]}"), "services[0].health.expect_status", "a list of 3 statuses"},
@@ -927,6 +929,8 @@ func TestParseHealth(t *testing.T) {
 		{"http with one status", "{type: http, path: /healthz, host: app.example, expect_status: 204}", health.Check{Type: "http", Path: "/healthz", Host: "app.example", ExpectStatus: [2]int{204, 204}, Interval: 2 * time.Second, Timeout: time.Second, Rise: 2, Fall: 3}},
 		{"websocket with an echo", "{type: websocket, path: /ws, send: ping, interval: 1s, timeout: 900ms, rise: 1, fall: 1}", health.Check{Type: "websocket", Path: "/ws", Send: "ping", Interval: time.Second, Timeout: 900 * time.Millisecond, Rise: 1, Fall: 1}},
 		{"none", "{type: none}", health.Check{Type: HealthNone}},
+		{"via the backend, as by default", "{via: backend}", health.Check{Type: "tcp", Interval: 2 * time.Second, Timeout: time.Second, Rise: 2, Fall: 3}},
+		{"via the VIP", "{type: http, via: vip}", health.Check{Type: "http", Path: "/", ExpectStatus: [2]int{200, 399}, Interval: 2 * time.Second, Timeout: time.Second, Rise: 2, Fall: 3, Via: "vip"}},
 	} {
 		t.Run(tc.desc, func(t *testing.T) {
 			data := minimal
@@ -946,6 +950,16 @@ func TestParseHealth(t *testing.T) {
 			}
 			if ok && (target.Addr.String() != "192.0.2.11:8765" || target.Check != tc.want) {
 				t.Errorf("Target = %+v", target)
+			}
+			// A check via the VIP probes the service's VIP and port; in
+			// the minimal (dsr) service, and not in a nat one, whose
+			// clients reach the backend's own address.
+			if want := tc.want.Via == health.ViaVIP; target.VIP.IsValid() != want || want && (target.VIP != netip.AddrPortFrom(s.VIP, s.Port) || target.Protocol != s.Protocol) {
+				t.Errorf("Target VIP %s/%s, want the service's: %v", target.VIP, target.Protocol, want)
+			}
+			s.Forwarding = ForwardingNAT
+			if nt, _ := s.Target(s.Backends[0]); nt.VIP.IsValid() || nt.Check.Via != "" {
+				t.Errorf("nat Target = %+v, want a plain probe", nt)
 			}
 		})
 	}

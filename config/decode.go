@@ -78,7 +78,7 @@ var (
 	tablesFields  = []string{"connections", "nat", "affinity", "ring_size", "max_services", "max_backends"}
 	spliceFields  = []string{"loops", "max_connections"}
 	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "snat_address", "tunnel_source", "gue_port", "health", "on_down", "icmp_echo", "idle_timeout", "proxy_protocol", "backends"}
-	healthFields  = []string{"type", "path", "host", "expect_status", "send", "interval", "timeout", "rise", "fall"}
+	healthFields  = []string{"type", "path", "host", "expect_status", "send", "interval", "timeout", "rise", "fall", "via"}
 	backendFields = []string{"address", "port", "weight", "state"}
 )
 
@@ -404,6 +404,8 @@ func (d *decoder) health(n *yaml.Node, path string) health.Check {
 			c.Rise = int(d.integer(v, p, 1, MaxRiseFall))
 		case "fall":
 			c.Fall = int(d.integer(v, p, 1, MaxRiseFall))
+		case "via":
+			c.Via = d.str(v, p)
 		}
 	})
 	if c.Type == HealthNone {

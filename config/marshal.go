@@ -245,6 +245,9 @@ func healthNode(c health.Check) *yaml.Node {
 	if probed || c.Fall != 0 {
 		kv = append(kv, "fall", integer(c.Fall))
 	}
+	if c.Via != "" {
+		kv = append(kv, "via", str(c.Via))
+	}
 	n := mapping(kv...)
 	if !probed {
 		n.Style = yaml.FlowStyle // health: {type: none}

@@ -437,6 +437,7 @@ func validateHealth(v *validator, p string, c health.Check) {
 			{"timeout", c.Timeout != 0},
 			{"rise", c.Rise != 0},
 			{"fall", c.Fall != 0},
+			{"via", c.Via != ""},
 		} {
 			if f.set {
 				v.add(field(p, f.name), "type none probes nothing: leave %s out, or choose a type (tcp, http, websocket or udp)", f.name)

@@ -136,7 +136,7 @@ func unjoin(err error) []error {
 // applied (none has no other field), durations read with
 // config.ParseDuration; the configuration's validation judges the rest.
 func (h *HealthSpec) check() (health.Check, error) {
-	c := health.Check{Type: h.Type, Path: h.Path, Host: h.Host, Send: h.Send, Rise: h.Rise, Fall: h.Fall}
+	c := health.Check{Type: h.Type, Path: h.Path, Host: h.Host, Send: h.Send, Rise: h.Rise, Fall: h.Fall, Via: h.Via}
 	switch len(h.ExpectStatus) {
 	case 0:
 	case 1:

@@ -701,6 +701,19 @@ func (c *Controller) releaseTouched(keys []string, desired map[string]*planned, 
 	}
 }
 
+// BackendID returns the id of the backend at addr of the service whose key
+// is key ("vip:port/proto") as applied, and whether it has one.
+func (c *Controller) BackendID(key string, addr netip.AddrPort) (uint32, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, b := range c.applied[key].Backends {
+		if b.Addr == addr.Addr() && b.Port == addr.Port() {
+			return b.ID, true
+		}
+	}
+	return 0, false
+}
+
 // Services returns the services as applied, sorted by ID.
 func (c *Controller) Services() []datapath.Service {
 	c.mu.Lock()

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/datapath"
 	"github.com/tetherlb/tether/health"
 )
 
@@ -31,6 +32,7 @@ func (d *Daemon) StartHealth() error {
 	d.stop = make(chan struct{})
 	d.loopDone = make(chan struct{})
 	mon := health.New(d.log, d.healthChanged)
+	mon.SetPath(d.probePath)
 	if err := mon.Set(targets(d.ctl.Config())); err != nil {
 		mon.Close()
 		return fmt.Errorf("start health checks: %w", err)
@@ -42,6 +44,24 @@ func (d *Daemon) StartHealth() error {
 	})
 	go d.healthLoop()
 	return nil
+}
+
+// probePath is the monitor's PathFunc: how a probe via the VIP reaches its
+// backend the way the datapath sends the clients' packets. A datapath that
+// cannot steer probes (the splice proxy) serves its clients from the
+// backends' own addresses, where the probes go then.
+func (d *Daemon) probePath(t health.Target) (health.Path, error) {
+	p, ok := d.dp.(datapath.Prober)
+	if !ok {
+		return health.Path{}, nil
+	}
+	key := t.VIP.String() + "/" + t.Protocol
+	id, ok := d.ctl.BackendID(key, t.Addr)
+	if !ok {
+		return health.Path{}, fmt.Errorf("backend %s of service %s is not applied", t.Addr, key)
+	}
+	pp, err := p.ProbePath(id, t.Addr.Addr(), t.VIP.Addr())
+	return health.Path{Mark: pp.Mark, Source: pp.Source}, err
 }
 
 // healthChanged is the monitor's callback. It must not block, nor call the

@@ -64,10 +64,11 @@ type HealthSpec struct {
 	Timeout      string `json:"timeout,omitempty"`
 	Rise         int    `json:"rise,omitempty"`
 	Fall         int    `json:"fall,omitempty"`
+	Via          string `json:"via,omitempty"`
 }
 
 func healthSpec(c health.Check) HealthSpec {
-	h := HealthSpec{Type: c.Type, Path: c.Path, Host: c.Host, Send: c.Send, Rise: c.Rise, Fall: c.Fall}
+	h := HealthSpec{Type: c.Type, Path: c.Path, Host: c.Host, Send: c.Send, Rise: c.Rise, Fall: c.Fall, Via: c.Via}
 	if c.ExpectStatus != [2]int{} {
 		h.ExpectStatus = c.ExpectStatus[:]
 	}

@@ -264,3 +264,24 @@ type Resolver interface {
 	// must not call the datapath.
 	OnResolved(fn func(netip.Addr))
 }
+
+// Prober is a datapath that can send health probes the way its clients'
+// packets go: to the service's VIP and port, rewritten or encapsulated to
+// one backend as its forwarding mode says, so that a backend that answers
+// on its own address but not on the VIP (VIP missing from its loopback,
+// decapsulation not set up) fails them. A datapath without it serves its
+// clients from the backends' own addresses (the splice proxy): a plain
+// probe follows their path.
+type Prober interface {
+	// ProbePath returns how a probe to backend id (at addr) of a service
+	// on vip that forwards with dsr, ipip or gue follows the clients'
+	// path: the probe connects to the service's VIP and port from Source
+	// with socket mark Mark. An error says why it cannot.
+	ProbePath(id uint32, addr, vip netip.Addr) (ProbePath, error)
+}
+
+// ProbePath is how one probe follows the clients' path (see Prober).
+type ProbePath struct {
+	Mark   uint32
+	Source netip.Addr
+}

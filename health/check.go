@@ -24,9 +24,16 @@
 // fall*interval + timeout. One that comes back is up within rise*interval
 // + timeout.
 //
-// Probes use the network only: no kernel features, no privileges. Every
-// probe's I/O, connect included, is bounded by the check's timeout, and
-// nothing outlives [Monitor.Close].
+// A check via the VIP ([ViaVIP]) probes a [Target] with a VIP at that VIP,
+// from the source address and with the socket mark its [PathFunc] gives
+// (the datapath steers marked packets to the backend the way it sends the
+// clients'); when that fails it probes the backend's own address too, and
+// the reason says whether the backend answers there.
+//
+// Probes use the network only: no kernel features, and no privileges but
+// the one a socket mark needs (CAP_NET_ADMIN). Every probe's I/O, connect
+// included, is bounded by the check's timeout, and nothing outlives
+// [Monitor.Close].
 package health
 
 import (
@@ -55,6 +62,16 @@ const (
 	// passes: most UDP services answer no arbitrary datagram, and a
 	// closed port says so with an ICMP error.
 	TypeUDP = "udp"
+)
+
+// Paths a probe takes (Check.Via).
+const (
+	// ViaBackend probes the backend's own address and port.
+	ViaBackend = "backend"
+	// ViaVIP probes the service's VIP and port along the path its
+	// clients' packets take to the backend (Target.VIP, Monitor.SetPath):
+	// a backend that answers on its own address but not on the VIP fails.
+	ViaVIP = "vip"
 )
 
 // Defaults of a Check's optional fields.
@@ -105,12 +122,15 @@ type Check struct {
 	Rise int
 	// Fall is how many failures in a row take an up backend down.
 	Fall int
+	// Via is the path probes take: ViaBackend (the default, which
+	// Defaults writes as "") or ViaVIP.
+	Via string
 }
 
 // Defaults returns c with its zero fields set to their defaults: a tcp
 // check every 2s with a timeout of 1s (or half the interval, when a shorter
 // interval is given), rise 2 and fall 3; path "/" for http and websocket,
-// statuses 200..399 for http. Fields that the type does not use stay as they
+// statuses 200..399 for http; via the backend's own address (""). Fields that the type does not use stay as they
 // are, so that Validate can refuse them.
 func (c Check) Defaults() Check {
 	if c.Type == "" {
@@ -133,6 +153,9 @@ func (c Check) Defaults() Check {
 	}
 	if c.ExpectStatus == [2]int{} && c.Type == TypeHTTP {
 		c.ExpectStatus = DefaultExpectStatus
+	}
+	if c.Via == ViaBackend {
+		c.Via = "" // the default, as one value: equal checks share a prober
 	}
 	return c
 }
@@ -220,6 +243,9 @@ func (c Check) Validate() error {
 	} else if c.Send != "" {
 		bad("send", "only for websocket and udp checks")
 	}
+	if c.Via != "" && c.Via != ViaBackend && c.Via != ViaVIP {
+		bad("via", "must be %q or %q, not %q", ViaBackend, ViaVIP, c.Via)
+	}
 	return errors.Join(errs...)
 }
 
@@ -231,13 +257,19 @@ type Target struct {
 	Addr netip.AddrPort
 	// Check is how the backend is probed.
 	Check Check
+	// VIP and Protocol, set with a check via ViaVIP, are the service whose
+	// clients' path the probes follow: they connect to VIP, and the
+	// Monitor's PathFunc says how they reach Addr's backend that way.
+	VIP      netip.AddrPort
+	Protocol string
 }
 
 // String returns the target for logs: the check's type and the backend as
 // a URL, then what else tells the check apart from others of the backend:
 // "tcp://192.0.2.11:8765", "http://[2001:db8::11]:80/healthz",
 // "http://192.0.2.11:80/ host app.example status 200-204",
-// "ws://192.0.2.11:80/ws send \"ping\"".
+// "ws://192.0.2.11:80/ws send \"ping\"", "tcp://192.0.2.11:80 via
+// 203.0.113.10:80".
 func (t Target) String() string {
 	var b strings.Builder
 	switch t.Check.Type {
@@ -257,6 +289,9 @@ func (t Target) String() string {
 	if t.Check.Send != "" {
 		fmt.Fprintf(&b, " send %q", t.Check.Send)
 	}
+	if t.VIP.IsValid() {
+		b.WriteString(" via " + t.VIP.String())
+	}
 	return b.String()
 }
 
@@ -274,6 +309,12 @@ func (t Target) validate() error {
 	}
 	if t.Addr.Port() == 0 {
 		return fmt.Errorf("health: target %s: backend port must not be 0", t)
+	}
+	if t.VIP.IsValid() != (t.Check.Via == ViaVIP) {
+		return fmt.Errorf("health: target %s: a VIP goes with a check via %q, and only with one", t, ViaVIP)
+	}
+	if t.VIP.IsValid() && t.VIP.Port() == 0 {
+		return fmt.Errorf("health: target %s: VIP port must not be 0", t)
 	}
 	if err := t.Check.Validate(); err != nil {
 		return fmt.Errorf("health: target %s: %w", t, err)

@@ -584,14 +584,14 @@ func TestCloseLeavesNoGoroutines(t *testing.T) {
 	echo := fast(TypeWebSocket, 2, 3)
 	echo.Send = "ping"
 	targets := []Target{
-		{tcpAddr, fast(TypeTCP, 2, 3)},
-		{httpAddr, fast(TypeHTTP, 2, 3)},
-		{wsAddr, fast(TypeWebSocket, 2, 3)},
-		{wsAddr, echo},
-		{refused, fast(TypeTCP, 2, 3)},
-		{refused, fast(TypeHTTP, 2, 3)},
-		{silent, fast(TypeHTTP, 2, 3)},
-		{silent, fast(TypeWebSocket, 2, 3)},
+		{Addr: tcpAddr, Check: fast(TypeTCP, 2, 3)},
+		{Addr: httpAddr, Check: fast(TypeHTTP, 2, 3)},
+		{Addr: wsAddr, Check: fast(TypeWebSocket, 2, 3)},
+		{Addr: wsAddr, Check: echo},
+		{Addr: refused, Check: fast(TypeTCP, 2, 3)},
+		{Addr: refused, Check: fast(TypeHTTP, 2, 3)},
+		{Addr: silent, Check: fast(TypeHTTP, 2, 3)},
+		{Addr: silent, Check: fast(TypeWebSocket, 2, 3)},
 	}
 	time.Sleep(10 * time.Millisecond) // let the servers' goroutines settle
 	baseline := runtime.NumGoroutine()
@@ -815,7 +815,7 @@ func TestUDP(t *testing.T) {
 		if err := tc.check.Validate(); err != nil {
 			t.Fatal(err)
 		}
-		r := probe(context.Background(), Target{Addr: tc.addr, Check: tc.check})
+		r := probe(context.Background(), plain(Target{Addr: tc.addr, Check: tc.check}))
 		if r.OK != tc.ok || r.Reason != tc.reason {
 			t.Errorf("%s: probe ok %v reason %q, want %v %q", tc.desc, r.OK, r.Reason, tc.ok, tc.reason)
 		}
@@ -879,5 +879,83 @@ func TestEditIsSet(t *testing.T) {
 	}
 	if n := len(m.All()); n != 0 {
 		t.Errorf("%d probers after every listed target was removed", n)
+	}
+}
+
+// TestVIPPath: a target with a VIP is probed at the VIP, from the source
+// its PathFunc gives; when that fails, the reason says whether the backend
+// answers on its own address. A zero Path probes the backend's address, an
+// error fails the probe with it, and a Monitor without a PathFunc probes
+// the backend's address.
+func TestVIPPath(t *testing.T) {
+	backend := addrOf(t, serveTCP(t, "127.0.0.1:0"))
+	// The "VIP" listens on 127.0.0.2 only; a probe from 127.0.0.3 shows the
+	// source address is the path's.
+	froms := make(chan netip.Addr, 16)
+	vipLn, err := net.Listen("tcp", "127.0.0.2:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	vip := addrOf(t, acceptLoop(t, vipLn, func(c net.Conn) {
+		froms <- c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr()
+		c.Close()
+	}))
+	dead := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.2"), closedPort(t, "127.0.0.2:0"))
+	deadBackend := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), closedPort(t, "127.0.0.1:0"))
+	src := netip.MustParseAddr("127.0.0.3")
+	via := fast(TypeTCP, 1, 1)
+	via.Via = ViaVIP
+	for _, tc := range []struct {
+		desc       string
+		target     Target
+		path       Path
+		err        error
+		ok         bool
+		wantReason string
+	}{
+		{"VIP answers", Target{Addr: deadBackend, Check: via, VIP: vip, Protocol: "tcp"}, Path{Source: src}, nil, true, "ok"},
+		{"VIP silent, backend answers", Target{Addr: backend, Check: via, VIP: dead, Protocol: "tcp"}, Path{Source: src}, nil, false,
+			"connection refused on the VIP path; the backend answers on its own address"},
+		{"neither answers", Target{Addr: deadBackend, Check: via, VIP: dead, Protocol: "tcp"}, Path{Source: src}, nil, false,
+			"connection refused on the VIP path; connection refused on its own address too"},
+		{"zero path: the backend's address", Target{Addr: backend, Check: via, VIP: dead, Protocol: "tcp"}, Path{}, nil, true, "ok"},
+		{"no path", Target{Addr: backend, Check: via, VIP: vip, Protocol: "tcp"}, Path{}, errors.New("backend 127.0.0.1 is not resolved"), false,
+			"VIP path: backend 127.0.0.1 is not resolved"},
+	} {
+		m := New(nil, nil)
+		m.SetPath(func(got Target) (Path, error) {
+			if got != tc.target {
+				t.Errorf("%s: PathFunc called with %v, want %v", tc.desc, got, tc.target)
+			}
+			return tc.path, tc.err
+		})
+		r := m.probe(context.Background(), tc.target)
+		if r.OK != tc.ok || r.Reason != tc.wantReason {
+			t.Errorf("%s: ok %v reason %q, want %v %q", tc.desc, r.OK, r.Reason, tc.ok, tc.wantReason)
+		}
+		if tc.desc == "VIP answers" {
+			select {
+			case from := <-froms:
+				if from != src {
+					t.Errorf("%s: the VIP saw the probe from %s, want %s", tc.desc, from, src)
+				}
+			case <-time.After(time.Second):
+				t.Errorf("%s: the VIP saw no probe", tc.desc)
+			}
+		}
+		m.Close()
+	}
+	// Without a PathFunc, the backend's own address.
+	m := New(nil, nil)
+	defer m.Close()
+	if r := m.probe(context.Background(), Target{Addr: backend, Check: via, VIP: dead, Protocol: "tcp"}); !r.OK {
+		t.Errorf("no PathFunc: %q, want the backend's address probed", r.Reason)
+	}
+	// A VIP goes with via vip only.
+	if err := m.Set([]Target{{Addr: backend, Check: fast(TypeTCP, 1, 1), VIP: vip}}); err == nil {
+		t.Error("Set took a VIP with a check via the backend")
+	}
+	if err := m.Set([]Target{{Addr: backend, Check: via}}); err == nil {
+		t.Error("Set took a check via vip without a VIP")
 	}
 }

@@ -6,8 +6,10 @@ import (
 	"log/slog"
 	"maps"
 	"math/rand/v2"
+	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -20,6 +22,7 @@ var ErrClosed = errors.New("health: monitor closed")
 type Monitor struct {
 	log      *slog.Logger
 	onChange func(Target, Status)
+	path     atomic.Pointer[PathFunc]
 
 	setMu sync.Mutex // serialises Set and Close
 
@@ -225,7 +228,7 @@ func (m *Monitor) run(ctx context.Context, p *prober) {
 		case <-timer.C:
 		}
 
-		res := probe(ctx, p.target)
+		res := m.probe(ctx, p.target)
 		if ctx.Err() != nil {
 			return // stopped mid-probe: the result says nothing of the backend
 		}
@@ -242,6 +245,53 @@ func (m *Monitor) run(ctx context.Context, p *prober) {
 		}
 		timer.Reset(next.Sub(now))
 	}
+}
+
+// Path is how a probe that follows the clients' path leaves this host: from
+// Source, its socket marked with Mark, which the datapath steers to the
+// backend the way it sends clients' packets.
+type Path struct {
+	Mark   uint32
+	Source netip.Addr
+}
+
+// PathFunc returns the Path of a target with a VIP. The zero Path means
+// that the clients reach the backend at its own address (a proxy
+// datapath): the probe goes there. An error fails the probe, the error
+// its reason.
+type PathFunc func(Target) (Path, error)
+
+// SetPath sets how probes of targets with a VIP follow the clients' path.
+// Without it they probe the backend's own address.
+func (m *Monitor) SetPath(fn PathFunc) { m.path.Store(&fn) }
+
+// probe runs one probe of t. A probe that follows the clients' path and
+// fails probes the backend's own address too, so that its reason tells a
+// backend that does not answer on the VIP from one that does not answer.
+func (m *Monitor) probe(ctx context.Context, t Target) Result {
+	fn := m.path.Load()
+	if !t.VIP.IsValid() || fn == nil {
+		return probe(ctx, plain(t))
+	}
+	start := time.Now()
+	path, err := (*fn)(t)
+	if err != nil {
+		return Result{Reason: "VIP path: " + err.Error(), At: start, Latency: time.Since(start)}
+	}
+	if path == (Path{}) {
+		return probe(ctx, plain(t))
+	}
+	res := probe(ctx, attempt{Check: t.Check, to: t.VIP, path: path})
+	if res.OK || ctx.Err() != nil {
+		return res
+	}
+	own := probe(ctx, plain(t))
+	if own.OK {
+		res.Reason += " on the VIP path; the backend answers on its own address"
+	} else {
+		res.Reason += " on the VIP path; " + own.Reason + " on its own address too"
+	}
+	return res
 }
 
 // record applies the result of a probe to p's state, and logs and reports

@@ -1,12 +1,14 @@
 package health
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"strings"
@@ -23,24 +25,59 @@ const userAgent = "tether-health/1"
 // HTTP body, the slack of a WebSocket echo beyond the message sent.
 const maxBody = 4096
 
-// probe runs one probe of t, bounded by its check's timeout, and returns its
+// attempt is one probe's check and where it goes: a backend's own address,
+// or a VIP along the path (mark, source) that leads to the backend.
+type attempt struct {
+	Check Check
+	to    netip.AddrPort
+	path  Path
+}
+
+// plain is the attempt that probes t's backend on its own address.
+func plain(t Target) attempt { return attempt{Check: t.Check, to: t.Addr} }
+
+// dialer returns a dialer for a: bounded by its check's timeout, from the
+// path's source address, its socket marked with the path's mark.
+func (a attempt) dialer(network string) net.Dialer {
+	d := net.Dialer{Timeout: a.Check.Timeout, KeepAlive: -1}
+	if a.path.Source.IsValid() {
+		ip := net.IP(a.path.Source.AsSlice())
+		if network == "udp" {
+			d.LocalAddr = &net.UDPAddr{IP: ip}
+		} else {
+			d.LocalAddr = &net.TCPAddr{IP: ip}
+		}
+	}
+	if mark := a.path.Mark; mark != 0 {
+		d.Control = func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_MARK, int(mark))
+			})
+			return cmp.Or(err, serr)
+		}
+	}
+	return d
+}
+
+// probe runs one probe attempt, bounded by its check's timeout, and returns its
 // result. A probe cut short by the cancellation of ctx returns a failure
 // that the caller must discard.
-func probe(ctx context.Context, t Target) Result {
+func probe(ctx context.Context, a attempt) Result {
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(ctx, t.Check.Timeout)
+	ctx, cancel := context.WithTimeout(ctx, a.Check.Timeout)
 	defer cancel()
 
 	var err error
-	switch t.Check.Type {
+	switch a.Check.Type {
 	case TypeHTTP:
-		err = probeHTTP(ctx, t)
+		err = probeHTTP(ctx, a)
 	case TypeWebSocket:
-		err = probeWebSocket(ctx, t)
+		err = probeWebSocket(ctx, a)
 	case TypeUDP:
-		err = probeUDP(ctx, t)
+		err = probeUDP(ctx, a)
 	default:
-		err = probeTCP(ctx, t)
+		err = probeTCP(ctx, a)
 	}
 	res := Result{OK: err == nil, Reason: "ok", Latency: time.Since(start), At: start}
 	if err != nil {
@@ -50,8 +87,8 @@ func probe(ctx context.Context, t Target) Result {
 }
 
 // probeTCP connects to the backend and closes the connection.
-func probeTCP(ctx context.Context, t Target) error {
-	conn, err := dial(ctx, t)
+func probeTCP(ctx context.Context, a attempt) error {
+	conn, err := dial(ctx, a)
 	if err != nil {
 		return err
 	}
@@ -61,12 +98,12 @@ func probeTCP(ctx context.Context, t Target) error {
 // probeHTTP sends GET Path on a new connection and judges the status; the
 // body is read up to maxBody so that the backend sees a complete exchange,
 // redirects are not followed.
-func probeHTTP(ctx context.Context, t Target) error {
-	tr := transport(t)
+func probeHTTP(ctx context.Context, a attempt) error {
+	tr := transport(a)
 	defer tr.CloseIdleConnections()
 	client := &http.Client{Transport: tr, CheckRedirect: noRedirect}
 
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, requestURL("http", t), nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, requestURL("http", a), nil)
 	if err != nil {
 		return err
 	}
@@ -78,7 +115,7 @@ func probeHTTP(ctx context.Context, t Target) error {
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxBody))
 	resp.Body.Close()
 
-	if lo, hi := t.Check.ExpectStatus[0], t.Check.ExpectStatus[1]; resp.StatusCode < lo || resp.StatusCode > hi {
+	if lo, hi := a.Check.ExpectStatus[0], a.Check.ExpectStatus[1]; resp.StatusCode < lo || resp.StatusCode > hi {
 		return failure(fmt.Sprintf("status %d", resp.StatusCode))
 	}
 	return nil
@@ -87,10 +124,10 @@ func probeHTTP(ctx context.Context, t Target) error {
 // probeWebSocket performs the Upgrade handshake for Path, expecting 101,
 // then, when the check has a message to send, sends it as text and expects a
 // text reply containing it; it ends with a close handshake.
-func probeWebSocket(ctx context.Context, t Target) error {
-	tr := transport(t)
+func probeWebSocket(ctx context.Context, a attempt) error {
+	tr := transport(a)
 	defer tr.CloseIdleConnections()
-	conn, resp, err := websocket.Dial(ctx, requestURL("ws", t), &websocket.DialOptions{
+	conn, resp, err := websocket.Dial(ctx, requestURL("ws", a), &websocket.DialOptions{
 		HTTPClient:      &http.Client{Transport: tr, CheckRedirect: noRedirect},
 		HTTPHeader:      http.Header{"User-Agent": {userAgent}},
 		CompressionMode: websocket.CompressionDisabled,
@@ -107,7 +144,7 @@ func probeWebSocket(ctx context.Context, t Target) error {
 	}
 	defer conn.CloseNow() // after Close, does nothing
 
-	if send := t.Check.Send; send != "" {
+	if send := a.Check.Send; send != "" {
 		conn.SetReadLimit(int64(len(send)) + maxBody)
 		if err := conn.Write(ctx, websocket.MessageText, []byte(send)); err != nil {
 			return &phaseError{phase: "echo", err: err}
@@ -130,9 +167,9 @@ func probeWebSocket(ctx context.Context, t Target) error {
 // probeUDP sends the check's datagram from a connected UDP socket and waits
 // for an answer until the probe's deadline (see TypeUDP). The kernel reports
 // an ICMP error for a connected socket on its next receive.
-func probeUDP(ctx context.Context, t Target) error {
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "udp", t.Addr.String())
+func probeUDP(ctx context.Context, a attempt) error {
+	d := a.dialer("udp")
+	conn, err := d.DialContext(ctx, "udp", a.to.String())
 	if err != nil {
 		return err
 	}
@@ -142,7 +179,7 @@ func probeUDP(ctx context.Context, t Target) error {
 			return err
 		}
 	}
-	if _, err := conn.Write([]byte(t.Check.Send)); err != nil {
+	if _, err := conn.Write([]byte(a.Check.Send)); err != nil {
 		return udpError(err)
 	}
 	buf := make([]byte, maxBody)
@@ -151,7 +188,7 @@ func probeUDP(ctx context.Context, t Target) error {
 	switch {
 	case err == nil:
 		return nil
-	case errors.As(err, &ne) && ne.Timeout() && t.Check.Send == "":
+	case errors.As(err, &ne) && ne.Timeout() && a.Check.Send == "":
 		return nil // silence: no ICMP error came back
 	case errors.As(err, &ne) && ne.Timeout():
 		return failure("no reply")
@@ -175,11 +212,11 @@ func noRedirect(*http.Request, []*http.Request) error {
 // transport returns an HTTP transport for one probe of t: every connection
 // goes to t's address whatever the URL's host, through no proxy, and is not
 // kept for another request.
-func transport(t Target) *http.Transport {
+func transport(a attempt) *http.Transport {
 	return &http.Transport{
 		Proxy: nil,
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return dial(ctx, t)
+			return dial(ctx, a)
 		},
 		DisableKeepAlives:      true,
 		DisableCompression:     true,
@@ -187,13 +224,13 @@ func transport(t Target) *http.Transport {
 	}
 }
 
-// dial connects to t's address within t's timeout and ctx, and bounds every
+// dial connects to a's address within its check's timeout and ctx, and bounds every
 // read and write on the connection by ctx's deadline, so that no library
 // above it, with timeouts of its own, holds a probe longer than the check
 // allows.
-func dial(ctx context.Context, t Target) (net.Conn, error) {
-	d := net.Dialer{Timeout: t.Check.Timeout, KeepAlive: -1}
-	conn, err := d.DialContext(ctx, "tcp", t.Addr.String())
+func dial(ctx context.Context, a attempt) (net.Conn, error) {
+	d := a.dialer("tcp")
+	conn, err := d.DialContext(ctx, "tcp", a.to.String())
 	if err != nil {
 		return nil, err
 	}
@@ -206,17 +243,18 @@ func dial(ctx context.Context, t Target) (net.Conn, error) {
 	return conn, nil
 }
 
-// requestURL returns the URL of t's check with the given scheme: its host is
-// the check's Host, or the backend's address.
-func requestURL(scheme string, t Target) string {
-	u, err := url.ParseRequestURI(t.Check.Path)
+// requestURL returns the URL of a's check with the given scheme: its host is
+// the check's Host, or the address probed (the backend's, or the VIP as
+// the clients send it).
+func requestURL(scheme string, a attempt) string {
+	u, err := url.ParseRequestURI(a.Check.Path)
 	if err != nil {
 		u = &url.URL{Path: "/"} // unreachable: Validate parses the path
 	}
 	u.Scheme = scheme
-	u.Host = t.Check.Host
+	u.Host = a.Check.Host
 	if u.Host == "" {
-		u.Host = t.Addr.String()
+		u.Host = a.to.String()
 	}
 	return u.String()
 }

@@ -730,7 +730,7 @@ func RemovePinned(dir string) ([]string, error) {
 	}
 	defer lock.Close()
 	var detached []string
-	err = removePinned(dir, &detached)
+	err = errors.Join(removePinned(dir, &detached), RemoveProbePath())
 	return detached, err
 }
 

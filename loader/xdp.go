@@ -65,6 +65,8 @@ type XDP struct {
 	// say it should (EchoReply).
 	echo    map[netip.Addr]bool
 	echoing map[netip.Addr]int
+	// probeReady: the probe device, program and rules are set up (probe.go).
+	probeReady bool
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -76,6 +78,7 @@ var (
 	_ datapath.Remover     = (*XDP)(nil)
 	_ datapath.TableReader = (*XDP)(nil)
 	_ datapath.Resolver    = (*XDP)(nil)
+	_ datapath.Prober      = (*XDP)(nil)
 )
 
 // unresolved is an address that did not answer ARP/ND: its partial hop,
@@ -778,7 +781,7 @@ func (x *XDP) Close() error {
 func (x *XDP) Remove() error {
 	x.cancel()
 	x.wg.Wait()
-	if err := x.objs.Remove(); err != nil {
+	if err := errors.Join(x.objs.Remove(), RemoveProbePath()); err != nil {
 		return err
 	}
 	x.log.Info("XDP program detached and pinned state removed")

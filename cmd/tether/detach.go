@@ -17,8 +17,10 @@ var detachCommand = &cli.Command{
 	Description: `detach removes everything "tether run" attached or pinned in the pin
 directory: it detaches the XDP program from every interface it was left
 attached to and removes the pinned maps and links, whatever their layout
-version. Every tracked connection and affinity entry is forgotten, and
-the interfaces pass every packet to the kernel until tether runs again.
+version, and the device and policy rules of health checks via the VIP
+(tether-probe). Every tracked connection and affinity entry is forgotten,
+and the interfaces pass every packet to the kernel until tether runs
+again.
 
 Stop the daemon first: detach refuses while a daemon uses the directory.
 It is the way to change table sizes, or to go back to a tether whose map

@@ -105,6 +105,9 @@ func healthSummary(h control.HealthSpec) string {
 	if h.Send != "" {
 		fmt.Fprintf(&b, " echoing %q", h.Send)
 	}
+	if h.Via == "vip" {
+		b.WriteString(" via the VIP (the clients' path)")
+	}
 	fmt.Fprintf(&b, " every %s (timeout %s, rise %d, fall %d)", h.Interval, h.Timeout, h.Rise, h.Fall)
 	return b.String()
 }

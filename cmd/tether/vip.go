@@ -40,12 +40,16 @@ The --health-* flags set the service's health check, as the health block
 of the configuration file does; the fields left out take their defaults.
 Without them a tcp service gets a TCP connect to each backend every 2s,
 and a udp service no check at all (--health-type udp probes with a
-datagram: see the configuration's health checks). --on-down reset resets
-the established connections of a backend that goes down.
+datagram: see the configuration's health checks). --health-via vip
+probes each backend at the VIP, along the path clients' packets take
+(dsr, ipip, gue), so that a backend missing the VIP or its decapsulation
+goes down. --on-down reset resets the established connections of a
+backend that goes down.
 
 Examples:
   tether vip add 203.0.113.10:8765 --name chat --affinity-timeout 1h
   tether vip add 203.0.113.10:80 --health-type http --health-path /healthz --health-interval 1s
+  tether vip add 203.0.113.10:80 --forwarding ipip --health-via vip
   tether vip add 203.0.113.20:9000 --protocol udp --health-type udp --health-send ping
   tether vip add 203.0.113.10:80 --forwarding fullnat   # then: tether backend add 203.0.113.10:80 192.0.2.11:8765
   tether vip add 203.0.113.10:80 --forwarding gue --tunnel-source 198.51.100.0/28   # backends: tether backend-setup --forwarding gue 203.0.113.10`,
@@ -67,6 +71,7 @@ Examples:
 		&cli.StringFlag{Name: "health-timeout", Usage: "how long a probe may take, a `DURATION` less than the interval (default 1s)"},
 		&cli.IntFlag{Name: "health-rise", Usage: "successes in a row that bring a down backend up (default 2)"},
 		&cli.IntFlag{Name: "health-fall", Usage: "failures in a row that take an up backend down (default 3)"},
+		&cli.StringFlag{Name: "health-via", Usage: "the path probes take: `backend` (its own address, the default) or vip (the VIP and port, along the clients' path: dsr, ipip and gue services; a backend without the VIP or its decapsulation fails)"},
 		&cli.StringFlag{Name: "icmp-echo", Usage: "ICMP echo requests to the VIP: reply (default: the program answers them) or pass (the kernel gets them)"},
 		&cli.StringFlag{Name: "on-down", Usage: "what happens to the established connections of a backend that goes down: keep (default) or reset"},
 		outputFlag,
@@ -125,7 +130,7 @@ func healthFlags(c *cli.Context) (*control.HealthSpec, error) {
 		dst  *string
 	}{
 		{"health-type", &h.Type}, {"health-path", &h.Path}, {"health-host", &h.Host}, {"health-send", &h.Send},
-		{"health-interval", &h.Interval}, {"health-timeout", &h.Timeout},
+		{"health-interval", &h.Interval}, {"health-timeout", &h.Timeout}, {"health-via", &h.Via},
 	} {
 		if c.IsSet(f.name) {
 			*f.dst, set = c.String(f.name), true
