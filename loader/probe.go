@@ -38,17 +38,9 @@ const (
 // program and rules the first time, and returns the mark and source
 // address of a probe to backend id at addr of the service on vip.
 func (x *XDP) ProbePath(id uint32, addr, vip netip.Addr) (datapath.ProbePath, error) {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	if !x.probeReady {
-		if err := x.setupProbes(); err != nil {
-			return datapath.ProbePath{}, fmt.Errorf("set up the probe device: %w", err)
-		}
-		x.probeReady = true
-	}
-	h, ok := x.hops[addr]
-	if !ok || h.Ifindex == 0 {
-		return datapath.ProbePath{}, fmt.Errorf("backend %s is not resolved", addr)
+	h, err := x.probeHop(addr)
+	if err != nil {
+		return datapath.ProbePath{}, err
 	}
 	if !h.Src.IsValid() {
 		return datapath.ProbePath{}, fmt.Errorf("no address of this host reaches backend %s", addr)
@@ -100,6 +92,30 @@ func replyFiltered(vip netip.Addr, ifindex int) error {
 			name, vip, vip, name, name)
 	}
 	return nil
+}
+
+// probeHop sets the probes up the first time, and returns the hop of the
+// backend at addr. A backend the datapath has not resolved (one down from
+// the start is never sent to) is resolved now, and its entries get the hop
+// the probe program sends by; one that does not answer fails the probe,
+// and is asked for again in the background.
+func (x *XDP) probeHop(addr netip.Addr) (hop, error) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if !x.probeReady {
+		if err := x.setupProbes(); err != nil {
+			return hop{}, fmt.Errorf("set up the probe device: %w", err)
+		}
+		x.probeReady = true
+	}
+	if h, ok := x.hops[addr]; ok {
+		return h, nil
+	}
+	if err := x.resolveAddrs([]netip.Addr{addr})[addr]; err != nil {
+		return hop{}, err
+	}
+	x.rewriteHop(addr)
+	return x.hops[addr], nil
 }
 
 // setupProbes creates (or takes over) the probe device, attaches the

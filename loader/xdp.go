@@ -992,6 +992,12 @@ func (x *XDP) macChanged(addr netip.Addr, n netlink.Neigh) {
 		args = append(args, "via", h.Via)
 	}
 	x.log.Info("backend MAC changed", args...)
+	x.rewriteHop(addr)
+}
+
+// rewriteHop writes the hop of addr into the entries of every backend at
+// that address, whatever their state. x.mu must be held.
+func (x *XDP) rewriteHop(addr netip.Addr) {
 	for _, s := range x.services {
 		for _, b := range s.Backends {
 			if b.Addr != addr {
@@ -1002,7 +1008,7 @@ func (x *XDP) macChanged(addr netip.Addr, n netlink.Neigh) {
 				err = x.objs.Maps.PutBackend(b.ID, e)
 			}
 			if err != nil {
-				x.log.Error("update backend MAC", "backend", addr, "err", err)
+				x.log.Error("update backend's next hop", "backend", addr, "err", err)
 			}
 		}
 	}
@@ -1028,5 +1034,8 @@ func (x *XDP) resolved(addr netip.Addr, h hop, mac net.HardwareAddr) func(netip.
 	h.DstMAC = net.HardwareAddr(slices.Clone(mac))
 	x.hops[addr], x.asked[addr] = h, time.Now()
 	x.log.Info("backend answers ARP/ND now", "backend", addr, "mac", h.DstMAC.String())
+	// Its entries have the hop now, whatever the control plane plans: a
+	// backend down by its health check is probed through them (probe.go).
+	x.rewriteHop(addr)
 	return x.onResolved
 }
