@@ -27,8 +27,9 @@
 // A check via the VIP ([ViaVIP]) probes a [Target] with a VIP at that VIP,
 // from the source address and with the socket mark its [PathFunc] gives
 // (the datapath steers marked packets to the backend the way it sends the
-// clients'); when that fails it probes the backend's own address too, and
-// the reason says whether the backend answers there.
+// clients'). Once a probe failed, the next ones also probe the backend's
+// own address, at the same time, and their reason says whether the
+// backend answers there.
 //
 // Probes use the network only: no kernel features, and no privileges but
 // the one a socket mark needs (CAP_NET_ADMIN). Every probe's I/O, connect
@@ -243,8 +244,13 @@ func (c Check) Validate() error {
 	} else if c.Send != "" {
 		bad("send", "only for websocket and udp checks")
 	}
-	if c.Via != "" && c.Via != ViaBackend && c.Via != ViaVIP {
+	switch {
+	case c.Via != "" && c.Via != ViaBackend && c.Via != ViaVIP:
 		bad("via", "must be %q or %q, not %q", ViaBackend, ViaVIP, c.Via)
+	case c.Via == ViaVIP && c.Type == TypeUDP && c.Send == "":
+		// Silence passes such a check, and a backend without the VIP,
+		// or its decapsulation, is silent.
+		bad("via", "a udp check via the VIP needs send (a datagram the service answers): without it, a backend that drops the VIP's packets passes")
 	}
 	return errors.Join(errs...)
 }

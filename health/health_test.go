@@ -916,6 +916,8 @@ func TestVIPPath(t *testing.T) {
 		{"VIP answers", Target{Addr: deadBackend, Check: via, VIP: vip, Protocol: "tcp"}, Path{Source: src}, nil, true, "ok"},
 		{"VIP silent, backend answers", Target{Addr: backend, Check: via, VIP: dead, Protocol: "tcp"}, Path{Source: src}, nil, false,
 			"connection refused on the VIP path; the backend answers on its own address"},
+		{"VIP silent, first failure", Target{Addr: backend, Check: via, VIP: dead, Protocol: "tcp"}, Path{Source: src}, nil, false,
+			"connection refused on the VIP path"},
 		{"neither answers", Target{Addr: deadBackend, Check: via, VIP: dead, Protocol: "tcp"}, Path{Source: src}, nil, false,
 			"connection refused on the VIP path; connection refused on its own address too"},
 		{"zero path: the backend's address", Target{Addr: backend, Check: via, VIP: dead, Protocol: "tcp"}, Path{}, nil, true, "ok"},
@@ -929,7 +931,7 @@ func TestVIPPath(t *testing.T) {
 			}
 			return tc.path, tc.err
 		})
-		r := m.probe(context.Background(), tc.target)
+		r := m.probe(context.Background(), tc.target, tc.desc != "VIP silent, first failure")
 		if r.OK != tc.ok || r.Reason != tc.wantReason {
 			t.Errorf("%s: ok %v reason %q, want %v %q", tc.desc, r.OK, r.Reason, tc.ok, tc.wantReason)
 		}
@@ -948,8 +950,14 @@ func TestVIPPath(t *testing.T) {
 	// Without a PathFunc, the backend's own address.
 	m := New(nil, nil)
 	defer m.Close()
-	if r := m.probe(context.Background(), Target{Addr: backend, Check: via, VIP: dead, Protocol: "tcp"}); !r.OK {
+	if r := m.probe(context.Background(), Target{Addr: backend, Check: via, VIP: dead, Protocol: "tcp"}, false); !r.OK {
 		t.Errorf("no PathFunc: %q, want the backend's address probed", r.Reason)
+	}
+	// A udp check via the VIP must send something the service answers.
+	silent := fast(TypeUDP, 1, 1)
+	silent.Via = ViaVIP
+	if err := silent.Validate(); err == nil || !strings.Contains(err.Error(), "needs send") {
+		t.Errorf("a udp check via the VIP without send: %v, want it refused", err)
 	}
 	// A VIP goes with via vip only.
 	if err := m.Set([]Target{{Addr: backend, Check: fast(TypeTCP, 1, 1), VIP: vip}}); err == nil {

@@ -228,7 +228,7 @@ func (m *Monitor) run(ctx context.Context, p *prober) {
 		case <-timer.C:
 		}
 
-		res := m.probe(ctx, p.target)
+		res := m.probe(ctx, p.target, m.failing(p))
 		if ctx.Err() != nil {
 			return // stopped mid-probe: the result says nothing of the backend
 		}
@@ -262,13 +262,20 @@ type Path struct {
 type PathFunc func(Target) (Path, error)
 
 // SetPath sets how probes of targets with a VIP follow the clients' path.
-// Without it they probe the backend's own address.
-func (m *Monitor) SetPath(fn PathFunc) { m.path.Store(&fn) }
+// Without it (or with nil) they probe the backend's own address.
+func (m *Monitor) SetPath(fn PathFunc) {
+	if fn == nil {
+		m.path.Store(nil)
+		return
+	}
+	m.path.Store(&fn)
+}
 
-// probe runs one probe of t. A probe that follows the clients' path and
-// fails probes the backend's own address too, so that its reason tells a
-// backend that does not answer on the VIP from one that does not answer.
-func (m *Monitor) probe(ctx context.Context, t Target) Result {
+// probe runs one probe of t. A probe that follows the clients' path, of a
+// target whose last probe failed, probes the backend's own address at the
+// same time, within the same timeout, so that the reason tells a backend
+// that does not answer on the VIP from one that does not answer at all.
+func (m *Monitor) probe(ctx context.Context, t Target, failing bool) Result {
 	fn := m.path.Load()
 	if !t.VIP.IsValid() || fn == nil {
 		return probe(ctx, plain(t))
@@ -281,17 +288,33 @@ func (m *Monitor) probe(ctx context.Context, t Target) Result {
 	if path == (Path{}) {
 		return probe(ctx, plain(t))
 	}
-	res := probe(ctx, attempt{Check: t.Check, to: t.VIP, path: path})
-	if res.OK || ctx.Err() != nil {
-		return res
+	own := make(chan Result, 1)
+	if failing {
+		go func() { own <- probe(ctx, plain(t)) }()
 	}
-	own := probe(ctx, plain(t))
-	if own.OK {
+	res := probe(ctx, attempt{Check: t.Check, to: t.VIP, path: path})
+	var o Result
+	if failing {
+		o = <-own
+	}
+	switch {
+	case res.OK || ctx.Err() != nil:
+	case !failing:
+		res.Reason += " on the VIP path"
+	case o.OK:
 		res.Reason += " on the VIP path; the backend answers on its own address"
-	} else {
-		res.Reason += " on the VIP path; " + own.Reason + " on its own address too"
+	default:
+		res.Reason += " on the VIP path; " + o.Reason + " on its own address too"
 	}
 	return res
+}
+
+// failing says whether the last probe of p failed.
+func (m *Monitor) failing(p *prober) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	st := p.state.status
+	return st.Probes > 0 && !st.Result.OK
 }
 
 // record applies the result of a probe to p's state, and logs and reports

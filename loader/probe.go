@@ -8,6 +8,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -21,6 +22,8 @@ import (
 // default route leads to ProbeDevice, an ifb device (no ARP, no peer)
 // whose TC egress program sends each packet on to its backend as the XDP
 // program sends clients' packets, and the backend answers from the VIP.
+// The device, table, rules and mark are the network namespace's: one
+// tether daemon per namespace uses them.
 const (
 	ProbeMark     uint32 = 0x54480000 // bpf/consts.h: PROBE_MARK
 	ProbeMarkMask uint32 = 0xffff0000 // bpf/consts.h: PROBE_MARK_MASK
@@ -32,96 +35,151 @@ const (
 	// probeMTU keeps probes (and the MSS they advertise) small enough for
 	// any outer header on a 1500-byte link, and lets the device have IPv6.
 	probeMTU = 1280
+	// vipCheckTTL is how long the verdict of vipPathProblem is kept.
+	vipCheckTTL = 5 * time.Second
 )
+
+// probeState is what the XDP datapath keeps for the probes: whether the
+// device and program are set up, and each family's rule and route (nil:
+// set up; an error: why not), the backends being resolved for a probe,
+// and the recent verdicts of vipPathProblem.
+type probeState struct {
+	device    bool
+	families  map[bool]error // by "IPv4"
+	resolving map[netip.Addr]bool
+	checked   map[vipCheck]vipVerdict
+}
+
+type vipCheck struct {
+	vip     netip.Addr
+	ifindex int
+}
+
+type vipVerdict struct {
+	err error
+	at  time.Time
+}
 
 // ProbePath implements datapath.Prober: it sets up the probe device, its
 // program and rules the first time, and returns the mark and source
 // address of a probe to backend id at addr of the service on vip.
 func (x *XDP) ProbePath(id uint32, addr, vip netip.Addr) (datapath.ProbePath, error) {
-	h, err := x.probeHop(addr)
-	if err != nil {
-		return datapath.ProbePath{}, err
-	}
-	if !h.Src.IsValid() {
-		return datapath.ProbePath{}, fmt.Errorf("no address of this host reaches backend %s", addr)
-	}
 	if id > ^ProbeMarkMask {
 		return datapath.ProbePath{}, fmt.Errorf("backend id %d does not fit in a probe mark", id)
 	}
-	if err := replyFiltered(vip, h.Ifindex); err != nil {
+	h, err := x.probeHop(addr, vip.Is4())
+	if err != nil {
 		return datapath.ProbePath{}, err
 	}
-	return datapath.ProbePath{Mark: ProbeMark | id, Source: h.Src}, nil
-}
-
-// replyFiltered says why this host's reverse-path filter would drop the
-// replies of a backend, which come from vip by interface ifindex (the
-// one that reaches the backend), or nil when it lets them in: rp_filter
-// off, or a route to vip (strict mode: by that interface). IPv6 has no
-// reverse-path filter.
-func replyFiltered(vip netip.Addr, ifindex int) error {
-	if !vip.Is4() {
-		return nil
-	}
-	link, err := netlink.LinkByIndex(ifindex)
-	if err != nil {
-		return err
-	}
-	name := link.Attrs().Name
-	mode := 0
-	for _, dev := range []string{"all", name} {
-		b, err := os.ReadFile("/proc/sys/net/ipv4/conf/" + dev + "/rp_filter")
-		if err != nil {
-			return nil // cannot tell: let the probe say
+	// The probe comes from an address of the VIP's family, the backend
+	// answers it there: the one towards the backend, or (a backend of the
+	// other family) one of the interface that reaches it.
+	src := h.Src
+	if !src.IsValid() || src.Is4() != vip.Is4() {
+		if src, err = familyAddr(h.Ifindex, vip.Is4()); err != nil {
+			return datapath.ProbePath{}, err
 		}
-		v, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-		mode = max(mode, v)
 	}
-	if mode == 0 {
-		return nil
+	if err := x.vipPathProblem(vip, h.Ifindex); err != nil {
+		return datapath.ProbePath{}, err
 	}
-	routes, err := netlink.RouteGet(net.IP(vip.AsSlice()))
-	switch {
-	case err != nil || len(routes) == 0:
-		return fmt.Errorf("rp_filter on %s drops the backends' replies from %s, to which this host has no route: "+
-			"add one (ip route add %s/32 dev %s), or turn it off (sysctl -w net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.%s.rp_filter=0)",
-			name, vip, vip, name, name)
-	case mode == 1 && routes[0].LinkIndex != ifindex:
-		return fmt.Errorf("strict rp_filter on %s drops the backends' replies from %s, which this host routes by another interface: "+
-			"route %s by %s, or make rp_filter loose (sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.%s.rp_filter=2)",
-			name, vip, vip, name, name)
-	}
-	return nil
+	return datapath.ProbePath{Mark: ProbeMark | id, Source: src}, nil
 }
 
-// probeHop sets the probes up the first time, and returns the hop of the
-// backend at addr. A backend the datapath has not resolved (one down from
-// the start is never sent to) is resolved now, and its entries get the hop
-// the probe program sends by; one that does not answer fails the probe,
-// and is asked for again in the background.
-func (x *XDP) probeHop(addr netip.Addr) (hop, error) {
+// probeHop sets the probes of the family up the first time, and returns the
+// hop of the backend at addr. A backend the datapath has not resolved (one
+// down from the start is never sent to) fails the probe, and is resolved in
+// the background: its entries then get the hop the probe program sends by.
+func (x *XDP) probeHop(addr netip.Addr, v4 bool) (hop, error) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	if !x.probeReady {
-		if err := x.setupProbes(); err != nil {
+	p := &x.probes
+	if !p.device {
+		if err := x.setupProbeDevice(); err != nil {
 			return hop{}, fmt.Errorf("set up the probe device: %w", err)
 		}
-		x.probeReady = true
+		p.device = true
+		p.families = make(map[bool]error)
+		p.resolving = make(map[netip.Addr]bool)
+		p.checked = make(map[vipCheck]vipVerdict)
+	}
+	err, done := p.families[v4]
+	if !done {
+		err = setupProbeFamily(x.probeLink, v4)
+		p.families[v4] = err
+		if err != nil {
+			x.log.Error("health probes via the VIP cannot be routed", "family", family(v4), "err", err)
+		}
+	}
+	if err != nil {
+		return hop{}, err
 	}
 	if h, ok := x.hops[addr]; ok {
 		return h, nil
 	}
-	if err := x.resolveAddrs([]netip.Addr{addr})[addr]; err != nil {
-		return hop{}, err
+	if u, ok := x.unresolved[addr]; ok {
+		u.asked = time.Now() // keep asking for it in the background
+		x.unresolved[addr] = u
+		return hop{}, u.err
 	}
-	x.rewriteHop(addr)
-	return x.hops[addr], nil
+	if !p.resolving[addr] {
+		p.resolving[addr] = true
+		x.wg.Add(1)
+		go func() {
+			defer x.wg.Done()
+			x.resolveForProbe(addr)
+		}()
+	}
+	return hop{}, fmt.Errorf("backend %s is not resolved yet", addr)
 }
 
-// setupProbes creates (or takes over) the probe device, attaches the
-// probe program to its egress, and adds the rules and routes that lead
-// marked packets there. x.mu must be held.
-func (x *XDP) setupProbes() error {
+// resolveForProbe resolves the backend at addr, which the datapath never
+// sent to, and writes its hop into its entries.
+func (x *XDP) resolveForProbe(addr netip.Addr) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	delete(x.probes.resolving, addr)
+	if _, ok := x.hops[addr]; ok {
+		return
+	}
+	if err := x.resolveAddrs([]netip.Addr{addr})[addr]; err == nil {
+		x.rewriteHop(addr)
+	}
+}
+
+func family(v4 bool) string {
+	if v4 {
+		return "IPv4"
+	}
+	return "IPv6"
+}
+
+// familyAddr is a global address of the family (v4: IPv4) on interface
+// ifindex.
+func familyAddr(ifindex int, v4 bool) (netip.Addr, error) {
+	link, err := netlink.LinkByIndex(ifindex)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	fam := netlink.FAMILY_V6
+	if v4 {
+		fam = netlink.FAMILY_V4
+	}
+	addrs, err := netlink.AddrList(link, fam)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.Unmap().IsGlobalUnicast() {
+			return ip.Unmap(), nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("no %s address on %s to probe the VIP from: give it one", family(v4), link.Attrs().Name)
+}
+
+// setupProbeDevice creates (or takes over) the probe device and attaches
+// the probe program to its egress. x.mu must be held.
+func (x *XDP) setupProbeDevice() error {
 	link, err := netlink.LinkByName(ProbeDevice)
 	var notFound netlink.LinkNotFoundError
 	switch {
@@ -158,22 +216,27 @@ func (x *XDP) setupProbes() error {
 	if err := netlink.FilterReplace(filter); err != nil {
 		return fmt.Errorf("attach the probe program to %s: %w", ProbeDevice, err)
 	}
-	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		bits := 32
-		if family == netlink.FAMILY_V6 {
-			bits = 128
-		}
-		route := &netlink.Route{LinkIndex: idx, Table: ProbeTable, Family: family,
-			Dst: &net.IPNet{IP: make(net.IP, bits/8), Mask: net.CIDRMask(0, bits)}}
-		if err := netlink.RouteReplace(route); err != nil {
-			return fmt.Errorf("route table %d to %s: %w", ProbeTable, ProbeDevice, err)
-		}
-		if err := netlink.RuleAdd(probeRule(family)); err != nil && !errors.Is(err, unix.EEXIST) {
-			return fmt.Errorf("add the probe rule (fwmark %#x/%#x lookup %d): %w", ProbeMark, ProbeMarkMask, ProbeTable, err)
-		}
-	}
-	x.log.Info("health probes that follow the client path go through "+ProbeDevice,
+	x.probeLink = idx
+	x.log.Info("health probes via the VIP go through "+ProbeDevice,
 		"fwmark", fmt.Sprintf("%#x/%#x", ProbeMark, ProbeMarkMask), "table", ProbeTable)
+	return nil
+}
+
+// setupProbeFamily adds the rule and the route of one family (v4: IPv4)
+// that lead marked packets to the probe device, ifindex.
+func setupProbeFamily(ifindex int, v4 bool) error {
+	fam, bits := netlink.FAMILY_V6, 128
+	if v4 {
+		fam, bits = netlink.FAMILY_V4, 32
+	}
+	route := &netlink.Route{LinkIndex: ifindex, Table: ProbeTable, Family: fam,
+		Dst: &net.IPNet{IP: make(net.IP, bits/8), Mask: net.CIDRMask(0, bits)}}
+	if err := netlink.RouteReplace(route); err != nil {
+		return fmt.Errorf("route table %d to %s: %w", ProbeTable, ProbeDevice, err)
+	}
+	if err := netlink.RuleAdd(probeRule(fam)); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("add the probe rule (fwmark %#x/%#x lookup %d): %w", ProbeMark, ProbeMarkMask, ProbeTable, err)
+	}
 	return nil
 }
 
@@ -184,6 +247,66 @@ func probeRule(family int) *netlink.Rule {
 	mask := ProbeMarkMask
 	r.Mark, r.Mask = ProbeMark, &mask
 	return r
+}
+
+// vipPathProblem says why probes via vip, whose replies come in by
+// interface ifindex, cannot work on this host (the verdict is kept for
+// vipCheckTTL), or nil.
+func (x *XDP) vipPathProblem(vip netip.Addr, ifindex int) error {
+	k := vipCheck{vip, ifindex}
+	x.mu.Lock()
+	v, ok := x.probes.checked[k]
+	x.mu.Unlock()
+	if ok && time.Since(v.at) < vipCheckTTL {
+		return v.err
+	}
+	err := vipPathCheck(vip, ifindex)
+	x.mu.Lock()
+	x.probes.checked[k] = vipVerdict{err, time.Now()}
+	x.mu.Unlock()
+	return err
+}
+
+// vipPathCheck finds what would stop probes via vip: vip an address of
+// this host (the probes would be delivered here), or this host's
+// reverse-path filter dropping the backends' replies from vip, which come
+// in by interface ifindex (rp_filter on, and no route to vip, by that
+// interface in strict mode). IPv6 has no reverse-path filter.
+func vipPathCheck(vip netip.Addr, ifindex int) error {
+	routes, err := netlink.RouteGet(net.IP(vip.AsSlice()))
+	if err == nil && len(routes) > 0 && routes[0].Type == unix.RTN_LOCAL {
+		return fmt.Errorf("%s is an address of this host: probes to it would never leave it", vip)
+	}
+	if !vip.Is4() {
+		return nil
+	}
+	link, lerr := netlink.LinkByIndex(ifindex)
+	if lerr != nil {
+		return lerr
+	}
+	name := link.Attrs().Name
+	mode := 0
+	for _, dev := range []string{"all", name} {
+		b, err := os.ReadFile("/proc/sys/net/ipv4/conf/" + dev + "/rp_filter")
+		if err != nil {
+			return nil // cannot tell: let the probe say
+		}
+		v, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+		mode = max(mode, v)
+	}
+	switch {
+	case mode == 0:
+		return nil
+	case err != nil || len(routes) == 0:
+		return fmt.Errorf("rp_filter on %s drops the backends' replies from %s, to which this host has no route: "+
+			"add one (ip route add %s/32 dev %s), or turn it off (sysctl -w net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.%s.rp_filter=0)",
+			name, vip, vip, name, name)
+	case mode == 1 && routes[0].LinkIndex != ifindex:
+		return fmt.Errorf("strict rp_filter on %s drops the backends' replies from %s, which this host routes by another interface: "+
+			"route %s by %s, or make rp_filter loose (sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.%s.rp_filter=2)",
+			name, vip, vip, name, name)
+	}
+	return nil
 }
 
 // RemoveProbePath removes the probe device (its program and routes go with

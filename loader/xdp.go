@@ -65,8 +65,10 @@ type XDP struct {
 	// say it should (EchoReply).
 	echo    map[netip.Addr]bool
 	echoing map[netip.Addr]int
-	// probeReady: the probe device, program and rules are set up (probe.go).
-	probeReady bool
+	// probes: health probes via the VIP (probe.go); probeLink is the
+	// probe device's index once set up.
+	probes    probeState
+	probeLink int
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup

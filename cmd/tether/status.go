@@ -61,7 +61,7 @@ func status(ctx context.Context, cl *control.Client, w io.Writer, format string)
 			fmt.Fprintf(w, " for %s", s.AffinityTimeout)
 		}
 		fmt.Fprintf(w, ", %s forwarding\n", s.Forwarding)
-		fmt.Fprintf(w, "  %s; %s, on_down %s\n", serviceState(s), healthSummary(s.Health), s.OnDown)
+		fmt.Fprintf(w, "  %s; %s, on_down %s\n", serviceState(s), healthSummary(s.Health, s.Forwarding), s.OnDown)
 		if len(s.Backends) == 0 {
 			continue
 		}
@@ -89,8 +89,9 @@ func serviceState(s control.ServiceStatus) string {
 	return fmt.Sprintf("DOWN: %s, %s", why, drop)
 }
 
-// healthSummary describes a service's health check in a few words.
-func healthSummary(h control.HealthSpec) string {
+// healthSummary describes a service's health check, of a service that
+// forwards so, in a few words.
+func healthSummary(h control.HealthSpec, forwarding string) string {
 	if h.Type == "none" {
 		return "no health check (backends taken as up)"
 	}
@@ -105,7 +106,11 @@ func healthSummary(h control.HealthSpec) string {
 	if h.Send != "" {
 		fmt.Fprintf(&b, " echoing %q", h.Send)
 	}
-	if h.Via == "vip" {
+	switch {
+	case h.Via != "vip":
+	case forwarding == "nat" || forwarding == "fullnat":
+		b.WriteString(" of the backends' own addresses (the clients' path with " + forwarding + ")")
+	default:
 		b.WriteString(" via the VIP (the clients' path)")
 	}
 	fmt.Fprintf(&b, " every %s (timeout %s, rise %d, fall %d)", h.Interval, h.Timeout, h.Rise, h.Fall)
