@@ -37,16 +37,20 @@ deps: ## install the build and test tools with apt-get (root)
 	$(APT) update
 	$(APT) install -y --no-install-recommends $(APT_PACKAGES)
 
-# Tools the tests and the lab run (ip, strace): installed with apt-get when
+# Tools the tests and the lab run (ip, strace, BIRD for the BGP tests):
+# installed with apt-get when
 # missing, so that `sudo make test` and `sudo make lab` work on a fresh
 # Debian or Ubuntu machine with Go.
 .PHONY: tools
 tools:
-	@missing=""; for t in ip:iproute2 strace:strace iperf3:iperf3 nft:nftables; do \
+	@missing=""; for t in ip:iproute2 strace:strace iperf3:iperf3 nft:nftables bird:bird2; do \
 		command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
 		$(APT) update && $(APT) install -y --no-install-recommends $$missing; \
+		case "$$missing" in *bird2*) \
+			echo "bird2: the tests run their own BIRD in namespaces; disabling the host's bird service"; \
+			systemctl disable --now bird.service >/dev/null 2>&1 || true;; esac; \
 	fi
 
 .PHONY: generate

@@ -190,6 +190,8 @@ type Config struct {
 	Splice Splice
 	// Services are the load-balanced services, in file order.
 	Services []Service
+	// BGP is the BGP speaker that announces the VIPs; nil runs none.
+	BGP *BGP
 }
 
 // Tables sizes the BPF maps. The sizes are fixed when the maps are created:
@@ -266,6 +268,11 @@ type Service struct {
 	Health health.Check
 	// ICMPEcho is ICMPEchoReply or ICMPEchoPass.
 	ICMPEcho string
+	// MinHealthy is how many usable backends (up, not drained) the
+	// service needs for BGP to announce its VIP from this host (a VIP is
+	// announced while one of its services has them); 0 announces it
+	// whatever its backends.
+	MinHealthy int
 	// OnDown is OnDownKeep or OnDownReset: what becomes of the established
 	// connections of a backend marked down.
 	OnDown string
@@ -389,6 +396,7 @@ func (c *Config) Clone() *Config {
 	out := *c
 	out.Interfaces = slices.Clone(c.Interfaces)
 	out.Services = slices.Clone(c.Services)
+	out.BGP = c.BGP.Clone()
 	for i := range out.Services {
 		out.Services[i].Backends = slices.Clone(out.Services[i].Backends)
 	}
@@ -406,6 +414,7 @@ func DefaultService() Service {
 		Health:          DefaultHealth(),
 		OnDown:          OnDownKeep,
 		ICMPEcho:        ICMPEchoReply,
+		MinHealthy:      DefaultMinHealthy,
 	}
 }
 

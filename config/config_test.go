@@ -110,7 +110,7 @@ func TestParseExample(t *testing.T) {
 				Rise:     2,
 				Fall:     3,
 			},
-			OnDown: OnDownReset, ICMPEcho: ICMPEchoReply,
+			OnDown: OnDownReset, ICMPEcho: ICMPEchoReply, MinHealthy: 1,
 			Backends: []Backend{{
 				Address: netip.MustParseAddr("192.0.2.11"),
 				Port:    8765,
@@ -148,6 +148,7 @@ func TestParseDefaults(t *testing.T) {
 		Health:          health.Check{Type: health.TypeTCP, Interval: 2 * time.Second, Timeout: time.Second, Rise: 2, Fall: 3},
 		OnDown:          OnDownKeep,
 		ICMPEcho:        ICMPEchoReply,
+		MinHealthy:      1,
 		Backends: []Backend{{
 			Address: netip.MustParseAddr("192.0.2.11"),
 			Port:    8765, // the service port

@@ -74,10 +74,10 @@ func Parse(data []byte) (*Config, error) {
 
 // Field names of each mapping, in the order Marshal writes them.
 var (
-	topFields     = []string{"interfaces", "datapath", "hash_seed", "tables", "splice", "services"}
+	topFields     = []string{"interfaces", "datapath", "hash_seed", "tables", "splice", "services", "bgp"}
 	tablesFields  = []string{"connections", "nat", "affinity", "ring_size", "max_services", "max_backends"}
 	spliceFields  = []string{"loops", "max_connections"}
-	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "snat_address", "tunnel_source", "gue_port", "health", "on_down", "icmp_echo", "idle_timeout", "proxy_protocol", "backends"}
+	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "snat_address", "tunnel_source", "gue_port", "health", "on_down", "icmp_echo", "min_healthy", "idle_timeout", "proxy_protocol", "backends"}
 	healthFields  = []string{"type", "path", "host", "expect_status", "send", "interval", "timeout", "rise", "fall", "via"}
 	backendFields = []string{"address", "port", "weight", "state"}
 )
@@ -255,6 +255,8 @@ func (d *decoder) config(n *yaml.Node) *Config {
 			c.HashSeed = uint32(d.integer(v, p, 0, math.MaxUint32))
 		case "tables":
 			d.tables(v, p, &c.Tables)
+		case "bgp":
+			c.BGP = d.bgp(v, p)
 		case "splice":
 			d.mapping(v, p, "splice", spliceFields, func(name string, v *yaml.Node, p string) {
 				switch name {
@@ -332,6 +334,8 @@ func (d *decoder) service(n *yaml.Node, path string) Service {
 			s.OnDown = d.str(v, p)
 		case "icmp_echo":
 			s.ICMPEcho = d.str(v, p)
+		case "min_healthy":
+			s.MinHealthy = int(d.integer(v, p, 0, limitMaxBackends))
 		case "idle_timeout":
 			s.IdleTimeout = d.duration(v, p)
 		case "proxy_protocol":

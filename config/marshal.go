@@ -146,6 +146,9 @@ func (c *Config) rootNode() *yaml.Node {
 			"max_connections", integer(c.Splice.MaxConnections),
 		))
 	}
+	if c.BGP != nil {
+		kv = append(kv, "bgp", bgpNode(c.BGP))
+	}
 	return mapping(kv...)
 }
 
@@ -200,6 +203,9 @@ func serviceNode(s Service) *yaml.Node {
 	)
 	if s.ICMPEcho != ICMPEchoReply {
 		kv = append(kv, "icmp_echo", str(s.ICMPEcho))
+	}
+	if s.MinHealthy != DefaultMinHealthy {
+		kv = append(kv, "min_healthy", integer(s.MinHealthy))
 	}
 	// The splice-only settings are written when they are not the
 	// defaults, so that files of the XDP datapath do not grow them.

@@ -164,6 +164,8 @@ func (c *Config) validate(v *validator) {
 		v.add("splice.max_connections", "%d is out of range 0..%d (0: no cap)", n, maxSpliceConnections)
 	}
 
+	c.validateBGP(v)
+
 	t := c.Tables
 	inRange(v, "tables.connections", t.Connections, minTableEntries, maxTableEntries)
 	inRange(v, "tables.nat", t.NAT, minTableEntries, maxTableEntries)
@@ -374,6 +376,9 @@ func (s *Service) validate(v *validator, p string, proxied bool) bool {
 		v.add(field(p, "icmp_echo"), "unknown mode %q (want reply or pass)", s.ICMPEcho)
 	}
 
+	if s.MinHealthy < 0 || s.MinHealthy > limitMaxBackends {
+		v.add(field(p, "min_healthy"), "%d is out of range 0..%d", s.MinHealthy, limitMaxBackends)
+	}
 	if s.IdleTimeout < 0 || s.IdleTimeout > MaxIdleTimeout {
 		v.add(field(p, "idle_timeout"), "%s is out of range (want 0, for none, up to 720h)", s.IdleTimeout)
 	}

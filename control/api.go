@@ -59,6 +59,7 @@ const maxBody = 1 << 20
 //	GET    /v1/stats                              Stats
 //	GET    /v1/flows[?service=VIP:PORT[/PROTO]]   []FlowStatus
 //	POST   /v1/reload[?dry_run=true]              Result   (with its Changes)
+//	PUT    /v1/host/drain     HostDrainSpec       Result   (tether host drain, undrain)
 //
 // Errors are {"error": "...", "field": "..."} with status 400 for a
 // request refused because of its input (nothing changed), 405 for a method
@@ -146,6 +147,13 @@ func (d *Daemon) Handler() http.Handler {
 			return nil, err
 		}
 		return d.SetBackendState(spec)
+	})
+	withBody("PUT", "/v1/host/drain", func(r *http.Request) (any, error) {
+		var spec HostDrainSpec
+		if err := decode(r, &spec); err != nil {
+			return nil, err
+		}
+		return d.SetDrained(spec.Drained)
 	})
 	withBody("POST", "/v1/reload", func(r *http.Request) (any, error) {
 		if err := checkParams(r.URL.Query(), "dry_run"); err != nil {

@@ -212,6 +212,13 @@ func (c *Client) Reload(ctx context.Context) (Result, error) {
 	return c.reload(ctx, false)
 }
 
+// SetDrained drains this host (withdraws its VIPs from BGP) or undrains it.
+func (c *Client) SetDrained(ctx context.Context, drained bool) (Result, error) {
+	var res Result
+	err := c.Call(ctx, http.MethodPut, "/v1/host/drain", nil, HostDrainSpec{Drained: drained}, &res)
+	return res, err
+}
+
 // ReloadPlan asks what a reload would change, changing nothing.
 func (c *Client) ReloadPlan(ctx context.Context) (Result, error) {
 	return c.reload(ctx, true)

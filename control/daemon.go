@@ -57,6 +57,13 @@ type Daemon struct {
 	stop      chan struct{}          // closed by Close
 	loopDone  chan struct{}          // closed when the health loop returns
 	closeOnce sync.Once
+
+	// BGP, from startBGP to Close (daemon_bgp.go).
+	bgpMu      sync.Mutex
+	ann        announcer
+	bgpStop    chan struct{}
+	bgpDone    chan struct{}
+	bgpLastErr string
 }
 
 // NewDaemon returns the daemon of the configuration file at path. cfg is
@@ -77,10 +84,15 @@ func NewDaemon(path string, cfg *config.Config, ctl *Controller, dp datapath.Dat
 // ConfigPath returns the configuration file the daemon serves.
 func (d *Daemon) ConfigPath() string { return d.path }
 
-// Close stops the health checks, if they run, and waits for them. The
+// Close stops the BGP speaker (its peers withdraw this host's routes) and
+// the health checks, if they run, and waits for them. The
 // datapath stays as it is. Later calls do nothing.
 func (d *Daemon) Close() {
 	d.closeOnce.Do(func() {
+		if d.bgpStop != nil {
+			close(d.bgpStop)
+			<-d.bgpDone
+		}
 		d.mu.Lock()
 		mon := d.mon.Load()
 		d.mu.Unlock()

@@ -92,6 +92,7 @@ func Start(path string, cfg *config.Config, o StartOptions, log *slog.Logger) (*
 		d.Stop()
 		return nil, err
 	}
+	d.startBGP()
 	return d, nil
 }
 

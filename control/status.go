@@ -21,6 +21,8 @@ type Status struct {
 	Datapath   string            `json:"datapath"`
 	Interfaces map[string]string `json:"interfaces"`
 	Services   []ServiceStatus   `json:"services"`
+	// BGP is the BGP speaker's sessions and announcements, when one runs.
+	BGP *BGPStatus `json:"bgp,omitempty"`
 }
 
 // ServiceStatus is one service as the datapath serves it.
@@ -194,7 +196,7 @@ func (d *Daemon) Status() (Status, error) {
 	if err != nil {
 		return Status{}, err
 	}
-	return Status{Config: d.path, Datapath: cfg.Datapath, Interfaces: d.dp.Modes(), Services: svcs}, nil
+	return Status{Config: d.path, Datapath: cfg.Datapath, Interfaces: d.dp.Modes(), Services: svcs, BGP: d.BGPStatus()}, nil
 }
 
 // Services returns the services in file order, or only the one ref names

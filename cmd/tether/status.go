@@ -1,11 +1,13 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -69,7 +71,42 @@ func status(ctx context.Context, cl *control.Client, w io.Writer, format string)
 			return err
 		}
 	}
+	if st.BGP != nil {
+		return bgpStatus(w, st.BGP)
+	}
 	return nil
+}
+
+// bgpStatus prints the BGP speaker's sessions and announcements.
+func bgpStatus(w io.Writer, b *control.BGPStatus) error {
+	head := fmt.Sprintf("\nbgp: AS %d, router id %s", b.ASN, b.RouterID)
+	if b.Drained {
+		head += ", DRAINED: every VIP withdrawn (tether host undrain)"
+	}
+	fmt.Fprintln(w, head)
+	if b.Error != "" {
+		fmt.Fprintf(w, "  error: %s\n", b.Error)
+	}
+	t := newTable(w, "  PEER", "ASN", "STATE", "UP FOR", "LAST ERROR")
+	for _, p := range b.Peers {
+		up := "-"
+		if !p.Since.IsZero() {
+			up = time.Since(p.Since).Round(time.Second).String()
+		}
+		t.row("  "+p.Address, fmt.Sprint(p.ASN), p.State, up, cmp.Or(p.LastError, "-"))
+	}
+	if err := t.flush(); err != nil {
+		return err
+	}
+	t = newTable(w, "  VIP", "ANNOUNCED", "WHY")
+	for _, v := range b.VIPs {
+		yes := "no"
+		if v.Announced {
+			yes = "yes"
+		}
+		t.row("  "+v.VIP, yes, v.Reason)
+	}
+	return t.flush()
 }
 
 // serviceState says whether s takes new connections, and what becomes of

@@ -1,0 +1,407 @@
+// Package bgp is tether's BGP speaker: GoBGP (github.com/osrg/gobgp/v4)
+// embedded as a library, opening sessions to the configured peers and
+// announcing each VIP the daemon says this host can serve as a /32 or
+// /128, so that the routers spread the VIP's flows over every tether host
+// that announces it (ECMP). It announces what it is told and nothing else,
+// and leaves the choice of what to announce, and when, to the daemon. The
+// routes peers send are kept in GoBGP's table and used for nothing (the
+// kernel's routes are not touched): configure the routers to send tether
+// none.
+//
+// GoBGP v4 rather than v3: v4 is the maintained line, and its library API
+// takes log/slog and net/netip, as tether does.
+package bgp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/osrg/gobgp/v4/api"
+	"github.com/osrg/gobgp/v4/pkg/apiutil"
+	bgppkt "github.com/osrg/gobgp/v4/pkg/packet/bgp"
+	"github.com/osrg/gobgp/v4/pkg/server"
+
+	"github.com/tetherlb/tether/config"
+)
+
+// Speaker runs one BGP server. Its methods are safe for concurrent use.
+type Speaker struct {
+	log *slog.Logger
+
+	mu        sync.Mutex
+	srv       *server.BgpServer
+	cfg       *config.BGP
+	announced map[netip.Addr]bool // the VIPs announced
+	closed    bool
+}
+
+// Start starts a speaker with cfg, opening a session to every peer. It
+// announces nothing until Announce.
+func Start(cfg *config.BGP, log *slog.Logger) (*Speaker, error) {
+	s := &Speaker{log: log, announced: make(map[netip.Addr]bool)}
+	if err := s.start(cfg); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// start starts the BGP server of cfg and adds its peers. s.mu must be held
+// (or s not shared yet).
+func (s *Speaker) start(cfg *config.BGP) error {
+	lvl := &slog.LevelVar{}
+	lvl.Set(slog.LevelWarn) // GoBGP's own chatter: warnings and errors
+	glog := slog.New(levelHandler{s.log.Handler(), lvl}).With("component", "gobgp")
+	srv := server.NewBgpServer(server.LoggerOption(glog, lvl))
+	go srv.Serve()
+	port := int32(cfg.ListenPort)
+	if port == 0 {
+		port = -1 // GoBGP: listen on no port
+	}
+	ctx := context.Background()
+	err := srv.StartBgp(ctx, &api.StartBgpRequest{Global: &api.Global{
+		Asn: cfg.ASN, RouterId: cfg.RouterID.String(), ListenPort: port,
+	}})
+	if err != nil {
+		srv.Stop()
+		return fmt.Errorf("start BGP: %w", err)
+	}
+	err = srv.WatchEvent(ctx, server.WatchEventMessageCallbacks{OnPeerUpdate: s.peerEvent}, server.WatchPeer())
+	for _, p := range cfg.Peers {
+		if err != nil {
+			break
+		}
+		err = srv.AddPeer(ctx, &api.AddPeerRequest{Peer: peerOf(p)})
+	}
+	if err != nil {
+		srv.Stop()
+		return fmt.Errorf("start BGP: %w", err)
+	}
+	s.srv, s.cfg = srv, cfg.Clone()
+	s.log.Info("bgp: started", "asn", cfg.ASN, "router_id", cfg.RouterID, "peers", len(cfg.Peers))
+	return nil
+}
+
+// peerOf is the GoBGP configuration of peer p: the address family of its
+// address only, its timers and password.
+func peerOf(p config.BGPPeer) *api.Peer {
+	fam := &api.Family{Afi: api.Family_AFI_IP, Safi: api.Family_SAFI_UNICAST}
+	if p.Address.Is6() {
+		fam.Afi = api.Family_AFI_IP6
+	}
+	hold := uint64(p.HoldTime / time.Second)
+	return &api.Peer{
+		Conf: &api.PeerConf{NeighborAddress: p.Address.String(), PeerAsn: p.ASN, AuthPassword: p.Password},
+		Timers: &api.Timers{Config: &api.TimersConfig{
+			HoldTime: hold, KeepaliveInterval: max(hold/3, 1), ConnectRetry: 5,
+		}},
+		Transport: &api.Transport{RemotePort: uint32(p.Port)},
+		AfiSafis:  []*api.AfiSafi{{Config: &api.AfiSafiConfig{Family: fam, Enabled: true}}},
+	}
+}
+
+// peerEvent logs a session's state changes.
+func (s *Speaker) peerEvent(e *apiutil.WatchEventMessage_PeerEvent, _ time.Time) {
+	if e.Type != apiutil.PEER_EVENT_STATE {
+		return
+	}
+	st := e.Peer.State
+	args := []any{"peer", st.NeighborAddress, "asn", st.PeerASN, "state", stateName(st.SessionState)}
+	if st.SessionState == bgppkt.BGP_FSM_ESTABLISHED {
+		s.log.Info("bgp: session established", args...)
+		return
+	}
+	if st.DisconnectMessage != "" {
+		args = append(args, "reason", st.DisconnectMessage)
+	}
+	s.log.Debug("bgp: session state", args...)
+}
+
+// stateName is a session state as operators read it: idle, connect,
+// active, opensent, openconfirm, established.
+func stateName(st bgppkt.FSMState) string {
+	switch st {
+	case bgppkt.BGP_FSM_IDLE:
+		return "idle"
+	case bgppkt.BGP_FSM_CONNECT:
+		return "connect"
+	case bgppkt.BGP_FSM_ACTIVE:
+		return "active"
+	case bgppkt.BGP_FSM_OPENSENT:
+		return "opensent"
+	case bgppkt.BGP_FSM_OPENCONFIRM:
+		return "openconfirm"
+	case bgppkt.BGP_FSM_ESTABLISHED:
+		return "established"
+	}
+	return st.String()
+}
+
+// Reconfigure applies cfg. Peers added are connected, removed ones closed,
+// changed ones (ASN, port, password, hold time) reset; the sessions of
+// the others go on. Changed next hops or communities are announced again
+// over the sessions as they are. A changed ASN, router id or listen port
+// restarts the server: every session is reset.
+func (s *Speaker) Reconfigure(cfg *config.BGP) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return errors.New("bgp: speaker closed")
+	}
+	old := s.cfg
+	if old.ASN != cfg.ASN || old.RouterID != cfg.RouterID || old.ListenPort != cfg.ListenPort {
+		s.log.Warn("bgp: ASN, router id or listen port changed: restarting the speaker, every session resets")
+		s.srv.Stop()
+		if err := s.start(cfg); err != nil {
+			return err
+		}
+		return s.announce(slices.Collect(maps.Keys(s.announced)), true)
+	}
+	ctx := context.Background()
+	was := make(map[netip.Addr]config.BGPPeer, len(old.Peers))
+	for _, p := range old.Peers {
+		was[p.Address] = p
+	}
+	var errs []error
+	for _, p := range cfg.Peers {
+		o, ok := was[p.Address]
+		delete(was, p.Address)
+		switch {
+		case !ok:
+			errs = append(errs, s.srv.AddPeer(ctx, &api.AddPeerRequest{Peer: peerOf(p)}))
+			s.log.Info("bgp: peer added", "peer", p.Address)
+		case o != p:
+			// A peer's transport and password are fixed at connection:
+			// it is closed and opened again.
+			errs = append(errs, s.srv.DeletePeer(ctx, &api.DeletePeerRequest{Address: p.Address.String()}))
+			errs = append(errs, s.srv.AddPeer(ctx, &api.AddPeerRequest{Peer: peerOf(p)}))
+			s.log.Info("bgp: peer changed: session reset", "peer", p.Address)
+		}
+	}
+	for a := range was {
+		errs = append(errs, s.srv.DeletePeer(ctx, &api.DeletePeerRequest{Address: a.String()}))
+		s.log.Info("bgp: peer removed", "peer", a)
+	}
+	pathsChanged := !slices.Equal(old.NextHops, cfg.NextHops) || !slices.Equal(old.Communities, cfg.Communities)
+	s.cfg = cfg.Clone()
+	if pathsChanged {
+		errs = append(errs, s.announce(slices.Collect(maps.Keys(s.announced)), true))
+	}
+	return errors.Join(errs...)
+}
+
+// Announce makes vips the VIPs announced: it announces those that are not
+// yet and withdraws those no longer listed.
+func (s *Speaker) Announce(vips []netip.Addr) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return errors.New("bgp: speaker closed")
+	}
+	return s.announce(vips, false)
+}
+
+// announce does Announce; again announces the listed VIPs even if they
+// are already (their attributes changed). s.mu must be held.
+func (s *Speaker) announce(vips []netip.Addr, again bool) error {
+	want := make(map[netip.Addr]bool, len(vips))
+	var add, del []*apiutil.Path
+	for _, v := range vips {
+		want[v] = true
+		if !s.announced[v] || again {
+			p, err := s.path(v)
+			if err != nil {
+				return err
+			}
+			add = append(add, p)
+		}
+	}
+	for v := range s.announced {
+		if !want[v] {
+			p, err := s.path(v)
+			if err != nil {
+				return err
+			}
+			del = append(del, p)
+		}
+	}
+	if len(add) > 0 {
+		if _, err := s.srv.AddPath(apiutil.AddPathRequest{Paths: add}); err != nil {
+			return fmt.Errorf("bgp: announce: %w", err)
+		}
+		for _, p := range add {
+			v := p.Nlri.(*bgppkt.IPAddrPrefix).Prefix.Addr()
+			if !s.announced[v] {
+				s.log.Info("bgp: VIP announced", "vip", v)
+			}
+			s.announced[v] = true
+		}
+	}
+	if len(del) > 0 {
+		if err := s.srv.DeletePath(apiutil.DeletePathRequest{Paths: del}); err != nil {
+			return fmt.Errorf("bgp: withdraw: %w", err)
+		}
+		for _, p := range del {
+			v := p.Nlri.(*bgppkt.IPAddrPrefix).Prefix.Addr()
+			delete(s.announced, v)
+			s.log.Info("bgp: VIP withdrawn", "vip", v)
+		}
+	}
+	return nil
+}
+
+// path is the route of vip: origin IGP, the configured next hop of its
+// family or none (the session's own address), the configured
+// communities.
+func (s *Speaker) path(vip netip.Addr) (*apiutil.Path, error) {
+	nlri, err := bgppkt.NewIPAddrPrefix(netip.PrefixFrom(vip, vip.BitLen()))
+	if err != nil {
+		return nil, err
+	}
+	hop := netip.IPv4Unspecified()
+	if vip.Is6() {
+		hop = netip.IPv6Unspecified()
+	}
+	for _, a := range s.cfg.NextHops {
+		if a.Is4() == vip.Is4() {
+			hop = a
+		}
+	}
+	attrs := []bgppkt.PathAttributeInterface{bgppkt.NewPathAttributeOrigin(0)}
+	fam := bgppkt.RF_IPv4_UC
+	if vip.Is4() {
+		nh, err := bgppkt.NewPathAttributeNextHop(hop)
+		if err != nil {
+			return nil, err
+		}
+		attrs = append(attrs, nh)
+	} else {
+		fam = bgppkt.RF_IPv6_UC
+		mp, err := bgppkt.NewPathAttributeMpReachNLRI(fam, []bgppkt.PathNLRI{{NLRI: nlri}}, hop)
+		if err != nil {
+			return nil, err
+		}
+		attrs = append(attrs, mp)
+	}
+	if len(s.cfg.Communities) > 0 {
+		cs := make([]uint32, 0, len(s.cfg.Communities))
+		for _, c := range s.cfg.Communities {
+			v, err := config.ParseCommunity(c)
+			if err != nil {
+				return nil, err
+			}
+			cs = append(cs, v)
+		}
+		attrs = append(attrs, bgppkt.NewPathAttributeCommunities(cs))
+	}
+	return &apiutil.Path{Family: fam, Nlri: nlri, Attrs: attrs}, nil
+}
+
+// PeerStatus is one session as status shows it.
+type PeerStatus struct {
+	Address string `json:"address"`
+	ASN     uint32 `json:"asn"`
+	// State is the session's: idle, connect, active, opensent,
+	// openconfirm or established.
+	State string `json:"state"`
+	// Since is when the session was established, while it is.
+	Since time.Time `json:"since,omitzero"`
+	// LastError is why the session last went down, if it did.
+	LastError string `json:"last_error,omitempty"`
+}
+
+// Status is the speaker's sessions and the VIPs it announces.
+type Status struct {
+	ASN       uint32       `json:"asn"`
+	RouterID  string       `json:"router_id"`
+	Peers     []PeerStatus `json:"peers"`
+	Announced []string     `json:"announced"`
+}
+
+// Status returns the sessions, in the configuration's order, and the VIPs
+// announced, sorted.
+func (s *Speaker) Status() (Status, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := Status{ASN: s.cfg.ASN, RouterID: s.cfg.RouterID.String(), Peers: []PeerStatus{}, Announced: []string{}}
+	if s.closed {
+		return st, errors.New("bgp: speaker closed")
+	}
+	byAddr := make(map[string]PeerStatus)
+	err := s.srv.ListPeer(context.Background(), &api.ListPeerRequest{}, func(p *api.Peer) {
+		ps := PeerStatus{Address: p.GetConf().GetNeighborAddress(), ASN: p.GetConf().GetPeerAsn(), State: "idle"}
+		if state := p.GetState(); state != nil {
+			ps.State = sessionName(state.GetSessionState())
+			ps.LastError = state.GetDisconnectMessage()
+		}
+		if up := p.GetTimers().GetState().GetUptime(); up != nil && ps.State == "established" {
+			ps.Since = up.AsTime()
+		}
+		byAddr[ps.Address] = ps
+	})
+	for _, p := range s.cfg.Peers {
+		if ps, ok := byAddr[p.Address.String()]; ok {
+			st.Peers = append(st.Peers, ps)
+		}
+	}
+	vips := slices.SortedFunc(maps.Keys(s.announced), netip.Addr.Compare)
+	for _, v := range vips {
+		st.Announced = append(st.Announced, netip.PrefixFrom(v, v.BitLen()).String())
+	}
+	return st, err
+}
+
+// sessionName is an API session state as stateName writes it.
+func sessionName(st api.PeerState_SessionState) string {
+	switch st {
+	case api.PeerState_SESSION_STATE_CONNECT:
+		return "connect"
+	case api.PeerState_SESSION_STATE_ACTIVE:
+		return "active"
+	case api.PeerState_SESSION_STATE_OPENSENT:
+		return "opensent"
+	case api.PeerState_SESSION_STATE_OPENCONFIRM:
+		return "openconfirm"
+	case api.PeerState_SESSION_STATE_ESTABLISHED:
+		return "established"
+	}
+	return "idle"
+}
+
+// Close stops the speaker: it closes every session (the peers drop the
+// routes it announced).
+func (s *Speaker) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	s.srv.Stop()
+	s.log.Info("bgp: stopped")
+	return nil
+}
+
+// levelHandler passes on the records of level lvl and above only.
+type levelHandler struct {
+	slog.Handler
+	lvl slog.Leveler
+}
+
+func (h levelHandler) Enabled(ctx context.Context, l slog.Level) bool {
+	return l >= h.lvl.Level() && h.Handler.Enabled(ctx, l)
+}
+
+func (h levelHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return levelHandler{h.Handler.WithAttrs(as), h.lvl}
+}
+
+func (h levelHandler) WithGroup(name string) slog.Handler {
+	return levelHandler{h.Handler.WithGroup(name), h.lvl}
+}

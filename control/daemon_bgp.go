@@ -1,0 +1,261 @@
+package control
+
+import (
+	"fmt"
+	"net/netip"
+	"reflect"
+	"slices"
+	"sort"
+	"time"
+
+	"github.com/tetherlb/tether/bgp"
+	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/datapath"
+)
+
+// bgpTick is how often the daemon reconsiders what it announces: a VIP
+// that can no longer be served is withdrawn within it.
+const bgpTick = 250 * time.Millisecond
+
+// announcer is the daemon's BGP state: the speaker (nil while the
+// configuration has no bgp block), whether the host is drained, and, per
+// VIP, when it was last withdrawn and since when it can be served again.
+type announcer struct {
+	spk       *bgp.Speaker
+	cfg       *config.BGP // the speaker's configuration
+	drained   bool
+	withdrawn map[netip.Addr]bool      // VIPs withdrawn because they could not be served
+	servable  map[netip.Addr]time.Time // since when a withdrawn VIP can be served again
+	vips      []VIPAnnouncement        // the last round's verdicts, for status
+	err       error                    // the last round's error, for status
+	retry     time.Time                // when a speaker that failed to start is tried again
+}
+
+// bgpRetry is how long the daemon waits before it starts again a speaker
+// that failed to start.
+const bgpRetry = 5 * time.Second
+
+// VIPAnnouncement is whether a VIP is announced, and why.
+type VIPAnnouncement struct {
+	VIP       string `json:"vip"`
+	Announced bool   `json:"announced"`
+	// Reason says why: "servable", "drained", "no service has min_healthy
+	// usable backends", "servable again, announced in 3s".
+	Reason string `json:"reason"`
+}
+
+// BGPStatus is the BGP speaker's state as status shows it.
+type BGPStatus struct {
+	bgp.Status
+	Drained bool              `json:"drained"`
+	VIPs    []VIPAnnouncement `json:"vips"`
+	Error   string            `json:"error,omitempty"`
+}
+
+// startBGP starts the loop that runs the BGP speaker of the running
+// configuration, if any, and keeps what it announces in step with what
+// this host can serve. Close stops it, and the speaker: its peers then
+// drop the routes.
+func (d *Daemon) startBGP() {
+	d.ann = announcer{withdrawn: make(map[netip.Addr]bool), servable: make(map[netip.Addr]time.Time)}
+	d.bgpStop, d.bgpDone = make(chan struct{}), make(chan struct{})
+	d.bgpRound()
+	go func() {
+		defer close(d.bgpDone)
+		tick := time.NewTicker(bgpTick)
+		defer tick.Stop()
+		for {
+			select {
+			case <-d.bgpStop:
+				d.bgpMu.Lock()
+				if d.ann.spk != nil {
+					d.ann.spk.Close()
+					d.ann.spk = nil
+				}
+				d.bgpMu.Unlock()
+				return
+			case <-tick.C:
+				d.bgpRound()
+			}
+		}
+	}()
+}
+
+// bgpRound starts, reconfigures or stops the speaker as the configuration
+// says, and announces the VIPs this host can serve.
+func (d *Daemon) bgpRound() {
+	cfg, applied := d.snapshot()
+	d.bgpMu.Lock()
+	defer d.bgpMu.Unlock()
+	a := &d.ann
+	if a.retry.IsZero() || !time.Now().Before(a.retry) {
+		a.err = nil
+	}
+	switch {
+	case cfg.BGP == nil && a.spk != nil:
+		a.spk.Close()
+		a.spk, a.cfg = nil, nil
+	case cfg.BGP != nil && a.spk == nil:
+		if time.Now().Before(a.retry) {
+			return
+		}
+		spk, err := bgp.Start(cfg.BGP, d.log)
+		if err != nil {
+			a.err, a.retry = err, time.Now().Add(bgpRetry)
+			d.logBGPError("start the BGP speaker", err)
+			return
+		}
+		a.spk, a.cfg = spk, cfg.BGP.Clone()
+	case cfg.BGP != nil && !reflect.DeepEqual(cfg.BGP, a.cfg):
+		if err := a.spk.Reconfigure(cfg.BGP); err != nil {
+			a.err = err
+			d.logBGPError("reconfigure the BGP speaker", err)
+		}
+		a.cfg = cfg.BGP.Clone()
+	}
+	if a.spk == nil {
+		a.vips = nil
+		return
+	}
+	a.vips = a.verdicts(cfg, applied, time.Now())
+	var vips []netip.Addr
+	for _, v := range a.vips {
+		if v.Announced {
+			vips = append(vips, netip.MustParseAddr(v.VIP))
+		}
+	}
+	if err := a.spk.Announce(vips); err != nil {
+		a.err = err
+		d.logBGPError("announce the VIPs", err)
+	}
+}
+
+// logBGPError logs a BGP failure once until it changes.
+func (d *Daemon) logBGPError(what string, err error) {
+	if msg := what + ": " + err.Error(); msg != d.bgpLastErr {
+		d.bgpLastErr = msg
+		d.log.Error("bgp: "+what, "err", err)
+	}
+}
+
+// verdicts decides, for every VIP of cfg, whether it is announced at now:
+// not while the host is drained; while one of its services has
+// min_healthy usable backends (active: up and not drained) in the
+// datapath; after a withdrawal, only once that has held for the
+// configuration's reannounce delay.
+func (a *announcer) verdicts(cfg *config.Config, applied []datapath.Service, now time.Time) []VIPAnnouncement {
+	usable := make(map[string]int, len(applied))
+	for _, s := range applied {
+		n := 0
+		for _, b := range s.Backends {
+			if b.State == datapath.Active && b.Weight > 0 {
+				n++
+			}
+		}
+		usable[netip.AddrPortFrom(s.VIP, s.Port).String()+"/"+protoName(s.Proto)] = n
+	}
+	servable := make(map[netip.Addr]bool)
+	for _, s := range cfg.Services {
+		ok := usable[s.Key()] >= s.MinHealthy
+		servable[s.VIP] = servable[s.VIP] || ok
+	}
+	vips := make([]netip.Addr, 0, len(servable))
+	for v := range servable {
+		vips = append(vips, v)
+	}
+	sort.Slice(vips, func(i, j int) bool { return vips[i].Less(vips[j]) })
+	out := make([]VIPAnnouncement, 0, len(vips))
+	for _, v := range vips {
+		va := VIPAnnouncement{VIP: v.String()}
+		switch {
+		case !servable[v]:
+			va.Reason = "no service of this VIP has min_healthy usable backends"
+			a.withdrawn[v] = true
+			delete(a.servable, v)
+		case a.drained:
+			va.Reason = "drained (tether host undrain announces it again)"
+		case !a.withdrawn[v]:
+			va.Announced, va.Reason = true, "servable"
+		default:
+			since, ok := a.servable[v]
+			if !ok {
+				since = now
+				a.servable[v] = since
+			}
+			if wait := since.Add(a.cfg.ReannounceDelay).Sub(now); wait > 0 {
+				va.Reason = fmt.Sprintf("servable again, announced in %v (reannounce_delay)", wait.Round(time.Second/10))
+				break
+			}
+			delete(a.withdrawn, v)
+			delete(a.servable, v)
+			va.Announced, va.Reason = true, "servable"
+		}
+		out = append(out, va)
+	}
+	// Forget what is known of VIPs no longer configured.
+	for v := range a.withdrawn {
+		if _, ok := servable[v]; !ok {
+			delete(a.withdrawn, v)
+			delete(a.servable, v)
+		}
+	}
+	return out
+}
+
+// HostDrainSpec drains or undrains this host.
+type HostDrainSpec struct {
+	Drained bool `json:"drained"`
+}
+
+// SetDrained drains this host (withdraws every VIP it announces, while it
+// goes on forwarding what still arrives) or undrains it (announces again,
+// at once, what it can serve).
+func (d *Daemon) SetDrained(drained bool) (Result, error) {
+	d.bgpMu.Lock()
+	if d.ann.spk == nil {
+		d.bgpMu.Unlock()
+		return Result{}, refusef("bgp", "this daemon runs no BGP speaker (the configuration has no bgp block): there is nothing to withdraw")
+	}
+	was := d.ann.drained
+	d.ann.drained = drained
+	if !drained {
+		// The operator's word: no reannounce delay.
+		clear(d.ann.withdrawn)
+		clear(d.ann.servable)
+	}
+	d.bgpMu.Unlock()
+	d.bgpRound()
+	msg := "host drained: every VIP withdrawn; established connections keep flowing"
+	switch {
+	case was == drained && drained:
+		msg = "host already drained"
+	case was == drained:
+		msg = "host not drained"
+	case !drained:
+		msg = "host undrained: the VIPs it can serve are announced"
+	}
+	d.log.Info(msg)
+	return Result{Message: msg}, nil
+}
+
+// BGPStatus returns the speaker's state, nil when none runs.
+func (d *Daemon) BGPStatus() *BGPStatus {
+	d.bgpMu.Lock()
+	defer d.bgpMu.Unlock()
+	a := &d.ann
+	if a.spk == nil && a.err == nil {
+		return nil
+	}
+	st := &BGPStatus{Drained: a.drained, VIPs: slices.Clone(a.vips)}
+	if a.spk != nil {
+		s, err := a.spk.Status()
+		st.Status = s
+		if err != nil && a.err == nil {
+			st.Error = err.Error()
+		}
+	}
+	if a.err != nil {
+		st.Error = a.err.Error()
+	}
+	return st
+}

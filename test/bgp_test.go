@@ -1,0 +1,173 @@
+package test
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tetherlb/tether/control"
+	"github.com/tetherlb/tether/internal/lab"
+)
+
+// The AS numbers of the BGP tests: the router's, the tether hosts'.
+const (
+	routerAS = 65000
+	tetherAS = 65001
+)
+
+// birdConfig is the configuration of a BIRD router that peers with each
+// of hosts (IPv4 and IPv6 sessions, passive: tether opens them), imports
+// every route and spreads a prefix over the hosts that announce it (ECMP
+// into its own kernel table).
+func birdConfig(router *lab.Host, hosts ...*lab.Host) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "router id %s;\nlog stderr all;\nprotocol device {}\n", router.Addr4)
+	fmt.Fprintf(&b, "protocol kernel { ipv4 { export all; }; merge paths on; }\nprotocol kernel { ipv6 { export all; }; merge paths on; }\n")
+	for i, h := range hosts {
+		for _, fam := range []struct {
+			name        string
+			local, peer netip.Addr
+		}{{"ipv4", router.Addr4, h.Addr4}, {"ipv6", router.Addr6, h.Addr6}} {
+			fmt.Fprintf(&b, "protocol bgp %s%d {\n  local %s as %d;\n  neighbor %s as %d;\n  passive on;\n  hold time 9;\n  %s { import all; export none; };\n}\n",
+				fam.name, i, fam.local, routerAS, fam.peer, tetherAS, fam.name)
+		}
+	}
+	return b.String()
+}
+
+// bgpBlock is the bgp block of a tether host that peers with router.
+func bgpBlock(h, router *lab.Host, delay time.Duration) string {
+	return fmt.Sprintf("bgp:\n  asn: %d\n  router_id: %s\n  reannounce_delay: %s\n  peers:\n    - {address: %s, asn: %d}\n    - {address: %s, asn: %d}\n",
+		tetherAS, h.Addr4, delay, router.Addr4, routerAS, router.Addr6, routerAS)
+}
+
+// announced returns the next hops BIRD has for vip's host route.
+func announced(t *testing.T, b *lab.Bird, vip netip.Addr) []netip.Addr {
+	t.Helper()
+	routes, err := b.Routes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return routes[netip.PrefixFrom(vip, vip.BitLen())]
+}
+
+// awaitRoute waits until BIRD's route to vip has exactly the next hops
+// want (none: no route).
+func awaitRoute(t *testing.T, b *lab.Bird, vip netip.Addr, want ...netip.Addr) time.Duration {
+	t.Helper()
+	return waitFor(t, fmt.Sprintf("the router's route to %s via %v", vip, want), 15*time.Second, func() bool {
+		got := announced(t, b, vip)
+		slices.SortFunc(got, netip.Addr.Compare)
+		slices.SortFunc(want, netip.Addr.Compare)
+		return slices.Equal(got, want)
+	})
+}
+
+// TestBGPAnnounces: with a bgp block, tether opens sessions to a real
+// router (BIRD) over IPv4 and IPv6 and announces each VIP as a host route
+// with itself as next hop while one of its services has min_healthy
+// usable backends; a VIP whose services lose them is withdrawn at once and
+// announced again only after the reannounce delay; `tether host drain`
+// withdraws every VIP while connections keep flowing, `undrain` announces
+// them again at once; status shows the sessions and what is announced;
+// stopping the daemon closes the sessions, and the router drops the
+// routes.
+func TestBGPAnnounces(t *testing.T) {
+	if err := lab.BirdAvailable(); err != nil {
+		t.Fatal(err)
+	}
+	l := lab.NewT(t, lab.Options{Backends: 2, Clients: 1})
+	router, err := l.AddRouter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bird, err := router.StartBird(t.TempDir(), birdConfig(router, l.Balancer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	servers := map[string][]*lab.EchoServer{}
+	for _, be := range l.Backends {
+		servers[be.Name] = serveEchoOn(t, be, l.VIP4, l.VIP6, be.Addr4, be.Addr6)
+	}
+	const delay = 2 * time.Second
+	// chat (IPv4) needs both backends, chat6 one.
+	cfg := healthConfig(l, l.Backends, "{type: websocket, path: /health, interval: 100ms, timeout: 80ms, rise: 1, fall: 1}")
+	cfg = strings.Replace(cfg, "  - name: chat\n", "  - name: chat\n    min_healthy: 2\n", 1)
+	d := startDaemon(t, l, cfg+bgpBlock(l.Balancer, router, delay))
+	api := control.NewClient(d.socket)
+
+	t0 := time.Now()
+	awaitRoute(t, bird, l.VIP4, l.Balancer.Addr4)
+	awaitRoute(t, bird, l.VIP6, l.Balancer.Addr6)
+	t.Logf("both VIPs announced %v after start", time.Since(t0).Round(time.Millisecond))
+	st, err := api.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.BGP == nil || len(st.BGP.Peers) != 2 || st.BGP.Peers[0].State != "established" || st.BGP.Peers[1].State != "established" ||
+		!slices.Equal(st.BGP.Announced, []string{l.VIP4.String() + "/32", l.VIP6.String() + "/128"}) {
+		t.Fatalf("status: %+v, want two established sessions and both VIPs announced", st.BGP)
+	}
+
+	// Backend 1 dies: chat has one usable backend of the two it needs,
+	// its VIP is withdrawn; chat6 still has one and stays announced.
+	for _, s := range servers[l.Backends[0].Name] {
+		s.Close()
+	}
+	took := awaitRoute(t, bird, l.VIP4)
+	t.Logf("VIP withdrawn %v after its backend died", took.Round(time.Millisecond))
+	if got := announced(t, bird, l.VIP6); !slices.Equal(got, []netip.Addr{l.Balancer.Addr6}) {
+		t.Errorf("the IPv6 VIP: next hops %v, want it still announced", got)
+	}
+	// It comes back: the VIP is announced again, not before the delay.
+	servers[l.Backends[0].Name] = serveEchoOn(t, l.Backends[0], l.VIP4, l.VIP6, l.Backends[0].Addr4, l.Backends[0].Addr6)
+	upAt := time.Now()
+	waitFor(t, "backend 1 up", 10*time.Second, func() bool {
+		return backendOf(t, service(t, api, netip.AddrPortFrom(l.VIP4, chatPort).String()), l.Backends[0]).State == "active"
+	})
+	awaitRoute(t, bird, l.VIP4, l.Balancer.Addr4)
+	if again := time.Since(upAt); again < delay-200*time.Millisecond {
+		t.Errorf("announced again %v after the backend came back, before the reannounce delay (%v)", again, delay)
+	} else {
+		t.Logf("announced again %v after the backend came back (reannounce_delay %v)", again.Round(time.Millisecond), delay)
+	}
+
+	// Drain: both withdrawn, a connection keeps echoing; undrain: both
+	// back at once.
+	c := dialAllAt(t, l, l.ClientAddrs4[:1], netip.AddrPortFrom(l.VIP4, chatPort), 1)[0]
+	out, code := runTether(t, l, "--socket", d.socket, "host", "drain")
+	if code != 0 || !strings.Contains(out, "host drained") {
+		t.Fatalf("host drain: exit %d: %s", code, out)
+	}
+	awaitRoute(t, bird, l.VIP4)
+	awaitRoute(t, bird, l.VIP6)
+	if _, err := c.ws.Echo(context.Background(), "still here"); err != nil {
+		t.Errorf("a connection stopped echoing when the host was drained: %v", err)
+	}
+	if st, _ := api.Status(context.Background()); st.BGP == nil || !st.BGP.Drained || len(st.BGP.Announced) != 0 {
+		t.Errorf("status after drain: %+v", st.BGP)
+	}
+	out, code = runTether(t, l, "--socket", d.socket, "status")
+	if code != 0 || !strings.Contains(out, "DRAINED") || !strings.Contains(out, "established") {
+		t.Errorf("tether status after drain: exit %d:\n%s", code, out)
+	}
+	undrained := time.Now()
+	if out, code := runTether(t, l, "--socket", d.socket, "host", "undrain"); code != 0 {
+		t.Fatalf("host undrain: exit %d: %s", code, out)
+	}
+	awaitRoute(t, bird, l.VIP4, l.Balancer.Addr4)
+	awaitRoute(t, bird, l.VIP6, l.Balancer.Addr6)
+	if took := time.Since(undrained); took > delay {
+		t.Errorf("undrain announced after %v: want at once, not after the reannounce delay", took)
+	}
+
+	// The daemon stops: its sessions close, the router drops its routes.
+	d.proc.Stop()
+	awaitRoute(t, bird, l.VIP4)
+	awaitRoute(t, bird, l.VIP6)
+	c.ws.Close()
+}
