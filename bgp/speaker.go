@@ -40,12 +40,17 @@ type Speaker struct {
 	cfg       *config.BGP
 	announced map[netip.Addr]bool // the VIPs announced
 	closed    bool
+	// restarting: this speaker follows one that stopped gracefully (the
+	// daemon adopted a running datapath); its first sessions say so.
+	restarting bool
 }
 
 // Start starts a speaker with cfg, opening a session to every peer. It
-// announces nothing until Announce.
-func Start(cfg *config.BGP, log *slog.Logger) (*Speaker, error) {
-	s := &Speaker{log: log, announced: make(map[netip.Addr]bool)}
+// announces nothing until Announce. restarting says that it follows a
+// speaker of this host that stopped gracefully (see Close): with graceful
+// restart, the peers then keep its routes until it has sent its own.
+func Start(cfg *config.BGP, restarting bool, log *slog.Logger) (*Speaker, error) {
+	s := &Speaker{log: log, announced: make(map[netip.Addr]bool), restarting: restarting}
 	if err := s.start(cfg); err != nil {
 		return nil, err
 	}
@@ -77,7 +82,7 @@ func (s *Speaker) start(cfg *config.BGP) error {
 		if err != nil {
 			break
 		}
-		err = srv.AddPeer(ctx, &api.AddPeerRequest{Peer: peerOf(p)})
+		err = srv.AddPeer(ctx, &api.AddPeerRequest{Peer: s.peerOf(p, cfg)})
 	}
 	if err != nil {
 		srv.Stop()
@@ -88,21 +93,28 @@ func (s *Speaker) start(cfg *config.BGP) error {
 	return nil
 }
 
-// peerOf is the GoBGP configuration of peer p: the address family of its
-// address only, its timers and password.
-func peerOf(p config.BGPPeer) *api.Peer {
+// peerOf is the GoBGP configuration of peer p of cfg: the address family
+// of its address only, its timers and password, and graceful restart.
+func (s *Speaker) peerOf(p config.BGPPeer, cfg *config.BGP) *api.Peer {
 	fam := &api.Family{Afi: api.Family_AFI_IP, Safi: api.Family_SAFI_UNICAST}
 	if p.Address.Is6() {
 		fam.Afi = api.Family_AFI_IP6
 	}
 	hold := uint64(p.HoldTime / time.Second)
+	afi := &api.AfiSafi{Config: &api.AfiSafiConfig{Family: fam, Enabled: true}}
+	var gr *api.GracefulRestart
+	if t := uint32(cfg.GracefulRestart / time.Second); t > 0 {
+		gr = &api.GracefulRestart{Enabled: true, RestartTime: t, LocalRestarting: s.restarting}
+		afi.MpGracefulRestart = &api.MpGracefulRestart{Config: &api.MpGracefulRestartConfig{Enabled: true}}
+	}
 	return &api.Peer{
 		Conf: &api.PeerConf{NeighborAddress: p.Address.String(), PeerAsn: p.ASN, AuthPassword: p.Password},
 		Timers: &api.Timers{Config: &api.TimersConfig{
 			HoldTime: hold, KeepaliveInterval: max(hold/3, 1), ConnectRetry: 5,
 		}},
-		Transport: &api.Transport{RemotePort: uint32(p.Port)},
-		AfiSafis:  []*api.AfiSafi{{Config: &api.AfiSafiConfig{Family: fam, Enabled: true}}},
+		Transport:       &api.Transport{RemotePort: uint32(p.Port)},
+		AfiSafis:        []*api.AfiSafi{afi},
+		GracefulRestart: gr,
 	}
 }
 
@@ -174,19 +186,23 @@ func (s *Speaker) Reconfigure(cfg *config.BGP) error {
 		delete(was, p.Address)
 		switch {
 		case !ok:
-			errs = append(errs, s.srv.AddPeer(ctx, &api.AddPeerRequest{Peer: peerOf(p)}))
+			errs = append(errs, s.srv.AddPeer(ctx, &api.AddPeerRequest{Peer: s.peerOf(p, cfg)}))
 			s.log.Info("bgp: peer added", "peer", p.Address)
 		case o != p:
 			// A peer's transport and password are fixed at connection:
 			// it is closed and opened again.
 			errs = append(errs, s.srv.DeletePeer(ctx, &api.DeletePeerRequest{Address: p.Address.String()}))
-			errs = append(errs, s.srv.AddPeer(ctx, &api.AddPeerRequest{Peer: peerOf(p)}))
+			errs = append(errs, s.srv.AddPeer(ctx, &api.AddPeerRequest{Peer: s.peerOf(p, cfg)}))
 			s.log.Info("bgp: peer changed: session reset", "peer", p.Address)
 		}
 	}
 	for a := range was {
 		errs = append(errs, s.srv.DeletePeer(ctx, &api.DeletePeerRequest{Address: a.String()}))
 		s.log.Info("bgp: peer removed", "peer", a)
+	}
+	if old.GracefulRestart != cfg.GracefulRestart {
+		// Negotiated when a session opens.
+		s.log.Warn("bgp: graceful_restart changed: it applies to the sessions opened from now on")
 	}
 	pathsChanged := !slices.Equal(old.NextHops, cfg.NextHops) || !slices.Equal(old.Communities, cfg.Communities)
 	s.cfg = cfg.Clone()
@@ -374,18 +390,26 @@ func sessionName(st api.PeerState_SessionState) string {
 	return "idle"
 }
 
-// Close stops the speaker: it closes every session (the peers drop the
-// routes it announced).
-func (s *Speaker) Close() error {
+// Close stops the speaker and closes every session. With graceful, and
+// graceful restart configured, it sends the peers no notification: they
+// keep its routes for the restart time, as stale, until a new speaker of
+// this host announces them again (or the time runs out). Otherwise they
+// drop its routes at once.
+func (s *Speaker) Close(graceful bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return nil
 	}
 	s.closed = true
-	s.srv.Stop()
-	s.log.Info("bgp: stopped")
-	return nil
+	graceful = graceful && s.cfg.GracefulRestart > 0
+	err := s.srv.StopBgp(context.Background(), &api.StopBgpRequest{AllowGracefulRestart: graceful})
+	if graceful {
+		s.log.Info("bgp: stopped; the peers keep this host's routes while it restarts", "restart_time", s.cfg.GracefulRestart)
+	} else {
+		s.log.Info("bgp: stopped; the peers drop this host's routes")
+	}
+	return err
 }
 
 // levelHandler passes on the records of level lvl and above only.

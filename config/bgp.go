@@ -36,6 +36,13 @@ type BGP struct {
 	// before it is announced again, so that a flapping backend does not
 	// flap the route. Withdrawal is immediate.
 	ReannounceDelay time.Duration
+	// GracefulRestart is the restart time tether asks its peers for (BGP
+	// graceful restart, RFC 4724): when the daemon stops, its sessions
+	// close without a notification and the routers keep its routes this
+	// long, while the XDP program goes on forwarding, until the next
+	// daemon has announced them again. 0 turns it off: a stop withdraws
+	// the routes.
+	GracefulRestart time.Duration
 	// Peers are the routers tether opens sessions to. IPv4 VIPs are
 	// announced to IPv4 peers, IPv6 VIPs to IPv6 peers.
 	Peers []BGPPeer
@@ -65,13 +72,15 @@ const (
 	maxHoldTime            = 65535 * time.Second
 	DefaultReannounceDelay = 5 * time.Second
 	maxReannounceDelay     = time.Hour
+	DefaultGracefulRestart = 120 * time.Second
+	maxGracefulRestart     = 4095 * time.Second // a 12-bit field
 	// DefaultMinHealthy is a service's min_healthy by default: its VIP is
 	// announced while it has one usable backend.
 	DefaultMinHealthy = 1
 )
 
 var (
-	bgpFields  = []string{"asn", "router_id", "listen_port", "next_hops", "communities", "reannounce_delay", "peers"}
+	bgpFields  = []string{"asn", "router_id", "listen_port", "next_hops", "communities", "reannounce_delay", "graceful_restart", "peers"}
 	peerFields = []string{"address", "asn", "port", "password", "hold_time"}
 )
 
@@ -113,7 +122,7 @@ func (b *BGP) Clone() *BGP {
 
 // bgp decodes the bgp block, defaults applied.
 func (d *decoder) bgp(n *yaml.Node, path string) *BGP {
-	b := &BGP{ReannounceDelay: DefaultReannounceDelay}
+	b := &BGP{ReannounceDelay: DefaultReannounceDelay, GracefulRestart: DefaultGracefulRestart}
 	d.mapping(n, path, "the bgp block", bgpFields, func(name string, v *yaml.Node, p string) {
 		switch name {
 		case "asn":
@@ -132,6 +141,8 @@ func (d *decoder) bgp(n *yaml.Node, path string) *BGP {
 			}
 		case "reannounce_delay":
 			b.ReannounceDelay = d.duration(v, p)
+		case "graceful_restart":
+			b.GracefulRestart = d.duration(v, p)
 		case "peers":
 			for i, it := range d.list(v, p, "peers") {
 				b.Peers = append(b.Peers, d.peer(it, index(p, i)))
@@ -194,6 +205,9 @@ func (c *Config) validateBGP(v *validator) {
 	if b.ReannounceDelay < 0 || b.ReannounceDelay > maxReannounceDelay {
 		v.add("bgp.reannounce_delay", "%v is out of range 0..%v", b.ReannounceDelay, maxReannounceDelay)
 	}
+	if g := b.GracefulRestart; g < 0 || g > maxGracefulRestart || g%time.Second != 0 {
+		v.add("bgp.graceful_restart", "%v: want whole seconds within 0 (off)..%v", g, maxGracefulRestart)
+	}
 	if len(b.Peers) == 0 {
 		v.add("bgp.peers", "at least one peer is required: the routers to announce the VIPs to")
 	}
@@ -243,7 +257,7 @@ func bgpNode(b *BGP) *yaml.Node {
 		}
 		kv = append(kv, "communities", cs)
 	}
-	kv = append(kv, "reannounce_delay", str(b.ReannounceDelay.String()))
+	kv = append(kv, "reannounce_delay", str(b.ReannounceDelay.String()), "graceful_restart", str(b.GracefulRestart.String()))
 	peers := &yaml.Node{Kind: yaml.SequenceNode}
 	for _, p := range b.Peers {
 		pkv := []any{"address", str(p.Address.String()), "asn", integer(p.ASN)}

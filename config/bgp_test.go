@@ -25,6 +25,7 @@ func TestParseBGP(t *testing.T) {
 		NextHops:        []netip.Addr{netip.MustParseAddr("198.51.100.2"), netip.MustParseAddr("2001:db8:100::2")},
 		Communities:     []string{"65001:100", "no-export"},
 		ReannounceDelay: DefaultReannounceDelay,
+		GracefulRestart: DefaultGracefulRestart,
 		Peers: []BGPPeer{
 			{Address: netip.MustParseAddr("198.51.100.1"), ASN: 65000, Port: 179, HoldTime: 9 * time.Second},
 			{Address: netip.MustParseAddr("2001:db8:100::1"), ASN: 65000, Port: 1179, Password: "s3cret", HoldTime: 30 * time.Second},

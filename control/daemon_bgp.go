@@ -69,7 +69,10 @@ func (d *Daemon) startBGP() {
 			case <-d.bgpStop:
 				d.bgpMu.Lock()
 				if d.ann.spk != nil {
-					d.ann.spk.Close()
+					// The datapath forwards on after a stop, unless it is
+					// removed: the peers keep the routes while the next
+					// daemon starts (graceful restart).
+					d.ann.spk.Close(!d.remove)
 					d.ann.spk = nil
 				}
 				d.bgpMu.Unlock()
@@ -93,13 +96,13 @@ func (d *Daemon) bgpRound() {
 	}
 	switch {
 	case cfg.BGP == nil && a.spk != nil:
-		a.spk.Close()
+		a.spk.Close(false)
 		a.spk, a.cfg = nil, nil
 	case cfg.BGP != nil && a.spk == nil:
 		if time.Now().Before(a.retry) {
 			return
 		}
-		spk, err := bgp.Start(cfg.BGP, d.log)
+		spk, err := bgp.Start(cfg.BGP, d.adopted, d.log)
 		if err != nil {
 			a.err, a.retry = err, time.Now().Add(bgpRetry)
 			d.logBGPError("start the BGP speaker", err)

@@ -75,6 +75,7 @@ func Start(path string, cfg *config.Config, o StartOptions, log *slog.Logger) (*
 	adopted := false
 	if a, ok := dp.(datapath.Adopter); ok && a.Adopted() {
 		adopted = true
+		d.adopted = true
 		if err := ctl.Adopt(a.AdoptedServices()); err != nil {
 			d.Stop()
 			return nil, err

@@ -73,14 +73,15 @@ func awaitRoute(t *testing.T, b *lab.Bird, vip netip.Addr, want ...netip.Addr) t
 // usable backends; a VIP whose services lose them is withdrawn at once and
 // announced again only after the reannounce delay; `tether host drain`
 // withdraws every VIP while connections keep flowing, `undrain` announces
-// them again at once; status shows the sessions and what is announced;
-// stopping the daemon closes the sessions, and the router drops the
-// routes.
+// them again at once; status shows the sessions and what is announced.
+// With clients routed through the router, two daemon restarts lose no
+// connection and no echo, and the router's route never leaves (graceful
+// restart); drained and stopped, the host is announced no more.
 func TestBGPAnnounces(t *testing.T) {
 	if err := lab.BirdAvailable(); err != nil {
 		t.Fatal(err)
 	}
-	l := lab.NewT(t, lab.Options{Backends: 2, Clients: 1})
+	l := lab.NewT(t, lab.Options{Backends: 2, Clients: 8})
 	router, err := l.AddRouter()
 	if err != nil {
 		t.Fatal(err)
@@ -165,9 +166,70 @@ func TestBGPAnnounces(t *testing.T) {
 		t.Errorf("undrain announced after %v: want at once, not after the reannounce delay", took)
 	}
 
-	// The daemon stops: its sessions close, the router drops its routes.
-	d.proc.Stop()
-	awaitRoute(t, bird, l.VIP4)
-	awaitRoute(t, bird, l.VIP6)
 	c.ws.Close()
+
+	// The clients reach the VIP through the router now, by the route BIRD
+	// learned from tether and put in the router's kernel. Two restarts of
+	// the daemon: with graceful restart the router keeps the route (stale)
+	// while no daemon runs, the XDP program forwards on, and no connection
+	// or echo is lost.
+	if err := l.Client.Run("ip", "route", "replace", l.VIP4.String()+"/32", "via", router.Addr4.String()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the router's kernel route to the VIP", 10*time.Second, func() bool {
+		out, _ := router.Command("ip", "route", "show", l.VIP4.String()+"/32").Output()
+		return strings.Contains(string(out), "via "+l.Balancer.Addr4.String())
+	})
+	conns := dialAllAt(t, l, l.ClientAddrs4, netip.AddrPortFrom(l.VIP4, chatPort), 4)
+	stop := make(chan struct{})
+	missing := make(chan int, 1)
+	go func() { // polls the router's route through the restarts
+		n := 0
+		defer func() { missing <- n }()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			if len(announced(t, bird, l.VIP4)) == 0 {
+				n++
+			}
+		}
+	}()
+	total := echoWhile(t, conns, func() {
+		for i := range 2 {
+			gap, _ := d.restart(l, tetherBin)
+			t.Logf("restart %d: %v without a daemon", i+1, gap.Round(time.Millisecond))
+			took := waitFor(t, "sessions established again", 15*time.Second, func() bool {
+				st, err := api.Status(context.Background())
+				return err == nil && st.BGP != nil && len(st.BGP.Peers) == 2 &&
+					st.BGP.Peers[0].State == "established" && st.BGP.Peers[1].State == "established"
+			})
+			t.Logf("sessions established again %v after the restart", took.Round(time.Millisecond))
+		}
+	})
+	close(stop)
+	if n := <-missing; n > 0 {
+		t.Errorf("the router had no route to the VIP at %d of its polls during the restarts", n)
+	}
+	t.Logf("%d connections through the router echoed %d messages through two restarts: none lost, the route never left", len(conns), total)
+	if !strings.Contains(d.proc.Output(), "bgp: started") {
+		t.Error("the restarted daemon started no speaker")
+	}
+	for _, c := range conns {
+		c.ws.Close()
+	}
+
+	// To leave for good: drain, then stop. The routes are gone and stay
+	// gone.
+	if out, code := runTether(t, l, "--socket", d.socket, "host", "drain"); code != 0 {
+		t.Fatalf("host drain: exit %d: %s", code, out)
+	}
+	awaitRoute(t, bird, l.VIP4)
+	d.proc.Stop()
+	time.Sleep(time.Second)
+	if got := announced(t, bird, l.VIP4); len(got) != 0 {
+		t.Errorf("after drain and stop, the router routes the VIP to %v", got)
+	}
 }
