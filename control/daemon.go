@@ -35,11 +35,11 @@ type Daemon struct {
 	ctl    *Controller
 	dp     datapath.Datapath
 	log    *slog.Logger
-	remove bool      // Stop removes a datapath that outlives Close (see Start)
+	remove bool // Stop removes a datapath that outlives Close (see Start)
 	// adopted: the datapath was adopted from an earlier daemon, which
 	// stopped (gracefully, for BGP).
 	adopted bool
-	lock   io.Closer // the pin directory's lock a splice datapath holds, released by Stop
+	lock    io.Closer // the pin directory's lock a splice datapath holds, released by Stop
 
 	// fixed holds the settings that take effect only at start (interfaces,
 	// datapath, hash seed, tables); its services are unused.
