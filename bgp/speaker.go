@@ -135,22 +135,14 @@ func (s *Speaker) peerEvent(e *apiutil.WatchEventMessage_PeerEvent, _ time.Time)
 	s.log.Debug("bgp: session state", args...)
 }
 
-// stateName is a session state as operators read it: idle, connect,
-// active, opensent, openconfirm, established.
+// sessionStates name the session states as operators read them, in the
+// order of GoBGP's FSM states (BGP_FSM_IDLE first).
+var sessionStates = [...]string{"idle", "connect", "active", "opensent", "openconfirm", "established"}
+
+// stateName is the name of a session state.
 func stateName(st bgppkt.FSMState) string {
-	switch st {
-	case bgppkt.BGP_FSM_IDLE:
-		return "idle"
-	case bgppkt.BGP_FSM_CONNECT:
-		return "connect"
-	case bgppkt.BGP_FSM_ACTIVE:
-		return "active"
-	case bgppkt.BGP_FSM_OPENSENT:
-		return "opensent"
-	case bgppkt.BGP_FSM_OPENCONFIRM:
-		return "openconfirm"
-	case bgppkt.BGP_FSM_ESTABLISHED:
-		return "established"
+	if st >= 0 && int(st) < len(sessionStates) {
+		return sessionStates[st]
 	}
 	return st.String()
 }
@@ -373,21 +365,13 @@ func (s *Speaker) Status() (Status, error) {
 	return st, err
 }
 
-// sessionName is an API session state as stateName writes it.
+// sessionName is the name of an API session state, whose values follow
+// the FSM states' after an "unspecified" 0.
 func sessionName(st api.PeerState_SessionState) string {
-	switch st {
-	case api.PeerState_SESSION_STATE_CONNECT:
-		return "connect"
-	case api.PeerState_SESSION_STATE_ACTIVE:
-		return "active"
-	case api.PeerState_SESSION_STATE_OPENSENT:
-		return "opensent"
-	case api.PeerState_SESSION_STATE_OPENCONFIRM:
-		return "openconfirm"
-	case api.PeerState_SESSION_STATE_ESTABLISHED:
-		return "established"
+	if st == api.PeerState_SESSION_STATE_UNSPECIFIED {
+		return "idle"
 	}
-	return "idle"
+	return stateName(bgppkt.FSMState(st - api.PeerState_SESSION_STATE_IDLE))
 }
 
 // Close stops the speaker and closes every session. With graceful, and
