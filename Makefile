@@ -47,10 +47,13 @@ tools:
 		command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
+		case "$$missing" in *bird2*) \
+			echo "bird2: the tests run their own BIRD in namespaces; the host's bird service stays off"; \
+			systemctl mask bird.service >/dev/null 2>&1 || true;; esac; \
 		$(APT) update && $(APT) install -y --no-install-recommends $$missing; \
 		case "$$missing" in *bird2*) \
-			echo "bird2: the tests run their own BIRD in namespaces; disabling the host's bird service"; \
-			systemctl disable --now bird.service >/dev/null 2>&1 || true;; esac; \
+			systemctl unmask bird.service >/dev/null 2>&1 || true; \
+			systemctl disable bird.service >/dev/null 2>&1 || true;; esac; \
 	fi
 
 .PHONY: generate

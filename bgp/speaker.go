@@ -54,6 +54,7 @@ func Start(cfg *config.BGP, restarting bool, log *slog.Logger) (*Speaker, error)
 	if err := s.start(cfg); err != nil {
 		return nil, err
 	}
+	s.restarting = false // the sessions opened later are new ones
 	return s, nil
 }
 
@@ -77,7 +78,10 @@ func (s *Speaker) start(cfg *config.BGP) error {
 		srv.Stop()
 		return fmt.Errorf("start BGP: %w", err)
 	}
-	err = srv.WatchEvent(ctx, server.WatchEventMessageCallbacks{OnPeerUpdate: s.peerEvent}, server.WatchPeer())
+	err = rejectReceived(ctx, srv)
+	if err == nil {
+		err = srv.WatchEvent(ctx, server.WatchEventMessageCallbacks{OnPeerUpdate: s.peerEvent}, server.WatchPeer())
+	}
 	for _, p := range cfg.Peers {
 		if err != nil {
 			break
@@ -93,6 +97,39 @@ func (s *Speaker) start(cfg *config.BGP) error {
 	return nil
 }
 
+// rejectReceived makes srv take no route from its peers: every path that
+// came from a neighbour (any address) is rejected on import, so tether
+// neither uses nor passes on what routers send it; its own paths, which
+// come from no neighbour, are accepted.
+func rejectReceived(ctx context.Context, srv *server.BgpServer) error {
+	const set, policy = "tether-any-neighbour", "tether-reject-received"
+	err := srv.AddDefinedSet(ctx, &api.AddDefinedSetRequest{DefinedSet: &api.DefinedSet{
+		DefinedType: api.DefinedType_DEFINED_TYPE_NEIGHBOR, Name: set, List: []string{"0.0.0.0/0", "::/0"},
+	}})
+	if err == nil {
+		err = srv.AddPolicy(ctx, &api.AddPolicyRequest{Policy: &api.Policy{Name: policy, Statements: []*api.Statement{{
+			Name:       policy,
+			Conditions: &api.Conditions{NeighborSet: &api.MatchSet{Type: api.MatchSet_TYPE_ANY, Name: set}},
+			Actions:    &api.Actions{RouteAction: api.RouteAction_ROUTE_ACTION_REJECT},
+		}}}})
+	}
+	if err == nil {
+		err = srv.SetPolicyAssignment(ctx, &api.SetPolicyAssignmentRequest{Assignment: &api.PolicyAssignment{
+			Name: "global", Direction: api.PolicyDirection_POLICY_DIRECTION_IMPORT,
+			Policies: []*api.Policy{{Name: policy}}, DefaultAction: api.RouteAction_ROUTE_ACTION_ACCEPT,
+		}})
+	}
+	if err != nil {
+		return fmt.Errorf("set the import policy: %w", err)
+	}
+	return nil
+}
+
+// restartDeferral is how long a restarting speaker waits for its peers'
+// End-of-RIB before it sends its own routes and changes anyway (GoBGP
+// would wait 360 s): tether needs no route from them.
+const restartDeferral = 5
+
 // peerOf is the GoBGP configuration of peer p of cfg: the address family
 // of its address only, its timers and password, and graceful restart.
 func (s *Speaker) peerOf(p config.BGPPeer, cfg *config.BGP) *api.Peer {
@@ -104,7 +141,7 @@ func (s *Speaker) peerOf(p config.BGPPeer, cfg *config.BGP) *api.Peer {
 	afi := &api.AfiSafi{Config: &api.AfiSafiConfig{Family: fam, Enabled: true}}
 	var gr *api.GracefulRestart
 	if t := uint32(cfg.GracefulRestart / time.Second); t > 0 {
-		gr = &api.GracefulRestart{Enabled: true, RestartTime: t, LocalRestarting: s.restarting}
+		gr = &api.GracefulRestart{Enabled: true, RestartTime: t, LocalRestarting: s.restarting, DeferralTime: restartDeferral}
 		afi.MpGracefulRestart = &api.MpGracefulRestart{Config: &api.MpGracefulRestartConfig{Enabled: true}}
 	}
 	return &api.Peer{
@@ -163,6 +200,7 @@ func (s *Speaker) Reconfigure(cfg *config.BGP) error {
 		s.log.Warn("bgp: ASN, router id or listen port changed: restarting the speaker, every session resets")
 		s.srv.Stop()
 		if err := s.start(cfg); err != nil {
+			s.closed = true // the daemon starts a new speaker later
 			return err
 		}
 		return s.announce(slices.Collect(maps.Keys(s.announced)), true)
@@ -239,9 +277,24 @@ func (s *Speaker) announce(vips []netip.Addr, again bool) error {
 			del = append(del, p)
 		}
 	}
+	// Withdrawals first: a VIP that cannot be served must go, whatever
+	// becomes of the announcements.
+	var errs []error
+	if len(del) > 0 {
+		if err := s.srv.DeletePath(apiutil.DeletePathRequest{Paths: del}); err != nil {
+			errs = append(errs, fmt.Errorf("bgp: withdraw: %w", err))
+			del = nil
+		}
+		for _, p := range del {
+			v := p.Nlri.(*bgppkt.IPAddrPrefix).Prefix.Addr()
+			delete(s.announced, v)
+			s.log.Info("bgp: VIP withdrawn", "vip", v)
+		}
+	}
 	if len(add) > 0 {
 		if _, err := s.srv.AddPath(apiutil.AddPathRequest{Paths: add}); err != nil {
-			return fmt.Errorf("bgp: announce: %w", err)
+			errs = append(errs, fmt.Errorf("bgp: announce: %w", err))
+			add = nil
 		}
 		for _, p := range add {
 			v := p.Nlri.(*bgppkt.IPAddrPrefix).Prefix.Addr()
@@ -251,17 +304,7 @@ func (s *Speaker) announce(vips []netip.Addr, again bool) error {
 			s.announced[v] = true
 		}
 	}
-	if len(del) > 0 {
-		if err := s.srv.DeletePath(apiutil.DeletePathRequest{Paths: del}); err != nil {
-			return fmt.Errorf("bgp: withdraw: %w", err)
-		}
-		for _, p := range del {
-			v := p.Nlri.(*bgppkt.IPAddrPrefix).Prefix.Addr()
-			delete(s.announced, v)
-			s.log.Info("bgp: VIP withdrawn", "vip", v)
-		}
-	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // path is the route of vip: origin IGP, the configured next hop of its

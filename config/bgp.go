@@ -30,7 +30,7 @@ type BGP struct {
 	NextHops []netip.Addr
 	// Communities are attached to every announced route: "ASN:VALUE"
 	// (two 16-bit numbers) or no-export, no-advertise,
-	// no-export-subconfed, blackhole.
+	// no-export-subconfed.
 	Communities []string
 	// ReannounceDelay is how long a withdrawn VIP must be servable again
 	// before it is announced again, so that a flapping backend does not
@@ -60,7 +60,10 @@ type BGPPeer struct {
 	// Password turns on TCP MD5 signatures (RFC 2385) with this key.
 	Password string
 	// HoldTime is the hold time tether proposes; keepalives go every third
-	// of it. 9s by default, for a quick failover when a host dies.
+	// of it. 9s by default: a peer that hears nothing for that long closes
+	// the session. With graceful restart, a router that supports it may
+	// keep the routes of a session closed that way for the restart time
+	// (BIRD drops them when the hold timer expires).
 	HoldTime time.Duration
 }
 
@@ -85,12 +88,12 @@ var (
 )
 
 // wellKnownCommunities are the community names the bgp block takes (RFC
-// 1997, RFC 7999).
+// 1997). BLACKHOLE (RFC 7999) is not one: on a VIP's own route it would
+// ask the routers to drop its traffic.
 var wellKnownCommunities = map[string]uint32{
 	"no-export":           0xffffff01,
 	"no-advertise":        0xffffff02,
 	"no-export-subconfed": 0xffffff03,
-	"blackhole":           0xffff029a,
 }
 
 // ParseCommunity reads a community as the bgp block writes it:
@@ -103,7 +106,7 @@ func ParseCommunity(s string) (uint32, error) {
 	a, err1 := strconv.ParseUint(hi, 10, 16)
 	b, err2 := strconv.ParseUint(lo, 10, 16)
 	if !ok || err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("%q is not a community: want ASN:VALUE (each 0-65535) or no-export, no-advertise, no-export-subconfed, blackhole", s)
+		return 0, fmt.Errorf("%q is not a community: want ASN:VALUE (each 0-65535) or no-export, no-advertise, no-export-subconfed", s)
 	}
 	return uint32(a)<<16 | uint32(b), nil
 }
@@ -218,6 +221,8 @@ func (c *Config) validateBGP(v *validator) {
 			v.add(field(p, "address"), "required")
 		case !peer.Address.IsGlobalUnicast() && !peer.Address.IsLinkLocalUnicast():
 			v.add(field(p, "address"), "%s is not a unicast address", peer.Address)
+		case peer.Address.IsLinkLocalUnicast() && peer.Address.Zone() == "":
+			v.add(field(p, "address"), "%s is link-local: name its interface, as in %s%%eth0", peer.Address, peer.Address)
 		}
 		if j := slices.IndexFunc(b.Peers[:i], func(o BGPPeer) bool { return o.Address == peer.Address }); j >= 0 && peer.Address.IsValid() {
 			v.add(field(p, "address"), "%s is already bgp.peers[%d]", peer.Address, j)

@@ -6,6 +6,7 @@ import (
 	"reflect"
 	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/tetherlb/tether/bgp"
@@ -29,6 +30,8 @@ type announcer struct {
 	vips      []VIPAnnouncement        // the last round's verdicts, for status
 	err       error                    // the last round's error, for status
 	retry     time.Time                // when a speaker that failed to start is tried again
+	started   bool                     // a speaker was started (the first follows a restart)
+	stopped   bool                     // Close stopped the speaker for good
 }
 
 // bgpRetry is how long the daemon waits before it starts again a speaker
@@ -68,11 +71,14 @@ func (d *Daemon) startBGP() {
 			select {
 			case <-d.bgpStop:
 				d.bgpMu.Lock()
+				d.ann.stopped = true
 				if d.ann.spk != nil {
-					// The datapath forwards on after a stop, unless it is
-					// removed: the peers keep the routes while the next
-					// daemon starts (graceful restart).
-					d.ann.spk.Close(!d.remove)
+					// A datapath that forwards on after a stop (the pinned
+					// XDP program, unless it is removed) keeps the routes
+					// with the peers while the next daemon starts (graceful
+					// restart); the splice proxy ends with the daemon.
+					_, outlives := d.dp.(datapath.Remover)
+					d.ann.spk.Close(outlives && !d.remove)
 					d.ann.spk = nil
 				}
 				d.bgpMu.Unlock()
@@ -87,10 +93,15 @@ func (d *Daemon) startBGP() {
 // bgpRound starts, reconfigures or stops the speaker as the configuration
 // says, and announces the VIPs this host can serve.
 func (d *Daemon) bgpRound() {
-	cfg, applied := d.snapshot()
 	d.bgpMu.Lock()
 	defer d.bgpMu.Unlock()
 	a := &d.ann
+	if a.stopped {
+		return
+	}
+	// Taken under bgpMu, so that rounds apply configurations in order
+	// (nothing takes bgpMu while it holds d.mu).
+	cfg, applied := d.snapshot()
 	if a.retry.IsZero() || !time.Now().Before(a.retry) {
 		a.err = nil
 	}
@@ -102,17 +113,23 @@ func (d *Daemon) bgpRound() {
 		if time.Now().Before(a.retry) {
 			return
 		}
-		spk, err := bgp.Start(cfg.BGP, d.adopted, d.log)
+		// Only the first speaker follows the one an adopted datapath's
+		// daemon stopped.
+		spk, err := bgp.Start(cfg.BGP, d.adopted && !a.started, d.log)
 		if err != nil {
 			a.err, a.retry = err, time.Now().Add(bgpRetry)
 			d.logBGPError("start the BGP speaker", err)
 			return
 		}
-		a.spk, a.cfg = spk, cfg.BGP.Clone()
+		a.spk, a.cfg, a.started = spk, cfg.BGP.Clone(), true
 	case cfg.BGP != nil && !reflect.DeepEqual(cfg.BGP, a.cfg):
 		if err := a.spk.Reconfigure(cfg.BGP); err != nil {
-			a.err = err
-			d.logBGPError("reconfigure the BGP speaker", err)
+			// Start afresh, after bgpRetry, rather than run half of it.
+			a.err, a.retry = err, time.Now().Add(bgpRetry)
+			d.logBGPError("reconfigure the BGP speaker; starting it again", err)
+			a.spk.Close(false)
+			a.spk, a.cfg = nil, nil
+			return
 		}
 		a.cfg = cfg.BGP.Clone()
 	}
@@ -158,9 +175,18 @@ func (a *announcer) verdicts(cfg *config.Config, applied []datapath.Service, now
 		usable[netip.AddrPortFrom(s.VIP, s.Port).String()+"/"+protoName(s.Proto)] = n
 	}
 	servable := make(map[netip.Addr]bool)
+	short := make(map[netip.Addr][]string) // why each service of a VIP falls short
 	for _, s := range cfg.Services {
-		ok := usable[s.Key()] >= s.MinHealthy
+		n := usable[s.Key()]
+		ok := n >= s.MinHealthy
 		servable[s.VIP] = servable[s.VIP] || ok
+		if !ok {
+			short[s.VIP] = append(short[s.VIP], fmt.Sprintf("%s: %d of %d", s.Name, n, s.MinHealthy))
+		}
+	}
+	peers := map[bool]bool{} // by IPv4: a peer of the family exists
+	for _, p := range a.cfg.Peers {
+		peers[p.Address.Is4()] = true
 	}
 	vips := make([]netip.Addr, 0, len(servable))
 	for v := range servable {
@@ -172,7 +198,7 @@ func (a *announcer) verdicts(cfg *config.Config, applied []datapath.Service, now
 		va := VIPAnnouncement{VIP: v.String()}
 		switch {
 		case !servable[v]:
-			va.Reason = "no service of this VIP has min_healthy usable backends"
+			va.Reason = "no service of this VIP has min_healthy usable backends (" + strings.Join(short[v], ", ") + ")"
 			a.withdrawn[v] = true
 			delete(a.servable, v)
 		case a.drained:
@@ -192,6 +218,9 @@ func (a *announcer) verdicts(cfg *config.Config, applied []datapath.Service, now
 			delete(a.withdrawn, v)
 			delete(a.servable, v)
 			va.Announced, va.Reason = true, "servable"
+		}
+		if va.Announced && !peers[v.Is4()] {
+			va.Reason += ", but no peer of its family to announce it to"
 		}
 		out = append(out, va)
 	}
@@ -214,11 +243,10 @@ type HostDrainSpec struct {
 // goes on forwarding what still arrives) or undrains it (announces again,
 // at once, what it can serve).
 func (d *Daemon) SetDrained(drained bool) (Result, error) {
-	d.bgpMu.Lock()
-	if d.ann.spk == nil {
-		d.bgpMu.Unlock()
+	if cfg, _ := d.snapshot(); cfg.BGP == nil {
 		return Result{}, refusef("bgp", "this daemon runs no BGP speaker (the configuration has no bgp block): there is nothing to withdraw")
 	}
+	d.bgpMu.Lock()
 	was := d.ann.drained
 	d.ann.drained = drained
 	if !drained {
@@ -250,6 +278,13 @@ func (d *Daemon) BGPStatus() *BGPStatus {
 		return nil
 	}
 	st := &BGPStatus{Drained: a.drained, VIPs: slices.Clone(a.vips)}
+	st.Peers, st.Announced = []bgp.PeerStatus{}, []string{}
+	if st.VIPs == nil {
+		st.VIPs = []VIPAnnouncement{}
+	}
+	if cfg, _ := d.snapshot(); cfg.BGP != nil {
+		st.ASN, st.RouterID = cfg.BGP.ASN, cfg.BGP.RouterID.String()
+	}
 	if a.spk != nil {
 		s, err := a.spk.Status()
 		st.Status = s

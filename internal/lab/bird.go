@@ -20,12 +20,17 @@ type Bird struct {
 	sock string
 }
 
-// BirdAvailable says whether BIRD 2 is installed (bird and birdc).
+// BirdAvailable says whether BIRD 2 is installed (bird and birdc): the
+// configurations the tests write are BIRD 2's.
 func BirdAvailable() error {
 	for _, name := range []string{"bird", "birdc"} {
 		if _, err := exec.LookPath(name); err != nil {
 			return fmt.Errorf("%s not found: install bird2 (sudo make tools does)", name)
 		}
+	}
+	out, _ := exec.Command("bird", "--version").CombinedOutput()
+	if !strings.Contains(string(out), "version 2.") {
+		return fmt.Errorf("bird is not BIRD 2 (%s): install bird2", strings.TrimSpace(string(out)))
 	}
 	return nil
 }
