@@ -94,6 +94,12 @@ var (
 		"Entries in the datapath's table.", "table")
 	tableCapacity = desc("tether_table_capacity",
 		"Most entries the datapath's table holds (tables of no fixed size have none).", "table")
+	bgpSessionUp = desc("tether_bgp_session_up",
+		"1 while the BGP session with the peer is established, 0 otherwise (with a bgp block only).", "peer")
+	bgpAnnounced = desc("tether_bgp_vip_announced",
+		"1 while the VIP is announced to the BGP peers, 0 while it is withdrawn (with a bgp block only).", "vip")
+	bgpDrained = desc("tether_bgp_drained",
+		"1 while the host is drained (tether host drain: every VIP withdrawn), 0 otherwise (with a bgp block only).")
 	scrapeErrors = desc("tether_scrape_errors",
 		"Parts of this scrape that could not be read (status, stats or tables), logged by the daemon.")
 )
@@ -119,6 +125,9 @@ var Names = []string{
 	"tether_datapath_info",
 	"tether_table_entries",
 	"tether_table_capacity",
+	"tether_bgp_session_up",
+	"tether_bgp_vip_announced",
+	"tether_bgp_drained",
 	"tether_scrape_errors",
 }
 
@@ -141,7 +150,8 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		backendPackets, backendBytes, backendConns, backendActive, backendUp, backendState,
 		backendWeight, probeLatency, probes, probeFailures, transitions,
 		serviceConns, affinityHits, affinityMisses, serviceUp,
-		notForwarded, datapathInfo, tableEntries, tableCapacity, scrapeErrors,
+		notForwarded, datapathInfo, tableEntries, tableCapacity,
+		bgpSessionUp, bgpAnnounced, bgpDrained, scrapeErrors,
 	} {
 		ch <- d
 	}
@@ -207,6 +217,15 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	for _, name := range ifaces {
 		gauge(datapathInfo, 1, status.Datapath, name, status.Interfaces[name])
 	}
+	if b := status.BGP; b != nil {
+		for _, p := range b.Peers {
+			gauge(bgpSessionUp, boolValue(p.State == "established"), p.Address)
+		}
+		for _, v := range b.VIPs {
+			gauge(bgpAnnounced, boolValue(v.Announced), v.VIP)
+		}
+		gauge(bgpDrained, boolValue(b.Drained))
+	}
 
 	stats, err := c.src.Stats()
 	if err != nil {
@@ -252,6 +271,14 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	gauge(scrapeErrors, float64(errs))
+}
+
+// boolValue is 1 for true, 0 for false.
+func boolValue(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // Registry returns a registry holding only the collector of src.

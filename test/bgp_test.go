@@ -98,8 +98,9 @@ func TestBGPAnnounces(t *testing.T) {
 	// chat (IPv4) needs both backends, chat6 one.
 	cfg := healthConfig(l, l.Backends, "{type: websocket, path: /health, interval: 100ms, timeout: 80ms, rise: 1, fall: 1}")
 	cfg = strings.Replace(cfg, "  - name: chat\n", "  - name: chat\n    min_healthy: 2\n", 1)
-	d := startDaemon(t, l, cfg+bgpBlock(l.Balancer, router, delay))
+	d := startDaemon(t, l, cfg+bgpBlock(l.Balancer, router, delay), "--metrics", "127.0.0.1:0")
 	api := control.NewClient(d.socket)
+	maddr := metricsAddr(t, d)
 
 	t0 := time.Now()
 	awaitRoute(t, bird, l.VIP4, l.Balancer.Addr4)
@@ -152,6 +153,22 @@ func TestBGPAnnounces(t *testing.T) {
 	}
 	if st, _ := api.Status(context.Background()); st.BGP == nil || !st.BGP.Drained || len(st.BGP.Announced) != 0 {
 		t.Errorf("status after drain: %+v", st.BGP)
+	}
+	fams := scrapeMetrics(t, l, maddr)
+	checkMetricNames(t, fams)
+	for _, m := range []struct {
+		name   string
+		labels map[string]string
+		want   float64
+	}{
+		{"tether_bgp_drained", nil, 1},
+		{"tether_bgp_session_up", map[string]string{"peer": router.Addr4.String()}, 1},
+		{"tether_bgp_session_up", map[string]string{"peer": router.Addr6.String()}, 1},
+		{"tether_bgp_vip_announced", map[string]string{"vip": l.VIP4.String()}, 0},
+	} {
+		if got := sample(t, fams, m.name, m.labels); got != m.want {
+			t.Errorf("%s%v = %v, want %v", m.name, m.labels, got, m.want)
+		}
 	}
 	out, code = runTether(t, l, "--socket", d.socket, "status")
 	if code != 0 || !strings.Contains(out, "DRAINED") || !strings.Contains(out, "established") {
