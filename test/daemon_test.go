@@ -44,6 +44,7 @@ func TestMain(m *testing.M) {
 
 // daemon is a `tether run` process on a lab's balancer.
 type daemon struct {
+	host   *lab.Host // the balancer it runs in
 	t      testing.TB
 	proc   *lab.Proc
 	config string
@@ -55,6 +56,12 @@ type daemon struct {
 // the extra arguments of run, and waits until it reports ready.
 func startDaemon(t testing.TB, l *lab.Lab, cfg string, extra ...string) *daemon {
 	t.Helper()
+	return startDaemonOn(t, l.Balancer, labPinDir(l), cfg, extra...)
+}
+
+// startDaemonOn is startDaemon on balancer host h, pinning in pinDir.
+func startDaemonOn(t testing.TB, h *lab.Host, pinDir, cfg string, extra ...string) *daemon {
+	t.Helper()
 	dir := t.TempDir()
 	path := filepath.Join(dir, "tether.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
@@ -63,13 +70,13 @@ func startDaemon(t testing.TB, l *lab.Lab, cfg string, extra ...string) *daemon 
 	socket := filepath.Join(dir, "tether.sock")
 	// The lab's own bpffs, which the lab unmounts: /sys/fs/bpf is shared
 	// by every lab and hidden from `ip netns exec`.
-	args := []string{"run", "--config", path, "--socket", socket, "--pin-dir", labPinDir(l), "--log-level", "debug"}
+	args := []string{"run", "--config", path, "--socket", socket, "--pin-dir", pinDir, "--log-level", "debug"}
 	args = append(args, extra...)
-	p, err := l.Balancer.Start(tetherBin, args...)
+	p, err := h.Start(tetherBin, args...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := &daemon{t: t, proc: p, config: path, socket: socket, args: args}
+	d := &daemon{t: t, host: h, proc: p, config: path, socket: socket, args: args}
 	t.Cleanup(func() {
 		d.proc.Stop() // the last one started (see restart)
 		if t.Failed() {

@@ -42,7 +42,7 @@ func (d *daemon) restart(l *lab.Lab, bin string) (gap, total time.Duration) {
 			d.t.Logf("output of a tether stopped by restart:\n%s", old.Output())
 		}
 	})
-	p, err := l.Balancer.Start(bin, d.args...)
+	p, err := d.host.Start(bin, d.args...)
 	if err != nil {
 		d.t.Fatal(err)
 	}

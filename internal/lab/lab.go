@@ -117,6 +117,8 @@ type Lab struct {
 	xdpProg *ebpf.Program
 	// portXDP holds the XDP_PASS attachments of wire ports, by host.
 	portXDP map[*Host]link.Link
+	// balancers counts the balancers AddBalancer added.
+	balancers int
 }
 
 // New builds a lab. It needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN and
@@ -862,6 +864,44 @@ func (l *Lab) AddFarClient(mtu int) (*Host, error) {
 		}); err != nil {
 			return nil, fmt.Errorf("%s: %w", be.Name, err)
 		}
+	}
+	return h, nil
+}
+
+// AddBalancer adds another balancer host on the wire, lb<n> for the n-th
+// one (198.51.100.<n+1>, 2001:db8:100::<n+1>), prepared for XDP as the
+// first one is, with routes back to the client networks: a tether host
+// more, for tests of several hosts behind one router. Clients do not
+// route to it; route them through a router that learns the VIPs.
+func (l *Lab) AddBalancer() (*Host, error) {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil, errClosed
+	}
+	l.balancers++
+	n := l.balancers + 1
+	h, err := l.addHost(fmt.Sprintf("lb%d", n), n+1, false)
+	if err == nil {
+		err = h.withNetlink(func(nh *netlink.Handle) error {
+			if err := addRoute(nh, h.Ifindex, clientNet4, l.Client.Addr4, netip.Addr{}); err != nil {
+				return err
+			}
+			return addRoute(nh, h.Ifindex, clientNet6, l.Client.Addr6, netip.Addr{})
+		})
+		if err != nil {
+			err = errors.Join(err, l.removeHost(h))
+		}
+	}
+	l.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	if err := l.SetPortXDP(h, true); err != nil {
+		return nil, err
+	}
+	if err := l.waitReady(h); err != nil {
+		return nil, err
 	}
 	return h, nil
 }

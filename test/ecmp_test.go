@@ -1,0 +1,120 @@
+package test
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tetherlb/tether/control"
+	"github.com/tetherlb/tether/internal/lab"
+)
+
+// newConns is how many new connections the daemon behind api has sent to
+// the service on vip.
+func newConns(t *testing.T, api *control.Client, vip netip.AddrPort) uint64 {
+	t.Helper()
+	st, err := api.Stats(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range st.Services {
+		if s.VIP == vip.String() {
+			return s.NewConns
+		}
+	}
+	return 0
+}
+
+// TestECMPHostFails: two tether hosts announce the VIP to a BIRD router,
+// which spreads the clients' connections over both (ECMP, hashing ports
+// too). Host 1 dies (its link goes down): once the router's session with
+// it times out, every flow it carried reaches host 2, which has no
+// connection entry for it and takes its backend from the ring, the same
+// as host 1's: every connection goes on echoing, on the backend it had.
+func TestECMPHostFails(t *testing.T) {
+	if err := lab.BirdAvailable(); err != nil {
+		t.Fatal(err)
+	}
+	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 16})
+	lb2, err := l.AddBalancer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	router, err := l.AddRouter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := router.Sysctl("net/ipv4/fib_multipath_hash_policy", "1"); err != nil {
+		t.Fatal(err)
+	}
+	bird, err := router.StartBird(t.TempDir(), birdConfig(router, l.Balancer, lb2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, be := range l.Backends {
+		serveEchoOn(t, be, l.VIP4, l.VIP6, be.Addr4, be.Addr6)
+	}
+	base := healthConfig(l, l.Backends, "{type: websocket, path: /health, interval: 200ms, timeout: 150ms, rise: 1, fall: 2}")
+	d1 := startDaemon(t, l, base+bgpBlock(l.Balancer, router, time.Second))
+	d2 := startDaemonOn(t, lb2, filepath.Join(l.BPFFS, "tether-lb2"), base+bgpBlock(lb2, router, time.Second))
+	api1, api2 := control.NewClient(d1.socket), control.NewClient(d2.socket)
+	vip := netip.AddrPortFrom(l.VIP4, chatPort)
+
+	awaitRoute(t, bird, l.VIP4, l.Balancer.Addr4, lb2.Addr4)
+	if err := l.Client.Run("ip", "route", "replace", l.VIP4.String()+"/32", "via", router.Addr4.String()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the router's multipath route to the VIP", 10*time.Second, func() bool {
+		out, _ := router.Command("ip", "route", "show", l.VIP4.String()+"/32").Output()
+		return strings.Contains(string(out), l.Balancer.Addr4.String()) && strings.Contains(string(out), lb2.Addr4.String())
+	})
+
+	conns := dialAllAt(t, l, l.ClientAddrs4, vip, 4)
+	on1, on2 := newConns(t, api1, vip), newConns(t, api2, vip)
+	t.Logf("%d connections: host 1 took %d, host 2 %d", len(conns), on1, on2)
+	if on1 == 0 || on2 == 0 {
+		t.Fatalf("the router sent every connection to one host (%d, %d): no ECMP spread", on1, on2)
+	}
+
+	// Host 1 dies.
+	died := time.Now()
+	if err := l.Balancer.Run("ip", "link", "set", "dev", "eth0", "down"); err != nil {
+		t.Fatal(err)
+	}
+	took := awaitRoute(t, bird, l.VIP4, lb2.Addr4)
+	t.Logf("the router moved the VIP to host 2 alone %v after host 1 died (hold time 9s)", took.Round(time.Millisecond))
+
+	// Every connection echoes again, on its backend.
+	var wg sync.WaitGroup
+	errs := make(chan error, len(conns))
+	for i, c := range conns {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			be, err := c.ws.Echo(ctx, fmt.Sprintf("after %d", i))
+			switch {
+			case err != nil:
+				errs <- fmt.Errorf("connection %d from %s (backend %s): %v", i, c.src, c.backend, err)
+			case be != c.backend:
+				errs <- fmt.Errorf("connection %d from %s moved from %s to %s", i, c.src, c.backend, be)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	lost := 0
+	for err := range errs {
+		lost++
+		t.Error(err)
+	}
+	t.Logf("%d of %d connections echo on their backend %v after host 1 died: %d lost; host 2 took %d new flows",
+		len(conns)-lost, len(conns), time.Since(died).Round(time.Millisecond), lost, newConns(t, api2, vip)-on2)
+	for _, c := range conns {
+		c.ws.Close()
+	}
+}
