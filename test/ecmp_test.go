@@ -30,10 +30,42 @@ func newConns(t *testing.T, api *control.Client, vip netip.AddrPort) uint64 {
 	return 0
 }
 
+// echoOnBackends has every connection echo once, within 30 s (a moved
+// flow may wait for the router), and counts, reporting each, those that
+// failed or reached another backend than their own.
+func echoOnBackends(t *testing.T, conns []*conn, when string) int {
+	t.Helper()
+	var wg sync.WaitGroup
+	errs := make(chan error, len(conns))
+	for i, c := range conns {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			be, err := c.ws.Echo(ctx, fmt.Sprintf("%s %d", when, i))
+			switch {
+			case err != nil:
+				errs <- fmt.Errorf("%s: connection %d from %s (backend %s): %v", when, i, c.src, c.backend, err)
+			case be != c.backend:
+				errs <- fmt.Errorf("%s: connection %d from %s moved from %s to %s", when, i, c.src, c.backend, be)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	n := 0
+	for err := range errs {
+		n++
+		t.Error(err)
+	}
+	return n
+}
+
 // TestECMPHostFails: two tether hosts announce the VIP to a BIRD router,
 // which spreads the clients' connections over both (ECMP, hashing ports
-// too). Host 1 dies (its link goes down): once the router's session with
-// it times out, every flow it carried reaches host 2, which has no
+// too). Host 2 drained and undrained: every connection echoes on its
+// backend whichever host it crosses. Host 1 dies (its link goes down, as
+// when a machine dies: no word to the router): once the router's session
+// with it times out, every flow it carried reaches host 2, which has no
 // connection entry for it and takes its backend from the ring, the same
 // as host 1's: every connection goes on echoing, on the backend it had.
 func TestECMPHostFails(t *testing.T) {
@@ -81,6 +113,24 @@ func TestECMPHostFails(t *testing.T) {
 		t.Fatalf("the router sent every connection to one host (%d, %d): no ECMP spread", on1, on2)
 	}
 
+	// Host 2 drained: the router sends everything to host 1, whose ring
+	// gives the flows that crossed host 2 the backends they had; undrained,
+	// the flows spread again, and those that come back to host 2 find
+	// their entries or the same ring.
+	for _, step := range []struct {
+		cmd  string
+		hops []netip.Addr
+	}{{"drain", []netip.Addr{l.Balancer.Addr4}}, {"undrain", []netip.Addr{l.Balancer.Addr4, lb2.Addr4}}} {
+		if out, code := runIn(t, lb2, "--socket", d2.socket, "host", step.cmd); code != 0 {
+			t.Fatalf("host %s on host 2: exit %d: %s", step.cmd, code, out)
+		}
+		took := awaitRoute(t, bird, l.VIP4, step.hops...)
+		if lost := echoOnBackends(t, conns, step.cmd); lost > 0 {
+			t.Errorf("after host 2's %s: %d connections lost or moved", step.cmd, lost)
+		}
+		t.Logf("host 2 %sed: the router followed in %v; every connection echoes on its backend", step.cmd, took.Round(time.Millisecond))
+	}
+
 	// Host 1 dies.
 	died := time.Now()
 	if err := l.Balancer.Run("ip", "link", "set", "dev", "eth0", "down"); err != nil {
@@ -90,29 +140,8 @@ func TestECMPHostFails(t *testing.T) {
 	t.Logf("the router moved the VIP to host 2 alone %v after host 1 died (hold time 9s)", took.Round(time.Millisecond))
 
 	// Every connection echoes again, on its backend.
-	var wg sync.WaitGroup
-	errs := make(chan error, len(conns))
-	for i, c := range conns {
-		wg.Go(func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			defer cancel()
-			be, err := c.ws.Echo(ctx, fmt.Sprintf("after %d", i))
-			switch {
-			case err != nil:
-				errs <- fmt.Errorf("connection %d from %s (backend %s): %v", i, c.src, c.backend, err)
-			case be != c.backend:
-				errs <- fmt.Errorf("connection %d from %s moved from %s to %s", i, c.src, c.backend, be)
-			}
-		})
-	}
-	wg.Wait()
-	close(errs)
-	lost := 0
-	for err := range errs {
-		lost++
-		t.Error(err)
-	}
-	t.Logf("%d of %d connections echo on their backend %v after host 1 died: %d lost; host 2 took %d new flows",
+	lost := echoOnBackends(t, conns, "host 1 died")
+	t.Logf("%d of %d connections echo on their backend %v after host 1 died: %d lost; host 2 chose the backend of %d flows by its ring since the start",
 		len(conns)-lost, len(conns), time.Since(died).Round(time.Millisecond), lost, newConns(t, api2, vip)-on2)
 	for _, c := range conns {
 		c.ws.Close()
