@@ -316,18 +316,26 @@ func (s Service) Target(b Backend) (health.Target, bool) {
 	if s.Health.Type == HealthNone {
 		return health.Target{}, false
 	}
-	t := health.Target{Addr: netip.AddrPortFrom(b.Address, b.Port), Check: s.Health.Defaults()}
+	t := health.Target{Addr: netip.AddrPortFrom(b.Address, b.Port), Check: s.Check()}
 	if t.Check.Via == health.ViaVIP {
-		switch s.Forwarding {
-		case ForwardingNAT, ForwardingFullNAT:
-			// The clients' packets reach the backend at its own address
-			// and port: the plain probe is theirs.
-			t.Check.Via = ""
-		default:
-			t.VIP, t.Protocol = netip.AddrPortFrom(s.VIP, s.Port), s.Protocol
-		}
+		t.VIP, t.Protocol = netip.AddrPortFrom(s.VIP, s.Port), s.Protocol
 	}
 	return t, true
+}
+
+// Check is the check s probes its backends with, as it runs: its health
+// block with the defaults applied, and a check via vip of a nat or
+// fullnat service the plain one, since their clients' packets reach the
+// backend at its own address and port.
+func (s Service) Check() health.Check {
+	c := s.Health
+	if c.Type != HealthNone {
+		c = c.Defaults()
+	}
+	if c.Via == health.ViaVIP && (s.Forwarding == ForwardingNAT || s.Forwarding == ForwardingFullNAT) {
+		c.Via = ""
+	}
+	return c
 }
 
 // Key returns the identity of the service on the wire, "vip:port/protocol",

@@ -7,6 +7,7 @@ import (
 
 	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/datapath"
+	"github.com/tetherlb/tether/health"
 )
 
 // TestAnnounceVerdicts: a VIP is announced while one of its services has
@@ -19,17 +20,20 @@ func TestAnnounceVerdicts(t *testing.T) {
 		{VIP: vip, Port: 80, Protocol: "tcp", MinHealthy: 2},
 		{VIP: vip, Port: 443, Protocol: "tcp", MinHealthy: 3},
 	}, BGP: &config.BGP{ReannounceDelay: 5 * time.Second}}
-	applied := func(states80 ...datapath.State) []datapath.Service {
-		s80 := datapath.Service{VIP: vip, Port: 80, Proto: 6}
+	// The usable backends of each service, as Controller.Usable counts
+	// them: port 80's from their states, 443's always 1 (of 3 needed).
+	applied := func(states80 ...datapath.State) map[string]int {
+		n := 0
 		for _, st := range states80 {
-			s80.Backends = append(s80.Backends, datapath.Backend{State: st, Weight: 1})
+			if st == datapath.Active {
+				n++
+			}
 		}
-		s443 := datapath.Service{VIP: vip, Port: 443, Proto: 6, Backends: []datapath.Backend{{State: datapath.Active, Weight: 1}}}
-		return []datapath.Service{s80, s443}
+		return map[string]int{"203.0.113.10:80/tcp": n, "203.0.113.10:443/tcp": 1}
 	}
 	a := announcer{cfg: cfg.BGP, withdrawn: map[netip.Addr]bool{}, servable: map[netip.Addr]time.Time{}}
 	t0 := time.Now()
-	check := func(when time.Duration, svcs []datapath.Service, want bool) {
+	check := func(when time.Duration, svcs map[string]int, want bool) {
 		t.Helper()
 		v := a.verdicts(cfg, svcs, t0.Add(when))
 		if len(v) != 1 || v[0].Announced != want {
@@ -53,4 +57,30 @@ func TestAnnounceVerdicts(t *testing.T) {
 	cfg.Services[0].MinHealthy = 0
 	a.drained = false
 	check(18*time.Second, applied(datapath.Down, datapath.Down), true)
+}
+
+// TestUsableCounts: Controller.Usable counts a service's active backends,
+// not the drained ones, nor those of weight 0, nor those health takes down.
+func TestUsableCounts(t *testing.T) {
+	cfg := parse(t, `interfaces: [eth0]
+tables: {ring_size: 4099}
+services:
+  - name: chat
+    vip: 203.0.113.10
+    port: 80
+    backends:
+      - {address: 198.51.100.11}
+      - {address: 198.51.100.12, state: draining}
+      - {address: 198.51.100.13, weight: 0}
+      - {address: 198.51.100.14}
+`)
+	c := newController(newFakeDP(), cfg)
+	down := netip.MustParseAddrPort("198.51.100.14:80")
+	c.SetHealth(func(t health.Target) bool { return t.Addr != down })
+	if err := c.Apply(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Usable(); len(got) != 1 || got["203.0.113.10:80/tcp"] != 1 {
+		t.Errorf("Usable() = %v, want 1 for 203.0.113.10:80/tcp", got)
+	}
 }

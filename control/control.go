@@ -714,6 +714,24 @@ func (c *Controller) BackendID(key string, addr netip.AddrPort) (uint32, bool) {
 	return 0, false
 }
 
+// Usable counts the usable backends (active, weight above 0) of every
+// service as applied, by key ("vip:port/proto").
+func (c *Controller) Usable() map[string]int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make(map[string]int, len(c.applied))
+	for key, s := range c.applied {
+		n := 0
+		for _, b := range s.Backends {
+			if b.State == datapath.Active && b.Weight > 0 {
+				n++
+			}
+		}
+		out[key] = n
+	}
+	return out
+}
+
 // Services returns the services as applied, sorted by ID.
 func (c *Controller) Services() []datapath.Service {
 	c.mu.Lock()

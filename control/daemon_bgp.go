@@ -40,8 +40,8 @@ const bgpRetry = 5 * time.Second
 
 // VIPAnnouncement is whether a VIP is announced, and why.
 type VIPAnnouncement struct {
-	VIP       string `json:"vip"`
-	Announced bool   `json:"announced"`
+	VIP       netip.Addr `json:"vip"`
+	Announced bool       `json:"announced"`
 	// Reason says why: "servable", "drained", "no service has min_healthy
 	// usable backends", "servable again, announced in 3s".
 	Reason string `json:"reason"`
@@ -101,7 +101,9 @@ func (d *Daemon) bgpRound() {
 	}
 	// Taken under bgpMu, so that rounds apply configurations in order
 	// (nothing takes bgpMu while it holds d.mu).
-	cfg, applied := d.snapshot()
+	d.mu.Lock()
+	cfg, usable := d.ctl.Config(), d.ctl.Usable()
+	d.mu.Unlock()
 	if a.retry.IsZero() || !time.Now().Before(a.retry) {
 		a.err = nil
 	}
@@ -137,11 +139,11 @@ func (d *Daemon) bgpRound() {
 		a.vips = nil
 		return
 	}
-	a.vips = a.verdicts(cfg, applied, time.Now())
+	a.vips = a.verdicts(cfg, usable, time.Now())
 	var vips []netip.Addr
 	for _, v := range a.vips {
 		if v.Announced {
-			vips = append(vips, netip.MustParseAddr(v.VIP))
+			vips = append(vips, v.VIP)
 		}
 	}
 	if err := a.spk.Announce(vips); err != nil {
@@ -160,20 +162,10 @@ func (d *Daemon) logBGPError(what string, err error) {
 
 // verdicts decides, for every VIP of cfg, whether it is announced at now:
 // not while the host is drained; while one of its services has
-// min_healthy usable backends (active: up and not drained) in the
-// datapath; after a withdrawal, only once that has held for the
-// configuration's reannounce delay.
-func (a *announcer) verdicts(cfg *config.Config, applied []datapath.Service, now time.Time) []VIPAnnouncement {
-	usable := make(map[string]int, len(applied))
-	for _, s := range applied {
-		n := 0
-		for _, b := range s.Backends {
-			if b.State == datapath.Active && b.Weight > 0 {
-				n++
-			}
-		}
-		usable[netip.AddrPortFrom(s.VIP, s.Port).String()+"/"+protoName(s.Proto)] = n
-	}
+// min_healthy usable backends (usable: their counts in the datapath, by
+// service key, see Controller.Usable); after a withdrawal, only once that
+// has held for the configuration's reannounce delay.
+func (a *announcer) verdicts(cfg *config.Config, usable map[string]int, now time.Time) []VIPAnnouncement {
 	servable := make(map[netip.Addr]bool)
 	short := make(map[netip.Addr][]string) // why each service of a VIP falls short
 	for _, s := range cfg.Services {
@@ -195,7 +187,7 @@ func (a *announcer) verdicts(cfg *config.Config, applied []datapath.Service, now
 	sort.Slice(vips, func(i, j int) bool { return vips[i].Less(vips[j]) })
 	out := make([]VIPAnnouncement, 0, len(vips))
 	for _, v := range vips {
-		va := VIPAnnouncement{VIP: v.String()}
+		va := VIPAnnouncement{VIP: v}
 		switch {
 		case !servable[v]:
 			va.Reason = "no service of this VIP has min_healthy usable backends (" + strings.Join(short[v], ", ") + ")"

@@ -238,7 +238,7 @@ func (d *Daemon) Services(ref string) ([]ServiceStatus, error) {
 			AffinityTimeout: cs.AffinityTimeout.String(),
 			Forwarding:      cs.Forwarding,
 			State:           ServiceDown,
-			Health:          healthSpec(cs.Health),
+			Health:          healthSpec(cs.Check()),
 			OnDown:          cs.OnDown,
 			Backends:        []BackendStatus{},
 		}

@@ -40,14 +40,12 @@ const (
 )
 
 // probeState is what the XDP datapath keeps for the probes: whether the
-// device and program are set up, and each family's rule and route (nil:
-// set up; an error: why not), the backends being resolved for a probe,
-// and the recent verdicts of vipPathProblem.
+// device and program are set up, each family's rule and route (nil: set
+// up; an error: why not), and the recent verdicts of vipPathProblem.
 type probeState struct {
-	device    bool
-	families  map[bool]error // by "IPv4"
-	resolving map[netip.Addr]bool
-	checked   map[vipCheck]vipVerdict
+	device   bool
+	families map[bool]error // by "IPv4"
+	checked  map[vipCheck]vipVerdict
 }
 
 type vipCheck struct {
@@ -89,7 +87,8 @@ func (x *XDP) ProbePath(id uint32, addr, vip netip.Addr) (datapath.ProbePath, er
 // probeHop sets the probes of the family up the first time, and returns the
 // hop of the backend at addr. A backend the datapath has not resolved (one
 // down from the start is never sent to) fails the probe, and is resolved in
-// the background: its entries then get the hop the probe program sends by.
+// the background like one that did not answer: its entries then get the
+// hop the probe program sends by.
 func (x *XDP) probeHop(addr netip.Addr, v4 bool) (hop, error) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
@@ -100,7 +99,6 @@ func (x *XDP) probeHop(addr netip.Addr, v4 bool) (hop, error) {
 		}
 		p.device = true
 		p.families = make(map[bool]error)
-		p.resolving = make(map[netip.Addr]bool)
 		p.checked = make(map[vipCheck]vipVerdict)
 	}
 	err, done := p.families[v4]
@@ -122,29 +120,21 @@ func (x *XDP) probeHop(addr netip.Addr, v4 bool) (hop, error) {
 		x.unresolved[addr] = u
 		return hop{}, u.err
 	}
-	if !p.resolving[addr] {
-		p.resolving[addr] = true
-		x.wg.Add(1)
-		go func() {
-			defer x.wg.Done()
-			x.resolveForProbe(addr)
-		}()
+	// Never sent to: hand it to the neighbour follower, which resolves
+	// the addresses that did not answer and writes their hop into their
+	// entries (resolved) when they do.
+	if err := x.vetter.Vet([]netip.Addr{addr}); err != nil {
+		return hop{}, err
 	}
-	return hop{}, fmt.Errorf("backend %s is not resolved yet", addr)
-}
-
-// resolveForProbe resolves the backend at addr, which the datapath never
-// sent to, and writes its hop into its entries.
-func (x *XDP) resolveForProbe(addr netip.Addr) {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	delete(x.probes.resolving, addr)
-	if _, ok := x.hops[addr]; ok {
-		return
+	h, err := routeHop(addr)
+	if err != nil {
+		return hop{}, err
 	}
-	if err := x.resolveAddrs([]netip.Addr{addr})[addr]; err == nil {
-		x.rewriteHop(addr)
-	}
+	err = fmt.Errorf("backend %s is not resolved yet", addr)
+	x.unresolved[addr] = unresolved{hop: h, err: err, asked: time.Now()}
+	x.routed = x.routed || h.Via.IsValid()
+	_ = probeNeigh(h.Ifindex, h.next(addr))
+	return hop{}, err
 }
 
 func family(v4 bool) string {

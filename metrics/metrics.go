@@ -222,7 +222,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			gauge(bgpSessionUp, boolValue(p.State == "established"), p.Address)
 		}
 		for _, v := range b.VIPs {
-			gauge(bgpAnnounced, boolValue(v.Announced), v.VIP)
+			gauge(bgpAnnounced, boolValue(v.Announced), v.VIP.String())
 		}
 		gauge(bgpDrained, boolValue(b.Drained))
 	}

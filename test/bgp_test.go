@@ -67,6 +67,55 @@ func awaitRoute(t *testing.T, b *lab.Bird, vip netip.Addr, want ...netip.Addr) t
 	})
 }
 
+// bgpLab builds a lab of opts with more balancers (n in all) and a router
+// running BIRD that peers with each and spreads flows over them by a
+// layer-4 hash (ECMP). It returns the balancers, the lab's first.
+func bgpLab(t *testing.T, opts lab.Options, n int) (l *lab.Lab, router *lab.Host, bird *lab.Bird, lbs []*lab.Host) {
+	t.Helper()
+	if err := lab.BirdAvailable(); err != nil {
+		t.Fatal(err)
+	}
+	l = lab.NewT(t, opts)
+	lbs = []*lab.Host{l.Balancer}
+	for len(lbs) < n {
+		lb, err := l.AddBalancer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		lbs = append(lbs, lb)
+	}
+	router, err := l.AddRouter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := router.Sysctl("net/ipv4/fib_multipath_hash_policy", "1"); err != nil {
+		t.Fatal(err)
+	}
+	if bird, err = router.StartBird(t.TempDir(), birdConfig(router, lbs...)); err != nil {
+		t.Fatal(err)
+	}
+	return l, router, bird, lbs
+}
+
+// routeThrough routes the client's traffic to the IPv4 VIP through the
+// router, and waits until the router's kernel has the route BIRD learned,
+// through each of the balancers lbs.
+func routeThrough(t *testing.T, l *lab.Lab, router *lab.Host, lbs ...*lab.Host) {
+	t.Helper()
+	if err := l.Client.Run("ip", "route", "replace", l.VIP4.String()+"/32", "via", router.Addr4.String()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the router's kernel route to the VIP", 10*time.Second, func() bool {
+		out, _ := router.Command("ip", "route", "show", l.VIP4.String()+"/32").Output()
+		for _, lb := range lbs {
+			if !strings.Contains(string(out), "via "+lb.Addr4.String()) {
+				return false
+			}
+		}
+		return true
+	})
+}
+
 // TestBGPAnnounces: with a bgp block, tether opens sessions to a real
 // router (BIRD) over IPv4 and IPv6 and announces each VIP as a host route
 // with itself as next hop while one of its services has min_healthy
@@ -78,18 +127,7 @@ func awaitRoute(t *testing.T, b *lab.Bird, vip netip.Addr, want ...netip.Addr) t
 // connection and no echo, and the router's route never leaves (graceful
 // restart); drained and stopped, the host is announced no more.
 func TestBGPAnnounces(t *testing.T) {
-	if err := lab.BirdAvailable(); err != nil {
-		t.Fatal(err)
-	}
-	l := lab.NewT(t, lab.Options{Backends: 2, Clients: 8})
-	router, err := l.AddRouter()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bird, err := router.StartBird(t.TempDir(), birdConfig(router, l.Balancer))
-	if err != nil {
-		t.Fatal(err)
-	}
+	l, router, bird, _ := bgpLab(t, lab.Options{Backends: 2, Clients: 8}, 1)
 	servers := map[string][]*lab.EchoServer{}
 	for _, be := range l.Backends {
 		servers[be.Name] = serveEchoOn(t, be, l.VIP4, l.VIP6, be.Addr4, be.Addr6)
@@ -191,13 +229,7 @@ func TestBGPAnnounces(t *testing.T) {
 	// the daemon: with graceful restart the router keeps the route (stale)
 	// while no daemon runs, the XDP program forwards on, and no connection
 	// or echo is lost.
-	if err := l.Client.Run("ip", "route", "replace", l.VIP4.String()+"/32", "via", router.Addr4.String()); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "the router's kernel route to the VIP", 10*time.Second, func() bool {
-		out, _ := router.Command("ip", "route", "show", l.VIP4.String()+"/32").Output()
-		return strings.Contains(string(out), "via "+l.Balancer.Addr4.String())
-	})
+	routeThrough(t, l, router, l.Balancer)
 	conns := dialAllAt(t, l, l.ClientAddrs4, netip.AddrPortFrom(l.VIP4, chatPort), 4)
 	stop := make(chan struct{})
 	missing := make(chan int, 1)

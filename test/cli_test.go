@@ -15,7 +15,14 @@ import (
 // returns its combined output and exit code.
 func runTether(t *testing.T, l *lab.Lab, args ...string) (string, int) {
 	t.Helper()
-	cmd := l.Balancer.Command(tetherBin, args...)
+	return runIn(t, l.Balancer, args...)
+}
+
+// runIn runs the tether binary in host h and returns its combined output
+// and exit code.
+func runIn(t *testing.T, h *lab.Host, args ...string) (string, int) {
+	t.Helper()
+	cmd := h.Command(tetherBin, args...)
 	// A socket of its own: never the host's /run/tether/tether.sock.
 	cmd.Env = append(os.Environ(), "TETHER_SOCKET="+filepath.Join(t.TempDir(), "tether.sock"))
 	out, err := cmd.CombinedOutput()

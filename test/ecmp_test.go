@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -69,25 +68,8 @@ func echoOnBackends(t *testing.T, conns []*conn, when string) int {
 // connection entry for it and takes its backend from the ring, the same
 // as host 1's: every connection goes on echoing, on the backend it had.
 func TestECMPHostFails(t *testing.T) {
-	if err := lab.BirdAvailable(); err != nil {
-		t.Fatal(err)
-	}
-	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 16})
-	lb2, err := l.AddBalancer()
-	if err != nil {
-		t.Fatal(err)
-	}
-	router, err := l.AddRouter()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := router.Sysctl("net/ipv4/fib_multipath_hash_policy", "1"); err != nil {
-		t.Fatal(err)
-	}
-	bird, err := router.StartBird(t.TempDir(), birdConfig(router, l.Balancer, lb2))
-	if err != nil {
-		t.Fatal(err)
-	}
+	l, router, bird, lbs := bgpLab(t, lab.Options{Backends: 3, Clients: 16}, 2)
+	lb2 := lbs[1]
 	for _, be := range l.Backends {
 		serveEchoOn(t, be, l.VIP4, l.VIP6, be.Addr4, be.Addr6)
 	}
@@ -98,13 +80,7 @@ func TestECMPHostFails(t *testing.T) {
 	vip := netip.AddrPortFrom(l.VIP4, chatPort)
 
 	awaitRoute(t, bird, l.VIP4, l.Balancer.Addr4, lb2.Addr4)
-	if err := l.Client.Run("ip", "route", "replace", l.VIP4.String()+"/32", "via", router.Addr4.String()); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "the router's multipath route to the VIP", 10*time.Second, func() bool {
-		out, _ := router.Command("ip", "route", "show", l.VIP4.String()+"/32").Output()
-		return strings.Contains(string(out), l.Balancer.Addr4.String()) && strings.Contains(string(out), lb2.Addr4.String())
-	})
+	routeThrough(t, l, router, l.Balancer, lb2)
 
 	conns := dialAllAt(t, l, l.ClientAddrs4, vip, 4)
 	on1, on2 := newConns(t, api1, vip), newConns(t, api2, vip)

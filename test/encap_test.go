@@ -105,21 +105,6 @@ func forwarded(t *testing.T, h *lab.Host) int {
 	return 0
 }
 
-// runIn runs the tether binary in host h and returns its output and exit
-// code.
-func runIn(t *testing.T, h *lab.Host, args ...string) (string, int) {
-	t.Helper()
-	out, err := h.Command(tetherBin, args...).CombinedOutput()
-	code := 0
-	if err != nil {
-		code = -1
-		if ee, ok := err.(interface{ ExitCode() int }); ok {
-			code = ee.ExitCode()
-		}
-	}
-	return string(out), code
-}
-
 // encapConfig is the configuration of services web (VIP4) and web6 (VIP6)
 // on chatPort in forwarding mode over the backends' routed addresses, with
 // outer sources varied over a prefix per family.
@@ -216,14 +201,9 @@ func testEncapForwarding(t *testing.T, mode string) {
 	for _, s := range servers[be2.Name] {
 		s.Close()
 	}
+	r4, _ := routedAddrs(1)
 	waitFor(t, be2.Name+" down", 10*time.Second, func() bool {
-		s := service(t, api, vip4.String())
-		for _, b := range s.Backends {
-			if r4, _ := routedAddrs(1); b.Address == netip.AddrPortFrom(r4, chatPort).String() {
-				return b.State == "down"
-			}
-		}
-		return false
+		return backendHealthAt(t, api, vip4, r4).State == "down"
 	})
 	for src, b := range owner {
 		if b != be2.Name {

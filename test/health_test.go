@@ -116,13 +116,18 @@ func service(t *testing.T, api *control.Client, vip string) control.ServiceStatu
 // backendOf returns the status of the backend at be's IPv4 address in s.
 func backendOf(t *testing.T, s control.ServiceStatus, be *lab.Host) control.BackendStatus {
 	t.Helper()
-	addr := netip.AddrPortFrom(be.Addr4, chatPort).String()
+	return backendAt(t, s, netip.AddrPortFrom(be.Addr4, chatPort))
+}
+
+// backendAt returns the status of the backend at addr in s.
+func backendAt(t *testing.T, s control.ServiceStatus, addr netip.AddrPort) control.BackendStatus {
+	t.Helper()
 	for _, b := range s.Backends {
-		if b.Address == addr {
+		if b.Address == addr.String() {
 			return b
 		}
 	}
-	t.Fatalf("%s has no backend %s (%s)", s.Name, be.Name, addr)
+	t.Fatalf("%s has no backend %s", s.Name, addr)
 	return control.BackendStatus{}
 }
 

@@ -20,14 +20,7 @@ const viaHealth = "{type: websocket, path: /health, interval: 200ms, timeout: 15
 // on vip.
 func backendHealthAt(t *testing.T, api *control.Client, vip netip.AddrPort, addr netip.Addr) control.BackendStatus {
 	t.Helper()
-	s := service(t, api, vip.String())
-	for _, b := range s.Backends {
-		if b.Address == netip.AddrPortFrom(addr, vip.Port()).String() {
-			return b
-		}
-	}
-	t.Fatalf("service %s has no backend %s", vip, addr)
-	return control.BackendStatus{}
+	return backendAt(t, service(t, api, vip.String()), netip.AddrPortFrom(addr, vip.Port()))
 }
 
 // awaitHealth waits until the backend at addr of the service on vip has

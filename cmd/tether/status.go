@@ -63,7 +63,7 @@ func status(ctx context.Context, cl *control.Client, w io.Writer, format string)
 			fmt.Fprintf(w, " for %s", s.AffinityTimeout)
 		}
 		fmt.Fprintf(w, ", %s forwarding\n", s.Forwarding)
-		fmt.Fprintf(w, "  %s; %s, on_down %s\n", serviceState(s), healthSummary(s.Health, s.Forwarding), s.OnDown)
+		fmt.Fprintf(w, "  %s; %s, on_down %s\n", serviceState(s), healthSummary(s.Health), s.OnDown)
 		if len(s.Backends) == 0 {
 			continue
 		}
@@ -104,7 +104,7 @@ func bgpStatus(w io.Writer, b *control.BGPStatus) error {
 		if v.Announced {
 			yes = "yes"
 		}
-		t.row("  "+v.VIP, yes, v.Reason)
+		t.row("  "+v.VIP.String(), yes, v.Reason)
 	}
 	return t.flush()
 }
@@ -126,9 +126,9 @@ func serviceState(s control.ServiceStatus) string {
 	return fmt.Sprintf("DOWN: %s, %s", why, drop)
 }
 
-// healthSummary describes a service's health check, of a service that
-// forwards so, in a few words.
-func healthSummary(h control.HealthSpec, forwarding string) string {
+// healthSummary describes a service's health check, as it runs, in a few
+// words.
+func healthSummary(h control.HealthSpec) string {
 	if h.Type == "none" {
 		return "no health check (backends taken as up)"
 	}
@@ -143,11 +143,7 @@ func healthSummary(h control.HealthSpec, forwarding string) string {
 	if h.Send != "" {
 		fmt.Fprintf(&b, " echoing %q", h.Send)
 	}
-	switch {
-	case h.Via != "vip":
-	case forwarding == "nat" || forwarding == "fullnat":
-		b.WriteString(" of the backends' own addresses (the clients' path with " + forwarding + ")")
-	default:
+	if h.Via == "vip" {
 		b.WriteString(" via the VIP (the clients' path)")
 	}
 	fmt.Fprintf(&b, " every %s (timeout %s, rise %d, fall %d)", h.Interval, h.Timeout, h.Rise, h.Fall)
