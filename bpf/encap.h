@@ -276,6 +276,28 @@ static __always_inline int write_outer(struct ethhdr *eth, void *data_end, const
 	return 0;
 }
 
+/* encap_begin prepares o, the outer headers of packet pkt (its IP header
+ * at l3) to backend be (id), from the backend's tunnel, the outer source
+ * in src: what the XDP program and the probe program (probe.h) write
+ * alike. It returns 0, or the reason it cannot: the backend has no tunnel,
+ * or the header runs past data_end. */
+static __always_inline int encap_begin(const struct packet *pkt, const struct backend *be, __u32 id, void *l3,
+				       void *data_end, struct outer *o, __u32 *src)
+{
+	struct tunnel *tn = bpf_map_lookup_elem(&tunnels, &id);
+	if (!tn || !(tn->src[0] | tn->src[1] | tn->src[2] | tn->src[3]))
+		return R_DROP_NO_BACKEND;
+	o->h = hash_conn(hash_seed ^ ENCAP_HASH_SALT, &pkt->key);
+	encap_source(src, tn, be->family, o->h);
+	o->src = src;
+	o->len = pkt->len;
+	o->gue = tn->gue_port;
+	o->inner = pkt->family == AF_INET6 ? IPPROTO_IPV6 : IPPROTO_IPIP;
+	if (inner_class(l3, data_end, pkt->family, &o->tos, &o->df))
+		return R_DROP_TRUNCATED;
+	return 0;
+}
+
 /* encap_hop finds the next hop of the outer packet (from src to the
  * backend, len bytes) in the kernel's FIB. It returns 0 with the hop in
  * fib, or the MTU the outer packet exceeds (> 0), or a negative value when
@@ -315,33 +337,24 @@ static __always_inline long encap_hop(struct xdp_md *ctx, const struct backend *
 static __always_inline int forward_encap(struct xdp_md *ctx, const struct packet *pkt,
 					 const struct backend *be, __u32 id)
 {
-	struct tunnel *tn = bpf_map_lookup_elem(&tunnels, &id);
-	if (!tn || !(tn->src[0] | tn->src[1] | tn->src[2] | tn->src[3]))
-		return count_reason(R_DROP_NO_BACKEND, XDP_DROP);
-	__u32 len = pkt->len;
-	__u16 gue = tn->gue_port;
-	__u32 overhead = encap_overhead(be->family, gue);
-	__u8 inner = pkt->family == AF_INET6 ? IPPROTO_IPV6 : IPPROTO_IPIP;
-	__u32 h = hash_conn(hash_seed ^ ENCAP_HASH_SALT, &pkt->key);
-	__u32 src[4];
-	encap_source(src, tn, be->family, h);
-
-	struct bpf_fib_lookup fib = {};
-	long rc = encap_hop(ctx, be, src, len + overhead, gue ? IPPROTO_UDP : inner, &fib);
-	if (rc > 0)
-		return too_big(ctx, pkt, rc, overhead, len);
-	if (rc < 0)
-		return count_reason(R_DROP_ENCAP_NO_ROUTE, XDP_DROP);
-
-	/* Read what the outer header copies from the inner one before the
+	/* What the outer header copies from the inner one is read before the
 	 * headers move. */
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u32 l3off = l3_offset(pkt);
-	__u8 tos;
-	__u16 df;
-	if (inner_class(data + l3off, data_end, pkt->family, &tos, &df))
-		return count_reason(R_DROP_TRUNCATED, XDP_DROP);
+	__u32 src[4];
+	struct outer o = {};
+	int reason = encap_begin(pkt, be, id, data + l3off, data_end, &o, src);
+	if (reason)
+		return count_reason(reason, XDP_DROP);
+	__u32 overhead = encap_overhead(be->family, o.gue);
+
+	struct bpf_fib_lookup fib = {};
+	long rc = encap_hop(ctx, be, src, o.len + overhead, o.gue ? IPPROTO_UDP : o.inner, &fib);
+	if (rc > 0)
+		return too_big(ctx, pkt, rc, overhead, o.len);
+	if (rc < 0)
+		return count_reason(R_DROP_ENCAP_NO_ROUTE, XDP_DROP);
 
 	/* Room for the outer headers, where the Ethernet header (and a VLAN
 	 * tag, which the outer packet does not keep) was. */
@@ -355,14 +368,13 @@ static __always_inline int forward_encap(struct xdp_md *ctx, const struct packet
 		return count_reason(R_DROP_TRUNCATED, XDP_DROP);
 	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-	struct outer o = {.src = src, .len = len, .gue = gue, .inner = inner, .tos = tos, .df = df, .h = h};
 	if (write_outer(eth, data_end, be, &o))
 		return count_reason(R_DROP_TRUNCATED, XDP_DROP);
 
 	struct backend_stats *st = bpf_map_lookup_elem(&be_stats, &id);
 	if (st) {
 		st->packets += 1;
-		st->bytes += l3off + len; /* the frame as it came, as forward_dsr counts */
+		st->bytes += l3off + o.len; /* the frame as it came, as forward_dsr counts */
 	}
 	if (fib.ifindex == ctx->ingress_ifindex)
 		return XDP_TX;

@@ -388,26 +388,17 @@ static __always_inline int to_client(struct xdp_md *ctx, const struct bpf_fib_lo
 static __always_inline long fib_client(struct xdp_md *ctx, const struct packet *pkt,
 				       const struct nat_tuple *t, struct bpf_fib_lookup *fib)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
 	fib->l4_protocol = pkt->key.proto;
 	fib->sport = t->sport;
 	fib->dport = t->dport;
 	fib->ifindex = ctx->ingress_ifindex;
+	fib->tot_len = pkt->len; /* the datagram's length, from the parser */
 	if (pkt->family == AF_INET6) {
-		struct ipv6hdr *ip6 = data + l3_offset(pkt);
-		if ((void *)(ip6 + 1) > data_end)
-			return -1;
 		fib->family = AF_INET6;
-		fib->tot_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
 		__builtin_memcpy(fib->ipv6_src, t->src, sizeof(fib->ipv6_src));
 		__builtin_memcpy(fib->ipv6_dst, t->dst, sizeof(fib->ipv6_dst));
 	} else {
-		struct iphdr *ip = data + l3_offset(pkt);
-		if ((void *)(ip + 1) > data_end)
-			return -1;
 		fib->family = AF_INET;
-		fib->tot_len = bpf_ntohs(ip->tot_len);
 		fib->ipv4_src = t->src[0];
 		fib->ipv4_dst = t->dst[0];
 	}

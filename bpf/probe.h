@@ -33,26 +33,18 @@
 static __always_inline int probe_encap(struct __sk_buff *skb, const struct packet *pkt,
 				       const struct backend *be, __u32 id)
 {
-	struct tunnel *tn = bpf_map_lookup_elem(&tunnels, &id);
-	if (!tn || !(tn->src[0] | tn->src[1] | tn->src[2] | tn->src[3]))
-		return -1;
-	__u16 gue = tn->gue_port;
-	__u32 overhead = encap_overhead(be->family, gue);
-	__u32 h = hash_conn(hash_seed ^ ENCAP_HASH_SALT, &pkt->key);
-	__u32 src[4];
-	encap_source(src, tn, be->family, h);
-
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct outer o = {.src = src, .len = pkt->len, .gue = gue, .h = h};
-	o.inner = pkt->family == AF_INET6 ? IPPROTO_IPV6 : IPPROTO_IPIP;
-	if (inner_class(data + ETH_HLEN, data_end, pkt->family, &o.tos, &o.df))
+	__u32 src[4];
+	struct outer o = {};
+	if (encap_begin(pkt, be, id, data + ETH_HLEN, data_end, &o, src))
 		return -1;
+	__u32 overhead = encap_overhead(be->family, o.gue);
 
 	/* The kernel keeps the inner headers' offsets (checksum offload,
 	 * segmentation) and sets the packet's protocol to the outer family. */
 	__u64 flags = be->family == AF_INET6 ? BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 : BPF_F_ADJ_ROOM_ENCAP_L3_IPV4;
-	if (gue)
+	if (o.gue)
 		flags |= BPF_F_ADJ_ROOM_ENCAP_L4_UDP;
 	if (bpf_skb_adjust_room(skb, overhead, BPF_ADJ_ROOM_MAC, flags))
 		return -1;
