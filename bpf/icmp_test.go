@@ -55,10 +55,10 @@ func icmpError(reply []byte) []byte {
 	return append(append(eth, l3...), msg...)
 }
 
+// icmp6Pseudo is the pseudo header of an ICMPv6 message of n bytes in the
+// IPv6 packet whose header is ip6.
 func icmp6Pseudo(ip6 []byte, n int) []byte {
-	p := append(append([]byte{}, ip6[8:40]...), 0, 0, 0, 0, 0, 0, 0, 58)
-	binary.BigEndian.PutUint32(p[32:], uint32(n))
-	return p
+	return bpftest.PseudoHeader(netip.AddrFrom16([16]byte(ip6[8:24])), netip.AddrFrom16([16]byte(ip6[24:40])), 58, n)
 }
 
 // checkICMP verifies an ICMP error frame's checksums: the outer IPv4

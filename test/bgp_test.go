@@ -180,9 +180,8 @@ func TestBGPAnnounces(t *testing.T) {
 	// (a connection made straight to it, not through the router, keeps
 	// echoing); undrain: both back at once.
 	c := dialAllAt(t, l, l.ClientAddrs4[:1], netip.AddrPortFrom(l.VIP4, chatPort), 1)[0]
-	out, code := runTether(t, l, "--socket", d.socket, "host", "drain")
-	if code != 0 || !strings.Contains(out, "host drained") {
-		t.Fatalf("host drain: exit %d: %s", code, out)
+	if out := d.mustCLI("host", "drain"); !strings.Contains(out, "host drained") {
+		t.Fatalf("host drain: %s", out)
 	}
 	awaitRoute(t, bird, l.VIP4)
 	awaitRoute(t, bird, l.VIP6)
@@ -208,14 +207,11 @@ func TestBGPAnnounces(t *testing.T) {
 			t.Errorf("%s%v = %v, want %v", m.name, m.labels, got, m.want)
 		}
 	}
-	out, code = runTether(t, l, "--socket", d.socket, "status")
-	if code != 0 || !strings.Contains(out, "DRAINED") || !strings.Contains(out, "established") {
-		t.Errorf("tether status after drain: exit %d:\n%s", code, out)
+	if out := d.mustCLI("status"); !strings.Contains(out, "DRAINED") || !strings.Contains(out, "established") {
+		t.Errorf("tether status after drain:\n%s", out)
 	}
 	undrained := time.Now()
-	if out, code := runTether(t, l, "--socket", d.socket, "host", "undrain"); code != 0 {
-		t.Fatalf("host undrain: exit %d: %s", code, out)
-	}
+	d.mustCLI("host", "undrain")
 	awaitRoute(t, bird, l.VIP4, l.Balancer.Addr4)
 	awaitRoute(t, bird, l.VIP6, l.Balancer.Addr6)
 	if took := time.Since(undrained); took > delay {
@@ -274,9 +270,7 @@ func TestBGPAnnounces(t *testing.T) {
 
 	// To leave for good: drain, then stop. The routes are gone and stay
 	// gone.
-	if out, code := runTether(t, l, "--socket", d.socket, "host", "drain"); code != 0 {
-		t.Fatalf("host drain: exit %d: %s", code, out)
-	}
+	d.mustCLI("host", "drain")
 	awaitRoute(t, bird, l.VIP4)
 	d.proc.Stop()
 	time.Sleep(time.Second)

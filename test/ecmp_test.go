@@ -2,10 +2,8 @@ package test
 
 import (
 	"context"
-	"fmt"
 	"net/netip"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
@@ -27,36 +25,6 @@ func newConns(t *testing.T, api *control.Client, vip netip.AddrPort) uint64 {
 		}
 	}
 	return 0
-}
-
-// echoOnBackends has every connection echo once, within 30 s (a moved
-// flow may wait for the router), and counts, reporting each, those that
-// failed or reached another backend than their own.
-func echoOnBackends(t *testing.T, conns []*conn, when string) int {
-	t.Helper()
-	var wg sync.WaitGroup
-	errs := make(chan error, len(conns))
-	for i, c := range conns {
-		wg.Go(func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			defer cancel()
-			be, err := c.ws.Echo(ctx, fmt.Sprintf("%s %d", when, i))
-			switch {
-			case err != nil:
-				errs <- fmt.Errorf("%s: connection %d from %s (backend %s): %v", when, i, c.src, c.backend, err)
-			case be != c.backend:
-				errs <- fmt.Errorf("%s: connection %d from %s moved from %s to %s", when, i, c.src, c.backend, be)
-			}
-		})
-	}
-	wg.Wait()
-	close(errs)
-	n := 0
-	for err := range errs {
-		n++
-		t.Error(err)
-	}
-	return n
 }
 
 // TestECMPHostFails: two tether hosts announce the VIP to a BIRD router,
@@ -97,9 +65,7 @@ func TestECMPHostFails(t *testing.T) {
 		cmd  string
 		hops []netip.Addr
 	}{{"drain", []netip.Addr{l.Balancer.Addr4}}, {"undrain", []netip.Addr{l.Balancer.Addr4, lb2.Addr4}}} {
-		if out, code := runIn(t, lb2, "--socket", d2.socket, "host", step.cmd); code != 0 {
-			t.Fatalf("host %s on host 2: exit %d: %s", step.cmd, code, out)
-		}
+		d2.mustCLI("host", step.cmd)
 		took := awaitRoute(t, bird, l.VIP4, step.hops...)
 		if lost := echoOnBackends(t, conns, step.cmd); lost > 0 {
 			t.Errorf("after host 2's %s: %d connections lost or moved", step.cmd, lost)

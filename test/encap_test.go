@@ -3,7 +3,6 @@ package test
 import (
 	"fmt"
 	"net/netip"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -64,63 +63,51 @@ func encapLab(t *testing.T, mode string, clients int) (*lab.Lab, *lab.Host, map[
 				}
 			}
 		}
-		out, code := runIn(t, be, "backend-setup", "--forwarding", mode, "--decap", "xdp", "--interface", "eth0", "--apply", l.VIP4.String(), l.VIP6.String())
-		if code != 0 {
-			t.Fatalf("backend-setup on %s: exit %d: %s", be.Name, code, out)
-		}
+		decapSetup(t, be, mode, l.VIP4, l.VIP6)
 		servers[be.Name] = serveEchoOn(t, be, l.VIP4, l.VIP6, r4, r6)
 	}
 	return l, router, servers
 }
 
-// forwarded is the number of IPv4 datagrams host h forwarded (the Ip
-// ForwDatagrams counter of its /proc/net/snmp).
-func forwarded(t *testing.T, h *lab.Host) int {
+// decapSetup readies backend be for forwarding mode (ipip, gue) to the
+// VIPs with `tether backend-setup --decap xdp --apply` (this kernel has no
+// ipip or fou devices).
+func decapSetup(t *testing.T, be *lab.Host, mode string, vips ...netip.Addr) {
 	t.Helper()
-	out, err := h.Command("cat", "/proc/net/snmp").Output()
-	if err != nil {
-		t.Fatal(err)
+	args := []string{"backend-setup", "--forwarding", mode, "--decap", "xdp", "--interface", "eth0", "--apply"}
+	for _, v := range vips {
+		args = append(args, v.String())
 	}
-	var names []string
-	for _, line := range strings.Split(string(out), "\n") {
-		f := strings.Fields(line)
-		if len(f) == 0 || f[0] != "Ip:" {
-			continue
-		}
-		if names == nil {
-			names = f
-			continue
-		}
-		for i, n := range names {
-			if n == "ForwDatagrams" && i < len(f) {
-				v, err := strconv.Atoi(f[i])
-				if err != nil {
-					t.Fatal(err)
-				}
-				return v
-			}
-		}
+	if out, code := runIn(t, be, args...); code != 0 {
+		t.Fatalf("backend-setup on %s: exit %d: %s", be.Name, code, out)
 	}
-	t.Fatalf("no Ip ForwDatagrams in %s's /proc/net/snmp", h.Name)
-	return 0
 }
 
+// encapHealth is the health block of encapConfig's services.
+const encapHealth = "{type: websocket, path: /health, interval: 500ms, timeout: 400ms, rise: 1, fall: 2}"
+
 // encapConfig is the configuration of services web (VIP4) and web6 (VIP6)
-// on chatPort in forwarding mode over the backends' routed addresses, with
-// outer sources varied over a prefix per family.
-func encapConfig(l *lab.Lab, mode string, backends []*lab.Host) string {
+// on chatPort in forwarding mode over the backends' routed addresses,
+// checked with health, with outer sources varied over a prefix per
+// family; mixed gives each VIP the backends' addresses of the other
+// family.
+func encapConfig(l *lab.Lab, mode, health string, mixed bool) string {
 	b := labConfig()
 	for _, svc := range []struct {
-		name, source string
-		vip          netip.Addr
-		v6           bool
-	}{{"web", "198.51.100.64/26", l.VIP4, false}, {"web6", "2001:db8:100::1:0/112", l.VIP6, true}} {
-		fmt.Fprintf(b, "  - name: %s\n    vip: %s\n    port: %d\n    forwarding: %s\n    tunnel_source: %s\n    affinity_timeout: 1h\n", svc.name, svc.vip, chatPort, mode, svc.source)
-		fmt.Fprintf(b, "    health: {type: websocket, path: /health, interval: 500ms, timeout: 400ms, rise: 1, fall: 2}\n    backends:\n")
-		for i := range backends {
+		name string
+		vip  netip.Addr
+	}{{"web", l.VIP4}, {"web6", l.VIP6}} {
+		v6 := svc.vip.Is6() != mixed // the backends' family
+		source := "198.51.100.64/26"
+		if v6 {
+			source = "2001:db8:100::1:0/112"
+		}
+		fmt.Fprintf(b, "  - name: %s\n    vip: %s\n    port: %d\n    forwarding: %s\n    tunnel_source: %s\n    affinity_timeout: 1h\n    health: %s\n    backends:\n",
+			svc.name, svc.vip, chatPort, mode, source, health)
+		for i := range l.Backends {
 			r4, r6 := routedAddrs(i)
 			a := r4
-			if svc.v6 {
+			if v6 {
 				a = r6
 			}
 			fmt.Fprintf(b, "      - {address: %s}\n", a)
@@ -144,12 +131,12 @@ func TestEncapForwarding(t *testing.T) {
 
 func testEncapForwarding(t *testing.T, mode string) {
 	l, router, servers := encapLab(t, mode, 150)
-	d := startDaemon(t, l, encapConfig(l, mode, l.Backends))
+	d := startDaemon(t, l, encapConfig(l, mode, encapHealth, false))
 	api := control.NewClient(d.socket)
 	vip4, vip6 := netip.AddrPortFrom(l.VIP4, chatPort), netip.AddrPortFrom(l.VIP6, chatPort)
 	conns, conns6, owner := connectSpread(t, l, api, vip4, vip6, mode)
 	// The encapsulated packets crossed the router.
-	if n := forwarded(t, router); n < len(conns) {
+	if n := snmpCounter(t, router, "Ip", "ForwDatagrams"); n < uint64(len(conns)) {
 		t.Errorf("the router forwarded %d IPv4 datagrams, fewer than the %d connections", n, len(conns))
 	}
 	// The backends saw the clients themselves (the packets came whole).

@@ -43,10 +43,7 @@ func TestPathMTUThroughTether(t *testing.T) {
 			for _, be := range l.Backends {
 				switch mode {
 				case config.ForwardingIPIP:
-					out, code := runIn(t, be, "backend-setup", "--forwarding", mode, "--decap", "xdp", "--interface", "eth0", "--apply", l.VIP4.String())
-					if code != 0 {
-						t.Fatalf("backend-setup on %s: exit %d: %s", be.Name, code, out)
-					}
+					decapSetup(t, be, mode, l.VIP4)
 				case config.ForwardingNAT:
 					if err := be.Run("ip", "route", "replace", lab.FarClientNet.String(), "via", l.Balancer.Addr4.String()); err != nil {
 						t.Fatal(err)

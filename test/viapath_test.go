@@ -198,40 +198,12 @@ func testHealthViaVIPDSR(t *testing.T) {
 	}
 }
 
-// viaEncapConfig is the configuration of services on both VIPs in mode
-// over the backends' routed addresses, checked via the VIP; mixed gives
-// each VIP the backends' addresses of the other family.
-func viaEncapConfig(l *lab.Lab, mode string, mixed bool) string {
-	b := labConfig()
-	for _, svc := range []struct {
-		name string
-		vip  netip.Addr
-	}{{"web", l.VIP4}, {"web6", l.VIP6}} {
-		v6 := svc.vip.Is6() != mixed // the backends' family
-		source := "198.51.100.64/26"
-		if v6 {
-			source = "2001:db8:100::1:0/112"
-		}
-		fmt.Fprintf(b, "  - name: %s\n    vip: %s\n    port: %d\n    forwarding: %s\n    tunnel_source: %s\n    health: %s\n    backends:\n",
-			svc.name, svc.vip, chatPort, mode, source, viaHealth)
-		for i := range l.Backends {
-			r4, r6 := routedAddrs(i)
-			a := r4
-			if v6 {
-				a = r6
-			}
-			fmt.Fprintf(b, "      - {address: %s}\n", a)
-		}
-	}
-	return b.String()
-}
-
 // testHealthViaVIPEncap runs ipip with each VIP's backends of its family,
 // and gue with those of the other family.
 func testHealthViaVIPEncap(t *testing.T, mode string) {
 	l, _, _ := encapLab(t, mode, 1)
 	mixed := mode == config.ForwardingGUE
-	d := startDaemon(t, l, viaEncapConfig(l, mode, mixed))
+	d := startDaemon(t, l, encapConfig(l, mode, viaHealth, mixed))
 	api := control.NewClient(d.socket)
 	vip4, vip6 := netip.AddrPortFrom(l.VIP4, chatPort), netip.AddrPortFrom(l.VIP6, chatPort)
 	routed := func(i int) (netip.Addr, netip.Addr) {
@@ -279,9 +251,7 @@ func testHealthViaVIPEncap(t *testing.T, mode string) {
 	}
 
 	// Decapsulation set up again: the backend comes back.
-	if out, code := runIn(t, be, "backend-setup", "--forwarding", mode, "--decap", "xdp", "--interface", "eth0", "--apply", l.VIP4.String(), l.VIP6.String()); code != 0 {
-		t.Fatalf("backend-setup: exit %d: %s", code, out)
-	}
+	decapSetup(t, be, mode, l.VIP4, l.VIP6)
 	awaitHealth(t, api, vip4, r4, control.HealthUp)
 	awaitHealth(t, api, vip6, r6, control.HealthUp)
 }

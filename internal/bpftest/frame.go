@@ -71,7 +71,7 @@ func (f Frame) Bytes() []byte {
 		copy(l3[24:], d[:])
 	}
 	if f.Checksum {
-		c := ^Fold(OnesSum(l4, OnesSum(pseudoHeader(f.Src.Addr(), f.Dst.Addr(), f.Proto, len(l4)), 0)))
+		c := ^Fold(OnesSum(l4, OnesSum(PseudoHeader(f.Src.Addr(), f.Dst.Addr(), f.Proto, len(l4)), 0)))
 		if c == 0 && f.Proto == UDP {
 			c = 0xffff
 		}
@@ -80,8 +80,8 @@ func (f Frame) Bytes() []byte {
 	return append(f.ethernet(f.Src.Addr().Is4()), append(l3, l4...)...)
 }
 
-// pseudoHeader is the part of the IP header a TCP or UDP checksum covers.
-func pseudoHeader(src, dst netip.Addr, proto uint8, l4len int) []byte {
+// PseudoHeader is the part of the IP header a TCP or UDP checksum covers.
+func PseudoHeader(src, dst netip.Addr, proto uint8, l4len int) []byte {
 	if src.Is4() {
 		s, d := src.As4(), dst.As4()
 		b := append(append(append([]byte{}, s[:]...), d[:]...), 0, proto)

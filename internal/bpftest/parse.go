@@ -136,7 +136,7 @@ func VerifyChecksums(frame []byte) error {
 	if proto == UDP && v4 && binary.BigEndian.Uint16(seg[6:]) == 0 {
 		return nil
 	}
-	if Fold(OnesSum(seg, OnesSum(pseudoHeader(src, dst, proto, len(seg)), 0))) != 0xffff {
+	if Fold(OnesSum(seg, OnesSum(PseudoHeader(src, dst, proto, len(seg)), 0))) != 0xffff {
 		return fmt.Errorf("bad %s checksum", map[uint8]string{TCP: "TCP", UDP: "UDP"}[proto])
 	}
 	return nil
