@@ -22,8 +22,9 @@ const (
 // birdConfig is the configuration of a BIRD router that peers with each
 // of hosts (IPv4 and IPv6 sessions, passive: tether opens them), imports
 // every route and spreads a prefix over the hosts that announce it (ECMP
-// into its own kernel table).
-func birdConfig(router *lab.Host, hosts ...*lab.Host) string {
+// into its own kernel table). hold is the hold time it offers, in seconds:
+// sessions take the smaller of the two sides' (tether's default is 9).
+func birdConfig(router *lab.Host, hold int, hosts ...*lab.Host) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "router id %s;\nlog stderr all;\nprotocol device {}\n", router.Addr4)
 	fmt.Fprintf(&b, "protocol kernel { ipv4 { export all; }; merge paths on; }\nprotocol kernel { ipv6 { export all; }; merge paths on; }\n")
@@ -32,8 +33,8 @@ func birdConfig(router *lab.Host, hosts ...*lab.Host) string {
 			name        string
 			local, peer netip.Addr
 		}{{"ipv4", router.Addr4, h.Addr4}, {"ipv6", router.Addr6, h.Addr6}} {
-			fmt.Fprintf(&b, "protocol bgp %s%d {\n  local %s as %d;\n  neighbor %s as %d;\n  passive on;\n  hold time 9;\n  %s { import all; export none; };\n}\n",
-				fam.name, i, fam.local, routerAS, fam.peer, tetherAS, fam.name)
+			fmt.Fprintf(&b, "protocol bgp %s%d {\n  local %s as %d;\n  neighbor %s as %d;\n  passive on;\n  hold time %d;\n  %s { import all; export none; };\n}\n",
+				fam.name, i, fam.local, routerAS, fam.peer, tetherAS, hold, fam.name)
 		}
 	}
 	return b.String()
@@ -69,8 +70,9 @@ func awaitRoute(t *testing.T, b *lab.Bird, vip netip.Addr, want ...netip.Addr) t
 
 // bgpLab builds a lab of opts with more balancers (n in all) and a router
 // running BIRD that peers with each and spreads flows over them by a
-// layer-4 hash (ECMP). It returns the balancers, the lab's first.
-func bgpLab(t *testing.T, opts lab.Options, n int) (l *lab.Lab, router *lab.Host, bird *lab.Bird, lbs []*lab.Host) {
+// layer-4 hash (ECMP), with hold time hold (seconds). It returns the
+// balancers, the lab's first.
+func bgpLab(t *testing.T, opts lab.Options, n, hold int) (l *lab.Lab, router *lab.Host, bird *lab.Bird, lbs []*lab.Host) {
 	t.Helper()
 	if err := lab.BirdAvailable(); err != nil {
 		t.Fatal(err)
@@ -91,7 +93,7 @@ func bgpLab(t *testing.T, opts lab.Options, n int) (l *lab.Lab, router *lab.Host
 	if err := router.Sysctl("net/ipv4/fib_multipath_hash_policy", "1"); err != nil {
 		t.Fatal(err)
 	}
-	if bird, err = router.StartBird(t.TempDir(), birdConfig(router, lbs...)); err != nil {
+	if bird, err = router.StartBird(t.TempDir(), birdConfig(router, hold, lbs...)); err != nil {
 		t.Fatal(err)
 	}
 	return l, router, bird, lbs
@@ -127,7 +129,7 @@ func routeThrough(t *testing.T, l *lab.Lab, router *lab.Host, lbs ...*lab.Host) 
 // connection and no echo, and the router's route never leaves (graceful
 // restart); drained and stopped, the host is announced no more.
 func TestBGPAnnounces(t *testing.T) {
-	l, router, bird, _ := bgpLab(t, lab.Options{Backends: 2, Clients: 8}, 1)
+	l, router, bird, _ := bgpLab(t, lab.Options{Backends: 2, Clients: 8}, 1, 9)
 	servers := map[string][]*lab.EchoServer{}
 	for _, be := range l.Backends {
 		servers[be.Name] = serveEchoOn(t, be, l.VIP4, l.VIP6, be.Addr4, be.Addr6)

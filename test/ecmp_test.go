@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -27,65 +28,107 @@ func newConns(t *testing.T, api *control.Client, vip netip.AddrPort) uint64 {
 	return 0
 }
 
-// TestECMPHostFails: two tether hosts announce the VIP to a BIRD router,
-// which spreads the clients' connections over both (ECMP, hashing ports
-// too). Host 2 drained and undrained: every connection echoes on its
-// backend whichever host it crosses. Host 1 dies (its link goes down, as
-// when a machine dies: no word to the router): once the router's session
-// with it times out, every flow it carried reaches host 2, which has no
-// connection entry for it and takes its backend from the ring, the same
-// as host 1's: every connection goes on echoing, on the backend it had.
-func TestECMPHostFails(t *testing.T) {
-	l, router, bird, lbs := bgpLab(t, lab.Options{Backends: 3, Clients: 16}, 2)
-	lb2 := lbs[1]
+// TestECMPScaleOut: tether hosts announce the VIP to a BIRD router, which
+// spreads flows over them by ECMP (hashing ports too), while 300 WebSocket
+// connections from 150 addresses echo every 100 ms through everything:
+//   - both hosts carry connections, and every client's connections reach
+//     one backend whichever host they cross;
+//   - host 2 drained and undrained: withdrawn and announced again;
+//   - host 3 starts: it announces, the router moves a share of the
+//     existing flows to it (it has no entry for them: its ring gives the
+//     backend) and sends it a share of new connections;
+//   - host 1 dies as a machine does: its link goes down first (no word to
+//     the router), then its daemon is killed (SIGKILL) and its XDP program
+//     detached. The router's session times out within the hold time (3 s
+//     here) and the flows host 1 carried reach hosts 2 and 3, whose rings
+//     give the backends they had.
+//
+// No connection closes, no echo is lost or comes from another backend,
+// and every client still reaches the one backend it had.
+func TestECMPScaleOut(t *testing.T) {
+	const hold = 3 * time.Second
+	l, router, bird, lbs := bgpLab(t, lab.Options{Backends: 3}, 3, int(hold/time.Second))
 	for _, be := range l.Backends {
 		serveEchoOn(t, be, l.VIP4, l.VIP6, be.Addr4, be.Addr6)
 	}
 	base := healthConfig(l, l.Backends, "{type: websocket, path: /health, interval: 200ms, timeout: 150ms, rise: 1, fall: 2}")
-	d1 := startDaemon(t, l, base+bgpBlock(l.Balancer, router, time.Second))
-	d2 := startDaemonOn(t, lb2, filepath.Join(l.BPFFS, "tether-lb2"), base+bgpBlock(lb2, router, time.Second))
-	api1, api2 := control.NewClient(d1.socket), control.NewClient(d2.socket)
+	pinDirs := []string{labPinDir(l), filepath.Join(l.BPFFS, "tether-lb2"), filepath.Join(l.BPFFS, "tether-lb3")}
+	start := func(i int) (*daemon, *control.Client) {
+		d := startDaemonOn(t, lbs[i], pinDirs[i], base+bgpBlock(lbs[i], router, time.Second))
+		return d, control.NewClient(d.socket)
+	}
+	d1, api1 := start(0)
+	d2, api2 := start(1)
 	vip := netip.AddrPortFrom(l.VIP4, chatPort)
+	hops := func(hosts ...*lab.Host) []netip.Addr {
+		var out []netip.Addr
+		for _, h := range hosts {
+			out = append(out, h.Addr4)
+		}
+		return out
+	}
 
-	awaitRoute(t, bird, l.VIP4, l.Balancer.Addr4, lb2.Addr4)
-	routeThrough(t, l, router, l.Balancer, lb2)
-
-	conns := dialAllAt(t, l, l.ClientAddrs4, vip, 4)
+	awaitRoute(t, bird, l.VIP4, hops(lbs[0], lbs[1])...)
+	routeThrough(t, l, router, lbs[0], lbs[1])
+	conns := dialAllAt(t, l, l.ClientAddrs4, vip, 2)
+	backendsByClient(t, conns)
 	on1, on2 := newConns(t, api1, vip), newConns(t, api2, vip)
-	t.Logf("%d connections: host 1 took %d, host 2 %d", len(conns), on1, on2)
+	t.Logf("%d connections from %d addresses: host 1 took %d, host 2 %d", len(conns), len(l.ClientAddrs4), on1, on2)
 	if on1 == 0 || on2 == 0 {
 		t.Fatalf("the router sent every connection to one host (%d, %d): no ECMP spread", on1, on2)
 	}
 
-	// Host 2 drained: the router sends everything to host 1, whose ring
-	// gives the flows that crossed host 2 the backends they had; undrained,
-	// the flows spread again, and those that come back to host 2 find
-	// their entries or the same ring.
-	for _, step := range []struct {
-		cmd  string
-		hops []netip.Addr
-	}{{"drain", []netip.Addr{l.Balancer.Addr4}}, {"undrain", []netip.Addr{l.Balancer.Addr4, lb2.Addr4}}} {
-		d2.mustCLI("host", step.cmd)
-		took := awaitRoute(t, bird, l.VIP4, step.hops...)
-		if lost := echoOnBackends(t, conns, step.cmd); lost > 0 {
-			t.Errorf("after host 2's %s: %d connections lost or moved", step.cmd, lost)
+	var fresh []*conn
+	var api3 *control.Client
+	total, worst := echoWaiting(t, conns, 20*time.Second, func() {
+		for _, step := range []struct {
+			cmd  string
+			hops []netip.Addr
+		}{{"drain", hops(lbs[0])}, {"undrain", hops(lbs[0], lbs[1])}} {
+			d2.mustCLI("host", step.cmd)
+			took := awaitRoute(t, bird, l.VIP4, step.hops...)
+			t.Logf("host 2 %sed: the router followed in %v", step.cmd, took.Round(time.Millisecond))
+			time.Sleep(time.Second)
 		}
-		t.Logf("host 2 %sed: the router followed in %v; every connection echoes on its backend", step.cmd, took.Round(time.Millisecond))
-	}
 
-	// Host 1 dies.
-	died := time.Now()
-	if err := l.Balancer.Run("ip", "link", "set", "dev", "eth0", "down"); err != nil {
-		t.Fatal(err)
-	}
-	took := awaitRoute(t, bird, l.VIP4, lb2.Addr4)
-	t.Logf("the router moved the VIP to host 2 alone %v after host 1 died (hold time 9s)", took.Round(time.Millisecond))
+		// Host 3 joins.
+		_, api3 = start(2)
+		took := awaitRoute(t, bird, l.VIP4, hops(lbs...)...)
+		routeThrough(t, l, router, lbs...)
+		time.Sleep(time.Second)
+		moved := newConns(t, api3, vip)
+		fresh = dialAllAt(t, l, l.ClientAddrs4, vip, 1)
+		took3 := newConns(t, api3, vip) - moved
+		t.Logf("host 3 announced %v after it started; it carries %d existing flows and took %d of %d new connections", took.Round(time.Millisecond), moved, took3, len(fresh))
+		if moved == 0 || took3 == 0 {
+			t.Errorf("host 3 took %d existing flows and %d new connections: want a share of both", moved, took3)
+		}
 
-	// Every connection echoes again, on its backend.
-	lost := echoOnBackends(t, conns, "host 1 died")
-	t.Logf("%d of %d connections echo on their backend %v after host 1 died: %d lost; host 2 chose the backend of %d flows by its ring since the start",
-		len(conns)-lost, len(conns), time.Since(died).Round(time.Millisecond), lost, newConns(t, api2, vip)-on2)
-	for _, c := range conns {
-		c.ws.Close()
+		// Host 1 dies.
+		if err := lbs[0].Run("ip", "link", "set", "dev", "eth0", "down"); err != nil {
+			t.Fatal(err)
+		}
+		if err := d1.proc.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		if out, code := runIn(t, lbs[0], "detach", "--pin-dir", pinDirs[0]); code != 0 || !strings.Contains(out, "detached the XDP program from eth0") {
+			t.Fatalf("tether detach on host 1: exit %d\n%s", code, out)
+		}
+		took = awaitRoute(t, bird, l.VIP4, hops(lbs[1], lbs[2])...)
+		if took > hold+time.Second {
+			t.Errorf("the router withdrew host 1 %v after it died: want within the hold time (%v)", took, hold)
+		}
+		t.Logf("host 1 died (link down, daemon killed, XDP detached): the router withdrew it %v later (hold time %v)", took.Round(time.Millisecond), hold)
+		// Long enough for every flow held up on the dead host to
+		// retransmit (TCP backs off 0.2, 0.4, ... 3.2 s) and echo again.
+		time.Sleep(10 * time.Second)
+	})
+	t.Logf("%d connections echoed %d messages through drain, a third host and host 1's death: none lost, none moved; the longest exchange took %v",
+		len(conns), total, worst.Round(time.Millisecond))
+	all := append(conns, fresh...)
+	if lost := echoOnBackends(t, all, "after host 1 died"); lost > 0 {
+		t.Errorf("%d of %d connections lost or moved", lost, len(all))
 	}
+	backendsByClient(t, all)
+	t.Logf("flows entered by host since it started: host 2 %d, host 3 %d", newConns(t, api2, vip), newConns(t, api3, vip))
 }

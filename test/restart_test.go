@@ -75,9 +75,10 @@ func logTime(t testing.TB, log, s string) time.Time {
 // backend.
 type echoer struct {
 	c      *conn
-	echoes int     // replies received in order
-	err    error   // the first failure
-	worst  float64 // longest round trip, in milliseconds
+	wait   time.Duration // how long one exchange may take (0: 5 s)
+	echoes int           // replies received in order
+	err    error         // the first failure
+	worst  float64       // longest round trip, in milliseconds
 }
 
 func (e *echoer) run(stop <-chan struct{}, interval time.Duration) {
@@ -89,7 +90,11 @@ func (e *echoer) run(stop <-chan struct{}, interval time.Duration) {
 			return
 		case <-tick.C:
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		wait := e.wait
+		if wait == 0 {
+			wait = 5 * time.Second
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
 		start := time.Now()
 		err := e.exchange(ctx, seq)
 		cancel()
@@ -441,11 +446,20 @@ func snmpCounters(t *testing.T, h *lab.Host, group string, names ...string) []ui
 // any connection that lost an echo or closed. It returns the echoes.
 func echoWhile(t *testing.T, open []*conn, changes func()) int {
 	t.Helper()
+	total, _ := echoWaiting(t, open, 5*time.Second, changes)
+	return total
+}
+
+// echoWaiting is echoWhile with wait for each exchange of two echoes,
+// for changes that hold packets up (a route that times out). It also
+// returns the longest exchange.
+func echoWaiting(t *testing.T, open []*conn, wait time.Duration, changes func()) (total int, worst time.Duration) {
+	t.Helper()
 	echoers := make([]*echoer, len(open))
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for i, c := range open {
-		echoers[i] = &echoer{c: c}
+		echoers[i] = &echoer{c: c, wait: wait}
 		wg.Go(func() { echoers[i].run(stop, 100*time.Millisecond) })
 	}
 	stopped := false
@@ -461,15 +475,15 @@ func echoWhile(t *testing.T, open []*conn, changes func()) int {
 	changes()
 	time.Sleep(time.Second)
 	stopEchoers()
-	total := 0
 	for _, e := range echoers {
 		if e.err != nil {
 			t.Error(e.err)
 		}
 		total += e.echoes
+		worst = max(worst, time.Duration(e.worst*float64(time.Millisecond)))
 	}
 	if t.Failed() {
 		t.FailNow()
 	}
-	return total
+	return total, worst
 }

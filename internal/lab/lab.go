@@ -626,6 +626,16 @@ func loadXDPPass() (*ebpf.Program, error) {
 // veth whose peer runs XDP loses its software segmentation offload, so h
 // sends TCP in MTU-sized segments, a cost real NICs do not have.
 //
+// It also pins h's MAC to the port with a static forwarding entry. An XDP
+// program on a veth sees every frame the bridge floods to it, whatever its
+// destination MAC, where a real NIC drops unicast frames for other
+// addresses before any program runs. When a balancer's port goes down the
+// bridge forgets what it learned there and floods the frames still sent to
+// that balancer's MAC; the other balancers' programs would take them up
+// at once, hiding the outage a real network has until the router's
+// session times out. With the entry kept, those frames die with the port,
+// as they do on real hardware.
+//
 // Off, it detaches the program and turns the offload back on: the port is
 // an ordinary one again, which is right for balancers that do not use XDP.
 func (l *Lab) SetPortXDP(h *Host, on bool) error {
@@ -651,7 +661,13 @@ func (l *Lab) SetPortXDP(h *Host, on bool) error {
 				return fmt.Errorf("detach xdp from wire port %s: %w", h.Name, err)
 			}
 			delete(l.portXDP, h)
+			if err := netlink.NeighDel(portFDB(h)); err != nil && !errors.Is(err, unix.ENOENT) {
+				return fmt.Errorf("remove the forwarding entry of %s: %w", h.Name, err)
+			}
 			return setTxChecksum(h.Name, true)
+		}
+		if err := netlink.NeighSet(portFDB(h)); err != nil {
+			return fmt.Errorf("pin the MAC of %s to its wire port: %w", h.Name, err)
 		}
 		// A frame the host sends back with XDP_TX keeps its bytes but
 		// loses the skb's "checksum to be filled in" state, so partial
@@ -671,6 +687,17 @@ func (l *Lab) SetPortXDP(h *Host, on bool) error {
 		l.portXDP[h] = lk
 		return nil
 	})
+}
+
+// portFDB is the bridge's static forwarding entry for h's MAC on h's port.
+func portFDB(h *Host) *netlink.Neigh {
+	return &netlink.Neigh{
+		LinkIndex:    h.PortIfindex,
+		Family:       unix.AF_BRIDGE,
+		State:        netlink.NUD_NOARP,
+		Flags:        netlink.NTF_MASTER,
+		HardwareAddr: h.MAC,
+	}
 }
 
 // waitReady waits until each host's eth0 and bridge port are operationally
