@@ -13,47 +13,20 @@ import (
 	"github.com/tetherlb/tether/internal/lab"
 )
 
-// The AS numbers of the BGP tests: the router's, the tether hosts'.
-const (
-	routerAS = 65000
-	tetherAS = 65001
-)
-
-// birdConfig is the configuration of a BIRD router that peers with each
-// of hosts (IPv4 and IPv6 sessions, passive: tether opens them), imports
-// every route and spreads a prefix over the hosts that announce it (ECMP
-// into its own kernel table). hold is the hold time it offers, in seconds:
-// sessions take the smaller of the two sides' (tether's default is 9).
-func birdConfig(router *lab.Host, hold int, hosts ...*lab.Host) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "router id %s;\nlog stderr all;\nprotocol device {}\n", router.Addr4)
-	fmt.Fprintf(&b, "protocol kernel { ipv4 { export all; }; merge paths on; }\nprotocol kernel { ipv6 { export all; }; merge paths on; }\n")
-	for i, h := range hosts {
-		for _, fam := range []struct {
-			name        string
-			local, peer netip.Addr
-		}{{"ipv4", router.Addr4, h.Addr4}, {"ipv6", router.Addr6, h.Addr6}} {
-			fmt.Fprintf(&b, "protocol bgp %s%d {\n  local %s as %d;\n  neighbor %s as %d;\n  passive on;\n  hold time %d;\n  %s { import all; export none; };\n}\n",
-				fam.name, i, fam.local, routerAS, fam.peer, tetherAS, hold, fam.name)
-		}
-	}
-	return b.String()
-}
-
 // bgpBlock is the bgp block of a tether host that peers with router.
 func bgpBlock(h, router *lab.Host, delay time.Duration) string {
 	return fmt.Sprintf("bgp:\n  asn: %d\n  router_id: %s\n  reannounce_delay: %s\n  peers:\n    - {address: %s, asn: %d}\n    - {address: %s, asn: %d}\n",
-		tetherAS, h.Addr4, delay, router.Addr4, routerAS, router.Addr6, routerAS)
+		lab.BalancerAS, h.Addr4, delay, router.Addr4, lab.RouterAS, router.Addr6, lab.RouterAS)
 }
 
 // announced returns the next hops BIRD has for vip's host route.
 func announced(t *testing.T, b *lab.Bird, vip netip.Addr) []netip.Addr {
 	t.Helper()
-	routes, err := b.Routes()
+	hops, err := b.NextHops(vip)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return routes[netip.PrefixFrom(vip, vip.BitLen())]
+	return hops
 }
 
 // awaitRoute waits until BIRD's route to vip has exactly the next hops
@@ -61,10 +34,8 @@ func announced(t *testing.T, b *lab.Bird, vip netip.Addr) []netip.Addr {
 func awaitRoute(t *testing.T, b *lab.Bird, vip netip.Addr, want ...netip.Addr) time.Duration {
 	t.Helper()
 	return waitFor(t, fmt.Sprintf("the router's route to %s via %v", vip, want), 15*time.Second, func() bool {
-		got := announced(t, b, vip)
-		slices.SortFunc(got, netip.Addr.Compare)
 		slices.SortFunc(want, netip.Addr.Compare)
-		return slices.Equal(got, want)
+		return slices.Equal(announced(t, b, vip), want)
 	})
 }
 
@@ -86,14 +57,8 @@ func bgpLab(t *testing.T, opts lab.Options, n, hold int) (l *lab.Lab, router *la
 		}
 		lbs = append(lbs, lb)
 	}
-	router, err := l.AddRouter()
+	router, bird, err := l.StartECMPRouter(t.TempDir(), hold, lbs...)
 	if err != nil {
-		t.Fatal(err)
-	}
-	if err := router.Sysctl("net/ipv4/fib_multipath_hash_policy", "1"); err != nil {
-		t.Fatal(err)
-	}
-	if bird, err = router.StartBird(t.TempDir(), birdConfig(router, hold, lbs...)); err != nil {
 		t.Fatal(err)
 	}
 	return l, router, bird, lbs

@@ -37,6 +37,20 @@ connection breaks. It then plays scenarios, each for --duration:
             connection is lost, new clients go elsewhere
   scaleout  a backend is added: existing connections stay, about 1/(N+1)
             of new clients' choices move to it
+  hostkill  with --hosts 2 or more: balancer host 1 dies as a machine does
+            (link down, daemon SIGKILL, XDP detached); the router withdraws
+            it within the BGP hold time (3s) and its flows reach the other
+            hosts on the backends they had; half-way it comes back
+
+With --hosts N (2 to 4) the lab has N balancer hosts behind a router
+namespace running BIRD 2 (install bird2), each host's daemon announcing
+the VIP by BGP, the router spreading the clients' flows over them by a
+layer-4 hash (ECMP). The default order is then steady, hostkill, kill,
+drain, scaleout: a host dies while the backends are those the
+connections began with (after a backend change, hosts do not share
+connection state yet, and some flows of a dead host would change
+backend). The view and the plain lines show what each host carries:
+whether it announces the VIP and the packets per second it forwards.
 
 On a terminal it shows the live view of "tether top", redrawn every second
 from the daemon's API (per backend its state, health, active connections,
@@ -52,10 +66,11 @@ Everything is removed at the end, or on Ctrl-C; --keep leaves the lab up
 until Ctrl-C and prints how to reach it. It needs root.`,
 	Flags: []cli.Flag{
 		&cli.IntFlag{Name: "backends", Value: lab.DefaultBackends, Usage: "backends at the start (scaleout adds one)"},
+		&cli.IntFlag{Name: "hosts", Value: 1, Usage: "balancer hosts; 2 or more run behind a BIRD router that spreads flows over them (ECMP, BGP)"},
 		&cli.IntFlag{Name: "clients", Value: 30, Usage: "WebSocket clients, each from an address of its own"},
 		&cli.DurationFlag{Name: "duration", Value: 10 * time.Second, Usage: "how long each scenario runs"},
 		&cli.StringFlag{Name: "datapath", Value: config.DatapathAuto, Usage: "the daemon's datapath: auto (XDP when possible, else splice), xdp, xdp-generic or splice"},
-		&cli.StringFlag{Name: "scenario", Usage: "play only `NAME`: steady, kill, drain or scaleout (default: all, in that order)"},
+		&cli.StringFlag{Name: "scenario", Usage: "play only `NAME`: steady, kill, drain, scaleout, or hostkill with --hosts 2 or more (default: all)"},
 		&cli.BoolFlag{Name: "keep", Usage: "leave the lab up at the end, print how to reach it, and wait for Ctrl-C"},
 		&cli.BoolFlag{Name: "no-tty", Usage: "plain periodic lines instead of the live view, even on a terminal"},
 	},
@@ -64,8 +79,11 @@ until Ctrl-C and prints how to reach it. It needs root.`,
 			return err
 		}
 		o := scenario.Options{
-			Backends: c.Int("backends"), Clients: c.Int("clients"), Duration: c.Duration("duration"),
+			Backends: c.Int("backends"), Hosts: c.Int("hosts"), Clients: c.Int("clients"), Duration: c.Duration("duration"),
 			Datapath: c.String("datapath"), Keep: c.Bool("keep"), Scenarios: scenario.Names,
+		}
+		if o.Hosts > 1 {
+			o.Scenarios = scenario.HostNames
 		}
 		if tty, _ := terminal(c.App.Writer); tty && !c.Bool("no-tty") {
 			o.View = liveView(c.App.Writer)
@@ -73,6 +91,8 @@ until Ctrl-C and prints how to reach it. It needs root.`,
 		switch {
 		case o.Backends < 2 || o.Backends > lab.MaxBackends-1:
 			return usagef("lab: --backends must be 2 to %d, got %d", lab.MaxBackends-1, o.Backends)
+		case o.Hosts < 1 || o.Hosts > scenario.MaxHosts:
+			return usagef("lab: --hosts must be 1 to %d, got %d", scenario.MaxHosts, o.Hosts)
 		case o.Clients < 1 || o.Clients > scenario.MaxClients:
 			return usagef("lab: --clients must be 1 to %d, got %d", scenario.MaxClients, o.Clients)
 		case o.Duration < time.Second:
@@ -82,8 +102,11 @@ until Ctrl-C and prints how to reach it. It needs root.`,
 			return usagef("lab: --datapath: %v", err)
 		}
 		if s := c.String("scenario"); s != "" {
-			if !slices.Contains(scenario.Names, s) {
-				return usagef("lab: --scenario %q is not one of %s", s, strings.Join(scenario.Names, ", "))
+			if !slices.Contains(o.Scenarios, s) {
+				if slices.Contains(scenario.HostNames, s) {
+					return usagef("lab: --scenario %s needs --hosts 2 or more", s)
+				}
+				return usagef("lab: --scenario %q is not one of %s", s, strings.Join(o.Scenarios, ", "))
 			}
 			o.Scenarios = []string{s}
 		}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 )
@@ -124,4 +125,77 @@ func parseBirdRoutes(out string) map[netip.Prefix][]netip.Addr {
 		}
 	}
 	return routes
+}
+
+// The AS numbers of an ECMP router (StartECMPRouter) and of the balancers
+// that peer with it.
+const (
+	RouterAS   = 65000
+	BalancerAS = 65001
+)
+
+// BirdECMPConfig is the configuration of a BIRD router that peers with
+// each of hosts (IPv4 and IPv6 sessions, passive: the balancers open
+// them), imports every route and spreads a prefix over the hosts that
+// announce it (ECMP into its kernel table). hold is the hold time it
+// offers, in seconds: a session takes the smaller of both sides'.
+func BirdECMPConfig(router *Host, hold int, hosts ...*Host) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "router id %s;\nlog stderr all;\nprotocol device {}\n", router.Addr4)
+	fmt.Fprintf(&b, "protocol kernel { ipv4 { export all; }; merge paths on; }\nprotocol kernel { ipv6 { export all; }; merge paths on; }\n")
+	for i, h := range hosts {
+		for _, fam := range []struct {
+			name        string
+			local, peer netip.Addr
+		}{{"ipv4", router.Addr4, h.Addr4}, {"ipv6", router.Addr6, h.Addr6}} {
+			fmt.Fprintf(&b, "protocol bgp %s%d {\n  local %s as %d;\n  neighbor %s as %d;\n  passive on;\n  hold time %d;\n  error wait time 1, 5;\n  %s { import all; export none; };\n}\n",
+				fam.name, i, fam.local, RouterAS, fam.peer, BalancerAS, hold, fam.name)
+		}
+	}
+	return b.String()
+}
+
+// StartECMPRouter adds the router (AddRouter), has its kernel hash the
+// 5-tuple when it spreads flows over equal-cost paths, and runs BIRD there
+// with BirdECMPConfig for hosts, its files in dir.
+func (l *Lab) StartECMPRouter(dir string, hold int, hosts ...*Host) (*Host, *Bird, error) {
+	if err := BirdAvailable(); err != nil {
+		return nil, nil, err
+	}
+	router, err := l.AddRouter()
+	if err != nil {
+		return nil, nil, err
+	}
+	// Hash the 5-tuple (policy 3, fields: addresses, protocol, ports)
+	// rather than policy 1 (layer 4): policy 1 takes a layer-4 hash the
+	// packet already carries, and on veth that is the sending socket's
+	// own hash, which TCP draws again after a retransmission timeout. A
+	// flow held up on a dead host would so find a new path and stay there
+	// when the host comes back, where a real router hashes the headers
+	// (or its NIC does) and moves the flow back.
+	for _, fam := range []string{"ipv4", "ipv6"} {
+		if err := router.Sysctl("net/"+fam+"/fib_multipath_hash_policy", "3"); err != nil {
+			return nil, nil, err
+		}
+		if err := router.Sysctl("net/"+fam+"/fib_multipath_hash_fields", "0x0037"); err != nil {
+			return nil, nil, err
+		}
+	}
+	bird, err := router.StartBird(dir, BirdECMPConfig(router, hold, hosts...))
+	if err != nil {
+		return nil, nil, err
+	}
+	return router, bird, nil
+}
+
+// NextHops returns the next hops BIRD has for addr's host route, sorted
+// (none: no route).
+func (b *Bird) NextHops(addr netip.Addr) ([]netip.Addr, error) {
+	routes, err := b.Routes()
+	if err != nil {
+		return nil, err
+	}
+	hops := routes[netip.PrefixFrom(addr, addr.BitLen())]
+	slices.SortFunc(hops, netip.Addr.Compare)
+	return hops, nil
 }

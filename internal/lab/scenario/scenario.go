@@ -1,8 +1,9 @@
 // Package scenario plays the scenarios of `tether lab` on a lab of network
 // namespaces (package lab): a WebSocket echo backend on each backend host,
-// `tether run` on the balancer, WebSocket clients that echo and reconnect,
-// and the scenarios steady, kill, drain and scaleout, each with one line
-// of what happened and what theory expects. The CLI parses the flags and
+// `tether run` on the balancer (or on several, behind a BIRD router that
+// spreads flows over them by ECMP), WebSocket clients that echo and
+// reconnect, and the scenarios steady, kill, drain, scaleout and
+// hostkill, each with one line of what happened and what theory expects. The CLI parses the flags and
 // draws the live view; everything else is here.
 package scenario
 
@@ -18,6 +19,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tetherlb/tether/config"
@@ -31,7 +33,17 @@ const (
 	Port        = 8765
 	ServiceName = "chat"
 	echoEvery   = 200 * time.Millisecond // one echo per client and period
-	echoTimeout = time.Second            // an echo that takes longer breaks the connection
+	// echoTimeout is how long an echo may take before the client calls
+	// its connection broken: longer than a dead balancer host takes to
+	// leave the router's routes (the hold time) plus TCP's next
+	// retransmission, which delay its flows without losing them.
+	echoTimeout = 10 * time.Second
+	// HoldTime is the BGP hold time of the hosts' sessions with the
+	// router, in seconds: how long the router takes at most to notice a
+	// dead host.
+	HoldTime = 3
+	// MaxHosts is the most balancer hosts a lab runs.
+	MaxHosts    = 4
 	dialTimeout = 2 * time.Second
 	// Probes is how many fresh client addresses a scenario that probes new
 	// connections uses.
@@ -42,16 +54,25 @@ const (
 	clearScreen = "\033[H\033[2J"
 )
 
-// Names are the scenarios, in the order Run plays them by default.
+// Names are the scenarios, in the order Run plays them by default with
+// one balancer host.
 var Names = []string{"steady", "kill", "drain", "scaleout"}
+
+// HostNames are the scenarios, in the order Run plays them by default
+// with several hosts: a host dies while the backends are as they were
+// when the connections began. After a backend change, the flows a dead
+// host carried and whose ring slot changed would land on another backend
+// (no host shares its connection table yet).
+var HostNames = []string{"steady", "hostkill", "kill", "drain", "scaleout"}
 
 // Options say what to play. Run checks none of them: the CLI does.
 type Options struct {
 	Backends  int           // backends at the start (2..lab.MaxBackends-1; scaleout adds one)
+	Hosts     int           // balancer hosts (1..MaxHosts); 2 or more run a BIRD router with ECMP
 	Clients   int           // WebSocket clients, each from an address of its own (1..MaxClients)
 	Duration  time.Duration // how long each scenario runs (1s or more)
 	Datapath  string        // the daemon's datapath (config.Datapath*)
-	Scenarios []string      // among Names, in order
+	Scenarios []string      // among Names (HostNames with Hosts > 1), in order
 	Keep      bool          // leave the lab up at the end, until ctx ends
 	Exe       string        // the tether binary the hosts run (tether run, tether echo)
 	// View, if set, is the live view drawn every second above the lab's
@@ -96,13 +117,15 @@ func (l *liveLog) redraw(view string) {
 	io.WriteString(l.w, b.String())
 }
 
-// run is a running lab with its daemon and clients.
+// run is a running lab with its daemons and clients.
 type run struct {
 	w        io.Writer
 	o        Options
 	l        *lab.Lab
-	api      *control.Client
-	daemon   *lab.Proc
+	dir      string // the daemons' files
+	hosts    []*balancer
+	router   *lab.Host // with Hosts > 1
+	bird     *lab.Bird
 	backends []*lab.Host          // our copy: the lab's grows with AddBackend
 	echoes   map[string]*lab.Proc // by backend name
 	mu       sync.Mutex
@@ -111,7 +134,20 @@ type run struct {
 	probes   []netip.Addr // fresh client addresses, consumed by probe
 	url      string
 	svc      string   // the service's VIP:PORT, as the API names it
+	proxied  bool     // the daemons proxy (splice): connections end on a host
 	log      *liveLog // with a View
+}
+
+// balancer is one balancer host with its daemon.
+type balancer struct {
+	h      *lab.Host
+	n      int // 1, 2, ...
+	daemon *lab.Proc
+	api    *control.Client
+	socket string
+	dead   atomic.Bool // killed by hostkill, not started again yet
+	pkts   uint64      // packets forwarded, at the last report
+	at     time.Time   // of pkts
 }
 
 // client is one client address with one WebSocket connection.
@@ -129,10 +165,16 @@ func (c *client) state() (backend string, up bool, breaks int) {
 	return c.backend, c.up, c.breaks
 }
 
-// Run builds a lab, starts the backends, the daemon and the clients, plays
-// o.Scenarios, writing what happens to w, and removes everything (at the
-// end, or when ctx ends; with o.Keep once ctx ends). It needs root.
+// Run builds a lab, starts the backends, the daemons (and the router) and
+// the clients, plays o.Scenarios, writing what happens to w, and removes
+// everything (at the end, or when ctx ends; with o.Keep once ctx ends).
+// It needs root.
 func Run(ctx context.Context, w io.Writer, o Options) (err error) {
+	if o.Hosts > 1 {
+		if err := lab.BirdAvailable(); err != nil {
+			return fmt.Errorf("tether lab --hosts %d runs a BIRD 2 router: %w", o.Hosts, err)
+		}
+	}
 	l, err := lab.New(lab.Options{Backends: o.Backends, Clients: o.Clients + 2*Probes})
 	if err != nil {
 		return fmt.Errorf("lab: %w (tether lab needs root with network namespaces, bpffs and the ip command: on Debian or Ubuntu, apt-get install iproute2)", err)
@@ -145,46 +187,80 @@ func Run(ctx context.Context, w io.Writer, o Options) (err error) {
 	r := &run{w: w, o: o, l: l, log: lg, echoes: map[string]*lab.Proc{}, names: map[string]string{},
 		backends: slices.Clone(l.Backends), url: "ws://" + netip.AddrPortFrom(l.VIP4, Port).String() + "/chat",
 		probes: l.ClientAddrs4[o.Clients:], svc: netip.AddrPortFrom(l.VIP4, Port).String()}
-	dir, err := os.MkdirTemp("", "tether-"+l.ID+"-lab-")
-	if err != nil {
+	if r.dir, err = os.MkdirTemp("", "tether-"+l.ID+"-lab-"); err != nil {
 		l.Close()
 		return err
 	}
 	defer func() {
 		var cerr error
-		// The daemon runs with --clean: SIGTERM detaches the program and
+		// The daemons run with --clean: SIGTERM detaches the program and
 		// removes its pinned state; Close then removes the rest.
-		if r.daemon != nil {
-			if e := r.daemon.Stop(); e != nil {
-				cerr = fmt.Errorf("stop the daemon: %w", e)
+		for _, b := range r.hosts {
+			if b.daemon == nil {
+				continue
+			}
+			if e := b.daemon.Stop(); e != nil {
+				cerr = errors.Join(cerr, fmt.Errorf("stop the daemon on %s: %w", b.h.Name, e))
 			}
 		}
 		if e := l.Close(); e != nil {
 			cerr = errors.Join(cerr, fmt.Errorf("remove the lab: %w", e))
 		}
-		os.RemoveAll(dir)
+		os.RemoveAll(r.dir)
 		err = errors.Join(err, cerr)
 		if cerr == nil {
 			fmt.Fprintf(w, "lab %s removed: namespaces, processes, bpffs\n", l.ID)
 		}
 	}()
-	fmt.Fprintf(w, "lab %s: namespaces tether-%s-{client,lb,be1..be%d,wire}, %d clients, %d backends, %v per scenario\n",
-		l.ID, l.ID, o.Backends, o.Clients, o.Backends, o.Duration)
+	r.hosts = []*balancer{{h: l.Balancer, n: 1}}
+	for len(r.hosts) < o.Hosts {
+		h, err := l.AddBalancer()
+		if err != nil {
+			return err
+		}
+		r.hosts = append(r.hosts, &balancer{h: h, n: len(r.hosts) + 1})
+	}
+	lbs := "lb"
+	if o.Hosts > 1 {
+		lbs = "lb,lb2,router"
+		if o.Hosts > 2 {
+			lbs = fmt.Sprintf("lb,lb2..lb%d,router", o.Hosts)
+		}
+		var hs []*lab.Host
+		for _, b := range r.hosts {
+			hs = append(hs, b.h)
+		}
+		if r.router, r.bird, err = l.StartECMPRouter(r.dir, HoldTime, hs...); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(w, "lab %s: namespaces tether-%s-{client,%s,be1..be%d,wire}, %d clients, %d backends, %v per scenario\n",
+		l.ID, l.ID, lbs, o.Backends, o.Clients, o.Backends, o.Duration)
 	for _, be := range r.backends {
 		if err := r.startEcho(ctx, be); err != nil {
 			return err
 		}
 	}
-	socket := filepath.Join(dir, "tether.sock")
-	if err := r.startDaemon(ctx, dir, socket); err != nil {
+	for _, b := range r.hosts {
+		if err := r.startDaemon(ctx, b); err != nil {
+			return err
+		}
+	}
+	if err := r.routeThroughRouter(ctx); err != nil {
 		return err
 	}
-	st, err := r.api.Status(ctx)
+	st, err := r.api().Status(ctx)
 	if err != nil {
 		return err
 	}
 	dp := modes(st)
-	fmt.Fprintf(w, "daemon pid %d: datapath %s (%s), source affinity, health checks every 500ms\n", r.daemon.Cmd.Process.Pid, st.Datapath, dp)
+	r.proxied = strings.Contains(dp, config.DatapathSplice)
+	for _, b := range r.hosts {
+		fmt.Fprintf(w, "daemon on %s pid %d: datapath %s (%s), source affinity, health checks every 500ms\n", b.h.Name, b.daemon.Cmd.Process.Pid, st.Datapath, dp)
+	}
+	if r.router != nil {
+		fmt.Fprintf(w, "router %s (BIRD): the VIP via %s, flows spread by a layer-4 hash; BGP hold time %ds\n", r.router.Addr4, r.hopNames(), HoldTime)
+	}
 
 	cctx, stopClients := context.WithCancel(ctx)
 	var wg sync.WaitGroup
@@ -216,18 +292,97 @@ func Run(ctx context.Context, w io.Writer, o Options) (err error) {
 	if len(o.Scenarios) == 1 {
 		noun = "scenario"
 	}
-	fmt.Fprintf(w, "summary: %d %s (%s), datapath %s, %d clients, %d connections lost in all\n",
-		len(o.Scenarios), noun, strings.Join(o.Scenarios, ", "), dp, o.Clients, totalLost)
+	hosts := ""
+	if o.Hosts > 1 {
+		hosts = fmt.Sprintf(", %d hosts", o.Hosts)
+	}
+	fmt.Fprintf(w, "summary: %d %s (%s), datapath %s%s, %d clients, %d connections lost in all\n",
+		len(o.Scenarios), noun, strings.Join(o.Scenarios, ", "), dp, hosts, o.Clients, totalLost)
 	if o.Keep {
 		fmt.Fprintf(w, "lab %s kept up until Ctrl-C. Reach it with:\n", l.ID)
 		for _, h := range l.Hosts() {
 			fmt.Fprintf(w, "  sudo ip netns exec %s bash    # %s %s\n", h.NS, h.Name, h.Addr4)
 		}
-		fmt.Fprintf(w, "  sudo tether --socket %s status\n", socket)
+		for _, b := range r.hosts {
+			fmt.Fprintf(w, "  sudo tether --socket %s status    # %s\n", b.socket, b.h.Name)
+		}
 		fmt.Fprintf(w, "  sudo ip netns exec %s curl -s http://%s/\n", l.Client.NS, netip.AddrPortFrom(l.VIP4, Port))
 		<-ctx.Done()
 	}
 	return nil
+}
+
+// first is the first host alive.
+func (r *run) first() *balancer {
+	for _, b := range r.hosts {
+		if !b.dead.Load() {
+			return b
+		}
+	}
+	return r.hosts[0]
+}
+
+// api is the first host alive's API.
+func (r *run) api() *control.Client { return r.first().api }
+
+// eachAPI calls f with the API of every host alive: a change to the
+// backends is made on every host, as an operator does.
+func (r *run) eachAPI(f func(*control.Client) error) error {
+	for _, b := range r.hosts {
+		if b.dead.Load() {
+			continue
+		}
+		if err := f(b.api); err != nil {
+			return fmt.Errorf("%s: %w", b.h.Name, err)
+		}
+	}
+	return nil
+}
+
+// routeThroughRouter routes the clients' traffic to the VIP through the
+// router, once its kernel has the route through every host alive (with
+// one host, the clients reach it directly).
+func (r *run) routeThroughRouter(ctx context.Context) error {
+	if r.router == nil {
+		return nil
+	}
+	if err := r.awaitHops(ctx, 15*time.Second); err != nil {
+		return err
+	}
+	return r.l.Client.Run("ip", "route", "replace", r.l.VIP4.String()+"/32", "via", r.router.Addr4.String())
+}
+
+// awaitHops waits until the router's kernel routes the VIP through every
+// host alive, and through no other.
+func (r *run) awaitHops(ctx context.Context, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		out, err := r.router.Command("ip", "route", "show", r.l.VIP4.String()+"/32").Output()
+		ok := err == nil
+		for _, b := range r.hosts {
+			ok = ok && strings.Contains(string(out), "via "+b.h.Addr4.String()+" ") != b.dead.Load()
+		}
+		if ok {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the router does not route the VIP through %s after %v: %q", r.hopNames(), timeout, strings.TrimSpace(string(out)))
+		}
+		if err := sleepCtx(ctx, 20*time.Millisecond); err != nil {
+			return err
+		}
+	}
+}
+
+// hopNames names the hosts alive.
+func (r *run) hopNames() string {
+	var names []string
+	for _, b := range r.hosts {
+		if !b.dead.Load() {
+			names = append(names, b.h.Name)
+		}
+	}
+	return strings.Join(names, ", ")
 }
 
 // labDatapath names the modes in force, from the daemon's status.
@@ -274,7 +429,10 @@ func (r *run) startEcho(ctx context.Context, be *lab.Host) error {
 	return waitOutput(ctx, p, "tether echo on "+be.Name, "ready", 10*time.Second)
 }
 
-func (r *run) startDaemon(ctx context.Context, dir, socket string) error {
+// startDaemon writes b's configuration (the backends the lab has now;
+// with several hosts, a bgp block that peers with the router) and runs
+// tether on b until it reports ready.
+func (r *run) startDaemon(ctx context.Context, b *balancer) error {
 	cfg := config.Default()
 	cfg.Interfaces = []string{"eth0"}
 	cfg.Datapath = r.o.Datapath
@@ -287,22 +445,42 @@ func (r *run) startDaemon(ctx context.Context, dir, socket string) error {
 		s.Backends = append(s.Backends, config.Backend{Address: be.Addr4, Port: Port, Weight: 1, State: config.StateActive})
 	}
 	cfg.Services = []config.Service{s}
+	if r.router != nil {
+		cfg.BGP = &config.BGP{ASN: lab.BalancerAS, RouterID: b.h.Addr4, ReannounceDelay: time.Second,
+			GracefulRestart: config.DefaultGracefulRestart}
+		for _, a := range []netip.Addr{r.router.Addr4, r.router.Addr6} {
+			cfg.BGP.Peers = append(cfg.BGP.Peers, config.BGPPeer{Address: a, ASN: lab.RouterAS,
+				Port: config.DefaultBGPPort, HoldTime: HoldTime * time.Second})
+		}
+	}
 	data, err := cfg.Marshal()
 	if err != nil {
 		return err
 	}
-	path := filepath.Join(dir, "tether.yaml")
+	path := filepath.Join(r.dir, b.h.Name+".yaml")
 	if err := os.WriteFile(path, data, 0o600); err != nil {
 		return err
 	}
-	p, err := r.l.Balancer.Start(r.o.Exe, "run", "--config", path, "--socket", socket,
-		"--pin-dir", filepath.Join(r.l.BPFFS, "tether"), "--clean")
+	b.socket = filepath.Join(r.dir, b.h.Name+".sock")
+	p, err := b.h.Start(r.o.Exe, "run", "--config", path, "--socket", b.socket,
+		"--pin-dir", b.pinDir(r.l), "--clean")
 	if err != nil {
 		return err
 	}
-	r.daemon = p
-	r.api = control.NewClient(socket)
-	return waitOutput(ctx, p, "tether run", "msg=ready", 15*time.Second)
+	b.daemon = p
+	if b.api == nil {
+		b.api = control.NewClient(b.socket) // the same socket after a restart
+	}
+	b.dead.Store(false)
+	return waitOutput(ctx, p, "tether run on "+b.h.Name, "msg=ready", 15*time.Second)
+}
+
+// pinDir is where b's daemon pins its state, in the lab's bpffs.
+func (b *balancer) pinDir(l *lab.Lab) string {
+	if b.n == 1 {
+		return filepath.Join(l.BPFFS, "tether")
+	}
+	return filepath.Join(l.BPFFS, "tether-"+b.h.Name)
 }
 
 // runClient keeps one connection from c.src, echoing every echoEvery
@@ -392,22 +570,29 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 	}
 }
 
-// waitState waits (up to timeout) until the daemon reports backend be in
-// state.
+// waitState waits (up to timeout) until every host alive reports
+// backend be in state.
 func (r *run) waitState(ctx context.Context, be *lab.Host, state string, timeout time.Duration) error {
 	addr := netip.AddrPortFrom(be.Addr4, Port).String()
 	deadline := time.Now().Add(timeout)
 	for {
-		svcs, err := r.api.Services(ctx, r.svc)
-		if err == nil && len(svcs) > 0 {
+		err := r.eachAPI(func(api *control.Client) error {
+			svcs, err := api.Services(ctx, r.svc)
+			if err != nil || len(svcs) == 0 {
+				return fmt.Errorf("no service %s: %v", r.svc, err)
+			}
 			for _, b := range svcs[0].Backends {
 				if b.Address == addr && b.State == state {
 					return nil
 				}
 			}
+			return fmt.Errorf("%s is not %s after %v", be.Name, state, timeout)
+		})
+		if err == nil {
+			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%s is not %s after %v", be.Name, state, timeout)
+			return err
 		}
 		if err := sleepCtx(ctx, 50*time.Millisecond); err != nil {
 			return err
@@ -449,7 +634,8 @@ func (r *run) report(ctx context.Context, name string, start time.Time) {
 			r.drawView(ctx, name, start)
 			continue
 		}
-		svcs, err := r.api.Services(ctx, r.svc)
+		hosts := r.hostsLine(ctx)
+		svcs, err := r.api().Services(ctx, r.svc)
 		if err != nil || len(svcs) == 0 {
 			continue
 		}
@@ -479,7 +665,48 @@ func (r *run) report(ctx context.Context, name string, start time.Time) {
 			fmt.Fprintf(&line, " %s %s/%s %d conns %.0f%% |", n, b.State, b.Health.State, b.ActiveConnections, share)
 		}
 		fmt.Fprintln(r.w, strings.TrimSuffix(line.String(), " |"))
+		if hosts != "" {
+			fmt.Fprintf(r.w, "  %-8s %3.0fs  %s\n", name, time.Since(start).Seconds(), hosts)
+		}
 	}
+}
+
+// hostsLine says, with several hosts, what each carries: whether it is
+// alive and announces the VIP, and the packets per second it forwarded
+// since the last call (the router's share).
+func (r *run) hostsLine(ctx context.Context) string {
+	if len(r.hosts) < 2 {
+		return ""
+	}
+	parts := []string{"hosts:"}
+	for _, b := range r.hosts {
+		if b.dead.Load() {
+			parts = append(parts, b.h.Name+" dead |")
+			continue
+		}
+		var pkts uint64
+		st, err := b.api.Stats(ctx)
+		status, serr := b.api.Status(ctx)
+		if err != nil || serr != nil {
+			parts = append(parts, b.h.Name+" (no answer) |")
+			continue
+		}
+		for _, s := range st.Services {
+			pkts += s.Packets
+		}
+		route := "withdrawn"
+		if status.BGP != nil && len(status.BGP.Announced) > 0 {
+			route = "announced"
+		}
+		rate := 0.0
+		now := time.Now()
+		if !b.at.IsZero() && pkts >= b.pkts {
+			rate = float64(pkts-b.pkts) / now.Sub(b.at).Seconds()
+		}
+		b.pkts, b.at = pkts, now
+		parts = append(parts, fmt.Sprintf("%s %s %.0f pkt/s |", b.h.Name, route, rate))
+	}
+	return strings.TrimSuffix(strings.Join(parts, " "), " |")
 }
 
 // connected counts the clients connected now.
@@ -496,7 +723,7 @@ func (r *run) connected() int {
 // drawView redraws the live view from the daemon's status and counters,
 // with the lab's last lines below it.
 func (r *run) drawView(ctx context.Context, name string, start time.Time) {
-	view, err := r.o.View(ctx, r.api)
+	view, err := r.o.View(ctx, r.api())
 	if err != nil {
 		return
 	}
@@ -510,6 +737,9 @@ func (r *run) drawView(ctx context.Context, name string, start time.Time) {
 	slices.Sort(names)
 	head := fmt.Sprintf("tether lab %s: scenario %s %.0fs/%s, clients %d/%d connected (Ctrl-C to stop)\nbackends %s\n",
 		r.l.ID, name, time.Since(start).Seconds(), r.o.Duration, r.connected(), len(r.clients), strings.Join(names, " "))
+	if hosts := r.hostsLine(ctx); hosts != "" {
+		head += hosts + " (the view below is " + r.first().h.Name + "'s)\n"
+	}
 	r.log.redraw(head + view)
 }
 
@@ -545,6 +775,8 @@ func (r *run) scenario(ctx context.Context, name string) (int, error) {
 		detail, err = r.drain(ctx, start)
 	case "scaleout":
 		detail, err = r.scaleout(ctx, n)
+	case "hostkill":
+		detail, err = r.hostkill(ctx, start)
 	}
 	if err != nil {
 		return 0, err
@@ -603,7 +835,7 @@ func (r *run) kill(ctx context.Context, before []string) (string, error) {
 func (r *run) drain(ctx context.Context, start time.Time) (string, error) {
 	be := r.backends[0]
 	spec := control.BackendStateSpec{Service: r.svc, Backend: netip.AddrPortFrom(be.Addr4, Port).String(), State: config.StateDraining}
-	if _, err := r.api.SetBackendState(ctx, spec); err != nil {
+	if err := r.eachAPI(func(api *control.Client) error { _, err := api.SetBackendState(ctx, spec); return err }); err != nil {
 		return "", err
 	}
 	got, n := r.probe(ctx, Probes)
@@ -611,7 +843,7 @@ func (r *run) drain(ctx context.Context, start time.Time) (string, error) {
 		return "", err
 	}
 	spec.State = config.StateActive
-	if _, err := r.api.SetBackendState(ctx, spec); err != nil {
+	if err := r.eachAPI(func(api *control.Client) error { _, err := api.SetBackendState(ctx, spec); return err }); err != nil {
 		return "", err
 	}
 	return fmt.Sprintf("new connections while drained: %d/%d on %s, %d elsewhere (theory: 0 lost, 0 moved, 0 new on %s)",
@@ -630,7 +862,7 @@ func (r *run) scaleout(ctx context.Context, n int) (string, error) {
 		return "", err
 	}
 	spec := control.BackendSpec{Service: r.svc, Backend: netip.AddrPortFrom(be.Addr4, Port).String()}
-	if _, err := r.api.AddBackend(ctx, spec); err != nil {
+	if err := r.eachAPI(func(api *control.Client) error { _, err := api.AddBackend(ctx, spec); return err }); err != nil {
 		return "", err
 	}
 	if err := r.waitState(ctx, be, config.StateActive, 10*time.Second); err != nil {
@@ -639,4 +871,49 @@ func (r *run) scaleout(ctx context.Context, n int) (string, error) {
 	got, probes := r.probe(ctx, Probes)
 	return fmt.Sprintf("new clients' choices moved to %s: %d/%d (theory: existing 0 lost, ≈ 1/%d = %.0f%% of new choices move)",
 		be.Name, got[be.Name], probes, n+1, 100/float64(n+1)), nil
+}
+
+// hostkill kills host 1 as a machine dies: its link goes down first (no
+// word to the router), then its daemon gets SIGKILL and its XDP program
+// is detached. The router's session times out within the hold time and
+// the flows host 1 carried reach the other hosts, whose rings give them
+// the backends they had. Half-way through the scenario host 1 comes back
+// with a fresh daemon (nothing pinned): it announces the VIP again and
+// the router gives it a share of the flows, old and new.
+func (r *run) hostkill(ctx context.Context, start time.Time) (string, error) {
+	b := r.hosts[0]
+	if err := b.h.Run("ip", "link", "set", "dev", "eth0", "down"); err != nil {
+		return "", err
+	}
+	died := time.Now()
+	b.dead.Store(true)
+	if err := b.daemon.Kill(); err != nil {
+		return "", err
+	}
+	if out, err := b.h.Command(r.o.Exe, "detach", "--pin-dir", b.pinDir(r.l)).CombinedOutput(); err != nil {
+		return "", fmt.Errorf("tether detach on %s: %v: %s", b.h.Name, err, out)
+	}
+	if err := r.awaitHops(ctx, 3*HoldTime*time.Second); err != nil {
+		return "", err
+	}
+	gone := time.Since(died)
+	if err := sleepCtx(ctx, time.Until(start.Add(r.o.Duration/2))); err != nil {
+		return "", err
+	}
+	if err := b.h.Run("ip", "link", "set", "dev", "eth0", "up"); err != nil {
+		return "", err
+	}
+	started := time.Now()
+	if err := r.startDaemon(ctx, b); err != nil {
+		return "", err
+	}
+	if err := r.awaitHops(ctx, 15*time.Second); err != nil {
+		return "", err
+	}
+	theory := "theory: 0 lost, 0 moved: the other hosts' rings give the flows " + b.h.Name + " carried the backends they had"
+	if r.proxied {
+		theory = "theory: the connections " + b.h.Name + " proxied end with it (splice holds them on the host); their clients reconnect to the backend they had"
+	}
+	return fmt.Sprintf("%s died (link down, daemon SIGKILL, XDP detached): the router withdrew it after %v (hold time %ds); started again, routed through %v later; %s",
+		b.h.Name, gone.Round(100*time.Millisecond), HoldTime, time.Since(started).Round(100*time.Millisecond), theory), nil
 }
