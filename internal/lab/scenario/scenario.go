@@ -429,30 +429,38 @@ func (r *run) startEcho(ctx context.Context, be *lab.Host) error {
 	return waitOutput(ctx, p, "tether echo on "+be.Name, "ready", 10*time.Second)
 }
 
-// startDaemon writes b's configuration (the backends the lab has now;
-// with several hosts, a bgp block that peers with the router) and runs
-// tether on b until it reports ready.
-func (r *run) startDaemon(ctx context.Context, b *balancer) error {
+// HostConfig is the configuration of balancer host h of lab l: the lab's
+// service (the IPv4 VIP, port Port, source affinity, WebSocket health
+// checks every 500ms) on backends, with datapath; with a router, a bgp
+// block that peers with it (IPv4 and IPv6, hold time HoldTime).
+func HostConfig(l *lab.Lab, h *lab.Host, backends []*lab.Host, datapath string, router *lab.Host) *config.Config {
 	cfg := config.Default()
 	cfg.Interfaces = []string{"eth0"}
-	cfg.Datapath = r.o.Datapath
+	cfg.Datapath = datapath
 	s := config.DefaultService()
-	s.Name, s.VIP, s.Port = ServiceName, r.l.VIP4, Port
+	s.Name, s.VIP, s.Port = ServiceName, l.VIP4, Port
 	s.Affinity, s.AffinityTimeout = config.AffinitySource, time.Hour
 	s.Health = health.Check{Type: health.TypeWebSocket, Path: "/health", Send: "ping",
 		Interval: 500 * time.Millisecond, Timeout: 300 * time.Millisecond, Rise: 2, Fall: 2}.Defaults()
-	for _, be := range r.backends {
+	for _, be := range backends {
 		s.Backends = append(s.Backends, config.Backend{Address: be.Addr4, Port: Port, Weight: 1, State: config.StateActive})
 	}
 	cfg.Services = []config.Service{s}
-	if r.router != nil {
-		cfg.BGP = &config.BGP{ASN: lab.BalancerAS, RouterID: b.h.Addr4, ReannounceDelay: time.Second,
+	if router != nil {
+		cfg.BGP = &config.BGP{ASN: lab.BalancerAS, RouterID: h.Addr4, ReannounceDelay: time.Second,
 			GracefulRestart: config.DefaultGracefulRestart}
-		for _, a := range []netip.Addr{r.router.Addr4, r.router.Addr6} {
+		for _, a := range []netip.Addr{router.Addr4, router.Addr6} {
 			cfg.BGP.Peers = append(cfg.BGP.Peers, config.BGPPeer{Address: a, ASN: lab.RouterAS,
 				Port: config.DefaultBGPPort, HoldTime: HoldTime * time.Second})
 		}
 	}
+	return cfg
+}
+
+// startDaemon writes b's configuration (HostConfig, with the backends the
+// lab has now) and runs tether on b until it reports ready.
+func (r *run) startDaemon(ctx context.Context, b *balancer) error {
+	cfg := HostConfig(r.l, b.h, r.backends, r.o.Datapath, r.router)
 	data, err := cfg.Marshal()
 	if err != nil {
 		return err
