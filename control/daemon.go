@@ -36,6 +36,9 @@ type Daemon struct {
 	dp     datapath.Datapath
 	log    *slog.Logger
 	remove bool // Stop removes a datapath that outlives Close (see Start)
+	// drainMark records a host drain across restarts (see
+	// StartOptions.DrainMark).
+	drainMark string
 	// adopted: the datapath was adopted from an earlier daemon, which
 	// stopped (gracefully, for BGP).
 	adopted bool

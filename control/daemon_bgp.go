@@ -1,8 +1,10 @@
 package control
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"reflect"
 	"slices"
 	"sort"
@@ -61,6 +63,12 @@ type BGPStatus struct {
 // drop the routes.
 func (d *Daemon) startBGP() {
 	d.ann = announcer{withdrawn: make(map[netip.Addr]bool), servable: make(map[netip.Addr]time.Time)}
+	if d.drainMark != "" {
+		if _, err := os.Stat(d.drainMark); err == nil {
+			d.ann.drained = true
+			d.log.Warn("host drained before this start: its VIPs stay withdrawn until tether host undrain", "mark", d.drainMark)
+		}
+	}
 	d.bgpStop, d.bgpDone = make(chan struct{}), make(chan struct{})
 	d.bgpRound()
 	go func() {
@@ -239,6 +247,10 @@ func (d *Daemon) SetDrained(drained bool) (Result, error) {
 		return Result{}, refusef("bgp", "this daemon runs no BGP speaker (the configuration has no bgp block): there is nothing to withdraw")
 	}
 	d.bgpMu.Lock()
+	if err := d.markDrained(drained); err != nil {
+		d.bgpMu.Unlock()
+		return Result{}, err
+	}
 	was := d.ann.drained
 	d.ann.drained = drained
 	if !drained {
@@ -259,6 +271,25 @@ func (d *Daemon) SetDrained(drained bool) (Result, error) {
 	}
 	d.log.Info(msg)
 	return Result{Message: msg}, nil
+}
+
+// markDrained records the drain in the drain mark, so that a restarted
+// daemon stays drained: the file exists while the host is drained.
+func (d *Daemon) markDrained(drained bool) error {
+	if d.drainMark == "" {
+		return nil
+	}
+	if !drained {
+		if err := os.Remove(d.drainMark); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("undrain: remove %s, which keeps the host drained across restarts: %w", d.drainMark, err)
+		}
+		return nil
+	}
+	msg := fmt.Sprintf("drained by tether host drain at %s; tether host undrain removes this file\n", time.Now().UTC().Format(time.RFC3339))
+	if err := os.WriteFile(d.drainMark, []byte(msg), 0o600); err != nil {
+		return fmt.Errorf("drain: record it in %s, which keeps the host drained across restarts: %w", d.drainMark, err)
+	}
+	return nil
 }
 
 // BGPStatus returns the speaker's state, nil when none runs.

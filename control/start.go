@@ -34,6 +34,11 @@ type StartOptions struct {
 	// know that it overwrites no edit, and a reload parses what changed
 	// since. Without it, the first change or reload parses the file.
 	File *config.File
+	// DrainMark is the file that records `tether host drain` across
+	// restarts (the daemon's API socket with ".drained" appended, beside
+	// it, as `tether run` sets it): a daemon that finds it starts drained.
+	// Empty, a drain lasts as long as the daemon.
+	DrainMark string
 }
 
 // Start opens the datapath cfg names, gives the services an earlier daemon
@@ -70,7 +75,7 @@ func Start(path string, cfg *config.Config, o StartOptions, log *slog.Logger) (*
 	log.Info("datapath open", "took", time.Since(t0).Round(time.Millisecond))
 	ctl := New(dp, cfg.HashSeed, cfg.Tables.RingSize, cfg.Tables.MaxServices, cfg.Tables.MaxBackends, log)
 	d := NewDaemon(path, cfg, ctl, dp, log)
-	d.file = o.File
+	d.file, d.drainMark = o.File, o.DrainMark
 	d.remove, d.lock = o.Clean, lock
 	adopted := false
 	if a, ok := dp.(datapath.Adopter); ok && a.Adopted() {

@@ -71,7 +71,7 @@ func Run(ctx context.Context, o Options) error {
 			log.Warn("metrics served beyond loopback: anyone who reaches the address reads every service and backend", "addr", mln.Addr().String())
 		}
 	}
-	d, err := control.Start(o.Config, cfg, control.StartOptions{PinDir: o.PinDir, Clean: o.Clean, File: file}, log)
+	d, err := control.Start(o.Config, cfg, control.StartOptions{PinDir: o.PinDir, Clean: o.Clean, File: file, DrainMark: o.Socket + ".drained"}, log)
 	if err != nil {
 		return err
 	}

@@ -92,7 +92,8 @@ func routeThrough(t *testing.T, l *lab.Lab, router *lab.Host, lbs ...*lab.Host) 
 // them again at once; status shows the sessions and what is announced.
 // With clients routed through the router, two daemon restarts lose no
 // connection and no echo, and the router's route never leaves (graceful
-// restart); drained and stopped, the host is announced no more.
+// restart); a drain outlasts a restart; drained and stopped, the host is
+// announced no more.
 func TestBGPAnnounces(t *testing.T) {
 	l, router, bird, _ := bgpLab(t, lab.Options{Backends: 2, Clients: 8}, 1, 9)
 	servers := map[string][]*lab.EchoServer{}
@@ -130,17 +131,28 @@ func TestBGPAnnounces(t *testing.T) {
 	if got := announced(t, bird, l.VIP6); !slices.Equal(got, []netip.Addr{l.Balancer.Addr6}) {
 		t.Errorf("the IPv6 VIP: next hops %v, want it still announced", got)
 	}
-	// It comes back: the VIP is announced again, not before the delay.
-	servers[l.Backends[0].Name] = serveEchoOn(t, l.Backends[0], l.VIP4, l.VIP6, l.Backends[0].Addr4, l.Backends[0].Addr6)
+	// Backend 2 dies too: every backend of chat6 fails its checks, and
+	// the IPv6 VIP is withdrawn as well.
+	for _, s := range servers[l.Backends[1].Name] {
+		s.Close()
+	}
+	took = awaitRoute(t, bird, l.VIP6)
+	t.Logf("IPv6 VIP withdrawn %v after its last backend died", took.Round(time.Millisecond))
+	// They come back: both VIPs are announced again, not before the delay.
+	for _, be := range l.Backends {
+		servers[be.Name] = serveEchoOn(t, be, l.VIP4, l.VIP6, be.Addr4, be.Addr6)
+	}
 	upAt := time.Now()
-	waitFor(t, "backend 1 up", 10*time.Second, func() bool {
-		return backendOf(t, service(t, api, netip.AddrPortFrom(l.VIP4, chatPort).String()), l.Backends[0]).State == "active"
+	waitFor(t, "both backends up", 10*time.Second, func() bool {
+		s := service(t, api, netip.AddrPortFrom(l.VIP4, chatPort).String())
+		return backendOf(t, s, l.Backends[0]).State == "active" && backendOf(t, s, l.Backends[1]).State == "active"
 	})
 	awaitRoute(t, bird, l.VIP4, l.Balancer.Addr4)
+	awaitRoute(t, bird, l.VIP6, l.Balancer.Addr6)
 	if again := time.Since(upAt); again < delay-200*time.Millisecond {
-		t.Errorf("announced again %v after the backend came back, before the reannounce delay (%v)", again, delay)
+		t.Errorf("announced again %v after the backends came back, before the reannounce delay (%v)", again, delay)
 	} else {
-		t.Logf("announced again %v after the backend came back (reannounce_delay %v)", again.Round(time.Millisecond), delay)
+		t.Logf("announced again %v after the backends came back (reannounce_delay %v)", again.Round(time.Millisecond), delay)
 	}
 
 	// Drain: both withdrawn, and the host still forwards what reaches it
@@ -234,6 +246,28 @@ func TestBGPAnnounces(t *testing.T) {
 	for _, c := range conns {
 		c.ws.Close()
 	}
+
+	// A drain outlasts a restart: the daemon starts drained and announces
+	// nothing until undrained.
+	d.mustCLI("host", "drain")
+	awaitRoute(t, bird, l.VIP4)
+	d.restart(l, tetherBin)
+	if !strings.Contains(d.proc.Output(), "host drained before this start") {
+		t.Errorf("the restarted daemon does not say it starts drained:\n%s", d.proc.Output())
+	}
+	waitFor(t, "sessions established after the drained restart", 15*time.Second, func() bool {
+		st, err := api.Status(context.Background())
+		return err == nil && st.BGP != nil && len(st.BGP.Peers) == 2 && st.BGP.Peers[0].State == "established"
+	})
+	time.Sleep(delay + time.Second) // past the reannounce delay: it would have announced by now
+	if st, _ := api.Status(context.Background()); st.BGP == nil || !st.BGP.Drained || len(st.BGP.Announced) != 0 {
+		t.Errorf("status after a drained restart: %+v, want drained with nothing announced", st.BGP)
+	}
+	if got := announced(t, bird, l.VIP4); len(got) != 0 {
+		t.Errorf("after a drained restart, the router routes the VIP to %v", got)
+	}
+	d.mustCLI("host", "undrain")
+	awaitRoute(t, bird, l.VIP4, l.Balancer.Addr4)
 
 	// To leave for good: drain, then stop. The routes are gone and stay
 	// gone.

@@ -15,8 +15,9 @@ drain withdraws every VIP: the routers send new flows to the other hosts,
 while this host goes on forwarding whatever still reaches it (established
 connections whose routers have not moved them). undrain announces again, at
 once, the VIPs this host can serve. tether status shows the sessions, what
-is announced and why. A drained host stays drained until undrain or a
-daemon restart.`,
+is announced and why. A drained host stays drained until undrain, also
+across restarts of the daemon (the drain is recorded beside the API socket,
+in SOCKET.drained), but not across a reboot.`,
 	Subcommands: []*cli.Command{
 		{
 			Name:   "drain",

@@ -70,7 +70,7 @@ until Ctrl-C and prints how to reach it. It needs root.`,
 		&cli.IntFlag{Name: "clients", Value: 30, Usage: "WebSocket clients, each from an address of its own"},
 		&cli.DurationFlag{Name: "duration", Value: 10 * time.Second, Usage: "how long each scenario runs"},
 		&cli.StringFlag{Name: "datapath", Value: config.DatapathAuto, Usage: "the daemon's datapath: auto (XDP when possible, else splice), xdp, xdp-generic or splice"},
-		&cli.StringFlag{Name: "scenario", Usage: "play only `NAME`: steady, kill, drain, scaleout, or hostkill with --hosts 2 or more (default: all)"},
+		&cli.StringFlag{Name: "scenario", Usage: "play only `NAMES`, comma-separated, in that order: steady, kill, drain, scaleout, and hostkill with --hosts 2 or more (default: all)"},
 		&cli.BoolFlag{Name: "keep", Usage: "leave the lab up at the end, print how to reach it, and wait for Ctrl-C"},
 		&cli.BoolFlag{Name: "no-tty", Usage: "plain periodic lines instead of the live view, even on a terminal"},
 	},
@@ -101,14 +101,20 @@ until Ctrl-C and prints how to reach it. It needs root.`,
 		if err := config.CheckDatapath(o.Datapath); err != nil {
 			return usagef("lab: --datapath: %v", err)
 		}
-		if s := c.String("scenario"); s != "" {
-			if !slices.Contains(o.Scenarios, s) {
-				if slices.Contains(scenario.HostNames, s) {
+		if list := c.String("scenario"); list != "" {
+			var names []string
+			for _, s := range strings.Split(list, ",") {
+				s = strings.TrimSpace(s)
+				switch {
+				case slices.Contains(o.Scenarios, s):
+					names = append(names, s)
+				case slices.Contains(scenario.HostNames, s):
 					return usagef("lab: --scenario %s needs --hosts 2 or more", s)
+				default:
+					return usagef("lab: --scenario %q is not one of %s", s, strings.Join(o.Scenarios, ", "))
 				}
-				return usagef("lab: --scenario %q is not one of %s", s, strings.Join(o.Scenarios, ", "))
 			}
-			o.Scenarios = []string{s}
+			o.Scenarios = names
 		}
 		if os.Geteuid() != 0 {
 			return errors.New("tether lab needs root: run sudo tether lab")
