@@ -27,6 +27,9 @@
 #ifndef NAT_SYN_ENTRIES
 #define NAT_SYN_ENTRIES 16384 /* half-open NAT'ed handshakes (see nat.h) */
 #endif
+#ifndef SYNC_RING_BYTES
+#define SYNC_RING_BYTES (1 << 20) /* sync_events: 48-byte records, about 20,000 */
+#endif
 #define RING_SLOTS_PER_ENTRY 4 /* 16-bit backend ids per ring array entry */
 #define RING_ENTRIES(slots)  (((slots) + RING_SLOTS_PER_ENTRY - 1) / RING_SLOTS_PER_ENTRY)
 
@@ -45,6 +48,7 @@
 #define SVC_F_FULLNAT	      (1U << 3) /* forwarding fullnat: the client's address and port too */
 #define SVC_F_IPIP	      (1U << 4) /* forwarding ipip: encapsulated in an outer IP header (encap.h) */
 #define SVC_F_GUE	      (1U << 5) /* forwarding gue: in an outer IP and UDP header */
+#define SVC_F_SYNC	      (1U << 6) /* new flows go to sync_events, for the hosts that share entries */
 
 /* connection flags (struct conn.flags) */
 #define CONN_F_CLOSING (1U << 0) /* a FIN or RST was seen: no longer counted as active */

@@ -158,4 +158,19 @@ struct {
 	__type(value, __u64);
 } reasons SEC(".maps");
 
+/* New flows of the services that share their entries (SVC_F_SYNC), for
+ * the daemon to send to its peers; sync_lost counts those it had no room
+ * for (the daemon fell behind). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, SYNC_RING_BYTES);
+} sync_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} sync_lost SEC(".maps");
+
 #endif

@@ -117,6 +117,16 @@ struct affinity {
 	__u32 pad;
 };
 
+/* A flow entered in the connection table of a service that shares its
+ * entries with other hosts (SVC_F_SYNC): the daemon reads it from
+ * sync_events and sends it, named by addresses, to its peers. */
+struct sync_event {
+	struct flow_key key;
+	__u32 service;
+	__u32 backend;
+	__u32 family; /* AF_INET or AF_INET6: which of key's forms */
+};
+
 struct backend_stats {
 	__u64 packets;
 	__u64 bytes;

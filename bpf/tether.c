@@ -38,6 +38,22 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
 /* Emits enum backend_state into the BTF for bpf2go (-type backend_state):
  * struct backend holds a state in a __u8, which names no type. */
 const enum backend_state *backend_state_btf __attribute__((unused));
+/* And struct sync_event, which travels through a ring buffer, untyped. */
+const struct sync_event *sync_event_btf __attribute__((unused));
+
+/* share hands a new flow of a service that shares its entries to the
+ * daemon, which sends it to the other hosts; a full ring counts it lost. */
+static __always_inline void share(const struct packet *pkt, __u32 service, __u32 backend)
+{
+	struct sync_event ev = {
+	    .key = pkt->key, .service = service, .backend = backend, .family = pkt->family};
+	if (bpf_ringbuf_output(&sync_events, &ev, sizeof(ev), 0)) {
+		__u32 k = 0;
+		__u64 *lost = bpf_map_lookup_elem(&sync_lost, &k);
+		if (lost)
+			*lost += 1;
+	}
+}
 
 /* record remembers a new flow's backend. A bare SYN is not recorded: the
  * handshake's next packet is, so a flood of spoofed SYNs cannot push the
@@ -54,6 +70,8 @@ static __always_inline void record(const struct service *svc, const struct packe
 	    .nat_port = nat_port,
 	};
 	insert_conn(pkt, &c);
+	if (svc->flags & SVC_F_SYNC)
+		share(pkt, svc->id, id);
 	if (svc->flags & SVC_F_SOURCE_AFFINITY) {
 		struct affinity a = {.last_seen_ns = now, .backend = id};
 		bpf_map_update_elem(&affinities, ak, &a, BPF_ANY);

@@ -168,6 +168,14 @@ type TetherSnat struct {
 	Addr [4]uint32
 }
 
+type TetherSyncEvent struct {
+	_       structs.HostLayout
+	Key     TetherFlowKey
+	Service uint32
+	Backend uint32
+	Family  uint32
+}
+
 type TetherTunnel struct {
 	_       structs.HostLayout
 	Src     [4]uint32
@@ -201,6 +209,8 @@ const (
 	TetherMapServices6       = "services6"
 	TetherMapSnatAddrs       = "snat_addrs"
 	TetherMapSvcStats        = "svc_stats"
+	TetherMapSyncEvents      = "sync_events"
+	TetherMapSyncLost        = "sync_lost"
 	TetherMapTunnels         = "tunnels"
 	TetherMapVips            = "vips"
 	TetherProgTetherProbe    = "tether_probe"
@@ -208,6 +218,7 @@ const (
 	TetherVarBackendStateBtf = "backend_state_btf"
 	TetherVarHashSeed        = "hash_seed"
 	TetherVarRingSize        = "ring_size"
+	TetherVarSyncEventBtf    = "sync_event_btf"
 )
 
 // LoadTether returns the embedded CollectionSpec for Tether.
@@ -275,6 +286,8 @@ type TetherMapSpecs struct {
 	Services6  *ebpf.MapSpec `ebpf:"services6"`
 	SnatAddrs  *ebpf.MapSpec `ebpf:"snat_addrs"`
 	SvcStats   *ebpf.MapSpec `ebpf:"svc_stats"`
+	SyncEvents *ebpf.MapSpec `ebpf:"sync_events"`
+	SyncLost   *ebpf.MapSpec `ebpf:"sync_lost"`
 	Tunnels    *ebpf.MapSpec `ebpf:"tunnels"`
 	Vips       *ebpf.MapSpec `ebpf:"vips"`
 }
@@ -286,6 +299,7 @@ type TetherVariableSpecs struct {
 	BackendStateBtf *ebpf.VariableSpec `ebpf:"backend_state_btf"`
 	HashSeed        *ebpf.VariableSpec `ebpf:"hash_seed"`
 	RingSize        *ebpf.VariableSpec `ebpf:"ring_size"`
+	SyncEventBtf    *ebpf.VariableSpec `ebpf:"sync_event_btf"`
 }
 
 // TetherObjects contains all objects after they have been loaded into the kernel.
@@ -323,6 +337,8 @@ type TetherMaps struct {
 	Services6  *ebpf.Map `ebpf:"services6"`
 	SnatAddrs  *ebpf.Map `ebpf:"snat_addrs"`
 	SvcStats   *ebpf.Map `ebpf:"svc_stats"`
+	SyncEvents *ebpf.Map `ebpf:"sync_events"`
+	SyncLost   *ebpf.Map `ebpf:"sync_lost"`
 	Tunnels    *ebpf.Map `ebpf:"tunnels"`
 	Vips       *ebpf.Map `ebpf:"vips"`
 }
@@ -344,6 +360,8 @@ func (m *TetherMaps) Close() error {
 		m.Services6,
 		m.SnatAddrs,
 		m.SvcStats,
+		m.SyncEvents,
+		m.SyncLost,
 		m.Tunnels,
 		m.Vips,
 	)
@@ -356,6 +374,7 @@ type TetherVariables struct {
 	BackendStateBtf *ebpf.Variable `ebpf:"backend_state_btf"`
 	HashSeed        *ebpf.Variable `ebpf:"hash_seed"`
 	RingSize        *ebpf.Variable `ebpf:"ring_size"`
+	SyncEventBtf    *ebpf.Variable `ebpf:"sync_event_btf"`
 }
 
 // TetherPrograms contains all programs after they have been loaded into the kernel.

@@ -192,6 +192,9 @@ type Config struct {
 	Services []Service
 	// BGP is the BGP speaker that announces the VIPs; nil runs none.
 	BGP *BGP
+	// Sync shares connection and affinity entries with the other hosts;
+	// nil shares none.
+	Sync *Sync
 }
 
 // Tables sizes the BPF maps. The sizes are fixed when the maps are created:
@@ -405,6 +408,7 @@ func (c *Config) Clone() *Config {
 	out.Interfaces = slices.Clone(c.Interfaces)
 	out.Services = slices.Clone(c.Services)
 	out.BGP = c.BGP.Clone()
+	out.Sync = c.Sync.Clone()
 	for i := range out.Services {
 		out.Services[i].Backends = slices.Clone(out.Services[i].Backends)
 	}

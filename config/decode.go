@@ -74,7 +74,7 @@ func Parse(data []byte) (*Config, error) {
 
 // Field names of each mapping, in the order Marshal writes them.
 var (
-	topFields     = []string{"interfaces", "datapath", "hash_seed", "tables", "splice", "services", "bgp"}
+	topFields     = []string{"interfaces", "datapath", "hash_seed", "tables", "splice", "services", "bgp", "sync"}
 	tablesFields  = []string{"connections", "nat", "affinity", "ring_size", "max_services", "max_backends"}
 	spliceFields  = []string{"loops", "max_connections"}
 	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "snat_address", "tunnel_source", "gue_port", "health", "on_down", "icmp_echo", "min_healthy", "idle_timeout", "proxy_protocol", "backends"}
@@ -257,6 +257,8 @@ func (d *decoder) config(n *yaml.Node) *Config {
 			d.tables(v, p, &c.Tables)
 		case "bgp":
 			c.BGP = d.bgp(v, p)
+		case "sync":
+			c.Sync = d.sync(v, p)
 		case "splice":
 			d.mapping(v, p, "splice", spliceFields, func(name string, v *yaml.Node, p string) {
 				switch name {

@@ -149,6 +149,9 @@ func (c *Config) rootNode() *yaml.Node {
 	if c.BGP != nil {
 		kv = append(kv, "bgp", bgpNode(c.BGP))
 	}
+	if c.Sync != nil {
+		kv = append(kv, "sync", syncNode(c.Sync))
+	}
 	return mapping(kv...)
 }
 

@@ -165,6 +165,7 @@ func (c *Config) validate(v *validator) {
 	}
 
 	c.validateBGP(v)
+	c.validateSync(v)
 
 	t := c.Tables
 	inRange(v, "tables.connections", t.Connections, minTableEntries, maxTableEntries)

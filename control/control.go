@@ -65,6 +65,13 @@ type Controller struct {
 	// unreachable are the backend addresses the datapath cannot reach
 	// (see datapath.Resolver), with why: planned down.
 	unreachable map[netip.Addr]error
+	// share: the configuration has a sync block, and dsr, ipip and gue
+	// services hand their new flows out (datapath.Service.Share).
+	share bool
+	// gen counts the applies; view is the ShareView of generation
+	// viewGen.
+	gen, viewGen uint64
+	view         *ShareView
 }
 
 // New returns a controller for dp. The hash seed and the ring size are
@@ -326,6 +333,8 @@ func (c *Controller) apply(cfg *config.Config, edit *Edit) error {
 	if err := c.reach(services); err != nil {
 		return err
 	}
+	c.share = cfg.Sync != nil
+	c.gen++
 	c.forgetUnreachable(cfg.Services)
 	desired, err := c.plan(services)
 	if err != nil {
@@ -592,6 +601,7 @@ func (c *Controller) planService(cs config.Service) (planned, error) {
 		GUEPort:         cs.GUEPort,
 		IdleTimeout:     cs.IdleTimeout,
 		ProxyProtocol:   cs.ProxyProtocol == config.ProxyProtocolV2,
+		Share:           c.share && cs.Forwarding != config.ForwardingNAT && cs.Forwarding != config.ForwardingFullNAT,
 	}
 	var ring []maglev.Backend
 	for _, cb := range cs.Backends {

@@ -39,6 +39,7 @@ type Daemon struct {
 	// drainMark records a host drain across restarts (see
 	// StartOptions.DrainMark).
 	drainMark string
+	share     sharer // the sync block's
 	// adopted: the datapath was adopted from an earlier daemon, which
 	// stopped (gracefully, for BGP).
 	adopted bool
@@ -69,6 +70,8 @@ type Daemon struct {
 	ann        announcer
 	bgpStop    chan struct{}
 	bgpDone    chan struct{}
+	syncStop   chan struct{}
+	syncDone   chan struct{}
 	bgpLastErr string
 }
 
@@ -90,14 +93,19 @@ func NewDaemon(path string, cfg *config.Config, ctl *Controller, dp datapath.Dat
 // ConfigPath returns the configuration file the daemon serves.
 func (d *Daemon) ConfigPath() string { return d.path }
 
-// Close stops the BGP speaker (its peers withdraw this host's routes) and
-// the health checks, if they run, and waits for them. The
+// Close stops the BGP speaker (its peers withdraw this host's routes), the
+// sharing of entries and the health checks, if they run, and waits for
+// them. The
 // datapath stays as it is. Later calls do nothing.
 func (d *Daemon) Close() {
 	d.closeOnce.Do(func() {
 		if d.bgpStop != nil {
 			close(d.bgpStop)
 			<-d.bgpDone
+		}
+		if d.syncStop != nil {
+			close(d.syncStop)
+			<-d.syncDone
 		}
 		d.mu.Lock()
 		mon := d.mon.Load()

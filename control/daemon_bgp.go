@@ -27,6 +27,7 @@ type announcer struct {
 	spk       *bgp.Speaker
 	cfg       *config.BGP // the speaker's configuration
 	drained   bool
+	learning  string                   // why the host waits before it announces (sync), "" when it does not
 	withdrawn map[netip.Addr]bool      // VIPs withdrawn because they could not be served
 	servable  map[netip.Addr]time.Time // since when a withdrawn VIP can be served again
 	vips      []VIPAnnouncement        // the last round's verdicts, for status
@@ -147,6 +148,7 @@ func (d *Daemon) bgpRound() {
 		a.vips = nil
 		return
 	}
+	a.learning = d.syncLearning()
 	a.vips = a.verdicts(cfg, usable, time.Now())
 	var vips []netip.Addr
 	for _, v := range a.vips {
@@ -203,6 +205,8 @@ func (a *announcer) verdicts(cfg *config.Config, usable map[string]int, now time
 			delete(a.servable, v)
 		case a.drained:
 			va.Reason = "drained (tether host undrain announces it again)"
+		case a.learning != "":
+			va.Reason = a.learning
 		case !a.withdrawn[v]:
 			va.Announced, va.Reason = true, "servable"
 		default:

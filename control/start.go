@@ -98,6 +98,7 @@ func Start(path string, cfg *config.Config, o StartOptions, log *slog.Logger) (*
 		d.Stop()
 		return nil, err
 	}
+	d.startSync()
 	d.startBGP()
 	return d, nil
 }

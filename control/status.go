@@ -23,6 +23,9 @@ type Status struct {
 	Services   []ServiceStatus   `json:"services"`
 	// BGP is the BGP speaker's sessions and announcements, when one runs.
 	BGP *BGPStatus `json:"bgp,omitempty"`
+	// Sync is the sharing of entries with the other hosts, when the
+	// configuration has a sync block.
+	Sync *SyncStatus `json:"sync,omitempty"`
 }
 
 // ServiceStatus is one service as the datapath serves it.
@@ -196,7 +199,7 @@ func (d *Daemon) Status() (Status, error) {
 	if err != nil {
 		return Status{}, err
 	}
-	return Status{Config: d.path, Datapath: cfg.Datapath, Interfaces: d.dp.Modes(), Services: svcs, BGP: d.BGPStatus()}, nil
+	return Status{Config: d.path, Datapath: cfg.Datapath, Interfaces: d.dp.Modes(), Services: svcs, BGP: d.BGPStatus(), Sync: d.SyncStatus()}, nil
 }
 
 // Services returns the services in file order, or only the one ref names

@@ -106,6 +106,11 @@ type Service struct {
 	// GUEPort is the outer UDP destination port of GUE packets (0:
 	// DefaultGUEPort).
 	GUEPort uint16
+	// Share hands the service's new flows to the datapath's reader of
+	// new flows (Sharer), for the other hosts (package flowsync). The
+	// control plane sets it for dsr, ipip and gue services while the
+	// configuration has a sync block.
+	Share bool
 	// EchoReply makes the datapath answer ICMP echo requests to the VIP
 	// (any service of the VIP that says so does); the kernel gets them
 	// otherwise. A proxy leaves them to the kernel whatever it says.
@@ -263,6 +268,46 @@ type Resolver interface {
 	// with each address that Resolve could not reach once it answers. fn
 	// must not call the datapath.
 	OnResolved(fn func(netip.Addr))
+}
+
+// Sharer is a Datapath whose connection entries other hosts can share
+// (package flowsync): the XDP datapath. It hands out the flows it enters
+// for services with Share set, and enters the flows other hosts entered.
+type Sharer interface {
+	// NewFlows opens the reader of the flows entered for services with
+	// Share set, in the order entered. Closing it stops the reading.
+	NewFlows() (FlowReader, error)
+	// Learn enters flows other hosts entered, named by this host's ids:
+	// each connection entry where the table has none for the flow (this
+	// host's own entries win), and with Affinity the client's affinity
+	// entry for the service too. It returns how many connection entries
+	// it entered.
+	Learn(flows []LearnedFlow) (int, error)
+	// SharedLost counts the new flows the datapath had no room to hand
+	// out (the reader fell behind).
+	SharedLost() (uint64, error)
+}
+
+// FlowReader reads the new flows of a Sharer.
+type FlowReader interface {
+	// Read waits for the next flow until the deadline set, if any.
+	Read() (Flow, error)
+	// SetDeadline makes Read return os.ErrDeadlineExceeded from t on.
+	SetDeadline(t time.Time)
+	// Close ends the reading; a blocked Read returns an error that is
+	// os.ErrClosed.
+	Close() error
+}
+
+// LearnedFlow is a flow another host entered, in this host's ids.
+type LearnedFlow struct {
+	Flow Flow
+	// Conn enters the connection entry; Encap marks it encapsulated
+	// (ipip, gue), as the service's own entries are.
+	Conn, Encap bool
+	// Affinity enters the client's affinity entry, last used Age ago.
+	Affinity bool
+	Age      time.Duration
 }
 
 // Prober is a datapath that can send health probes the way its clients'

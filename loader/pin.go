@@ -481,8 +481,9 @@ func (o *Objects) adopt(spec *ebpf.CollectionSpec, ringSize uint32) error {
 // new, empty ones (nothing it tracked needs them).
 var addedMaps = [][]string{
 	{bpf.TetherMapNat4, bpf.TetherMapNat6, bpf.TetherMapNatSyn4, bpf.TetherMapNatSyn6, bpf.TetherMapSnatAddrs}, // nat, fullnat
-	{bpf.TetherMapTunnels}, // ipip, gue
-	{bpf.TetherMapVips},    // ICMP echo
+	{bpf.TetherMapTunnels},                           // ipip, gue
+	{bpf.TetherMapVips},                              // ICMP echo
+	{bpf.TetherMapSyncEvents, bpf.TetherMapSyncLost}, // entries shared between hosts
 }
 
 // allAdded is every map of addedMaps.

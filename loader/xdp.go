@@ -231,6 +231,7 @@ func (x *XDP) adopt() error {
 			AffinityTimeout: e.AffinityTimeout,
 			OnDownReset:     e.ResetOnDown,
 			Forwarding:      forwardingOf(e.Forwarding),
+			Share:           e.Share,
 			EchoReply:       x.echo[e.VIP],
 			Backends:        byService[e.ID],
 		}
@@ -292,6 +293,7 @@ func serviceEntry(s datapath.Service) maps.Service {
 		ResetOnDown:     s.OnDownReset,
 		AffinityTimeout: s.AffinityTimeout,
 		RingSignature:   s.RingSignature,
+		Share:           s.Share,
 	}
 	switch s.Forwarding {
 	case datapath.NAT:

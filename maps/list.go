@@ -59,6 +59,7 @@ func serviceEntry(vip netip.Addr, port uint16, proto uint8, v bpf.TetherService)
 			Forwarding:      forwardingOf(v.Flags),
 			AffinityTimeout: time.Duration(v.AffinityTimeoutNs),
 			RingSignature:   uint64(v.RingSigHi)<<32 | uint64(v.RingSigLo),
+			Share:           v.Flags&FlagShare != 0,
 		},
 	}
 }

@@ -43,6 +43,7 @@ const (
 	FlagFullNAT        uint32 = 1 << 3
 	FlagIPIP           uint32 = 1 << 4
 	FlagGUE            uint32 = 1 << 5
+	FlagShare          uint32 = 1 << 6 // SVC_F_SYNC
 )
 
 // The source ports fullnat allocates (SNAT_PORT_MIN and SNAT_PORT_SPAN of
@@ -136,6 +137,8 @@ type Service struct {
 	// RingSignature is the control plane's, stored for the next daemon
 	// (see datapath.Service.RingSignature).
 	RingSignature uint64
+	// Share hands the service's new flows to sync_events.
+	Share bool
 }
 
 // PutService creates or replaces a service entry. Publish its ring and
@@ -148,6 +151,9 @@ func (m *Maps) PutService(vip netip.Addr, port uint16, proto uint8, s Service) e
 	}
 	if s.ResetOnDown {
 		v.Flags |= FlagResetOnDown
+	}
+	if s.Share {
+		v.Flags |= FlagShare
 	}
 	switch s.Forwarding {
 	case ForwardDSR:

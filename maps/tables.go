@@ -1,6 +1,7 @@
 package maps
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -190,4 +191,65 @@ func monotonicNow() uint64 {
 	var ts unix.Timespec
 	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
 	return uint64(ts.Nano())
+}
+
+// connEncap is CONN_F_ENCAP.
+const connEncap = 1 << 3
+
+// PutFlow enters flow f (client, VIP, protocol, service and backend ids)
+// in its connection table unless the table has an entry for it; encap
+// marks it encapsulated. It says whether it entered it.
+func (m *Maps) PutFlow(f Flow, encap bool) (bool, error) {
+	v := bpf.TetherConn{Backend: f.Backend, Service: f.Service}
+	if encap {
+		v.Flags = connEncap
+	}
+	var err error
+	if f.Client.Addr().Unmap().Is4() {
+		k := flowKey4(f.Client, f.VIP, f.Proto)
+		err = m.m.Conns4.Update(&k, &v, ebpf.UpdateNoExist)
+	} else {
+		k := flowKey6(f.Client, f.VIP, f.Proto)
+		err = m.m.Conns6.Update(&k, &v, ebpf.UpdateNoExist)
+	}
+	switch {
+	case errors.Is(err, ebpf.ErrKeyExist):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("put flow %s -> %s: %w", f.Client, f.VIP, err)
+	}
+	return true, nil
+}
+
+// SyncFlow reads a record of sync_events: the flow a service that shares
+// its entries entered.
+func SyncFlow(raw []byte) (Flow, error) {
+	var ev bpf.TetherSyncEvent
+	if len(raw) < binary.Size(ev) {
+		return Flow{}, fmt.Errorf("a sync event of %d bytes, want %d", len(raw), binary.Size(ev))
+	}
+	if _, err := binary.Decode(raw, binary.NativeEndian, &ev); err != nil {
+		return Flow{}, fmt.Errorf("read a sync event: %w", err)
+	}
+	var f Flow
+	if ev.Family == afInet6 {
+		f = flow6(ev.Key, bpf.TetherConn{})
+	} else {
+		f = flow4(bpf.TetherFlowKey4{Src: ev.Key.Src[0], Dst: ev.Key.Dst[0], Sport: ev.Key.Sport, Dport: ev.Key.Dport, Proto: ev.Key.Proto}, bpf.TetherConn{})
+	}
+	f.Service, f.Backend = ev.Service, ev.Backend
+	return f, nil
+}
+
+// SyncLost sums sync_lost: the new flows sync_events had no room for.
+func (m *Maps) SyncLost() (uint64, error) {
+	var per []uint64
+	if err := m.m.SyncLost.Lookup(uint32(0), &per); err != nil {
+		return 0, fmt.Errorf("read sync_lost: %w", err)
+	}
+	var n uint64
+	for _, v := range per {
+		n += v
+	}
+	return n, nil
 }

@@ -19,9 +19,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"sort"
 	"time"
 
@@ -100,6 +102,20 @@ var (
 		"1 while the VIP is announced to the BGP peers, 0 while it is withdrawn (with a bgp block only).", "vip")
 	bgpDrained = desc("tether_bgp_drained",
 		"1 while the host is drained (tether host drain: every VIP withdrawn), 0 otherwise (with a bgp block only).")
+	syncDatagrams = desc("tether_sync_datagrams_total",
+		"Sync datagrams sent to the peers, and received from them that verified (with a sync block only).", "direction")
+	syncEntries = desc("tether_sync_entries_total",
+		"Shared entries sent (new flows, to each peer, and answers to requests) and received (with a sync block only).", "direction")
+	syncSentBytes = desc("tether_sync_sent_bytes_total",
+		"Bytes of the sync datagrams sent (with a sync block only).")
+	syncRefused = desc("tether_sync_refused_total",
+		"Sync datagrams refused, by reason: bad_mac, truncated, replayed, stale, unknown_peer, malformed, version, not_sync (with a sync block only).", "reason")
+	syncLearned = desc("tether_sync_learned_total",
+		"Shared entries this host entered; known: it had them already; unknown: of a service or backend it does not serve (with a sync block only).", "result")
+	syncLost = desc("tether_sync_lost_total",
+		"New flows not shared: the datapath had no room to hand them out, or more were waiting to be sent than the daemon holds (with a sync block only).", "where")
+	syncReady = desc("tether_sync_ready",
+		"1 once this host learned its peers' entries (or waited start_wait) and may announce its VIPs, 0 before (with a sync block only).")
 	scrapeErrors = desc("tether_scrape_errors",
 		"Parts of this scrape that could not be read (status, stats or tables), logged by the daemon.")
 )
@@ -128,6 +144,13 @@ var Names = []string{
 	"tether_bgp_session_up",
 	"tether_bgp_vip_announced",
 	"tether_bgp_drained",
+	"tether_sync_datagrams_total",
+	"tether_sync_entries_total",
+	"tether_sync_sent_bytes_total",
+	"tether_sync_refused_total",
+	"tether_sync_learned_total",
+	"tether_sync_lost_total",
+	"tether_sync_ready",
 	"tether_scrape_errors",
 }
 
@@ -151,7 +174,8 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		backendWeight, probeLatency, probes, probeFailures, transitions,
 		serviceConns, affinityHits, affinityMisses, serviceUp,
 		notForwarded, datapathInfo, tableEntries, tableCapacity,
-		bgpSessionUp, bgpAnnounced, bgpDrained, scrapeErrors,
+		bgpSessionUp, bgpAnnounced, bgpDrained,
+		syncDatagrams, syncEntries, syncSentBytes, syncRefused, syncLearned, syncLost, syncReady, scrapeErrors,
 	} {
 		ch <- d
 	}
@@ -225,6 +249,22 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			gauge(bgpAnnounced, boolValue(v.Announced), v.VIP.String())
 		}
 		gauge(bgpDrained, boolValue(b.Drained))
+	}
+	if s := status.Sync; s != nil {
+		counter(syncDatagrams, s.SentDatagrams, "sent")
+		counter(syncDatagrams, s.ReceivedDatagrams, "received")
+		counter(syncEntries, s.SentEntries+s.Dumped, "sent")
+		counter(syncEntries, s.ReceivedEntries, "received")
+		counter(syncSentBytes, s.SentBytes)
+		for _, r := range slices.Sorted(maps.Keys(s.Refused)) {
+			counter(syncRefused, s.Refused[r], r)
+		}
+		counter(syncLearned, s.Learned, "learned")
+		counter(syncLearned, s.Known, "known")
+		counter(syncLearned, s.Unknown, "unknown")
+		counter(syncLost, s.Lost, "datapath")
+		counter(syncLost, s.Dropped, "daemon")
+		gauge(syncReady, boolValue(s.Ready))
 	}
 
 	stats, err := c.src.Stats()

@@ -171,6 +171,16 @@ func echoAll(t *testing.T, conns []*conn, round string) {
 // than the one the connection started on.
 func echoOnBackends(t *testing.T, conns []*conn, round string) int {
 	t.Helper()
+	errs := echoFailures(conns, round)
+	for _, err := range errs {
+		t.Error(err)
+	}
+	return len(errs)
+}
+
+// echoFailures is echoOnBackends without the test: it returns what broke
+// or moved.
+func echoFailures(conns []*conn, round string) []error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	var wg sync.WaitGroup
@@ -194,12 +204,11 @@ func echoOnBackends(t *testing.T, conns []*conn, round string) int {
 	}
 	wg.Wait()
 	close(errs)
-	n := 0
+	var out []error
 	for err := range errs {
-		n++
-		t.Error(err)
+		out = append(out, err)
 	}
-	return n
+	return out
 }
 
 // backendsByClient checks that every client address reached exactly one

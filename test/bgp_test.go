@@ -170,7 +170,7 @@ func TestBGPAnnounces(t *testing.T) {
 	if st, _ := api.Status(context.Background()); st.BGP == nil || !st.BGP.Drained || len(st.BGP.Announced) != 0 {
 		t.Errorf("status after drain: %+v", st.BGP)
 	}
-	fams := scrapeMetrics(t, l, maddr)
+	fams := scrapeMetrics(t, l.Balancer, maddr)
 	checkMetricNames(t, fams)
 	for _, m := range []struct {
 		name   string

@@ -107,15 +107,7 @@ func TestECMPScaleOut(t *testing.T) {
 		}
 
 		// Host 1 dies.
-		if err := lbs[0].Run("ip", "link", "set", "dev", "eth0", "down"); err != nil {
-			t.Fatal(err)
-		}
-		if err := d1.proc.Kill(); err != nil {
-			t.Fatal(err)
-		}
-		if out, code := runIn(t, lbs[0], "detach", "--pin-dir", pinDirs[0]); code != 0 || !strings.Contains(out, "detached the XDP program from eth0") {
-			t.Fatalf("tether detach on host 1: exit %d\n%s", code, out)
-		}
+		hostDies(t, l, d1, pinDirs[0])
 		took = awaitRoute(t, bird, l.VIP4, hops(lbs[1], lbs[2])...)
 		if took > hold+time.Second {
 			t.Errorf("the router withdrew host 1 %v after it died: want within the hold time (%v)", took, hold)
@@ -177,15 +169,7 @@ func TestECMPFullNAT(t *testing.T) {
 		t.Fatalf("the router sent every connection to one host (%d, %d): no ECMP spread", on1, on2)
 	}
 
-	if err := lbs[0].Run("ip", "link", "set", "dev", "eth0", "down"); err != nil {
-		t.Fatal(err)
-	}
-	if err := ds[0].proc.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	if out, code := runIn(t, lbs[0], "detach", "--pin-dir", pinDirs[0]); code != 0 {
-		t.Fatalf("tether detach on host 1: exit %d\n%s", code, out)
-	}
+	hostDies(t, l, ds[0], pinDirs[0])
 	took := awaitRoute(t, bird, l.VIP4, lbs[1].Addr4)
 	t.Logf("host 1 died: the router withdrew it %v later", took.Round(time.Millisecond))
 
@@ -230,5 +214,21 @@ func TestECMPFullNAT(t *testing.T) {
 			t.Errorf("client %s reconnected to %s, it was on %s", c.src, again.backend, owner[c.src])
 		}
 		again.ws.Close()
+	}
+}
+
+// hostDies kills the host of daemon d as a machine dies: its link goes
+// down first (no word to the router), then the daemon gets SIGKILL and
+// the XDP program it pinned in pinDir is detached.
+func hostDies(t *testing.T, l *lab.Lab, d *daemon, pinDir string) {
+	t.Helper()
+	if err := l.SetLink(d.host, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.proc.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	if out, code := runIn(t, d.host, "detach", "--pin-dir", pinDir); code != 0 || !strings.Contains(out, "detached the XDP program from eth0") {
+		t.Fatalf("tether detach on %s: exit %d\n%s", d.host.Name, code, out)
 	}
 }

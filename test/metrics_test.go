@@ -52,7 +52,7 @@ func testMetrics(t *testing.T, dp string) {
 	}
 	t.Logf("connections per backend: %v", perBackend)
 
-	fams := scrapeMetrics(t, l, addr)
+	fams := scrapeMetrics(t, l.Balancer, addr)
 	checkMetricNames(t, fams)
 	chat := func(be *lab.Host) map[string]string {
 		return map[string]string{"service": "chat", "backend": netip.AddrPortFrom(be.Addr4, chatPort).String()}
@@ -137,7 +137,7 @@ func testMetrics(t *testing.T, dp string) {
 			if got == segs || time.Now().After(deadline) {
 				break
 			}
-			fams = scrapeMetrics(t, l, addr)
+			fams = scrapeMetrics(t, l.Balancer, addr)
 		}
 		if got != segs {
 			t.Errorf("%s: tether_backend_packets_total = %d, the backend received %d TCP segments", be.Name, got, segs)
@@ -159,12 +159,12 @@ func metricsAddr(t *testing.T, d *daemon) string {
 
 // scrapeMetrics gets http://addr/metrics from inside the balancer's
 // namespace, where the daemon listens, and parses it.
-func scrapeMetrics(t *testing.T, l *lab.Lab, addr string) map[string]*dto.MetricFamily {
+func scrapeMetrics(t *testing.T, h *lab.Host, addr string) map[string]*dto.MetricFamily {
 	t.Helper()
 	client := &http.Client{
 		Timeout: 10 * time.Second,
 		Transport: &http.Transport{DialContext: func(ctx context.Context, network, a string) (net.Conn, error) {
-			return l.Balancer.Dial(ctx, network, netip.Addr{}, a)
+			return h.Dial(ctx, network, netip.Addr{}, a)
 		}},
 	}
 	defer client.CloseIdleConnections()

@@ -216,7 +216,7 @@ func TestSpliceSettings(t *testing.T) {
 		t.Errorf("reset_conn_limit = %d, want at least 1 (reasons %v)", n, st.Reasons)
 	}
 	// The metrics show the table full, the cap as its capacity.
-	fams := scrapeMetrics(t, l, metricsAddr(t, d))
+	fams := scrapeMetrics(t, l.Balancer, metricsAddr(t, d))
 	conns4 := map[string]string{"table": "connections"}
 	if got, capacity := sample(t, fams, "tether_table_entries", conns4), sample(t, fams, "tether_table_capacity", conns4); got != 4 || capacity != 4 {
 		t.Errorf("connections table: %v entries of %v, want 4 of 4", got, capacity)

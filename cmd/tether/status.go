@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -72,9 +73,37 @@ func status(ctx context.Context, cl *control.Client, w io.Writer, format string)
 		}
 	}
 	if st.BGP != nil {
-		return bgpStatus(w, st.BGP)
+		if err := bgpStatus(w, st.BGP); err != nil {
+			return err
+		}
+	}
+	if st.Sync != nil {
+		syncStatus(w, st.Sync)
 	}
 	return nil
+}
+
+// syncStatus prints the sharing of entries with the other hosts.
+func syncStatus(w io.Writer, s *control.SyncStatus) {
+	state := "learning the peers' entries"
+	if s.Ready {
+		state = "ready"
+	}
+	fmt.Fprintf(w, "\nsync: on %s with %s, %s\n", s.Listen, strings.Join(s.Peers, ", "), state)
+	if s.Error != "" {
+		fmt.Fprintf(w, "  error: %s\n", s.Error)
+	}
+	fmt.Fprintf(w, "  sent %d entries in %d datagrams (%d bytes), %d send errors, %d dropped; received %d entries in %d datagrams\n",
+		s.SentEntries, s.SentDatagrams, s.SentBytes, s.SendErrors, s.Dropped, s.ReceivedEntries, s.ReceivedDatagrams)
+	fmt.Fprintf(w, "  learned %d, already known %d, of no service or backend here %d; sent %d answering requests; %d new flows not handed out\n",
+		s.Learned, s.Known, s.Unknown, s.Dumped, s.Lost)
+	var refused []string
+	for _, k := range slices.Sorted(maps.Keys(s.Refused)) {
+		refused = append(refused, fmt.Sprintf("%s %d", k, s.Refused[k]))
+	}
+	if len(refused) > 0 {
+		fmt.Fprintf(w, "  refused datagrams: %s\n", strings.Join(refused, ", "))
+	}
 }
 
 // bgpStatus prints the BGP speaker's sessions and announcements.

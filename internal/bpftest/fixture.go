@@ -99,6 +99,8 @@ type Service struct {
 	// Ifindex is the interface the backends are reached by (0: unknown,
 	// as for a backend the control plane has not resolved).
 	Ifindex uint32
+	// Share hands the service's new flows to sync_events.
+	Share bool
 }
 
 // Backend is the address of the service's backend id.
@@ -133,7 +135,7 @@ func (f *Fixture) AddService(s Service) {
 	}
 	f.PublishRing(s.ID, s.VIP.Addr(), s.Backends...)
 	err := f.Maps.PutService(s.VIP.Addr(), s.VIP.Port(), s.Proto, maps.Service{
-		ID: s.ID, SourceAffinity: s.Source, AffinityTimeout: s.Timeout, Forwarding: s.Forwarding,
+		ID: s.ID, SourceAffinity: s.Source, AffinityTimeout: s.Timeout, Forwarding: s.Forwarding, Share: s.Share,
 	})
 	if err != nil {
 		f.TB.Fatal(err)

@@ -700,6 +700,25 @@ func portFDB(h *Host) *netlink.Neigh {
 	}
 }
 
+// SetLink takes h's eth0 down, as when a machine dies or its cable is
+// pulled (no word to anyone), or up again, and then waits until it is
+// ready. h keeps its addresses and routes across: a machine that comes
+// back comes back configured.
+func (l *Lab) SetLink(h *Host, up bool) error {
+	if !up {
+		// IPv6 flushes an interface's addresses when it goes down, unless
+		// told to keep them.
+		if err := h.Sysctl("net/ipv6/conf/eth0/keep_addr_on_down", "1"); err != nil {
+			return err
+		}
+		return h.Run("ip", "link", "set", "dev", "eth0", "down")
+	}
+	if err := h.Run("ip", "link", "set", "dev", "eth0", "up"); err != nil {
+		return err
+	}
+	return l.waitReady(h)
+}
+
 // waitReady waits until each host's eth0 and bridge port are operationally
 // up and no IPv6 address is tentative.
 func (l *Lab) waitReady(hosts ...*Host) error {

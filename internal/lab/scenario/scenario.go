@@ -890,7 +890,7 @@ func (r *run) scaleout(ctx context.Context, n int) (string, error) {
 // the router gives it a share of the flows, old and new.
 func (r *run) hostkill(ctx context.Context, start time.Time) (string, error) {
 	b := r.hosts[0]
-	if err := b.h.Run("ip", "link", "set", "dev", "eth0", "down"); err != nil {
+	if err := r.l.SetLink(b.h, false); err != nil {
 		return "", err
 	}
 	died := time.Now()
@@ -908,7 +908,7 @@ func (r *run) hostkill(ctx context.Context, start time.Time) (string, error) {
 	if err := sleepCtx(ctx, time.Until(start.Add(r.o.Duration/2))); err != nil {
 		return "", err
 	}
-	if err := b.h.Run("ip", "link", "set", "dev", "eth0", "up"); err != nil {
+	if err := r.l.SetLink(b.h, true); err != nil {
 		return "", err
 	}
 	started := time.Now()

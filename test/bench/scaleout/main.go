@@ -355,7 +355,7 @@ func hostDeath(e *env, n int) death {
 
 	died := time.Now()
 	victim := e.hosts[0]
-	if err := victim.h.Run("ip", "link", "set", "dev", "eth0", "down"); err != nil {
+	if err := e.l.SetLink(victim.h, false); err != nil {
 		fail(err.Error())
 	}
 	if err := victim.daemon.Kill(); err != nil {

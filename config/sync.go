@@ -1,0 +1,122 @@
+package config
+
+import (
+	"net/netip"
+	"slices"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Sync is the sync block: the hosts that serve the same VIPs send each
+// other their connection and affinity entries (package flowsync), so that
+// a flow the routers move to another host finds there the backend it had,
+// even after the backend set changed.
+type Sync struct {
+	// Listen is the address and UDP port this host receives its peers'
+	// entries on: its own address on the network the hosts share.
+	Listen netip.AddrPort
+	// Peers are the other hosts' Listen addresses.
+	Peers []netip.AddrPort
+	// Key authenticates every datagram (HMAC-SHA256): at least 32
+	// characters, the same on every host. A datagram that does not verify
+	// is refused and counted.
+	Key string
+	// StartWait is how long a starting host waits for its peers' entries
+	// before it announces its VIPs (BGP), 10s by default; it announces as
+	// soon as every peer has answered. 0 does not wait.
+	StartWait time.Duration
+}
+
+// Bounds and defaults of the sync block.
+const (
+	DefaultSyncStartWait = 10 * time.Second
+	maxSyncStartWait     = 5 * time.Minute
+	MinSyncKey           = 32
+	maxSyncKey           = 1024
+)
+
+var syncFields = []string{"listen", "peers", "key", "start_wait"}
+
+// Clone returns a deep copy of s.
+func (s *Sync) Clone() *Sync {
+	if s == nil {
+		return nil
+	}
+	out := *s
+	out.Peers = slices.Clone(s.Peers)
+	return &out
+}
+
+// sync decodes the sync block, defaults applied.
+func (d *decoder) sync(n *yaml.Node, path string) *Sync {
+	s := &Sync{StartWait: DefaultSyncStartWait}
+	d.mapping(n, path, "the sync block", syncFields, func(name string, v *yaml.Node, p string) {
+		switch name {
+		case "listen":
+			s.Listen = d.addrPort(v, p)
+		case "peers":
+			for i, it := range d.list(v, p, "peer addresses (ADDR:PORT)") {
+				s.Peers = append(s.Peers, d.addrPort(it, index(p, i)))
+			}
+		case "key":
+			s.Key = d.str(v, p)
+		case "start_wait":
+			s.StartWait = d.duration(v, p)
+		}
+	})
+	return s
+}
+
+// addrPort reads ADDR:PORT (an IPv6 address in brackets).
+func (d *decoder) addrPort(n *yaml.Node, path string) netip.AddrPort {
+	s := d.str(n, path)
+	ap, err := netip.ParseAddrPort(s)
+	if err != nil && s != "" {
+		d.fail(n, path, "%q is not ADDR:PORT (an IPv6 address in brackets: [2001:db8::1]:7946)", s)
+	}
+	return ap
+}
+
+// validateSync checks the sync block.
+func (c *Config) validateSync(v *validator) {
+	s := c.Sync
+	if s == nil {
+		return
+	}
+	switch {
+	case !s.Listen.IsValid():
+		v.add("sync.listen", "required: this host's ADDR:PORT on the network its peers reach it on")
+	case !s.Listen.Addr().IsGlobalUnicast() || s.Listen.Port() == 0:
+		v.add("sync.listen", "%s: want a unicast address and a port other than 0", s.Listen)
+	}
+	if len(s.Peers) == 0 {
+		v.add("sync.peers", "at least one peer is required: the other hosts' sync.listen")
+	}
+	for i, p := range s.Peers {
+		path := index("sync.peers", i)
+		switch {
+		case !p.IsValid() || !p.Addr().IsGlobalUnicast() || p.Port() == 0:
+			v.add(path, "%s: want a unicast ADDR:PORT", p)
+		case p == s.Listen:
+			v.add(path, "%s is this host's sync.listen", p)
+		case slices.Index(s.Peers, p) < i:
+			v.add(path, "%s is already sync.peers[%d]", p, slices.Index(s.Peers, p))
+		}
+	}
+	if n := len(s.Key); n < MinSyncKey || n > maxSyncKey {
+		v.add("sync.key", "%d characters: want %d to %d, the same on every host (for example: openssl rand -hex 32)", n, MinSyncKey, maxSyncKey)
+	}
+	if s.StartWait < 0 || s.StartWait > maxSyncStartWait {
+		v.add("sync.start_wait", "%v is out of range 0..%v", s.StartWait, maxSyncStartWait)
+	}
+}
+
+// syncNode writes the sync block.
+func syncNode(s *Sync) *yaml.Node {
+	peers := &yaml.Node{Kind: yaml.SequenceNode, Style: yaml.FlowStyle}
+	for _, p := range s.Peers {
+		peers.Content = append(peers.Content, str(p.String()))
+	}
+	return mapping("listen", str(s.Listen.String()), "peers", peers, "key", str(s.Key), "start_wait", str(s.StartWait.String()))
+}

@@ -1,0 +1,314 @@
+package control
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"reflect"
+	"sync"
+	"time"
+
+	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/datapath"
+	"github.com/tetherlb/tether/flowsync"
+)
+
+// syncTick is how often the daemon checks its sync block (a reload may
+// change it) and asks the peers that have not answered yet.
+const syncTick = 250 * time.Millisecond
+
+// sharer is the daemon's sharing of entries with its peers (the sync
+// block): the syncer, the reader of the datapath's new flows, and what a
+// start waits for.
+type sharer struct {
+	mu      sync.Mutex
+	cfg     *config.Sync // the running syncer's
+	syncer  *flowsync.Syncer
+	reader  datapath.FlowReader
+	readers sync.WaitGroup
+	err     error // the last start's failure, for status
+	retry   time.Time
+	// Learning: until every peer answered the first request, or the
+	// start wait passed, the host announces nothing.
+	since    time.Time
+	answered map[netip.Addr]bool
+	ready    bool
+	// counters, beside the syncer's
+	learned, known, unknown, dumped uint64
+}
+
+// startSync runs the sharing as the configuration says, until Close: its
+// first round before it returns, so that BGP's first round knows whether
+// the host must learn its peers' entries first.
+func (d *Daemon) startSync() {
+	d.syncStop, d.syncDone = make(chan struct{}), make(chan struct{})
+	d.syncRound()
+	go func() {
+		defer close(d.syncDone)
+		tick := time.NewTicker(syncTick)
+		defer tick.Stop()
+		for {
+			select {
+			case <-d.syncStop:
+				d.stopSync()
+				return
+			case <-tick.C:
+			}
+			d.syncRound()
+		}
+	}()
+}
+
+// syncRound starts, restarts or stops the syncer as the configuration
+// says, and asks again the peers that have not answered a start's request.
+func (d *Daemon) syncRound() {
+	cfg := d.ctl.Config()
+	s := &d.share
+	s.mu.Lock()
+	running := s.cfg
+	s.mu.Unlock()
+	var want *config.Sync
+	if cfg != nil {
+		want = cfg.Sync
+	}
+	if !reflect.DeepEqual(want, running) {
+		d.stopSync()
+		if want != nil {
+			d.runSync(want)
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.syncer == nil || s.ready {
+		return
+	}
+	if len(s.answered) == len(s.cfg.Peers) || time.Since(s.since) >= s.cfg.StartWait {
+		s.ready = true
+		d.log.Info("sync: learned the peers' entries; announcing", "answered", len(s.answered), "peers", len(s.cfg.Peers),
+			"entries", s.learned, "took", time.Since(s.since).Round(time.Millisecond))
+		return
+	}
+	s.syncer.Request()
+}
+
+// runSync starts sharing with the peers of c.
+func (d *Daemon) runSync(c *config.Sync) {
+	s := &d.share
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if time.Now().Before(s.retry) {
+		return
+	}
+	sh, ok := d.dp.(datapath.Sharer)
+	if !ok {
+		s.err, s.retry = errors.New("the splice datapath holds its connections itself: only XDP shares entries"), time.Now().Add(time.Hour)
+		d.log.Warn("sync: " + s.err.Error())
+		return
+	}
+	rd, err := sh.NewFlows()
+	if err != nil {
+		s.err, s.retry = err, time.Now().Add(bgpRetry)
+		d.log.Error("sync: read the new flows", "err", err)
+		return
+	}
+	syncer, err := flowsync.Start(flowsync.Options{Listen: c.Listen, Peers: c.Peers, Key: []byte(c.Key), Log: d.log,
+		Learn: func(from netip.Addr, h flowsync.Header, entries []flowsync.Entry) { d.learn(sh, from, h, entries) }})
+	if err != nil {
+		rd.Close()
+		s.err, s.retry = err, time.Now().Add(bgpRetry)
+		d.log.Error("sync: start", "err", err)
+		return
+	}
+	s.cfg, s.syncer, s.reader, s.err = c.Clone(), syncer, rd, nil
+	s.since, s.answered, s.ready = time.Now(), map[netip.Addr]bool{}, c.StartWait == 0
+	s.readers.Add(1)
+	go d.sendNewFlows(rd, syncer)
+	syncer.Request()
+	d.log.Info("sync: started", "listen", c.Listen, "peers", c.Peers)
+}
+
+// stopSync stops the syncer, if one runs.
+func (d *Daemon) stopSync() {
+	s := &d.share
+	s.mu.Lock()
+	syncer, rd := s.syncer, s.reader
+	s.syncer, s.reader, s.cfg = nil, nil, nil
+	s.mu.Unlock()
+	if rd != nil {
+		rd.Close()
+		s.readers.Wait()
+	}
+	if syncer != nil {
+		syncer.Close()
+		d.log.Info("sync: stopped")
+	}
+}
+
+// sendNewFlows sends the datapath's new flows, named by addresses, until
+// the reader closes.
+func (d *Daemon) sendNewFlows(rd datapath.FlowReader, syncer *flowsync.Syncer) {
+	defer d.share.readers.Done()
+	for {
+		f, err := rd.Read()
+		if errors.Is(err, os.ErrClosed) {
+			return
+		}
+		if err != nil {
+			continue
+		}
+		vip, proto, be, ok := d.ctl.ShareView().Name(f)
+		if !ok {
+			continue // a service that stopped sharing, a backend just removed
+		}
+		syncer.Send(flowsync.Entry{Kind: flowsync.KindConn, Proto: proto, Client: f.Client, VIP: vip, Backend: be})
+	}
+}
+
+// learn enters the entries a peer sent, in this host's ids, and answers a
+// peer's request with every entry this host holds for the services it
+// shares.
+func (d *Daemon) learn(sh datapath.Sharer, from netip.Addr, h flowsync.Header, entries []flowsync.Entry) {
+	s := &d.share
+	switch h.Type {
+	case flowsync.TypeRequest:
+		d.dump(sh, from)
+		return
+	case flowsync.TypeDumpDone:
+		s.mu.Lock()
+		if s.answered != nil && !s.answered[from] {
+			s.answered[from] = true
+		}
+		s.mu.Unlock()
+		return
+	}
+	view := d.ctl.ShareView()
+	ls := make([]datapath.LearnedFlow, 0, len(entries))
+	var unknown uint64
+	for _, e := range entries {
+		svc, id, ok := view.Local(e.VIP, e.Proto, e.Backend)
+		if !ok {
+			unknown++ // a service or backend this host does not serve (yet)
+			continue
+		}
+		l := datapath.LearnedFlow{Flow: datapath.Flow{Client: e.Client, VIP: e.VIP, Proto: e.Proto, Service: svc.ID, Backend: id},
+			Affinity: svc.SourceAffinity, Age: e.Age}
+		if e.Kind == flowsync.KindConn {
+			l.Conn, l.Encap = true, svc.Forwarding == datapath.IPIP || svc.Forwarding == datapath.GUE
+		}
+		ls = append(ls, l)
+	}
+	n, err := sh.Learn(ls)
+	if err != nil {
+		d.log.Warn("sync: enter learned entries", "err", err)
+	}
+	s.mu.Lock()
+	s.learned += uint64(n)
+	s.known += uint64(len(ls) - n)
+	s.unknown += unknown
+	s.mu.Unlock()
+}
+
+// dump sends peer at from every connection entry of the services this
+// host shares.
+func (d *Daemon) dump(sh datapath.Sharer, from netip.Addr) {
+	s := &d.share
+	s.mu.Lock()
+	syncer := s.syncer
+	s.mu.Unlock()
+	if syncer == nil {
+		return
+	}
+	peer, ok := syncer.PeerOf(from)
+	if !ok {
+		return
+	}
+	flows, err := d.dp.Flows()
+	if err != nil {
+		d.log.Warn("sync: list the flows for a peer", "peer", peer, "err", err)
+	}
+	view := d.ctl.ShareView()
+	var entries []flowsync.Entry
+	for _, f := range flows {
+		if f.Closing {
+			continue
+		}
+		if vip, proto, be, ok := view.Name(f); ok {
+			entries = append(entries, flowsync.Entry{Kind: flowsync.KindConn, Proto: proto, Client: f.Client, VIP: vip, Backend: be})
+		}
+	}
+	syncer.SendTo(peer, flowsync.TypeDump, entries)
+	s.mu.Lock()
+	s.dumped += uint64(len(entries))
+	s.mu.Unlock()
+	d.log.Info("sync: sent a peer our entries", "peer", peer, "entries", len(entries))
+}
+
+// syncLearning says why the host must not announce yet (it is learning
+// its peers' entries), or "" when it may.
+func (d *Daemon) syncLearning() string {
+	s := &d.share
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.syncer == nil || s.ready {
+		return ""
+	}
+	return fmt.Sprintf("learning the peers' entries (%d of %d answered, at most %v more)", len(s.answered), len(s.cfg.Peers),
+		(s.cfg.StartWait - time.Since(s.since)).Round(time.Second/10))
+}
+
+// SyncStatus is what tether status shows of the sharing of entries.
+type SyncStatus struct {
+	Listen string   `json:"listen"`
+	Peers  []string `json:"peers"`
+	// Ready: the host learned its peers' entries (or waited start_wait).
+	Ready bool   `json:"ready"`
+	Error string `json:"error,omitempty"`
+	// Sent and received datagrams and entries; Learned: entries entered,
+	// Known: entries this host had already, Unknown: entries of services
+	// or backends it does not serve; Dumped: entries sent answering
+	// requests; Lost: new flows the datapath had no room to hand out.
+	SentDatagrams     uint64            `json:"sent_datagrams"`
+	SentEntries       uint64            `json:"sent_entries"`
+	SentBytes         uint64            `json:"sent_bytes"`
+	SendErrors        uint64            `json:"send_errors"`
+	Dropped           uint64            `json:"dropped"`
+	ReceivedDatagrams uint64            `json:"received_datagrams"`
+	ReceivedEntries   uint64            `json:"received_entries"`
+	Refused           map[string]uint64 `json:"refused"`
+	Learned           uint64            `json:"learned"`
+	Known             uint64            `json:"known"`
+	Unknown           uint64            `json:"unknown"`
+	Dumped            uint64            `json:"dumped"`
+	Lost              uint64            `json:"lost"`
+}
+
+// SyncStatus returns the sharing's state, nil when the configuration has
+// no sync block.
+func (d *Daemon) SyncStatus() *SyncStatus {
+	s := &d.share
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.syncer == nil && s.err == nil {
+		return nil
+	}
+	st := &SyncStatus{Ready: s.ready || s.syncer == nil, Learned: s.learned, Known: s.known, Unknown: s.unknown, Dumped: s.dumped}
+	if s.err != nil {
+		st.Error = s.err.Error()
+	}
+	if s.cfg != nil {
+		st.Listen = s.cfg.Listen.String()
+		for _, p := range s.cfg.Peers {
+			st.Peers = append(st.Peers, p.String())
+		}
+	}
+	if s.syncer != nil {
+		x := s.syncer.Stats()
+		st.SentDatagrams, st.SentEntries, st.SentBytes, st.SendErrors, st.Dropped = x.SentDatagrams, x.SentEntries, x.SentBytes, x.SendErrors, x.Dropped
+		st.ReceivedDatagrams, st.ReceivedEntries, st.Refused = x.ReceivedDatagrams, x.ReceivedEntries, x.Refused
+	}
+	if sh, ok := d.dp.(datapath.Sharer); ok {
+		st.Lost, _ = sh.SharedLost()
+	}
+	return st
+}
