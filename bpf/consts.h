@@ -28,7 +28,7 @@
 #define NAT_SYN_ENTRIES 16384 /* half-open NAT'ed handshakes (see nat.h) */
 #endif
 #ifndef SYNC_RING_BYTES
-#define SYNC_RING_BYTES (1 << 20) /* sync_events: 48-byte records, about 20,000 */
+#define SYNC_RING_BYTES (1 << 20) /* sync_events: 52-byte records, 64 with the ring's header: 16,384 */
 #endif
 #define RING_SLOTS_PER_ENTRY 4 /* 16-bit backend ids per ring array entry */
 #define RING_ENTRIES(slots)  (((slots) + RING_SLOTS_PER_ENTRY - 1) / RING_SLOTS_PER_ENTRY)
@@ -55,6 +55,8 @@
 #define CONN_F_NAT     (1U << 1) /* the flow is translated (nat) */
 #define CONN_F_FULLNAT (1U << 2) /* the flow is translated both ways (fullnat) */
 #define CONN_F_ENCAP   (1U << 3) /* the flow is encapsulated (ipip, gue: the backend's tunnel says how) */
+#define CONN_F_LEARNED                                                                                       \
+	(1U << 4) /* entered from another host's entry (sync); cleared by its first packet here */
 
 /* VIP flags (the vips map's values) */
 #define VIP_F_ECHO_REPLY (1U << 0) /* answer ICMP echo requests to the VIP */

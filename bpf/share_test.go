@@ -18,8 +18,9 @@ import (
 // enters to sync_events once, named by the flow's 5-tuple and the ids it
 // chose (a bare SYN is not entered, so not handed out); a service that
 // does not share hands out nothing. A flow another host entered (PutFlow)
-// goes to the backend it names, whatever the ring says, and never
-// replaces an entry of this host's own.
+// goes to the backend it names, whatever the ring says, is marked learned
+// until its first packet here, and never replaces an entry of this host's
+// own.
 func TestShareNewFlows(t *testing.T) {
 	f := bpftest.NewFixture(t, loaderOpts())
 	svcs := fourServicesWith(f, func(s *bpftest.Service) { s.Share = s.Proto == bpftest.TCP })
@@ -78,8 +79,14 @@ func TestShareNewFlows(t *testing.T) {
 	if ok, err := f.Maps.PutFlow(fl, false); err != nil || !ok {
 		t.Fatalf("PutFlow: %v, %v", ok, err)
 	}
+	if got, ok, err := f.Maps.LookupFlow(src, s.VIP, s.Proto); err != nil || !ok || !got.Learned {
+		t.Fatalf("the learned entry before its first packet here: %+v, %v, %v; want it marked learned", got, ok, err)
+	}
 	if got := backendFor(t, f, s, src, 0); got != learned {
 		t.Errorf("a learned flow went to backend %d, want the %d it names", got, learned)
+	}
+	if got, _, _ := f.Maps.LookupFlow(src, s.VIP, s.Proto); got.Learned {
+		t.Errorf("the learned entry after a packet here: still marked learned")
 	}
 	own := netip.AddrPortFrom(cli4.Addr(), 42001)
 	fl.Client, fl.Backend = own, learned

@@ -214,6 +214,10 @@ int tether_xdp(struct xdp_md *ctx)
 			be = NULL;
 		}
 		if (be) {
+			/* A flow another host entered reaches this one: from now on it
+			 * is one of ours (counted active, sent to peers that ask). */
+			if (c->flags & CONN_F_LEARNED)
+				c->flags &= ~CONN_F_LEARNED;
 			/* Written once per connection end, not per packet: the entry
 			 * stays for the last packets, but no longer counts as active. */
 			if (pkt.closing && !(c->flags & CONN_F_CLOSING))

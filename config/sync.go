@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 	"time"
@@ -84,32 +85,54 @@ func (c *Config) validateSync(v *validator) {
 	if s == nil {
 		return
 	}
-	switch {
-	case !s.Listen.IsValid():
+	if !s.Listen.IsValid() {
 		v.add("sync.listen", "required: this host's ADDR:PORT on the network its peers reach it on")
-	case !s.Listen.Addr().IsGlobalUnicast() || s.Listen.Port() == 0:
-		v.add("sync.listen", "%s: want a unicast address and a port other than 0", s.Listen)
+	} else if msg := syncAddrProblem(s.Listen); msg != "" {
+		v.add("sync.listen", "%s", msg)
 	}
 	if len(s.Peers) == 0 {
 		v.add("sync.peers", "at least one peer is required: the other hosts' sync.listen")
 	}
 	for i, p := range s.Peers {
 		path := index("sync.peers", i)
+		j := slices.IndexFunc(s.Peers, func(o netip.AddrPort) bool { return o.Addr() == p.Addr() })
 		switch {
-		case !p.IsValid() || !p.Addr().IsGlobalUnicast() || p.Port() == 0:
-			v.add(path, "%s: want a unicast ADDR:PORT", p)
-		case p == s.Listen:
-			v.add(path, "%s is this host's sync.listen", p)
-		case slices.Index(s.Peers, p) < i:
-			v.add(path, "%s is already sync.peers[%d]", p, slices.Index(s.Peers, p))
+		case !p.IsValid():
+			v.add(path, "required: another host's ADDR:PORT")
+		case syncAddrProblem(p) != "":
+			v.add(path, "%s", syncAddrProblem(p))
+		case p.Addr() == s.Listen.Addr():
+			v.add(path, "%s is this host's sync.listen address", p.Addr())
+		case s.Listen.IsValid() && p.Addr().Is4() != s.Listen.Addr().Is4():
+			v.add(path, "%s is not of sync.listen's family: the hosts talk over one family", p)
+		case j < i:
+			v.add(path, "%s is already sync.peers[%d]: a host is known by its address, one port each", p.Addr(), j)
 		}
 	}
-	if n := len(s.Key); n < MinSyncKey || n > maxSyncKey {
-		v.add("sync.key", "%d characters: want %d to %d, the same on every host (for example: openssl rand -hex 32)", n, MinSyncKey, maxSyncKey)
+	switch n := len(s.Key); {
+	case n == 0:
+		v.add("sync.key", "required: a secret of %d to %d bytes, the same on every host (for example: openssl rand -hex 32)", MinSyncKey, maxSyncKey)
+	case n < MinSyncKey || n > maxSyncKey:
+		v.add("sync.key", "%d bytes: want %d to %d, the same on every host (for example: openssl rand -hex 32)", n, MinSyncKey, maxSyncKey)
 	}
 	if s.StartWait < 0 || s.StartWait > maxSyncStartWait {
 		v.add("sync.start_wait", "%v is out of range 0..%v", s.StartWait, maxSyncStartWait)
 	}
+}
+
+// syncAddrProblem says what is wrong with a as a host's sync address, or
+// "" when nothing is.
+func syncAddrProblem(a netip.AddrPort) string {
+	ip := a.Addr()
+	switch {
+	case ip.Is4In6():
+		return fmt.Sprintf("%s is an IPv4-mapped address: write it as %s", a, netip.AddrPortFrom(ip.Unmap(), a.Port()))
+	case a.Port() == 0:
+		return fmt.Sprintf("%s: the port must not be 0", a)
+	case !ip.IsGlobalUnicast() || ip.Zone() != "":
+		return fmt.Sprintf("%s: want an address of the host that the others reach it by (not unspecified, loopback, link-local or multicast): hosts are known by it", a)
+	}
+	return ""
 }
 
 // syncNode writes the sync block.

@@ -9,7 +9,7 @@ import (
 
 const withSync = minimal + `sync:
   listen: 198.51.100.2:7946
-  peers: [198.51.100.3:7946, "[2001:db8:100::4]:7946"]
+  peers: [198.51.100.3:7946, 198.51.100.4:7946]
   key: 0123456789abcdef0123456789abcdef
 `
 
@@ -17,7 +17,7 @@ func TestParseSync(t *testing.T) {
 	c := mustParse(t, withSync)
 	want := &Sync{
 		Listen:    netip.MustParseAddrPort("198.51.100.2:7946"),
-		Peers:     []netip.AddrPort{netip.MustParseAddrPort("198.51.100.3:7946"), netip.MustParseAddrPort("[2001:db8:100::4]:7946")},
+		Peers:     []netip.AddrPort{netip.MustParseAddrPort("198.51.100.3:7946"), netip.MustParseAddrPort("198.51.100.4:7946")},
 		Key:       "0123456789abcdef0123456789abcdef",
 		StartWait: DefaultSyncStartWait,
 	}
@@ -45,12 +45,15 @@ func TestParseSyncBad(t *testing.T) {
 	for _, tc := range []struct{ desc, from, to, field, msg string }{
 		{"no listen", "  listen: 198.51.100.2:7946\n", "", "sync.listen", "required"},
 		{"listen without a port", "listen: 198.51.100.2:7946", "listen: 198.51.100.2", "sync.listen", "is not ADDR:PORT"},
-		{"listen on port 0", "listen: 198.51.100.2:7946", "listen: 198.51.100.2:0", "sync.listen", "a port other than 0"},
-		{"no peers", "  peers: [198.51.100.3:7946, \"[2001:db8:100::4]:7946\"]\n", "", "sync.peers", "at least one peer"},
-		{"itself as a peer", "[198.51.100.3:7946,", "[198.51.100.2:7946,", "sync.peers[0]", "is this host's sync.listen"},
-		{"a peer twice", "\"[2001:db8:100::4]:7946\"", "198.51.100.3:7946", "sync.peers[1]", "already sync.peers[0]"},
-		{"a short key", "0123456789abcdef0123456789abcdef", "s3cret", "sync.key", "6 characters: want 32"},
-		{"no key", "  key: 0123456789abcdef0123456789abcdef\n", "", "sync.key", "0 characters"},
+		{"listen on port 0", "listen: 198.51.100.2:7946", "listen: 198.51.100.2:0", "sync.listen", "the port must not be 0"},
+		{"no peers", "  peers: [198.51.100.3:7946, 198.51.100.4:7946]\n", "", "sync.peers", "at least one peer"},
+		{"itself as a peer", "[198.51.100.3:7946,", "[198.51.100.2:7947,", "sync.peers[0]", "is this host's sync.listen address"},
+		{"a peer twice", "198.51.100.4:7946]", "198.51.100.3:7947]", "sync.peers[1]", "already sync.peers[0]"},
+		{"another family", "198.51.100.4:7946]", "\"[2001:db8:100::4]:7946\"]", "sync.peers[1]", "not of sync.listen's family"},
+		{"a mapped address", "198.51.100.4:7946]", "\"[::ffff:198.51.100.4]:7946\"]", "sync.peers[1]", "write it as 198.51.100.4:7946"},
+		{"a loopback listen", "listen: 198.51.100.2:7946", "listen: 127.0.0.1:7946", "sync.listen", "not unspecified, loopback"},
+		{"a short key", "0123456789abcdef0123456789abcdef", "s3cret", "sync.key", "6 bytes: want 32"},
+		{"no key", "  key: 0123456789abcdef0123456789abcdef\n", "", "sync.key", "required"},
 		{"a long wait", "  key:", "  start_wait: 1h\n  key:", "sync.start_wait", "out of range"},
 		{"an unknown field", "  listen:", "  listn:", "sync.listn", "unknown field"},
 	} {

@@ -24,6 +24,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/datapath"
@@ -68,10 +69,10 @@ type Controller struct {
 	// share: the configuration has a sync block, and dsr, ipip and gue
 	// services hand their new flows out (datapath.Service.Share).
 	share bool
-	// gen counts the applies; view is the ShareView of generation
-	// viewGen.
-	gen, viewGen uint64
-	view         *ShareView
+	// gen counts the applies; view is the last ShareView built (of its
+	// generation), read without the lock by the reader of new flows.
+	gen  atomic.Uint64
+	view atomic.Pointer[ShareView]
 }
 
 // New returns a controller for dp. The hash seed and the ring size are
@@ -334,7 +335,6 @@ func (c *Controller) apply(cfg *config.Config, edit *Edit) error {
 		return err
 	}
 	c.share = cfg.Sync != nil
-	c.gen++
 	c.forgetUnreachable(cfg.Services)
 	desired, err := c.plan(services)
 	if err != nil {
@@ -416,6 +416,7 @@ func (c *Controller) apply(cfg *config.Config, edit *Edit) error {
 	if len(errs) == 0 {
 		c.cfg = cfg
 	}
+	c.gen.Add(1) // after the services changed: ShareView builds anew
 	return errors.Join(errs...)
 }
 

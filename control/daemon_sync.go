@@ -15,8 +15,14 @@ import (
 )
 
 // syncTick is how often the daemon checks its sync block (a reload may
-// change it) and asks the peers that have not answered yet.
-const syncTick = 250 * time.Millisecond
+// change it); requestEvery how often it asks again a peer that has not
+// answered a start's request; dumpEvery how often at most it answers one
+// peer's requests.
+const (
+	syncTick     = 250 * time.Millisecond
+	requestEvery = time.Second
+	dumpEvery    = time.Second
+)
 
 // sharer is the daemon's sharing of entries with its peers (the sync
 // block): the syncer, the reader of the datapath's new flows, and what a
@@ -29,20 +35,31 @@ type sharer struct {
 	readers sync.WaitGroup
 	err     error // the last start's failure, for status
 	retry   time.Time
-	// Learning: until every peer answered the first request, or the
-	// start wait passed, the host announces nothing.
-	since    time.Time
-	answered map[netip.Addr]bool
-	ready    bool
+	// A daemon that starts afresh (no pinned state adopted) announces
+	// nothing until every peer has answered its request, or until
+	// gateUntil; after that, or with adopted state, it is ready.
+	gateUntil time.Time
+	ready     bool
+	answered  map[netip.AddrPort]bool
+	requested time.Time
+	dumping   map[netip.AddrPort]time.Time // when this host last began answering each peer
 	// counters, beside the syncer's
 	learned, known, unknown, dumped uint64
 }
 
 // startSync runs the sharing as the configuration says, until Close: its
 // first round before it returns, so that BGP's first round knows whether
-// the host must learn its peers' entries first.
+// the host must learn its peers' entries first. Only a daemon that starts
+// afresh waits for them: with adopted state it has its entries, and its
+// routers expect its routes back within the graceful restart's deferral.
 func (d *Daemon) startSync() {
 	d.syncStop, d.syncDone = make(chan struct{}), make(chan struct{})
+	s := &d.share
+	s.dumping = map[netip.AddrPort]time.Time{}
+	s.ready = true
+	if cfg := d.ctl.Config(); cfg != nil && cfg.Sync != nil && !d.adopted && cfg.Sync.StartWait > 0 {
+		s.ready, s.gateUntil = false, time.Now().Add(cfg.Sync.StartWait)
+	}
 	d.syncRound()
 	go func() {
 		defer close(d.syncDone)
@@ -61,7 +78,8 @@ func (d *Daemon) startSync() {
 }
 
 // syncRound starts, restarts or stops the syncer as the configuration
-// says, and asks again the peers that have not answered a start's request.
+// says, and asks again the peers that have not answered a start's
+// request.
 func (d *Daemon) syncRound() {
 	cfg := d.ctl.Config()
 	s := &d.share
@@ -83,13 +101,21 @@ func (d *Daemon) syncRound() {
 	if s.syncer == nil || s.ready {
 		return
 	}
-	if len(s.answered) == len(s.cfg.Peers) || time.Since(s.since) >= s.cfg.StartWait {
+	var ask []netip.AddrPort
+	for _, p := range s.cfg.Peers {
+		if !s.answered[p] {
+			ask = append(ask, p)
+		}
+	}
+	if len(ask) == 0 {
 		s.ready = true
-		d.log.Info("sync: learned the peers' entries; announcing", "answered", len(s.answered), "peers", len(s.cfg.Peers),
-			"entries", s.learned, "took", time.Since(s.since).Round(time.Millisecond))
+		d.log.Info("sync: learned the peers' entries; announcing", "peers", len(s.cfg.Peers), "entries", s.learned)
 		return
 	}
-	s.syncer.Request()
+	if time.Since(s.requested) >= requestEvery {
+		s.requested = time.Now()
+		s.syncer.Request(ask...)
+	}
 }
 
 // runSync starts sharing with the peers of c.
@@ -113,7 +139,8 @@ func (d *Daemon) runSync(c *config.Sync) {
 		return
 	}
 	syncer, err := flowsync.Start(flowsync.Options{Listen: c.Listen, Peers: c.Peers, Key: []byte(c.Key), Log: d.log,
-		Learn: func(from netip.Addr, h flowsync.Header, entries []flowsync.Entry) { d.learn(sh, from, h, entries) }})
+		Learn:    func(h flowsync.Header, entries []flowsync.Entry) { d.learn(sh, h, entries) },
+		Answered: d.peerAnswered})
 	if err != nil {
 		rd.Close()
 		s.err, s.retry = err, time.Now().Add(bgpRetry)
@@ -121,11 +148,29 @@ func (d *Daemon) runSync(c *config.Sync) {
 		return
 	}
 	s.cfg, s.syncer, s.reader, s.err = c.Clone(), syncer, rd, nil
-	s.since, s.answered, s.ready = time.Now(), map[netip.Addr]bool{}, c.StartWait == 0
+	s.answered = map[netip.AddrPort]bool{}
 	s.readers.Add(1)
 	go d.sendNewFlows(rd, syncer)
-	syncer.Request()
+	if !s.ready {
+		s.requested = time.Now()
+		syncer.Request(c.Peers...)
+	}
 	d.log.Info("sync: started", "listen", c.Listen, "peers", c.Peers)
+}
+
+// peerAnswered notes that peer answered a request, wholly or not (then it is
+// asked again).
+func (d *Daemon) peerAnswered(peer netip.AddrPort, complete bool) {
+	s := &d.share
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !complete {
+		d.log.Warn("sync: a peer's answer arrived incomplete; asking again", "peer", peer)
+		return
+	}
+	if s.answered != nil {
+		s.answered[peer] = true
+	}
 }
 
 // stopSync stops the syncer, if one runs.
@@ -155,6 +200,7 @@ func (d *Daemon) sendNewFlows(rd datapath.FlowReader, syncer *flowsync.Syncer) {
 			return
 		}
 		if err != nil {
+			time.Sleep(time.Millisecond) // not a closed reader: do not spin on it
 			continue
 		}
 		vip, proto, be, ok := d.ctl.ShareView().Name(f)
@@ -168,18 +214,19 @@ func (d *Daemon) sendNewFlows(rd datapath.FlowReader, syncer *flowsync.Syncer) {
 // learn enters the entries a peer sent, in this host's ids, and answers a
 // peer's request with every entry this host holds for the services it
 // shares.
-func (d *Daemon) learn(sh datapath.Sharer, from netip.Addr, h flowsync.Header, entries []flowsync.Entry) {
+func (d *Daemon) learn(sh datapath.Sharer, h flowsync.Header, entries []flowsync.Entry) {
 	s := &d.share
-	switch h.Type {
-	case flowsync.TypeRequest:
-		d.dump(sh, from)
-		return
-	case flowsync.TypeDumpDone:
+	if h.Type == flowsync.TypeRequest {
 		s.mu.Lock()
-		if s.answered != nil && !s.answered[from] {
-			s.answered[from] = true
+		syncer, last := s.syncer, s.dumping[h.Sender]
+		busy := syncer == nil || time.Since(last) < dumpEvery
+		if !busy {
+			s.dumping[h.Sender] = time.Now()
 		}
 		s.mu.Unlock()
+		if !busy {
+			go d.dump(syncer, h.Sender)
+		}
 		return
 	}
 	view := d.ctl.ShareView()
@@ -192,7 +239,7 @@ func (d *Daemon) learn(sh datapath.Sharer, from netip.Addr, h flowsync.Header, e
 			continue
 		}
 		l := datapath.LearnedFlow{Flow: datapath.Flow{Client: e.Client, VIP: e.VIP, Proto: e.Proto, Service: svc.ID, Backend: id},
-			Affinity: svc.SourceAffinity, Age: e.Age}
+			Affinity: svc.SourceAffinity, Dumped: h.Type == flowsync.TypeDump, Age: e.Age}
 		if e.Kind == flowsync.KindConn {
 			l.Conn, l.Encap = true, svc.Forwarding == datapath.IPIP || svc.Forwarding == datapath.GUE
 		}
@@ -209,35 +256,26 @@ func (d *Daemon) learn(sh datapath.Sharer, from netip.Addr, h flowsync.Header, e
 	s.mu.Unlock()
 }
 
-// dump sends peer at from every connection entry of the services this
-// host shares.
-func (d *Daemon) dump(sh datapath.Sharer, from netip.Addr) {
-	s := &d.share
-	s.mu.Lock()
-	syncer := s.syncer
-	s.mu.Unlock()
-	if syncer == nil {
-		return
-	}
-	peer, ok := syncer.PeerOf(from)
-	if !ok {
-		return
-	}
+// dump sends peer every connection entry this host made (not those it
+// learned and has not seen a packet of) for the services it shares.
+func (d *Daemon) dump(syncer *flowsync.Syncer, peer netip.AddrPort) {
 	flows, err := d.dp.Flows()
 	if err != nil {
 		d.log.Warn("sync: list the flows for a peer", "peer", peer, "err", err)
 	}
 	view := d.ctl.ShareView()
-	var entries []flowsync.Entry
+	entries := make([]flowsync.Entry, 0, len(flows))
 	for _, f := range flows {
-		if f.Closing {
+		if f.Closing || f.Learned {
 			continue
 		}
 		if vip, proto, be, ok := view.Name(f); ok {
 			entries = append(entries, flowsync.Entry{Kind: flowsync.KindConn, Proto: proto, Client: f.Client, VIP: vip, Backend: be})
 		}
 	}
-	syncer.SendTo(peer, flowsync.TypeDump, entries)
+	flows = nil
+	syncer.Dump(peer, entries)
+	s := &d.share
 	s.mu.Lock()
 	s.dumped += uint64(len(entries))
 	s.mu.Unlock()
@@ -250,11 +288,20 @@ func (d *Daemon) syncLearning() string {
 	s := &d.share
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.syncer == nil || s.ready {
+	if s.ready {
 		return ""
 	}
-	return fmt.Sprintf("learning the peers' entries (%d of %d answered, at most %v more)", len(s.answered), len(s.cfg.Peers),
-		(s.cfg.StartWait - time.Since(s.since)).Round(time.Second/10))
+	if !time.Now().Before(s.gateUntil) {
+		s.ready = true
+		d.log.Warn("sync: start_wait passed before every peer answered; announcing", "answered", len(s.answered))
+		return ""
+	}
+	peers := 0
+	if s.cfg != nil {
+		peers = len(s.cfg.Peers)
+	}
+	return fmt.Sprintf("learning the peers' entries (%d of %d answered, at most %v more)", len(s.answered), peers,
+		time.Until(s.gateUntil).Round(time.Second/10))
 }
 
 // SyncStatus is what tether status shows of the sharing of entries.
@@ -292,7 +339,7 @@ func (d *Daemon) SyncStatus() *SyncStatus {
 	if s.syncer == nil && s.err == nil {
 		return nil
 	}
-	st := &SyncStatus{Ready: s.ready || s.syncer == nil, Learned: s.learned, Known: s.known, Unknown: s.unknown, Dumped: s.dumped}
+	st := &SyncStatus{Ready: s.ready, Learned: s.learned, Known: s.known, Unknown: s.unknown, Dumped: s.dumped}
 	if s.err != nil {
 		st.Error = s.err.Error()
 	}

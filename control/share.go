@@ -25,14 +25,15 @@ type shareKey struct {
 }
 
 // ShareView returns the view of the services as applied now; the same
-// pointer until the next apply.
+// pointer until the next apply. It takes the controller's lock only when
+// an apply happened since the last view was built.
 func (c *Controller) ShareView() *ShareView {
+	if v := c.view.Load(); v != nil && v.gen == c.gen.Load() {
+		return v
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.view != nil && c.viewGen == c.gen {
-		return c.view
-	}
-	v := &ShareView{gen: c.gen, byID: map[uint32]*datapath.Service{}, byKey: map[shareKey]*datapath.Service{},
+	v := &ShareView{gen: c.gen.Load(), byID: map[uint32]*datapath.Service{}, byKey: map[shareKey]*datapath.Service{},
 		backends: map[uint32]datapath.Backend{}}
 	for _, s := range c.applied {
 		s := s
@@ -42,7 +43,7 @@ func (c *Controller) ShareView() *ShareView {
 			v.backends[b.ID] = b
 		}
 	}
-	c.view, c.viewGen = v, c.gen
+	c.view.Store(v)
 	return v
 }
 

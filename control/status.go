@@ -225,7 +225,7 @@ func (d *Daemon) Services(ref string) ([]ServiceStatus, error) {
 	type idPair struct{ svc, be uint32 }
 	active := map[idPair]int{}
 	for _, f := range flows {
-		if !f.Closing {
+		if !f.Closing && !f.Learned {
 			active[idPair{f.Service, f.Backend}]++
 		}
 	}

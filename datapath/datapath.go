@@ -168,6 +168,10 @@ type Flow struct {
 	// Closing is set once a FIN or RST was seen: the flow is ending and no
 	// longer counts as an active connection.
 	Closing bool `json:"closing"`
+	// Learned is set on an entry another host made (sync) until the
+	// flow's first packet here: it is that host's connection, not counted
+	// active here.
+	Learned bool `json:"learned,omitempty"`
 }
 
 // Datapath forwards the traffic of services to their backends. What a
@@ -305,9 +309,12 @@ type LearnedFlow struct {
 	// Conn enters the connection entry; Encap marks it encapsulated
 	// (ipip, gue), as the service's own entries are.
 	Conn, Encap bool
-	// Affinity enters the client's affinity entry, last used Age ago.
-	Affinity bool
-	Age      time.Duration
+	// Affinity enters the client's affinity entry, last used Age ago,
+	// where this host has none or an older one; Dumped (an entry that
+	// answers a request, whose last use is unknown) only where it has
+	// none.
+	Affinity, Dumped bool
+	Age              time.Duration
 }
 
 // Prober is a datapath that can send health probes the way its clients'

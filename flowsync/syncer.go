@@ -9,7 +9,10 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Defaults of a Syncer.
@@ -24,23 +27,34 @@ const (
 	// newest are dropped and counted (a flood of new flows must not grow
 	// the daemon without bound).
 	maxPending = 1 << 16
+	// A dump goes out in bursts of dumpBurst datagrams, dumpPause apart
+	// (about 45 MB/s), so that the receiver's socket buffer keeps up.
+	dumpBurst = 32
+	dumpPause = time.Millisecond
+	// recvBuffer is the receiving socket's buffer, for dumps: about 2,900
+	// full datagrams.
+	recvBuffer = 4 << 20
 )
 
 // Options configure a Syncer.
 type Options struct {
-	Listen netip.AddrPort   // where it receives
+	Listen netip.AddrPort   // where it receives, and who it says it is
 	Peers  []netip.AddrPort // where it sends
 	Key    []byte
-	// Learn is called, on the receiving goroutine, with the entries of
-	// every datagram that verified.
-	Learn func(from netip.Addr, h Header, entries []Entry)
-	Log   *slog.Logger
+	// Learn is called, on the receiving goroutine, with every datagram
+	// that verified, but for TypeDumpDone.
+	Learn func(h Header, entries []Entry)
+	// Answered is called, on the receiving goroutine, when a peer has
+	// sent the whole answer to a request (complete: every datagram of it
+	// arrived; incomplete answers are to be asked again).
+	Answered func(peer netip.AddrPort, complete bool)
+	Log      *slog.Logger
 }
 
 // Stats are a Syncer's counters since its start.
 type Stats struct {
-	SentDatagrams, SentEntries, SentBytes uint64
-	SendErrors                            uint64 // datagrams a peer could not be sent (unreachable: the next ones try again)
+	SentDatagrams, SentEntries, SentBytes uint64 // entries: those that reached the socket, once per peer
+	SendErrors                            uint64 // datagrams that could not be sent (a peer unreachable: the next ones try again)
 	Dropped                               uint64 // entries dropped unsent: more were waiting than maxPending
 	ReceivedDatagrams, ReceivedEntries    uint64 // that verified
 	Refused                               map[string]uint64
@@ -49,16 +63,24 @@ type Stats struct {
 // Syncer sends the entries it is given to its peers, batched into
 // datagrams, and hands those it receives and verifies to Options.Learn.
 // A peer that cannot be reached costs nothing but a counted error per
-// datagram: sending never blocks the caller.
+// datagram: sending never blocks the caller of Send.
 type Syncer struct {
 	o    Options
 	conn *net.UDPConn
-	enc  *Encoder
+
+	// sendMu orders the datagrams: each is numbered and written under
+	// it, so that a peer receives them in sequence (a datagram numbered
+	// before another but written after it would fall out of the
+	// receiver's replay window once enough others passed it).
+	sendMu sync.Mutex
+	enc    *Encoder
 
 	mu      sync.Mutex
 	pending []Entry
 	stats   Stats
 	ver     *Verifier
+	dumps   map[netip.AddrPort]int // dump datagrams received per peer since its last DumpDone
+
 	kick    chan struct{}
 	stop    chan struct{}
 	flushed chan struct{} // closed when the flush loop has ended
@@ -71,31 +93,39 @@ func Start(o Options) (*Syncer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sync: listen on %s: %w", o.Listen, err)
 	}
+	growBuffer(conn)
 	var b [8]byte
 	rand.Read(b[:])
-	s := &Syncer{o: o, conn: conn, enc: NewEncoder(o.Key, binary.BigEndian.Uint64(b[:])),
-		ver: NewVerifier(o.Key, peerAddrs(o.Peers), MaxSkew), kick: make(chan struct{}, 1), stop: make(chan struct{}),
-		flushed: make(chan struct{}), recvd: make(chan struct{})}
+	s := &Syncer{o: o, conn: conn, enc: NewEncoder(o.Key, o.Listen, binary.BigEndian.Uint64(b[:])),
+		ver: NewVerifier(o.Key, o.Peers, MaxSkew), dumps: map[netip.AddrPort]int{},
+		kick: make(chan struct{}, 1), stop: make(chan struct{}), flushed: make(chan struct{}), recvd: make(chan struct{})}
 	go s.receive()
 	go s.flushLoop()
 	return s, nil
 }
 
-func peerAddrs(peers []netip.AddrPort) []netip.Addr {
-	out := make([]netip.Addr, len(peers))
-	for i, p := range peers {
-		out[i] = p.Addr()
+// growBuffer raises the socket's receive buffer to recvBuffer, past
+// net.core.rmem_max where the process may (SO_RCVBUFFORCE needs
+// CAP_NET_ADMIN, which tether has); what it cannot, it leaves.
+func growBuffer(conn *net.UDPConn) {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return
 	}
-	return out
+	raw.Control(func(fd uintptr) {
+		if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, recvBuffer) != nil {
+			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, recvBuffer)
+		}
+	})
 }
 
 // Send queues entries for every peer.
 func (s *Syncer) Send(entries ...Entry) {
 	s.mu.Lock()
-	room := maxPending - len(s.pending)
+	room := max(maxPending-len(s.pending), 0)
 	if room < len(entries) {
-		s.stats.Dropped += uint64(len(entries) - max(room, 0))
-		entries = entries[:max(room, 0)]
+		s.stats.Dropped += uint64(len(entries) - room)
+		entries = entries[:room]
 	}
 	s.pending = append(s.pending, entries...)
 	full := len(s.pending) >= 48 // about a datagram of IPv4 entries
@@ -108,24 +138,39 @@ func (s *Syncer) Send(entries ...Entry) {
 	}
 }
 
-// SendTo sends datagrams of type t with entries to one peer at once
-// (answers to a request).
-func (s *Syncer) SendTo(peer netip.AddrPort, t Type, entries []Entry) {
-	s.mu.Lock()
-	dgrams := s.enc.Encode(t, entries, time.Now())
-	if t == TypeDump {
-		dgrams = append(dgrams, s.enc.Control(TypeDumpDone, uint16(min(len(dgrams), 0xffff)), time.Now()))
+// Dump sends peer entries (the answer to its request), in paced bursts,
+// then a TypeDumpDone that says how many datagrams it took (at most
+// 65,535 are counted: a larger dump is taken as complete when at least
+// that many arrived).
+func (s *Syncer) Dump(peer netip.AddrPort, entries []Entry) {
+	per := (MaxPayload - headerLen - macLen) / 62 // IPv6 entries: a datagram holds at least this many
+	n := 0
+	for len(entries) > 0 || n == 0 {
+		chunk := entries[:min(len(entries), per*dumpBurst)]
+		entries = entries[len(chunk):]
+		s.sendMu.Lock()
+		dgrams := s.enc.Encode(TypeDump, chunk, time.Now())
+		s.write([]netip.AddrPort{peer}, dgrams, len(chunk))
+		s.sendMu.Unlock()
+		n += len(dgrams)
+		if len(entries) > 0 {
+			select {
+			case <-s.stop:
+				return
+			case <-time.After(dumpPause):
+			}
+		}
 	}
-	s.mu.Unlock()
-	s.write([]netip.AddrPort{peer}, dgrams, len(entries))
+	s.sendMu.Lock()
+	s.write([]netip.AddrPort{peer}, [][]byte{s.enc.Control(TypeDumpDone, uint16(min(n, 0xffff)), time.Now())}, 0)
+	s.sendMu.Unlock()
 }
 
-// Request asks every peer for the entries it holds (TypeRequest).
-func (s *Syncer) Request() {
-	s.mu.Lock()
-	d := s.enc.Control(TypeRequest, 0, time.Now())
-	s.mu.Unlock()
-	s.write(s.o.Peers, [][]byte{d}, 0)
+// Request asks peers for the entries they hold (TypeRequest).
+func (s *Syncer) Request(peers ...netip.AddrPort) {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	s.write(peers, [][]byte{s.enc.Control(TypeRequest, 0, time.Now())}, 0)
 }
 
 // Peers are the addresses Start was given to send to.
@@ -150,33 +195,40 @@ func (s *Syncer) flushLoop() {
 // flush sends what is pending.
 func (s *Syncer) flush() {
 	s.mu.Lock()
-	if len(s.pending) == 0 {
-		s.mu.Unlock()
-		return
-	}
 	entries := s.pending
 	s.pending = nil
-	dgrams := s.enc.Encode(TypeEntries, entries, time.Now())
 	s.mu.Unlock()
-	s.write(s.o.Peers, dgrams, len(entries))
+	if len(entries) == 0 {
+		return
+	}
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	s.write(s.o.Peers, s.enc.Encode(TypeEntries, entries, time.Now()), len(entries))
 }
 
+// write sends dgrams, which hold entries entries, to peers. sendMu is
+// held.
 func (s *Syncer) write(peers []netip.AddrPort, dgrams [][]byte, entries int) {
-	var sent, bytes, errs uint64
+	var sent, bytes, errs, reached uint64
 	for _, p := range peers {
+		ok := true
 		for _, d := range dgrams {
 			if _, err := s.conn.WriteToUDPAddrPort(d, p); err != nil {
 				errs++
+				ok = false
 				continue
 			}
 			sent++
 			bytes += uint64(len(d))
 		}
+		if ok {
+			reached += uint64(entries)
+		}
 	}
 	s.mu.Lock()
 	s.stats.SentDatagrams += sent
 	s.stats.SentBytes += bytes
-	s.stats.SentEntries += uint64(entries * len(peers))
+	s.stats.SentEntries += reached
 	s.stats.SendErrors += errs
 	s.mu.Unlock()
 }
@@ -186,27 +238,44 @@ func (s *Syncer) receive() {
 	buf := make([]byte, MaxPayload+1)
 	for {
 		n, from, err := s.conn.ReadFromUDPAddrPort(buf)
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			continue // ICMP errors of sends surface here: counted on send
+		if errors.Is(err, net.ErrClosed) {
+			return
 		}
-		s.mu.Lock()
-		h, entries, err := s.ver.Check(from.Addr(), buf[:n], time.Now())
-		if err == nil {
-			s.stats.ReceivedDatagrams++
-			s.stats.ReceivedEntries += uint64(len(entries))
-		}
-		s.mu.Unlock()
 		if err != nil {
-			if s.o.Log != nil {
-				s.o.Log.Debug("sync: refused a datagram", "from", from, "reason", Reason(err))
+			// ICMP errors of earlier sends surface here (counted on
+			// send); anything else, let it pass without spinning.
+			if !errors.Is(err, syscall.ECONNREFUSED) {
+				time.Sleep(time.Millisecond)
 			}
 			continue
 		}
-		if s.o.Learn != nil {
-			s.o.Learn(from.Addr(), h, entries)
+		s.mu.Lock()
+		h, entries, err := s.ver.Check(from.Addr(), buf[:n], time.Now())
+		var done, complete bool
+		if err == nil {
+			s.stats.ReceivedDatagrams++
+			s.stats.ReceivedEntries += uint64(len(entries))
+			switch h.Type {
+			case TypeDump:
+				s.dumps[h.Sender]++
+			case TypeDumpDone:
+				got := s.dumps[h.Sender]
+				done, complete = true, got >= int(h.Count)
+				delete(s.dumps, h.Sender)
+			}
+		}
+		s.mu.Unlock()
+		switch {
+		case err != nil:
+			if s.o.Log != nil {
+				s.o.Log.Debug("sync: refused a datagram", "from", from, "reason", Reason(err))
+			}
+		case done:
+			if s.o.Answered != nil {
+				s.o.Answered(h.Sender, complete)
+			}
+		case s.o.Learn != nil:
+			s.o.Learn(h, entries)
 		}
 	}
 }
@@ -220,20 +289,10 @@ func (s *Syncer) Stats() Stats {
 	return st
 }
 
-// Close sends what is pending and stops.
+// Close sends what is pending and stops; a dump under way stops.
 func (s *Syncer) Close() {
 	close(s.stop)
 	<-s.flushed
 	s.conn.Close()
 	<-s.recvd
-}
-
-// PeerOf returns the peer at address a, if one is.
-func (s *Syncer) PeerOf(a netip.Addr) (netip.AddrPort, bool) {
-	for _, p := range s.o.Peers {
-		if p.Addr() == a.Unmap() || p.Addr() == a {
-			return p, true
-		}
-	}
-	return netip.AddrPort{}, false
 }

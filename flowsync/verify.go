@@ -9,6 +9,7 @@ import (
 // More errors of Verifier.Check.
 var (
 	ErrUnknownPeer = errors.New("not from a peer")
+	ErrSender      = errors.New("names another sender than the peer it came from")
 	ErrStale       = errors.New("sent too long ago or in the future")
 	ErrReplayed    = errors.New("replayed")
 )
@@ -18,15 +19,18 @@ var (
 const window = 64
 
 // Verifier checks the datagrams a host receives: from a peer's address,
-// with a MAC that verifies with the shared key, sent within MaxSkew of
-// now, and never seen before (a sequence number per sender epoch, with a
-// window of 64 for reordering; a new epoch only from a datagram sent after
-// the newest one taken). Nothing a datagram says changes any state before
-// its MAC verified. It is not safe for concurrent use.
+// with a MAC that verifies with the shared key, naming as its sender the
+// peer (address and port) whose address it came from, sent within MaxSkew
+// of now, and never seen before (a sequence number per sender and epoch,
+// with a window of 64 for reordering; a new epoch only from a datagram
+// sent after the newest one taken). Nothing a datagram says changes any
+// state before its MAC verified, and a datagram of one peer replayed from
+// another's address is refused. It is not safe for concurrent use.
 type Verifier struct {
 	key     []byte
 	maxSkew time.Duration
-	peers   map[netip.Addr]*peerState
+	addrs   map[netip.Addr]bool // the peers' addresses
+	peers   map[netip.AddrPort]*peerState
 	refused map[string]uint64
 }
 
@@ -39,13 +43,17 @@ type peerState struct {
 
 // NewVerifier returns a verifier of datagrams from peers signed with key,
 // sent at most maxSkew before or after the receiver's clock says.
-func NewVerifier(key []byte, peers []netip.Addr, maxSkew time.Duration) *Verifier {
-	v := &Verifier{key: key, maxSkew: maxSkew, peers: map[netip.Addr]*peerState{}, refused: map[string]uint64{}}
+func NewVerifier(key []byte, peers []netip.AddrPort, maxSkew time.Duration) *Verifier {
+	v := &Verifier{key: key, maxSkew: maxSkew, addrs: map[netip.Addr]bool{}, peers: map[netip.AddrPort]*peerState{}, refused: map[string]uint64{}}
 	for _, p := range peers {
-		v.peers[p.Unmap()] = &peerState{}
+		p = unmap(p)
+		v.addrs[p.Addr()] = true
+		v.peers[p] = &peerState{}
 	}
 	return v
 }
+
+func unmap(p netip.AddrPort) netip.AddrPort { return netip.AddrPortFrom(p.Addr().Unmap(), p.Port()) }
 
 // Check verifies datagram b from address from, received at now, and
 // returns what it carries; a refusal is counted under its reason.
@@ -58,13 +66,16 @@ func (v *Verifier) Check(from netip.Addr, b []byte, now time.Time) (Header, []En
 }
 
 func (v *Verifier) check(from netip.Addr, b []byte, now time.Time) (Header, []Entry, error) {
-	st := v.peers[from.Unmap()]
-	if st == nil {
+	if !v.addrs[from.Unmap()] {
 		return Header{}, nil, ErrUnknownPeer
 	}
 	h, entries, err := Decode(v.key, b)
 	if err != nil {
 		return h, nil, err
+	}
+	st := v.peers[h.Sender]
+	if st == nil || h.Sender.Addr() != from.Unmap() {
+		return h, nil, ErrSender
 	}
 	if d := now.Sub(h.Time); d > v.maxSkew || d < -v.maxSkew {
 		return h, nil, ErrStale
@@ -122,7 +133,7 @@ func Reason(err error) string {
 	}{
 		{ErrTruncated, "truncated"}, {ErrMagic, "not_sync"}, {ErrVersion, "version"},
 		{ErrMAC, "bad_mac"}, {ErrEntry, "malformed"}, {ErrUnknownPeer, "unknown_peer"},
-		{ErrStale, "stale"}, {ErrReplayed, "replayed"},
+		{ErrStale, "stale"}, {ErrReplayed, "replayed"}, {ErrSender, "wrong_sender"},
 	} {
 		if errors.Is(err, r.err) {
 			return r.name

@@ -8,10 +8,11 @@
 // and name services and backends by their addresses and ports, never by
 // the per-host ids of the BPF tables. Every datagram carries an HMAC-SHA256
 // (truncated to 16 bytes) keyed with the hosts' shared key, the sender's
-// epoch (drawn at its start), a sequence number and the send time;
-// Verifier refuses what does not verify, what comes from an address that
-// is not a peer, what is too old, and what it has seen before, and counts
-// each refusal by reason.
+// identity (its listen address and port), its epoch (drawn at its start),
+// a sequence number and the send time; Verifier refuses what does not
+// verify, what comes from an address that is not a peer or not the one it
+// names, what is too old, and what it has seen before, and counts each
+// refusal by reason.
 package flowsync
 
 import (
@@ -21,22 +22,24 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 )
 
 // The wire format, version 1. A datagram is a header, entries, and the
 // MAC of both:
 //
-//	header  magic "TSYN" | version 1 | type | count (2) | epoch (8) | seq (8) | unix time, ms (8)
+//	header  magic "TSYN" | version 1 | type | count (2) | epoch (8) | seq (8) | unix time, ms (8) | sender addr (16) | sender port (2) | 0 (2)
 //	entry   kind | proto | families | 0 | client addr | client port (2) | VIP addr | VIP port (2) | backend addr | backend port (2) | age, s (4)
 //	mac     HMAC-SHA256(key, header | entries), first 16 bytes
 //
-// Integers are big-endian. An address is 4 bytes or 16 as the families
-// byte says (bit 0: the client's is IPv6, bit 1: the VIP's, bit 2: the
+// Integers are big-endian. The sender's address is 16 bytes (an IPv4
+// one mapped); an entry's address is 4 bytes or 16 as the families byte
+// says (bit 0: the client's is IPv6, bit 1: the VIP's, bit 2: the
 // backend's). An IPv4 entry takes 26 bytes, an IPv6 one 62.
 const (
 	Version    = 1
-	headerLen  = 32
+	headerLen  = 52
 	macLen     = 16
 	MaxPayload = 1400 // a datagram's size at most, below any usual MTU
 )
@@ -83,7 +86,11 @@ type Entry struct {
 
 // Header is a datagram's header.
 type Header struct {
-	Type  Type
+	// Sender is the sending host's listen address and port: replay
+	// state is kept per sender, and a datagram must come from the
+	// address it names.
+	Sender netip.AddrPort
+	Type   Type
 	Count uint16 // entries, or for TypeDumpDone the dump's datagrams
 	Epoch uint64 // the sender's, drawn at its start
 	Seq   uint64 // the sender's sequence number within the epoch, from 1
@@ -102,22 +109,28 @@ func addrLen(a netip.Addr) int {
 	return 16
 }
 
-// Encoder batches entries into signed datagrams.
+// Encoder batches entries into signed datagrams. It is not safe for
+// concurrent use.
 type Encoder struct {
-	key   []byte
-	epoch uint64
-	seq   uint64
+	key    []byte
+	sender netip.AddrPort
+	epoch  uint64
+	seq    uint64
 }
 
-// NewEncoder returns an encoder that signs with key and numbers its
-// datagrams from 1 in epoch.
-func NewEncoder(key []byte, epoch uint64) *Encoder {
-	return &Encoder{key: key, epoch: epoch}
+// NewEncoder returns an encoder of sender's datagrams that signs with key
+// and numbers them from 1 in epoch.
+func NewEncoder(key []byte, sender netip.AddrPort, epoch uint64) *Encoder {
+	return &Encoder{key: key, sender: sender, epoch: epoch}
 }
 
 // Encode packs entries into as few datagrams of type t as MaxPayload
 // allows (one, with no entries, when there are none), stamped with now.
+// Entries with an invalid address are left out.
 func (c *Encoder) Encode(t Type, entries []Entry, now time.Time) [][]byte {
+	entries = slices.DeleteFunc(slices.Clone(entries), func(e Entry) bool {
+		return !e.Client.Addr().IsValid() || !e.VIP.Addr().IsValid() || !e.Backend.Addr().IsValid()
+	})
 	var out [][]byte
 	for first := true; first || len(entries) > 0; first = false {
 		size, n := headerLen+macLen, 0
@@ -146,6 +159,10 @@ func (c *Encoder) seal(t Type, count uint16, entries []Entry, now time.Time, siz
 	b = binary.BigEndian.AppendUint64(b, c.epoch)
 	b = binary.BigEndian.AppendUint64(b, c.seq)
 	b = binary.BigEndian.AppendUint64(b, uint64(now.UnixMilli()))
+	a := c.sender.Addr().As16()
+	b = append(b, a[:]...)
+	b = binary.BigEndian.AppendUint16(b, c.sender.Port())
+	b = append(b, 0, 0)
 	for _, e := range entries {
 		var fam byte
 		for i, a := range []netip.Addr{e.Client.Addr(), e.VIP.Addr(), e.Backend.Addr()} {
@@ -198,6 +215,7 @@ func Decode(key, b []byte) (Header, []Entry, error) {
 	h.Epoch = binary.BigEndian.Uint64(b[8:])
 	h.Seq = binary.BigEndian.Uint64(b[16:])
 	h.Time = time.UnixMilli(int64(binary.BigEndian.Uint64(b[24:])))
+	h.Sender = netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[32:48])).Unmap(), binary.BigEndian.Uint16(b[48:]))
 	if h.Type != TypeEntries && h.Type != TypeDump {
 		if len(body) != headerLen {
 			return h, nil, ErrEntry

@@ -12,8 +12,8 @@ import (
 
 var (
 	testKey = []byte("0123456789abcdef0123456789abcdef")
-	peerA   = netip.MustParseAddr("198.51.100.2")
-	peerB   = netip.MustParseAddr("2001:db8:100::3")
+	peerA   = netip.MustParseAddrPort("198.51.100.2:7946")
+	peerB   = netip.MustParseAddrPort("[2001:db8:100::3]:7946")
 	t0      = time.UnixMilli(1_800_000_000_000)
 )
 
@@ -45,7 +45,7 @@ func entries(n int) []Entry {
 func TestRoundTrip(t *testing.T) {
 	for _, n := range []int{0, 1, 4, 53, 500} {
 		want := entries(n)
-		enc := NewEncoder(testKey, 7)
+		enc := NewEncoder(testKey, peerA, 7)
 		dgrams := enc.Encode(TypeEntries, want, t0)
 		var got []Entry
 		for i, d := range dgrams {
@@ -56,7 +56,7 @@ func TestRoundTrip(t *testing.T) {
 			if err != nil {
 				t.Fatalf("%d entries: datagram %d: %v", n, i, err)
 			}
-			if h.Type != TypeEntries || h.Epoch != 7 || h.Seq != uint64(i+1) || !h.Time.Equal(t0) || int(h.Count) != len(es) {
+			if h.Type != TypeEntries || h.Sender != peerA || h.Epoch != 7 || h.Seq != uint64(i+1) || !h.Time.Equal(t0) || int(h.Count) != len(es) {
 				t.Fatalf("%d entries: datagram %d header %+v (%d entries)", n, i, h, len(es))
 			}
 			got = append(got, es...)
@@ -69,9 +69,9 @@ func TestRoundTrip(t *testing.T) {
 		}
 		t.Logf("%d entries: %d datagrams, %d bytes", n, len(dgrams), total(dgrams))
 	}
-	d := NewEncoder(testKey, 1).Control(TypeDumpDone, 12, t0)
+	d := NewEncoder(testKey, peerB, 1).Control(TypeDumpDone, 12, t0)
 	h, es, err := Decode(testKey, d)
-	if err != nil || h.Type != TypeDumpDone || h.Count != 12 || es != nil {
+	if err != nil || h.Type != TypeDumpDone || h.Sender != peerB || h.Count != 12 || es != nil {
 		t.Fatalf("control datagram: %+v %v %v", h, es, err)
 	}
 }
@@ -88,12 +88,12 @@ func total(ds [][]byte) int {
 // under its reason; a datagram refused changes no state (the next genuine
 // one is taken).
 func TestRefused(t *testing.T) {
-	enc := NewEncoder(testKey, 42)
+	enc := NewEncoder(testKey, peerA, 42)
 	good := enc.Encode(TypeEntries, entries(8), t0)[0]
-	v := NewVerifier(testKey, []netip.Addr{peerA, peerB}, 30*time.Second)
-	check := func(name string, from netip.Addr, d []byte, now time.Time, want error) {
+	v := NewVerifier(testKey, []netip.AddrPort{peerA, peerB}, 30*time.Second)
+	check := func(name string, from netip.AddrPort, d []byte, now time.Time, want error) {
 		t.Helper()
-		_, es, err := v.Check(from, d, now)
+		_, es, err := v.Check(from.Addr(), d, now)
 		if !errors.Is(err, want) {
 			t.Errorf("%s: got %v, want %v", name, err, want)
 		}
@@ -101,13 +101,13 @@ func TestRefused(t *testing.T) {
 			t.Errorf("%s: refused, yet entries returned", name)
 		}
 	}
-	other := NewEncoder([]byte("another key, as long as the first"), 42).Encode(TypeEntries, entries(8), t0)[0]
+	other := NewEncoder([]byte("another key, as long as the first"), peerA, 42).Encode(TypeEntries, entries(8), t0)[0]
 	check("wrong key", peerA, other, t0, ErrMAC)
-	check("unknown peer", netip.MustParseAddr("198.51.100.99"), good, t0, ErrUnknownPeer)
+	check("unknown peer", netip.MustParseAddrPort("198.51.100.99:7946"), good, t0, ErrUnknownPeer)
 	check("sent 31 s ago", peerA, good, t0.Add(31*time.Second), ErrStale)
 	check("sent 31 s in the future", peerA, good, t0.Add(-31*time.Second), ErrStale)
 	for n := range len(good) {
-		_, _, err := v.Check(peerA, good[:n], t0)
+		_, _, err := v.Check(peerA.Addr(), good[:n], t0)
 		if err == nil {
 			t.Fatalf("truncated to %d bytes: taken", n)
 		}
@@ -115,15 +115,21 @@ func TestRefused(t *testing.T) {
 	for i := range len(good) * 8 {
 		d := bytes.Clone(good)
 		d[i/8] ^= 1 << (i % 8)
-		if _, _, err := v.Check(peerA, d, t0); err == nil {
+		if _, _, err := v.Check(peerA.Addr(), d, t0); err == nil {
 			t.Fatalf("bit %d flipped: taken", i)
 		}
 	}
 	check("genuine", peerA, good, t0, nil)
 	check("replayed", peerA, good, t0.Add(time.Second), ErrReplayed)
-	check("replayed from another peer's address", peerB, good, t0, nil) // each peer has its own numbering: B had not used seq 1
+	// A's datagram from B's address: refused, and B's own datagrams are
+	// taken as before.
+	check("replayed from another peer's address", peerB, good, t0, ErrSender)
+	fromB := NewEncoder(testKey, peerB, 5)
+	check("B's first", peerB, fromB.Encode(TypeEntries, entries(1), t0)[0], t0, nil)
+	check("A names B", peerA, fromB.Encode(TypeEntries, entries(1), t0.Add(time.Second))[0], t0, ErrSender)
+	check("B's next", peerB, fromB.Encode(TypeEntries, entries(1), t0)[0], t0, nil)
 	r := v.Refused()
-	if r["bad_mac"] == 0 || r["truncated"] == 0 || r["unknown_peer"] != 1 || r["stale"] != 2 || r["replayed"] != 1 {
+	if r["bad_mac"] == 0 || r["truncated"] == 0 || r["unknown_peer"] != 1 || r["stale"] != 2 || r["replayed"] != 1 || r["wrong_sender"] != 2 {
 		t.Errorf("refusals counted: %v", r)
 	}
 	t.Logf("refusals: %v", r)
@@ -133,15 +139,15 @@ func TestRefused(t *testing.T) {
 // each once; older ones and an earlier epoch's are refused; a restarted
 // sender's new epoch is taken.
 func TestReplayWindow(t *testing.T) {
-	v := NewVerifier(testKey, []netip.Addr{peerA}, 30*time.Second)
-	enc := NewEncoder(testKey, 1)
+	v := NewVerifier(testKey, []netip.AddrPort{peerA}, 30*time.Second)
+	enc := NewEncoder(testKey, peerA, 1)
 	var ds [][]byte
 	for i := range 200 {
 		ds = append(ds, enc.Control(TypeRequest, 0, t0.Add(time.Duration(i)*time.Millisecond)))
 	}
 	take := func(i int, want error) {
 		t.Helper()
-		if _, _, err := v.Check(peerA, ds[i], t0.Add(time.Second)); !errors.Is(err, want) {
+		if _, _, err := v.Check(peerA.Addr(), ds[i], t0.Add(time.Second)); !errors.Is(err, want) {
 			t.Fatalf("datagram seq %d: got %v, want %v", i+1, err, want)
 		}
 	}
@@ -157,9 +163,9 @@ func TestReplayWindow(t *testing.T) {
 	take(150, ErrReplayed)
 
 	// The sender restarts: a new epoch, numbered from 1 again.
-	enc2 := NewEncoder(testKey, 2)
+	enc2 := NewEncoder(testKey, peerA, 2)
 	d := enc2.Control(TypeRequest, 0, t0.Add(time.Second))
-	if _, _, err := v.Check(peerA, d, t0.Add(time.Second)); err != nil {
+	if _, _, err := v.Check(peerA.Addr(), d, t0.Add(time.Second)); err != nil {
 		t.Fatalf("the new epoch: %v", err)
 	}
 	// The old epoch's datagrams, replayed, are refused, even unseen ones.
@@ -170,10 +176,10 @@ func TestReplayWindow(t *testing.T) {
 // TestForgedFlood: 100,000 random and mangled datagrams change nothing:
 // every one is refused, and the genuine datagram that follows is taken.
 func TestForgedFlood(t *testing.T) {
-	v := NewVerifier(testKey, []netip.Addr{peerA}, 30*time.Second)
-	enc := NewEncoder(testKey, 9)
+	v := NewVerifier(testKey, []netip.AddrPort{peerA}, 30*time.Second)
+	enc := NewEncoder(testKey, peerA, 9)
 	first := enc.Encode(TypeEntries, entries(4), t0)[0]
-	if _, _, err := v.Check(peerA, first, t0); err != nil {
+	if _, _, err := v.Check(peerA.Addr(), first, t0); err != nil {
 		t.Fatal(err)
 	}
 	rng := rand.New(rand.NewPCG(1, 2))
@@ -196,11 +202,11 @@ func TestForgedFlood(t *testing.T) {
 		case 2: // the delivered datagram, replayed
 			d = first
 		}
-		if _, _, err := v.Check(peerA, d, t0); err == nil {
+		if _, _, err := v.Check(peerA.Addr(), d, t0); err == nil {
 			t.Fatalf("forged datagram %d taken", i)
 		}
 	}
-	if _, _, err := v.Check(peerA, tmpl, t0); err != nil {
+	if _, _, err := v.Check(peerA.Addr(), tmpl, t0); err != nil {
 		t.Fatalf("the genuine datagram after the flood: %v", err)
 	}
 	t.Logf("refused: %v", v.Refused())

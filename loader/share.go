@@ -51,7 +51,7 @@ func (x *XDP) Learn(flows []datapath.LearnedFlow) (int, error) {
 			}
 		}
 		if l.Affinity {
-			if err := m.PutAffinity(l.Flow.Service, l.Flow.Client.Addr(), l.Flow.Backend, l.Age); err != nil {
+			if err := m.LearnAffinity(l.Flow.Service, l.Flow.Client.Addr(), l.Flow.Backend, l.Age, l.Dumped); err != nil {
 				errs = append(errs, err)
 			}
 		}

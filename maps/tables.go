@@ -51,6 +51,7 @@ func flow6(k bpf.TetherFlowKey, v bpf.TetherConn) Flow {
 		Service: v.Service,
 		Backend: v.Backend,
 		Closing: v.Flags&connClosing != 0,
+		Learned: v.Flags&connLearned != 0,
 	}
 }
 
@@ -62,6 +63,7 @@ func flow4(k bpf.TetherFlowKey4, v bpf.TetherConn) Flow {
 		Service: v.Service,
 		Backend: v.Backend,
 		Closing: v.Flags&connClosing != 0,
+		Learned: v.Flags&connLearned != 0,
 	}
 }
 
@@ -175,6 +177,17 @@ func (m *Maps) LookupAffinity(service uint32, client netip.Addr) (Affinity, bool
 	return Affinity{Backend: v.Backend, Age: time.Duration(monotonicNow() - v.LastSeenNs)}, true, nil
 }
 
+// LearnAffinity enters the affinity entry another host made for client of
+// service, last used age ago, where this host has none or an older one
+// (an affinity entry is the client's latest choice, wherever it was
+// made); with absentOnly, only where it has none.
+func (m *Maps) LearnAffinity(service uint32, client netip.Addr, backend uint32, age time.Duration, absentOnly bool) error {
+	if cur, ok, err := m.LookupAffinity(service, client); err != nil || (ok && (absentOnly || cur.Age <= age)) {
+		return err
+	}
+	return m.PutAffinity(service, client, backend, age)
+}
+
 // PutAffinity writes an affinity entry whose last use lies age in the past.
 // The daemon does not need it; tests use it to age entries.
 func (m *Maps) PutAffinity(service uint32, client netip.Addr, backend uint32, age time.Duration) error {
@@ -193,16 +206,20 @@ func monotonicNow() uint64 {
 	return uint64(ts.Nano())
 }
 
-// connEncap is CONN_F_ENCAP.
-const connEncap = 1 << 3
+// connEncap is CONN_F_ENCAP, connLearned CONN_F_LEARNED.
+const (
+	connEncap   = 1 << 3
+	connLearned = 1 << 4
+)
 
-// PutFlow enters flow f (client, VIP, protocol, service and backend ids)
-// in its connection table unless the table has an entry for it; encap
-// marks it encapsulated. It says whether it entered it.
+// PutFlow enters flow f (client, VIP, protocol, service and backend ids),
+// which another host made, in its connection table unless the table has
+// an entry for it; encap marks it encapsulated. It says whether it
+// entered it.
 func (m *Maps) PutFlow(f Flow, encap bool) (bool, error) {
-	v := bpf.TetherConn{Backend: f.Backend, Service: f.Service}
+	v := bpf.TetherConn{Backend: f.Backend, Service: f.Service, Flags: connLearned}
 	if encap {
-		v.Flags = connEncap
+		v.Flags |= connEncap
 	}
 	var err error
 	if f.Client.Addr().Unmap().Is4() {

@@ -253,7 +253,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	if s := status.Sync; s != nil {
 		counter(syncDatagrams, s.SentDatagrams, "sent")
 		counter(syncDatagrams, s.ReceivedDatagrams, "received")
-		counter(syncEntries, s.SentEntries+s.Dumped, "sent")
+		counter(syncEntries, s.SentEntries, "sent")
 		counter(syncEntries, s.ReceivedEntries, "received")
 		counter(syncSentBytes, s.SentBytes)
 		for _, r := range slices.Sorted(maps.Keys(s.Refused)) {

@@ -169,7 +169,8 @@ func hostDiesAfterScaleOut(t *testing.T, on bool) (lost, total int, learned uint
 // forgeSync sends host 2 (api2, d2) sync datagrams that must change
 // nothing: signed with another key, cut short (by 5 bytes: its MAC fails;
 // to 20 bytes: truncated), from an address that is no peer (the
-// client's), and a replay of a genuine one; each names a
+// client's), from host 1's address naming another sender, and a replay
+// of a genuine one; each names a
 // client address no connection uses. Host 2 counts each refusal by
 // reason and enters none of their entries; the genuine datagram's entry
 // is entered once.
@@ -196,11 +197,14 @@ func forgeSync(t *testing.T, l *lab.Lab, lbs []*lab.Host, api2 *control.Client, 
 			t.Fatal(err)
 		}
 	}
-	good := flowsync.NewEncoder([]byte(syncKey), 7).Encode(flowsync.TypeEntries, entry("192.0.2.251:1001"), time.Now())[0]
-	send(lbs[0], flowsync.NewEncoder([]byte("another key, also 32 characters long"), 7).Encode(flowsync.TypeEntries, entry("192.0.2.252:1002"), time.Now())[0])
+	host1 := netip.AddrPortFrom(lbs[0].Addr4, 7946)
+	good := flowsync.NewEncoder([]byte(syncKey), host1, 7).Encode(flowsync.TypeEntries, entry("192.0.2.251:1001"), time.Now())[0]
+	send(lbs[0], flowsync.NewEncoder([]byte("another key, also 32 characters long"), host1, 7).Encode(flowsync.TypeEntries, entry("192.0.2.252:1002"), time.Now())[0])
 	send(lbs[0], good[:len(good)-5]) // its MAC no longer verifies
 	send(lbs[0], good[:20])          // shorter than a header and a MAC
-	send(l.Client, flowsync.NewEncoder([]byte(syncKey), 8).Encode(flowsync.TypeEntries, entry("192.0.2.253:1003"), time.Now())[0])
+	send(l.Client, flowsync.NewEncoder([]byte(syncKey), netip.AddrPortFrom(l.Client.Addr4, 7946), 8).Encode(flowsync.TypeEntries, entry("192.0.2.253:1003"), time.Now())[0])
+	// From host 1's address, naming a sender that is no peer.
+	send(lbs[0], flowsync.NewEncoder([]byte(syncKey), netip.AddrPortFrom(lbs[0].Addr4, 7947), 9).Encode(flowsync.TypeEntries, entry("192.0.2.254:1004"), time.Now())[0])
 	send(lbs[0], good)
 	send(lbs[0], good)
 	var st control.Status
@@ -212,11 +216,11 @@ func forgeSync(t *testing.T, l *lab.Lab, lbs []*lab.Host, api2 *control.Client, 
 			t.Fatal(err)
 		}
 		r := st.Sync.Refused
-		if r["bad_mac"] >= 2 && r["truncated"] >= 1 && r["unknown_peer"] >= 1 && r["replayed"] >= 1 {
+		if r["bad_mac"] >= 2 && r["truncated"] >= 1 && r["unknown_peer"] >= 1 && r["replayed"] >= 1 && r["wrong_sender"] >= 1 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("host 2 refused %v, want bad_mac, truncated, unknown_peer and replayed", r)
+			t.Fatalf("host 2 refused %v, want bad_mac, truncated, unknown_peer, wrong_sender and replayed", r)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -241,7 +245,7 @@ func forgeSync(t *testing.T, l *lab.Lab, lbs []*lab.Host, api2 *control.Client, 
 	d2.cliJSON(&flows, "flows")
 	for _, f := range flows {
 		switch f.Client {
-		case "192.0.2.252:1002", "192.0.2.253:1003":
+		case "192.0.2.252:1002", "192.0.2.253:1003", "192.0.2.254:1004":
 			t.Errorf("a forged entry was entered: %+v", f)
 		case "192.0.2.251:1001":
 			if f.Backend != netip.AddrPortFrom(l.Backends[0].Addr4, chatPort).String() {

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/tetherlb/tether/internal/lab"
+	"github.com/tetherlb/tether/test/bench/benchrun"
 )
 
 // affinity records which backends each client address reached.
@@ -70,41 +71,11 @@ func (e *Env) wsURL(p Peer) string {
 // connections per second (those that succeeded) and the number that
 // failed.
 func connRate(e *Env, p Peer, aff *affinity, n, workers int) (rate float64, failed int) {
-	var next, ok, bad atomic.Int64
-	url := e.wsURL(p)
-	addrs := e.Lab.ClientAddrs4
-	deadline := time.Now().Add(opLimit)
-	var wg sync.WaitGroup
-	start := time.Now()
-	for range workers {
-		wg.Go(func() {
-			for {
-				k := int(next.Add(1)) - 1
-				if k >= n || time.Now().After(deadline) {
-					return
-				}
-				src := addrs[k%len(addrs)]
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				c, err := lab.DialWS(ctx, e.Lab.Client, src, url)
-				if err == nil {
-					_, err = c.Echo(ctx, "hi")
-					aff.add(src, c.Backend())
-					c.Close()
-				}
-				cancel()
-				if err != nil {
-					if bad.Add(1) == 1 {
-						logf("%s: connection %d: %v", p.Name, k, err)
-					}
-					continue
-				}
-				ok.Add(1)
-			}
-		})
+	rate, failed, err := benchrun.WSConnRate(e.Lab.Client, e.Lab.ClientAddrs4, e.wsURL(p), n, workers, opLimit, aff.add)
+	if err != nil {
+		logf("%s: a connection failed: %v", p.Name, err)
 	}
-	wg.Wait()
-	el := time.Since(start)
-	return float64(ok.Load()) / el.Seconds(), int(bad.Load())
+	return rate, failed
 }
 
 // holdEcho opens hold WebSocket connections and keeps them open for secs

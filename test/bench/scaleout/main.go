@@ -14,6 +14,9 @@
 //     crossed host 1) and when the last of them echoed again through host
 //     2, the connections that broke and had to reconnect, and those that
 //     answered from another backend.
+//   - With sync on (a sync block on both hosts), the same connection rate,
+//     the bytes and datagrams of sync traffic per new connection, and the
+//     daemons' CPU per host, against sync off.
 //
 // It needs root and BIRD 2. `make bench` runs it.
 package main
@@ -30,9 +33,9 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
+	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/control"
 	"github.com/tetherlb/tether/internal/lab"
 	"github.com/tetherlb/tether/internal/lab/scenario"
@@ -56,6 +59,7 @@ type options struct {
 type host struct {
 	h      *lab.Host
 	pinDir string
+	config string // its configuration file
 	daemon *lab.Proc
 	api    *control.Client
 }
@@ -90,34 +94,45 @@ func main() {
 	e := setup()
 	w := benchrun.Report(o.out)
 
-	// Connection rate: one host (host 2 drained) and two, interleaved.
-	var one, two []float64
-	var shares []float64 // host 1's share of new connections, two-host rounds
+	// Connection rate: one host (host 2 drained), two, and two sharing
+	// their entries (sync), interleaved.
+	modes := []mode{{name: "1 (host 2 drained)", hosts: 1}, {name: "2", hosts: 2}, {name: "2, sharing entries (sync)", hosts: 2, share: true}}
 	for r := range o.rounds {
-		for _, n := range []int{1, 2} {
-			setHosts(e, n)
-			before := newConns(e)
+		for i := range modes {
+			m := &modes[i]
+			setHosts(e, m.hosts)
+			setSync(e, m.share)
+			before, cpu0 := newConns(e), cpuTime(e)
+			b0, g0 := syncCounters(e)
+			start := time.Now()
 			rate, failed := connRate(e, o.conns, o.workers)
+			el := time.Since(start)
 			after := newConns(e)
+			b1, g1 := syncCounters(e)
+			cpu := cpuTime(e) - cpu0
 			d1, d2 := after[0]-before[0], after[1]-before[1]
-			logf("round %d, %d host(s): %.0f connections/s, %d failed; host 1 took %d, host 2 %d", r+1, n, rate, failed, d1, d2)
+			logf("round %d, %s: %.0f connections/s, %d failed; host 1 took %d, host 2 %d; sync %d bytes in %d datagrams; daemons' CPU %v in %v",
+				r+1, m.name, rate, failed, d1, d2, b1-b0, g1-g0, cpu, el.Round(time.Millisecond))
 			if failed > 0 {
 				fail(fmt.Sprintf("%d connections failed", failed))
 			}
-			if n == 1 {
-				one = append(one, rate)
-				if d2 != 0 {
-					fail(fmt.Sprintf("host 2 took %d connections while drained", d2))
-				}
-				continue
+			if m.hosts == 1 && d2 != 0 {
+				fail(fmt.Sprintf("host 2 took %d connections while drained", d2))
 			}
-			two = append(two, rate)
-			shares = append(shares, float64(d1)/float64(d1+d2))
+			m.rates = append(m.rates, rate)
+			m.shares = append(m.shares, float64(d1)/float64(d1+d2))
+			m.cpu = append(m.cpu, 100*cpu.Seconds()/el.Seconds()/2) // per host, % of a CPU
+			if m.share {
+				m.bytes = append(m.bytes, float64(b1-b0)/float64(d1+d2))
+				m.dgrams = append(m.dgrams, float64(g1-g0)/float64(d1+d2))
+			}
 		}
 	}
+	one, two, shared := modes[0], modes[1], modes[2]
 
 	// A host dies under held connections.
 	setHosts(e, 2)
+	setSync(e, false)
 	d := hostDeath(e, o.hold)
 
 	p := func(format string, args ...any) { fmt.Fprintf(w, format, args...) }
@@ -127,14 +142,20 @@ func main() {
 	p("The lab: a client namespace with 150 addresses, a router namespace running BIRD 2 (ECMP, the kernel hashing the 5-tuple), two balancer hosts each running `tether run` (XDP, dsr, source affinity) that announce the VIP to the router by BGP (hold time %d s), three backends serving WebSocket echo. Everything shares this machine's %d CPUs, so two hosts add no capacity here: the rate compares the paths, not the machines.\n\n", scenario.HoldTime, runtime.NumCPU())
 	p("## Connection rate and the share per host\n\n")
 	p("%d connections per measurement over %d workers, each a TCP connect, the WebSocket handshake, one echo and the close; %d interleaved rounds, medians.\n\n", o.conns, o.workers, o.rounds)
-	p("| hosts announcing the VIP | connections/s (median) | rounds | x one host | host 1's share of new connections |\n|---|---|---|---|---|\n")
-	p("| 1 (host 2 drained) | %.0f | %s | 1.00x | 100%% |\n", benchrun.Median(one), list(one))
-	p("| 2 | %.0f | %s | %.2fx | %s (median %.0f%%) |\n\n", benchrun.Median(two), list(two), benchrun.Median(two)/benchrun.Median(one), percents(shares), 100*benchrun.Median(shares))
-	if slices.Max(one) >= slices.Min(two) && slices.Max(two) >= slices.Min(one) {
-		p("The two rows differ by less than the rounds of each vary: on one machine the second host costs the path nothing measurable, and adds no capacity either (its XDP program runs on the same CPUs).\n\n")
-	} else {
-		p("The two rows differ by more than their rounds vary.\n\n")
+	p("| hosts announcing the VIP | connections/s (median) | rounds | x one host | host 1's share of new connections | daemon CPU per host |\n|---|---|---|---|---|---|\n")
+	for _, m := range modes {
+		p("| %s | %.0f | %s | %.2fx | %s (median %.0f%%) | %.1f%% of a CPU |\n", m.name, benchrun.Median(m.rates), list(m.rates),
+			benchrun.Median(m.rates)/benchrun.Median(one.rates), percents(m.shares), 100*benchrun.Median(m.shares), benchrun.Median(m.cpu))
 	}
+	p("\n")
+	if slices.Max(one.rates) >= slices.Min(two.rates) && slices.Max(two.rates) >= slices.Min(one.rates) {
+		p("One host and two differ by less than the rounds of each vary: on one machine the second host costs the path nothing measurable, and adds no capacity either (its XDP program runs on the same CPUs).\n\n")
+	} else {
+		p("One host and two differ by more than their rounds vary.\n\n")
+	}
+	p("**Sync's cost.** With sync on, each new connection cost %.1f bytes and %.3f datagrams of sync traffic (medians over the rounds; each host sends its new flows to the other), and the connection rate was %.2fx that without sync (%.0f against %.0f connections/s). The daemons' CPU is the `tether run` processes' user and system time over the measurement, per host: %.1f%% of a CPU with sync, %.1f%% without. The XDP program's own cost of handing out a flow (one ring-buffer record per new connection) is in its run time, not in these figures.\n\n",
+		benchrun.Median(shared.bytes), benchrun.Median(shared.dgrams), benchrun.Median(shared.rates)/benchrun.Median(two.rates),
+		benchrun.Median(shared.rates), benchrun.Median(two.rates), benchrun.Median(shared.cpu), benchrun.Median(two.cpu))
 	p("## A host dies\n\n")
 	p("%d WebSocket connections from 150 addresses echo every 100 ms (an echo may take up to 20 s). Host 1 dies as a machine does: its link goes down (no word to the router), its daemon gets SIGKILL and its XDP program is detached.\n\n", o.hold)
 	p("| measure | value |\n|---|---|\n")
@@ -190,17 +211,14 @@ func setup() *env {
 	e := &env{l: l, router: router, bird: bird, vip: netip.AddrPortFrom(l.VIP4, scenario.Port), bin: bin}
 	e.url = "ws://" + e.vip.String() + "/chat"
 	for i, h := range []*lab.Host{l.Balancer, lb2} {
-		data, err := scenario.HostConfig(l, h, l.Backends, "xdp", router).Marshal()
-		if err != nil {
-			fail(err.Error())
-		}
-		cfg := filepath.Join(dir, h.Name+".yaml")
-		if err := os.WriteFile(cfg, data, 0o600); err != nil {
-			fail(err.Error())
-		}
-		hs := &host{h: h, pinDir: filepath.Join(l.BPFFS, fmt.Sprintf("tether-%d", i+1))}
+		hs := &host{h: h, pinDir: filepath.Join(l.BPFFS, fmt.Sprintf("tether-%d", i+1)), config: filepath.Join(dir, h.Name+".yaml")}
+		e.hosts = append(e.hosts, hs)
+	}
+	for _, hs := range e.hosts {
+		h := hs.h
+		writeConfig(e, hs, false)
 		socket := filepath.Join(dir, h.Name+".sock")
-		if hs.daemon, err = h.Start(bin, "run", "--config", cfg, "--socket", socket, "--pin-dir", hs.pinDir, "--clean"); err != nil {
+		if hs.daemon, err = h.Start(bin, "run", "--config", hs.config, "--socket", socket, "--pin-dir", hs.pinDir, "--clean"); err != nil {
 			fail(err.Error())
 		}
 		benchrun.AtExit(func() { hs.daemon.Stop() })
@@ -209,13 +227,90 @@ func setup() *env {
 			_, err := hs.api.Status(context.Background())
 			return err == nil
 		})
-		e.hosts = append(e.hosts, hs)
 	}
 	setHosts(e, 2)
 	if err := l.Client.Run("ip", "route", "replace", l.VIP4.String()+"/32", "via", router.Addr4.String()); err != nil {
 		fail(err.Error())
 	}
 	return e
+}
+
+// syncKey is the hosts' shared sync key.
+const syncKey = "the scale-out bench's sync key, 32+ characters"
+
+// writeConfig writes hs's configuration, with a sync block that peers
+// with the other host when share is set.
+func writeConfig(e *env, hs *host, share bool) {
+	cfg := scenario.HostConfig(e.l, hs.h, e.l.Backends, "xdp", e.router)
+	if share {
+		cfg.Sync = &config.Sync{Listen: netip.AddrPortFrom(hs.h.Addr4, 7946), Key: syncKey, StartWait: config.DefaultSyncStartWait}
+		for _, o := range e.hosts {
+			if o != hs {
+				cfg.Sync.Peers = append(cfg.Sync.Peers, netip.AddrPortFrom(o.h.Addr4, 7946))
+			}
+		}
+	}
+	data, err := cfg.Marshal()
+	if err != nil {
+		fail(err.Error())
+	}
+	if err := os.WriteFile(hs.config, data, 0o600); err != nil {
+		fail(err.Error())
+	}
+}
+
+// setSync turns sharing on or off on both hosts (a reload each), and
+// waits until both are ready.
+func setSync(e *env, on bool) {
+	for _, hs := range e.hosts {
+		writeConfig(e, hs, on)
+		if _, err := hs.api.Reload(context.Background()); err != nil {
+			fail(err.Error())
+		}
+	}
+	waitFor("sync ready on both hosts", 20*time.Second, func() bool {
+		for _, hs := range e.hosts {
+			st, err := hs.api.Status(context.Background())
+			if err != nil || (st.Sync != nil) != on || (on && !st.Sync.Ready) {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// syncCounters sums both hosts' bytes and datagrams of sync sent.
+func syncCounters(e *env) (bytes, dgrams uint64) {
+	for _, hs := range e.hosts {
+		st, err := hs.api.Status(context.Background())
+		if err != nil {
+			fail(err.Error())
+		}
+		if st.Sync != nil {
+			bytes += st.Sync.SentBytes
+			dgrams += st.Sync.SentDatagrams
+		}
+	}
+	return bytes, dgrams
+}
+
+// cpuTime sums both daemons' CPU time (user and system) so far.
+func cpuTime(e *env) time.Duration {
+	var total time.Duration
+	for _, hs := range e.hosts {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", hs.daemon.Cmd.Process.Pid))
+		if err != nil {
+			fail(err.Error())
+		}
+		// Fields 14 and 15 (utime, stime, clock ticks) follow the
+		// command's closing parenthesis.
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+		var ut, st uint64
+		fmt.Sscan(f[11], &ut)
+		fmt.Sscan(f[12], &st)
+		total += time.Duration(ut+st) * time.Second / 100 // USER_HZ
+	}
+	return total
 }
 
 // setHosts has n hosts announce the VIP (host 2 drained for n = 1) and
@@ -270,37 +365,24 @@ func newConns(e *env) []uint64 {
 // connRate makes n WebSocket connections over workers, each with one
 // echo, and returns the rate of those that succeeded.
 func connRate(e *env, n, workers int) (float64, int) {
-	var next, ok, bad atomic.Int64
-	addrs := e.l.ClientAddrs4
-	deadline := time.Now().Add(2 * time.Minute)
-	var wg sync.WaitGroup
-	start := time.Now()
-	for range workers {
-		wg.Go(func() {
-			for {
-				k := int(next.Add(1)) - 1
-				if k >= n || time.Now().After(deadline) {
-					return
-				}
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				c, err := lab.DialWS(ctx, e.l.Client, addrs[k%len(addrs)], e.url)
-				if err == nil {
-					_, err = c.Echo(ctx, "hi")
-					c.Close()
-				}
-				cancel()
-				if err != nil {
-					if bad.Add(1) == 1 {
-						logf("connection %d: %v", k, err)
-					}
-					continue
-				}
-				ok.Add(1)
-			}
-		})
+	rate, failed, err := benchrun.WSConnRate(e.l.Client, e.l.ClientAddrs4, e.url, n, workers, 2*time.Minute, nil)
+	if err != nil {
+		logf("a connection failed: %v", err)
 	}
-	wg.Wait()
-	return float64(ok.Load()) / time.Since(start).Seconds(), int(bad.Load())
+	return rate, failed
+}
+
+// mode is one configuration the connection rate is measured in, with
+// its rounds' figures.
+type mode struct {
+	name   string
+	hosts  int
+	share  bool
+	rates  []float64
+	shares []float64 // host 1's share of the new connections
+	cpu    []float64 // the daemons' CPU, per host, % of a CPU
+	bytes  []float64 // sync bytes per new connection
+	dgrams []float64 // sync datagrams per new connection
 }
 
 // death is what hostDeath saw.
