@@ -91,10 +91,10 @@ type Header struct {
 	// address it names.
 	Sender netip.AddrPort
 	Type   Type
-	Count uint16 // entries, or for TypeDumpDone the dump's datagrams
-	Epoch uint64 // the sender's, drawn at its start
-	Seq   uint64 // the sender's sequence number within the epoch, from 1
-	Time  time.Time
+	Count  uint16 // entries, or for TypeDumpDone the dump's datagrams
+	Epoch  uint64 // the sender's, drawn at its start
+	Seq    uint64 // the sender's sequence number within the epoch, from 1
+	Time   time.Time
 }
 
 // entryLen is how many bytes e takes on the wire.
