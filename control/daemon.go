@@ -72,6 +72,8 @@ type Daemon struct {
 	bgpDone    chan struct{}
 	syncStop   chan struct{}
 	syncDone   chan struct{}
+	keepStop   chan struct{}
+	keepDone   chan struct{}
 	bgpLastErr string
 }
 
@@ -102,6 +104,10 @@ func (d *Daemon) Close() {
 		if d.bgpStop != nil {
 			close(d.bgpStop)
 			<-d.bgpDone
+		}
+		if d.keepStop != nil {
+			close(d.keepStop)
+			<-d.keepDone
 		}
 		if d.syncStop != nil {
 			close(d.syncStop)

@@ -242,6 +242,8 @@ func (d *Daemon) learn(sh datapath.Sharer, h flowsync.Header, entries []flowsync
 			Affinity: svc.SourceAffinity, Dumped: h.Type == flowsync.TypeDump, Age: e.Age}
 		if e.Kind == flowsync.KindConn {
 			l.Conn, l.Encap = true, svc.Forwarding == datapath.IPIP || svc.Forwarding == datapath.GUE
+		} else {
+			l.Renewal = true // affinity entries travel alone as renewals (keepAffinities)
 		}
 		ls = append(ls, l)
 	}

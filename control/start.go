@@ -99,6 +99,7 @@ func Start(path string, cfg *config.Config, o StartOptions, log *slog.Logger) (*
 		return nil, err
 	}
 	d.startSync()
+	d.startAffinityKeeper()
 	d.startBGP()
 	return d, nil
 }

@@ -292,6 +292,18 @@ type Sharer interface {
 	SharedLost() (uint64, error)
 }
 
+// AffinityKeeper is a Datapath whose affinity entries the control plane
+// renews for clients that hold connections: the XDP datapath, whose
+// program renews a client's entry only when it makes a new connection.
+type AffinityKeeper interface {
+	// KeepAffinity renews, as of now, the affinity entry of each flow's
+	// client for its service where the entry names the flow's backend or
+	// there is none (it expired and was evicted), and returns the flows
+	// whose entries it renewed. An entry that names another backend (the
+	// client's newer choice) is left alone.
+	KeepAffinity(flows []Flow) ([]Flow, error)
+}
+
 // FlowReader reads the new flows of a Sharer.
 type FlowReader interface {
 	// Read waits for the next flow until the deadline set, if any.
@@ -312,9 +324,10 @@ type LearnedFlow struct {
 	// Affinity enters the client's affinity entry, last used Age ago,
 	// where this host has none or an older one; Dumped (an entry that
 	// answers a request, whose last use is unknown) only where it has
-	// none.
-	Affinity, Dumped bool
-	Age              time.Duration
+	// none; Renewal (the other host's client still uses that backend)
+	// where it has none or one naming the same backend.
+	Affinity, Dumped, Renewal bool
+	Age                       time.Duration
 }
 
 // Prober is a datapath that can send health probes the way its clients'

@@ -51,7 +51,14 @@ func (x *XDP) Learn(flows []datapath.LearnedFlow) (int, error) {
 			}
 		}
 		if l.Affinity {
-			if err := m.LearnAffinity(l.Flow.Service, l.Flow.Client.Addr(), l.Flow.Backend, l.Age, l.Dumped); err != nil {
+			rule := maps.IfOlder
+			switch {
+			case l.Dumped:
+				rule = maps.IfAbsent
+			case l.Renewal:
+				rule = maps.IfSame
+			}
+			if err := m.LearnAffinity(l.Flow.Service, l.Flow.Client.Addr(), l.Flow.Backend, l.Age, rule); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -61,3 +68,25 @@ func (x *XDP) Learn(flows []datapath.LearnedFlow) (int, error) {
 
 // SharedLost counts the flows sync_events had no room for.
 func (x *XDP) SharedLost() (uint64, error) { return x.objs.Maps.SyncLost() }
+
+// KeepAffinity renews the affinity entries of connected clients (see
+// datapath.AffinityKeeper).
+func (x *XDP) KeepAffinity(flows []datapath.Flow) ([]datapath.Flow, error) {
+	m := x.objs.Maps
+	var out []datapath.Flow
+	var errs []error
+	for _, f := range flows {
+		cur, ok, err := m.LookupAffinity(f.Service, f.Client.Addr())
+		if err == nil && (!ok || cur.Backend == f.Backend) {
+			err = m.PutAffinity(f.Service, f.Client.Addr(), f.Backend, 0)
+		} else if err == nil {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		out = append(out, f)
+	}
+	return out, errors.Join(errs...)
+}

@@ -177,13 +177,41 @@ func (m *Maps) LookupAffinity(service uint32, client netip.Addr) (Affinity, bool
 	return Affinity{Backend: v.Backend, Age: time.Duration(monotonicNow() - v.LastSeenNs)}, true, nil
 }
 
-// LearnAffinity enters the affinity entry another host made for client of
-// service, last used age ago, where this host has none or an older one
-// (an affinity entry is the client's latest choice, wherever it was
-// made); with absentOnly, only where it has none.
-func (m *Maps) LearnAffinity(service uint32, client netip.Addr, backend uint32, age time.Duration, absentOnly bool) error {
-	if cur, ok, err := m.LookupAffinity(service, client); err != nil || (ok && (absentOnly || cur.Age <= age)) {
+// AffinityRule says when LearnAffinity replaces this host's entry.
+type AffinityRule uint8
+
+const (
+	// IfOlder: where this host has none or an older one. An affinity
+	// entry is the client's latest choice, wherever it was made.
+	IfOlder AffinityRule = iota
+	// IfAbsent: only where it has none.
+	IfAbsent
+	// IfSame: where it has none, or one that names the same backend (a
+	// renewal: it says the client still uses the backend, not that it
+	// chose it again).
+	IfSame
+)
+
+// LearnAffinity enters the affinity entry another host made or renewed
+// for client of service, last used age ago, as rule says.
+func (m *Maps) LearnAffinity(service uint32, client netip.Addr, backend uint32, age time.Duration, rule AffinityRule) error {
+	cur, ok, err := m.LookupAffinity(service, client)
+	if err != nil {
 		return err
+	}
+	if ok {
+		switch rule {
+		case IfAbsent:
+			return nil
+		case IfSame:
+			if cur.Backend != backend {
+				return nil
+			}
+		default:
+			if cur.Age <= age {
+				return nil
+			}
+		}
 	}
 	return m.PutAffinity(service, client, backend, age)
 }

@@ -33,8 +33,9 @@ func syncBlock(h *lab.Host, hosts []*lab.Host) string {
 // connections from 150 addresses over both, a fourth backend added by
 // reload on both (about a quarter of the ring's slots change), then host
 // 1 dies as a machine does. With sync, host 2 holds host 1's connection
-// entries, learned as they were made, and every connection goes on, on its
-// backend: none lost. Without sync, the connections host 1 carried whose
+// and affinity entries, learned as they were made: every connection goes
+// on, on its backend, none lost, and every client that returns reaches the
+// backend it had. Without sync, the connections host 1 carried whose
 // slot changed reach another backend and break: the test measures them.
 func TestSyncKeepsFlows(t *testing.T) {
 	for _, on := range []bool{true, false} {
@@ -135,6 +136,17 @@ func hostDiesAfterScaleOut(t *testing.T, on bool) (lost, total int, learned uint
 	}
 	if !on {
 		return len(failures), len(conns), learned
+	}
+
+	// Every client returns (a new connection, through host 2): each
+	// reaches the backend it had, by the affinity entries host 2 learned.
+	owner := backendsByClient(t, conns)
+	back := dialAllAt(t, l, l.ClientAddrs4, vip, 1)
+	for _, c := range back {
+		if c.backend != owner[c.src] {
+			t.Errorf("client %s returned to %s, it was on %s", c.src, c.backend, owner[c.src])
+		}
+		c.ws.Close()
 	}
 
 	// Host 1 comes back with nothing pinned: it asks host 2 for its
