@@ -85,6 +85,9 @@ func (c *Config) validateSync(v *validator) {
 	if s == nil {
 		return
 	}
+	if c.Datapath == DatapathSplice {
+		v.add("sync", "the splice datapath shares no entries (its connections end on the host that proxies them): sync needs datapath xdp, xdp-generic or auto")
+	}
 	if !s.Listen.IsValid() {
 		v.add("sync.listen", "required: this host's ADDR:PORT on the network its peers reach it on")
 	} else if msg := syncAddrProblem(s.Listen); msg != "" {

@@ -56,6 +56,7 @@ func TestParseSyncBad(t *testing.T) {
 		{"no key", "  key: 0123456789abcdef0123456789abcdef\n", "", "sync.key", "required"},
 		{"a long wait", "  key:", "  start_wait: 1h\n  key:", "sync.start_wait", "out of range"},
 		{"an unknown field", "  listen:", "  listn:", "sync.listn", "unknown field"},
+		{"the splice datapath", "sync:\n", "datapath: splice\nsync:\n", "sync", "the splice datapath shares no entries"},
 	} {
 		t.Run(tc.desc, func(t *testing.T) {
 			data := strings.Replace(withSync, tc.from, tc.to, 1)

@@ -57,7 +57,8 @@ func (d *Daemon) startSync() {
 	s := &d.share
 	s.dumping = map[netip.AddrPort]time.Time{}
 	s.ready = true
-	if cfg := d.ctl.Config(); cfg != nil && cfg.Sync != nil && !d.adopted && cfg.Sync.StartWait > 0 {
+	_, sharing := d.dp.(datapath.Sharer)
+	if cfg := d.ctl.Config(); cfg != nil && cfg.Sync != nil && sharing && !d.adopted && cfg.Sync.StartWait > 0 {
 		s.ready, s.gateUntil = false, time.Now().Add(cfg.Sync.StartWait)
 	}
 	d.syncRound()
