@@ -192,23 +192,31 @@ func (d *Daemon) stopSync() {
 }
 
 // sendNewFlows sends the datapath's new flows, named by addresses, until
-// the reader closes.
+// the reader closes. It drains the ring every flowsync.FlushEvery rather
+// than waking for each flow: the entries wait that long for a datagram
+// anyway, and a wakeup per new connection costs more than the sending.
 func (d *Daemon) sendNewFlows(rd datapath.FlowReader, syncer *flowsync.Syncer) {
 	defer d.share.readers.Done()
+	var batch []flowsync.Entry
 	for {
-		f, err := rd.Read()
-		if errors.Is(err, os.ErrClosed) {
-			return
+		rd.SetDeadline(time.Now()) // read what is there, wait for nothing
+		for {
+			f, err := rd.Read()
+			if errors.Is(err, os.ErrClosed) {
+				return
+			}
+			if err != nil {
+				break // empty (os.ErrDeadlineExceeded), or a read to try again next round
+			}
+			if vip, proto, be, ok := d.ctl.ShareView().Name(f); ok { // else a service that stopped sharing, a backend just removed
+				batch = append(batch, flowsync.Entry{Kind: flowsync.KindConn, Proto: proto, Client: f.Client, VIP: vip, Backend: be})
+			}
 		}
-		if err != nil {
-			time.Sleep(time.Millisecond) // not a closed reader: do not spin on it
-			continue
+		if len(batch) > 0 {
+			syncer.Send(batch...)
+			batch = batch[:0]
 		}
-		vip, proto, be, ok := d.ctl.ShareView().Name(f)
-		if !ok {
-			continue // a service that stopped sharing, a backend just removed
-		}
-		syncer.Send(flowsync.Entry{Kind: flowsync.KindConn, Proto: proto, Client: f.Client, VIP: vip, Backend: be})
+		time.Sleep(flowsync.FlushEvery)
 	}
 }
 
