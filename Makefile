@@ -43,17 +43,19 @@ deps: ## install the build and test tools with apt-get (root)
 # Debian or Ubuntu machine with Go.
 .PHONY: tools
 tools:
-	@missing=""; for t in ip:iproute2 strace:strace iperf3:iperf3 nft:nftables bird:bird2; do \
+	@missing=""; for t in ip:iproute2 strace:strace iperf3:iperf3 nft:nftables bird:bird2 vtysh:frr; do \
 		command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
-		case "$$missing" in *bird2*) \
-			echo "bird2: the tests run their own BIRD in namespaces; the host's bird service stays off"; \
-			systemctl mask bird.service >/dev/null 2>&1 || true;; esac; \
-		$(APT) update && $(APT) install -y --no-install-recommends $$missing; \
-		case "$$missing" in *bird2*) \
-			systemctl unmask bird.service >/dev/null 2>&1 || true; \
-			systemctl disable bird.service >/dev/null 2>&1 || true;; esac; \
+		services=""; case "$$missing" in *bird2*) services="bird";; esac; \
+		case "$$missing" in *frr*) services="$$services frr";; esac; \
+		if [ -n "$$services" ]; then \
+			echo "routers: the tests run their own in namespaces; the services of the packages installed now stay off ($$services)"; fi; \
+		for s in $$services; do systemctl mask $$s.service >/dev/null 2>&1 || true; done; \
+		$(APT) update && $(APT) install -y --no-install-recommends $$missing; rc=$$?; \
+		for s in $$services; do systemctl unmask $$s.service >/dev/null 2>&1 || true; \
+			systemctl disable $$s.service >/dev/null 2>&1 || true; done; \
+		exit $$rc; \
 	fi
 
 .PHONY: generate
