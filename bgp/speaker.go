@@ -365,6 +365,11 @@ type PeerStatus struct {
 	Since time.Time `json:"since,omitzero"`
 	// LastError is why the session last went down, if it did.
 	LastError string `json:"last_error,omitempty"`
+	// Received counts the routes the peer sent that are not loops back to
+	// this host (tether uses none), and Accepted those of them that its
+	// import policy let into its routing table: none.
+	Received uint64 `json:"received"`
+	Accepted uint64 `json:"accepted"`
 }
 
 // Status is the speaker's sessions and the VIPs it announces.
@@ -394,10 +399,29 @@ func (s *Speaker) Status() (Status, error) {
 		if up := p.GetTimers().GetState().GetUptime(); up != nil && ps.State == "established" {
 			ps.Since = up.AsTime()
 		}
+		for _, a := range p.GetAfiSafis() {
+			// GoBGP's "accepted" counts what passed loop detection,
+			// before the import policy.
+			ps.Received += a.GetState().GetAccepted()
+		}
 		byAddr[ps.Address] = ps
 	})
+	// What the import policy let in: the routing table's paths from each
+	// peer.
+	inRIB := map[netip.Addr]uint64{}
+	for _, fam := range []bgppkt.Family{bgppkt.RF_IPv4_UC, bgppkt.RF_IPv6_UC} {
+		if lerr := s.srv.ListPath(apiutil.ListPathRequest{TableType: api.TableType_TABLE_TYPE_GLOBAL, Family: fam},
+			func(_ bgppkt.NLRI, paths []*apiutil.Path) {
+				for _, p := range paths {
+					inRIB[p.PeerAddress.Unmap()]++
+				}
+			}); lerr != nil && err == nil {
+			err = lerr
+		}
+	}
 	for _, p := range s.cfg.Peers {
 		if ps, ok := byAddr[p.Address.String()]; ok {
+			ps.Accepted = inRIB[p.Address.Unmap()]
 			st.Peers = append(st.Peers, ps)
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tetherlb/tether/control"
 	"github.com/tetherlb/tether/internal/lab"
 )
 
@@ -70,7 +71,9 @@ func TestBGPWithFRR(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	frr, err := router.StartFRR(t.TempDir(), lab.FRRECMPConfig(router, 9, lbs...))
+	// FRR also sends the hosts routes of its own, which they refuse.
+	offered := []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24"), netip.MustParsePrefix("2001:db8:c::/64")}
+	frr, err := router.StartFRR(t.TempDir(), lab.FRRECMPConfig(router, 9, offered, lbs...))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,4 +100,16 @@ func TestBGPWithFRR(t *testing.T) {
 	d2.mustCLI("host", "undrain")
 	awaitFRR(l.VIP4, lbs[0].Addr4, lb2.Addr4)
 	awaitFRR(l.VIP6, lbs[0].Addr6, lb2.Addr6)
+
+	// The routes FRR offered were received and none accepted.
+	var st control.Status
+	d2.cliJSON(&st, "status")
+	if st.BGP == nil || len(st.BGP.Peers) != 2 {
+		t.Fatalf("host 2's bgp status: %+v", st.BGP)
+	}
+	for _, p := range st.BGP.Peers {
+		if p.Received != 1 || p.Accepted != 0 {
+			t.Errorf("peer %s: %d routes received, %d accepted; want FRR's one received and none accepted", p.Address, p.Received, p.Accepted)
+		}
+	}
 }

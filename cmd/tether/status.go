@@ -116,13 +116,13 @@ func bgpStatus(w io.Writer, b *control.BGPStatus) error {
 	if b.Error != "" {
 		fmt.Fprintf(w, "  error: %s\n", b.Error)
 	}
-	t := newTable(w, "  PEER", "ASN", "STATE", "UP FOR", "LAST ERROR")
+	t := newTable(w, "  PEER", "ASN", "STATE", "UP FOR", "ROUTES IN", "LAST ERROR")
 	for _, p := range b.Peers {
 		up := "-"
 		if !p.Since.IsZero() {
 			up = time.Since(p.Since).Round(time.Second).String()
 		}
-		t.row("  "+p.Address, fmt.Sprint(p.ASN), p.State, up, cmp.Or(p.LastError, "-"))
+		t.row("  "+p.Address, fmt.Sprint(p.ASN), p.State, up, fmt.Sprintf("%d (%d accepted)", p.Received, p.Accepted), cmp.Or(p.LastError, "-"))
 	}
 	if err := t.flush(); err != nil {
 		return err

@@ -80,10 +80,11 @@ func (f *FRR) Cmd(cmd string) (string, error) {
 
 // FRRECMPConfig is the configuration of an FRR bgpd that peers with each of
 // hosts (IPv4 and IPv6 sessions, passive: the balancers open them),
-// accepts every route and keeps up to 8 paths of a prefix (multipath).
-func FRRECMPConfig(router *Host, hold int, hosts ...*Host) string {
+// accepts every route, keeps up to 8 paths of a prefix (multipath) and
+// announces the prefixes of originate to them.
+func FRRECMPConfig(router *Host, hold int, originate []netip.Prefix, hosts ...*Host) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "frr defaults traditional\nhostname router\n!\nrouter bgp %d\n bgp router-id %s\n no bgp ebgp-requires-policy\n no bgp default ipv4-unicast\n bgp bestpath as-path multipath-relax\n", RouterAS, router.Addr4)
+	fmt.Fprintf(&b, "frr defaults traditional\nhostname router\n!\nrouter bgp %d\n bgp router-id %s\n no bgp ebgp-requires-policy\n no bgp network import-check\n no bgp default ipv4-unicast\n bgp bestpath as-path multipath-relax\n", RouterAS, router.Addr4)
 	for _, h := range hosts {
 		for _, a := range []netip.Addr{h.Addr4, h.Addr6} {
 			fmt.Fprintf(&b, " neighbor %s remote-as %d\n neighbor %s passive\n neighbor %s timers 1 %d\n", a, BalancerAS, a, a, hold)
@@ -91,6 +92,11 @@ func FRRECMPConfig(router *Host, hold int, hosts ...*Host) string {
 	}
 	for _, fam := range []string{"ipv4", "ipv6"} {
 		fmt.Fprintf(&b, " address-family %s unicast\n  maximum-paths 8\n", fam)
+		for _, p := range originate {
+			if p.Addr().Is4() == (fam == "ipv4") {
+				fmt.Fprintf(&b, "  network %s\n", p)
+			}
+		}
 		for _, h := range hosts {
 			a := h.Addr4
 			if fam == "ipv6" {
