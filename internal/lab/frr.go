@@ -87,7 +87,7 @@ func FRRECMPConfig(router *Host, hold int, originate []netip.Prefix, hosts ...*H
 	fmt.Fprintf(&b, "frr defaults traditional\nhostname router\n!\nrouter bgp %d\n bgp router-id %s\n no bgp ebgp-requires-policy\n no bgp network import-check\n no bgp default ipv4-unicast\n bgp bestpath as-path multipath-relax\n", RouterAS, router.Addr4)
 	for _, h := range hosts {
 		for _, a := range []netip.Addr{h.Addr4, h.Addr6} {
-			fmt.Fprintf(&b, " neighbor %s remote-as %d\n neighbor %s passive\n neighbor %s timers 1 %d\n", a, BalancerAS, a, a, hold)
+			fmt.Fprintf(&b, " neighbor %s remote-as %d\n neighbor %s passive\n neighbor %s timers 1 %d\n neighbor %s advertisement-interval 0\n", a, BalancerAS, a, a, hold, a)
 		}
 	}
 	for _, fam := range []string{"ipv4", "ipv6"} {
