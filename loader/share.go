@@ -58,7 +58,7 @@ func (x *XDP) Learn(flows []datapath.LearnedFlow) (int, error) {
 			case l.Renewal:
 				rule = maps.IfSame
 			}
-			if err := m.LearnAffinity(l.Flow.Service, l.Flow.Client.Addr(), l.Flow.Backend, l.Age, rule); err != nil {
+			if _, err := m.LearnAffinity(l.Flow.Service, l.Flow.Client.Addr(), l.Flow.Backend, l.Age, rule); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -76,17 +76,12 @@ func (x *XDP) KeepAffinity(flows []datapath.Flow) ([]datapath.Flow, error) {
 	var out []datapath.Flow
 	var errs []error
 	for _, f := range flows {
-		cur, ok, err := m.LookupAffinity(f.Service, f.Client.Addr())
-		if err == nil && (!ok || cur.Backend == f.Backend) {
-			err = m.PutAffinity(f.Service, f.Client.Addr(), f.Backend, 0)
-		} else if err == nil {
-			continue
-		}
+		renewed, err := m.LearnAffinity(f.Service, f.Client.Addr(), f.Backend, 0, maps.IfSame)
 		if err != nil {
 			errs = append(errs, err)
-			continue
+		} else if renewed {
+			out = append(out, f)
 		}
-		out = append(out, f)
 	}
 	return out, errors.Join(errs...)
 }

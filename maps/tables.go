@@ -192,28 +192,30 @@ const (
 	IfSame
 )
 
-// LearnAffinity enters the affinity entry another host made or renewed
-// for client of service, last used age ago, as rule says.
-func (m *Maps) LearnAffinity(service uint32, client netip.Addr, backend uint32, age time.Duration, rule AffinityRule) error {
+// LearnAffinity enters the affinity entry of client for service, naming
+// backend and last used age ago, where rule lets it replace this host's:
+// one another host made or renewed, or one this host renews. It says
+// whether it entered it.
+func (m *Maps) LearnAffinity(service uint32, client netip.Addr, backend uint32, age time.Duration, rule AffinityRule) (bool, error) {
 	cur, ok, err := m.LookupAffinity(service, client)
 	if err != nil {
-		return err
+		return false, err
 	}
 	if ok {
 		switch rule {
 		case IfAbsent:
-			return nil
+			return false, nil
 		case IfSame:
 			if cur.Backend != backend {
-				return nil
+				return false, nil
 			}
 		default:
 			if cur.Age <= age {
-				return nil
+				return false, nil
 			}
 		}
 	}
-	return m.PutAffinity(service, client, backend, age)
+	return true, m.PutAffinity(service, client, backend, age)
 }
 
 // PutAffinity writes an affinity entry whose last use lies age in the past.

@@ -53,19 +53,29 @@ func (h *Host) StartBird(dir, conf string) (*Bird, error) {
 		return nil, err
 	}
 	b := &Bird{Proc: p, host: h, sock: sock}
+	if err := p.awaitAnswer("bird in "+h.Name, func() error { _, err := b.Cmd("show status"); return err }); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// awaitAnswer waits up to 10 s until ask succeeds, for a daemon p (what)
+// that answers on a control socket; it stops p if it never does.
+func (p *Proc) awaitAnswer(what string, ask func() error) error {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if _, err := b.Cmd("show status"); err == nil {
-			return b, nil
+		err := ask()
+		if err == nil {
+			return nil
 		}
 		select {
 		case <-p.Done():
-			return nil, fmt.Errorf("bird in %s exited (%v):\n%s", h.Name, p.Err(), p.Output())
+			return fmt.Errorf("%s exited (%v):\n%s", what, p.Err(), p.Output())
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
 			p.Stop()
-			return nil, fmt.Errorf("bird in %s does not answer on %s after 10s:\n%s", h.Name, sock, p.Output())
+			return fmt.Errorf("%s does not answer after 10s (%v):\n%s", what, err, p.Output())
 		}
 	}
 }

@@ -7,7 +7,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"time"
 )
 
 // frrBGPD is where Debian's frr package puts bgpd.
@@ -52,21 +51,10 @@ func (h *Host) StartFRR(dir, conf string) (*FRR, error) {
 		return nil, err
 	}
 	f := &FRR{Proc: p, host: h, dir: dir}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if _, err := f.Cmd("show bgp summary"); err == nil {
-			return f, nil
-		}
-		select {
-		case <-p.Done():
-			return nil, fmt.Errorf("bgpd in %s exited (%v):\n%s", h.Name, p.Err(), p.Output())
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			p.Stop()
-			return nil, fmt.Errorf("bgpd in %s does not answer vtysh after 10s:\n%s", h.Name, p.Output())
-		}
+	if err := p.awaitAnswer("bgpd in "+h.Name, func() error { _, err := f.Cmd("show bgp summary"); return err }); err != nil {
+		return nil, err
 	}
+	return f, nil
 }
 
 // Cmd runs one vtysh command against this bgpd and returns its output.
