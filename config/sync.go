@@ -99,11 +99,12 @@ func (c *Config) validateSync(v *validator) {
 	for i, p := range s.Peers {
 		path := index("sync.peers", i)
 		j := slices.IndexFunc(s.Peers, func(o netip.AddrPort) bool { return o.Addr() == p.Addr() })
+		problem := syncAddrProblem(p)
 		switch {
 		case !p.IsValid():
 			v.add(path, "required: another host's ADDR:PORT")
-		case syncAddrProblem(p) != "":
-			v.add(path, "%s", syncAddrProblem(p))
+		case problem != "":
+			v.add(path, "%s", problem)
 		case p.Addr() == s.Listen.Addr():
 			v.add(path, "%s is this host's sync.listen address", p.Addr())
 		case s.Listen.IsValid() && p.Addr().Is4() != s.Listen.Addr().Is4():

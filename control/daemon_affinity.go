@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/datapath"
 	"github.com/tetherlb/tether/flowsync"
 )
@@ -38,7 +39,9 @@ func (d *Daemon) startAffinityKeeper() {
 				return
 			case <-time.After(d.keepEvery()):
 			}
-			d.keepAffinities(k)
+			if d.hasSourceAffinity() {
+				d.keepAffinities(k)
+			}
 		}
 	}()
 }
@@ -55,6 +58,19 @@ func (d *Daemon) keepEvery() time.Duration {
 		}
 	}
 	return max(every, minKeepEvery)
+}
+
+// hasSourceAffinity says whether a service keys by client address: only
+// then is there an affinity entry to renew, and a table worth listing.
+func (d *Daemon) hasSourceAffinity() bool {
+	if cfg := d.ctl.Config(); cfg != nil {
+		for _, s := range cfg.Services {
+			if s.Affinity == config.AffinitySource {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // keepAffinities renews the affinity entry of every client with an open

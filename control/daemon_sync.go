@@ -200,6 +200,7 @@ func (d *Daemon) sendNewFlows(rd datapath.FlowReader, syncer *flowsync.Syncer) {
 	var batch []flowsync.Entry
 	for {
 		rd.SetDeadline(time.Now()) // read what is there, wait for nothing
+		view := d.ctl.ShareView()
 		for {
 			f, err := rd.Read()
 			if errors.Is(err, os.ErrClosed) {
@@ -208,12 +209,13 @@ func (d *Daemon) sendNewFlows(rd datapath.FlowReader, syncer *flowsync.Syncer) {
 			if err != nil {
 				break // empty (os.ErrDeadlineExceeded), or a read to try again next round
 			}
-			if vip, proto, be, ok := d.ctl.ShareView().Name(f); ok { // else a service that stopped sharing, a backend just removed
+			if vip, proto, be, ok := view.Name(f); ok { // else a service that stopped sharing, a backend just removed
 				batch = append(batch, flowsync.Entry{Kind: flowsync.KindConn, Proto: proto, Client: f.Client, VIP: vip, Backend: be})
 			}
 		}
 		if len(batch) > 0 {
 			syncer.Send(batch...)
+			syncer.Flush() // they have waited their FlushEvery here already
 			batch = batch[:0]
 		}
 		time.Sleep(flowsync.FlushEvery)
@@ -272,7 +274,10 @@ func (d *Daemon) learn(sh datapath.Sharer, h flowsync.Header, entries []flowsync
 func (d *Daemon) dump(syncer *flowsync.Syncer, peer netip.AddrPort) {
 	flows, err := d.dp.Flows()
 	if err != nil {
-		d.log.Warn("sync: list the flows for a peer", "peer", peer, "err", err)
+		// No answer rather than an empty one the peer would take as
+		// whole: it asks again.
+		d.log.Warn("sync: list the flows for a peer; not answering", "peer", peer, "err", err)
+		return
 	}
 	view := d.ctl.ShareView()
 	entries := make([]flowsync.Entry, 0, len(flows))

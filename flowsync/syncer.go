@@ -192,6 +192,10 @@ func (s *Syncer) flushLoop() {
 	}
 }
 
+// Flush sends what is pending now, without waiting for the next
+// FlushEvery.
+func (s *Syncer) Flush() { s.flush() }
+
 // flush sends what is pending.
 func (s *Syncer) flush() {
 	s.mu.Lock()
