@@ -39,6 +39,12 @@ type StartOptions struct {
 	// it, as `tether run` sets it): a daemon that finds it starts drained.
 	// Empty, a drain lasts as long as the daemon.
 	DrainMark string
+	// Inherit is the state a running splice daemon handed over (package
+	// handover), and InheritLock its pin directory lock: the datapath is
+	// then the splice proxy, whatever cfg says but xdp, and serves the
+	// inherited connections once Daemon.Resume is called.
+	Inherit     *userspace.State
+	InheritLock *os.File
 }
 
 // Start opens the datapath cfg names, gives the services an earlier daemon
@@ -68,7 +74,16 @@ func Start(path string, cfg *config.Config, o StartOptions, log *slog.Logger) (*
 	}
 	removeTemps(path, log)
 	t0 := time.Now()
-	dp, lock, err := openDatapath(cfg, o.PinDir, log)
+	var (
+		dp   datapath.Datapath
+		lock io.Closer
+		err  error
+	)
+	if o.Inherit != nil {
+		dp, lock, err = inheritProxy(cfg, o, log)
+	} else {
+		dp, lock, err = openDatapath(cfg, o.PinDir, log)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -159,12 +174,7 @@ func openDatapath(cfg *config.Config, pinDir string, log *slog.Logger) (datapath
 		} else {
 			log.Debug("no lock on the pin directory: it is on no bpffs", "pin_dir", pinDir, "err", err)
 		}
-		return userspace.New(log, cfg.HashSeed, userspace.Options{
-			AffinityEntries: int(cfg.Tables.Affinity),
-			Loops:           cfg.Splice.Loops,
-			MaxConns:        cfg.Splice.MaxConnections,
-			Interfaces:      ifaces,
-		}), lock, nil
+		return userspace.New(log, cfg.HashSeed, proxyOptions(cfg, ifaces, nil)), lock, nil
 	}
 	var mode loader.Mode
 	switch cfg.Datapath {
@@ -202,6 +212,33 @@ func openDatapath(cfg *config.Config, pinDir string, log *slog.Logger) (datapath
 	}
 	log.Warn("native XDP unavailable, serving through the splice proxy", "interfaces", cfg.Interfaces, "err", err)
 	return proxy(cfg.Interfaces)
+}
+
+// inheritProxy is the splice proxy started with a predecessor's state.
+func inheritProxy(cfg *config.Config, o StartOptions, log *slog.Logger) (datapath.Datapath, io.Closer, error) {
+	if cfg.Datapath == config.DatapathXDP || cfg.Datapath == config.DatapathXDPGeneric {
+		return nil, nil, fmt.Errorf("the running daemon handed over splice connections, and this configuration's datapath is %s: set datapath: splice (or auto), or stop the running daemon and start this one (its connections end)", cfg.Datapath)
+	}
+	var ifaces []string
+	if cfg.Datapath == config.DatapathAuto {
+		ifaces = cfg.Interfaces // the predecessor stood in for them
+	}
+	var lock io.Closer
+	if o.InheritLock != nil {
+		lock = o.InheritLock
+	}
+	return userspace.New(log, cfg.HashSeed, proxyOptions(cfg, ifaces, o.Inherit)), lock, nil
+}
+
+// proxyOptions are the splice proxy's options of cfg.
+func proxyOptions(cfg *config.Config, ifaces []string, inherit *userspace.State) userspace.Options {
+	return userspace.Options{
+		AffinityEntries: int(cfg.Tables.Affinity),
+		Loops:           cfg.Splice.Loops,
+		MaxConns:        cfg.Splice.MaxConnections,
+		Interfaces:      ifaces,
+		Inherit:         inherit,
+	}
 }
 
 // warnPinned warns about an XDP datapath pinned by an earlier daemon: it

@@ -12,11 +12,13 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/control"
+	"github.com/tetherlb/tether/handover"
 	"github.com/tetherlb/tether/metrics"
 )
 
@@ -36,14 +38,20 @@ type Options struct {
 	Clean  bool
 	// Version is logged when the daemon is ready.
 	Version string
-	Log     *slog.Logger
+	// Takeover has the daemon take the connections of the splice daemon
+	// running with the same Socket (package handover) instead of starting
+	// afresh: the running one exits once this one serves them.
+	Takeover bool
+	Log      *slog.Logger
 }
 
 // Run serves o.Config until ctx ends. The API socket and the metrics
 // address are taken before anything is attached, so that a second daemon
-// fails before it touches the first one's datapath. It returns when ctx
-// ends (nil) or the API or metrics server fails; the datapath is then
-// stopped as control.Daemon.Stop says.
+// fails before it touches the first one's datapath; with o.Takeover they
+// are taken after the running daemon has handed over and let go of them.
+// It returns when ctx ends (nil), the daemon handed everything to a
+// successor (nil), or the API or metrics server fails; the datapath is
+// then stopped as control.Daemon.Stop says.
 func Run(ctx context.Context, o Options) error {
 	log := o.Log
 	if o.Socket == "" {
@@ -56,31 +64,67 @@ func Run(ctx context.Context, o Options) error {
 	}
 	cfg := file.Config()
 	log.Info("configuration read", "services", len(cfg.Services), "took", time.Since(start).Round(time.Millisecond))
-	ln, err := control.Listen(o.Socket)
-	if err != nil {
+	so := control.StartOptions{PinDir: o.PinDir, Clean: o.Clean, File: file, DrainMark: o.Socket + ".drained"}
+	var (
+		taken    *handover.Taken
+		ln, mln  net.Listener
+		closeAll []func() error
+	)
+	defer func() {
+		for i := len(closeAll) - 1; i >= 0; i-- {
+			closeAll[i]()
+		}
+	}()
+	if o.Takeover {
+		if o.Clean {
+			return fmt.Errorf("--takeover keeps the running daemon's connections, --clean would drop them: give one of the two")
+		}
+		if taken, err = handover.Take(handover.Path(o.Socket), o.Version); err != nil {
+			return fmt.Errorf("--takeover: %w", err)
+		}
+		so.Inherit = taken.Package.Proxy
+		if taken.Package.Lock >= 0 {
+			so.InheritLock = os.NewFile(uintptr(taken.Package.Lock), "pin-dir-lock")
+		}
+		log.Info("the running daemon handed over", "its_version", taken.Version, "connections", len(so.Inherit.Conns), "listeners", len(so.Inherit.Listeners))
+	} else if ln, mln, err = listen(o, log); err != nil {
 		return err
-	}
-	defer ln.Close()
-	var mln net.Listener
-	if o.Metrics != "" {
-		if mln, err = net.Listen("tcp", o.Metrics); err != nil {
-			return fmt.Errorf("--metrics: %w", err)
-		}
-		defer mln.Close()
-		if !metrics.IsLoopback(o.Metrics) {
-			log.Warn("metrics served beyond loopback: anyone who reaches the address reads every service and backend", "addr", mln.Addr().String())
+	} else {
+		closeAll = append(closeAll, ln.Close)
+		if mln != nil {
+			closeAll = append(closeAll, mln.Close)
 		}
 	}
-	d, err := control.Start(o.Config, cfg, control.StartOptions{PinDir: o.PinDir, Clean: o.Clean, File: file, DrainMark: o.Socket + ".drained"}, log)
+	d, err := control.Start(o.Config, cfg, so, log)
 	if err != nil {
+		if taken != nil {
+			taken.Abort(err.Error())
+		}
 		return err
 	}
 	defer func() {
 		d.Stop() // after the API and metrics have stopped
 		log.Info("stopped")
 	}()
+	if taken != nil {
+		// From here on this daemon serves, whatever the previous one says.
+		if err := taken.Commit(); err != nil {
+			log.Warn("the previous daemon did not confirm that it let go", "err", err)
+		}
+		if err := d.Resume(); err != nil {
+			return err
+		}
+		if ln, mln, err = listenAgain(o, log); err != nil {
+			return err
+		}
+		closeAll = append(closeAll, ln.Close)
+		if mln != nil {
+			closeAll = append(closeAll, mln.Close)
+		}
+	}
 
 	apiCtx, stopAPI := context.WithCancel(ctx)
+	var handing atomic.Bool
 	apiDone := make(chan error, 1)
 	go func() { apiDone <- control.Serve(apiCtx, ln, d.Handler(), log) }()
 	defer func() {
@@ -96,6 +140,31 @@ func Run(ctx context.Context, o Options) error {
 		}()
 		log.Info("serving metrics", "addr", mln.Addr().String(), "path", "/metrics")
 	}
+	handed := make(chan struct{})
+	if d.HandsOver() {
+		hln, err := handover.Listen(handover.Path(o.Socket))
+		if err != nil {
+			return err
+		}
+		closeAll = append(closeAll, hln.Close)
+		g := &giver{d: d, version: o.Version, release: func() {
+			// The successor takes the API socket and the metrics address
+			// once this daemon has let go of them; the handover socket
+			// goes first, the successor makes its own.
+			handing.Store(true)
+			hln.Close()
+			stopAPI()
+			apiDone <- <-apiDone
+			if mln != nil {
+				metricsDone <- <-metricsDone
+			}
+		}}
+		go func() {
+			if handover.Serve(hln, g, o.Version, log) == nil {
+				close(handed)
+			}
+		}()
+	}
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -105,14 +174,75 @@ func Run(ctx context.Context, o Options) error {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-handed:
+			return nil
 		case err := <-apiDone:
 			apiDone <- nil // for the deferred wait
+			if handing.Load() {
+				<-handed
+				return nil
+			}
 			return err
 		case err := <-metricsDone:
 			metricsDone <- nil // for the deferred wait
+			if handing.Load() {
+				<-handed
+				return nil
+			}
 			return err
 		case <-hup:
 			_, _ = d.Reload() // logs the outcome
 		}
 	}
+}
+
+// listen takes the API socket and the metrics address.
+func listen(o Options, log *slog.Logger) (ln, mln net.Listener, err error) {
+	if ln, err = control.Listen(o.Socket); err != nil {
+		return nil, nil, err
+	}
+	if o.Metrics != "" {
+		if mln, err = net.Listen("tcp", o.Metrics); err != nil {
+			ln.Close()
+			return nil, nil, fmt.Errorf("--metrics: %w", err)
+		}
+		if !metrics.IsLoopback(o.Metrics) {
+			log.Warn("metrics served beyond loopback: anyone who reaches the address reads every service and backend", "addr", mln.Addr().String())
+		}
+	}
+	return ln, mln, nil
+}
+
+// listenAgain is listen after a takeover: the previous daemon may take a
+// moment to let go.
+func listenAgain(o Options, log *slog.Logger) (ln, mln net.Listener, err error) {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if ln, mln, err = listen(o, log); err == nil || time.Now().After(deadline) {
+			return ln, mln, err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// giver hands the daemon over (handover.Giver).
+type giver struct {
+	d       *control.Daemon
+	version string
+	release func()
+}
+
+func (g *giver) Freeze() (*handover.Package, error) {
+	st, lock, err := g.d.Freeze()
+	if err != nil {
+		return nil, err
+	}
+	return &handover.Package{Version: g.version, Proxy: st, Lock: lock}, nil
+}
+
+func (g *giver) Thaw() { g.d.Thaw() }
+
+func (g *giver) Release() {
+	g.d.Release()
+	g.release()
 }

@@ -243,6 +243,14 @@ type Adopter interface {
 	AdoptedServices() []Service
 }
 
+// Resumer is a Datapath that inherited live connections from a
+// predecessor process (the splice proxy handed over): it serves them only
+// once Resume is called, after the configuration is applied and the
+// predecessor has let go of them.
+type Resumer interface {
+	Resume() error
+}
+
 // Remover is a Datapath whose forwarding outlives Close: the XDP datapath
 // with a pin directory stays attached with its last state, for the next
 // daemon to adopt. Remove stops it for good: it detaches it and removes

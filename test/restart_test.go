@@ -131,6 +131,43 @@ func (e *echoer) exchange(ctx context.Context, seq int) error {
 	return nil
 }
 
+// echoAlong starts an echoer on every connection; stop ends them and
+// waits for them (once, however often it is called).
+func echoAlong(conns []*conn, interval time.Duration) (echoers []*echoer, stop func()) {
+	echoers = make([]*echoer, len(conns))
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	for i, c := range conns {
+		echoers[i] = &echoer{c: c}
+		wg.Go(func() { echoers[i].run(done, interval) })
+	}
+	return echoers, sync.OnceFunc(func() { close(done); wg.Wait() })
+}
+
+// checkEchoes fails the test for every echoer that failed and unless each
+// echoed at least once per tick of interval over elapsed (two echoes a
+// tick: half of them, as a ticker drops the ticks of a slow exchange),
+// and logs what they did.
+func checkEchoes(t *testing.T, echoers []*echoer, elapsed, interval time.Duration) {
+	t.Helper()
+	total, least, worst := 0, -1, 0.0
+	for _, e := range echoers {
+		if e.err != nil {
+			t.Error(e.err)
+			continue
+		}
+		total += e.echoes
+		if least < 0 || e.echoes < least {
+			least = e.echoes
+		}
+		worst = max(worst, e.worst)
+	}
+	if want := int(elapsed / interval); least < want {
+		t.Errorf("a connection echoed %d times in %v, want at least %d", least, elapsed.Round(time.Millisecond), want)
+	}
+	t.Logf("%d echoes in order over %v (every connection at least %d), longest round trip %.1f ms", total, elapsed.Round(time.Millisecond), least, worst)
+}
+
 // tables counts the connection and affinity entries the balancer holds.
 func tables(t *testing.T, l *lab.Lab) (conns, affinities int) {
 	t.Helper()
@@ -205,14 +242,7 @@ func TestRestartKeepsConnections(t *testing.T) {
 	t.Logf("%d IPv4 connections from %d clients and %d IPv6 ones; tables: %d flows, %d affinity entries", len(conns), clients, len(conns6), conns0, aff0)
 
 	// Echo on every connection through three restarts.
-	echoers := make([]*echoer, len(all))
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for i, c := range all {
-		echoers[i] = &echoer{c: c}
-		wg.Go(func() { echoers[i].run(stop, interval) })
-	}
-	stopEchoes := sync.OnceFunc(func() { close(stop); wg.Wait() })
+	echoers, stopEchoes := echoAlong(all, interval)
 	defer stopEchoes()
 	progs := []uint32{balancerXDP(t, l)}
 	// The balancer does not forward: an IPv4 packet for a VIP that XDP did
@@ -247,24 +277,7 @@ func TestRestartKeepsConnections(t *testing.T) {
 		t.Errorf("%d IPv4 packets reached the balancer's stack during the restarts: XDP missed them", n)
 	}
 
-	total, least, worst := 0, -1, 0.0
-	for _, e := range echoers {
-		if e.err != nil {
-			t.Error(e.err)
-			continue
-		}
-		total += e.echoes
-		if least < 0 || e.echoes < least {
-			least = e.echoes
-		}
-		worst = max(worst, e.worst)
-	}
-	// Two echoes per tick: want at least half the ticks' worth (a ticker
-	// drops the ticks of a slow exchange).
-	if want := int(elapsed / interval); least < want {
-		t.Errorf("a connection echoed %d times in %v, want at least %d", least, elapsed.Round(time.Millisecond), want)
-	}
-	t.Logf("%d echoes in order over %v (every connection at least %d), longest round trip %.1f ms", total, elapsed.Round(time.Millisecond), least, worst)
+	checkEchoes(t, echoers, elapsed, interval)
 	if t.Failed() {
 		t.FailNow()
 	}

@@ -53,6 +53,8 @@ const (
 	cmdReset                 // reset c (its backend went down)
 	cmdServe                 // serve fd, a client that another loop accepted
 	cmdStop                  // close everything and return
+	cmdFreeze                // stop for a handover until its verdict (see Proxy.Freeze)
+	cmdAdopt                 // serve c, handed over by a predecessor (see Proxy.Resume)
 )
 
 type command struct {
@@ -62,6 +64,7 @@ type command struct {
 	fd     int
 	svc    *service
 	client netip.AddrPort
+	f      *freeze
 }
 
 // lsock is one loop's listening socket of a service.
@@ -313,6 +316,10 @@ func (lp *loop) commands() bool {
 			c.c.finish(true)
 		case cmdServe:
 			lp.serve(c.svc, c.fd, c.client)
+		case cmdFreeze:
+			lp.frozenLoop(c.f)
+		case cmdAdopt:
+			lp.adopt(c.c)
 		}
 	}
 	return stop

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -88,6 +89,11 @@ type Options struct {
 	// (DefaultAffinityEntries); when it is full, the least recently seen of
 	// a few sampled entries makes room.
 	AffinityEntries int
+	// Inherit is the state a predecessor handed over (see Freeze): its
+	// services keep their ids (AdoptedServices), UpsertService takes
+	// their listening sockets instead of binding new ones, and Resume
+	// serves their connections. The proxy owns its descriptors from New.
+	Inherit *State
 }
 
 // Reasons a connection was not proxied or was cut, as Counters reports
@@ -141,6 +147,10 @@ type Proxy struct {
 	svcVIP    map[uint32]netip.Addr // the VIP each service holds a reference on
 	vetter    hostaddr.Vetter
 	conns     map[connKey]*conn // the connection table
+
+	frozen     *freeze      // handing over (Freeze) until Thaw or Release
+	handedOver bool         // Release: a successor serves everything
+	inherit    *inheritance // Options.Inherit until Resume
 }
 
 // listener is the listening socket of a service and the service's current
@@ -188,6 +198,12 @@ func New(log *slog.Logger, seed uint32, opts Options) *Proxy {
 		conns:     make(map[connKey]*conn),
 	}
 	p.now = func() int64 { return int64(time.Since(p.epoch)) }
+	if opts.Inherit != nil {
+		p.inherit = newInheritance(opts.Inherit)
+		for _, a := range opts.Inherit.Affinity {
+			p.affinity.put(a.Service, a.Client, a.Backend, p.now()-int64(a.Age))
+		}
+	}
 	p.vetter = hostaddr.Vetter{Local: true, TTL: time.Second, Read: func() (h *hostaddr.Host, err error) {
 		err = opts.Netns(func() error {
 			h, err = hostaddr.Read()
@@ -232,6 +248,12 @@ func (p *Proxy) UpsertService(s datapath.Service) error {
 	if p.closed {
 		return fmt.Errorf("service %s: %w", s.Name, net.ErrClosed)
 	}
+	if err := p.changing(); err != nil {
+		return fmt.Errorf("service %s: %w", s.Name, err)
+	}
+	if err := p.claimLocked(); err != nil {
+		return fmt.Errorf("service %s: %w", s.Name, err)
+	}
 	if err := p.vet(s.Backends); err != nil {
 		return fmt.Errorf("service %s: %w", s.Name, err)
 	}
@@ -263,6 +285,8 @@ func (p *Proxy) upsertLocked(s datapath.Service) error {
 	var old *service
 	if l != nil {
 		old = l.svc.Load()
+	} else if p.inherit != nil && p.inherit.services != nil {
+		old = p.inherit.services[s.ID] // the predecessor's, with its counters
 	}
 	if s.KeepRing && old == nil {
 		return fmt.Errorf("service %s: no ring to keep: the proxy does not serve it", s.Name)
@@ -281,9 +305,12 @@ func (p *Proxy) upsertLocked(s datapath.Service) error {
 				return fmt.Errorf("service %s: listen on %s: %w", s.Name, vip, os.NewSyscallError("bind", syscall.EADDRINUSE))
 			}
 		}
-		fds, err := p.listen(vip, len(p.loops))
-		if err != nil {
-			return fmt.Errorf("service %s: %w", s.Name, err)
+		fds := p.inheritedListeners(vip)
+		if fds == nil {
+			var err error
+			if fds, err = p.listen(vip, len(p.loops)); err != nil {
+				return fmt.Errorf("service %s: %w", s.Name, err)
+			}
 		}
 		nl := &listener{addr: vip}
 		nl.svc.Store(ns)
@@ -291,6 +318,10 @@ func (p *Proxy) upsertLocked(s datapath.Service) error {
 			lp := p.loops[(p.next+i)%len(p.loops)]
 			ls := &lsock{fd: fd, l: nl, loop: lp}
 			nl.socks = append(nl.socks, ls)
+			if p.inherit != nil && !p.inherit.resumed {
+				p.inherit.lsocks = append(p.inherit.lsocks, ls) // polled at Resume
+				continue
+			}
 			lp.send(command{op: cmdListen, ls: ls})
 		}
 		p.next++
@@ -352,6 +383,12 @@ func (p *Proxy) resetDownLocked(s *service) {
 func (p *Proxy) DeleteService(s datapath.Service) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if err := p.changing(); err != nil {
+		return fmt.Errorf("service %s: %w", s.Name, err)
+	}
+	if err := p.claimLocked(); err != nil {
+		return fmt.Errorf("service %s: %w", s.Name, err)
+	}
 	l := p.listeners[s.ID]
 	if l == nil {
 		return nil
@@ -373,6 +410,13 @@ func (p *Proxy) DeleteService(s datapath.Service) error {
 // from either socket (up to PipeSize each), not IP packets. Reasons count
 // connections (see the Reason constants).
 func (p *Proxy) Counters() (datapath.Counters, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.countersLocked(), nil
+}
+
+// countersLocked is Counters with p.mu held.
+func (p *Proxy) countersLocked() datapath.Counters {
 	c := datapath.Counters{
 		Services: make(map[uint32]datapath.ServiceCounters),
 		Backends: make(map[uint32]datapath.BackendCounters),
@@ -381,8 +425,6 @@ func (p *Proxy) Counters() (datapath.Counters, error) {
 	for r, name := range reasonNames {
 		c.Reasons[name] = p.reasons[r].Load()
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	for id, l := range p.listeners {
 		s := l.svc.Load()
 		c.Services[id] = datapath.ServiceCounters{
@@ -398,7 +440,7 @@ func (p *Proxy) Counters() (datapath.Counters, error) {
 			}
 		}
 	}
-	return c, nil
+	return c
 }
 
 // Tables implements datapath.TableReader: the connections being proxied,
@@ -455,8 +497,19 @@ func (p *Proxy) Close() error {
 		return nil
 	}
 	p.closed = true
-	for _, l := range p.listeners {
-		l.close()
+	if f := p.frozen; f != nil && !p.handedOver {
+		// A handover under way fails: the loops go on, to stop.
+		p.frozen = nil
+		close(f.verdict)
+	}
+	if p.inherit != nil && !p.inherit.resumed {
+		// Never served: the predecessor may still serve these sockets,
+		// which a shutdown would stop for it too.
+		p.closeInherited()
+	} else {
+		for _, l := range p.listeners {
+			l.close()
+		}
 	}
 	p.listeners = map[uint32]*listener{}
 	for _, lp := range p.loops {
@@ -509,6 +562,14 @@ func (p *Proxy) startLoops() error {
 // now on) and has their loops close them.
 func (l *listener) close() {
 	for _, ls := range l.socks {
+		if in := ls.loop.p.inherit; in != nil && !in.resumed {
+			// Inherited and never polled: the predecessor may still
+			// serve it, which a shutdown would stop for it too.
+			in.lsocks = slices.DeleteFunc(in.lsocks, func(o *lsock) bool { return o == ls })
+			ls.closed = true
+			closeFD(ls.fd)
+			continue
+		}
 		// The loop alone closes the descriptor, so it cannot be
 		// reused under the loop; shutdown stops the listening now.
 		unix.RawSyscall(unix.SYS_SHUTDOWN, uintptr(ls.fd), unix.SHUT_RDWR, 0)

@@ -72,26 +72,26 @@ func readStream(r io.Reader, h hash.Hash) ([]byte, int64, error) {
 	return h.Sum(nil), n, err
 }
 
-// TestIntegrity moves 16 MiB each way through each of 64 concurrent
-// connections: the client sends its stream and half-closes while the
-// backend sends its own, the backend closes after it has read the client's
-// to the end. Every byte must arrive, in order (SHA-256 at both ends), and
-// afterwards no goroutine or file descriptor may be left.
-func TestIntegrity(t *testing.T) {
-	check := leakCheck(t)
-	type result struct{ sent, got []byte }
-	var (
-		mu      sync.Mutex
-		atBE    = map[uint64]result{} // by stream id: what the backend got and sent
-		beFails []error
-	)
-	handle := func(c net.Conn) {
-		c.SetDeadline(time.Now().Add(45 * time.Second))
+// streamResult is what one end of a stream sent and received: their
+// SHA-256.
+type streamResult struct{ sent, got []byte }
+
+// streamLog is what the backends of streams saw.
+type streamLog struct {
+	mu    sync.Mutex
+	atBE  map[uint64]streamResult // by stream id
+	fails []error
+}
+
+// handler is a backend of streams: it reads a stream's id, then sends its
+// own stream while it reads the client's to the end (through wrap, if
+// set), and notes both.
+func (l *streamLog) handler(wrap func(io.Reader) io.Reader) func(net.Conn) {
+	return func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(60 * time.Second))
 		var hdr [8]byte
 		if _, err := io.ReadFull(c, hdr[:]); err != nil {
-			mu.Lock()
-			beFails = append(beFails, err)
-			mu.Unlock()
+			l.note(0, streamResult{}, err)
 			return
 		}
 		id := binary.BigEndian.Uint64(hdr[:])
@@ -102,75 +102,79 @@ func TestIntegrity(t *testing.T) {
 		)
 		go func() {
 			defer close(done)
-			sent, werr = writeStream(c, id|1<<63)
+			if sent, werr = writeStream(c, id|1<<63); werr == nil {
+				werr = c.(*net.TCPConn).CloseWrite()
+			}
 		}()
 		h := sha256.New()
 		h.Write(hdr[:])
-		got, _, rerr := readStream(c, h)
-		<-done
-		mu.Lock()
-		defer mu.Unlock()
-		if err := errors.Join(werr, rerr); err != nil {
-			beFails = append(beFails, fmt.Errorf("backend, stream %d: %w", id, err))
-			return
+		var r io.Reader = c
+		if wrap != nil {
+			r = wrap(c)
 		}
-		atBE[id] = result{sent: sent, got: got}
+		got, _, rerr := readStream(r, h)
+		<-done
+		l.note(id, streamResult{sent: sent, got: got}, errors.Join(werr, rerr))
 	}
-	be1 := listenServe(t, "127.0.0.1:0", handle)
-	be2 := listenServe(t, "127.0.0.1:0", handle)
-	p := newProxy(t, Options{})
-	vip := loopVIPPort(t)
-	if err := p.UpsertService(loopService(t, 1, vip, false, be1, be2)); err != nil {
-		t.Fatal(err)
-	}
+}
 
-	start := time.Now()
-	atClient := make([]result, integrityConns)
-	errs := make([]error, integrityConns)
-	var wg sync.WaitGroup
-	for i := range integrityConns {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			c, err := net.DialTimeout("tcp", vip.String(), 5*time.Second)
-			if err != nil {
-				errs[i] = err
-				return
-			}
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(45 * time.Second))
-			var (
-				sent []byte
-				werr error
-				done = make(chan struct{})
-			)
-			go func() {
-				defer close(done)
-				if sent, werr = writeStream(c, uint64(i)); werr == nil {
-					werr = c.(*net.TCPConn).CloseWrite()
-				}
-			}()
-			got, n, rerr := readStream(c, sha256.New())
-			<-done
-			if err := errors.Join(werr, rerr); err != nil {
-				errs[i] = err
-				return
-			}
-			if n != 8+integrityBytes {
-				errs[i] = fmt.Errorf("got %d bytes from the backend, want %d", n, 8+integrityBytes)
-			}
-			atClient[i] = result{sent: sent, got: got}
-		}()
+func (l *streamLog) note(id uint64, r streamResult, err error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if err != nil {
+		l.fails = append(l.fails, fmt.Errorf("backend, stream %d: %w", id, err))
+		return
 	}
-	wg.Wait()
-	elapsed := time.Since(start)
-	be1.close() // waits for the handlers: their results are all in
-	be2.close()
-	if err := errors.Join(append(errs, beFails...)...); err != nil {
+	if l.atBE == nil {
+		l.atBE = make(map[uint64]streamResult)
+	}
+	l.atBE[id] = r
+}
+
+// runStream sends stream i to vip and half-closes while it reads the
+// backend's stream to the end (through wrap, if set).
+func runStream(vip netip.AddrPort, i int, wrap func(io.Reader) io.Reader) (streamResult, error) {
+	c, err := net.DialTimeout("tcp", vip.String(), 5*time.Second)
+	if err != nil {
+		return streamResult{}, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	var (
+		sent []byte
+		werr error
+		done = make(chan struct{})
+	)
+	go func() {
+		defer close(done)
+		if sent, werr = writeStream(c, uint64(i)); werr == nil {
+			werr = c.(*net.TCPConn).CloseWrite()
+		}
+	}()
+	var r io.Reader = c
+	if wrap != nil {
+		r = wrap(c)
+	}
+	got, n, rerr := readStream(r, sha256.New())
+	<-done
+	if err := errors.Join(werr, rerr); err != nil {
+		return streamResult{}, err
+	}
+	if n != 8+integrityBytes {
+		return streamResult{}, fmt.Errorf("got %d bytes from the backend, want %d", n, 8+integrityBytes)
+	}
+	return streamResult{sent: sent, got: got}, nil
+}
+
+// check compares what the clients of the streams sent and got with what
+// their backends got and sent; the backends have finished.
+func (l *streamLog) check(t *testing.T, atClient []streamResult, errs []error) {
+	t.Helper()
+	if err := errors.Join(append(errs, l.fails...)...); err != nil {
 		t.Fatal(err)
 	}
 	for i, c := range atClient {
-		b, ok := atBE[uint64(i)]
+		b, ok := l.atBE[uint64(i)]
 		switch {
 		case !ok:
 			t.Errorf("stream %d: no backend saw it", i)
@@ -180,6 +184,37 @@ func TestIntegrity(t *testing.T) {
 			t.Errorf("stream %d backend → client: sent sha256 %x, received %x", i, b.sent, c.got)
 		}
 	}
+}
+
+// TestIntegrity moves 16 MiB each way through each of 64 concurrent
+// connections: the client sends its stream and half-closes while the
+// backend sends its own, the backend closes after it has read the client's
+// to the end. Every byte must arrive, in order (SHA-256 at both ends), and
+// afterwards no goroutine or file descriptor may be left.
+func TestIntegrity(t *testing.T) {
+	check := leakCheck(t)
+	var log streamLog
+	handle := log.handler(nil)
+	be1 := listenServe(t, "127.0.0.1:0", handle)
+	be2 := listenServe(t, "127.0.0.1:0", handle)
+	p := newProxy(t, Options{})
+	vip := loopVIPPort(t)
+	if err := p.UpsertService(loopService(t, 1, vip, false, be1, be2)); err != nil {
+		t.Fatal(err)
+	}
+
+	start := time.Now()
+	atClient := make([]streamResult, integrityConns)
+	errs := make([]error, integrityConns)
+	var wg sync.WaitGroup
+	for i := range integrityConns {
+		wg.Go(func() { atClient[i], errs[i] = runStream(vip, i, nil) })
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	be1.close() // waits for the handlers: their results are all in
+	be2.close()
+	log.check(t, atClient, errs)
 	total := float64(2 * integrityConns * (8 + integrityBytes))
 	cn, _ := p.Counters()
 	var moved, calls uint64

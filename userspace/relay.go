@@ -101,9 +101,10 @@ type conn struct {
 	dirs        [2]dir  // client to backend, backend to client
 	ended       int     // directions whose source's stream ended
 	dialing     *dialing
-	dialTimer   int    // index of the dial timeout in loop.timers, or -1
-	idleTimer   int    // index of the idle check in loop.timers, or -1
-	hdr         []byte // PROXY header still to send
+	dialTimer   int           // index of the dial timeout in loop.timers, or -1
+	dialLeft    time.Duration // a handed connection's dial timeout (adopt)
+	idleTimer   int           // index of the idle check in loop.timers, or -1
+	hdr         []byte        // PROXY header still to send
 	idleTimeout time.Duration
 	lastSeen    int64 // Proxy.now of the last bytes moved, either way
 	done        bool  // sockets closed

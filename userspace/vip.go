@@ -30,21 +30,22 @@ func (p *Proxy) acquireVIP(vip netip.Addr) error {
 		return nil
 	}
 	r := &vipRoute{users: 1}
+	if p.inherit != nil && p.inherit.routes[vip] {
+		// The predecessor added it and handed it over with its VIP.
+		delete(p.inherit.routes, vip)
+		if route, err := p.localRoute(vip); err == nil {
+			r.route = route
+			p.vips[vip] = r
+			return nil
+		}
+	}
 	err := p.opts.Netns(func() error {
 		if isLocal(vip) {
 			return nil
 		}
-		lo, err := netlink.LinkByName("lo")
+		route, err := localRouteHere(vip)
 		if err != nil {
 			return fmt.Errorf("make the VIP %s local: %w", vip, err)
-		}
-		route := &netlink.Route{
-			LinkIndex: lo.Attrs().Index,
-			Dst:       &net.IPNet{IP: vip.AsSlice(), Mask: net.CIDRMask(vip.BitLen(), vip.BitLen())},
-			Type:      unix.RTN_LOCAL,
-			Table:     unix.RT_TABLE_LOCAL,
-			Scope:     netlink.SCOPE_HOST,
-			Protocol:  unix.RTPROT_STATIC,
 		}
 		switch err := netlink.RouteAdd(route); {
 		case err == nil:
@@ -61,6 +62,33 @@ func (p *Proxy) acquireVIP(vip netip.Addr) error {
 	}
 	p.vips[vip] = r
 	return nil
+}
+
+// localRoute is the local route of vip that acquireVIP adds, in the
+// proxy's namespace.
+func (p *Proxy) localRoute(vip netip.Addr) (r *netlink.Route, err error) {
+	err = p.opts.Netns(func() error {
+		r, err = localRouteHere(vip)
+		return err
+	})
+	return r, err
+}
+
+// localRouteHere is the local route of vip in the calling thread's
+// namespace: `local VIP dev lo table local`.
+func localRouteHere(vip netip.Addr) (*netlink.Route, error) {
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return nil, err
+	}
+	return &netlink.Route{
+		LinkIndex: lo.Attrs().Index,
+		Dst:       &net.IPNet{IP: vip.AsSlice(), Mask: net.CIDRMask(vip.BitLen(), vip.BitLen())},
+		Type:      unix.RTN_LOCAL,
+		Table:     unix.RT_TABLE_LOCAL,
+		Scope:     netlink.SCOPE_HOST,
+		Protocol:  unix.RTPROT_STATIC,
+	}, nil
 }
 
 // releaseVIP drops a reference on vip, removing its local route with the

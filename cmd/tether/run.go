@@ -89,7 +89,14 @@ and affinity entry, gives unchanged services and backends their ids again
 and replaces the program in place; interfaces no longer configured are
 detached. Pinned state of another layout or other table sizes is refused:
 "tether detach" (or "tether run --clean") removes it, which drops
-every tracked connection.`,
+every tracked connection.
+
+The splice datapath holds its connections in its own sockets: stopping it
+ends them. To restart or upgrade it without ending any, start the new
+daemon with --takeover while the old one runs: the old one hands over its
+listening sockets and every connection, with the bytes in flight, and exits
+once the new one serves them (docs/splice.md, "Restarts without loss").
+If the new one fails before that, the old one serves on.`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "config", Aliases: []string{"c"}, Usage: "configuration `FILE` (required)"},
 		&cli.StringFlag{Name: "pin-dir", Value: control.DefaultPinDir, Usage: "bpffs `DIR` of the pinned maps and links, one per balancer"},
@@ -97,6 +104,7 @@ every tracked connection.`,
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log format: text or json"},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log level: debug, info, warn or error"},
 		&cli.StringFlag{Name: "socket", Usage: "serve the API on the unix socket `PATH` (default: tether's --socket, " + control.DefaultSocket + ")"},
+		&cli.BoolFlag{Name: "takeover", Usage: "take every connection of the splice daemon running with the same --socket, which exits once this one serves them (restarts and upgrades on the splice datapath)"},
 		&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics at http://`ADDR`/metrics, such as 127.0.0.1:9470 (default off; an address other than loopback is warned about: the metrics name every backend)"},
 	},
 	Action: func(c *cli.Context) error {
@@ -119,13 +127,14 @@ every tracked connection.`,
 			}
 		}
 		return daemon.Run(ctx, daemon.Options{
-			Config:  c.String("config"),
-			Socket:  socket,
-			Metrics: c.String("metrics"),
-			PinDir:  c.String("pin-dir"),
-			Clean:   c.Bool("clean"),
-			Version: version,
-			Log:     log,
+			Config:   c.String("config"),
+			Socket:   socket,
+			Metrics:  c.String("metrics"),
+			PinDir:   c.String("pin-dir"),
+			Clean:    c.Bool("clean"),
+			Takeover: c.Bool("takeover"),
+			Version:  version,
+			Log:      log,
 		})
 	},
 }
