@@ -44,6 +44,11 @@ type Daemon struct {
 	// stopped (gracefully, for BGP).
 	adopted bool
 	lock    io.Closer // the pin directory's lock a splice datapath holds, released by Stop
+	// handedOver: the splice proxy's connections went to a successor
+	// (Release), which serves them on; bgpLater: a daemon that took
+	// over starts BGP at Resume.
+	handedOver atomic.Bool
+	bgpLater   bool
 
 	// fixed holds the settings that take effect only at start (interfaces,
 	// datapath, hash seed, tables); its services are unused.

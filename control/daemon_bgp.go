@@ -85,9 +85,11 @@ func (d *Daemon) startBGP() {
 					// A datapath that forwards on after a stop (the pinned
 					// XDP program, unless it is removed) keeps the routes
 					// with the peers while the next daemon starts (graceful
-					// restart); the splice proxy ends with the daemon.
+					// restart), as does a splice daemon that handed its
+					// connections over; otherwise the splice proxy ends
+					// with the daemon.
 					_, outlives := d.dp.(datapath.Remover)
-					d.ann.spk.Close(outlives && !d.remove)
+					d.ann.spk.Close(outlives && !d.remove || d.handedOver.Load())
 					d.ann.spk = nil
 				}
 				d.bgpMu.Unlock()

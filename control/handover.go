@@ -57,14 +57,23 @@ func (d *Daemon) Thaw() {
 // what is left (health checks, BGP).
 func (d *Daemon) Release() {
 	d.dp.(*userspace.Proxy).Release()
+	d.handedOver.Store(true)
 	d.mu.Unlock()
 }
 
 // Resume serves what the daemon inherited (StartOptions.Inherit) once the
 // predecessor has let go of it. Without an inheritance it does nothing.
+//
+// BGP starts here for a daemon that took over: until then its predecessor
+// announces, and a second session from this host would only collide.
 func (d *Daemon) Resume() error {
+	var err error
 	if r, ok := d.dp.(datapath.Resumer); ok {
-		return r.Resume()
+		err = r.Resume()
 	}
-	return nil
+	if d.bgpLater {
+		d.bgpLater = false
+		d.startBGP()
+	}
+	return err
 }

@@ -115,7 +115,11 @@ func Start(path string, cfg *config.Config, o StartOptions, log *slog.Logger) (*
 	}
 	d.startSync()
 	d.startAffinityKeeper()
-	d.startBGP()
+	if o.Inherit != nil {
+		d.bgpLater = true // Resume starts it
+	} else {
+		d.startBGP()
+	}
 	return d, nil
 }
 

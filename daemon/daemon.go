@@ -7,6 +7,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -66,15 +67,9 @@ func Run(ctx context.Context, o Options) error {
 	log.Info("configuration read", "services", len(cfg.Services), "took", time.Since(start).Round(time.Millisecond))
 	so := control.StartOptions{PinDir: o.PinDir, Clean: o.Clean, File: file, DrainMark: o.Socket + ".drained"}
 	var (
-		taken    *handover.Taken
-		ln, mln  net.Listener
-		closeAll []func() error
+		taken   *handover.Taken
+		ln, mln net.Listener
 	)
-	defer func() {
-		for i := len(closeAll) - 1; i >= 0; i-- {
-			closeAll[i]()
-		}
-	}()
 	if o.Takeover {
 		if o.Clean {
 			return fmt.Errorf("--takeover keeps the running daemon's connections, --clean would drop them: give one of the two")
@@ -87,12 +82,13 @@ func Run(ctx context.Context, o Options) error {
 			so.InheritLock = os.NewFile(uintptr(taken.Package.Lock), "pin-dir-lock")
 		}
 		log.Info("the running daemon handed over", "its_version", taken.Version, "connections", len(so.Inherit.Conns), "listeners", len(so.Inherit.Listeners))
-	} else if ln, mln, err = listen(o, log); err != nil {
-		return err
 	} else {
-		closeAll = append(closeAll, ln.Close)
+		if ln, mln, err = listen(o, log); err != nil {
+			return err
+		}
+		defer ln.Close()
 		if mln != nil {
-			closeAll = append(closeAll, mln.Close)
+			defer mln.Close()
 		}
 	}
 	d, err := control.Start(o.Config, cfg, so, log)
@@ -107,63 +103,64 @@ func Run(ctx context.Context, o Options) error {
 		log.Info("stopped")
 	}()
 	if taken != nil {
-		// From here on this daemon serves, whatever the previous one says.
-		if err := taken.Commit(); err != nil {
-			log.Warn("the previous daemon did not confirm that it let go", "err", err)
+		if ctx.Err() != nil {
+			taken.Abort("the new daemon was stopped")
+			return nil // Stop closes what it took without disturbing it
 		}
+		if err := taken.Commit(handover.Path(o.Socket)); err != nil {
+			return fmt.Errorf("--takeover: %w", err)
+		}
+		// From here on this daemon alone serves the connections: nothing
+		// that fails now may end them.
 		if err := d.Resume(); err != nil {
-			return err
+			log.Error("cannot serve the connections handed over", "err", err)
 		}
 		if ln, mln, err = listenAgain(o, log); err != nil {
-			return err
+			log.Error("serving the connections without the API or metrics: once the socket or address is free, take this daemon over again (tether run --takeover)", "err", err)
 		}
-		closeAll = append(closeAll, ln.Close)
+		if ln != nil {
+			defer ln.Close()
+		}
 		if mln != nil {
-			closeAll = append(closeAll, mln.Close)
+			defer mln.Close()
 		}
 	}
 
 	apiCtx, stopAPI := context.WithCancel(ctx)
-	var handing atomic.Bool
-	apiDone := make(chan error, 1)
-	go func() { apiDone <- control.Serve(apiCtx, ln, d.Handler(), log) }()
+	api := serveIn(ln, func(ln net.Listener) error { return control.Serve(apiCtx, ln, d.Handler(), log) })
+	mets := serveIn(mln, func(ln net.Listener) error { return metrics.Serve(apiCtx, ln, metrics.Handler(d, log)) })
 	defer func() {
-		stopAPI()
-		<-apiDone
+		stopAPI() // stops the metrics too
+		api.wait()
+		mets.wait()
 	}()
-	metricsDone := make(chan error, 1)
 	if mln != nil {
-		go func() { metricsDone <- metrics.Serve(apiCtx, mln, metrics.Handler(d, log)) }()
-		defer func() {
-			stopAPI() // stops the metrics too
-			<-metricsDone
-		}()
 		log.Info("serving metrics", "addr", mln.Addr().String(), "path", "/metrics")
 	}
+	var handing atomic.Bool
 	handed := make(chan struct{})
 	if d.HandsOver() {
 		hln, err := handover.Listen(handover.Path(o.Socket))
 		if err != nil {
-			return err
+			log.Error("no handover socket: this daemon cannot be taken over", "err", err)
+		} else {
+			defer hln.Close() // before the datapath stops: no taker then
+			g := &giver{d: d, version: o.Version, release: func() {
+				// The successor takes the API socket and the metrics
+				// address once this daemon has let go of them; the
+				// handover socket goes first, the successor makes its own.
+				handing.Store(true)
+				hln.Close()
+				stopAPI()
+				api.wait()
+				mets.wait()
+			}}
+			go func() {
+				if handover.Serve(hln, g, o.Version, log) == nil {
+					close(handed)
+				}
+			}()
 		}
-		closeAll = append(closeAll, hln.Close)
-		g := &giver{d: d, version: o.Version, release: func() {
-			// The successor takes the API socket and the metrics address
-			// once this daemon has let go of them; the handover socket
-			// goes first, the successor makes its own.
-			handing.Store(true)
-			hln.Close()
-			stopAPI()
-			apiDone <- <-apiDone
-			if mln != nil {
-				metricsDone <- <-metricsDone
-			}
-		}}
-		go func() {
-			if handover.Serve(hln, g, o.Version, log) == nil {
-				close(handed)
-			}
-		}()
 	}
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
@@ -176,23 +173,49 @@ func Run(ctx context.Context, o Options) error {
 			return nil
 		case <-handed:
 			return nil
-		case err := <-apiDone:
-			apiDone <- nil // for the deferred wait
+		case <-api.done:
 			if handing.Load() {
 				<-handed
 				return nil
 			}
-			return err
-		case err := <-metricsDone:
-			metricsDone <- nil // for the deferred wait
+			return api.err
+		case <-mets.done:
 			if handing.Load() {
 				<-handed
 				return nil
 			}
-			return err
+			return mets.err
 		case <-hup:
 			_, _ = d.Reload() // logs the outcome
 		}
+	}
+}
+
+// server is a server running in its goroutine, if it has a listener:
+// done closes when it returns, with err.
+type server struct {
+	running bool
+	done    chan struct{}
+	err     error
+}
+
+// serveIn runs serve(ln) in a goroutine; without ln, nothing, and done
+// never closes.
+func serveIn(ln net.Listener, serve func(net.Listener) error) *server {
+	s := &server{done: make(chan struct{}), running: ln != nil}
+	if s.running {
+		go func() {
+			s.err = serve(ln)
+			close(s.done)
+		}()
+	}
+	return s
+}
+
+// wait waits for the server to return, if it runs.
+func (s *server) wait() {
+	if s.running {
+		<-s.done
 	}
 }
 
@@ -213,13 +236,23 @@ func listen(o Options, log *slog.Logger) (ln, mln net.Listener, err error) {
 	return ln, mln, nil
 }
 
-// listenAgain is listen after a takeover: the previous daemon may take a
-// moment to let go.
+// listenAgain takes the API socket and the metrics address after a
+// takeover, each as soon as the previous daemon has let go of it (a
+// moment at most). It returns what it could take, and why not the rest.
 func listenAgain(o Options, log *slog.Logger) (ln, mln net.Listener, err error) {
 	deadline := time.Now().Add(5 * time.Second)
+	var apiErr, metricsErr error
 	for {
-		if ln, mln, err = listen(o, log); err == nil || time.Now().After(deadline) {
-			return ln, mln, err
+		if ln == nil {
+			ln, apiErr = control.Listen(o.Socket)
+		}
+		if mln == nil && o.Metrics != "" {
+			if mln, metricsErr = net.Listen("tcp", o.Metrics); metricsErr != nil {
+				mln, metricsErr = nil, fmt.Errorf("--metrics: %w", metricsErr)
+			}
+		}
+		if (ln != nil && (mln != nil || o.Metrics == "")) || time.Now().After(deadline) {
+			return ln, mln, errors.Join(apiErr, metricsErr)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

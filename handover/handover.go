@@ -190,11 +190,15 @@ func give(c *net.UnixConn, g Giver, version string, log *slog.Logger) (done bool
 	if err := write(c, kHello, mine, nil); err != nil {
 		return false, err
 	}
+	c.SetDeadline(time.Now().Add(Timeout))
 	if err := send(c, pkg); err != nil {
 		return false, err
 	}
 	c.SetDeadline(time.Now().Add(Timeout))
-	kind, body, _, err = read(c)
+	kind, body, stray, err := read(c)
+	closeFDs(stray) // a taker passes none
+	// Past its deadline the read fails and the giver thaws: a taker that
+	// said "taken" after it finds the giver serving (Commit).
 	switch {
 	case err != nil:
 		return false, fmt.Errorf("the new daemon did not take over: %w", err)
@@ -272,9 +276,7 @@ func Take(path, version string) (*Taken, error) {
 	var fds []int
 	defer func() {
 		if t.Package == nil {
-			for _, fd := range fds {
-				unix.Close(fd)
-			}
+			closeFDs(fds)
 			c.Close()
 		}
 	}()
@@ -328,31 +330,44 @@ func Take(path, version string) (*Taken, error) {
 	if len(ptrs) != len(fds) {
 		return nil, fmt.Errorf("receive: the state names %d descriptors, %d arrived", len(ptrs), len(fds))
 	}
+	seen := make([]bool, len(fds))
 	for _, p := range ptrs {
-		if *p < 0 || *p >= len(fds) {
-			return nil, fmt.Errorf("receive: descriptor index %d out of range", *p)
+		if *p < 0 || *p >= len(fds) || seen[*p] {
+			return nil, fmt.Errorf("receive: descriptor index %d out of range or named twice", *p)
 		}
+		seen[*p] = true
 		*p = fds[*p]
 	}
 	t.Package = pkg
 	return t, nil
 }
 
-// Commit tells the giver that the taker serves from now on, and waits
-// until the giver has released its API socket and metrics address. After
-// a successful write the giver never serves again, whatever the wait says.
-func (t *Taken) Commit() error {
+// ErrNotTaken is Commit's error when the giver serves on: the taker must
+// not serve what it received, and closes it plainly.
+var ErrNotTaken = errors.New("the running daemon serves on")
+
+// Commit tells the giver that the taker serves from now on and waits until
+// the giver has let go of everything, its API socket and metrics address
+// included. It returns nil when the taker is to serve, and ErrNotTaken
+// when the giver serves on: "taken" could not be sent, or the giver did
+// not confirm and still answers on its handover socket (it gave up
+// waiting, Timeout). A giver that died without confirming serves nothing:
+// Commit returns nil.
+func (t *Taken) Commit(path string) error {
 	defer t.c.Close()
 	t.c.SetDeadline(time.Now().Add(Timeout))
 	if err := write(t.c, kTaken, nil, nil); err != nil {
-		return fmt.Errorf("tell the previous daemon: %w", err)
+		return fmt.Errorf("%w: tell it: %v", ErrNotTaken, err)
 	}
-	kind, _, _, err := read(t.c)
-	if err != nil {
-		return fmt.Errorf("the previous daemon did not confirm its release: %w", err)
+	kind, _, fds, err := read(t.c)
+	closeFDs(fds)
+	if err == nil && kind == kReleased {
+		return nil
 	}
-	if kind != kReleased {
-		return fmt.Errorf("the previous daemon said %q instead of released", kind)
+	// The giver removes its handover socket before it confirms.
+	if c, derr := net.DialTimeout("unixpacket", path, time.Second); derr == nil {
+		c.Close()
+		return fmt.Errorf("%w: it did not confirm (%v, %q) and still answers at %s", ErrNotTaken, err, kind, path)
 	}
 	return nil
 }
@@ -363,6 +378,12 @@ func (t *Taken) Abort(reason string) {
 	t.c.SetDeadline(time.Now().Add(time.Second))
 	write(t.c, kAborted, []byte(reason), nil)
 	t.c.Close()
+}
+
+func closeFDs(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
 }
 
 // write sends one packet: kind, body and descriptors.

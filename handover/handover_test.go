@@ -120,7 +120,7 @@ func TestHandover(t *testing.T) {
 	if s := g.said(); s != "freeze" {
 		t.Fatalf("before the commit the giver did %q, want freeze alone", s)
 	}
-	if err := tk.Commit(); err != nil {
+	if err := tk.Commit(path); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -192,7 +192,7 @@ func TestHandoverFails(t *testing.T) {
 		t.Fatal(err)
 	}
 	closeAll(tk)
-	if err := tk.Commit(); err != nil {
+	if err := tk.Commit(path); err != nil {
 		t.Fatal(err)
 	}
 	if err := <-done; err != nil {

@@ -1,6 +1,7 @@
 package test
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -75,19 +76,38 @@ func TestSpliceTakeover(t *testing.T) {
 	defer stopEchoes()
 	began := time.Now()
 
-	// A new daemon that cannot serve what it took gives it back.
+	// A new daemon that cannot serve what it took gives it back: one that
+	// refuses at once (datapath xdp), and one that fails while it applies
+	// its configuration (a udp service, which the splice proxy refuses),
+	// after it has claimed the listening sockets and the VIPs' routes.
 	time.Sleep(settle)
-	bad := filepath.Join(t.TempDir(), "xdp.yaml")
-	if err := os.WriteFile(bad, []byte(chatConfig(l, l.Backends)), 0o600); err != nil {
-		t.Fatal(err)
+	routes := localRoutes(t, l)
+	// The udp service sorts after chat, which changes: chat is applied
+	// (claiming everything) before dns fails.
+	udp := strings.Replace(strings.Replace(cfg, "datapath: splice\n", "datapath: auto\n", 1), "affinity_timeout: 1h", "affinity_timeout: 2h", 1) +
+		fmt.Sprintf("  - name: dns\n    vip: %s\n    port: 9053\n    protocol: udp\n    backends:\n      - address: %s\n", l.VIP4, l.Backends[0].Addr4)
+	for _, bad := range []struct{ name, cfg, says string }{
+		{"xdp", chatConfig(l, l.Backends), "datapath is xdp"},
+		{"udp", udp, "udp services need the xdp datapath"},
+	} {
+		path := filepath.Join(t.TempDir(), bad.name+".yaml")
+		if err := os.WriteFile(path, []byte(bad.cfg), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		args := slices.Clone(d.args)
+		args[slices.Index(args, "--config")+1] = path
+		failed := strings.Count(d.proc.Output(), "handover to a new daemon failed; serving on")
+		out, code := runIn(t, l.Balancer, append(args, "--takeover")...)
+		if code != 1 || !strings.Contains(out, bad.says) {
+			t.Errorf("a takeover with the %s configuration: exit %d, want 1 saying %q:\n%s", bad.name, code, bad.says, out)
+		}
+		waitFor(t, "the old daemon to serve on", 5*time.Second, func() bool {
+			return strings.Count(d.proc.Output(), "handover to a new daemon failed; serving on") > failed
+		})
+		if got := localRoutes(t, l); !slices.Equal(got, routes) {
+			t.Errorf("after the failed %s takeover the VIPs' local routes are %v, were %v", bad.name, got, routes)
+		}
 	}
-	args := slices.Clone(d.args)
-	args[slices.Index(args, "--config")+1] = bad
-	out, code := runIn(t, l.Balancer, append(args, "--takeover")...)
-	if code != 1 || !strings.Contains(out, "datapath is xdp") {
-		t.Errorf("a takeover with an xdp configuration: exit %d, want 1 naming the datapath:\n%s", code, out)
-	}
-	d.waitLog("handover to a new daemon failed; serving on", 5*time.Second)
 
 	for i, bin := range []string{tetherBin, tetherBin, v2} {
 		time.Sleep(settle)

@@ -158,14 +158,16 @@ func (p *Proxy) Freeze() (*State, error) {
 		verdict: make(chan struct{}),
 	}
 	p.frozen = f // changes are refused from now on
+	// Sent under p.mu, so that Close, which stops the loops, comes after:
+	// every loop takes the freeze (and Close's thaw) before its stop.
+	for _, lp := range loops {
+		lp.send(command{op: cmdFreeze, f: f})
+	}
 	p.mu.Unlock()
 	// Two steps: a loop may hand a client it accepted to another (cmdServe)
 	// until it stops itself; once all have stopped, each takes what it was
 	// handed and then tells what it holds. The loops take p.mu on the way
 	// (add), so it is not held while they work.
-	for _, lp := range loops {
-		lp.send(command{op: cmdFreeze, f: f})
-	}
 	for range loops {
 		<-f.paused
 	}
@@ -176,6 +178,11 @@ func (p *Proxy) Freeze() (*State, error) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.closed {
+		// Close came meanwhile and thawed the loops, which are closing
+		// the descriptors.
+		return nil, errors.New("freeze the splice proxy: it closed meanwhile")
+	}
 	st := &State{Counters: p.countersLocked()}
 	for _, l := range p.listeners {
 		s := l.svc.Load()
@@ -280,10 +287,29 @@ func (p *Proxy) changing() error {
 
 // frozenLoop is a loop's part of a handover: it stops, reports what it
 // holds once every loop has stopped, and waits for the verdict.
-func (lp *loop) frozenLoop(f *freeze) {
+//
+// rest are the commands that came after the freeze in the loop's batch:
+// they are taken like those queued meanwhile, and it returns those that
+// must wait until after the verdict.
+func (lp *loop) frozenLoop(f *freeze, rest []command) (later []command) {
 	f.paused <- struct{}{}
 	<-f.all
-	lp.takeQueued()
+	lp.mu.Lock()
+	rest = append(rest, lp.cmds...)
+	lp.cmds = nil
+	lp.mu.Unlock()
+	for _, c := range rest {
+		switch c.op {
+		case cmdServe:
+			lp.serve(c.svc, c.fd, c.client)
+		case cmdReset:
+			c.c.finish(true)
+		default:
+			// cmdListen and cmdUnlisten come from changes, refused while
+			// frozen; cmdStop from Close, which ends the freeze first.
+			later = append(later, c)
+		}
+	}
 	st := &loopState{lp: lp}
 	for fd, c := range lp.conns {
 		if c != nil && c.sides[0].fd == fd && !c.done {
@@ -297,32 +323,10 @@ func (lp *loop) frozenLoop(f *freeze) {
 	<-f.verdict
 	if !f.release {
 		lp.thaw(st)
-		return
+		return later
 	}
 	lp.forget(st)
-}
-
-// takeQueued serves the clients other loops handed this one before they
-// stopped (cmdServe) and runs any other command queued meanwhile.
-func (lp *loop) takeQueued() {
-	lp.mu.Lock()
-	cmds := lp.cmds
-	lp.cmds = nil
-	lp.mu.Unlock()
-	for _, c := range cmds {
-		switch c.op {
-		case cmdServe:
-			lp.serve(c.svc, c.fd, c.client)
-		case cmdReset:
-			c.c.finish(true)
-		default:
-			// cmdListen and cmdUnlisten come from changes, refused while
-			// frozen; cmdStop from Close, which ends the freeze first.
-			lp.mu.Lock()
-			lp.cmds = append(lp.cmds, c)
-			lp.mu.Unlock()
-		}
-	}
+	return later
 }
 
 // thaw resumes the loop after a failed handover. Edges that epoll reported
@@ -404,6 +408,7 @@ type inheritance struct {
 	routes    map[netip.Addr]bool
 	claimed   bool // its services are the proxy's (claimLocked)
 	resumed   bool
+	closed    bool     // closeInherited: Close came before Resume
 	lsocks    []*lsock // claimed, polled at Resume
 }
 
@@ -509,6 +514,9 @@ func (p *Proxy) inheritedListeners(vip netip.AddrPort) []int {
 		return nil
 	}
 	ls := p.inherit.listeners[vip]
+	if len(ls) == 0 {
+		return nil
+	}
 	delete(p.inherit.listeners, vip)
 	fds := make([]int, len(ls))
 	for i, l := range ls {
@@ -527,11 +535,16 @@ func (p *Proxy) Resume() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	in := p.inherit
-	if in == nil || in.resumed {
+	if in == nil || in.resumed || in.closed {
 		return nil
 	}
 	if err := p.claimLocked(); err != nil {
 		return err
+	}
+	if len(in.conns) > 0 {
+		if err := p.startLoops(); err != nil {
+			return err
+		}
 	}
 	in.resumed = true
 	for _, ls := range in.listeners {
@@ -551,11 +564,6 @@ func (p *Proxy) Resume() error {
 			}
 		}
 	}
-	if len(in.conns) > 0 {
-		if err := p.startLoops(); err != nil {
-			return err
-		}
-	}
 	for _, ls := range in.lsocks {
 		ls.loop.send(command{op: cmdListen, ls: ls})
 	}
@@ -571,6 +579,9 @@ func (p *Proxy) Resume() error {
 			p.conns[c.key] = c
 		}
 		lp.send(command{op: cmdAdopt, c: c})
+	}
+	for _, l := range p.listeners {
+		p.resetDownLocked(l.svc.Load()) // after the adoptions, in each loop's queue
 	}
 	p.log.Info("serving the connections handed over by the previous daemon", "connections", len(in.conns))
 	in.conns = nil
@@ -641,10 +652,10 @@ func (lp *loop) adopt(c *conn) {
 // p.mu is held.
 func (p *Proxy) closeInherited() {
 	in := p.inherit
-	if in == nil || in.resumed {
+	if in == nil || in.resumed || in.closed {
 		return
 	}
-	in.resumed = true
+	in.closed = true // still not resumed: its routes stay (mayRemove)
 	for _, ls := range in.listeners {
 		for _, l := range ls {
 			closeFD(l.FD)

@@ -133,6 +133,17 @@ func TestHandoverKeepsConnections(t *testing.T) {
 	}
 	a.Close()
 	echoAll("after the handover")
+	// A service new to the successor listens on a socket of its own.
+	echo3 := listenServe(t, "127.0.0.1:0", namedEcho("e3"))
+	vip3 := loopVIPPort(t)
+	if err := b.UpsertService(loopService(t, 3, vip3, false, echo3)); err != nil {
+		t.Fatal(err)
+	}
+	if e := dialEcho(t, netip.Addr{}, vip3); e.backend != "e3" {
+		t.Errorf("a new service after the handover reached %s", e.backend)
+	} else {
+		e.Close()
+	}
 	for i, e := range echoes {
 		again := dialEcho(t, e.LocalAddr().(*net.TCPAddr).AddrPort().Addr(), evip)
 		if again.backend != e.backend {
@@ -160,6 +171,7 @@ func TestHandoverKeepsConnections(t *testing.T) {
 	}
 	echo1.close()
 	echo2.close()
+	echo3.close()
 	b.Close()
 	check() // the first proxy closed its copies, the second its own
 }

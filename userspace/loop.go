@@ -302,8 +302,8 @@ func (lp *loop) commands() bool {
 	stop := slices.ContainsFunc(cmds, func(c command) bool { return c.op == cmdStop })
 	lp.stopped = stop
 	lp.mu.Unlock()
-	for _, c := range cmds {
-		switch c.op {
+	for i := 0; i < len(cmds); i++ {
+		switch c := cmds[i]; c.op {
 		case cmdListen:
 			lp.lsocks[c.ls.fd] = c.ls
 			ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: int32(c.ls.fd), Pad: tagListener}
@@ -317,7 +317,8 @@ func (lp *loop) commands() bool {
 		case cmdServe:
 			lp.serve(c.svc, c.fd, c.client)
 		case cmdFreeze:
-			lp.frozenLoop(c.f)
+			later := lp.frozenLoop(c.f, cmds[i+1:])
+			cmds = append(cmds[:i+1:i+1], later...)
 		case cmdAdopt:
 			lp.adopt(c.c)
 		}

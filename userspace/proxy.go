@@ -200,6 +200,9 @@ func New(log *slog.Logger, seed uint32, opts Options) *Proxy {
 	p.now = func() int64 { return int64(time.Since(p.epoch)) }
 	if opts.Inherit != nil {
 		p.inherit = newInheritance(opts.Inherit)
+		for r, name := range reasonNames {
+			p.reasons[r].Store(opts.Inherit.Counters.Reasons[name])
+		}
 		for _, a := range opts.Inherit.Affinity {
 			p.affinity.put(a.Service, a.Client, a.Backend, p.now()-int64(a.Age))
 		}

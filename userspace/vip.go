@@ -17,6 +17,9 @@ import (
 type vipRoute struct {
 	users int
 	route *netlink.Route // nil: the VIP was local already, or the operator routes it
+	// inherited: the route came with a predecessor's state (Options.Inherit),
+	// which serves with it until Resume: not the proxy's to remove before.
+	inherited bool
 }
 
 // acquireVIP takes a reference on vip for a service. A VIP that the kernel
@@ -34,7 +37,7 @@ func (p *Proxy) acquireVIP(vip netip.Addr) error {
 		// The predecessor added it and handed it over with its VIP.
 		delete(p.inherit.routes, vip)
 		if route, err := p.localRoute(vip); err == nil {
-			r.route = route
+			r.route, r.inherited = route, true
 			p.vips[vip] = r
 			return nil
 		}
@@ -102,7 +105,7 @@ func (p *Proxy) releaseVIP(vip netip.Addr) {
 		return
 	}
 	delete(p.vips, vip)
-	if r.route == nil {
+	if r.route == nil || !p.mayRemove(r) {
 		return
 	}
 	if err := p.delRoute(r.route); err != nil {
@@ -116,7 +119,7 @@ func (p *Proxy) releaseVIP(vip netip.Addr) {
 func (p *Proxy) releaseVIPs() error {
 	var errs []error
 	for vip, r := range p.vips {
-		if r.route != nil {
+		if r.route != nil && p.mayRemove(r) {
 			if err := p.delRoute(r.route); err != nil {
 				errs = append(errs, fmt.Errorf("remove the local route of %s: %w", vip, err))
 			}
@@ -125,6 +128,13 @@ func (p *Proxy) releaseVIPs() error {
 	}
 	clear(p.svcVIP)
 	return errors.Join(errs...)
+}
+
+// mayRemove says whether the proxy may remove r's route: not an inherited
+// one before Resume, while the predecessor may still serve with it. p.mu
+// is held.
+func (p *Proxy) mayRemove(r *vipRoute) bool {
+	return !r.inherited || p.inherit == nil || p.inherit.resumed
 }
 
 func (p *Proxy) delRoute(r *netlink.Route) error {
