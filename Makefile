@@ -82,6 +82,10 @@ bench: tools bench-deps ## measure tether against HAProxy, nginx, nftables and t
 	$(GO) run ./test/bench/scaleout -out docs/bench/scaleout.md
 	$(GO) run ./test/bench/peers -runs 5 -out docs/bench/RESULTS.md -chart docs/bench/results.png
 
+.PHONY: soak
+soak: tools ## hold 10,000 WebSocket connections through daemon restarts and upgrades (XDP and splice), measure 100,000 idle ones on splice, fuzz the XDP program with 1,000,000 inputs; write docs/bench/soak.md (root, ~15 min)
+	$(GO) run ./test/bench/soak -out docs/bench/soak.md
+
 .PHONY: bench-deps
 bench-deps:
 	@missing=""; for p in $(BENCH_PACKAGES); do \

@@ -25,10 +25,12 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/datapath"
 	"github.com/tetherlb/tether/health"
+	"github.com/tetherlb/tether/internal/damp"
 	"github.com/tetherlb/tether/maglev"
 )
 
@@ -44,6 +46,8 @@ import (
 type Controller struct {
 	dp  datapath.Datapath
 	log *slog.Logger
+	// damp keeps a service whose backends flap from logging each change.
+	damp damp.Damper
 
 	mu       sync.Mutex
 	seed     uint32
@@ -171,7 +175,16 @@ func (c *Controller) refresh(why string, has func(config.Service, config.Backend
 		}
 		c.record(key, p)
 		active, down := countStates(s)
-		c.log.Info("service changed by "+why, "service", s.Name, "vip", key, "active", active, "down", down)
+		if v := c.damp.Note(key, time.Now()); v.Log {
+			args := []any{"service", s.Name, "vip", key, "active", active, "down", down}
+			if v.Damped {
+				args = append(args, "changes_last_minute", v.Recent)
+			}
+			if v.Held > 0 {
+				args = append(args, "not_logged", v.Held)
+			}
+			c.log.Info("service changed by "+why, args...)
+		}
 		c.noteUsable(old, ok, s)
 	}
 	return errors.Join(errs...)
@@ -270,14 +283,25 @@ func Usable(s datapath.Service) bool {
 // found one again.
 func (c *Controller) noteUsable(old datapath.Service, existed bool, s datapath.Service) {
 	was, is := existed && Usable(old), Usable(s)
-	switch {
-	case is && existed && !was:
-		c.log.Info("service up: it has a usable backend again", "service", s.Name)
-	case !is && (was || !existed) && len(s.Backends) > 0:
-		_, down := countStates(s)
-		c.log.Warn("service down: no usable backend; new TCP connections are refused with a reset, UDP packets dropped",
-			"service", s.Name, "backends", len(s.Backends), "down", down)
+	up := is && existed && !was
+	if !up && (is || !(was || !existed) || len(s.Backends) == 0) {
+		return
 	}
+	v := c.damp.Note("usable "+s.Name, time.Now())
+	if !v.Log {
+		return
+	}
+	args := []any{"service", s.Name}
+	if v.Held > 0 {
+		args = append(args, "not_logged", v.Held)
+	}
+	if up {
+		c.log.Info("service up: it has a usable backend again", args...)
+		return
+	}
+	_, down := countStates(s)
+	c.log.Warn("service down: no usable backend; new TCP connections are refused with a reset, UDP packets dropped",
+		append(args, "backends", len(s.Backends), "down", down)...)
 }
 
 // Apply makes the datapath serve cfg: services that changed are replaced

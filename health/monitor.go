@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/tetherlb/tether/internal/damp"
 )
 
 // ErrClosed is returned by Set on a Monitor that was closed.
@@ -22,6 +24,7 @@ var ErrClosed = errors.New("health: monitor closed")
 type Monitor struct {
 	log      *slog.Logger
 	onChange func(Target, Status)
+	damp     damp.Damper // transitions of a flapping target, logged now and then
 	path     atomic.Pointer[PathFunc]
 
 	setMu sync.Mutex // serialises Set and Close
@@ -336,12 +339,22 @@ func (m *Monitor) record(p *prober, res Result) {
 	if !changed {
 		return
 	}
-	if st.Up {
-		m.log.Info("health: backend up", "target", p.target.String(), "reason", res.Reason,
-			"latency", res.Latency, "transitions", st.Transitions)
-	} else {
-		m.log.Warn("health: backend down", "target", p.target.String(), "reason", res.Reason,
-			"latency", res.Latency, "transitions", st.Transitions)
+	if v := m.damp.Note(p.target.String(), now); v.Log {
+		msg, level := "health: backend up", slog.LevelInfo
+		if !st.Up {
+			msg, level = "health: backend down", slog.LevelWarn
+		}
+		args := []any{"target", p.target.String(), "reason", res.Reason, "latency", res.Latency, "transitions", st.Transitions}
+		if v.Damped {
+			// A flapping target: one line now and then, not one per
+			// transition.
+			msg, level = msg+" (flapping: its transitions are logged now and then)", slog.LevelWarn
+			args = append(args, "transitions_last_minute", v.Recent)
+		}
+		if v.Held > 0 {
+			args = append(args, "not_logged", v.Held)
+		}
+		m.log.Log(context.Background(), level, msg, args...)
 	}
 	if m.onChange != nil {
 		m.onChange(p.target, st)
