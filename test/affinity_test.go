@@ -181,10 +181,23 @@ func echoOnBackends(t *testing.T, conns []*conn, round string) int {
 // echoFailures is echoOnBackends without the test: it returns what broke
 // or moved.
 func echoFailures(conns []*conn, round string) []error {
+	var out []error
+	for _, err := range echoEach(conns, round) {
+		if err != nil {
+			out = append(out, err)
+		}
+	}
+	return out
+}
+
+// echoEach sends one more message on every connection, 16 at a time,
+// within 30 s in all, and returns per connection why it broke or moved
+// (nil: it echoed from its backend).
+func echoEach(conns []*conn, round string) []error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	var wg sync.WaitGroup
-	errs := make(chan error, len(conns))
+	errs := make([]error, len(conns))
 	sem := make(chan struct{}, 16)
 	for i, c := range conns {
 		wg.Add(1)
@@ -193,22 +206,16 @@ func echoFailures(conns []*conn, round string) []error {
 			defer wg.Done()
 			defer func() { <-sem }()
 			b, err := c.ws.Echo(ctx, fmt.Sprintf("%s %d", round, i))
-			if err != nil {
-				errs <- fmt.Errorf("%s: connection %d from %s (backend %s) broke: %w", round, i, c.src, c.backend, err)
-				return
-			}
-			if b != c.backend {
-				errs <- fmt.Errorf("%s: connection %d from %s moved from %s to %s", round, i, c.src, c.backend, b)
+			switch {
+			case err != nil:
+				errs[i] = fmt.Errorf("%s: connection %d from %s (backend %s) broke: %w", round, i, c.src, c.backend, err)
+			case b != c.backend:
+				errs[i] = fmt.Errorf("%s: connection %d from %s moved from %s to %s", round, i, c.src, c.backend, b)
 			}
 		}()
 	}
 	wg.Wait()
-	close(errs)
-	var out []error
-	for err := range errs {
-		out = append(out, err)
-	}
-	return out
+	return errs
 }
 
 // backendsByClient checks that every client address reached exactly one
