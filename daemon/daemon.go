@@ -167,6 +167,8 @@ func Run(ctx context.Context, o Options) error {
 	defer signal.Stop(hup)
 	log.Info("ready", "version", o.Version, "services", len(cfg.Services), "interfaces", cfg.Interfaces, "datapath", cfg.Datapath, "modes", d.Modes(), "socket", o.Socket,
 		"took", time.Since(start).Round(time.Millisecond))
+	sayNotify(log, fmt.Sprintf("READY=1\nSTATUS=serving %d services (%s)", len(cfg.Services), cfg.Datapath))
+	defer sayNotify(log, "STOPPING=1")
 	for {
 		select {
 		case <-ctx.Done():
@@ -186,8 +188,20 @@ func Run(ctx context.Context, o Options) error {
 			}
 			return mets.err
 		case <-hup:
-			_, _ = d.Reload() // logs the outcome
+			sayNotify(log, fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d", monotonicUsec()))
+			status := "reloaded"
+			if _, err := d.Reload(); err != nil { // logs the outcome
+				status = "reload refused or failed: the running configuration stays"
+			}
+			sayNotify(log, "READY=1\nSTATUS="+status)
 		}
+	}
+}
+
+// sayNotify is notify, its failure logged.
+func sayNotify(log *slog.Logger, state string) {
+	if err := notify(state); err != nil {
+		log.Warn("cannot tell the service manager", "state", state, "err", err)
 	}
 }
 
