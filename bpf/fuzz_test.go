@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/tetherlb/tether/internal/bpftest"
+	"github.com/tetherlb/tether/maps"
 )
 
 // This file holds the program's invariant on arbitrary frames, checked
@@ -21,9 +22,12 @@ import (
 //     headers, stacked tags, other protocols), is never forwarded: it goes
 //     to the kernel untouched or is dropped, counted under the reason the
 //     reference gives;
-//   - a well-formed packet to a VIP is forwarded with only its Ethernet
-//     addresses changed, unless it starts a flow with a wrong IPv4 header
-//     checksum (dropped);
+//   - a well-formed packet to a VIP is forwarded to a backend of its
+//     service, unless it starts a flow with a wrong IPv4 header checksum
+//     (dropped): with dsr, only its Ethernet addresses changed; with nat
+//     and fullnat, to the backend's address and port, its payload
+//     untouched (an ICMP error about a fullnat flow without an entry goes
+//     to the kernel: there is no port to translate it back with);
 //   - the connection and affinity tables hold exactly the flows that were
 //     forwarded and recorded, nothing keyed on bytes a dropped frame held.
 
@@ -132,7 +136,7 @@ func reference(frame []byte, svcs []bpftest.Service, tracked map[refFlow]bool) r
 			return drop("drop_udp_length")
 		}
 	case 1, 58:
-		if v, ok := icmpReference(seg, v4, proto, dst, svcs); ok && (!v4 || v4csumOK) {
+		if v, ok := icmpReference(seg, v4, proto, dst, svcs, tracked); ok && (!v4 || v4csumOK) {
 			return v
 		}
 		return pass("pass_not_tcp_udp")
@@ -169,7 +173,7 @@ func reference(frame []byte, svcs []bpftest.Service, tracked map[refFlow]bool) r
 // dst, whose reversed 5-tuple is a service's
 // flow; it goes to a backend of that service, as it came but for its MACs,
 // and enters no table.
-func icmpReference(seg []byte, v4 bool, proto uint8, dst netip.Addr, svcs []bpftest.Service) (refVerdict, bool) {
+func icmpReference(seg []byte, v4 bool, proto uint8, dst netip.Addr, svcs []bpftest.Service, tracked map[refFlow]bool) (refVerdict, bool) {
 	if v4 != (proto == 1) || len(seg) < 8 {
 		return refVerdict{}, false
 	}
@@ -193,6 +197,11 @@ func icmpReference(seg []byte, v4 bool, proto uint8, dst netip.Addr, svcs []bpft
 	}
 	for i := range svcs {
 		if svcs[i].VIP == fl.dst && svcs[i].Proto == fl.proto {
+			if svcs[i].Forwarding == maps.ForwardFullNAT && !tracked[fl] {
+				// Translated from a port of the balancer's: without the
+				// flow's entry, there is none to translate back.
+				return refVerdict{pass: true, reason: "pass_icmp_no_flow"}, true
+			}
 			return refVerdict{forward: true, flow: fl, svc: &svcs[i]}, true
 		}
 	}
@@ -203,6 +212,7 @@ func icmpReference(seg []byte, v4 bool, proto uint8, dst netip.Addr, svcs []bpft
 // against the reference, keeping the flows the tables must hold.
 type invariant struct {
 	f       *bpftest.Fixture
+	mode    uint8 // the services' forwarding
 	svcs    []bpftest.Service
 	tracked map[refFlow]bool
 	counted map[string]uint64
@@ -210,7 +220,9 @@ type invariant struct {
 	frames  int
 }
 
-func newInvariant(t testing.TB) *invariant {
+// newInvariant loads the program with four services forwarding in mode
+// (maps.ForwardDSR, ForwardNAT or ForwardFullNAT).
+func newInvariant(t testing.TB, mode uint8) *invariant {
 	f := bpftest.NewFixture(t, loaderOptsSized(1<<18, 1<<18))
 	svcs := []bpftest.Service{
 		{ID: 1, VIP: vip4, Proto: bpftest.TCP, Source: true, Backends: []uint32{1, 2, 3}},
@@ -218,14 +230,25 @@ func newInvariant(t testing.TB) *invariant {
 		{ID: 3, VIP: vip6, Proto: bpftest.TCP, Source: true, Backends: []uint32{7, 8, 9}},
 		{ID: 4, VIP: udp6, Proto: bpftest.UDP, Backends: []uint32{10, 11, 12}},
 	}
-	for _, s := range svcs {
-		f.AddService(s)
+	for i := range svcs {
+		s := &svcs[i]
+		s.Forwarding = mode
+		if mode != maps.ForwardDSR {
+			s.BackendPort = backendPort
+		}
+		if mode == maps.ForwardFullNAT {
+			s.SNAT = snat4
+			if s.VIP.Addr().Is6() {
+				s.SNAT = snat6
+			}
+		}
+		f.AddService(*s)
 	}
 	base, err := f.Maps.Reasons()
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &invariant{f: f, svcs: svcs, tracked: map[refFlow]bool{}, counted: map[string]uint64{}, base: base}
+	return &invariant{f: f, mode: mode, svcs: svcs, tracked: map[refFlow]bool{}, counted: map[string]uint64{}, base: base}
 }
 
 // check runs one frame (at least an Ethernet header: the test run refuses
@@ -248,8 +271,8 @@ func (iv *invariant) check(in []byte) error {
 		if want.svc == nil || !contains(want.svc.Backends, id) {
 			return fmt.Errorf("sent to backend %d, not one of %s/%d's", id, want.flow.dst, want.flow.proto)
 		}
-		if !bytes.Equal(out[6:12], bpftest.LBMAC) || !bytes.Equal(out[12:], in[12:]) {
-			return fmt.Errorf("forwarded with more than its MACs changed:\n got %x", out)
+		if err := iv.rewritten(in, out, id, want); err != nil {
+			return err
 		}
 		if want.record {
 			iv.tracked[want.flow] = true
@@ -264,6 +287,54 @@ func (iv *invariant) check(in []byte) error {
 			return fmt.Errorf("verdict %d, want XDP_DROP (%s)", verdict, want.reason)
 		}
 		iv.counted[want.reason]++
+	}
+	return nil
+}
+
+// rewritten checks what the program changed in a frame it forwarded to
+// backend id: with dsr, the MACs alone; translated (nat, fullnat), a TCP
+// or UDP packet goes to the backend's address and port with its payload
+// as it came (an ICMP error keeps its length). Checksums are not checked:
+// a frame that came with a wrong one keeps it wrong, updated
+// incrementally.
+func (iv *invariant) rewritten(in, out []byte, id uint32, want refVerdict) error {
+	if !bytes.Equal(out[6:12], bpftest.LBMAC) {
+		return fmt.Errorf("forwarded from another MAC than the balancer's:\n got %x", out)
+	}
+	if iv.mode == maps.ForwardDSR {
+		if !bytes.Equal(out[12:], in[12:]) {
+			return fmt.Errorf("forwarded with more than its MACs changed:\n got %x", out)
+		}
+		return nil
+	}
+	if len(out) != len(in) {
+		return fmt.Errorf("translated to %d bytes from %d:\n got %x", len(out), len(in), out)
+	}
+	l3 := 14
+	if et := binary.BigEndian.Uint16(in[12:]); et == 0x8100 || et == 0x88a8 {
+		l3 = 18
+	}
+	var dst netip.Addr
+	var proto uint8
+	var l4 int
+	if in[l3]>>4 == 4 {
+		dst, proto, l4 = netip.AddrFrom4([4]byte(out[l3+16:l3+20])), out[l3+9], l3+20
+	} else {
+		dst, proto, l4 = netip.AddrFrom16([16]byte(out[l3+24:l3+40])), out[l3+6], l3+40
+	}
+	if proto != bpftest.TCP && proto != bpftest.UDP {
+		return nil // an ICMP error, translated inside
+	}
+	hl := 8
+	if proto == bpftest.TCP {
+		hl = int(in[l4+12]>>4) * 4
+	}
+	backend := bpftest.BackendAddr(want.svc.VIP.Addr(), id)
+	if dst != backend || binary.BigEndian.Uint16(out[l4+2:]) != backendPort {
+		return fmt.Errorf("translated to %s port %d, want backend %d at %s port %d:\n got %x", dst, binary.BigEndian.Uint16(out[l4+2:]), id, backend, backendPort, out)
+	}
+	if !bytes.Equal(out[l4+hl:], in[l4+hl:]) {
+		return fmt.Errorf("translated with its payload changed:\n got %x\nwant %x", out[l4+hl:], in[l4+hl:])
 	}
 	return nil
 }
@@ -423,16 +494,28 @@ func mutate(rnd *rand.Rand, in []byte) []byte {
 }
 
 // TestMutatedFrames runs 200,000 frames mutated from the seeds (a fixed
-// random sequence, so a failure repeats) through the program and checks
-// the invariant on each, and on the tables at the end.
+// random sequence, so a failure repeats) through the program with dsr
+// services, and 50,000 each with nat and fullnat services, and checks the
+// invariant on each, and on the tables at the end.
 func TestMutatedFrames(t *testing.T) {
-	iv := newInvariant(t)
+	for _, mode := range []uint8{maps.ForwardDSR, maps.ForwardNAT, maps.ForwardFullNAT} {
+		t.Run(modeName(mode), func(t *testing.T) {
+			n := 200_000
+			if mode != maps.ForwardDSR {
+				n = 50_000
+			}
+			if testing.Short() {
+				n /= 10
+			}
+			mutatedFrames(t, mode, n)
+		})
+	}
+}
+
+func mutatedFrames(t *testing.T, mode uint8, n int) {
+	iv := newInvariant(t, mode)
 	seeds := seedFrames(t)
 	rnd := rand.New(rand.NewPCG(22, 2026))
-	n := 200_000
-	if testing.Short() {
-		n = 20_000
-	}
 	kinds := map[string]int{}
 	for i := 0; i < n; i++ {
 		frame := mutate(rnd, seeds[rnd.IntN(len(seeds))])
@@ -459,23 +542,32 @@ func TestMutatedFrames(t *testing.T) {
 }
 
 // FuzzProgram checks the invariant on frames from Go's fuzzer
-// (go test -fuzz FuzzProgram ./bpf). Without -fuzz it runs the seeds.
+// (go test -fuzz FuzzProgram ./bpf), with the services in the forwarding
+// mode the input's first byte names (modulo 3: dsr, nat, fullnat).
+// Without -fuzz it runs the seeds in every mode.
 func FuzzProgram(f *testing.F) {
+	modes := []uint8{maps.ForwardDSR, maps.ForwardNAT, maps.ForwardFullNAT}
 	for _, s := range seedFrames(f) {
-		f.Add(s)
+		for m := range modes {
+			f.Add(byte(m), s)
+		}
 	}
-	iv := newInvariant(f)
-	f.Fuzz(func(t *testing.T, frame []byte) {
+	ivs := make([]*invariant, len(modes))
+	for i, m := range modes {
+		ivs[i] = newInvariant(f, m)
+	}
+	f.Fuzz(func(t *testing.T, mode byte, frame []byte) {
 		if len(frame) < 14 || len(frame) > 1500 {
 			return // the test run refuses frames shorter than an Ethernet header
 		}
+		iv := ivs[int(mode)%len(ivs)]
 		iv.f.TB = t // a fuzz target may not call f's methods
 		if err := iv.check(frame); err != nil {
-			t.Fatalf("%x: %v", frame, err)
+			t.Fatalf("%s: %x: %v", modeName(iv.mode), frame, err)
 		}
 		if iv.frames%1024 == 0 {
 			if err := iv.tables(); err != nil {
-				t.Fatal(err)
+				t.Fatalf("%s: %v", modeName(iv.mode), err)
 			}
 		}
 	})
