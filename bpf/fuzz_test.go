@@ -293,8 +293,10 @@ func (iv *invariant) check(in []byte) error {
 
 // rewritten checks what the program changed in a frame it forwarded to
 // backend id: with dsr, the MACs alone; translated (nat, fullnat), a TCP
-// or UDP packet goes to the backend's address and port with its payload
-// as it came (an ICMP error keeps its length). Checksums are not checked:
+// or UDP packet goes to the backend's address and port, from the client
+// (nat) or from the SNAT address and a port of 1024-32767 (fullnat), with
+// its payload as it came (an ICMP error keeps its length; what is
+// translated inside it is not checked here). Checksums are not checked:
 // a frame that came with a wrong one keeps it wrong, updated
 // incrementally.
 func (iv *invariant) rewritten(in, out []byte, id uint32, want refVerdict) error {
@@ -314,13 +316,13 @@ func (iv *invariant) rewritten(in, out []byte, id uint32, want refVerdict) error
 	if et := binary.BigEndian.Uint16(in[12:]); et == 0x8100 || et == 0x88a8 {
 		l3 = 18
 	}
-	var dst netip.Addr
+	var src, dst netip.Addr
 	var proto uint8
 	var l4 int
 	if in[l3]>>4 == 4 {
-		dst, proto, l4 = netip.AddrFrom4([4]byte(out[l3+16:l3+20])), out[l3+9], l3+20
+		src, dst, proto, l4 = netip.AddrFrom4([4]byte(out[l3+12:l3+16])), netip.AddrFrom4([4]byte(out[l3+16:l3+20])), out[l3+9], l3+20
 	} else {
-		dst, proto, l4 = netip.AddrFrom16([16]byte(out[l3+24:l3+40])), out[l3+6], l3+40
+		src, dst, proto, l4 = netip.AddrFrom16([16]byte(out[l3+8:l3+24])), netip.AddrFrom16([16]byte(out[l3+24:l3+40])), out[l3+6], l3+40
 	}
 	if proto != bpftest.TCP && proto != bpftest.UDP {
 		return nil // an ICMP error, translated inside
@@ -332,6 +334,17 @@ func (iv *invariant) rewritten(in, out []byte, id uint32, want refVerdict) error
 	backend := bpftest.BackendAddr(want.svc.VIP.Addr(), id)
 	if dst != backend || binary.BigEndian.Uint16(out[l4+2:]) != backendPort {
 		return fmt.Errorf("translated to %s port %d, want backend %d at %s port %d:\n got %x", dst, binary.BigEndian.Uint16(out[l4+2:]), id, backend, backendPort, out)
+	}
+	sport := binary.BigEndian.Uint16(out[l4:])
+	switch iv.mode {
+	case maps.ForwardNAT:
+		if got := netip.AddrPortFrom(src, sport); got != want.flow.src {
+			return fmt.Errorf("nat: sent from %s, want the client %s:\n got %x", got, want.flow.src, out)
+		}
+	case maps.ForwardFullNAT:
+		if src != want.svc.SNAT || sport < 1024 || sport > 32767 {
+			return fmt.Errorf("fullnat: sent from %s port %d, want %s and a port in 1024-32767:\n got %x", src, sport, want.svc.SNAT, out)
+		}
 	}
 	if !bytes.Equal(out[l4+hl:], in[l4+hl:]) {
 		return fmt.Errorf("translated with its payload changed:\n got %x\nwant %x", out[l4+hl:], in[l4+hl:])

@@ -337,6 +337,15 @@ func (m *Monitor) record(p *prober, res Result) {
 		m.log.Debug("health: probe failed", "target", p.target.String(), "reason", res.Reason, "latency", res.Latency)
 	}
 	if !changed {
+		// A flapping target that has calmed: its state now, once.
+		if v := m.damp.Flush(p.target.String(), now); v.Log {
+			state := "down"
+			if st.Up {
+				state = "up"
+			}
+			m.log.Warn("health: backend "+state+" after flapping", "target", p.target.String(),
+				"transitions", st.Transitions, "transitions_last_minute", v.Recent, "not_logged", v.Held)
+		}
 		return
 	}
 	if v := m.damp.Note(p.target.String(), now); v.Log {

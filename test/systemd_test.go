@@ -31,9 +31,10 @@ func unitCaps(t *testing.T, unit string) string {
 }
 
 // TestSystemdUnit checks packaging/tether.service with systemd-analyze
-// verify, and runs the daemon as the unit does, with each datapath: under
-// the unit's capability bounding set (setpriv), and with NOTIFY_SOCKET
-// set, as Type=notify runs it. The daemon serves WebSocket clients through
+// verify, and runs the daemon with each datapath under the unit's
+// capability bounding set (setpriv) and with NOTIFY_SOCKET set, as
+// Type=notify runs it (not the rest of what systemd would set up: this
+// machine's systemd is not running). The daemon serves WebSocket clients through
 // the VIP, tells READY=1 once it serves, RELOADING=1 then READY=1 around a
 // SIGHUP reload, and STOPPING=1 when SIGTERM stops it, exiting 0.
 func TestSystemdUnit(t *testing.T) {

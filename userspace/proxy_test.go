@@ -85,7 +85,7 @@ type streamLog struct {
 
 // handler is a backend of streams: it reads a stream's id, then sends its
 // own stream while it reads the client's to the end (through wrap, if
-// set), and notes both.
+// set), notes both, and returns, which closes the connection.
 func (l *streamLog) handler(wrap func(io.Reader) io.Reader) func(net.Conn) {
 	return func(c net.Conn) {
 		c.SetDeadline(time.Now().Add(60 * time.Second))
@@ -102,9 +102,10 @@ func (l *streamLog) handler(wrap func(io.Reader) io.Reader) func(net.Conn) {
 		)
 		go func() {
 			defer close(done)
-			if sent, werr = writeStream(c, id|1<<63); werr == nil {
-				werr = c.(*net.TCPConn).CloseWrite()
-			}
+			// No half-close: the client reads to the end of the
+			// connection, which comes once this handler has read all of
+			// the client's stream and returned.
+			sent, werr = writeStream(c, id|1<<63)
 		}()
 		h := sha256.New()
 		h.Write(hdr[:])

@@ -88,11 +88,35 @@ func (d *Damper) Note(key string, now time.Time) Verdict {
 	return v
 }
 
+// Flush says whether to log key's state now that it has had no event for
+// a while: when events of a damped key were held back and Every has passed
+// since its last line, the caller logs the key's current state once (Held
+// tells how many events that line stands for), so that the log never ends
+// on a state the key has left. Call it as often as convenient (on every
+// probe, say); it records nothing.
+func (d *Damper) Flush(key string, now time.Time) Verdict {
+	every := d.Every
+	if every <= 0 {
+		every = DefaultEvery
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	h := d.keys[key]
+	if h == nil || h.held == 0 || now.Sub(h.last) < every {
+		return Verdict{}
+	}
+	v := Verdict{Log: true, Damped: true, Held: h.held, Recent: len(h.times)}
+	h.last, h.held = now, 0
+	return v
+}
+
 // prune forgets the keys with no event in the window, so that keys that
 // come and go (removed backends) do not pile up. d.mu is held.
 func (d *Damper) prune(now time.Time, window time.Duration) {
 	for k, h := range d.keys {
-		if n := len(h.times); n > 0 && now.Sub(h.times[n-1]) > window {
+		// A key with events held back waits for its Flush, unless it
+		// is long gone.
+		if n := len(h.times); n > 0 && now.Sub(h.times[n-1]) > window && (h.held == 0 || now.Sub(h.times[n-1]) > 10*window) {
 			delete(d.keys, k)
 		}
 	}

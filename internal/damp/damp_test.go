@@ -36,8 +36,19 @@ func TestDamper(t *testing.T) {
 			t.Errorf("line %d: damped %v, want %v", i, v.Damped, damped)
 		}
 	}
-	if v := d.Note("be3", t0.Add(119*time.Second+2*time.Minute)); !v.Log || v.Damped || v.Held != 23 {
-		t.Errorf("after a quiet minute: %+v, want a line as usual telling the 23 events held back", v)
+	// The last events held back are told once Every has passed without
+	// a line, if the caller flushes.
+	if v := d.Flush("be3", t0.Add(119*time.Second)); v.Log {
+		t.Errorf("flushed %+v 23 s after the last line, before Every", v)
+	}
+	if v := d.Flush("be3", t0.Add(126*time.Second)); !v.Log || v.Held != 23 {
+		t.Errorf("flush 30 s after the last line: %+v, want a line for the 23 events held back", v)
+	}
+	if v := d.Flush("be3", t0.Add(200*time.Second)); v.Log {
+		t.Errorf("a second flush with nothing held: %+v", v)
+	}
+	if v := d.Note("be3", t0.Add(119*time.Second+2*time.Minute)); !v.Log || v.Damped || v.Held != 0 {
+		t.Errorf("after a quiet minute: %+v, want a line as usual", v)
 	}
 	d.Note("gone", t0)
 	d.Note("new", t0.Add(10*time.Minute))
