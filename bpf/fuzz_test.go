@@ -230,19 +230,10 @@ func newInvariant(t testing.TB, mode uint8) *invariant {
 		{ID: 3, VIP: vip6, Proto: bpftest.TCP, Source: true, Backends: []uint32{7, 8, 9}},
 		{ID: 4, VIP: udp6, Proto: bpftest.UDP, Backends: []uint32{10, 11, 12}},
 	}
+	setup := forwardingIn(mode)
 	for i := range svcs {
-		s := &svcs[i]
-		s.Forwarding = mode
-		if mode != maps.ForwardDSR {
-			s.BackendPort = backendPort
-		}
-		if mode == maps.ForwardFullNAT {
-			s.SNAT = snat4
-			if s.VIP.Addr().Is6() {
-				s.SNAT = snat6
-			}
-		}
-		f.AddService(*s)
+		setup(&svcs[i])
+		f.AddService(svcs[i])
 	}
 	base, err := f.Maps.Reasons()
 	if err != nil {

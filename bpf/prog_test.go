@@ -31,7 +31,13 @@ func fourServices(t *testing.T) (*bpftest.Fixture, []bpftest.Service) {
 // or snat6.
 func fourServicesForwarding(t *testing.T, mode uint8) (*bpftest.Fixture, []bpftest.Service) {
 	f := bpftest.NewFixture(t, loaderOpts())
-	return f, fourServicesWith(f, func(s *bpftest.Service) {
+	return f, fourServicesWith(f, forwardingIn(mode))
+}
+
+// forwardingIn sets a service up to forward in mode: translated modes to
+// backendPort, fullnat from snat4 or snat6.
+func forwardingIn(mode uint8) func(*bpftest.Service) {
+	return func(s *bpftest.Service) {
 		s.Forwarding = mode
 		if mode != maps.ForwardDSR {
 			s.BackendPort = backendPort
@@ -42,7 +48,7 @@ func fourServicesForwarding(t *testing.T, mode uint8) (*bpftest.Fixture, []bpfte
 				s.SNAT = snat6
 			}
 		}
-	})
+	}
 }
 
 // fourServicesWith adds TCP and UDP services on vip4 and vip6 to f, each

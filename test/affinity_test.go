@@ -410,17 +410,26 @@ func spliceConnections(t *testing.T, d *daemon, l *lab.Lab, want map[string]int)
 // backendIDs maps backend addresses to their ids in the backends map.
 func backendIDs(t *testing.T, m *maps.Maps) map[netip.Addr]uint32 {
 	t.Helper()
+	out, err := backendTable(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// backendTable is backendIDs without the test, for a goroutine.
+func backendTable(m *maps.Maps) (map[netip.Addr]uint32, error) {
 	out := map[netip.Addr]uint32{}
 	for id := uint32(1); id < 64; id++ {
 		b, err := m.LookupBackend(id)
 		if err != nil {
-			t.Fatal(err)
+			return nil, err
 		}
 		if b.State != maps.StateUnused {
 			out[b.Addr] = id
 		}
 	}
-	return out
+	return out, nil
 }
 
 // echoLab builds a lab of three echo backends and the given number of

@@ -5,6 +5,7 @@
 package test
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -91,16 +92,8 @@ func startDaemonOn(t testing.TB, h *lab.Host, pinDir, cfg string, extra ...strin
 // start), failing if it exits first or the time runs out.
 func (d *daemon) waitLog(s string, timeout time.Duration) {
 	d.t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !strings.Contains(d.proc.Output(), s) {
-		select {
-		case <-d.proc.Done():
-			d.t.Fatalf("tether exited (%v) before logging %q:\n%s", d.proc.Err(), s, d.proc.Output())
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			d.t.Fatalf("tether did not log %q within %v:\n%s", s, timeout, d.proc.Output())
-		}
+	if err := d.proc.WaitOutput(context.Background(), "tether", s, timeout); err != nil {
+		d.t.Fatal(err)
 	}
 }
 

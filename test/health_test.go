@@ -75,16 +75,8 @@ func startEcho(t *testing.T, l *lab.Lab, be *lab.Host) *lab.Proc {
 	if err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for !strings.Contains(p.Output(), "ready") {
-		select {
-		case <-p.Done():
-			t.Fatalf("tether echo on %s exited (%v):\n%s", be.Name, p.Err(), p.Output())
-		case <-time.After(10 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("tether echo on %s is not ready after 10s:\n%s", be.Name, p.Output())
-		}
+	if err := p.WaitOutput(context.Background(), "tether echo on "+be.Name, "ready", 10*time.Second); err != nil {
+		t.Fatal(err)
 	}
 	return p
 }

@@ -2,6 +2,7 @@ package lab
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -89,6 +90,26 @@ func (p *Proc) Err() error {
 // Output returns everything the process has written to stdout and stderr so
 // far.
 func (p *Proc) Output() string { return p.out.String() }
+
+// WaitOutput waits until the process's output holds s (counting from its
+// start), polling every 20 ms. It fails, naming the process as what, if
+// the process exits first, timeout passes or ctx ends.
+func (p *Proc) WaitOutput(ctx context.Context, what, s string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for !strings.Contains(p.Output(), s) {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-p.done:
+			return fmt.Errorf("%s exited (%v) before printing %q:\n%s", what, p.Err(), s, p.Output())
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s did not print %q within %v:\n%s", what, s, timeout, p.Output())
+		}
+	}
+	return nil
+}
 
 // Stop sends SIGTERM to the process's PID, waits up to 5s for it to exit, then
 // sends SIGKILL and waits up to 5s more. It returns nil once the process is

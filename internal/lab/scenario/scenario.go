@@ -394,24 +394,6 @@ func modes(st control.Status) string {
 	return strings.Join(parts, ", ")
 }
 
-// waitOutput waits until p's output holds s.
-func waitOutput(ctx context.Context, p *lab.Proc, what, s string, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for !strings.Contains(p.Output(), s) {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-p.Done():
-			return fmt.Errorf("%s exited (%v):\n%s", what, p.Err(), p.Output())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s is not ready after %v:\n%s", what, timeout, p.Output())
-		}
-	}
-	return nil
-}
-
 // startEcho runs `tether echo` on be, on both VIPs and its own address.
 func (r *run) startEcho(ctx context.Context, be *lab.Host) error {
 	args := []string{"echo", "--name", be.Name}
@@ -426,7 +408,7 @@ func (r *run) startEcho(ctx context.Context, be *lab.Host) error {
 	r.mu.Lock()
 	r.names[netip.AddrPortFrom(be.Addr4, Port).String()] = be.Name
 	r.mu.Unlock()
-	return waitOutput(ctx, p, "tether echo on "+be.Name, "ready", 10*time.Second)
+	return p.WaitOutput(ctx, "tether echo on "+be.Name, "ready", 10*time.Second)
 }
 
 // HostConfig is the configuration of balancer host h of lab l: the lab's
@@ -480,7 +462,7 @@ func (r *run) startDaemon(ctx context.Context, b *balancer) error {
 		b.api = control.NewClient(b.socket) // the same socket after a restart
 	}
 	b.dead.Store(false)
-	return waitOutput(ctx, p, "tether run on "+b.h.Name, "msg=ready", 15*time.Second)
+	return p.WaitOutput(ctx, "tether run on "+b.h.Name, "msg=ready", 15*time.Second)
 }
 
 // pinDir is where b's daemon pins its state, in the lab's bpffs.

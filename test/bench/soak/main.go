@@ -206,12 +206,8 @@ func setup() *env {
 			fail(err.Error())
 		}
 		benchrun.AtExit(func() { p.Stop() })
-		deadline := time.Now().Add(10 * time.Second)
-		for !strings.Contains(p.Output(), "ready") {
-			if time.Now().After(deadline) {
-				fail("the echo backend on " + be.Name + " is not ready:\n" + p.Output())
-			}
-			time.Sleep(20 * time.Millisecond)
+		if err := p.WaitOutput(context.Background(), "tether echo on "+be.Name, "ready", 10*time.Second); err != nil {
+			fail(err.Error())
 		}
 	}
 	for _, h := range []*lab.Host{l.Balancer, l.Backends[0], l.Backends[1], l.Backends[2]} {
@@ -253,16 +249,8 @@ func (e *env) start(dp string) *daemon {
 }
 
 func (d *daemon) waitLog(p *lab.Proc, s string, limit time.Duration) {
-	deadline := time.Now().Add(limit)
-	for !strings.Contains(p.Output(), s) {
-		select {
-		case <-p.Done():
-			fail(fmt.Sprintf("tether exited (%v) before logging %q:\n%s", p.Err(), s, p.Output()))
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			fail(fmt.Sprintf("tether did not log %q within %v:\n%s", s, limit, p.Output()))
-		}
+	if err := p.WaitOutput(context.Background(), "tether", s, limit); err != nil {
+		fail(err.Error())
 	}
 }
 
