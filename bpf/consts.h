@@ -108,8 +108,9 @@ enum backend_state {
 	BE_DOWN_RESET = 4, /* like BE_DOWN, but established connections are reset */
 };
 
-/* Why a packet was passed to the kernel, dropped or answered with a RST
- * instead of being forwarded; index of the reasons map. maps/counters.go
+/* Why a packet was passed to the kernel, dropped, answered with a RST
+ * instead of being forwarded, or forwarded without its flow being
+ * recorded; index of the reasons map. maps/counters.go
  * names them (an enumerator R_X is counted as "x"; a test checks that the
  * two agree). Append only: the values index counters that a restart or an
  * upgrade adopts. */
@@ -144,6 +145,9 @@ enum reason {
 	R_DROP_ENCAP_NO_ROUTE, /* ipip, gue: no route to the backend (or forwarding off) */
 	R_PASS_ICMP_NO_FLOW,   /* an ICMP error about a VIP flow whose backend is gone: to the kernel */
 	R_ICMP_ECHO_REPLY,     /* an echo request to a VIP, answered */
+	R_GUARD_UNRECORDED,    /* forwarded by the ring without an entry: this CPU's insertions were spent
+				  (guard.h) */
+	R_DROP_GUARD, /* a new nat or fullnat flow while this CPU's insertions were spent (guard.h) */
 	R_MAX,
 };
 

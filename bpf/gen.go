@@ -2,7 +2,7 @@
 // bindings. The C sources are split by concern: consts.h (tunables, flags,
 // backend states, reasons), structs.h (the maps' key and value layouts),
 // maps.h (the maps), parsing.h, csum.h (checksums), hash.h, forward.h,
-// reset.h, lookup.h, nat.h, encap.h, icmp.h, probe.h (the health probes' TC program), and the entry point in tether.c. The generated tether_bpfel.go and tether_bpfel.o are
+// reset.h, lookup.h, guard.h (the insertion guard), nat.h, encap.h, icmp.h, probe.h (the health probes' TC program), and the entry point in tether.c. The generated tether_bpfel.go and tether_bpfel.o are
 // committed so that building tether needs no clang; `make generate`
 // rebuilds them. decap.c is a program of its own (DecapObjects), for
 // backends: it strips the outer header of ipip and gue packets.

@@ -10,6 +10,7 @@
 /* Load-time settings, written by the loader before the program is loaded. */
 volatile const __u32 ring_size = RING_SIZE;  /* slots in every ring, prime */
 volatile const __u32 hash_seed = 0x74657468; /* the same on every tether host */
+volatile const __u32 insert_rate = 0;	     /* new flows each CPU records a second; 0: no limit (guard.h) */
 
 /* Services by VIP, port and protocol. */
 struct {
@@ -157,6 +158,14 @@ struct {
 	__type(key, enum reason);
 	__type(value, __u64);
 } reasons SEC(".maps");
+
+/* The insertion guard's count of this second, per CPU (guard.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct insert_window);
+} insert_guard SEC(".maps");
 
 /* New flows of the services that share their entries (SVC_F_SYNC), for
  * the daemon to send to its peers; sync_lost counts those it had no room

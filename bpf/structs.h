@@ -139,4 +139,10 @@ struct service_stats {
 	__u64 affinity_miss; /* new flows that had to use the ring */
 };
 
+/* One CPU's insertions in the current second (guard.h). */
+struct insert_window {
+	__u64 start_ns; /* when the second began (bpf_ktime_get_coarse_ns) */
+	__u64 entered;	/* flows recorded since then */
+};
+
 #endif

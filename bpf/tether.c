@@ -8,7 +8,8 @@
  *   3. a new flow takes its backend from the affinity table (source
  *      affinity, entry alive, backend active) or else from the service's
  *      Maglev ring at hash(key) % ring_size;
- *   4. its choice is recorded (not for a bare SYN: see below), counted,
+ *   4. its choice is recorded (not for a bare SYN: see below; not past
+ *      this CPU's insertions a second: guard.h), counted,
  *      and the frame is rewritten and sent: its MACs (dsr), or its
  *      addresses and ports too (nat, fullnat: nat.h), or it is
  *      encapsulated (ipip, gue: encap.h);
@@ -28,6 +29,7 @@
 #include "forward.h"
 #include "reset.h"
 #include "lookup.h"
+#include "guard.h"
 #include "nat.h"
 #include "encap.h"
 #include "icmp.h"
@@ -93,7 +95,8 @@ static __always_inline void record(const struct service *svc, const struct packe
  * half-open NAT entry only (nat.h), any other packet its connection and
  * NAT entries; and forwards it. A fullnat flow that finds no free source
  * port, or a nat flow whose replies would look like another live flow's,
- * is refused with a RST (UDP: dropped) and counted. The freed entry of
+ * is refused with a RST (UDP: dropped) and counted; one past this CPU's
+ * insertions (guard.h) is dropped and counted. The freed entry of
  * another flow on the chosen reply 5-tuple is removed first, so that the
  * backend's replies find the new flow's. A TCP flow whose handshake was
  * not seen (a spoofed ACK, or a flow whose entries the tables lost) is
@@ -104,6 +107,8 @@ static __always_inline int new_nat_flow(struct xdp_md *ctx, const struct packet 
 					int replace)
 {
 	int half = pkt->syn_only && !replace;
+	if (!half && !replace && !may_insert())
+		return count_reason(R_DROP_GUARD, XDP_DROP);
 	__u64 t = bpf_ktime_get_coarse_ns();
 	struct flow_key rk = {};
 	struct snat *sn = NULL;
@@ -155,7 +160,8 @@ static __always_inline int new_nat_flow(struct xdp_md *ctx, const struct packet 
 /* new_flow chooses a backend for a packet without a usable connection
  * entry, once its IPv4 header checksum proved right. replace: a bare SYN
  * whose entry it takes over (see tether_xdp) is recorded at once, since
- * the handshake's next packet would otherwise find the old entry. */
+ * the handshake's next packet would otherwise find the old entry. A flow
+ * past this CPU's insertions (guard.h) is forwarded unrecorded. */
 static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt, int replace)
 {
 	struct service *svc = lookup_service(pkt);
@@ -175,8 +181,10 @@ static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt
 	if (svc->flags & (SVC_F_NAT | SVC_F_FULLNAT))
 		return new_nat_flow(ctx, pkt, svc, be, &ak, id, affinity_hit, now, replace);
 	__u32 encap = svc->flags & (SVC_F_IPIP | SVC_F_GUE) ? CONN_F_ENCAP : 0;
-	if (!pkt->syn_only || replace)
+	if (replace || (!pkt->syn_only && may_insert()))
 		record(svc, pkt, &ak, id, affinity_hit, now, encap, 0);
+	else if (!pkt->syn_only)
+		count_reason(R_GUARD_UNRECORDED, 0);
 	if (encap)
 		return forward_encap(ctx, pkt, be, id);
 	return forward_dsr(ctx, be, id);

@@ -83,6 +83,12 @@ type TetherFlowKey4 struct {
 	Pad   [3]uint8
 }
 
+type TetherInsertWindow struct {
+	_       structs.HostLayout
+	StartNs uint64
+	Entered uint64
+}
+
 type TetherNatEntry struct {
 	_       structs.HostLayout
 	Client  [4]uint32
@@ -128,7 +134,9 @@ const (
 	TetherReasonR_DROP_ENCAP_NO_ROUTE TetherReason = 27
 	TetherReasonR_PASS_ICMP_NO_FLOW   TetherReason = 28
 	TetherReasonR_ICMP_ECHO_REPLY     TetherReason = 29
-	TetherReasonR_MAX                 TetherReason = 30
+	TetherReasonR_GUARD_UNRECORDED    TetherReason = 30
+	TetherReasonR_DROP_GUARD          TetherReason = 31
+	TetherReasonR_MAX                 TetherReason = 32
 )
 
 type TetherService struct {
@@ -199,6 +207,7 @@ const (
 	TetherMapBeStats         = "be_stats"
 	TetherMapConns4          = "conns4"
 	TetherMapConns6          = "conns6"
+	TetherMapInsertGuard     = "insert_guard"
 	TetherMapNat4            = "nat4"
 	TetherMapNat6            = "nat6"
 	TetherMapNatSyn4         = "nat_syn4"
@@ -217,6 +226,7 @@ const (
 	TetherProgTetherXdp      = "tether_xdp"
 	TetherVarBackendStateBtf = "backend_state_btf"
 	TetherVarHashSeed        = "hash_seed"
+	TetherVarInsertRate      = "insert_rate"
 	TetherVarRingSize        = "ring_size"
 	TetherVarSyncEventBtf    = "sync_event_btf"
 )
@@ -271,25 +281,26 @@ type TetherProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TetherMapSpecs struct {
-	Affinities *ebpf.MapSpec `ebpf:"affinities"`
-	Backends   *ebpf.MapSpec `ebpf:"backends"`
-	BeStats    *ebpf.MapSpec `ebpf:"be_stats"`
-	Conns4     *ebpf.MapSpec `ebpf:"conns4"`
-	Conns6     *ebpf.MapSpec `ebpf:"conns6"`
-	Nat4       *ebpf.MapSpec `ebpf:"nat4"`
-	Nat6       *ebpf.MapSpec `ebpf:"nat6"`
-	NatSyn4    *ebpf.MapSpec `ebpf:"nat_syn4"`
-	NatSyn6    *ebpf.MapSpec `ebpf:"nat_syn6"`
-	Reasons    *ebpf.MapSpec `ebpf:"reasons"`
-	Rings      *ebpf.MapSpec `ebpf:"rings"`
-	Services4  *ebpf.MapSpec `ebpf:"services4"`
-	Services6  *ebpf.MapSpec `ebpf:"services6"`
-	SnatAddrs  *ebpf.MapSpec `ebpf:"snat_addrs"`
-	SvcStats   *ebpf.MapSpec `ebpf:"svc_stats"`
-	SyncEvents *ebpf.MapSpec `ebpf:"sync_events"`
-	SyncLost   *ebpf.MapSpec `ebpf:"sync_lost"`
-	Tunnels    *ebpf.MapSpec `ebpf:"tunnels"`
-	Vips       *ebpf.MapSpec `ebpf:"vips"`
+	Affinities  *ebpf.MapSpec `ebpf:"affinities"`
+	Backends    *ebpf.MapSpec `ebpf:"backends"`
+	BeStats     *ebpf.MapSpec `ebpf:"be_stats"`
+	Conns4      *ebpf.MapSpec `ebpf:"conns4"`
+	Conns6      *ebpf.MapSpec `ebpf:"conns6"`
+	InsertGuard *ebpf.MapSpec `ebpf:"insert_guard"`
+	Nat4        *ebpf.MapSpec `ebpf:"nat4"`
+	Nat6        *ebpf.MapSpec `ebpf:"nat6"`
+	NatSyn4     *ebpf.MapSpec `ebpf:"nat_syn4"`
+	NatSyn6     *ebpf.MapSpec `ebpf:"nat_syn6"`
+	Reasons     *ebpf.MapSpec `ebpf:"reasons"`
+	Rings       *ebpf.MapSpec `ebpf:"rings"`
+	Services4   *ebpf.MapSpec `ebpf:"services4"`
+	Services6   *ebpf.MapSpec `ebpf:"services6"`
+	SnatAddrs   *ebpf.MapSpec `ebpf:"snat_addrs"`
+	SvcStats    *ebpf.MapSpec `ebpf:"svc_stats"`
+	SyncEvents  *ebpf.MapSpec `ebpf:"sync_events"`
+	SyncLost    *ebpf.MapSpec `ebpf:"sync_lost"`
+	Tunnels     *ebpf.MapSpec `ebpf:"tunnels"`
+	Vips        *ebpf.MapSpec `ebpf:"vips"`
 }
 
 // TetherVariableSpecs contains global variables before they are loaded into the kernel.
@@ -298,6 +309,7 @@ type TetherMapSpecs struct {
 type TetherVariableSpecs struct {
 	BackendStateBtf *ebpf.VariableSpec `ebpf:"backend_state_btf"`
 	HashSeed        *ebpf.VariableSpec `ebpf:"hash_seed"`
+	InsertRate      *ebpf.VariableSpec `ebpf:"insert_rate"`
 	RingSize        *ebpf.VariableSpec `ebpf:"ring_size"`
 	SyncEventBtf    *ebpf.VariableSpec `ebpf:"sync_event_btf"`
 }
@@ -322,25 +334,26 @@ func (o *TetherObjects) Close() error {
 //
 // It can be passed to LoadTetherObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TetherMaps struct {
-	Affinities *ebpf.Map `ebpf:"affinities"`
-	Backends   *ebpf.Map `ebpf:"backends"`
-	BeStats    *ebpf.Map `ebpf:"be_stats"`
-	Conns4     *ebpf.Map `ebpf:"conns4"`
-	Conns6     *ebpf.Map `ebpf:"conns6"`
-	Nat4       *ebpf.Map `ebpf:"nat4"`
-	Nat6       *ebpf.Map `ebpf:"nat6"`
-	NatSyn4    *ebpf.Map `ebpf:"nat_syn4"`
-	NatSyn6    *ebpf.Map `ebpf:"nat_syn6"`
-	Reasons    *ebpf.Map `ebpf:"reasons"`
-	Rings      *ebpf.Map `ebpf:"rings"`
-	Services4  *ebpf.Map `ebpf:"services4"`
-	Services6  *ebpf.Map `ebpf:"services6"`
-	SnatAddrs  *ebpf.Map `ebpf:"snat_addrs"`
-	SvcStats   *ebpf.Map `ebpf:"svc_stats"`
-	SyncEvents *ebpf.Map `ebpf:"sync_events"`
-	SyncLost   *ebpf.Map `ebpf:"sync_lost"`
-	Tunnels    *ebpf.Map `ebpf:"tunnels"`
-	Vips       *ebpf.Map `ebpf:"vips"`
+	Affinities  *ebpf.Map `ebpf:"affinities"`
+	Backends    *ebpf.Map `ebpf:"backends"`
+	BeStats     *ebpf.Map `ebpf:"be_stats"`
+	Conns4      *ebpf.Map `ebpf:"conns4"`
+	Conns6      *ebpf.Map `ebpf:"conns6"`
+	InsertGuard *ebpf.Map `ebpf:"insert_guard"`
+	Nat4        *ebpf.Map `ebpf:"nat4"`
+	Nat6        *ebpf.Map `ebpf:"nat6"`
+	NatSyn4     *ebpf.Map `ebpf:"nat_syn4"`
+	NatSyn6     *ebpf.Map `ebpf:"nat_syn6"`
+	Reasons     *ebpf.Map `ebpf:"reasons"`
+	Rings       *ebpf.Map `ebpf:"rings"`
+	Services4   *ebpf.Map `ebpf:"services4"`
+	Services6   *ebpf.Map `ebpf:"services6"`
+	SnatAddrs   *ebpf.Map `ebpf:"snat_addrs"`
+	SvcStats    *ebpf.Map `ebpf:"svc_stats"`
+	SyncEvents  *ebpf.Map `ebpf:"sync_events"`
+	SyncLost    *ebpf.Map `ebpf:"sync_lost"`
+	Tunnels     *ebpf.Map `ebpf:"tunnels"`
+	Vips        *ebpf.Map `ebpf:"vips"`
 }
 
 func (m *TetherMaps) Close() error {
@@ -350,6 +363,7 @@ func (m *TetherMaps) Close() error {
 		m.BeStats,
 		m.Conns4,
 		m.Conns6,
+		m.InsertGuard,
 		m.Nat4,
 		m.Nat6,
 		m.NatSyn4,
@@ -373,6 +387,7 @@ func (m *TetherMaps) Close() error {
 type TetherVariables struct {
 	BackendStateBtf *ebpf.Variable `ebpf:"backend_state_btf"`
 	HashSeed        *ebpf.Variable `ebpf:"hash_seed"`
+	InsertRate      *ebpf.Variable `ebpf:"insert_rate"`
 	RingSize        *ebpf.Variable `ebpf:"ring_size"`
 	SyncEventBtf    *ebpf.Variable `ebpf:"sync_event_btf"`
 }

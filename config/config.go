@@ -163,6 +163,9 @@ const (
 
 	defaultMaxBackends = 4096
 	limitMaxBackends   = 1<<16 - 1 // rings hold 16-bit backend ids
+
+	defaultInsertRate = 10000 // new flows a CPU records a second
+	maxInsertRate     = 1 << 24
 )
 
 // Bounds of the splice settings.
@@ -215,6 +218,12 @@ type Tables struct {
 	MaxServices uint32
 	// MaxBackends is the number of backends the maps hold, over all services.
 	MaxBackends uint32
+	// InsertRate is the most new flows each CPU records a second in the
+	// connection, affinity and translation tables (the insertion guard:
+	// a flood of spoofed packets cannot evict established entries faster);
+	// 0 sets no limit. Past it dsr, ipip and gue flows are forwarded by the
+	// ring unrecorded and nat and fullnat flows are dropped.
+	InsertRate uint32
 }
 
 // Splice tunes the userspace proxy. Its settings take effect at start.
@@ -394,6 +403,7 @@ func Default() *Config {
 			RingSize:    defaultRingSize,
 			MaxServices: defaultMaxServices,
 			MaxBackends: defaultMaxBackends,
+			InsertRate:  defaultInsertRate,
 		},
 	}
 }

@@ -29,6 +29,7 @@ tables:
   ring_size: 65537
   max_services: 1024
   max_backends: 4096
+  insert_rate: 10000
 splice:
   loops: 0
   max_connections: 0
@@ -91,6 +92,7 @@ func TestParseExample(t *testing.T) {
 			RingSize:    65537,
 			MaxServices: 1024,
 			MaxBackends: 4096,
+			InsertRate:  10000,
 		},
 		Services: []Service{{
 			Name:            "chat",
@@ -162,7 +164,7 @@ func TestParseDefaults(t *testing.T) {
 	if got.HashSeed != maglev.DefaultSeed {
 		t.Errorf("HashSeed = %#x, want maglev.DefaultSeed %#x", got.HashSeed, maglev.DefaultSeed)
 	}
-	wantTables := Tables{Connections: 1 << 20, NAT: 1 << 18, Affinity: 1 << 20, RingSize: 65537, MaxServices: 1024, MaxBackends: 4096}
+	wantTables := Tables{Connections: 1 << 20, NAT: 1 << 18, Affinity: 1 << 20, RingSize: 65537, MaxServices: 1024, MaxBackends: 4096, InsertRate: 10000}
 	if got.Tables != wantTables {
 		t.Errorf("Tables = %+v, want %+v", got.Tables, wantTables)
 	}
@@ -1067,7 +1069,7 @@ func TestLoad(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = Load(bad)
-	if want := "config: " + bad + ": line 16: services[0].vipp: unknown field"; err == nil || !strings.HasPrefix(err.Error(), want) {
+	if want := "config: " + bad + ": line 17: services[0].vipp: unknown field"; err == nil || !strings.HasPrefix(err.Error(), want) {
 		t.Errorf("Load(bad) = %v, want it to start with %q", err, want)
 	}
 }

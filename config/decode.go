@@ -75,7 +75,7 @@ func Parse(data []byte) (*Config, error) {
 // Field names of each mapping, in the order Marshal writes them.
 var (
 	topFields     = []string{"interfaces", "datapath", "hash_seed", "tables", "splice", "services", "bgp", "sync"}
-	tablesFields  = []string{"connections", "nat", "affinity", "ring_size", "max_services", "max_backends"}
+	tablesFields  = []string{"connections", "nat", "affinity", "ring_size", "max_services", "max_backends", "insert_rate"}
 	spliceFields  = []string{"loops", "max_connections"}
 	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "snat_address", "tunnel_source", "gue_port", "health", "on_down", "icmp_echo", "min_healthy", "idle_timeout", "proxy_protocol", "backends"}
 	healthFields  = []string{"type", "path", "host", "expect_status", "send", "interval", "timeout", "rise", "fall", "via"}
@@ -300,6 +300,8 @@ func (d *decoder) tables(n *yaml.Node, path string, t *Tables) {
 			t.MaxServices = uint32(d.integer(v, p, 1, limitMaxServices))
 		case "max_backends":
 			t.MaxBackends = uint32(d.integer(v, p, 1, limitMaxBackends))
+		case "insert_rate":
+			t.InsertRate = uint32(d.integer(v, p, 0, maxInsertRate))
 		}
 	})
 }

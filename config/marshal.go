@@ -136,6 +136,7 @@ func (c *Config) rootNode() *yaml.Node {
 			"ring_size", integer(t.RingSize),
 			"max_services", integer(t.MaxServices),
 			"max_backends", integer(t.MaxBackends),
+			"insert_rate", integer(t.InsertRate),
 		),
 	}
 	// Like the services' splice-only settings, the splice block is

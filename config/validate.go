@@ -176,6 +176,9 @@ func (c *Config) validate(v *validator) {
 	}
 	maxServicesOK := inRange(v, "tables.max_services", t.MaxServices, 1, limitMaxServices)
 	maxBackendsOK := inRange(v, "tables.max_backends", t.MaxBackends, 1, limitMaxBackends)
+	if t.InsertRate > maxInsertRate {
+		v.add("tables.insert_rate", "%d is out of range 0..%d (0: no limit)", t.InsertRate, maxInsertRate)
+	}
 
 	if maxServicesOK && len(c.Services) > int(t.MaxServices) {
 		v.add("services", "%d services are more than tables.max_services (%d)", len(c.Services), t.MaxServices)

@@ -582,9 +582,10 @@ func (d *Daemon) checkFixed(next *config.Config) error {
 		{"ring_size", n.RingSize, r.RingSize},
 		{"max_services", n.MaxServices, r.MaxServices},
 		{"max_backends", n.MaxBackends, r.MaxBackends},
+		{"insert_rate", n.InsertRate, r.InsertRate},
 	} {
 		if t.next != t.runs {
-			return refusef("tables."+t.name, "%d differs from the running %d: table sizes take effect only at start; restart tether to change them", t.next, t.runs)
+			return refusef("tables."+t.name, "%d differs from the running %d: the tables' settings take effect only at start; restart tether to change them", t.next, t.runs)
 		}
 	}
 	return nil

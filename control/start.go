@@ -199,6 +199,7 @@ func openDatapath(cfg *config.Config, pinDir string, log *slog.Logger) (datapath
 		MaxServices: cfg.Tables.MaxServices,
 		MaxBackends: cfg.Tables.MaxBackends,
 		HashSeed:    cfg.HashSeed,
+		InsertRate:  cfg.Tables.InsertRate,
 		PinDir:      pinDir,
 	}
 	x, err := loader.NewXDP(opts, cfg.Interfaces, mode, log)

@@ -33,6 +33,9 @@ type Options struct {
 	MaxServices uint32
 	MaxBackends uint32 // backends over all services; ids are 1..MaxBackends
 	HashSeed    uint32 // 0 means maglev.DefaultSeed
+	// InsertRate is the most new flows each CPU records a second (the
+	// insertion guard, bpf/guard.h); 0 sets no limit.
+	InsertRate uint32
 	// PinDir is the bpffs directory where the maps and links are pinned
 	// (see pin.go for the layout). Maps pinned there by an earlier run are
 	// adopted. Empty means nothing is pinned: the datapath lives only as
@@ -123,6 +126,9 @@ func sizedSpec(opts Options) (*ebpf.CollectionSpec, uint32, error) {
 	}
 	if err := spec.Variables[bpf.TetherVarHashSeed].Set(seed); err != nil {
 		return nil, 0, fmt.Errorf("set hash seed: %w", err)
+	}
+	if err := spec.Variables[bpf.TetherVarInsertRate].Set(opts.InsertRate); err != nil {
+		return nil, 0, fmt.Errorf("set insert rate: %w", err)
 	}
 	return spec, ringSize, nil
 }

@@ -484,6 +484,7 @@ var addedMaps = [][]string{
 	{bpf.TetherMapTunnels},                           // ipip, gue
 	{bpf.TetherMapVips},                              // ICMP echo
 	{bpf.TetherMapSyncEvents, bpf.TetherMapSyncLost}, // entries shared between hosts
+	{bpf.TetherMapInsertGuard},                       // the insertion guard
 }
 
 // allAdded is every map of addedMaps.

@@ -61,7 +61,8 @@ func (m *Maps) ServiceCounters(id uint32) (ServiceCounters, error) {
 // Reasons returns the packets passed to the kernel, dropped or answered with
 // a TCP reset instead of being forwarded, by reason:
 // "pass_not_vip", "drop_truncated"... Forwarded packets are counted per
-// backend instead.
+// backend instead; "guard_unrecorded" counts those forwarded without their
+// new flow being recorded (the insertion guard, bpf/guard.h).
 func (m *Maps) Reasons() (map[string]uint64, error) {
 	out := make(map[string]uint64, int(bpf.TetherReasonR_MAX))
 	for r := bpf.TetherReasonR_PARSED + 1; r < bpf.TetherReasonR_MAX; r++ {
@@ -111,6 +112,8 @@ var reasonNames = [...]string{
 	bpf.TetherReasonR_DROP_ENCAP_NO_ROUTE: "drop_encap_no_route",
 	bpf.TetherReasonR_PASS_ICMP_NO_FLOW:   "pass_icmp_no_flow",
 	bpf.TetherReasonR_ICMP_ECHO_REPLY:     "icmp_echo_reply",
+	bpf.TetherReasonR_GUARD_UNRECORDED:    "guard_unrecorded",
+	bpf.TetherReasonR_DROP_GUARD:          "drop_guard",
 }
 
 // ReasonName is the name of a reason as counters and metrics show it.

@@ -90,6 +90,8 @@ var (
 		"1 while a backend of the service takes new connections, 0 when none does (new TCP connections are reset).", serviceLabels...)
 	notForwarded = desc("tether_packets_not_forwarded_total",
 		"Packets the datapath did not forward, by reason: pass_* went to the kernel, drop_* were dropped, reset_* were answered with a TCP reset.", "reason")
+	unrecorded = desc("tether_flows_unrecorded_total",
+		"Packets of new flows forwarded without their flow being recorded: the CPU had recorded tables.insert_rate new flows in that second (the insertion guard).")
 	datapathInfo = desc("tether_datapath_info",
 		"1 for each interface with the mode the datapath runs in there (xdp, xdp-generic or splice; interface * when splice runs without one).", "datapath", "interface", "mode")
 	tableEntries = desc("tether_table_entries",
@@ -138,6 +140,7 @@ var Names = []string{
 	"tether_service_affinity_misses_total",
 	"tether_service_up",
 	"tether_packets_not_forwarded_total",
+	"tether_flows_unrecorded_total",
 	"tether_datapath_info",
 	"tether_table_entries",
 	"tether_table_capacity",
@@ -173,7 +176,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		backendPackets, backendBytes, backendConns, backendActive, backendUp, backendState,
 		backendWeight, probeLatency, probes, probeFailures, transitions,
 		serviceConns, affinityHits, affinityMisses, serviceUp,
-		notForwarded, datapathInfo, tableEntries, tableCapacity,
+		notForwarded, unrecorded, datapathInfo, tableEntries, tableCapacity,
 		bgpSessionUp, bgpAnnounced, bgpDrained,
 		syncDatagrams, syncEntries, syncSentBytes, syncRefused, syncLearned, syncLost, syncReady, scrapeErrors,
 	} {
@@ -290,12 +293,19 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			}
 		}
 	}
+	// The datapath counts its unrecorded flows among its reasons; they
+	// were forwarded, so they have a metric of their own.
+	const guardUnrecorded = "guard_unrecorded"
 	reasons := make([]string, 0, len(stats.Reasons))
 	for r := range stats.Reasons {
 		reasons = append(reasons, r)
 	}
 	sort.Strings(reasons)
 	for _, r := range reasons {
+		if r == guardUnrecorded {
+			counter(unrecorded, stats.Reasons[r])
+			continue
+		}
 		counter(notForwarded, stats.Reasons[r], r)
 	}
 
