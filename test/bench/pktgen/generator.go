@@ -42,11 +42,15 @@ type genState struct {
 	// header without its checksum and source address fields.
 	Sum uint64
 	// Template is the frame's first hdrLen bytes (Ethernet, IPv4 and UDP
-	// headers), written back into every frame: pages come back to the
-	// generator with whatever the path made of them (a forwarder's MAC
-	// rewrite, a router's TTL, a NAT's address), so nothing may be taken
-	// from the page itself.
-	Template [48]byte
+	// headers; tcpHdrLen with TCP), written back into every frame: pages
+	// come back to the generator with whatever the path made of them (a
+	// forwarder's MAC rewrite, a router's TTL, a NAT's address), so
+	// nothing may be taken from the page itself.
+	Template [56]byte
+	// L4Sum is, for a TCP frame, the one's complement sum (unfolded) of
+	// its pseudo-header and segment without the source address, the
+	// source port and the checksum field.
+	L4Sum uint64
 }
 
 // Offsets of genState's fields, for the program.
@@ -57,6 +61,7 @@ const (
 	stPort  = 24
 	stSum   = 32
 	stTmpl  = 40
+	stL4Sum = 96
 )
 
 // Limits of NewGenerator.
@@ -65,11 +70,11 @@ const (
 	MaxPorts   = 1 << 16
 )
 
-// Generator transmits UDP frames with BPF_PROG_TEST_RUN in live-frame mode
-// (BPF_F_TEST_XDP_LIVE_FRAMES, like xdp-trafficgen). Its XDP program
-// rewrites, per frame, the UDP source port and the IPv4 source address, fixes
-// the IPv4 header checksum and returns XDP_TX, so the kernel sends each frame
-// out of the interface the run names.
+// Generator transmits UDP or TCP frames with BPF_PROG_TEST_RUN in live-frame
+// mode (BPF_F_TEST_XDP_LIVE_FRAMES, like xdp-trafficgen). Its XDP program
+// rewrites, per frame, the source port and the IPv4 source address, fixes
+// the IPv4 header checksum (and a TCP frame's checksum) and returns XDP_TX,
+// so the kernel sends each frame out of the interface the run names.
 //
 // Frame k of a Send (k = 0, 1, ...) is flow f = k mod (sources*ports): source
 // port srcPort + f mod ports and source address srcAddr + f div ports, where
@@ -87,7 +92,8 @@ type Generator struct {
 
 	mu      sync.Mutex
 	state   *ebpf.Map
-	prog    *ebpf.Program
+	prog    *ebpf.Program // for UDP frames
+	tcpProg *ebpf.Program // for TCP frames
 	refused error // why the kernel refused live frames; nil until it does
 }
 
@@ -133,25 +139,37 @@ func NewGenerator(sources, ports int) (g *Generator, err error) {
 	if err != nil {
 		return g, fmt.Errorf("generator map: %w", err)
 	}
-	g.prog, err = ebpf.NewProgram(&ebpf.ProgramSpec{
-		Name:         "pktgen_gen",
-		Type:         ebpf.XDP,
-		Instructions: generatorInsns(g.state.FD(), sources, ports),
-		License:      "GPL",
-	})
-	if err != nil {
-		return g, fmt.Errorf("load generator: %w", err)
+	for _, tcp := range []bool{false, true} {
+		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+			Name:         "pktgen_gen",
+			Type:         ebpf.XDP,
+			Instructions: generatorInsns(g.state.FD(), sources, ports, tcp),
+			License:      "GPL",
+		})
+		if err != nil {
+			return g, fmt.Errorf("load generator: %w", err)
+		}
+		if tcp {
+			g.tcpProg = prog
+		} else {
+			g.prog = prog
+		}
 	}
 	return g, nil
 }
 
-// generatorInsns is the generator's program. In live-frame mode the kernel
-// recycles frame pages and resets only their length, not their bytes, so the
-// program writes absolute values computed from the state map rather than
-// adjusting what it finds. It assumes Send's checks: an IPv4 header without
-// options and a UDP header after it.
-func generatorInsns(stateFD, sources, ports int) asm.Instructions {
-	return asm.Instructions{
+// generatorInsns is the generator's program, for UDP frames or, with tcp,
+// TCP frames. In live-frame mode the kernel recycles frame pages and
+// resets only their length, not their bytes, so the program writes
+// absolute values computed from the state map rather than adjusting what
+// it finds. It assumes prepare's checks: an IPv4 header without options
+// and a UDP or TCP header after it.
+func generatorInsns(stateFD, sources, ports int, tcp bool) asm.Instructions {
+	n := hdrLen
+	if tcp {
+		n = tcpHdrLen
+	}
+	insns := asm.Instructions{
 		// R6 = context, kept across the helper call.
 		asm.Mov.Reg(asm.R6, asm.R1),
 		// R7 = &state[0].
@@ -170,36 +188,43 @@ func generatorInsns(stateFD, sources, ports int) asm.Instructions {
 		asm.Mov.Reg(asm.R1, asm.R8),
 		asm.Add.Imm(asm.R1, 1),
 		asm.StoreMem(asm.R7, stSeq, asm.R1, asm.DWord),
-		// R2 = data; the headers up to the UDP ports must be there.
+		// R2 = data; the headers up to the end of the L4 header must be
+		// there.
 		asm.LoadMem(asm.R2, asm.R6, mdData, asm.Word),
 		asm.LoadMem(asm.R3, asm.R6, mdDataEnd, asm.Word),
 		asm.Mov.Reg(asm.R1, asm.R2),
-		asm.Add.Imm(asm.R1, hdrLen),
+		asm.Add.Imm(asm.R1, int32(n)),
 		asm.JGT.Reg(asm.R1, asm.R3, "drop"),
-		// The headers from the template: five 8-byte words and the
-		// last two bytes (hdrLen is 42).
-		asm.LoadMem(asm.R1, asm.R7, stTmpl, asm.DWord),
-		asm.StoreMem(asm.R2, 0, asm.R1, asm.DWord),
-		asm.LoadMem(asm.R1, asm.R7, stTmpl+8, asm.DWord),
-		asm.StoreMem(asm.R2, 8, asm.R1, asm.DWord),
-		asm.LoadMem(asm.R1, asm.R7, stTmpl+16, asm.DWord),
-		asm.StoreMem(asm.R2, 16, asm.R1, asm.DWord),
-		asm.LoadMem(asm.R1, asm.R7, stTmpl+24, asm.DWord),
-		asm.StoreMem(asm.R2, 24, asm.R1, asm.DWord),
-		asm.LoadMem(asm.R1, asm.R7, stTmpl+32, asm.DWord),
-		asm.StoreMem(asm.R2, 32, asm.R1, asm.DWord),
-		asm.LoadMem(asm.R1, asm.R7, stTmpl+40, asm.Half),
-		asm.StoreMem(asm.R2, 40, asm.R1, asm.Half),
+	}
+	// The headers from the template: 8-byte words, then a 4- and a
+	// 2-byte one as n needs (42: five and a 2; 54: six, a 4 and a 2).
+	for off := 0; off < n; {
+		size, width := asm.DWord, 8
+		switch {
+		case n-off >= 8:
+		case n-off >= 4:
+			size, width = asm.Word, 4
+		default:
+			size, width = asm.Half, 2
+		}
+		insns = append(insns,
+			asm.LoadMem(asm.R1, asm.R7, int16(stTmpl+off), size),
+			asm.StoreMem(asm.R2, int16(off), asm.R1, size))
+		off += width
+	}
+	insns = append(insns,
 		// R8 = flow f = seq mod (sources*ports); R9 = f mod ports (the
 		// port's index), R8 = f div ports (the address's index).
 		asm.Mod.Imm(asm.R8, int32(sources*ports)),
 		asm.Mov.Reg(asm.R9, asm.R8),
 		asm.Mod.Imm(asm.R9, int32(ports)),
 		asm.Div.Imm(asm.R8, int32(ports)),
-		// UDP source port = state.port + R9, in network order. The UDP
-		// checksum is 0 (none), so nothing else changes.
-		asm.LoadMem(asm.R1, asm.R7, stPort, asm.DWord),
-		asm.Add.Reg(asm.R1, asm.R9),
+		// R0 = source port = state.port + R9 (host order), stored in
+		// network order. A UDP checksum is 0 (none), so nothing else
+		// changes for UDP.
+		asm.LoadMem(asm.R0, asm.R7, stPort, asm.DWord),
+		asm.Add.Reg(asm.R0, asm.R9),
+		asm.Mov.Reg(asm.R1, asm.R0),
 		asm.HostTo(asm.BE, asm.R1, asm.Half),
 		asm.StoreMem(asm.R2, offUDPSport, asm.R1, asm.Half),
 		// R4 = IPv4 source address = state.addr + R8 (host order);
@@ -209,15 +234,38 @@ func generatorInsns(stateFD, sources, ports int) asm.Instructions {
 		asm.Mov.Reg(asm.R1, asm.R4),
 		asm.HostTo(asm.BE, asm.R1, asm.Word),
 		asm.StoreMem(asm.R2, offIPSrc, asm.R1, asm.Word),
-		// IPv4 header checksum, computed whole: R5 = state.sum plus
-		// the address's two 16-bit halves, folded twice to 16 bits,
-		// complemented, stored in network order.
-		asm.LoadMem(asm.R5, asm.R7, stSum, asm.DWord),
+	)
+	if tcp {
+		// TCP checksum: state.l4sum plus the address's halves and the
+		// port.
+		insns = append(insns, asm.LoadMem(asm.R5, asm.R7, stL4Sum, asm.DWord), asm.Add.Reg(asm.R5, asm.R0))
+		insns = append(insns, checksumInsns(offTCPCsum)...)
+	}
+	// IPv4 header checksum, computed whole: state.sum plus the address's
+	// halves.
+	insns = append(insns, asm.LoadMem(asm.R5, asm.R7, stSum, asm.DWord))
+	insns = append(insns, checksumInsns(offIPCsum)...)
+	return append(insns,
+		// Out of the interface the frame "arrived" on.
+		asm.Mov.Imm(asm.R0, bpftest.XDPTx),
+		asm.Return(),
+		asm.Mov.Imm(asm.R0, bpftest.XDPDrop).WithSymbol("drop"),
+		asm.Return(),
+	)
+}
+
+// checksumInsns adds the two 16-bit halves of the address in R4 to the
+// sum in R5, folds it twice to 16 bits, complements it and stores it in
+// network order at offset off of the frame (R2). R1 is scratch; R4 is
+// kept.
+func checksumInsns(off int16) asm.Instructions {
+	return asm.Instructions{
 		asm.Mov.Reg(asm.R1, asm.R4),
 		asm.RSh.Imm(asm.R1, 16),
 		asm.Add.Reg(asm.R5, asm.R1),
-		asm.And.Imm(asm.R4, 0xffff),
-		asm.Add.Reg(asm.R5, asm.R4),
+		asm.Mov.Reg(asm.R1, asm.R4),
+		asm.And.Imm(asm.R1, 0xffff),
+		asm.Add.Reg(asm.R5, asm.R1),
 		asm.Mov.Reg(asm.R1, asm.R5),
 		asm.RSh.Imm(asm.R1, 16),
 		asm.And.Imm(asm.R5, 0xffff),
@@ -228,12 +276,7 @@ func generatorInsns(stateFD, sources, ports int) asm.Instructions {
 		asm.Add.Reg(asm.R5, asm.R1),
 		asm.Xor.Imm(asm.R5, 0xffff),
 		asm.HostTo(asm.BE, asm.R5, asm.Half),
-		asm.StoreMem(asm.R2, offIPCsum, asm.R5, asm.Half),
-		// Out of the interface the frame "arrived" on.
-		asm.Mov.Imm(asm.R0, bpftest.XDPTx),
-		asm.Return(),
-		asm.Mov.Imm(asm.R0, bpftest.XDPDrop).WithSymbol("drop"),
-		asm.Return(),
+		asm.StoreMem(asm.R2, off, asm.R5, asm.Half),
 	}
 }
 
@@ -247,8 +290,10 @@ func (g *Generator) prepare(frame []byte, count uint32) (genState, error) {
 		return genState{}, errors.New("generator: frame is not IPv4")
 	case frame[offIPv4] != 0x45:
 		return genState{}, fmt.Errorf("generator: IPv4 version/IHL byte %#02x, need 0x45 (no options)", frame[offIPv4])
-	case frame[offIPProto] != protoUDP:
-		return genState{}, fmt.Errorf("generator: IP protocol %d, not UDP", frame[offIPProto])
+	case frame[offIPProto] != protoUDP && frame[offIPProto] != protoTCP:
+		return genState{}, fmt.Errorf("generator: IP protocol %d, not UDP or TCP", frame[offIPProto])
+	case frame[offIPProto] == protoTCP && len(frame) < tcpHdrLen:
+		return genState{}, fmt.Errorf("generator: TCP frame of %d bytes, need at least %d", len(frame), tcpHdrLen)
 	}
 	addr := binary.BigEndian.Uint32(frame[offIPSrc:])
 	port := binary.BigEndian.Uint16(frame[offUDPSport:])
@@ -262,11 +307,34 @@ func (g *Generator) prepare(frame []byte, count uint32) (genState, error) {
 	sum := bpftest.OnesSum(hdr, 0) - uint32(binary.BigEndian.Uint16(hdr[10:])) -
 		uint32(binary.BigEndian.Uint16(hdr[12:])) - uint32(binary.BigEndian.Uint16(hdr[14:]))
 	st := genState{Limit: uint64(count), Addr: uint64(addr), Port: uint64(port), Sum: uint64(sum)}
-	copy(st.Template[:], frame[:hdrLen])
+	copy(st.Template[:], frame[:templateLen(frame)])
+	if frame[offIPProto] == protoTCP {
+		st.L4Sum = uint64(tcpSum(frame))
+	}
 	if err := g.state.Put(uint32(0), &st); err != nil {
 		return genState{}, fmt.Errorf("generator: reset state: %w", err)
 	}
 	return st, nil
+}
+
+// templateLen is how many of frame's first bytes the generator writes
+// back into every frame: its Ethernet, IPv4 and UDP or TCP headers.
+func templateLen(frame []byte) int {
+	if frame[offIPProto] == protoTCP {
+		return tcpHdrLen
+	}
+	return hdrLen
+}
+
+// tcpSum is the one's complement sum (unfolded) of a TCP frame's
+// pseudo-header and segment (as far as the IPv4 total length says, within
+// the frame) without the source address, the source port and the checksum
+// field: what the generator adds a flow's address and port to.
+func tcpSum(frame []byte) uint32 {
+	end := min(len(frame), offIPv4+int(binary.BigEndian.Uint16(frame[offIPv4+2:])))
+	seg := frame[offUDP:end]
+	sum := bpftest.OnesSum(frame[offIPDst:offIPDst+4], 0) + protoTCP + uint32(len(seg))
+	return bpftest.OnesSum(seg, sum) - uint32(binary.BigEndian.Uint16(seg[0:])) - uint32(binary.BigEndian.Uint16(seg[16:]))
 }
 
 // sent returns how many frames the program handled since prepare
@@ -308,8 +376,12 @@ func (g *Generator) Send(ifindex int, frame []byte, count uint32) (time.Duration
 		elapsed, _, err := sendPacket(ifindex, frame, count, st, g.sources, g.ports)
 		return elapsed, err
 	}
+	prog := g.prog
+	if frame[offIPProto] == protoTCP {
+		prog = g.tcpProg
+	}
 	start := time.Now()
-	_, err = g.prog.Run(&ebpf.RunOptions{
+	_, err = prog.Run(&ebpf.RunOptions{
 		Data: frame,
 		// No DataOut and no ContextOut: live-frame mode rejects them.
 		Context: xdpMD{DataEnd: uint32(len(frame)), IngressIfindex: uint32(ifindex)},
@@ -335,5 +407,5 @@ func (g *Generator) Send(ifindex int, frame []byte, count uint32) (time.Duration
 
 // Close releases the program and its map.
 func (g *Generator) Close() error {
-	return closeAll(g.prog, g.state)
+	return closeAll(g.prog, g.tcpProg, g.state)
 }

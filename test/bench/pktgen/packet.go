@@ -84,12 +84,18 @@ func sendPacket(ifindex int, frame []byte, count uint32, st genState, sources, p
 
 // writeFlow writes flow f's frame into b (which holds the template frame):
 // the headers from the template, source port st.Port + f mod ports, source
-// address st.Addr + f div ports, and the IPv4 header checksum.
+// address st.Addr + f div ports, the IPv4 header checksum and a TCP
+// frame's checksum.
 func writeFlow(b []byte, st genState, f, ports uint64) {
-	copy(b, st.Template[:hdrLen])
-	binary.BigEndian.PutUint16(b[offUDPSport:], uint16(st.Port+f%ports))
+	copy(b, st.Template[:templateLen(b)])
+	port := uint16(st.Port + f%ports)
+	binary.BigEndian.PutUint16(b[offUDPSport:], port)
 	addr := uint32(st.Addr + f/ports)
 	binary.BigEndian.PutUint32(b[offIPSrc:], addr)
 	sum := uint32(st.Sum) + addr>>16 + addr&0xffff
 	binary.BigEndian.PutUint16(b[offIPCsum:], ^bpftest.Fold(sum))
+	if b[offIPProto] == protoTCP {
+		sum := uint32(st.L4Sum) + addr>>16 + addr&0xffff + uint32(port)
+		binary.BigEndian.PutUint16(b[offTCPCsum:], ^bpftest.Fold(sum))
+	}
 }

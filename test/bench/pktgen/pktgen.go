@@ -2,10 +2,11 @@
 // lab of network namespaces (package lab), with three small XDP programs
 // written as github.com/cilium/ebpf/asm instructions:
 //
-//   - Generator transmits UDP frames with BPF_PROG_TEST_RUN in live-frame
-//     mode (like xdp-trafficgen), varying the source address and port of
-//     each frame, so that one call puts millions of frames of many flows on
-//     an interface without a socket or a user-space loop;
+//   - Generator transmits UDP (or TCP: a flood of spoofed SYNs or ACKs)
+//     frames with BPF_PROG_TEST_RUN in live-frame mode (like
+//     xdp-trafficgen), varying the source address and port of each frame,
+//     so that one call puts millions of frames of many flows on an
+//     interface without a socket or a user-space loop;
 //   - Counter counts the frames of one UDP destination port that arrive at
 //     an interface, and drops them;
 //   - Forwarder is the floor of an XDP balancer: it rewrites the Ethernet
@@ -36,12 +37,14 @@ import (
 	"github.com/tetherlb/tether/internal/bpftest"
 )
 
-// Frame layout of UDPFrame (IPv4 header without options).
+// Frame layout of UDPFrame and TCPFrame (IPv4 header without options).
 const (
-	ethLen   = 14
-	ipv4Len  = 20
-	udpLen   = 8
-	hdrLen   = ethLen + ipv4Len + udpLen // 42: first payload byte
+	ethLen    = 14
+	ipv4Len   = 20
+	udpLen    = 8
+	tcpLen    = 20
+	hdrLen    = ethLen + ipv4Len + udpLen // 42: first payload byte
+	tcpHdrLen = ethLen + ipv4Len + tcpLen // 54
 	minFrame = 60                        // Ethernet minimum without FCS
 	maxFrame = ethLen + 0xffff           // IPv4 total length is 16 bits
 
@@ -54,9 +57,11 @@ const (
 	offUDP       = offIPv4 + ipv4Len
 	offUDPSport  = offUDP
 	offUDPDport  = offUDP + 2
+	offTCPCsum   = offUDP + 16 // the TCP header starts where the UDP one would
 
 	etherTypeIPv4 = 0x0800
 	protoUDP      = 17
+	protoTCP      = 6
 )
 
 // UDPFrame builds an Ethernet/IPv4/UDP frame of size bytes from srcMAC to
@@ -85,6 +90,29 @@ func UDPFrame(srcMAC, dstMAC net.HardwareAddr, src, dst netip.AddrPort, size int
 		SrcMAC: srcMAC, DstMAC: dstMAC,
 		Src: netip.AddrPortFrom(s, src.Port()), Dst: netip.AddrPortFrom(d, dst.Port()),
 		Proto: bpftest.UDP, Payload: make([]byte, size-hdrLen),
+	}.Bytes()
+	ip := b[offIPv4:offUDP]
+	binary.BigEndian.PutUint16(ip[10:], ipv4Checksum(ip))
+	return b
+}
+
+// TCPFrame builds an Ethernet/IPv4/TCP frame without payload or options
+// from srcMAC to dstMAC and from src to dst, with the TCP flags given
+// (bpftest.SYN, bpftest.ACK...) and correct checksums. A generator sends
+// it with its source address and port varied, both checksums rewritten,
+// as a flood of spoofed handshakes or ACKs. It panics as UDPFrame does.
+func TCPFrame(srcMAC, dstMAC net.HardwareAddr, src, dst netip.AddrPort, flags uint8) []byte {
+	if len(srcMAC) != 6 || len(dstMAC) != 6 {
+		panic(fmt.Sprintf("pktgen.TCPFrame: MACs must be 6 bytes, have %v and %v", srcMAC, dstMAC))
+	}
+	s, d := src.Addr().Unmap(), dst.Addr().Unmap()
+	if !s.Is4() || !d.Is4() {
+		panic(fmt.Sprintf("pktgen.TCPFrame: %v -> %v is not IPv4", src, dst))
+	}
+	b := bpftest.Frame{
+		SrcMAC: srcMAC, DstMAC: dstMAC,
+		Src: netip.AddrPortFrom(s, src.Port()), Dst: netip.AddrPortFrom(d, dst.Port()),
+		Proto: bpftest.TCP, Flags: flags, Seq: 1, Checksum: true,
 	}.Bytes()
 	ip := b[offIPv4:offUDP]
 	binary.BigEndian.PutUint16(ip[10:], ipv4Checksum(ip))

@@ -88,19 +88,44 @@ func TestGeneratorSequence(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer g.Close()
-	frame := UDPFrame(testSrcMAC, testDstMAC, testSrc, testDst, 64)
-	const count = 2*sources*ports + 3
+	for _, tc := range []struct {
+		name  string
+		build func(src netip.AddrPort) []byte
+		prog  *ebpf.Program
+	}{
+		{"udp", func(src netip.AddrPort) []byte { return UDPFrame(testSrcMAC, testDstMAC, src, testDst, 64) }, g.prog},
+		{"tcp", func(src netip.AddrPort) []byte { return TCPFrame(testSrcMAC, testDstMAC, src, testDst, bpftest.SYN) }, g.tcpProg},
+	} {
+		t.Run(tc.name, func(t *testing.T) { checkSequence(t, g, tc.prog, tc.build) })
+	}
+
+	// Ranges that run past the end of the address or port space.
+	if _, err := g.prepare(UDPFrame(testSrcMAC, testDstMAC, netip.MustParseAddrPort("192.0.2.10:65534"), testDst, 64), 1); err == nil {
+		t.Error("ports past 65535 accepted")
+	}
+	if _, err := NewGenerator(0, 1); err == nil {
+		t.Error("0 sources accepted")
+	}
+}
+
+// checkSequence runs prog over the frames build makes, one at a time, and
+// checks each against the frame of its flow: source address and port, both
+// checksums, nothing else changed, and the AF_PACKET sender's frame.
+func checkSequence(t *testing.T, g *Generator, prog *ebpf.Program, build func(src netip.AddrPort) []byte) {
+	sources, ports := g.sources, g.ports
+	frame := build(testSrc)
+	count := uint32(2*sources*ports + 3)
 	st, err := g.prepare(frame, count)
 	if err != nil {
 		t.Fatal(err)
 	}
 	out := make([]byte, len(frame)+256)
-	for k := range count + 2 {
-		ret, err := g.prog.Run(&ebpf.RunOptions{Data: frame, DataOut: out, Repeat: 1})
+	for k := range int(count) + 2 {
+		ret, err := prog.Run(&ebpf.RunOptions{Data: frame, DataOut: out, Repeat: 1})
 		if err != nil {
 			t.Fatalf("frame %d: %v", k, err)
 		}
-		if k >= count {
+		if k >= int(count) {
 			if ret != bpftest.XDPDrop {
 				t.Errorf("frame %d past the limit %d: verdict %d, want XDP_DROP", k, count, ret)
 			}
@@ -121,28 +146,25 @@ func TestGeneratorSequence(t *testing.T) {
 			t.Errorf("frame %d: source address %v, want %v", k, a, wantAddr)
 		}
 		checkIPv4Checksum(t, got)
+		if got[offIPProto] == protoTCP {
+			if err := bpftest.VerifyChecksums(got); err != nil {
+				t.Errorf("frame %d: %v", k, err)
+			}
+		}
 		// Nothing else changed.
-		want := UDPFrame(testSrcMAC, testDstMAC, netip.AddrPortFrom(wantAddr, wantPort), testDst, 64)
+		want := build(netip.AddrPortFrom(wantAddr, wantPort))
 		if !bytes.Equal(got, want) {
 			t.Errorf("frame %d:\n% x\nwant\n% x", k, got, want)
 		}
 		// The AF_PACKET sender builds the same frame.
 		b := bytes.Clone(frame)
-		writeFlow(b, st, uint64(f), ports)
+		writeFlow(b, st, uint64(f), uint64(ports))
 		if !bytes.Equal(b, want) {
 			t.Errorf("frame %d as the AF_PACKET sender builds it:\n% x\nwant\n% x", k, b, want)
 		}
 	}
-	if n, err := g.sent(); err != nil || n != count {
+	if n, err := g.sent(); err != nil || n != uint64(count) {
 		t.Errorf("state seq %d, %v; want %d", n, err, count)
-	}
-
-	// Ranges that run past the end of the address or port space.
-	if _, err := g.prepare(UDPFrame(testSrcMAC, testDstMAC, netip.MustParseAddrPort("192.0.2.10:65534"), testDst, 64), 1); err == nil {
-		t.Error("ports past 65535 accepted")
-	}
-	if _, err := NewGenerator(0, 1); err == nil {
-		t.Error("0 sources accepted")
 	}
 }
 
