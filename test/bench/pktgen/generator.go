@@ -94,7 +94,7 @@ type Generator struct {
 	state   *ebpf.Map
 	prog    *ebpf.Program // for UDP frames
 	tcpProg *ebpf.Program // for TCP frames
-	refused error // why the kernel refused live frames; nil until it does
+	refused error         // why the kernel refused live frames; nil until it does
 }
 
 // Method says how Send puts frames on the wire: BPF_PROG_TEST_RUN in

@@ -45,8 +45,8 @@ const (
 	tcpLen    = 20
 	hdrLen    = ethLen + ipv4Len + udpLen // 42: first payload byte
 	tcpHdrLen = ethLen + ipv4Len + tcpLen // 54
-	minFrame = 60                        // Ethernet minimum without FCS
-	maxFrame = ethLen + 0xffff           // IPv4 total length is 16 bits
+	minFrame  = 60                        // Ethernet minimum without FCS
+	maxFrame  = ethLen + 0xffff           // IPv4 total length is 16 bits
 
 	offEtherType = 12
 	offIPv4      = ethLen
