@@ -148,7 +148,8 @@ type Stats struct {
 	Services []ServiceStats `json:"services"`
 	// Reasons counts the packets not forwarded, by reason: "pass_..."
 	// went to the kernel, "drop_..." were dropped, "reset_..." were
-	// answered with a TCP reset.
+	// answered with a TCP reset; and "guard_unrecorded" those of new
+	// flows forwarded without being recorded (tables.insert_rate).
 	Reasons map[string]uint64 `json:"reasons"`
 }
 

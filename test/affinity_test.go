@@ -194,10 +194,18 @@ func echoFailures(conns []*conn, round string) []error {
 // within 30 s in all, and returns per connection why it broke or moved
 // (nil: it echoed from its backend).
 func echoEach(conns []*conn, round string) []error {
+	errs, _ := echoTimed(conns, round)
+	return errs
+}
+
+// echoTimed is echoEach that also returns each connection's round trip
+// (0 for one that broke).
+func echoTimed(conns []*conn, round string) ([]error, []time.Duration) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	var wg sync.WaitGroup
 	errs := make([]error, len(conns))
+	rtts := make([]time.Duration, len(conns))
 	sem := make(chan struct{}, 16)
 	for i, c := range conns {
 		wg.Add(1)
@@ -205,17 +213,20 @@ func echoEach(conns []*conn, round string) []error {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
+			start := time.Now()
 			b, err := c.ws.Echo(ctx, fmt.Sprintf("%s %d", round, i))
 			switch {
 			case err != nil:
 				errs[i] = fmt.Errorf("%s: connection %d from %s (backend %s) broke: %w", round, i, c.src, c.backend, err)
 			case b != c.backend:
 				errs[i] = fmt.Errorf("%s: connection %d from %s moved from %s to %s", round, i, c.src, c.backend, b)
+			default:
+				rtts[i] = time.Since(start)
 			}
 		}()
 	}
 	wg.Wait()
-	return errs
+	return errs, rtts
 }
 
 // backendsByClient checks that every client address reached exactly one
