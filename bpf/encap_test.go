@@ -34,10 +34,44 @@ type encapLab struct {
 }
 
 func newEncapLab(t *testing.T, mode uint8, otherFamily bool) *encapLab {
+	l := backendRoutes(t, 0)
+	f := bpftest.NewFixture(t, loaderOpts())
+	svcs := fourServicesWith(f, encapIn(mode, otherFamily))
+	return &encapLab{Fixture: f, lab: l, svcs: svcs}
+}
+
+// encapIn sets up a service to forward in mode (ipip or gue), carrying
+// its packets in the other family's outer header with otherFamily.
+func encapIn(mode uint8, otherFamily bool) func(*bpftest.Service) {
+	return func(s *bpftest.Service) {
+		s.Forwarding, s.OtherFamily = mode, otherFamily
+		s.Tunnel.Source = tunnelNet4
+		if s.Backend(1).Is6() {
+			s.Tunnel.Source = tunnelNet6
+		}
+		if mode == maps.ForwardGUE {
+			s.Tunnel.GUEPort = guePort
+		}
+	}
+}
+
+// backendRoutes is a lab whose balancer forwards and has a host route and
+// a permanent neighbour (the fixture's backend MAC) for the addresses of
+// backends 1 to 12 of both families; an mtu other than 0 is its eth0's.
+func backendRoutes(t testing.TB, mtu int) *lab.Lab {
 	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 1})
 	must(t, l.Balancer.Sysctl("net/ipv4/conf/all/forwarding", "1"))
 	must(t, l.Balancer.Sysctl("net/ipv6/conf/all/forwarding", "1"))
 	must(t, l.Balancer.Do(func() error {
+		if mtu != 0 {
+			link, err := netlink.LinkByIndex(l.Balancer.Ifindex)
+			if err != nil {
+				return err
+			}
+			if err := netlink.LinkSetMTU(link, mtu); err != nil {
+				return fmt.Errorf("MTU %d: %w", mtu, err)
+			}
+		}
 		for id := uint32(1); id <= 12; id++ {
 			for _, a := range []netip.Addr{bpftest.BackendAddr(netip.IPv4Unspecified(), id), bpftest.BackendAddr(netip.IPv6Unspecified(), id)} {
 				dst := &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(a.BitLen(), a.BitLen())}
@@ -52,18 +86,7 @@ func newEncapLab(t *testing.T, mode uint8, otherFamily bool) *encapLab {
 		}
 		return nil
 	}))
-	f := bpftest.NewFixture(t, loaderOpts())
-	svcs := fourServicesWith(f, func(s *bpftest.Service) {
-		s.Forwarding, s.OtherFamily = mode, otherFamily
-		s.Tunnel.Source = tunnelNet4
-		if s.Backend(1).Is6() {
-			s.Tunnel.Source = tunnelNet6
-		}
-		if mode == maps.ForwardGUE {
-			s.Tunnel.GUEPort = guePort
-		}
-	})
-	return &encapLab{Fixture: f, lab: l, svcs: svcs}
+	return l
 }
 
 // run runs a frame as if it came in on the balancer's eth0.
@@ -88,14 +111,23 @@ type outer struct {
 // what varies.
 func parseOuter(t *testing.T, frame []byte, gue bool, balancerMAC net.HardwareAddr) outer {
 	t.Helper()
-	var o outer
-	id, err := bpftest.BackendOf(frame)
+	o, err := outerOf(frame, gue, balancerMAC)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return o
+}
+
+// outerOf is parseOuter's check, returning what is wrong.
+func outerOf(frame []byte, gue bool, balancerMAC net.HardwareAddr) (outer, error) {
+	var o outer
+	id, err := bpftest.BackendOf(frame)
+	if err != nil {
+		return o, err
+	}
 	o.backendID = id
 	if !bytes.Equal(frame[6:12], balancerMAC) {
-		t.Fatalf("sent from MAC %s, want the balancer's %s", net.HardwareAddr(frame[6:12]), balancerMAC)
+		return o, fmt.Errorf("sent from MAC %s, want the balancer's %s", net.HardwareAddr(frame[6:12]), balancerMAC)
 	}
 	l3 := 14
 	var l4 int
@@ -104,17 +136,17 @@ func parseOuter(t *testing.T, frame []byte, gue bool, balancerMAC net.HardwareAd
 		ip := frame[l3 : l3+20]
 		df := binary.BigEndian.Uint16(ip[6:]) == 0x4000
 		if ip[0] != 0x45 || df && binary.BigEndian.Uint16(ip[4:]) != 0 || ip[8] != 64 {
-			t.Fatalf("outer IPv4 header %x: want version 4, IHL 5, id 0 (with DF), TTL 64", ip)
+			return o, fmt.Errorf("outer IPv4 header %x: want version 4, IHL 5, id 0 (with DF), TTL 64", ip)
 		}
 		if bpftest.Fold(bpftest.OnesSum(ip, 0)) != 0xffff {
-			t.Fatalf("outer IPv4 header checksum wrong: %x", ip)
+			return o, fmt.Errorf("outer IPv4 header checksum wrong: %x", ip)
 		}
 		if int(binary.BigEndian.Uint16(ip[2:])) != len(frame)-l3 {
-			t.Fatalf("outer total length %d, frame holds %d", binary.BigEndian.Uint16(ip[2:]), len(frame)-l3)
+			return o, fmt.Errorf("outer total length %d, frame holds %d", binary.BigEndian.Uint16(ip[2:]), len(frame)-l3)
 		}
 		o.tos, o.df, o.proto = ip[1], binary.BigEndian.Uint16(ip[6:]) == 0x4000, ip[9]
 		if f := binary.BigEndian.Uint16(ip[6:]); f != 0 && f != 0x4000 {
-			t.Fatalf("outer fragment field %#x", f)
+			return o, fmt.Errorf("outer fragment field %#x", f)
 		}
 		o.src, o.dst = netip.AddrFrom4([4]byte(ip[12:])), netip.AddrFrom4([4]byte(ip[16:]))
 		l4 = l3 + 20
@@ -122,30 +154,30 @@ func parseOuter(t *testing.T, frame []byte, gue bool, balancerMAC net.HardwareAd
 		ip := frame[l3 : l3+40]
 		w := binary.BigEndian.Uint32(ip)
 		if w>>28 != 6 || ip[7] != 64 || int(binary.BigEndian.Uint16(ip[4:])) != len(frame)-l3-40 {
-			t.Fatalf("outer IPv6 header %x: want version 6, hop limit 64, payload length %d", ip, len(frame)-l3-40)
+			return o, fmt.Errorf("outer IPv6 header %x: want version 6, hop limit 64, payload length %d", ip, len(frame)-l3-40)
 		}
 		o.outerV6, o.tos, o.label, o.proto = true, uint8(w>>20), w&0xfffff, ip[6]
 		o.src, o.dst = netip.AddrFrom16([16]byte(ip[8:])), netip.AddrFrom16([16]byte(ip[24:]))
 		l4 = l3 + 40
 	default:
-		t.Fatalf("outer ethertype %#x", binary.BigEndian.Uint16(frame[12:]))
+		return o, fmt.Errorf("outer ethertype %#x", binary.BigEndian.Uint16(frame[12:]))
 	}
 	if gue {
 		if o.proto != bpftest.UDP {
-			t.Fatalf("outer protocol %d, want UDP", o.proto)
+			return o, fmt.Errorf("outer protocol %d, want UDP", o.proto)
 		}
 		udp := frame[l4 : l4+8]
 		o.sport = binary.BigEndian.Uint16(udp)
 		if binary.BigEndian.Uint16(udp[2:]) != guePort || int(binary.BigEndian.Uint16(udp[4:])) != len(frame)-l4 || binary.BigEndian.Uint16(udp[6:]) != 0 {
-			t.Fatalf("outer UDP header %x: want port %d, length %d, no checksum", udp, guePort, len(frame)-l4)
+			return o, fmt.Errorf("outer UDP header %x: want port %d, length %d, no checksum", udp, guePort, len(frame)-l4)
 		}
 		if o.sport < 49152 {
-			t.Fatalf("gue source port %d, want 49152-65535", o.sport)
+			return o, fmt.Errorf("gue source port %d, want 49152-65535", o.sport)
 		}
 		l4 += 8
 	}
 	o.inner = frame[l4:]
-	return o
+	return o, nil
 }
 
 // TestEncapForward: a client's packets to an ipip or gue service leave for

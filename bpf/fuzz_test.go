@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"testing"
 
@@ -27,7 +28,9 @@ import (
 //     (dropped): with dsr, only its Ethernet addresses changed; with nat
 //     and fullnat, to the backend's address and port, its payload
 //     untouched (an ICMP error about a fullnat flow without an entry goes
-//     to the kernel: there is no port to translate it back with);
+//     to the kernel: there is no port to translate it back with); with
+//     ipip and gue, inside an outer header to the backend's address, the
+//     packet as it came;
 //   - the connection and affinity tables hold exactly the flows that were
 //     forwarded and recorded, nothing keyed on bytes a dropped frame held.
 
@@ -212,7 +215,9 @@ func icmpReference(seg []byte, v4 bool, proto uint8, dst netip.Addr, svcs []bpft
 // against the reference, keeping the flows the tables must hold.
 type invariant struct {
 	f       *bpftest.Fixture
-	mode    uint8 // the services' forwarding
+	run     func(frame []byte) (uint32, []byte) // a frame through the program
+	mac     net.HardwareAddr                    // ipip, gue: the balancer's, the encapsulated frames' source
+	mode    uint8                               // the services' forwarding
 	svcs    []bpftest.Service
 	tracked map[refFlow]bool
 	counted map[string]uint64
@@ -220,17 +225,34 @@ type invariant struct {
 	frames  int
 }
 
-// newInvariant loads the program with four services forwarding in mode
-// (maps.ForwardDSR, ForwardNAT or ForwardFullNAT).
+// newInvariant loads the program with four services forwarding in mode.
+// With ipip and gue, whose forwarding asks the kernel's FIB for the next
+// hop, frames run on the balancer of a lab that routes to every backend,
+// its eth0's MTU above any frame's, so that none needs an ICMP "too big"
+// (which encap_test.go checks).
 func newInvariant(t testing.TB, mode uint8) *invariant {
 	f := bpftest.NewFixture(t, loaderOptsSized(1<<18, 1<<18))
+	iv := &invariant{f: f, run: f.Run, mode: mode, tracked: map[refFlow]bool{}, counted: map[string]uint64{}}
+	setup := forwardingIn(mode)
+	if mode == maps.ForwardIPIP || mode == maps.ForwardGUE {
+		l := backendRoutes(t, 2000)
+		setup, iv.mac = encapIn(mode, false), l.Balancer.MAC
+		iv.run = func(frame []byte) (verdict uint32, out []byte) {
+			if err := l.Balancer.Do(func() error {
+				verdict, out = f.RunOn(frame, l.Balancer.Ifindex)
+				return nil
+			}); err != nil {
+				f.TB.Fatal(err)
+			}
+			return verdict, out
+		}
+	}
 	svcs := []bpftest.Service{
 		{ID: 1, VIP: vip4, Proto: bpftest.TCP, Source: true, Backends: []uint32{1, 2, 3}},
 		{ID: 2, VIP: udp4, Proto: bpftest.UDP, Backends: []uint32{4, 5, 6}},
 		{ID: 3, VIP: vip6, Proto: bpftest.TCP, Source: true, Backends: []uint32{7, 8, 9}},
 		{ID: 4, VIP: udp6, Proto: bpftest.UDP, Backends: []uint32{10, 11, 12}},
 	}
-	setup := forwardingIn(mode)
 	for i := range svcs {
 		setup(&svcs[i])
 		f.AddService(svcs[i])
@@ -239,14 +261,15 @@ func newInvariant(t testing.TB, mode uint8) *invariant {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &invariant{f: f, mode: mode, svcs: svcs, tracked: map[refFlow]bool{}, counted: map[string]uint64{}, base: base}
+	iv.svcs, iv.base = svcs, base
+	return iv
 }
 
 // check runs one frame (at least an Ethernet header: the test run refuses
 // shorter ones) and returns what broke the invariant.
 func (iv *invariant) check(in []byte) error {
 	want := reference(in, iv.svcs, iv.tracked)
-	verdict, out := iv.f.Run(bytes.Clone(in))
+	verdict, out := iv.run(bytes.Clone(in))
 	iv.frames++
 	switch {
 	case verdict == bpftest.XDPAborted:
@@ -291,6 +314,9 @@ func (iv *invariant) check(in []byte) error {
 // a frame that came with a wrong one keeps it wrong, updated
 // incrementally.
 func (iv *invariant) rewritten(in, out []byte, id uint32, want refVerdict) error {
+	if iv.mode == maps.ForwardIPIP || iv.mode == maps.ForwardGUE {
+		return iv.encapsulated(in, out, id, want)
+	}
 	if !bytes.Equal(out[6:12], bpftest.LBMAC) {
 		return fmt.Errorf("forwarded from another MAC than the balancer's:\n got %x", out)
 	}
@@ -341,6 +367,42 @@ func (iv *invariant) rewritten(in, out []byte, id uint32, want refVerdict) error
 		return fmt.Errorf("translated with its payload changed:\n got %x\nwant %x", out[l4+hl:], in[l4+hl:])
 	}
 	return nil
+}
+
+// encapsulated checks a frame sent to backend id in an outer header (ipip,
+// gue): to the backend's address, from the tunnel's prefix, the packet
+// inside as it came without its Ethernet header and VLAN tag. Bytes past
+// the IP packet in the frame (Ethernet padding) follow the outer packet
+// as they came; receivers trim them by the IP length.
+func (iv *invariant) encapsulated(in, out []byte, id uint32, want refVerdict) error {
+	l3 := 14
+	if et := binary.BigEndian.Uint16(in[12:]); et == 0x8100 || et == 0x88a8 {
+		l3 = 18
+	}
+	innerEnd, outerEnd := l3+ipLen(in[l3:]), 14+ipLen(out[14:])
+	if outerEnd > len(out) || !bytes.Equal(out[outerEnd:], in[innerEnd:]) {
+		return fmt.Errorf("the bytes past the outer packet are not those past the packet sent:\n got %x\nsent %x", out, in)
+	}
+	o, err := outerOf(out[:outerEnd], iv.mode == maps.ForwardGUE, iv.mac)
+	if err != nil {
+		return fmt.Errorf("%v:\n got %x", err, out)
+	}
+	if o.dst != want.svc.Backend(id) || !want.svc.Tunnel.Source.Contains(o.src) {
+		return fmt.Errorf("encapsulated from %s to %s, want backend %d at %s from %s:\n got %x", o.src, o.dst, id, want.svc.Backend(id), want.svc.Tunnel.Source, out)
+	}
+	if !bytes.Equal(o.inner, in[l3:innerEnd]) {
+		return fmt.Errorf("the packet inside differs from the one sent:\n got %x\nwant %x", o.inner, in[l3:innerEnd])
+	}
+	return nil
+}
+
+// ipLen is the length an IP packet's header gives it: the IPv4 total
+// length, or the IPv6 header and its payload length.
+func ipLen(p []byte) int {
+	if p[0]>>4 == 4 {
+		return int(binary.BigEndian.Uint16(p[2:]))
+	}
+	return 40 + int(binary.BigEndian.Uint16(p[4:]))
 }
 
 // tables checks the reason counters and the tables against what the
@@ -499,10 +561,10 @@ func mutate(rnd *rand.Rand, in []byte) []byte {
 
 // TestMutatedFrames runs 200,000 frames mutated from the seeds (a fixed
 // random sequence, so a failure repeats) through the program with dsr
-// services, and 50,000 each with nat and fullnat services, and checks the
+// services, and 50,000 each with nat, fullnat, ipip and gue services, and checks the
 // invariant on each, and on the tables at the end.
 func TestMutatedFrames(t *testing.T) {
-	for _, mode := range []uint8{maps.ForwardDSR, maps.ForwardNAT, maps.ForwardFullNAT} {
+	for _, mode := range fuzzModes {
 		t.Run(modeName(mode), func(t *testing.T) {
 			n := 200_000
 			if mode != maps.ForwardDSR {
@@ -545,12 +607,15 @@ func mutatedFrames(t *testing.T, mode uint8, n int) {
 	}
 }
 
+// fuzzModes are the forwarding modes the invariant is checked in: all.
+var fuzzModes = []uint8{maps.ForwardDSR, maps.ForwardNAT, maps.ForwardFullNAT, maps.ForwardIPIP, maps.ForwardGUE}
+
 // FuzzProgram checks the invariant on frames from Go's fuzzer
 // (go test -fuzz FuzzProgram ./bpf), with the services in the forwarding
-// mode the input's first byte names (modulo 3: dsr, nat, fullnat).
-// Without -fuzz it runs the seeds in every mode.
+// mode the input's first byte names (modulo 5: dsr, nat, fullnat, ipip,
+// gue). Without -fuzz it runs the seeds in every mode.
 func FuzzProgram(f *testing.F) {
-	modes := []uint8{maps.ForwardDSR, maps.ForwardNAT, maps.ForwardFullNAT}
+	modes := fuzzModes
 	for _, s := range seedFrames(f) {
 		for m := range modes {
 			f.Add(byte(m), s)

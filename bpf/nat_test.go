@@ -158,7 +158,7 @@ func newNATLab(t *testing.T, mode uint8) *natLab {
 	return &natLab{Fixture: f, lab: l, mode: mode, svcs: svcs}
 }
 
-func must(t *testing.T, err error) {
+func must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)

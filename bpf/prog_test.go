@@ -157,13 +157,22 @@ func TestPassNotForVIP(t *testing.T) {
 // TestMalformedNeverForwarded runs the malformed corpus through every
 // forwarding mode: nothing is forwarded, nor translated.
 func TestMalformedNeverForwarded(t *testing.T) {
-	for _, mode := range []uint8{maps.ForwardDSR, maps.ForwardNAT, maps.ForwardFullNAT} {
-		t.Run(modeName(mode), func(t *testing.T) { malformedNeverForwarded(t, mode) })
+	for _, mode := range fuzzModes {
+		t.Run(modeName(mode), func(t *testing.T) {
+			if mode == maps.ForwardIPIP || mode == maps.ForwardGUE {
+				// On a balancer with routes to the backends, where a
+				// well-formed packet would leave encapsulated.
+				e := newEncapLab(t, mode, false)
+				malformedNeverForwarded(t, e.Fixture, func(frame []byte) (uint32, []byte) { return e.run(t, frame) })
+				return
+			}
+			f, _ := fourServicesForwarding(t, mode)
+			malformedNeverForwarded(t, f, f.Run)
+		})
 	}
 }
 
-func malformedNeverForwarded(t *testing.T, mode uint8) {
-	f, _ := fourServicesForwarding(t, mode)
+func malformedNeverForwarded(t *testing.T, f *bpftest.Fixture, run func([]byte) (uint32, []byte)) {
 	type bad struct {
 		desc   string
 		frame  []byte
@@ -216,7 +225,7 @@ func malformedNeverForwarded(t *testing.T, mode uint8) {
 	)
 	for _, tc := range corpus {
 		before := reasons(t, f)
-		verdict, out := f.Run(tc.frame)
+		verdict, out := run(tc.frame)
 		if verdict == bpftest.XDPTx || verdict == bpftest.XDPRedirect || verdict == bpftest.XDPAborted {
 			t.Errorf("%s (%d bytes): verdict %d", tc.desc, len(tc.frame), verdict)
 			continue

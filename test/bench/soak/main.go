@@ -12,7 +12,7 @@
 //   - The splice daemon's resident memory and CPU with no connection and
 //     with those connections idle.
 //   - The XDP program under Go's fuzzer (bpf.FuzzProgram, the invariant
-//     checked against a reference parser, with dsr, nat and fullnat
+//     checked against a reference parser, with dsr, nat, fullnat, ipip and gue
 //     services) for F inputs (1,000,000).
 //
 // A splice daemon holds two descriptors per connection: where the hard
@@ -136,7 +136,7 @@ func main() {
 	p("\nThe connections moved the resident memory by %+.1f MiB (the first two rows): less than resident memory resolves, as the Go runtime's reserve absorbs it; the kernel's socket memory is not in it. `userspace/TestMemoryPerIdleConnection` measures the proxy's own cost at 0.5 KiB of Go memory per idle connection, about 49 MiB for 100,000; those need 200,000 descriptors and are not measured here.\n",
 		float64(sp.held.rss-sp.empty.rss)/(1<<20))
 	if fuzzed != "" {
-		p("\nThe XDP program under Go's fuzzer (`go test ./bpf -run '^$' -fuzz '^FuzzProgram$' -fuzztime %dx`: services forwarding with dsr, nat or fullnat as the input's first byte says; every frame checked against a reference parser: never aborted, nothing malformed or not for a VIP forwarded, a translated packet sent to its backend's address and port with its payload untouched, tables holding exactly the flows forwarded): %s.\n", o.fuzz, fuzzed)
+		p("\nThe XDP program under Go's fuzzer (`go test ./bpf -run '^$' -fuzz '^FuzzProgram$' -fuzztime %dx`: services forwarding with dsr, nat, fullnat, ipip or gue as the input's first byte says; every frame checked against a reference parser: never aborted, nothing malformed or not for a VIP forwarded, a translated packet sent to its backend's address and port with its payload untouched, an encapsulated one to its backend's address with the packet inside as it came, tables holding exactly the flows forwarded): %s.\n", o.fuzz, fuzzed)
 	}
 	for _, r := range runs {
 		if r.closed > 0 || r.wrong > 0 {
