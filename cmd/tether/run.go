@@ -1,12 +1,17 @@
 package main
 
 import (
+	"fmt"
+	"io"
 	"log/slog"
+	"net/netip"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/control"
 	"github.com/tetherlb/tether/daemon"
 )
@@ -104,6 +109,7 @@ If the new one fails before that, the old one serves on.`,
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log format: text or json"},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log level: debug, info, warn or error"},
 		&cli.StringFlag{Name: "socket", Usage: "serve the API on the unix socket `PATH` (default: tether's --socket, " + control.DefaultSocket + ")"},
+		&cli.BoolFlag{Name: "check", Usage: "read and validate the configuration, say what it holds, and exit (0: valid; 1: the first errors, with the fields named) without starting anything"},
 		&cli.BoolFlag{Name: "takeover", Usage: "take every connection of the splice daemon running with the same --socket, which exits once this one serves them (restarts and upgrades on the splice datapath)"},
 		&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics at http://`ADDR`/metrics, such as 127.0.0.1:9470 (default off; an address other than loopback is warned about: the metrics name every backend)"},
 	},
@@ -113,6 +119,9 @@ If the new one fails before that, the old one serves on.`,
 		}
 		if c.String("config") == "" {
 			return usagef("run needs --config FILE")
+		}
+		if c.Bool("check") {
+			return checkConfig(c.App.Writer, c.String("config"))
 		}
 		log, err := newLogger(c.App.ErrWriter, c.String("log-format"), c.String("log-level"))
 		if err != nil {
@@ -137,6 +146,25 @@ If the new one fails before that, the old one serves on.`,
 			Log:      log,
 		})
 	},
+}
+
+// checkConfig reads and validates the configuration at path and says
+// what it holds.
+func checkConfig(w io.Writer, path string) error {
+	cfg, err := config.Load(path)
+	if err != nil {
+		return err
+	}
+	names := make([]string, len(cfg.Services))
+	for i, s := range cfg.Services {
+		names[i] = fmt.Sprintf("%s (%s, %d backends)", s.Name, netip.AddrPortFrom(s.VIP, s.Port), len(s.Backends))
+	}
+	what := "services"
+	if len(names) == 1 {
+		what = "service"
+	}
+	_, err = fmt.Fprintf(w, "%s: valid; datapath %s on %v; %d %s: %s\n", path, cfg.Datapath, cfg.Interfaces, len(names), what, strings.Join(names, ", "))
+	return err
 }
 
 func newLogger(w interface{ Write([]byte) (int, error) }, format, level string) (*slog.Logger, error) {
