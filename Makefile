@@ -66,6 +66,23 @@ generate: ## rebuild the BPF object and its Go bindings with bpf2go (needs clang
 build: ## build bin/tether (no clang needed: the BPF object is committed)
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/tether
 
+# The Debian package: nfpm from the Go module proxy, its version named
+# (a later one may need a newer Go). Debian versions start with a digit:
+# 0~git<date of the commit>.<commit> until tether has releases.
+DIST        ?= dist
+NFPM         = github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.48.0
+DEB_VERSION ?= 0~git$(shell git log -1 --format=%cd --date=format:%Y%m%d 2>/dev/null).$(subst -,.,$(VERSION))
+
+.PHONY: deb
+deb: ## build the Debian package dist/tether_<version>_amd64.deb (DIST=DIR elsewhere): the binary, the systemd unit, an example /etc/tether/tether.yaml, the man page, bash and zsh completion
+	mkdir -p $(DIST)
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(DIST)/tether ./cmd/tether
+	$(DIST)/tether man | gzip -9n > $(DIST)/tether.8.gz
+	$(DIST)/tether completion bash > $(DIST)/tether.bash
+	$(DIST)/tether completion zsh > $(DIST)/_tether
+	sed -e 's|$${DIST}|$(DIST)|g' -e 's|$${DEB_VERSION}|$(DEB_VERSION)|g' packaging/nfpm.yaml > $(DIST)/nfpm.yaml
+	$(GO) run $(NFPM) package --packager deb --config $(DIST)/nfpm.yaml --target $(DIST)/
+
 .PHONY: test
 test: tools ## run every test: vet, unit, BPF_PROG_TEST_RUN and namespace end-to-end (root)
 	$(GO) vet ./...
@@ -83,8 +100,9 @@ bench: tools bench-deps ## measure tether against HAProxy, nginx, nftables and t
 	$(GO) run ./test/bench/peers -runs 5 -out docs/bench/RESULTS.md -chart docs/bench/results.png
 
 .PHONY: soak
-soak: tools ## hold 10,000 WebSocket connections through daemon restarts and upgrades (XDP and splice), measure 100,000 idle ones on splice, fuzz the XDP program with 1,000,000 inputs; write docs/bench/soak.md (root, ~15 min)
+soak: tools ## hold 10,000 WebSocket connections through daemon restarts and upgrades (XDP and splice), measure 100,000 idle ones on splice, fuzz the XDP program with 1,000,000 inputs; time 1,000 WebSockets' echoes under a SYN flood against the trivial XDP forwarder's; write docs/bench/soak.md and flood.md (root, ~18 min)
 	$(GO) run ./test/bench/soak -out docs/bench/soak.md
+	$(GO) run ./test/bench/flood -out docs/bench/flood.md
 
 .PHONY: bench-deps
 bench-deps:
