@@ -21,6 +21,8 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -65,6 +67,17 @@ type result struct {
 	base, flooded []time.Duration // echo round trips
 	broken        int             // connections that broke or moved
 	synRate       float64         // SYNs the generator sent a second
+	// TCP segments the clients retransmitted before the flood (in the
+	// three rounds) and during it; and the backends, their SYN-ACKs left
+	// out.
+	retransBase, retransFlood     uint64
+	beRetransBase, beRetransFlood uint64
+	// Shares of the machine's CPU time during the flood: idle, and
+	// softirq (the packets' path through every hop).
+	idle, softirq float64
+	// Packets the CPUs' input queues (the backlog every veth hop passes
+	// through) dropped during the flood.
+	backlogDrops uint64
 }
 
 func main() {
@@ -106,14 +119,15 @@ func main() {
 		"tether runs the lab's configuration (source affinity, three backends, `tables.insert_rate` at its default); "+
 		"the trivial XDP forwarder sends every frame to the VIP to one backend. Every host of the lab shares this machine's CPUs.\n\n",
 		o.conns, len(e.l.ClientAddrs4), e.gen.Method(), o.syns, floodSources*floodPorts)
-	p("| balancer | round | SYNs a second | echo p50 / p99 before | echo p50 / p99 during the flood | p99 during ÷ before | broke or moved |\n|---|---|---|---|---|---|---|\n")
+	p("| balancer | round | SYNs a second | echo p50 / p99 before | echo p50 / p99 during the flood | p99 during ÷ before | TCP retransmits before / during: clients, backends | CPU idle / softirq during | backlog drops during | broke or moved |\n|---|---|---|---|---|---|---|---|---|---|\n")
 	for i, b := range balancers {
 		for run, r := range results[i] {
-			p("| %s | %d | %.0f | %s / %s | %s / %s | %.1f | %d |\n", b.name, run+1, r.synRate,
+			p("| %s | %d | %.0f | %s / %s | %s / %s | %.1f | %d / %d, %d / %d | %.0f%% / %.0f%% | %d | %d |\n", b.name, run+1, r.synRate,
 				quantile(r.base, 0.5), quantile(r.base, 0.99), quantile(r.flooded, 0.5), quantile(r.flooded, 0.99),
-				ratio(r.flooded, r.base), r.broken)
+				ratio(r.flooded, r.base), r.retransBase, r.retransFlood, r.beRetransBase, r.beRetransFlood, 100*r.idle, 100*r.softirq, r.backlogDrops, r.broken)
 		}
 	}
+	p("\nTCP retransmits are the segments of the held connections sent again after a loss: RetransSegs (/proc/net/snmp) of the client's namespace, and of the backends' less their SYN and SYN-ACK retransmits (TCPSynRetrans in /proc/net/netstat: the SYN-ACKs to the spoofed sources). CPU idle and softirq are shares of all CPUs' time while the flood ran (/proc/stat). Backlog drops are packets the CPUs' input queues refused (/proc/net/softnet_stat, netdev_max_backlog): every veth hop of the lab passes through them, the flood's packets and the held connections' alike; a machine's NIC queues are its own.\n")
 	p("\nMedians over the rounds: ")
 	for i, b := range balancers {
 		var ratios []float64
@@ -245,12 +259,16 @@ func measure(e *env, o options) result {
 		}
 	}()
 	var r result
+	r0, b0 := retransmits(e)
 	for range 3 {
 		rtts, broken := echoRound(ctx, conns)
 		r.base, r.broken = append(r.base, rtts...), r.broken+broken
 	}
+	r1, b1 := retransmits(e)
+	r.retransBase, r.beRetransBase = r1-r0, b1-b0
 	frame := pktgen.TCPFrame(e.l.Client.MAC, e.l.Balancer.MAC, netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, 200}), 1024),
 		netip.AddrPortFrom(e.l.VIP4, scenario.Port), bpftest.SYN)
+	cpu0, drops0 := cpuTimes(), backlogDrops()
 	done := make(chan struct{})
 	var elapsed time.Duration
 	go func() {
@@ -273,9 +291,116 @@ func measure(e *env, o options) result {
 		}
 	}
 	r.synRate = float64(o.syns) / elapsed.Seconds()
+	cpu1 := cpuTimes()
+	r.backlogDrops = backlogDrops() - drops0
+	var total uint64
+	for i := range cpu1 {
+		total += cpu1[i] - cpu0[i]
+	}
+	// /proc/stat's cpu line: user nice system idle iowait irq softirq ...
+	r.idle = float64(cpu1[3]-cpu0[3]) / float64(total)
+	r.softirq = float64(cpu1[6]-cpu0[6]) / float64(total)
+	r2, b2 := retransmits(e)
+	r.retransFlood, r.beRetransFlood = r2-r1, b2-b1
 	_, broken := echoRound(ctx, conns) // all still there after it
 	r.broken += broken
 	return r
+}
+
+// cpuTimes are the fields of /proc/stat's first line (all CPUs), in
+// clock ticks.
+func cpuTimes() []uint64 {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		benchrun.Fail(err.Error())
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	var out []uint64
+	for _, f := range strings.Fields(line)[1:] {
+		v, err := strconv.ParseUint(f, 10, 64)
+		if err != nil {
+			benchrun.Fail(fmt.Sprintf("/proc/stat: %q: %v", line, err))
+		}
+		out = append(out, v)
+	}
+	return out
+}
+
+// backlogDrops sums the packets the CPUs' input queues dropped: the
+// second column of /proc/net/softnet_stat, in hexadecimal, one line a CPU.
+func backlogDrops() uint64 {
+	b, err := os.ReadFile("/proc/net/softnet_stat")
+	if err != nil {
+		benchrun.Fail(err.Error())
+	}
+	var n uint64
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			benchrun.Fail(fmt.Sprintf("/proc/net/softnet_stat: %q", line))
+		}
+		v, err := strconv.ParseUint(f[1], 16, 64)
+		if err != nil {
+			benchrun.Fail(fmt.Sprintf("/proc/net/softnet_stat: %q: %v", line, err))
+		}
+		n += v
+	}
+	return n
+}
+
+// retransmits are the TCP segments retransmitted in the client's network
+// namespace and in the backends', their SYN and SYN-ACK retransmits left
+// out of both.
+func retransmits(e *env) (client, backends uint64) {
+	for i, h := range append([]*lab.Host{e.l.Client}, e.l.Backends...) {
+		var n uint64
+		if err := h.Do(func() error {
+			snmp, err := os.ReadFile("/proc/thread-self/net/snmp")
+			if err != nil {
+				return err
+			}
+			netstat, err := os.ReadFile("/proc/thread-self/net/netstat")
+			if err != nil {
+				return err
+			}
+			all, err := snmpField(string(snmp), "Tcp:", "RetransSegs")
+			if err != nil {
+				return err
+			}
+			syn, err := snmpField(string(netstat), "TcpExt:", "TCPSynRetrans")
+			n = all - syn
+			return err
+		}); err != nil {
+			benchrun.Fail(err.Error())
+		}
+		if i == 0 {
+			client = n
+		} else {
+			backends += n
+		}
+	}
+	return client, backends
+}
+
+// snmpField reads field of the protocol line pair that starts with proto
+// ("Tcp:") in /proc/net/snmp or /proc/net/netstat: a line of names, then
+// one of values.
+func snmpField(snmp, proto, field string) (uint64, error) {
+	var names []string
+	for _, line := range strings.Split(snmp, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != proto {
+			continue
+		}
+		if names == nil {
+			names = f
+			continue
+		}
+		if i := slices.Index(names, field); i > 0 && i < len(f) {
+			return strconv.ParseUint(f[i], 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("/proc/net/snmp has no %s %s", proto, field)
 }
 
 // echoRound echoes once on every connection, 16 at a time, and returns
