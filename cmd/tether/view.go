@@ -144,14 +144,11 @@ func renderView(prev, cur viewSnapshot, elapsed time.Duration, width int) string
 		t.flush()
 	}
 
-	var reasons []string
-	for r, n := range cur.Stats.Reasons {
-		if n > 0 {
-			reasons = append(reasons, r)
-		}
-	}
-	slices.SortFunc(reasons, func(a, b string) int { return strings.Compare(reasonOrder(a), reasonOrder(b)) })
+	reasons, unrecorded := notForwarded(cur.Stats.Reasons)
 	b.WriteString("\n")
+	if unrecorded > 0 {
+		fmt.Fprintf(&b, "%s packets of new flows forwarded unrecorded (tables.insert_rate reached)\n", count(unrecorded))
+	}
 	if len(reasons) == 0 {
 		b.WriteString("no packet passed to the kernel, dropped or reset\n")
 		return b.String()

@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -162,5 +163,17 @@ func TestRenderViewNoRates(t *testing.T) {
 		if got := strings.Count(line, "█") + strings.Count(line, "░"); got != viewBarWidthNarrow {
 			t.Errorf("%s: bar %d wide at 60 columns, want %d", name, got, viewBarWidthNarrow)
 		}
+	}
+}
+
+// TestNotForwarded: packets the insertion guard left unrecorded were
+// forwarded, so they are counted apart from the reasons' table, which
+// lists passes, then drops, then resets.
+func TestNotForwarded(t *testing.T) {
+	reasons, unrecorded := notForwarded(map[string]uint64{
+		"reset_no_backend": 1, "guard_unrecorded": 7, "pass_not_vip": 3, "drop_truncated": 2, "drop_bad_header": 0,
+	})
+	if want := []string{"pass_not_vip", "drop_truncated", "reset_no_backend"}; !slices.Equal(reasons, want) || unrecorded != 7 {
+		t.Errorf("notForwarded = %v, %d; want %v, 7", reasons, unrecorded, want)
 	}
 }
