@@ -20,9 +20,9 @@
 
 #define NSEC_PER_SEC 1000000000ULL
 
-/* may_insert says whether this CPU may record one more new flow now, and
- * counts it if so. */
-static __always_inline int may_insert(void)
+/* may_insert says whether this CPU may record one more new flow at time
+ * now (bpf_ktime_get_coarse_ns), and counts it if so. */
+static __always_inline int may_insert(__u64 now)
 {
 	__u32 limit = insert_rate;
 	if (!limit)
@@ -31,7 +31,6 @@ static __always_inline int may_insert(void)
 	struct insert_window *w = bpf_map_lookup_elem(&insert_guard, &k);
 	if (!w)
 		return 1;
-	__u64 now = bpf_ktime_get_coarse_ns();
 	if (now - w->start_ns >= NSEC_PER_SEC) {
 		w->start_ns = now;
 		w->entered = 0;

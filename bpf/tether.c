@@ -107,9 +107,9 @@ static __always_inline int new_nat_flow(struct xdp_md *ctx, const struct packet 
 					int replace)
 {
 	int half = pkt->syn_only && !replace;
-	if (!half && !replace && !may_insert())
-		return count_reason(R_DROP_GUARD, XDP_DROP);
 	__u64 t = bpf_ktime_get_coarse_ns();
+	if (!half && !replace && !may_insert(t))
+		return count_reason(R_DROP_GUARD, XDP_DROP);
 	struct flow_key rk = {};
 	struct snat *sn = NULL;
 	__u16 port = 0;
@@ -181,7 +181,8 @@ static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt
 	if (svc->flags & (SVC_F_NAT | SVC_F_FULLNAT))
 		return new_nat_flow(ctx, pkt, svc, be, &ak, id, affinity_hit, now, replace);
 	__u32 encap = svc->flags & (SVC_F_IPIP | SVC_F_GUE) ? CONN_F_ENCAP : 0;
-	if (replace || (!pkt->syn_only && may_insert()))
+	/* choose_backend read the clock only for source affinity. */
+	if (replace || (!pkt->syn_only && may_insert(now ? now : bpf_ktime_get_coarse_ns())))
 		record(svc, pkt, &ak, id, affinity_hit, now, encap, 0);
 	else if (!pkt->syn_only)
 		count_reason(R_GUARD_UNRECORDED, 0);

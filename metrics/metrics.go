@@ -90,7 +90,7 @@ var (
 		"1 while a backend of the service takes new connections, 0 when none does (new TCP connections are reset).", serviceLabels...)
 	notForwarded = desc("tether_packets_not_forwarded_total",
 		"Packets the datapath did not forward, by reason: pass_* went to the kernel, drop_* were dropped, reset_* were answered with a TCP reset.", "reason")
-	unrecorded = desc("tether_flows_unrecorded_total",
+	unrecorded = desc("tether_packets_unrecorded_total",
 		"Packets of new flows forwarded without their flow being recorded: the CPU had recorded tables.insert_rate new flows in that second (the insertion guard).")
 	datapathInfo = desc("tether_datapath_info",
 		"1 for each interface with the mode the datapath runs in there (xdp, xdp-generic or splice; interface * when splice runs without one).", "datapath", "interface", "mode")
@@ -140,7 +140,7 @@ var Names = []string{
 	"tether_service_affinity_misses_total",
 	"tether_service_up",
 	"tether_packets_not_forwarded_total",
-	"tether_flows_unrecorded_total",
+	"tether_packets_unrecorded_total",
 	"tether_datapath_info",
 	"tether_table_entries",
 	"tether_table_capacity",
