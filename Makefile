@@ -68,19 +68,23 @@ build: ## build bin/tether (no clang needed: the BPF object is committed)
 
 # The Debian package: nfpm from the Go module proxy, its version named
 # (a later one may need a newer Go). Debian versions start with a digit:
-# 0~git<date of the commit>.<commit> until tether has releases.
+# 0~git<commit time, UTC>.<commit> until tether has releases, so that a
+# later commit's package is newer. It is built for the Go toolchain's
+# architecture (GOARCH names match Debian's for amd64 and arm64).
 DIST        ?= dist
 NFPM         = github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.48.0
-DEB_VERSION ?= 0~git$(shell git log -1 --format=%cd --date=format:%Y%m%d 2>/dev/null).$(subst -,.,$(VERSION))
+DEB_ARCH    ?= $(shell $(GO) env GOARCH)
+DEB_VERSION ?= 0~git$(shell TZ=UTC git log -1 --format=%cd --date=format-local:%Y%m%d%H%M%S 2>/dev/null).$(subst -,.,$(VERSION))
 
 .PHONY: deb
-deb: ## build the Debian package dist/tether_<version>_amd64.deb (DIST=DIR elsewhere): the binary, the systemd unit, an example /etc/tether/tether.yaml, the man page, bash and zsh completion
+deb: ## build the Debian package dist/tether_<version>_<arch>.deb (DIST=DIR elsewhere): the binary, the systemd unit, an example /etc/tether/tether.yaml, the man page, bash and zsh completion
 	mkdir -p $(DIST)
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(DIST)/tether ./cmd/tether
-	$(DIST)/tether man | gzip -9n > $(DIST)/tether.8.gz
-	$(DIST)/tether completion bash > $(DIST)/tether.bash
-	$(DIST)/tether completion zsh > $(DIST)/_tether
-	sed -e 's|$${DIST}|$(DIST)|g' -e 's|$${DEB_VERSION}|$(DEB_VERSION)|g' packaging/nfpm.yaml > $(DIST)/nfpm.yaml
+	CGO_ENABLED=0 GOARCH=$(DEB_ARCH) $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(DIST)/tether ./cmd/tether
+	$(GO) run ./cmd/tether man > $(DIST)/tether.8
+	gzip -9nf $(DIST)/tether.8
+	$(GO) run ./cmd/tether completion bash > $(DIST)/tether.bash
+	$(GO) run ./cmd/tether completion zsh > $(DIST)/_tether
+	sed -e 's|$${DIST}|$(DIST)|g' -e 's|$${DEB_VERSION}|$(DEB_VERSION)|g' -e 's|$${ARCH}|$(DEB_ARCH)|g' packaging/nfpm.yaml > $(DIST)/nfpm.yaml
 	$(GO) run $(NFPM) package --packager deb --config $(DIST)/nfpm.yaml --target $(DIST)/
 
 .PHONY: test
