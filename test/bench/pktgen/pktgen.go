@@ -73,13 +73,7 @@ const (
 // UDPFrame panics on a MAC that is not 6 bytes, an address that is not
 // IPv4 (IPv4-mapped IPv6 is accepted) or a size above 65549.
 func UDPFrame(srcMAC, dstMAC net.HardwareAddr, src, dst netip.AddrPort, size int) []byte {
-	if len(srcMAC) != 6 || len(dstMAC) != 6 {
-		panic(fmt.Sprintf("pktgen.UDPFrame: MACs must be 6 bytes, have %v and %v", srcMAC, dstMAC))
-	}
-	s, d := src.Addr().Unmap(), dst.Addr().Unmap()
-	if !s.Is4() || !d.Is4() {
-		panic(fmt.Sprintf("pktgen.UDPFrame: %v -> %v is not IPv4", src, dst))
-	}
+	s, d := checkEnds("UDPFrame", srcMAC, dstMAC, src, dst)
 	size = max(size, minFrame)
 	if size > maxFrame {
 		panic(fmt.Sprintf("pktgen.UDPFrame: size %d above %d", size, maxFrame))
@@ -102,13 +96,7 @@ func UDPFrame(srcMAC, dstMAC net.HardwareAddr, src, dst netip.AddrPort, size int
 // it with its source address and port varied, both checksums rewritten,
 // as a flood of spoofed handshakes or ACKs. It panics as UDPFrame does.
 func TCPFrame(srcMAC, dstMAC net.HardwareAddr, src, dst netip.AddrPort, flags uint8) []byte {
-	if len(srcMAC) != 6 || len(dstMAC) != 6 {
-		panic(fmt.Sprintf("pktgen.TCPFrame: MACs must be 6 bytes, have %v and %v", srcMAC, dstMAC))
-	}
-	s, d := src.Addr().Unmap(), dst.Addr().Unmap()
-	if !s.Is4() || !d.Is4() {
-		panic(fmt.Sprintf("pktgen.TCPFrame: %v -> %v is not IPv4", src, dst))
-	}
+	s, d := checkEnds("TCPFrame", srcMAC, dstMAC, src, dst)
 	b := bpftest.Frame{
 		SrcMAC: srcMAC, DstMAC: dstMAC,
 		Src: netip.AddrPortFrom(s, src.Port()), Dst: netip.AddrPortFrom(d, dst.Port()),
@@ -117,6 +105,20 @@ func TCPFrame(srcMAC, dstMAC net.HardwareAddr, src, dst netip.AddrPort, flags ui
 	ip := b[offIPv4:offUDP]
 	binary.BigEndian.PutUint16(ip[10:], ipv4Checksum(ip))
 	return b
+}
+
+// checkEnds panics, naming fn, unless both MACs are 6 bytes and both
+// addresses IPv4 (IPv4-mapped IPv6 accepted); it returns the addresses
+// unmapped.
+func checkEnds(fn string, srcMAC, dstMAC net.HardwareAddr, src, dst netip.AddrPort) (s, d netip.Addr) {
+	if len(srcMAC) != 6 || len(dstMAC) != 6 {
+		panic(fmt.Sprintf("pktgen.%s: MACs must be 6 bytes, have %v and %v", fn, srcMAC, dstMAC))
+	}
+	s, d = src.Addr().Unmap(), dst.Addr().Unmap()
+	if !s.Is4() || !d.Is4() {
+		panic(fmt.Sprintf("pktgen.%s: %v -> %v is not IPv4", fn, src, dst))
+	}
+	return s, d
 }
 
 // ipv4Checksum is the checksum of header hdr with its checksum field
