@@ -70,22 +70,26 @@ build: ## build bin/tether (no clang needed: the BPF object is committed)
 # (a later one may need a newer Go). Debian versions start with a digit:
 # 0~git<commit time, UTC>.<commit> until tether has releases, so that a
 # later commit's package is newer. It is built for the Go toolchain's
-# architecture (GOARCH names match Debian's for amd64 and arm64).
+# architecture (GOARCH=arm64 make deb: another), named as Debian names it;
+# the helpers the recipe runs (man page, completion, nfpm) are built for
+# this machine.
 DIST        ?= dist
 NFPM         = github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.48.0
-DEB_ARCH    ?= $(shell $(GO) env GOARCH)
+DEB_GOARCH  ?= $(shell $(GO) env GOARCH)
+DEB_ARCHES   = amd64:amd64 arm64:arm64 386:i386 arm:armhf ppc64le:ppc64el riscv64:riscv64 s390x:s390x
+DEB_ARCH     = $(or $(patsubst $(DEB_GOARCH):%,%,$(filter $(DEB_GOARCH):%,$(DEB_ARCHES))),$(error make deb: no Debian architecture for GOARCH $(DEB_GOARCH)))
 DEB_VERSION ?= 0~git$(shell TZ=UTC git log -1 --format=%cd --date=format-local:%Y%m%d%H%M%S 2>/dev/null).$(subst -,.,$(VERSION))
 
 .PHONY: deb
 deb: ## build the Debian package dist/tether_<version>_<arch>.deb (DIST=DIR elsewhere): the binary, the systemd unit, an example /etc/tether/tether.yaml, the man page, bash and zsh completion
 	mkdir -p $(DIST)
-	CGO_ENABLED=0 GOARCH=$(DEB_ARCH) $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(DIST)/tether ./cmd/tether
-	$(GO) run ./cmd/tether man > $(DIST)/tether.8
+	CGO_ENABLED=0 GOARCH=$(DEB_GOARCH) $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(DIST)/tether ./cmd/tether
+	GOARCH= $(GO) run ./cmd/tether man > $(DIST)/tether.8
 	gzip -9nf $(DIST)/tether.8
-	$(GO) run ./cmd/tether completion bash > $(DIST)/tether.bash
-	$(GO) run ./cmd/tether completion zsh > $(DIST)/_tether
+	GOARCH= $(GO) run ./cmd/tether completion bash > $(DIST)/tether.bash
+	GOARCH= $(GO) run ./cmd/tether completion zsh > $(DIST)/_tether
 	sed -e 's|$${DIST}|$(DIST)|g' -e 's|$${DEB_VERSION}|$(DEB_VERSION)|g' -e 's|$${ARCH}|$(DEB_ARCH)|g' packaging/nfpm.yaml > $(DIST)/nfpm.yaml
-	$(GO) run $(NFPM) package --packager deb --config $(DIST)/nfpm.yaml --target $(DIST)/
+	GOARCH= $(GO) run $(NFPM) package --packager deb --config $(DIST)/nfpm.yaml --target $(DIST)/
 
 .PHONY: test
 test: tools ## run every test: vet, unit, BPF_PROG_TEST_RUN and namespace end-to-end (root)
@@ -104,7 +108,7 @@ bench: tools bench-deps ## measure tether against HAProxy, nginx, nftables and t
 	$(GO) run ./test/bench/peers -runs 5 -out docs/bench/RESULTS.md -chart docs/bench/results.png
 
 .PHONY: soak
-soak: tools ## hold 10,000 WebSocket connections through daemon restarts and upgrades (XDP and splice), measure 100,000 idle ones on splice, fuzz the XDP program with 1,000,000 inputs; time 1,000 WebSockets' echoes under a SYN flood against the trivial XDP forwarder's; write docs/bench/soak.md and flood.md (root, ~18 min)
+soak: tools ## hold 10,000 WebSocket connections through daemon restarts and upgrades (XDP and splice), measure the idle splice daemon, fuzz the XDP program with 1,000,000 inputs; time 1,000 WebSockets' echoes under a SYN flood against the trivial XDP forwarder's; write docs/bench/soak.md and flood.md (root, ~18 min)
 	$(GO) run ./test/bench/soak -out docs/bench/soak.md
 	$(GO) run ./test/bench/flood -out docs/bench/flood.md
 

@@ -1,6 +1,7 @@
 package test
 
 import (
+	"fmt"
 	"maps"
 	"os"
 	"os/exec"
@@ -51,9 +52,9 @@ func TestDebianPackage(t *testing.T) {
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("make deb: %v\n%s", err, out)
 	}
-	debs, _ := filepath.Glob(filepath.Join(dist, "tether_*_amd64.deb"))
+	debs, _ := filepath.Glob(filepath.Join(dist, "tether_*.deb"))
 	if len(debs) != 1 {
-		t.Fatalf("make deb made %v, want one tether_*_amd64.deb", debs)
+		t.Fatalf("make deb made %v, want one tether_*.deb", debs)
 	}
 	deb := debs[0]
 	info, err := exec.Command("dpkg-deb", "--info", deb).CombinedOutput()
@@ -64,21 +65,15 @@ func TestDebianPackage(t *testing.T) {
 
 	dpkg := func(args ...string) {
 		t.Helper()
-		// Another dpkg or apt-get (unattended upgrades) may hold the
-		// lock for a while: wait for it, up to 5 minutes.
-		deadline := time.Now().Add(5 * time.Minute)
-		for {
-			out, err := exec.Command("dpkg", args...).CombinedOutput()
-			if err == nil {
-				return
-			}
-			if !strings.Contains(string(out), "lock") || time.Now().After(deadline) {
-				t.Fatalf("dpkg %s: %v\n%s", strings.Join(args, " "), err, out)
-			}
-			time.Sleep(2 * time.Second)
+		if err := dpkgWait(args...); err != nil {
+			t.Fatal(err)
 		}
 	}
-	t.Cleanup(func() { exec.Command("dpkg", "--purge", "tether").Run() })
+	t.Cleanup(func() {
+		if err := dpkgWait("--purge", "tether"); err != nil {
+			t.Errorf("cleaning up: %v", err)
+		}
+	})
 	dpkg("--install", deb)
 	listed, err := exec.Command("dpkg-query", "-L", "tether").Output()
 	if err != nil {
@@ -129,6 +124,22 @@ func TestDebianPackage(t *testing.T) {
 		t.Error("dpkg --purge left /etc/tether/tether.yaml")
 	}
 	t.Logf("%d files installed, all but the configuration gone after dpkg --remove, that too after --purge", len(files))
+}
+
+// dpkgWait runs dpkg with args, waiting up to 5 minutes for the lock that
+// another dpkg or apt-get (unattended upgrades) may hold.
+func dpkgWait(args ...string) error {
+	deadline := time.Now().Add(5 * time.Minute)
+	for {
+		out, err := exec.Command("dpkg", args...).CombinedOutput()
+		if err == nil {
+			return nil
+		}
+		if !strings.Contains(string(out), "lock") || time.Now().After(deadline) {
+			return fmt.Errorf("dpkg %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		time.Sleep(2 * time.Second)
+	}
 }
 
 // tetherHere says why this machine has tether already, or "": a package

@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
-
 	"github.com/tetherlb/tether/control"
 	"github.com/tetherlb/tether/internal/bpftest"
 	"github.com/tetherlb/tether/internal/lab"
@@ -50,9 +48,10 @@ func floodConfig(l *lab.Lab, backends []*lab.Host) string {
 //     keeps echoing from its backend while the flood runs;
 //   - ACKs from 163,840 spoofed 5-tuples, of which the balancer must
 //     receive at least ten times the table's 4,096 entries (the lab's
-//     veth queues drop some at this rate): the insertion guard records
-//     at most 500 a second per CPU, the rest are forwarded unrecorded,
-//     and all 1,000 established flows keep their entry.
+//     veth queues drop some at this rate), with the connections quiet:
+//     the insertion guard records at most 500 a second per CPU, the rest
+//     are forwarded unrecorded, and all 1,000 established flows keep
+//     their entry.
 //
 // Then a fourth backend changes the ring: a third or so of the flows'
 // slots now name another backend, and every connection still echoes from
@@ -82,7 +81,9 @@ func TestFloods(t *testing.T) {
 	defer gen.Close()
 	first := netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, 200}), 1024)
 	vip := netip.AddrPortFrom(l.VIP4, chatPort)
-	flood := func(flags uint8, count uint32) (time.Duration, []time.Duration, []error) {
+	// flood sends count spoofed packets with flags; with echo, the held
+	// connections echo in rounds while it runs.
+	flood := func(flags uint8, count uint32, echo bool) (time.Duration, []time.Duration, []error) {
 		frame := pktgen.TCPFrame(l.Client.MAC, l.Balancer.MAC, first, vip, flags)
 		var elapsed time.Duration
 		var ferr error
@@ -95,9 +96,16 @@ func TestFloods(t *testing.T) {
 				return err
 			})
 		}()
-		// Echo rounds while the flood runs (at least one).
 		var rtts []time.Duration
 		var errs []error
+		if !echo {
+			<-done
+			if ferr != nil {
+				t.Fatal(ferr)
+			}
+			return elapsed, nil, nil
+		}
+		// Echo rounds while the flood runs (at least one).
 		for round := 0; ; round++ {
 			e, r := echoTimed(conns, fmt.Sprintf("flood round %d", round))
 			errs = append(errs, slices.DeleteFunc(e, func(err error) bool { return err == nil })...)
@@ -121,7 +129,7 @@ func TestFloods(t *testing.T) {
 	}
 
 	const syns = 2_000_000
-	elapsed, rtts, errs := flood(bpftest.SYN, syns)
+	elapsed, rtts, errs := flood(bpftest.SYN, syns, true)
 	for _, err := range errs {
 		t.Error(err)
 	}
@@ -132,11 +140,10 @@ func TestFloods(t *testing.T) {
 
 	r0 := reasons()
 	const acks = 40 * floodTable // each of the generator's flows once
+	// No echo meanwhile: a connection's packet would enter its entry
+	// again if the flood had pushed it out.
 	start := time.Now()
-	elapsed, _, errs = flood(bpftest.ACK, acks)
-	for _, err := range errs {
-		t.Error(err)
-	}
+	elapsed, _, _ = flood(bpftest.ACK, acks, false)
 	took := time.Since(start)
 	r1 := reasons()
 	unrecorded := r1["guard_unrecorded"] - r0["guard_unrecorded"]
@@ -153,14 +160,13 @@ func TestFloods(t *testing.T) {
 	if arrived < 10*floodTable {
 		t.Fatalf("only %d spoofed ACKs reached the balancer, less than ten times the table's %d entries", arrived, floodTable)
 	}
-	cpus, err := ebpf.PossibleCPU() // the program's windows are per CPU, whatever this process may use
-	if err != nil {
-		t.Fatal(err)
-	}
+	cpus := lab.OnlineCPUs(t) // the program's windows are per CPU
 	if windows := int(took/time.Second) + 1; recorded > floodRate*cpus*windows {
 		t.Errorf("%d flood flows recorded in %v, more than %d a second on each of %d CPUs", recorded, took, floodRate, cpus)
 	}
-	recordedAll(t, api, conns)
+	if missing := missingEntries(t, api, conns); len(missing) > 0 {
+		t.Fatalf("the ACK flood pushed out the entries of %d of %d connections, such as %v", len(missing), len(conns), missing[:min(5, len(missing))])
+	}
 
 	// A fourth backend: the slots that change would move flows without
 	// an entry.
@@ -191,28 +197,12 @@ func TestFloods(t *testing.T) {
 }
 
 // recordedAll waits (10 s at most, with echo rounds: a flow past the guard
-// is recorded by a later packet) until every connection has its entry, on
-// the backend it echoes from.
+// is recorded by a later packet) until every connection has its entry.
 func recordedAll(t *testing.T, api *control.Client, conns []*conn) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		flows, err := api.Flows(context.Background(), "")
-		if err != nil {
-			t.Fatal(err)
-		}
-		have := map[string]bool{}
-		for _, f := range flows {
-			have[f.Client] = true
-		}
-		var missing []string
-		for _, c := range conns {
-			local := c.ws.LocalAddr().(*net.TCPAddr).AddrPort()
-			key := netip.AddrPortFrom(local.Addr().Unmap(), local.Port()).String()
-			if !have[key] {
-				missing = append(missing, key)
-			}
-		}
+		missing := missingEntries(t, api, conns)
 		if len(missing) == 0 {
 			return
 		}
@@ -221,6 +211,29 @@ func recordedAll(t *testing.T, api *control.Client, conns []*conn) {
 		}
 		echoAll(t, conns, "recording")
 	}
+}
+
+// missingEntries are the client ends of the connections that have no
+// entry in the connection table.
+func missingEntries(t *testing.T, api *control.Client, conns []*conn) []string {
+	t.Helper()
+	flows, err := api.Flows(context.Background(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	have := map[string]bool{}
+	for _, f := range flows {
+		have[f.Client] = true
+	}
+	var missing []string
+	for _, c := range conns {
+		local := c.ws.LocalAddr().(*net.TCPAddr).AddrPort()
+		key := netip.AddrPortFrom(local.Addr().Unmap(), local.Port()).String()
+		if !have[key] {
+			missing = append(missing, key)
+		}
+	}
+	return missing
 }
 
 // quantiles formats the median, 99th percentile and maximum of ds,

@@ -6,6 +6,8 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 
@@ -91,4 +93,29 @@ func NewT(tb testing.TB, opts Options) *Lab {
 		}
 	})
 	return l
+}
+
+// OnlineCPUs counts the CPUs online (/sys/devices/system/cpu/online, such
+// as "0-3,8"): those that run XDP programs, each with its own per-CPU
+// map values, whatever CPUs this process may use.
+func OnlineCPUs(tb testing.TB) int {
+	tb.Helper()
+	b, err := os.ReadFile("/sys/devices/system/cpu/online")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	n := 0
+	for _, r := range strings.Split(strings.TrimSpace(string(b)), ",") {
+		lo, hi, found := strings.Cut(r, "-")
+		a, err1 := strconv.Atoi(lo)
+		z, err2 := a, error(nil)
+		if found {
+			z, err2 = strconv.Atoi(hi)
+		}
+		if err1 != nil || err2 != nil || z < a {
+			tb.Fatalf("/sys/devices/system/cpu/online: %q", b)
+		}
+		n += z - a + 1
+	}
+	return n
 }
