@@ -148,9 +148,12 @@ type Stats struct {
 	Services []ServiceStats `json:"services"`
 	// Reasons counts the packets not forwarded, by reason: "pass_..."
 	// went to the kernel, "drop_..." were dropped, "reset_..." were
-	// answered with a TCP reset; and "guard_unrecorded" those of new
-	// flows forwarded without being recorded (tables.insert_rate).
+	// answered with a TCP reset.
 	Reasons map[string]uint64 `json:"reasons"`
+	// Unrecorded counts the packets of new flows forwarded without being
+	// recorded: a CPU had recorded tables.insert_rate new flows that
+	// second (XDP's insertion guard).
+	Unrecorded uint64 `json:"unrecorded"`
 }
 
 // ServiceStats are the counters of one service; Packets and Bytes are
@@ -286,7 +289,7 @@ func (d *Daemon) Stats() (Stats, error) {
 		return Stats{}, fmt.Errorf("read counters: %w", err)
 	}
 	byKey := appliedByKey(applied)
-	out := Stats{Services: []ServiceStats{}, Reasons: c.Reasons}
+	out := Stats{Services: []ServiceStats{}, Reasons: c.Reasons, Unrecorded: c.Unrecorded}
 	if out.Reasons == nil {
 		out.Reasons = map[string]uint64{}
 	}

@@ -156,6 +156,9 @@ type Counters struct {
 	Backends map[uint32]BackendCounters `json:"backends"`
 	// Reasons counts packets passed to the kernel or dropped, by reason.
 	Reasons map[string]uint64 `json:"reasons"`
+	// Unrecorded counts packets of new flows forwarded without their flow
+	// being recorded (XDP's insertion guard, tables.insert_rate).
+	Unrecorded uint64 `json:"unrecorded,omitempty"`
 }
 
 // Flow is one tracked connection.

@@ -752,6 +752,8 @@ func (x *XDP) Counters() (datapath.Counters, error) {
 	}
 	var err error
 	c.Reasons, err = m.Reasons()
+	c.Unrecorded = c.Reasons[maps.ReasonUnrecorded]
+	delete(c.Reasons, maps.ReasonUnrecorded)
 	return c, err
 }
 

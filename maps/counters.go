@@ -58,11 +58,15 @@ func (m *Maps) ServiceCounters(id uint32) (ServiceCounters, error) {
 	return c, nil
 }
 
+// ReasonUnrecorded is the counter of the reasons map that counts packets
+// forwarded without their new flow being recorded (the insertion guard,
+// bpf/guard.h): forwarded, unlike the others.
+var ReasonUnrecorded = ReasonName(bpf.TetherReasonR_GUARD_UNRECORDED)
+
 // Reasons returns the packets passed to the kernel, dropped or answered with
 // a TCP reset instead of being forwarded, by reason:
 // "pass_not_vip", "drop_truncated"... Forwarded packets are counted per
-// backend instead; "guard_unrecorded" counts those forwarded without their
-// new flow being recorded (the insertion guard, bpf/guard.h).
+// backend instead, but for ReasonUnrecorded, which the map holds too.
 func (m *Maps) Reasons() (map[string]uint64, error) {
 	out := make(map[string]uint64, int(bpf.TetherReasonR_MAX))
 	for r := bpf.TetherReasonR_PARSED + 1; r < bpf.TetherReasonR_MAX; r++ {

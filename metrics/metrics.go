@@ -293,19 +293,13 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			}
 		}
 	}
-	// The datapath counts its unrecorded flows among its reasons; they
-	// were forwarded, so they have a metric of their own.
-	const guardUnrecorded = "guard_unrecorded"
+	counter(unrecorded, stats.Unrecorded)
 	reasons := make([]string, 0, len(stats.Reasons))
 	for r := range stats.Reasons {
 		reasons = append(reasons, r)
 	}
 	sort.Strings(reasons)
 	for _, r := range reasons {
-		if r == guardUnrecorded {
-			counter(unrecorded, stats.Reasons[r])
-			continue
-		}
 		counter(notForwarded, stats.Reasons[r], r)
 	}
 

@@ -119,6 +119,20 @@ func ringSummary(ring []uint32) string {
 	return fmt.Sprintf("slots per backend %v, sha256 %x", per, h.Sum(nil)[:8])
 }
 
+// checkRingHoldsBackends checks that service s's ring holds exactly the
+// ids of its backends in status (those that take new connections).
+func checkRingHoldsBackends(t *testing.T, m *maps.Maps, s control.ServiceStatus, when string) {
+	t.Helper()
+	var ids []uint32
+	for _, b := range s.Backends {
+		ids = append(ids, b.ID)
+	}
+	slices.Sort(ids)
+	if ring := ringIDs(t, m, s.ID); !slices.Equal(ring, ids) {
+		t.Errorf("service %s %s: the ring holds %v, want the backends %v", s.Name, when, ring, ids)
+	}
+}
+
 // ringIDs is the set of backend ids a ring holds, sorted.
 func ringIDs(t *testing.T, m *maps.Maps, service uint32) []uint32 {
 	t.Helper()
@@ -638,14 +652,7 @@ func testCLIReloadKeepsConnections(t *testing.T, dp string) {
 			// client addresses instead (below).
 			continue
 		}
-		var ids []uint32
-		for _, b := range s.Backends {
-			ids = append(ids, b.ID)
-		}
-		slices.Sort(ids)
-		if ring := ringIDs(t, m, s.ID); !slices.Equal(ring, ids) {
-			t.Errorf("%s: the ring holds %v, want %v", s.Name, ring, ids)
-		}
+		checkRingHoldsBackends(t, m, s, "after the reload")
 	}
 	// Client addresses without affinity entries reach the new backend.
 	fresh := map[string]int{}

@@ -136,14 +136,7 @@ func testBackendFlapping(t *testing.T, dp string) {
 			t.Errorf("the XDP program's backend table holds %v after the flapping, %v before", ids, ids0)
 		}
 		for _, s := range st.Services {
-			var active []uint32
-			for _, b := range s.Backends {
-				active = append(active, b.ID)
-			}
-			slices.Sort(active)
-			if ring := ringIDs(t, m, s.ID); !slices.Equal(ring, active) {
-				t.Errorf("service %s: the ring holds %v, want the active backends %v", s.Name, ring, active)
-			}
+			checkRingHoldsBackends(t, m, s, "after the flapping")
 		}
 	}
 

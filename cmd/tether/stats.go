@@ -180,10 +180,10 @@ func printStats(w io.Writer, s control.Stats, prev *control.Stats, dt time.Durat
 		}
 	}
 
-	reasons, unrecorded := notForwarded(s.Reasons)
+	reasons := withPackets(s.Reasons)
 	fmt.Fprintln(w)
-	if unrecorded > 0 {
-		fmt.Fprintf(w, "%s packets of new flows forwarded unrecorded (a CPU had recorded tables.insert_rate new flows that second)\n", count(unrecorded))
+	if s.Unrecorded > 0 {
+		fmt.Fprintf(w, "%s packets of new flows forwarded unrecorded (a CPU had recorded tables.insert_rate new flows that second)\n", count(s.Unrecorded))
 	}
 	if len(reasons) == 0 {
 		fmt.Fprintln(w, "no packet passed to the kernel or dropped")
@@ -196,22 +196,16 @@ func printStats(w io.Writer, s control.Stats, prev *control.Stats, dt time.Durat
 	return t.flush()
 }
 
-// guardUnrecorded is the reason that counts packets forwarded without
-// their new flow being recorded (the insertion guard): they were
-// forwarded, so they are shown apart from the others.
-const guardUnrecorded = "guard_unrecorded"
-
-// notForwarded returns the reasons with packets but guardUnrecorded,
-// passes first, then drops, then resets, each by name; and the packets of
-// guardUnrecorded.
-func notForwarded(counts map[string]uint64) (reasons []string, unrecorded uint64) {
+// withPackets returns the reasons that counted packets, passes first,
+// then drops, then resets, each by name.
+func withPackets(counts map[string]uint64) (reasons []string) {
 	for r, n := range counts {
-		if n > 0 && r != guardUnrecorded {
+		if n > 0 {
 			reasons = append(reasons, r)
 		}
 	}
 	slices.SortFunc(reasons, func(a, b string) int { return strings.Compare(reasonOrder(a), reasonOrder(b)) })
-	return reasons, counts[guardUnrecorded]
+	return reasons
 }
 
 func reasonOrder(r string) string {

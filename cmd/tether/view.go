@@ -144,10 +144,10 @@ func renderView(prev, cur viewSnapshot, elapsed time.Duration, width int) string
 		t.flush()
 	}
 
-	reasons, unrecorded := notForwarded(cur.Stats.Reasons)
+	reasons := withPackets(cur.Stats.Reasons)
 	b.WriteString("\n")
-	if unrecorded > 0 {
-		fmt.Fprintf(&b, "%s packets of new flows forwarded unrecorded (tables.insert_rate reached)\n", count(unrecorded))
+	if u := cur.Stats.Unrecorded; u > 0 {
+		fmt.Fprintf(&b, "%s packets of new flows forwarded unrecorded (tables.insert_rate reached)\n", count(u))
 	}
 	if len(reasons) == 0 {
 		b.WriteString("no packet passed to the kernel, dropped or reset\n")

@@ -396,19 +396,33 @@ func modes(st control.Status) string {
 
 // startEcho runs `tether echo` on be, on both VIPs and its own address.
 func (r *run) startEcho(ctx context.Context, be *lab.Host) error {
-	args := []string{"echo", "--name", be.Name}
-	for _, a := range []netip.Addr{r.l.VIP4, r.l.VIP6, be.Addr4, be.Addr6} {
-		args = append(args, "--listen", netip.AddrPortFrom(a, Port).String())
+	p, err := StartEcho(ctx, r.o.Exe, be, r.l.VIP4, r.l.VIP6, be.Addr4, be.Addr6)
+	if p != nil {
+		r.echoes[be.Name] = p
 	}
-	p, err := be.Start(r.o.Exe, args...)
 	if err != nil {
 		return err
 	}
-	r.echoes[be.Name] = p
 	r.mu.Lock()
 	r.names[netip.AddrPortFrom(be.Addr4, Port).String()] = be.Name
 	r.mu.Unlock()
-	return p.WaitOutput(ctx, "tether echo on "+be.Name, "ready", 10*time.Second)
+	return nil
+}
+
+// StartEcho runs `exe echo` (a WebSocket echo server named after be) on
+// be, listening on port Port of addrs, and waits until it serves. The
+// process is returned when it started, also with an error: the caller
+// stops it.
+func StartEcho(ctx context.Context, exe string, be *lab.Host, addrs ...netip.Addr) (*lab.Proc, error) {
+	args := []string{"echo", "--name", be.Name}
+	for _, a := range addrs {
+		args = append(args, "--listen", netip.AddrPortFrom(a, Port).String())
+	}
+	p, err := be.Start(exe, args...)
+	if err != nil {
+		return nil, err
+	}
+	return p, p.WaitOutput(ctx, "tether echo on "+be.Name, "ready", 10*time.Second)
 }
 
 // HostConfig is the configuration of balancer host h of lab l: the lab's

@@ -163,13 +163,11 @@ func setup() *env {
 	benchrun.AtExit(func() { l.Close() })
 	e.l = l
 	for _, be := range l.Backends {
-		p, err := be.Start(e.bin, "echo", "--name", be.Name,
-			"--listen", netip.AddrPortFrom(l.VIP4, scenario.Port).String(), "--listen", netip.AddrPortFrom(be.Addr4, scenario.Port).String())
-		if err != nil {
-			benchrun.Fail(err.Error())
+		p, err := scenario.StartEcho(context.Background(), e.bin, be, l.VIP4, be.Addr4)
+		if p != nil {
+			benchrun.AtExit(func() { p.Stop() })
 		}
-		benchrun.AtExit(func() { p.Stop() })
-		if err := p.WaitOutput(context.Background(), "tether echo on "+be.Name, "ready", 10*time.Second); err != nil {
+		if err != nil {
 			benchrun.Fail(err.Error())
 		}
 	}

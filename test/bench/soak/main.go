@@ -200,13 +200,11 @@ func setup() *env {
 	// The echo backends run as processes of their own: this process holds
 	// the clients' ends, within its limit on open files.
 	for _, be := range l.Backends {
-		p, err := be.Start(e.bins[0], "echo", "--name", be.Name,
-			"--listen", netip.AddrPortFrom(l.VIP4, scenario.Port).String(), "--listen", netip.AddrPortFrom(be.Addr4, scenario.Port).String())
-		if err != nil {
-			fail(err.Error())
+		p, err := scenario.StartEcho(context.Background(), e.bins[0], be, l.VIP4, be.Addr4)
+		if p != nil {
+			benchrun.AtExit(func() { p.Stop() })
 		}
-		benchrun.AtExit(func() { p.Stop() })
-		if err := p.WaitOutput(context.Background(), "tether echo on "+be.Name, "ready", 10*time.Second); err != nil {
+		if err != nil {
 			fail(err.Error())
 		}
 	}
