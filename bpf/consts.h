@@ -57,6 +57,9 @@
 #define CONN_F_ENCAP   (1U << 3) /* the flow is encapsulated (ipip, gue: the backend's tunnel says how) */
 #define CONN_F_LEARNED                                                                                       \
 	(1U << 4) /* entered from another host's entry (sync); cleared by its first packet here */
+#define CONN_F_RESET                                                                                         \
+	(1U << 5) /* closed by a paced drain (set with CONN_F_CLOSING by the control plane): its TCP packets \
+		     are answered with a RST, a UDP flow chooses again */
 
 /* VIP flags (the vips map's values) */
 #define VIP_F_ECHO_REPLY (1U << 0) /* answer ICMP echo requests to the VIP */
@@ -147,7 +150,8 @@ enum reason {
 	R_ICMP_ECHO_REPLY,     /* an echo request to a VIP, answered */
 	R_GUARD_UNRECORDED,    /* forwarded by the ring without an entry: this CPU's insertions were spent
 				  (guard.h) */
-	R_DROP_GUARD, /* a new nat or fullnat flow while this CPU's insertions were spent (guard.h) */
+	R_DROP_GUARD,	 /* a new nat or fullnat flow while this CPU's insertions were spent (guard.h) */
+	R_RESET_DRAINED, /* TCP of a connection a paced drain closed (CONN_F_RESET): RST */
 	R_MAX,
 };
 

@@ -598,6 +598,87 @@ func TestDownReset(t *testing.T) {
 	// TestDrainingAndDown.
 }
 
+// TestDrainCloses checks what a paced drain's close does (maps
+// CloseFlows): the closed TCP connection's next packet is answered with a
+// RST and counted as reset_drained, a new handshake on its 5-tuple chooses
+// again among the active backends, a closed UDP flow chooses again, and a
+// connection of the same draining backend that was not closed flows on.
+// A flow closed already, gone, or on another backend is not closed again.
+func TestDrainCloses(t *testing.T) {
+	f, svcs := fourServices(t)
+	tcp, udp := svcs[0], svcs[1]
+	closed := netip.AddrPortFrom(cli4.Addr(), 4444)
+	b := backendFor(t, f, tcp, closed, bpftest.ACK)
+	// Another connection of the same backend, which stays.
+	var kept netip.AddrPort
+	for p := uint16(5000); ; p++ {
+		kept = netip.AddrPortFrom(cli4.Addr(), p)
+		if backendFor(t, f, tcp, kept, bpftest.ACK) == b {
+			break
+		}
+	}
+	ub := backendFor(t, f, udp, closed, 0)
+	for _, pair := range []struct {
+		s  bpftest.Service
+		id uint32
+	}{{tcp, b}, {udp, ub}} {
+		f.PublishRing(pair.s.ID, pair.s.VIP.Addr(), without(pair.s.Backends, pair.id)...)
+		f.SetBackend(pair.s, pair.id, maps.StateDraining)
+	}
+	flows := []maps.Flow{
+		{Client: closed, VIP: tcp.VIP, Proto: bpftest.TCP, Service: tcp.ID, Backend: b},
+		{Client: closed, VIP: udp.VIP, Proto: bpftest.UDP, Service: udp.ID, Backend: ub},
+		{Client: kept, VIP: tcp.VIP, Proto: bpftest.TCP, Service: tcp.ID, Backend: b + 100},                         // another backend
+		{Client: netip.AddrPortFrom(cli4.Addr(), 9), VIP: tcp.VIP, Proto: bpftest.TCP, Service: tcp.ID, Backend: b}, // no entry
+	}
+	got, err := f.Maps.CloseFlows(flows)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].Client != closed || got[1].Proto != bpftest.UDP || !got[0].Closing {
+		t.Fatalf("CloseFlows closed %+v, want the TCP and UDP flows of %s", got, closed)
+	}
+	if again, err := f.Maps.CloseFlows(flows[:1]); err != nil || len(again) != 0 {
+		t.Fatalf("closing a closed flow again closed %+v (%v)", again, err)
+	}
+	if fl, ok, err := f.Maps.LookupFlow(closed, tcp.VIP, bpftest.TCP); err != nil || !ok || !fl.Closing {
+		t.Fatalf("entry of the closed flow: %+v ok=%v err=%v, want closing", fl, ok, err)
+	}
+
+	if got := backendFor(t, f, tcp, kept, bpftest.ACK); got != b {
+		t.Fatalf("the connection not closed left draining backend %d for %d", b, got)
+	}
+	before := reasons(t, f)
+	verdict, out := f.Run(bpftest.Frame{Src: closed, Dst: tcp.VIP, Proto: bpftest.TCP, Flags: bpftest.ACK | bpftest.PSH, Seq: 1, Ack: 99, Payload: []byte("hi")}.Bytes())
+	if verdict != bpftest.XDPTx {
+		t.Fatalf("verdict %d, want a RST", verdict)
+	}
+	rst, err := bpftest.ParseTCP(out)
+	if err != nil || rst.Flags != bpftest.RST || rst.Seq != 99 || rst.Dst != closed || rst.Src != tcp.VIP {
+		t.Fatalf("want a RST with seq 99 from %s to %s, got %+v (%v)", tcp.VIP, closed, rst, err)
+	}
+	if err := bpftest.VerifyChecksums(out); err != nil {
+		t.Fatal(err)
+	}
+	after := reasons(t, f)
+	if d := after["reset_drained"] - before["reset_drained"]; d != 1 {
+		t.Errorf("reset_drained moved by %d, want 1", d)
+	}
+	if d := after["reset_backend_down"] - before["reset_backend_down"]; d != 0 {
+		t.Errorf("reset_backend_down moved by %d, want 0", d)
+	}
+	syn := backendFor(t, f, tcp, closed, bpftest.SYN)
+	if syn == b {
+		t.Fatalf("a new SYN on the closed 5-tuple went to the draining backend %d", b)
+	}
+	if got := backendFor(t, f, tcp, closed, bpftest.ACK); got != syn {
+		t.Fatalf("the new handshake's ACK went to %d, its SYN to %d", got, syn)
+	}
+	if got := backendFor(t, f, udp, closed, 0); got == ub {
+		t.Fatalf("the closed UDP flow stayed on the draining backend %d", ub)
+	}
+}
+
 // TestSYNFloodKeepsEstablished fills a small connection table with
 // established flows, then sends ten times its size in spoofed SYNs.
 func TestSYNFloodKeepsEstablished(t *testing.T) {

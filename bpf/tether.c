@@ -212,14 +212,16 @@ int tether_xdp(struct xdp_md *ctx)
 		 * again, and its choice replaces the entry so that the rest of
 		 * the handshake follows. The old connection's other packets go
 		 * on as its backend's state says until then. */
-		if (be && pkt.syn_only && be->state != BE_ACTIVE)
+		if (be && pkt.syn_only && (be->state != BE_ACTIVE || (c->flags & CONN_F_RESET)))
 			return new_flow(ctx, &pkt, 1);
-		/* on_down: reset. A TCP connection to a down backend is reset so
-		 * that its client reconnects at once; a UDP flow chooses a
-		 * backend again. */
-		if (be && be->state == BE_DOWN_RESET) {
+		/* on_down: reset, and a connection a paced drain closed. A TCP
+		 * connection is reset so that its client reconnects at once; a
+		 * UDP flow chooses a backend again. */
+		if (be && (be->state == BE_DOWN_RESET || (c->flags & CONN_F_RESET))) {
 			if (pkt.key.proto == IPPROTO_TCP)
-				return reset_tcp(ctx, &pkt, R_RESET_BACKEND_DOWN);
+				return reset_tcp(ctx, &pkt,
+						 be->state == BE_DOWN_RESET ? R_RESET_BACKEND_DOWN
+									    : R_RESET_DRAINED);
 			be = NULL;
 		}
 		if (be) {

@@ -136,7 +136,8 @@ const (
 	TetherReasonR_ICMP_ECHO_REPLY     TetherReason = 29
 	TetherReasonR_GUARD_UNRECORDED    TetherReason = 30
 	TetherReasonR_DROP_GUARD          TetherReason = 31
-	TetherReasonR_MAX                 TetherReason = 32
+	TetherReasonR_RESET_DRAINED       TetherReason = 32
+	TetherReasonR_MAX                 TetherReason = 33
 )
 
 type TetherService struct {

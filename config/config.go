@@ -381,7 +381,20 @@ type Backend struct {
 	Weight uint32
 	// State is StateActive or StateDraining.
 	State string
+	// CloseAt, on a draining backend, is when its remaining connections
+	// are closed, CloseRate of them a second (a paced drain): each client
+	// reconnects to another backend, a few at a time instead of all at
+	// once. Zero: the drain waits for the clients to leave.
+	CloseAt   time.Time
+	CloseRate int
 }
+
+// DefaultCloseRate is how many connections a second a paced drain closes
+// when it is not told.
+const DefaultCloseRate = 50
+
+// MaxCloseRate bounds a paced drain's rate.
+const MaxCloseRate = 1000000
 
 // Key returns the identity of the backend, "address:port", such as
 // "192.0.2.11:8765" or "[2001:db8::11]:8765".

@@ -547,6 +547,10 @@ services:
 	{"negative weight", minimal + "        weight: -1\n", "services[0].backends[0].weight", "-1 is out of range 0..10000"},
 	{"weight too big", minimal + "        weight: 10001\n", "services[0].backends[0].weight", "10001 is out of range 0..10000"},
 	{"bad state", minimal + "        state: up\n", "services[0].backends[0].state", `unknown state "up" (want active or draining)`},
+	{"close_at of an active backend", minimal + "        close_at: 2026-12-06T16:00:00Z\n", "services[0].backends[0].close_at", "only a draining backend closes its connections"},
+	{"close_at not a time", minimal + "        state: draining\n        close_at: 16:00\n", "services[0].backends[0].close_at", `"16:00" is not a time such as 2026-12-06T16:00:00Z`},
+	{"close_rate alone", minimal + "        state: draining\n        close_rate: 5\n", "services[0].backends[0].close_rate", "close_rate paces the closes of close_at, which is not set"},
+	{"close_rate 0", minimal + "        state: draining\n        close_at: 2026-12-06T16:00:00Z\n        close_rate: 0\n", "services[0].backends[0].close_rate", "0 is out of range 1..1000000"},
 
 	// Health checks.
 	{"health as a string", withHealth("tcp"), "services[0].health", "want a health check (a mapping of type, path"},
@@ -800,6 +804,8 @@ services:
     backends:
       - {address: 2001:db8::11, weight: 0, state: draining}
       - {address: 2001:db8::12, weight: 10000}
+      - {address: 2001:db8::13, state: draining, close_at: "2026-12-06T16:00:00.25Z", close_rate: 20}
+      - {address: 2001:db8::14, state: draining, close_at: 2026-12-06T17:00:00+01:00}
   - name: "0"
     vip: 203.0.113.10
     port: 80

@@ -79,7 +79,7 @@ var (
 	spliceFields  = []string{"loops", "max_connections"}
 	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "snat_address", "tunnel_source", "gue_port", "health", "on_down", "icmp_echo", "min_healthy", "idle_timeout", "proxy_protocol", "backends"}
 	healthFields  = []string{"type", "path", "host", "expect_status", "send", "interval", "timeout", "rise", "fall", "via"}
-	backendFields = []string{"address", "port", "weight", "state"}
+	backendFields = []string{"address", "port", "weight", "state", "close_at", "close_rate"}
 )
 
 // parseFile decodes data and validates the result. It returns the problems
@@ -472,9 +472,31 @@ func (d *decoder) backend(n *yaml.Node, path string) (Backend, bool) {
 			b.Weight = uint32(d.integer(v, p, 0, MaxWeight))
 		case "state":
 			b.State = d.str(v, p)
+		case "close_at":
+			b.CloseAt = d.time(v, p)
+		case "close_rate":
+			b.CloseRate = int(d.integer(v, p, 1, MaxCloseRate))
 		}
 	})
+	if !b.CloseAt.IsZero() && b.CloseRate == 0 {
+		b.CloseRate = DefaultCloseRate
+	}
 	return b, portGiven
+}
+
+// time decodes a point in time written as RFC 3339, such as
+// 2026-12-06T16:00:00Z.
+func (d *decoder) time(n *yaml.Node, path string) time.Time {
+	if n.Kind != yaml.ScalarNode || isNull(n) {
+		d.fail(n, path, "want a time such as 2026-12-06T16:00:00Z, got %s", describe(n))
+		return time.Time{}
+	}
+	t, err := time.Parse(time.RFC3339, n.Value)
+	if err != nil {
+		d.fail(n, path, "%q is not a time such as 2026-12-06T16:00:00Z (RFC 3339)", n.Value)
+		return time.Time{}
+	}
+	return t.UTC()
 }
 
 // str returns the text of a scalar. Any scalar is taken as it is written:

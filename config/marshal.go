@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strconv"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 
@@ -172,12 +173,16 @@ func encode(buf *bytes.Buffer, n *yaml.Node) error {
 func serviceNode(s Service) *yaml.Node {
 	backends := &yaml.Node{Kind: yaml.SequenceNode}
 	for _, b := range s.Backends {
-		backends.Content = append(backends.Content, mapping(
+		kv := []any{
 			"address", addr(b.Address),
 			"port", integer(b.Port),
 			"weight", integer(b.Weight),
 			"state", str(b.State),
-		))
+		}
+		if !b.CloseAt.IsZero() {
+			kv = append(kv, "close_at", str(b.CloseAt.UTC().Format(time.RFC3339Nano)), "close_rate", integer(b.CloseRate))
+		}
+		backends.Content = append(backends.Content, mapping(kv...))
 	}
 	kv := []any{
 		"name", str(s.Name),

@@ -417,6 +417,15 @@ func (s *Service) validate(v *validator, p string, proxied bool) bool {
 		if b.State != StateActive && b.State != StateDraining {
 			v.add(field(bp, "state"), "unknown state %q (want active or draining)", b.State)
 		}
+		if !b.CloseAt.IsZero() && b.State != StateDraining {
+			v.add(field(bp, "close_at"), "only a draining backend closes its connections (set state: draining, or remove close_at)")
+		}
+		if b.CloseRate != 0 && b.CloseAt.IsZero() {
+			v.add(field(bp, "close_rate"), "close_rate paces the closes of close_at, which is not set")
+		}
+		if b.CloseRate < 0 || b.CloseRate > MaxCloseRate {
+			v.add(field(bp, "close_rate"), "%d is out of range 1..%d", b.CloseRate, MaxCloseRate)
+		}
 		if addrOK && bportOK {
 			if k, ok := keys[b.Key()]; ok {
 				v.add(bp, "%s is already listed as backends[%d]", b.Key(), k)

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/tetherlb/tether/config"
 	"github.com/tetherlb/tether/datapath"
@@ -25,12 +26,32 @@ type flowDP struct {
 	mu       sync.Mutex
 	flows    []datapath.Flow
 	counters datapath.Counters
+	closedAt []time.Time // when CloseFlows closed each flow
 }
 
 func (f *flowDP) Flows() ([]datapath.Flow, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return append([]datapath.Flow(nil), f.flows...), nil
+}
+
+// CloseFlows implements datapath.Closer: it marks the flows it holds
+// closing and notes when.
+func (f *flowDP) CloseFlows(flows []datapath.Flow) ([]datapath.Flow, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []datapath.Flow
+	for _, g := range flows {
+		for i := range f.flows {
+			h := &f.flows[i]
+			if h.Client == g.Client && h.VIP == g.VIP && h.Backend == g.Backend && !h.Closing {
+				h.Closing = true
+				f.closedAt = append(f.closedAt, time.Now())
+				out = append(out, *h)
+			}
+		}
+	}
+	return out, nil
 }
 
 func (f *flowDP) Counters() (datapath.Counters, error) {

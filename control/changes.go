@@ -183,6 +183,12 @@ type BackendStateSpec struct {
 	Service string `json:"service"`
 	Backend string `json:"backend"`
 	State   string `json:"state"`
+	// CloseIn, with state draining, closes the backend's remaining
+	// connections that long from now (a duration such as "30m"; "0s":
+	// now), CloseRate of them a second (0: config.DefaultCloseRate): a
+	// paced drain. Empty keeps the close time the backend has, if any.
+	CloseIn   string `json:"close_in,omitempty"`
+	CloseRate int    `json:"close_rate,omitempty"`
 }
 
 // AddService adds a service without backends.
@@ -409,20 +415,58 @@ func (d *Daemon) changeBackend(what, service, backend string, edit func(*config.
 }
 
 // SetBackendState drains a backend (config.StateDraining: it keeps its
-// connections and takes no new ones) or makes it active again.
+// connections and takes no new ones), with CloseIn a paced drain, or
+// makes it active again (which cancels a paced drain).
 func (d *Daemon) SetBackendState(spec BackendStateSpec) (Result, error) {
 	if spec.State != config.StateActive && spec.State != config.StateDraining {
 		return Result{}, refusef("state", "unknown state %q (want active or draining)", spec.State)
 	}
+	var closeIn time.Duration
+	if spec.CloseIn != "" || spec.CloseRate != 0 {
+		if spec.State != config.StateDraining {
+			return Result{}, refusef("close_in", "only a drain closes connections at a deadline (tether backend drain --deadline)")
+		}
+		if spec.CloseIn == "" {
+			return Result{}, refusef("close_rate", "a close rate paces the closes of a deadline: give the deadline too (--deadline 30m --rate %d/s)", max(spec.CloseRate, 1))
+		}
+		var err error
+		if closeIn, err = time.ParseDuration(spec.CloseIn); err != nil || closeIn < 0 {
+			return Result{}, refusef("close_in", "%q is not a duration from now such as 30m, 90s or 0s", spec.CloseIn)
+		}
+		if spec.CloseRate < 0 || spec.CloseRate > config.MaxCloseRate {
+			return Result{}, refusef("close_rate", "%d connections a second is out of range 1..%d", spec.CloseRate, config.MaxCloseRate)
+		}
+	}
+	rate := spec.CloseRate
+	if rate == 0 {
+		rate = config.DefaultCloseRate
+	}
+	// Milliseconds are what a deadline needs; the file keeps them.
+	at := time.Now().Add(closeIn).UTC().Round(time.Millisecond)
 	what := "set backend " + spec.Backend + " of " + spec.Service + " " + spec.State
 	return d.changeBackend(what, spec.Service, spec.Backend, func(s *config.Service, b *config.Backend) string {
-		defer func() { b.State = spec.State }()
+		was := *b
+		b.State = spec.State
 		switch {
-		case b.State == spec.State:
-			return fmt.Sprintf("backend %s of %s (%s) is already %s", b.Key(), s.Name, s.Key(), spec.State)
-		case spec.State == config.StateDraining:
+		case spec.State == config.StateActive:
+			b.CloseAt, b.CloseRate = time.Time{}, 0
+		case spec.CloseIn != "":
+			b.CloseAt, b.CloseRate = at, rate
+		}
+		paced := ""
+		if !b.CloseAt.IsZero() {
+			paced = fmt.Sprintf("; its remaining connections close from %s (in %s), %d a second",
+				b.CloseAt.Local().Format(time.DateTime), time.Until(b.CloseAt).Round(time.Second), b.CloseRate)
+		}
+		switch {
+		case was.State == spec.State && was.CloseAt.Equal(b.CloseAt) && was.CloseRate == b.CloseRate:
+			return fmt.Sprintf("backend %s of %s (%s) is already %s%s", b.Key(), s.Name, s.Key(), spec.State, paced)
+		case spec.State == config.StateDraining && paced == "":
 			return fmt.Sprintf("backend %s of %s (%s) is draining: it keeps its connections and takes no new ones; `tether backend ls %s` shows when it has none left",
 				b.Key(), s.Name, s.Key(), s.Key())
+		case spec.State == config.StateDraining:
+			return fmt.Sprintf("backend %s of %s (%s) is draining: it takes no new connections%s; `tether backend ls %s` shows what is left",
+				b.Key(), s.Name, s.Key(), paced, s.Key())
 		case b.Weight == 0:
 			return fmt.Sprintf("backend %s of %s (%s) is active, but its weight 0 keeps it out of the ring", b.Key(), s.Name, s.Key())
 		}

@@ -79,6 +79,7 @@ type Daemon struct {
 	syncDone   chan struct{}
 	keepStop   chan struct{}
 	keepDone   chan struct{}
+	pace       *pacer // paced drains (daemon_drain.go), from start to Close
 	bgpLastErr string
 }
 
@@ -114,6 +115,7 @@ func (d *Daemon) Close() {
 			close(d.keepStop)
 			<-d.keepDone
 		}
+		d.stopPacer()
 		if d.syncStop != nil {
 			close(d.syncStop)
 			<-d.syncDone

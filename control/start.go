@@ -115,6 +115,7 @@ func Start(path string, cfg *config.Config, o StartOptions, log *slog.Logger) (*
 	}
 	d.startSync()
 	d.startAffinityKeeper()
+	d.startPacer()
 	if o.Inherit != nil {
 		d.bgpLater = true // Resume starts it
 	} else {

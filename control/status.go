@@ -106,6 +106,9 @@ type BackendStatus struct {
 	// that have not been seen closing (no FIN or RST yet). A connection
 	// that ended silently stays counted until its entry is evicted.
 	ActiveConnections int `json:"active_connections"`
+	// Drain is the backend's paced drain: a draining backend whose
+	// remaining connections close at a given time and rate.
+	Drain *DrainStatus `json:"drain,omitempty"`
 }
 
 // Health verdicts of a backend.
@@ -266,6 +269,9 @@ func (d *Daemon) Services(ref string) ([]ServiceStatus, error) {
 				Unreachable:       unreachable[b.Addr],
 				ActiveConnections: active[idPair{as.ID, b.ID}],
 			})
+			if cb, ok := configBackend(cs, b.Addr, b.Port); ok {
+				s.Backends[len(s.Backends)-1].Drain = d.drainStatus(as.ID, b.ID, cb)
+			}
 		}
 		out = append(out, s)
 	}

@@ -303,6 +303,18 @@ type Sharer interface {
 	SharedLost() (uint64, error)
 }
 
+// Closer is a Datapath that closes established connections one by one, as
+// a drain with a deadline does once it has passed: the XDP datapath marks
+// their entries, and its program answers each one's next TCP packet with
+// a reset (a UDP flow chooses again); the splice proxy resets both of its
+// sockets at once.
+type Closer interface {
+	// CloseFlows closes the flows it still holds as given (same client,
+	// VIP, protocol, service and backend, not closing) and returns those
+	// it closed.
+	CloseFlows(flows []Flow) ([]Flow, error)
+}
+
 // AffinityKeeper is a Datapath whose affinity entries the control plane
 // renews for clients that hold connections: the XDP datapath, whose
 // program renews a client's entry only when it makes a new connection.

@@ -760,6 +760,11 @@ func (x *XDP) Counters() (datapath.Counters, error) {
 // Flows implements datapath.Datapath.
 func (x *XDP) Flows() ([]datapath.Flow, error) { return x.objs.Maps.Flows() }
 
+// CloseFlows implements datapath.Closer (see maps.Maps.CloseFlows).
+func (x *XDP) CloseFlows(flows []datapath.Flow) ([]datapath.Flow, error) {
+	return x.objs.Maps.CloseFlows(flows)
+}
+
 // Tables implements datapath.TableReader: the connection tables and the
 // affinity table, counted in batches (see maps.Maps.Tables).
 func (x *XDP) Tables() ([]datapath.Table, error) { return x.objs.Maps.Tables() }

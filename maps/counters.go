@@ -118,6 +118,7 @@ var reasonNames = [...]string{
 	bpf.TetherReasonR_ICMP_ECHO_REPLY:     "icmp_echo_reply",
 	bpf.TetherReasonR_GUARD_UNRECORDED:    "guard_unrecorded",
 	bpf.TetherReasonR_DROP_GUARD:          "drop_guard",
+	bpf.TetherReasonR_RESET_DRAINED:       "reset_drained",
 }
 
 // ReasonName is the name of a reason as counters and metrics show it.

@@ -18,8 +18,11 @@ import (
 // Flow is one connection-table entry.
 type Flow = datapath.Flow
 
-// connClosing is CONN_F_CLOSING.
-const connClosing = 1 << 0
+// connClosing is CONN_F_CLOSING, connReset CONN_F_RESET.
+const (
+	connClosing = 1 << 0
+	connReset   = 1 << 5
+)
 
 // flowKey6 is the key of flow client → vip in the IPv6 connection table.
 func flowKey6(client, vip netip.AddrPort, proto uint8) bpf.TetherFlowKey {
@@ -90,6 +93,52 @@ func list[K, V any](mp *ebpf.Map, conv func(K, V) Flow) ([]Flow, error) {
 	}
 	if err := it.Err(); err != nil {
 		return out, fmt.Errorf("list flows: %w", err)
+	}
+	return out, nil
+}
+
+// CloseFlows marks the connection entries of flows closed by a paced
+// drain: they stop counting as active, and the program answers their next
+// TCP packet with a reset (reason reset_drained) while a UDP flow chooses
+// again. An entry that is gone, already closing, or that names another
+// backend than the flow does (its 5-tuple was reused) is left alone. It
+// returns the flows it marked. The program may rewrite an entry between
+// the read and the write here; the only rewrite it can make of a flow
+// being drained (its backend takes no new connections) is the entry a
+// new handshake on the same 5-tuple makes, which the write keeps unless
+// the two cross within microseconds.
+func (m *Maps) CloseFlows(flows []Flow) ([]Flow, error) {
+	var out []Flow
+	for _, f := range flows {
+		var (
+			v   bpf.TetherConn
+			err error
+		)
+		mark := func(mp *ebpf.Map, k any) error {
+			if err := mp.Lookup(k, &v); err != nil {
+				return err
+			}
+			if v.Flags&connClosing != 0 || v.Backend != f.Backend || v.Service != f.Service {
+				return ebpf.ErrKeyNotExist
+			}
+			v.Flags |= connClosing | connReset
+			return mp.Update(k, &v, ebpf.UpdateExist)
+		}
+		if f.Client.Addr().Unmap().Is4() {
+			k := flowKey4(f.Client, f.VIP, f.Proto)
+			err = mark(m.m.Conns4, &k)
+		} else {
+			k := flowKey6(f.Client, f.VIP, f.Proto)
+			err = mark(m.m.Conns6, &k)
+		}
+		switch {
+		case err == nil:
+			f.Closing = true
+			out = append(out, f)
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+		default:
+			return out, fmt.Errorf("close flow %s → %s: %w", f.Client, f.VIP, err)
+		}
 	}
 	return out, nil
 }

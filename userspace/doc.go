@@ -104,8 +104,8 @@
 // to backend only, headers included); Packets are splice calls that read
 // from either socket (up to PipeSize each), not IP packets. Reasons count
 // connections refused or cut, not packets: reset_no_backend,
-// reset_backend_down, reset_dial_failed, reset_conn_limit and
-// drop_accept_failed.
+// reset_backend_down, reset_drained (a paced drain's CloseFlows),
+// reset_dial_failed, reset_conn_limit and drop_accept_failed.
 //
 // # UDP
 //

@@ -102,12 +102,13 @@ type Options struct {
 const (
 	ReasonNoBackend    = "reset_no_backend"   // the service had no backend for the client
 	ReasonBackendDown  = "reset_backend_down" // established, reset when its backend went down (OnDownReset)
+	ReasonDrained      = "reset_drained"      // established, reset by a paced drain (CloseFlows)
 	ReasonDialFailed   = "reset_dial_failed"  // the backend did not accept the connection in time
 	ReasonConnLimit    = "reset_conn_limit"   // Options.MaxConns reached
 	ReasonAcceptFailed = "drop_accept_failed" // accept(2) failed (out of file descriptors...)
 )
 
-var reasonNames = [...]string{ReasonNoBackend, ReasonBackendDown, ReasonDialFailed, ReasonConnLimit, ReasonAcceptFailed}
+var reasonNames = [...]string{ReasonNoBackend, ReasonBackendDown, ReasonDialFailed, ReasonConnLimit, ReasonAcceptFailed, ReasonDrained}
 
 const (
 	rNoBackend = iota
@@ -115,6 +116,7 @@ const (
 	rDialFailed
 	rConnLimit
 	rAcceptFailed
+	rDrained
 	rMax
 )
 
@@ -375,6 +377,30 @@ func (p *Proxy) resetDownLocked(s *service) {
 			c.loop.send(command{op: cmdReset, c: c})
 		}
 	}
+}
+
+// CloseFlows implements datapath.Closer: it resets both sockets of each
+// connection it still holds as flows name it (same client, VIP, service
+// and backend, not closing), as on_down: reset does, and returns those.
+func (p *Proxy) CloseFlows(flows []datapath.Flow) ([]datapath.Flow, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err := p.changing(); err != nil {
+		return nil, err
+	}
+	var out []datapath.Flow
+	for _, f := range flows {
+		c := p.conns[connKey{client: f.Client, vip: f.VIP}]
+		if c == nil || c.service != f.Service || c.be.ID != f.Backend || f.Proto != 6 || c.closing.Load() {
+			continue
+		}
+		p.reasons[rDrained].Add(1)
+		c.closing.Store(true)
+		c.loop.send(command{op: cmdReset, c: c})
+		f.Closing = true
+		out = append(out, f)
+	}
+	return out, nil
 }
 
 // DeleteService implements datapath.Datapath: the service's listener

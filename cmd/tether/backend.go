@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"strconv"
+	"strings"
 
 	"github.com/urfave/cli/v2"
 
@@ -101,12 +103,60 @@ on their next packet, which breaks them. Drain it first and wait until
 
 var backendDrainCommand = &cli.Command{
 	Name:      "drain",
-	Usage:     "stop sending new connections to a backend; its open ones stay",
+	Usage:     "stop sending new connections to a backend; its open ones stay, or close by a deadline",
 	ArgsUsage: "VIP:PORT ADDR[:PORT]",
-	Flags:     []cli.Flag{outputFlag},
+	Description: `New connections stop going to the backend at once; its established ones keep
+flowing. With --deadline, those still open at the deadline are closed, --rate
+of them a second (a paced drain), so that their clients reconnect to the other
+backends a few at a time instead of all at once. With the XDP datapath a
+closed TCP connection is answered with a reset on its next packet from the
+client (the balancer sees only that direction) and a UDP flow chooses another
+backend; the splice datapath resets both of its sockets at once. The backend
+learns of a connection reset on the XDP datapath when it next sends on it (the
+client answers with a reset) or when it stops.
+
+The deadline is kept in the configuration file (close_at, close_rate) and
+survives restarts of the daemon. Draining again with another --deadline moves
+it; undrain cancels it. "tether backend ls" counts down to it and shows how
+many connections are left and closed.
+
+Examples:
+  tether backend drain 203.0.113.10:443 198.51.100.12
+  tether backend drain 203.0.113.10:443 198.51.100.12 --deadline 30m --rate 50/s`,
+	Flags: []cli.Flag{
+		&cli.DurationFlag{Name: "deadline", Usage: "close the connections still open this long from now (30m, 2h; 0s: now)"},
+		&cli.StringFlag{Name: "rate", Usage: "with --deadline: close at most `N/s` connections a second", DefaultText: fmt.Sprintf("%d/s", config.DefaultCloseRate)},
+		outputFlag,
+	},
 	Action: listing(2, 2, "VIP:PORT ADDR[:PORT]", func(c *cli.Context, a []string, format string) error {
-		return backendSetState(c.Context, client(c), c.App.Writer, format, a[0], a[1], config.StateDraining)
+		spec := control.BackendStateSpec{Service: a[0], Backend: a[1], State: config.StateDraining}
+		if c.IsSet("rate") {
+			r, err := parseRate(c.String("rate"))
+			if err != nil {
+				return err
+			}
+			spec.CloseRate = r
+		}
+		if c.IsSet("deadline") {
+			d := c.Duration("deadline")
+			if d < 0 {
+				return fmt.Errorf("--deadline %s is in the past: give a duration from now, such as 30m or 0s", d)
+			}
+			spec.CloseIn = d.String()
+		} else if c.IsSet("rate") {
+			return fmt.Errorf("--rate paces the closes of --deadline: give both, such as --deadline 30m --rate %s", c.String("rate"))
+		}
+		return reportAs(c.App.Writer, format)(client(c).SetBackendState(c.Context, spec))
 	}),
+}
+
+// parseRate reads a rate of closes such as "50/s" or "50".
+func parseRate(s string) (int, error) {
+	n, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(s), "/s"))
+	if err != nil || n < 1 || n > config.MaxCloseRate {
+		return 0, fmt.Errorf("--rate %q: want connections a second from 1 to %d, such as 50/s", s, config.MaxCloseRate)
+	}
+	return n, nil
 }
 
 var backendUndrainCommand = &cli.Command{
@@ -135,7 +185,9 @@ or weight 0: out of the ring, established connections keep flowing) or down
 CONNECTIONS counts the backend's flows in tether's connection table that have
 not been seen closing (FIN or RST); it drops to 0 once a drained backend's
 clients have gone. A connection that ended without FIN or RST stays counted
-until its table entry is evicted.
+until its table entry is evicted. A drain with a deadline (tether backend
+drain --deadline) is shown under the table: when it closes what is left, at
+what rate, and how many it has closed.
 
 HEALTH is the health check's verdict (up, down, or unchecked with health
 type none), LAST PROBE the last probe's result ("ok", "connection refused",

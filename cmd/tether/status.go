@@ -197,5 +197,26 @@ func backendTable(w io.Writer, indent string, backends []control.BackendStatus) 
 		}
 		t.row(indent+b.Address, state, fmt.Sprint(b.Weight), fmt.Sprint(b.ActiveConnections), b.Health.State, probe, transitions)
 	}
-	return t.flush()
+	if err := t.flush(); err != nil {
+		return err
+	}
+	for _, b := range backends {
+		if dr := b.Drain; dr != nil {
+			fmt.Fprintf(w, "%s%s\n", indent, drainLine(b.Address, b.ActiveConnections, dr, time.Now()))
+		}
+	}
+	return nil
+}
+
+// drainLine tells where a paced drain of backend addr stands at now.
+func drainLine(addr string, left int, dr *control.DrainStatus, now time.Time) string {
+	at := dr.CloseAt.Local().Format(time.DateTime)
+	if now.Before(dr.CloseAt) {
+		return fmt.Sprintf("%s: %d connections left; the rest close from %s (in %s), %d a second",
+			addr, left, at, dr.CloseAt.Sub(now).Round(time.Second), dr.Rate)
+	}
+	if left == 0 {
+		return fmt.Sprintf("%s: drained, no connections left (%d closed since %s)", addr, dr.Closed, at)
+	}
+	return fmt.Sprintf("%s: closing %d a second since %s: %d closed, %d left", addr, dr.Rate, at, dr.Closed, left)
 }

@@ -1,0 +1,148 @@
+package control
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tetherlb/tether/config"
+	"github.com/tetherlb/tether/datapath"
+)
+
+// TestPacedDrain drains a backend with 40 connections, a deadline 1 s
+// away and 20 closes a second, over the fake datapath: nothing closes
+// before the deadline, then no faster than the rate, and all are closed
+// within 40/20 s of it; the file keeps the deadline, the status counts
+// down and then counts what was closed, and an undrain cancels it.
+func TestPacedDrain(t *testing.T) {
+	e := newAPIEnv(t, conf(8, 32, web4))
+	ctx := context.Background()
+	const (
+		svc   = "203.0.113.10:80"
+		conns = 40
+		rate  = 20
+	)
+	s := serviceNamed(t, e, svc)
+	var drained, other uint32
+	for _, b := range s.Backends {
+		switch b.Address {
+		case "192.0.2.12:80":
+			drained = b.ID
+		case "192.0.2.11:80":
+			other = b.ID
+		}
+	}
+	vip := netip.MustParseAddrPort(svc)
+	e.dp.mu.Lock()
+	for i := range conns {
+		e.dp.flows = append(e.dp.flows,
+			datapath.Flow{Client: netip.AddrPortFrom(netip.MustParseAddr("198.51.100.1"), uint16(10000+i)), VIP: vip, Proto: 6, Service: s.ID, Backend: drained},
+			datapath.Flow{Client: netip.AddrPortFrom(netip.MustParseAddr("198.51.100.2"), uint16(10000+i)), VIP: vip, Proto: 6, Service: s.ID, Backend: other})
+	}
+	e.dp.mu.Unlock()
+	e.d.startPacer()
+	defer e.d.stopPacer()
+
+	for _, bad := range []BackendStateSpec{
+		{Service: svc, Backend: "192.0.2.12", State: config.StateActive, CloseIn: "1s"},
+		{Service: svc, Backend: "192.0.2.12", State: config.StateDraining, CloseRate: 5},
+		{Service: svc, Backend: "192.0.2.12", State: config.StateDraining, CloseIn: "-1s"},
+		{Service: svc, Backend: "192.0.2.12", State: config.StateDraining, CloseIn: "soon"},
+	} {
+		if _, err := e.cl.SetBackendState(ctx, bad); err == nil {
+			t.Errorf("%+v was taken", bad)
+		}
+	}
+	began := time.Now()
+	r, err := e.cl.SetBackendState(ctx, BackendStateSpec{Service: svc, Backend: "192.0.2.12", State: config.StateDraining, CloseIn: "1s", CloseRate: rate})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(r.Message, "20 a second") {
+		t.Errorf("drain said %q", r.Message)
+	}
+	b := e.onDisk(t).Services[0].Backends[1]
+	if b.State != config.StateDraining || b.CloseRate != rate || b.CloseAt.Sub(began) < 900*time.Millisecond || b.CloseAt.Sub(began) > 1100*time.Millisecond {
+		t.Fatalf("the file holds %+v, want draining, closing at %d a second from 1 s after %v", b, rate, began)
+	}
+	at := b.CloseAt
+	dr := backendNamed(t, e, svc, "192.0.2.12:80").Drain
+	if dr == nil || !dr.CloseAt.Equal(at) || dr.Rate != rate || dr.Closed != 0 {
+		t.Fatalf("before the deadline the status shows the drain as %+v", dr)
+	}
+
+	want := at.Add(time.Duration(conns) * time.Second / rate)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		e.dp.mu.Lock()
+		n := len(e.dp.closedAt)
+		e.dp.mu.Unlock()
+		if n >= conns || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	e.dp.mu.Lock()
+	times := append([]time.Time(nil), e.dp.closedAt...)
+	for _, f := range e.dp.flows {
+		if f.Backend == other && f.Closing {
+			t.Errorf("flow %s of the other backend was closed", f.Client)
+		}
+	}
+	e.dp.mu.Unlock()
+	if len(times) != conns {
+		t.Fatalf("%d of %d connections closed", len(times), conns)
+	}
+	var lines []string
+	for i, c := range times {
+		lines = append(lines, fmt.Sprintf("%d:%v", i, c.Sub(at).Round(time.Millisecond)))
+		if c.Before(at) {
+			t.Errorf("connection %d closed %v before the deadline", i, at.Sub(c))
+		}
+		// The first closes at the deadline, each next one at most 1/rate
+		// later; the pacer may have slept up to one extra close ahead.
+		if early := at.Add(time.Duration(i-1) * time.Second / rate); c.Before(early) {
+			t.Errorf("connection %d closed at %v after the deadline, faster than %d a second", i, c.Sub(at), rate)
+		}
+	}
+	if last := times[len(times)-1]; last.After(want.Add(500 * time.Millisecond)) {
+		t.Errorf("the last connection closed %v after the deadline, want about %v", last.Sub(at), want.Sub(at))
+	}
+	t.Logf("closed after the deadline: %s", strings.Join(lines, " "))
+	if b := backendNamed(t, e, svc, "192.0.2.12:80"); b.Drain == nil || b.Drain.Closed != conns || b.ActiveConnections != 0 {
+		t.Errorf("after the drain the status shows %d connections and the drain %+v, want 0 and %d closed", b.ActiveConnections, b.Drain, conns)
+	}
+
+	if _, err := e.cl.SetBackendState(ctx, BackendStateSpec{Service: svc, Backend: "192.0.2.12", State: config.StateActive}); err != nil {
+		t.Fatal(err)
+	}
+	if b := e.onDisk(t).Services[0].Backends[1]; !b.CloseAt.IsZero() || b.CloseRate != 0 || b.State != config.StateActive {
+		t.Errorf("after undrain the file holds %+v", b)
+	}
+	if dr := backendNamed(t, e, svc, "192.0.2.12:80").Drain; dr != nil {
+		t.Errorf("after undrain the status shows a drain %+v", dr)
+	}
+}
+
+func serviceNamed(t *testing.T, e *apiEnv, ref string) ServiceStatus {
+	t.Helper()
+	svcs, err := e.d.Services(ref)
+	if err != nil || len(svcs) != 1 {
+		t.Fatalf("services %s: %v, %v", ref, svcs, err)
+	}
+	return svcs[0]
+}
+
+func backendNamed(t *testing.T, e *apiEnv, ref, addr string) BackendStatus {
+	t.Helper()
+	for _, b := range serviceNamed(t, e, ref).Backends {
+		if b.Address == addr {
+			return b
+		}
+	}
+	t.Fatalf("no backend %s in %s", addr, ref)
+	return BackendStatus{}
+}
