@@ -60,6 +60,14 @@
 #define CONN_F_RESET                                                                                         \
 	(1U << 5) /* closed by a paced drain (set with CONN_F_CLOSING by the control plane): its TCP packets \
 		     are answered with a RST, a UDP flow chooses again */
+/* struct conn.flags holds the flags in its low byte, and in bits 8..31
+ * when the flow's last packet came: bpf_ktime_get_coarse_ns() >> 30
+ * (units of 2^30 ns, about a second), modulo 2^24 (about 208 days). 0 is
+ * unknown (an entry an earlier tether or another host made). The program
+ * writes it at most once a unit, on a packet that finds it older. */
+#define CONN_F_MASK	0xffU
+#define CONN_SEEN_SHIFT 8
+#define CONN_SEEN_UNIT	30 /* log2 of the unit in ns */
 
 /* VIP flags (the vips map's values) */
 #define VIP_F_ECHO_REPLY (1U << 0) /* answer ICMP echo requests to the VIP */

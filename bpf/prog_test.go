@@ -8,6 +8,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+
+	"github.com/tetherlb/tether/bpf"
 	"github.com/tetherlb/tether/internal/bpftest"
 	"github.com/tetherlb/tether/maglev"
 	"github.com/tetherlb/tether/maps"
@@ -676,6 +679,51 @@ func TestDrainCloses(t *testing.T) {
 	}
 	if got := backendFor(t, f, udp, closed, 0); got == ub {
 		t.Fatalf("the closed UDP flow stayed on the draining backend %d", ub)
+	}
+}
+
+// TestConnSeen checks that a connection entry notes when its flow's last
+// packet came (honest counts): a new entry at once, an entry whose time is
+// old on its next packet, so that the listing shows how long each flow
+// has been idle, to about a second; the low byte of flags is kept.
+func TestConnSeen(t *testing.T) {
+	f, svcs := fourServices(t)
+	s := svcs[0]
+	src := netip.AddrPortFrom(cli4.Addr(), 4321)
+	b := backendFor(t, f, s, src, bpftest.ACK)
+	k := bpf.TetherFlowKey4{Src: maglev.AddrWords(src.Addr())[0], Dst: maglev.AddrWords(s.VIP.Addr())[0],
+		Sport: maps.Port(src.Port()), Dport: maps.Port(s.VIP.Port()), Proto: bpftest.TCP}
+	read := func() bpf.TetherConn {
+		var v bpf.TetherConn
+		if err := f.Maps.Raw().Conns4.Lookup(&k, &v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	v := read()
+	if v.Flags>>8 == 0 {
+		t.Fatalf("a new entry's flags %#x hold no time", v.Flags)
+	}
+	if fl, _, _ := f.Maps.LookupFlow(src, s.VIP, bpftest.TCP); fl.Idle != 0 {
+		t.Fatalf("a flow that just sent shows %v idle", fl.Idle)
+	}
+	// Ten units (of 2^30 ns) earlier, with a flag in the low byte.
+	v.Flags = (v.Flags - 10<<8) | 1<<4
+	if err := f.Maps.Raw().Conns4.Update(&k, &v, ebpf.UpdateExist); err != nil {
+		t.Fatal(err)
+	}
+	fl, _, _ := f.Maps.LookupFlow(src, s.VIP, bpftest.TCP)
+	if fl.Idle < 10<<30 || fl.Idle > 11<<30 {
+		t.Fatalf("a flow last seen 10 units ago shows %v idle", fl.Idle)
+	}
+	if got := backendFor(t, f, s, src, bpftest.ACK); got != b {
+		t.Fatalf("the flow went to %d, its entry says %d", got, b)
+	}
+	if fl, _, _ := f.Maps.LookupFlow(src, s.VIP, bpftest.TCP); fl.Idle != 0 || fl.Learned {
+		t.Fatalf("after its next packet the flow shows %v idle, learned %v; want 0 and the learned flag cleared", fl.Idle, fl.Learned)
+	}
+	if v := read(); v.Flags&0xff != 0 || v.Backend != b {
+		t.Fatalf("after its next packet the entry holds %+v", v)
 	}
 }
 

@@ -57,6 +57,13 @@ static __always_inline void share(const struct packet *pkt, __u32 service, __u32
 	}
 }
 
+/* seen_of is time t (bpf_ktime_get_coarse_ns) as struct conn.flags holds
+ * it (CONN_SEEN_SHIFT). */
+static __always_inline __u32 seen_of(__u64 t)
+{
+	return (__u32)(t >> CONN_SEEN_UNIT) << CONN_SEEN_SHIFT;
+}
+
 /* record remembers a new flow's backend. A bare SYN is not recorded: the
  * handshake's next packet is, so a flood of spoofed SYNs cannot push the
  * entries of established connections out of the LRU tables. The ring and
@@ -68,7 +75,8 @@ static __always_inline void record(const struct service *svc, const struct packe
 	struct conn c = {
 	    .backend = id,
 	    .service = svc->id,
-	    .flags = flags | (pkt->closing ? CONN_F_CLOSING : 0),
+	    .flags =
+		flags | (pkt->closing ? CONN_F_CLOSING : 0) | seen_of(now ? now : bpf_ktime_get_coarse_ns()),
 	    .nat_port = nat_port,
 	};
 	insert_conn(pkt, &c);
@@ -225,17 +233,22 @@ int tether_xdp(struct xdp_md *ctx)
 			be = NULL;
 		}
 		if (be) {
-			/* A flow another host entered reaches this one: from now on it
-			 * is one of ours (counted active, sent to peers that ask). */
-			if (c->flags & CONN_F_LEARNED)
-				c->flags &= ~CONN_F_LEARNED;
-			/* Written once per connection end, not per packet: the entry
-			 * stays for the last packets, but no longer counts as active. */
-			if (pkt.closing && !(c->flags & CONN_F_CLOSING))
-				c->flags |= CONN_F_CLOSING;
-			/* A new handshake on the same 5-tuple reopens the entry. */
-			else if (pkt.syn_only && (c->flags & CONN_F_CLOSING))
-				c->flags &= ~CONN_F_CLOSING;
+			/* The entry is written only when this packet changes it, so at
+			 * most about once a second for a flow that sends many:
+			 * - a flow another host entered reaches this one: from now on
+			 *   it is one of ours (counted, sent to peers that ask);
+			 * - a FIN or RST: the entry stays for the last packets, but no
+			 *   longer counts as open; a new handshake on the same 5-tuple
+			 *   reopens it;
+			 * - the time of its last packet, in units of about a second. */
+			__u32 fl = c->flags;
+			__u32 nf = (fl & CONN_F_MASK & ~CONN_F_LEARNED) | seen_of(bpf_ktime_get_coarse_ns());
+			if (pkt.closing)
+				nf |= CONN_F_CLOSING;
+			else if (pkt.syn_only)
+				nf &= ~CONN_F_CLOSING;
+			if (nf != fl)
+				c->flags = nf;
 			/* The NAT entry may have been closed by the backend alone: a
 			 * SYN reopens it whatever the connection entry says. */
 			if (c->flags & (CONN_F_NAT | CONN_F_FULLNAT)) {

@@ -141,6 +141,9 @@ const (
 	DefaultAffinityTimeout = 3 * time.Hour
 	// MaxAffinityTimeout is the longest affinity timeout accepted (30 days).
 	MaxAffinityTimeout = 720 * time.Hour
+	// DefaultIdleAfter is how long a connection may be quiet and count as
+	// active when the service does not say.
+	DefaultIdleAfter = 2 * time.Minute
 	// MaxIdleTimeout is the longest idle timeout accepted (30 days).
 	MaxIdleTimeout = 720 * time.Hour
 	// MaxWeight is the largest backend weight accepted.
@@ -293,6 +296,10 @@ type Service struct {
 	// (the XDP datapath tracks flows, it does not end them); 0, the
 	// default, never closes a connection for being idle.
 	IdleTimeout time.Duration
+	// IdleAfter is how long a connection may send nothing and still count
+	// as active: one quieter is counted idle (and, on a down backend, lost).
+	// It changes counts only, never a connection. 0 is DefaultIdleAfter.
+	IdleAfter time.Duration
 	// ProxyProtocol is ProxyProtocolNone ("", written none) or ProxyProtocolV2: whether the
 	// splice datapath tells the backend the client's address with a PROXY
 	// protocol v2 header. Only the splice datapath supports v2.
@@ -436,6 +443,14 @@ func (c *Config) Clone() *Config {
 		out.Services[i].Backends = slices.Clone(out.Services[i].Backends)
 	}
 	return &out
+}
+
+// QuietAfter is IdleAfter, or DefaultIdleAfter when it is 0.
+func (s Service) QuietAfter() time.Duration {
+	if s.IdleAfter > 0 {
+		return s.IdleAfter
+	}
+	return DefaultIdleAfter
 }
 
 // DefaultService returns a service with the defaults of its optional

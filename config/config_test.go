@@ -546,6 +546,7 @@ services:
 	{"duplicate backend", minimal + "      - address: 192.0.2.12\n      - address: 192.0.2.11\n        port: 8765\n", "services[0].backends[2]", "192.0.2.11:8765 is already listed as backends[0]"},
 	{"negative weight", minimal + "        weight: -1\n", "services[0].backends[0].weight", "-1 is out of range 0..10000"},
 	{"weight too big", minimal + "        weight: 10001\n", "services[0].backends[0].weight", "10001 is out of range 0..10000"},
+	{"idle_after 0", strings.Replace(minimal, "    backends:", "    idle_after: 0s\n    backends:", 1), "services[0].idle_after", "0s: must be more than 0"},
 	{"bad state", minimal + "        state: up\n", "services[0].backends[0].state", `unknown state "up" (want active or draining)`},
 	{"close_at of an active backend", minimal + "        close_at: 2026-12-06T16:00:00Z\n", "services[0].backends[0].close_at", "only a draining backend closes its connections"},
 	{"close_at not a time", minimal + "        state: draining\n        close_at: 16:00\n", "services[0].backends[0].close_at", `"16:00" is not a time such as 2026-12-06T16:00:00Z`},
@@ -812,6 +813,7 @@ services:
   - name: "true"
     vip: 198.51.100.7
     port: 65535
+    idle_after: 45s
     backends: [{address: 192.0.2.1}]
   - name: fullnat
     vip: 198.51.100.10

@@ -77,7 +77,7 @@ var (
 	topFields     = []string{"interfaces", "datapath", "hash_seed", "tables", "splice", "services", "bgp", "sync"}
 	tablesFields  = []string{"connections", "nat", "affinity", "ring_size", "max_services", "max_backends", "insert_rate"}
 	spliceFields  = []string{"loops", "max_connections"}
-	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "snat_address", "tunnel_source", "gue_port", "health", "on_down", "icmp_echo", "min_healthy", "idle_timeout", "proxy_protocol", "backends"}
+	serviceFields = []string{"name", "vip", "port", "protocol", "affinity", "affinity_timeout", "forwarding", "snat_address", "tunnel_source", "gue_port", "health", "on_down", "icmp_echo", "min_healthy", "idle_timeout", "idle_after", "proxy_protocol", "backends"}
 	healthFields  = []string{"type", "path", "host", "expect_status", "send", "interval", "timeout", "rise", "fall", "via"}
 	backendFields = []string{"address", "port", "weight", "state", "close_at", "close_rate"}
 )
@@ -342,6 +342,8 @@ func (d *decoder) service(n *yaml.Node, path string) Service {
 			s.MinHealthy = int(d.integer(v, p, 0, limitMaxBackends))
 		case "idle_timeout":
 			s.IdleTimeout = d.duration(v, p)
+		case "idle_after":
+			s.IdleAfter = d.positiveDuration(v, p)
 		case "proxy_protocol":
 			if s.ProxyProtocol = d.str(v, p); s.ProxyProtocol == "none" {
 				s.ProxyProtocol = ProxyProtocolNone

@@ -221,6 +221,9 @@ func serviceNode(s Service) *yaml.Node {
 	if s.IdleTimeout != 0 {
 		kv = append(kv, "idle_timeout", str(s.IdleTimeout.String()))
 	}
+	if s.IdleAfter != 0 {
+		kv = append(kv, "idle_after", str(s.IdleAfter.String()))
+	}
 	if s.ProxyProtocol != ProxyProtocolNone {
 		kv = append(kv, "proxy_protocol", str(s.ProxyProtocol))
 	}

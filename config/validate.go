@@ -383,6 +383,9 @@ func (s *Service) validate(v *validator, p string, proxied bool) bool {
 	if s.MinHealthy < 0 || s.MinHealthy > limitMaxBackends {
 		v.add(field(p, "min_healthy"), "%d is out of range 0..%d", s.MinHealthy, limitMaxBackends)
 	}
+	if s.IdleAfter < 0 || s.IdleAfter > MaxIdleTimeout {
+		v.add(field(p, "idle_after"), "%s is out of range (want more than 0, up to 720h)", s.IdleAfter)
+	}
 	if s.IdleTimeout < 0 || s.IdleTimeout > MaxIdleTimeout {
 		v.add(field(p, "idle_timeout"), "%s is out of range (want 0, for none, up to 720h)", s.IdleTimeout)
 	}

@@ -120,6 +120,7 @@ func serviceDiff(o, n config.Service) *ServiceChange {
 		{"on_down", o.OnDown != n.OnDown},
 		{"icmp_echo", o.ICMPEcho != n.ICMPEcho},
 		{"idle_timeout", o.IdleTimeout != n.IdleTimeout},
+		{"idle_after", o.IdleAfter != n.IdleAfter},
 		{"proxy_protocol", o.ProxyProtocol != n.ProxyProtocol},
 	} {
 		if f.changed {

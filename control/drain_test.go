@@ -146,3 +146,48 @@ func backendNamed(t *testing.T, e *apiEnv, ref, addr string) BackendStatus {
 	t.Fatalf("no backend %s in %s", addr, ref)
 	return BackendStatus{}
 }
+
+// TestCountFlows checks the honest counts: a flow quiet for idle_after is
+// idle, on a down backend lost; so is a down backend's flow whose client
+// has since sent to another backend; closing flows and other hosts'
+// flows are not counted.
+func TestCountFlows(t *testing.T) {
+	cfg, err := config.Parse([]byte(conf(8, 32, strings.Replace(web4, "    backends:", "    idle_after: 10s\n    backends:", 1))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	vip := netip.MustParseAddrPort("203.0.113.10:80")
+	applied := []datapath.Service{{ID: 1, VIP: vip.Addr(), Port: vip.Port(), Proto: 6, Backends: []datapath.Backend{
+		{ID: 11, State: datapath.Active}, {ID: 12, State: datapath.Down}, {ID: 13, State: datapath.Draining},
+	}}}
+	flow := func(client string, port uint16, be uint32, idle time.Duration) datapath.Flow {
+		return datapath.Flow{Client: netip.AddrPortFrom(netip.MustParseAddr(client), port), VIP: vip, Proto: 6, Service: 1, Backend: be, Idle: idle}
+	}
+	closing := flow("198.51.100.9", 1, 11, 0)
+	closing.Closing = true
+	learned := flow("198.51.100.9", 2, 12, 0)
+	learned.Learned = true
+	flows := []datapath.Flow{
+		flow("198.51.100.1", 1, 11, 0),              // active
+		flow("198.51.100.2", 1, 11, 9*time.Second),  // active, nearly idle
+		flow("198.51.100.3", 1, 11, 10*time.Second), // idle
+		flow("198.51.100.4", 1, 13, time.Hour),      // idle on a draining backend
+		flow("198.51.100.4", 2, 13, 0),              // active on a draining backend
+		flow("198.51.100.5", 1, 12, 3*time.Second),  // down: its client moved to 11
+		flow("198.51.100.5", 2, 11, time.Second),    //   (active there)
+		flow("198.51.100.6", 1, 12, 0),              // down, still sending, client elsewhere but older
+		flow("198.51.100.6", 2, 11, 5*time.Second),  //   (active there)
+		flow("198.51.100.7", 1, 12, 10*time.Second), // down and quiet: lost
+		flow("198.51.100.8", 1, 12, 2*time.Second),  // down, client nowhere else: active
+		closing, learned,
+	}
+	got := countFlows(flows, cfg, applied)
+	want := map[idPair]flowCounts{
+		{1, 11}: {active: 4, idle: 1},
+		{1, 12}: {active: 2, lost: 2},
+		{1, 13}: {active: 1, idle: 1},
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("counts %v, want %v", got, want)
+	}
+}

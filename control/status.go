@@ -102,10 +102,17 @@ type BackendStatus struct {
 	Unreachable string `json:"unreachable,omitempty"`
 	// Health is the verdict of the backend's health check.
 	Health BackendHealth `json:"health"`
-	// ActiveConnections counts the backend's flows in the connection table
-	// that have not been seen closing (no FIN or RST yet). A connection
-	// that ended silently stays counted until its entry is evicted.
+	// ActiveConnections counts the backend's open flows in the connection
+	// table (not seen closing: no FIN or RST yet) that sent a packet
+	// within the service's idle_after. IdleConnections counts those open
+	// and quieter, on a backend that is not down. LostConnections counts
+	// those of a down backend whose clients went quiet or, since, sent
+	// from a connection to another backend of the service: with direct
+	// server return a connection that died with its backend ends without
+	// a FIN tether could see.
 	ActiveConnections int `json:"active_connections"`
+	IdleConnections   int `json:"idle_connections"`
+	LostConnections   int `json:"lost_connections"`
 	// Drain is the backend's paced drain: a draining backend whose
 	// remaining connections close at a given time and rate.
 	Drain *DrainStatus `json:"drain,omitempty"`
@@ -196,6 +203,9 @@ type FlowStatus struct {
 	Backend string `json:"backend"`
 	// Closing is set once a FIN or RST was seen.
 	Closing bool `json:"closing"`
+	// Idle is how long ago the flow's last packet came, to about a second
+	// with XDP ("0s" within the last second, or unknown).
+	Idle string `json:"idle"`
 }
 
 // Status returns the running state, with each backend's active
@@ -229,13 +239,7 @@ func (d *Daemon) Services(ref string) ([]ServiceStatus, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read the connection table: %w", err)
 	}
-	type idPair struct{ svc, be uint32 }
-	active := map[idPair]int{}
-	for _, f := range flows {
-		if !f.Closing && !f.Learned {
-			active[idPair{f.Service, f.Backend}]++
-		}
-	}
+	counts := countFlows(flows, cfg, applied)
 	byKey := appliedByKey(applied)
 	unreachable := d.ctl.Unreachable()
 	out := make([]ServiceStatus, 0, len(services))
@@ -267,7 +271,9 @@ func (d *Daemon) Services(ref string) ([]ServiceStatus, error) {
 				State:             b.State.String(),
 				Health:            d.backendHealth(cs, config.Backend{Address: b.Addr, Port: b.Port}),
 				Unreachable:       unreachable[b.Addr],
-				ActiveConnections: active[idPair{as.ID, b.ID}],
+				ActiveConnections: counts[idPair{as.ID, b.ID}].active,
+				IdleConnections:   counts[idPair{as.ID, b.ID}].idle,
+				LostConnections:   counts[idPair{as.ID, b.ID}].lost,
 			})
 			if cb, ok := configBackend(cs, b.Addr, b.Port); ok {
 				s.Backends[len(s.Backends)-1].Drain = d.drainStatus(as.ID, b.ID, cb)
@@ -276,6 +282,77 @@ func (d *Daemon) Services(ref string) ([]ServiceStatus, error) {
 		out = append(out, s)
 	}
 	return out, nil
+}
+
+// idPair names a backend of a service by their ids.
+type idPair struct{ svc, be uint32 }
+
+// flowCounts are a backend's open connections (BackendStatus).
+type flowCounts struct{ active, idle, lost int }
+
+// countFlows counts the open flows of each backend of the applied
+// services: those not seen closing, and not another host's (sync) that
+// never reached this one. A flow quiet for the service's idle_after is
+// idle, or lost on a down backend; so is a flow of a down backend whose
+// client has since sent on a connection to another backend of the
+// service.
+func countFlows(flows []datapath.Flow, cfg *config.Config, applied []datapath.Service) map[idPair]flowCounts {
+	quiet := map[uint32]time.Duration{}
+	byKey := appliedByKey(applied)
+	for _, cs := range cfg.Services {
+		if as, ok := byKey[cs.Key()]; ok {
+			quiet[as.ID] = cs.QuietAfter()
+		}
+	}
+	down := map[idPair]bool{}
+	for _, as := range applied {
+		for _, b := range as.Backends {
+			if b.State == datapath.Down {
+				down[idPair{as.ID, b.ID}] = true
+			}
+		}
+	}
+	type client struct {
+		svc  uint32
+		addr netip.Addr
+	}
+	// The latest packet of each client on a backend that is not down.
+	elsewhere := map[client]time.Duration{}
+	for _, f := range flows {
+		if f.Closing || f.Learned || down[idPair{f.Service, f.Backend}] {
+			continue
+		}
+		c := client{f.Service, f.Client.Addr()}
+		if idle, ok := elsewhere[c]; !ok || f.Idle < idle {
+			elsewhere[c] = f.Idle
+		}
+	}
+	out := map[idPair]flowCounts{}
+	for _, f := range flows {
+		if f.Closing || f.Learned {
+			continue
+		}
+		k := idPair{f.Service, f.Backend}
+		q := quiet[f.Service]
+		if q == 0 {
+			q = config.DefaultIdleAfter
+		}
+		n := out[k]
+		switch {
+		case down[k]:
+			if other, ok := elsewhere[client{f.Service, f.Client.Addr()}]; f.Idle >= q || ok && other < f.Idle {
+				n.lost++
+			} else {
+				n.active++
+			}
+		case f.Idle >= q:
+			n.idle++
+		default:
+			n.active++
+		}
+		out[k] = n
+	}
+	return out
 }
 
 // appliedByKey indexes applied services by their configuration key.
@@ -376,6 +453,7 @@ func (d *Daemon) Flows(ref string) ([]FlowStatus, error) {
 			Service:  be.service,
 			Backend:  be.addr,
 			Closing:  f.Closing,
+			Idle:     f.Idle.Round(time.Second).String(),
 		})
 	}
 	return out, nil

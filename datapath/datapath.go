@@ -175,6 +175,10 @@ type Flow struct {
 	// flow's first packet here: it is that host's connection, not counted
 	// active here.
 	Learned bool `json:"learned,omitempty"`
+	// Idle is how long ago the flow's last packet came (XDP: to about a
+	// second; 0 within the last second, or when the datapath does not
+	// know: an entry an earlier tether or another host made).
+	Idle time.Duration `json:"idle,omitempty"`
 }
 
 // Datapath forwards the traffic of services to their backends. What a

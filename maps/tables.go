@@ -46,42 +46,74 @@ func flowKey4(client, vip netip.AddrPort, proto uint8) bpf.TetherFlowKey4 {
 	}
 }
 
-func flow6(k bpf.TetherFlowKey, v bpf.TetherConn) Flow {
+// flow6 and flow4 are the flows of connection-table entries, read at
+// now (seenNow).
+func flow6(k bpf.TetherFlowKey, v bpf.TetherConn, now uint32) Flow {
+	return connFlow(netip.AddrPortFrom(addrOf(k.Src, afInet6), HostPort(k.Sport)),
+		netip.AddrPortFrom(addrOf(k.Dst, afInet6), HostPort(k.Dport)), k.Proto, v, now)
+}
+
+func flow4(k bpf.TetherFlowKey4, v bpf.TetherConn, now uint32) Flow {
+	return connFlow(netip.AddrPortFrom(addrOf([4]uint32{k.Src}, afInet), HostPort(k.Sport)),
+		netip.AddrPortFrom(addrOf([4]uint32{k.Dst}, afInet), HostPort(k.Dport)), k.Proto, v, now)
+}
+
+func connFlow(client, vip netip.AddrPort, proto uint8, v bpf.TetherConn, now uint32) Flow {
 	return Flow{
-		Client:  netip.AddrPortFrom(addrOf(k.Src, afInet6), HostPort(k.Sport)),
-		VIP:     netip.AddrPortFrom(addrOf(k.Dst, afInet6), HostPort(k.Dport)),
-		Proto:   k.Proto,
+		Client:  client,
+		VIP:     vip,
+		Proto:   proto,
 		Service: v.Service,
 		Backend: v.Backend,
 		Closing: v.Flags&connClosing != 0,
 		Learned: v.Flags&connLearned != 0,
+		Idle:    idleOf(v.Flags, now),
 	}
 }
 
-func flow4(k bpf.TetherFlowKey4, v bpf.TetherConn) Flow {
-	return Flow{
-		Client:  netip.AddrPortFrom(addrOf([4]uint32{k.Src}, afInet), HostPort(k.Sport)),
-		VIP:     netip.AddrPortFrom(addrOf([4]uint32{k.Dst}, afInet), HostPort(k.Dport)),
-		Proto:   k.Proto,
-		Service: v.Service,
-		Backend: v.Backend,
-		Closing: v.Flags&connClosing != 0,
-		Learned: v.Flags&connLearned != 0,
+// The time of a flow's last packet, in struct conn.flags (bpf/consts.h:
+// CONN_SEEN_SHIFT).
+const (
+	seenShift = 8
+	seenUnit  = 30 // log2 of its unit in ns
+	seenMask  = 1<<24 - 1
+)
+
+// seenNow is the program's clock (CLOCK_MONOTONIC_COARSE) as struct
+// conn.flags holds it.
+func seenNow() uint32 {
+	var ts unix.Timespec
+	if unix.ClockGettime(unix.CLOCK_MONOTONIC_COARSE, &ts) != nil {
+		return 0
 	}
+	return uint32(ts.Nano()>>seenUnit) & seenMask
+}
+
+// idleOf is how long before now (seenNow) the flow whose entry holds
+// flags sent its last packet, to a unit of about a second: 0 when it was
+// within the current unit, or is unknown (an entry an earlier tether or
+// another host made, or now unknown).
+func idleOf(flags, now uint32) time.Duration {
+	seen := flags >> seenShift
+	if seen == 0 || now == 0 {
+		return 0
+	}
+	return time.Duration((now-seen)&seenMask) << seenUnit
 }
 
 // Flows lists the connection tables, IPv4 then IPv6. The tables change
 // while they are read, so the listing is a best-effort snapshot.
 func (m *Maps) Flows() ([]Flow, error) {
-	out, err := list(m.m.Conns4, flow4)
+	now := seenNow()
+	out, err := list(m.m.Conns4, now, flow4)
 	if err != nil {
 		return out, err
 	}
-	out6, err := list(m.m.Conns6, flow6)
+	out6, err := list(m.m.Conns6, now, flow6)
 	return append(out, out6...), err
 }
 
-func list[K, V any](mp *ebpf.Map, conv func(K, V) Flow) ([]Flow, error) {
+func list[K, V any](mp *ebpf.Map, now uint32, conv func(K, V, uint32) Flow) ([]Flow, error) {
 	var (
 		out []Flow
 		k   K
@@ -89,7 +121,7 @@ func list[K, V any](mp *ebpf.Map, conv func(K, V) Flow) ([]Flow, error) {
 	)
 	it := mp.Iterate()
 	for it.Next(&k, &v) {
-		out = append(out, conv(k, v))
+		out = append(out, conv(k, v, now))
 	}
 	if err := it.Err(); err != nil {
 		return out, fmt.Errorf("list flows: %w", err)
@@ -153,11 +185,11 @@ func (m *Maps) LookupFlow(client, vip netip.AddrPort, proto uint8) (Flow, bool, 
 	if client.Addr().Unmap().Is4() {
 		k := flowKey4(client, vip, proto)
 		err = m.m.Conns4.Lookup(&k, &v)
-		f = flow4(k, v)
+		f = flow4(k, v, seenNow())
 	} else {
 		k := flowKey6(client, vip, proto)
 		err = m.m.Conns6.Lookup(&k, &v)
-		f = flow6(k, v)
+		f = flow6(k, v, seenNow())
 	}
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return Flow{}, false, nil
@@ -329,9 +361,9 @@ func SyncFlow(raw []byte) (Flow, error) {
 	}
 	var f Flow
 	if ev.Family == afInet6 {
-		f = flow6(ev.Key, bpf.TetherConn{})
+		f = flow6(ev.Key, bpf.TetherConn{}, 0)
 	} else {
-		f = flow4(bpf.TetherFlowKey4{Src: ev.Key.Src[0], Dst: ev.Key.Dst[0], Sport: ev.Key.Sport, Dport: ev.Key.Dport, Proto: ev.Key.Proto}, bpf.TetherConn{})
+		f = flow4(bpf.TetherFlowKey4{Src: ev.Key.Src[0], Dst: ev.Key.Dst[0], Sport: ev.Key.Sport, Dport: ev.Key.Dport, Proto: ev.Key.Proto}, bpf.TetherConn{}, 0)
 	}
 	f.Service, f.Backend = ev.Service, ev.Backend
 	return f, nil

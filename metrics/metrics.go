@@ -65,7 +65,11 @@ var (
 	backendConns = desc("tether_backend_connections_total",
 		"New connections sent to the backend.", backendLabels...)
 	backendActive = desc("tether_backend_active_connections",
-		"Connections to the backend in the connection table not seen closing (no FIN or RST yet).", backendLabels...)
+		"Open connections to the backend (no FIN or RST seen) that sent within the service's idle_after.", backendLabels...)
+	backendIdle = desc("tether_backend_idle_connections",
+		"Open connections to a backend that is not down, quiet for the service's idle_after or longer.", backendLabels...)
+	backendLost = desc("tether_backend_lost_connections",
+		"Open connections to a down backend whose clients went quiet or since sent to another backend.", backendLabels...)
 	backendUp = desc("tether_backend_up",
 		"1 while the backend's health check passes (or it is not probed), 0 while it fails.", backendLabels...)
 	backendState = desc("tether_backend_state",
@@ -128,6 +132,8 @@ var Names = []string{
 	"tether_backend_bytes_total",
 	"tether_backend_connections_total",
 	"tether_backend_active_connections",
+	"tether_backend_idle_connections",
+	"tether_backend_lost_connections",
 	"tether_backend_up",
 	"tether_backend_state",
 	"tether_backend_weight",
@@ -173,7 +179,7 @@ func NewCollector(src Source, log *slog.Logger) *Collector {
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
-		backendPackets, backendBytes, backendConns, backendActive, backendUp, backendState,
+		backendPackets, backendBytes, backendConns, backendActive, backendIdle, backendLost, backendUp, backendState,
 		backendWeight, probeLatency, probes, probeFailures, transitions,
 		serviceConns, affinityHits, affinityMisses, serviceUp,
 		notForwarded, unrecorded, datapathInfo, tableEntries, tableCapacity,
@@ -218,6 +224,8 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			backends[backendKey{s.VIP, s.Protocol, b.Address}] = b
 			l := []string{s.Name, s.VIP, b.Address}
 			gauge(backendActive, float64(b.ActiveConnections), l...)
+			gauge(backendIdle, float64(b.IdleConnections), l...)
+			gauge(backendLost, float64(b.LostConnections), l...)
 			gauge(backendWeight, float64(b.Weight), l...)
 			up := 1.0
 			if b.Health.State == control.HealthDown {

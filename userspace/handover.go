@@ -223,7 +223,7 @@ func (c *conn) handed(now int64) HandedConn {
 		BackendFD:   c.sides[1].fd,
 		Header:      slices.Clone(c.hdr),
 		IdleTimeout: c.idleTimeout,
-		Idle:        time.Duration(now - c.lastSeen),
+		Idle:        time.Duration(now - c.lastSeen.Load()),
 		Closing:     c.closing.Load(),
 	}
 	if c.dialing != nil {
@@ -609,8 +609,8 @@ func (p *Proxy) inheritConn(h HandedConn, now int64) *conn {
 		idleTimer:   -1,
 		hdr:         h.Header,
 		idleTimeout: h.IdleTimeout,
-		lastSeen:    now - int64(h.Idle),
 	}
+	c.lastSeen.Store(now - int64(h.Idle))
 	c.closing.Store(h.Closing)
 	for i, d := range h.Dirs {
 		c.dirs[i] = dir{n: d.Bytes, eof: d.EOF, ended: d.Ended}
@@ -641,7 +641,7 @@ func (lp *loop) adopt(c *conn) {
 		heap.Push(&lp.timers, timer{when: lp.now + int64(c.dialLeft), c: c, dial: true})
 	}
 	if c.idleTimeout > 0 {
-		heap.Push(&lp.timers, timer{when: c.lastSeen + int64(c.idleTimeout), c: c})
+		heap.Push(&lp.timers, timer{when: c.lastSeen.Load() + int64(c.idleTimeout), c: c})
 	}
 	lp.keepAliveLater(c)
 	c.progress()

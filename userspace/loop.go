@@ -465,9 +465,9 @@ func (lp *loop) expire() {
 			if c.done {
 				continue
 			}
-			quiet := time.Duration(lp.now - c.lastSeen)
+			quiet := time.Duration(lp.now - c.lastSeen.Load())
 			if quiet < c.idleTimeout {
-				heap.Push(&lp.timers, timer{when: c.lastSeen + int64(c.idleTimeout), c: c})
+				heap.Push(&lp.timers, timer{when: c.lastSeen.Load() + int64(c.idleTimeout), c: c})
 				continue
 			}
 			lp.p.log.Debug("closing idle connection", "client", c.key.client, "vip", c.key.vip, "backend", c.be.ID, "idle", quiet)

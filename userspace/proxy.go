@@ -490,6 +490,7 @@ func (p *Proxy) Tables() ([]datapath.Table, error) {
 // ended its stream (FIN) or failed.
 func (p *Proxy) Flows() ([]datapath.Flow, error) {
 	p.mu.Lock()
+	now := p.now()
 	out := make([]datapath.Flow, 0, len(p.conns))
 	for k, c := range p.conns {
 		out = append(out, datapath.Flow{
@@ -499,6 +500,7 @@ func (p *Proxy) Flows() ([]datapath.Flow, error) {
 			Service: c.service,
 			Backend: c.be.ID,
 			Closing: c.closing.Load(),
+			Idle:    time.Duration(max(now-c.lastSeen.Load(), 0)),
 		})
 	}
 	p.mu.Unlock()
@@ -638,8 +640,8 @@ func (lp *loop) serve(s *service, cfd int, client netip.AddrPort) {
 		dialTimer:   -1,
 		idleTimer:   -1,
 		idleTimeout: s.IdleTimeout,
-		lastSeen:    lp.now,
 	}
+	c.lastSeen.Store(lp.now)
 	if s.ProxyProtocol {
 		c.hdr = appendProxyHeader(make([]byte, 0, 52), client, vip)
 	}

@@ -106,9 +106,9 @@ type conn struct {
 	idleTimer   int           // index of the idle check in loop.timers, or -1
 	hdr         []byte        // PROXY header still to send
 	idleTimeout time.Duration
-	lastSeen    int64 // Proxy.now of the last bytes moved, either way
-	done        bool  // sockets closed
-	queued      bool  // in loop.runq
+	lastSeen    atomic.Int64 // Proxy.now of the last bytes moved, either way (read by Flows)
+	done        bool         // sockets closed
+	queued      bool         // in loop.runq
 }
 
 // side is what the loop knows of one socket of a connection: readable
@@ -246,7 +246,7 @@ func (c *conn) pump(d int) bool {
 			dr.n -= m
 			stats.bytes.Add(uint64(m))
 			// A slow reader is not an idle one.
-			c.lastSeen = c.loop.now
+			c.lastSeen.Store(c.loop.now)
 			continue
 		}
 		if dr.eof {
@@ -290,7 +290,7 @@ func (c *conn) pump(d int) bool {
 		budget--
 		dr.n = m
 		stats.packets.Add(1)
-		c.lastSeen = c.loop.now
+		c.lastSeen.Store(c.loop.now)
 	}
 }
 

@@ -182,10 +182,14 @@ var backendLsCommand = &cli.Command{
 or weight 0: out of the ring, established connections keep flowing) or down
 (the health check failed: out of the ring).
 
-CONNECTIONS counts the backend's flows in tether's connection table that have
-not been seen closing (FIN or RST); it drops to 0 once a drained backend's
-clients have gone. A connection that ended without FIN or RST stays counted
-until its table entry is evicted. A drain with a deadline (tether backend
+CONNECTIONS counts the backend's open connections in tether's table (not seen
+closing with FIN or RST) that sent a packet within the service's idle_after
+(default 2m); IDLE counts the open ones quieter than that. On a down backend,
+LOST counts the connections whose clients went quiet or have since sent on a
+connection to another backend: with direct server return tether sees only the
+client's packets, so a connection that died with its backend never shows a
+FIN. A drained backend whose CONNECTIONS is 0 has no client left sending; its
+IDLE ones are quiet (or gone without FIN). A drain with a deadline (tether backend
 drain --deadline) is shown under the table: when it closes what is left, at
 what rate, and how many it has closed.
 

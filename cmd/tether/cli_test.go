@@ -359,8 +359,8 @@ services:
 	}
 	want([]string{"backend", "ls", vip},
 		`web `+regexp.QuoteMeta(vip)+`/tcp: up\n`,
-		regexp.QuoteMeta(be2)+` +active +1 +[0-9]+ +up +ok in [0-9.]+[µm]?s +0\n`,
-		regexp.QuoteMeta(be3)+` +down +1 +[0-9]+ +down +connection refused in [0-9.]+[µm]?s +1\n`)
+		regexp.QuoteMeta(be2)+` +active +1 +[0-9]+ +0 +0 +up +ok in [0-9.]+[µm]?s +0\n`,
+		regexp.QuoteMeta(be3)+` +down +1 +[0-9]+ +0 +[0-9]+ +down +connection refused in [0-9.]+[µm]?s +1\n`)
 	want([]string{"status"}, `up; tcp check every 50ms \(timeout 40ms, rise 2, fall 2\), on_down reset`)
 	want([]string{"vip", "ls"}, `web +`+regexp.QuoteMeta(vip)+` +tcp +up +source .* tcp +1 active, 1 down +[0-9]+`)
 	want([]string{"stats"}, regexp.QuoteMeta(be3)+` +[0-9,]+ +[0-9,]+ +[0-9.]+ [KMG]?i?B +1\n`)

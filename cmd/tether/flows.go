@@ -41,7 +41,7 @@ func flows(ctx context.Context, cl *control.Client, w io.Writer, ref, format str
 		fmt.Fprintln(w, "no flows")
 		return nil
 	}
-	t := newTable(w, "CLIENT", "VIP", "PROTO", "SERVICE", "BACKEND", "STATE")
+	t := newTable(w, "CLIENT", "VIP", "PROTO", "SERVICE", "BACKEND", "STATE", "IDLE")
 	closing := 0
 	for _, f := range fl {
 		state, svc, be := "open", f.Service, f.Backend
@@ -52,7 +52,7 @@ func flows(ctx context.Context, cl *control.Client, w io.Writer, ref, format str
 		if be == "" {
 			svc, be = "-", "(removed)"
 		}
-		t.row(f.Client, f.VIP, f.Protocol, svc, be, state)
+		t.row(f.Client, f.VIP, f.Protocol, svc, be, state, f.Idle)
 	}
 	if err := t.flush(); err != nil {
 		return err

@@ -182,7 +182,7 @@ func healthSummary(h control.HealthSpec) string {
 // backendTable writes backends as a table, each line starting with
 // indent.
 func backendTable(w io.Writer, indent string, backends []control.BackendStatus) error {
-	t := newTable(w, indent+"BACKEND", "STATE", "WEIGHT", "CONNECTIONS", "HEALTH", "LAST PROBE", "TRANSITIONS")
+	t := newTable(w, indent+"BACKEND", "STATE", "WEIGHT", "CONNECTIONS", "IDLE", "LOST", "HEALTH", "LAST PROBE", "TRANSITIONS")
 	for _, b := range backends {
 		probe, transitions := "-", "-"
 		if b.Health.LastResult != "" {
@@ -195,14 +195,15 @@ func backendTable(w io.Writer, indent string, backends []control.BackendStatus) 
 		if b.Unreachable != "" {
 			state += " (unreachable)"
 		}
-		t.row(indent+b.Address, state, fmt.Sprint(b.Weight), fmt.Sprint(b.ActiveConnections), b.Health.State, probe, transitions)
+		t.row(indent+b.Address, state, fmt.Sprint(b.Weight), fmt.Sprint(b.ActiveConnections), fmt.Sprint(b.IdleConnections),
+			fmt.Sprint(b.LostConnections), b.Health.State, probe, transitions)
 	}
 	if err := t.flush(); err != nil {
 		return err
 	}
 	for _, b := range backends {
 		if dr := b.Drain; dr != nil {
-			fmt.Fprintf(w, "%s%s\n", indent, drainLine(b.Address, b.ActiveConnections, dr, time.Now()))
+			fmt.Fprintf(w, "%s%s\n", indent, drainLine(b.Address, b.ActiveConnections+b.IdleConnections+b.LostConnections, dr, time.Now()))
 		}
 	}
 	return nil
