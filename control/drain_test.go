@@ -191,3 +191,50 @@ func TestCountFlows(t *testing.T) {
 		t.Errorf("counts %v, want %v", got, want)
 	}
 }
+
+// TestPacedDrainAfterRestart starts a daemon whose file holds a close_at
+// that has passed, as a daemon restarted during a paced drain finds it:
+// it closes the backend's connections at once, at the file's rate.
+func TestPacedDrainAfterRestart(t *testing.T) {
+	const rate = 50
+	at := time.Now().Add(-time.Minute).UTC().Format(time.RFC3339)
+	e := newAPIEnv(t, conf(8, 32, strings.Replace(web4, "      - address: 192.0.2.12\n",
+		fmt.Sprintf("      - address: 192.0.2.12\n        state: draining\n        close_at: %s\n        close_rate: %d\n", at, rate), 1)))
+	s := serviceNamed(t, e, "203.0.113.10:80")
+	var drained uint32
+	for _, b := range s.Backends {
+		if b.Address == "192.0.2.12:80" {
+			drained = b.ID
+		}
+	}
+	e.dp.mu.Lock()
+	for i := range 20 {
+		e.dp.flows = append(e.dp.flows, datapath.Flow{Client: netip.AddrPortFrom(netip.MustParseAddr("198.51.100.1"), uint16(10000+i)),
+			VIP: netip.MustParseAddrPort("203.0.113.10:80"), Proto: 6, Service: s.ID, Backend: drained})
+	}
+	e.dp.mu.Unlock()
+	began := time.Now()
+	e.d.startPacer()
+	defer e.d.stopPacer()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		e.dp.mu.Lock()
+		n := len(e.dp.closedAt)
+		var last time.Time
+		if n > 0 {
+			last = e.dp.closedAt[n-1]
+		}
+		e.dp.mu.Unlock()
+		if n == 20 {
+			// 20 at 50 a second, the first at once: 0.38 s.
+			if took := last.Sub(began); took < 370*time.Millisecond || took > time.Second {
+				t.Errorf("20 connections closed in %v at %d a second, want about 380ms", took, rate)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of 20 connections closed after a restart past close_at", n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
