@@ -27,6 +27,18 @@
 #ifndef NAT_SYN_ENTRIES
 #define NAT_SYN_ENTRIES 16384 /* half-open NAT'ed handshakes (see nat.h) */
 #endif
+#define TRACE_RING_BYTES (1 << 20) /* trace_events: 216-byte records, 224 with the ring's header: 4,681 */
+#define TRACE_SNAP	 160	   /* bytes of each traced frame kept for --pcap */
+#define TRACE_CPUS	 1024	   /* trace_reason slots: CPU ids past it share them */
+
+/* What decided a traced packet's backend (struct trace_event.decided). */
+enum trace_by {
+	TRACE_BY_NONE = 0,     /* nothing: not forwarded to a backend (the reason says why) */
+	TRACE_BY_CONN = 1,     /* its connection entry */
+	TRACE_BY_AFFINITY = 2, /* its client's affinity entry (a new connection) */
+	TRACE_BY_RING = 3,     /* the service's Maglev ring (a new connection) */
+};
+
 #ifndef SYNC_RING_BYTES
 #define SYNC_RING_BYTES (1 << 20) /* sync_events: 52-byte records, 64 with the ring's header: 16,384 */
 #endif

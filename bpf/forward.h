@@ -15,6 +15,8 @@ static __always_inline int count_reason(__u32 reason, int verdict)
 	__u64 *n = bpf_map_lookup_elem(&reasons, &reason);
 	if (n)
 		*n += 1;
+	if (trace_on)
+		trace_reason[bpf_get_smp_processor_id() & (TRACE_CPUS - 1)] = reason;
 	return verdict;
 }
 

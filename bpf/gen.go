@@ -8,5 +8,5 @@
 // backends: it strips the outer header of ipip and gue packets.
 package bpf
 
-//go:generate go tool bpf2go -tags linux -target bpfel -type service_key -type service_key4 -type service -type backend -type flow_key -type flow_key4 -type conn -type nat_entry -type snat -type tunnel -type vip_key -type affinity_key -type affinity -type backend_stats -type service_stats -type sync_event -type reason -type backend_state Tether tether.c -- -I./include -I/usr/include/x86_64-linux-gnu -O2 -Wall -Werror
+//go:generate go tool bpf2go -tags linux -target bpfel -type service_key -type service_key4 -type service -type backend -type flow_key -type flow_key4 -type conn -type nat_entry -type snat -type tunnel -type vip_key -type affinity_key -type affinity -type backend_stats -type service_stats -type sync_event -type reason -type backend_state -type trace_event -type trace_by Tether tether.c -- -I./include -I/usr/include/x86_64-linux-gnu -O2 -Wall -Werror
 //go:generate go tool bpf2go -tags linux -target bpfel Decap decap.c -- -I./include -I/usr/include/x86_64-linux-gnu -O2 -Wall -Werror

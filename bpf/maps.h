@@ -12,6 +12,15 @@ volatile const __u32 ring_size = RING_SIZE;  /* slots in every ring, prime */
 volatile const __u32 hash_seed = 0x74657468; /* the same on every tether host */
 volatile const __u32 insert_rate = 0;	     /* new flows each CPU records a second; 0: no limit (guard.h) */
 
+/* tether trace (trace.h), written by the daemon while a trace runs:
+ * trace_on turns it on, trace_match says which packets, trace_reason is
+ * each CPU's reason for its packet, trace_lost counts events the ring had
+ * no room for. Not pinned: a trace lives as long as one daemon. */
+volatile __u32 trace_on = 0;
+struct trace_filter trace_match = {};
+__u32 trace_reason[TRACE_CPUS] = {};
+__u64 trace_lost = 0;
+
 /* Services by VIP, port and protocol. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -181,5 +190,11 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } sync_lost SEC(".maps");
+
+/* tether trace's events (trace.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, TRACE_RING_BYTES);
+} trace_events SEC(".maps");
 
 #endif

@@ -34,6 +34,9 @@ struct packet {
 	__u8 vlan;     /* one 802.1Q tag sits before the IP header */
 	__u8 syn;      /* TCP SYN, with or without ACK */
 	__u8 icmp;     /* an ICMP error about the flow of key (icmp.h) */
+	__u8 decided;  /* enum trace_by: what chose its backend, for tether trace */
+	__u32 service; /* and which: for tether trace */
+	__u32 backend;
 };
 
 #define CLOSING_FIN 1

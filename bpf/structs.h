@@ -145,4 +145,33 @@ struct insert_window {
 	__u64 entered;	/* flows recorded since then */
 };
 
+/* One decision of the program, for tether trace (trace.h): the packet as
+ * parsed, what became of it, and the frame as it left. */
+struct trace_event {
+	__u64 time_ns; /* bpf_ktime_get_ns */
+	struct flow_key key;
+	__u32 service; /* 0: none */
+	__u32 backend; /* 0: none */
+	__u32 reason;  /* enum reason: why it was not forwarded, or guard_unrecorded; 0: none */
+	__u32 verdict; /* XDP_* */
+	__u16 len;     /* the frame's length as it left */
+	__u16 cap;     /* the bytes of it in data */
+	__u8 decided;  /* enum trace_by */
+	__u8 family;
+	__u8 pad[2];
+	__u8 data[TRACE_SNAP];
+};
+
+/* tether trace's filter: the packets to trace (trace.h). */
+struct trace_filter {
+	__u32 vip[4]; /* with port and proto: the service's packets (to it, or from it) */
+	__u32 client[4];
+	__u16 port;
+	__u8 proto;
+	__u8 family;	/* of vip and client: AF_INET, AF_INET6 */
+	__u8 by_vip;	/* vip, port and proto are set */
+	__u8 by_client; /* client is set */
+	__u8 pad[2];
+};
+
 #endif

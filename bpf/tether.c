@@ -34,6 +34,7 @@
 #include "encap.h"
 #include "icmp.h"
 #include "probe.h"
+#include "trace.h"
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -42,6 +43,10 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
 const enum backend_state *backend_state_btf __attribute__((unused));
 /* And struct sync_event, which travels through a ring buffer, untyped. */
 const struct sync_event *sync_event_btf __attribute__((unused));
+/* And enum trace_by, which struct trace_event holds in a __u8, and struct
+ * trace_event, which travels through a ring buffer. */
+const enum trace_by *trace_by_btf __attribute__((unused));
+const struct trace_event *trace_event_btf __attribute__((unused));
 
 /* share hands a new flow of a service that shares its entries to the
  * daemon, which sends it to the other hosts; a full ring counts it lost. */
@@ -170,7 +175,7 @@ static __always_inline int new_nat_flow(struct xdp_md *ctx, const struct packet 
  * whose entry it takes over (see tether_xdp) is recorded at once, since
  * the handshake's next packet would otherwise find the old entry. A flow
  * past this CPU's insertions (guard.h) is forwarded unrecorded. */
-static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt, int replace)
+static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, int replace)
 {
 	struct service *svc = lookup_service(pkt);
 	if (!svc)
@@ -182,6 +187,9 @@ static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt
 	__u64 now;
 	int affinity_hit;
 	__u32 id = choose_backend(svc, pkt, &ak, &now, &affinity_hit);
+	pkt->decided = affinity_hit ? TRACE_BY_AFFINITY : TRACE_BY_RING;
+	pkt->service = svc->id;
+	pkt->backend = id;
 
 	struct backend *be = lookup_backend(id, svc->id);
 	if (!be)
@@ -199,20 +207,22 @@ static __always_inline int new_flow(struct xdp_md *ctx, const struct packet *pkt
 	return forward_dsr(ctx, be, id);
 }
 
-SEC("xdp")
-int tether_xdp(struct xdp_md *ctx)
+/* handle decides what becomes of one packet, parsed into pkt. */
+static __always_inline int handle(struct xdp_md *ctx, struct packet *pkt)
 {
-	struct packet pkt = {};
-	int reason = parse_packet(ctx, &pkt);
+	int reason = parse_packet(ctx, pkt);
 	if (reason == R_PASS_NOT_TCP_UDP &&
-	    pkt.key.proto == (pkt.family == AF_INET6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP))
-		return icmp_error(ctx, &pkt);
+	    pkt->key.proto == (pkt->family == AF_INET6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP))
+		return icmp_error(ctx, pkt);
 	if (reason)
 		return count_reason(reason, verdict_of(reason));
 
-	struct conn *c = lookup_conn(&pkt);
+	struct conn *c = lookup_conn(pkt);
 	if (c) {
 		__u32 id = c->backend;
+		pkt->decided = TRACE_BY_CONN;
+		pkt->service = c->service;
+		pkt->backend = id;
 		struct backend *be = lookup_backend(id, c->service);
 		/* A new handshake on the 5-tuple of a connection whose backend
 		 * no longer takes new connections (draining, down), as a client
@@ -220,14 +230,14 @@ int tether_xdp(struct xdp_md *ctx)
 		 * again, and its choice replaces the entry so that the rest of
 		 * the handshake follows. The old connection's other packets go
 		 * on as its backend's state says until then. */
-		if (be && pkt.syn_only && (be->state != BE_ACTIVE || (c->flags & CONN_F_RESET)))
-			return new_flow(ctx, &pkt, 1);
+		if (be && pkt->syn_only && (be->state != BE_ACTIVE || (c->flags & CONN_F_RESET)))
+			return new_flow(ctx, pkt, 1);
 		/* on_down: reset, and a connection a paced drain closed. A TCP
 		 * connection is reset so that its client reconnects at once; a
 		 * UDP flow chooses a backend again. */
 		if (be && (be->state == BE_DOWN_RESET || (c->flags & CONN_F_RESET))) {
-			if (pkt.key.proto == IPPROTO_TCP)
-				return reset_tcp(ctx, &pkt,
+			if (pkt->key.proto == IPPROTO_TCP)
+				return reset_tcp(ctx, pkt,
 						 be->state == BE_DOWN_RESET ? R_RESET_BACKEND_DOWN
 									    : R_RESET_DRAINED);
 			be = NULL;
@@ -243,28 +253,38 @@ int tether_xdp(struct xdp_md *ctx)
 			 * - the time of its last packet, in units of about a second. */
 			__u32 fl = c->flags;
 			__u32 nf = (fl & CONN_F_MASK & ~CONN_F_LEARNED) | seen_of(bpf_ktime_get_coarse_ns());
-			if (pkt.closing)
+			if (pkt->closing)
 				nf |= CONN_F_CLOSING;
-			else if (pkt.syn_only)
+			else if (pkt->syn_only)
 				nf &= ~CONN_F_CLOSING;
 			if (nf != fl)
 				c->flags = nf;
 			/* The NAT entry may have been closed by the backend alone: a
 			 * SYN reopens it whatever the connection entry says. */
 			if (c->flags & (CONN_F_NAT | CONN_F_FULLNAT)) {
-				int verdict = forward_nat_conn(ctx, &pkt, be, c);
+				int verdict = forward_nat_conn(ctx, pkt, be, c);
 				if (verdict != NAT_STALE)
 					return verdict;
 				/* Another flow holds its replies' 5-tuple now: a new
 				 * handshake chooses again, the rest is dropped. */
-				if (!pkt.syn_only)
+				if (!pkt->syn_only)
 					return count_reason(R_DROP_NAT_STALE, XDP_DROP);
-				return new_flow(ctx, &pkt, 1);
+				return new_flow(ctx, pkt, 1);
 			}
 			if (c->flags & CONN_F_ENCAP)
-				return forward_encap(ctx, &pkt, be, id);
+				return forward_encap(ctx, pkt, be, id);
 			return forward_dsr(ctx, be, id);
 		}
 	}
-	return new_flow(ctx, &pkt, 0);
+	return new_flow(ctx, pkt, 0);
+}
+
+SEC("xdp")
+int tether_xdp(struct xdp_md *ctx)
+{
+	struct packet pkt = {};
+	int verdict = handle(ctx, &pkt);
+	if (trace_on)
+		trace_packet(ctx, &pkt, verdict);
+	return verdict;
 }

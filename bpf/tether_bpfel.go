@@ -185,6 +185,43 @@ type TetherSyncEvent struct {
 	Family  uint32
 }
 
+type TetherTraceBy uint32
+
+const (
+	TetherTraceByTRACE_BY_NONE     TetherTraceBy = 0
+	TetherTraceByTRACE_BY_CONN     TetherTraceBy = 1
+	TetherTraceByTRACE_BY_AFFINITY TetherTraceBy = 2
+	TetherTraceByTRACE_BY_RING     TetherTraceBy = 3
+)
+
+type TetherTraceEvent struct {
+	_       structs.HostLayout
+	TimeNs  uint64
+	Key     TetherFlowKey
+	Service uint32
+	Backend uint32
+	Reason  uint32
+	Verdict uint32
+	Len     uint16
+	Cap     uint16
+	Decided uint8
+	Family  uint8
+	Pad     [2]uint8
+	Data    [160]uint8
+}
+
+type TetherTraceFilter struct {
+	_        structs.HostLayout
+	Vip      [4]uint32
+	Client   [4]uint32
+	Port     uint16
+	Proto    uint8
+	Family   uint8
+	ByVip    uint8
+	ByClient uint8
+	Pad      [2]uint8
+}
+
 type TetherTunnel struct {
 	_       structs.HostLayout
 	Src     [4]uint32
@@ -221,6 +258,7 @@ const (
 	TetherMapSvcStats        = "svc_stats"
 	TetherMapSyncEvents      = "sync_events"
 	TetherMapSyncLost        = "sync_lost"
+	TetherMapTraceEvents     = "trace_events"
 	TetherMapTunnels         = "tunnels"
 	TetherMapVips            = "vips"
 	TetherProgTetherProbe    = "tether_probe"
@@ -230,6 +268,12 @@ const (
 	TetherVarInsertRate      = "insert_rate"
 	TetherVarRingSize        = "ring_size"
 	TetherVarSyncEventBtf    = "sync_event_btf"
+	TetherVarTraceByBtf      = "trace_by_btf"
+	TetherVarTraceEventBtf   = "trace_event_btf"
+	TetherVarTraceLost       = "trace_lost"
+	TetherVarTraceMatch      = "trace_match"
+	TetherVarTraceOn         = "trace_on"
+	TetherVarTraceReason     = "trace_reason"
 )
 
 // LoadTether returns the embedded CollectionSpec for Tether.
@@ -300,6 +344,7 @@ type TetherMapSpecs struct {
 	SvcStats    *ebpf.MapSpec `ebpf:"svc_stats"`
 	SyncEvents  *ebpf.MapSpec `ebpf:"sync_events"`
 	SyncLost    *ebpf.MapSpec `ebpf:"sync_lost"`
+	TraceEvents *ebpf.MapSpec `ebpf:"trace_events"`
 	Tunnels     *ebpf.MapSpec `ebpf:"tunnels"`
 	Vips        *ebpf.MapSpec `ebpf:"vips"`
 }
@@ -313,6 +358,12 @@ type TetherVariableSpecs struct {
 	InsertRate      *ebpf.VariableSpec `ebpf:"insert_rate"`
 	RingSize        *ebpf.VariableSpec `ebpf:"ring_size"`
 	SyncEventBtf    *ebpf.VariableSpec `ebpf:"sync_event_btf"`
+	TraceByBtf      *ebpf.VariableSpec `ebpf:"trace_by_btf"`
+	TraceEventBtf   *ebpf.VariableSpec `ebpf:"trace_event_btf"`
+	TraceLost       *ebpf.VariableSpec `ebpf:"trace_lost"`
+	TraceMatch      *ebpf.VariableSpec `ebpf:"trace_match"`
+	TraceOn         *ebpf.VariableSpec `ebpf:"trace_on"`
+	TraceReason     *ebpf.VariableSpec `ebpf:"trace_reason"`
 }
 
 // TetherObjects contains all objects after they have been loaded into the kernel.
@@ -353,6 +404,7 @@ type TetherMaps struct {
 	SvcStats    *ebpf.Map `ebpf:"svc_stats"`
 	SyncEvents  *ebpf.Map `ebpf:"sync_events"`
 	SyncLost    *ebpf.Map `ebpf:"sync_lost"`
+	TraceEvents *ebpf.Map `ebpf:"trace_events"`
 	Tunnels     *ebpf.Map `ebpf:"tunnels"`
 	Vips        *ebpf.Map `ebpf:"vips"`
 }
@@ -377,6 +429,7 @@ func (m *TetherMaps) Close() error {
 		m.SvcStats,
 		m.SyncEvents,
 		m.SyncLost,
+		m.TraceEvents,
 		m.Tunnels,
 		m.Vips,
 	)
@@ -391,6 +444,12 @@ type TetherVariables struct {
 	InsertRate      *ebpf.Variable `ebpf:"insert_rate"`
 	RingSize        *ebpf.Variable `ebpf:"ring_size"`
 	SyncEventBtf    *ebpf.Variable `ebpf:"sync_event_btf"`
+	TraceByBtf      *ebpf.Variable `ebpf:"trace_by_btf"`
+	TraceEventBtf   *ebpf.Variable `ebpf:"trace_event_btf"`
+	TraceLost       *ebpf.Variable `ebpf:"trace_lost"`
+	TraceMatch      *ebpf.Variable `ebpf:"trace_match"`
+	TraceOn         *ebpf.Variable `ebpf:"trace_on"`
+	TraceReason     *ebpf.Variable `ebpf:"trace_reason"`
 }
 
 // TetherPrograms contains all programs after they have been loaded into the kernel.

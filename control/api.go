@@ -60,6 +60,8 @@ const maxBody = 1 << 20
 //	GET    /v1/flows[?service=VIP:PORT[/PROTO]]   []FlowStatus
 //	POST   /v1/reload[?dry_run=true]              Result   (with its Changes)
 //	PUT    /v1/host/drain     HostDrainSpec       Result   (tether host drain, undrain)
+//	GET    /v1/trace[?service=VIP:PORT[/PROTO]&client=ADDR&count=N&frames=true]
+//	                                              TraceLine a line, as they happen
 //
 // Errors are {"error": "...", "field": "..."} with status 400 for a
 // request refused because of its input (nothing changed), 405 for a method
@@ -171,6 +173,8 @@ func (d *Daemon) Handler() http.Handler {
 		}
 		return d.Reload()
 	})
+	methods["/v1/trace"] = append(methods["/v1/trace"], "GET")
+	mux.HandleFunc("GET /v1/trace", d.serveTrace)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		if allowed, ok := methods[r.URL.Path]; ok {
 			w.Header().Set("Allow", strings.Join(allowed, ", "))

@@ -6,6 +6,7 @@
 package datapath
 
 import (
+	"errors"
 	"net/netip"
 	"time"
 )
@@ -317,6 +318,67 @@ type Closer interface {
 	// VIP, protocol, service and backend, not closing) and returns those
 	// it closed.
 	CloseFlows(flows []Flow) ([]Flow, error)
+}
+
+// Tracer is a Datapath that reports its decisions as they happen (tether
+// trace): the XDP program each packet's, the splice proxy each
+// connection's.
+type Tracer interface {
+	// Trace starts reporting the decisions about what filter takes, until
+	// the reader is closed. One trace runs at a time: another is refused
+	// with ErrTraceBusy.
+	Trace(filter TraceFilter) (TraceReader, error)
+}
+
+// ErrTraceBusy refuses a trace while another runs.
+var ErrTraceBusy = errors.New("a trace is running already (one at a time)")
+
+// TraceFilter says what a trace reports.
+type TraceFilter struct {
+	// VIP and Proto: the packets to that address, port and protocol, or
+	// from them; Service is the service's id. A zero VIP: every packet.
+	Service uint32
+	VIP     netip.AddrPort
+	Proto   uint8
+	// Client: only the packets from this address or to it. Invalid: any.
+	Client netip.Addr
+}
+
+// TraceEvent is one decision of a datapath.
+type TraceEvent struct {
+	Time     time.Time
+	Src, Dst netip.AddrPort // as the packet came (splice: client and VIP)
+	Proto    uint8
+	// Service and Backend are the ids of the service and backend chosen,
+	// when By says what chose them.
+	Service, Backend uint32
+	// Verdict is what became of it: XDP "tx", "redirect", "pass", "drop"
+	// or "aborted"; splice "proxy" (connected to Backend) or "reset".
+	Verdict string
+	// Reason is why it was not forwarded (the counters' reason names), or
+	// another note ("guard_unrecorded"); empty when it was forwarded.
+	Reason string
+	// By is what chose the backend: "conn" (its connection entry),
+	// "affinity" (its client's affinity entry), "ring" (the Maglev ring),
+	// or empty.
+	By string
+	// Len is the frame's length as it left the XDP program, Frame its
+	// first bytes (none from the splice proxy).
+	Len   int
+	Frame []byte
+}
+
+// TraceReader reads a trace's events.
+type TraceReader interface {
+	// Read waits for the next event until the deadline set, if any.
+	Read() (TraceEvent, error)
+	// SetDeadline makes Read return os.ErrDeadlineExceeded from t on.
+	SetDeadline(t time.Time)
+	// Lost counts the events the datapath had no room for.
+	Lost() uint64
+	// Close ends the trace; a blocked Read returns an error that is
+	// os.ErrClosed.
+	Close() error
 }
 
 // AffinityKeeper is a Datapath whose affinity entries the control plane

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -55,6 +56,8 @@ type Objects struct {
 	lock    *os.File        // the pin directory, flock'ed while the Objects live
 	adopted bool            // the maps were pinned by an earlier run
 	fresh   map[string]bool // links attached (not taken over) by these Objects
+
+	tracing atomic.Bool // a trace runs (Trace)
 }
 
 // Load removes the memlock limit (kernels before 5.11 account BPF memory

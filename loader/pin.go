@@ -485,6 +485,7 @@ var addedMaps = [][]string{
 	{bpf.TetherMapVips},                              // ICMP echo
 	{bpf.TetherMapSyncEvents, bpf.TetherMapSyncLost}, // entries shared between hosts
 	{bpf.TetherMapInsertGuard},                       // the insertion guard
+	{bpf.TetherMapTraceEvents},                       // tether trace
 }
 
 // allAdded is every map of addedMaps.

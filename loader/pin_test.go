@@ -567,20 +567,27 @@ func TestAdoptWithoutNATMaps(t *testing.T) {
 	// Nor is the layout of the tether that had NAT but no tunnels (commit
 	// 86406d6), which lacks only the tunnels and VIP maps.
 	const beforeTunnels = 0xb98473f5ea29357
-	if missing, ok := earlierLayout(spec, beforeTunnels); !ok || !sameSet(missing, []string{bpf.TetherMapTunnels, bpf.TetherMapVips, bpf.TetherMapSyncEvents, bpf.TetherMapSyncLost, bpf.TetherMapInsertGuard}) {
+	if missing, ok := earlierLayout(spec, beforeTunnels); !ok || !sameSet(missing, []string{bpf.TetherMapTunnels, bpf.TetherMapVips, bpf.TetherMapSyncEvents, bpf.TetherMapSyncLost, bpf.TetherMapInsertGuard, bpf.TetherMapTraceEvents}) {
 		t.Fatalf("the layout before tunnels is not adopted: missing %v, %v", missing, ok)
 	}
 	// Nor is the layout of the tether that had tunnels and VIPs but did
 	// not share entries (commit b220464), which lacks only the sync maps.
 	const beforeSync = 0x43c6e2299270864a
-	if missing, ok := earlierLayout(spec, beforeSync); !ok || !sameSet(missing, []string{bpf.TetherMapSyncEvents, bpf.TetherMapSyncLost, bpf.TetherMapInsertGuard}) {
+	if missing, ok := earlierLayout(spec, beforeSync); !ok || !sameSet(missing, []string{bpf.TetherMapSyncEvents, bpf.TetherMapSyncLost, bpf.TetherMapInsertGuard, bpf.TetherMapTraceEvents}) {
 		t.Fatalf("the layout before sync is not adopted: missing %v, %v", missing, ok)
 	}
 	// Nor is the layout of the tether that shared entries but had no
 	// insertion guard (commit c81b59c), which lacks only its map.
 	const beforeGuard = 0xc9ea466fd2e7506
-	if missing, ok := earlierLayout(spec, beforeGuard); !ok || !sameSet(missing, []string{bpf.TetherMapInsertGuard}) {
+	if missing, ok := earlierLayout(spec, beforeGuard); !ok || !sameSet(missing, []string{bpf.TetherMapInsertGuard, bpf.TetherMapTraceEvents}) {
 		t.Fatalf("the layout before the insertion guard is not adopted: missing %v, %v", missing, ok)
+	}
+	// Nor is the layout of the tether that had the guard but no trace
+	// (commit 697d59b), which lacks only its ring and counted fewer
+	// reasons.
+	const beforeTrace = 0x850b4d9398cd341
+	if missing, ok := earlierLayout(spec, beforeTrace); !ok || !sameSet(missing, []string{bpf.TetherMapTraceEvents}) {
+		t.Fatalf("the layout before trace is not adopted: missing %v, %v", missing, ok)
 	}
 	o, err := Load(opts)
 	if err != nil {

@@ -138,7 +138,8 @@ type Proxy struct {
 	wg       sync.WaitGroup // event loops
 
 	reasons [rMax]atomic.Uint64
-	active  atomic.Int64 // connections being proxied or dialled
+	trace   atomic.Pointer[spliceTrace] // the trace that runs, if one does
+	active  atomic.Int64                // connections being proxied or dialled
 
 	mu        sync.Mutex
 	closed    bool
@@ -373,6 +374,7 @@ func (p *Proxy) resetDownLocked(s *service) {
 		}
 		if b := s.backends[c.be.ID]; b != nil && b.State == datapath.Down && !c.closing.Load() {
 			p.reasons[rBackendDown].Add(1)
+			p.traced(c.service, c.key.client, c.key.vip, c.be.ID, "reset", ReasonBackendDown, "conn")
 			c.closing.Store(true)
 			c.loop.send(command{op: cmdReset, c: c})
 		}
@@ -395,6 +397,7 @@ func (p *Proxy) CloseFlows(flows []datapath.Flow) ([]datapath.Flow, error) {
 			continue
 		}
 		p.reasons[rDrained].Add(1)
+		p.traced(c.service, c.key.client, c.key.vip, c.be.ID, "reset", ReasonDrained, "conn")
 		c.closing.Store(true)
 		c.loop.send(command{op: cmdReset, c: c})
 		f.Closing = true
@@ -614,6 +617,7 @@ func (l *listener) close() {
 func (lp *loop) serve(s *service, cfd int, client netip.AddrPort) {
 	p := lp.p
 	if n := p.active.Add(1); p.opts.MaxConns > 0 && n > int64(p.opts.MaxConns) {
+		p.traced(s.ID, client, netip.AddrPortFrom(s.VIP, s.Port), 0, "reset", ReasonConnLimit, "")
 		lp.refuse(cfd, rConnLimit)
 		return
 	}
@@ -621,6 +625,7 @@ func (lp *loop) serve(s *service, cfd int, client netip.AddrPort) {
 	now := p.now()
 	b, hit := p.choose(s, client, now)
 	if b == nil {
+		p.traced(s.ID, client, vip, 0, "reset", ReasonNoBackend, "")
 		lp.refuse(cfd, rNoBackend)
 		return
 	}
@@ -629,9 +634,11 @@ func (lp *loop) serve(s *service, cfd int, client netip.AddrPort) {
 	bfd, dialing, err := p.dial(baddr)
 	if err != nil {
 		p.log.Debug("backend failed; client reset", "service", s.Name, "client", client, "backend", baddr, "err", err)
+		p.traced(s.ID, client, vip, b.ID, "reset", ReasonDialFailed, byOf(hit))
 		lp.refuse(cfd, rDialFailed)
 		return
 	}
+	p.traced(s.ID, client, vip, b.ID, "proxy", "", byOf(hit))
 	c := &conn{
 		p: p, loop: lp,
 		key: connKey{client, vip}, service: s.ID, be: b,

@@ -62,7 +62,7 @@ backend", which talk to the daemon over its unix socket (--socket).`,
 		},
 		Commands: []*cli.Command{
 			runCommand, statusCommand, vipCommand, backendCommand, statsCommand, topCommand,
-			flowsCommand, reloadCommand, hostCommand, detachCommand, backendSetupCommand, labCommand, completionCommand, versionCommand, echoCommand, manCommand,
+			flowsCommand, traceCommand, reloadCommand, hostCommand, detachCommand, backendSetupCommand, labCommand, completionCommand, versionCommand, echoCommand, manCommand,
 		},
 		EnableBashCompletion: true,
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
