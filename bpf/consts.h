@@ -27,7 +27,7 @@
 #ifndef NAT_SYN_ENTRIES
 #define NAT_SYN_ENTRIES 16384 /* half-open NAT'ed handshakes (see nat.h) */
 #endif
-#define TRACE_RING_BYTES (1 << 20) /* trace_events: 216-byte records, 224 with the ring's header: 4,681 */
+#define TRACE_RING_BYTES (1 << 20) /* trace_events: 232-byte records, 240 with the ring's header: 4,369 */
 #define TRACE_SNAP	 160	   /* bytes of each traced frame kept for --pcap */
 #define TRACE_CPUS	 1024	   /* trace_reason slots: CPU ids past it share them */
 

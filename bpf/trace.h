@@ -45,11 +45,14 @@ static __always_inline int trace_takes(const struct packet *pkt)
 /* trace_packet reports one packet's decision. */
 static __always_inline void trace_packet(struct xdp_md *ctx, struct packet *pkt, int verdict)
 {
-	if (!trace_takes(pkt))
-		return;
+	/* The reason is this packet's, or none: taken or not, it is cleared
+	 * for the next one. */
 	__u32 cpu = bpf_get_smp_processor_id() & (TRACE_CPUS - 1);
 	__u32 reason = trace_reason[cpu];
-	trace_reason[cpu] = 0;
+	if (reason)
+		trace_reason[cpu] = 0;
+	if (!trace_takes(pkt))
+		return;
 	struct trace_event *e = bpf_ringbuf_reserve(&trace_events, sizeof(*e), 0);
 	if (!e) {
 		__sync_fetch_and_add(&trace_lost, 1);

@@ -111,6 +111,10 @@ func TestTrace(t *testing.T) {
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
 	}
+	var on uint32
+	if err := f.Objs.TetherVariables.TraceOn.Get(&on); err != nil || on != 0 {
+		t.Fatalf("after the trace's Close, trace_on is %d (%v)", on, err)
+	}
 	f.Run(ack.Bytes())
 
 	// Filters.
@@ -127,11 +131,19 @@ func TestTrace(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		f.Run(bpftest.Frame{Src: cli, Dst: netip.AddrPortFrom(s.VIP.Addr(), 9), Proto: bpftest.TCP, Flags: bpftest.ACK}.Bytes())
 		f.Run(bpftest.Frame{Src: netip.MustParseAddrPort("198.51.100.99:1000"), Dst: s.VIP, Proto: bpftest.TCP, Flags: bpftest.ACK}.Bytes())
 		f.Run(ack.Bytes())
-		f.Run(bpftest.Frame{Src: cli, Dst: netip.AddrPortFrom(s.VIP.Addr(), 9), Proto: bpftest.TCP, Flags: bpftest.ACK}.Bytes())
-		if evs := readTrace(t, r); len(evs) != tc.want {
+		evs := readTrace(t, r)
+		if len(evs) != tc.want {
 			t.Errorf("%s: %d events, want %d: %+v", tc.desc, len(evs), tc.want, evs)
+		}
+		// The packet for no service before it, which the filter left
+		// out, noted a reason: a forwarded packet shows none.
+		for _, ev := range evs {
+			if ev.Verdict == "tx" && ev.Reason != "" {
+				t.Errorf("%s: a forwarded packet shows the reason %q", tc.desc, ev.Reason)
+			}
 		}
 		if r.Lost() != 0 {
 			t.Errorf("%s: %d events lost", tc.desc, r.Lost())

@@ -64,7 +64,8 @@ const maxBody = 1 << 20
 //	                                              TraceLine a line, as they happen
 //
 // Errors are {"error": "...", "field": "..."} with status 400 for a
-// request refused because of its input (nothing changed), 405 for a method
+// request refused because of its input (nothing changed), 409 for a trace
+// while another runs, 405 for a method
 // the path does not take, 413 for a body over 1 MiB and 500 for a failure.
 // A JSON body must hold one object without duplicate keys; a request that
 // takes no body must come without one.
@@ -337,6 +338,8 @@ func writeError(w http.ResponseWriter, err error) {
 	switch {
 	case errors.As(err, &tl):
 		writeJSON(w, http.StatusRequestEntityTooLarge, &APIError{Msg: err.Error()})
+	case errors.Is(err, datapath.ErrTraceBusy):
+		writeJSON(w, http.StatusConflict, &APIError{Msg: err.Error() + ": end it first"})
 	case errors.As(err, &dre):
 		writeJSON(w, http.StatusBadRequest, &APIError{Msg: err.Error()})
 	case errors.As(err, &re):
@@ -403,8 +406,13 @@ func Listen(path string) (net.Listener, error) {
 // Serve serves h on ln until ctx ends, then shuts down, giving requests
 // in flight up to five seconds, and closes ln (which removes the socket).
 func Serve(ctx context.Context, ln net.Listener, h http.Handler, log *slog.Logger) error {
+	// Requests' contexts end when the shutdown begins: a trace streams
+	// until its caller goes, and must not hold the shutdown.
+	base, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	srv := &http.Server{
 		Handler:           h,
+		BaseContext:       func(net.Listener) context.Context { return base },
 		ReadHeaderTimeout: 10 * time.Second,
 		// A client that trickles its request, or holds a connection idle,
 		// holds a goroutine and a descriptor: not for long.
@@ -412,6 +420,7 @@ func Serve(ctx context.Context, ln net.Listener, h http.Handler, log *slog.Logge
 		IdleTimeout: 2 * time.Minute,
 		ErrorLog:    slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	srv.RegisterOnShutdown(cancel)
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ln) }()
 	select {

@@ -454,9 +454,14 @@ func (d *Daemon) SetBackendState(spec BackendStateSpec) (Result, error) {
 			b.CloseAt, b.CloseRate = at, rate
 		}
 		paced := ""
-		if !b.CloseAt.IsZero() {
+		switch left := time.Until(b.CloseAt); {
+		case b.CloseAt.IsZero():
+		case left > 0:
 			paced = fmt.Sprintf("; its remaining connections close from %s (in %s), %d a second",
-				b.CloseAt.Local().Format(time.DateTime), time.Until(b.CloseAt).Round(time.Second), b.CloseRate)
+				b.CloseAt.Local().Format(time.DateTime), left.Round(time.Second), b.CloseRate)
+		default:
+			paced = fmt.Sprintf("; its remaining connections are closing since %s, %d a second",
+				b.CloseAt.Local().Format(time.DateTime), b.CloseRate)
 		}
 		switch {
 		case was.State == spec.State && was.CloseAt.Equal(b.CloseAt) && was.CloseRate == b.CloseRate:

@@ -12,11 +12,11 @@ import (
 
 // Pacing bounds of a drain's closes: the pacer looks at the configuration
 // at least every paceIdle for a close_at to come, and while it closes it
-// wakes once per connection to close, within paceMinTick..paceMaxTick. It
-// lists the connection table again every paceRelist while a backend has
-// connections to close, and every paceRelistIdle once it has none left
-// (a client that reuses its 5-tuple, or a flow another host made that
-// became this one's).
+// wakes once per connection to close, within paceMinTick..paceMaxTick
+// (so closes come one at a time at low rates, a few at once at high ones:
+// on average, never faster than the rate). It lists the connection table
+// again paceRelist after a listing that found connections, and
+// paceRelistIdle after one that found none (see closer.relistDue).
 const (
 	paceIdle       = 250 * time.Millisecond
 	paceMinTick    = 5 * time.Millisecond
@@ -36,6 +36,7 @@ type closer struct {
 	tokens  float64         // closes it may make now
 	last    time.Time       // when tokens were last added
 	listed  time.Time       // when pending was last listed
+	found   bool            // the last listing found connections to close
 	pending []datapath.Flow // connections still to close, as last listed
 }
 
@@ -117,7 +118,6 @@ func (d *Daemon) paceOnce(c datapath.Closer, now time.Time) time.Duration {
 	}
 
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	for k, cl := range p.closers {
 		if b, ok := due[k]; !ok || !b.CloseAt.Equal(cl.at) {
 			delete(p.closers, k) // undrained, removed, or given another close_at
@@ -127,52 +127,54 @@ func (d *Daemon) paceOnce(c datapath.Closer, now time.Time) time.Duration {
 	for k, b := range due {
 		cl := p.closers[k]
 		if cl == nil {
-			cl = &closer{at: b.CloseAt, tokens: 1, last: now}
+			cl = &closer{at: b.CloseAt, tokens: 1, last: now, found: true}
 			p.closers[k] = cl
 		}
 		cl.rate = b.CloseRate
-		// Closes accrue at the rate, at most one tick's worth ahead: a
+		// Closes accrue at the rate, at most a tick's worth ahead: a
 		// pacer that slept long does not catch up in a burst.
 		cl.tokens = min(cl.tokens+now.Sub(cl.last).Seconds()*float64(cl.rate), max(1, float64(cl.rate)*paceMaxTick.Seconds()))
 		cl.last = now
-		every := paceRelistIdle
-		if len(cl.pending) > 0 || cl.listed.IsZero() {
-			every = paceRelist
-		}
-		if len(cl.pending) == 0 && now.Sub(cl.listed) >= every {
-			relist = true
-		}
+		relist = relist || cl.relistDue(now)
 	}
+	p.mu.Unlock()
+
+	// The listing walks the whole table: not under p.mu, which status
+	// takes.
+	var lists map[drainKey][]datapath.Flow
 	if relist {
 		flows, err := d.dp.Flows()
 		if err != nil {
 			d.log.Warn("paced drain: cannot read the connection table", "err", err)
 			return paceMaxTick
 		}
-		lists := map[drainKey][]datapath.Flow{}
+		lists = map[drainKey][]datapath.Flow{}
 		for _, f := range flows {
-			k := drainKey{f.Service, f.Backend}
-			if cl := p.closers[k]; cl != nil && len(cl.pending) == 0 && !f.Closing && !f.Learned {
+			if !f.Closing && !f.Learned {
+				k := drainKey{f.Service, f.Backend}
 				lists[k] = append(lists[k], f)
 			}
 		}
-		for k, cl := range p.closers {
-			if len(cl.pending) == 0 && now.Sub(cl.listed) >= paceRelist {
-				cl.pending, cl.listed = lists[k], now
-			}
-		}
 	}
+
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	for k, cl := range p.closers {
+		if lists != nil && cl.relistDue(now) {
+			cl.pending, cl.listed = lists[k], now
+			cl.found = len(cl.pending) > 0
+		}
 		for cl.tokens >= 1 && len(cl.pending) > 0 {
 			n := min(int(cl.tokens), len(cl.pending))
 			closed, err := c.CloseFlows(cl.pending[:n])
-			if err != nil {
-				d.log.Warn("paced drain: cannot close connections", "service", k.service, "backend", k.backend, "err", err)
-				return paceMaxTick
-			}
-			cl.pending = cl.pending[n:]
 			cl.tokens -= float64(len(closed))
 			cl.closed += len(closed)
+			if err != nil {
+				// The batch is passed over (what it left open is listed
+				// again later), so that one flow cannot stop the others.
+				d.log.Warn("paced drain: cannot close connections", "service", k.service, "backend", k.backend, "err", err)
+			}
+			cl.pending = cl.pending[n:]
 		}
 		if len(cl.pending) > 0 && cl.rate > 0 {
 			// The next close is due when a whole token has accrued.
@@ -181,6 +183,21 @@ func (d *Daemon) paceOnce(c datapath.Closer, now time.Time) time.Duration {
 		}
 	}
 	return wait
+}
+
+// relistDue says whether the closer's connections are to be listed
+// again at now: when it has none left to close, a second after a listing
+// that found some (a client that reused its 5-tuple, a flow another host
+// made that became this one's), five seconds after one that found none.
+func (cl *closer) relistDue(now time.Time) bool {
+	if len(cl.pending) > 0 {
+		return false
+	}
+	every := paceRelistIdle
+	if cl.found {
+		every = paceRelist
+	}
+	return cl.listed.IsZero() || now.Sub(cl.listed) >= every
 }
 
 // DrainStatus is a paced drain of one backend: when its remaining

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/tetherlb/tether/config"
 )
@@ -135,15 +136,22 @@ func serviceDiff(o, n config.Service) *ServiceChange {
 	for _, b := range n.Backends {
 		nb[b.Key()] = true
 		p, ok := ob[b.Key()]
-		switch {
-		case !ok:
+		if !ok {
 			sc.BackendsAdded = append(sc.BackendsAdded, b.Key())
-		case p.Weight != b.Weight && p.State != b.State:
-			sc.BackendsChanged = append(sc.BackendsChanged, fmt.Sprintf("%s weight %d→%d, %s→%s", b.Key(), p.Weight, b.Weight, p.State, b.State))
-		case p.Weight != b.Weight:
-			sc.BackendsChanged = append(sc.BackendsChanged, fmt.Sprintf("%s weight %d→%d", b.Key(), p.Weight, b.Weight))
-		case p.State != b.State:
-			sc.BackendsChanged = append(sc.BackendsChanged, fmt.Sprintf("%s %s→%s", b.Key(), p.State, b.State))
+			continue
+		}
+		var what []string
+		if p.Weight != b.Weight {
+			what = append(what, fmt.Sprintf("weight %d→%d", p.Weight, b.Weight))
+		}
+		if p.State != b.State {
+			what = append(what, fmt.Sprintf("%s→%s", p.State, b.State))
+		}
+		if !p.CloseAt.Equal(b.CloseAt) || p.CloseRate != b.CloseRate {
+			what = append(what, fmt.Sprintf("close_at %s→%s", closeAtText(p), closeAtText(b)))
+		}
+		if len(what) > 0 {
+			sc.BackendsChanged = append(sc.BackendsChanged, b.Key()+" "+strings.Join(what, ", "))
 		}
 	}
 	for _, b := range o.Backends {
@@ -158,4 +166,12 @@ func serviceDiff(o, n config.Service) *ServiceChange {
 	slices.Sort(sc.BackendsAdded)
 	slices.Sort(sc.BackendsRemoved)
 	return sc
+}
+
+// closeAtText is a backend's paced drain as a change lists it.
+func closeAtText(b config.Backend) string {
+	if b.CloseAt.IsZero() {
+		return "none"
+	}
+	return fmt.Sprintf("%s at %d/s", b.CloseAt.UTC().Format(time.RFC3339), b.CloseRate)
 }

@@ -139,7 +139,7 @@ func (d *Daemon) serveTrace(w http.ResponseWriter, r *http.Request) {
 func (d *Daemon) startTrace(spec TraceSpec) (datapath.TraceReader, error) {
 	tr, ok := d.dp.(datapath.Tracer)
 	if !ok {
-		return nil, fmt.Errorf("this datapath cannot trace")
+		return nil, refusef("", "this datapath cannot trace")
 	}
 	var f datapath.TraceFilter
 	if spec.Service != "" {
@@ -155,7 +155,7 @@ func (d *Daemon) startTrace(spec TraceSpec) (datapath.TraceReader, error) {
 		cs := cfg.Services[i]
 		as, ok := appliedByKey(applied)[cs.Key()]
 		if !ok {
-			return nil, fmt.Errorf("service %s is not applied", cs.Key())
+			return nil, refusef("service", "service %s is not applied (see tether status)", cs.Key())
 		}
 		f.Service, f.VIP, f.Proto = as.ID, netip.AddrPortFrom(as.VIP, as.Port), as.Proto
 	}
@@ -169,11 +169,7 @@ func (d *Daemon) startTrace(spec TraceSpec) (datapath.TraceReader, error) {
 		}
 		f.Client = a.Unmap()
 	}
-	rd, err := tr.Trace(f)
-	if errors.Is(err, datapath.ErrTraceBusy) {
-		return nil, refusef("", "%v: end it first", err)
-	}
-	return rd, err
+	return tr.Trace(f)
 }
 
 // traceNames names the applied services and their backends by id.
@@ -244,8 +240,11 @@ func (c *Client) Trace(ctx context.Context, spec TraceSpec, fn func(TraceLine) e
 			return TraceLine{}, err
 		}
 	}
-	if err := sc.Err(); err != nil && ctx.Err() == nil {
+	if ctx.Err() != nil {
+		return TraceLine{}, ctx.Err()
+	}
+	if err := sc.Err(); err != nil {
 		return TraceLine{}, fmt.Errorf("read the trace: %w", err)
 	}
-	return TraceLine{}, ctx.Err()
+	return TraceLine{}, fmt.Errorf("read the trace: the daemon ended it without its last line (did it stop?): %w", io.ErrUnexpectedEOF)
 }

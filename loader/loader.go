@@ -255,6 +255,13 @@ func (o *Objects) Attach(ifname string, mode Mode) (Attached, error) {
 // and forwarding with the pinned maps, for the next run to adopt.
 func (o *Objects) Close() error {
 	var errs []error
+	// A trace whose reader was not closed would go on in the program,
+	// which outlives these Objects when it is pinned: stop it.
+	if v := o.TetherVariables.TraceOn; v != nil {
+		if err := v.Set(uint32(0)); err != nil {
+			errs = append(errs, fmt.Errorf("turn tracing off: %w", err))
+		}
+	}
 	for name, l := range o.links {
 		if err := l.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close link of %s: %w", name, err))

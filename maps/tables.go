@@ -92,13 +92,18 @@ func seenNow() uint32 {
 // idleOf is how long before now (seenNow) the flow whose entry holds
 // flags sent its last packet, to a unit of about a second: 0 when it was
 // within the current unit, or is unknown (an entry an earlier tether or
-// another host made, or now unknown).
+// another host made, or now unknown), or came after now (a packet during a
+// long listing, which read now first).
 func idleOf(flags, now uint32) time.Duration {
 	seen := flags >> seenShift
 	if seen == 0 || now == 0 {
 		return 0
 	}
-	return time.Duration((now-seen)&seenMask) << seenUnit
+	units := (now - seen) & seenMask
+	if units > seenMask/2 {
+		return 0 // after now: the difference wrapped
+	}
+	return time.Duration(units) << seenUnit
 }
 
 // Flows lists the connection tables, IPv4 then IPv6. The tables change

@@ -176,7 +176,8 @@ func TestFloods(t *testing.T) {
 		t.Fatalf("only %d spoofed ACKs reached the balancer, less than ten times the table's %d entries", arrived, floodTable)
 	}
 	cpus := lab.OnlineCPUs(t) // the program's windows are per CPU
-	if windows := int(took/time.Second) + 1; recorded > floodRate*cpus*windows {
+	// The flood may straddle window edges: one more window than it spans.
+	if windows := int(took/time.Second) + 2; recorded > floodRate*cpus*windows {
 		t.Errorf("%d flood flows recorded in %v, more than %d a second on each of %d CPUs", recorded, took, floodRate, cpus)
 	}
 	if missing := missingEntries(t, api, conns); len(missing) > 0 {

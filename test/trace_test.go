@@ -134,7 +134,7 @@ func testTrace(t *testing.T, dp string) {
 			stray++
 			continue
 		}
-		if line.Dst != vip.String() || line.Backend != want || line.Service != "chat" {
+		if line.Dst != vip.String() || line.Backend != want || line.Service != "chat" || line.Verdict != "tx" && dp == config.DatapathXDP || line.Reason != "" {
 			t.Errorf("event %+v, want to %s sent to %s of chat", line, vip, want)
 			continue
 		}

@@ -8,10 +8,12 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/tetherlb/tether/datapath"
 	"github.com/tetherlb/tether/internal/bpftest"
 	"github.com/tetherlb/tether/loader"
 	"github.com/tetherlb/tether/maglev"
@@ -27,7 +29,16 @@ const (
 	NewAff  = "tether: new flow (SYN), affinity hit, IPv4"
 	NotVIP  = "tether: not for a VIP (XDP_PASS)"
 	Guarded = "tether: new flow (ACK) past the insertion guard, ring, IPv4"
+	// A trace running for another client: each packet pays its filter.
+	TraceOther = "tether: connection-table hit, IPv4, a trace of another client running"
+	// A trace taking each packet: the event and its frame to the ring.
+	Traced = "tether: connection-table hit, IPv4, traced"
 )
+
+// tracedRepeat caps the runs of the Traced path: their events must fit in
+// the trace's ring (4,369 of them), which is read out before each
+// measurement, so that no run finds it full.
+const tracedRepeat = 4000
 
 // guardedRepeat caps the runs of the Guarded path: they must fit in the
 // one-second window the measurement fills (about 0.1 s).
@@ -112,6 +123,34 @@ func Measure(repeat, rounds int) (results []Result, err error) {
 	g.AddService(bpftest.Service{ID: 3, VIP: netip.AddrPortFrom(vip4.Addr(), 9000), Proto: bpftest.TCP, Backends: []uint32{7, 8, 9}})
 	ack := bpftest.Frame{Src: cli4, Dst: netip.AddrPortFrom(vip4.Addr(), 9000), Proto: bpftest.TCP}.Bytes()
 
+	// Programs with a trace running: one for another client, one for
+	// this one.
+	other := bpftest.NewFixture(t, loader.Options{RingSize: maglev.DefaultSize})
+	traced := bpftest.NewFixture(t, loader.Options{RingSize: maglev.DefaultSize})
+	var readers []datapath.TraceReader
+	for fx, client := range map[*bpftest.Fixture]netip.Addr{other: netip.MustParseAddr("198.51.100.250"), traced: cli4.Addr()} {
+		fx.AddService(bpftest.Service{ID: 1, VIP: vip4, Proto: bpftest.TCP, Source: true, Backends: []uint32{1, 2, 3}})
+		fx.Run(hit4)
+		r, err := fx.Objs.Trace(datapath.TraceFilter{Client: client})
+		if err != nil {
+			return nil, err
+		}
+		t.Cleanup(func() { r.Close() })
+		readers = append(readers, r)
+	}
+	drain := func() error {
+		// The ring holds what the last measurement reported: read it out.
+		for _, r := range readers {
+			for {
+				r.SetDeadline(time.Now().Add(10 * time.Millisecond))
+				if _, err := r.Read(); err != nil {
+					break
+				}
+			}
+		}
+		return nil
+	}
+
 	paths := []struct {
 		name  string
 		prog  *ebpf.Program
@@ -133,6 +172,15 @@ func Measure(repeat, rounds int) (results []Result, err error) {
 			}
 			return nil
 		}},
+		{TraceOther, other.Objs.TetherXdp, hit4, nil, nil},
+		{Traced, traced.Objs.TetherXdp, hit4, drain, func() error {
+			for _, r := range readers {
+				if n := r.Lost(); n > 0 {
+					return fmt.Errorf("the trace's ring was full: %d events lost", n)
+				}
+			}
+			return nil
+		}},
 	}
 	results = make([]Result, len(paths))
 	for i, p := range paths {
@@ -143,6 +191,9 @@ func Measure(repeat, rounds int) (results []Result, err error) {
 			n := repeat
 			if p.before != nil {
 				n = min(repeat, guardedRepeat)
+				if p.name == Traced {
+					n = min(repeat, tracedRepeat)
+				}
 				if err := p.before(); err != nil {
 					return nil, fmt.Errorf("progcost: %s: %w", p.name, err)
 				}
