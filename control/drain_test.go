@@ -149,8 +149,9 @@ func backendNamed(t *testing.T, e *apiEnv, ref, addr string) BackendStatus {
 
 // TestCountFlows checks the honest counts: a flow quiet for idle_after is
 // idle, on a down backend lost; so is a down backend's flow whose client
-// has since sent to another backend; closing flows and other hosts'
-// flows are not counted.
+// has since sent to another backend, and with source affinity an active
+// backend's quiet flow whose client has (not a draining backend's);
+// closing flows and other hosts' flows are not counted.
 func TestCountFlows(t *testing.T) {
 	cfg, err := config.Parse([]byte(conf(8, 32, strings.Replace(web4, "    backends:", "    idle_after: 10s\n    backends:", 1))))
 	if err != nil {
@@ -181,11 +182,19 @@ func TestCountFlows(t *testing.T) {
 		flow("198.51.100.8", 1, 12, 2*time.Second),  // down, client nowhere else: active
 		closing, learned,
 	}
+	// An active backend's quiet flow whose client moved since (a
+	// backend that died and came back), and one whose client's newer
+	// flow is as old: lost, active.
+	flows = append(flows,
+		flow("198.51.100.10", 1, 11, 3*time.Second), flow("198.51.100.10", 2, 13, 0),
+		flow("198.51.100.11", 1, 11, time.Second), flow("198.51.100.11", 2, 13, 0),
+		// A draining backend's quiet flow whose client moved: kept.
+		flow("198.51.100.12", 1, 13, 5*time.Second), flow("198.51.100.12", 2, 11, 0))
 	got := countFlows(flows, cfg, applied)
 	want := map[idPair]flowCounts{
-		{1, 11}: {active: 4, idle: 1},
+		{1, 11}: {active: 6, idle: 1, lost: 1},
 		{1, 12}: {active: 2, lost: 2},
-		{1, 13}: {active: 1, idle: 1},
+		{1, 13}: {active: 4, idle: 1},
 	}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("counts %v, want %v", got, want)

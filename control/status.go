@@ -107,9 +107,11 @@ type BackendStatus struct {
 	// within the service's idle_after. IdleConnections counts those open
 	// and quieter, on a backend that is not down. LostConnections counts
 	// those of a down backend whose clients went quiet or, since, sent
-	// from a connection to another backend of the service: with direct
-	// server return a connection that died with its backend ends without
-	// a FIN tether could see.
+	// from a connection to another backend of the service, and, with
+	// source affinity, the quiet ones of an active backend whose clients
+	// have since sent to another (see countFlows): with direct server
+	// return a connection that died with its backend ends without a FIN
+	// tether could see.
 	ActiveConnections int `json:"active_connections"`
 	IdleConnections   int `json:"idle_connections"`
 	LostConnections   int `json:"lost_connections"`
@@ -295,37 +297,63 @@ type flowCounts struct{ active, idle, lost int }
 // never reached this one. A flow quiet for the service's idle_after is
 // idle, or lost on a down backend; so is a flow of a down backend whose
 // client has since sent on a connection to another backend of the
-// service.
+// service. With source affinity, a flow quiet for movedAfter whose client
+// has since sent to another backend is lost on an active backend too:
+// the client moved, which it does only when its backend went down or
+// was drained, and a backend that died and came back holds only the
+// entries of the connections it lost. A live connection that was merely
+// quiet counts as active again at its next packet. Draining backends
+// keep such flows: their clients may well still hold them.
 func countFlows(flows []datapath.Flow, cfg *config.Config, applied []datapath.Service) map[idPair]flowCounts {
 	quiet := map[uint32]time.Duration{}
+	source := map[uint32]bool{}
 	byKey := appliedByKey(applied)
 	for _, cs := range cfg.Services {
 		if as, ok := byKey[cs.Key()]; ok {
 			quiet[as.ID] = cs.QuietAfter()
+			source[as.ID] = cs.Affinity == config.AffinitySource
 		}
 	}
-	down := map[idPair]bool{}
+	state := map[idPair]datapath.State{}
 	for _, as := range applied {
 		for _, b := range as.Backends {
-			if b.State == datapath.Down {
-				down[idPair{as.ID, b.ID}] = true
-			}
+			state[idPair{as.ID, b.ID}] = b.State
 		}
 	}
 	type client struct {
 		svc  uint32
 		addr netip.Addr
 	}
-	// The latest packet of each client on a backend that is not down.
-	elsewhere := map[client]time.Duration{}
+	// The latest packet of each client on each backend that is not down.
+	type seen struct {
+		backend uint32
+		idle    time.Duration
+	}
+	latest := map[client][]seen{}
 	for _, f := range flows {
-		if f.Closing || f.Learned || down[idPair{f.Service, f.Backend}] {
+		if f.Closing || f.Learned || state[idPair{f.Service, f.Backend}] == datapath.Down {
 			continue
 		}
 		c := client{f.Service, f.Client.Addr()}
-		if idle, ok := elsewhere[c]; !ok || f.Idle < idle {
-			elsewhere[c] = f.Idle
+		found := false
+		for i, s := range latest[c] {
+			if s.backend == f.Backend {
+				latest[c][i].idle = min(s.idle, f.Idle)
+				found = true
+			}
 		}
+		if !found {
+			latest[c] = append(latest[c], seen{f.Backend, f.Idle})
+		}
+	}
+	// elsewhere: the client has since sent to another backend.
+	elsewhere := func(f datapath.Flow) bool {
+		for _, s := range latest[client{f.Service, f.Client.Addr()}] {
+			if s.backend != f.Backend && s.idle < f.Idle {
+				return true
+			}
+		}
+		return false
 	}
 	out := map[idPair]flowCounts{}
 	for _, f := range flows {
@@ -338,14 +366,12 @@ func countFlows(flows []datapath.Flow, cfg *config.Config, applied []datapath.Se
 			q = config.DefaultIdleAfter
 		}
 		n := out[k]
-		switch {
-		case down[k]:
-			if other, ok := elsewhere[client{f.Service, f.Client.Addr()}]; f.Idle >= q || ok && other < f.Idle {
-				n.lost++
-			} else {
-				n.active++
-			}
-		case f.Idle >= q:
+		switch st := state[k]; {
+		case st == datapath.Down && (f.Idle >= q || elsewhere(f)):
+			n.lost++
+		case st == datapath.Active && source[f.Service] && f.Idle >= movedAfter && elsewhere(f):
+			n.lost++
+		case st != datapath.Down && f.Idle >= q:
 			n.idle++
 		default:
 			n.active++
@@ -354,6 +380,11 @@ func countFlows(flows []datapath.Flow, cfg *config.Config, applied []datapath.Se
 	}
 	return out
 }
+
+// movedAfter is how quiet a flow of an active backend must be to count as
+// lost once its client sent elsewhere: two units of the XDP program's
+// clock, so that a connection that sends every second never does.
+const movedAfter = 2 << 30
 
 // appliedByKey indexes applied services by their configuration key.
 func appliedByKey(applied []datapath.Service) map[string]datapath.Service {

@@ -186,9 +186,10 @@ CONNECTIONS counts the backend's open connections in tether's table (not seen
 closing with FIN or RST) that sent a packet within the service's idle_after
 (default 2m); IDLE counts the open ones quieter than that. On a down backend,
 LOST counts the connections whose clients went quiet or have since sent on a
-connection to another backend: with direct server return tether sees only the
-client's packets, so a connection that died with its backend never shows a
-FIN. A drained backend whose CONNECTIONS is 0 has no client left sending; its
+connection to another backend; with source affinity, also an active backend's
+connections quiet for 2s whose clients have since sent to another (it died and
+came back): with direct server return tether sees only the client's packets,
+so a connection that died with its backend never shows a FIN. A drained backend whose CONNECTIONS is 0 has no client left sending; its
 IDLE ones are quiet (or gone without FIN). A drain with a deadline (tether backend
 drain --deadline) is shown under the table: when it closes what is left, at
 what rate, and how many it has closed.
