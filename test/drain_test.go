@@ -182,9 +182,14 @@ func testPacedDrain(t *testing.T, dp string) {
 	}
 	closeAt := b.Drain.CloseAt
 	ls := d.mustCLI("backend", "ls", vip.String())
+	t.Logf("before the deadline, tether backend ls %s:\n%s", vip, ls)
 	if !strings.Contains(ls, fmt.Sprintf("%d connections left; the rest close from", conns)) {
 		t.Errorf("before the deadline backend ls says:\n%s", ls)
 	}
+
+	// Midway through the closes.
+	time.Sleep(time.Until(closeAt.Add(2 * time.Second)))
+	t.Logf("2 s after the deadline, tether backend ls %s:\n%s", vip, d.mustCLI("backend", "ls", vip.String()))
 
 	// Wait for every break, and a little more to catch a break elsewhere.
 	waitFor(t, "every connection of the drained backend closed and reconnected", deadline+15*time.Second, func() bool {
@@ -252,7 +257,9 @@ func testPacedDrain(t *testing.T, dp string) {
 	if b.ActiveConnections != 0 || b.Drain == nil || b.Drain.Closed != conns {
 		t.Errorf("after the drain %s shows %d connections and the drain %+v, want none left and %d closed", be1.Name, b.ActiveConnections, b.Drain, conns)
 	}
-	if ls := d.mustCLI("backend", "ls", vip.String()); !strings.Contains(ls, fmt.Sprintf("drained, no connections left (%d closed since", conns)) {
+	ls = d.mustCLI("backend", "ls", vip.String())
+	t.Logf("after the drain, tether backend ls %s:\n%s", vip, ls)
+	if !strings.Contains(ls, fmt.Sprintf("drained, no connections left (%d closed since", conns)) {
 		t.Errorf("after the drain backend ls says:\n%s", ls)
 	}
 	var st control.Stats
