@@ -563,6 +563,12 @@ func TestNoBackendResets(t *testing.T) {
 	})
 }
 
+// outOfRing takes backend id of s out of its ring and gives it state.
+func outOfRing(f *bpftest.Fixture, s bpftest.Service, id uint32, state uint8) {
+	f.PublishRing(s.ID, s.VIP.Addr(), without(s.Backends, id)...)
+	f.SetBackend(s, id, state)
+}
+
 // TestDownReset checks on_down: reset: packets of an established TCP
 // connection to a down backend are answered with a RST, a new handshake on
 // the same 5-tuple and UDP flows choose again.
@@ -572,13 +578,8 @@ func TestDownReset(t *testing.T) {
 	src := netip.AddrPortFrom(cli4.Addr(), 4444)
 	b := backendFor(t, f, tcp, src, bpftest.ACK)
 	ub := backendFor(t, f, udp, src, 0)
-	for _, pair := range []struct {
-		s  bpftest.Service
-		id uint32
-	}{{tcp, b}, {udp, ub}} {
-		f.PublishRing(pair.s.ID, pair.s.VIP.Addr(), without(pair.s.Backends, pair.id)...)
-		f.SetBackend(pair.s, pair.id, maps.StateDownReset)
-	}
+	outOfRing(f, tcp, b, maps.StateDownReset)
+	outOfRing(f, udp, ub, maps.StateDownReset)
 	before := reasons(t, f)
 	verdict, out := f.Run(bpftest.Frame{Src: src, Dst: tcp.VIP, Proto: bpftest.TCP, Flags: bpftest.ACK, Seq: 1, Ack: 99}.Bytes())
 	if verdict != bpftest.XDPTx {
@@ -621,13 +622,8 @@ func TestDrainCloses(t *testing.T) {
 		}
 	}
 	ub := backendFor(t, f, udp, closed, 0)
-	for _, pair := range []struct {
-		s  bpftest.Service
-		id uint32
-	}{{tcp, b}, {udp, ub}} {
-		f.PublishRing(pair.s.ID, pair.s.VIP.Addr(), without(pair.s.Backends, pair.id)...)
-		f.SetBackend(pair.s, pair.id, maps.StateDraining)
-	}
+	outOfRing(f, tcp, b, maps.StateDraining)
+	outOfRing(f, udp, ub, maps.StateDraining)
 	flows := []maps.Flow{
 		{Client: closed, VIP: tcp.VIP, Proto: bpftest.TCP, Service: tcp.ID, Backend: b},
 		{Client: closed, VIP: udp.VIP, Proto: bpftest.UDP, Service: udp.ID, Backend: ub},
