@@ -12,6 +12,12 @@ volatile const __u32 ring_size = RING_SIZE;  /* slots in every ring, prime */
 volatile const __u32 hash_seed = 0x74657468; /* the same on every tether host */
 volatile const __u32 insert_rate = 0;	     /* new flows each CPU records a second; 0: no limit (guard.h) */
 
+/* The time as struct conn.flags holds it (CONN_SEEN_SHIFT: units of 2^30
+ * ns of CLOCK_MONOTONIC_COARSE, modulo 2^24), which the loader writes
+ * every 100 ms: a connection-table hit reads it instead of the clock. 0
+ * until the first write: the entries keep the time they hold. */
+volatile __u32 seen_now = 0;
+
 /* tether trace (trace.h), written by the daemon while a trace runs:
  * trace_on turns it on, trace_match says which packets, trace_reason is
  * each CPU's reason for its packet, trace_lost counts events the ring had

@@ -250,9 +250,12 @@ static __always_inline int handle(struct xdp_md *ctx, struct packet *pkt)
 			 * - a FIN or RST: the entry stays for the last packets, but no
 			 *   longer counts as open; a new handshake on the same 5-tuple
 			 *   reopens it;
-			 * - the time of its last packet, in units of about a second. */
+			 * - the time of its last packet, in units of about a second
+			 *   (seen_now, which the loader keeps: no clock read here). */
 			__u32 fl = c->flags;
-			__u32 nf = (fl & CONN_F_MASK & ~CONN_F_LEARNED) | seen_of(bpf_ktime_get_coarse_ns());
+			__u32 now = seen_now;
+			__u32 nf = (fl & CONN_F_MASK & ~CONN_F_LEARNED) |
+				   (now ? now << CONN_SEEN_SHIFT : fl & ~CONN_F_MASK);
 			if (pkt->closing)
 				nf |= CONN_F_CLOSING;
 			else if (pkt->syn_only)

@@ -267,6 +267,7 @@ const (
 	TetherVarHashSeed        = "hash_seed"
 	TetherVarInsertRate      = "insert_rate"
 	TetherVarRingSize        = "ring_size"
+	TetherVarSeenNow         = "seen_now"
 	TetherVarSyncEventBtf    = "sync_event_btf"
 	TetherVarTraceByBtf      = "trace_by_btf"
 	TetherVarTraceEventBtf   = "trace_event_btf"
@@ -357,6 +358,7 @@ type TetherVariableSpecs struct {
 	HashSeed        *ebpf.VariableSpec `ebpf:"hash_seed"`
 	InsertRate      *ebpf.VariableSpec `ebpf:"insert_rate"`
 	RingSize        *ebpf.VariableSpec `ebpf:"ring_size"`
+	SeenNow         *ebpf.VariableSpec `ebpf:"seen_now"`
 	SyncEventBtf    *ebpf.VariableSpec `ebpf:"sync_event_btf"`
 	TraceByBtf      *ebpf.VariableSpec `ebpf:"trace_by_btf"`
 	TraceEventBtf   *ebpf.VariableSpec `ebpf:"trace_event_btf"`
@@ -443,6 +445,7 @@ type TetherVariables struct {
 	HashSeed        *ebpf.Variable `ebpf:"hash_seed"`
 	InsertRate      *ebpf.Variable `ebpf:"insert_rate"`
 	RingSize        *ebpf.Variable `ebpf:"ring_size"`
+	SeenNow         *ebpf.Variable `ebpf:"seen_now"`
 	SyncEventBtf    *ebpf.Variable `ebpf:"sync_event_btf"`
 	TraceByBtf      *ebpf.Variable `ebpf:"trace_by_btf"`
 	TraceEventBtf   *ebpf.Variable `ebpf:"trace_event_btf"`

@@ -14,6 +14,7 @@ import (
 	"net"
 	"os"
 	"sync/atomic"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -58,6 +59,8 @@ type Objects struct {
 	fresh   map[string]bool // links attached (not taken over) by these Objects
 
 	tracing atomic.Bool // a trace runs (Trace)
+
+	clockStop, clockDone chan struct{} // keepClock's, until Close
 }
 
 // Load removes the memlock limit (kernels before 5.11 account BPF memory
@@ -83,7 +86,33 @@ func Load(opts Options) (*Objects, error) {
 		return nil, err
 	}
 	o.Maps = maps.New(&o.TetherMaps, ringSize)
+	o.keepClock()
 	return o, nil
+}
+
+// clockEvery is how often the loader writes seen_now.
+const clockEvery = 100 * time.Millisecond
+
+// keepClock writes seen_now, the time as connection entries hold it, at
+// once and then every clockEvery until Close: the program's hit path
+// reads it instead of the clock (the honest counts' last-packet time).
+func (o *Objects) keepClock() {
+	set := func() { o.TetherVariables.SeenNow.Set(maps.SeenNow()) }
+	set()
+	o.clockStop, o.clockDone = make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(o.clockDone)
+		t := time.NewTicker(clockEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-o.clockStop:
+				return
+			case <-t.C:
+				set()
+			}
+		}
+	}()
 }
 
 // sizedSpec reads the embedded program and sizes it from opts.
@@ -255,6 +284,12 @@ func (o *Objects) Attach(ifname string, mode Mode) (Attached, error) {
 // and forwarding with the pinned maps, for the next run to adopt.
 func (o *Objects) Close() error {
 	var errs []error
+	if o.clockStop != nil {
+		// Before the variables' memory goes with the program's objects.
+		close(o.clockStop)
+		<-o.clockDone
+		o.clockStop = nil
+	}
 	// A trace whose reader was not closed would go on in the program,
 	// which outlives these Objects when it is pinned: stop it.
 	if v := o.TetherVariables.TraceOn; v != nil {

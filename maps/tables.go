@@ -47,7 +47,7 @@ func flowKey4(client, vip netip.AddrPort, proto uint8) bpf.TetherFlowKey4 {
 }
 
 // flow6 and flow4 are the flows of connection-table entries, read at
-// now (seenNow).
+// now (SeenNow).
 func flow6(k bpf.TetherFlowKey, v bpf.TetherConn, now uint32) Flow {
 	return connFlow(netip.AddrPortFrom(addrOf(k.Src, afInet6), HostPort(k.Sport)),
 		netip.AddrPortFrom(addrOf(k.Dst, afInet6), HostPort(k.Dport)), k.Proto, v, now)
@@ -79,9 +79,9 @@ const (
 	seenMask  = 1<<24 - 1
 )
 
-// seenNow is the program's clock (CLOCK_MONOTONIC_COARSE) as struct
-// conn.flags holds it.
-func seenNow() uint32 {
+// SeenNow is the program's clock (CLOCK_MONOTONIC_COARSE) as struct
+// conn.flags holds it, which the loader writes into seen_now.
+func SeenNow() uint32 {
 	var ts unix.Timespec
 	if unix.ClockGettime(unix.CLOCK_MONOTONIC_COARSE, &ts) != nil {
 		return 0
@@ -89,7 +89,7 @@ func seenNow() uint32 {
 	return uint32(ts.Nano()>>seenUnit) & seenMask
 }
 
-// idleOf is how long before now (seenNow) the flow whose entry holds
+// idleOf is how long before now (SeenNow) the flow whose entry holds
 // flags sent its last packet, to a unit of about a second: 0 when it was
 // within the current unit, or is unknown (an entry an earlier tether or
 // another host made, or now unknown), or came after now (a packet during a
@@ -109,7 +109,7 @@ func idleOf(flags, now uint32) time.Duration {
 // Flows lists the connection tables, IPv4 then IPv6. The tables change
 // while they are read, so the listing is a best-effort snapshot.
 func (m *Maps) Flows() ([]Flow, error) {
-	now := seenNow()
+	now := SeenNow()
 	out, err := list(m.m.Conns4, now, flow4)
 	if err != nil {
 		return out, err
@@ -190,11 +190,11 @@ func (m *Maps) LookupFlow(client, vip netip.AddrPort, proto uint8) (Flow, bool, 
 	if client.Addr().Unmap().Is4() {
 		k := flowKey4(client, vip, proto)
 		err = m.m.Conns4.Lookup(&k, &v)
-		f = flow4(k, v, seenNow())
+		f = flow4(k, v, SeenNow())
 	} else {
 		k := flowKey6(client, vip, proto)
 		err = m.m.Conns6.Lookup(&k, &v)
-		f = flow6(k, v, seenNow())
+		f = flow6(k, v, SeenNow())
 	}
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return Flow{}, false, nil
