@@ -101,8 +101,9 @@ lab: tools ## watch tether do its job on a lab of namespaces: steady, kill, drai
 	$(GO) run ./cmd/tether lab
 
 .PHONY: bench
-bench: tools bench-deps ## measure tether against HAProxy, nginx, nftables and the lab's limits, its control plane at scale and two hosts behind an ECMP router; write docs/bench (root, ~26 min)
+bench: tools bench-deps ## measure tether against HAProxy, nginx, nftables and the lab's limits, its control plane at scale and two hosts behind an ECMP router; write docs/bench (root, ~29 min)
 	$(GO) run ./test/bench/xdpcost -out docs/bench/xdpcost.md
+	$(GO) run ./test/bench/flowcost -out docs/bench/flowcost.md
 	$(GO) run ./test/bench/ctlscale -out docs/bench/ctlscale.md
 	$(GO) run ./test/bench/scaleout -out docs/bench/scaleout.md
 	$(GO) run ./test/bench/peers -runs 5 -out docs/bench/RESULTS.md -chart docs/bench/results.png
