@@ -373,12 +373,18 @@ func (p *Proxy) resetDownLocked(s *service) {
 			continue
 		}
 		if b := s.backends[c.be.ID]; b != nil && b.State == datapath.Down && !c.closing.Load() {
-			p.reasons[rBackendDown].Add(1)
-			p.traced(c.service, c.key.client, c.key.vip, c.be.ID, "reset", ReasonBackendDown, "conn")
-			c.closing.Store(true)
-			c.loop.send(command{op: cmdReset, c: c})
+			p.resetConn(c, rBackendDown)
 		}
 	}
+}
+
+// resetConn has c's loop reset both its sockets, counted (and traced) as
+// reason r.
+func (p *Proxy) resetConn(c *conn, r int) {
+	p.reasons[r].Add(1)
+	p.traced(c.service, c.key.client, c.key.vip, c.be.ID, "reset", reasonNames[r], "conn")
+	c.closing.Store(true)
+	c.loop.send(command{op: cmdReset, c: c})
 }
 
 // CloseFlows implements datapath.Closer: it resets both sockets of each
@@ -396,10 +402,7 @@ func (p *Proxy) CloseFlows(flows []datapath.Flow) ([]datapath.Flow, error) {
 		if c == nil || c.service != f.Service || c.be.ID != f.Backend || f.Proto != 6 || c.closing.Load() {
 			continue
 		}
-		p.reasons[rDrained].Add(1)
-		p.traced(c.service, c.key.client, c.key.vip, c.be.ID, "reset", ReasonDrained, "conn")
-		c.closing.Store(true)
-		c.loop.send(command{op: cmdReset, c: c})
+		p.resetConn(c, rDrained)
 		f.Closing = true
 		out = append(out, f)
 	}

@@ -190,41 +190,12 @@ func setup() *env {
 	return e
 }
 
-// trivial attaches the trivial XDP forwarder to the balancer, towards the
-// first backend.
-func trivial(e *env) func() {
-	var fw *pktgen.Forwarder
-	if err := e.l.Balancer.Do(func() error {
-		var err error
-		fw, err = pktgen.AttachVIPForwarder(e.l.Balancer.Ifindex, e.l.VIP4, e.l.Balancer.MAC, e.l.Backends[0].MAC)
-		return err
-	}); err != nil {
-		benchrun.Fail(err.Error())
-	}
-	return func() { fw.Close() }
-}
+// trivial attaches the trivial XDP forwarder to the balancer.
+func trivial(e *env) func() { return benchrun.TrivialForwarder(e.l) }
 
 // tether runs the daemon until the returned function stops it and detaches
 // its program.
-func tether(e *env) func() {
-	pin := filepath.Join(e.l.BPFFS, "tether-flood")
-	p, err := e.l.Balancer.Start(e.bin, "run", "--config", e.conf, "--socket", filepath.Join(e.dir, "tether.sock"), "--pin-dir", pin)
-	if err != nil {
-		benchrun.Fail(err.Error())
-	}
-	benchrun.AtExit(func() { p.Stop() })
-	if err := p.WaitOutput(context.Background(), "tether", "msg=ready", 30*time.Second); err != nil {
-		benchrun.Fail(err.Error())
-	}
-	return func() {
-		if err := p.Stop(); err != nil {
-			benchrun.Fail(err.Error())
-		}
-		if b, err := e.l.Balancer.Command(e.bin, "detach", "--pin-dir", pin).CombinedOutput(); err != nil {
-			benchrun.Fail(fmt.Sprintf("tether detach: %v\n%s", err, b))
-		}
-	}
-}
+func tether(e *env) func() { return benchrun.TetherDaemon(e.l, e.bin, e.conf, e.dir, "tether-flood") }
 
 // conn is a held connection and the backend that answered its first echo.
 type conn struct {
