@@ -69,10 +69,11 @@ static __always_inline __u32 seen_of(__u64 t)
 	return (__u32)(t >> CONN_SEEN_UNIT) << CONN_SEEN_SHIFT;
 }
 
-/* record remembers a new flow's backend. A bare SYN is not recorded: the
- * handshake's next packet is, so a flood of spoofed SYNs cannot push the
- * entries of established connections out of the LRU tables. The ring and
- * affinity give that next packet the same backend. */
+/* record remembers a new flow's backend, as of time now (the coarse clock,
+ * read once for the packet). A bare SYN is not recorded: the handshake's
+ * next packet is, so a flood of spoofed SYNs cannot push the entries of
+ * established connections out of the LRU tables. The ring and affinity
+ * give that next packet the same backend. */
 static __always_inline void record(const struct service *svc, const struct packet *pkt,
 				   const struct affinity_key *ak, __u32 id, int affinity_hit, __u64 now,
 				   __u32 flags, __u16 nat_port)
@@ -80,8 +81,7 @@ static __always_inline void record(const struct service *svc, const struct packe
 	struct conn c = {
 	    .backend = id,
 	    .service = svc->id,
-	    .flags =
-		flags | (pkt->closing ? CONN_F_CLOSING : 0) | seen_of(now ? now : bpf_ktime_get_coarse_ns()),
+	    .flags = flags | (pkt->closing ? CONN_F_CLOSING : 0) | seen_of(now),
 	    .nat_port = nat_port,
 	};
 	insert_conn(pkt, &c);
@@ -120,7 +120,8 @@ static __always_inline int new_nat_flow(struct xdp_md *ctx, const struct packet 
 					int replace)
 {
 	int half = pkt->syn_only && !replace;
-	__u64 t = bpf_ktime_get_coarse_ns();
+	/* choose_backend read the clock only for source affinity. */
+	__u64 t = now ? now : bpf_ktime_get_coarse_ns();
 	if (!half && !replace && !may_insert(t))
 		return count_reason(R_DROP_GUARD, XDP_DROP);
 	struct flow_key rk = {};
@@ -166,7 +167,7 @@ static __always_inline int new_nat_flow(struct xdp_md *ctx, const struct packet 
 		nat_insert(pkt->family, &rk, &e, 0);
 	}
 	if (!half)
-		record(svc, pkt, ak, id, affinity_hit, now, flags, port);
+		record(svc, pkt, ak, id, affinity_hit, t, flags, port);
 	return forward_nat(ctx, pkt, be, id, sn, port);
 }
 
@@ -197,8 +198,11 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, int 
 	if (svc->flags & (SVC_F_NAT | SVC_F_FULLNAT))
 		return new_nat_flow(ctx, pkt, svc, be, &ak, id, affinity_hit, now, replace);
 	__u32 encap = svc->flags & (SVC_F_IPIP | SVC_F_GUE) ? CONN_F_ENCAP : 0;
-	/* choose_backend read the clock only for source affinity. */
-	if (replace || (!pkt->syn_only && may_insert(now ? now : bpf_ktime_get_coarse_ns())))
+	/* choose_backend read the clock only for source affinity; a bare SYN
+	 * that is not recorded needs none. */
+	if (!now && (replace || !pkt->syn_only))
+		now = bpf_ktime_get_coarse_ns();
+	if (replace || (!pkt->syn_only && may_insert(now)))
 		record(svc, pkt, &ak, id, affinity_hit, now, encap, 0);
 	else if (!pkt->syn_only)
 		count_reason(R_GUARD_UNRECORDED, 0);
