@@ -24,6 +24,26 @@ func TrivialForwarder(l *lab.Lab) func() {
 	return func() { fw.Close() }
 }
 
+// TableForwarder is TrivialForwarder with a flow table of entries: the
+// kernel's LRU hash (pktgen.AttachTableForwarder), the floor of a balancer
+// that remembers its flows in one, or with array a flat array indexed by
+// a hash of the flow (pktgen.AttachArrayForwarder).
+func TableForwarder(l *lab.Lab, entries uint32, array bool) func() {
+	attach := pktgen.AttachTableForwarder
+	if array {
+		attach = pktgen.AttachArrayForwarder
+	}
+	var fw *pktgen.Forwarder
+	if err := l.Balancer.Do(func() error {
+		var err error
+		fw, err = attach(l.Balancer.Ifindex, l.VIP4, l.Balancer.MAC, l.Backends[0].MAC, entries)
+		return err
+	}); err != nil {
+		Fail(err.Error())
+	}
+	return func() { fw.Close() }
+}
+
 // TetherDaemon runs `bin run --config conf` on l's balancer, its socket in
 // dir and its pins under l's bpffs at pin, until the returned function
 // stops it and detaches its program (which forgets its tables).

@@ -2,9 +2,15 @@
 // lab traffic as the number of live flows grows: 1k, 16k, 256k and 1M
 // UDP flows, each first entered in the connection table, then every flow
 // sent again in turn while the kernel's BPF run-time statistics count the
-// balancer's program; the trivial XDP forwarder (rewrites the MACs and
-// sends every frame to one backend: the floor of an XDP balancer) is
-// measured on the same traffic, in alternating rounds on one lab.
+// balancer's program, then sent as fast as the generator can while the
+// backends count what arrives. Three floors are measured on the same
+// traffic, in alternating rounds on one lab: the trivial XDP forwarder
+// (rewrites the MACs and sends every frame to one backend: the floor of an
+// XDP balancer), the same after one lookup of the frame's 5-tuple in an
+// LRU hash table of tether's size (the floor of a balancer that remembers
+// its flows in the kernel's hash table), and after a read of one slot of
+// an array of that size (one random memory access). Each is measured with
+// tables of several sizes, since the size costs even when few flows live.
 //
 //	sudo go run ./test/bench/flowcost -out docs/bench/flowcost.md
 package main
@@ -16,6 +22,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -30,13 +37,17 @@ const (
 	svcPort = 9000
 	ports   = 4096 // per spoofed source; sources from 192.0.2.0
 	burst   = 1024 // frames a burst, a millisecond apart: the veth queues keep up
+
+	wireFrames = 1 << 20 // at least, for the wire rate
 )
 
 type env struct {
-	l    *lab.Lab
-	dir  string
-	bin  string
-	conf string
+	l   *lab.Lab
+	dir string
+	bin string
+
+	counters []*pktgen.Counter // on the backends: count the frames to svcPort, drop them
+	method   string            // how the generator sends
 }
 
 func main() {
@@ -44,46 +55,100 @@ func main() {
 	defer benchrun.Cleanup()
 	benchrun.FailOnSignal()
 	out := flag.String("out", "", "also write the report to `FILE`")
-	rounds := flag.Int("rounds", 3, "rounds, each measuring tether and the trivial forwarder at every flow count")
+	rounds := flag.Int("rounds", 3, "rounds, each measuring tether and the three floors at every table size and flow count")
 	passes := flag.Int("passes", 4, "times every flow is sent while the statistics count")
+	sizes := flag.String("connections", "2097152,65536", "entries of the connection tables (tether's and the floors'), a comma-separated `list` of powers of two, each measured in every round; flow counts above a size are left out of it")
 	flag.Parse()
 	if os.Geteuid() != 0 {
 		benchrun.Fail("needs root (network namespaces, XDP)")
 	}
-	counts := []int{1024, 16384, 262144, 1 << 20}
+	var tables []uint32
+	for f := range strings.SplitSeq(*sizes, ",") {
+		n, err := strconv.ParseUint(strings.TrimSpace(f), 10, 32)
+		if err != nil || n < 1024 || n > 1<<26 || n&(n-1) != 0 {
+			benchrun.Fail(fmt.Sprintf("-connections: %q is not a power of two from 1024 to 67108864", f))
+		}
+		tables = append(tables, uint32(n))
+	}
 	e := setup()
 	type key struct {
+		table uint32
 		who   string
 		flows int
 	}
-	samples := map[key][]float64{}
+	samples := map[key][]result{}
 	for r := range *rounds {
-		for _, who := range []string{"trivial", "tether"} {
-			var stop func()
-			if who == "tether" {
-				stop = tether(e)
-			} else {
-				stop = trivial(e)
+		for _, size := range tables {
+			conf := e.config(size)
+			for _, who := range []string{"trivial", "table", "array", "tether"} {
+				var stop func()
+				switch who {
+				case "tether":
+					stop = benchrun.TetherDaemon(e.l, e.bin, conf, e.dir, "tether-flowcost")
+				case "table", "array":
+					stop = benchrun.TableForwarder(e.l, size, who == "array")
+				default:
+					stop = benchrun.TrivialForwarder(e.l)
+				}
+				for _, n := range flowCounts(size) {
+					res := measure(e, n, *passes)
+					samples[key{size, who, n}] = append(samples[key{size, who, n}], res)
+					fmt.Fprintf(os.Stderr, "round %d, table %d: %s, %d flows: %.0f ns a packet; %.2f Mpps on the wire (%.0f%% delivered)\n", r+1, size, who, n, res.ns, res.mpps, 100*res.delivered)
+				}
+				stop()
 			}
-			for _, n := range counts {
-				ns := measure(e, n, *passes)
-				samples[key{who, n}] = append(samples[key{who, n}], ns)
-				fmt.Fprintf(os.Stderr, "round %d: %s, %d flows: %.0f ns a packet\n", r+1, who, n, ns)
-			}
-			stop()
 		}
 	}
 
 	w := benchrun.Report(*out)
 	fmt.Fprintf(w, "# tether XDP cost by live flows (%s, %s)\n\n", time.Now().UTC().Format("2006-01-02"), benchrun.Kernel())
-	fmt.Fprintf(w, "`sudo go run ./test/bench/flowcost`: UDP flows from spoofed sources (%d ports each), every flow entered first, then sent %d times over in bursts of %d frames a millisecond apart; ns a run of the balancer's XDP program from the kernel's run-time statistics (which slow every program down a little), median of %d rounds alternating tether and the trivial forwarder (MAC rewrite to one backend, XDP_TX). Tables of 2,097,152 connections, insertion guard off.\n\n", ports, *passes, burst, *rounds)
-	fmt.Fprintln(w, "| live flows | tether ns/packet | min–max | trivial forwarder ns/packet | tether / trivial |")
-	fmt.Fprintln(w, "|---:|---:|---:|---:|---:|")
-	for _, n := range counts {
-		t, f := samples[key{"tether", n}], samples[key{"trivial", n}]
-		tm, fm := benchrun.Median(t), benchrun.Median(f)
-		fmt.Fprintf(w, "| %d | %.0f | %.0f–%.0f | %.0f | %.2f |\n", n, tm, minOf(t), maxOf(t), fm, tm/fm)
+	fmt.Fprintf(w, "`sudo go run ./test/bench/flowcost`: UDP flows from spoofed sources (%d ports each), every flow entered first, then sent %d times over in bursts of %d frames a millisecond apart; ns a run of the balancer's XDP program from the kernel's run-time statistics (which slow every program down a little), median of %d rounds alternating tether (dsr, three backends, insertion guard off), the trivial forwarder (MAC rewrite to one backend, XDP_TX) and two one-lookup forwarders: the trivial one after a lookup of the frame's 5-tuple in an LRU hash of the same size as tether's connection table, entering it when missing (the floor of a balancer that keeps its flows in the kernel's hash table), and after a read of one 16-byte slot of an array of that size indexed by a hash of the flow (one random memory access).\n", ports, *passes, burst, *rounds)
+	median := func(k key, f func(result) float64) float64 { return benchrun.Median(field(samples[k], f)) }
+	ns := func(r result) float64 { return r.ns }
+	mpps := func(r result) float64 { return r.mpps }
+	delivered := func(r result) float64 { return 100 * r.delivered }
+	for _, size := range tables {
+		fmt.Fprintf(w, "\n## Connection tables of %d entries\n\n", size)
+		fmt.Fprintln(w, "| live flows | tether ns/packet | min–max | one hash lookup | one array slot | trivial forwarder | tether / trivial | tether / one hash lookup |")
+		fmt.Fprintln(w, "|---:|---:|---:|---:|---:|---:|---:|---:|")
+		for _, n := range flowCounts(size) {
+			t := field(samples[key{size, "tether", n}], ns)
+			tm, fm := benchrun.Median(t), median(key{size, "trivial", n}, ns)
+			hm, am := median(key{size, "table", n}, ns), median(key{size, "array", n}, ns)
+			fmt.Fprintf(w, "| %d | %.0f | %.0f–%.0f | %.0f | %.0f | %.0f | %.2f | %.2f |\n", n, tm, minOf(t), maxOf(t), hm, am, fm, tm/fm, tm/hm)
+		}
+		fmt.Fprintf(w, "\nOn the wire, the statistics off: the same flows in turn, at least %d frames as fast as the generator sends them (%s), counted by an XDP program on each backend; Mpps received (the share of the frames sent that arrived), medians.\n\n", wireFrames, e.method)
+		fmt.Fprintln(w, "| live flows | tether Mpps | one hash lookup | one array slot | trivial forwarder | tether / trivial |")
+		fmt.Fprintln(w, "|---:|---:|---:|---:|---:|---:|")
+		rate := func(who string, n int) string {
+			k := key{size, who, n}
+			return fmt.Sprintf("%.2f (%.0f%%)", median(k, mpps), median(k, delivered))
+		}
+		for _, n := range flowCounts(size) {
+			ratio := median(key{size, "tether", n}, mpps) / median(key{size, "trivial", n}, mpps)
+			fmt.Fprintf(w, "| %d | %s | %s | %s | %s | %.2f |\n", n, rate("tether", n), rate("table", n), rate("array", n), rate("trivial", n), ratio)
+		}
 	}
+}
+
+// flowCounts are the flow counts measured with tables of size entries.
+func flowCounts(size uint32) []int {
+	var counts []int
+	for _, n := range []int{1024, 16384, 262144, 1 << 20} {
+		if n <= int(size) {
+			counts = append(counts, n)
+		}
+	}
+	return counts
+}
+
+// field is f of every result.
+func field(rs []result, f func(result) float64) []float64 {
+	v := make([]float64, len(rs))
+	for i, r := range rs {
+		v[i] = f(r)
+	}
+	return v
 }
 
 func minOf(s []float64) float64 {
@@ -122,26 +187,53 @@ func setup() *env {
 	if err := l.SetPortXDP(l.Client, true); err != nil {
 		benchrun.Fail(err.Error())
 	}
+	for _, be := range l.Backends {
+		if err := be.Do(func() error {
+			c, err := pktgen.AttachCounter(be.Ifindex, svcPort)
+			if err == nil {
+				e.counters = append(e.counters, c)
+				benchrun.AtExit(func() { c.Close() })
+			}
+			return err
+		}); err != nil {
+			benchrun.Fail(fmt.Sprintf("counter on %s: %v", be.Name, err))
+		}
+	}
+	return e
+}
+
+// config writes tether's configuration with connection tables of entries
+// and returns its path.
+func (e *env) config(entries uint32) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "interfaces: [eth0]\ndatapath: xdp\ntables: {connections: 2097152, affinity: 65536, insert_rate: 0}\nservices:\n")
-	fmt.Fprintf(&b, "  - {name: udp, vip: %s, port: %d, protocol: udp, affinity: connection, health: {type: none}, backends: [", l.VIP4, svcPort)
-	for i, be := range l.Backends {
+	fmt.Fprintf(&b, "interfaces: [eth0]\ndatapath: xdp\ntables: {connections: %d, affinity: 65536, insert_rate: 0}\nservices:\n", entries)
+	fmt.Fprintf(&b, "  - {name: udp, vip: %s, port: %d, protocol: udp, affinity: connection, health: {type: none}, backends: [", e.l.VIP4, svcPort)
+	for i, be := range e.l.Backends {
 		if i > 0 {
 			b.WriteString(", ")
 		}
 		fmt.Fprintf(&b, "{address: %s}", be.Addr4)
 	}
 	b.WriteString("]}\n")
-	e.conf = filepath.Join(dir, "tether.yaml")
-	if err := os.WriteFile(e.conf, []byte(b.String()), 0o600); err != nil {
+	conf := filepath.Join(e.dir, fmt.Sprintf("tether-%d.yaml", entries))
+	if err := os.WriteFile(conf, []byte(b.String()), 0o600); err != nil {
 		benchrun.Fail(err.Error())
 	}
-	return e
+	return conf
+}
+
+// result is one measurement of one program at one flow count.
+type result struct {
+	ns        float64 // a run of the balancer's program, under the statistics
+	mpps      float64 // frames the backends received a second, sent as fast as the generator could
+	delivered float64 // the share of those frames that reached the backends
 }
 
 // measure enters n flows, then sends every one passes times with the
-// run-time statistics on, and returns ns a run of the balancer's program.
-func measure(e *env, n, passes int) float64 {
+// run-time statistics on and reads ns a run of the balancer's program,
+// then sends them again without as fast as the generator can (at least
+// wireFrames frames) and counts what reaches the backends.
+func measure(e *env, n, passes int) (r result) {
 	sources := max(1, n/ports)
 	p := min(n, ports)
 	gen, err := pktgen.NewGenerator(sources, p)
@@ -149,6 +241,7 @@ func measure(e *env, n, passes int) float64 {
 		benchrun.Fail(err.Error())
 	}
 	defer gen.Close()
+	defer func() { e.method = gen.Method() }()
 	send := func(total int) {
 		// Bursts of the generator's flows in order: burst k starts at
 		// flow k*burst (its source and port in the template).
@@ -191,20 +284,43 @@ func measure(e *env, n, passes int) float64 {
 	if err != nil {
 		benchrun.Fail(err.Error())
 	}
+	stats.Close() // they slow every program: off for the wire rate
 	if n1 <= n0 {
 		benchrun.Fail("the balancer's program did not run")
 	}
 	if runs := n1 - n0; runs < uint64(n*passes)*9/10 {
 		fmt.Fprintf(os.Stderr, "warning: %d runs for %d frames sent\n", runs, n*passes)
 	}
-	return float64((t1 - t0).Nanoseconds()) / float64(n1-n0)
+	r.ns = float64((t1 - t0).Nanoseconds()) / float64(n1-n0)
+
+	// The wire rate: the flows in turn, as fast as the generator sends,
+	// counted where the backends receive them.
+	before := e.received()
+	frames := uint32(max(n*passes, wireFrames))
+	fr := pktgen.UDPFrame(e.l.Client.MAC, e.l.Balancer.MAC, netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, 0}), 1024), netip.AddrPortFrom(e.l.VIP4, svcPort), 64)
+	var el time.Duration
+	if err := e.l.Client.Do(func() error {
+		var err error
+		el, err = gen.Send(e.l.Client.Ifindex, fr, frames)
+		return err
+	}); err != nil {
+		benchrun.Fail(err.Error())
+	}
+	time.Sleep(200 * time.Millisecond) // let the queues drain
+	r.mpps = float64(e.received()-before) / el.Seconds() / 1e6
+	r.delivered = float64(e.received()-before) / float64(frames)
+	return r
 }
 
-// trivial attaches the trivial XDP forwarder to the balancer.
-func trivial(e *env) func() { return benchrun.TrivialForwarder(e.l) }
-
-// tether runs the daemon until the returned function stops it and detaches
-// its program.
-func tether(e *env) func() {
-	return benchrun.TetherDaemon(e.l, e.bin, e.conf, e.dir, "tether-flowcost")
+// received is what the backends' counters have counted.
+func (e *env) received() uint64 {
+	var n uint64
+	for _, c := range e.counters {
+		k, err := c.Count()
+		if err != nil {
+			benchrun.Fail(err.Error())
+		}
+		n += k
+	}
+	return n
 }

@@ -475,3 +475,100 @@ func TestGeneratorVariesOnWire(t *testing.T) {
 		t.Errorf("saw %d addresses, %d ports, %d pairs; want %d, %d, %d", len(addrs), len(portSet), pairs, sources, ports, sources*ports)
 	}
 }
+
+// TestTableForwarders sends 256 flows through each flow-table forwarder
+// (the floors of flowcost), twice: every frame reaches be1, and the LRU
+// one enters each flow once, on its first frame.
+func TestTableForwarders(t *testing.T) {
+	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 1})
+	client, lb, be1 := l.Client, l.Balancer, l.Backends[0]
+	if err := learnMACs(l, be1); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.SetPortXDP(client, true); err != nil {
+		t.Fatal(err)
+	}
+	var ctr *Counter
+	if err := be1.Do(func() (err error) {
+		ctr, err = AttachCounter(be1.Ifindex, testDport)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer ctr.Close()
+	const sources, ports = 4, 64
+	g, err := NewGenerator(1, ports)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	// pass sends every flow once: a burst of ports frames per source,
+	// few enough for the veth queues.
+	pass := func() {
+		t.Helper()
+		for s := range sources {
+			src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(s)}), 1024)
+			frame := UDPFrame(client.MAC, lb.MAC, src, netip.AddrPortFrom(l.VIP4, testDport), 64)
+			if err := client.Do(func() error {
+				_, err := g.Send(client.Ifindex, frame, ports)
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	for _, kind := range []string{"hash", "array"} {
+		attach := AttachTableForwarder
+		if kind == "array" {
+			attach = AttachArrayForwarder
+		}
+		var fwd *Forwarder
+		if err := lb.Do(func() (err error) {
+			fwd, err = attach(lb.Ifindex, l.VIP4, lb.MAC, be1.MAC, 1024)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		before, err := ctr.Count()
+		if err != nil {
+			t.Fatal(err)
+		}
+		entries := func() int {
+			var k, v [16]byte
+			n := 0
+			for it := fwd.table.Iterate(); it.Next(&k, &v); {
+				n++
+			}
+			return n
+		}
+		pass()
+		first := entries()
+		pass()
+		got, err := settle(ctr.Count)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got-before != 2*sources*ports {
+			t.Errorf("%s: be1 counted %d frames, want %d", kind, got-before, 2*sources*ports)
+		}
+		if kind == "hash" {
+			if first != sources*ports || entries() != sources*ports {
+				t.Errorf("hash: %d entries after the first pass and %d after the second, want %d", first, entries(), sources*ports)
+			}
+		}
+		if err := fwd.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := lb.Do(func() error {
+		f, err := AttachArrayForwarder(lb.Ifindex, l.VIP4, lb.MAC, be1.MAC, 1000)
+		if err == nil {
+			f.Close()
+			return errors.New("an array of 1000 slots (not a power of two) was accepted")
+		}
+		return nil
+	}); err != nil {
+		t.Error(err)
+	}
+}

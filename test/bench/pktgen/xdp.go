@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/bits"
 	"net"
 	"net/netip"
 
@@ -168,8 +169,9 @@ func (c *Counter) Close() error {
 // destination and sends it back out with XDP_TX; everything else passes.
 // It touches nothing above Ethernet (no TTL, no checksum).
 type Forwarder struct {
-	prog *ebpf.Program
-	link link.Link
+	prog  *ebpf.Program
+	link  link.Link
+	table *ebpf.Map // AttachTableForwarder's connection table
 }
 
 // AttachForwarder loads a Forwarder for UDP destination port dport that
@@ -232,8 +234,14 @@ func AttachVIPForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr) 
 	if !vip.Is4() {
 		return nil, fmt.Errorf("forwarder: %v is not an IPv4 address", vip)
 	}
+	return attachForwarder(ifindex, vipMatch(vip), src, dst)
+}
+
+// vipMatch jumps to "pass" unless the frame is IPv4 to vip, and falls
+// through with R2 = data and R3 = data_end.
+func vipMatch(vip netip.Addr) asm.Instructions {
 	a := vip.As4()
-	match := asm.Instructions{
+	return asm.Instructions{
 		asm.LoadMem(asm.R2, asm.R1, mdData, asm.Word),
 		asm.LoadMem(asm.R3, asm.R1, mdDataEnd, asm.Word),
 		asm.Mov.Reg(asm.R4, asm.R2),
@@ -245,7 +253,131 @@ func AttachVIPForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr) 
 		asm.LoadMem(asm.R5, asm.R2, offIPDst, asm.Word),
 		asm.JNE.Imm32(asm.R5, int32(binary.NativeEndian.Uint32(a[:])), "pass"),
 	}
-	return attachForwarder(ifindex, match, src, dst)
+}
+
+// AttachTableForwarder is AttachVIPForwarder with a connection table: it
+// looks every frame's 5-tuple up in an LRU hash of entries entries (a
+// 16-byte key and a 16-byte value, as tether's IPv4 connection table) and
+// enters it when missing, then forwards it to the one backend. Tether's
+// own work aside, that is what any balancer that remembers its flows in a
+// kernel hash table pays a packet: the floor of a stateful one. The frame
+// must have a 20-byte IPv4 header (the generator's do); others pass.
+func AttachTableForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr, entries uint32) (*Forwarder, error) {
+	table, err := ebpf.NewMap(&ebpf.MapSpec{
+		Name:       "pktgen_conns",
+		Type:       ebpf.LRUHash,
+		KeySize:    16,
+		ValueSize:  16,
+		MaxEntries: entries,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("forwarder: connection table: %w", err)
+	}
+	const (
+		key   = -16 // src, dst, ports, protocol: a word each
+		value = -32
+	)
+	lookup := asm.Instructions{
+		asm.LoadMem(asm.R5, asm.R2, offIPv4+12, asm.Word),
+		asm.StoreMem(asm.RFP, key, asm.R5, asm.Word),
+		asm.LoadMem(asm.R5, asm.R2, offIPDst, asm.Word),
+		asm.StoreMem(asm.RFP, key+4, asm.R5, asm.Word),
+		asm.LoadMem(asm.R5, asm.R2, offUDP, asm.Word),
+		asm.StoreMem(asm.RFP, key+8, asm.R5, asm.Word),
+		asm.LoadMem(asm.R5, asm.R2, offIPProto, asm.Byte),
+		asm.StoreMem(asm.RFP, key+12, asm.R5, asm.Word),
+		asm.LoadMapPtr(asm.R1, table.FD()),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, key),
+		asm.FnMapLookupElem.Call(),
+		asm.JNE.Imm(asm.R0, 0, "hit"),
+		asm.Mov.Imm(asm.R5, 1),
+		asm.StoreMem(asm.RFP, value, asm.R5, asm.DWord),
+		asm.Mov.Imm(asm.R5, 0),
+		asm.StoreMem(asm.RFP, value+8, asm.R5, asm.DWord),
+		asm.LoadMapPtr(asm.R1, table.FD()),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, key),
+		asm.Mov.Reg(asm.R3, asm.RFP),
+		asm.Add.Imm(asm.R3, value),
+		asm.Mov.Imm(asm.R4, 0), // BPF_ANY
+		asm.FnMapUpdateElem.Call(),
+		asm.Ja.Label("fwd"),
+	}
+	return attachTableForwarder(ifindex, vip, src, dst, table, lookup)
+}
+
+// AttachArrayForwarder is AttachTableForwarder with a table of its own
+// making instead of the kernel's hash: an array of entries 16-byte slots
+// (a power of two) indexed by a hash of the frame's addresses and ports,
+// whose slot it reads. One random memory access a packet where the
+// kernel's hash table makes two (its bucket, then the element): what a
+// balancer with a flat, open-addressed flow table would pay at least.
+func AttachArrayForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr, entries uint32) (*Forwarder, error) {
+	if entries < 2 || entries&(entries-1) != 0 {
+		return nil, fmt.Errorf("forwarder: %d entries is not a power of two", entries)
+	}
+	table, err := ebpf.NewMap(&ebpf.MapSpec{
+		Name:       "pktgen_slots",
+		Type:       ebpf.Array,
+		KeySize:    4,
+		ValueSize:  16,
+		MaxEntries: entries,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("forwarder: flow array: %w", err)
+	}
+	const key = -4
+	lookup := asm.Instructions{
+		// slot = ((src ^ dst ^ ports) * golden ratio) >> (32 - log2 entries)
+		asm.LoadMem(asm.R5, asm.R2, offIPv4+12, asm.Word),
+		asm.LoadMem(asm.R4, asm.R2, offIPDst, asm.Word),
+		asm.Xor.Reg32(asm.R5, asm.R4),
+		asm.LoadMem(asm.R4, asm.R2, offUDP, asm.Word),
+		asm.Xor.Reg32(asm.R5, asm.R4),
+		asm.Mul.Imm32(asm.R5, -1640531535), // 0x9e3779b1
+		asm.RSh.Imm32(asm.R5, int32(32-bits.TrailingZeros32(entries))),
+		asm.StoreMem(asm.RFP, key, asm.R5, asm.Word),
+		asm.LoadMapPtr(asm.R1, table.FD()),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, key),
+		asm.FnMapLookupElem.Call(),
+		asm.JNE.Imm(asm.R0, 0, "hit"),
+		asm.Ja.Label("fwd"),
+	}
+	return attachTableForwarder(ifindex, vip, src, dst, table, lookup)
+}
+
+// attachTableForwarder completes a table forwarder: lookup runs with R2 =
+// data (whose IPv4 header and ports it may read) and jumps to "hit" with
+// R0 = the frame's entry or to "fwd" without one.
+func attachTableForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr, table *ebpf.Map, lookup asm.Instructions) (*Forwarder, error) {
+	if !vip.Is4() {
+		table.Close()
+		return nil, fmt.Errorf("forwarder: %v is not an IPv4 address", vip)
+	}
+	match := append(vipMatch(vip),
+		// A 20-byte IPv4 header and the ports after it.
+		asm.LoadMem(asm.R5, asm.R2, offIPv4, asm.Byte),
+		asm.JNE.Imm(asm.R5, 0x45, "pass"),
+		asm.Mov.Reg(asm.R4, asm.R2),
+		asm.Add.Imm(asm.R4, ethLen+ipv4Len+4),
+		asm.JGT.Reg(asm.R4, asm.R3, "pass"),
+		asm.Mov.Reg(asm.R6, asm.R2), // data, kept across the calls
+	)
+	match = append(match, lookup...)
+	match = append(match,
+		// A hit reads its entry, as a balancer reads the backend in it.
+		asm.LoadMem(asm.R5, asm.R0, 0, asm.Word).WithSymbol("hit"),
+		asm.Mov.Reg(asm.R2, asm.R6).WithSymbol("fwd"),
+	)
+	f, err := attachForwarder(ifindex, match, src, dst)
+	if err != nil {
+		table.Close()
+		return nil, err
+	}
+	f.table = table
+	return f, nil
 }
 
 // ProgramID returns the kernel's id of the forwarder's program, for
@@ -264,7 +396,7 @@ func (f *Forwarder) ProgramID() (ebpf.ProgramID, error) {
 
 // Close detaches the program and releases it.
 func (f *Forwarder) Close() error {
-	return closeAll(f.link, f.prog)
+	return closeAll(f.link, f.prog, f.table)
 }
 
 // closeAll closes the non-nil closers in order and joins their errors.
