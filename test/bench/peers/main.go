@@ -64,6 +64,8 @@ type options struct {
 	clients     int
 	wsConns     int
 	wsWorkers   int
+	heavyConc   int // the heavy profile: connections at a time (0: none)
+	heavyHeld   int // and connections held open meanwhile
 	hold        int
 	holdSecs    int
 	iperfSecs   int
@@ -88,6 +90,9 @@ type sample struct {
 	wire                wireResult
 	connRate            float64
 	connFailed          int
+	heavyRate           float64 // the heavy profile's connection rate
+	heavyFailed         int     // its failed connections, held ones included
+	heavyCost           heavyCost
 	p50, p99            time.Duration
 	echoes, echoFailed  int
 	bulk1, bulk4        float64 // Gbit/s
@@ -109,6 +114,8 @@ func main() {
 	flag.IntVar(&o.clients, "clients", 200, "client source addresses (at most 240)")
 	flag.IntVar(&o.wsConns, "ws-conns", 2000, "WebSocket connections per connection-rate measurement")
 	flag.IntVar(&o.wsWorkers, "ws-workers", 8, "concurrent workers of the connection-rate measurement")
+	flag.IntVar(&o.heavyConc, "heavy-workers", 64, "the heavy WebSocket profile: concurrent workers of a second connection-rate measurement, made while -heavy-held connections are held open (0: no heavy profile)")
+	flag.IntVar(&o.heavyHeld, "heavy-held", 2000, "the heavy WebSocket profile: connections held open during it")
 	flag.IntVar(&o.hold, "hold", 1000, "WebSocket connections held open for the echo latency")
 	flag.IntVar(&o.holdSecs, "hold-secs", 10, "seconds the held connections echo (one message a second each)")
 	flag.IntVar(&o.iperfSecs, "iperf-secs", 3, "seconds per iperf3 run")
@@ -130,6 +137,9 @@ func main() {
 	if o.runs < 1 || o.clients < 1 || o.clients > lab.MaxClients || o.wsConns < 1 || o.wsWorkers < 1 ||
 		o.hold < 1 || o.holdSecs < 1 || o.iperfSecs < 1 || o.packets < 1 || o.packets > 1<<31 || o.statPackets > 1<<31 {
 		fail("bad flags (see -h)")
+	}
+	if o.heavyConc < 0 || o.heavyHeld < 0 || o.heavyHeld > 8000 {
+		fail("bad flags: -heavy-workers and -heavy-held are at least 0, -heavy-held at most 8000")
 	}
 	if o.mib < 8 || o.conns < 1 || o.wrkSecs < 1 || o.sysConns < 0 || *haproxyThreads < 0 {
 		fail("bad flags: -mib is at least 8, -conns and -wrk-secs at least 1, -syscall-conns and -haproxy-threads at least 0")
@@ -231,6 +241,11 @@ func measure(e *Env, pr *peerResult, gen *pktgen.Generator, o options) sample {
 	if p.Rows&RowStreams != 0 {
 		s.hasStreams = true
 		s.connRate, s.connFailed = connRate(e, p, pr.aff, o.wsConns, o.wsWorkers)
+		if o.heavyConc > 0 {
+			s.heavyRate, s.heavyFailed, s.heavyCost = heavyConnRate(e, p, run.PID, pr.aff, o.wsConns, o.heavyConc, o.heavyHeld)
+			logf("round %d %s: %.0f conns/s %d at a time with %d held (%d failed); balancer process %.2f s CPU, %d segments retransmitted, %d packets into the balancer's IP stack",
+				e.round+1, p.Name, s.heavyRate, o.heavyConc, o.heavyHeld, s.heavyFailed, s.heavyCost.cpu, s.heavyCost.retrans, s.heavyCost.ipIn)
+		}
 		rtts, bad := holdEcho(e, p, pr.aff, o.hold, o.holdSecs)
 		s.echoes, s.echoFailed = len(rtts), bad
 		s.p50, s.p99 = percentile(rtts, 0.50), percentile(rtts, 0.99)

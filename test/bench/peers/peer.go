@@ -40,6 +40,7 @@ const (
 	RoleTetherNAT          // tether's XDP datapath with forwarding nat
 	RoleTetherFullNAT      // tether's XDP datapath with forwarding fullnat
 	RoleTetherEncap        // tether's XDP datapath with forwarding ipip or gue
+	RoleStateless          // the stateless XDP forwarder over every backend
 )
 
 // A Peer is one balancer setup in front of the lab's backends. Each lives

@@ -1,6 +1,10 @@
 package main
 
-import "github.com/tetherlb/tether/test/bench/pktgen"
+import (
+	"net"
+
+	"github.com/tetherlb/tether/test/bench/pktgen"
+)
 
 // Packet-rate references: what the lab's wire carries through the
 // balancer host with the least work (a trivial XDP program forwarding to
@@ -14,6 +18,16 @@ func init() {
 		Role:  RoleTrivial,
 		Note:  "an XDP program that rewrites the Ethernet addresses of every frame to the VIP toward backend 1 and returns XDP_TX: the floor of any XDP balancer in this lab, and what XDP on a veth costs the stream rows",
 		Start: func(e *Env) (Running, error) { return noProcess(startTrivialXDP(e)) },
+	})
+	register(Peer{
+		Name:           "stateless XDP forwarder (3 backends)",
+		Order:          3,
+		Rows:           RowPackets | RowStreams,
+		XDP:            true,
+		SourceAffinity: true,
+		Role:           RoleStateless,
+		Note:           "the trivial forwarder over every backend: the backend is the client's IPv4 address modulo their number, and nothing is remembered: the floor of a balancer that spreads clients as tether does, where the trivial forwarder loads one backend only",
+		Start:          func(e *Env) (Running, error) { return noProcess(startStatelessXDP(e)) },
 	})
 	register(Peer{
 		Name:  "kernel IP forwarding",
@@ -36,6 +50,26 @@ func startTrivialXDP(e *Env) (func() error, error) {
 		return nil, err
 	}
 	if err := e.WaitServing(nil, "the trivial forwarder"); err != nil {
+		return nil, joinErr(err, fw.Close())
+	}
+	return fw.Close, nil
+}
+
+func startStatelessXDP(e *Env) (func() error, error) {
+	var macs []net.HardwareAddr
+	for _, be := range e.Lab.Backends {
+		macs = append(macs, be.MAC)
+	}
+	var fw *pktgen.Forwarder
+	err := e.Lab.Balancer.Do(func() error {
+		var err error
+		fw, err = pktgen.AttachSpreadForwarder(e.Lab.Balancer.Ifindex, e.VIP, e.Lab.Balancer.MAC, macs)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err := e.WaitServing(nil, "the stateless forwarder"); err != nil {
 		return nil, joinErr(err, fw.Close())
 	}
 	return fw.Close, nil

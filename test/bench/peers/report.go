@@ -46,6 +46,9 @@ func (pr peerResult) progNs() stat {
 func (pr peerResult) connRate() stat {
 	return statOf(pr.samples, streamsOK, func(s sample) float64 { return s.connRate })
 }
+func (pr peerResult) heavyRate() stat {
+	return statOf(pr.samples, streamsOK, func(s sample) float64 { return s.heavyRate })
+}
 func (pr peerResult) p50() stat {
 	return statOf(pr.samples, streamsOK, func(s sample) float64 { return us(s.p50) })
 }
@@ -60,7 +63,7 @@ func (pr peerResult) bulk4() stat {
 }
 func (pr peerResult) failures() (conns, echoes int) {
 	for _, s := range pr.samples {
-		conns += s.connFailed
+		conns += s.connFailed + s.heavyFailed
 		echoes += s.echoFailed
 	}
 	return conns, echoes
@@ -97,6 +100,7 @@ type results struct {
 	nat, fullnat        *peerResult   // tether's XDP datapath in its translating modes
 	encap               []*peerResult // and in its encapsulating ones
 	trivial             *peerResult
+	stateless           *peerResult   // the stateless forwarder over every backend
 	proxies             []*peerResult // HAProxy, nginx: what the splice datapath must match
 	kernel              []*peerResult // the kernel stand-ins and forwarding
 }
@@ -121,6 +125,8 @@ func index(prs []peerResult) results {
 			r.encap = append(r.encap, pr)
 		case RoleTrivial:
 			r.trivial = pr
+		case RoleStateless:
+			r.stateless = pr
 		case RoleHAProxy, RoleNginx:
 			r.proxies = append(r.proxies, pr)
 		case RoleKernel:
@@ -148,7 +154,7 @@ func report(o options, e *Env, cost []progcost.Result, prs []peerResult, tools m
 	affinityRow(p, r)
 	proxyRows(p, r, o)
 	targets(p, cost, r, o)
-	reading(p, r)
+	reading(p, r, o)
 	setups(p, r, tools)
 
 	if o.chart != "" {
@@ -210,18 +216,43 @@ func wsRow(p printf, r results, o options) {
 	p("## 3. WebSocket\n\n")
 	p("Connection rate: %d connections per round over %d workers, each a TCP connect, the WebSocket handshake, one echo and the close. Latency: %d connections held open, each echoing one message a second for %d s (%d round trips per round).\n\n",
 		o.wsConns, o.wsWorkers, o.hold, o.holdSecs, o.hold*o.holdSecs)
-	p("| balancer | conns/s | x direct | echo p50 µs | echo p99 µs | p99 x direct | failed conns / echoes |\n|---|---:|---:|---:|---:|---:|---:|\n")
-	var rate, p99 float64
+	heavy := o.heavyConc > 0
+	if heavy {
+		p("Heavy profile: the same connections over %d workers while %d more are held open (idle), opened first and closed after.\n\n", o.heavyConc, o.heavyHeld)
+		p("| balancer | conns/s | x direct | heavy conns/s | x direct | echo p50 µs | echo p99 µs | p99 x direct | failed conns / echoes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	} else {
+		p("| balancer | conns/s | x direct | echo p50 µs | echo p99 µs | p99 x direct | failed conns / echoes |\n|---|---:|---:|---:|---:|---:|---:|\n")
+	}
+	var rate, heavyRate, p99 float64
 	if r.direct != nil {
-		rate, p99 = r.direct.connRate().med, r.direct.p99().med
+		rate, heavyRate, p99 = r.direct.connRate().med, r.direct.heavyRate().med, r.direct.p99().med
 	}
 	for _, pr := range r.all {
 		if pr.Rows&RowStreams == 0 {
 			continue
 		}
 		c, e := pr.failures()
-		p("| %s | %s | %s | %s | %s | %s | %d / %d |\n", pr.Name, pr.connRate().fmt(0), ratio(pr.connRate().med, rate),
+		h := ""
+		if heavy {
+			h = fmt.Sprintf(" %s | %s |", pr.heavyRate().fmt(0), ratio(pr.heavyRate().med, heavyRate))
+		}
+		p("| %s | %s | %s |%s %s | %s | %s | %d / %d |\n", pr.Name, pr.connRate().fmt(0), ratio(pr.connRate().med, rate), h,
 			pr.p50().fmt(0), pr.p99().fmt(0), ratio(pr.p99().med, p99), c, e)
+	}
+	if heavy {
+		n := float64(o.wsConns+o.heavyHeld) / 1000
+		p("\nWhat the heavy profile cost besides the clients and servers, per 1,000 of its connections (held and measured), medians: the balancer's process CPU (the daemon; none for a program or the kernel), the TCP segments the clients and backends retransmitted, and the packets that reached the balancer host's IP stack (passed by a program to the kernel, or forwarded by it).\n\n")
+		p("| balancer | process CPU ms | retransmitted segments | packets into the balancer's IP stack |\n|---|---:|---:|---:|\n")
+		for _, pr := range r.all {
+			if pr.Rows&RowStreams == 0 {
+				continue
+			}
+			cost := func(f func(heavyCost) float64) string {
+				return fmt.Sprintf("%.1f", statOf(pr.samples, streamsOK, func(s sample) float64 { return f(s.heavyCost) }).med/n)
+			}
+			p("| %s | %s | %s | %s |\n", pr.Name, cost(func(c heavyCost) float64 { return 1000 * c.cpu }),
+				cost(func(c heavyCost) float64 { return float64(c.retrans) }), cost(func(c heavyCost) float64 { return float64(c.ipIn) }))
+		}
 	}
 	p("\n")
 }
@@ -290,6 +321,7 @@ func targets(p printf, cost []progcost.Result, r results, o options) {
 			line("wire packet rate not below "+k.Name, fmt.Sprintf("%.2f vs %.2f Mpps", r.xdp.mpps().med, k.mpps().med), r.xdp.mpps().med >= k.mpps().med)
 		}
 	}
+	wsTargets(line, r, o)
 	if r.xdp != nil && r.direct != nil {
 		c := r.xdp.connRate().med / r.direct.connRate().med
 		line("WebSocket connection rate within 5% of direct (XDP)", fmt.Sprintf("%.2fx", c), c >= 0.95)
@@ -343,6 +375,41 @@ func targets(p printf, cost []progcost.Result, r results, o options) {
 	p("\n")
 }
 
+// wsTargets are issue 19's for tether's XDP datapath (dsr): a WebSocket
+// connection rate at least 0.97x the trivial forwarder's and at least
+// nftables fwd's (the IPVS-DR stand-in), in the light profile and the
+// heavy one.
+func wsTargets(line func(target, measured string, ok bool), r results, o options) {
+	if r.xdp == nil {
+		return
+	}
+	var fwd *peerResult
+	for _, k := range r.kernel {
+		if strings.HasPrefix(k.Name, "nftables fwd") {
+			fwd = k
+		}
+	}
+	type profile struct {
+		name string
+		rate func(peerResult) stat
+	}
+	profiles := []profile{{fmt.Sprintf("%d at a time", o.wsWorkers), peerResult.connRate}}
+	if o.heavyConc > 0 {
+		profiles = append(profiles, profile{fmt.Sprintf("%d at a time, %d held", o.heavyConc, o.heavyHeld), peerResult.heavyRate})
+	}
+	for _, pf := range profiles {
+		v := pf.rate(*r.xdp).med
+		if r.trivial != nil && r.trivial.Rows&RowStreams != 0 {
+			d := pf.rate(*r.trivial).med
+			line("WebSocket connection rate ("+pf.name+") at least 0.97x the trivial forwarder's (XDP)", fmt.Sprintf("%.2fx", v/d), v >= 0.97*d)
+		}
+		if fwd != nil {
+			d := pf.rate(*fwd).med
+			line("WebSocket connection rate ("+pf.name+") at least "+fwd.Name+"'s (XDP)", fmt.Sprintf("%.2fx", v/d), v >= d)
+		}
+	}
+}
+
 // natTargets are the targets of the translating modes: nat at least
 // nftables DNAT's connection rate (the IPVS-NAT stand-in) and 1.3x
 // HAProxy's; fullnat 1.3x HAProxy's connection rate and 2x its bulk
@@ -380,7 +447,7 @@ func natTargets(line func(target, measured string, ok bool), r results) {
 
 // reading explains what bounds the figures in this lab, with the ratios
 // that separate tether's own cost from the lab's.
-func reading(p printf, r results) {
+func reading(p printf, r results, o options) {
 	p("## Reading these figures\n\n")
 	p("- **XDP on a veth costs the stream rows, whatever the program.** A veth whose peer runs XDP loses its software segmentation offload, so TCP crosses the balancer host in MTU-sized frames instead of 64 KiB segments: the trivial XDP forwarder, which only rewrites two MAC addresses, pays the same. ")
 	p("On a physical NIC the sender's segmentation happens in hardware and the balancer's XDP program sees wire frames in any case. tether's own cost is its distance from the trivial forwarder")
@@ -395,6 +462,18 @@ func reading(p printf, r results) {
 			p("- **%s** against the trivial forwarder, this run: connections/s %s, bulk 1 stream %s, 4 streams %s; the backends' own XDP decapsulation is in that path too.\n",
 				pr.Name, ratio(pr.connRate().med, r.trivial.connRate().med), ratio(pr.bulk1().med, r.trivial.bulk1().med), ratio(pr.bulk4().med, r.trivial.bulk4().med))
 		}
+	}
+	if r.xdp != nil && r.trivial != nil && r.stateless != nil && r.stateless.Rows&RowStreams != 0 && r.trivial.Rows&RowStreams != 0 {
+		p("- **The trivial forwarder loads one backend; tether and the stateless forwarder spread clients over three.** tether / stateless forwarder this run: connections/s %s (%d at a time)",
+			ratio(r.xdp.connRate().med, r.stateless.connRate().med), o.wsWorkers)
+		if o.heavyConc > 0 {
+			p(", %s (%d at a time, %d held)", ratio(r.xdp.heavyRate().med, r.stateless.heavyRate().med), o.heavyConc, o.heavyHeld)
+		}
+		p("; stateless / trivial: %s", ratio(r.stateless.connRate().med, r.trivial.connRate().med))
+		if o.heavyConc > 0 {
+			p(", %s", ratio(r.stateless.heavyRate().med, r.trivial.heavyRate().med))
+		}
+		p(".\n")
 	}
 	p("- **The wire rate is the whole path's cost on one CPU.** The generator's frames are handled veth to bridge to veth in the sending CPU's softirq, balancer and backends included, so the rate is bounded by the sum of every hop; where the kernel's own stack is in the path its backlog overflows (\"delivered\" below 100%%). The balancer's share is row 1.\n")
 	p("- **Per-packet cost under traffic** (row 1, second table) includes the first touch of each frame's cache lines, which the trivial program pays too, and the statistics' own clock reads; BPF_PROG_TEST_RUN (first table) runs on a hot frame.\n")

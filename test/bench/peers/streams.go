@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os"
 	"os/exec"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -78,14 +80,13 @@ func connRate(e *Env, p Peer, aff *affinity, n, workers int) (rate float64, fail
 	return rate, failed
 }
 
-// holdEcho opens hold WebSocket connections and keeps them open for secs
-// seconds, each echoing a message once a second at its own offset, like
-// the clients of a chat service. It returns the round-trip times and the
-// number of connections or echoes that failed.
-func holdEcho(e *Env, p Peer, aff *affinity, hold, secs int) (rtts []time.Duration, failed int) {
+// openHeld opens n WebSocket connections over 16 dialers, each from the
+// next client address counting down, and returns them (nil where one
+// failed) and how many failed.
+func openHeld(e *Env, p Peer, aff *affinity, n int) (conns []*lab.WSClient, failed int) {
 	url := e.wsURL(p)
 	addrs := e.Lab.ClientAddrs4
-	conns := make([]*lab.WSClient, hold)
+	conns = make([]*lab.WSClient, n)
 	var bad atomic.Int64
 	var wg sync.WaitGroup
 	var next atomic.Int64
@@ -93,7 +94,7 @@ func holdEcho(e *Env, p Peer, aff *affinity, hold, secs int) (rtts []time.Durati
 		wg.Go(func() {
 			for {
 				k := int(next.Add(1)) - 1
-				if k >= hold {
+				if k >= n {
 					return
 				}
 				// Reverse order from connRate's, so that the addresses
@@ -114,6 +115,100 @@ func holdEcho(e *Env, p Peer, aff *affinity, hold, secs int) (rtts []time.Durati
 		})
 	}
 	wg.Wait()
+	return conns, int(bad.Load())
+}
+
+// heavyConnRate is connRate with workers workers while held other
+// connections stay open (idle): the load of a WebSocket service whose
+// clients come and go while most stay. Its failures include the held
+// connections that could not be opened.
+func heavyConnRate(e *Env, p Peer, pid int, aff *affinity, n, workers, held int) (rate float64, failed int, cost heavyCost) {
+	before, err := heavySnapshot(e, pid)
+	if err != nil {
+		fail(err.Error())
+	}
+	defer func() {
+		after, err := heavySnapshot(e, pid)
+		if err != nil {
+			fail(err.Error())
+		}
+		cost = heavyCost{cpu: after.cpu - before.cpu, retrans: after.retrans - before.retrans, ipIn: after.ipIn - before.ipIn}
+	}()
+	conns, bad := openHeld(e, p, aff, held)
+	defer func() {
+		for _, c := range conns {
+			if c != nil {
+				c.Close()
+			}
+		}
+	}()
+	rate, failed = connRate(e, p, aff, n, workers)
+	return rate, failed + bad, cost
+}
+
+// heavyCost is what the heavy profile cost outside the clients and
+// servers: the balancer process's CPU, the segments TCP retransmitted
+// (clients and backends) and the packets the balancer host's IP stack
+// received (a forwarder that passes them to the kernel).
+type heavyCost struct {
+	cpu     float64 // seconds of the balancer's process (and its children)
+	retrans uint64
+	ipIn    uint64
+}
+
+// heavySnapshot reads the counters heavyCost is the difference of.
+func heavySnapshot(e *Env, pid int) (c heavyCost, err error) {
+	c.cpu = cpuSeconds(processTree(pid))
+	for _, h := range append([]*lab.Host{e.Lab.Client}, e.Lab.Backends...) {
+		n, err := snmp(h, "Tcp", "RetransSegs")
+		if err != nil {
+			return c, err
+		}
+		c.retrans += n
+	}
+	c.ipIn, err = snmp(e.Lab.Balancer, "Ip", "InReceives")
+	return c, err
+}
+
+// snmp reads one counter of /proc/net/snmp in h's namespace.
+func snmp(h *lab.Host, group, name string) (uint64, error) {
+	var v uint64
+	err := h.Do(func() error {
+		b, err := os.ReadFile("/proc/thread-self/net/snmp")
+		if err != nil {
+			return err
+		}
+		var header []string
+		for line := range strings.Lines(string(b)) {
+			f := strings.Fields(line)
+			if len(f) == 0 || f[0] != group+":" {
+				continue
+			}
+			if header == nil {
+				header = f
+				continue
+			}
+			for i, k := range header {
+				if k == name && i < len(f) {
+					v, err = strconv.ParseUint(f[i], 10, 64)
+					return err
+				}
+			}
+		}
+		return fmt.Errorf("%s: no %s %s in /proc/net/snmp", h.Name, group, name)
+	})
+	return v, err
+}
+
+// holdEcho opens hold WebSocket connections and keeps them open for secs
+// seconds, each echoing a message once a second at its own offset, like
+// the clients of a chat service. It returns the round-trip times and the
+// number of connections or echoes that failed.
+func holdEcho(e *Env, p Peer, aff *affinity, hold, secs int) (rtts []time.Duration, failed int) {
+	conns, failed := openHeld(e, p, aff, hold)
+	var bad atomic.Int64
+	bad.Store(int64(failed))
+	var wg sync.WaitGroup
 	var mu sync.Mutex
 	start := time.Now().Add(100 * time.Millisecond)
 	period := time.Second

@@ -572,3 +572,65 @@ func TestTableForwarders(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestSpreadForwarder sends 4 client addresses' frames through the
+// stateless forwarder: each backend counts the frames of the addresses
+// that fall on it, and only those.
+func TestSpreadForwarder(t *testing.T) {
+	l := lab.NewT(t, lab.Options{Backends: 3, Clients: 1})
+	client, lb := l.Client, l.Balancer
+	var macs []net.HardwareAddr
+	counters := make([]*Counter, len(l.Backends))
+	for i, be := range l.Backends {
+		if err := learnMACs(l, be); err != nil {
+			t.Fatal(err)
+		}
+		macs = append(macs, be.MAC)
+		if err := be.Do(func() (err error) {
+			counters[i], err = AttachCounter(be.Ifindex, testDport)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		defer counters[i].Close()
+	}
+	if err := l.SetPortXDP(client, true); err != nil {
+		t.Fatal(err)
+	}
+	var fwd *Forwarder
+	if err := lb.Do(func() (err error) {
+		fwd, err = AttachSpreadForwarder(lb.Ifindex, l.VIP4, lb.MAC, macs)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer fwd.Close()
+	const sources, ports = 4, 64
+	g, err := NewGenerator(1, ports)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	want := make([]uint64, len(macs))
+	for s := range sources {
+		a := [4]byte{192, 0, 2, byte(10 + s)}
+		want[binary.NativeEndian.Uint32(a[:])%uint32(len(macs))] += ports
+		frame := UDPFrame(client.MAC, lb.MAC, netip.AddrPortFrom(netip.AddrFrom4(a), 1024), netip.AddrPortFrom(l.VIP4, testDport), 64)
+		if err := client.Do(func() error {
+			_, err := g.Send(client.Ifindex, frame, ports)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	for i, c := range counters {
+		got, err := settle(c.Count)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != want[i] {
+			t.Errorf("%s counted %d frames, want %d", l.Backends[i].Name, got, want[i])
+		}
+	}
+}

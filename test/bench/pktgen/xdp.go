@@ -183,26 +183,35 @@ func AttachForwarder(ifindex int, dport uint16, src, dst net.HardwareAddr) (*For
 	return attachForwarder(ifindex, matchUDP(dport, "pass"), src, dst)
 }
 
+// srcMACLabel labels the source MAC's stores of a forwarder.
+const srcMACLabel = "src_mac"
+
+// macStores writes mac at offset off of the frame (R2) in three 16-bit
+// stores, aligned under the kernel's NET_IP_ALIGN assumption.
+func macStores(off int16, mac net.HardwareAddr) asm.Instructions {
+	var s asm.Instructions
+	for i := int16(0); i < 6; i += 2 {
+		v := ne16(binary.BigEndian.Uint16(mac[i:]))
+		s = append(s, asm.StoreImm(asm.R2, off+i, int64(v), asm.Half))
+	}
+	return s
+}
+
 // attachForwarder completes a forwarder whose match jumps to "pass" for
 // frames to leave alone and falls through, with R2 = data, for frames to
-// forward.
+// forward to dst, or with dst nil having written the destination MAC
+// itself.
 func attachForwarder(ifindex int, match asm.Instructions, src, dst net.HardwareAddr) (f *Forwarder, err error) {
-	if len(src) != 6 || len(dst) != 6 {
+	if len(src) != 6 || (dst != nil && len(dst) != 6) {
 		return nil, fmt.Errorf("forwarder: MACs must be 6 bytes, have %v and %v", src, dst)
 	}
-	// macStores writes mac at offset off of the frame (R2) in three 16-bit
-	// stores, aligned under the kernel's NET_IP_ALIGN assumption.
-	macStores := func(off int16, mac net.HardwareAddr) asm.Instructions {
-		var s asm.Instructions
-		for i := int16(0); i < 6; i += 2 {
-			v := ne16(binary.BigEndian.Uint16(mac[i:]))
-			s = append(s, asm.StoreImm(asm.R2, off+i, int64(v), asm.Half))
-		}
-		return s
-	}
 	insns := append(asm.Instructions{}, match...)
-	insns = append(insns, macStores(0, dst)...) // destination MAC
-	insns = append(insns, macStores(6, src)...) // source MAC
+	if dst != nil {
+		insns = append(insns, macStores(0, dst)...) // destination MAC
+	}
+	srcStores := macStores(6, src)
+	srcStores[0] = srcStores[0].WithSymbol(srcMACLabel)
+	insns = append(insns, srcStores...)
 	insns = append(insns,
 		// Back out of the interface it came in on.
 		asm.Mov.Imm(asm.R0, bpftest.XDPTx),
@@ -235,6 +244,45 @@ func AttachVIPForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr) 
 		return nil, fmt.Errorf("forwarder: %v is not an IPv4 address", vip)
 	}
 	return attachForwarder(ifindex, vipMatch(vip), src, dst)
+}
+
+// AttachSpreadForwarder is AttachVIPForwarder over several backends: the
+// frame goes to dsts[h % len(dsts)], h the IPv4 source address as the
+// host loads it. Stateless: the floor of a balancer that spreads clients
+// over backends by address, as source affinity does, but remembers
+// nothing (a backend added or removed moves clients).
+func AttachSpreadForwarder(ifindex int, vip netip.Addr, src net.HardwareAddr, dsts []net.HardwareAddr) (*Forwarder, error) {
+	if !vip.Is4() {
+		return nil, fmt.Errorf("forwarder: %v is not an IPv4 address", vip)
+	}
+	if len(dsts) == 0 || len(dsts) > 16 {
+		return nil, fmt.Errorf("forwarder: %d backends, want 1 to 16", len(dsts))
+	}
+	match := append(vipMatch(vip),
+		asm.LoadMem(asm.R5, asm.R2, offIPSrc, asm.Word),
+		asm.Mod.Imm32(asm.R5, int32(len(dsts))),
+	)
+	for i, mac := range dsts {
+		if len(mac) != 6 {
+			return nil, fmt.Errorf("forwarder: MACs must be 6 bytes, have %v", mac)
+		}
+		// Backend i's block: unless it is the last, a check that jumps
+		// to the next block; its MAC; a jump past the other blocks.
+		last := i == len(dsts)-1
+		var block asm.Instructions
+		if !last {
+			block = append(block, asm.JNE.Imm(asm.R5, int32(i), fmt.Sprintf("be%d", i+1)))
+		}
+		block = append(block, macStores(0, mac)...)
+		if !last {
+			block = append(block, asm.Ja.Label(srcMACLabel))
+		}
+		if i > 0 {
+			block[0] = block[0].WithSymbol(fmt.Sprintf("be%d", i))
+		}
+		match = append(match, block...)
+	}
+	return attachForwarder(ifindex, match, src, nil)
 }
 
 // vipMatch jumps to "pass" unless the frame is IPv4 to vip, and falls
