@@ -101,7 +101,7 @@ lab: tools ## watch tether do its job on a lab of namespaces: steady, kill, drai
 	$(GO) run ./cmd/tether lab
 
 .PHONY: bench
-bench: tools bench-deps ## measure tether against HAProxy, nginx, nftables and the lab's limits, its control plane at scale and two hosts behind an ECMP router; write docs/bench (root, ~45 min)
+bench: tools bench-deps ## measure tether against HAProxy, nginx, nftables and the lab's limits, its control plane at scale and two hosts behind an ECMP router; write docs/bench (root, ~50 min)
 	$(GO) run ./test/bench/xdpcost -out docs/bench/xdpcost.md
 	$(GO) run ./test/bench/flowcost -out docs/bench/flowcost.md
 	$(GO) run ./test/bench/ctlscale -out docs/bench/ctlscale.md

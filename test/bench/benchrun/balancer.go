@@ -3,6 +3,7 @@ package benchrun
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"path/filepath"
 	"time"
 
@@ -11,32 +12,38 @@ import (
 )
 
 // TrivialForwarder attaches the trivial XDP forwarder to l's balancer,
-// towards the first backend, until the returned function detaches it.
-func TrivialForwarder(l *lab.Lab) func() {
-	var fw *pktgen.Forwarder
-	if err := l.Balancer.Do(func() error {
-		var err error
-		fw, err = pktgen.AttachVIPForwarder(l.Balancer.Ifindex, l.VIP4, l.Balancer.MAC, l.Backends[0].MAC)
-		return err
-	}); err != nil {
-		Fail(err.Error())
-	}
-	return func() { fw.Close() }
+// for l.VIP4 towards the first backend, until the returned function
+// detaches it.
+func TrivialForwarder(l *lab.Lab) func() { return VIPForwarder(l, l.VIP4) }
+
+// VIPForwarder is TrivialForwarder for vip (l.VIP4 or l.VIP6).
+func VIPForwarder(l *lab.Lab, vip netip.Addr) func() {
+	return onBalancer(l, func() (*pktgen.Forwarder, error) {
+		return pktgen.AttachVIPForwarder(l.Balancer.Ifindex, vip, l.Balancer.MAC, l.Backends[0].MAC)
+	})
 }
 
-// TableForwarder is TrivialForwarder with a flow table of entries: the
+// TableForwarder is VIPForwarder with a flow table of entries: the
 // kernel's LRU hash (pktgen.AttachTableForwarder), the floor of a balancer
 // that remembers its flows in one, or with array a flat array indexed by
 // a hash of the flow (pktgen.AttachArrayForwarder).
-func TableForwarder(l *lab.Lab, entries uint32, array bool) func() {
+func TableForwarder(l *lab.Lab, vip netip.Addr, entries uint32, array bool) func() {
 	attach := pktgen.AttachTableForwarder
 	if array {
 		attach = pktgen.AttachArrayForwarder
 	}
+	return onBalancer(l, func() (*pktgen.Forwarder, error) {
+		return attach(l.Balancer.Ifindex, vip, l.Balancer.MAC, l.Backends[0].MAC, entries)
+	})
+}
+
+// onBalancer runs attach in l's balancer namespace, failing the bench on
+// an error, and returns what closes the forwarder it attached.
+func onBalancer(l *lab.Lab, attach func() (*pktgen.Forwarder, error)) func() {
 	var fw *pktgen.Forwarder
 	if err := l.Balancer.Do(func() error {
 		var err error
-		fw, err = attach(l.Balancer.Ifindex, l.VIP4, l.Balancer.MAC, l.Backends[0].MAC, entries)
+		fw, err = attach()
 		return err
 	}); err != nil {
 		Fail(err.Error())

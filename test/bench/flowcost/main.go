@@ -10,7 +10,8 @@
 // LRU hash table of tether's size (the floor of a balancer that remembers
 // its flows in the kernel's hash table), and after a read of one slot of
 // an array of that size (one random memory access). Each is measured with
-// tables of several sizes, since the size costs even when few flows live.
+// tables of several sizes, since the size costs even when few flows live,
+// and with IPv4 and IPv6 flows.
 //
 //	sudo go run ./test/bench/flowcost -out docs/bench/flowcost.md
 package main
@@ -58,6 +59,7 @@ func main() {
 	rounds := flag.Int("rounds", 3, "rounds, each measuring tether and the three floors at every table size and flow count")
 	passes := flag.Int("passes", 4, "times every flow is sent while the statistics count")
 	sizes := flag.String("connections", "2097152,65536", "entries of the connection tables (tether's and the floors'), a comma-separated `list` of powers of two, each measured in every round; flow counts above a size are left out of it")
+	v6 := flag.Bool("ipv6", true, "also measure IPv6 flows, with the first table size")
 	flag.Parse()
 	if os.Geteuid() != 0 {
 		benchrun.Fail("needs root (network namespaces, XDP)")
@@ -71,29 +73,42 @@ func main() {
 		tables = append(tables, uint32(n))
 	}
 	e := setup()
-	type key struct {
+	// The measurements: every table size with IPv4, the first with IPv6
+	// too.
+	type set struct {
 		table uint32
+		vip   netip.Addr
+	}
+	var sets []set
+	for i, size := range tables {
+		sets = append(sets, set{size, e.l.VIP4})
+		if i == 0 && *v6 {
+			sets = append(sets, set{size, e.l.VIP6})
+		}
+	}
+	type key struct {
+		set
 		who   string
 		flows int
 	}
 	samples := map[key][]result{}
 	for r := range *rounds {
-		for _, size := range tables {
-			conf := e.config(size)
+		for _, st := range sets {
+			conf := e.config(st.table)
 			for _, who := range []string{"trivial", "table", "array", "tether"} {
 				var stop func()
 				switch who {
 				case "tether":
 					stop = benchrun.TetherDaemon(e.l, e.bin, conf, e.dir, "tether-flowcost")
 				case "table", "array":
-					stop = benchrun.TableForwarder(e.l, size, who == "array")
+					stop = benchrun.TableForwarder(e.l, st.vip, st.table, who == "array")
 				default:
-					stop = benchrun.TrivialForwarder(e.l)
+					stop = benchrun.VIPForwarder(e.l, st.vip)
 				}
-				for _, n := range flowCounts(size) {
-					res := measure(e, n, *passes)
-					samples[key{size, who, n}] = append(samples[key{size, who, n}], res)
-					fmt.Fprintf(os.Stderr, "round %d, table %d: %s, %d flows: %.0f ns a packet; %.2f Mpps on the wire (%.0f%% delivered)\n", r+1, size, who, n, res.ns, res.mpps, 100*res.delivered)
+				for _, n := range flowCounts(st.table) {
+					res := measure(e, st.vip, n, *passes)
+					samples[key{st, who, n}] = append(samples[key{st, who, n}], res)
+					fmt.Fprintf(os.Stderr, "round %d, table %d, %v: %s, %d flows: %.0f ns a packet; %.2f Mpps on the wire (%.0f%% delivered)\n", r+1, st.table, st.vip, who, n, res.ns, res.mpps, 100*res.delivered)
 				}
 				stop()
 			}
@@ -102,30 +117,35 @@ func main() {
 
 	w := benchrun.Report(*out)
 	fmt.Fprintf(w, "# tether XDP cost by live flows (%s, %s)\n\n", time.Now().UTC().Format("2006-01-02"), benchrun.Kernel())
-	fmt.Fprintf(w, "`sudo go run ./test/bench/flowcost`: UDP flows from spoofed sources (%d ports each), every flow entered first, then sent %d times over in bursts of %d frames a millisecond apart; ns a run of the balancer's XDP program from the kernel's run-time statistics (which slow every program down a little), median of %d rounds alternating tether (dsr, three backends, insertion guard off), the trivial forwarder (MAC rewrite to one backend, XDP_TX) and two one-lookup forwarders: the trivial one after a lookup of the frame's 5-tuple in an LRU hash of the same size as tether's connection table, entering it when missing (the floor of a balancer that keeps its flows in the kernel's hash table), and after a read of one 16-byte slot of an array of that size indexed by a hash of the flow (one random memory access).\n", ports, *passes, burst, *rounds)
+	fmt.Fprintf(w, "`sudo go run ./test/bench/flowcost`: UDP flows from spoofed sources (%d ports each), every flow entered first, then sent %d times over in bursts of %d frames a millisecond apart; ns a run of the balancer's XDP program from the kernel's run-time statistics (which slow every program down a little), median of %d rounds alternating tether (dsr, three backends, insertion guard off), the trivial forwarder (MAC rewrite to one backend, XDP_TX) and two one-lookup forwarders: the trivial one after a lookup of the frame's 5-tuple in an LRU hash of the same size as tether's connection table, entering it when missing (the floor of a balancer that keeps its flows in the kernel's hash table), and after a read of one 16-byte slot of an array of that size indexed by a hash of the flow (one random memory access). IPv4 flows come from 192.0.2.0/24 (16-byte keys), IPv6 flows from 2001:db8:ff::/64 (40-byte keys).\n", ports, *passes, burst, *rounds)
 	median := func(k key, f func(result) float64) float64 { return benchrun.Median(field(samples[k], f)) }
 	ns := func(r result) float64 { return r.ns }
 	mpps := func(r result) float64 { return r.mpps }
 	delivered := func(r result) float64 { return 100 * r.delivered }
-	for _, size := range tables {
-		fmt.Fprintf(w, "\n## Connection tables of %d entries\n\n", size)
+	for _, st := range sets {
+		size := st.table
+		family := "IPv4"
+		if st.vip.Is6() {
+			family = "IPv6"
+		}
+		fmt.Fprintf(w, "\n## %s, connection tables of %d entries\n\n", family, size)
 		fmt.Fprintln(w, "| live flows | tether ns/packet | min–max | one hash lookup | one array slot | trivial forwarder | tether / trivial | tether / one hash lookup |")
 		fmt.Fprintln(w, "|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, n := range flowCounts(size) {
-			t := field(samples[key{size, "tether", n}], ns)
-			tm, fm := benchrun.Median(t), median(key{size, "trivial", n}, ns)
-			hm, am := median(key{size, "table", n}, ns), median(key{size, "array", n}, ns)
+			t := field(samples[key{st, "tether", n}], ns)
+			tm, fm := benchrun.Median(t), median(key{st, "trivial", n}, ns)
+			hm, am := median(key{st, "table", n}, ns), median(key{st, "array", n}, ns)
 			fmt.Fprintf(w, "| %d | %.0f | %.0f–%.0f | %.0f | %.0f | %.0f | %.2f | %.2f |\n", n, tm, minOf(t), maxOf(t), hm, am, fm, tm/fm, tm/hm)
 		}
 		fmt.Fprintf(w, "\nOn the wire, the statistics off: the same flows in turn, at least %d frames as fast as the generator sends them (%s), counted by an XDP program on each backend; Mpps received (the share of the frames sent that arrived), medians.\n\n", wireFrames, e.method)
 		fmt.Fprintln(w, "| live flows | tether Mpps | one hash lookup | one array slot | trivial forwarder | tether / trivial |")
 		fmt.Fprintln(w, "|---:|---:|---:|---:|---:|---:|")
 		rate := func(who string, n int) string {
-			k := key{size, who, n}
+			k := key{st, who, n}
 			return fmt.Sprintf("%.2f (%.0f%%)", median(k, mpps), median(k, delivered))
 		}
 		for _, n := range flowCounts(size) {
-			ratio := median(key{size, "tether", n}, mpps) / median(key{size, "trivial", n}, mpps)
+			ratio := median(key{st, "tether", n}, mpps) / median(key{st, "trivial", n}, mpps)
 			fmt.Fprintf(w, "| %d | %s | %s | %s | %s | %.2f |\n", n, rate("tether", n), rate("table", n), rate("array", n), rate("trivial", n), ratio)
 		}
 	}
@@ -207,14 +227,24 @@ func setup() *env {
 func (e *env) config(entries uint32) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "interfaces: [eth0]\ndatapath: xdp\ntables: {connections: %d, affinity: 65536, insert_rate: 0}\nservices:\n", entries)
-	fmt.Fprintf(&b, "  - {name: udp, vip: %s, port: %d, protocol: udp, affinity: connection, health: {type: none}, backends: [", e.l.VIP4, svcPort)
-	for i, be := range e.l.Backends {
-		if i > 0 {
-			b.WriteString(", ")
+	for _, v6 := range []bool{false, true} {
+		vip, name := e.l.VIP4, "udp"
+		if v6 {
+			vip, name = e.l.VIP6, "udp6"
 		}
-		fmt.Fprintf(&b, "{address: %s}", be.Addr4)
+		fmt.Fprintf(&b, "  - {name: %s, vip: \"%s\", port: %d, protocol: udp, affinity: connection, health: {type: none}, backends: [", name, vip, svcPort)
+		for i, be := range e.l.Backends {
+			if i > 0 {
+				b.WriteString(", ")
+			}
+			a := be.Addr4
+			if v6 {
+				a = be.Addr6
+			}
+			fmt.Fprintf(&b, "{address: \"%s\"}", a)
+		}
+		b.WriteString("]}\n")
 	}
-	b.WriteString("]}\n")
 	conf := filepath.Join(e.dir, fmt.Sprintf("tether-%d.yaml", entries))
 	if err := os.WriteFile(conf, []byte(b.String()), 0o600); err != nil {
 		benchrun.Fail(err.Error())
@@ -233,7 +263,7 @@ type result struct {
 // run-time statistics on and reads ns a run of the balancer's program,
 // then sends them again without as fast as the generator can (at least
 // wireFrames frames) and counts what reaches the backends.
-func measure(e *env, n, passes int) (r result) {
+func measure(e *env, vip netip.Addr, n, passes int) (r result) {
 	sources := max(1, n/ports)
 	p := min(n, ports)
 	gen, err := pktgen.NewGenerator(sources, p)
@@ -247,8 +277,7 @@ func measure(e *env, n, passes int) (r result) {
 		// flow k*burst (its source and port in the template).
 		for k := 0; k*burst < total; k++ {
 			f := (k * burst) % n
-			src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(f / p)}), uint16(1024+f%p))
-			fr := pktgen.UDPFrame(e.l.Client.MAC, e.l.Balancer.MAC, src, netip.AddrPortFrom(e.l.VIP4, svcPort), 64)
+			fr := e.frame(vip, f/p, 1024+f%p)
 			c := uint32(min(burst, n-f, total-k*burst))
 			if err := e.l.Client.Do(func() error {
 				_, err := gen.Send(e.l.Client.Ifindex, fr, c)
@@ -297,7 +326,7 @@ func measure(e *env, n, passes int) (r result) {
 	// counted where the backends receive them.
 	before := e.received()
 	frames := uint32(max(n*passes, wireFrames))
-	fr := pktgen.UDPFrame(e.l.Client.MAC, e.l.Balancer.MAC, netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, 0}), 1024), netip.AddrPortFrom(e.l.VIP4, svcPort), 64)
+	fr := e.frame(vip, 0, 1024)
 	var el time.Duration
 	if err := e.l.Client.Do(func() error {
 		var err error
@@ -307,9 +336,22 @@ func measure(e *env, n, passes int) (r result) {
 		benchrun.Fail(err.Error())
 	}
 	time.Sleep(200 * time.Millisecond) // let the queues drain
-	r.mpps = float64(e.received()-before) / el.Seconds() / 1e6
-	r.delivered = float64(e.received()-before) / float64(frames)
+	got := float64(e.received() - before)
+	r.mpps = got / el.Seconds() / 1e6
+	r.delivered = got / float64(frames)
 	return r
+}
+
+// frame is the generator's template for flows to vip from source
+// address k (192.0.2.k, or 2001:db8:ff::k with IPv6) and port.
+func (e *env) frame(vip netip.Addr, k, port int) []byte {
+	if vip.Is6() {
+		a := [16]byte{0x20, 0x01, 0x0d, 0xb8, 0x00, 0xff, 14: byte(k >> 8), 15: byte(k)}
+		src := netip.AddrPortFrom(netip.AddrFrom16(a), uint16(port))
+		return pktgen.UDPFrame6(e.l.Client.MAC, e.l.Balancer.MAC, src, netip.AddrPortFrom(vip, svcPort), 64)
+	}
+	src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(k)}), uint16(port))
+	return pktgen.UDPFrame(e.l.Client.MAC, e.l.Balancer.MAC, src, netip.AddrPortFrom(vip, svcPort), 64)
 }
 
 // received is what the backends' counters have counted.

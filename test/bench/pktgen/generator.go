@@ -42,14 +42,15 @@ type genState struct {
 	// header without its checksum and source address fields.
 	Sum uint64
 	// Template is the frame's first hdrLen bytes (Ethernet, IPv4 and UDP
-	// headers; tcpHdrLen with TCP), written back into every frame: pages
+	// headers; tcpHdrLen with TCP, hdrLen6 with IPv6), written back into
+	// every frame: pages
 	// come back to the generator with whatever the path made of them (a
 	// forwarder's MAC rewrite, a router's TTL, a NAT's address), so
 	// nothing may be taken from the page itself.
-	Template [56]byte
-	// L4Sum is, for a TCP frame, the one's complement sum (unfolded) of
-	// its pseudo-header and segment without the source address, the
-	// source port and the checksum field.
+	Template [64]byte
+	// L4Sum is, for a TCP frame or an IPv6 one, the one's complement sum
+	// (unfolded) of its pseudo-header and segment without the source
+	// address's varied 32 bits, the source port and the checksum field.
 	L4Sum uint64
 }
 
@@ -61,8 +62,35 @@ const (
 	stPort  = 24
 	stSum   = 32
 	stTmpl  = 40
-	stL4Sum = 96
+	stL4Sum = 104
 )
+
+// layout is where a kind of frame has what the generator writes.
+type layout struct {
+	hdr    int   // header bytes written back from the template
+	src    int16 // the source address's 32 bits that vary (all of IPv4's)
+	sport  int16
+	ipCsum int16 // the IPv4 header checksum; 0: none (IPv6)
+	l4Csum int16 // the TCP or UDP checksum; 0: none (IPv4 UDP sends none)
+	udp    bool  // a UDP checksum: one that comes out 0 is sent as 0xffff
+}
+
+var (
+	layoutUDP4 = layout{hdr: hdrLen, src: offIPSrc, sport: offUDPSport, ipCsum: offIPCsum}
+	layoutTCP4 = layout{hdr: tcpHdrLen, src: offIPSrc, sport: offUDPSport, ipCsum: offIPCsum, l4Csum: offTCPCsum}
+	layoutUDP6 = layout{hdr: hdrLen6, src: offIP6SrcLow, sport: offUDP6, l4Csum: offUDP6Csum, udp: true}
+)
+
+// layoutOf is the layout of a frame prepare accepted.
+func layoutOf(frame []byte) layout {
+	switch {
+	case binary.BigEndian.Uint16(frame[offEtherType:]) == etherTypeIPv6:
+		return layoutUDP6
+	case frame[offIPProto] == protoTCP:
+		return layoutTCP4
+	}
+	return layoutUDP4
+}
 
 // Limits of NewGenerator.
 const (
@@ -90,11 +118,12 @@ const (
 type Generator struct {
 	sources, ports int
 
-	mu      sync.Mutex
-	state   *ebpf.Map
-	prog    *ebpf.Program // for UDP frames
-	tcpProg *ebpf.Program // for TCP frames
-	refused error         // why the kernel refused live frames; nil until it does
+	mu       sync.Mutex
+	state    *ebpf.Map
+	prog     *ebpf.Program // for UDP frames
+	tcpProg  *ebpf.Program // for TCP frames
+	udp6Prog *ebpf.Program // for IPv6 UDP frames
+	refused  error         // why the kernel refused live frames; nil until it does
 }
 
 // Method says how Send puts frames on the wire: BPF_PROG_TEST_RUN in
@@ -139,36 +168,32 @@ func NewGenerator(sources, ports int) (g *Generator, err error) {
 	if err != nil {
 		return g, fmt.Errorf("generator map: %w", err)
 	}
-	for _, tcp := range []bool{false, true} {
-		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+	for _, p := range []struct {
+		prog **ebpf.Program
+		lay  layout
+	}{{&g.prog, layoutUDP4}, {&g.tcpProg, layoutTCP4}, {&g.udp6Prog, layoutUDP6}} {
+		*p.prog, err = ebpf.NewProgram(&ebpf.ProgramSpec{
 			Name:         "pktgen_gen",
 			Type:         ebpf.XDP,
-			Instructions: generatorInsns(g.state.FD(), sources, ports, tcp),
+			Instructions: generatorInsns(g.state.FD(), sources, ports, p.lay),
 			License:      "GPL",
 		})
 		if err != nil {
 			return g, fmt.Errorf("load generator: %w", err)
 		}
-		if tcp {
-			g.tcpProg = prog
-		} else {
-			g.prog = prog
-		}
 	}
 	return g, nil
 }
 
-// generatorInsns is the generator's program, for UDP frames or, with tcp,
-// TCP frames. In live-frame mode the kernel recycles frame pages and
+// generatorInsns is the generator's program for frames of layout lay. In
+// live-frame mode the kernel recycles frame pages and
 // resets only their length, not their bytes, so the program writes
 // absolute values computed from the state map rather than adjusting what
 // it finds. It assumes prepare's checks: an IPv4 header without options
-// and a UDP or TCP header after it.
-func generatorInsns(stateFD, sources, ports int, tcp bool) asm.Instructions {
-	n := hdrLen
-	if tcp {
-		n = tcpHdrLen
-	}
+// or an IPv6 one without extension headers, and a UDP or TCP header after
+// it.
+func generatorInsns(stateFD, sources, ports int, lay layout) asm.Instructions {
+	n := lay.hdr
 	insns := asm.Instructions{
 		// R6 = context, kept across the helper call.
 		asm.Mov.Reg(asm.R6, asm.R1),
@@ -197,7 +222,8 @@ func generatorInsns(stateFD, sources, ports int, tcp bool) asm.Instructions {
 		asm.JGT.Reg(asm.R1, asm.R3, "drop"),
 	}
 	// The headers from the template: 8-byte words, then a 4- and a
-	// 2-byte one as n needs (42: five and a 2; 54: six, a 4 and a 2).
+	// 2-byte one as n needs (42: five and a 2; 54: six, a 4 and a 2; 62:
+	// seven, a 4 and a 2).
 	for off := 0; off < n; {
 		size, width := asm.DWord, 8
 		switch {
@@ -220,31 +246,32 @@ func generatorInsns(stateFD, sources, ports int, tcp bool) asm.Instructions {
 		asm.Mod.Imm(asm.R9, int32(ports)),
 		asm.Div.Imm(asm.R8, int32(ports)),
 		// R0 = source port = state.port + R9 (host order), stored in
-		// network order. A UDP checksum is 0 (none), so nothing else
-		// changes for UDP.
+		// network order.
 		asm.LoadMem(asm.R0, asm.R7, stPort, asm.DWord),
 		asm.Add.Reg(asm.R0, asm.R9),
 		asm.Mov.Reg(asm.R1, asm.R0),
 		asm.HostTo(asm.BE, asm.R1, asm.Half),
-		asm.StoreMem(asm.R2, offUDPSport, asm.R1, asm.Half),
-		// R4 = IPv4 source address = state.addr + R8 (host order);
-		// stored in network order.
+		asm.StoreMem(asm.R2, lay.sport, asm.R1, asm.Half),
+		// R4 = source address (its last 32 bits with IPv6) = state.addr +
+		// R8 (host order); stored in network order.
 		asm.LoadMem(asm.R4, asm.R7, stAddr, asm.DWord),
 		asm.Add.Reg(asm.R4, asm.R8),
 		asm.Mov.Reg(asm.R1, asm.R4),
 		asm.HostTo(asm.BE, asm.R1, asm.Word),
-		asm.StoreMem(asm.R2, offIPSrc, asm.R1, asm.Word),
+		asm.StoreMem(asm.R2, lay.src, asm.R1, asm.Word),
 	)
-	if tcp {
-		// TCP checksum: state.l4sum plus the address's halves and the
-		// port.
+	if lay.l4Csum != 0 {
+		// TCP or UDP checksum: state.l4sum plus the address's halves and
+		// the port.
 		insns = append(insns, asm.LoadMem(asm.R5, asm.R7, stL4Sum, asm.DWord), asm.Add.Reg(asm.R5, asm.R0))
-		insns = append(insns, checksumInsns(offTCPCsum)...)
+		insns = append(insns, checksumInsns(lay.l4Csum, lay.udp)...)
 	}
-	// IPv4 header checksum, computed whole: state.sum plus the address's
-	// halves.
-	insns = append(insns, asm.LoadMem(asm.R5, asm.R7, stSum, asm.DWord))
-	insns = append(insns, checksumInsns(offIPCsum)...)
+	if lay.ipCsum != 0 {
+		// IPv4 header checksum, computed whole: state.sum plus the
+		// address's halves.
+		insns = append(insns, asm.LoadMem(asm.R5, asm.R7, stSum, asm.DWord))
+		insns = append(insns, checksumInsns(lay.ipCsum, false)...)
+	}
 	return append(insns,
 		// Out of the interface the frame "arrived" on.
 		asm.Mov.Imm(asm.R0, bpftest.XDPTx),
@@ -256,10 +283,10 @@ func generatorInsns(stateFD, sources, ports int, tcp bool) asm.Instructions {
 
 // checksumInsns adds the two 16-bit halves of the address in R4 to the
 // sum in R5, folds it twice to 16 bits, complements it and stores it in
-// network order at offset off of the frame (R2). R1 is scratch; R4 is
-// kept.
-func checksumInsns(off int16) asm.Instructions {
-	return asm.Instructions{
+// network order at offset off of the frame (R2); with udp a result of 0
+// is stored as 0xffff (0 means no checksum). R1 is scratch; R4 is kept.
+func checksumInsns(off int16, udp bool) asm.Instructions {
+	insns := asm.Instructions{
 		asm.Mov.Reg(asm.R1, asm.R4),
 		asm.RSh.Imm(asm.R1, 16),
 		asm.Add.Reg(asm.R5, asm.R1),
@@ -275,19 +302,27 @@ func checksumInsns(off int16) asm.Instructions {
 		asm.And.Imm(asm.R5, 0xffff),
 		asm.Add.Reg(asm.R5, asm.R1),
 		asm.Xor.Imm(asm.R5, 0xffff),
-		asm.HostTo(asm.BE, asm.R5, asm.Half),
-		asm.StoreMem(asm.R2, off, asm.R5, asm.Half),
 	}
+	store := asm.HostTo(asm.BE, asm.R5, asm.Half)
+	if udp {
+		label := fmt.Sprintf("csum_%d", off)
+		insns = append(insns, asm.JNE.Imm(asm.R5, 0, label), asm.Mov.Imm(asm.R5, 0xffff))
+		store = store.WithSymbol(label)
+	}
+	return append(insns, store, asm.StoreMem(asm.R2, off, asm.R5, asm.Half))
 }
 
 // prepare checks frame and resets the state map for count frames of it;
 // it returns the state it wrote.
 func (g *Generator) prepare(frame []byte, count uint32) (genState, error) {
+	if len(frame) >= hdrLen && binary.BigEndian.Uint16(frame[offEtherType:]) == etherTypeIPv6 {
+		return g.prepare6(frame, count)
+	}
 	switch {
 	case len(frame) < hdrLen:
 		return genState{}, fmt.Errorf("generator: frame of %d bytes, need at least %d", len(frame), hdrLen)
 	case binary.BigEndian.Uint16(frame[offEtherType:]) != etherTypeIPv4:
-		return genState{}, errors.New("generator: frame is not IPv4")
+		return genState{}, errors.New("generator: frame is neither IPv4 nor IPv6")
 	case frame[offIPv4] != 0x45:
 		return genState{}, fmt.Errorf("generator: IPv4 version/IHL byte %#02x, need 0x45 (no options)", frame[offIPv4])
 	case frame[offIPProto] != protoUDP && frame[offIPProto] != protoTCP:
@@ -295,35 +330,61 @@ func (g *Generator) prepare(frame []byte, count uint32) (genState, error) {
 	case frame[offIPProto] == protoTCP && len(frame) < tcpHdrLen:
 		return genState{}, fmt.Errorf("generator: TCP frame of %d bytes, need at least %d", len(frame), tcpHdrLen)
 	}
-	addr := binary.BigEndian.Uint32(frame[offIPSrc:])
-	port := binary.BigEndian.Uint16(frame[offUDPSport:])
+	hdr := frame[offIPv4:offUDP]
+	sum := bpftest.OnesSum(hdr, 0) - uint32(binary.BigEndian.Uint16(hdr[10:])) -
+		uint32(binary.BigEndian.Uint16(hdr[12:])) - uint32(binary.BigEndian.Uint16(hdr[14:]))
+	st := genState{Sum: uint64(sum)}
+	if frame[offIPProto] == protoTCP {
+		st.L4Sum = uint64(tcpSum(frame))
+	}
+	return g.reset(frame, count, st)
+}
+
+// prepare6 is prepare for an IPv6 frame: UDP, no extension headers.
+func (g *Generator) prepare6(frame []byte, count uint32) (genState, error) {
+	switch {
+	case len(frame) < hdrLen6:
+		return genState{}, fmt.Errorf("generator: IPv6 frame of %d bytes, need at least %d", len(frame), hdrLen6)
+	case frame[offIP6Next] != protoUDP:
+		return genState{}, fmt.Errorf("generator: IPv6 next header %d, not UDP", frame[offIP6Next])
+	}
+	end := min(len(frame), offUDP6+int(binary.BigEndian.Uint16(frame[offUDP6+4:])))
+	seg := frame[offUDP6:end]
+	src, dst := netip.AddrFrom16([16]byte(frame[offIP6Src:offIP6Dst])), netip.AddrFrom16([16]byte(frame[offIP6Dst:offUDP6]))
+	sum := bpftest.OnesSum(seg, bpftest.OnesSum(bpftest.PseudoHeader(src, dst, protoUDP, len(seg)), 0))
+	// Less what varies: the address's last 32 bits, the port, the checksum.
+	for _, off := range []int{offIP6SrcLow, offIP6SrcLow + 2, offUDP6, offUDP6Csum} {
+		sum -= uint32(binary.BigEndian.Uint16(frame[off:]))
+	}
+	return g.reset(frame, count, genState{L4Sum: uint64(sum)})
+}
+
+// srcAddr is the source address of a frame prepare takes.
+func srcAddr(frame []byte) netip.Addr {
+	if layoutOf(frame) == layoutUDP6 {
+		return netip.AddrFrom16([16]byte(frame[offIP6Src:offIP6Dst]))
+	}
+	return netip.AddrFrom4([4]byte(frame[offIPSrc:offIPDst]))
+}
+
+// reset completes st with frame's source address and port and the
+// template, checks their ranges, and writes it for count frames.
+func (g *Generator) reset(frame []byte, count uint32, st genState) (genState, error) {
+	lay := layoutOf(frame)
+	addr := binary.BigEndian.Uint32(frame[lay.src:])
+	port := binary.BigEndian.Uint16(frame[lay.sport:])
 	if uint64(addr)+uint64(g.sources)-1 > math.MaxUint32 {
-		return genState{}, fmt.Errorf("generator: %d sources from %v run past 255.255.255.255", g.sources, netip.AddrFrom4([4]byte(frame[offIPSrc:offIPDst])))
+		return genState{}, fmt.Errorf("generator: %d sources from %v run past the last 32 bits of the address", g.sources, srcAddr(frame))
 	}
 	if int(port)+g.ports-1 > math.MaxUint16 {
 		return genState{}, fmt.Errorf("generator: %d ports from %d run past 65535", g.ports, port)
 	}
-	hdr := frame[offIPv4:offUDP]
-	sum := bpftest.OnesSum(hdr, 0) - uint32(binary.BigEndian.Uint16(hdr[10:])) -
-		uint32(binary.BigEndian.Uint16(hdr[12:])) - uint32(binary.BigEndian.Uint16(hdr[14:]))
-	st := genState{Limit: uint64(count), Addr: uint64(addr), Port: uint64(port), Sum: uint64(sum)}
-	copy(st.Template[:], frame[:templateLen(frame)])
-	if frame[offIPProto] == protoTCP {
-		st.L4Sum = uint64(tcpSum(frame))
-	}
+	st.Limit, st.Addr, st.Port = uint64(count), uint64(addr), uint64(port)
+	copy(st.Template[:], frame[:lay.hdr])
 	if err := g.state.Put(uint32(0), &st); err != nil {
 		return genState{}, fmt.Errorf("generator: reset state: %w", err)
 	}
 	return st, nil
-}
-
-// templateLen is how many of frame's first bytes the generator writes
-// back into every frame: its Ethernet, IPv4 and UDP or TCP headers.
-func templateLen(frame []byte) int {
-	if frame[offIPProto] == protoTCP {
-		return tcpHdrLen
-	}
-	return hdrLen
 }
 
 // tcpSum is the one's complement sum (unfolded) of a TCP frame's
@@ -347,8 +408,9 @@ func (g *Generator) sent() (uint64, error) {
 	return st.Seq, nil
 }
 
-// Send transmits count frames built from frame (an Ethernet/IPv4/UDP frame
-// without IPv4 options, such as UDPFrame's, at most about 3.5 KB: one page
+// Send transmits count frames built from frame (an Ethernet/IPv4/UDP or TCP
+// frame without IPv4 options, such as UDPFrame's and TCPFrame's, or an
+// Ethernet/IPv6/UDP frame such as UDPFrame6's; at most about 3.5 KB: one page
 // with the kernel's head- and tailroom) out of interface ifindex. The
 // ifindex is resolved in the network namespace of the calling thread:
 // callers run Send inside lab.Host.Do. It returns the elapsed wall time of
@@ -377,8 +439,11 @@ func (g *Generator) Send(ifindex int, frame []byte, count uint32) (time.Duration
 		return elapsed, err
 	}
 	prog := g.prog
-	if frame[offIPProto] == protoTCP {
+	switch layoutOf(frame) {
+	case layoutTCP4:
 		prog = g.tcpProg
+	case layoutUDP6:
+		prog = g.udp6Prog
 	}
 	start := time.Now()
 	_, err = prog.Run(&ebpf.RunOptions{
@@ -407,5 +472,5 @@ func (g *Generator) Send(ifindex int, frame []byte, count uint32) (time.Duration
 
 // Close releases the program and its map.
 func (g *Generator) Close() error {
-	return closeAll(g.prog, g.tcpProg, g.state)
+	return closeAll(g.prog, g.tcpProg, g.udp6Prog, g.state)
 }

@@ -84,18 +84,24 @@ func sendPacket(ifindex int, frame []byte, count uint32, st genState, sources, p
 
 // writeFlow writes flow f's frame into b (which holds the template frame):
 // the headers from the template, source port st.Port + f mod ports, source
-// address st.Addr + f div ports, the IPv4 header checksum and a TCP
-// frame's checksum.
+// address (its last 32 bits with IPv6) st.Addr + f div ports, the IPv4
+// header checksum and a TCP or IPv6 UDP frame's checksum.
 func writeFlow(b []byte, st genState, f, ports uint64) {
-	copy(b, st.Template[:templateLen(b)])
+	lay := layoutOf(b)
+	copy(b, st.Template[:lay.hdr])
 	port := uint16(st.Port + f%ports)
-	binary.BigEndian.PutUint16(b[offUDPSport:], port)
+	binary.BigEndian.PutUint16(b[lay.sport:], port)
 	addr := uint32(st.Addr + f/ports)
-	binary.BigEndian.PutUint32(b[offIPSrc:], addr)
-	sum := uint32(st.Sum) + addr>>16 + addr&0xffff
-	binary.BigEndian.PutUint16(b[offIPCsum:], ^bpftest.Fold(sum))
-	if b[offIPProto] == protoTCP {
-		sum := uint32(st.L4Sum) + addr>>16 + addr&0xffff + uint32(port)
-		binary.BigEndian.PutUint16(b[offTCPCsum:], ^bpftest.Fold(sum))
+	binary.BigEndian.PutUint32(b[lay.src:], addr)
+	if lay.ipCsum != 0 {
+		sum := uint32(st.Sum) + addr>>16 + addr&0xffff
+		binary.BigEndian.PutUint16(b[lay.ipCsum:], ^bpftest.Fold(sum))
+	}
+	if lay.l4Csum != 0 {
+		c := ^bpftest.Fold(uint32(st.L4Sum) + addr>>16 + addr&0xffff + uint32(port))
+		if c == 0 && lay.udp {
+			c = 0xffff
+		}
+		binary.BigEndian.PutUint16(b[lay.l4Csum:], c)
 	}
 }

@@ -1,17 +1,19 @@
 // Package pktgen measures packet rates on the wire through balancers in a
-// lab of network namespaces (package lab), with three small XDP programs
-// written as github.com/cilium/ebpf/asm instructions:
+// lab of network namespaces (package lab), with small XDP programs written
+// as github.com/cilium/ebpf/asm instructions:
 //
-//   - Generator transmits UDP (or TCP: a flood of spoofed SYNs or ACKs)
-//     frames with BPF_PROG_TEST_RUN in live-frame mode (like
-//     xdp-trafficgen), varying the source address and port of each frame,
-//     so that one call puts millions of frames of many flows on an
-//     interface without a socket or a user-space loop;
+//   - Generator transmits UDP (IPv4 or IPv6; or TCP over IPv4: a flood of
+//     spoofed SYNs or ACKs) frames with BPF_PROG_TEST_RUN in live-frame
+//     mode (like xdp-trafficgen), varying the source address and port of
+//     each frame, so that one call puts millions of frames of many flows
+//     on an interface without a socket or a user-space loop;
 //   - Counter counts the frames of one UDP destination port that arrive at
 //     an interface, and drops them;
 //   - Forwarder is the floor of an XDP balancer: it rewrites the Ethernet
-//     addresses of the frames of one UDP destination port and sends them
-//     back out with XDP_TX.
+//     addresses of the frames it takes and sends them back out with
+//     XDP_TX, to one backend, or spread over several by client address
+//     (AttachSpreadForwarder), or after a lookup in a flow table
+//     (AttachTableForwarder, AttachArrayForwarder).
 //
 // EnableRunStats, RunStats and XDPProgramID read what the kernel measures of
 // an attached program (run count and run time), whoever loaded it.
@@ -64,6 +66,19 @@ const (
 	protoTCP      = 6
 )
 
+// Frame layout of UDPFrame6 (an IPv6 header without extension headers).
+const (
+	ipv6Len       = 40
+	hdrLen6       = ethLen + ipv6Len + udpLen // 62
+	offIP6Next    = ethLen + 6
+	offIP6Src     = ethLen + 8
+	offIP6SrcLow  = offIP6Src + 12 // the source address's last 32 bits, which the generator varies
+	offIP6Dst     = ethLen + 24
+	offUDP6       = ethLen + ipv6Len
+	offUDP6Csum   = offUDP6 + 6
+	etherTypeIPv6 = 0x86dd
+)
+
 // UDPFrame builds an Ethernet/IPv4/UDP frame of size bytes from srcMAC to
 // dstMAC and from src to dst, with a correct IPv4 header checksum and UDP
 // checksum 0 (none). A size below 60 (the Ethernet minimum, without FCS)
@@ -105,6 +120,27 @@ func TCPFrame(srcMAC, dstMAC net.HardwareAddr, src, dst netip.AddrPort, flags ui
 	ip := b[offIPv4:offUDP]
 	binary.BigEndian.PutUint16(ip[10:], ipv4Checksum(ip))
 	return b
+}
+
+// UDPFrame6 is UDPFrame for IPv6: an Ethernet/IPv6/UDP frame of size
+// bytes (at least 64), hop limit 64, no extension headers, with its UDP
+// checksum (IPv6 requires one). It panics on a MAC that is not 6 bytes, an
+// address that is not IPv6 or a size above 65589.
+func UDPFrame6(srcMAC, dstMAC net.HardwareAddr, src, dst netip.AddrPort, size int) []byte {
+	if len(srcMAC) != 6 || len(dstMAC) != 6 {
+		panic(fmt.Sprintf("pktgen.UDPFrame6: MACs must be 6 bytes, have %v and %v", srcMAC, dstMAC))
+	}
+	if !src.Addr().Is6() || src.Addr().Is4In6() || !dst.Addr().Is6() || dst.Addr().Is4In6() {
+		panic(fmt.Sprintf("pktgen.UDPFrame6: %v -> %v is not IPv6", src, dst))
+	}
+	size = max(size, 64)
+	if size > offUDP6+0xffff {
+		panic(fmt.Sprintf("pktgen.UDPFrame6: size %d above %d", size, offUDP6+0xffff))
+	}
+	return bpftest.Frame{
+		SrcMAC: srcMAC, DstMAC: dstMAC, Src: src, Dst: dst,
+		Proto: bpftest.UDP, Payload: make([]byte, size-hdrLen6), Checksum: true,
+	}.Bytes()
 }
 
 // checkEnds panics, naming fn, unless both MACs are 6 bytes and both

@@ -23,6 +23,8 @@ var (
 	testSrcMAC = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0x01}
 	testDstMAC = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0x02}
 	testSrc    = netip.MustParseAddrPort("192.0.2.10:1024")
+	testSrc6   = netip.MustParseAddrPort("[2001:db8::ffff:fffe]:1024")
+	testDst6   = netip.MustParseAddrPort("[2001:db8:1::1]:9999")
 	testDst    = netip.MustParseAddrPort("203.0.113.10:9999")
 )
 
@@ -90,13 +92,18 @@ func TestGeneratorSequence(t *testing.T) {
 	defer g.Close()
 	for _, tc := range []struct {
 		name  string
+		src   netip.AddrPort
 		build func(src netip.AddrPort) []byte
 		prog  *ebpf.Program
 	}{
-		{"udp", func(src netip.AddrPort) []byte { return UDPFrame(testSrcMAC, testDstMAC, src, testDst, 64) }, g.prog},
-		{"tcp", func(src netip.AddrPort) []byte { return TCPFrame(testSrcMAC, testDstMAC, src, testDst, bpftest.SYN) }, g.tcpProg},
+		{"udp", testSrc, func(src netip.AddrPort) []byte { return UDPFrame(testSrcMAC, testDstMAC, src, testDst, 64) }, g.prog},
+		{"tcp", testSrc, func(src netip.AddrPort) []byte { return TCPFrame(testSrcMAC, testDstMAC, src, testDst, bpftest.SYN) }, g.tcpProg},
+		// From ...ffff:fffe, whose last 32 bits would overflow at the
+		// third source: prepare refuses it, and the sequence then starts
+		// at ...7fff:fffe, carrying from one 16-bit half to the other.
+		{"udp6", testSrc6, func(src netip.AddrPort) []byte { return UDPFrame6(testSrcMAC, testDstMAC, src, testDst6, 80) }, g.udp6Prog},
 	} {
-		t.Run(tc.name, func(t *testing.T) { checkSequence(t, g, tc.prog, tc.build) })
+		t.Run(tc.name, func(t *testing.T) { checkSequence(t, g, tc.prog, tc.src, tc.build) })
 	}
 
 	// Ranges that run past the end of the address or port space.
@@ -111,9 +118,20 @@ func TestGeneratorSequence(t *testing.T) {
 // checkSequence runs prog over the frames build makes, one at a time, and
 // checks each against the frame of its flow: source address and port, both
 // checksums, nothing else changed, and the AF_PACKET sender's frame.
-func checkSequence(t *testing.T, g *Generator, prog *ebpf.Program, build func(src netip.AddrPort) []byte) {
+func checkSequence(t *testing.T, g *Generator, prog *ebpf.Program, src netip.AddrPort, build func(src netip.AddrPort) []byte) {
 	sources, ports := g.sources, g.ports
-	frame := build(testSrc)
+	frame := build(src)
+	if src.Addr().Is6() {
+		// The last 32 bits of ffff:fffe run past ffff:ffff at the third
+		// source: prepare refuses that, so start the sequence lower.
+		if _, err := g.prepare(frame, 1); err == nil {
+			t.Errorf("sources past the last 32 bits of %v accepted", src.Addr())
+		}
+		b := src.Addr().As16()
+		b[12] = 0x7f
+		src = netip.AddrPortFrom(netip.AddrFrom16(b), src.Port())
+		frame = build(src)
+	}
 	count := uint32(2*sources*ports + 3)
 	st, err := g.prepare(frame, count)
 	if err != nil {
@@ -138,15 +156,23 @@ func checkSequence(t *testing.T, g *Generator, prog *ebpf.Program, build func(sr
 		copy(got, out)
 		f := k % (sources * ports)
 		wantPort := uint16(1024 + f%ports)
-		wantAddr := netip.AddrFrom4([4]byte{192, 0, 2, byte(10 + f/ports)})
-		if p := binary.BigEndian.Uint16(got[offUDPSport:]); p != wantPort {
+		wantAddr := src.Addr()
+		for range f / ports {
+			wantAddr = wantAddr.Next()
+		}
+		lay := layoutOf(got)
+		if p := binary.BigEndian.Uint16(got[lay.sport:]); p != wantPort {
 			t.Errorf("frame %d: source port %d, want %d", k, p, wantPort)
 		}
-		if a := netip.AddrFrom4([4]byte(got[offIPSrc:offIPDst])); a != wantAddr {
+		if wantAddr.Is4() {
+			if a := netip.AddrFrom4([4]byte(got[offIPSrc:offIPDst])); a != wantAddr {
+				t.Errorf("frame %d: source address %v, want %v", k, a, wantAddr)
+			}
+			checkIPv4Checksum(t, got)
+		} else if a := netip.AddrFrom16([16]byte(got[offIP6Src:offIP6Dst])); a != wantAddr {
 			t.Errorf("frame %d: source address %v, want %v", k, a, wantAddr)
 		}
-		checkIPv4Checksum(t, got)
-		if got[offIPProto] == protoTCP {
+		if lay.l4Csum != 0 {
 			if err := bpftest.VerifyChecksums(got); err != nil {
 				t.Errorf("frame %d: %v", k, err)
 			}
@@ -477,8 +503,9 @@ func TestGeneratorVariesOnWire(t *testing.T) {
 }
 
 // TestTableForwarders sends 256 flows through each flow-table forwarder
-// (the floors of flowcost), twice: every frame reaches be1, and the LRU
-// one enters each flow once, on its first frame.
+// (the floors of flowcost) and the trivial one, twice, IPv4 and IPv6:
+// every frame reaches be1, and the LRU one enters each flow once, on its
+// first frame.
 func TestTableForwarders(t *testing.T) {
 	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 1})
 	client, lb, be1 := l.Client, l.Balancer, l.Backends[0]
@@ -502,63 +529,91 @@ func TestTableForwarders(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer g.Close()
-	// pass sends every flow once: a burst of ports frames per source,
-	// few enough for the veth queues.
-	pass := func() {
-		t.Helper()
-		for s := range sources {
-			src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(s)}), 1024)
-			frame := UDPFrame(client.MAC, lb.MAC, src, netip.AddrPortFrom(l.VIP4, testDport), 64)
-			if err := client.Do(func() error {
-				_, err := g.Send(client.Ifindex, frame, ports)
+	for _, v6 := range []bool{false, true} {
+		vip, count := l.VIP4, ctr
+		if v6 {
+			vip = l.VIP6
+		}
+		// pass sends every flow once: a burst of ports frames per
+		// source, few enough for the veth queues.
+		pass := func() {
+			t.Helper()
+			for s := range sources {
+				var frame []byte
+				if v6 {
+					src := netip.AddrPortFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 15: byte(s)}), 1024)
+					frame = UDPFrame6(client.MAC, lb.MAC, src, netip.AddrPortFrom(vip, testDport), 64)
+				} else {
+					src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(s)}), 1024)
+					frame = UDPFrame(client.MAC, lb.MAC, src, netip.AddrPortFrom(vip, testDport), 64)
+				}
+				if err := client.Do(func() error {
+					_, err := g.Send(client.Ifindex, frame, ports)
+					return err
+				}); err != nil {
+					t.Fatal(err)
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		}
+		for _, kind := range []string{"trivial", "hash", "array"} {
+			name := fmt.Sprintf("%s, %v", kind, vip)
+			var fwd *Forwarder
+			if err := lb.Do(func() (err error) {
+				switch kind {
+				case "hash":
+					fwd, err = AttachTableForwarder(lb.Ifindex, vip, lb.MAC, be1.MAC, 1024)
+				case "array":
+					fwd, err = AttachArrayForwarder(lb.Ifindex, vip, lb.MAC, be1.MAC, 1024)
+				default:
+					fwd, err = AttachVIPForwarder(lb.Ifindex, vip, lb.MAC, be1.MAC)
+				}
 				return err
 			}); err != nil {
 				t.Fatal(err)
 			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}
-	for _, kind := range []string{"hash", "array"} {
-		attach := AttachTableForwarder
-		if kind == "array" {
-			attach = AttachArrayForwarder
-		}
-		var fwd *Forwarder
-		if err := lb.Do(func() (err error) {
-			fwd, err = attach(lb.Ifindex, l.VIP4, lb.MAC, be1.MAC, 1024)
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
-		before, err := ctr.Count()
-		if err != nil {
-			t.Fatal(err)
-		}
-		entries := func() int {
-			var k, v [16]byte
-			n := 0
-			for it := fwd.table.Iterate(); it.Next(&k, &v); {
-				n++
+			before, err := count.Count()
+			if err != nil {
+				t.Fatal(err)
 			}
-			return n
-		}
-		pass()
-		first := entries()
-		pass()
-		got, err := settle(ctr.Count)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got-before != 2*sources*ports {
-			t.Errorf("%s: be1 counted %d frames, want %d", kind, got-before, 2*sources*ports)
-		}
-		if kind == "hash" {
-			if first != sources*ports || entries() != sources*ports {
-				t.Errorf("hash: %d entries after the first pass and %d after the second, want %d", first, entries(), sources*ports)
+			entries := func() int {
+				n := 0
+				k, v := make([]byte, fwd.table.KeySize()), make([]byte, fwd.table.ValueSize())
+				it := fwd.table.Iterate()
+				for it.Next(&k, &v) {
+					n++
+				}
+				if err := it.Err(); err != nil {
+					t.Fatal(err)
+				}
+				return n
 			}
-		}
-		if err := fwd.Close(); err != nil {
-			t.Fatal(err)
+			pass()
+			first := 0
+			if kind == "hash" {
+				// The last frames may still be on their way.
+				for deadline := time.Now().Add(time.Second); ; time.Sleep(10 * time.Millisecond) {
+					if first = entries(); first >= sources*ports || time.Now().After(deadline) {
+						break
+					}
+				}
+			}
+			pass()
+			got, err := settle(count.Count)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got-before != 2*sources*ports {
+				t.Errorf("%s: be1 counted %d frames, want %d", name, got-before, 2*sources*ports)
+			}
+			if kind == "hash" {
+				if n := entries(); first != sources*ports || n != sources*ports {
+					t.Errorf("%s: %d entries after the first pass and %d after the second, want %d", name, first, n, sources*ports)
+				}
+			}
+			if err := fwd.Close(); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 	if err := lb.Do(func() error {

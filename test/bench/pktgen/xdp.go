@@ -60,6 +60,23 @@ func matchUDP(dport uint16, pass string) asm.Instructions {
 	)
 }
 
+// matchUDP6 is matchUDP for IPv6 frames without extension headers.
+func matchUDP6(dport uint16, pass string) asm.Instructions {
+	return asm.Instructions{
+		asm.LoadMem(asm.R2, asm.R1, mdData, asm.Word),
+		asm.LoadMem(asm.R3, asm.R1, mdDataEnd, asm.Word),
+		asm.Mov.Reg(asm.R4, asm.R2),
+		asm.Add.Imm(asm.R4, hdrLen6),
+		asm.JGT.Reg(asm.R4, asm.R3, pass),
+		asm.LoadMem(asm.R5, asm.R2, offEtherType, asm.Half),
+		asm.JNE.Imm(asm.R5, ne16(etherTypeIPv6), pass),
+		asm.LoadMem(asm.R5, asm.R2, offIP6Next, asm.Byte),
+		asm.JNE.Imm(asm.R5, protoUDP, pass),
+		asm.LoadMem(asm.R5, asm.R2, offUDP6+2, asm.Half),
+		asm.JNE.Imm(asm.R5, ne16(dport), pass),
+	}
+}
+
 // matchIPv4 returns instructions that jump to label pass unless the frame
 // is IPv4 (no VLAN tag, a minimal header there) of protocol proto, with R2
 // = data and R3 = data_end; R4 and R5 are clobbered.
@@ -95,7 +112,8 @@ func attach(prog *ebpf.Program, ifindex int) (link.Link, error) {
 }
 
 // Counter is an XDP program attached in driver mode to an interface: it
-// counts the IPv4 UDP frames to one destination port in a per-CPU array
+// counts the UDP frames (IPv4, and IPv6 without extension headers) to one
+// destination port in a per-CPU array
 // (summed by Count) and drops them; all other frames pass.
 type Counter struct {
 	counts *ebpf.Map
@@ -107,7 +125,10 @@ type Counter struct {
 // it in driver mode to interface ifindex, in the calling thread's network
 // namespace (call it inside lab.Host.Do). The caller closes it.
 func AttachCounter(ifindex int, dport uint16) (c *Counter, err error) {
-	return attachCounter(ifindex, matchUDP(dport, "pass"))
+	match := append(matchUDP(dport, "ipv6"), asm.Ja.Label("count"))
+	v6 := matchUDP6(dport, "pass")
+	v6[0] = v6[0].WithSymbol("ipv6")
+	return attachCounter(ifindex, append(match, v6...))
 }
 
 // AttachIPIPCounter is AttachCounter for IP-in-IP frames.
@@ -127,7 +148,7 @@ func attachCounter(ifindex int, match asm.Instructions) (c *Counter, err error) 
 		return c, err
 	}
 	insns := match
-	insns = append(insns, asm.StoreImm(asm.RFP, -4, 0, asm.Word)) // counts[0]
+	insns = append(insns, asm.StoreImm(asm.RFP, -4, 0, asm.Word).WithSymbol("count")) // counts[0]
 	insns = append(insns, percpu.Increment(c.counts, "drop")...)
 	insns = append(insns,
 		// Counted frames go no further.
@@ -164,10 +185,12 @@ func (c *Counter) Close() error {
 }
 
 // Forwarder is the trivial forwarding XDP program, the floor of an XDP
-// balancer: attached in driver mode to an interface, it rewrites every IPv4
-// UDP frame to one destination port to a fixed Ethernet source and
-// destination and sends it back out with XDP_TX; everything else passes.
-// It touches nothing above Ethernet (no TTL, no checksum).
+// balancer: attached in driver mode to an interface, it rewrites every
+// frame it takes (to one UDP port, or to one VIP) to a fixed Ethernet
+// source and destination and sends it back out with XDP_TX; everything
+// else passes. It touches nothing above Ethernet (no TTL, no checksum).
+// Its variants choose the destination by client address, or look the flow
+// up in a table first.
 type Forwarder struct {
 	prog  *ebpf.Program
 	link  link.Link
@@ -236,12 +259,12 @@ func attachForwarder(ifindex int, match asm.Instructions, src, dst net.HardwareA
 	return f, nil
 }
 
-// AttachVIPForwarder is AttachForwarder for every IPv4 frame to destination
-// address vip, whatever its protocol: the floor of an XDP balancer for TCP
-// as well as UDP, sending everything to one backend.
+// AttachVIPForwarder is AttachForwarder for every frame to destination
+// address vip (IPv4 or IPv6), whatever its protocol: the floor of an XDP
+// balancer for TCP as well as UDP, sending everything to one backend.
 func AttachVIPForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr) (*Forwarder, error) {
-	if !vip.Is4() {
-		return nil, fmt.Errorf("forwarder: %v is not an IPv4 address", vip)
+	if !vip.IsValid() {
+		return nil, errors.New("forwarder: no VIP")
 	}
 	return attachForwarder(ifindex, vipMatch(vip), src, dst)
 }
@@ -285,58 +308,97 @@ func AttachSpreadForwarder(ifindex int, vip netip.Addr, src net.HardwareAddr, ds
 	return attachForwarder(ifindex, match, src, nil)
 }
 
-// vipMatch jumps to "pass" unless the frame is IPv4 to vip, and falls
-// through with R2 = data and R3 = data_end.
+// family is where the forwarders find a frame's fields, IPv4 (a 20-byte
+// header) or IPv6 (no extension headers).
+type family struct {
+	v6        bool
+	etherType uint16
+	l3Len     int32 // the IP header
+	proto     int16 // the protocol (IPv6: next header) byte
+	src, dst  int16 // the addresses
+	addrLen   int16 // their bytes
+	ports     int16 // the source and destination ports, after the IP header
+}
+
+var (
+	family4 = family{etherType: etherTypeIPv4, l3Len: ipv4Len, proto: offIPProto, src: offIPSrc, dst: offIPDst, addrLen: 4, ports: offUDP}
+	family6 = family{v6: true, etherType: etherTypeIPv6, l3Len: ipv6Len, proto: offIP6Next, src: offIP6Src, dst: offIP6Dst, addrLen: 16, ports: offUDP6}
+)
+
+func familyOf(a netip.Addr) family {
+	if a.Is4() {
+		return family4
+	}
+	return family6
+}
+
+// vipMatch jumps to "pass" unless the frame is of vip's family and to
+// vip, and falls through with R2 = data and R3 = data_end.
 func vipMatch(vip netip.Addr) asm.Instructions {
-	a := vip.As4()
-	return asm.Instructions{
+	vip = vip.Unmap()
+	fam := familyOf(vip)
+	insns := asm.Instructions{
 		asm.LoadMem(asm.R2, asm.R1, mdData, asm.Word),
 		asm.LoadMem(asm.R3, asm.R1, mdDataEnd, asm.Word),
 		asm.Mov.Reg(asm.R4, asm.R2),
-		asm.Add.Imm(asm.R4, ethLen+ipv4Len),
+		asm.Add.Imm(asm.R4, ethLen+fam.l3Len),
 		asm.JGT.Reg(asm.R4, asm.R3, "pass"),
 		asm.LoadMem(asm.R5, asm.R2, offEtherType, asm.Half),
-		asm.JNE.Imm(asm.R5, ne16(etherTypeIPv4), "pass"),
-		// The destination address, compared as the host loads it.
-		asm.LoadMem(asm.R5, asm.R2, offIPDst, asm.Word),
-		asm.JNE.Imm32(asm.R5, int32(binary.NativeEndian.Uint32(a[:])), "pass"),
+		asm.JNE.Imm(asm.R5, ne16(fam.etherType), "pass"),
 	}
+	// The destination address, a word at a time, compared as the host
+	// loads it.
+	a := vip.AsSlice()
+	for i := int16(0); i < fam.addrLen; i += 4 {
+		insns = append(insns,
+			asm.LoadMem(asm.R5, asm.R2, fam.dst+i, asm.Word),
+			asm.JNE.Imm32(asm.R5, int32(binary.NativeEndian.Uint32(a[i:])), "pass"))
+	}
+	return insns
 }
 
 // AttachTableForwarder is AttachVIPForwarder with a connection table: it
-// looks every frame's 5-tuple up in an LRU hash of entries entries (a
-// 16-byte key and a 16-byte value, as tether's IPv4 connection table) and
-// enters it when missing, then forwards it to the one backend. Tether's
-// own work aside, that is what any balancer that remembers its flows in a
-// kernel hash table pays a packet: the floor of a stateful one. The frame
-// must have a 20-byte IPv4 header (the generator's do); others pass.
+// looks every frame's 5-tuple up in an LRU hash of entries entries (the
+// key and value sizes of tether's connection tables: a 16-byte key for
+// IPv4, 40 bytes for IPv6, and 16 bytes of value) and enters it when
+// missing, then forwards it to the one backend. Tether's own work aside,
+// that is what any balancer that remembers its flows in a kernel hash
+// table pays a packet: the floor of a stateful one. The frames must be
+// UDP or TCP without IPv4 options or IPv6 extension headers (the
+// generator's are); others pass.
 func AttachTableForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr, entries uint32) (*Forwarder, error) {
+	if !vip.IsValid() {
+		return nil, errors.New("forwarder: no VIP")
+	}
+	fam := familyOf(vip.Unmap())
+	keyLen := 2*int32(fam.addrLen) + 8 // addresses, ports, protocol (a word)
 	table, err := ebpf.NewMap(&ebpf.MapSpec{
 		Name:       "pktgen_conns",
 		Type:       ebpf.LRUHash,
-		KeySize:    16,
+		KeySize:    uint32(keyLen),
 		ValueSize:  16,
 		MaxEntries: entries,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("forwarder: connection table: %w", err)
 	}
-	const (
-		key   = -16 // src, dst, ports, protocol: a word each
-		value = -32
-	)
-	lookup := asm.Instructions{
-		asm.LoadMem(asm.R5, asm.R2, offIPv4+12, asm.Word),
-		asm.StoreMem(asm.RFP, key, asm.R5, asm.Word),
-		asm.LoadMem(asm.R5, asm.R2, offIPDst, asm.Word),
-		asm.StoreMem(asm.RFP, key+4, asm.R5, asm.Word),
-		asm.LoadMem(asm.R5, asm.R2, offUDP, asm.Word),
-		asm.StoreMem(asm.RFP, key+8, asm.R5, asm.Word),
-		asm.LoadMem(asm.R5, asm.R2, offIPProto, asm.Byte),
-		asm.StoreMem(asm.RFP, key+12, asm.R5, asm.Word),
+	key := int16(-keyLen)
+	value := key - 16
+	var lookup asm.Instructions
+	// The key: source and destination addresses, ports, protocol.
+	for i := int16(0); i < 2*fam.addrLen; i += 4 {
+		lookup = append(lookup,
+			asm.LoadMem(asm.R5, asm.R2, fam.src+i, asm.Word), // src, then dst, which follows it
+			asm.StoreMem(asm.RFP, key+i, asm.R5, asm.Word))
+	}
+	lookup = append(lookup,
+		asm.LoadMem(asm.R5, asm.R2, fam.ports, asm.Word),
+		asm.StoreMem(asm.RFP, key+2*fam.addrLen, asm.R5, asm.Word),
+		asm.LoadMem(asm.R5, asm.R2, fam.proto, asm.Byte),
+		asm.StoreMem(asm.RFP, key+2*fam.addrLen+4, asm.R5, asm.Word),
 		asm.LoadMapPtr(asm.R1, table.FD()),
 		asm.Mov.Reg(asm.R2, asm.RFP),
-		asm.Add.Imm(asm.R2, key),
+		asm.Add.Imm(asm.R2, int32(key)),
 		asm.FnMapLookupElem.Call(),
 		asm.JNE.Imm(asm.R0, 0, "hit"),
 		asm.Mov.Imm(asm.R5, 1),
@@ -345,26 +407,31 @@ func AttachTableForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr
 		asm.StoreMem(asm.RFP, value+8, asm.R5, asm.DWord),
 		asm.LoadMapPtr(asm.R1, table.FD()),
 		asm.Mov.Reg(asm.R2, asm.RFP),
-		asm.Add.Imm(asm.R2, key),
+		asm.Add.Imm(asm.R2, int32(key)),
 		asm.Mov.Reg(asm.R3, asm.RFP),
-		asm.Add.Imm(asm.R3, value),
+		asm.Add.Imm(asm.R3, int32(value)),
 		asm.Mov.Imm(asm.R4, 0), // BPF_ANY
 		asm.FnMapUpdateElem.Call(),
 		asm.Ja.Label("fwd"),
-	}
+	)
 	return attachTableForwarder(ifindex, vip, src, dst, table, lookup)
 }
 
 // AttachArrayForwarder is AttachTableForwarder with a table of its own
 // making instead of the kernel's hash: an array of entries 16-byte slots
-// (a power of two) indexed by a hash of the frame's addresses and ports,
-// whose slot it reads. One random memory access a packet where the
-// kernel's hash table makes two (its bucket, then the element): what a
-// balancer with a flat, open-addressed flow table would pay at least.
+// (a power of two) indexed by a hash of the frame's addresses (their last
+// 32 bits) and ports, whose slot it reads. One random memory access a
+// packet where the kernel's hash table makes two (its bucket, then the
+// element): what a balancer with a flat, open-addressed flow table would
+// pay at least.
 func AttachArrayForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr, entries uint32) (*Forwarder, error) {
 	if entries < 2 || entries&(entries-1) != 0 {
 		return nil, fmt.Errorf("forwarder: %d entries is not a power of two", entries)
 	}
+	if !vip.IsValid() {
+		return nil, errors.New("forwarder: no VIP")
+	}
+	fam := familyOf(vip.Unmap())
 	table, err := ebpf.NewMap(&ebpf.MapSpec{
 		Name:       "pktgen_slots",
 		Type:       ebpf.Array,
@@ -378,10 +445,10 @@ func AttachArrayForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr
 	const key = -4
 	lookup := asm.Instructions{
 		// slot = ((src ^ dst ^ ports) * golden ratio) >> (32 - log2 entries)
-		asm.LoadMem(asm.R5, asm.R2, offIPv4+12, asm.Word),
-		asm.LoadMem(asm.R4, asm.R2, offIPDst, asm.Word),
+		asm.LoadMem(asm.R5, asm.R2, fam.src+fam.addrLen-4, asm.Word),
+		asm.LoadMem(asm.R4, asm.R2, fam.dst+fam.addrLen-4, asm.Word),
 		asm.Xor.Reg32(asm.R5, asm.R4),
-		asm.LoadMem(asm.R4, asm.R2, offUDP, asm.Word),
+		asm.LoadMem(asm.R4, asm.R2, fam.ports, asm.Word),
 		asm.Xor.Reg32(asm.R5, asm.R4),
 		asm.Mul.Imm32(asm.R5, -1640531535), // 0x9e3779b1
 		asm.RSh.Imm32(asm.R5, int32(32-bits.TrailingZeros32(entries))),
@@ -397,19 +464,24 @@ func AttachArrayForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr
 }
 
 // attachTableForwarder completes a table forwarder: lookup runs with R2 =
-// data (whose IPv4 header and ports it may read) and jumps to "hit" with
-// R0 = the frame's entry or to "fwd" without one.
+// data (whose IP header and ports it may read) and jumps to "hit" with R0
+// = the frame's entry or to "fwd" without one.
 func attachTableForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr, table *ebpf.Map, lookup asm.Instructions) (*Forwarder, error) {
-	if !vip.Is4() {
-		table.Close()
-		return nil, fmt.Errorf("forwarder: %v is not an IPv4 address", vip)
+	fam := familyOf(vip.Unmap())
+	match := vipMatch(vip)
+	if !fam.v6 {
+		// A 20-byte IPv4 header.
+		match = append(match,
+			asm.LoadMem(asm.R5, asm.R2, offIPv4, asm.Byte),
+			asm.JNE.Imm(asm.R5, 0x45, "pass"))
 	}
-	match := append(vipMatch(vip),
-		// A 20-byte IPv4 header and the ports after it.
-		asm.LoadMem(asm.R5, asm.R2, offIPv4, asm.Byte),
-		asm.JNE.Imm(asm.R5, 0x45, "pass"),
-		asm.Mov.Reg(asm.R4, asm.R2),
-		asm.Add.Imm(asm.R4, ethLen+ipv4Len+4),
+	match = append(match,
+		// UDP or TCP, and the ports after the IP header.
+		asm.LoadMem(asm.R5, asm.R2, fam.proto, asm.Byte),
+		asm.JEq.Imm(asm.R5, protoUDP, "ports"),
+		asm.JNE.Imm(asm.R5, protoTCP, "pass"),
+		asm.Mov.Reg(asm.R4, asm.R2).WithSymbol("ports"),
+		asm.Add.Imm(asm.R4, ethLen+fam.l3Len+4),
 		asm.JGT.Reg(asm.R4, asm.R3, "pass"),
 		asm.Mov.Reg(asm.R6, asm.R2), // data, kept across the calls
 	)
