@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -103,4 +104,25 @@ func Median(xs []float64) float64 {
 		return s[len(s)/2]
 	}
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// SNMPField reads field of the protocol line pair that starts with proto
+// ("Tcp:") in the text of /proc/net/snmp or /proc/net/netstat: a line of
+// names, then one of values.
+func SNMPField(snmp, proto, field string) (uint64, error) {
+	var names []string
+	for line := range strings.Lines(snmp) {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != proto {
+			continue
+		}
+		if names == nil {
+			names = f
+			continue
+		}
+		if i := slices.Index(names, field); i > 0 && i < len(f) {
+			return strconv.ParseUint(f[i], 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("/proc/net/snmp has no %s %s", proto, field)
 }

@@ -332,11 +332,11 @@ func retransmits(e *env) (client, backends uint64) {
 			if err != nil {
 				return err
 			}
-			all, err := snmpField(string(snmp), "Tcp:", "RetransSegs")
+			all, err := benchrun.SNMPField(string(snmp), "Tcp:", "RetransSegs")
 			if err != nil {
 				return err
 			}
-			syn, err := snmpField(string(netstat), "TcpExt:", "TCPSynRetrans")
+			syn, err := benchrun.SNMPField(string(netstat), "TcpExt:", "TCPSynRetrans")
 			n = all - syn
 			return err
 		}); err != nil {
@@ -349,27 +349,6 @@ func retransmits(e *env) (client, backends uint64) {
 		}
 	}
 	return client, backends
-}
-
-// snmpField reads field of the protocol line pair that starts with proto
-// ("Tcp:") in /proc/net/snmp or /proc/net/netstat: a line of names, then
-// one of values.
-func snmpField(snmp, proto, field string) (uint64, error) {
-	var names []string
-	for _, line := range strings.Split(snmp, "\n") {
-		f := strings.Fields(line)
-		if len(f) == 0 || f[0] != proto {
-			continue
-		}
-		if names == nil {
-			names = f
-			continue
-		}
-		if i := slices.Index(names, field); i > 0 && i < len(f) {
-			return strconv.ParseUint(f[i], 10, 64)
-		}
-	}
-	return 0, fmt.Errorf("/proc/net/snmp has no %s %s", proto, field)
 }
 
 // echoRound echoes once on every connection, 16 at a time, and returns

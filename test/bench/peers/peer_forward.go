@@ -40,19 +40,9 @@ func init() {
 }
 
 func startTrivialXDP(e *Env) (func() error, error) {
-	var fw *pktgen.Forwarder
-	err := e.Lab.Balancer.Do(func() error {
-		var err error
-		fw, err = pktgen.AttachVIPForwarder(e.Lab.Balancer.Ifindex, e.VIP, e.Lab.Balancer.MAC, e.Lab.Backends[0].MAC)
-		return err
+	return startForwarder(e, "the trivial forwarder", func() (*pktgen.Forwarder, error) {
+		return pktgen.AttachVIPForwarder(e.Lab.Balancer.Ifindex, e.VIP, e.Lab.Balancer.MAC, e.Lab.Backends[0].MAC)
 	})
-	if err != nil {
-		return nil, err
-	}
-	if err := e.WaitServing(nil, "the trivial forwarder"); err != nil {
-		return nil, joinErr(err, fw.Close())
-	}
-	return fw.Close, nil
 }
 
 func startStatelessXDP(e *Env) (func() error, error) {
@@ -60,16 +50,24 @@ func startStatelessXDP(e *Env) (func() error, error) {
 	for _, be := range e.Lab.Backends {
 		macs = append(macs, be.MAC)
 	}
+	return startForwarder(e, "the stateless forwarder", func() (*pktgen.Forwarder, error) {
+		return pktgen.AttachSpreadForwarder(e.Lab.Balancer.Ifindex, e.VIP, e.Lab.Balancer.MAC, macs)
+	})
+}
+
+// startForwarder attaches a forwarder in the balancer's namespace and
+// waits until the VIP answers through it.
+func startForwarder(e *Env, name string, attach func() (*pktgen.Forwarder, error)) (func() error, error) {
 	var fw *pktgen.Forwarder
 	err := e.Lab.Balancer.Do(func() error {
 		var err error
-		fw, err = pktgen.AttachSpreadForwarder(e.Lab.Balancer.Ifindex, e.VIP, e.Lab.Balancer.MAC, macs)
+		fw, err = attach()
 		return err
 	})
 	if err != nil {
 		return nil, err
 	}
-	if err := e.WaitServing(nil, "the stateless forwarder"); err != nil {
+	if err := e.WaitServing(nil, name); err != nil {
 		return nil, joinErr(err, fw.Close())
 	}
 	return fw.Close, nil

@@ -142,7 +142,7 @@ func report(o options, e *Env, cost []progcost.Result, prs []peerResult, tools m
 	p := func(format string, args ...any) { fmt.Fprintf(w, format, args...) }
 
 	p("# tether against its peers (%s, %s, %d CPUs)\n\n", time.Now().UTC().Format("2006-01-02"), benchrun.Kernel(), runtime.NumCPU())
-	p("Produced by `sudo make bench` (`go run ./test/bench/peers`), one run: one lab of network namespaces (a client host with %d source addresses, a balancer host, three backends, all on one software bridge, documentation addresses only), ", o.clients)
+	p("Produced by `%s`, one run: one lab of network namespaces (a client host with %d source addresses, a balancer host, three backends, all on one software bridge, documentation addresses only), ", command(), o.clients)
 	p("%d interleaved rounds in which each balancer in turn is set up on the balancer host, measured and removed, in an order that rotates by one each round. Figures are medians with the range over the rounds in parentheses.\n\n", o.runs)
 	p("Every host, the load generator and the servers share this machine's %d CPUs: whole-path figures are compressed toward the no-balancer reference, so they are given as ratios to the reference measured in the same round set, and the balancer's own cost per packet is given apart (rows 1 and 2). ", runtime.NumCPU())
 	p("The kernel here is built without IPVS: nftables stands in for its NAT and direct-routing modes.\n\n")
@@ -408,6 +408,19 @@ func wsTargets(line func(target, measured string, ok bool), r results, o options
 			line("WebSocket connection rate ("+pf.name+") at least "+fwd.Name+"'s (XDP)", fmt.Sprintf("%.2fx", v/d), v >= d)
 		}
 	}
+}
+
+// command is how this report was asked for: `sudo make bench` runs the
+// bench with -runs 5 and the output files alone.
+func command() string {
+	c := "go run ./test/bench/peers"
+	for _, a := range os.Args[1:] {
+		if a == "" || strings.ContainsAny(a, " ,()$'\"") {
+			a = "'" + a + "'"
+		}
+		c += " " + a
+	}
+	return c
 }
 
 // natTargets are the targets of the translating modes: nat at least

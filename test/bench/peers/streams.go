@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -178,26 +177,13 @@ func snmp(h *lab.Host, group, name string) (uint64, error) {
 		if err != nil {
 			return err
 		}
-		var header []string
-		for line := range strings.Lines(string(b)) {
-			f := strings.Fields(line)
-			if len(f) == 0 || f[0] != group+":" {
-				continue
-			}
-			if header == nil {
-				header = f
-				continue
-			}
-			for i, k := range header {
-				if k == name && i < len(f) {
-					v, err = strconv.ParseUint(f[i], 10, 64)
-					return err
-				}
-			}
-		}
-		return fmt.Errorf("%s: no %s %s in /proc/net/snmp", h.Name, group, name)
+		v, err = benchrun.SNMPField(string(b), group+":", name)
+		return err
 	})
-	return v, err
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", h.Name, err)
+	}
+	return v, nil
 }
 
 // holdEcho opens hold WebSocket connections and keeps them open for secs
