@@ -238,14 +238,20 @@ func testPacedDrain(t *testing.T, dp string) {
 	// counts the CLI's start). A client learns of its close within an
 	// echo interval, and its echo's round trip, which a loaded 2-CPU
 	// machine can stretch: 200 ms are allowed for that.
-	if lag := drainEchoEvery + 200*time.Millisecond; last > conns*time.Second/rate+lag {
+	lag := drainEchoEvery + 200*time.Millisecond
+	if last > conns*time.Second/rate+lag {
 		t.Errorf("the last connection closed %v after the deadline, want within %v and %v for its client to see it", last, conns*time.Second/rate, lag)
 	}
 	// No faster than the rate: i closes take at least (i-1)/rate, less
-	// the lag between a close and its client's next echo.
+	// the spread of the lags between a close and its client seeing it
+	// (the same lag as above: in one CI run two clients saw closes made
+	// 50 ms apart within 6 ms, 44 ms of spread). The pacer's own bursts
+	// (two at this rate after a late tick) fit in the +1. The pacer's
+	// exact spacing is control's TestPacedDrain, on a fake datapath;
+	// here a pacer at twice the rate would still fail within a second.
 	for i := range breaks {
 		for j := i + 1; j < len(breaks); j++ {
-			if span := breaks[j] - breaks[i] + drainEchoEvery; j-i > int(span.Seconds()*rate)+1 {
+			if span := breaks[j] - breaks[i] + lag; j-i > int(span.Seconds()*rate)+1 {
 				t.Errorf("%d connections closed within %v: faster than %d a second", j-i+1, breaks[j]-breaks[i], rate)
 				i = len(breaks)
 				break
