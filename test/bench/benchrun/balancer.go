@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"time"
 
@@ -49,6 +51,28 @@ func onBalancer(l *lab.Lab, attach func() (*pktgen.Forwarder, error)) func() {
 		Fail(err.Error())
 	}
 	return func() { fw.Close() }
+}
+
+// Setup makes a temporary directory named after prefix (removed at
+// exit), builds tether into it and builds a lab with opts (closed at
+// exit): what a bench that runs the daemon starts with. It returns the
+// directory, the binary and the lab.
+func Setup(prefix string, opts lab.Options) (dir, bin string, l *lab.Lab) {
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		Fail(err.Error())
+	}
+	AtExit(func() { os.RemoveAll(dir) })
+	bin = filepath.Join(dir, "tether")
+	if b, err := exec.Command("go", "build", "-o", bin, "./cmd/tether").CombinedOutput(); err != nil {
+		Fail(fmt.Sprintf("build tether: %v\n%s", err, b))
+	}
+	l, err = lab.New(opts)
+	if err != nil {
+		Fail(err.Error())
+	}
+	AtExit(func() { l.Close() })
+	return dir, bin, l
 }
 
 // TetherDaemon runs `bin run --config conf` on l's balancer, its socket in

@@ -17,7 +17,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -147,21 +146,9 @@ func main() {
 }
 
 func setup() *env {
-	dir, err := os.MkdirTemp("", "tether-flood-")
-	if err != nil {
-		benchrun.Fail(err.Error())
-	}
-	benchrun.AtExit(func() { os.RemoveAll(dir) })
-	e := &env{dir: dir, bin: filepath.Join(dir, "tether")}
-	if b, err := exec.Command("go", "build", "-o", e.bin, "./cmd/tether").CombinedOutput(); err != nil {
-		benchrun.Fail(fmt.Sprintf("build tether: %v\n%s", err, b))
-	}
-	l, err := lab.New(lab.Options{Backends: 3, Clients: 100})
-	if err != nil {
-		benchrun.Fail(err.Error())
-	}
-	benchrun.AtExit(func() { l.Close() })
-	e.l = l
+	e := &env{}
+	e.dir, e.bin, e.l = benchrun.Setup("tether-flood-", lab.Options{Backends: 3, Clients: 100})
+	l := e.l
 	for _, be := range l.Backends {
 		p, err := scenario.StartEcho(context.Background(), e.bin, be, l.VIP4, be.Addr4)
 		if p != nil {
@@ -175,6 +162,7 @@ func setup() *env {
 	if err := l.SetPortXDP(l.Client, true); err != nil {
 		benchrun.Fail(err.Error())
 	}
+	var err error
 	if e.gen, err = pktgen.NewGenerator(floodSources, floodPorts); err != nil {
 		benchrun.Fail(err.Error())
 	}
@@ -183,7 +171,7 @@ func setup() *env {
 	if err != nil {
 		benchrun.Fail(err.Error())
 	}
-	e.conf = filepath.Join(dir, "tether.yaml")
+	e.conf = filepath.Join(e.dir, "tether.yaml")
 	if err := os.WriteFile(e.conf, data, 0o600); err != nil {
 		benchrun.Fail(err.Error())
 	}

@@ -21,8 +21,8 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -135,7 +135,7 @@ func main() {
 			t := field(samples[key{st, "tether", n}], ns)
 			tm, fm := benchrun.Median(t), median(key{st, "trivial", n}, ns)
 			hm, am := median(key{st, "table", n}, ns), median(key{st, "array", n}, ns)
-			fmt.Fprintf(w, "| %d | %.0f | %.0f–%.0f | %.0f | %.0f | %.0f | %.2f | %.2f |\n", n, tm, minOf(t), maxOf(t), hm, am, fm, tm/fm, tm/hm)
+			fmt.Fprintf(w, "| %d | %.0f | %.0f–%.0f | %.0f | %.0f | %.0f | %.2f | %.2f |\n", n, tm, slices.Min(t), slices.Max(t), hm, am, fm, tm/fm, tm/hm)
 		}
 		fmt.Fprintf(w, "\nOn the wire, the statistics off: the same flows in turn, at least %d frames as fast as the generator sends them (%s), counted by an XDP program on each backend; Mpps received (the share of the frames sent that arrived), medians.\n\n", wireFrames, e.method)
 		fmt.Fprintln(w, "| live flows | tether Mpps | one hash lookup | one array slot | trivial forwarder | tether / trivial |")
@@ -171,38 +171,10 @@ func field(rs []result, f func(result) float64) []float64 {
 	return v
 }
 
-func minOf(s []float64) float64 {
-	m := s[0]
-	for _, v := range s {
-		m = min(m, v)
-	}
-	return m
-}
-
-func maxOf(s []float64) float64 {
-	m := s[0]
-	for _, v := range s {
-		m = max(m, v)
-	}
-	return m
-}
-
 func setup() *env {
-	dir, err := os.MkdirTemp("", "tether-flowcost-")
-	if err != nil {
-		benchrun.Fail(err.Error())
-	}
-	benchrun.AtExit(func() { os.RemoveAll(dir) })
-	e := &env{dir: dir, bin: filepath.Join(dir, "tether")}
-	if b, err := exec.Command("go", "build", "-o", e.bin, "./cmd/tether").CombinedOutput(); err != nil {
-		benchrun.Fail(fmt.Sprintf("build tether: %v\n%s", err, b))
-	}
-	l, err := lab.New(lab.Options{Backends: 3, Clients: 1})
-	if err != nil {
-		benchrun.Fail(err.Error())
-	}
-	benchrun.AtExit(func() { l.Close() })
-	e.l = l
+	e := &env{}
+	e.dir, e.bin, e.l = benchrun.Setup("tether-flowcost-", lab.Options{Backends: 3, Clients: 1})
+	l := e.l
 	// The generator sends with XDP_TX from the client's veth.
 	if err := l.SetPortXDP(l.Client, true); err != nil {
 		benchrun.Fail(err.Error())
