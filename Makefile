@@ -18,7 +18,8 @@ APT_PACKAGES = clang llvm libbpf-dev linux-libc-dev iproute2 bpftool clang-forma
 # What `make bench` installs when missing: the proxies it measures tether
 # against, and wrk, the C load generator of its proxy rows (iperf3 and
 # nftables come with `tools`, which bench runs first). Their services are not started
-# (policy-rc.d).
+# (policy-rc.d). perf (linux-perf, where the distribution has it) profiles
+# tether's program in flowcost.
 BENCH_PACKAGES = haproxy nginx libnginx-mod-stream wrk
 
 # apt-get waits up to 5 minutes for the package database lock instead of
@@ -101,7 +102,7 @@ lab: tools ## watch tether do its job on a lab of namespaces: steady, kill, drai
 	$(GO) run ./cmd/tether lab
 
 .PHONY: bench
-bench: tools bench-deps ## measure tether against HAProxy, nginx, nftables and the lab's limits, its control plane at scale and two hosts behind an ECMP router; write docs/bench (root, ~50 min)
+bench: tools bench-deps ## measure tether against HAProxy, nginx, nftables and the lab's limits, its control plane at scale and two hosts behind an ECMP router; write docs/bench (root, ~55 min)
 	$(GO) run ./test/bench/xdpcost -out docs/bench/xdpcost.md
 	$(GO) run ./test/bench/flowcost -out docs/bench/flowcost.md
 	$(GO) run ./test/bench/ctlscale -out docs/bench/ctlscale.md
@@ -125,6 +126,8 @@ bench-deps:
 		if [ -n "$$made" ]; then rm -f $$policy; fi; \
 		exit $$rc; \
 	fi
+	@command -v perf >/dev/null || $(APT) install -y --no-install-recommends linux-perf || \
+		echo "no linux-perf package: flowcost runs without its profile"
 
 .PHONY: format
 format: ## gofmt the Go code and clang-format the C

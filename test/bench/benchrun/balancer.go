@@ -3,6 +3,7 @@ package benchrun
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -25,14 +26,20 @@ func VIPForwarder(l *lab.Lab, vip netip.Addr) func() {
 	})
 }
 
-// TableForwarder is VIPForwarder with a flow table of entries: the
-// kernel's LRU hash (pktgen.AttachTableForwarder), the floor of a balancer
-// that remembers its flows in one, or with array a flat array indexed by
-// a hash of the flow (pktgen.AttachArrayForwarder).
-func TableForwarder(l *lab.Lab, vip netip.Addr, entries uint32, array bool) func() {
-	attach := pktgen.AttachTableForwarder
-	if array {
-		attach = pktgen.AttachArrayForwarder
+// TableForwarder is VIPForwarder with a flow table of entries, by kind:
+// "table", the kernel's LRU hash (pktgen.AttachTableForwarder), the floor
+// of a balancer that remembers its flows in one; "array", a flat array
+// indexed by a hash of the flow (pktgen.AttachArrayForwarder); "chunked",
+// the same in arrays small enough for the kernel's linear map
+// (pktgen.AttachChunkedForwarder).
+func TableForwarder(l *lab.Lab, vip netip.Addr, entries uint32, kind string) func() {
+	attach := map[string]func(int, netip.Addr, net.HardwareAddr, net.HardwareAddr, uint32) (*pktgen.Forwarder, error){
+		"table":   pktgen.AttachTableForwarder,
+		"array":   pktgen.AttachArrayForwarder,
+		"chunked": pktgen.AttachChunkedForwarder,
+	}[kind]
+	if attach == nil {
+		Fail(fmt.Sprintf("no table forwarder %q", kind))
 	}
 	return onBalancer(l, func() (*pktgen.Forwarder, error) {
 		return attach(l.Balancer.Ifindex, vip, l.Balancer.MAC, l.Backends[0].MAC, entries)

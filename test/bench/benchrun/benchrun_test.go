@@ -1,6 +1,9 @@
 package benchrun
 
-import "testing"
+import (
+	"maps"
+	"testing"
+)
 
 func TestSNMPField(t *testing.T) {
 	const snmp = `Ip: Forwarding DefaultTTL InReceives
@@ -20,5 +23,16 @@ Tcp: 1 7 42
 		if got, err := SNMPField(snmp, c[0], c[1]); err == nil {
 			t.Errorf("SNMPField(%s %s) = %d, want an error", c[0], c[1], got)
 		}
+	}
+}
+
+func TestParseReport(t *testing.T) {
+	rep := "\n     42596  [k] pvm_safe_halt_hc\n       164  [k] bpf_prog_8bfa598103d213b7_tether_xdp\n" +
+		"        12  [.] 0x0000000000004a26\n         3  [.] cmd/link/internal/ld.(*Link) foo\n# a comment\n\n"
+	got := parseReport(rep)
+	want := map[string]int{"pvm_safe_halt_hc": 42596, "bpf_prog_8bfa598103d213b7_tether_xdp": 164,
+		"0x0000000000004a26": 12, "cmd/link/internal/ld.(*Link) foo": 3}
+	if !maps.Equal(got, want) {
+		t.Fatalf("parseReport = %v, want %v", got, want)
 	}
 }

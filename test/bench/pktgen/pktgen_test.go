@@ -503,7 +503,8 @@ func TestGeneratorVariesOnWire(t *testing.T) {
 }
 
 // TestTableForwarders sends 256 flows through each flow-table forwarder
-// (the floors of flowcost) and the trivial one, twice, IPv4 and IPv6:
+// (the floors of flowcost, and its chunked array) and the trivial one,
+// twice, IPv4 and IPv6:
 // every frame reaches be1, and the LRU one enters each flow once, on its
 // first frame.
 func TestTableForwarders(t *testing.T) {
@@ -556,7 +557,7 @@ func TestTableForwarders(t *testing.T) {
 				time.Sleep(5 * time.Millisecond)
 			}
 		}
-		for _, kind := range []string{"trivial", "hash", "array"} {
+		for _, kind := range []string{"trivial", "hash", "array", "chunked"} {
 			name := fmt.Sprintf("%s, %v", kind, vip)
 			var fwd *Forwarder
 			if err := lb.Do(func() (err error) {
@@ -565,6 +566,8 @@ func TestTableForwarders(t *testing.T) {
 					fwd, err = AttachTableForwarder(lb.Ifindex, vip, lb.MAC, be1.MAC, 1024)
 				case "array":
 					fwd, err = AttachArrayForwarder(lb.Ifindex, vip, lb.MAC, be1.MAC, 1024)
+				case "chunked":
+					fwd, err = AttachChunkedForwarder(lb.Ifindex, vip, lb.MAC, be1.MAC, 2*chunkSlots)
 				default:
 					fwd, err = AttachVIPForwarder(lb.Ifindex, vip, lb.MAC, be1.MAC)
 				}
@@ -621,6 +624,11 @@ func TestTableForwarders(t *testing.T) {
 		if err == nil {
 			f.Close()
 			return errors.New("an array of 1000 slots (not a power of two) was accepted")
+		}
+		f, err = AttachChunkedForwarder(lb.Ifindex, l.VIP4, lb.MAC, be1.MAC, chunkSlots/2)
+		if err == nil {
+			f.Close()
+			return errors.New("a chunked array smaller than one chunk was accepted")
 		}
 		return nil
 	}); err != nil {

@@ -463,6 +463,76 @@ func AttachArrayForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr
 	return attachTableForwarder(ifindex, vip, src, dst, table, lookup)
 }
 
+// chunkSlots is the slots of each of AttachChunkedForwarder's arrays: 16
+// KiB of values, small enough that the kernel allocates the array from
+// its linear map (kmalloc, up to 32 KiB) rather than vmalloc.
+const chunkSlots = 1024
+
+// AttachChunkedForwarder is AttachArrayForwarder with its slots in
+// entries/1024 arrays of 1024 slots, found through an array of maps: the
+// same one random access a packet, but in memory the kernel maps with
+// huge pages (its linear map), where a vmalloc'ed map's is mapped in 4
+// KiB pages. It measures what the pages cost a flat flow table.
+func AttachChunkedForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr, entries uint32) (*Forwarder, error) {
+	if entries < chunkSlots || entries&(entries-1) != 0 {
+		return nil, fmt.Errorf("forwarder: %d entries is not a power of two of at least %d", entries, chunkSlots)
+	}
+	if !vip.IsValid() {
+		return nil, errors.New("forwarder: no VIP")
+	}
+	fam := familyOf(vip.Unmap())
+	inner := &ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 16, MaxEntries: chunkSlots}
+	table, err := ebpf.NewMap(&ebpf.MapSpec{
+		Name:       "pktgen_chunks",
+		Type:       ebpf.ArrayOfMaps,
+		KeySize:    4,
+		ValueSize:  4,
+		MaxEntries: entries / chunkSlots,
+		InnerMap:   inner,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("forwarder: chunk table: %w", err)
+	}
+	for i := range entries / chunkSlots {
+		m, err := ebpf.NewMap(inner)
+		if err == nil {
+			err = table.Put(i, m)
+			m.Close()
+		}
+		if err != nil {
+			table.Close()
+			return nil, fmt.Errorf("forwarder: chunk %d: %w", i, err)
+		}
+	}
+	const outer, slot = -4, -8
+	lookup := asm.Instructions{
+		asm.LoadMem(asm.R5, asm.R2, fam.src+fam.addrLen-4, asm.Word),
+		asm.LoadMem(asm.R4, asm.R2, fam.dst+fam.addrLen-4, asm.Word),
+		asm.Xor.Reg32(asm.R5, asm.R4),
+		asm.LoadMem(asm.R4, asm.R2, fam.ports, asm.Word),
+		asm.Xor.Reg32(asm.R5, asm.R4),
+		asm.Mul.Imm32(asm.R5, -1640531535), // 0x9e3779b1
+		asm.RSh.Imm32(asm.R5, int32(32-bits.TrailingZeros32(entries))),
+		asm.Mov.Reg(asm.R4, asm.R5),
+		asm.And.Imm(asm.R4, chunkSlots-1),
+		asm.StoreMem(asm.RFP, slot, asm.R4, asm.Word),
+		asm.RSh.Imm32(asm.R5, int32(bits.TrailingZeros32(chunkSlots))),
+		asm.StoreMem(asm.RFP, outer, asm.R5, asm.Word),
+		asm.LoadMapPtr(asm.R1, table.FD()),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, outer),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, "fwd"),
+		asm.Mov.Reg(asm.R1, asm.R0),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, slot),
+		asm.FnMapLookupElem.Call(),
+		asm.JNE.Imm(asm.R0, 0, "hit"),
+		asm.Ja.Label("fwd"),
+	}
+	return attachTableForwarder(ifindex, vip, src, dst, table, lookup)
+}
+
 // attachTableForwarder completes a table forwarder: lookup runs with R2 =
 // data (whose IP header and ports it may read) and jumps to "hit" with R0
 // = the frame's entry or to "fwd" without one.
