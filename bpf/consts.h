@@ -42,6 +42,9 @@ enum trace_by {
 #ifndef SYNC_RING_BYTES
 #define SYNC_RING_BYTES (1 << 20) /* sync_events: 52-byte records, 64 with the ring's header: 16,384 */
 #endif
+#define VIP_FILTER_LOG2	 8 /* vip_filter's bits: 256 */
+#define VIP_FILTER_WORDS (1 << (VIP_FILTER_LOG2 - 6))
+
 #define RING_SLOTS_PER_ENTRY 4 /* 16-bit backend ids per ring array entry */
 #define RING_ENTRIES(slots)  (((slots) + RING_SLOTS_PER_ENTRY - 1) / RING_SLOTS_PER_ENTRY)
 

@@ -84,6 +84,17 @@ static __always_inline __u32 choose_backend(const struct service *svc, const str
 	return id ? id : ring_backend(svc, pkt);
 }
 
+/* may_be_vip says whether the packet's destination address has its bit
+ * in vip_filter: the multiplicative hash of its words (an IPv4 address is
+ * dst[0], the other words zero), top VIP_FILTER_LOG2 bits.
+ * maps.VIPFilterBit is its model. */
+static __always_inline int may_be_vip(const struct packet *pkt)
+{
+	const __u32 *d = pkt->key.dst;
+	__u32 bit = ((d[0] ^ d[1] ^ d[2] ^ d[3]) * 0x9e3779b1U) >> (32 - VIP_FILTER_LOG2);
+	return (vip_filter[bit / 64] >> (bit % 64)) & 1;
+}
+
 /* Each table is named at its own call site: a call that could see either
  * map would lose the verifier's inlining of the lookup. */
 static __always_inline struct conn *lookup_conn(const struct packet *pkt)

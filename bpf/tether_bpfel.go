@@ -275,6 +275,7 @@ const (
 	TetherVarTraceMatch      = "trace_match"
 	TetherVarTraceOn         = "trace_on"
 	TetherVarTraceReason     = "trace_reason"
+	TetherVarVipFilter       = "vip_filter"
 )
 
 // LoadTether returns the embedded CollectionSpec for Tether.
@@ -366,6 +367,7 @@ type TetherVariableSpecs struct {
 	TraceMatch      *ebpf.VariableSpec `ebpf:"trace_match"`
 	TraceOn         *ebpf.VariableSpec `ebpf:"trace_on"`
 	TraceReason     *ebpf.VariableSpec `ebpf:"trace_reason"`
+	VipFilter       *ebpf.VariableSpec `ebpf:"vip_filter"`
 }
 
 // TetherObjects contains all objects after they have been loaded into the kernel.
@@ -453,6 +455,7 @@ type TetherVariables struct {
 	TraceMatch      *ebpf.Variable `ebpf:"trace_match"`
 	TraceOn         *ebpf.Variable `ebpf:"trace_on"`
 	TraceReason     *ebpf.Variable `ebpf:"trace_reason"`
+	VipFilter       *ebpf.Variable `ebpf:"vip_filter"`
 }
 
 // TetherPrograms contains all programs after they have been loaded into the kernel.

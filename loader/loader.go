@@ -86,6 +86,11 @@ func Load(opts Options) (*Objects, error) {
 		return nil, err
 	}
 	o.Maps = maps.New(&o.TetherMaps, ringSize)
+	// Before any program is attached or swapped in: from the pinned
+	// services on, only VIPs' packets look the connection table up.
+	if err := o.Maps.UseVIPFilter(o.TetherVariables.VipFilter); err != nil {
+		return nil, errors.Join(err, o.Abort())
+	}
 	o.keepClock()
 	return o, nil
 }

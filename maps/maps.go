@@ -75,6 +75,8 @@ type Maps struct {
 	// ringsUnmapped: the rings map takes no memory-mapped rings (see
 	// PublishRing).
 	ringsUnmapped atomic.Bool
+	// filter keeps the program's vip_filter (UseVIPFilter).
+	filter vipFilter
 }
 
 // New wraps loaded maps. ringSize is the number of slots of every ring, as
@@ -168,8 +170,16 @@ func (m *Maps) PutService(vip netip.Addr, port uint16, proto uint8, s Service) e
 	default:
 		return fmt.Errorf("put service %s:%d: forwarding mode %d unknown", vip, port, s.Forwarding)
 	}
+	id := serviceID{vip.Unmap(), port, proto}
+	added, err := m.filter.add(id)
+	if err != nil {
+		return fmt.Errorf("put service %s:%d: %w", vip, port, err)
+	}
 	mp, key := m.serviceMap(vip, port, proto)
 	if err := mp.Put(key, &v); err != nil {
+		if added {
+			m.filter.remove(id)
+		}
 		return fmt.Errorf("put service %s:%d: %w", vip, port, err)
 	}
 	return nil
@@ -179,6 +189,9 @@ func (m *Maps) PutService(vip netip.Addr, port uint16, proto uint8, s Service) e
 func (m *Maps) DeleteService(vip netip.Addr, port uint16, proto uint8) error {
 	mp, key := m.serviceMap(vip, port, proto)
 	if err := mp.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete service %s:%d: %w", vip, port, err)
+	}
+	if err := m.filter.remove(serviceID{vip.Unmap(), port, proto}); err != nil {
 		return fmt.Errorf("delete service %s:%d: %w", vip, port, err)
 	}
 	return nil
