@@ -35,6 +35,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/tetherlb/tether/internal/lab"
+	"github.com/tetherlb/tether/maps"
 	"github.com/tetherlb/tether/test/bench/benchrun"
 	"github.com/tetherlb/tether/test/bench/pktgen"
 )
@@ -127,7 +128,11 @@ func main() {
 					stop = benchrun.VIPForwarder(e.l, st.vip)
 				}
 				for i, n := range flowCounts(st.table) {
-					res := measure(e, st.vip, n, 1024+i*ports, *passes, *prof && who == "tether")
+					var others []netip.Addr
+					if who == "tether" {
+						others = e.nonVIPs(st.vip)
+					}
+					res := measure(e, st.vip, n, 1024+i*ports, *passes, *prof && who == "tether", others)
 					samples[key{st, who, n}] = append(samples[key{st, who, n}], res)
 					fmt.Fprintf(os.Stderr, "round %d, table %d, %v: %s, %d flows: %.0f ns a packet (%.0f entering them); %.2f Mpps on the wire (%.0f%% delivered)\n", r+1, st.table, st.vip, who, n, res.ns, res.newNS, res.mpps, 100*res.delivered)
 				}
@@ -213,6 +218,19 @@ func main() {
 				}
 			}
 			row(cells...)
+		}
+		if has("tether") {
+			others := e.nonVIPs(st.vip)
+			fmt.Fprintf(w, "\nThe same flows sent to addresses that are no VIP's, which tether passes to the kernel (a host's own traffic, or the replies of translated flows on their way to be translated back): ns a packet, medians. %v's bit of vip_filter is set by no VIP: its packets skip the connection table's lookup. %v shares the VIP's bit: its packets look it up and miss, as every packet did before the filter.\n\n", others[0], others[1])
+			row("live flows", "tether, a hit", "not a VIP, filtered out", "not a VIP, looked up")
+			rule(4)
+			for _, n := range flowCounts(size) {
+				k := key{st, "tether", n}
+				other := func(i int) float64 {
+					return median(k, func(r result) float64 { return r.otherNS[i] })
+				}
+				row(strconv.Itoa(n), fmt.Sprintf("%.0f", median(k, ns)), fmt.Sprintf("%.0f", other(0)), fmt.Sprintf("%.0f", other(1)))
+			}
 		}
 		fmt.Fprintf(w, "\nOn the wire, the statistics off: the same flows in turn, at least %d frames as fast as the generator sends them (%s), counted by an XDP program on each backend; Mpps received (the share of the frames sent that arrived), medians.\n\n", wireFrames, e.method)
 		head = []string{"live flows"}
@@ -371,12 +389,13 @@ func (e *env) config(entries uint32) string {
 
 // result is one measurement of one program at one flow count.
 type result struct {
-	ns        float64 // a run of the balancer's program, under the statistics
-	newNS     float64 // the same in the pass that enters the flows
-	mpps      float64 // frames the backends received a second, sent as fast as the generator could
-	delivered float64 // the share of those frames that reached the backends
-	parts     []int   // perf's samples in each of parts during a pass of the flows (tether, -profile)
-	newParts  []int   // the same while as many new flows are entered
+	ns        float64   // a run of the balancer's program, under the statistics
+	newNS     float64   // the same in the pass that enters the flows
+	mpps      float64   // frames the backends received a second, sent as fast as the generator could
+	delivered float64   // the share of those frames that reached the backends
+	parts     []int     // perf's samples in each of parts during a pass of the flows (tether, -profile)
+	newParts  []int     // the same while as many new flows are entered
+	otherNS   []float64 // ns a run for the flows sent to each of measure's others (tether)
 }
 
 // parts are where a packet's time goes in tether's XDP work, by the
@@ -433,7 +452,7 @@ func profile(send func()) []int {
 // statistics on, reading ns a run of the balancer's program in each part;
 // then sends them again without as fast as the generator can (at least
 // wireFrames frames) and counts what reaches the backends.
-func measure(e *env, vip netip.Addr, n, base, passes int, prof bool) (r result) {
+func measure(e *env, vip netip.Addr, n, base, passes int, prof bool, others []netip.Addr) (r result) {
 	sources := max(1, n/ports)
 	p := min(n, ports)
 	gen, err := pktgen.NewGenerator(sources, p)
@@ -442,12 +461,12 @@ func measure(e *env, vip netip.Addr, n, base, passes int, prof bool) (r result) 
 	}
 	defer gen.Close()
 	defer func() { e.method = gen.Method() }()
-	sendFrom := func(base, total int) {
+	sendTo := func(dst netip.Addr, base, total int) {
 		// Bursts of the generator's flows in order: burst k starts at
 		// flow k*burst (its source and port in the template).
 		for k := 0; k*burst < total; k++ {
 			f := (k * burst) % n
-			fr := e.frame(vip, f/p, base+f%p)
+			fr := e.frame(dst, f/p, base+f%p)
 			c := uint32(min(burst, n-f, total-k*burst))
 			if err := e.l.Client.Do(func() error {
 				_, err := gen.Send(e.l.Client.Ifindex, fr, c)
@@ -458,6 +477,7 @@ func measure(e *env, vip netip.Addr, n, base, passes int, prof bool) (r result) 
 			time.Sleep(time.Millisecond)
 		}
 	}
+	sendFrom := func(base, total int) { sendTo(vip, base, total) }
 	send := func(total int) { sendFrom(base, total) }
 	var id ebpf.ProgramID
 	if err := e.l.Balancer.Do(func() error {
@@ -475,34 +495,19 @@ func measure(e *env, vip netip.Addr, n, base, passes int, prof bool) (r result) 
 	// Every flow is new to the balancer in the first pass: its cost is
 	// the new-flow path's (for tether: a miss, the service, the ring, the
 	// insertion).
-	tn, nn, err := pktgen.RunStats(id)
-	if err != nil {
-		benchrun.Fail(err.Error())
-	}
-	send(n)
-	time.Sleep(200 * time.Millisecond)
-	t0, n0, err := pktgen.RunStats(id)
-	if err != nil {
-		benchrun.Fail(err.Error())
-	}
-	if n0 <= nn {
-		benchrun.Fail("the balancer's program did not run")
-	}
-	r.newNS = float64((t0 - tn).Nanoseconds()) / float64(n0-nn)
-	send(n * passes)
-	time.Sleep(200 * time.Millisecond)
-	t1, n1, err := pktgen.RunStats(id)
-	if err != nil {
-		benchrun.Fail(err.Error())
-	}
-	stats.Close() // they slow every program: off for the wire rate
-	if n1 <= n0 {
-		benchrun.Fail("the balancer's program did not run")
-	}
-	if runs := n1 - n0; runs < uint64(n*passes)*9/10 {
+	r.newNS, _ = timed(id, func() { send(n) })
+	var runs uint64
+	r.ns, runs = timed(id, func() { send(n * passes) })
+	if runs < uint64(n*passes)*9/10 {
 		fmt.Fprintf(os.Stderr, "warning: %d runs for %d frames sent\n", runs, n*passes)
 	}
-	r.ns = float64((t1 - t0).Nanoseconds()) / float64(n1-n0)
+	// The same flows to addresses that are no VIP's, which the balancer
+	// passes to the kernel.
+	for _, dst := range others {
+		ns, _ := timed(id, func() { sendTo(dst, base, n) })
+		r.otherNS = append(r.otherNS, ns)
+	}
+	stats.Close() // they slow every program: off for the wire rate
 	if prof {
 		r.parts = profile(func() { send(n * max(passes, wireFrames/n)) })
 	}
@@ -530,6 +535,53 @@ func measure(e *env, vip netip.Addr, n, base, passes int, prof bool) (r result) 
 		r.newParts = profile(func() { sendFrom(base+len(flowCounts(1<<20))*ports, min(n, 1<<19)) })
 	}
 	return r
+}
+
+// timed runs send with the run-time statistics on, and returns ns a run
+// of program id while it ran (and a moment after, for the queues) and the
+// runs.
+func timed(id ebpf.ProgramID, send func()) (ns float64, runs uint64) {
+	t0, n0, err := pktgen.RunStats(id)
+	if err != nil {
+		benchrun.Fail(err.Error())
+	}
+	send()
+	time.Sleep(200 * time.Millisecond)
+	t1, n1, err := pktgen.RunStats(id)
+	if err != nil {
+		benchrun.Fail(err.Error())
+	}
+	if n1 <= n0 {
+		benchrun.Fail("the balancer's program did not run")
+	}
+	return float64((t1 - t0).Nanoseconds()) / float64(n1-n0), n1 - n0
+}
+
+// nonVIPs are two addresses that are no VIP's and no lab host's, of
+// vip's family (on the lab's link, 198.51.100.100 and up, or in the VIP
+// network, 2001:db8:f::1:0 and up): the first with a bit of tether's
+// vip_filter that no VIP sets, so that its packets skip the connection
+// table; the second with the bit of vip, so that they look it up (and
+// miss) as every packet did before the filter.
+func (e *env) nonVIPs(vip netip.Addr) []netip.Addr {
+	vipBits := []uint32{maps.VIPFilterBit(e.l.VIP4), maps.VIPFilterBit(e.l.VIP6)}
+	var clear, same netip.Addr
+	a, n := netip.MustParseAddr("198.51.100.100"), 155
+	if vip.Is6() {
+		a, n = netip.MustParseAddr("2001:db8:f::1:0"), 1<<16
+	}
+	for i := 0; i < n && (!clear.IsValid() || !same.IsValid()); i, a = i+1, a.Next() {
+		switch b := maps.VIPFilterBit(a); {
+		case b == maps.VIPFilterBit(vip) && !same.IsValid():
+			same = a
+		case !slices.Contains(vipBits, b) && !clear.IsValid():
+			clear = a
+		}
+	}
+	if !clear.IsValid() || !same.IsValid() {
+		benchrun.Fail(fmt.Sprintf("no address near %v with a filter bit other than the VIPs' and with %v's", a, vip))
+	}
+	return []netip.Addr{clear, same}
 }
 
 // frame is the generator's template for flows to vip from source

@@ -443,15 +443,7 @@ func AttachArrayForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr
 		return nil, fmt.Errorf("forwarder: flow array: %w", err)
 	}
 	const key = -4
-	lookup := asm.Instructions{
-		// slot = ((src ^ dst ^ ports) * golden ratio) >> (32 - log2 entries)
-		asm.LoadMem(asm.R5, asm.R2, fam.src+fam.addrLen-4, asm.Word),
-		asm.LoadMem(asm.R4, asm.R2, fam.dst+fam.addrLen-4, asm.Word),
-		asm.Xor.Reg32(asm.R5, asm.R4),
-		asm.LoadMem(asm.R4, asm.R2, fam.ports, asm.Word),
-		asm.Xor.Reg32(asm.R5, asm.R4),
-		asm.Mul.Imm32(asm.R5, -1640531535), // 0x9e3779b1
-		asm.RSh.Imm32(asm.R5, int32(32-bits.TrailingZeros32(entries))),
+	lookup := append(slotHash(fam, entries),
 		asm.StoreMem(asm.RFP, key, asm.R5, asm.Word),
 		asm.LoadMapPtr(asm.R1, table.FD()),
 		asm.Mov.Reg(asm.R2, asm.RFP),
@@ -459,8 +451,23 @@ func AttachArrayForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr
 		asm.FnMapLookupElem.Call(),
 		asm.JNE.Imm(asm.R0, 0, "hit"),
 		asm.Ja.Label("fwd"),
-	}
+	)
 	return attachTableForwarder(ifindex, vip, src, dst, table, lookup)
+}
+
+// slotHash leaves in R5 the slot of a table of entries slots (a power of
+// two) that the frame at R2 falls on: ((src ^ dst ^ ports) * golden
+// ratio) >> (32 - log2 entries), over the addresses' last 32 bits.
+func slotHash(fam family, entries uint32) asm.Instructions {
+	return asm.Instructions{
+		asm.LoadMem(asm.R5, asm.R2, fam.src+fam.addrLen-4, asm.Word),
+		asm.LoadMem(asm.R4, asm.R2, fam.dst+fam.addrLen-4, asm.Word),
+		asm.Xor.Reg32(asm.R5, asm.R4),
+		asm.LoadMem(asm.R4, asm.R2, fam.ports, asm.Word),
+		asm.Xor.Reg32(asm.R5, asm.R4),
+		asm.Mul.Imm32(asm.R5, -1640531535), // 0x9e3779b1
+		asm.RSh.Imm32(asm.R5, int32(32-bits.TrailingZeros32(entries))),
+	}
 }
 
 // chunkSlots is the slots of each of AttachChunkedForwarder's arrays: 16
@@ -505,14 +512,7 @@ func AttachChunkedForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAd
 		}
 	}
 	const outer, slot = -4, -8
-	lookup := asm.Instructions{
-		asm.LoadMem(asm.R5, asm.R2, fam.src+fam.addrLen-4, asm.Word),
-		asm.LoadMem(asm.R4, asm.R2, fam.dst+fam.addrLen-4, asm.Word),
-		asm.Xor.Reg32(asm.R5, asm.R4),
-		asm.LoadMem(asm.R4, asm.R2, fam.ports, asm.Word),
-		asm.Xor.Reg32(asm.R5, asm.R4),
-		asm.Mul.Imm32(asm.R5, -1640531535), // 0x9e3779b1
-		asm.RSh.Imm32(asm.R5, int32(32-bits.TrailingZeros32(entries))),
+	lookup := append(slotHash(fam, entries),
 		asm.Mov.Reg(asm.R4, asm.R5),
 		asm.And.Imm(asm.R4, chunkSlots-1),
 		asm.StoreMem(asm.RFP, slot, asm.R4, asm.Word),
@@ -529,7 +529,7 @@ func AttachChunkedForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAd
 		asm.FnMapLookupElem.Call(),
 		asm.JNE.Imm(asm.R0, 0, "hit"),
 		asm.Ja.Label("fwd"),
-	}
+	)
 	return attachTableForwarder(ifindex, vip, src, dst, table, lookup)
 }
 
