@@ -18,15 +18,15 @@ volatile const __u32 insert_rate = 0;	     /* new flows each CPU records a secon
  * until the first write: the entries keep the time they hold. */
 volatile __u32 seen_now = 0;
 
-/* Which destination addresses may be a VIP's: bit vip_bit(dst) (lookup.h)
- * is set for the VIP of every service, by the control plane (maps/vips.go)
- * before the service's entry is written, and cleared after the last
- * service of its VIPs is gone. A packet whose bit is clear has no
- * connection entry, and skips the lookup, a cache and TLB miss in a big
- * table: traffic for the host, and the replies of translated flows (nat,
- * fullnat) on their way to be translated back. Every bit is set until the
- * control plane writes it: a program it has not yet told looks every
- * packet up. */
+/* Which destination addresses may be a VIP's: the bit may_be_vip
+ * (lookup.h) computes is set for the VIP of every service, by the control
+ * plane (maps/vipfilter.go) before the service's entry is written, and
+ * cleared after the last service of its VIPs is gone. A packet whose bit
+ * is clear is no service's and skips the connection table's lookup, a
+ * cache and TLB miss in a big table: traffic for the host, and the
+ * replies of translated flows (nat, fullnat) on their way to be
+ * translated back. Every bit is set until the control plane writes the
+ * filter (from the pinned services, before it attaches the program). */
 __u64 vip_filter[VIP_FILTER_WORDS] = {[0 ... VIP_FILTER_WORDS - 1] = ~0ULL};
 
 /* tether trace (trace.h), written by the daemon while a trace runs:

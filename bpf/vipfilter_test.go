@@ -5,6 +5,7 @@ import (
 	"math/bits"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/tetherlb/tether/bpf"
 	"github.com/tetherlb/tether/internal/bpftest"
@@ -104,7 +105,7 @@ func TestVIPFilter(t *testing.T) {
 
 	// The last service of vip4 gone: its bit too, after; back with it.
 	for _, s := range svcs[:2] {
-		if err := f.Maps.DeleteService(s.VIP.Addr(), s.VIP.Port(), s.Proto); err != nil {
+		if err := f.Maps.MoveService(s.VIP.Addr(), s.VIP.Port(), s.Proto); err != nil {
 			t.Fatal(err)
 		}
 		got := filterWords(t, f)
@@ -122,5 +123,36 @@ func TestVIPFilter(t *testing.T) {
 	}
 	if got := backendFor(t, f, svcs[1], cli4, 0); got == 0 {
 		t.Fatal("no backend for the service put back")
+	}
+
+	// A daemon that loads the program again reads the bits from the
+	// service entries.
+	setFilter(t, f, [maps.VIPFilterBits / 64]uint64{})
+	if err := f.Maps.UseVIPFilter(f.Objs.TetherVariables.VipFilter); err != nil {
+		t.Fatal(err)
+	}
+	if got := filterWords(t, f); got != w {
+		t.Fatalf("vip_filter read from the service entries is %x, want %x", got, w)
+	}
+
+	// A service moved to another VIP keeps its old VIP's bit: the flows
+	// established to it go on to their backends.
+	s := svcs[3] // UDP on vip6: a connection entry from its first packet
+	if err := f.Maps.DeleteService(svcs[2].VIP.Addr(), svcs[2].VIP.Port(), svcs[2].Proto); err != nil {
+		t.Fatal(err)
+	}
+	b := backendFor(t, f, s, cli6, 0)
+	moved := netip.MustParseAddr("2001:db8:f::100")
+	for maps.VIPFilterBit(moved) == maps.VIPFilterBit(vip6.Addr()) {
+		moved = moved.Next()
+	}
+	if err := f.Maps.PutService(moved, s.VIP.Port(), s.Proto, maps.Service{ID: s.ID, AffinityTimeout: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Maps.MoveService(s.VIP.Addr(), s.VIP.Port(), s.Proto); err != nil {
+		t.Fatal(err)
+	}
+	if got := backendFor(t, f, s, cli6, 0); got != b {
+		t.Fatalf("a flow to the moved service's old VIP went to %d, its entry says %d", got, b)
 	}
 }

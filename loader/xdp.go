@@ -492,7 +492,7 @@ func (x *XDP) UpsertService(s datapath.Service) error {
 		return err
 	}
 	if existed && (old.VIP != s.VIP || old.Port != s.Port || old.Proto != s.Proto) {
-		if err := m.DeleteService(old.VIP, old.Port, old.Proto); err != nil {
+		if err := m.MoveService(old.VIP, old.Port, old.Proto); err != nil {
 			return err
 		}
 	}

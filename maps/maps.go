@@ -186,12 +186,32 @@ func (m *Maps) PutService(vip netip.Addr, port uint16, proto uint8, s Service) e
 }
 
 // DeleteService removes a service entry; a missing one is not an error.
+// Calls of PutService and DeleteService for one key must not overlap
+// (the XDP datapath holds its lock): each keeps vip_filter in step with
+// the entry it writes.
 func (m *Maps) DeleteService(vip netip.Addr, port uint16, proto uint8) error {
-	mp, key := m.serviceMap(vip, port, proto)
-	if err := mp.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("delete service %s:%d: %w", vip, port, err)
+	if err := m.deleteService(vip, port, proto); err != nil {
+		return err
 	}
 	if err := m.filter.remove(serviceID{vip.Unmap(), port, proto}); err != nil {
+		return fmt.Errorf("delete service %s:%d: %w", vip, port, err)
+	}
+	return nil
+}
+
+// MoveService removes the entry of a service that now lives under
+// another key, written first with PutService, but keeps its old VIP's bit
+// of vip_filter: the connections established to the old VIP go on to the
+// service's backends, which their entries name, as long as they last (or
+// until the daemon loads the program again, which sets the bits of the
+// service entries it finds).
+func (m *Maps) MoveService(vip netip.Addr, port uint16, proto uint8) error {
+	return m.deleteService(vip, port, proto)
+}
+
+func (m *Maps) deleteService(vip netip.Addr, port uint16, proto uint8) error {
+	mp, key := m.serviceMap(vip, port, proto)
+	if err := mp.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete service %s:%d: %w", vip, port, err)
 	}
 	return nil
