@@ -126,8 +126,8 @@ bench-deps:
 		if [ -n "$$made" ]; then rm -f $$policy; fi; \
 		exit $$rc; \
 	fi
-	@command -v perf >/dev/null || $(APT) install -y --no-install-recommends linux-perf || \
-		echo "no linux-perf package: flowcost runs without its profile"
+	@command -v perf >/dev/null || { $(APT) update && $(APT) install -y --no-install-recommends linux-perf; } || \
+		echo "linux-perf not installed: flowcost runs without its profile"
 
 .PHONY: format
 format: ## gofmt the Go code and clang-format the C

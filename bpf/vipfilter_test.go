@@ -105,7 +105,7 @@ func TestVIPFilter(t *testing.T) {
 
 	// The last service of vip4 gone: its bit too, after; back with it.
 	for _, s := range svcs[:2] {
-		if err := f.Maps.MoveService(s.VIP.Addr(), s.VIP.Port(), s.Proto); err != nil {
+		if err := f.Maps.DeleteService(s.VIP.Addr(), s.VIP.Port(), s.Proto); err != nil {
 			t.Fatal(err)
 		}
 		got := filterWords(t, f)

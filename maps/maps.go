@@ -202,9 +202,9 @@ func (m *Maps) DeleteService(vip netip.Addr, port uint16, proto uint8) error {
 // MoveService removes the entry of a service that now lives under
 // another key, written first with PutService, but keeps its old VIP's bit
 // of vip_filter: the connections established to the old VIP go on to the
-// service's backends, which their entries name, as long as they last (or
-// until the daemon loads the program again, which sets the bits of the
-// service entries it finds).
+// service's backends, which their entries name. The bit stays set until
+// the daemon loads the program again, which sets the bits of the service
+// entries it finds.
 func (m *Maps) MoveService(vip netip.Addr, port uint16, proto uint8) error {
 	return m.deleteService(vip, port, proto)
 }

@@ -7,7 +7,6 @@ import (
 
 	"github.com/cilium/ebpf"
 
-	"github.com/tetherlb/tether/bpf"
 	"github.com/tetherlb/tether/maglev"
 )
 
@@ -51,26 +50,14 @@ func (m *Maps) UseVIPFilter(v *ebpf.Variable) error {
 	f := &m.filter
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	svcs, err := m.Services()
+	if err != nil {
+		return err
+	}
 	f.services = map[serviceID]bool{}
 	f.bits = [VIPFilterBits]int{}
-	var (
-		k4 bpf.TetherServiceKey4
-		k6 bpf.TetherServiceKey
-		s  bpf.TetherService
-	)
-	it := m.m.Services4.Iterate()
-	for it.Next(&k4, &s) {
-		f.count(serviceID{addrOf([4]uint32{k4.Addr}, afInet), HostPort(k4.Port), k4.Proto}, 1)
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("read IPv4 services: %w", err)
-	}
-	it = m.m.Services6.Iterate()
-	for it.Next(&k6, &s) {
-		f.count(serviceID{addrOf(k6.Addr, afInet6), HostPort(k6.Port), k6.Proto}, 1)
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("read IPv6 services: %w", err)
+	for _, e := range svcs {
+		f.count(serviceID{e.VIP.Unmap(), e.Port, e.Proto}, 1)
 	}
 	f.v = v
 	return f.write()

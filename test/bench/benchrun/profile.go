@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -34,18 +35,33 @@ func Profile() (stop func() (map[string]int, error), err error) {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("perf record: %w", err)
 	}
-	end := func() { rec.Process.Kill(); rec.Wait(); os.RemoveAll(dir) }
-	AtExit(end)
+	// perf ends once: by stop's SIGINT, which has it write its data, or by
+	// the bench's exit, which kills it.
+	var (
+		once    sync.Once
+		waitErr error
+	)
+	end := func(sig os.Signal) error {
+		once.Do(func() {
+			rec.Process.Signal(sig)
+			waitErr = rec.Wait()
+		})
+		return waitErr
+	}
+	AtExit(func() { end(os.Kill); os.RemoveAll(dir) })
 	time.Sleep(300 * time.Millisecond) // perf opens its events on every CPU
 	return func() (map[string]int, error) {
-		defer end()
-		rec.Process.Signal(os.Interrupt)
+		defer os.RemoveAll(dir)
 		// perf writes its data and ends with the signal's status.
-		if err := rec.Wait(); err != nil && !interrupted(err) {
+		if err := end(os.Interrupt); err != nil && !interrupted(err) {
 			return nil, fmt.Errorf("perf record: %w: %s", err, strings.TrimSpace(out.String()))
 		}
 		rep, err := exec.Command(perf, "report", "-i", file, "--stdio", "-q", "--sort", "sym", "-F", "sample,sym").Output()
 		if err != nil {
+			var ee *exec.ExitError
+			if errors.As(err, &ee) {
+				err = fmt.Errorf("%w: %s", err, strings.TrimSpace(string(ee.Stderr)))
+			}
 			return nil, fmt.Errorf("perf report: %w", err)
 		}
 		return parseReport(string(rep)), nil

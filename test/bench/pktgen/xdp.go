@@ -477,9 +477,10 @@ const chunkSlots = 1024
 
 // AttachChunkedForwarder is AttachArrayForwarder with its slots in
 // entries/1024 arrays of 1024 slots, found through an array of maps: the
-// same one random access a packet, but in memory the kernel maps with
-// huge pages (its linear map), where a vmalloc'ed map's is mapped in 4
-// KiB pages. It measures what the pages cost a flat flow table.
+// same slot, reached by two dependent reads (the array's pointer, then the
+// slot), but in memory the kernel maps with huge pages (its linear map),
+// where a vmalloc'ed map's is mapped in 4 KiB pages. It measures what the
+// pages cost a flat flow table.
 func AttachChunkedForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr, entries uint32) (*Forwarder, error) {
 	if entries < chunkSlots || entries&(entries-1) != 0 {
 		return nil, fmt.Errorf("forwarder: %d entries is not a power of two of at least %d", entries, chunkSlots)
