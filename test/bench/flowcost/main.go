@@ -261,7 +261,7 @@ func main() {
 		if !has("tether") || !*prof {
 			continue
 		}
-		fmt.Fprintf(w, "\nWhere tether's time goes: perf's cpu-clock samples on every CPU (perf running, after the statistics' passes) in tether's JIT'd program and in the kernel functions it calls, summed over the rounds, and each part's share of them: while the live flows are sent again in turn (at least %d frames), and while new flows are entered (as many as live, at most %d; from %d live flows). The hash tables' walk reads a bucket, then an element: the memory and TLB misses land there. A new flow looks up its connection, its service (both hash tables) and its ring, and inserts its connection.\n\n", wireFrames, newProfileMax, minNewProfile)
+		fmt.Fprintf(w, "\nWhere tether's time goes: perf's cpu-clock samples on every CPU (perf running, after the statistics' passes) in tether's JIT'd program and in the kernel functions it calls, summed over the rounds, and each part's share of them: while the live flows are sent again in turn (at least %d frames), and while new flows are entered (as many as live, at most %d; from %d live flows). The hash tables' walk reads a bucket, then an element: where the packet waits for memory. A new flow looks up its connection, its service (both hash tables) and its ring, and inserts its connection.\n\n", wireFrames, newProfileMax, minNewProfile)
 		head = []string{"live flows", "path", "samples"}
 		for _, p := range parts {
 			head = append(head, p.name)
@@ -404,7 +404,7 @@ type result struct {
 // kernel symbols perf's samples fall in: the JIT'd program itself, then
 // the kernel hash table's lookup (called by the verifier's inlined
 // lookup), split into its walk of the bucket's chain (reading the bucket,
-// then the element: the memory misses land there), its hash of the key
+// then the element: where the packet waits for memory), its hash of the key
 // (jhash) and its key comparison (memcmp, which other kernel code calls
 // too), and the LRU's own functions for insertions and evictions (its
 // locks are spinlocks that the rest of the kernel takes too: a flat
