@@ -233,6 +233,18 @@ func learnMACs(l *lab.Lab, be *lab.Host) error {
 	})
 }
 
+// sendFrom sends count frames of g's flows from frame's template out of
+// host h's interface, failing the test on an error.
+func sendFrom(t *testing.T, h *lab.Host, g *Generator, frame []byte, count uint32) {
+	t.Helper()
+	if err := h.Do(func() error {
+		_, err := g.Send(h.Ifindex, frame, count)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // settle waits until n stops changing (frames still in flight in the kernel
 // after Send returns), at most 3 s, and returns its last value.
 func settle(n func() (uint64, error)) (uint64, error) {
@@ -455,12 +467,7 @@ func TestGeneratorVariesOnWire(t *testing.T) {
 	defer g.Close()
 	frame := UDPFrame(client.MAC, be1.MAC, netip.AddrPortFrom(l.ClientAddrs4[0], 40000), netip.AddrPortFrom(l.VIP4, testDport), 64)
 	const sent = sources * ports * rounds
-	if err := client.Do(func() error {
-		_, err := g.Send(client.Ifindex, frame, sent)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	sendFrom(t, client, g, frame, sent)
 	total := func() (uint64, error) {
 		var n uint64
 		var key [8]byte
@@ -548,12 +555,7 @@ func TestTableForwarders(t *testing.T) {
 					src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(s)}), 1024)
 					frame = UDPFrame(client.MAC, lb.MAC, src, netip.AddrPortFrom(vip, testDport), 64)
 				}
-				if err := client.Do(func() error {
-					_, err := g.Send(client.Ifindex, frame, ports)
-					return err
-				}); err != nil {
-					t.Fatal(err)
-				}
+				sendFrom(t, client, g, frame, ports)
 				time.Sleep(5 * time.Millisecond)
 			}
 		}
@@ -679,12 +681,7 @@ func TestSpreadForwarder(t *testing.T) {
 		a := [4]byte{192, 0, 2, byte(10 + s)}
 		want[binary.NativeEndian.Uint32(a[:])%uint32(len(macs))] += ports
 		frame := UDPFrame(client.MAC, lb.MAC, netip.AddrPortFrom(netip.AddrFrom4(a), 1024), netip.AddrPortFrom(l.VIP4, testDport), 64)
-		if err := client.Do(func() error {
-			_, err := g.Send(client.Ifindex, frame, ports)
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
+		sendFrom(t, client, g, frame, ports)
 		time.Sleep(5 * time.Millisecond)
 	}
 	for i, c := range counters {
