@@ -22,8 +22,8 @@ volatile __u32 seen_now = 0;
  * (lookup.h) computes is set for the VIP of every service, by the control
  * plane (maps/vipfilter.go) before the service's entry is written, and
  * cleared after the last service of its VIPs is gone. A packet whose bit
- * is clear is no service's and skips the connection table's lookup, a
- * cache and TLB miss in a big table: traffic for the host, and the
+ * is clear is no service's and skips the connection table's lookup (a
+ * cache and TLB miss in a big table) and the service's: traffic for the host, and the
  * replies of translated flows (nat, fullnat) on their way to be
  * translated back. Every bit is set until the control plane writes the
  * filter (from the pinned services, before it attaches the program). */

@@ -4,8 +4,8 @@
  *   1. parse; anything that is not TCP/UDP to a VIP goes to the kernel;
  *   2. a connection-table hit whose backend still exists is forwarded
  *      (but a bare SYN whose backend takes no new connections chooses
- *      again); the table is looked up only for destinations that
- *      vip_filter says may be a VIP's;
+ *      again); a destination that vip_filter says is no VIP's goes
+ *      straight to step 5;
  *   3. a new flow takes its backend from the affinity table (source
  *      affinity, entry alive, backend active) or else from the service's
  *      Maglev ring at hash(key) % ring_size;
@@ -222,8 +222,11 @@ static __always_inline int handle(struct xdp_md *ctx, struct packet *pkt)
 	if (reason)
 		return count_reason(reason, verdict_of(reason));
 
-	/* A destination that is no VIP's has no connection entry. */
-	struct conn *c = may_be_vip(pkt) ? lookup_conn(pkt) : NULL;
+	/* A destination that is no VIP's has no service and no connection
+	 * entry: it can only be a translated flow's reply. */
+	if (!may_be_vip(pkt))
+		return nat_reply(ctx, pkt);
+	struct conn *c = lookup_conn(pkt);
 	if (c) {
 		__u32 id = c->backend;
 		pkt->decided = TRACE_BY_CONN;
