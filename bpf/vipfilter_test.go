@@ -7,9 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tetherlb/tether/bpf"
 	"github.com/tetherlb/tether/internal/bpftest"
-	"github.com/tetherlb/tether/maglev"
 	"github.com/tetherlb/tether/maps"
 )
 
@@ -39,19 +37,8 @@ func onlyBit(b uint32) (w [maps.VIPFilterBits / 64]uint64) {
 // (which need not be a VIP), on backend 1 of service 1.
 func putConn(t *testing.T, f *bpftest.Fixture, src, dst netip.AddrPort) {
 	t.Helper()
-	c := bpf.TetherConn{Backend: 1, Service: 1}
-	var err error
-	if dst.Addr().Is4() {
-		k := bpf.TetherFlowKey4{Src: maglev.AddrWords(src.Addr())[0], Dst: maglev.AddrWords(dst.Addr())[0],
-			Sport: maps.Port(src.Port()), Dport: maps.Port(dst.Port()), Proto: bpftest.TCP}
-		err = f.Maps.Raw().Conns4.Put(&k, &c)
-	} else {
-		k := bpf.TetherFlowKey{Src: maglev.AddrWords(src.Addr()), Dst: maglev.AddrWords(dst.Addr()),
-			Sport: maps.Port(src.Port()), Dport: maps.Port(dst.Port()), Proto: bpftest.TCP}
-		err = f.Maps.Raw().Conns6.Put(&k, &c)
-	}
-	if err != nil {
-		t.Fatal(err)
+	if ok, err := f.Maps.PutFlow(maps.Flow{Client: src, VIP: dst, Proto: bpftest.TCP, Service: 1, Backend: 1}, false); err != nil || !ok {
+		t.Fatalf("enter %v → %v: entered %v, %v", src, dst, ok, err)
 	}
 }
 

@@ -47,8 +47,7 @@ const (
 
 	wireFrames = 1 << 20 // at least, for the wire rate
 
-	minNewProfile = 1 << 18 // new flows at least, for a profile of the new-flow path
-	newProfileMax = 1 << 18 // and at most
+	newProfile = 1 << 18 // new flows for a profile of the new-flow path, from as many live flows
 )
 
 type env struct {
@@ -114,6 +113,8 @@ func main() {
 		who   string
 		flows int
 	}
+	// Each family's addresses that are no VIP's, for tether's passes.
+	nonVIPs := map[netip.Addr][]netip.Addr{e.l.VIP4: e.nonVIPs(e.l.VIP4), e.l.VIP6: e.nonVIPs(e.l.VIP6)}
 	samples := map[key][]result{}
 	for r := range *rounds {
 		for _, st := range sets {
@@ -131,7 +132,7 @@ func main() {
 				for i, n := range flowCounts(st.table) {
 					var others []netip.Addr
 					if who == "tether" {
-						others = e.nonVIPs(st.vip)
+						others = nonVIPs[st.vip]
 					}
 					res := measure(e, st.vip, n, 1024+i*ports, *passes, *prof && who == "tether", others)
 					samples[key{st, who, n}] = append(samples[key{st, who, n}], res)
@@ -221,8 +222,8 @@ func main() {
 			row(cells...)
 		}
 		if has("tether") {
-			others := e.nonVIPs(st.vip)
-			fmt.Fprintf(w, "\nThe same flows sent to addresses that are no VIP's, which tether passes to the kernel (a host's own traffic, or the replies of translated flows on their way to be translated back): ns a packet, medians. %v's bit of vip_filter is set by no VIP: its packets skip the connection table's lookup. %v shares the VIP's bit: its packets look it up and miss, as every packet did before the filter.\n\n", others[0], others[1])
+			others := nonVIPs[st.vip]
+			fmt.Fprintf(w, "\nThe same flows sent to addresses that are no VIP's, which tether passes to the kernel (a host's own traffic, or the replies of translated flows on their way to be translated back): ns a packet, medians. %v's bit of vip_filter is set by no VIP: its packets skip the connection and service tables' lookups. %v shares the VIP's bit: its packets look them up and miss, as every packet did before the filter.\n\n", others[0], others[1])
 			row("live flows", "tether, a hit", "not a VIP, filtered out", "not a VIP, looked up")
 			rule(4)
 			for _, n := range flowCounts(size) {
@@ -261,7 +262,7 @@ func main() {
 		if !has("tether") || !*prof {
 			continue
 		}
-		fmt.Fprintf(w, "\nWhere tether's time goes: perf's cpu-clock samples on every CPU (perf running, after the statistics' passes) in tether's JIT'd program and in the kernel functions it calls, summed over the rounds, and each part's share of them: while the live flows are sent again in turn (at least %d frames), and while new flows are entered (as many as live, at most %d; from %d live flows). The hash tables' walk reads a bucket, then an element: where the packet waits for memory. A new flow looks up its connection, its service (both hash tables) and its ring, and inserts its connection.\n\n", wireFrames, newProfileMax, minNewProfile)
+		fmt.Fprintf(w, "\nWhere tether's time goes: perf's cpu-clock samples on every CPU (perf running, after the statistics' passes) in tether's JIT'd program and in the kernel functions it calls, summed over the rounds, and each part's share of them: while the live flows are sent again in turn (at least %d frames), and while %d new flows are entered (from %d live flows). The hash tables' walk reads a bucket, then an element: where the packet waits for memory. A new flow looks up its connection, its service (both hash tables) and its ring, and inserts its connection.\n\n", wireFrames, newProfile, newProfile)
 		head = []string{"live flows", "path", "samples"}
 		for _, p := range parts {
 			head = append(head, p.name)
@@ -546,13 +547,12 @@ func measure(e *env, vip netip.Addr, n, base, passes int, prof bool, others []ne
 	got := float64(e.received() - before)
 	r.mpps = got / el.Seconds() / 1e6
 	r.delivered = got / float64(frames)
-	if prof && n >= minNewProfile {
-		// New flows, from ports no flow count uses: as many again, at
-		// most newProfileMax. Every flow count's flows stay in the
-		// table (tether's holds 1,852,416 entries after the 1M count,
-		// the one-lookup forwarder's 1,327,104): with the 2M tables
-		// none is evicted.
-		r.newParts = profile(func() { sendFrom(base+len(flowCounts(1<<20))*ports, min(n, newProfileMax)) })
+	if prof && n >= newProfile {
+		// New flows, from ports no flow count uses. Every flow count's
+		// flows stay in the table (tether's holds 1,852,416 entries
+		// after the 1M count, the one-lookup forwarder's 1,327,104):
+		// with the 2M tables none is evicted.
+		r.newParts = profile(func() { sendFrom(base+len(flowCounts(1<<20))*ports, newProfile) })
 	}
 	return r
 }
