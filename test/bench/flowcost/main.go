@@ -12,7 +12,9 @@
 // an array of that size (one random memory access); -who chunked adds the
 // slot in arrays small enough for the kernel's linear map. Each is
 // measured with tables of several sizes, since the size costs even when
-// few flows live, and with IPv4 and IPv6 flows. With perf installed,
+// few flows live, and with IPv4 and IPv6 flows. tether is also timed on
+// new flows from clients its affinity table knows (a reconnecting
+// client's path) and on flows to addresses that are no VIP's. With perf installed,
 // tether is also profiled (cpu-clock samples) during one more pass of
 // the flows, and the report splits its time between its program and the
 // hash table's lookup.
@@ -21,6 +23,7 @@
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"net/netip"
@@ -34,6 +37,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/tetherlb/tether/control"
 	"github.com/tetherlb/tether/internal/lab"
 	"github.com/tetherlb/tether/maps"
 	"github.com/tetherlb/tether/test/bench/benchrun"
@@ -48,6 +52,9 @@ const (
 	wireFrames = 1 << 20 // at least, for the wire rate
 
 	newProfile = 1 << 18 // new flows for a profile of the new-flow path, from as many live flows
+
+	affinityFlows = 1 << 16 // at most, new flows from known clients at each flow count
+	primePort     = 60000   // and up, one a flow count: the flows that enter the clients in the affinity table
 )
 
 type env struct {
@@ -130,11 +137,11 @@ func main() {
 					stop = benchrun.VIPForwarder(e.l, st.vip)
 				}
 				for i, n := range flowCounts(st.table) {
-					var others []netip.Addr
+					var t tetherPasses
 					if who == "tether" {
-						others = nonVIPs[st.vip]
+						t = tetherPasses{profile: *prof, others: nonVIPs[st.vip], affinity: true}
 					}
-					res := measure(e, st.vip, n, 1024+i*ports, *passes, *prof && who == "tether", others)
+					res := measure(e, st.vip, n, 1024+i*ports, *passes, t)
 					samples[key{st, who, n}] = append(samples[key{st, who, n}], res)
 					fmt.Fprintf(os.Stderr, "round %d, table %d, %v: %s, %d flows: %.0f ns a packet (%.0f entering them); %.2f Mpps on the wire (%.0f%% delivered)\n", r+1, st.table, st.vip, who, n, res.ns, res.newNS, res.mpps, 100*res.delivered)
 				}
@@ -222,6 +229,16 @@ func main() {
 			row(cells...)
 		}
 		if has("tether") {
+			fmt.Fprintf(w, "\nNew flows from clients tether knows: the same number of flows (at most %d) from the same clients, to a service with `affinity: source` on %v, whose affinity table holds each client (a flow from each entered it first). Each packet misses the connection table, finds its client's backend in the affinity table and is inserted: the path of a client that reconnects. ns a packet, medians.\n\n", affinityFlows, affinityVIP(st.vip))
+			row("live flows", "tether, a hit", "new flow, by the ring", "new flow, affinity hit", "flows", "clients", "affinity hits counted")
+			rule(7)
+			for _, n := range flowCounts(size) {
+				k := key{st, "tether", n}
+				rs := samples[k]
+				row(strconv.Itoa(n), fmt.Sprintf("%.0f", median(k, ns)), fmt.Sprintf("%.0f", median(k, func(r result) float64 { return r.newNS })),
+					fmt.Sprintf("%.0f", median(k, func(r result) float64 { return r.affNS })), strconv.Itoa(min(n, affinityFlows)), strconv.Itoa(rs[0].clients),
+					fmt.Sprintf("%.0f", median(k, func(r result) float64 { return float64(r.affHits) })))
+			}
 			others := nonVIPs[st.vip]
 			fmt.Fprintf(w, "\nThe same flows sent to addresses that are no VIP's, which tether passes to the kernel (a host's own traffic, or the replies of translated flows on their way to be translated back): ns a packet, medians. %v's bit of vip_filter is set by no VIP: its packets skip the connection and service tables' lookups. %v shares the VIP's bit: its packets look them up and miss, as every packet did before the filter.\n\n", others[0], others[1])
 			row("live flows", "tether, a hit", "not a VIP, filtered out", "not a VIP, looked up")
@@ -366,22 +383,27 @@ func (e *env) config(entries uint32) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "interfaces: [eth0]\ndatapath: xdp\ntables: {connections: %d, affinity: 65536, insert_rate: 0}\nservices:\n", entries)
 	for _, v6 := range []bool{false, true} {
-		vip, name := e.l.VIP4, "udp"
-		if v6 {
-			vip, name = e.l.VIP6, "udp6"
-		}
-		fmt.Fprintf(&b, "  - {name: %s, vip: \"%s\", port: %d, protocol: udp, affinity: connection, health: {type: none}, backends: [", name, vip, svcPort)
-		for i, be := range e.l.Backends {
-			if i > 0 {
-				b.WriteString(", ")
-			}
-			a := be.Addr4
+		for _, source := range []bool{false, true} {
+			vip, name, affinity := e.l.VIP4, "udp", "connection"
 			if v6 {
-				a = be.Addr6
+				vip, name = e.l.VIP6, "udp6"
 			}
-			fmt.Fprintf(&b, "{address: \"%s\"}", a)
+			if source {
+				vip, name, affinity = affinityVIP(vip), name+"-source", "source"
+			}
+			fmt.Fprintf(&b, "  - {name: %s, vip: \"%s\", port: %d, protocol: udp, affinity: %s, health: {type: none}, backends: [", name, vip, svcPort, affinity)
+			for i, be := range e.l.Backends {
+				if i > 0 {
+					b.WriteString(", ")
+				}
+				a := be.Addr4
+				if v6 {
+					a = be.Addr6
+				}
+				fmt.Fprintf(&b, "{address: \"%s\"}", a)
+			}
+			b.WriteString("]}\n")
 		}
-		b.WriteString("]}\n")
 	}
 	conf := filepath.Join(e.dir, fmt.Sprintf("tether-%d.yaml", entries))
 	if err := os.WriteFile(conf, []byte(b.String()), 0o600); err != nil {
@@ -399,7 +421,21 @@ type result struct {
 	parts     []int     // perf's samples in each of parts during a pass of the flows (tether, -profile)
 	newParts  []int     // the same while as many new flows are entered
 	otherNS   []float64 // ns a run for the flows sent to each of measure's others (tether)
+	affNS     float64   // ns a run for new flows from clients with an affinity entry (tether)
+	clients   int       // how many clients those flows came from
+	affHits   uint64    // the affinity hits tether counted for them
 }
+
+// tetherPasses are the passes measure makes for tether only.
+type tetherPasses struct {
+	profile  bool         // profile a pass of the flows, and new flows, with perf
+	others   []netip.Addr // send the flows to these addresses too (no VIP's)
+	affinity bool         // time new flows from known clients of a source-affinity service
+}
+
+// affinityVIP is the VIP of the source-affinity service beside vip's:
+// the next address.
+func affinityVIP(vip netip.Addr) netip.Addr { return vip.Next() }
 
 // parts are where a packet's time goes in tether's XDP work, by the
 // kernel symbols perf's samples fall in: the JIT'd program itself, then
@@ -470,7 +506,7 @@ func profile(send func()) []int {
 // statistics on, reading ns a run of the balancer's program in each part;
 // then sends them again without as fast as the generator can (at least
 // wireFrames frames) and counts what reaches the backends.
-func measure(e *env, vip netip.Addr, n, base, passes int, prof bool, others []netip.Addr) (r result) {
+func measure(e *env, vip netip.Addr, n, base, passes int, t tetherPasses) (r result) {
 	sources := max(1, n/ports)
 	p := min(n, ports)
 	gen, err := pktgen.NewGenerator(sources, p)
@@ -521,12 +557,34 @@ func measure(e *env, vip netip.Addr, n, base, passes int, prof bool, others []ne
 	}
 	// The same flows to addresses that are no VIP's, which the balancer
 	// passes to the kernel.
-	for _, dst := range others {
+	for _, dst := range t.others {
 		ns, _ := timed(id, func() { sendTo(dst, base, n) })
 		r.otherNS = append(r.otherNS, ns)
 	}
+	if t.affinity {
+		// New flows to the source-affinity service from clients it
+		// knows: a flow from each enters the client, then the flows
+		// (other ports) each miss the connection table, find their
+		// client's entry and are inserted.
+		m := min(n, affinityFlows)
+		aff := affinityVIP(vip)
+		r.clients = (m + p - 1) / p
+		for k := range r.clients {
+			fr := e.frame(aff, k, primePort+base/ports)
+			if err := e.l.Client.Do(func() error {
+				_, err := gen.Send(e.l.Client.Ifindex, fr, 1)
+				return err
+			}); err != nil {
+				benchrun.Fail(err.Error())
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+		hits := e.affinityHits(aff)
+		r.affNS, _ = timed(id, func() { sendTo(aff, base, m) })
+		r.affHits = e.affinityHits(aff) - hits
+	}
 	stats.Close() // they slow every program: off for the wire rate
-	if prof {
+	if t.profile {
 		r.parts = profile(func() { send(n * max(passes, wireFrames/n)) })
 	}
 
@@ -547,7 +605,7 @@ func measure(e *env, vip netip.Addr, n, base, passes int, prof bool, others []ne
 	got := float64(e.received() - before)
 	r.mpps = got / el.Seconds() / 1e6
 	r.delivered = got / float64(frames)
-	if prof && n >= newProfile {
+	if t.profile && n >= newProfile {
 		// New flows, from ports no flow count uses. Every flow count's
 		// flows stay in the table (tether's holds 1,852,416 entries
 		// after the 1M count, the one-lookup forwarder's 1,327,104):
@@ -584,7 +642,10 @@ func timed(id ebpf.ProgramID, send func()) (ns float64, runs uint64) {
 // table; the second with the bit of vip, so that they look it up (and
 // miss) as every packet did before the filter.
 func (e *env) nonVIPs(vip netip.Addr) []netip.Addr {
-	vipBits := []uint32{maps.VIPFilterBit(e.l.VIP4), maps.VIPFilterBit(e.l.VIP6)}
+	var vipBits []uint32
+	for _, v := range []netip.Addr{e.l.VIP4, e.l.VIP6, affinityVIP(e.l.VIP4), affinityVIP(e.l.VIP6)} {
+		vipBits = append(vipBits, maps.VIPFilterBit(v))
+	}
 	var clear, same netip.Addr
 	a, n := netip.MustParseAddr("198.51.100.100"), 155
 	if vip.Is6() {
@@ -614,6 +675,24 @@ func (e *env) frame(vip netip.Addr, k, port int) []byte {
 	}
 	src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(k)}), uint16(port))
 	return pktgen.UDPFrame(e.l.Client.MAC, e.l.Balancer.MAC, src, netip.AddrPortFrom(vip, svcPort), 64)
+}
+
+// affinityHits is what tether's service on vip has counted of new flows
+// that its affinity table sent.
+func (e *env) affinityHits(vip netip.Addr) uint64 {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := control.NewClient(filepath.Join(e.dir, "tether.sock")).Stats(ctx)
+	if err != nil {
+		benchrun.Fail(fmt.Sprintf("tether's counters: %v", err))
+	}
+	for _, s := range st.Services {
+		if s.VIP == netip.AddrPortFrom(vip, svcPort).String() {
+			return s.AffinityHits
+		}
+	}
+	benchrun.Fail(fmt.Sprintf("tether has no service on %v", netip.AddrPortFrom(vip, svcPort)))
+	return 0
 }
 
 // received is what the backends' counters have counted.
