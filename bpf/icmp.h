@@ -257,7 +257,7 @@ static __always_inline int icmp_error(struct xdp_md *ctx, const struct packet *p
 		__u64 now;
 		int hit;
 		flags = 0;
-		id = choose_backend(svc, &q, &ak, &now, &hit);
+		id = choose_backend(svc, &q, &ak, &now, &hit, 0);
 		be = lookup_backend(id, svc->id);
 		if (svc->flags & (SVC_F_IPIP | SVC_F_GUE))
 			flags = CONN_F_ENCAP;

@@ -36,9 +36,12 @@ static __always_inline struct service *lookup_service(const struct packet *pkt)
 }
 
 /* affinity_backend returns the backend id remembered for this client if the
- * entry has not timed out and its backend still takes new connections. */
+ * entry has not timed out and its backend still takes new connections;
+ * with refresh, it also marks the entry seen at now, where it lies (an
+ * update would take a fresh element from the LRU and free the old one, for
+ * every new flow of a client that reconnects). */
 static __always_inline __u32 affinity_backend(const struct service *svc, const struct affinity_key *ak,
-					      __u64 now)
+					      __u64 now, int refresh)
 {
 	struct affinity *a = bpf_map_lookup_elem(&affinities, ak);
 	if (!a || now - a->last_seen_ns > svc->affinity_timeout_ns)
@@ -46,6 +49,8 @@ static __always_inline __u32 affinity_backend(const struct service *svc, const s
 	struct backend *be = lookup_backend(a->backend, svc->id);
 	if (!be || be->state != BE_ACTIVE)
 		return 0;
+	if (refresh)
+		a->last_seen_ns = now;
 	return a->backend;
 }
 
@@ -67,9 +72,10 @@ static __always_inline __u32 ring_backend(const struct service *svc, const struc
  * the client's affinity entry (source affinity) or else the ring's slot.
  * It leaves in ak and *now the affinity key and the clock it read (0 when
  * it read none), for recording the choice, and in *hit whether affinity
- * chose. */
+ * chose. refresh: the flow will be recorded, and the client's affinity
+ * entry that chose is marked seen now. */
 static __always_inline __u32 choose_backend(const struct service *svc, const struct packet *pkt,
-					    struct affinity_key *ak, __u64 *now, int *hit)
+					    struct affinity_key *ak, __u64 *now, int *hit, int refresh)
 {
 	__builtin_memset(ak, 0, sizeof(*ak));
 	ak->service = svc->id;
@@ -78,7 +84,7 @@ static __always_inline __u32 choose_backend(const struct service *svc, const str
 	if (svc->flags & SVC_F_SOURCE_AFFINITY) {
 		__builtin_memcpy(ak->addr, pkt->key.src, sizeof(ak->addr));
 		*now = bpf_ktime_get_coarse_ns();
-		id = affinity_backend(svc, ak, *now);
+		id = affinity_backend(svc, ak, *now, refresh);
 	}
 	*hit = id != 0;
 	return id ? id : ring_backend(svc, pkt);

@@ -74,7 +74,9 @@ static __always_inline __u32 seen_of(__u64 t)
  * read once for the packet). A bare SYN is not recorded: the handshake's
  * next packet is, so a flood of spoofed SYNs cannot push the entries of
  * established connections out of the LRU tables. The ring and affinity
- * give that next packet the same backend. */
+ * give that next packet the same backend. A client's affinity entry is
+ * written only when the ring chose: the entry that chose was marked seen
+ * by choose_backend. */
 static __always_inline void record(const struct service *svc, const struct packet *pkt,
 				   const struct affinity_key *ak, __u32 id, int affinity_hit, __u64 now,
 				   __u32 flags, __u16 nat_port)
@@ -88,7 +90,7 @@ static __always_inline void record(const struct service *svc, const struct packe
 	insert_conn(pkt, &c);
 	if (svc->flags & SVC_F_SYNC)
 		share(pkt, svc->id, id);
-	if (svc->flags & SVC_F_SOURCE_AFFINITY) {
+	if ((svc->flags & SVC_F_SOURCE_AFFINITY) && !affinity_hit) {
 		struct affinity a = {.last_seen_ns = now, .backend = id};
 		bpf_map_update_elem(&affinities, ak, &a, BPF_ANY);
 	}
@@ -188,7 +190,7 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, int 
 	struct affinity_key ak;
 	__u64 now;
 	int affinity_hit;
-	__u32 id = choose_backend(svc, pkt, &ak, &now, &affinity_hit);
+	__u32 id = choose_backend(svc, pkt, &ak, &now, &affinity_hit, replace || !pkt->syn_only);
 	pkt->decided = affinity_hit ? TRACE_BY_AFFINITY : TRACE_BY_RING;
 	pkt->service = svc->id;
 	pkt->backend = id;
