@@ -35,6 +35,7 @@ func VIPForwarder(l *lab.Lab, vip netip.Addr) func() {
 func TableForwarder(l *lab.Lab, vip netip.Addr, entries uint32, kind string) func() {
 	attach := map[string]func(int, netip.Addr, net.HardwareAddr, net.HardwareAddr, uint32) (*pktgen.Forwarder, error){
 		"table":   pktgen.AttachTableForwarder,
+		"percpu":  pktgen.AttachPerCPUTableForwarder,
 		"array":   pktgen.AttachArrayForwarder,
 		"chunked": pktgen.AttachChunkedForwarder,
 	}[kind]

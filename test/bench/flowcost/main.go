@@ -10,11 +10,12 @@
 // LRU hash table of tether's size (the floor of a balancer that remembers
 // its flows in the kernel's hash table), and after a read of one slot of
 // an array of that size (one random memory access); -who chunked adds the
-// slot in arrays small enough for the kernel's linear map. Each is
-// measured with tables of several sizes, since the size costs even when
-// few flows live, and with IPv4 and IPv6 flows. tether is also timed on
-// new flows from clients its affinity table knows (a reconnecting
-// client's path) and on flows to addresses that are no VIP's. With perf installed,
+// slot in arrays small enough for the kernel's linear map, -who percpu
+// the lookup in an LRU hash whose lists are per CPU. Each is measured
+// with tables of several sizes, since the size costs even when few flows
+// live, and with IPv4 and IPv6 flows. tether is also timed on new flows
+// from clients its affinity table knows (a reconnecting client's path)
+// and on flows to addresses that are no VIP's. With perf installed,
 // tether is also profiled (cpu-clock samples) during one more pass of
 // the flows, and the report splits its time between its program and the
 // hash table's lookup.
@@ -131,7 +132,7 @@ func main() {
 				switch who {
 				case "tether":
 					stop = benchrun.TetherDaemon(e.l, e.bin, conf, e.dir, "tether-flowcost")
-				case "table", "array", "chunked":
+				case "table", "percpu", "array", "chunked":
 					stop = benchrun.TableForwarder(e.l, st.vip, st.table, who)
 				default:
 					stop = benchrun.VIPForwarder(e.l, st.vip)
@@ -163,7 +164,7 @@ func main() {
 	delivered := func(r result) float64 { return 100 * r.delivered }
 	has := func(who string) bool { return slices.Contains(contenders, who) }
 	var floors []string // the programs other than tether, in the report's order
-	for _, who := range []string{"table", "array", "chunked", "trivial"} {
+	for _, who := range []string{"table", "percpu", "array", "chunked", "trivial"} {
 		if has(who) {
 			floors = append(floors, who)
 		}
@@ -317,10 +318,11 @@ func main() {
 
 // names are the programs' names in the report, about what each is.
 var (
-	programs = []string{"trivial", "table", "array", "chunked", "tether"}
+	programs = []string{"trivial", "table", "percpu", "array", "chunked", "tether"}
 	names    = map[string]string{
 		"tether":  "tether",
 		"table":   "one hash lookup",
+		"percpu":  "one lookup, per-CPU LRU",
 		"array":   "one array slot",
 		"chunked": "one slot, linear map",
 		"trivial": "trivial forwarder",
@@ -328,6 +330,7 @@ var (
 	about = map[string]string{
 		"tether":  "dsr, three backends, insertion guard off.",
 		"table":   "the trivial forwarder after a lookup of the frame's 5-tuple in an LRU hash of the size of tether's connection table, entering it when missing: the floor of a balancer that keeps its flows in the kernel's hash table.",
+		"percpu":  "the one-lookup forwarder with the LRU's lists kept per CPU (BPF_F_NO_COMMON_LRU) rather than shared by all CPUs under their locks; each CPU holds only its share of the entries.",
 		"array":   "the trivial forwarder after a read of one 16-byte slot of an array of that size indexed by a hash of the flow: one random memory access.",
 		"chunked": "the same slot in arrays of 1,024 slots found through an array of maps (two dependent reads): arrays small enough that the kernel allocates them from its linear map, which it maps with huge pages, where a big map is vmalloc'ed in 4 KiB pages.",
 		"trivial": "MAC rewrite to one backend, XDP_TX.",

@@ -512,8 +512,8 @@ func TestGeneratorVariesOnWire(t *testing.T) {
 // TestTableForwarders sends 256 flows through each flow-table forwarder
 // (the floors of flowcost, and its chunked array) and the trivial one,
 // twice, IPv4 and IPv6:
-// every frame reaches be1, and the LRU one enters each flow once, on its
-// first frame.
+// every frame reaches be1, and the LRU ones (common and per-CPU lists)
+// enter each flow once, on its first frame.
 func TestTableForwarders(t *testing.T) {
 	l := lab.NewT(t, lab.Options{Backends: 1, Clients: 1})
 	client, lb, be1 := l.Client, l.Balancer, l.Backends[0]
@@ -559,13 +559,16 @@ func TestTableForwarders(t *testing.T) {
 				time.Sleep(5 * time.Millisecond)
 			}
 		}
-		for _, kind := range []string{"trivial", "hash", "array", "chunked"} {
+		for _, kind := range []string{"trivial", "hash", "percpu", "array", "chunked"} {
+			lru := kind == "hash" || kind == "percpu"
 			name := fmt.Sprintf("%s, %v", kind, vip)
 			var fwd *Forwarder
 			if err := lb.Do(func() (err error) {
 				switch kind {
 				case "hash":
 					fwd, err = AttachTableForwarder(lb.Ifindex, vip, lb.MAC, be1.MAC, 1024)
+				case "percpu":
+					fwd, err = AttachPerCPUTableForwarder(lb.Ifindex, vip, lb.MAC, be1.MAC, 1024)
 				case "array":
 					fwd, err = AttachArrayForwarder(lb.Ifindex, vip, lb.MAC, be1.MAC, 1024)
 				case "chunked":
@@ -595,7 +598,7 @@ func TestTableForwarders(t *testing.T) {
 			}
 			pass()
 			first := 0
-			if kind == "hash" {
+			if lru {
 				// The last frames may still be on their way.
 				for deadline := time.Now().Add(time.Second); ; time.Sleep(10 * time.Millisecond) {
 					if first = entries(); first >= sources*ports || time.Now().After(deadline) {
@@ -611,7 +614,7 @@ func TestTableForwarders(t *testing.T) {
 			if got-before != 2*sources*ports {
 				t.Errorf("%s: be1 counted %d frames, want %d", name, got-before, 2*sources*ports)
 			}
-			if kind == "hash" {
+			if lru {
 				if n := entries(); first != sources*ports || n != sources*ports {
 					t.Errorf("%s: %d entries after the first pass and %d after the second, want %d", name, first, n, sources*ports)
 				}

@@ -12,6 +12,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 
 	"github.com/tetherlb/tether/internal/bpftest"
 	"github.com/tetherlb/tether/test/bench/percpu"
@@ -367,6 +368,19 @@ func vipMatch(vip netip.Addr) asm.Instructions {
 // UDP or TCP without IPv4 options or IPv6 extension headers (the
 // generator's are); others pass.
 func AttachTableForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr, entries uint32) (*Forwarder, error) {
+	return attachLRUForwarder(ifindex, vip, src, dst, entries, 0)
+}
+
+// AttachPerCPUTableForwarder is AttachTableForwarder with the LRU hash's
+// lists kept per CPU (BPF_F_NO_COMMON_LRU), the alternative to the common
+// LRU, whose free and active lists and their locks all CPUs share. Its
+// entries are split evenly between the CPUs: a CPU can hold only its
+// share of them.
+func AttachPerCPUTableForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr, entries uint32) (*Forwarder, error) {
+	return attachLRUForwarder(ifindex, vip, src, dst, entries, unix.BPF_F_NO_COMMON_LRU)
+}
+
+func attachLRUForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr, entries, flags uint32) (*Forwarder, error) {
 	if !vip.IsValid() {
 		return nil, errors.New("forwarder: no VIP")
 	}
@@ -378,6 +392,7 @@ func AttachTableForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr
 		KeySize:    uint32(keyLen),
 		ValueSize:  16,
 		MaxEntries: entries,
+		Flags:      flags,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("forwarder: connection table: %w", err)
