@@ -72,8 +72,14 @@ static __always_inline __u32 ring_backend(const struct service *svc, const struc
  * the client's affinity entry (source affinity) or else the ring's slot.
  * It leaves in ak and *now the affinity key and the clock it read (0 when
  * it read none), for recording the choice, and in *hit whether affinity
- * chose. refresh: the flow will be recorded, and the client's affinity
- * entry that chose is marked seen now. */
+ * chose. refresh: the packet is not a bare SYN (or takes over an entry),
+ * and the client's affinity entry that chose is marked seen now, whether
+ * or not the flow is then recorded (the insertion guard, or a nat flow
+ * refused for want of a port, leave it unrecorded): it only keeps alive
+ * the entry of a client that is sending, and never creates one. The
+ * element may be reused for another client between the lookup and the
+ * write, as any map value the program writes can be: that client's entry
+ * is then stamped with about the same time. */
 static __always_inline __u32 choose_backend(const struct service *svc, const struct packet *pkt,
 					    struct affinity_key *ak, __u64 *now, int *hit, int refresh)
 {

@@ -413,71 +413,78 @@ func TestAffinityOutlivesBackendAddedAndExpires(t *testing.T) {
 // affinity entry sends marks the entry seen (a bare SYN does not: its
 // handshake's next packet does), and takes no element from the LRU: with
 // the affinity table full, reconnecting clients push no other client out.
+// On one CPU, so that no CPU holds spare elements of the LRU: writing the
+// entry again, as the program did before, evicts a client each time.
 func TestAffinityHitRefreshesInPlace(t *testing.T) {
-	const entries = 512
-	f := bpftest.NewFixture(t, loaderOptsSized(1<<14, entries))
-	s := fourServicesWith(f, func(*bpftest.Service) {})[2] // IPv6, TCP, source affinity
-	client := func(i int) netip.Addr {
-		return netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0x0a, 14: byte(i >> 8), 15: byte(i)})
-	}
-	const age = 10 * time.Minute
-	for i := range entries {
-		if err := f.Maps.PutAffinity(s.ID, client(i), s.Backends[i%3], age); err != nil {
-			t.Fatal(err)
-		}
-	}
-	var known []int // the clients the table holds once full
-	for i := range entries {
-		if _, ok, err := f.Maps.LookupAffinity(s.ID, client(i)); err != nil {
-			t.Fatal(err)
-		} else if ok {
-			known = append(known, i)
-		}
-	}
-	if len(known) < entries/2 {
-		t.Fatalf("the affinity table holds %d of %d clients put in it", len(known), entries)
-	}
-	before, err := f.Maps.ServiceCounters(s.ID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Each known client of the first 64 opens a connection: the SYN,
-	// then the handshake's ACK.
-	reconnecting := known[:min(64, len(known))]
-	for _, i := range reconnecting {
-		src := netip.AddrPortFrom(client(i), 40000)
-		want := s.Backends[i%3]
-		if got := backendFor(t, f, s, src, bpftest.SYN); got != want {
-			t.Fatalf("client %d's SYN went to %d, want its affinity backend %d", i, got, want)
-		}
-		if a, _, err := f.Maps.LookupAffinity(s.ID, client(i)); err != nil || a.Age < age {
-			t.Fatalf("client %d's entry after a bare SYN: %+v (%v), want it untouched (age %v)", i, a, err, age)
-		}
-		if got := backendFor(t, f, s, src, 0); got != want {
-			t.Fatalf("client %d's ACK went to %d, want its affinity backend %d", i, got, want)
-		}
-	}
-	for _, i := range known {
-		a, ok, err := f.Maps.LookupAffinity(s.ID, client(i))
-		switch {
-		case err != nil:
-			t.Fatal(err)
-		case !ok:
-			t.Fatalf("client %d's affinity entry is gone after %d clients reconnected", i, len(reconnecting))
-		case a.Backend != s.Backends[i%3]:
-			t.Fatalf("client %d's entry names backend %d, want %d", i, a.Backend, s.Backends[i%3])
-		case slices.Contains(reconnecting, i) && a.Age > time.Minute:
-			t.Fatalf("client %d reconnected, but its entry is %v old", i, a.Age)
-		case !slices.Contains(reconnecting, i) && a.Age < age:
-			t.Fatalf("client %d did not reconnect, but its entry is %v old, want %v", i, a.Age, age)
-		}
-	}
-	after, err := f.Maps.ServiceCounters(s.ID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if hits := after.AffinityHits - before.AffinityHits; hits != uint64(len(reconnecting)) {
-		t.Fatalf("%d affinity hits counted, want %d (one a recorded connection)", hits, len(reconnecting))
+	for _, mode := range []uint8{maps.ForwardDSR, maps.ForwardFullNAT} {
+		t.Run(modeName(mode), func(t *testing.T) {
+			onOneCPU(t)
+			const entries = 512
+			f := bpftest.NewFixture(t, loaderOptsSized(1<<14, entries))
+			s := fourServicesWith(f, forwardingIn(mode))[2] // IPv6, TCP, source affinity
+			client := func(i int) netip.Addr {
+				return netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0x0a, 14: byte(i >> 8), 15: byte(i)})
+			}
+			const age = 10 * time.Minute
+			for i := range entries {
+				if err := f.Maps.PutAffinity(s.ID, client(i), s.Backends[i%3], age); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for i := range entries {
+				if _, ok, err := f.Maps.LookupAffinity(s.ID, client(i)); err != nil || !ok {
+					t.Fatalf("client %d of %d put in the affinity table is not there (%v)", i, entries, err)
+				}
+			}
+			before, err := f.Maps.ServiceCounters(s.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Every other client of the first 128 opens a connection:
+			// the SYN, then the handshake's ACK.
+			var reconnecting []int
+			for i := 0; i < 128; i += 2 {
+				reconnecting = append(reconnecting, i)
+				src := netip.AddrPortFrom(client(i), 40000)
+				want := s.Backends[i%3]
+				if got := backendFor(t, f, s, src, bpftest.SYN); got != want {
+					t.Fatalf("client %d's SYN went to %d, want its affinity backend %d", i, got, want)
+				}
+				switch a, ok, err := f.Maps.LookupAffinity(s.ID, client(i)); {
+				case err != nil:
+					t.Fatal(err)
+				case !ok:
+					t.Fatalf("client %d's affinity entry is gone after %d clients reconnected", i, len(reconnecting)-1)
+				case a.Age < age:
+					t.Fatalf("client %d's entry after a bare SYN is %v old, want it untouched (%v)", i, a.Age, age)
+				}
+				if got := backendFor(t, f, s, src, 0); got != want {
+					t.Fatalf("client %d's ACK went to %d, want its affinity backend %d", i, got, want)
+				}
+			}
+			for i := range entries {
+				a, ok, err := f.Maps.LookupAffinity(s.ID, client(i))
+				switch {
+				case err != nil:
+					t.Fatal(err)
+				case !ok:
+					t.Fatalf("client %d's affinity entry is gone after %d clients reconnected", i, len(reconnecting))
+				case a.Backend != s.Backends[i%3]:
+					t.Fatalf("client %d's entry names backend %d, want %d", i, a.Backend, s.Backends[i%3])
+				case slices.Contains(reconnecting, i) && a.Age > time.Minute:
+					t.Fatalf("client %d reconnected, but its entry is %v old", i, a.Age)
+				case !slices.Contains(reconnecting, i) && a.Age < age:
+					t.Fatalf("client %d did not reconnect, but its entry is %v old, want %v", i, a.Age, age)
+				}
+			}
+			after, err := f.Maps.ServiceCounters(s.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if hits := after.AffinityHits - before.AffinityHits; hits != uint64(len(reconnecting)) {
+				t.Fatalf("%d affinity hits counted, want %d (one a recorded connection)", hits, len(reconnecting))
+			}
+		})
 	}
 }
 

@@ -75,8 +75,8 @@ static __always_inline __u32 seen_of(__u64 t)
  * next packet is, so a flood of spoofed SYNs cannot push the entries of
  * established connections out of the LRU tables. The ring and affinity
  * give that next packet the same backend. A client's affinity entry is
- * written only when the ring chose: the entry that chose was marked seen
- * by choose_backend. */
+ * written only when the ring chose: an entry that chose was marked seen
+ * where it lies by choose_backend. */
 static __always_inline void record(const struct service *svc, const struct packet *pkt,
 				   const struct affinity_key *ak, __u32 id, int affinity_hit, __u64 now,
 				   __u32 flags, __u16 nat_port)
