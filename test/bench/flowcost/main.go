@@ -126,7 +126,7 @@ func main() {
 	samples := map[key][]result{}
 	for r := range *rounds {
 		for _, st := range sets {
-			conf := e.config(st.table)
+			conf := e.config(st.table, false)
 			for _, who := range contenders {
 				var stop func()
 				switch who {
@@ -140,7 +140,7 @@ func main() {
 				for i, n := range flowCounts(st.table) {
 					var t tetherPasses
 					if who == "tether" {
-						t = tetherPasses{profile: *prof, others: nonVIPs[st.vip], affinity: true}
+						t = tetherPasses{profile: *prof, others: nonVIPs[st.vip], affinity: func(on bool) { e.reload(st.table, on) }}
 					}
 					res := measure(e, st.vip, n, 1024+i*ports, *passes, t)
 					samples[key{st, who, n}] = append(samples[key{st, who, n}], res)
@@ -380,18 +380,21 @@ func setup() *env {
 	return e
 }
 
-// config writes tether's configuration with connection tables of entries
-// and returns its path.
-func (e *env) config(entries uint32) string {
+// config writes tether's configuration with connection tables of entries,
+// and with source the source-affinity services, and returns its path.
+func (e *env) config(entries uint32, source bool) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "interfaces: [eth0]\ndatapath: xdp\ntables: {connections: %d, affinity: 65536, insert_rate: 0}\nservices:\n", entries)
 	for _, v6 := range []bool{false, true} {
-		for _, source := range []bool{false, true} {
+		for _, src := range []bool{false, true} {
+			if src && !source {
+				continue
+			}
 			vip, name, affinity := e.l.VIP4, "udp", "connection"
 			if v6 {
 				vip, name = e.l.VIP6, "udp6"
 			}
-			if source {
+			if src {
 				vip, name, affinity = affinityVIP(vip), name+"-source", "source"
 			}
 			fmt.Fprintf(&b, "  - {name: %s, vip: \"%s\", port: %d, protocol: udp, affinity: %s, health: {type: none}, backends: [", name, vip, svcPort, affinity)
@@ -433,7 +436,7 @@ type result struct {
 type tetherPasses struct {
 	profile  bool         // profile a pass of the flows, and new flows, with perf
 	others   []netip.Addr // send the flows to these addresses too (no VIP's)
-	affinity bool         // time new flows from known clients of a source-affinity service
+	affinity func(bool)   // when set, time new flows from known clients of source-affinity services, which affinity(true) adds and affinity(false) removes
 }
 
 // affinityVIP is the VIP of the source-affinity service beside vip's:
@@ -564,11 +567,17 @@ func measure(e *env, vip netip.Addr, n, base, passes int, t tetherPasses) (r res
 		ns, _ := timed(id, func() { sendTo(dst, base, n) })
 		r.otherNS = append(r.otherNS, ns)
 	}
-	if t.affinity {
+	if t.affinity != nil {
 		// New flows to the source-affinity service from clients it
 		// knows: a flow from each enters the client, then the flows
 		// (other ports) each miss the connection table, find their
-		// client's entry and are inserted.
+		// client's entry and are inserted. The service is there only
+		// for this pass: with one, the daemon lists the connection table
+		// once a minute to renew the entries of connected clients, which
+		// would fall into the other passes.
+		t.affinity(true)
+		defer t.affinity(false)
+		time.Sleep(time.Second) // the daemon's work after the reload
 		m := min(n, affinityFlows)
 		aff := affinityVIP(vip)
 		r.clients = (m + p - 1) / p
@@ -610,9 +619,10 @@ func measure(e *env, vip netip.Addr, n, base, passes int, t tetherPasses) (r res
 	r.delivered = got / float64(frames)
 	if t.profile && n >= newProfile {
 		// New flows, from ports no flow count uses. Every flow count's
-		// flows stay in the table (tether's holds 1,852,416 entries
-		// after the 1M count, the one-lookup forwarder's 1,327,104):
-		// with the 2M tables none is evicted.
+		// flows stay in the table (tether's holds 2,000,933 entries
+		// after the 1M count, with the new flows from known clients and
+		// this profile's, the one-lookup forwarder's 1,328,128): with
+		// the 2M tables none is evicted.
 		r.newParts = profile(func() { sendFrom(base+len(flowCounts(1<<20))*ports, newProfile) })
 	}
 	return r
@@ -678,6 +688,17 @@ func (e *env) frame(vip netip.Addr, k, port int) []byte {
 	}
 	src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(k)}), uint16(port))
 	return pktgen.UDPFrame(e.l.Client.MAC, e.l.Balancer.MAC, src, netip.AddrPortFrom(vip, svcPort), 64)
+}
+
+// reload rewrites tether's configuration, with or without the
+// source-affinity services, and has the daemon apply it.
+func (e *env) reload(entries uint32, source bool) {
+	e.config(entries, source)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := control.NewClient(filepath.Join(e.dir, "tether.sock")).Reload(ctx); err != nil {
+		benchrun.Fail(fmt.Sprintf("tether reload: %v", err))
+	}
 }
 
 // affinityHits is what tether's service on vip has counted of new flows
