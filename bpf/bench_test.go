@@ -1,10 +1,12 @@
 package bpf_test
 
 import (
+	"strconv"
 	"testing"
 
 	"github.com/cilium/ebpf"
 
+	"github.com/tetherlb/tether/bpf"
 	"github.com/tetherlb/tether/internal/bpftest"
 )
 
@@ -47,4 +49,34 @@ func BenchmarkNewFlow(b *testing.B) {
 	// repetition is a new flow.
 	frame := bpftest.Frame{Src: cli4, Dst: vip4, Proto: bpftest.TCP, Flags: bpftest.SYN}.Bytes()
 	benchProg(b, f.Objs.TetherXdp, frame, bpftest.XDPTx)
+}
+
+// BenchmarkFlows times the daemon's listing of the connection tables
+// (tether status, top, flows, the renewal of connected clients' affinity
+// entries) with 65,536 and 1,048,576 IPv4 entries.
+func BenchmarkFlows(b *testing.B) {
+	for _, n := range []int{1 << 16, 1 << 20} {
+		b.Run(strconv.Itoa(n), func(b *testing.B) {
+			f := bpftest.NewFixture(b, loaderOptsSized(2*uint32(n), 1<<10))
+			keys := make([]bpf.TetherFlowKey4, n)
+			vals := make([]bpf.TetherConn, n)
+			for i := range keys {
+				keys[i] = bpf.TetherFlowKey4{Src: uint32(i), Dst: 1, Sport: uint16(i >> 16), Dport: 80, Proto: 6}
+				vals[i] = bpf.TetherConn{Backend: 1, Service: 1}
+			}
+			if _, err := f.Maps.Raw().Conns4.BatchUpdate(keys, vals, nil); err != nil {
+				b.Fatal(err)
+			}
+			b.ResetTimer()
+			for range b.N {
+				flows, err := f.Maps.Flows()
+				if err != nil {
+					b.Fatal(err)
+				}
+				if len(flows) != n {
+					b.Fatalf("listed %d flows of %d", len(flows), n)
+				}
+			}
+		})
+	}
 }

@@ -119,43 +119,53 @@ func (m *Maps) Entries() (conns, affinities int, err error) {
 	return n4 + n6, na, nil
 }
 
-// count counts a hash table's entries, in batches where the kernel can
-// (5.6+), one by one otherwise.
+// count counts a hash table's entries (each).
 func count[K, V any](mp *ebpf.Map) (int, error) {
-	const chunk = 4096
-	keys, vals := make([]K, chunk), make([]V, chunk)
-	var (
-		cursor ebpf.MapBatchCursor
-		n      int
-	)
-	for {
+	n := 0
+	if err := each(mp, func(K, V) { n++ }); err != nil {
+		return n, fmt.Errorf("count %s: %w", mp, err)
+	}
+	return n, nil
+}
+
+// batch is how many entries each reads a system call.
+const batch = 4096
+
+// each calls f with every entry of a hash table, read in batches where
+// the kernel can (5.6+), one by one otherwise: a listing of a million
+// connections takes a few hundred system calls instead of two million.
+// The table changes while it is read: the result is a best-effort
+// snapshot.
+func each[K, V any](mp *ebpf.Map, f func(K, V)) error {
+	keys, vals := make([]K, batch), make([]V, batch)
+	var cursor ebpf.MapBatchCursor
+	for first := true; ; first = false {
 		got, err := mp.BatchLookup(&cursor, keys, vals, nil)
-		n += got
+		if first && errors.Is(err, ebpf.ErrNotSupported) {
+			return eachOneByOne(mp, f)
+		}
+		for i := range got {
+			f(keys[i], vals[i])
+		}
 		switch {
 		case errors.Is(err, ebpf.ErrKeyNotExist):
-			return n, nil
-		case errors.Is(err, ebpf.ErrNotSupported):
-			return countOneByOne[K, V](mp)
+			return nil
 		case err != nil:
-			return n, fmt.Errorf("count %s: %w", mp, err)
+			return err
 		}
 	}
 }
 
-func countOneByOne[K, V any](mp *ebpf.Map) (int, error) {
+func eachOneByOne[K, V any](mp *ebpf.Map, f func(K, V)) error {
 	var (
-		n int
 		k K
 		v V
 	)
 	it := mp.Iterate()
 	for it.Next(&k, &v) {
-		n++
+		f(k, v)
 	}
-	if err := it.Err(); err != nil {
-		return n, fmt.Errorf("count %s: %w", mp, err)
-	}
-	return n, nil
+	return it.Err()
 }
 
 // Table names of Tables.

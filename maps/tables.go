@@ -119,16 +119,8 @@ func (m *Maps) Flows() ([]Flow, error) {
 }
 
 func list[K, V any](mp *ebpf.Map, now uint32, conv func(K, V, uint32) Flow) ([]Flow, error) {
-	var (
-		out []Flow
-		k   K
-		v   V
-	)
-	it := mp.Iterate()
-	for it.Next(&k, &v) {
-		out = append(out, conv(k, v, now))
-	}
-	if err := it.Err(); err != nil {
+	var out []Flow
+	if err := each(mp, func(k K, v V) { out = append(out, conv(k, v, now)) }); err != nil {
 		return out, fmt.Errorf("list flows: %w", err)
 	}
 	return out, nil
@@ -221,16 +213,8 @@ func (m *Maps) FlushAffinities() (int, error) {
 }
 
 func flush[K, V any](mp *ebpf.Map) (int, error) {
-	var (
-		keys []K
-		k    K
-		v    V
-	)
-	it := mp.Iterate()
-	for it.Next(&k, &v) {
-		keys = append(keys, k)
-	}
-	if err := it.Err(); err != nil {
+	var keys []K
+	if err := each(mp, func(k K, _ V) { keys = append(keys, k) }); err != nil {
 		return 0, fmt.Errorf("flush %s: %w", mp, err)
 	}
 	n := 0
