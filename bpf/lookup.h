@@ -44,7 +44,10 @@ static __always_inline __u32 affinity_backend(const struct service *svc, const s
 					      __u64 now, int refresh)
 {
 	struct affinity *a = bpf_map_lookup_elem(&affinities, ak);
-	if (!a || now - a->last_seen_ns > svc->affinity_timeout_ns)
+	/* Signed: an entry the daemon wrote (a renewal, another host's) is
+	 * stamped with CLOCK_MONOTONIC, up to a tick ahead of this coarse
+	 * clock, and is fresh, not expired. */
+	if (!a || (__s64)(now - a->last_seen_ns) > (__s64)svc->affinity_timeout_ns)
 		return 0;
 	struct backend *be = lookup_backend(a->backend, svc->id);
 	if (!be || be->state != BE_ACTIVE)

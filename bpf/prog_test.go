@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/tetherlb/tether/bpf"
 	"github.com/tetherlb/tether/internal/bpftest"
@@ -406,6 +407,30 @@ func TestAffinityOutlivesBackendAddedAndExpires(t *testing.T) {
 	// The established flow of before keeps its backend.
 	if got := backendFor(t, f, s, netip.AddrPortFrom(cli4.Addr(), 1000), 0); got != first {
 		t.Fatalf("established flow moved to %d", got)
+	}
+}
+
+// TestAffinityStampAhead: an affinity entry the daemon writes (a renewal,
+// another host's choice) is stamped with CLOCK_MONOTONIC, which runs up to
+// a tick ahead of the program's coarse clock. Such an entry is fresh: the
+// client's next connection follows it, and does not take the ring's
+// choice as if the entry had expired.
+func TestAffinityStampAhead(t *testing.T) {
+	f, svcs := fourServices(t)
+	s := svcs[0] // IPv4, TCP, source affinity
+	first := s.Backends[0]
+	f.PublishRing(s.ID, s.VIP.Addr(), s.Backends[1]) // the ring chooses another backend
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		t.Fatal(err)
+	}
+	k := bpf.TetherAffinityKey{Addr: maglev.AddrWords(cli4.Addr()), Service: s.ID}
+	v := bpf.TetherAffinity{Backend: first, LastSeenNs: uint64(ts.Nano()) + uint64(20*time.Millisecond)}
+	if err := f.Maps.Raw().Affinities.Put(&k, &v); err != nil {
+		t.Fatal(err)
+	}
+	if got := backendFor(t, f, s, netip.AddrPortFrom(cli4.Addr(), 2000), 0); got != first {
+		t.Fatalf("a client whose entry is stamped ahead of the program's clock went to %d, want its affinity backend %d", got, first)
 	}
 }
 
