@@ -574,9 +574,10 @@ func measure(e *env, vip netip.Addr, n, base, passes int, t tetherPasses) (r res
 		// client's entry and are inserted. The service is there only
 		// for this pass: with one, the daemon lists the connection table
 		// once a minute to renew the entries of connected clients, which
-		// would fall into the other passes.
+		// would fall into the other passes. Its flows stay in the table:
+		// in one no larger than the flow count they evict live flows
+		// before the wire rate's pass.
 		t.affinity(true)
-		defer t.affinity(false)
 		time.Sleep(time.Second) // the daemon's work after the reload
 		m := min(n, affinityFlows)
 		aff := affinityVIP(vip)
@@ -594,6 +595,8 @@ func measure(e *env, vip netip.Addr, n, base, passes int, t tetherPasses) (r res
 		hits := e.affinityHits(aff)
 		r.affNS, _ = timed(id, func() { sendTo(aff, base, m) })
 		r.affHits = e.affinityHits(aff) - hits
+		t.affinity(false)
+		time.Sleep(time.Second)
 	}
 	stats.Close() // they slow every program: off for the wire rate
 	if t.profile {
