@@ -381,10 +381,10 @@ func AttachPerCPUTableForwarder(ifindex int, vip netip.Addr, src, dst net.Hardwa
 }
 
 func attachLRUForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr, entries, flags uint32) (*Forwarder, error) {
-	if !vip.IsValid() {
-		return nil, errors.New("forwarder: no VIP")
+	fam, err := tableFamily(vip, entries, 0)
+	if err != nil {
+		return nil, err
 	}
-	fam := familyOf(vip.Unmap())
 	keyLen := 2*int32(fam.addrLen) + 8 // addresses, ports, protocol (a word)
 	table, err := ebpf.NewMap(&ebpf.MapSpec{
 		Name:       "pktgen_conns",
@@ -440,13 +440,10 @@ func attachLRUForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr, 
 // element): what a balancer with a flat, open-addressed flow table would
 // pay at least.
 func AttachArrayForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr, entries uint32) (*Forwarder, error) {
-	if entries < 2 || entries&(entries-1) != 0 {
-		return nil, fmt.Errorf("forwarder: %d entries is not a power of two", entries)
+	fam, err := tableFamily(vip, entries, 2)
+	if err != nil {
+		return nil, err
 	}
-	if !vip.IsValid() {
-		return nil, errors.New("forwarder: no VIP")
-	}
-	fam := familyOf(vip.Unmap())
 	table, err := ebpf.NewMap(&ebpf.MapSpec{
 		Name:       "pktgen_slots",
 		Type:       ebpf.Array,
@@ -468,6 +465,19 @@ func AttachArrayForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr
 		asm.Ja.Label("fwd"),
 	)
 	return attachTableForwarder(ifindex, vip, src, dst, table, lookup)
+}
+
+// tableFamily checks a table forwarder's VIP and, for one that indexes
+// its slots by a hash (least above 0), that entries is a power of two of
+// at least least; it returns the VIP's family.
+func tableFamily(vip netip.Addr, entries, least uint32) (family, error) {
+	if !vip.IsValid() {
+		return family{}, errors.New("forwarder: no VIP")
+	}
+	if least > 0 && (entries < least || entries&(entries-1) != 0) {
+		return family{}, fmt.Errorf("forwarder: %d entries is not a power of two of at least %d", entries, least)
+	}
+	return familyOf(vip.Unmap()), nil
 }
 
 // slotHash leaves in R5 the slot of a table of entries slots (a power of
@@ -497,13 +507,10 @@ const chunkSlots = 1024
 // where a vmalloc'ed map's is mapped in 4 KiB pages. It measures what the
 // pages cost a flat flow table.
 func AttachChunkedForwarder(ifindex int, vip netip.Addr, src, dst net.HardwareAddr, entries uint32) (*Forwarder, error) {
-	if entries < chunkSlots || entries&(entries-1) != 0 {
-		return nil, fmt.Errorf("forwarder: %d entries is not a power of two of at least %d", entries, chunkSlots)
+	fam, err := tableFamily(vip, entries, chunkSlots)
+	if err != nil {
+		return nil, err
 	}
-	if !vip.IsValid() {
-		return nil, errors.New("forwarder: no VIP")
-	}
-	fam := familyOf(vip.Unmap())
 	inner := &ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 16, MaxEntries: chunkSlots}
 	table, err := ebpf.NewMap(&ebpf.MapSpec{
 		Name:       "pktgen_chunks",
