@@ -142,4 +142,15 @@ func TestVIPFilter(t *testing.T) {
 	if got := backendFor(t, f, s, cli6, 0); got != b {
 		t.Fatalf("a flow to the moved service's old VIP went to %d, its entry says %d", got, b)
 	}
+	// Another service put on the old key and deleted again leaves the
+	// moved service's bit set.
+	if err := f.Maps.PutService(s.VIP.Addr(), s.VIP.Port(), s.Proto, maps.Service{ID: 99, AffinityTimeout: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Maps.DeleteService(s.VIP.Addr(), s.VIP.Port(), s.Proto); err != nil {
+		t.Fatal(err)
+	}
+	if got := backendFor(t, f, s, cli6, 0); got != b {
+		t.Fatalf("after a service came and went on the moved service's old key, its flow went to %d, its entry says %d", got, b)
+	}
 }

@@ -206,7 +206,11 @@ func (m *Maps) DeleteService(vip netip.Addr, port uint16, proto uint8) error {
 // the daemon loads the program again, which sets the bits of the service
 // entries it finds.
 func (m *Maps) MoveService(vip netip.Addr, port uint16, proto uint8) error {
-	return m.deleteService(vip, port, proto)
+	if err := m.deleteService(vip, port, proto); err != nil {
+		return err
+	}
+	m.filter.moved(serviceID{vip.Unmap(), port, proto})
+	return nil
 }
 
 func (m *Maps) deleteService(vip netip.Addr, port uint16, proto uint8) error {

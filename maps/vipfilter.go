@@ -57,26 +57,34 @@ func (m *Maps) UseVIPFilter(v *ebpf.Variable) error {
 	f.services = map[serviceID]bool{}
 	f.bits = [VIPFilterBits]int{}
 	for _, e := range svcs {
-		f.count(serviceID{e.VIP.Unmap(), e.Port, e.Proto}, 1)
+		f.inc(serviceID{e.VIP.Unmap(), e.Port, e.Proto})
 	}
 	f.v = v
 	return f.write()
 }
 
-// count adds d (1 or -1) to service id's entries and says whether that
-// changed a bit of the filter. f.mu is held.
-func (f *vipFilter) count(id serviceID, d int) bool {
-	if f.services[id] == (d > 0) {
+// inc counts service entry id, if it is not counted yet, in its VIP's
+// bit, and says whether that set the bit. f.mu is held.
+func (f *vipFilter) inc(id serviceID) bool {
+	if f.services[id] {
 		return false
 	}
-	if d > 0 {
-		f.services[id] = true
-	} else {
-		delete(f.services, id)
-	}
+	f.services[id] = true
 	b := VIPFilterBit(id.vip)
-	f.bits[b] += d
-	return f.bits[b] == max(d, 0)
+	f.bits[b]++
+	return f.bits[b] == 1
+}
+
+// dec uncounts service entry id, if it is counted, and says whether that
+// cleared its VIP's bit. f.mu is held.
+func (f *vipFilter) dec(id serviceID) bool {
+	if !f.services[id] {
+		return false
+	}
+	delete(f.services, id)
+	b := VIPFilterBit(id.vip)
+	f.bits[b]--
+	return f.bits[b] == 0
 }
 
 // write writes the filter to the program. Only bits that change move: a
@@ -106,9 +114,9 @@ func (f *vipFilter) add(id serviceID) (bool, error) {
 	if f.services == nil || f.services[id] {
 		return false, nil
 	}
-	if f.count(id, 1) {
+	if f.inc(id) {
 		if err := f.write(); err != nil {
-			f.count(id, -1)
+			f.dec(id)
 			return false, err
 		}
 	}
@@ -120,8 +128,18 @@ func (f *vipFilter) add(id serviceID) (bool, error) {
 func (f *vipFilter) remove(id serviceID) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.services == nil || !f.count(id, -1) {
+	if f.services == nil || !f.dec(id) {
 		return nil
 	}
 	return f.write()
+}
+
+// moved notes a service entry gone whose connections live on under
+// another key: its count stays in its VIP's bit (until UseVIPFilter reads
+// the entries again), but no longer under its key, so that a service put
+// on that key later counts on its own.
+func (f *vipFilter) moved(id serviceID) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.services, id)
 }
