@@ -29,7 +29,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -89,10 +88,6 @@ func main() {
 			benchrun.Fail(fmt.Sprintf("-connections: %q is not a power of two from 1024 to 67108864", f))
 		}
 		tables = append(tables, uint32(n))
-	}
-	if _, err := exec.LookPath("perf"); *prof && err != nil {
-		fmt.Fprintln(os.Stderr, "flowcost: perf is not installed (Debian: apt-get install linux-perf): no profile")
-		*prof = false
 	}
 	var contenders []string
 	for w := range strings.SplitSeq(*who, ",") {
@@ -277,7 +272,7 @@ func main() {
 			}
 			row(cells...)
 		}
-		if !has("tether") || !*prof {
+		if !has("tether") || !*prof || !profiling {
 			continue
 		}
 		fmt.Fprintf(w, "\nWhere tether's time goes: perf's cpu-clock samples on every CPU (perf running, after the statistics' passes) in tether's JIT'd program and in the kernel functions it calls, summed over the rounds, and each part's share of them: while the live flows are sent again in turn (at least %d frames), and while %d new flows are entered (from %d live flows). The hash tables' walk reads a bucket, then an element: where the packet waits for memory. A new flow looks up its connection, its service (both hash tables) and its ring, and inserts its connection.\n\n", wireFrames, newProfile, newProfile)
@@ -521,24 +516,16 @@ func measure(e *env, vip netip.Addr, n, base, passes int, t tetherPasses) (r res
 	}
 	defer gen.Close()
 	defer func() { e.method = gen.Method() }()
+	// sendTo sends total frames of the flows to dst from ports base and
+	// up: bursts of the generator's flows in order, burst k starting at
+	// flow k*burst (its source and port in the template).
 	sendTo := func(dst netip.Addr, base, total int) {
-		// Bursts of the generator's flows in order: burst k starts at
-		// flow k*burst (its source and port in the template).
 		for k := 0; k*burst < total; k++ {
 			f := (k * burst) % n
-			fr := e.frame(dst, f/p, base+f%p)
-			c := uint32(min(burst, n-f, total-k*burst))
-			if err := e.l.Client.Do(func() error {
-				_, err := gen.Send(e.l.Client.Ifindex, fr, c)
-				return err
-			}); err != nil {
-				benchrun.Fail(err.Error())
-			}
+			e.send(gen, e.frame(dst, f/p, base+f%p), uint32(min(burst, n-f, total-k*burst)))
 			time.Sleep(time.Millisecond)
 		}
 	}
-	sendFrom := func(base, total int) { sendTo(vip, base, total) }
-	send := func(total int) { sendFrom(base, total) }
 	var id ebpf.ProgramID
 	if err := e.l.Balancer.Do(func() error {
 		var err error
@@ -555,9 +542,9 @@ func measure(e *env, vip netip.Addr, n, base, passes int, t tetherPasses) (r res
 	// Every flow is new to the balancer in the first pass: its cost is
 	// the new-flow path's (for tether: a miss, the service, the ring, the
 	// insertion).
-	r.newNS, _ = timed(id, func() { send(n) })
+	r.newNS, _ = timed(id, func() { sendTo(vip, base, n) })
 	var runs uint64
-	r.ns, runs = timed(id, func() { send(n * passes) })
+	r.ns, runs = timed(id, func() { sendTo(vip, base, n*passes) })
 	if runs < uint64(n*passes)*9/10 {
 		fmt.Fprintf(os.Stderr, "warning: %d runs for %d frames sent\n", runs, n*passes)
 	}
@@ -583,13 +570,7 @@ func measure(e *env, vip netip.Addr, n, base, passes int, t tetherPasses) (r res
 		aff := affinityVIP(vip)
 		r.clients = (m + p - 1) / p
 		for k := range r.clients {
-			fr := e.frame(aff, k, primePort+base/ports)
-			if err := e.l.Client.Do(func() error {
-				_, err := gen.Send(e.l.Client.Ifindex, fr, 1)
-				return err
-			}); err != nil {
-				benchrun.Fail(err.Error())
-			}
+			e.send(gen, e.frame(aff, k, primePort+base/ports), 1)
 		}
 		time.Sleep(100 * time.Millisecond)
 		hits := e.affinityHits(aff)
@@ -600,22 +581,14 @@ func measure(e *env, vip netip.Addr, n, base, passes int, t tetherPasses) (r res
 	}
 	stats.Close() // they slow every program: off for the wire rate
 	if t.profile {
-		r.parts = profile(func() { send(n * max(passes, wireFrames/n)) })
+		r.parts = profile(func() { sendTo(vip, base, n*max(passes, wireFrames/n)) })
 	}
 
 	// The wire rate: the flows in turn, as fast as the generator sends,
 	// counted where the backends receive them.
 	before := e.received()
 	frames := uint32(max(n*passes, wireFrames))
-	fr := e.frame(vip, 0, base)
-	var el time.Duration
-	if err := e.l.Client.Do(func() error {
-		var err error
-		el, err = gen.Send(e.l.Client.Ifindex, fr, frames)
-		return err
-	}); err != nil {
-		benchrun.Fail(err.Error())
-	}
+	el := e.send(gen, e.frame(vip, 0, base), frames)
 	time.Sleep(200 * time.Millisecond) // let the queues drain
 	got := float64(e.received() - before)
 	r.mpps = got / el.Seconds() / 1e6
@@ -626,7 +599,7 @@ func measure(e *env, vip netip.Addr, n, base, passes int, t tetherPasses) (r res
 		// after the 1M count, with the new flows from known clients and
 		// this profile's, the one-lookup forwarder's 1,328,128): with
 		// the 2M tables none is evicted.
-		r.newParts = profile(func() { sendFrom(base+len(flowCounts(1<<20))*ports, newProfile) })
+		r.newParts = profile(func() { sendTo(vip, base+len(flowCounts(1<<20))*ports, newProfile) })
 	}
 	return r
 }
@@ -635,20 +608,18 @@ func measure(e *env, vip netip.Addr, n, base, passes int, t tetherPasses) (r res
 // of program id while it ran (and a moment after, for the queues) and the
 // runs.
 func timed(id ebpf.ProgramID, send func()) (ns float64, runs uint64) {
-	t0, n0, err := pktgen.RunStats(id)
-	if err != nil {
+	ns, runs, err := pktgen.TimeRuns(id, func() error {
+		send()
+		time.Sleep(200 * time.Millisecond)
+		return nil
+	})
+	switch {
+	case err != nil:
 		benchrun.Fail(err.Error())
-	}
-	send()
-	time.Sleep(200 * time.Millisecond)
-	t1, n1, err := pktgen.RunStats(id)
-	if err != nil {
-		benchrun.Fail(err.Error())
-	}
-	if n1 <= n0 {
+	case runs == 0:
 		benchrun.Fail("the balancer's program did not run")
 	}
-	return float64((t1 - t0).Nanoseconds()) / float64(n1-n0), n1 - n0
+	return ns, runs
 }
 
 // nonVIPs are two addresses that are no VIP's and no lab host's, of
@@ -720,6 +691,19 @@ func (e *env) affinityHits(vip netip.Addr) uint64 {
 	}
 	benchrun.Fail(fmt.Sprintf("tether has no service on %v", netip.AddrPortFrom(vip, svcPort)))
 	return 0
+}
+
+// send has gen send count frames from template fr out of the client
+// host, and returns how long it took.
+func (e *env) send(gen *pktgen.Generator, fr []byte, count uint32) (el time.Duration) {
+	if err := e.l.Client.Do(func() error {
+		var err error
+		el, err = gen.Send(e.l.Client.Ifindex, fr, count)
+		return err
+	}); err != nil {
+		benchrun.Fail(err.Error())
+	}
+	return el
 }
 
 // received is what the backends' counters have counted.

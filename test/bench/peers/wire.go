@@ -142,19 +142,9 @@ func wire(e *Env, p Peer, gen *pktgen.Generator, count, statCount uint32) (_ wir
 		return res, err
 	}
 	defer stats.Close()
-	t0, n0, err := pktgen.RunStats(id)
-	if err != nil {
-		return res, err
-	}
-	if _, err := send(statCount); err != nil {
-		return res, err
-	}
-	t1, n1, err := pktgen.RunStats(id)
-	if err != nil {
-		return res, err
-	}
-	if n1 > n0 {
-		res.progNs = float64((t1 - t0).Nanoseconds()) / float64(n1-n0)
-	}
-	return res, nil
+	res.progNs, _, err = pktgen.TimeRuns(id, func() error {
+		_, err := send(statCount)
+		return err
+	})
+	return res, err
 }

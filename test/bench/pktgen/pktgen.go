@@ -195,6 +195,24 @@ func RunStats(id ebpf.ProgramID) (runtime time.Duration, count uint64, err error
 	return st.Runtime, st.RunCount, nil
 }
 
+// TimeRuns runs send while the run-time statistics are on (see
+// EnableRunStats) and returns the ns a run of program id took meanwhile,
+// and its runs (0 and 0 if it did not run).
+func TimeRuns(id ebpf.ProgramID, send func() error) (ns float64, runs uint64, err error) {
+	t0, n0, err := RunStats(id)
+	if err != nil {
+		return 0, 0, err
+	}
+	if err := send(); err != nil {
+		return 0, 0, err
+	}
+	t1, n1, err := RunStats(id)
+	if err != nil || n1 <= n0 {
+		return 0, 0, err
+	}
+	return float64((t1 - t0).Nanoseconds()) / float64(n1-n0), n1 - n0, nil
+}
+
 // XDPProgramID returns the id of the XDP program attached to interface
 // ifindex, in the network namespace of the calling thread, or an error
 // naming the interface if none is attached.
